@@ -35,6 +35,7 @@ setup(
             "autoseg_train=autoseg.commands.train:main",
             "autoseg_predict=autoseg.commands.predict:main",
             "autoseg_find_best=autoseg.commands.find_best:main",
+            "autoseg_pretrain=autoseg.commands.pretrain:main",
         ]
     },
 )

@@ -17,6 +17,9 @@ Conventions:
 ``focal``           focal_weight · focal
 ``weighted_ce``     BCE with lesion voxels weighted by positive_weight
 ================== ===============================================================
+
+:func:`balanced_positive_weight` turns a lesion fraction into the ``positive_weight`` that balances the two
+classes, and :class:`AuxiliaryLoss` adds a network's auxiliary output (PSPNet's head on ``layer3``).
 """
 
 from __future__ import annotations
@@ -131,6 +134,46 @@ class CompoundLoss(nn.Module):
             logits = logits.float()
             one_hot = one_hot_foreground(target, logits.shape[1])
             return sum(w * term(logits, one_hot) for w, term in zip(self.weights, self.terms))
+
+
+def balanced_positive_weight(lesion_fraction: float) -> float:
+    """``positive_weight`` of ``weighted_ce`` that balances lesion and background: ``(1 − f) / f`` for a lesion
+    fraction ``f`` in (0, 1).
+
+    Up to a constant factor (which RMSProp and Adam ignore) this is the CTP paper's weighted cross entropy
+    ``−w·y·log p − (1 − w)·(1 − y)·log(1 − p)`` with the lesion class weighted by the background share
+    ``w = 1 − f`` and the background by ``f``, so each class contributes equally to the loss.
+
+    Example:
+        >>> balanced_positive_weight(0.2)
+        4.0
+    """
+    if not 0 < lesion_fraction < 1:
+        raise ValueError(f"the lesion fraction must lie in (0, 1), got {lesion_fraction}")
+    return (1 - lesion_fraction) / lesion_fraction
+
+
+class AuxiliaryLoss(nn.Module):
+    """``loss(main) + weight · loss(auxiliary)`` for a network that returns (main, auxiliary) logits while training
+    (PSPNet's auxiliary head, weight 0.4 in PSPNet); a single tensor (evaluation mode) gets ``loss`` alone, so
+    validation losses compare with training ones only up to the auxiliary term.
+
+    Args:
+        loss: takes (logits, target).
+        weight: weight of the auxiliary output's loss, >= 0.
+    """
+
+    def __init__(self, loss: nn.Module, weight: float) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ValueError(f"the auxiliary loss weight must be >= 0, got {weight}")
+        self.loss, self.weight = loss, float(weight)
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        main, auxiliary = outputs
+        return self.loss(main, target) + self.weight * self.loss(auxiliary, target)
 
 
 def deep_supervision_weights(levels: int) -> list[float]:

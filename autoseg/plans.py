@@ -219,6 +219,9 @@ class Configuration:
             return [f"{where}.{name}: needs {self.dimension} entries, got {list(patch)}"]
         if batch < 1:
             found.append(f"{where}: batch size must be at least 1, got {batch}")
+        elif batch < 2 and self.network.architecture == "PSPNet":
+            found.append(f"{where}: a PSPNet trains with batches of 2 or more (its pyramid's 1x1 bin normalizes one "
+                         f"value per channel and sample), got {batch}")
         divisor = self.network.total_stride
         if len(divisor) == len(patch) and any(p % d or p <= 0 for p, d in zip(patch, divisor)):
             found.append(f"{where}.{name}: {list(patch)} must be positive and divisible by the network's total "

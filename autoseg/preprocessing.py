@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,19 @@ def load_case(folder: Path, identifier: str, mmap: bool = True) -> tuple[np.ndar
     data = load_array(folder / f"{identifier}.npy", mmap)
     seg = load_array(folder / f"{identifier}_seg.npy", mmap)
     return data, seg, read_json(folder / f"{identifier}.json")
+
+
+def lesion_fraction(folder: Path, identifiers: Sequence[str]) -> float:
+    """Share of voxels labelled lesion (any label > 0) over the preprocessed cases ``identifiers`` in ``folder``,
+    counted on their cropped, resampled grids (``CASE_seg.npy``, read through memory maps)."""
+    lesion = total = 0
+    for identifier in identifiers:
+        seg = load_array(Path(folder) / f"{identifier}_seg.npy", mmap=True)
+        lesion += int(np.count_nonzero(seg))
+        total += seg.size
+    if total == 0:
+        raise ValueError(f"{folder}: no voxels in the cases {list(identifiers)[:3]}")
+    return lesion / total
 
 
 def _sources(case: Case) -> list[list]:

@@ -49,6 +49,7 @@ MAX_BATCH_SHARE = 0.05
 BYTES_PER_ACTIVATION = 4
 #: Zoom-out (stage 2) starts after this share of the epochs (the paper: 1,200 + 150 epochs).
 ZOOM_OUT_SHARE = 0.125
+#: PSPNet backbones to try, largest first: the first that fits the budget at batch 2 is planned.
 PSPNET_BACKBONES = ("resnet50", "resnet34", "resnet18")
 
 
@@ -60,6 +61,8 @@ class DefaultPlanner(Planner):
     #: U-Net features of the first stage and their cap (nnU-Net's 32 and 320).
     widths = (32, MAX_FEATURES_3D)
     pspnet_epochs = 200
+    #: PSPNet backbones to try, largest first.
+    pspnet_backbones = PSPNET_BACKBONES
 
     def plan(self) -> Plans:
         aggregate = self.fingerprint["aggregate"]
@@ -309,7 +312,7 @@ class DefaultPlanner(Planner):
         patch = round_to_multiple(in_plane, (8, 8))
         in_channels = len(self.fingerprint["channels"])
         num_classes = len(self.fingerprint["labels"]) - 1
-        for backbone in PSPNET_BACKBONES:
+        for backbone in self.pspnet_backbones:
             def memory_of(batch: int, backbone: str = backbone) -> int:
                 return estimate_pspnet_training_memory_bytes(
                     patch_size=patch, batch_size=batch, in_channels=in_channels, num_classes=num_classes,
@@ -317,7 +320,8 @@ class DefaultPlanner(Planner):
             if memory_of(2) <= budget:
                 break
         one, two = memory_of(1), memory_of(2)
-        batch = min(8, largest_batch(two - one, 2 * one - two, budget))
+        # Batch 2 at least: the pyramid's 1x1 bin normalizes one value per channel and slice.
+        batch = max(2, min(8, largest_batch(two - one, 2 * one - two, budget)))
         phase_two = max(1, self.pspnet_epochs // 10)
         patch_mm3 = float(np.prod(patch) * np.prod([spacing[a] for a in range(3) if a != coarse]) * spacing[coarse])
         common, reasons = self.common(spacing, patch_mm3)
@@ -330,7 +334,7 @@ class DefaultPlanner(Planner):
                           f"(estimated {memory_of(batch) / GIB:.2f} GB)",
             "network": f"PSPNet with a {backbone} backbone, dilated to output stride 8, pyramid bins 1, 2, 3, 6; an "
                        f"initializer (BatchNorm + 1x1 conv) maps the {in_channels} channels to the backbone's 3; the "
-                       "largest backbone that fits the budget at batch 2",
+                       f"largest backbone of {list(self.pspnet_backbones)} that fits the budget at batch 2",
             "loss": "focal loss with γ=1 (the CTP paper's best, 0.54 vs 0.49 Dice for cross entropy)",
             "normalization": "; ".join(reason for _, reason in normalization),
             "mirror_axes": "both in-plane axes of the slice: lesions occur in either hemisphere",

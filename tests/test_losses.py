@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from autoseg.losses import (
+    AuxiliaryLoss,
     BCELoss,
     FocalLoss,
     SoftDiceLoss,
+    balanced_positive_weight,
     build_loss,
     deep_supervision_weights,
     downsample_target,
@@ -145,3 +147,35 @@ def test_invalid_settings_are_refused() -> None:
         build_loss(Loss("focal", focal_weight=0.0))
     with pytest.raises(ValueError, match=r"\(B, 1, \.\.\.\)"):
         build_loss(Loss("dice_bce"))(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4, 4))
+
+
+def test_balanced_weight_makes_lesion_and_background_contribute_equally() -> None:
+    rng = np.random.default_rng(0)
+    labels = (rng.random((2, 1, 40, 40)) < 0.03).astype(np.int16)
+    fraction = labels.mean()
+    weight = balanced_positive_weight(float(fraction))
+    assert weight == pytest.approx((1 - fraction) / fraction)
+    logits = torch.tensor(rng.standard_normal(labels.shape), dtype=torch.float32)
+    per_voxel = F.binary_cross_entropy_with_logits(logits, torch.tensor(labels, dtype=torch.float32), reduction="none")
+    lesion, background = labels == 1, labels == 0
+    # at equal per-voxel losses, the weighted lesion total equals the background total
+    assert weight * lesion.sum() == pytest.approx(background.sum())
+    expected = (weight * per_voxel.numpy()[lesion].sum() + per_voxel.numpy()[background].sum()) / labels.size
+    loss = build_loss(Loss("weighted_ce", positive_weight=weight))(logits, torch.tensor(labels))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="lesion fraction"):
+            balanced_positive_weight(bad)
+
+
+def test_auxiliary_loss_adds_the_weighted_auxiliary_term() -> None:
+    torch.manual_seed(0)
+    main, auxiliary = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    target = (torch.rand(2, 1, 16, 16) < 0.2).to(torch.int16)
+    base = build_loss(Loss("focal", dice_weight=0, bce_weight=0, focal_weight=1, focal_gamma=1, focal_alpha=0.75))
+    combined = AuxiliaryLoss(base, 0.4)
+    assert float(combined((main, auxiliary), target)) == pytest.approx(
+        float(base(main, target)) + 0.4 * float(base(auxiliary, target)))
+    assert float(combined(main, target)) == pytest.approx(float(base(main, target)))  # evaluation: main output only
+    with pytest.raises(ValueError, match=">= 0"):
+        AuxiliaryLoss(base, -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -162,3 +163,15 @@ def test_cpu_planner_coarsens_spacing(tiny_ctp: Path) -> None:
     assert min(plans.configuration().target_spacing) >= 2.0
     aniso = plans.configuration("3d_aniso").network
     assert aniso.features[0] == 16 and max(aniso.features) <= 256, "half-width network for the CPU"
+    pspnet = plans.configuration("2d_pspnet")
+    assert pspnet.network.backbone == "resnet18" and "['resnet18']" in pspnet.reasons["network"]
+
+
+def test_a_pspnet_batch_of_one_is_refused_naming_the_reason(tiny_ctp: Path) -> None:
+    plans = plan_and_preprocess("CTPTiny", progress=False).plans
+    pspnet = plans.configuration("2d_pspnet")
+    assert pspnet.batch_size >= 2 and all(stage.batch_size >= 2 for stage in pspnet.schedule.stages)
+    single = dataclasses.replace(pspnet, batch_size=1)
+    assert any("batches of 2 or more" in problem for problem in single.problems(len(plans.channels)))
+    aniso = dataclasses.replace(plans.configuration("3d_aniso"), batch_size=1)
+    assert aniso.problems(len(plans.channels)) == []  # GroupNorm: a 3-D U-Net trains with batch 1

@@ -257,3 +257,57 @@ def test_trainer_loads_pretrained_backbone_at_the_start_of_a_new_run(ctp_home: P
     log = (ctp_home / "run" / "log.txt").read_text()
     assert "resnet18.pth (torchvision layout): 120 tensors loaded into the backbone, 2 classifier tensors ignored" in log
     assert "training from scratch" not in log
+
+
+def test_ce_trainer_weights_lesions_by_the_lesion_fraction_of_its_training_cases(ctp_home: Path) -> None:
+    from autoseg.dataloading import case_identifiers
+    from autoseg.splits import load_or_create_splits, read_subjects
+
+    folder = next((ctp_home / "preprocessed").iterdir())
+    plans = Plans.from_json(folder / "plans.json")
+    data = folder / plans.configuration("2d_pspnet").data_identifier
+    cases = case_identifiers(data)
+    load_or_create_splits(folder, cases, read_subjects(data, cases), num_folds=2)  # 4 subjects: 2 folds
+    trainer = get_trainer("PSPNetCETrainer")(plans, "2d_pspnet", 0, preprocessed_folder=folder,
+                                             output_folder=ctp_home / "ce", options=QUIET).setup()
+    segs = [np.load(data / f"{case}_seg.npy") for case in trainer.train_cases]
+    fraction = sum(int((s > 0).sum()) for s in segs) / sum(s.size for s in segs)
+    assert trainer.loss_settings.name == "weighted_ce"
+    assert trainer.loss_settings.positive_weight == pytest.approx((1 - fraction) / fraction)
+    assert set(trainer.train_cases).isdisjoint(trainer.val_cases)  # the weight comes from fold 0's training cases
+    log = (ctp_home / "ce" / "log.txt").read_text()
+    assert "class-weighted cross entropy instead of the plans' focal" in log and "loss: weighted_ce (lesion weight" in log
+
+    # the auxiliary head trains alongside (weight 0.4); evaluation gives the main logits alone
+    network = trainer.network.train()
+    data = torch.randn(2, 5, 64, 64)
+    target = (torch.rand(2, 1, 64, 64) < 0.1).to(torch.int16)
+    with torch.no_grad():
+        main, auxiliary = network(data)
+    expected = trainer.loss.loss(main, target) + 0.4 * trainer.loss.loss(auxiliary, target)
+    assert float(trainer.loss((main, auxiliary), target)) == pytest.approx(float(expected))
+    assert isinstance(network.eval()(data), torch.Tensor)
+
+
+def test_focal_and_cross_entropy_pspnets_ensemble_from_the_command_line(ctp_home: Path, tiny_ctp: Path) -> None:
+    from autoseg.commands.predict import main as predict_main
+    from autoseg.io import read_image
+
+    options = dataclasses.replace(QUIET, validation=False, val_iterations=0)
+    for trainer in ("PSPNetTrainer", "PSPNetCETrainer"):
+        train(CTP, configuration="2d_pspnet", fold="full", trainer=trainer, options=options)
+    output = ctp_home / "ensemble"
+    assert predict_main(["-i", str(tiny_ctp / "imagesTr"), "-o", str(output), "-d", CTP, "-c", "2d_pspnet",
+                         "-tr", "PSPNetTrainer", "PSPNetCETrainer", "--no-tta", "--save-probabilities",
+                         "--device", "cpu"]) == 0
+    image = sorted((tiny_ctp / "imagesTr").glob("*_0000.nii.gz"))[0]
+    case = image.name.removesuffix("_0000.nii.gz")
+    labels, geometry = read_image(output / f"{case}.nii.gz")
+    _, source_geometry = read_image(image)
+    assert geometry.differences(source_geometry) == [] and labels.shape[2] == read_image(image)[0].shape[2]
+    single = ctp_home / "focal_only"
+    assert predict_main(["-i", str(image), "-o", str(single), "-d", CTP, "-c", "2d_pspnet", "-tr", "PSPNetTrainer",
+                         "--no-tta", "--save-probabilities", "--device", "cpu"]) == 0
+    both = read_image(output / f"{case}_probabilities.nii.gz")[0]
+    focal = read_image(single / f"{case}_probabilities.nii.gz")[0]
+    assert not np.allclose(both, focal)  # the cross-entropy model took part

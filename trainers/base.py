@@ -35,7 +35,7 @@ from autoseg.dataloading import BatchStream, derived_seed, make_loader
 from autoseg.dataset import RawDataset
 from autoseg.inference import Predictor
 from autoseg.losses import build_loss
-from autoseg.plans import Plans, Stage
+from autoseg.plans import Loss, Plans, Stage
 from autoseg.registry import Registry
 from autoseg.training import (
     Budget,
@@ -125,6 +125,7 @@ class Trainer:
         self.network: nn.Module | None = None
         self.model: nn.Module | None = None  # the network, or its torch.compile wrapper
         self.optimizer: torch.optim.Optimizer | None = None
+        self.loss_settings: Loss = self.configuration.loss
 
     # ------------------------------------------------------------------ hooks
     def build_network(self) -> nn.Module:
@@ -149,9 +150,13 @@ class Trainer:
         run continued after it stopped ends at once. Default: never."""
         return False
 
+    def loss_spec(self) -> Loss:
+        """The loss to train with (read once, by :meth:`setup`, into ``self.loss_settings``): the plans'."""
+        return self.configuration.loss
+
     def build_loss(self) -> nn.Module:
-        """The plans' loss, over every deep-supervision output of the network."""
-        return build_loss(self.configuration.loss, self.deep_supervision_levels)
+        """``self.loss_settings`` over every deep-supervision output of the network."""
+        return build_loss(self.loss_settings, self.deep_supervision_levels)
 
     @property
     def deep_supervision_levels(self) -> int:
@@ -189,6 +194,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.network = self.build_network().to(self.device)
         self.model = torch.compile(self.network) if self.options.compile else self.network
+        self.loss_settings = self.loss_spec()
         self.loss = self.build_loss()
         self.stage_index = self.budget.stage_at(0)
         self.optimizer = self.build_optimizer(self.stage)
@@ -247,7 +253,7 @@ class Trainer:
             f"stages: {stages}",
             "optimizer and learning-rate schedule: " + ", ".join(
                 f"{key} {value}" for key, value in self.schedule_description().items()),
-            f"loss: {c.loss.name}; network: {c.network.architecture}, {parameters:,} parameters",
+            f"loss: {describe_loss(self.loss_settings)}; network: {c.network.architecture}, {parameters:,} parameters",
             f"cases: {len(self.train_cases)} training, {len(self.val_cases)} validation (fold {self.fold})",
         ]))
 
@@ -269,8 +275,9 @@ class Trainer:
                                learning_rate=learning_rate, epoch_time=time.perf_counter() - start)
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
             self.save("checkpoint_final.pth")
-            self.log(f"training finished after {self.epoch} epochs; best moving-average pseudo-Dice "
-                     f"{self.best_ema:.4f}")
+            best = (f"best moving-average pseudo-Dice {self.best_ema:.4f}" if math.isfinite(self.best_ema)
+                    else "no per-epoch validation")
+            self.log(f"training finished after {self.epoch} epochs; {best}")
 
     def enter_stage(self, epoch: int) -> None:
         """Switch to the stage of ``epoch``: a fresh optimizer at that stage's learning rate, same weights."""
@@ -438,6 +445,16 @@ class Trainer:
         self.log(f"validation: mean Dice {summary['mean']['dice']:.4f}, mean HD95 "
                  f"{summary['mean']['hausdorff95']:.2f} mm over {len(self.val_cases)} case(s): validation/summary.json")
         return summary
+
+
+def describe_loss(loss: Loss) -> str:
+    """One line naming a loss and its non-zero terms, e.g. ``weighted_ce (lesion weight 19.3)``."""
+    if loss.name == "weighted_ce":
+        return f"weighted_ce (lesion weight {loss.positive_weight:.3g})"
+    terms = [f"{name} {weight:g}" for name, weight in (("Dice", loss.dice_weight), ("BCE", loss.bce_weight),
+                                                        ("focal", loss.focal_weight)) if weight]
+    focal = f", focal γ={loss.focal_gamma:g} α={loss.focal_alpha:g}" if loss.focal_weight else ""
+    return f"{loss.name} ({' + '.join(terms)}{focal})"
 
 
 def available_trainers() -> list[str]:

@@ -9,6 +9,14 @@
     Both patiences scale with a shortened run (``--epochs``) like the stage starts do (``Budget``), at least 1
     epoch; both counters restart with each stage, and are stored in the checkpoint so ``--continue`` resumes them.
 
+The network carries PSPNet's auxiliary head on ``layer3``; its loss joins the main one with weight
+``auxiliary_loss_weight`` (0.4, as in PSPNet) while training, and prediction uses the main head only.
+
+``PSPNetCETrainer``
+    The same with class-weighted cross entropy instead of the plans' loss: lesion voxels weighted by
+    ``(1 − f) / f`` for the lesion fraction ``f`` of the fold's training cases (the CTP paper's weighted cross
+    entropy). ``autoseg_predict -tr PSPNetTrainer PSPNetCETrainer`` averages both, the paper's final ensemble.
+
 Pre-trained weights: ``options.pretrained`` (``autoseg_train --pretrained PATH``) names a torchvision ResNet
 state dict (or an autoseg PSPNet one), loaded at the start of a new run; a continued run takes its weights from the checkpoint. Without one the network trains from scratch, and a ``new_layers`` stage then
 freezes a randomly initialised backbone, as the plans ask.
@@ -22,8 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoseg.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
 from autoseg.networks import PSPNet
-from autoseg.plans import Stage
+from autoseg.plans import Loss, Stage
+from autoseg.preprocessing import lesion_fraction
 from trainers.base import Trainer
 
 #: Factor of each learning-rate reduction on a plateau (CTP paper).
@@ -33,6 +43,9 @@ TRAINABLE = ("all", "new_layers")
 
 class PSPNetTrainer(Trainer):
     """PSPNet, RMSProp, frozen-backbone then full fine-tuning, lr ÷10 on a Dice plateau, early stopping."""
+
+    #: Weight of the auxiliary head's loss (PSPNet: 0.4); 0 builds the network without the auxiliary head.
+    auxiliary_loss_weight: float = 0.4
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -55,7 +68,7 @@ class PSPNetTrainer(Trainer):
             raise ValueError(f"stages {unknown}: trainable must be one of {list(TRAINABLE)}")
         net = PSPNet(in_channels=len(self.plans.channels), num_classes=self.num_classes,
                      backbone=network.backbone or "resnet50", pyramid_bins=network.pyramid_bins or (1, 2, 3, 6),
-                     output_stride=network.output_stride or 8)
+                     output_stride=network.output_stride or 8, aux_head=self.auxiliary_loss_weight > 0)
         path = self.options.pretrained
         if self.options.continue_training:
             self._weights_note = "weights: from the checkpoint"
@@ -65,9 +78,17 @@ class PSPNetTrainer(Trainer):
             self._weights_note = "weights: training from scratch (no pre-trained backbone given)"
         return net
 
+    def build_loss(self) -> nn.Module:
+        """``self.loss_settings`` on the main head, plus the auxiliary head's times its weight."""
+        loss = build_loss(self.loss_settings)
+        return AuxiliaryLoss(loss, self.auxiliary_loss_weight) if self.auxiliary_loss_weight > 0 else loss
+
     def setup(self) -> PSPNetTrainer:
         super().setup()
         self.log(self._weights_note)
+        if self.auxiliary_loss_weight > 0:
+            self.log(f"auxiliary head on layer3: its loss joins the main one with weight {self.auxiliary_loss_weight:g} "
+                     "while training; prediction uses the main head")
         return self
 
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
@@ -139,3 +160,19 @@ class PSPNetTrainer(Trainer):
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
         self.plateau = {**self.fresh_plateau(), **state.get("plateau", {})}
+
+
+class PSPNetCETrainer(PSPNetTrainer):
+    """``PSPNetTrainer`` with class-weighted cross entropy: lesion voxels weighted by ``(1 − f) / f``, ``f`` the
+    lesion fraction of the fold's training cases (``autoseg.losses.balanced_positive_weight``)."""
+
+    def loss_spec(self) -> Loss:
+        fraction = lesion_fraction(self.data_folder, self.train_cases)
+        if not 0 < fraction < 1:
+            raise ValueError(f"{self.data_folder}: the training cases of fold {self.fold} have a lesion fraction of "
+                             f"{fraction:g}; a class-weighted cross entropy needs both lesion and background")
+        weight = balanced_positive_weight(fraction)
+        self._weights_note += (f"\nloss: class-weighted cross entropy instead of the plans' {self.configuration.loss.name}"
+                               f"; lesion weight {weight:.3g} = (1 - f) / f for the lesion fraction f = {fraction:.5f} "
+                               f"of the {len(self.train_cases)} training cases")
+        return Loss("weighted_ce", positive_weight=weight)
