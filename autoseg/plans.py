@@ -67,7 +67,8 @@ class Network:
     ``ResidualUNet``: one entry per resolution stage in ``features`` (channels), ``strides``
     (per-axis downsampling into the stage; the first is all ones) and ``kernel_sizes``.
     ``PSPNet``: ResNet ``backbone`` (resnet18/34/50) with dilation for ``output_stride`` 8 and a
-    pyramid pooling module with ``pyramid_bins``.
+    pyramid pooling module with ``pyramid_bins``; ``pretrained``: a local weights file to start from
+    (torchvision ResNet or autoseg PSPNet state dict), null for none; ``autoseg_train --pretrained`` wins.
     """
 
     architecture: str
@@ -78,6 +79,7 @@ class Network:
     backbone: str | None = None
     output_stride: int | None = None
     pyramid_bins: tuple[int, ...] = ()
+    pretrained: str | None = None
 
     @property
     def total_stride(self) -> tuple[int, ...]:

@@ -335,6 +335,9 @@ class DefaultPlanner(Planner):
             "network": f"PSPNet with a {backbone} backbone, dilated to output stride 8, pyramid bins 1, 2, 3, 6; an "
                        f"initializer (BatchNorm + 1x1 conv) maps the {in_channels} channels to the backbone's 3; the "
                        f"largest backbone of {list(self.pspnet_backbones)} that fits the budget at batch 2",
+            "pretrained": "none: weights are never downloaded; put a local torchvision ResNet file here (or pass "
+                          "autoseg_train --pretrained), or make one with autoseg_pretrain; without it the PSPNet "
+                          "trains from scratch",
             "loss": "focal loss with γ=1 (the CTP paper's best, 0.54 vs 0.49 Dice for cross entropy)",
             "normalization": "; ".join(reason for _, reason in normalization),
             "mirror_axes": "both in-plane axes of the slice: lesions occur in either hemisphere",

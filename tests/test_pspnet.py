@@ -311,3 +311,33 @@ def test_focal_and_cross_entropy_pspnets_ensemble_from_the_command_line(ctp_home
     both = read_image(output / f"{case}_probabilities.nii.gz")[0]
     focal = read_image(single / f"{case}_probabilities.nii.gz")[0]
     assert not np.allclose(both, focal)  # the cross-entropy model took part
+
+
+def test_plans_field_names_the_pretrained_weights_and_the_flag_overrides_it(ctp_home: Path, tmp_path: Path) -> None:
+    folder = next((ctp_home / "preprocessed").iterdir())
+    (folder / "weights").mkdir()
+    saved = _perturbed_backbone_file(folder / "weights" / "resnet18.pth")
+    plans = Plans.from_json(folder / "plans.json")
+    configuration = plans.configuration("2d_pspnet")
+    assert configuration.network.pretrained is None and "never downloaded" in configuration.reasons["pretrained"]
+    edited = dataclasses.replace(configuration, network=dataclasses.replace(configuration.network,
+                                                                            pretrained="weights/resnet18.pth"))
+    dataclasses.replace(plans, configurations={**plans.configurations, "2d_pspnet": edited}).to_json(folder / "plans.json")
+    plans = Plans.from_json(folder / "plans.json")  # the field survives the JSON round trip
+    assert plans.configuration("2d_pspnet").network.pretrained == "weights/resnet18.pth"
+
+    def backbone_after_setup(**options) -> dict[str, torch.Tensor]:
+        trainer = get_trainer("PSPNetTrainer")(plans, "2d_pspnet", "full", preprocessed_folder=folder,
+                                               output_folder=tmp_path / str(len(list(tmp_path.iterdir()))),
+                                               options=dataclasses.replace(QUIET, **options)).setup()
+        return trainer.network.backbone.state_dict()
+
+    from_plans = backbone_after_setup()
+    assert all(torch.equal(from_plans[k], saved[k]) for k in from_plans)
+    other = _perturbed_backbone_file(tmp_path / "other.pth", **{"conv1.weight": torch.ones(64, 3, 7, 7)})
+    from_flag = backbone_after_setup(pretrained=str(tmp_path / "other.pth"))
+    assert torch.equal(from_flag["conv1.weight"], other["conv1.weight"])
+
+    (folder / "weights" / "resnet18.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="network.pretrained names weights/resnet18.pth"):
+        backbone_after_setup()

@@ -69,7 +69,7 @@ class PSPNetTrainer(Trainer):
         net = PSPNet(in_channels=len(self.plans.channels), num_classes=self.num_classes,
                      backbone=network.backbone or "resnet50", pyramid_bins=network.pyramid_bins or (1, 2, 3, 6),
                      output_stride=network.output_stride or 8, aux_head=self.auxiliary_loss_weight > 0)
-        path = self.options.pretrained
+        path = self.pretrained_path()
         if self.options.continue_training:
             self._weights_note = "weights: from the checkpoint"
         elif path:
@@ -82,6 +82,20 @@ class PSPNetTrainer(Trainer):
         """``self.loss_settings`` on the main head, plus the auxiliary head's times its weight."""
         loss = build_loss(self.loss_settings)
         return AuxiliaryLoss(loss, self.auxiliary_loss_weight) if self.auxiliary_loss_weight > 0 else loss
+
+    def pretrained_path(self) -> str | None:
+        """The weights to start from: ``--pretrained``, else the plans' ``network.pretrained`` (a relative path
+        there is read from the folder of ``plans.json``), else None."""
+        if self.options.pretrained:
+            return self.options.pretrained
+        planned = self.configuration.network.pretrained
+        if not planned:
+            return None
+        path = self.preprocessed_folder / planned  # an absolute path stays itself
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.preprocessed_folder / 'plans.json'}: configurations.{self.configuration.name}"
+                                    f".network.pretrained names {planned}, which is not a file")
+        return str(path)
 
     def setup(self) -> PSPNetTrainer:
         super().setup()
