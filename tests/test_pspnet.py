@@ -223,6 +223,14 @@ def test_plateau_divides_the_rate_and_early_stopping_ends_the_run(ctp_home: Path
         assert trainer.should_stop() == (epoch == 7)
     assert rates == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01])  # NaN (no validation) is not counted
 
+    waiting = _trainer(ctp_home)
+    for epoch in range(12):  # no lesion found yet: not a plateau, whatever the patience
+        waiting.update_plateau(0.0, epoch)
+    assert waiting.learning_rate(0, 0) == pytest.approx(1e-2) and not waiting.should_stop()
+    for epoch, dice in enumerate([0.1, 0.1, 0.1], start=12):
+        waiting.update_plateau(dice, epoch)
+    assert waiting.learning_rate(0, 0) == pytest.approx(1e-3)  # counted from the first lesion found
+
 
 def test_tiny_ctp_run_end_to_end_resumes_and_predicts_slabs(ctp_home: Path) -> None:
     options = dataclasses.replace(QUIET, val_iterations=1, validation=False)

@@ -7,7 +7,7 @@
     validation pseudo-Dice (the one ``checkpoint_best.pth`` follows) has not improved for
     ``plateau_patience_epochs``, and training stops after ``early_stopping_patience_epochs`` without improvement.
     Both patiences scale with a shortened run (``--epochs``) like the stage starts do (``Budget``), at least 1
-    epoch; both counters restart with each stage, and are stored in the checkpoint so ``--continue`` resumes them.
+    epoch, and count only once the validation pseudo-Dice has left 0; both counters restart with each stage, and are stored in the checkpoint so ``--continue`` resumes them.
 
 The network carries PSPNet's auxiliary head on ``layer3``; its loss joins the main one with weight
 ``auxiliary_loss_weight`` (0.4, as in PSPNet) while training, and prediction uses the main head only.
@@ -148,12 +148,18 @@ class PSPNetTrainer(Trainer):
             self.log(message)
 
     def update_plateau(self, dice: float, epoch: int) -> list[str]:
-        """Count an epoch with validation score ``dice`` (NaN: no validation, not counted); returns log lines."""
+        """Count an epoch with validation score ``dice`` (NaN: no validation, not counted); returns log lines.
+
+        Epochs before the network first finds any lesion in the validation batches (best score still 0) are not
+        counted either: that is the start of learning, not a plateau, and lowering the rate there only stalls it
+        (with a short ``--epochs`` budget the scaled patiences would otherwise end the run before it began)."""
         if math.isnan(dice):
             return []
         state = self.plateau
         if dice > state["best"]:
             state["best"], state["epochs_without_gain"] = dice, 0
+            return []
+        if state["best"] <= 0:
             return []
         state["epochs_without_gain"] += 1
         messages = []
