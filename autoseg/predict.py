@@ -3,10 +3,10 @@
 A model is ``AUTOSEG_RESULTS/<dataset>/<configuration>/<trainer>/fold_<k>/`` as training leaves it: the
 plans the run was trained with (``plans.json``) and its checkpoints. :func:`predict`:
 
-1. chooses the dataset (``-d``; when omitted, the only trained dataset), the configurations (``-c``; default
-   the ones ``autoseg_find_best`` chose, else the only trained one, else the plans' default), the trainer
-   (``-tr``; default the only trainer folder of each configuration), and the folds (``-f``; default every
-   ``fold_<k>`` with the chosen checkpoint);
+1. chooses the dataset (``-d``; when omitted, the only trained dataset), the members: configurations (``-c``)
+   times trainers (``-tr``, one or more); with neither, the configuration/trainer members ``autoseg_find_best``
+   chose, else the only trained configuration (or the plans' default) with its only trainer; and the folds
+   (``-f``; default every ``fold_<k>`` with the chosen checkpoint);
 2. rebuilds each network from the run folder's ``plans.json`` and its trainer class, and loads the weights;
 3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
@@ -14,7 +14,7 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
    ``OUTPUT/CASE_probabilities.nii.gz`` (float32 lesion probability).
 
 Post-processing (threshold, minimum lesion size) comes from ``AUTOSEG_RESULTS/<dataset>/postprocessing.json``
-when it was tuned for exactly the configurations being ensembled, else from the first configuration's plans.
+when it was tuned for exactly the members being ensembled, else from the first configuration's plans.
 
 Inputs: a folder in the dataset's naming (``CASE_0000<ending>``, one file per channel), a folder of plain-named
 single-channel files (one file = one case; only for one-channel models), or a single file.
@@ -277,13 +277,25 @@ def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
     return np.stack(arrays), geometry
 
 
-def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float, str]:
-    """Threshold, minimum lesion size in mm³ and where they come from."""
+def _tuned_members(dataset: str) -> list[tuple[str, str | None]] | None:
+    """The (configuration, trainer) members ``autoseg_find_best`` chose, when they are all trained; else None."""
     path = results_root() / dataset / POSTPROCESSING_FILE
-    names = sorted(model.configuration for model in models)
+    members = read_json(path).get("members") if path.is_file() else None
+    if not members:
+        return None
+    pairs = [tuple(member.split("/", 1)) for member in members]
+    trained = all((results_root() / dataset / c / t).is_dir() for c, t in pairs)
+    return pairs if trained else None
+
+
+def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float, str]:
+    """Threshold, minimum lesion size in mm³ and where they come from: ``postprocessing.json`` when it was tuned
+    for exactly these members (configuration/trainer pairs), else the plans of the first model."""
+    path = results_root() / dataset / POSTPROCESSING_FILE
+    members = sorted(f"{model.configuration}/{model.trainer}" for model in models)
     if path.is_file():
         tuned = read_json(path)
-        if sorted(tuned.get("configurations", [])) == names:
+        if sorted(tuned.get("members", [])) == members:
             return float(tuned["threshold"]), float(tuned["min_lesion_mm3"]), str(path)
     settings = models[0].plans.configuration(models[0].configuration).postprocessing
     return settings.threshold, settings.min_lesion_mm3, f"plans of {models[0].configuration}"
@@ -366,9 +378,13 @@ def predict(
         raise ValueError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
     name = choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
-    names = list(configurations or _default_configurations(name))
-    trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
-    models = [load_model(name, c, t, folds, checkpoint, torch_device) for c in names for t in trainers]
+    pairs = _tuned_members(name) if configurations is None and trainer is None else None
+    if pairs is None:
+        names = list(configurations or _default_configurations(name))
+        trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
+        pairs = [(c, t) for c in names for t in trainers]
+    names = list(dict.fromkeys(c for c, _ in pairs))
+    models = [load_model(name, c, t, folds, checkpoint, torch_device) for c, t in pairs]
     channels = {len(model.plans.channels) for model in models}
     if len(channels) != 1:
         raise ValueError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")

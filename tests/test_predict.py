@@ -195,7 +195,7 @@ def test_postprocessing_file_sets_the_threshold(home: Path, tmp_path: Path) -> N
     predict(source, tmp_path / "a", save_probabilities=True, **QUIET)
     probabilities = read_image(tmp_path / "a" / f"{case}_probabilities.nii.gz")[0]
     threshold = float(np.quantile(probabilities[probabilities > 0], 0.5))
-    write_json({"configurations": [CONFIGURATION], "threshold": threshold, "min_lesion_mm3": 0.0},
+    write_json({"members": [f"{CONFIGURATION}/{TRAINER}"], "threshold": threshold, "min_lesion_mm3": 0.0},
                home / "results" / NAME / "postprocessing.json")
     predict(source, tmp_path / "b", **QUIET)
     labels = read_image(tmp_path / "b" / f"{case}.nii.gz", np.uint8)[0]
@@ -243,7 +243,8 @@ def test_find_best_writes_postprocessing_that_predict_applies(home: Path, tmp_pa
     assert find_best_main(["--metric", "dice", "--no-progress"]) == 0
     results = home / "results" / NAME
     selection, tuned = read_json(results / "model_selection.json"), read_json(results / "postprocessing.json")
-    assert tuned["configurations"] == [CONFIGURATION] and tuned["trainers"] == {CONFIGURATION: TRAINER}
+    assert tuned["configurations"] == [CONFIGURATION] and tuned["trainers"] == {CONFIGURATION: [TRAINER]}
+    assert tuned["members"] == [f"{CONFIGURATION}/{TRAINER}"]
     assert tuned["threshold"] in THRESHOLDS and selection["cases"] == 2
     assert tuned["score"] == max(entry["score"] for entry in selection["grid"])
     # the candidate's mean Dice, recomputed from the validation files and the raw labels
@@ -275,6 +276,47 @@ def test_find_best_ranks_configuration_ensembles(home: Path) -> None:
     # identical members: every candidate scores the same and the tie goes to the smallest, first one
     assert len({c["mean_dice"] for c in selection["candidates"]}) == 1
     assert selection["chosen"]["configurations"] == [other]
+
+
+def test_find_best_compares_trainers_and_predict_uses_the_chosen_members(home: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    runs = home / "results" / NAME / CONFIGURATION
+    other = "ZoomInOutTrainer"  # builds the same network: fold 0 and 1 copied as a second trainer's runs
+    for fold in sorted((runs / TRAINER).glob("fold_*")):
+        shutil.copytree(fold, runs / other / fold.name)
+    for path in (runs / other).glob("fold_*/validation/*_probabilities.npz"):  # a less confident second member
+        squared = np.load(path)["probabilities"].astype(np.float32) ** 2
+        np.savez_compressed(path, probabilities=squared.astype(np.float16))
+    assert find_best_main(["--metric", "dice", "--no-progress"]) == 1  # two trainers and no -tr: which?
+    assert "choose one or more with -tr" in capsys.readouterr().err
+    assert find_best_main(["-tr", "Nope", "--no-progress"]) == 1
+    assert "was trained with ['Nope']" in capsys.readouterr().err
+
+    assert find_best_main(["-tr", TRAINER, other, "--metric", "dice", "--no-progress"]) == 0
+    selection = read_json(home / "results" / NAME / "model_selection.json")
+    a, b = f"{CONFIGURATION}/{TRAINER}", f"{CONFIGURATION}/{other}"
+    assert [c["members"] for c in selection["candidates"]] == [[a], [b], [a, b]]
+    values = []  # the ensemble's mean Dice, recomputed from the two members' files
+    for path in sorted((runs / TRAINER).glob("fold_*/validation/*_probabilities.npz")):
+        case = path.name.removesuffix("_probabilities.npz")
+        second = runs / other / path.parent.parent.name / "validation" / path.name
+        mean = (np.load(path)["probabilities"][0].astype(np.float32)
+                + np.load(second)["probabilities"][0].astype(np.float32)) / 2
+        reference = read_image(home / "raw" / NAME / "labelsTr" / f"{case}.nii.gz", np.uint8)[0] > 0
+        prediction = mean >= 0.5
+        both = prediction.sum() + reference.sum()
+        values.append(1.0 if both == 0 else 2 * (prediction & reference).sum() / both)
+    assert selection["candidates"][2]["mean_dice"] == pytest.approx(np.mean(values))
+
+    chosen = selection["postprocessing"]["members"]
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    case = source.name.replace("_0000.nii.gz", "")
+    predict(source, tmp_path / "auto", save_probabilities=True, **QUIET)  # neither -c nor -tr: the chosen members
+    predict(source, tmp_path / "explicit", configurations=[CONFIGURATION],
+            trainer=[member.split("/")[1] for member in chosen], save_probabilities=True, **QUIET)
+    for name in (f"{case}_probabilities.nii.gz", f"{case}.nii.gz"):
+        np.testing.assert_array_equal(read_image(tmp_path / "auto" / name)[0],
+                                      read_image(tmp_path / "explicit" / name)[0])
 
 
 def test_find_best_without_validation_probabilities_says_so(home: Path, capsys: pytest.CaptureFixture) -> None:

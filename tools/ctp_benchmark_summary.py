@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -31,6 +32,7 @@ VARIANTS = (
     ("3d_aniso (U-Net)", "scratch", "3d_aniso", "ResidualUNetTrainer"),
 )
 ENSEMBLE = "pre-trained focal + CE ensemble"
+EPOCH_LINE = re.compile(r"^\S+ \S+\s+epoch \d+/\d+ .* ([0-9.]+) s$", re.MULTILINE)
 
 
 def fold_folder(root: Path, variant: str, configuration: str, trainer: str, fold: int) -> Path:
@@ -73,15 +75,12 @@ def mean_sd(values: list[float]) -> str:
 
 
 def training_seconds(folder: Path) -> float | None:
-    """Training time of a run: the sum of its epoch times in the final checkpoint's history (from log.txt)."""
+    """Training time of a run: the sum of its epoch times (the last field of log.txt's epoch lines, which
+    include the per-epoch validation batches but not the end-of-fold prediction)."""
     log = folder / "log.txt"
     if not log.is_file():
         return None
-    total = 0.0
-    for line in log.read_text().splitlines():
-        if line.startswith("epoch ") and line.endswith(" s"):
-            total += float(line.rsplit(" ", 2)[-2])
-    return total
+    return sum(float(match.group(1)) for match in EPOCH_LINE.finditer(log.read_text()))
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-d", "--dataset", help="trained dataset (name, number or folder); default: the only trained one")
     p.add_argument("-c", "--configurations", nargs="+", help="candidates (default: every trained configuration)")
-    p.add_argument("-tr", "--trainer", help="trainer folder (default: the only one of each configuration)")
+    p.add_argument("-tr", "--trainers", nargs="+", help="trainer folder(s): each configuration takes part with every "
+                                                     "one it was trained with, e.g. -tr PSPNetTrainer "
+                                                     "PSPNetCETrainer (default: the only one of each configuration)")
     p.add_argument("--metric", default="dice_hausdorff", choices=METRICS,
                    help="score of the post-processing grid search: dice_hausdorff (DSC·h/(DSC+h), default) or dice")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -29,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def action() -> None:
-        selection = find_best(args.dataset, args.configurations, args.trainer, args.metric, not args.no_progress)
+        selection = find_best(args.dataset, args.configurations, args.trainers, args.metric, not args.no_progress)
         for candidate in selection["candidates"]:
-            print(f"{' + '.join(candidate['configurations'])}: mean Dice {candidate['mean_dice']:.4f}")
+            print(f"{' + '.join(candidate['members'])}: mean Dice {candidate['mean_dice']:.4f}")
         chosen = selection["postprocessing"]
-        print(f"chosen: {' + '.join(chosen['configurations'])}, threshold {chosen['threshold']}, minimum lesion "
+        print(f"chosen: {' + '.join(chosen['members'])}, threshold {chosen['threshold']}, minimum lesion "
               f"{chosen['min_lesion_mm3']:g} mm³ ({chosen['min_lesion_voxels']} voxels), {selection['metric']} "
               f"{chosen['score']:.4f} over {selection['cases']} case(s)")
         print(f"wrote model_selection.json and postprocessing.json in the results folder of {selection['dataset']}")
