@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from autoseg.losses import balanced_positive_weight
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
 from autoseg.planning import (
     MAX_FEATURES_3D,
@@ -325,7 +326,9 @@ class DefaultPlanner(Planner):
         phase_two = max(1, self.pspnet_epochs // 10)
         patch_mm3 = float(np.prod(patch) * np.prod([spacing[a] for a in range(3) if a != coarse]) * spacing[coarse])
         common, reasons = self.common(spacing, patch_mm3)
-        common["loss"] = Loss("focal", 0.0, 0.0, 1.0, 1.0, 0.75)
+        fraction = float(self.fingerprint["aggregate"].get("median_lesion_fraction_of_foreground", 0.0))
+        lesion_weight = round(balanced_positive_weight(fraction), 3) if 0 < fraction < 1 else 1.0
+        common["loss"] = Loss("focal", 0.0, 0.0, 1.0, 1.0, 0.75, positive_weight=lesion_weight)
         reasons.update({
             "target_spacing": spacing_reason,
             "slice_axis": f"axis {coarse} is the thick one: the network sees one whole slice at a time",
@@ -338,7 +341,10 @@ class DefaultPlanner(Planner):
             "pretrained": "none: weights are never downloaded; put a local torchvision ResNet file here (or pass "
                           "autoseg_train --pretrained), or make one with autoseg_pretrain; without it the PSPNet "
                           "trains from scratch",
-            "loss": "focal loss with γ=1 (the CTP paper's best, 0.54 vs 0.49 Dice for cross entropy)",
+            "loss": "focal loss with γ=1 (the CTP paper's best, 0.54 vs 0.49 Dice for cross entropy); "
+                    f"positive_weight {lesion_weight:g} = (1 - f) / f for the median lesion fraction f = {fraction:.5f} "
+                    "of the brain is the lesion weight if the name is changed to weighted_ce (the trainer "
+                    "PSPNetCETrainer recomputes it from each fold's training cases)",
             "normalization": "; ".join(reason for _, reason in normalization),
             "mirror_axes": "both in-plane axes of the slice: lesions occur in either hemisphere",
             "schedule": f"RMSProp; epochs 0–{phase_two - 1} train only the new layers at lr 1e-2 with the backbone "

@@ -45,6 +45,11 @@ def test_ctp_like_gets_the_2d_pspnet_and_the_anisotropic_comparison(tiny_ctp: Pa
     assert "thin slabs" in plans.reasons["default_configuration"]
     pspnet, aniso = plans.configuration("2d_pspnet"), plans.configuration("3d_aniso")
     assert pspnet.dimension == 2 and pspnet.slice_axis == 2 and pspnet.loss.name == "focal"
+    assert pspnet.loss.focal_gamma == 1.0  # the CTP paper's γ
+    fingerprint = json.loads((tiny_ctp.parent.parent / "preprocessed" / tiny_ctp.name / "fingerprint.json").read_text())
+    fraction = fingerprint["aggregate"]["median_lesion_fraction_of_foreground"]
+    assert 0 < fraction < 1 and pspnet.loss.positive_weight == pytest.approx((1 - fraction) / fraction, abs=1e-3)
+    assert "weighted_ce" in pspnet.reasons["loss"]
     assert [s.trainable for s in pspnet.schedule.stages] == ["new_layers", "all"]
     assert all(stride[2] == 1 for stride in aniso.network.strides), "never pool along the 5 mm axis"
     schemes = {n.channel: n.scheme for n in pspnet.normalization}
