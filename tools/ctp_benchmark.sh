@@ -42,7 +42,7 @@ train() {
   echo "== $variant: $configuration $trainer fold $fold"
   local start=$SECONDS
   AUTOSEG_RESULTS="$results" "$bin/autoseg_train" "${flags[@]}" > "$AUTOSEG_HOME/ctp_benchmark/$variant.$trainer.$configuration.$fold.log" 2>&1
-  echo "  $((SECONDS - start)) s; $(tail -n 2 "$run/log.txt" | head -n 1)"
+  echo "  $((SECONDS - start)) s; $(tail -n 1 "$run/log.txt")"
 }
 
 for fold in $folds; do
