@@ -38,7 +38,7 @@ from autoseg.metrics import dice, dice_hausdorff_score, hausdorff
 from autoseg.paths import results_root
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities, remove_small_components
-from autoseg.predict import POSTPROCESSING_FILE, choose_dataset, trained_configurations
+from autoseg.predict import POSTPROCESSING_FILE, choose_dataset, trained_configurations, trainer_folders
 
 __all__ = ["METRICS", "MIN_SIZES_VOXELS", "SELECTION_FILE", "THRESHOLDS", "case_score", "describe_members", "find_best",
            "member_name"]
@@ -86,12 +86,10 @@ def _members(dataset: str, configurations: Sequence[str], trainers: Sequence[str
     """
     members, used = [], set()
     for configuration in configurations:
-        folder = results_root() / dataset / configuration
-        present = sorted(p.name for p in folder.iterdir() if p.is_dir() and list(p.glob("fold_*"))) \
-            if folder.is_dir() else []
+        present = trainer_folders(dataset, configuration)
         if trainers is None:
             if len(present) != 1:
-                raise ValueError(f"{folder}: {len(present)} trainers ({', '.join(present)}); choose one or more "
+                raise ValueError(f"{results_root() / dataset / configuration}: {len(present)} trainers ({', '.join(present)}); choose one or more "
                                  "with -tr")
             chosen = present
         else:

@@ -46,6 +46,7 @@ __all__ = [
     "InputCase",
     "Model",
     "build_network",
+    "trainer_folders",
     "choose_dataset",
     "find_input_cases",
     "load_model",
@@ -146,7 +147,7 @@ def load_model(
     if checkpoint not in CHECKPOINT_CHOICES:
         raise ValueError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
     folder = results_root() / dataset / configuration
-    trainers = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    trainers = trainer_folders(dataset, configuration)
     if not trainers:
         raise ValueError(f"configuration '{configuration}' of {dataset} is not trained; trained: "
                          f"{', '.join(trained_configurations(dataset)) or 'none'}")
@@ -164,6 +165,12 @@ def load_model(
         network.load_state_dict(load_checkpoint(path, map_location="cpu")["network"])
         networks.append(network.to(device).eval())
     return Model(plans, configuration, trainer, checkpoints, networks)
+
+
+def trainer_folders(dataset: str, configuration: str) -> list[str]:
+    """Sorted trainer folders of one configuration that hold at least one ``fold_*`` run."""
+    folder = results_root() / dataset / configuration
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("fold_*"))) if folder.is_dir() else []
 
 
 def trained_configurations(dataset: str) -> list[str]:

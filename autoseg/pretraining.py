@@ -124,9 +124,9 @@ def pretrain_backbone(dataset: str, output: str | Path, *, backbone: str = "resn
     from trainers import get_trainer  # the trainers import autoseg modules: resolve them only when training
 
     output = Path(output)
-    options = replace(options or TrainingOptions(), epochs=None, iterations_per_epoch=None,
-                      val_iterations=(options.val_iterations if options and options.val_iterations is not None
-                                      else 0), validation=False)
+    options = options or TrainingOptions()
+    options = replace(options, epochs=None, iterations_per_epoch=None, validation=False,
+                      val_iterations=0 if options.val_iterations is None else options.val_iterations)
     if output.exists() and not options.continue_training:
         raise FileExistsError(f"{output} exists; choose another output file or delete it")
     raw = find_dataset(dataset)
