@@ -35,6 +35,7 @@ from tqdm import tqdm
 from autoseg.checkpoint import load_checkpoint
 from autoseg.inference import Predictor, ensemble_probabilities
 from autoseg.io import IMAGE_ENDINGS, Geometry, read_image, read_json, split_ending, write_image
+from autoseg.machine import choose_device, choose_precision
 from autoseg.paths import results_root
 from autoseg.plans import Plans, PlansError
 from autoseg.postprocessing import postprocess_probabilities
@@ -326,8 +327,6 @@ def _default_configurations(dataset: str) -> list[str]:
 
 
 def _choose_device(device: str) -> tuple[torch.device, torch.dtype | None]:
-    from autoseg.training import choose_device, choose_precision
-
     chosen, _ = choose_device(device)
     precision = choose_precision(chosen) if chosen.type == "cuda" else None
     return chosen, (precision.autocast_dtype if precision else None)

@@ -39,6 +39,7 @@ from autoseg.dataset import find_dataset
 from autoseg.inference import Predictor
 from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json
 from autoseg.losses import one_hot_foreground
+from autoseg.machine import PRECISIONS
 from autoseg.metrics import dice, hausdorff95
 from autoseg.paths import results_root
 from autoseg.plan_and_preprocess import dataset_folder
@@ -48,11 +49,8 @@ from autoseg.splits import SPLITS_FILE, load_or_create_splits, read_subjects
 
 __all__ = [
     "Budget",
-    "Precision",
     "TrainingOptions",
     "TrainingResult",
-    "choose_device",
-    "choose_precision",
     "deterministic_algorithms",
     "dice_counts",
     "fold_cases",
@@ -68,7 +66,6 @@ Fold = int | str
 """A fold index 0..n-1 of ``splits_final.json``, or ``"full"`` (train and validate on every case: a final model
 after cross-validation). ``-f all`` on the command line means every fold in turn (:func:`cross_validate`)."""
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -187,82 +184,6 @@ class Budget:
     @classmethod
     def from_plain(cls, plain: dict[str, Any]) -> Budget:
         return cls(**{**plain, "stage_starts": tuple(plain["stage_starts"])})
-
-
-def choose_device(requested: str = "auto") -> tuple[torch.device, str]:
-    """The device to train on and why.
-
-    Raises:
-        ValueError: CUDA requested but not available.
-    """
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda"), f"CUDA is available ({torch.cuda.get_device_name(0)})"
-        return torch.device("cpu"), "no CUDA device found"
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA device is available (torch.cuda.is_available() is False)")
-    return device, "requested"
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Numeric precision of the forward and backward passes.
-
-    Attributes:
-        name: ``fp32``, ``bf16`` or ``fp16``.
-        autocast_dtype: dtype for ``torch.autocast``, None for plain float32.
-        grad_scaler: whether the loss is scaled (fp16 gradients underflow without it).
-        reason: why this precision was chosen.
-    """
-
-    name: str
-    autocast_dtype: torch.dtype | None
-    grad_scaler: bool
-    reason: str
-
-
-def cpu_has_fast_bf16() -> tuple[bool, str]:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), and its capability string.
-
-    Without those instructions bf16 is emulated: on an AVX2 CPU a bf16-autocast convolution is about 100 times
-    slower than float32.
-    """
-    capability = torch.backends.cpu.get_cpu_capability()
-    if not capability.startswith("AVX512"):
-        return False, capability
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    answers = [bool(probe()) for probe in probes if probe is not None]
-    return (any(answers) if answers else True), capability
-
-
-def choose_precision(device: torch.device, requested: str = "auto") -> Precision:
-    """Mixed precision where it is fast: bf16 on CUDA if supported else fp16 with loss scaling; on the CPU bf16
-    only with native bf16 instructions (AVX512-BF16/AMX), float32 otherwise.
-
-    Raises:
-        ValueError: an unknown name, or fp16 on the CPU (no loss scaling there).
-    """
-    if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision '{requested}', use one of {list(PRECISIONS)}")
-    if requested == "fp32":
-        return Precision("fp32", None, False, "requested")
-    if device.type == "cuda":
-        if requested == "bf16" or (requested == "auto" and torch.cuda.is_bf16_supported()):
-            return Precision("bf16", torch.bfloat16, False, "requested" if requested == "bf16" else
-                             "CUDA device supports bf16 (no loss scaling needed)")
-        return Precision("fp16", torch.float16, True, "requested" if requested == "fp16" else
-                         "CUDA device without bf16: fp16 with a GradScaler")
-    if requested == "fp16":
-        raise ValueError("fp16 mixed precision needs CUDA; on the CPU use fp32 or bf16")
-    fast, capability = cpu_has_fast_bf16()
-    if requested == "bf16":
-        return Precision("bf16", torch.bfloat16, False, "requested" + ("" if fast else (
-            f"; CPU capability {capability} has no native bf16, expect it to be much slower than fp32")))
-    if fast:
-        return Precision("bf16", torch.bfloat16, False, f"CPU capability {capability} with native bf16 instructions")
-    return Precision("fp32", None, False, f"CPU capability {capability} has no native bf16 (AVX512-BF16 or AMX): "
-                                          "bf16 autocast would be far slower than float32")
 
 
 @contextlib.contextmanager

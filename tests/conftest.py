@@ -52,3 +52,11 @@ def tiny_atlas(tiny_sources: dict[str, Path], data_roots: Path) -> Path:
 def tiny_ctp(tiny_sources: dict[str, Path], data_roots: Path) -> Path:
     """A private copy of the tiny CTP-like dataset under this test's AUTOSEG_RAW."""
     return Path(shutil.copytree(tiny_sources["ctp"], data_roots / "raw" / tiny_sources["ctp"].name))
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees a CPU without native bf16, so ``--precision auto`` means fp32 on every machine the suite
+    runs on (AVX2-only and AMX alike). Tests of the bf16 path ask for it explicitly; the automatic choice is tested
+    by faking this probe."""
+    monkeypatch.setattr("autoseg.machine.cpu_has_fast_bf16", lambda: (False, "AVX2 (pinned by the test suite)"))

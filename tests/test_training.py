@@ -21,12 +21,13 @@ from autoseg.checkpoint import load_checkpoint
 from autoseg.commands.train import main
 from autoseg.demo import make_atlas_like
 from autoseg.io import Geometry, read_header, read_json, write_image, write_json
+from autoseg.machine import choose_precision
+from autoseg.machine import cpu_has_fast_bf16 as native_bf16_probe  # imported before conftest fakes it
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
 from autoseg.training import (
     Budget,
     TrainingOptions,
-    choose_precision,
     dice_counts,
     global_dice,
     train,
@@ -162,6 +163,7 @@ def test_poly_and_cosine_warm_restart_schedules(home: Path) -> None:
 
 
 def test_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("autoseg.machine.cpu_has_fast_bf16", native_bf16_probe)  # the real probe, fed fake answers
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     cpu = choose_precision(torch.device("cpu"))
     assert cpu.name == "fp32" and cpu.autocast_dtype is None and "AVX2" in cpu.reason
@@ -178,6 +180,22 @@ def test_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None
     assert choose_precision(torch.device("cuda")).autocast_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 mixed precision needs CUDA"):
         choose_precision(torch.device("cpu"), "fp16")
+
+
+def test_the_suite_pins_fp32_unless_bf16_is_asked_for() -> None:
+    """Whatever CPU runs the suite, ``auto`` means fp32 here (conftest fakes a CPU without native bf16)."""
+    assert choose_precision(torch.device("cpu")).name == "fp32"
+    assert choose_precision(torch.device("cpu"), "bf16").autocast_dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not native_bf16_probe()[0], reason="this CPU has no native bf16 (AVX512-BF16/AMX): emulated "
+                                                      "bf16 is about 100x slower than fp32, so its path is not run")
+def test_bf16_training_step_learns_on_a_cpu_with_native_bf16(home: Path) -> None:
+    result = train("Sphere", fold="full", options=dataclasses.replace(QUIET, precision="bf16", val_iterations=2,
+                                                                      validation=False))
+    history = load_checkpoint(result.output_folder / "checkpoint_final.pth")["history"]
+    assert history["train_loss"][-1] < 0.7 * history["train_loss"][0], history["train_loss"]
+    assert "precision: bf16 (requested" in (result.output_folder / "log.txt").read_text()
 
 
 def test_pseudo_dice_is_the_global_dice_of_summed_counts() -> None:

@@ -35,14 +35,13 @@ from autoseg.dataloading import BatchStream, derived_seed, make_loader
 from autoseg.dataset import RawDataset
 from autoseg.inference import Predictor
 from autoseg.losses import build_loss
+from autoseg.machine import choose_device, choose_precision
 from autoseg.plans import Loss, Plans, Stage
 from autoseg.registry import Registry
 from autoseg.training import (
     Budget,
     Fold,
     TrainingOptions,
-    choose_device,
-    choose_precision,
     deterministic_algorithms,
     dice_counts,
     fold_cases,
