@@ -13,6 +13,14 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
    and writes ``OUTPUT/CASE<ending>`` (uint8 labels, in exactly the input's geometry) and, when asked,
    ``OUTPUT/CASE_probabilities.nii.gz`` (float32 lesion probability).
 
+Speed: ``tta`` chooses the test-time mirroring (``all``: every flip combination of the configuration's mirror
+axes, 8 forward passes per window for three axes; ``lr``: the left-right flip only, 2; ``none``: 1). On the CPU
+the networks run under bf16 autocast where the CPU computes bf16 natively (``autoseg.machine.choose_precision``)
+and in the memory format ``autoseg.inference.inference_memory_format`` chose.
+
+Memory: besides the networks and their activations, a case holds its channels, one float32 probability map per
+label on the input grid (the configurations' maps are summed into it in place) and the label map.
+
 Post-processing (threshold, minimum lesion size) comes from ``AUTOSEG_RESULTS/<dataset>/postprocessing.json``
 when it was tuned for exactly the members being ensembled, else from the first configuration's plans.
 
@@ -33,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from autoseg.checkpoint import load_checkpoint
-from autoseg.inference import Predictor, ensemble_probabilities
+from autoseg.inference import TTA_CHOICES, Predictor
 from autoseg.io import IMAGE_ENDINGS, Geometry, read_image, read_json, split_ending, write_image
 from autoseg.machine import choose_device, choose_precision
 from autoseg.paths import results_root
@@ -44,6 +52,7 @@ from autoseg.preprocessing import preprocess_arrays, restore_probabilities
 __all__ = [
     "CHECKPOINT_CHOICES",
     "POSTPROCESSING_FILE",
+    "TTA_CHOICES",
     "InputCase",
     "Model",
     "build_network",
@@ -327,9 +336,9 @@ def _default_configurations(dataset: str) -> list[str]:
 
 
 def _choose_device(device: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device and its autocast dtype: bf16/fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
     chosen, _ = choose_device(device)
-    precision = choose_precision(chosen) if chosen.type == "cuda" else None
-    return chosen, (precision.autocast_dtype if precision else None)
+    return chosen, choose_precision(chosen).autocast_dtype
 
 
 def predict(
@@ -342,6 +351,7 @@ def predict(
     trainer: str | Sequence[str] | None = None,
     checkpoint: str = "final",
     step_size: float = 0.5,
+    tta: str = "all",
     use_mirroring: bool = True,
     save_probabilities: bool = False,
     postprocessing: bool = True,
@@ -364,7 +374,10 @@ def predict(
             variant); None: the only one of each configuration.
         checkpoint: ``final`` (default), ``best`` or ``snapshots``.
         step_size: sliding-window step as a fraction of the patch. Default 0.5.
-        use_mirroring: test-time mirroring over the configuration's mirror axes. Default True.
+        tta: test-time mirroring: ``all`` (default; every flip combination of the configuration's mirror axes),
+            ``lr`` (only the flip along the image's left-right axis, from its direction matrix; no mirroring, with a
+            one-line notice, when the configuration does not mirror that axis) or ``none``.
+        use_mirroring: False is the older spelling of ``tta="none"``. Default True.
         save_probabilities: also write the float32 lesion probability (channel 0; with several labels the
             maximum over them). Default False.
         postprocessing: remove lesions below the tuned (or planned) minimum size; False keeps every component
@@ -378,8 +391,10 @@ def predict(
         The label files written by this call (skipped cases not included).
 
     Raises:
-        ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`; a bad part.
+        ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`; a bad part or ``tta``.
     """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"unknown --tta '{tta}', use one of {list(TTA_CHOICES)}")
     if not 0 <= part_id < num_parts:
         raise ValueError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
     name = choose_dataset(dataset)
@@ -399,7 +414,7 @@ def predict(
     if not postprocessing:
         min_lesion_mm3 = 0.0
     predictors = [Predictor(model.plans.configuration(model.configuration), model.networks, step_size=step_size,
-                            use_mirroring=use_mirroring, device=torch_device, autocast_dtype=autocast_dtype)
+                            tta=tta, use_mirroring=use_mirroring, device=torch_device, autocast_dtype=autocast_dtype)
                   for model in models]
     output = Path(output)
     written = []
@@ -409,19 +424,32 @@ def predict(
             continue
         images, geometry = read_case(case)
         probabilities = _ensemble(predictors, images, geometry)
+        del images
         labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
         if save_probabilities:
             lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
-            write_image(lesion.astype(np.float32), geometry, output / f"{case.identifier}_probabilities.nii.gz")
+            write_image(lesion, geometry, output / f"{case.identifier}_probabilities.nii.gz")
+        del probabilities
         write_image(labels, geometry, target)
         written.append(target)
     return written
 
 
 def _ensemble(predictors: Sequence[Predictor], images: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Mean over configurations of their (K, X, Y, Z) probabilities on the input grid."""
-    members = []
+    """Mean over configurations of their (K, X, Y, Z) float32 probabilities on the input grid, summed in place
+    (one full-size map at a time besides the one being restored)."""
+    total: np.ndarray | None = None
     for predictor in predictors:
         data, _, properties = preprocess_arrays(images, None, geometry, predictor.configuration)
-        members.append(restore_probabilities(predictor.predict_preprocessed(data), properties))
-    return ensemble_probabilities(members)
+        probabilities = predictor.predict_preprocessed(data, geometry.direction)
+        del data
+        restored = restore_probabilities(probabilities, properties)
+        del probabilities
+        if total is None:
+            total = restored
+        else:
+            total += restored  # every member is restored to the same input grid
+        del restored
+    if len(predictors) > 1:
+        total /= len(predictors)
+    return total

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +15,25 @@ from torch import nn
 
 from autoseg.inference import (
     GAUSSIAN_FLOOR,
+    TTA_CHOICES,
     Predictor,
     accumulation_device,
     ensemble_probabilities,
     gaussian_importance_map,
+    inference_memory_format,
+    left_right_axis,
     mirror_combinations,
     predict_slices,
     predict_sliding_window,
     sliding_window_positions,
+    tta_mirror_axes,
 )
 from autoseg.io import Geometry, read_image, write_image
 from autoseg.networks import ResidualUNet
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Configuration
 from autoseg.postprocessing import postprocess_probabilities, remove_small_components
+from autoseg.preprocessing import preprocess_arrays, restore_probabilities
 
 OBLIQUE = tuple(np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, 1.0]]).ravel().tolist())
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -64,6 +70,18 @@ class WindowMean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         means = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
         return (torch.log(means) - torch.log1p(-means)).expand(x.shape[0], 1, *x.shape[2:])
+
+
+class Recorder(ProbabilityIdentity):
+    """Predicts its input like :class:`ProbabilityIdentity` and keeps every batch it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return super().forward(x)
 
 
 class DarkIsLesion(nn.Module):
@@ -440,3 +458,156 @@ def test_slice_wise_prediction_with_a_2d_residual_unet_and_skipping() -> None:
 def test_slice_wise_prediction_rejects_a_3d_patch() -> None:
     with pytest.raises(ValueError, match="2-D patch"):
         predict_slices(ProbabilityIdentity(), np.zeros((1, 4, 4, 4)), (4, 4, 4), 2)
+
+
+# --- (i) test-time mirroring choices: none, lr, all ----------------------------------------------------------------
+
+# Array axes stored as (z, x, y): column j of the row-major matrix is the world direction of axis j, so world x
+# (left-right) runs along array axis 1, world y along axis 2 and world z along axis 0.
+PERMUTED = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "direction, axis",
+    [
+        (IDENTITY_DIRECTION, 0),
+        (PERMUTED, 1),
+        ((0.0, 0.0, -1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0), 2),  # x along axis 2, pointing the other way (RAS)
+        (OBLIQUE, 0),  # rotated by 30 degrees about z: axis 0 is still the closest to world x
+    ],
+    ids=["identity", "permuted", "flipped", "oblique"],
+)
+def test_left_right_axis_comes_from_the_direction_matrix(direction, axis) -> None:
+    assert left_right_axis(direction) == axis
+
+
+def test_tta_mirror_axes_per_choice_and_the_lr_fallback() -> None:
+    assert tta_mirror_axes((0, 1, 2), "all") == ((0, 1, 2), None)
+    assert tta_mirror_axes((0, 1, 2), "none") == ((), None)
+    assert tta_mirror_axes((0, 1, 2), "lr", PERMUTED) == ((1,), None)
+    axes, notice = tta_mirror_axes((0, 2), "lr", PERMUTED)  # the left-right axis 1 is not mirrored
+    assert axes == () and "array axis 1" in notice and "without mirroring" in notice and "\n" not in notice
+    # 2-D: mirror axes are the slice's own axes; slices along z keep (x, y) as (0, 1)
+    assert tta_mirror_axes((0, 1), "lr", IDENTITY_DIRECTION, slice_axis=2) == ((0,), None)
+    assert tta_mirror_axes((0, 1), "lr", PERMUTED, slice_axis=0) == ((0,), None)  # (x, y) are volume axes 1, 2
+    assert tta_mirror_axes((0, 1), "lr", IDENTITY_DIRECTION, slice_axis=0)[0] == ()  # sliced along left-right
+    with pytest.raises(ValueError, match="direction"):
+        tta_mirror_axes((0, 1, 2), "lr")
+    with pytest.raises(ValueError, match="unknown tta"):
+        tta_mirror_axes((0, 1, 2), "some")
+
+
+@pytest.mark.parametrize("tta, passes", [("none", 1), ("lr", 2), ("all", 8)])
+def test_forward_passes_per_window_follow_the_tta_choice(atlas_configuration, tta, passes) -> None:
+    configuration = dataclasses.replace(atlas_configuration, patch_size=(16, 16, 16), mirror_axes=(0, 1, 2))
+    assert passes == (2 ** len(configuration.mirror_axes) if tta == "all" else passes)
+    network = Constant(0.3)
+    predictor = Predictor(configuration, [network], tta=tta, batch_size=4)
+    probabilities = predictor.predict_preprocessed(np.ones((1, 24, 24, 20), np.float32), IDENTITY_DIRECTION)
+    windows = len(sliding_window_positions((24, 24, 20), (16, 16, 16), 0.5))
+    assert windows == 8 and network.windows == passes * windows and network.calls == passes * 2
+    np.testing.assert_allclose(probabilities, 0.3, rtol=1e-5)
+
+
+def test_no_mirroring_is_the_older_use_mirroring_false(atlas_configuration) -> None:
+    assert Predictor(atlas_configuration, [Constant(0.5)], use_mirroring=False).tta == "none"
+    assert Predictor(atlas_configuration, [Constant(0.5)], use_mirroring=False, tta="all").tta == "none"
+    assert Predictor(atlas_configuration, [Constant(0.5)]).tta == "all"  # validation's default
+    assert TTA_CHOICES == ("none", "lr", "all")
+    with pytest.raises(ValueError, match="unknown tta"):
+        Predictor(atlas_configuration, [Constant(0.5)], tta="some")
+
+
+def test_lr_flips_the_world_left_right_axis_of_a_permuted_image(atlas_configuration) -> None:
+    configuration = dataclasses.replace(atlas_configuration, target_spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16),
+                                        mirror_axes=(0, 1, 2))
+    shape = (16, 16, 16)
+    images = np.random.default_rng(4).uniform(50, 150, (1, *shape)).astype(np.float32)
+    geometry = Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), PERMUTED)
+    network = Recorder()
+    Predictor(configuration, [network], tta="lr").predict_case(images, geometry)
+    assert len(network.inputs) == 2  # as is, then flipped along array axis 1 (tensor dim 3)
+    plain, flipped = network.inputs
+    torch.testing.assert_close(flipped, plain.flip(3), atol=0, rtol=0)
+    assert not torch.equal(flipped, plain.flip(2)) and not torch.equal(flipped, plain.flip(4))
+
+
+def test_lr_without_a_mirrored_left_right_axis_predicts_once_and_says_so(atlas_configuration, capsys) -> None:
+    configuration = dataclasses.replace(atlas_configuration, patch_size=(16, 16, 16), mirror_axes=(0, 2))
+    network = Constant(0.3)
+    predictor = Predictor(configuration, [network], tta="lr")
+    for _ in range(2):
+        predictor.predict_preprocessed(np.ones((1, 16, 16, 16), np.float32), PERMUTED)
+    assert network.windows == 2  # one forward pass per window and case
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "without mirroring" in captured.err
+    with pytest.raises(ValueError, match="direction"):
+        predictor.predict_preprocessed(np.ones((1, 16, 16, 16), np.float32))
+
+
+@pytest.mark.parametrize("dimension", [3, 2])
+def test_identity_network_gives_the_same_result_with_every_tta_choice(atlas_configuration, dimension) -> None:
+    configuration = dataclasses.replace(atlas_configuration, patch_size=(8, 8, 8), mirror_axes=(0, 1, 2))
+    if dimension == 2:
+        configuration = dataclasses.replace(configuration, dimension=2, slice_axis=2, patch_size=(8, 8),
+                                            mirror_axes=(0, 1))
+    data = np.random.default_rng(5).uniform(0.05, 0.95, (1, 13, 11, 9)).astype(np.float32)
+    results = {tta: Predictor(configuration, [ProbabilityIdentity()], tta=tta).predict_preprocessed(data, PERMUTED)
+               for tta in TTA_CHOICES}
+    for tta in TTA_CHOICES:
+        np.testing.assert_allclose(results[tta][0], data[0], atol=1e-5)
+
+
+# --- (j) CPU speed and memory: memory format, accumulators ---------------------------------------------------------
+
+
+def test_memory_format_choice_and_the_network_is_restored() -> None:
+    cpu = torch.device("cpu")
+    assert inference_memory_format(cpu, None) == torch.channels_last_3d
+    assert inference_memory_format(cpu, torch.bfloat16) == torch.channels_last_3d
+    assert inference_memory_format("cuda", torch.bfloat16) == torch.contiguous_format
+    torch.manual_seed(0)
+    network = ResidualUNet(in_channels=1, num_classes=1, features=(4, 8, 8), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+                           kernel_sizes=((3, 3, 3),) * 3, deep_supervision=False)
+    data = torch.randn(1, 12, 10, 9)
+    results = {}
+    for memory_format in (torch.contiguous_format, torch.channels_last_3d):
+        results[memory_format] = predict_sliding_window(network, data, (8, 8, 8), mirror_axes=(0,),
+                                                        memory_format=memory_format)
+        assert all(p.is_contiguous() for p in network.parameters())  # converted back afterwards
+    torch.testing.assert_close(results[torch.contiguous_format], results[torch.channels_last_3d], atol=1e-5, rtol=0)
+    network.to(memory_format=torch.channels_last_3d)  # a channels-last network stays channels-last
+    predict_sliding_window(network, data, (8, 8, 8), memory_format=torch.contiguous_format)
+    assert not all(p.is_contiguous() for p in network.parameters() if p.ndim == 5)
+
+
+def test_accumulation_and_restoring_keep_at_most_three_full_size_arrays(atlas_configuration) -> None:
+    """Memory of the inference path on the CPU, measured with tracemalloc (the sums are NumPy-backed, so it sees
+    them): the sliding window holds two float32 volumes of the input's size (probability and weight sums, plus the
+    Gaussian map of one window; the mean is taken in place and returned without a copy), restoring to the input
+    grid at most three (the probabilities, their resampled copy and the output), whatever the mirroring."""
+    configuration = dataclasses.replace(atlas_configuration, target_spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16),
+                                        mirror_axes=(0, 1, 2))
+    shape = (64, 60, 48)  # no zero border: the preprocessed volume is as large as the input
+    images = np.random.default_rng(6).normal(100, 5, (1, *shape)).astype(np.float32)
+    geometry = Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY_DIRECTION)
+    data, _, properties = preprocess_arrays(images, None, geometry, configuration)
+    assert data.shape == images.shape
+    volume = images.nbytes
+    Predictor(configuration, [DarkIsLesion()]).predict_preprocessed(data)  # warm-up: first-use imports and caches
+    for tta in TTA_CHOICES:
+        predictor = Predictor(configuration, [DarkIsLesion()], tta=tta, batch_size=4)
+        tracemalloc.start()
+        try:
+            probabilities = predictor.predict_preprocessed(data, geometry.direction)
+            accumulated, accumulation_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            probabilities = restore_probabilities(probabilities, properties)
+            restored, restoring_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert probabilities.shape == (1, *shape)
+        assert 1.9 * volume <= accumulation_peak <= 2.2 * volume, f"{tta}: {accumulation_peak / volume:.2f} volumes"
+        assert accumulated <= 1.1 * volume  # the mean, in the probability sums; the weight sums are freed
+        assert restoring_peak <= 3.1 * volume, f"{tta}: {restoring_peak / volume:.2f} volumes"
+        assert restored <= 1.1 * volume

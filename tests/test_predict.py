@@ -12,16 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from autoseg.commands.common import run
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.predict import main as predict_main
+from autoseg.commands.predict import parser as predict_parser
 from autoseg.demo import make_atlas_like
+from autoseg.inference import left_right_axis
 from autoseg.io import Geometry, read_image, read_json, write_image, write_json
 from autoseg.model_selection import THRESHOLDS, find_best
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
 from autoseg.postprocessing import postprocess_probabilities
-from autoseg.predict import find_input_cases, load_model, predict
+from autoseg.predict import _choose_device, find_input_cases, load_model, predict
 from autoseg.training import TrainingOptions, train
 
 NAME = "Dataset961_ATLASPredict"
@@ -62,9 +66,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def home(trained: Path, data_roots: Path) -> Path:
-    """This test's AUTOSEG_HOME holding a copy of the trained home."""
+def home(trained: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's AUTOSEG_HOME holding a copy of the trained home; commands run on one thread, like the tests."""
     shutil.copytree(trained, data_roots, dirs_exist_ok=True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return data_roots
 
 
@@ -338,3 +343,47 @@ def test_checkpoint_choice_and_snapshots(home: Path) -> None:
         load_model(NAME, CONFIGURATION, checkpoint="best")  # trained without per-epoch validation
     with pytest.raises(ValueError, match="fold_7 has no final checkpoint"):
         load_model(NAME, CONFIGURATION, folds=[7])
+
+
+# ---------------------------------------------------------------------------- the CPU fast path
+def test_tta_choices_on_the_command_line(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert predict_parser().parse_args(["-i", "a", "-o", "b"]).tta == "all"
+    assert predict_parser().parse_args(["-i", "a", "-o", "b", "--no-tta"]).tta == "none"
+    assert predict_parser().parse_args(["-i", "a", "-o", "b", "--tta", "lr"]).tta == "lr"
+    with pytest.raises(SystemExit):
+        predict_parser().parse_args(["-i", "a", "-o", "b", "--tta", "some"])
+    capsys.readouterr()
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    case = source.name.replace("_0000.nii.gz", "")
+    probabilities = {}
+    for name, flags in (("no_tta", ["--no-tta"]), ("none", ["--tta", "none"]), ("lr", ["--tta", "lr"]),
+                        ("all", ["--tta", "all"]), ("default", [])):
+        assert predict_main(["-i", str(source), "-o", str(tmp_path / name), "--device", "cpu", "--no-progress",
+                             "--save-probabilities", "-f", "0", *flags]) == 0
+        probabilities[name] = read_image(tmp_path / name / f"{case}_probabilities.nii.gz")[0]
+    assert capsys.readouterr().out.count("\n") == 5  # one "wrote ..." line per run, nothing else
+    np.testing.assert_array_equal(probabilities["no_tta"], probabilities["none"])
+    np.testing.assert_array_equal(probabilities["default"], probabilities["all"])
+    assert not np.array_equal(probabilities["none"], probabilities["all"])
+    # the model mirrors only axis 0, which is the left-right axis of these images: lr is all of it
+    assert left_right_axis(read_image(source)[1].direction) == 0
+    np.testing.assert_array_equal(probabilities["lr"], probabilities["all"])
+    with pytest.raises(ValueError, match="unknown --tta"):
+        predict(source, tmp_path / "x", tta="some", **QUIET)
+
+
+def test_cpu_prediction_uses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _choose_device("cpu") == (torch.device("cpu"), None)  # the suite's CPU has no native bf16
+    monkeypatch.setattr("autoseg.machine.cpu_has_fast_bf16", lambda: (True, "AVX512 (faked)"))
+    assert _choose_device("cpu") == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_commands_set_torch_threads_and_put_them_back(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    seen = []
+    before = torch.get_num_threads()
+    for requested in ("2", "1"):
+        monkeypatch.setenv("OMP_NUM_THREADS", requested)
+        assert run(lambda: seen.append(torch.get_num_threads())) == 0
+        assert torch.get_num_threads() == before
+    assert seen == [2, 1] and capsys.readouterr().out == ""

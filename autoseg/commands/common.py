@@ -1,12 +1,16 @@
-"""What every ``autoseg_*`` command shares: turning expected errors into one clear line and exit code 1."""
+"""What every ``autoseg_*`` command shares: torch's threads set to the usable cores, and expected errors turned
+into one clear line and exit code 1."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
+import torch
+
 from autoseg.dataset import DatasetError
 from autoseg.io import ImageReadError
+from autoseg.machine import configure_threads
 from autoseg.plans import PlansError
 
 #: Errors that mean "the input is wrong", reported without a traceback.
@@ -14,7 +18,11 @@ USER_ERRORS = (DatasetError, PlansError, ImageReadError, FileNotFoundError, File
 
 
 def run(action: Callable[[], int | None]) -> int:
-    """Run ``action``; print an expected error as ``error: ...`` on stderr and return 1."""
+    """Run ``action`` with torch's intra-op threads set by :func:`autoseg.machine.configure_threads` (the cores
+    of the process's affinity mask, or ``OMP_NUM_THREADS``); print an expected error as ``error: ...`` on stderr
+    and return 1. The previous thread count is restored afterwards, for callers that run commands in-process."""
+    threads = torch.get_num_threads()
+    configure_threads()
     try:
         return action() or 0
     except USER_ERRORS as error:
@@ -24,3 +32,6 @@ def run(action: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from autoseg.commands.common import run
-from autoseg.predict import CHECKPOINT_CHOICES, predict
+from autoseg.predict import CHECKPOINT_CHOICES, TTA_CHOICES, predict
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,7 +25,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="final", choices=CHECKPOINT_CHOICES,
                    help="final (default), best, or snapshots (every snapshot of each fold)")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch (0.5)")
-    p.add_argument("--no-tta", action="store_true", help="no test-time mirroring (faster)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="all",
+                   help="test-time mirroring: all (default; every flip of the planned mirror axes, 8 forward passes "
+                        "per window for 3 axes), lr (only the left-right flip, from the image's direction; 2) or "
+                        "none (1, fastest)")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
     p.add_argument("--no-postprocessing", action="store_true", help="keep lesions of every size")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> None:
         written = predict(
             args.input, args.output, args.dataset, args.configurations, args.folds, trainer=args.trainer,
-            checkpoint=args.checkpoint, step_size=args.step_size, use_mirroring=not args.no_tta,
+            checkpoint=args.checkpoint, step_size=args.step_size, tta=args.tta,
             save_probabilities=args.save_probabilities, postprocessing=not args.no_postprocessing,
             overwrite=args.overwrite, num_parts=args.num_parts, part_id=args.part_id, device=args.device,
             progress=not args.no_progress,
