@@ -25,6 +25,7 @@ Outside the volume and outside the sampling patch, data and labels are 0 (consta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +79,22 @@ class SpatialAugmentation:
                                             self.translation_fraction))
         enlarged.insert(self.flat_axis, int(patch_size[self.flat_axis]))
         return tuple(enlarged)
+
+
+def resampling_probability(spatial: SpatialAugmentation) -> float:
+    """Chance that a sample is rotated or scaled, i.e. interpolated rather than only cropped (elastic off): the
+    expensive case of the spatial transform."""
+    return 1 - (1 - spatial.probability) ** 2
+
+
+def spatial_transform(configuration: Configuration, patch_size: Sequence[int],
+                      probability: float | None = None) -> SpatialTransform:
+    """The spatial transform of the training pipeline alone (no elastic deformation); ``probability`` overrides
+    the chance of rotation and of scaling (the compute probe times the interpolating and the cropping case)."""
+    spatial = spatial_augmentation(configuration, patch_size)
+    if probability is not None:
+        spatial = dataclasses.replace(spatial, probability=probability)
+    return _spatial_transform(spatial, tuple(int(p) for p in patch_size), False)
 
 
 def spatial_augmentation(configuration: Configuration, patch_size: Sequence[int]) -> SpatialAugmentation:

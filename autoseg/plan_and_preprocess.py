@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoseg.compute import load_or_run_probe
+from autoseg.compute_budget import BudgetError, BudgetRequest
 from autoseg.dataset import RawDataset, find_dataset
 from autoseg.fingerprint import compute_fingerprint
 from autoseg.io import write_json
+from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import preprocessed_root
 from autoseg.plans import Plans, PlansError
 from autoseg.preprocessing import preprocess_dataset
@@ -47,6 +50,8 @@ def plan_and_preprocess(
     num_processes: int = 1,
     preprocess_only: bool = False,
     progress: bool = True,
+    budget_minutes: float | None = None,
+    device: str = "auto",
 ) -> PlanResult:
     """Verify and fingerprint the dataset, plan with ``planner``, preprocess ``configurations``
     (default: all in the plans).
@@ -54,9 +59,14 @@ def plan_and_preprocess(
     With ``preprocess_only`` the existing ``plans.json`` (possibly edited by hand) is validated and
     used as it is; nothing is re-planned.
 
+    With ``budget_minutes`` the plan is fitted to that much training time per fold on ``device`` (``auto``, ``cpu``
+    or ``cuda``): this machine is probed first (``autoseg.compute``, cached under ``AUTOSEG_HOME``), and the
+    planner chooses resolution, width, patch, batch and iterations (``autoseg.compute_budget``).
+
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems (nothing written).
         PlansError: invalid ``plans.json`` or an unknown configuration name.
+        BudgetError: the budget cannot buy a useful run (the message says what would).
         KeyError: unknown planner (the message lists the known ones).
     """
     dataset = find_dataset(dataset_name)
@@ -67,8 +77,9 @@ def plan_and_preprocess(
         cases = verify_dataset(dataset, num_processes, progress)
     else:
         planner_class = get_planner(planner)
+        compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
         fingerprint = compute_fingerprint(dataset, num_processes, progress)
-        plans = planner_class(fingerprint, memory_budget_gb).plan()
+        plans = planner_class(fingerprint, memory_budget_gb, compute).plan()
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)
         cases = training_cases(dataset)
@@ -83,4 +94,20 @@ def plan_and_preprocess(
     return PlanResult(plans, plans_path, fingerprint_path, done)
 
 
-__all__ = ["PlanResult", "PlansError", "dataset_folder", "plan_and_preprocess", "verify"]
+def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
+    """A compute budget of ``minutes`` per fold on ``device``, with this machine's (cached) probe.
+
+    Raises:
+        BudgetError: a budget that is not a positive number of minutes.
+        ValueError: ``cuda`` asked for on a machine without CUDA.
+    """
+    if not minutes > 0:
+        raise BudgetError(f"the budget must be a positive number of minutes, got {minutes:g}")
+    chosen, _ = choose_device(device)
+    configure_threads()
+    precision = choose_precision(chosen)
+    probe, cached = load_or_run_probe(chosen, precision)
+    return BudgetRequest(minutes, chosen.type, precision.name, probe, cached)
+
+
+__all__ = ["PlanResult", "budget_request", "PlansError", "dataset_folder", "plan_and_preprocess", "verify"]

@@ -140,6 +140,8 @@ class Schedule:
     restart_period_epochs: int | None = None
     plateau_patience_epochs: int | None = None
     early_stopping_patience_epochs: int | None = None
+    #: validation batches per epoch for the pseudo-Dice; None: a fifth of ``iterations_per_epoch``.
+    val_iterations_per_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,42 @@ class Configuration:
 
 
 @dataclass(frozen=True)
+class ComputeBudget:
+    """What a compute budget (``autoseg_plan --budget-minutes M --device D``) made of the plans.
+
+    Attributes:
+        device: ``cpu`` or ``cuda``: where training is planned to run.
+        minutes: the budget for training one fold, the end-of-fold validation included.
+        precision: the precision the estimate was measured under (``fp32``, ``bf16``, ``fp16``).
+        estimated_minutes: estimated wall time of one fold of ``configuration``.
+        seconds_per_iteration: estimated seconds per training iteration (network step and the loader's share).
+        iterations: training iterations planned (epochs x iterations per epoch).
+        configuration: the configuration these figures describe (the default one).
+        memory_format: ``channels_last_3d`` or ``contiguous``, whichever trained faster in the probe.
+        data_processes: background augmentation processes for training (0: batches made in the training process,
+            between steps, which on a few CPU cores beats processes competing with the network for them).
+        estimates: per configuration: ``estimated_minutes``, ``seconds_per_iteration``, ``iterations`` and the
+            parts of the estimate in minutes (training, per-epoch validation, overhead, final validation).
+        probe: the timed probe the estimate comes from (machine, date, probed networks; cached under
+            ``AUTOSEG_HOME/compute_probes``).
+        reasons: why each trade-off was made (resolution, width, patch, iterations).
+    """
+
+    device: str
+    minutes: float
+    precision: str
+    estimated_minutes: float
+    seconds_per_iteration: float
+    iterations: int
+    configuration: str
+    memory_format: str = "contiguous"
+    data_processes: int = 2
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    probe: dict[str, Any] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Plans:
     """Everything the planner decided for one dataset."""
 
@@ -245,6 +283,8 @@ class Plans:
     schema_version: int = SCHEMA_VERSION
     memory_budget_gb: float = 8.0
     reasons: dict[str, str] = field(default_factory=dict)
+    #: set when the plans were fitted to a compute budget (``--budget-minutes``); None: planned for memory only.
+    compute_budget: ComputeBudget | None = None
 
     def configuration(self, name: str | None = None) -> Configuration:
         """The named configuration (default: ``default_configuration``).

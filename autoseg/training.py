@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,7 +81,8 @@ class TrainingOptions:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto`` (see :func:`choose_precision`), ``fp32``, ``bf16`` or ``fp16``.
         seed: fixes the network initialization and every batch (with ``num_processes``).
-        num_processes: background processes that make the training batches (0: in the training process).
+        num_processes: background processes that make the training batches (0: in the training process); None:
+            the plans' compute-budget choice when the run is on the device it was planned for, else 2.
         continue_training: resume from ``checkpoint_latest.pth`` (``--continue``).
         pretrained: torchvision-layout ResNet (or autoseg PSPNet) state dict the PSPNet starts from
             (``--pretrained``); read with ``weights_only=True``; ignored when continuing.
@@ -96,7 +98,7 @@ class TrainingOptions:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
-    num_processes: int = 2
+    num_processes: int | None = None
     pretrained: str | None = None
     continue_training: bool = False
     validation: bool = True
@@ -111,7 +113,7 @@ class TrainingOptions:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.val_iterations is not None and self.val_iterations < 0:
             raise ValueError(f"val_iterations must be >= 0, got {self.val_iterations}")
-        if self.num_processes < 0:
+        if self.num_processes is not None and self.num_processes < 0:
             raise ValueError(f"the number of data processes must be >= 0, got {self.num_processes}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{self.precision}', use one of {list(PRECISIONS)}")
@@ -121,6 +123,14 @@ class TrainingOptions:
 
 def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
+
+
+def _default_val_iterations(schedule: Schedule, iterations_per_epoch: int) -> int:
+    """The plans' validation batches per epoch when set and the iterations per epoch are the plans', else a fifth
+    of the iterations per epoch (nnU-Net's 50 for 250)."""
+    if schedule.val_iterations_per_epoch is not None and iterations_per_epoch == schedule.iterations_per_epoch:
+        return schedule.val_iterations_per_epoch
+    return max(1, _round_half_up(iterations_per_epoch / 5))
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,7 @@ class Budget:
         return cls(
             epochs=new,
             iterations_per_epoch=iterations,
-            val_iterations=max(1, _round_half_up(iterations / 5)) if val_iterations is None else val_iterations,
+            val_iterations=_default_val_iterations(schedule, iterations) if val_iterations is None else val_iterations,
             stage_starts=starts,
             restart_period_epochs=None if period is None else max(1, _round_half_up(period * scale)),
         )
@@ -404,8 +414,11 @@ def train(
                            output_folder=run_folder(raw.name, chosen.name, trainer_class.__name__, fold),
                            options=options, raw_dataset=raw)
     runner.setup()
+    start = time.perf_counter()
     runner.fit()
     summary = runner.validate() if options.validation else None
+    if runner.promise is not None and options.validation and not options.continue_training:
+        runner.log(runner.promise.check("whole fold", time.perf_counter() - start, runner.promise.total_seconds)[1])
     return TrainingResult(runner.output_folder, runner.epoch, runner.best_ema, summary)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from autoseg.compute_budget import BudgetRequest
 from autoseg.plans import Plans
 from autoseg.registry import Registry
 
@@ -19,6 +20,8 @@ class Planner:
     Args:
         fingerprint: the dataset fingerprint.
         memory_budget_gb: GPU memory one training run may use; patch and batch sizes are fitted to it.
+        compute: a compute budget (minutes on a device, with that machine's probe); the planner then also
+            chooses resolution, width, patch and iterations so one fold fits it. None: plan for memory only.
     """
 
     default_memory_budget_gb: ClassVar[float] = 8.0
@@ -27,9 +30,11 @@ class Planner:
         super().__init_subclass__(**kwargs)
         _REGISTRY.register(cls)
 
-    def __init__(self, fingerprint: dict[str, Any], memory_budget_gb: float | None = None):
+    def __init__(self, fingerprint: dict[str, Any], memory_budget_gb: float | None = None,
+                 compute: BudgetRequest | None = None):
         self.fingerprint = fingerprint
         self.memory_budget_gb = memory_budget_gb if memory_budget_gb is not None else self.default_memory_budget_gb
+        self.compute = compute
 
     def plan(self) -> Plans:
         """Decide every configuration; each decision carries its reason."""

@@ -8,10 +8,20 @@ the thick axis).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
+from autoseg.compute import NetworkShape, TrainingEstimate, estimate_training
+from autoseg.compute_budget import (
+    RungChoice,
+    ScheduleLayout,
+    choose_rung,
+    describe_minutes,
+    stage_shares,
+)
+from autoseg.inference import sliding_window_positions
 from autoseg.losses import balanced_positive_weight
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
 from autoseg.planning import (
@@ -25,6 +35,7 @@ from autoseg.planning import (
     unet_topology,
 )
 from autoseg.plans import (
+    ComputeBudget,
     Configuration,
     Loss,
     Network,
@@ -52,6 +63,15 @@ BYTES_PER_ACTIVATION = 4
 ZOOM_OUT_SHARE = 0.125
 #: PSPNet backbones to try, largest first: the first that fits the budget at batch 2 is planned.
 PSPNET_BACKBONES = ("resnet50", "resnet34", "resnet18")
+#: Network widths a compute budget chooses from, narrowest first: (first-stage features, cap).
+BUDGET_WIDTHS = ((8, 128), (16, 256), (24, 320), (32, 320))
+#: A compute budget may lower the resolution to this (mm per axis) when the data are finer.
+BUDGET_COARSE_SPACING_MM = 2.0
+#: The smallest patch edge (voxels) a compute budget tries.
+BUDGET_MIN_PATCH_EDGE = 32
+#: Patches per batch of every budgeted candidate but the richest (which fits its batch to memory, as without a
+#: budget): two, nnU-Net's usual, so time buys iterations rather than bigger batches.
+BUDGET_BATCH = 2
 
 
 class DefaultPlanner(Planner):
@@ -73,6 +93,8 @@ class DefaultPlanner(Planner):
         if thin:
             configurations = [self.plan_pspnet(spacing, spacing_reason, normalization),
                               self.plan_aniso(spacing, spacing_reason, normalization)]
+        elif self.compute is not None:
+            configurations = [self.plan_resunet_for_budget(spacing, spacing_reason, normalization)]
         else:
             configurations = [self.plan_resunet(spacing, spacing_reason, normalization)]
         channels = self.fingerprint["channels"]
@@ -86,6 +108,7 @@ class DefaultPlanner(Planner):
             configurations={c.name: c for c in configurations},
             memory_budget_gb=self.memory_budget_gb,
             reasons={"default_configuration": why},
+            compute_budget=self.compute_budget_record(configurations),
         )
 
     # -- decisions shared by every configuration ------------------------------------------------
@@ -198,22 +221,33 @@ class DefaultPlanner(Planner):
         one, two = memory_of(patch, topology, 1), memory_of(patch, topology, 2)
         return min(largest_batch(two - one, 2 * one - two, self.memory_budget_gb * GIB), self.batch_cap(patch, spacing))
 
-    def plan_resunet(self, spacing, spacing_reason, normalization) -> Configuration:
-        """3D residual U-Net with the zoom-in&out schedule when a half-volume patch is still sensible."""
+    def plan_resunet(self, spacing, spacing_reason, normalization, widths: tuple[int, int] | None = None,
+                     patch: tuple[int, ...] | None = None, batch: int | None = None) -> Configuration:
+        """3D residual U-Net with the zoom-in&out schedule when a half-volume patch is still sensible.
+
+        Without ``patch``, the largest patch that fits the memory budget (up to the median volume); without
+        ``batch``, as many samples as fit; ``widths`` (first-stage features, cap) default to the planner's."""
+        widths = widths or self.widths
         budget = self.memory_budget_gb * GIB
         full = self.median_shape(spacing)
         memory_of = self.unet_memory()
-        patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, batch_size=2,
-                                                      widths=self.widths)
-        batch = self.fit_batch(patch, topology, spacing, memory_of)
+        if patch is None:
+            patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, batch_size=2,
+                                                          widths=widths)
+        else:
+            topology = unet_topology(patch, spacing, max_features=widths[1], base_features=widths[0])
+            patch = round_to_multiple(patch, topology.total_stride)
+            topology = unet_topology(patch, spacing, max_features=widths[1], base_features=widths[0])
+            needed = memory_of(patch, topology, 2)
+        batch = batch or self.fit_batch(patch, topology, spacing, memory_of)
         reasons = {
             "target_spacing": spacing_reason,
             "patch_size": self.patch_reason(full, patch, topology, needed),
             "batch_size": f"as many patches as fit the budget, at least 2 and at most {MAX_BATCH_SHARE:.0%} of all "
                           f"training voxels: {batch}",
-            "network": self.topology_reason(topology, spacing),
+            "network": self.topology_reason(topology, spacing, widths),
         }
-        stages, schedule_reason = self.zoom_schedule(patch, batch, topology, spacing, memory_of)
+        stages, schedule_reason = self.zoom_schedule(patch, batch, topology, spacing, memory_of, widths)
         reasons["schedule"] = schedule_reason
         common, common_reasons = self.common(spacing, float(np.prod(patch) * np.prod(spacing)))
         reasons.update(common_reasons)
@@ -229,8 +263,14 @@ class DefaultPlanner(Planner):
             schedule=Schedule(trainer, optimizer, lr_schedule, self.epochs, self.iterations_per_epoch, stages,
                               restart_period_epochs=50 if len(stages) == 2 else None),
             mirror_axes=(0, 1, 2), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
-            data_identifier="3d_resunet", reasons=reasons, **common,
+            data_identifier=self.resunet_identifier(spacing), reasons=reasons, **common,
         )
+
+    def resunet_identifier(self, spacing: tuple[float, ...]) -> str:
+        """``3d_resunet`` at the planned spacing; a budget that lowers the resolution gets its own data folder."""
+        if self.compute is None or tuple(spacing) == self.target_spacing(self.fingerprint["aggregate"])[0]:
+            return "3d_resunet"
+        return "3d_resunet_" + "x".join(f"{v:g}" for v in spacing) + "mm"
 
     def patch_reason(self, full, patch, topology: Topology, needed: int) -> str:
         coverage = float(np.prod(patch) / np.prod(full))
@@ -242,7 +282,8 @@ class DefaultPlanner(Planner):
                 f"along its longest edge in mm: it covers {coverage:.0%} of it; edges are multiples of the total "
                 f"stride {list(topology.total_stride)}")
 
-    def zoom_schedule(self, patch, batch, topology, spacing, memory_of) -> tuple[tuple[Stage, ...], str]:
+    def zoom_schedule(self, patch, batch, topology, spacing, memory_of,
+                      widths: tuple[int, int] | None = None) -> tuple[tuple[Stage, ...], str]:
         """Stage 1 on half-volume patches at lr 1e-3, stage 2 on the full patch at 1e-4 (the paper's
         24% -> 48% sub-volumes, 128³ -> 144x172x168 mm)."""
         small = round_to_multiple(tuple(p * 0.5 ** (1 / 3) for p in patch), topology.total_stride, mode="nearest")
@@ -252,7 +293,8 @@ class DefaultPlanner(Planner):
                 f"patch {list(patch)} is too small to halve (edges must stay >= twice the total stride): one stage, "
                 "SGD with polynomial decay (nnU-Net's default)"
             )
-        small_topology = unet_topology(small, spacing, max_features=self.widths[1], base_features=self.widths[0])
+        widths = widths or self.widths
+        small_topology = unet_topology(small, spacing, max_features=widths[1], base_features=widths[0])
         small_batch = self.fit_batch(small, small_topology, spacing, memory_of)
         switch = int(round(self.epochs * (1 - ZOOM_OUT_SHARE)))
         stages = (Stage("zoom_in", 0, small, small_batch, 1e-3), Stage("zoom_out", switch, patch, batch, 1e-4))
@@ -263,12 +305,182 @@ class DefaultPlanner(Planner):
             "annealing and warm restarts every 50 epochs"
         )
 
-    def topology_reason(self, topology: Topology, spacing: tuple[float, ...]) -> str:
+    def topology_reason(self, topology: Topology, spacing: tuple[float, ...],
+                        widths: tuple[int, int] | None = None) -> str:
+        widths = widths or self.widths
         return (
             f"{len(topology.strides)} stages: an axis is halved while it keeps >= 4 voxels and is not coarser than "
             f"twice the finest spacing; kernels are 1 along an axis more than twice as coarse; widths "
-            f"{list(topology.features)} (doubling from {self.widths[0]}, capped at {self.widths[1]}); target spacing "
+            f"{list(topology.features)} (doubling from {widths[0]}, capped at {widths[1]}); target spacing "
             f"{list(spacing)} mm"
+        )
+
+    # -- compute budget ---------------------------------------------------------------------------
+
+    def budget_spacings(self, spacing: tuple[float, ...], reason: str) -> list[tuple[tuple[float, ...], str]]:
+        """Resolutions a compute budget may train at, coarsest first: the planned one, and 2 mm when finer."""
+        coarse = tuple(max(float(s), BUDGET_COARSE_SPACING_MM) for s in spacing)
+        if coarse == tuple(spacing):
+            return [(spacing, reason)]
+        return [(coarse, f"{reason}; lowered to {BUDGET_COARSE_SPACING_MM:g} mm to fit the compute budget"),
+                (spacing, reason)]
+
+    def budget_widths(self) -> list[tuple[int, int]]:
+        """Widths a compute budget may choose, narrowest first, ending with the planner's own."""
+        return [w for w in BUDGET_WIDTHS if w[0] < self.widths[0]] + [self.widths]
+
+    def growing_patches(self, largest: tuple[int, ...], spacing, widths) -> list[tuple[int, ...]]:
+        """Patches from BUDGET_MIN_PATCH_EDGE voxels up to (not including) ``largest``, smallest first: each grows
+        the axis that is furthest from its final size by one multiple of the total stride (about 1.2–1.5 times
+        the voxels per step), so the ladder of candidates has small steps in cost."""
+        step = unet_topology(largest, spacing, max_features=widths[1], base_features=widths[0]).total_stride
+        patch = [min(edge, max(s, int(np.ceil(BUDGET_MIN_PATCH_EDGE / s)) * s)) for edge, s in zip(largest, step)]
+        found = []
+        while tuple(patch) != tuple(largest):
+            found.append(tuple(patch))
+            ratios = [p / edge if p < edge else np.inf for p, edge in zip(patch, largest)]
+            axis = int(np.argmin(ratios))
+            patch[axis] = min(largest[axis], patch[axis] + step[axis])
+        return found
+
+    def resunet_ladder(self, spacing, spacing_reason, normalization) -> list[Configuration]:
+        """Candidate 3d_resunet configurations for a compute budget, cheapest first, each at least as rich as the
+        previous in resolution, width, patch and batch; the last is the plan without a budget.
+
+        Order: at the coarsest resolution the narrowest network with growing patches, then wider networks on
+        the full patch; then finer resolutions with the widest network and growing patches."""
+        options = self.budget_spacings(spacing, spacing_reason)
+        candidates = []
+        for index, (option, reason) in enumerate(options):
+            for widths in (self.budget_widths() if index == 0 else [self.widths]):
+                largest = self.plan_resunet(option, reason, normalization, widths, batch=BUDGET_BATCH)
+                for patch in self.growing_patches(largest.patch_size, option, widths):
+                    candidates.append(self.plan_resunet(option, reason, normalization, widths, patch, BUDGET_BATCH))
+                candidates.append(largest)
+        richest = self.plan_resunet(spacing, spacing_reason, normalization)
+        ladder = []
+        for candidate in candidates:
+            candidate = self._fixed_stage_batches(candidate)
+            if _at_least_as_rich(richest, candidate) and (not ladder or _at_least_as_rich(candidate, ladder[-1])):
+                ladder.append(candidate)
+        return [*ladder, richest]
+
+    @staticmethod
+    def _fixed_stage_batches(configuration: Configuration) -> Configuration:
+        """Every stage of a budgeted candidate trains with the configuration's batch."""
+        stages = tuple(dataclasses.replace(s, batch_size=configuration.batch_size)
+                       for s in configuration.schedule.stages)
+        return dataclasses.replace(configuration, schedule=dataclasses.replace(configuration.schedule, stages=stages))
+
+    def estimate(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
+        """Estimated wall time of one fold of ``configuration`` laid out as ``layout`` on the budget's machine."""
+        in_channels = len(self.fingerprint["channels"])
+        num_classes = len(self.fingerprint["labels"]) - 1
+        network = NetworkShape(in_channels, num_classes, configuration.network.features,
+                               configuration.network.strides, configuration.network.kernel_sizes)
+        schedule = self.laid_out_schedule(configuration, layout)
+        shares = stage_shares([s.start_epoch for s in schedule.stages], layout.epochs)
+        stages = [(s.patch_size, s.batch_size, share) for s, share in zip(schedule.stages, shares)]
+        cases = max(1, round(self.fingerprint["aggregate"]["num_cases"] / 5))
+        shape = tuple(max(m, p) for m, p in zip(configuration.median_shape, configuration.patch_size))
+        windows = len(sliding_window_positions(shape, configuration.patch_size, 0.5)) * cases
+        megavoxels = float(np.prod(self.fingerprint["aggregate"]["median_shape"])) * cases / 1e6
+        return estimate_training(self.compute.probe, network, stages, epochs=layout.epochs,
+                                 iterations_per_epoch=layout.iterations_per_epoch,
+                                 val_iterations=layout.val_iterations, validation_windows=windows,
+                                 mirror_count=2 ** len(configuration.mirror_axes), validation_megavoxels=megavoxels,
+                                 device_type=self.compute.device)
+
+    def laid_out_schedule(self, configuration: Configuration, layout: ScheduleLayout) -> Schedule:
+        """The configuration's schedule over ``layout``: zoom-out from 7/8 of the epochs, one cosine cycle per
+        stage for short runs (``layout.cycles`` in stage 1 for long ones), the layout's validation batches."""
+        schedule = configuration.schedule
+        stages, period = schedule.stages, None
+        if len(stages) == 2:
+            switch = min(layout.epochs - 1, max(1, round(layout.epochs * (1 - ZOOM_OUT_SHARE))))
+            stages = (stages[0], dataclasses.replace(stages[1], start_epoch=switch))
+            period = max(1, switch // layout.cycles) if layout.cycles > 1 else None
+        return dataclasses.replace(schedule, epochs=layout.epochs, iterations_per_epoch=layout.iterations_per_epoch,
+                                   stages=stages, restart_period_epochs=period,
+                                   val_iterations_per_epoch=layout.val_iterations)
+
+    def plan_resunet_for_budget(self, spacing, spacing_reason, normalization) -> Configuration:
+        """The richest 3d_resunet candidate that trains enough iterations within the compute budget."""
+        ladder = self.resunet_ladder(spacing, spacing_reason, normalization)
+        choice = choose_rung(len(ladder), lambda rung, layout: self.estimate(ladder[rung], layout),
+                             self.compute.minutes, self.epochs * self.iterations_per_epoch)
+        chosen = ladder[choice.index]
+        schedule = self.laid_out_schedule(chosen, choice.layout)
+        reasons = dict(chosen.reasons)
+        reasons["compute_budget"] = self.budget_reason(ladder, choice)
+        reasons["schedule"] = self.budget_schedule_reason(schedule, choice)
+        configuration = dataclasses.replace(chosen, schedule=schedule, reasons=reasons)
+        self._budget_choices = {**getattr(self, "_budget_choices", {}), configuration.name: choice}
+        return configuration
+
+    def budget_reason(self, ladder: list[Configuration], choice: RungChoice) -> str:
+        chosen, estimate, minutes = ladder[choice.index], choice.estimate, self.compute.minutes
+        text = (f"{_label(chosen)}: {estimate.iterations} iterations at {estimate.seconds_per_iteration:.2f} s "
+                f"(network {estimate.step_seconds:.2f} s + loader {estimate.loader_seconds:.2f} s) plus validation: "
+                f"estimated {describe_minutes(estimate.total_seconds)} of the {minutes:g}-minute budget; candidate "
+                f"{choice.index + 1} of {len(ladder)}, the richest that trains the {choice.target} iterations this "
+                "budget asks for first")
+        if choice.next_index is not None:
+            richer = ladder[choice.next_index]
+            text += (f". {_difference(richer, chosen)} would allow only {choice.next_iterations} iterations in "
+                     f"{minutes:g} minutes")
+        return text
+
+    @staticmethod
+    def budget_schedule_reason(schedule: Schedule, choice: RungChoice) -> str:
+        layout = choice.layout
+        stages = ", ".join(f"{s.name} from epoch {s.start_epoch} (patch {list(s.patch_size)}, lr {s.learning_rate:g})"
+                           for s in schedule.stages)
+        cycles = ("one cosine learning-rate cycle per stage" if schedule.restart_period_epochs is None else
+                  f"cosine warm restarts every {schedule.restart_period_epochs} epochs")
+        return (f"laid out over the budget: {layout.epochs} epochs x {layout.iterations_per_epoch} iterations "
+                f"(about {choice.estimate.seconds_per_iteration * layout.iterations_per_epoch:.0f} s each), "
+                f"{layout.val_iterations} validation batches per epoch; {stages}; {cycles}; optimizer "
+                f"{schedule.optimizer}")
+
+    def compute_budget_record(self, configurations: list[Configuration]) -> ComputeBudget | None:
+        """The plans' ``compute_budget`` object, describing the default (first) configuration."""
+        if self.compute is None:
+            return None
+        choices = getattr(self, "_budget_choices", {})
+        estimates = {}
+        for name, choice in choices.items():
+            e = choice.estimate
+            estimates[name] = {
+                "estimated_minutes": round(e.total_minutes, 2), "seconds_per_iteration": round(e.seconds_per_iteration, 4),
+                "iterations": e.iterations, "epochs": e.epochs,
+                "val_iterations_per_epoch": choice.layout.val_iterations,
+                "minutes": {"training": round(e.training_seconds / 60, 2),
+                            "epoch_validation": round(e.epoch_validation_seconds / 60, 2),
+                            "overhead": round(e.overhead_seconds / 60, 2),
+                            "final_validation": round(e.final_validation_seconds / 60, 2)},
+                "network_seconds_per_iteration": round(e.step_seconds, 4),
+                "loader_seconds_per_iteration": round(e.loader_seconds, 4),
+            }
+        default = configurations[0].name
+        first = estimates.get(default)
+        if first is None:
+            raise ValueError(f"{type(self).__name__}: the compute budget covers {sorted(estimates)}, not {default}")
+        reasons = {name: c.reasons["compute_budget"] for name, c in
+                   ((c.name, c) for c in configurations) if "compute_budget" in c.reasons}
+        probe = self.compute.probe
+        notes = choices[default].estimate.notes
+        processes, reasons["data_processes"] = notes["data_processes"], notes["data_processes_reason"]
+        reasons["probe"] = (f"{'cached' if self.compute.probe_cached else 'new'} probe of {probe.machine['model']}, "
+                            f"{probe.machine['threads'] or 'GPU'} threads, torch {probe.machine['torch']}, "
+                            f"{probe.machine['precision']}: {len(probe.points)} networks timed on "
+                            f"{probe.created}; training memory format {probe.memory_format}")
+        return ComputeBudget(
+            device=self.compute.device, minutes=self.compute.minutes, precision=self.compute.precision,
+            estimated_minutes=first["estimated_minutes"], seconds_per_iteration=first["seconds_per_iteration"],
+            iterations=first["iterations"], configuration=default, memory_format=probe.memory_format,
+            data_processes=processes,
+            estimates=estimates, probe=probe.summary(), reasons=reasons,
         )
 
     def plan_aniso(self, spacing, spacing_reason, normalization) -> Configuration:
@@ -369,3 +581,39 @@ class DefaultPlanner(Planner):
     def slab_identifier(spacing: tuple[float, ...]) -> str:
         """2d_pspnet and 3d_aniso share preprocessed data: same spacing, same normalization."""
         return "slabs_" + "x".join(f"{v:.2f}" for v in spacing) + "mm"
+
+
+def _at_least_as_rich(candidate: Configuration, previous: Configuration) -> bool:
+    """Finer or equal spacing, wider or equal network, larger or equal patch and batch on every axis."""
+    return (all(a <= b for a, b in zip(candidate.target_spacing, previous.target_spacing))
+            and candidate.network.features[0] >= previous.network.features[0]
+            and max(candidate.network.features) >= max(previous.network.features)
+            and all(a >= b for a, b in zip(candidate.patch_size, previous.patch_size))
+            and candidate.batch_size >= previous.batch_size
+            and candidate != previous)
+
+
+def _label(configuration: Configuration) -> str:
+    """E.g. ``2 mm, features 8–128 (5 stages), patch 64x64x64, batch 2``."""
+    spacing = configuration.target_spacing
+    resolution = f"{spacing[0]:g} mm" if len(set(spacing)) == 1 else "x".join(f"{s:g}" for s in spacing) + " mm"
+    features = configuration.network.features
+    return (f"{resolution}, features {features[0]}–{max(features)} ({len(features)} stages), patch "
+            f"{'x'.join(map(str, configuration.patch_size))}, batch {configuration.batch_size}")
+
+
+def _difference(richer: Configuration, chosen: Configuration) -> str:
+    """What the next richer candidate changes, e.g. ``1 mm instead of 2 mm``."""
+    parts = []
+    if richer.target_spacing != chosen.target_spacing:
+        parts.append(f"{_label(richer).split(',')[0]} instead of {_label(chosen).split(',')[0]}")
+    if richer.network.features[0] != chosen.network.features[0]:
+        parts.append(f"features {richer.network.features[0]}–{max(richer.network.features)} instead of "
+                     f"{chosen.network.features[0]}–{max(chosen.network.features)}")
+    if richer.patch_size != chosen.patch_size:
+        parts.append(f"patch {'x'.join(map(str, richer.patch_size))} instead of "
+                     f"{'x'.join(map(str, chosen.patch_size))}")
+    if richer.batch_size != chosen.batch_size:
+        parts.append(f"batch {richer.batch_size} instead of {chosen.batch_size}")
+    text = " and ".join(parts) or "the next candidate"
+    return text[0].upper() + text[1:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,15 @@ from autoseg.demo import make_atlas_like, make_ctp_like
 def one_torch_thread() -> Iterator[None]:
     """Torch on one thread for a module: tiny tensors gain nothing from threads, and on a busy 2-core machine
     OpenMP threads waiting for each other make a millisecond step take a second."""
-    threads = torch.get_num_threads()
+    threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the commands' configure_threads() honours it
     yield
     torch.set_num_threads(threads)
+    if variable is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = variable
 
 
 @pytest.fixture(autouse=True)

@@ -31,11 +31,12 @@ from autoseg.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from autoseg.compute import TimePromise
 from autoseg.dataloading import BatchStream, derived_seed, make_loader
 from autoseg.dataset import RawDataset
 from autoseg.inference import Predictor
 from autoseg.losses import build_loss
-from autoseg.machine import choose_device, choose_precision
+from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
 from autoseg.plans import Loss, Plans, Stage
 from autoseg.registry import Registry
 from autoseg.training import (
@@ -52,6 +53,8 @@ from autoseg.training_log import TrainingLog, empty_history, format_epoch, plot_
 
 _REGISTRY = Registry("trainers", "trainer")
 CHECKPOINT_FORMAT = 1
+#: Augmentation processes when neither ``-np`` nor the plans' compute budget says.
+DEFAULT_DATA_PROCESSES = 2
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,10 @@ class Trainer:
         self.model: nn.Module | None = None  # the network, or its torch.compile wrapper
         self.optimizer: torch.optim.Optimizer | None = None
         self.loss_settings: Loss = self.configuration.loss
+        self.memory_format = torch.contiguous_format
+        self.promise: TimePromise | None = None
+        self.num_processes, self.num_processes_reason = DEFAULT_DATA_PROCESSES, "default"
+        self.timing = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0}  # this epoch's, reset by fit()
 
     # ------------------------------------------------------------------ hooks
     def build_network(self) -> nn.Module:
@@ -184,6 +191,9 @@ class Trainer:
         """Device, precision, cases, network, loss, optimizer, output folder; resume when asked."""
         self.device, device_reason = choose_device(self.options.device)
         self.precision = choose_precision(self.device, self.options.precision)
+        self.num_processes, self.num_processes_reason = self.choose_num_processes()
+        if self.device.type == "cpu" and self.num_processes and self.options.num_processes is None:
+            configure_threads(max(1, available_cores() - self.num_processes))  # the loader has the other cores
         resumed = None
         if self.options.continue_training:
             resumed = self.read_checkpoint(self._checkpoint_to_continue())
@@ -191,7 +201,8 @@ class Trainer:
             self._refuse_overwrite()
         self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold)
         torch.manual_seed(self.seed)
-        self.network = self.build_network().to(self.device)
+        self.memory_format, format_reason = self.choose_memory_format()
+        self.network = self.build_network().to(self.device, memory_format=self.memory_format)
         self.model = torch.compile(self.network) if self.options.compile else self.network
         self.loss_settings = self.loss_spec()
         self.loss = self.build_loss()
@@ -202,9 +213,52 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick the fastest kernels
         self._prepare_output_folder(resumed is not None)
         self._log_header(device_reason)
+        self.log(f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
+                 f" ({format_reason})")
+        self.promise = self.time_promise()
+        if self.promise is not None:
+            p = self.promise
+            self.log(f"time estimate (plans' compute budget): {p.training_seconds / 60:.1f} min of training "
+                     f"({p.epoch_seconds:.1f} s per epoch: {p.network_seconds + p.loader_seconds:.2f} s per iteration) + "
+                     f"{p.final_validation_seconds / 60:.1f} min of final validation = {p.total_seconds / 60:.1f} min "
+                     f"of a {self.plans.compute_budget.minutes:g}-minute budget")
         if resumed is not None:
             self.restore(resumed)
         return self
+
+    def choose_memory_format(self) -> tuple[torch.memory_format, str]:
+        """``channels_last_3d`` when the plans' compute-budget probe found it faster for training on this kind of
+        device and precision (3-D networks only), else contiguous."""
+        budget = self.plans.compute_budget
+        if self.configuration.dimension != 3:
+            return torch.contiguous_format, "2-D network"
+        if budget is None:
+            return torch.contiguous_format, "no compute-budget probe in the plans"
+        if budget.device != self.device.type or budget.precision != self.precision.name:
+            return torch.contiguous_format, (f"the plans were probed on {budget.device} in {budget.precision}, this "
+                                             f"run is on {self.device.type} in {self.precision.name}")
+        chosen = torch.channels_last_3d if budget.memory_format == "channels_last_3d" else torch.contiguous_format
+        return chosen, f"faster in the compute-budget probe ({budget.probe.get('created', 'date unknown')})"
+
+    def choose_num_processes(self) -> tuple[int, str]:
+        """Background augmentation processes: ``-np`` when given, else the plans' compute-budget choice for this
+        device, else 2."""
+        if self.options.num_processes is not None:
+            return self.options.num_processes, "requested"
+        budget = self.plans.compute_budget
+        if budget is not None and budget.device == self.device.type:
+            return budget.data_processes, "the plans' compute budget: " + budget.reasons.get("data_processes", "")
+        return DEFAULT_DATA_PROCESSES, "default"
+
+    def time_promise(self) -> TimePromise | None:
+        """The plans' time estimate for this run (rescaled to its epochs and iterations), when the plans were
+        fitted to a compute budget on this kind of device and precision."""
+        budget = self.plans.compute_budget
+        estimate = budget.estimates.get(self.configuration.name) if budget is not None else None
+        if estimate is None or budget.device != self.device.type or budget.precision != self.precision.name:
+            return None
+        return TimePromise.from_estimate(estimate, self.budget.epochs, self.budget.iterations_per_epoch,
+                                         self.budget.val_iterations)
 
     def _checkpoint_to_continue(self) -> Path:
         for name in ("checkpoint_latest.pth", "checkpoint_final.pth"):
@@ -245,7 +299,8 @@ class Trainer:
             f"dataset {self.plans.dataset}" + (" (continued)" if self.options.continue_training else ""),
             f"device: {self.device} ({device_reason}){threads}",
             f"precision: {self.precision.name} ({self.precision.reason})",
-            f"seed: {self.seed}; data processes: {self.options.num_processes}; deterministic algorithms: "
+            f"seed: {self.seed}; data processes: {self.num_processes} ({self.num_processes_reason}); "
+            "deterministic algorithms: "
             f"{'on' if self.options.deterministic else 'off'}; torch.compile: {'on' if self.options.compile else 'off'}",
             f"budget: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
             f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch",
@@ -262,21 +317,41 @@ class Trainer:
         if self.network is None:
             raise RuntimeError("call setup() before fit()")
         first = self.epoch
+        totals = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0, "seconds": 0.0}
         with deterministic_algorithms(self.options.deterministic):
             for epoch in range(self.epoch, self.budget.epochs):
                 if self.should_stop():
                     break
                 self.enter_stage(epoch)
                 start = time.perf_counter()
+                self.timing = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0}
                 train_loss, learning_rate = self.train_epoch(epoch)
                 val_loss, pseudo_dice = self.validate_epoch(epoch)
                 self.end_epoch(epoch, train_loss=train_loss, val_loss=val_loss, pseudo_dice=pseudo_dice,
                                learning_rate=learning_rate, epoch_time=time.perf_counter() - start)
+                for key in ("loader_wait", "steps", "iterations"):
+                    totals[key] += self.timing[key]
+                totals["seconds"] += time.perf_counter() - start
+                self._log_epoch_time(time.perf_counter() - start)
+        if self.promise is not None and totals["iterations"]:
+            epochs = self.epoch - first
+            _, line = self.promise.check(f"training time of {epochs} epochs", totals["seconds"],
+                                         epochs * self.promise.epoch_seconds, loader_wait=totals["loader_wait"],
+                                         step_seconds=totals["steps"], steps=totals["iterations"])
+            self.log(line)
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
             self.save("checkpoint_final.pth")
             best = (f"best moving-average pseudo-Dice {self.best_ema:.4f}" if math.isfinite(self.best_ema)
                     else "no per-epoch validation")
             self.log(f"training finished after {self.epoch} epochs; {best}")
+
+    def _log_epoch_time(self, seconds: float) -> None:
+        """Measured vs estimated time of the epoch just finished, with the loader's wait and the steps' time."""
+        t = self.timing
+        parts = [f"time: epoch {seconds:.1f} s", f"steps {t['steps']:.1f} s", f"loader wait {t['loader_wait']:.1f} s"]
+        if self.promise is not None:
+            parts.insert(1, f"estimated {self.promise.epoch_seconds:.1f} s")
+        self.log(", ".join(parts))
 
     def enter_stage(self, epoch: int) -> None:
         """Switch to the stage of ``epoch``: a fresh optimizer at that stage's learning rate, same weights."""
@@ -292,7 +367,7 @@ class Trainer:
     def loader(self, epoch: int, train: bool) -> BatchStream:
         """Batches of ``epoch``, seeded by (seed, epoch) alone; validation batches are made in this process."""
         return make_loader(self.data_folder, self.train_cases if train else self.val_cases, self.configuration,
-                           self.stage, self.options.num_processes if train else 0,
+                           self.stage, self.num_processes if train else 0,
                            derived_seed(self.seed, epoch, 0 if train else 1), train,
                            pin_memory=self.device.type == "cuda")
 
@@ -304,12 +379,18 @@ class Trainer:
             for iteration in range(self.budget.iterations_per_epoch):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, iteration)
-                losses.append(self.train_step(next(batches)))
+                waited = time.perf_counter()
+                batch = next(batches)
+                stepped = time.perf_counter()
+                losses.append(self.train_step(batch))
+                self.timing["loader_wait"] += stepped - waited
+                self.timing["steps"] += time.perf_counter() - stepped
+                self.timing["iterations"] += 1
         return float(sum(losses) / len(losses)), first_rate
 
     def train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step on ``batch``; returns the loss."""
-        data = batch["data"].to(self.device, non_blocking=True)
+        data = batch["data"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         target = batch["seg"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype,
@@ -439,8 +520,12 @@ class Trainer:
         self.log(f"validation: predicting {len(self.val_cases)} case(s) with sliding-window inference")
         about = {"trainer": type(self).__name__, "configuration": self.configuration.name, "fold": self.fold,
                  "epochs_trained": self.epoch, "postprocessing": dict(vars(self.configuration.postprocessing))}
+        start = time.perf_counter()
         summary = validate_cases(predictor, self.data_folder, self.val_cases, references,
                                  self.output_folder / "validation", about)
+        if self.promise is not None:
+            self.log(self.promise.check("end-of-fold validation", time.perf_counter() - start,
+                                        self.promise.final_validation_seconds)[1])
         self.log(f"validation: mean Dice {summary['mean']['dice']:.4f}, mean HD95 "
                  f"{summary['mean']['hausdorff95']:.2f} mm over {len(self.val_cases)} case(s): validation/summary.json")
         return summary

@@ -21,6 +21,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--gpu-memory-gb", type=float, help="memory budget that patch and batch sizes are fitted to "
                                                        "(default: the planner's, 8 GB for DefaultPlanner)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-minutes", type=float, metavar="M",
+                        help="fit the plan to M minutes of training per fold (validation included) on --device: "
+                             "resolution, network, patch, batch and iterations are chosen from a timed probe of "
+                             "this machine (cached under AUTOSEG_HOME/compute_probes)")
+    budget.add_argument("--budget-hours", type=float, metavar="H", help="the same budget in hours")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where training will run, for --budget-minutes (default: CUDA when available)")
     p.add_argument("--verify", action="store_true", help="only verify the dataset and report every problem")
     p.add_argument("--preprocess-only", action="store_true",
                    help="keep the existing plans.json (e.g. edited by hand), validate it and preprocess")
@@ -37,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             count = verify(args.dataset, args.num_processes, progress)
             print(f"{args.dataset}: {count} cases verified, no problems found")
             return
+        minutes = args.budget_minutes if args.budget_hours is None else 60 * args.budget_hours
         result = plan_and_preprocess(
             args.dataset, args.planner, args.gpu_memory_gb, args.configurations, args.num_processes,
-            args.preprocess_only, progress,
+            args.preprocess_only, progress, budget_minutes=minutes, device=args.device,
         )
         print(f"fingerprint: {result.fingerprint_path}")
         print(f"plans:       {result.plans_path}")
@@ -48,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}{default}: spacing {list(configuration.target_spacing)} mm, patch "
                   f"{list(configuration.patch_size)}, batch {configuration.batch_size}, "
                   f"{configuration.network.architecture}, trainer {configuration.schedule.trainer}")
+        budget = result.plans.compute_budget
+        if budget is not None:
+            print(f"compute budget: {budget.minutes:g} min per fold on {budget.device} ({budget.precision}); "
+                  f"estimated {budget.estimated_minutes:.1f} min: {budget.iterations} iterations at "
+                  f"{budget.seconds_per_iteration:.2f} s plus validation")
+            for name, reason in budget.reasons.items():
+                print(f"  {name}: {reason}")
         for identifier, cases in result.preprocessed.items():
             print(f"preprocessed {identifier}: {len(cases)} case(s) (re)computed, the rest were up to date")
 

@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on CUDA if supported else fp16; on the CPU bf16 only with AVX512-BF16/AMX")
     p.add_argument("--seed", type=int, default=0, help="seed of initialization and batches (default 0)")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="data augmentation processes (default 2)")
+    p.add_argument("-np", "--num-processes", type=int, help="data augmentation processes (default: the plans' compute "
+                                                             "budget's choice, else 2)")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--compile", action="store_true", help="run the network through torch.compile")
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU)")

@@ -9,7 +9,9 @@
 from autoseg.networks.memory import (
     ADAM_BYTES_PER_PARAMETER,
     CUDA_OVERHEAD_BYTES,
+    count_forward_macs,
     count_parameters,
+    count_stored_activations,
     estimate_training_memory_bytes,
     feature_map_shapes,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "ADAM_BYTES_PER_PARAMETER",
     "CUDA_OVERHEAD_BYTES",
     "PSPNet",
+    "count_forward_macs",
+    "count_stored_activations",
     "PretrainedReport",
     "ResidualBlock",
     "ResidualUNet",

@@ -15,7 +15,9 @@ from autoseg.networks.residual_unet import Shape, validate_architecture
 __all__ = [
     "ADAM_BYTES_PER_PARAMETER",
     "CUDA_OVERHEAD_BYTES",
+    "count_forward_macs",
     "count_parameters",
+    "count_stored_activations",
     "estimate_pspnet_training_memory_bytes",
     "estimate_training_memory_bytes",
     "feature_map_shapes",
@@ -221,6 +223,70 @@ def estimate_training_memory_bytes(
     )
     parameters = count_parameters(**net_kwargs)
     return activations * bytes_per_activation * batch_size + parameters * ADAM_BYTES_PER_PARAMETER + CUDA_OVERHEAD_BYTES
+
+
+def count_forward_macs(
+    *,
+    patch_size: Sequence[int],
+    in_channels: int,
+    num_classes: int,
+    features: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    kernel_sizes: Sequence[Sequence[int]],
+    blocks_per_stage: Sequence[int] | None = None,
+    deep_supervision: bool = True,
+    num_groups: int = 8,
+) -> int:
+    """Multiply-accumulates of one forward pass of one sample through the
+    :class:`~autoseg.networks.ResidualUNet` these arguments build (convolutions only).
+
+    A convolution costs ``in x out x prod(kernel)`` MACs per output voxel, a transposed convolution (kernel =
+    stride) ``in x out x prod(stride)`` per input voxel; normalization, activations and sums are left out (they are
+    memory-bound, and the compute-budget model charges them through :func:`count_stored_activations`). With
+    ``deep_supervision`` every decoder level's head is counted, else only the full-resolution one. A training step
+    (forward + backward) costs about three times this.
+
+    Raises:
+        ValueError: as :func:`~autoseg.networks.validate_architecture`, or a patch the strides do not divide.
+    """
+    blocks = validate_architecture(in_channels=in_channels, num_classes=num_classes, features=features,
+                                   strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
+                                   num_groups=num_groups)
+    voxels = [math.prod(shape) for shape in feature_map_shapes(patch_size=patch_size, strides=strides)]
+    macs = 0
+    widths_in = (in_channels, *features[:-1])
+    for width_in, width, kernel, count, num_blocks in zip(widths_in, features, kernel_sizes, voxels, blocks):
+        taps = math.prod(kernel)
+        macs += (width_in * width * taps + num_blocks * 2 * width * width * taps) * count
+    for level in range(len(features) - 1):
+        width, taps, count = features[level], math.prod(kernel_sizes[level]), voxels[level]
+        macs += features[level + 1] * width * count  # transposed conv: prod(stride) outputs per input voxel
+        macs += (2 * width * width * taps + width * width * taps + 2 * width * width) * count  # block + 1x1 skip
+        if deep_supervision or level == 0:
+            macs += width * num_classes * count
+    return macs
+
+
+def count_stored_activations(
+    *,
+    patch_size: Sequence[int],
+    in_channels: int,
+    num_classes: int,
+    features: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    kernel_sizes: Sequence[Sequence[int]],
+    blocks_per_stage: Sequence[int] | None = None,
+    deep_supervision: bool = True,
+    num_groups: int = 8,
+) -> int:
+    """Elements autograd stores for backward in one training step of one sample (the activation term of
+    :func:`estimate_training_memory_bytes`, before bytes and batch)."""
+    blocks = validate_architecture(in_channels=in_channels, num_classes=num_classes, features=features,
+                                   strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
+                                   num_groups=num_groups)
+    voxels = [math.prod(shape) for shape in feature_map_shapes(patch_size=patch_size, strides=strides)]
+    return _activation_elements_per_sample(voxels=voxels, in_channels=in_channels, num_classes=num_classes,
+                                           features=features, blocks=blocks, deep_supervision=deep_supervision)
 
 
 #: ResNet layouts: block type and blocks per layer (torchvision's resnet18/34/50).
