@@ -8,17 +8,18 @@ well under a minute on two CPU cores and is cached under ``AUTOSEG_HOME/compute_
 (:func:`autoseg.machine.machine_description`: device model, threads, torch version, precision), so planning
 again on the same machine reuses it and another CPU, thread count or torch version probes anew.
 
-The cost model (:class:`CostModel`) charges a step ``a * GMAC + b * Mact + c``: multiply-accumulates of the
-convolutions (:func:`autoseg.networks.count_forward_macs`, from the layer sizes) and elements stored for backward
-(:func:`autoseg.networks.count_stored_activations`: the memory-bound normalization and activation work), fitted
-by non-negative least squares to the probed points, so networks between them are interpolated and larger ones
-extrapolated along the same per-MAC cost. :class:`TrainingEstimate` adds what a run does besides its steps: the
+The cost model (:class:`CostModel`) charges a step ``a * GMAC + b * Mact + c * Mvox + d``: multiply-accumulates
+of the convolutions (:func:`autoseg.networks.count_forward_macs`, from the layer sizes), elements stored for
+backward (:func:`autoseg.networks.count_stored_activations`: the memory-bound normalization and activation work)
+and input voxels (loss, heads, copies), fitted by non-negative least squares to the probed points, so networks
+between them are interpolated and larger ones extrapolated along the same per-MAC cost. :class:`TrainingEstimate` adds what a run does besides its steps: the
 loader's augmentation (which shares the cores on a CPU), the per-epoch validation batches, per-epoch overhead
 (loader start, checkpoint, plot), and the end-of-fold sliding-window validation with mirroring.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,13 +51,14 @@ __all__ = [
     "estimate_training",
     "choose_data_processes",
     "load_or_run_probe",
+    "pspnet_cost",
     "iteration_seconds",
     "probe_cache_folder",
     "run_probe",
 ]
 
 #: Bump when the probe measures something else, so old caches are not reused.
-PROBE_VERSION = 1
+PROBE_VERSION = 3
 #: Probed networks as (first-stage features, isotropic patch edge in voxels), batch 2, features doubling to 16x.
 #: On a CPU they span 0.05–3 s per step; on a GPU larger ones keep the timings above launch overhead.
 CPU_PROBE_NETWORKS = ((8, 32), (8, 64), (16, 48), (16, 64), (32, 32))
@@ -139,22 +141,29 @@ class ProbePoint:
 
 @dataclass(frozen=True)
 class CostModel:
-    """``seconds = per_gmac * GMAC + per_mega_activation * Mact + constant``, non-negative, fitted to probes."""
+    """``seconds = per_gmac * GMAC + per_mega_activation * Mact + per_megavoxel * Mvox + constant``: the
+    convolutions' multiply-accumulates, the memory-bound work on stored activations (normalization,
+    activation functions), the per-voxel work on the input and outputs (loss, deep-supervision heads, copies),
+    and a fixed cost; non-negative, fitted to the probed points. Arguments are for the whole batch."""
 
     per_gmac: float
     per_mega_activation: float
+    per_megavoxel: float
     constant: float
 
-    def seconds(self, gmacs: float, mega_activations: float) -> float:
-        return self.per_gmac * gmacs + self.per_mega_activation * mega_activations + self.constant
+    def seconds(self, gmacs: float, mega_activations: float, megavoxels: float) -> float:
+        return (self.per_gmac * gmacs + self.per_mega_activation * mega_activations
+                + self.per_megavoxel * megavoxels + self.constant)
 
     @classmethod
-    def fit(cls, gmacs: Sequence[float], mega_activations: Sequence[float], seconds: Sequence[float]) -> CostModel:
+    def fit(cls, gmacs: Sequence[float], mega_activations: Sequence[float], megavoxels: Sequence[float],
+            seconds: Sequence[float]) -> CostModel:
         """Least squares on relative errors (each point weighs the same whatever its size), coefficients >= 0."""
         from scipy.optimize import nnls
 
         y = np.asarray(seconds, float)
-        design = np.stack([np.asarray(gmacs, float), np.asarray(mega_activations, float), np.ones_like(y)], 1)
+        design = np.stack([np.asarray(gmacs, float), np.asarray(mega_activations, float),
+                           np.asarray(megavoxels, float), np.ones_like(y)], 1)
         coefficients, _ = nnls(design / y[:, None], np.ones_like(y))
         return cls(*(float(c) for c in coefficients))
 
@@ -190,14 +199,16 @@ class ComputeProbe:
     def step_seconds(self, network: NetworkShape, patch: Sequence[int], batch: int) -> float:
         """Estimated seconds of one training step (network only)."""
         gmacs = batch * network.macs(patch) / 1e9
-        return self.training.seconds(gmacs, batch * network.activations(patch) / 1e6)
+        return self.training.seconds(gmacs, batch * network.activations(patch) / 1e6,
+                                     batch * math.prod(patch) / 1e6)
 
     def forward_seconds(self, network: NetworkShape, patch: Sequence[int], batch: int) -> float:
         """Estimated seconds of one forward pass of ``batch`` windows without gradients (inference)."""
         gmacs = batch * network.macs(patch, deep_supervision=False) / 1e9
         # Without autograd nothing is stored, but the same tensors are written once: the activation count is
         # the memory traffic the inference model was fitted on.
-        return self.inference.seconds(gmacs, batch * network.activations(patch) / 1e6)
+        return self.inference.seconds(gmacs, batch * network.activations(patch) / 1e6,
+                                      batch * math.prod(patch) / 1e6)
 
     def augmentation_seconds(self, patch: Sequence[int]) -> float:
         """One core's seconds to sample and augment one training patch."""
@@ -255,8 +266,17 @@ def _synchronize(device: torch.device) -> None:
 
 def _time_steps(network: torch.nn.Module, data: torch.Tensor, precision: Precision, device: torch.device,
                 train: bool) -> float:
-    """Fastest of PROBE_REPEATS training steps (or forward passes) after one warm-up, in seconds."""
+    """Fastest of PROBE_REPEATS training steps (or forward passes) after one warm-up, in seconds.
+
+    A training step is what the trainer does: forward under autocast, the deep-supervised Dice + BCE + focal
+    loss against a lesion mask, backward, gradient clipping and an Adam step."""
+    from autoseg.losses import build_loss
+    from autoseg.plans import Loss
+
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4) if train else None
+    levels = len(network.features) - 1
+    criterion = build_loss(Loss("dice_bce_focal", 1.0, 1.0, 1.0, 2.0, 0.75), levels) if train else None
+    target = (data[:, :1] > 1).to(torch.int16) if train else None
     times = []
     for repeat in range(PROBE_REPEATS + 1):
         _synchronize(device)
@@ -265,10 +285,11 @@ def _time_steps(network: torch.nn.Module, data: torch.Tensor, precision: Precisi
                             enabled=precision.autocast_dtype is not None), torch.set_grad_enabled(train):
             outputs = network(data)
             if train:
-                loss = sum(o.float().square().mean() for o in outputs)
+                loss = criterion(outputs, target)
         if train:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
             optimizer.step()
         _synchronize(device)
         if repeat:
@@ -357,6 +378,7 @@ def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str]
     torch.random.set_rng_state(rng_state)
     gmacs = [p.gmacs for p in points]
     activations = [p.mega_activations for p in points]
+    voxels = [p.batch * math.prod(p.patch) / 1e6 for p in points]
     inference_gmacs = [p.gmacs * _inference_share(p) for p in points]
     probe = ComputeProbe(
         machine=machine_description(device, precision.name),
@@ -366,8 +388,8 @@ def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str]
         memory_format_seconds={k: round(v, 4) for k, v in format_seconds.items()},
         augmentation_seconds_per_megavoxel=augmentation,
         points=tuple(points),
-        training=CostModel.fit(gmacs, activations, [p.train_seconds for p in points]),
-        inference=CostModel.fit(inference_gmacs, activations, [p.inference_seconds for p in points]),
+        training=CostModel.fit(gmacs, activations, voxels, [p.train_seconds for p in points]),
+        inference=CostModel.fit(inference_gmacs, activations, voxels, [p.inference_seconds for p in points]),
     )
     log(f"compute probe: {probe.probe_seconds:.0f} s; training memory format {chosen} "
         f"({', '.join(f'{k} {v:.3f} s' for k, v in format_seconds.items())} per step)")
@@ -462,6 +484,25 @@ class TrainingEstimate:
     def total_minutes(self) -> float:
         return self.total_seconds / 60
 
+    @classmethod
+    def for_steps(cls, step: float, augmentation: float, validation_batch: float, epochs: int,
+                  iterations_per_epoch: int, val_iterations: int, device_type: str, final_validation_seconds: float,
+                  notes: dict[str, Any] | None = None) -> TrainingEstimate:
+        """The estimate of a run from its per-iteration parts (seconds): the network's step, one core's time to
+        make a batch, one validation batch; the augmentation processes are chosen here
+        (:func:`choose_data_processes`, recorded in ``notes``)."""
+        processes, processes_reason = choose_data_processes(step, augmentation, device_type)
+        per_iteration = iteration_seconds(step, augmentation, device_type, processes)
+        iterations = epochs * iterations_per_epoch
+        return cls(
+            iterations=iterations, epochs=epochs, seconds_per_iteration=per_iteration, step_seconds=step,
+            loader_seconds=per_iteration - step, training_seconds=iterations * per_iteration,
+            epoch_validation_seconds=epochs * val_iterations * validation_batch,
+            overhead_seconds=epochs * EPOCH_OVERHEAD_SECONDS.get(device_type, 2.0),
+            final_validation_seconds=final_validation_seconds,
+            notes={**(notes or {}), "data_processes": processes, "data_processes_reason": processes_reason},
+        )
+
 
 def estimate_training(
     probe: ComputeProbe,
@@ -490,27 +531,50 @@ def estimate_training(
             (:func:`choose_data_processes`, recorded in ``notes``).
     """
     step = augmentation = validation_batch = 0.0
+    per_stage = []
     for patch, batch, share in stages:
-        step += share * probe.step_seconds(network, patch, batch)
-        augmentation += share * batch * probe.augmentation_seconds(patch)
+        stage_step, stage_augmentation = probe.step_seconds(network, patch, batch), \
+            batch * probe.augmentation_seconds(patch)
+        per_stage.append((stage_step, stage_augmentation))
+        step += share * stage_step
+        augmentation += share * stage_augmentation
         validation_batch += share * probe.forward_seconds(network, patch, batch)
-    processes, processes_reason = choose_data_processes(step, augmentation, device_type)
-    per_iteration = iteration_seconds(step, augmentation, device_type, processes)
-    loader = per_iteration - step
-    last_patch, last_batch, _ = stages[-1]
-    window_seconds = probe.forward_seconds(network, last_patch, 2) / 2
+    window_seconds = probe.forward_seconds(network, stages[-1][0], 2) / 2
     final = validation_windows * mirror_count * window_seconds + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * \
         validation_megavoxels
-    iterations = epochs * iterations_per_epoch
-    return TrainingEstimate(
-        iterations=iterations, epochs=epochs, seconds_per_iteration=per_iteration, step_seconds=step,
-        loader_seconds=loader, training_seconds=iterations * per_iteration,
-        epoch_validation_seconds=epochs * val_iterations * validation_batch,
-        overhead_seconds=epochs * EPOCH_OVERHEAD_SECONDS.get(device_type, 2.0),
-        final_validation_seconds=final,
-        notes={"window_seconds": window_seconds, "validation_windows": validation_windows,
-               "mirror_count": mirror_count, "data_processes": processes, "data_processes_reason": processes_reason},
+    estimate = TrainingEstimate.for_steps(step, augmentation, validation_batch, epochs, iterations_per_epoch,
+                                          val_iterations, device_type, final,
+                                          {"window_seconds": window_seconds, "validation_windows": validation_windows,
+                                           "mirror_count": mirror_count})
+    processes = estimate.notes["data_processes"]
+    stage_seconds = [round(iteration_seconds(s, a, device_type, processes), 4) for s, a in per_stage]
+    return dataclasses.replace(estimate, notes={**estimate.notes, "stage_seconds_per_iteration": stage_seconds})
+
+
+def pspnet_cost(backbone: str, patch: Sequence[int], batch: int, in_channels: int) -> tuple[float, float]:
+    """Forward giga-MACs and million stored activations of a training batch of the 2-D PSPNet, counted on the
+    meta device (no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from autoseg.networks import PSPNet
+    from autoseg.networks.memory import (
+        _RESNET_PARAMETERS,
+        ADAM_BYTES_PER_PARAMETER,
+        CUDA_OVERHEAD_BYTES,
+        estimate_pspnet_training_memory_bytes,
     )
+
+    with torch.device("meta"):
+        network = PSPNet(in_channels=in_channels, num_classes=1, backbone=backbone, aux_head=True)
+        data = torch.zeros(batch, in_channels, *patch)
+        with FlopCounterMode(display=False) as counter:
+            network(data)
+    gmacs = counter.get_total_flops() / 2e9
+    memory = estimate_pspnet_training_memory_bytes(patch_size=patch, batch_size=batch, in_channels=in_channels,
+                                                   num_classes=1, backbone=backbone, bytes_per_activation=1)
+    parameters = sum(p.numel() for p in network.parameters())
+    activations = memory - CUDA_OVERHEAD_BYTES - ADAM_BYTES_PER_PARAMETER * max(parameters, _RESNET_PARAMETERS[backbone])
+    return gmacs, max(activations, 0) / 1e6
 
 
 #: A run more than this much slower than its estimate gets a warning that names the likely cause.
@@ -539,10 +603,20 @@ class TimePromise:
     epochs: int
     iterations_per_epoch: int
     val_iterations: int
+    stage_seconds_per_iteration: tuple[float, ...] = ()
 
     @property
     def epoch_seconds(self) -> float:
+        """Mean estimated seconds of an epoch (all stages)."""
         return (self.iterations_per_epoch * (self.network_seconds + self.loader_seconds)
+                + self.val_iterations * self.validation_batch_seconds + self.overhead_seconds)
+
+    def stage_epoch_seconds(self, stage: int) -> float:
+        """Estimated seconds of an epoch of ``stage`` (stages differ in patch size); the mean without per-stage
+        figures."""
+        if stage >= len(self.stage_seconds_per_iteration):
+            return self.epoch_seconds
+        return (self.iterations_per_epoch * self.stage_seconds_per_iteration[stage]
                 + self.val_iterations * self.validation_batch_seconds + self.overhead_seconds)
 
     @property
@@ -567,6 +641,7 @@ class TimePromise:
             overhead_seconds=60 * float(minutes["overhead"]) / planned_epochs,
             final_validation_seconds=60 * float(minutes["final_validation"]),
             epochs=epochs, iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
+            stage_seconds_per_iteration=tuple(estimate.get("stage_seconds_per_iteration", ())),
         )
 
     def check(self, what: str, measured: float, estimated: float, *, loader_wait: float = 0.0,

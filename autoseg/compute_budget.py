@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Iterations a run should have before resolution, width or patch grow: this many at REFERENCE_MINUTES...
-REFERENCE_ITERATIONS = 1000
+REFERENCE_ITERATIONS = 2000
 REFERENCE_MINUTES = 15.0
 #: ...and growing with this power of the budget (square root: twice the iterations for four times the time).
 ITERATION_EXPONENT = 0.5

@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.compute import NetworkShape, TrainingEstimate, estimate_training
+from autoseg.compute import (
+    CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL,
+    NetworkShape,
+    TrainingEstimate,
+    estimate_training,
+)
 from autoseg.compute_budget import (
     RungChoice,
     ScheduleLayout,
@@ -90,11 +95,14 @@ class DefaultPlanner(Planner):
         spacing, spacing_reason = self.target_spacing(aggregate)
         normalization = [channel_normalization(channel) for channel in self.fingerprint["channels"]]
         thin, why = self.is_thin_slab(aggregate)
-        if thin:
+        if thin and self.compute is not None:
+            configurations = [self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
+                              self.plan_for_budget(self.plan_aniso, spacing, spacing_reason, normalization)]
+        elif thin:
             configurations = [self.plan_pspnet(spacing, spacing_reason, normalization),
                               self.plan_aniso(spacing, spacing_reason, normalization)]
         elif self.compute is not None:
-            configurations = [self.plan_resunet_for_budget(spacing, spacing_reason, normalization)]
+            configurations = [self.plan_for_budget(self.plan_resunet, spacing, spacing_reason, normalization)]
         else:
             configurations = [self.plan_resunet(spacing, spacing_reason, normalization)]
         channels = self.fingerprint["channels"]
@@ -343,21 +351,25 @@ class DefaultPlanner(Planner):
             patch[axis] = min(largest[axis], patch[axis] + step[axis])
         return found
 
-    def resunet_ladder(self, spacing, spacing_reason, normalization) -> list[Configuration]:
-        """Candidate 3d_resunet configurations for a compute budget, cheapest first, each at least as rich as the
+    def ladder(self, build, spacing, spacing_reason, normalization) -> list[Configuration]:
+        """Candidate U-Net configurations for a compute budget, cheapest first, each at least as rich as the
         previous in resolution, width, patch and batch; the last is the plan without a budget.
 
         Order: at the coarsest resolution the narrowest network with growing patches, then wider networks on
-        the full patch; then finer resolutions with the widest network and growing patches."""
+        the full patch; then finer resolutions with the widest network and growing patches.
+
+        Args:
+            build: :meth:`plan_resunet` or :meth:`plan_aniso`.
+        """
         options = self.budget_spacings(spacing, spacing_reason)
         candidates = []
         for index, (option, reason) in enumerate(options):
             for widths in (self.budget_widths() if index == 0 else [self.widths]):
-                largest = self.plan_resunet(option, reason, normalization, widths, batch=BUDGET_BATCH)
+                largest = build(option, reason, normalization, widths, batch=BUDGET_BATCH)
                 for patch in self.growing_patches(largest.patch_size, option, widths):
-                    candidates.append(self.plan_resunet(option, reason, normalization, widths, patch, BUDGET_BATCH))
+                    candidates.append(build(option, reason, normalization, widths, patch, BUDGET_BATCH))
                 candidates.append(largest)
-        richest = self.plan_resunet(spacing, spacing_reason, normalization)
+        richest = build(spacing, spacing_reason, normalization)
         ladder = []
         for candidate in candidates:
             candidate = self._fixed_stage_batches(candidate)
@@ -404,9 +416,10 @@ class DefaultPlanner(Planner):
                                    stages=stages, restart_period_epochs=period,
                                    val_iterations_per_epoch=layout.val_iterations)
 
-    def plan_resunet_for_budget(self, spacing, spacing_reason, normalization) -> Configuration:
-        """The richest 3d_resunet candidate that trains enough iterations within the compute budget."""
-        ladder = self.resunet_ladder(spacing, spacing_reason, normalization)
+    def plan_for_budget(self, build, spacing, spacing_reason, normalization) -> Configuration:
+        """The richest U-Net candidate (``build``: :meth:`plan_resunet` or :meth:`plan_aniso`) that trains enough
+        iterations within the compute budget."""
+        ladder = self.ladder(build, spacing, spacing_reason, normalization)
         choice = choose_rung(len(ladder), lambda rung, layout: self.estimate(ladder[rung], layout),
                              self.compute.minutes, self.epochs * self.iterations_per_epoch)
         chosen = ladder[choice.index]
@@ -417,6 +430,56 @@ class DefaultPlanner(Planner):
         configuration = dataclasses.replace(chosen, schedule=schedule, reasons=reasons)
         self._budget_choices = {**getattr(self, "_budget_choices", {}), configuration.name: choice}
         return configuration
+
+    def plan_pspnet_for_budget(self, spacing, spacing_reason, normalization) -> Configuration:
+        """The 2d_pspnet plan with its epochs fitted to the compute budget.
+
+        The network stays the planner's (a pre-trained backbone is chosen for its weights, not its cost); its
+        step is estimated from the PSPNet's multiply-accumulates (counted on the meta device) and activations
+        with the probe's cost model, fitted on 3-D U-Nets, so the figure is rougher than for the U-Nets."""
+        configuration = self.plan_pspnet(spacing, spacing_reason, normalization)
+        choice = choose_rung(1, lambda rung, layout: self.estimate_pspnet(configuration, layout),
+                             self.compute.minutes, self.pspnet_epochs * self.iterations_per_epoch)
+        layout, schedule = choice.layout, configuration.schedule
+        scale = layout.epochs / schedule.epochs
+        stages = (schedule.stages[0], dataclasses.replace(schedule.stages[1],
+                                                          start_epoch=max(1, round(layout.epochs / 10))))
+        schedule = dataclasses.replace(
+            schedule, epochs=layout.epochs, iterations_per_epoch=layout.iterations_per_epoch, stages=stages,
+            val_iterations_per_epoch=layout.val_iterations,
+            plateau_patience_epochs=max(2, round(schedule.plateau_patience_epochs * scale)),
+            early_stopping_patience_epochs=max(4, round(schedule.early_stopping_patience_epochs * scale)))
+        reasons = dict(configuration.reasons)
+        estimate = choice.estimate
+        reasons["compute_budget"] = (
+            f"{configuration.network.backbone} PSPNet on {'x'.join(map(str, configuration.patch_size))} slices, "
+            f"batch {configuration.batch_size}: {estimate.iterations} iterations at "
+            f"{estimate.seconds_per_iteration:.2f} s plus validation: estimated "
+            f"{describe_minutes(estimate.total_seconds)} of the {self.compute.minutes:g}-minute budget (step "
+            "estimated from its multiply-accumulates with the cost model fitted on 3-D U-Nets)")
+        reasons["schedule"] = self.budget_schedule_reason(schedule, choice)
+        self._budget_choices = {**getattr(self, "_budget_choices", {}), configuration.name: choice}
+        return dataclasses.replace(configuration, schedule=schedule, reasons=reasons)
+
+    def estimate_pspnet(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
+        """Estimated wall time of one fold of a 2d_pspnet configuration laid out as ``layout``."""
+        from autoseg.compute import pspnet_cost
+
+        in_channels = len(self.fingerprint["channels"])
+        gmacs, mega_activations = pspnet_cost(configuration.network.backbone, configuration.patch_size,
+                                              configuration.batch_size, in_channels)
+        probe = self.compute.probe
+        megavoxels = configuration.batch_size * float(np.prod(configuration.patch_size)) / 1e6
+        step = probe.training.seconds(gmacs, mega_activations, megavoxels)
+        forward = probe.inference.seconds(gmacs, mega_activations, megavoxels) / configuration.batch_size
+        augmentation = configuration.batch_size * probe.augmentation_seconds((*configuration.patch_size, 1))
+        cases = max(1, round(self.fingerprint["aggregate"]["num_cases"] / 5))
+        slices = configuration.median_shape[configuration.slice_axis] * cases
+        return TrainingEstimate.for_steps(
+            step, augmentation, forward * configuration.batch_size, layout.epochs, layout.iterations_per_epoch,
+            layout.val_iterations, self.compute.device, final_validation_seconds=slices * 2 ** len(configuration.mirror_axes) * forward
+            + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * float(np.prod(self.fingerprint["aggregate"]["median_shape"]))
+            * cases / 1e6)
 
     def budget_reason(self, ladder: list[Configuration], choice: RungChoice) -> str:
         chosen, estimate, minutes = ladder[choice.index], choice.estimate, self.compute.minutes
@@ -460,6 +523,7 @@ class DefaultPlanner(Planner):
                             "overhead": round(e.overhead_seconds / 60, 2),
                             "final_validation": round(e.final_validation_seconds / 60, 2)},
                 "network_seconds_per_iteration": round(e.step_seconds, 4),
+                "stage_seconds_per_iteration": e.notes.get("stage_seconds_per_iteration", []),
                 "loader_seconds_per_iteration": round(e.loader_seconds, 4),
             }
         default = configurations[0].name
@@ -483,15 +547,24 @@ class DefaultPlanner(Planner):
             estimates=estimates, probe=probe.summary(), reasons=reasons,
         )
 
-    def plan_aniso(self, spacing, spacing_reason, normalization) -> Configuration:
-        """3D U-Net with 2x2x1 pooling: the CTP paper's 3D comparison for thin slabs."""
+    def plan_aniso(self, spacing, spacing_reason, normalization, widths: tuple[int, int] | None = None,
+                   patch: tuple[int, ...] | None = None, batch: int | None = None) -> Configuration:
+        """3D U-Net with 2x2x1 pooling: the CTP paper's 3D comparison for thin slabs (``widths``, ``patch`` and
+        ``batch`` as for :meth:`plan_resunet`)."""
+        widths = widths or self.widths
         budget = self.memory_budget_gb * GIB
         full = self.median_shape(spacing)
         coarse = int(np.argmax(spacing))
         memory_of = self.unet_memory()
-        patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, 2, never_downsample=(coarse,),
-                                                      widths=self.widths)
-        batch = self.fit_batch(patch, topology, spacing, memory_of)
+        if patch is None:
+            patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, 2,
+                                                          never_downsample=(coarse,), widths=widths)
+        else:
+            topology = unet_topology(patch, spacing, (coarse,), widths[1], widths[0])
+            patch = round_to_multiple(patch, topology.total_stride)
+            topology = unet_topology(patch, spacing, (coarse,), widths[1], widths[0])
+            needed = memory_of(patch, topology, 2)
+        batch = batch or self.fit_batch(patch, topology, spacing, memory_of)
         common, reasons = self.common(spacing, float(np.prod(patch) * np.prod(spacing)))
         in_plane = [a for a in range(3) if a != coarse]
         reasons.update({
@@ -500,7 +573,7 @@ class DefaultPlanner(Planner):
                           f"(estimated {needed / GIB:.2f} GB); slabs with fewer slices are padded",
             "batch_size": f"as many slabs as fit the budget, at least 2: {batch}",
             "network": f"pooling 2x2x1: axis {coarse} is never downsampled (the CTP paper's 3D comparison); "
-                       + self.topology_reason(topology, spacing),
+                       + self.topology_reason(topology, spacing, widths),
             "normalization": "; ".join(reason for _, reason in normalization),
             "mirror_axes": f"in-plane axes {in_plane} only: slabs are not symmetric along the slice axis",
             "schedule": "SGD with Nesterov momentum and polynomial decay (nnU-Net's default) from lr 1e-2",

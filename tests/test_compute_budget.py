@@ -40,8 +40,8 @@ def fake_probe(speed: float = 1.0) -> ComputeProbe:
         created="2026-11-30T00:00:00+00:00", probe_seconds=20.0, memory_format="contiguous",
         memory_format_seconds={"contiguous": 0.45, "channels_last_3d": 0.52},
         augmentation_seconds_per_megavoxel=0.25 / speed, points=(point,),
-        training=CostModel(0.005 / speed, 0.0065 / speed, 0.014 / speed),
-        inference=CostModel(0.0029 / speed, 0.0012 / speed, 0.004 / speed),
+        training=CostModel(0.0159 / speed, 0.0, 0.85 / speed, 0.0167 / speed),
+        inference=CostModel(0.0029 / speed, 0.0012 / speed, 0.0, 0.004 / speed),
     )
 
 
@@ -79,13 +79,13 @@ def test_forward_macs_equal_torch_flop_counter(dimension: int) -> None:
 
 
 def test_cost_model_recovers_known_coefficients_and_interpolates() -> None:
-    truth = CostModel(0.01, 0.002, 0.05)
-    gmacs, activations = [1.0, 5.0, 20.0, 8.0], [10.0, 40.0, 90.0, 100.0]
-    fitted = CostModel.fit(gmacs, activations, [truth.seconds(g, a) for g, a in zip(gmacs, activations)])
-    assert (fitted.per_gmac, fitted.per_mega_activation, fitted.constant) == pytest.approx(
-        (truth.per_gmac, truth.per_mega_activation, truth.constant), rel=1e-6)
-    assert fitted.seconds(10.0, 50.0) == pytest.approx(truth.seconds(10.0, 50.0))  # between probed points
-    assert min(CostModel.fit([1, 2, 3], [1, 2, 3], [3.0, 2.0, 1.0]).__dict__.values()) >= 0  # never negative
+    truth = CostModel(0.01, 0.002, 0.3, 0.05)
+    gmacs, activations, voxels = [1.0, 5.0, 20.0, 8.0, 3.0], [10.0, 40.0, 90.0, 100.0, 5.0], [0.1, 0.5, 0.4, 2.0, 1.0]
+    seconds = [truth.seconds(g, a, v) for g, a, v in zip(gmacs, activations, voxels)]
+    fitted = CostModel.fit(gmacs, activations, voxels, seconds)
+    assert tuple(fitted.__dict__.values()) == pytest.approx(tuple(truth.__dict__.values()), rel=1e-6)
+    assert fitted.seconds(10.0, 50.0, 1.0) == pytest.approx(truth.seconds(10.0, 50.0, 1.0))  # between probed points
+    assert min(CostModel.fit([1, 2, 3], [1, 2, 3], [1, 2, 3], [3.0, 2.0, 1.0]).__dict__.values()) >= 0
 
 
 # ---------------------------------------------------------------------------- the probe and its cache
@@ -214,7 +214,7 @@ def test_schedule_layout_keeps_epochs_about_a_minute_and_never_exceeds_the_itera
         assert 1 <= layout.val_iterations <= layout.iterations_per_epoch
     assert lay_out_schedule(250_000, 0.2).iterations_per_epoch == 250  # nnU-Net's epoch at most
     assert lay_out_schedule(1000, 0.5).iterations_per_epoch == 120  # a minute per epoch
-    assert target_iterations(15) == 1000 and target_iterations(60) == 2000
+    assert target_iterations(15) == 2000 and target_iterations(60) == 4000
 
 
 def test_command_line_budget_in_minutes_or_hours(tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch,
@@ -257,5 +257,22 @@ def test_estimate_of_a_planned_network_matches_the_probe_at_a_probed_point() -> 
     point = probe.points[0]
     assert shape.features == point.features
     seconds = probe.step_seconds(shape, point.patch, point.batch)
-    assert seconds == pytest.approx(probe.training.seconds(point.gmacs, point.mega_activations), rel=0.02)
+    assert seconds == pytest.approx(probe.training.seconds(point.gmacs, point.mega_activations, 2 * 32**3 / 1e6),
+                                    rel=0.02)
     assert math.isclose(point.gmacs, 2 * shape.macs(point.patch) / 1e9, rel_tol=0.05)
+
+
+def test_thin_slabs_get_both_configurations_fitted_to_the_budget(tiny_sources: dict[str, Path]) -> None:
+    fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["ctp"])), progress=False)
+    plans = get_planner("CPUPlanner")(fingerprint, compute=budget(10)).plan()
+    assert set(plans.compute_budget.estimates) == {"2d_pspnet", "3d_aniso"}
+    assert plans.compute_budget.configuration == "2d_pspnet"
+    for name, estimate in plans.compute_budget.estimates.items():
+        schedule = plans.configuration(name).schedule
+        assert estimate["estimated_minutes"] <= 10 and estimate["iterations"] == schedule.epochs * \
+            schedule.iterations_per_epoch, name
+        assert "compute_budget" in plans.configuration(name).reasons
+    pspnet = plans.configuration("2d_pspnet").schedule
+    assert 0 < pspnet.stages[1].start_epoch < pspnet.epochs  # the frozen-backbone phase stays first
+    assert pspnet.early_stopping_patience_epochs <= pspnet.epochs
+    assert all(stride[2] == 1 for stride in plans.configuration("3d_aniso").network.strides)

@@ -349,3 +349,30 @@ def test_all_trains_every_fold_and_continue_picks_up_where_it_stopped(home: Path
     assert (runs / "fold_1" / "checkpoint_final.pth").stat().st_mtime_ns == before, "a finished fold is kept"
     splits = read_json(home / "preprocessed" / FIVE / "splits_final.json")
     assert sorted(case for split in splits for case in split["val"]) == sorted(splits[0]["train"] + splits[0]["val"])
+
+
+def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> None:
+    from autoseg.plans import ComputeBudget
+
+    path = home / "preprocessed" / SPHERE / "plans.json"
+    plans = Plans.from_json(path)
+    estimate = {"estimated_minutes": 0.01, "seconds_per_iteration": 0.001, "iterations": 150, "epochs": 6,
+                "val_iterations_per_epoch": 2, "network_seconds_per_iteration": 0.0008,
+                "loader_seconds_per_iteration": 0.0002,
+                "minutes": {"training": 0.005, "epoch_validation": 0.001, "overhead": 0.002, "final_validation": 0.002}}
+    record = ComputeBudget(device="cpu", minutes=0.02, precision="fp32", estimated_minutes=0.01,
+                           seconds_per_iteration=0.001, iterations=150, configuration="3d_resunet",
+                           memory_format="channels_last_3d", data_processes=0,
+                           estimates={"3d_resunet": estimate}, reasons={"data_processes": "a test's choice"})
+    dataclasses.replace(plans, compute_budget=record).to_json(path)
+    result = train("Sphere", fold="full", options=dataclasses.replace(QUIET, num_processes=None, val_iterations=2))
+    log = (result.output_folder / "log.txt").read_text()
+    assert "data processes: 0 (the plans' compute budget: a test's choice)" in log
+    assert "memory format: channels_last_3d (faster in the compute-budget probe" in log
+    assert "time estimate (plans' compute budget):" in log and "of a 0.02-minute budget" in log
+    assert len([line for line in log.splitlines() if "time: epoch" in line and "estimated" in line]) == 6
+    # an estimate of milliseconds cannot hold: the overrun is a warning that names a cause
+    assert "WARNING: training time of 6 epochs: measured" in log and "more than 25% over" in log
+    assert "WARNING: whole fold: measured" in log
+    history = load_checkpoint(result.output_folder / "checkpoint_final.pth")["history"]
+    assert history["pseudo_dice"][-1] > 0.8, "channels_last_3d trains as well"

@@ -317,7 +317,7 @@ class Trainer:
         if self.network is None:
             raise RuntimeError("call setup() before fit()")
         first = self.epoch
-        totals = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0, "seconds": 0.0}
+        totals = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0, "seconds": 0.0, "estimated": 0.0}
         with deterministic_algorithms(self.options.deterministic):
             for epoch in range(self.epoch, self.budget.epochs):
                 if self.should_stop():
@@ -332,11 +332,13 @@ class Trainer:
                 for key in ("loader_wait", "steps", "iterations"):
                     totals[key] += self.timing[key]
                 totals["seconds"] += time.perf_counter() - start
+                if self.promise is not None:
+                    totals["estimated"] += self.promise.stage_epoch_seconds(self.stage_index)
                 self._log_epoch_time(time.perf_counter() - start)
         if self.promise is not None and totals["iterations"]:
             epochs = self.epoch - first
             _, line = self.promise.check(f"training time of {epochs} epochs", totals["seconds"],
-                                         epochs * self.promise.epoch_seconds, loader_wait=totals["loader_wait"],
+                                         totals["estimated"], loader_wait=totals["loader_wait"],
                                          step_seconds=totals["steps"], steps=totals["iterations"])
             self.log(line)
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
@@ -350,7 +352,7 @@ class Trainer:
         t = self.timing
         parts = [f"time: epoch {seconds:.1f} s", f"steps {t['steps']:.1f} s", f"loader wait {t['loader_wait']:.1f} s"]
         if self.promise is not None:
-            parts.insert(1, f"estimated {self.promise.epoch_seconds:.1f} s")
+            parts.insert(1, f"estimated {self.promise.stage_epoch_seconds(self.stage_index):.1f} s")
         self.log(", ".join(parts))
 
     def enter_stage(self, epoch: int) -> None:
