@@ -205,6 +205,7 @@ def make_loader(
         max_offset_fraction=configuration.sampling.max_offset_fraction,
         rng=np.random.default_rng(seed),  # replaced by the loader's per-worker generator
         slice_axis=configuration.slice_axis if configuration.dimension == 2 else None,
+        lesion_choice=configuration.sampling.lesion_choice,
     )
     return BatchStream(PatchDataLoader(sampler, batch_size, seed), transform, num_processes, seed, pin_memory)
 

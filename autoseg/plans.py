@@ -111,6 +111,9 @@ class Sampling:
 
     foreground_oversampling: float = 0.33
     max_offset_fraction: float = 0.5
+    #: how a lesion-forced patch picks its lesion voxel: ``voxel`` (any lesion voxel, so large lesions dominate)
+    #: or ``lesion`` (a connected lesion first, uniformly, then a voxel of it: small lesions are seen as often).
+    lesion_choice: str = "voxel"
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,8 @@ class Configuration:
             found.append(f"{where}.postprocessing.threshold: must lie in (0, 1), got {self.postprocessing.threshold}")
         if not 0 <= self.sampling.foreground_oversampling <= 1:
             found.append(f"{where}.sampling.foreground_oversampling: must lie in [0, 1]")
+        if self.sampling.lesion_choice not in ("voxel", "lesion"):
+            found.append(f"{where}.sampling.lesion_choice: use voxel or lesion, got '{self.sampling.lesion_choice}'")
         found += self._network_problems(where)
         found += self._patch_problems(where, "patch_size", self.patch_size, self.batch_size)
         for index, stage in enumerate(self.schedule.stages):

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from autoseg.io import load_array
 
@@ -84,6 +85,7 @@ class PatchSampler:
         rng: np.random.Generator,
         final_patch_size: Sequence[int] | None = None,
         slice_axis: int | None = None,
+        lesion_choice: str = "voxel",
     ) -> None:
         self.folder = Path(folder)
         self.identifiers = list(identifiers)
@@ -100,7 +102,11 @@ class PatchSampler:
         if any(f > p for f, p in zip(self.final_patch_size, self.patch_size)):
             raise ValueError(f"final patch {list(self.final_patch_size)} is larger than the sampling patch "
                              f"{list(self.patch_size)}")
+        if lesion_choice not in ("voxel", "lesion"):
+            raise ValueError(f"lesion_choice must be 'voxel' or 'lesion', got '{lesion_choice}'")
+        self.lesion_choice = lesion_choice
         self._lesions: dict[str, np.ndarray] = {}
+        self._components: dict[str, list[np.ndarray]] = {}
 
     def forced_in_batch(self, batch_size: int) -> list[bool]:
         """Per sample of a batch, whether it is lesion-forced: the last :func:`forced_count` ones."""
@@ -120,8 +126,7 @@ class PatchSampler:
         """
         data = load_array(self.folder / f"{identifier}.npy", mmap=True)
         shape = tuple(data.shape[1:])
-        lesion = self._lesion_voxels(identifier) if force_lesion else None
-        centre = lesion[self.rng.integers(len(lesion))] if lesion is not None and len(lesion) else None
+        centre = self._lesion_centre(identifier) if force_lesion else None
         sampled, final = self._volume_sizes(self.patch_size), self._volume_sizes(self.final_patch_size)
         start = [self._final_start(n, p, None if centre is None else int(centre[axis]))
                  for axis, (n, p) in enumerate(zip(shape, final))]
@@ -150,6 +155,31 @@ class PatchSampler:
         offset = int(self.rng.integers(-min(reach, p - p // 2 - 1), min(reach, p // 2) + 1))
         # Moving the patch inside [low, high] keeps the lesion voxel in it: that voxel lies inside the volume.
         return int(np.clip(centre + offset - p // 2, low, high))
+
+    def _lesion_centre(self, identifier: str) -> np.ndarray | None:
+        """A lesion voxel to centre a patch on: any voxel (``voxel``), or a voxel of a uniformly chosen connected
+        lesion (``lesion``); None for a case without lesion."""
+        if self.lesion_choice == "lesion":
+            components = self._lesion_components(identifier)
+            if not components:
+                return None
+            voxels = components[self.rng.integers(len(components))]
+        else:
+            voxels = self._lesion_voxels(identifier)
+        return voxels[self.rng.integers(len(voxels))] if len(voxels) else None
+
+    def _lesion_components(self, identifier: str) -> list[np.ndarray]:
+        """The case's lesion voxels grouped by connected lesion (26-connected), cached."""
+        if identifier not in self._components:
+            voxels = self._lesion_voxels(identifier)
+            if not len(voxels):
+                self._components[identifier] = []
+            else:
+                seg = load_array(self.folder / f"{identifier}_seg.npy", mmap=True)
+                labels, _ = ndimage.label(np.asarray(seg) > 0, structure=np.ones((3,) * seg.ndim))
+                owner = labels[tuple(voxels.T)]
+                self._components[identifier] = [voxels[owner == k] for k in np.unique(owner[owner > 0])]
+        return self._components[identifier]
 
     def _lesion_voxels(self, identifier: str) -> np.ndarray:
         """(N, 3) lesion voxel indices of a case, cached (small: at most 10,000 rows)."""

@@ -66,6 +66,8 @@ MAX_BATCH_SHARE = 0.05
 BYTES_PER_ACTIVATION = 4
 #: Zoom-out (stage 2) starts after this share of the epochs (the paper: 1,200 + 150 epochs).
 ZOOM_OUT_SHARE = 0.125
+#: From this share of lesions below 1 cm³, lesion-forced patches choose a lesion before a voxel.
+SMALL_LESION_SHARE = 0.2
 #: PSPNet backbones to try, largest first: the first that fits the budget at batch 2 is planned.
 PSPNET_BACKBONES = ("resnet50", "resnet34", "resnet18")
 #: Network widths a compute budget chooses from, narrowest first: (first-stage features, cap).
@@ -163,14 +165,19 @@ class DefaultPlanner(Planner):
         aggregate = self.fingerprint["aggregate"]
         median_case = aggregate["case_lesion_volumes_mm3"].get("median", 0.0)
         share = median_case / patch_volume_mm3
+        small = aggregate["share_of_lesions_below_1cm3"]
+        choice, why_choice = ("lesion", f"; {small:.0%} of lesions are below 1 cm³, so a forced patch picks a lesion "
+                              "first (uniformly, then a voxel of it) and small lesions beside large ones are seen "
+                              "as often") if small >= SMALL_LESION_SHARE else (
+            "voxel", f"; a forced patch centres on any lesion voxel ({small:.0%} of lesions below 1 cm³)")
         if share < 0.01:
-            return Sampling(0.5, 0.5), (
+            return Sampling(0.5, 0.5, choice), (
                 f"the median case's lesion load ({median_case:.0f} mm³) fills {share:.2%} of a patch: half the patches "
                 "are centred on lesion (balanced sampling, acute stroke paper), shifted by up to half a patch"
-            )
-        return Sampling(0.33, 0.5), (
+                + why_choice)
+        return Sampling(0.33, 0.5, choice), (
             f"lesions fill {share:.1%} of a patch for the median case: a third of the patches are forced onto lesion "
-            "(nnU-Net's ratio), shifted by up to half a patch so lesions are not always centred"
+            "(nnU-Net's ratio), shifted by up to half a patch so lesions are not always centred" + why_choice
         )
 
     def postprocessing(self, spacing: tuple[float, ...]) -> tuple[PostProcessing, str]:

@@ -180,3 +180,16 @@ def test_a_pspnet_batch_of_one_is_refused_naming_the_reason(tiny_ctp: Path) -> N
     assert any("batches of 2 or more" in problem for problem in single.problems(len(plans.channels)))
     aniso = dataclasses.replace(plans.configuration("3d_aniso"), batch_size=1)
     assert aniso.problems(len(plans.channels)) == []  # GroupNorm: a 3-D U-Net trains with batch 1
+
+
+@pytest.mark.parametrize(("small_share", "choice"), [(0.5, "lesion"), (0.1, "voxel")])
+def test_many_small_lesions_make_patches_choose_a_lesion_first(tiny_sources: dict, small_share: float,
+                                                                choice: str) -> None:
+    from autoseg.dataset import find_dataset
+    from autoseg.fingerprint import compute_fingerprint
+
+    fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
+    fingerprint["aggregate"]["share_of_lesions_below_1cm3"] = small_share
+    configuration = get_planner("DefaultPlanner")(fingerprint).plan().configuration()
+    assert configuration.sampling.lesion_choice == choice
+    assert f"{small_share:.0%} of lesions" in configuration.reasons["sampling"]

@@ -161,3 +161,24 @@ def test_inconsistent_sizes_are_refused(folder: Path) -> None:
         sampler(folder, (8, 8, 8), final_patch_size=(10, 8, 8))
     with pytest.raises(ValueError, match="need 2 entries"):
         sampler(folder, (8, 8, 8), slice_axis=2)
+
+
+def test_lesion_choice_lesion_sees_a_small_lesion_beside_a_large_one_as_often(tmp_path: Path) -> None:
+    large = [(x, y, z) for x in range(4, 14) for y in range(4, 14) for z in range(4, 14)]  # 1,000 voxels
+    small = [(30, 30, 20), (31, 30, 20)]  # 2 voxels, far from the large lesion
+    write_case(tmp_path, "two", (40, 36, 30), large + small)
+
+    def share_on_small(choice: str) -> float:
+        patches = PatchSampler(tmp_path, ["two"], (4, 4, 4), foreground_oversampling=1.0, max_offset_fraction=0.0,
+                               rng=np.random.default_rng(0), lesion_choice=choice)
+        hits = 0
+        for _ in range(400):
+            data, _ = patches.sample("two", force_lesion=True)
+            hits += position(data[0, 2, 2, 2])[0] >= 28  # the patch is centred on the chosen voxel
+        return hits / 400
+
+    assert share_on_small("voxel") < 0.02  # 2 of 1,002 voxels
+    assert 0.4 < share_on_small("lesion") < 0.6  # one of two lesions
+    with pytest.raises(ValueError, match="lesion_choice"):
+        PatchSampler(tmp_path, ["two"], (4, 4, 4), foreground_oversampling=1.0, max_offset_fraction=0.0,
+                     rng=np.random.default_rng(0), lesion_choice="largest")
