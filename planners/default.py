@@ -246,6 +246,7 @@ class DefaultPlanner(Planner):
         budget = self.memory_budget_gb * GIB
         full = self.median_shape(spacing)
         memory_of = self.unet_memory()
+        given_patch = patch is not None
         if patch is None:
             patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, batch_size=2,
                                                           widths=widths)
@@ -254,12 +255,19 @@ class DefaultPlanner(Planner):
             patch = round_to_multiple(patch, topology.total_stride)
             topology = unet_topology(patch, spacing, max_features=widths[1], base_features=widths[0])
             needed = memory_of(patch, topology, 2)
+        given_batch = batch is not None
         batch = batch or self.fit_batch(patch, topology, spacing, memory_of)
+        batch_reason = (f"as many patches as fit the budget, at least 2 and at most {MAX_BATCH_SHARE:.0%} of all "
+                        f"training voxels: {batch}") if not given_batch else (
+            f"{batch} patches: a compute-budget candidate, where time buys iterations rather than larger batches")
+        patch_reason = self.patch_reason(full, patch, topology, needed) if not given_patch else (
+            f"{list(patch)}: a candidate of the compute budget (see reasons.compute_budget), covering "
+            f"{float(np.prod(patch) / np.prod(full)):.0%} of the median cropped volume {list(full)}; memory estimate "
+            f"{needed / GIB:.2f} GB at batch 2")
         reasons = {
             "target_spacing": spacing_reason,
-            "patch_size": self.patch_reason(full, patch, topology, needed),
-            "batch_size": f"as many patches as fit the budget, at least 2 and at most {MAX_BATCH_SHARE:.0%} of all "
-                          f"training voxels: {batch}",
+            "patch_size": patch_reason,
+            "batch_size": batch_reason,
             "network": self.topology_reason(topology, spacing, widths),
         }
         stages, schedule_reason = self.zoom_schedule(patch, batch, topology, spacing, memory_of, widths)
