@@ -18,6 +18,9 @@ Conventions:
 ``weighted_ce``     BCE with lesion voxels weighted by positive_weight
 ================== ===============================================================
 
+and, for any of them, ``lesion_dice_weight`` · lesion-wise soft Dice (:class:`LesionWiseDiceLoss`, the "blob
+loss" of Kofler et al., IPMI 2023), which counts every lesion of a patch equally whatever its size.
+
 :func:`balanced_positive_weight` turns a lesion fraction into the ``positive_weight`` that balances the two
 classes, and :class:`AuxiliaryLoss` adds a network's auxiliary output (PSPNet's head on ``layer3``).
 """
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cc3d
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +72,77 @@ class SoftDiceLoss(nn.Module):
         denominator = probabilities.sum(axes) + target.sum(axes)
         dice = (2 * intersection + self.smooth) / (denominator + self.smooth)
         return 1 - dice.mean()
+
+
+class LesionWiseDiceLoss(nn.Module):
+    """1 − mean over lesions of each lesion's own soft Dice, other lesions masked out: the *blob loss* of Kofler
+    et al., "blob loss: instance imbalance aware loss functions for semantic segmentation" (IPMI 2023).
+
+    A global (batch) Dice lets a 40-voxel lesion beside a 5,000-voxel one count for under 1%; here each
+    connected lesion (26-connectivity in 3-D, 8 in 2-D, as the lesion-wise metrics count them) of a sample gets a
+    Dice term of its own, computed over that lesion and the sample's background, so missing it costs as much as
+    missing the large one. Lesion terms are averaged per sample, then over the samples that have a lesion;
+    patches without lesions contribute nothing (the global terms still see them).
+
+    For lesion ``j`` of sample ``b`` and class ``k``, with ``S_j`` the summed probability on its voxels, ``n_j`` its
+    voxel count and ``S_0`` the summed probability on the background of (b, k):
+    ``dice_j = (2·S_j + smooth) / (S_0 + S_j + n_j + smooth)``.
+
+    Components are found on the CPU (``cc3d``) from the one-hot target, a few ms per 64³ patch.
+
+    Example:
+        >>> target = torch.zeros(1, 1, 8, 8, 8); target[0, 0, 1, 1, 1] = 1; target[0, 0, 4:8, 4:8, 4:8] = 1
+        >>> logits = torch.where(target > 0, 20.0, -20.0); logits[0, 0, 1, 1, 1] = -20.0  # the small one missed
+        >>> round(float(LesionWiseDiceLoss()(logits, target)), 3)  # batch Dice would say 0.008
+        0.5
+    """
+
+    def __init__(self, smooth: float = DICE_SMOOTH) -> None:
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, K, ...), ``target`` (B, K, ...) one-hot float; returns a scalar."""
+        probabilities = torch.sigmoid(logits)
+        ids, owner = lesion_ids(target)  # (B·K·N,) long; owner (L,) index of (b, k) of each lesion id >= B·K
+        groups = target.shape[0] * target.shape[1]
+        if owner.numel() == 0:
+            return probabilities.sum() * 0.0
+        ids = ids.to(logits.device)
+        owner = owner.to(logits.device)
+        sums = torch.zeros(groups + owner.numel(), dtype=probabilities.dtype, device=logits.device)
+        sums.index_add_(0, ids, probabilities.reshape(-1))
+        counts = torch.bincount(ids, minlength=groups + owner.numel())[groups:].to(probabilities.dtype)
+        lesion_sums, background_sums = sums[groups:], sums[owner]
+        dice = (2 * lesion_sums + self.smooth) / (background_sums + lesion_sums + counts + self.smooth)
+        sample = torch.div(owner, target.shape[1], rounding_mode="floor")
+        per_sample = torch.zeros(target.shape[0], dtype=dice.dtype, device=dice.device).index_add_(0, sample, dice)
+        lesions = torch.bincount(sample, minlength=target.shape[0]).to(dice.dtype)
+        has_lesion = lesions > 0
+        return 1 - (per_sample[has_lesion] / lesions[has_lesion]).mean()
+
+
+def lesion_ids(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Number every voxel of a one-hot target (B, K, ...) by the lesion it belongs to.
+
+    Returns:
+        ``ids``: (B·K·N,) int64, flattened like ``target``: voxels outside any lesion of (b, k) get the group id
+        ``b·K + k``; the voxels of the j-th lesion found overall get ``B·K + j``.
+        ``owner``: (L,) int64, for each of the L lesions the group id ``b·K + k`` it belongs to.
+    """
+    masks = target.detach().to("cpu", torch.bool).numpy()
+    batch, classes = masks.shape[:2]
+    connectivity = 26 if masks.ndim == 5 else 8
+    ids = np.empty(masks.shape, np.int64)
+    owner: list[int] = []
+    for b in range(batch):
+        for k in range(classes):
+            group = b * classes + k
+            labels, count = cc3d.connected_components(masks[b, k], connectivity=connectivity, return_N=True)
+            first = batch * classes + len(owner)
+            ids[b, k] = np.where(labels > 0, labels.astype(np.int64) + first - 1, group)
+            owner += [group] * count
+    return torch.from_numpy(ids.reshape(-1)), torch.tensor(owner, dtype=torch.int64)
 
 
 class FocalLoss(nn.Module):
@@ -257,5 +333,6 @@ def build_loss(loss: Loss, deep_supervision_levels: int = 1) -> nn.Module:
         "focal": [focal],
         "weighted_ce": [(1.0, BCELoss(loss.positive_weight))],
     }[loss.name]
+    terms.append((loss.lesion_dice_weight, LesionWiseDiceLoss()))
     compound = CompoundLoss([(weight, term) for weight, term in terms if weight])
     return DeepSupervisionLoss(compound, deep_supervision_levels) if deep_supervision_levels > 1 else compound

@@ -93,7 +93,8 @@ class Network:
 class Loss:
     """Loss terms and weights: ``dice_bce`` = dice_weight·soft Dice + bce_weight·BCE, plus
     focal_weight·focal(γ, α) for ``dice_bce_focal``; ``focal`` alone; ``weighted_ce`` with
-    ``positive_weight`` on lesion voxels."""
+    ``positive_weight`` on lesion voxels; any of them plus lesion_dice_weight·lesion-wise Dice (every lesion
+    counted equally, see ``autoseg.losses.LesionWiseDiceLoss``)."""
 
     name: str
     dice_weight: float = 1.0
@@ -102,6 +103,7 @@ class Loss:
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
     positive_weight: float = 1.0
+    lesion_dice_weight: float = 0.0
 
 
 @dataclass(frozen=True)

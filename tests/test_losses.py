@@ -13,6 +13,7 @@ from autoseg.losses import (
     AuxiliaryLoss,
     BCELoss,
     FocalLoss,
+    LesionWiseDiceLoss,
     SoftDiceLoss,
     balanced_positive_weight,
     build_loss,
@@ -179,3 +180,61 @@ def test_auxiliary_loss_adds_the_weighted_auxiliary_term() -> None:
     assert float(combined(main, target)) == pytest.approx(float(base(main, target)))  # evaluation: main output only
     with pytest.raises(ValueError, match=">= 0"):
         AuxiliaryLoss(base, -1)
+
+
+def lesion_dice_by_hand(probabilities: np.ndarray, lesions: list[np.ndarray], sample_of: list[int]) -> float:
+    """1 − mean over samples (with lesions) of the mean Dice of each lesion with the sample's other lesions removed,
+    from boolean masks of each lesion, written out without the loss code."""
+    per_sample: dict[int, list[float]] = {}
+    for index, (mask, b) in enumerate(zip(lesions, sample_of)):
+        others = np.zeros_like(mask)
+        for j, (other, c) in enumerate(zip(lesions, sample_of)):
+            if j != index and c == b:
+                others |= other
+        p = probabilities[b, 0]
+        dice = 2 * p[mask].sum() / (p[~others].sum() + mask.sum())
+        per_sample.setdefault(b, []).append(dice)
+    return 1 - float(np.mean([np.mean(values) for values in per_sample.values()]))
+
+
+def test_lesion_wise_dice_counts_every_lesion_equally() -> None:
+    """Each lesion's Dice with the other lesions masked out, averaged per sample, then over samples with lesions;
+    the empty third sample is ignored; gradients reach the small lesion as strongly as the large one."""
+    shape = (3, 1, 24, 24, 16)
+    target = torch.zeros(shape)
+    small, large, other = (np.zeros(shape[2:], bool) for _ in range(3))
+    small[2:4, 2:4, 2:4] = True
+    large[8:20, 8:20, 4:14] = True
+    other[5:9, 5:9, 5:9] = True
+    target[0, 0][torch.from_numpy(small)] = 1
+    target[0, 0][torch.from_numpy(large)] = 1
+    target[1, 0][torch.from_numpy(other)] = 1
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    loss = LesionWiseDiceLoss()(logits, target)
+    expected = lesion_dice_by_hand(torch.sigmoid(logits).detach().numpy(), [small, large, other], [0, 0, 1])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # Missing the 8-voxel lesion entirely costs half of sample 0's term; a batch Dice barely notices it.
+    sure = torch.where(target > 0, SURE, -SURE)
+    missed = sure.clone()
+    missed[0, 0][torch.from_numpy(small)] = -SURE
+    assert LesionWiseDiceLoss()(missed, target).item() == pytest.approx(0.25, abs=1e-4)
+    assert SoftDiceLoss()(missed, target).item() < 0.005
+    loss.backward()
+    gradient = logits.grad[0, 0].abs()
+    assert gradient[torch.from_numpy(small)].mean() > gradient[torch.from_numpy(large)].mean()
+
+
+def test_lesion_wise_dice_is_added_by_its_weight_and_ignores_lesion_free_batches() -> None:
+    logits = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(6))
+    target = torch.zeros(2, 1, 8, 8, 8, dtype=torch.int16)
+    target[0, 0, 1:3, 1:3, 1:3] = 1
+    target[1, 0, 5:8, 5:8, 5:8] = 1
+    one_hot = target.float()
+    plain = build_loss(Loss("dice_bce"))(logits, target)
+    combined = build_loss(Loss("dice_bce", lesion_dice_weight=0.5))(logits, target)
+    assert combined.item() == pytest.approx(plain.item() + 0.5 * LesionWiseDiceLoss()(logits, one_hot).item(),
+                                            rel=1e-6)
+    empty = torch.zeros_like(target)
+    assert LesionWiseDiceLoss()(logits, empty.float()).item() == 0.0
+    assert build_loss(Loss("dice_bce", lesion_dice_weight=1.0))(logits, empty).item() == pytest.approx(
+        build_loss(Loss("dice_bce"))(logits, empty).item(), rel=1e-6)
