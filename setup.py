@@ -30,6 +30,7 @@ setup(
     entry_points={
         "console_scripts": [
             "autoseg_demo=autoseg.commands.demo:main",
+            "autoseg_convert=autoseg.commands.convert:main",
             "autoseg_plan=autoseg.commands.plan:main",
             "autoseg_evaluate=autoseg.commands.evaluate:main",
             "autoseg_train=autoseg.commands.train:main",

@@ -12,19 +12,28 @@ A raw dataset is an nnU-Net v2 raw folder, used unchanged::
 
 ``-d`` accepts the folder name (``Dataset001_ATLAS``), the name after the number (``ATLAS``), the
 number (``1`` or ``001``) or any plain folder name under ``AUTOSEG_RAW``.
+
+New datasets (``autoseg_demo``, ``autoseg_convert``) are built in a hidden folder beside their final
+place and renamed into it at the end (:func:`staged_dataset`), so a dataset folder is never half written.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.io import read_json
+from autoseg.io import read_json, write_json
 from autoseg.paths import raw_root
 
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
+#: The labels of every lesion dataset autoseg makes (demo data and converted public datasets).
+LESION_LABELS = {"background": 0, "lesion": 1}
 _NNUNET_NAME = re.compile(r"^Dataset(\d{3})_(.+)$")
+_SHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class DatasetError(RuntimeError):
@@ -156,3 +165,86 @@ def _matches(folder_name: str, name: str) -> bool:
         return False
     number, short = match.groups()
     return short == name or (name.isdigit() and int(name) == int(number))
+
+
+def write_dataset_json(
+    folder: Path,
+    channel_names: Sequence[str],
+    num_training: int,
+    labels: Mapping[str, int] = LESION_LABELS,
+    file_ending: str = ".nii.gz",
+    subjects: Mapping[str, str] | None = None,
+    **extra: str,
+) -> None:
+    """Write ``folder/dataset.json``: ``extra`` items (e.g. ``name``, ``description``, ``reference``) first,
+    then the keys :func:`load_dataset` reads; ``subjects`` (case -> subject) only when given."""
+    description: dict = dict(extra)
+    description.update(
+        channel_names={str(index): name for index, name in enumerate(channel_names)},
+        labels=dict(labels),
+        numTraining=num_training,
+        file_ending=file_ending,
+    )
+    if subjects:
+        description["subjects"] = dict(subjects)
+    write_json(description, folder / "dataset.json")
+
+
+def new_dataset_folder(name: str, number: int | None = None, overwrite: bool = False) -> Path:
+    """The folder ``AUTOSEG_RAW/DatasetNNN_NAME`` for a new dataset called ``name``.
+
+    ``number`` defaults to the one an existing ``DatasetNNN_NAME`` has (``overwrite`` must then be set), or
+    else the lowest number no dataset under ``AUTOSEG_RAW`` uses.
+
+    Raises:
+        ValueError: ``name`` is not a plain name (letters, digits, ``_``, ``-``, ``.``; no ``DatasetNNN_``
+            prefix), or ``number`` is outside 1..999.
+        FileExistsError: the folder exists and ``overwrite`` is not set, another dataset already has that
+            number, or a dataset of that name exists under another number (``-d NAME`` would be ambiguous).
+    """
+    if not _SHORT_NAME.match(name) or _NNUNET_NAME.match(name):
+        raise ValueError(f"dataset name '{name}' must be a plain name such as ATLAS (letters, digits, _ - .); "
+                         "the DatasetNNN_ prefix is added (choose the number with --id)")
+    root = raw_root()
+    existing = {
+        int(match.group(1)): path
+        for path in (sorted(root.iterdir()) if root.is_dir() else [])
+        if path.is_dir() and (match := _NNUNET_NAME.match(path.name))
+    }
+    same_name = [n for n, path in existing.items() if _NNUNET_NAME.match(path.name).group(2) == name]
+    if number is None:
+        number = same_name[0] if same_name else next(n for n in range(1, 1001) if n not in existing)
+    if not 1 <= number <= 999:
+        raise ValueError(f"dataset number must be between 1 and 999, got {number}")
+    target = root / f"Dataset{number:03d}_{name}"
+    if number in existing and existing[number] != target:
+        raise FileExistsError(f"{existing[number]} already has number {number}; choose another with --id")
+    others = [existing[n] for n in same_name if n != number]
+    if others:
+        raise FileExistsError(f"{others[0]} already holds a dataset named {name}; choose another name or remove it")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    return target
+
+
+@contextmanager
+def staged_dataset(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``target`` to build a dataset in; on success it replaces
+    ``target``, on an error it is deleted and ``target`` is left as it was.
+
+    Raises:
+        FileExistsError: ``target`` exists and ``overwrite`` is not set (checked before and after building).
+    """
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
+        folder = Path(scratch) / target.name
+        folder.mkdir()
+        yield folder
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"{target} appeared while it was being written; nothing was replaced")
+            # Move the old dataset aside first, so the final name always holds a complete dataset.
+            target.rename(Path(scratch) / "replaced")
+        folder.rename(target)

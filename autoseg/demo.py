@@ -31,10 +31,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from autoseg.io import Geometry, write_image, write_json
+from autoseg.dataset import write_dataset_json
+from autoseg.io import Geometry, write_image
 
 FILE_ENDING = ".nii.gz"
-LABELS = {"background": 0, "lesion": 1}
 CTP_CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
 
 # ATLAS-like appearance. The template's white matter lies near 0.84; scaling by 120 puts it near 100.
@@ -121,19 +121,15 @@ def make_atlas_like(
         write_image(image, geometry, folder / "imagesTr" / f"{identifier}_0000{FILE_ENDING}")
         write_image(label, geometry, folder / "labelsTr" / f"{identifier}{FILE_ENDING}")
     resolution = "tiny (3.5 mm, cropped)" if tiny else f"{spacing_mm:g} mm"
-    write_json(
-        {
-            "name": "ATLAS-like",
-            "description": (
-                "Synthetic data, not ATLAS: chronic stroke lesions painted into the MNI152 2009 template "
-                f"(T1w, skull-stripped), {resolution}, made by autoseg.demo.make_atlas_like with seed {seed}."
-            ),
-            "channel_names": {"0": "T1"},
-            "labels": dict(LABELS),
-            "numTraining": num_cases,
-            "file_ending": FILE_ENDING,
-        },
-        folder / "dataset.json",
+    write_dataset_json(
+        folder,
+        ("T1",),
+        num_cases,
+        name="ATLAS-like",
+        description=(
+            "Synthetic data, not ATLAS: chronic stroke lesions painted into the MNI152 2009 template "
+            f"(T1w, skull-stripped), {resolution}, made by autoseg.demo.make_atlas_like with seed {seed}."
+        ),
     )
     return folder
 
@@ -190,21 +186,17 @@ def make_ctp_like(
                 write_image(maps[name], geometry, folder / "imagesTr" / f"{identifier}_{channel:04d}{FILE_ENDING}")
             write_image(label, geometry, folder / "labelsTr" / f"{identifier}{FILE_ENDING}")
     resolution = "tiny (64 x 64 in plane)" if tiny else "256 x 256 in plane"
-    write_json(
-        {
-            "name": "CTP-like",
-            "description": (
-                "Synthetic data, not ISLES: acute stroke CT perfusion slabs through a synthetic head, "
-                f"{resolution}, 5 mm slices, infarct core labelled, made by autoseg.demo.make_ctp_like "
-                f"with seed {seed}."
-            ),
-            "channel_names": {str(channel): name for channel, name in enumerate(CTP_CHANNELS)},
-            "labels": dict(LABELS),
-            "numTraining": len(subjects),
-            "file_ending": FILE_ENDING,
-            "subjects": subjects,
-        },
-        folder / "dataset.json",
+    write_dataset_json(
+        folder,
+        CTP_CHANNELS,
+        len(subjects),
+        subjects=subjects,
+        name="CTP-like",
+        description=(
+            "Synthetic data, not ISLES: acute stroke CT perfusion slabs through a synthetic head, "
+            f"{resolution}, 5 mm slices, infarct core labelled, made by autoseg.demo.make_ctp_like "
+            f"with seed {seed}."
+        ),
     )
     return folder
 

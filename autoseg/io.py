@@ -10,8 +10,10 @@ killed process never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -188,6 +190,50 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compres
     stem, ending = split_ending(path)
     with atomic_path(Path(path), suffix=ending) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=compress)
+
+
+def copy_image_file(source: str | Path, path: str | Path) -> None:
+    """Copy an image file byte for byte, atomically, so its header (NIfTI qform and sform included) is kept
+    exactly; a ``.nii`` copied to a ``.nii.gz`` name is gzip-compressed on the way (same bytes inside).
+
+    Raises:
+        ValueError: the endings differ in another way than ``.nii`` -> ``.nii.gz``.
+    """
+    source_ending, ending = split_ending(source)[1].lower(), split_ending(path)[1].lower()
+    compress = (source_ending, ending) == (".nii", ".nii.gz")
+    if source_ending != ending and not compress:
+        raise ValueError(f"cannot copy {source} to {path}: a {source_ending} file needs converting, not copying")
+    with atomic_path(Path(path), suffix=ending) as temporary:
+        with open(source, "rb") as reader, (gzip.open if compress else open)(temporary, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+def write_nifti_like(array: np.ndarray, source: str | Path, path: str | Path) -> None:
+    """Write an (x, y, z) array as a NIfTI file with ``source``'s header, atomically: the same qform and sform
+    (codes and matrices) and voxel size, the data type of ``array``, no intensity scaling. ``path`` may end in
+    ``.nii`` or ``.nii.gz``.
+
+    Raises:
+        ValueError: ``array``'s shape is not ``source``'s.
+        ImageReadError: ``source`` is not a readable NIfTI file.
+    """
+    import nibabel  # ships with nilearn
+
+    try:
+        original = nibabel.load(str(source))
+    except (OSError, ValueError, zlib.error) as error:
+        raise ImageReadError(f"{source}: unreadable NIfTI header ({error})") from None
+    if tuple(array.shape) != tuple(original.shape[:3]) or len(original.shape) > 3 and any(
+        size != 1 for size in original.shape[3:]
+    ):
+        raise ValueError(f"{path}: array shape {list(array.shape)} differs from {source}'s {list(original.shape)}")
+    header = original.header.copy()
+    header.set_data_dtype(array.dtype)
+    header.set_data_shape(array.shape)
+    image = type(original)(np.ascontiguousarray(array), None, header)  # affine None: qform and sform stay as given
+    image.header.set_slope_inter(1.0, 0.0)
+    with atomic_path(Path(path), suffix=split_ending(path)[1]) as temporary:
+        nibabel.save(image, str(temporary))
 
 
 def write_json(data: Any, path: str | Path) -> None:

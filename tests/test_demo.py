@@ -154,3 +154,17 @@ def test_atlas_full_resolution_case_has_the_template_geometry(tmp_path: Path) ->
     written = nibabel.load(str(folder / "imagesTr" / "atlas_0001_0000.nii.gz")).affine
     template = datasets.load_mni152_template(resolution=1).affine
     np.testing.assert_allclose(written, template, atol=1e-5)
+
+
+def test_demo_command_writes_through_a_staged_folder_and_replaces_only_with_overwrite(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from autoseg.commands.demo import main as demo_main
+    from autoseg.paths import raw_root
+
+    arguments = ["atlas", "--tiny", "--cases", "1", "--name", "Dataset901_T"]
+    assert demo_main(arguments) == 0
+    assert demo_main(arguments) == 1 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert demo_main([*arguments, "--overwrite", "--seed", "1"]) == 0
+    assert [path.name for path in raw_root().iterdir()] == ["Dataset901_T"]  # no scratch folder left
+    assert load_dataset(raw_root() / "Dataset901_T").channel_names == ("T1",)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-from pathlib import Path
 
 from autoseg.commands.common import run
+from autoseg.dataset import staged_dataset
 from autoseg.demo import make_atlas_like, make_ctp_like
 from autoseg.paths import raw_root
 
@@ -46,19 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> None:
         target = raw_root() / (args.name or default_name(args.kind, args.spacing, args.tiny))
-        if target.exists() and not args.overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build in a temporary folder beside the target and move it into place: no half-written dataset.
-        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
-            folder = Path(scratch) / target.name
+        with staged_dataset(target, args.overwrite) as folder:
             if args.kind == "atlas":
                 make_atlas_like(folder, args.cases, args.seed, args.spacing, args.tiny)
             else:
                 make_ctp_like(folder, args.cases, args.seed, args.tiny)
-            if target.exists():
-                shutil.rmtree(target)
-            folder.rename(target)
         print(f"wrote {target}")
         print(f"next: autoseg_plan -d {target.name}")
 
