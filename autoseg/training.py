@@ -28,7 +28,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -434,8 +434,8 @@ def cross_validate(
     """Train every fold of ``splits_final.json`` in turn (``autoseg_train -f all``).
 
     With ``options.continue_training`` a fold that already finished (``checkpoint_final.pth``) is kept as it
-    is, a fold with ``checkpoint_latest.pth`` is resumed, and a fold not started yet starts; so the same
-    command picks up a killed cross-validation where it stopped.
+    is, a fold with ``checkpoint_latest.pth`` is resumed, and a fold with no completed epoch starts afresh (its
+    log says so); so the same command picks up a killed cross-validation where it stopped.
     """
     from trainers import get_trainer  # the trainers import this module: resolve them only when training
 
@@ -449,11 +449,8 @@ def cross_validate(
     splits = load_or_create_splits(preprocessed, identifiers, read_subjects(data_folder, identifiers))
     results = []
     for fold in range(len(splits)):
-        fold_options = options
-        if options.continue_training:
-            folder = run_folder(raw.name, chosen.name, trainer_name, fold)
-            if (folder / "checkpoint_final.pth").is_file():
-                continue
-            fold_options = replace(options, continue_training=(folder / "checkpoint_latest.pth").is_file())
-        results.append(train(dataset, configuration, fold, trainer, fold_options))
+        folder = run_folder(raw.name, chosen.name, trainer_name, fold)
+        if options.continue_training and (folder / "checkpoint_final.pth").is_file():
+            continue
+        results.append(train(dataset, configuration, fold, trainer, options))
     return results

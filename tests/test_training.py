@@ -414,6 +414,7 @@ def test_all_trains_every_fold_and_continue_picks_up_where_it_stopped(home: Path
     assert sorted(p.name for p in runs.iterdir()) == [f"fold_{k}" for k in range(5)]
     assert all((runs / f"fold_{k}" / "checkpoint_final.pth").is_file() for k in range(5))
     assert (runs / "fold_1" / "checkpoint_final.pth").stat().st_mtime_ns == before, "a finished fold is kept"
+    assert "--continue: no epoch completed yet" in (runs / "fold_0" / "log.txt").read_text()  # started afresh
     splits = read_json(home / "preprocessed" / FIVE / "splits_final.json")
     assert sorted(case for split in splits for case in split["val"]) == sorted(splits[0]["train"] + splits[0]["val"])
 

@@ -82,7 +82,8 @@ class Trainer:
     """Trains one fold of one configuration. Subclasses register themselves under their class name.
 
     The constructor only stores its arguments; :meth:`setup` picks the device, builds network, loss and optimizer,
-    prepares the output folder and (with ``options.continue_training``) loads the latest checkpoint;
+    prepares the output folder and (with ``options.continue_training``) loads the latest checkpoint, or starts
+    afresh, saying so in the log, when no epoch completed;
     :meth:`fit` trains; :meth:`validate` predicts the fold's validation cases.
 
     Args:
