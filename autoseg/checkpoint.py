@@ -76,6 +76,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
     Raises:
         TypeError: ``state`` holds other objects (numpy arrays, dataclasses, ...); the message names each key.
+        DiskFullError: the disk filled up (``OSError`` ENOSPC from write or fsync, or torch's ``unexpected pos``);
+            the previous file under ``path``, if any, is kept as it was.
     """
     problems = non_plain_values(state)
     if problems:

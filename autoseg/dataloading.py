@@ -40,6 +40,7 @@ from batchgenerators.transforms.abstract_transforms import AbstractTransform
 
 from autoseg.augmentation import spatial_augmentation, training_transforms, validation_transforms
 from autoseg.plans import Configuration, Stage
+from autoseg.preprocessing import array_files, check_arrays
 from autoseg.sampling import PatchSampler
 
 Batch = dict[str, Any]
@@ -116,6 +117,8 @@ class BatchStream:
         self._closed = False
         self._augmenter: MultiThreadedAugmenter | None = None
         if num_processes > 0:
+            # A worker that fails only prints its error; find damaged arrays here first, so the error names them.
+            check_arrays(loader.sampler.folder, loader.sampler.identifiers)
             seeds = [derived_seed(seed, worker, 2) for worker in range(num_processes)]
             self._augmenter = MultiThreadedAugmenter(loader, transform, num_processes, num_cached_per_queue=2,
                                                      seeds=seeds)
@@ -129,13 +132,26 @@ class BatchStream:
     def __next__(self) -> Batch:
         if self._closed:
             raise RuntimeError("this BatchStream was closed")
-        batch = next(self._augmenter) if self._augmenter is not None else self._next_here()
+        batch = self._next_from_workers() if self._augmenter is not None else self._next_here()
         for key in ("data", "seg"):
             if isinstance(batch[key], np.ndarray):  # a transform ending in NumpyToTensor has done it already
                 batch[key] = torch.from_numpy(batch[key])
             if self.pin_memory:
                 batch[key] = batch[key].pin_memory()
         return batch
+
+    def _next_from_workers(self) -> Batch:
+        """The next batch of the background workers. When a worker has died ("One or more background workers are
+        no longer alive"), the arrays are checked again so that a file damaged meanwhile is named.
+
+        Raises:
+            DamagedArrayError: a case's array is damaged (the message names it).
+        """
+        try:
+            return next(self._augmenter)
+        except RuntimeError:
+            check_arrays(self.loader.sampler.folder, self.loader.sampler.identifiers)
+            raise
 
     def _next_here(self) -> Batch:
         """One batch made in this process, with the stream's own global generator states swapped in."""
@@ -191,6 +207,10 @@ def make_loader(
 
     Returns:
         A :class:`BatchStream` of ``{"data": (B, C, *P) float32, "seg": (B, 1, *P) int16, "keys": [...]}``.
+
+    Raises:
+        DamagedArrayError: a case's array file is cut short (before background workers start, or when one dies,
+            or when a batch made here reads it); the message names the file and says to re-run ``autoseg_plan``.
     """
     patch = tuple(stage.patch_size if stage is not None else configuration.patch_size)
     batch_size = stage.batch_size if stage is not None else configuration.batch_size
@@ -213,5 +233,4 @@ def make_loader(
 def case_identifiers(folder: Path) -> list[str]:
     """Sorted identifiers of the complete preprocessed cases in ``folder`` (``CASE.json`` is written last)."""
     folder = Path(folder)
-    return sorted(p.stem for p in folder.glob("*.json")
-                  if all((folder / f"{p.stem}{suffix}.npy").is_file() for suffix in ("", "_seg", "_lesion")))
+    return sorted(p.stem for p in folder.glob("*.json") if all(a.is_file() for a in array_files(folder, p.stem)))

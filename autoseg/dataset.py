@@ -15,6 +15,13 @@ number (``1`` or ``001``) or any plain folder name under ``AUTOSEG_RAW``.
 
 New datasets (``autoseg_demo``, ``autoseg_convert``) are built in a hidden folder beside their final
 place and renamed into it at the end (:func:`staged_dataset`), so a dataset folder is never half written.
+
+Files to predict (:func:`cases_from_files`) follow one rule, whatever digits a plain name ends in:
+
+- one-channel model: every file is one case, named by the file without its ending, and without a final
+  ``_0000`` if it has one (``CASE_0000.nii.gz`` -> ``CASE``; ``sub_0001.nii.gz`` -> ``sub_0001``);
+- model with C > 1 channels: the files must form complete cases ``CASE_0000`` ... ``CASE_{C-1}``, one file
+  per channel; anything else is an error listing the offending files and the names expected.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.io import read_json, write_json
+from autoseg.io import read_json, split_ending, write_json
 from autoseg.paths import raw_root
 
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
@@ -34,6 +41,71 @@ REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 LESION_LABELS = {"background": 0, "lesion": 1}
 _NNUNET_NAME = re.compile(r"^Dataset(\d{3})_(.+)$")
 _SHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: A channel file's name without its ending: ``CASE_XXXX``, channel ``XXXX`` (4 digits) of case ``CASE``.
+CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")
+
+
+def channel_file_name(case: str, channel: int, ending: str) -> str:
+    """The file name of channel ``channel`` of ``case``: ``channel_file_name("c1", 2, ".nii.gz")`` is
+    ``c1_0002.nii.gz``."""
+    return f"{case}_{channel:04d}{ending}"
+
+
+def cases_from_files(files: Sequence[Path], num_channels: int) -> list[tuple[str, tuple[Path, ...]]]:
+    """Group image files into cases by the naming rule (module docstring), sorted by case.
+
+    Args:
+        files: image files (any ending SimpleITK reads), e.g. the contents of a folder to predict.
+        num_channels: C, the channels the model takes.
+
+    Returns:
+        ``(case, files in channel order)`` per case; for one channel each file is its own case.
+
+    Raises:
+        ValueError: two files that would be the same case (one channel), or files that do not form complete
+            cases (C > 1); one line per offending file, with the names expected.
+
+    Example:
+        >>> cases_from_files([Path("sub_0001.nii.gz"), Path("scan_0000.mha")], 1)
+        [("scan", (Path("scan_0000.mha"),)), ("sub_0001", (Path("sub_0001.nii.gz"),))]
+    """
+    groups: dict[str, dict[int, list[Path]]] = {}
+    problems = []
+    for path in sorted(files):
+        stem = split_ending(path)[0]
+        match = CHANNEL_FILE.match(stem)
+        if num_channels == 1:
+            case, channel = (match.group(1) if match and match.group(2) == "0000" else stem), 0
+        elif match is None:
+            problems.append(f"{path.name}: not named CASE_XXXX (XXXX the channel, 0000-{num_channels - 1:04d})")
+            continue
+        else:
+            case, channel = match.group(1), int(match.group(2))
+            if channel >= num_channels:
+                problems.append(f"{path.name}: channel {channel}, but the model's channels are 0-{num_channels - 1}")
+                continue
+        groups.setdefault(case, {}).setdefault(channel, []).append(path)
+    cases = []
+    for case, channels in sorted(groups.items()):
+        ending = split_ending(next(iter(channels.values()))[0])[1]
+        expected = ", ".join(channel_file_name(case, c, ending) for c in range(num_channels))
+        for channel, paths in sorted(channels.items()):
+            if len(paths) > 1:
+                names = ", ".join(p.name for p in paths)
+                problems.append(f"{names}: the same case {case}" + (f" channel {channel}" if num_channels > 1 else "")
+                                + " more than once; keep one")
+        missing = [c for c in range(num_channels) if c not in channels]
+        if missing:
+            problems += [f"{paths[0].name}: case {case} is incomplete: expected {expected}"
+                         for _, paths in sorted(channels.items())]
+        elif all(len(paths) == 1 for paths in channels.values()):
+            cases.append((case, tuple(channels[c][0] for c in range(num_channels))))
+    if problems:
+        rule = ("every file is one case, named without its ending and a final _0000" if num_channels == 1 else
+                f"each case is {num_channels} files CASE_0000 ... CASE_{num_channels - 1:04d}, one per channel")
+        raise ValueError(f"{len(problems)} file(s) break the naming rule for a model with {num_channels} "
+                         f"channel(s) ({rule}):\n" + "\n".join(f"  {problem}" for problem in problems))
+    return cases
 
 
 class DatasetError(RuntimeError):
@@ -82,16 +154,14 @@ class RawDataset:
         images_folder = self.folder / f"images{split}"
         if not images_folder.is_dir():
             return []
-        pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(self.file_ending)}$")
-        identifiers = sorted(
-            {match.group(1) for path in images_folder.iterdir() if (match := pattern.match(path.name))}
-        )
+        identifiers = sorted({match.group(1) for path in images_folder.iterdir()
+                              if path.name.endswith(self.file_ending)
+                              and (match := CHANNEL_FILE.match(path.name.removesuffix(self.file_ending)))})
         labels_folder = self.folder / f"labels{split}"
         cases = []
         for identifier in identifiers:
-            images = tuple(
-                images_folder / f"{identifier}_{channel:04d}{self.file_ending}" for channel in range(len(self.channel_names))
-            )
+            images = tuple(images_folder / channel_file_name(identifier, channel, self.file_ending)
+                           for channel in range(len(self.channel_names)))
             label = labels_folder / f"{identifier}{self.file_ending}" if split == "Tr" else None
             cases.append(Case(identifier, self.subjects.get(identifier, identifier), images, label))
         return cases

@@ -18,7 +18,14 @@ from scipy import ndimage
 
 from autoseg.dataset import Case, RawDataset
 from autoseg.parallel import map_cases
-from autoseg.verify import Problem, VerificationError, read_checked_case, training_cases, unmatched_label_files
+from autoseg.verify import (
+    Problem,
+    VerificationError,
+    lesion_free_problems,
+    read_checked_case,
+    training_cases,
+    unmatched_label_files,
+)
 
 #: Foreground voxels sampled per case and channel for dataset-wide percentiles (as nnU-Net does).
 SAMPLES_PER_CASE = 10_000
@@ -51,16 +58,19 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
         ``documentation/plans_format.md`` for every field.
 
     Raises:
-        VerificationError: listing every problem of every case (nothing is returned or written).
+        VerificationError: listing every problem of every case, or saying that no case contains a lesion (nothing
+            is returned or written).
     """
     cases = training_cases(dataset)
     allowed = sorted(dataset.labels.values())
     arguments = [(case, allowed, index) for index, case in enumerate(cases)]
     results = map_cases(_fingerprint_case_star, arguments, num_processes, progress, "fingerprint")
     problems = [problem for result in results for problem in result.problems] + unmatched_label_files(dataset, cases)
+    per_case = {result.identifier: result.summary for result in results}
+    if not problems:
+        problems = lesion_free_problems(dataset, _lesion_free(per_case), len(cases))
     if problems:
         raise VerificationError(problems)
-    per_case = {result.identifier: result.summary for result in results}
     channels = [
         {"name": name, "modality": modality_of(name), **_global_intensities([r.samples[c] for r in results])}
         for c, name in enumerate(dataset.channel_names)
@@ -204,9 +214,15 @@ def _aggregate(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "median_lesion_fraction_of_foreground": float(
             np.median([s.get("lesion_fraction_of_foreground", 0.0) for s in summaries])
         ),
-        "cases_without_lesion": int(sum(1 for s in summaries if s["lesion_components"] == 0)),
+        "cases_without_lesion": len(_lesion_free(per_case)),
+        "lesion_free_cases": _lesion_free(per_case),
         "hemispheres": {side: hemispheres.count(side) for side in ("left", "right", "bilateral", "none")},
     }
+
+
+def _lesion_free(per_case: dict[str, dict[str, Any]]) -> list[str]:
+    """Sorted identifiers of the cases whose label marks no lesion voxel."""
+    return sorted(case for case, summary in per_case.items() if summary["lesion_components"] == 0)
 
 
 def _distribution(values: list[float]) -> dict[str, float | int]:

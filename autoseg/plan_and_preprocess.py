@@ -64,7 +64,8 @@ def plan_and_preprocess(
     planner chooses resolution, width, patch, batch and iterations (``autoseg.compute_budget``).
 
     Raises:
-        DatasetError / VerificationError: the dataset cannot be found or has problems (nothing written).
+        DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
+            contains a lesion (nothing written: no fingerprint, no plans, no preprocessed folder).
         PlansError: invalid ``plans.json`` or an unknown configuration name.
         BudgetError: the budget cannot buy a useful run (the message says what would).
         KeyError: unknown planner (the message lists the known ones).
@@ -77,8 +78,8 @@ def plan_and_preprocess(
         cases = verify_dataset(dataset, num_processes, progress)
     else:
         planner_class = get_planner(planner)
+        fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
         compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
-        fingerprint = compute_fingerprint(dataset, num_processes, progress)
         plans = planner_class(fingerprint, memory_budget_gb, compute).plan()
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)

@@ -24,8 +24,10 @@ label on the input grid (the configurations' maps are summed into it in place) a
 Post-processing (threshold, minimum lesion size) comes from ``AUTOSEG_RESULTS/<dataset>/postprocessing.json``
 when it was tuned for exactly the members being ensembled, else from the first configuration's plans.
 
-Inputs: a folder in the dataset's naming (``CASE_0000<ending>``, one file per channel), a folder of plain-named
-single-channel files (one file = one case; only for one-channel models), or a single file.
+Inputs: a folder of image files, or a single file, named by one rule (:func:`autoseg.dataset.cases_from_files`,
+``documentation/dataset_format.md``): for a one-channel model every file is one case, named without its ending and
+without a final ``_0000``; for a model with C channels the files form complete cases ``CASE_0000`` ...
+``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from autoseg.checkpoint import load_checkpoint
+from autoseg.dataset import CHANNEL_FILE, cases_from_files
 from autoseg.inference import TTA_CHOICES, Predictor
 from autoseg.io import IMAGE_ENDINGS, Geometry, read_image, read_json, split_ending, write_image
 from autoseg.machine import choose_device, choose_precision
@@ -68,7 +71,6 @@ __all__ = [
 CHECKPOINT_CHOICES = ("best", "final", "snapshots")
 #: Written by ``autoseg_find_best`` beside the configuration folders of a dataset.
 POSTPROCESSING_FILE = "postprocessing.json"
-_CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")
 
 
 @dataclass(frozen=True)
@@ -223,58 +225,40 @@ def _checkpoint_files(fold: Path, checkpoint: str) -> list[Path]:
 
 
 def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
-    """The cases in a folder or file, sorted by identifier.
-
-    A folder whose image files are all named ``CASE_XXXX<ending>`` is read in the dataset's naming (channel
-    ``XXXX``); otherwise, for a one-channel model, every image file is one case named by its stem. A single
-    ``CASE_0000`` file takes its sibling channel files ``CASE_0001``... with it.
+    """The cases in a folder or file, sorted by identifier, by the naming rule of
+    :func:`autoseg.dataset.cases_from_files`: for a one-channel model every file is one case (``CASE_0000.nii.gz``
+    is case ``CASE``, ``sub_0001.nii.gz`` case ``sub_0001``); for C > 1 channels the files must form complete
+    cases ``CASE_0000`` ... ``CASE_{C-1}``. A single ``CASE_XXXX`` file given to a multi-channel model takes its
+    sibling channel files with it.
 
     Raises:
         FileNotFoundError: ``source`` does not exist or holds no image files.
-        ValueError: a case whose channels are not exactly 0..num_channels-1 (the message names the case), or
-            plain-named files for a model with several channels.
+        ValueError: files that break the naming rule; the message lists each with the names expected.
     """
     source = Path(source)
     if source.is_file():
-        stem, ending = split_ending(source)
-        match = _CHANNEL_FILE.match(stem)
-        if match and int(match.group(2)) == 0:
-            siblings = [p for p in source.parent.iterdir() if split_ending(p)[1] == ending
-                        and (m := _CHANNEL_FILE.match(split_ending(p)[0])) and m.group(1) == match.group(1)]
-            return [_case_from_channels(match.group(1), siblings, ending, num_channels)]
-        return [_case_from_channels(stem, [source], ending, num_channels, plain=True)]
-    if not source.is_dir():
+        match = CHANNEL_FILE.match(split_ending(source)[0])
+        files = [source]
+        if num_channels > 1 and match:
+            files = [p for p in _image_files(source.parent)
+                     if (m := CHANNEL_FILE.match(split_ending(p)[0])) and m.group(1) == match.group(1)]
+    elif source.is_dir():
+        files = _image_files(source)
+        if not files:
+            raise FileNotFoundError(f"{source}: no image files ({', '.join(IMAGE_ENDINGS)})")
+    else:
         raise FileNotFoundError(f"{source}: no such file or folder")
-    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and split_ending(p)[1].lower() in IMAGE_ENDINGS)
-    if not files:
-        raise FileNotFoundError(f"{source}: no image files ({', '.join(IMAGE_ENDINGS)})")
-    named = [_CHANNEL_FILE.match(split_ending(p)[0]) for p in files]
-    if all(named):
-        groups: dict[str, list[Path]] = {}
-        for path, match in zip(files, named):
-            groups.setdefault(match.group(1), []).append(path)
-        return [_case_from_channels(case, paths, split_ending(paths[0])[1], num_channels)
-                for case, paths in sorted(groups.items())]
-    if num_channels != 1:
-        raise ValueError(f"{source}: files must be named CASE_0000{split_ending(files[0])[1]} ... "
-                         f"CASE_{num_channels - 1:04d} for a model with {num_channels} channels, found e.g. "
-                         f"{next(p.name for p, m in zip(files, named) if not m)}")
-    return [_case_from_channels(split_ending(p)[0], [p], split_ending(p)[1], 1, plain=True) for p in files]
+    try:
+        grouped = cases_from_files(files, num_channels)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    return [InputCase(case, paths, split_ending(paths[0])[1]) for case, paths in grouped]
 
 
-def _case_from_channels(case: str, paths: Sequence[Path], ending: str, num_channels: int,
-                        plain: bool = False) -> InputCase:
-    if plain:
-        if num_channels != 1:
-            raise ValueError(f"case {case}: one file given but the model needs {num_channels} channels "
-                             f"({case}_0000{ending} ... {case}_{num_channels - 1:04d}{ending})")
-        return InputCase(case, tuple(paths), ending)
-    by_channel = {int(_CHANNEL_FILE.match(split_ending(p)[0]).group(2)): p for p in paths}
-    if sorted(by_channel) != list(range(num_channels)):
-        raise ValueError(f"case {case}: found channel(s) {sorted(by_channel)} but the model needs {num_channels} "
-                         f"channel(s) {list(range(num_channels))} ({case}_0000{ending} ...)")
-    return InputCase(case, tuple(by_channel[c] for c in range(num_channels)), ending)
+def _image_files(folder: Path) -> list[Path]:
+    """The visible image files of ``folder`` (endings in ``IMAGE_ENDINGS``), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and split_ending(p)[1].lower() in IMAGE_ENDINGS)
 
 
 def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:

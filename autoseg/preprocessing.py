@@ -5,10 +5,15 @@ Per case and configuration (``AUTOSEG_PREPROCESSED/<dataset>/<data_identifier>/`
     CASE.npy           (C, X, Y, Z) float32 normalized channels at the target spacing
     CASE_seg.npy       (X, Y, Z) uint8 labels at the target spacing
     CASE_lesion.npy    (N, 3) int32 voxel indices of up to 10,000 lesion voxels (for lesion-centred sampling)
-    CASE.json          properties: original geometry, crop box, shapes, and what the case was built from
+    CASE.json          properties: original geometry, crop box, shapes, what the case was built from, and
+                       ``arrays``: each array file's size in bytes and CRC-32, recorded as it was written
 
-``CASE.json`` is written last, so a case without it is incomplete and is redone; a case whose
-sources and preprocessing settings are unchanged is skipped.
+``CASE.json`` is written last, so a case without it is incomplete and is redone. A case is skipped only
+when its sources and preprocessing settings are unchanged and each of its arrays is sound: its size agrees
+with its ``.npy`` header and with the recorded size, and its bytes with the recorded CRC-32 (reading every
+byte: about 20 ms for a 1 mm ATLAS-like case, 20 MB, from the page cache on one 2-core VM;
+writing with the checksum adds about 25 ms to the 2.6 s it takes to preprocess that case). A damaged case (e.g. a ``.npy`` cut short
+when the disk filled up, or by a copy that was interrupted) is preprocessed again.
 
 ``restore_probabilities`` and ``restore_labels`` undo cropping and resampling, giving arrays on the
 original grid of the raw image.
@@ -27,11 +32,27 @@ from scipy import ndimage
 
 from autoseg.dataset import Case
 from autoseg.fingerprint import bounding_box
-from autoseg.io import Geometry, load_array, read_image, read_json, save_array, write_json
+from autoseg.io import (
+    DamagedArrayError,
+    Geometry,
+    array_damage,
+    load_array,
+    read_image,
+    read_json,
+    save_array,
+    write_json,
+)
 from autoseg.parallel import map_cases
 from autoseg.plans import Configuration, Normalization, Resampling
 
 MAX_LESION_LOCATIONS = 10_000
+#: The array files of a preprocessed case: ``CASE.npy``, ``CASE_seg.npy``, ``CASE_lesion.npy``.
+ARRAY_SUFFIXES = ("", "_seg", "_lesion")
+
+
+def array_files(folder: Path, identifier: str) -> list[Path]:
+    """The array files of case ``identifier`` in ``folder``, in :data:`ARRAY_SUFFIXES` order."""
+    return [Path(folder) / f"{identifier}{suffix}.npy" for suffix in ARRAY_SUFFIXES]
 
 
 def preprocessing_key(configuration: Configuration) -> str:
@@ -56,7 +77,8 @@ def preprocess_dataset(
 
 
 def is_up_to_date(case: Case, folder: Path, key: str) -> bool:
-    """True when ``case`` was preprocessed with ``key`` from the same source files."""
+    """True when ``case`` was preprocessed with ``key`` from the same source files and every array it wrote is
+    intact (size and CRC-32 as recorded in ``CASE.json``; see the module docstring)."""
     properties_path = folder / f"{case.identifier}.json"
     if not properties_path.is_file():
         return False
@@ -64,8 +86,25 @@ def is_up_to_date(case: Case, folder: Path, key: str) -> bool:
         properties = read_json(properties_path)
     except ValueError:
         return False
-    arrays_present = all((folder / f"{case.identifier}{suffix}.npy").is_file() for suffix in ("", "_seg", "_lesion"))
-    return arrays_present and properties.get("key") == key and properties.get("sources") == _sources(case)
+    if properties.get("key") != key or properties.get("sources") != _sources(case):
+        return False
+    records = properties.get("arrays") or {}
+    return all(path.name in records and array_damage(path, records[path.name]) is None
+               for path in array_files(folder, case.identifier))
+
+
+def check_arrays(folder: Path, identifiers: Sequence[str]) -> None:
+    """Check that the arrays of the preprocessed cases ``identifiers`` are not cut short (sizes against their
+    ``.npy`` headers: one small read per file, no checksums), e.g. before a training loader starts.
+
+    Raises:
+        DamagedArrayError: naming every damaged file and saying to re-run ``autoseg_plan``.
+    """
+    damaged = [f"{path}: {problem}" for identifier in identifiers for path in array_files(folder, identifier)
+               if (problem := array_damage(path)) is not None]
+    if damaged:
+        raise DamagedArrayError(f"damaged preprocessed array(s): {'; '.join(damaged)}; re-run autoseg_plan for "
+                                f"this dataset (it redoes damaged cases)")
 
 
 def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> dict[str, Any]:
@@ -79,11 +118,10 @@ def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> d
     if len(lesion) > MAX_LESION_LOCATIONS:
         rng = np.random.default_rng(1234)
         lesion = lesion[np.sort(rng.choice(len(lesion), MAX_LESION_LOCATIONS, replace=False))]
-    save_array(data, folder / f"{case.identifier}.npy")
-    save_array(seg, folder / f"{case.identifier}_seg.npy")
-    save_array(lesion, folder / f"{case.identifier}_lesion.npy")
+    records = {path.name: save_array(array, path)
+               for array, path in zip((data, seg, lesion), array_files(folder, case.identifier))}
     properties.update({"case": case.identifier, "subject": case.subject, "key": preprocessing_key(configuration),
-                       "sources": _sources(case)})
+                       "sources": _sources(case), "arrays": records})
     write_json(properties, folder / f"{case.identifier}.json")
     return properties
 

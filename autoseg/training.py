@@ -28,7 +28,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,8 @@ class TrainingOptions:
         seed: fixes the network initialization and every batch (with ``num_processes``).
         num_processes: background processes that make the training batches (0: in the training process); None:
             the plans' compute-budget choice when the run is on the device it was planned for, else 2.
-        continue_training: resume from ``checkpoint_latest.pth`` (``--continue``).
+        continue_training: resume from ``checkpoint_latest.pth`` (``--continue``); without one (no epoch
+            completed) the run starts afresh and its log says so.
         pretrained: torchvision-layout ResNet (or autoseg PSPNet) state dict the PSPNet starts from
             (``--pretrained``); read with ``weights_only=True``; ignored when continuing.
         validation: predict the fold's validation cases with sliding-window inference at the end.
@@ -398,7 +399,9 @@ def train(
         PlansError: not planned yet, or the configuration is not in the plans (the message lists them).
         KeyError: unknown trainer (the message lists the known ones).
         ValueError: fold out of range, no preprocessed data, CUDA requested without CUDA, ...
-        FileNotFoundError: ``continue_training`` without a checkpoint to continue from.
+        DiskFullError: the disk filled up while a checkpoint, log or validation file was written (the message
+            names it); ``continue_training`` then resumes after the last epoch whose ``checkpoint_latest.pth`` was
+            written, or starts afresh (saying so in the log) when there is none.
         CheckpointError: the checkpoint to continue from is unreadable or holds pickled objects.
     """
     from trainers import get_trainer  # the trainers import this module: resolve them only when training
@@ -431,8 +434,8 @@ def cross_validate(
     """Train every fold of ``splits_final.json`` in turn (``autoseg_train -f all``).
 
     With ``options.continue_training`` a fold that already finished (``checkpoint_final.pth``) is kept as it
-    is, a fold with ``checkpoint_latest.pth`` is resumed, and a fold not started yet starts; so the same
-    command picks up a killed cross-validation where it stopped.
+    is, a fold with ``checkpoint_latest.pth`` is resumed, and a fold with no completed epoch starts afresh (its
+    log says so); so the same command picks up a killed cross-validation where it stopped.
     """
     from trainers import get_trainer  # the trainers import this module: resolve them only when training
 
@@ -446,11 +449,8 @@ def cross_validate(
     splits = load_or_create_splits(preprocessed, identifiers, read_subjects(data_folder, identifiers))
     results = []
     for fold in range(len(splits)):
-        fold_options = options
-        if options.continue_training:
-            folder = run_folder(raw.name, chosen.name, trainer_name, fold)
-            if (folder / "checkpoint_final.pth").is_file():
-                continue
-            fold_options = replace(options, continue_training=(folder / "checkpoint_latest.pth").is_file())
-        results.append(train(dataset, configuration, fold, trainer, fold_options))
+        folder = run_folder(raw.name, chosen.name, trainer_name, fold)
+        if options.continue_training and (folder / "checkpoint_final.pth").is_file():
+            continue
+        results.append(train(dataset, configuration, fold, trainer, options))
     return results

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from autoseg.io import atomic_path
+from autoseg.io import atomic_path, reporting_disk_full
 
 HISTORY_KEYS = ("epoch", "stage", "train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice", "learning_rate",
                 "epoch_time")
@@ -66,11 +66,17 @@ class TrainingLog:
         """Begin a run: truncate the file unless ``append`` (a resumed run continues the same log)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not append:
-            self.path.write_text("", encoding="utf-8")
+            with reporting_disk_full(self.path):
+                self.path.write_text("", encoding="utf-8")
 
     def __call__(self, message: str) -> None:
+        """Append ``message`` (one stamped line per line of it).
+
+        Raises:
+            DiskFullError: the disk is full (the message names ``log.txt``).
+        """
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with reporting_disk_full(self.path), open(self.path, "a", encoding="utf-8") as handle:
             for line in message.splitlines() or [""]:
                 handle.write(f"{stamp}  {line}\n")
         if self.echo:

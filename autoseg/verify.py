@@ -42,7 +42,7 @@ def verify_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool =
 
     Checks: readable and complete files, every channel present, 3-D images, image/label agreement
     in shape, spacing, origin and direction, label values among ``dataset.json``'s labels, finite
-    intensities, and a non-empty dataset.
+    intensities, a non-empty dataset, and at least one case with a lesion (:func:`lesion_free_problems`).
 
     Raises:
         VerificationError: listing every problem found.
@@ -51,10 +51,25 @@ def verify_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool =
     allowed = sorted(dataset.labels.values())
     arguments = [(case, allowed) for case in cases]
     results = map_cases(_verify_case_star, arguments, num_processes, progress, "verify")
-    problems = [problem for found in results for problem in found] + unmatched_label_files(dataset, cases)
+    problems = [problem for found, _ in results for problem in found] + unmatched_label_files(dataset, cases)
+    if not problems:
+        lesion_free = [case.identifier for case, (_, lesion) in zip(cases, results) if not lesion]
+        problems = lesion_free_problems(dataset, lesion_free, len(cases))
     if problems:
         raise VerificationError(problems)
     return cases
+
+
+def lesion_free_problems(dataset: RawDataset, lesion_free: list[str], num_cases: int) -> list[Problem]:
+    """The dataset-wide problem "no training case contains a lesion" when every one of the ``num_cases`` sound
+    cases is in ``lesion_free``; nothing when at least one case has a lesion (lesion-free cases are fine then:
+    the fingerprint lists them)."""
+    if num_cases == 0 or len(lesion_free) < num_cases:
+        return []
+    message = (f"dataset {dataset.name}: none of its {num_cases} training case(s) contains a lesion (every label "
+               "file holds only background 0); autoseg learns lesions from traced examples: add cases whose label "
+               "files mark lesions, or check that labelsTr/ holds the lesion tracings")
+    return [Problem("-", dataset.folder / "labelsTr", message)]
 
 
 def training_cases(dataset: RawDataset) -> list[Case]:
@@ -154,8 +169,10 @@ def _check_image(
     return array, geometry, problems
 
 
-def _verify_case_star(argument: tuple[Case, list[int]]) -> list[Problem]:
-    return verify_case(*argument)
+def _verify_case_star(argument: tuple[Case, list[int]]) -> tuple[list[Problem], bool]:
+    """The case's problems, and whether its label marks any lesion voxel."""
+    checked = read_checked_case(*argument)
+    return checked.problems, checked.label is not None and bool(checked.label.any())
 
 
 def unmatched_label_files(dataset: RawDataset, cases: list[Case]) -> list[Problem]:

@@ -21,7 +21,7 @@ from autoseg.augmentation import (
     training_transforms,
 )
 from autoseg.dataloading import case_identifiers, make_loader
-from autoseg.io import save_array, write_json
+from autoseg.io import DamagedArrayError, save_array, write_json
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Configuration
 
@@ -106,6 +106,44 @@ def test_closed_stream_refuses_batches(planned) -> None:
     assert multiprocessing.active_children() == []
     with pytest.raises(RuntimeError, match="closed"):
         next(stream)
+
+
+def _truncated_copy(folder: Path, destination: Path, case_index: int) -> tuple[Path, list[str]]:
+    """A copy of a preprocessed folder; returns the array of one case to cut short, and the cases."""
+    copy = Path(shutil.copytree(folder, destination))
+    cases = case_identifiers(copy)
+    return copy / f"{cases[case_index]}.npy", cases
+
+
+def _cut_short(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("num_processes", [0, 1])
+def test_a_damaged_array_is_named_by_the_loader(planned, tmp_path: Path, num_processes: int) -> None:
+    configuration, folder = planned["3d_resunet"]
+    damaged, cases = _truncated_copy(folder, tmp_path / "data", 0)
+    _cut_short(damaged)
+    with pytest.raises(DamagedArrayError, match="re-run autoseg_plan") as error:
+        with make_loader(damaged.parent, cases, configuration, None, num_processes, 0, True) as stream:
+            for _ in range(20):  # in this process: as soon as the damaged case is drawn
+                next(stream)
+    assert str(damaged) in str(error.value) and "cut short" in str(error.value)
+    assert multiprocessing.active_children() == []
+
+
+def test_an_array_damaged_while_workers_run_is_named(planned, tmp_path: Path) -> None:
+    configuration, folder = planned["3d_resunet"]
+    damaged, cases = _truncated_copy(folder, tmp_path / "data", 1)
+    with pytest.raises(DamagedArrayError, match="re-run autoseg_plan") as error:
+        with make_loader(damaged.parent, cases, configuration, None, 1, 0, True) as stream:
+            next(stream)
+            _cut_short(damaged)
+            for _ in range(200):  # a worker dies on it; the error names the file, not only "no longer alive"
+                next(stream)
+    assert str(damaged) in str(error.value)
+    assert multiprocessing.active_children() == []
 
 
 def write_label_image(folder: Path, shape: tuple[int, ...]) -> None:

@@ -1,14 +1,31 @@
-"""Image I/O: (x, y, z) order everywhere, the same voxels whichever reader, atomic writes."""
+"""Image I/O: (x, y, z) order everywhere, the same voxels whichever reader, atomic writes, a full disk named,
+damaged arrays found."""
 
 from __future__ import annotations
 
+import errno
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg.io import Geometry, ImageReadError, read_image, write_image, write_json
+from autoseg.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.io import (
+    DamagedArrayError,
+    DiskFullError,
+    Geometry,
+    ImageReadError,
+    array_damage,
+    is_disk_full,
+    load_array,
+    read_image,
+    read_json,
+    save_array,
+    write_image,
+    write_json,
+)
 
 OBLIQUE = (0.8660254, -0.5, 0.0, 0.5, 0.8660254, 0.0, 0.0, 0.0, 1.0)
 
@@ -47,3 +64,90 @@ def test_writers_leave_no_temporary_files_and_usual_permissions(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert (tmp_path / "x.json").stat().st_mode & 0o044  # readable by group/others as usual
     assert (tmp_path / "x.json").read_text() == '{\n  "spacing": [1.0, 2.0]\n}\n'
+
+
+# ---------------------------------------------------------------------------- a full disk
+def _chained(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__context__ = inner
+    return outer
+
+
+@pytest.mark.parametrize("error, full", [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (OSError("30056 requested and 16352 written"), True),  # numpy's short write
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), True),  # torch.save
+    (RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"), True),
+    (RuntimeError("ITK ERROR: NiftiImageIO: No space left on device"), True),
+    (_chained(RuntimeError("writing failed"), OSError(errno.ENOSPC, "No space left on device")), True),
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError("No space left on device"), False),  # not a write error
+])
+def test_disk_full_is_recognized_whichever_library_wrote(error: BaseException, full: bool) -> None:
+    assert is_disk_full(error) is full
+
+
+def _no_space(*_: object, **__: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    before = {"json": {"a": 1}, "npy": np.arange(8.0), "image": np.ones((4, 4, 4), np.float32), "pth": {"epoch": 1}}
+    paths = {kind: tmp_path / f"x.{'nii.gz' if kind == 'image' else kind}" for kind in before}
+    write_json(before["json"], paths["json"])
+    save_array(before["npy"], paths["npy"])
+    write_image(before["image"], geometry, paths["image"])
+    save_checkpoint(before["pth"], paths["pth"])
+
+    def half_then_full(self: object, data: bytes) -> int:
+        self.handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def torch_short_write(state: object, handle: object) -> None:
+        handle.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    attempts = [
+        ("npy", "autoseg.io._ChecksumWriter.write", half_then_full, lambda: save_array(np.zeros(10**5), paths["npy"])),
+        ("json", "pathlib.Path.write_text", _no_space, lambda: write_json({"b": 2}, paths["json"])),
+        ("image", "SimpleITK.WriteImage", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(
+            "Exception thrown in SimpleITK WriteImage: ... No space left on device")),
+         lambda: write_image(np.zeros((4, 4, 4), np.float32), geometry, paths["image"])),
+        ("pth", "os.fsync", _no_space, lambda: save_checkpoint({"epoch": 2}, paths["pth"])),
+        ("pth", "torch.save", torch_short_write, lambda: save_checkpoint({"epoch": 2}, paths["pth"])),
+    ]
+    for kind, target, failure, write in attempts:
+        with monkeypatch.context() as patch:
+            patch.setattr(target, failure)
+            with pytest.raises(DiskFullError) as raised:
+                write()
+        assert str(raised.value) == f"no space left on device while writing {paths[kind]}", target
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values()), "no temporaries"
+    assert read_json(paths["json"]) == before["json"]
+    assert np.array_equal(load_array(paths["npy"]), before["npy"])
+    assert np.array_equal(read_image(paths["image"])[0], before["image"])
+    assert load_checkpoint(paths["pth"]) == before["pth"]
+    error = pickle.loads(pickle.dumps(DiskFullError(paths["npy"])))  # crosses from preprocessing workers intact
+    assert isinstance(error, DiskFullError) and str(error) == f"no space left on device while writing {paths['npy']}"
+
+
+# ---------------------------------------------------------------------------- damaged arrays
+def test_saved_arrays_record_size_and_checksum_and_damage_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "case.npy"
+    array = np.random.default_rng(0).random((2, 30, 20, 10)).astype(np.float32)
+    record = save_array(array, path)
+    assert record["bytes"] == path.stat().st_size and array_damage(path, record) is None
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])  # cut short
+    assert "cut short" in array_damage(path) and "cut short" in array_damage(path, record)
+    for mmap in (True, False):
+        with pytest.raises(DamagedArrayError, match="re-run autoseg_plan") as error:
+            load_array(path, mmap=mmap)
+        assert str(path) in str(error.value) and "cut short" in str(error.value)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit changed: same size, other bytes
+    assert array_damage(path) is None, "the size alone cannot see it"
+    assert "CRC-32" in array_damage(path, record)
+    path.unlink()
+    assert array_damage(path, record) == "the file is missing"

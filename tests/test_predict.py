@@ -89,25 +89,55 @@ QUIET = dict(device="cpu", progress=False)
 
 
 # ---------------------------------------------------------------------------- inputs
-def test_input_folder_in_dataset_naming_and_plain_names(tmp_path: Path) -> None:
+def _touch_images(folder: Path, *names: str) -> None:
     geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    for name in ("b_0000.nii.gz", "b_0001.nii.gz", "a_0000.nii.gz", "a_0001.nii.gz"):
-        write_image(np.zeros((4, 4, 4), np.float32), geometry, tmp_path / "named" / name)
+    for name in names:
+        write_image(np.zeros((4, 4, 4), np.float32), geometry, folder / name)
+
+
+def test_input_folder_in_dataset_naming_and_plain_names(tmp_path: Path) -> None:
+    _touch_images(tmp_path / "named", "b_0000.nii.gz", "b_0001.nii.gz", "a_0000.nii.gz", "a_0001.nii.gz")
     cases = find_input_cases(tmp_path / "named", 2)
     assert [c.identifier for c in cases] == ["a", "b"]
     assert [p.name for p in cases[0].images] == ["a_0000.nii.gz", "a_0001.nii.gz"]
-    with pytest.raises(ValueError, match="case a: found channel\\(s\\) \\[0, 1\\] but the model needs 1"):
-        find_input_cases(tmp_path / "named", 1)
-    with pytest.raises(ValueError, match="case a: found channel\\(s\\) \\[0, 1\\] but the model needs 3"):
+    # one channel: every file is one case, a final _0000 dropped from its name
+    assert [c.identifier for c in find_input_cases(tmp_path / "named", 1)] == ["a", "a_0001", "b", "b_0001"]
+    with pytest.raises(ValueError, match="4 file\\(s\\) break the naming rule for a model with 3 channel") as error:
         find_input_cases(tmp_path / "named", 3)
-    for name in ("scan.mha", "other.nii"):
-        write_image(np.zeros((4, 4, 4), np.float32), geometry, tmp_path / "plain" / name)
+    assert "a_0000.nii.gz: case a is incomplete: expected a_0000.nii.gz, a_0001.nii.gz, a_0002.nii.gz" in str(error.value)
+    _touch_images(tmp_path / "plain", "scan.mha", "other.nii")
     cases = find_input_cases(tmp_path / "plain", 1)
     assert [(c.identifier, c.ending) for c in cases] == [("other", ".nii"), ("scan", ".mha")]
-    with pytest.raises(ValueError, match="for a model with 2 channels"):
+    with pytest.raises(ValueError, match="scan.mha: not named CASE_XXXX"):
         find_input_cases(tmp_path / "plain", 2)
     single = find_input_cases(tmp_path / "named" / "b_0000.nii.gz", 2)
     assert [p.name for p in single[0].images] == ["b_0000.nii.gz", "b_0001.nii.gz"]
+    assert [c.identifier for c in find_input_cases(tmp_path / "named" / "b_0001.nii.gz", 1)] == ["b_0001"]
+
+
+def test_plain_names_ending_in_digits_are_one_case_each_for_a_one_channel_model(tmp_path: Path) -> None:
+    names = ["sub_0001.nii.gz", "scan_0002.nii.gz", "sub_0003.mha", "CASE_0000.nii.gz", "x_12.nii", "y_00001.nii.gz"]
+    _touch_images(tmp_path, *names)
+    cases = find_input_cases(tmp_path, 1)
+    assert [(c.identifier, c.images[0].name) for c in cases] == [
+        ("CASE", "CASE_0000.nii.gz"), ("scan_0002", "scan_0002.nii.gz"), ("sub_0001", "sub_0001.nii.gz"),
+        ("sub_0003", "sub_0003.mha"), ("x_12", "x_12.nii"), ("y_00001", "y_00001.nii.gz")]
+    assert [c.identifier for c in find_input_cases(tmp_path / "sub_0001.nii.gz", 1)] == ["sub_0001"]
+    _touch_images(tmp_path, "CASE.mha")  # would be case CASE as well
+    with pytest.raises(ValueError, match="CASE.mha, CASE_0000.nii.gz: the same case CASE more than once"):
+        find_input_cases(tmp_path, 1)
+
+
+def test_files_that_do_not_form_complete_cases_are_listed_for_a_multi_channel_model(tmp_path: Path) -> None:
+    _touch_images(tmp_path, "a_0000.nii.gz", "a_0001.nii.gz", "a_0002.nii.gz", "b_0001.nii.gz", "sub_7.nii.gz")
+    with pytest.raises(ValueError) as error:
+        find_input_cases(tmp_path, 2)
+    lines = str(error.value).splitlines()
+    assert lines[0] == (f"{tmp_path}: 3 file(s) break the naming rule for a model with 2 channel(s) (each case is 2 "
+                        "files CASE_0000 ... CASE_0001, one per channel):")
+    assert lines[1:] == ["  a_0002.nii.gz: channel 2, but the model's channels are 0-1",
+                         "  sub_7.nii.gz: not named CASE_XXXX (XXXX the channel, 0000-0001)",
+                         "  b_0001.nii.gz: case b is incomplete: expected b_0000.nii.gz, b_0001.nii.gz"]
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -135,12 +165,30 @@ def test_predict_single_plain_oblique_file_keeps_its_geometry(home: Path, tmp_pa
     assert _same_geometry(written, oblique)
 
 
-def test_channel_mismatch_names_the_case(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_plain_names_ending_in_digits_on_the_command_line(home: Path, tmp_path: Path) -> None:
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
-    shutil.copy(source, tmp_path / "x_0000.nii.gz")
-    shutil.copy(source, tmp_path / "x_0001.nii.gz")
+    for name in ("sub_0001.nii.gz", "scan_0002.nii.gz", "sub_0003.nii.gz"):
+        shutil.copy(source, tmp_path / name)
+    assert predict_main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "--device", "cpu", "--no-progress",
+                         "--no-tta"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "scan_0002.nii.gz", "sub_0001.nii.gz", "sub_0003.nii.gz"]
+
+
+def test_incomplete_cases_for_a_multi_channel_model_on_the_command_line(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    one_channel = load_model(NAME, CONFIGURATION)
+    two_channels = dataclasses.replace(one_channel, plans=dataclasses.replace(one_channel.plans, channels=("T1", "FLAIR")))
+    monkeypatch.setattr("autoseg.predict.load_model", lambda *args, **kwargs: two_channels)  # a two-channel model
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    for name in ("x_0000.nii.gz", "x_0001.nii.gz", "y_0000.nii.gz", "sub_0001.nii.gz"):
+        shutil.copy(source, tmp_path / name)
     assert predict_main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
-    assert "case x: found channel(s) [0, 1] but the model needs 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: 2 file(s) break the naming rule for a model with 2 channel(s)")
+    assert "  sub_0001.nii.gz: case sub is incomplete: expected sub_0000.nii.gz, sub_0001.nii.gz" in err
+    assert "  y_0000.nii.gz: case y is incomplete: expected y_0000.nii.gz, y_0001.nii.gz" in err
+    assert "x_000" not in err and not (tmp_path / "out").exists()
 
 
 def test_dataset_choice_without_d(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import autoseg.io
+from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
-from autoseg.io import Geometry, read_image, write_image
+from autoseg.io import Geometry, array_damage, load_array, read_image, read_json, write_image
 from autoseg.plan_and_preprocess import dataset_folder, plan_and_preprocess
 from autoseg.plans import Resampling
 from autoseg.preprocessing import (
@@ -102,6 +105,52 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(tiny_atlas: Path)
     changed = dataclasses.replace(configuration, resampling=Resampling(image_order=1))
     assert len(preprocess_dataset(cases, changed, folder, progress=False)) == 4, "new settings redo every case"
     assert not list(folder.glob(".*tmp*")), "no temporary files left behind"
+
+
+def test_a_damaged_array_is_not_up_to_date_and_only_its_case_is_redone(tiny_atlas: Path) -> None:
+    first = plan_and_preprocess("ATLASTiny", progress=False)
+    folder = dataset_folder(find_dataset("ATLASTiny")) / "3d_resunet"
+    cut, flipped = (c.identifier for c in find_dataset("ATLASTiny").cases()[1:3])
+    for case in (cut, flipped):
+        records = read_json(folder / f"{case}.json")["arrays"]
+        assert sorted(records) == [f"{case}.npy", f"{case}_lesion.npy", f"{case}_seg.npy"]
+    data = (folder / f"{cut}.npy").read_bytes()
+    (folder / f"{cut}.npy").write_bytes(data[: len(data) // 2])  # cut short after planning
+    seg = bytearray((folder / f"{flipped}_seg.npy").read_bytes())
+    seg[-1] ^= 1  # same size, one changed byte: only the checksum sees it
+    (folder / f"{flipped}_seg.npy").write_bytes(bytes(seg))
+    again = plan_and_preprocess("ATLASTiny", progress=False)
+    assert sorted(again.preprocessed["3d_resunet"]) == sorted([cut, flipped])
+    assert again.plans == first.plans
+    for case in (cut, flipped):
+        records = read_json(folder / f"{case}.json")["arrays"]
+        assert all(array_damage(folder / name, record) is None for name, record in records.items())
+    assert load_array(folder / f"{cut}.npy").shape[0] == 1
+
+
+def test_a_full_disk_while_preprocessing_is_one_line_and_leaves_nothing_broken(
+        tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    original, writes = autoseg.io._ChecksumWriter.write, []
+
+    def fills_up(self: object, data: bytes) -> int:
+        writes.append(len(data))
+        if len(writes) == 7:  # in the second case: a .npy half written, then the disk is full
+            self.handle.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(autoseg.io._ChecksumWriter, "write", fills_up)
+    assert plan_main(["-d", "ATLASTiny", "-np", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    folder = dataset_folder(find_dataset("ATLASTiny")) / "3d_resunet"
+    assert len(err.splitlines()) == 1 and err.startswith("error: no space left on device while writing "), err
+    assert err.removeprefix("error: no space left on device while writing ").startswith(str(folder)), err
+    assert not list(folder.glob(".*tmp*")), "no temporary file left"
+    for path in folder.glob("*.npy"):  # whatever is under a final name is whole
+        assert array_damage(path) is None, path
+    monkeypatch.setattr(autoseg.io._ChecksumWriter, "write", original)
+    assert plan_main(["-d", "ATLASTiny", "-np", "1", "--no-progress"]) == 0  # space freed: the same command finishes
+    assert "3 case(s) (re)computed" in capsys.readouterr().out
 
 
 def test_halving_the_resolution_keeps_lesion_volume_within_five_percent(tiny_atlas) -> None:

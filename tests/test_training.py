@@ -8,8 +8,10 @@ one CPU thread, so the whole file takes well under a minute and a half.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fractions
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -324,9 +326,74 @@ def test_clear_one_line_errors(home: Path, tiny_atlas: Path, capsys: pytest.Capt
     assert "fold 7 is out of range" in _error(capsys, "-d", "ATLASFive", "-f", "7", "-np", "0")
     assert "unknown trainer 'Fancy'; available: PSPNetCETrainer, PSPNetTrainer, ResidualUNetTrainer, ZoomInOutTrainer" in _error(
         capsys, "-d", "ATLASFive", "-tr", "Fancy")
-    assert "no checkpoint to continue from" in _error(capsys, "-d", "ATLASFive", "--continue", "-np", "0")
     if not torch.cuda.is_available():
         assert "no CUDA device is available" in _error(capsys, "-d", "ATLASFive", "--device", "cuda")
+
+
+def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, name: str, epoch: int, how: str) -> None:
+    """Make the write of checkpoint ``name`` after ``epoch`` fail as on a full disk: torch.save's short write
+    (``how="torch"``) or ENOSPC from fsync (``how="fsync"``)."""
+    saved, original_save, original_fsync = {"count": 0}, torch.save, os.fsync
+
+    def failing(handle: object) -> bool:
+        if f".{name}." not in str(getattr(handle, "name", "")):
+            return False
+        saved["count"] += 1
+        return saved["count"] == epoch
+
+    def save(state: object, handle: object, *args: object, **kwargs: object) -> None:
+        if how == "torch" and failing(handle):
+            handle.write(b"PK\x03\x04 partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        original_save(state, handle, *args, **kwargs)
+        if how == "fsync" and failing(handle):
+            monkeypatch.setattr(os, "fsync", lambda _: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+        else:
+            monkeypatch.setattr(os, "fsync", original_fsync)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+RUN = ["-d", "ATLASFive", "-f", "0", "--epochs", "3", "--iters-per-epoch", "1", "--val-iters", "1", "-np", "0",
+       "--no-validation"]
+
+
+def test_a_full_disk_before_any_epoch_completed_then_continue_starts_afresh(
+        home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
+    with monkeypatch.context() as patch:
+        _fill_disk_at(patch, "checkpoint_latest.pth", 1, "torch")
+        assert _error(capsys, *RUN) == f"error: no space left on device while writing {folder / 'checkpoint_latest.pth'}"
+    assert sorted(p.name for p in folder.glob("*.pth")) == ["checkpoint_best.pth"]  # the state the issue describes
+    assert not list(folder.glob(".*tmp*"))
+    assert main([*RUN, "--continue"]) == 0
+    log = (folder / "log.txt").read_text()
+    assert "--continue: no epoch completed yet (no checkpoint_latest.pth in" in log and "starting afresh" in log
+    assert "removed checkpoint_best.pth of the run that stopped" in log
+    assert load_checkpoint(folder / "checkpoint_final.pth")["epoch"] == 3
+    shutil.rmtree(folder)
+    assert main([*RUN, "--continue"]) == 0  # never started: --continue starts it, saying so
+    assert "starting afresh" in (folder / "log.txt").read_text()
+
+
+def test_a_full_disk_at_a_later_epoch_then_continue_resumes_from_the_last_complete_one(
+        home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "uninterrupted"))
+    assert main(RUN) == 0
+    whole = load_checkpoint(home / "uninterrupted" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0" /
+                            "checkpoint_final.pth")
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "results"))
+    folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
+    with monkeypatch.context() as patch:
+        _fill_disk_at(patch, "checkpoint_latest.pth", 2, "fsync")
+        assert _error(capsys, *RUN) == f"error: no space left on device while writing {folder / 'checkpoint_latest.pth'}"
+    assert load_checkpoint(folder / "checkpoint_latest.pth")["epoch"] == 1  # the last complete epoch, intact
+    assert not list(folder.glob(".*tmp*"))
+    assert main([*RUN, "--continue"]) == 0
+    assert "continuing from checkpoint_latest.pth after epoch 1" in (folder / "log.txt").read_text()
+    resumed = load_checkpoint(folder / "checkpoint_final.pth")
+    assert resumed["epoch"] == 3 and resumed["history"]["train_loss"] == whole["history"]["train_loss"]
+    assert all(torch.equal(resumed["network"][k], whole["network"][k]) for k in whole["network"])
 
 
 def test_continuing_from_a_pickled_checkpoint_is_refused(home: Path, capsys: pytest.CaptureFixture) -> None:
@@ -347,6 +414,7 @@ def test_all_trains_every_fold_and_continue_picks_up_where_it_stopped(home: Path
     assert sorted(p.name for p in runs.iterdir()) == [f"fold_{k}" for k in range(5)]
     assert all((runs / f"fold_{k}" / "checkpoint_final.pth").is_file() for k in range(5))
     assert (runs / "fold_1" / "checkpoint_final.pth").stat().st_mtime_ns == before, "a finished fold is kept"
+    assert "--continue: no epoch completed yet" in (runs / "fold_0" / "log.txt").read_text()  # started afresh
     splits = read_json(home / "preprocessed" / FIVE / "splits_final.json")
     assert sorted(case for split in splits for case in split["val"]) == sorted(splits[0]["train"] + splits[0]["val"])
 

@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
-from autoseg.io import Geometry, write_image
+from autoseg.io import Geometry, read_json, write_image
+from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.verify import VerificationError, verify_dataset
 
 SHAPE = (12, 10, 8)
@@ -118,3 +119,32 @@ def test_plan_exits_non_zero_and_writes_nothing(data_roots: Path, capsys: pytest
     assert "c0_0001.nii.gz" in error and "c2.nii.gz" in error
     assert not (data_roots / "preprocessed").exists()
     assert plan_main(["-d", "Check", "--verify", "--no-progress"]) == 1
+
+
+def _erase_lesions(label_files: list[Path]) -> None:
+    for path in label_files:
+        image = sitk.ReadImage(str(path))
+        erased = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(image)))
+        erased.CopyInformation(image)
+        sitk.WriteImage(erased, str(path))
+
+
+def test_no_lesion_in_any_case_stops_planning_and_writes_nothing(data_roots: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    folder = make_dataset(data_roots)
+    _erase_lesions(sorted((folder / "labelsTr").iterdir()))
+    expected = "dataset Dataset100_Check: none of its 3 training case(s) contains a lesion"
+    for arguments in (["-d", "Check"], ["-d", "Check", "--verify"], ["-d", "Check", "--budget-minutes", "5"]):
+        assert plan_main([*arguments, "--no-progress"]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and expected in error and str(folder / "labelsTr") in error, error
+    assert not (data_roots / "preprocessed").exists()
+    assert not (data_roots / "compute_probes").exists(), "no machine probe for a dataset that cannot be planned"
+
+
+def test_some_lesion_free_cases_are_counted_and_named(tiny_atlas: Path) -> None:
+    _erase_lesions([tiny_atlas / "labelsTr" / "atlas_0002.nii.gz"])
+    result = plan_and_preprocess("ATLASTiny", progress=False)
+    aggregate = read_json(result.fingerprint_path)["aggregate"]
+    assert aggregate["cases_without_lesion"] == 1 and aggregate["lesion_free_cases"] == ["atlas_0002"]
+    assert len(result.preprocessed["3d_resunet"]) == 4

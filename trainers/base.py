@@ -82,7 +82,8 @@ class Trainer:
     """Trains one fold of one configuration. Subclasses register themselves under their class name.
 
     The constructor only stores its arguments; :meth:`setup` picks the device, builds network, loss and optimizer,
-    prepares the output folder and (with ``options.continue_training``) loads the latest checkpoint;
+    prepares the output folder and (with ``options.continue_training``) loads the latest checkpoint, or starts
+    afresh, saying so in the log, when no epoch completed;
     :meth:`fit` trains; :meth:`validate` predicts the fold's validation cases.
 
     Args:
@@ -194,9 +195,16 @@ class Trainer:
         self.num_processes, self.num_processes_reason = self.choose_num_processes()
         if self.device.type == "cpu" and self.num_processes and self.options.num_processes is None:
             configure_threads(max(1, available_cores() - self.num_processes))  # the loader has the other cores
-        resumed = None
+        resumed, afresh = None, None
         if self.options.continue_training:
-            resumed = self.read_checkpoint(self._checkpoint_to_continue())
+            path = self._checkpoint_to_continue()
+            if path is None:
+                afresh = (f"--continue: no epoch completed yet (no checkpoint_latest.pth in {self.output_folder}); "
+                          "starting afresh")
+                stale = [p.name for p in self._remove_incomplete_run()]
+                afresh += f" (removed {', '.join(stale)} of the run that stopped)" if stale else ""
+            else:
+                resumed = self.read_checkpoint(path)
         else:
             self._refuse_overwrite()
         self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold)
@@ -212,7 +220,9 @@ class Trainer:
         if self.device.type == "cuda" and not self.options.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick the fastest kernels
         self._prepare_output_folder(resumed is not None)
-        self._log_header(device_reason)
+        if afresh is not None:
+            self.log(afresh)
+        self._log_header(device_reason, continued=resumed is not None)
         self.log(f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
                  f" ({format_reason})")
         self.promise = self.time_promise()
@@ -260,12 +270,23 @@ class Trainer:
         return TimePromise.from_estimate(estimate, self.budget.epochs, self.budget.iterations_per_epoch,
                                          self.budget.val_iterations)
 
-    def _checkpoint_to_continue(self) -> Path:
+    def _checkpoint_to_continue(self) -> Path | None:
+        """The checkpoint of the last completed epoch (``checkpoint_latest.pth``, else ``checkpoint_final.pth``);
+        None when no epoch completed (a run stopped, e.g. by a full disk, before its first latest checkpoint: a
+        ``checkpoint_best.pth`` written just before does not count)."""
         for name in ("checkpoint_latest.pth", "checkpoint_final.pth"):
             if (self.output_folder / name).is_file():
                 return self.output_folder / name
-        raise FileNotFoundError(f"{self.output_folder}: no checkpoint to continue from (checkpoint_latest.pth); "
-                                "start the run without --continue")
+        return None
+
+    def _remove_incomplete_run(self) -> list[Path]:
+        """Delete ``checkpoint_best.pth`` and snapshots of a run that completed no epoch (they were written just
+        before its first ``checkpoint_latest.pth`` failed); returns what was removed."""
+        found = [self.output_folder / "checkpoint_best.pth", *self.output_folder.glob("checkpoint_snapshot_*.pth")]
+        removed = [path for path in found if path.is_file()]
+        for path in removed:
+            path.unlink()
+        return removed
 
     def _refuse_overwrite(self) -> None:
         """A new run never silently replaces one that has checkpoints (a forgotten ``--continue`` would)."""
@@ -288,7 +309,7 @@ class Trainer:
             self.plans.to_json(copy)
         self.log.start(append=resuming)
 
-    def _log_header(self, device_reason: str) -> None:
+    def _log_header(self, device_reason: str, continued: bool = False) -> None:
         c, b = self.configuration, self.budget
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         stages = "; ".join(f"{s.name} from epoch {start + 1} (patch {list(s.patch_size)}, batch {s.batch_size}, "
@@ -296,7 +317,7 @@ class Trainer:
         parameters = sum(p.numel() for p in self.network.parameters())
         self.log("\n".join([
             f"autoseg training: trainer {type(self).__name__}, configuration {c.name}, fold {self.fold}, "
-            f"dataset {self.plans.dataset}" + (" (continued)" if self.options.continue_training else ""),
+            f"dataset {self.plans.dataset}" + (" (continued)" if continued else ""),
             f"device: {self.device} ({device_reason}){threads}",
             f"precision: {self.precision.name} ({self.precision.reason})",
             f"seed: {self.seed}; data processes: {self.num_processes} ({self.num_processes_reason}); "

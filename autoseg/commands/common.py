@@ -9,12 +9,15 @@ from collections.abc import Callable
 import torch
 
 from autoseg.dataset import DatasetError
-from autoseg.io import ImageReadError
+from autoseg.io import DiskFullError, ImageReadError
 from autoseg.machine import configure_threads
 from autoseg.plans import PlansError
 
-#: Errors that mean "the input is wrong", reported without a traceback.
-USER_ERRORS = (DatasetError, PlansError, ImageReadError, FileNotFoundError, FileExistsError, KeyError, ValueError)
+#: Errors that mean "the input is wrong" or "the disk is full", reported without a traceback. A full disk is
+#: recognized where files are written (``autoseg.io.atomic_path``), whichever library wrote them, and reported
+#: as ``error: no space left on device while writing PATH``; a damaged preprocessed array is a ValueError.
+USER_ERRORS = (DatasetError, PlansError, ImageReadError, DiskFullError, FileNotFoundError, FileExistsError, KeyError,
+               ValueError)
 
 
 def run(action: Callable[[], int | None]) -> int:

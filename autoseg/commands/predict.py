@@ -11,8 +11,10 @@ from autoseg.predict import CHECKPOINT_CHOICES, TTA_CHOICES, predict
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoseg_predict",
-        description="Segment a folder of scans (CASE_0000<ending> per channel, or plain single-channel files) or one "
-                    "file with trained models; writes OUTPUT/CASE<ending> uint8 labels in the input's geometry.",
+        description="Segment a folder of scans or one file with trained models; writes OUTPUT/CASE<ending> uint8 "
+                    "labels in the input's geometry. Names: for a one-channel model every file is one case (a final "
+                    "_0000 is dropped from its name); for C channels the files form complete cases CASE_0000 ... "
+                    "CASE_{C-1} (documentation/dataset_format.md).",
     )
     p.add_argument("-i", "--input", required=True, help="folder of images, or one image file")
     p.add_argument("-o", "--output", required=True, help="folder for the predictions (created if needed)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from autoseg.dataset import DatasetError, staged_dataset, write_dataset_json
+from autoseg.dataset import DatasetError, channel_file_name, staged_dataset, write_dataset_json
 from autoseg.io import copy_image_file, read_image, write_nifti_like
 
 FILE_ENDING = ".nii.gz"
@@ -187,7 +187,7 @@ def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, 
         cases = [(case, "Tr") for case in source.training] + [(case, "Ts") for case in source.test]
         for case, split in tqdm(cases, desc="convert", unit="case", disable=not progress):
             for channel, image in enumerate(case.images):
-                copy_image_file(image, folder / f"images{split}" / f"{case.identifier}_{channel:04d}{FILE_ENDING}")
+                copy_image_file(image, folder / f"images{split}" / channel_file_name(case.identifier, channel, FILE_ENDING))
             if split == "Tr":
                 if case.label is None:
                     raise ValueError(f"training case {case.identifier} has no lesion mask")
