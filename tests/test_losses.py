@@ -238,3 +238,10 @@ def test_lesion_wise_dice_is_added_by_its_weight_and_ignores_lesion_free_batches
     assert LesionWiseDiceLoss()(logits, empty.float()).item() == 0.0
     assert build_loss(Loss("dice_bce", lesion_dice_weight=1.0))(logits, empty).item() == pytest.approx(
         build_loss(Loss("dice_bce"))(logits, empty).item(), rel=1e-6)
+
+
+def test_the_log_names_every_term_of_the_loss() -> None:
+    from trainers.base import describe_loss
+
+    assert describe_loss(Loss("dice_bce", lesion_dice_weight=1.0)) == "dice_bce (Dice 1 + BCE 1 + lesion-wise Dice 1)"
+    assert describe_loss(Loss("weighted_ce", positive_weight=19.25)) == "weighted_ce (lesion weight 19.2)"
