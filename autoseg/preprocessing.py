@@ -1,4 +1,4 @@
-"""Preprocessing: crop to the non-zero region, normalize, resample to the target spacing, store.
+"""Preprocessing: crop to the non-zero region and the label, normalize, resample to the target spacing, store.
 
 Per case and configuration (``AUTOSEG_PREPROCESSED/<dataset>/<data_identifier>/``)::
 
@@ -11,7 +11,8 @@ Per case and configuration (``AUTOSEG_PREPROCESSED/<dataset>/<data_identifier>/`
 sources and preprocessing settings are unchanged is skipped.
 
 ``restore_probabilities`` and ``restore_labels`` undo cropping and resampling, giving arrays on the
-original grid of the raw image.
+original grid of the raw image as ``autoseg.io.read_image`` gives it, i.e. in the canonical orientation
+(``properties["geometry"]`` is that grid); ``autoseg.io.write_like`` puts them back into the file's own.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import numpy as np
 from scipy import ndimage
 
 from autoseg.dataset import Case
-from autoseg.fingerprint import bounding_box
-from autoseg.io import Geometry, load_array, read_image, read_json, save_array, write_json
+from autoseg.fingerprint import crop_box
+from autoseg.io import CANONICAL_ORIENTATION, Geometry, load_array, read_image, read_json, save_array, write_json
 from autoseg.parallel import map_cases
 from autoseg.plans import Configuration, Normalization, Resampling
 
@@ -35,8 +36,11 @@ MAX_LESION_LOCATIONS = 10_000
 
 
 def preprocessing_key(configuration: Configuration) -> str:
-    """Hash of every setting that changes the preprocessed arrays."""
+    """Hash of every setting that changes the preprocessed arrays (the orientation cases are read in and the
+    crop rule included, so arrays made before either changed are redone)."""
     settings = {
+        "orientation": CANONICAL_ORIENTATION,
+        "crop": "nonzero_and_label",
         "target_spacing": configuration.target_spacing,
         "normalization": [n.__dict__ for n in configuration.normalization],
         "resampling": configuration.resampling.__dict__,
@@ -98,12 +102,16 @@ def preprocess_arrays(
         label: (X, Y, Z) labels or None (prediction time).
         geometry: the raw image's geometry.
 
+    The crop box covers the image's non-zero region and every labelled voxel (``crop_box``): lesion voxels
+    where the image is zero (cut off by skull stripping) are kept. Normalization statistics come from the
+    non-zero region alone; zero voxels stay at 0 after normalization.
+
     Returns:
         data (C, X', Y', Z') float32, labels (X', Y', Z') uint8 or None, and the properties that
         ``restore_probabilities`` needs.
     """
     foreground = np.any(images != 0, axis=0)
-    box = bounding_box(foreground)
+    box = crop_box(images, label)
     crop = tuple(slice(lo, hi) for lo, hi in box)
     images, foreground = images[(slice(None), *crop)], foreground[crop]
     normalized = np.stack([normalize(c, foreground, n) for c, n in zip(images, configuration.normalization)])
