@@ -297,15 +297,15 @@ def qform_sform_note(path: str | Path, geometry: Geometry) -> str | None:
     non-zero. Which one was used is found here by comparing ``geometry`` with both matrices, not assumed.
 
     Args:
-        path: the image file; anything but ``.nii``/``.nii.gz`` gives None.
+        path: the image file; anything but a 3-D ``.nii``/``.nii.gz`` gives None.
         geometry: the file's geometry as stored, as :func:`read_header` gives it.
 
     Returns:
         One sentence naming the file, the two codes, the largest disagreement (voxels and mm over the
         image's corners) and the transform used; None when the file is not NIfTI or the two agree.
     """
-    if not _is_nifti(path):
-        return None
+    if not _is_nifti(path) or len(geometry.shape) != 3:
+        return None  # only 3-D images are read; other dimensions are reported elsewhere
     import nibabel
 
     try:

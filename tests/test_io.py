@@ -3,10 +3,9 @@ the input's own orientation and header on writing, atomic writes."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import itertools
 import warnings
+from pathlib import Path
 
 import nibabel
 import numpy as np
