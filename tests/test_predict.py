@@ -270,6 +270,13 @@ def test_validation_saves_probabilities(home: Path) -> None:
         probabilities = np.load(validation / f"{case}_probabilities.npz")["probabilities"]
         labels, geometry = read_image(validation / f"{case}.nii.gz", np.uint8)
         assert probabilities.shape == (1, *geometry.shape)
+        # The validation mask is written like its raw image: same stored grid, same qform and sform.
+        raw = home / "raw" / NAME / "imagesTr" / f"{case}_0000.nii.gz"
+        _, stored = read_image(validation / f"{case}.nii.gz", np.uint8, canonical=False)
+        assert _same_geometry(stored, read_image(raw, canonical=False)[1])
+        written, given = nibabel.load(str(validation / f"{case}.nii.gz")).header, nibabel.load(str(raw)).header
+        assert all(np.array_equal(written[key], given[key]) for key in ("qform_code", "sform_code", "srow_x",
+                                                                          "srow_y", "srow_z", "quatern_b", "pixdim"))
 
 
 def _add_configuration_copy(home: Path, spacing: float) -> str:
