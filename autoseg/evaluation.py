@@ -38,6 +38,7 @@ from autoseg.io import (
     Geometry,
     ImageReadError,
     atomic_path,  # the project's one atomic-write helper; reused rather than copied
+    canonical_geometry,
     read_header,
     read_image,
     split_ending,
@@ -212,6 +213,10 @@ def pair_cases(
 
 def check_geometries(cases: Sequence[CaseFiles]) -> None:
     """Check from the headers alone that every file is 3-D and lies exactly on its reference's grid.
+
+    Grids are compared in the canonical orientation (``autoseg.io``), as the voxels are read: a prediction
+    stored in another axis order or sign than its reference, covering the same voxels, is accepted and scored
+    voxel for voxel in world space.
 
     Raises:
         EvaluationError: naming the file and each mismatching field (reference value vs file value).
@@ -415,13 +420,14 @@ def _require_all(references: dict[str, Path], found: dict[str, Path], kind: str,
 
 
 def _header(path: Path) -> Geometry:
+    """The canonical geometry of ``path`` from its header (see ``autoseg.io.canonical_geometry``)."""
     try:
         geometry, dimension, _ = read_header(path)
     except ImageReadError as error:
         raise EvaluationError(str(error)) from None
     if dimension != 3:
         raise EvaluationError(f"{path}: expected a 3-D single-channel image, found {dimension}-D")
-    return geometry
+    return canonical_geometry(geometry)
 
 
 def _evaluate_one(files: CaseFiles, label: int) -> dict[str, Any]:

@@ -10,13 +10,14 @@ skull-stripped MRI, the head in CT, the perfused brain in perfusion maps). Lesio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from autoseg.dataset import Case, RawDataset
+from autoseg.io import CANONICAL_ORIENTATION
 from autoseg.parallel import map_cases
 from autoseg.verify import (
     Problem,
@@ -46,16 +47,22 @@ def modality_of(channel_name: str) -> str:
 class _CaseResult:
     identifier: str
     problems: list[Problem]
+    notes: list[Problem] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     samples: list[np.ndarray] | None = None
+    stored_orientation: str | None = None
 
 
 def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: bool = True) -> dict[str, Any]:
     """Verify and fingerprint every training case of ``dataset``.
 
+    Every case is measured in the canonical orientation (``autoseg.io.read_image``), so the same scan stored
+    with its axes permuted or flipped gives the same summary; ``aggregate.stored_orientations`` counts the
+    orientations the files were stored in.
+
     Returns:
-        A JSON-ready dict with ``cases`` (per case) and ``dataset`` (aggregates); see
-        ``documentation/plans_format.md`` for every field.
+        A JSON-ready dict with ``cases`` (per case), ``aggregate`` and ``notes`` (the verification notes, one
+        line each); see ``documentation/plans_format.md`` for every field.
 
     Raises:
         VerificationError: listing every problem of every case, or saying that no case contains a lesion (nothing
@@ -79,9 +86,10 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
         "dataset": dataset.name,
         "channels": channels,
         "labels": dataset.labels,
-        "aggregate": _aggregate(per_case),
+        "aggregate": {**_aggregate(per_case), **_orientations([r.stored_orientation for r in results])},
         "subjects": {case.identifier: case.subject for case in cases},
         "cases": per_case,
+        "notes": [str(note) for result in results for note in result.notes],
     }
 
 
@@ -89,10 +97,11 @@ def fingerprint_case(case: Case, allowed_labels: list[int], seed: int = 0) -> _C
     """Read, verify and summarize one case (see the module docstring)."""
     checked = read_checked_case(case, allowed_labels)
     if checked.problems:
-        return _CaseResult(case.identifier, checked.problems)
+        return _CaseResult(case.identifier, checked.problems, checked.notes)
     images, label, geometry = checked.images, checked.label, checked.geometry
     foreground = np.any(images != 0, axis=0)
     bbox = bounding_box(foreground)
+    crop = crop_box(images, label)
     rng = np.random.default_rng(seed)
     samples, intensity = [], []
     for channel in images:
@@ -105,11 +114,28 @@ def fingerprint_case(case: Case, allowed_labels: list[int], seed: int = 0) -> _C
         "spacing": list(geometry.spacing),
         "direction": list(geometry.direction),
         "nonzero_bbox": [list(pair) for pair in bbox],
-        "cropped_shape": [hi - lo for lo, hi in bbox],
+        "cropped_shape": [hi - lo for lo, hi in crop],
         "intensity": intensity,
         **lesion_statistics(label, foreground, geometry.spacing, geometry.direction),
     }
-    return _CaseResult(case.identifier, [], summary, samples)
+    return _CaseResult(case.identifier, [], checked.notes, summary, samples, checked.stored_orientation)
+
+
+def crop_box(images: np.ndarray, label: np.ndarray | None) -> list[tuple[int, int]]:
+    """The box preprocessing crops a case to: the image's non-zero region (any channel) and every labelled
+    voxel together, so a lesion traced beyond a skull-stripping mask keeps all its voxels.
+
+    Args:
+        images: (C, X, Y, Z) intensities.
+        label: (X, Y, Z) label map, or None (prediction: the non-zero region alone).
+
+    Returns:
+        Half-open (start, stop) voxel indices per axis (x, y, z).
+    """
+    keep = np.any(images != 0, axis=0)
+    if label is not None:
+        keep = keep | (label > 0)
+    return bounding_box(keep)
 
 
 def bounding_box(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -126,7 +152,8 @@ def lesion_statistics(
     label: np.ndarray | None, foreground: np.ndarray, spacing: tuple[float, ...], direction: tuple[float, ...]
 ) -> dict[str, Any]:
     """Lesion volume (mm³), 26-connected components and their volumes, lesion fraction of the
-    foreground, and hemisphere (``left``, ``right``, ``bilateral`` or ``none``).
+    foreground, lesion voxels where the image is zero (e.g. cut off by skull stripping), and hemisphere
+    (``left``, ``right``, ``bilateral`` or ``none``).
 
     Args:
         label: (X, Y, Z) label map; every non-zero value counts as lesion.
@@ -135,7 +162,8 @@ def lesion_statistics(
         direction: 3x3 direction cosines (SimpleITK, LPS world), used to find the left-right axis.
     """
     if label is None:
-        return {"lesion_volume_mm3": None, "lesion_components": 0, "component_volumes_mm3": [], "hemisphere": "none"}
+        return {"lesion_volume_mm3": None, "lesion_components": 0, "component_volumes_mm3": [], "hemisphere": "none",
+                "lesion_voxels_outside_nonzero": 0}
     voxel = float(np.prod(spacing))
     lesion = label > 0
     components, count = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
@@ -145,6 +173,7 @@ def lesion_statistics(
         "lesion_components": int(count),
         "component_volumes_mm3": sorted((float(s * voxel) for s in sizes), reverse=True),
         "lesion_fraction_of_foreground": float(lesion.sum() / max(1, foreground.sum())),
+        "lesion_voxels_outside_nonzero": int(np.count_nonzero(lesion & ~foreground)),
         "hemisphere": _hemisphere(components, count, foreground, direction),
     }
 
@@ -223,6 +252,12 @@ def _aggregate(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _lesion_free(per_case: dict[str, dict[str, Any]]) -> list[str]:
     """Sorted identifiers of the cases whose label marks no lesion voxel."""
     return sorted(case for case, summary in per_case.items() if summary["lesion_components"] == 0)
+
+
+def _orientations(stored: list[str]) -> dict[str, Any]:
+    """The canonical orientation every case was read in, and how many cases were stored in each orientation."""
+    return {"canonical_orientation": CANONICAL_ORIENTATION,
+            "stored_orientations": {code: stored.count(code) for code in sorted(set(stored))}}
 
 
 def _distribution(values: list[float]) -> dict[str, float | int]:

@@ -4,6 +4,15 @@ Axis order: SimpleITK hands arrays over as (z, y, x). Every array that leaves th
 turned around to (x, y, z) so that it matches ``spacing``, ``origin`` and ``direction``, which
 SimpleITK (and this project) gives in (x, y, z) order. Nothing else in autoseg reverses axes.
 
+Orientation: :func:`read_image` hands every image over in one canonical orientation,
+``CANONICAL_ORIENTATION`` (RAS: the array's first axis points to the patient's right, the second to the
+front, the third to the top; SimpleITK's ``DICOMOrient`` code, the orientation nibabel calls RAS+), whatever
+order and sign of axes the file stores. Fingerprinting, planning, preprocessing and prediction therefore all
+see one orientation. :func:`write_like` turns an array on that canonical grid back into a source file's own
+orientation and writes it with the source's exact header (for NIfTI: both qform and sform, codes and
+matrices), so an output overlays its input in every viewer. :class:`Orientation` is the one place that
+knows how stored and canonical axes relate.
+
 Every writer writes to a temporary name in the destination folder and renames it into place, so a
 killed process never leaves a half-written file under the final name. A write that fails because the disk
 is full raises :class:`DiskFullError` (``no space left on device while writing PATH``), whatever library
@@ -23,8 +32,9 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +42,11 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+#: The orientation every image is read into (SimpleITK ``DICOMOrient`` code: axes point to the patient's
+#: Right, Anterior, Superior). Chosen because most NIfTI files (MNI templates, ATLAS, dcm2niix output)
+#: are already stored so: for them reading changes nothing.
+CANONICAL_ORIENTATION = "RAS"
 
 #: File endings SimpleITK reads that a dataset may use. Compound endings come first so that
 #: ``split_ending`` matches ``.nii.gz`` before ``.gz``.
@@ -157,6 +172,92 @@ def _round(values: np.ndarray) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
+class GeometryWarning(UserWarning):
+    """A header that contradicts itself (a NIfTI file whose qform and sform disagree); the message names the file."""
+
+
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+#: Files already warned about in this process: one warning per file, however often it is read.
+_WARNED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How a stored image's axes map onto the canonical orientation (``CANONICAL_ORIENTATION``).
+
+    Reorienting only permutes and flips whole axes (as SimpleITK's ``DICOMOrient`` does, which the tests
+    check): no voxel is interpolated, so going there and back restores the stored array exactly. An
+    oblique image is reoriented to the closest axis-aligned orientation and stays oblique.
+
+    Attributes:
+        stored: the file's orientation code in SimpleITK's ``DICOMOrient`` convention (``LPS`` for the
+            identity direction, ``RAS`` for NIfTI's RAS+, ``ASL`` for a sagittal stack, ...).
+        permutation: canonical axis ``c`` is stored axis ``permutation[c]``.
+        flips: canonical axis ``c`` runs opposite to stored axis ``permutation[c]``.
+    """
+
+    stored: str
+    permutation: tuple[int, ...]
+    flips: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, direction: Sequence[float]) -> Orientation:
+        """The orientation of an image with this 3x3 direction matrix (row-major, as SimpleITK gives it).
+
+        Raises:
+            ValueError: the matrix names no distinct axis for each of right-left, front-back, top-bottom.
+        """
+        code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(v) for v in direction])
+        permutation, flips = [], []
+        for letter in CANONICAL_ORIENTATION:
+            axes = [axis for axis, stored in enumerate(code) if stored in (letter, _OPPOSITE[letter])]
+            if len(axes) != 1:
+                raise ValueError(f"direction {_round(np.asarray(direction))} has no single {letter} axis ('{code}')")
+            permutation.append(axes[0])
+            flips.append(code[axes[0]] != letter)
+        return cls(code, tuple(permutation), tuple(flips))
+
+    def to_canonical(self, array: np.ndarray) -> np.ndarray:
+        """(..., X, Y, Z) in stored order -> (..., X, Y, Z) in canonical order (a view, not a copy)."""
+        lead = array.ndim - 3
+        array = np.transpose(array, (*range(lead), *(lead + axis for axis in self.permutation)))
+        flipped = tuple(lead + c for c in range(3) if self.flips[c])
+        return np.flip(array, flipped) if flipped else array
+
+    def from_canonical(self, array: np.ndarray) -> np.ndarray:
+        """(..., X, Y, Z) in canonical order -> (..., X, Y, Z) in stored order (a view; inverse of ``to_canonical``)."""
+        lead = array.ndim - 3
+        flipped = tuple(lead + c for c in range(3) if self.flips[c])
+        array = np.flip(array, flipped) if flipped else array
+        inverse = np.argsort(self.permutation)
+        return np.transpose(array, (*range(lead), *(lead + int(c) for c in inverse)))
+
+    def canonical_geometry(self, geometry: Geometry) -> Geometry:
+        """The geometry of the canonical array: the same voxels at the same world positions."""
+        matrix = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+        origin = np.asarray(geometry.origin, dtype=np.float64)
+        columns = []
+        for axis, flip in zip(self.permutation, self.flips):
+            column = matrix[:, axis]
+            if flip:  # the stored axis' last voxel becomes voxel 0
+                origin = origin + column * geometry.spacing[axis] * (geometry.shape[axis] - 1)
+                column = -column
+            columns.append(column)
+        direction = np.stack(columns, axis=1)
+        return Geometry(
+            shape=tuple(int(geometry.shape[axis]) for axis in self.permutation),
+            spacing=tuple(float(geometry.spacing[axis]) for axis in self.permutation),
+            origin=tuple(float(v) + 0.0 for v in origin),  # + 0.0 turns -0.0 into 0.0
+            direction=tuple(float(v) + 0.0 for v in direction.ravel()),
+        )
+
+
+def canonical_geometry(geometry: Geometry) -> Geometry:
+    """``geometry`` (as stored) brought to ``CANONICAL_ORIENTATION``: what :func:`read_image` returns for it."""
+    return Orientation.of(geometry.direction).canonical_geometry(geometry)
+
+
 def split_ending(path: str | Path) -> tuple[str, str]:
     """Split a file name into stem and a known image ending: ``CASE_0000.nii.gz`` -> (``CASE_0000``, ``.nii.gz``)."""
     name = Path(path).name
@@ -193,14 +294,22 @@ def read_header(path: str | Path) -> tuple[Geometry, int, str]:
     return geometry, dimension, pixel
 
 
-def read_image(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray, Geometry]:
-    """Read a 3-D image.
+def read_image(path: str | Path, dtype: type = np.float32, *, canonical: bool = True) -> tuple[np.ndarray, Geometry]:
+    """Read a 3-D image, in ``CANONICAL_ORIENTATION`` unless ``canonical`` is False.
 
     NIfTI voxels are read with nibabel, everything else with SimpleITK; the geometry always comes
-    from SimpleITK (LPS world coordinates). ITK's NIfTI reader silently turns NaN/Inf into 0 and
-    reads a truncated ``.nii.gz`` as if the missing voxels were 0, so verification could not see
-    either; nibabel keeps NaN/Inf and fails on a truncated file. Both index voxels in the file's
-    (i, j, k) order, which is our (x, y, z).
+    from SimpleITK (LPS world coordinates; for a NIfTI file whose qform and sform disagree, the one
+    ITK chooses: see :func:`qform_sform_note`, which is warned about once per file as a
+    :class:`GeometryWarning`). ITK's NIfTI reader silently turns NaN/Inf into 0 and reads a
+    truncated ``.nii.gz`` as if the missing voxels were 0, so verification could not see either;
+    nibabel keeps NaN/Inf and fails on a truncated file. Both index voxels in the file's (i, j, k)
+    order, which is our stored (x, y, z); reorientation then permutes and flips whole axes
+    (:class:`Orientation`), so the voxel values themselves are never interpolated.
+
+    Args:
+        path: the image file.
+        dtype: numpy type of the returned array. Default float32.
+        canonical: True (default): array and geometry in the canonical orientation; False: as stored.
 
     Returns:
         array: voxels in (x, y, z) order, as ``dtype``.
@@ -213,8 +322,9 @@ def read_image(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray, 
     if dimension != 3:
         raise ImageReadError(f"{path}: expected a 3-D single-channel image, found {dimension}-D with size "
                              f"{list(geometry.shape)}")
-    if split_ending(path)[1].lower() in (".nii", ".nii.gz"):
+    if _is_nifti(path):
         array = _read_nifti_voxels(path)
+        _warn_once(path, qform_sform_note(path, geometry))
     else:
         try:
             array = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
@@ -222,7 +332,14 @@ def read_image(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray, 
             raise ImageReadError(f"{path}: unreadable or truncated image ({_first_line(error)})") from None
     if tuple(array.shape) != tuple(geometry.shape):
         raise ImageReadError(f"{path}: voxel array {list(array.shape)} disagrees with header size {list(geometry.shape)}")
+    if canonical:
+        orientation = Orientation.of(geometry.direction)
+        array, geometry = orientation.to_canonical(array), orientation.canonical_geometry(geometry)
     return np.ascontiguousarray(array, dtype=dtype), geometry
+
+
+def _is_nifti(path: str | Path) -> bool:
+    return split_ending(path)[1].lower() in (".nii", ".nii.gz")
 
 
 def _read_nifti_voxels(path: str | Path) -> np.ndarray:
@@ -235,13 +352,69 @@ def _read_nifti_voxels(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: truncated or unreadable image ({error})") from None
 
 
+_XFORM_NAMES = {1: "scanner", 2: "aligned", 3: "Talairach", 4: "MNI", 5: "template"}
+
+
+def qform_sform_note(path: str | Path, geometry: Geometry) -> str | None:
+    """Say so when a NIfTI file's qform and sform (both with a non-zero code) place a voxel more than one
+    voxel apart, and which of the two SimpleITK read: autoseg resamples, predicts and measures with that one.
+
+    ITK 5.4 (SimpleITK 2.5) uses the sform when its code is 1 (scanner) or the qform's code is 0, and the
+    qform otherwise (sform code 2-5 with a qform); nibabel and FSLeyes prefer the sform whenever its code is
+    non-zero. Which one was used is found here by comparing ``geometry`` with both matrices, not assumed.
+
+    Args:
+        path: the image file; anything but a 3-D ``.nii``/``.nii.gz`` gives None.
+        geometry: the file's geometry as stored, as :func:`read_header` gives it.
+
+    Returns:
+        One sentence naming the file, the two codes, the largest disagreement (voxels and mm over the
+        image's corners) and the transform used; None when the file is not NIfTI or the two agree.
+    """
+    if not _is_nifti(path) or len(geometry.shape) != 3:
+        return None  # only 3-D images are read; other dimensions are reported elsewhere
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+        (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
+    except (EOFError, OSError, ValueError, zlib.error):
+        return None  # reading the voxels reports the file
+    if not qcode or not scode:
+        return None
+    corners = np.array([[i, j, k, 1.0] for i in (0, geometry.shape[0] - 1) for j in (0, geometry.shape[1] - 1)
+                        for k in (0, geometry.shape[2] - 1)]).T
+    voxels = np.abs(np.linalg.solve(qform, sform @ corners) - corners)[:3].max()
+    if voxels <= 1.0:
+        return None
+    millimetres = float(np.linalg.norm((sform @ corners - qform @ corners)[:3], axis=0).max())
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    matrix = np.asarray(geometry.direction).reshape(3, 3) * np.asarray(geometry.spacing)
+    used = np.eye(4)
+    used[:3, :3], used[:3, 3] = lps_to_ras @ matrix, lps_to_ras @ np.asarray(geometry.origin)
+    which = "sform" if np.allclose(used, sform, atol=1e-3) else "qform" if np.allclose(used, qform, atol=1e-3) \
+        else "neither (a transform SimpleITK derived itself)"
+    return (f"{path}: qform (code {int(qcode)}, {_XFORM_NAMES.get(int(qcode), '?')}) and sform (code {int(scode)}, "
+            f"{_XFORM_NAMES.get(int(scode), '?')}) disagree by up to {voxels:.1f} voxels ({millimetres:.1f} mm); "
+            f"autoseg resamples and predicts with the {which}, as SimpleITK reads it (nibabel and FSLeyes show the "
+            f"sform); outputs keep both as given")
+
+
+def _warn_once(path: str | Path, note: str | None) -> None:
+    key = str(Path(path).resolve())
+    if note is not None and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(note, GeometryWarning, stacklevel=3)
+
+
 def count_non_finite(array: np.ndarray) -> int:
     """Number of NaN/Inf voxels."""
     return int(np.size(array) - np.count_nonzero(np.isfinite(array)))
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compress: bool = True) -> None:
-    """Write an (x, y, z) array with ``geometry`` atomically; the format follows the file ending.
+    """Write an (x, y, z) array with exactly ``geometry`` (no reorientation) atomically; the format follows the
+    file ending. Outputs that belong to an input image are written with :func:`write_like` instead.
 
     Raises:
         ValueError: the array's shape disagrees with ``geometry.shape``.
@@ -273,29 +446,46 @@ def copy_image_file(source: str | Path, path: str | Path) -> None:
             shutil.copyfileobj(reader, writer, 1 << 20)
 
 
-def write_nifti_like(array: np.ndarray, source: str | Path, path: str | Path) -> None:
-    """Write an (x, y, z) array as a NIfTI file with ``source``'s header, atomically: the same qform and sform
-    (codes and matrices) and voxel size, the data type of ``array``, no intensity scaling. ``path`` may end in
-    ``.nii`` or ``.nii.gz``.
+def write_like(array: np.ndarray, geometry: Geometry, path: str | Path, source: str | Path,
+               compress: bool = True) -> None:
+    """Write a canonical (x, y, z) array in ``source``'s own orientation and with its exact header, atomically.
+
+    The inverse of :func:`read_image`: ``array`` lies on the canonical grid of ``source`` (as
+    ``read_image(source)`` gave it); it is turned back into the stored axis order and written so that it
+    overlays ``source`` in every viewer. NIfTI source and NIfTI output: written with nibabel from a copy of
+    the source's header, so qform and sform (codes and matrices), pixdim, units and orientation are the
+    source's byte for byte; the data type is the array's, scaling is reset to 1/0 and the display range
+    (cal_min/cal_max) cleared. Otherwise: SimpleITK with the source's stored geometry.
+
+    Args:
+        array: (X, Y, Z) voxels on the canonical grid, any numpy type the format holds (uint8 labels,
+            float32 probabilities).
+        geometry: that canonical grid, checked against the source's.
+        path: output file; the format follows its ending.
+        source: the image the output belongs to (channel 0 of the case).
+        compress: compress formats SimpleITK writes (NIfTI compression follows the ``.gz`` ending).
 
     Raises:
-        ValueError: ``array``'s shape is not ``source``'s.
-        ImageReadError: ``source`` is not a readable NIfTI file.
+        ValueError: ``geometry`` or the array's shape is not the canonical grid of ``source``.
+        ImageReadError: ``source`` cannot be read.
     """
-    import nibabel  # ships with nilearn
+    stored, _, _ = read_header(source)
+    orientation = Orientation.of(stored.direction)
+    differences = orientation.canonical_geometry(stored).differences(geometry)
+    if differences or tuple(array.shape) != tuple(geometry.shape):
+        found = "; ".join(differences) or f"array shape {list(array.shape)} vs {list(geometry.shape)}"
+        raise ValueError(f"{path}: not on the grid of {source}: {found}")
+    data = np.ascontiguousarray(orientation.from_canonical(array))
+    if not (_is_nifti(source) and _is_nifti(path)):
+        write_image(data, stored, path, compress)
+        return
+    import nibabel
 
-    try:
-        original = nibabel.load(str(source))
-    except (OSError, ValueError, zlib.error) as error:
-        raise ImageReadError(f"{source}: unreadable NIfTI header ({error})") from None
-    if tuple(array.shape) != tuple(original.shape[:3]) or len(original.shape) > 3 and any(
-        size != 1 for size in original.shape[3:]
-    ):
-        raise ValueError(f"{path}: array shape {list(array.shape)} differs from {source}'s {list(original.shape)}")
-    header = original.header.copy()
-    header.set_data_dtype(array.dtype)
-    header.set_data_shape(array.shape)
-    image = type(original)(np.ascontiguousarray(array), None, header)  # affine None: qform and sform stay as given
+    loaded = nibabel.load(str(source))
+    header = loaded.header.copy()
+    header["cal_min"], header["cal_max"] = 0.0, 0.0  # the source's intensity window would hide a mask
+    image = type(loaded)(data, None, header)  # affine None: qform and sform stay exactly as in the header
+    image.set_data_dtype(data.dtype)
     image.header.set_slope_inter(1.0, 0.0)
     with atomic_path(Path(path), suffix=split_ending(path)[1]) as temporary:
         nibabel.save(image, str(temporary))

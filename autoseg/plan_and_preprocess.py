@@ -6,7 +6,7 @@ folder of preprocessed cases per ``data_identifier`` (see ``autoseg.preprocessin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoseg.compute import load_or_run_probe
@@ -18,7 +18,7 @@ from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import preprocessed_root
 from autoseg.plans import Plans, PlansError
 from autoseg.preprocessing import preprocess_dataset
-from autoseg.verify import training_cases, verify_dataset
+from autoseg.verify import VerificationReport, check_dataset, training_cases
 from planners import get_planner
 
 
@@ -30,6 +30,7 @@ class PlanResult:
     plans_path: Path
     fingerprint_path: Path
     preprocessed: dict[str, list[str]]  # data identifier -> cases (re)computed in this run
+    notes: list[str] = field(default_factory=list)  # verification notes, one line each (autoseg.verify)
 
 
 def dataset_folder(dataset: RawDataset) -> Path:
@@ -37,9 +38,9 @@ def dataset_folder(dataset: RawDataset) -> Path:
     return preprocessed_root() / dataset.name
 
 
-def verify(dataset_name: str, num_processes: int = 1, progress: bool = True) -> int:
-    """Verify a dataset only; returns the number of sound cases (raises ``VerificationError``)."""
-    return len(verify_dataset(find_dataset(dataset_name), num_processes, progress))
+def verify(dataset_name: str, num_processes: int = 1, progress: bool = True) -> VerificationReport:
+    """Verify a dataset only; returns its cases and notes (raises ``VerificationError``)."""
+    return check_dataset(find_dataset(dataset_name), num_processes, progress)
 
 
 def plan_and_preprocess(
@@ -75,7 +76,8 @@ def plan_and_preprocess(
     plans_path, fingerprint_path = folder / "plans.json", folder / "fingerprint.json"
     if preprocess_only:
         plans = Plans.from_json(plans_path)
-        cases = verify_dataset(dataset, num_processes, progress)
+        report = check_dataset(dataset, num_processes, progress)
+        cases, notes = report.cases, [str(note) for note in report.notes]
     else:
         planner_class = get_planner(planner)
         fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
@@ -83,7 +85,7 @@ def plan_and_preprocess(
         plans = planner_class(fingerprint, memory_budget_gb, compute).plan()
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)
-        cases = training_cases(dataset)
+        cases, notes = training_cases(dataset), list(fingerprint["notes"])
     names = configurations or list(plans.configurations)
     done: dict[str, list[str]] = {}
     for name in names:
@@ -92,7 +94,7 @@ def plan_and_preprocess(
             continue
         target = folder / configuration.data_identifier
         done[configuration.data_identifier] = preprocess_dataset(cases, configuration, target, num_processes, progress)
-    return PlanResult(plans, plans_path, fingerprint_path, done)
+    return PlanResult(plans, plans_path, fingerprint_path, done, notes)
 
 
 def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:

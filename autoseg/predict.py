@@ -10,8 +10,10 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
 2. rebuilds each network from the run folder's ``plans.json`` and its trainer class, and loads the weights;
 3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
-   and writes ``OUTPUT/CASE<ending>`` (uint8 labels, in exactly the input's geometry) and, when asked,
-   ``OUTPUT/CASE_probabilities.nii.gz`` (float32 lesion probability).
+   and writes ``OUTPUT/CASE<ending>`` (uint8 labels) and, when asked, ``OUTPUT/CASE_probabilities.nii.gz``
+   (float32 lesion probability). Cases are read in the canonical orientation (``autoseg.io.read_image``) and
+   both outputs are written back in channel 0's own orientation with its exact header (``autoseg.io.write_like``:
+   for NIfTI both qform and sform as given), so they overlay the input in every viewer.
 
 Speed: ``tta`` chooses the test-time mirroring (``all``: every flip combination of the configuration's mirror
 axes, 8 forward passes per window for three axes; ``lr``: the left-right flip only, 2; ``none``: 1). On the CPU
@@ -45,7 +47,7 @@ from tqdm import tqdm
 from autoseg.checkpoint import load_checkpoint
 from autoseg.dataset import CHANNEL_FILE, cases_from_files
 from autoseg.inference import TTA_CHOICES, Predictor
-from autoseg.io import IMAGE_ENDINGS, Geometry, read_image, read_json, split_ending, write_image
+from autoseg.io import IMAGE_ENDINGS, Geometry, read_image, read_json, split_ending, write_like
 from autoseg.machine import choose_device, choose_precision
 from autoseg.paths import results_root
 from autoseg.plans import Plans, PlansError
@@ -262,7 +264,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
-    """(C, X, Y, Z) float32 channels and their geometry.
+    """(C, X, Y, Z) float32 channels and their geometry, in the canonical orientation (``autoseg.io``);
+    channels stored in different orientations of the same grid agree.
 
     Raises:
         ValueError: channels on different grids (the message names the file and the difference).
@@ -412,9 +415,9 @@ def predict(
         labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
         if save_probabilities:
             lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
-            write_image(lesion, geometry, output / f"{case.identifier}_probabilities.nii.gz")
+            write_like(lesion, geometry, output / f"{case.identifier}_probabilities.nii.gz", case.images[0])
         del probabilities
-        write_image(labels, geometry, target)
+        write_like(labels, geometry, target, case.images[0])
         written.append(target)
     return written
 

@@ -64,8 +64,8 @@ def slice_configuration(source: Configuration, *, backbone: str, slice_axis: int
         source: a 3-D configuration of the dataset's plans (its data, spacing, normalization, loss and sampling
             are kept).
         backbone: ``resnet18``, ``resnet34`` or ``resnet50``.
-        slice_axis: the axis of the (x, y, z) arrays the slices are perpendicular to (2: axial for scans stored
-            in RAS or LPS order).
+        slice_axis: the axis of the (x, y, z) arrays the slices are perpendicular to (2: axial, since every case
+            is preprocessed in the canonical RAS orientation, see ``autoseg.io``).
         epochs, iterations_per_epoch: the schedule's length.
 
     Raises:

@@ -38,7 +38,7 @@ import torch
 from autoseg.dataloading import case_identifiers
 from autoseg.dataset import find_dataset
 from autoseg.inference import Predictor
-from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json
+from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json, write_like
 from autoseg.losses import one_hot_foreground
 from autoseg.machine import PRECISIONS
 from autoseg.metrics import dice, hausdorff95
@@ -288,9 +288,13 @@ def validate_cases(
     references: dict[str, Path],
     output_folder: Path,
     about: dict[str, Any] | None = None,
+    images: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Predict whole preprocessed cases, restore them to the original grid, post-process, write them as NIfTI and
     score them against the raw labels.
+
+    Preprocessed cases, their restored probabilities and the references are all in the canonical orientation
+    (``autoseg.io.read_image``), so they are compared voxel for voxel; ``CASE_probabilities.npz`` stays in it.
 
     Args:
         predictor: the trained network(s) and configuration (sliding window, mirroring, post-processing).
@@ -299,6 +303,8 @@ def validate_cases(
         references: case -> raw label file.
         output_folder: where ``CASE.nii.gz`` and ``summary.json`` go.
         about: written at the top of the summary (e.g. trainer, configuration, fold, epochs).
+        images: case -> raw channel-0 image: ``CASE.nii.gz`` is written in its orientation with its header
+            (``autoseg.io.write_like``); None or a case not listed: written on the canonical grid as it is.
 
     Returns:
         The summary: ``cases`` (case -> ``dice``, ``hausdorff95`` in mm, voxel counts; per label under
@@ -316,7 +322,10 @@ def validate_cases(
         geometry = Geometry.from_json(properties["geometry"])
         probabilities = restore_probabilities(predictor.predict_preprocessed(data), properties)
         labels = predictor.postprocess(probabilities, geometry.spacing)
-        write_image(labels, geometry, output_folder / f"{case}.nii.gz")
+        if images is not None and images.get(case) is not None:
+            write_like(labels, geometry, output_folder / f"{case}.nii.gz", images[case])
+        else:
+            write_image(labels, geometry, output_folder / f"{case}.nii.gz")
         _save_probabilities(probabilities, output_folder / f"{case}_probabilities.npz")
         reference, reference_geometry = read_image(references[case], np.uint8)
         differences = geometry.differences(reference_geometry)

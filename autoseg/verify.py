@@ -2,17 +2,35 @@
 
 Every problem becomes one line naming the case, the file and what is wrong. All cases are checked
 and all problems are reported together, so a user fixes a dataset in one pass.
+
+Notes are lines of the same form about things that are not errors but change what autoseg does or
+what a user sees: lesion voxels where the image is zero (kept: the crop covers them, see
+``autoseg.fingerprint.crop_box``) and NIfTI files whose qform and sform disagree
+(``autoseg.io.qform_sform_note``).
+
+Files are read in the canonical orientation (``autoseg.io``): an image and its label stored in
+different axis orders of the same grid agree.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from autoseg.dataset import Case, DatasetError, RawDataset
-from autoseg.io import Geometry, ImageReadError, count_non_finite, read_header, read_image
+from autoseg.io import (
+    Geometry,
+    GeometryWarning,
+    ImageReadError,
+    Orientation,
+    count_non_finite,
+    qform_sform_note,
+    read_header,
+    read_image,
+)
 from autoseg.parallel import map_cases
 
 
@@ -37,12 +55,30 @@ class VerificationError(DatasetError):
         super().__init__(f"{len(problems)} problem(s) found:\n" + "\n".join(str(p) for p in problems))
 
 
+@dataclass(frozen=True)
+class VerificationReport:
+    """A sound dataset's cases and the notes about them (see the module docstring)."""
+
+    cases: list[Case]
+    notes: list[Problem]
+
+
 def verify_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool = True) -> list[Case]:
-    """Check every training case; return the cases when all are sound.
+    """Check every training case; return the cases when all are sound (see :func:`check_dataset`).
+
+    Raises:
+        VerificationError: listing every problem found.
+    """
+    return check_dataset(dataset, num_processes, progress).cases
+
+
+def check_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool = True) -> VerificationReport:
+    """Check every training case; return the cases and the notes when all are sound.
 
     Checks: readable and complete files, every channel present, 3-D images, image/label agreement
     in shape, spacing, origin and direction, label values among ``dataset.json``'s labels, finite
     intensities, a non-empty dataset, and at least one case with a lesion (:func:`lesion_free_problems`).
+    Notes: lesion voxels where the image is zero, per case; qform/sform disagreements, per file.
 
     Raises:
         VerificationError: listing every problem found.
@@ -51,13 +87,13 @@ def verify_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool =
     allowed = sorted(dataset.labels.values())
     arguments = [(case, allowed) for case in cases]
     results = map_cases(_verify_case_star, arguments, num_processes, progress, "verify")
-    problems = [problem for found, _ in results for problem in found] + unmatched_label_files(dataset, cases)
+    problems = [problem for found, _, _ in results for problem in found] + unmatched_label_files(dataset, cases)
     if not problems:
-        lesion_free = [case.identifier for case, (_, lesion) in zip(cases, results) if not lesion]
+        lesion_free = [case.identifier for case, (_, _, lesion) in zip(cases, results) if not lesion]
         problems = lesion_free_problems(dataset, lesion_free, len(cases))
     if problems:
         raise VerificationError(problems)
-    return cases
+    return VerificationReport(cases, [note for _, notes, _ in results for note in notes])
 
 
 def lesion_free_problems(dataset: RawDataset, lesion_free: list[str], num_cases: int) -> list[Problem]:
@@ -92,20 +128,25 @@ class CheckedCase:
 
     Attributes:
         problems: everything wrong with the case; empty when it is sound.
+        notes: what is not wrong but worth saying (see the module docstring).
         images: (C, X, Y, Z) float32 channels, or None when the case has problems.
         label: (X, Y, Z) uint8 label map, or None (no label, or problems).
-        geometry: geometry of channel 0, shared by all files of the case.
+        geometry: geometry of channel 0, shared by all files of the case (canonical orientation).
+        stored_orientation: the orientation code channel 0 is stored in (``autoseg.io.Orientation``).
     """
 
     problems: list[Problem]
+    notes: list[Problem] = field(default_factory=list)
     images: np.ndarray | None = None
     label: np.ndarray | None = None
     geometry: Geometry | None = None
+    stored_orientation: str | None = None
 
 
-def verify_case(case: Case, allowed_labels: list[int]) -> list[Problem]:
-    """All problems of one case; empty when it is sound."""
-    return read_checked_case(case, allowed_labels).problems
+def verify_case(case: Case, allowed_labels: list[int]) -> tuple[list[Problem], list[Problem]]:
+    """All problems of one case (empty when it is sound) and its notes."""
+    checked = read_checked_case(case, allowed_labels)
+    return checked.problems, checked.notes
 
 
 def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
@@ -115,10 +156,11 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
         problems.append(Problem(case.identifier, case.label, "label file is missing"))
     if problems:
         return CheckedCase(problems)
-    channels, reference = [], None
+    channels, reference, notes = [], None, []
     for path in case.images:
         array, geometry, found = _check_image(case, path, must_be_finite=True)
         problems += found
+        notes += _header_notes(case, path)
         channels.append(array)
         if geometry is not None and reference is None:
             reference = geometry
@@ -130,15 +172,33 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
     if case.label is not None:
         label, geometry, found = _check_image(case, case.label, allowed_labels=allowed_labels)
         problems += found
+        notes += _header_notes(case, case.label)
         if geometry is not None and reference is not None:
             problems += [
                 Problem(case.identifier, case.label, f"label disagrees with image: {text}")
                 for text in reference.differences(geometry)
             ]
     if problems:
-        return CheckedCase(problems)
+        return CheckedCase(problems, notes)
+    images = np.stack(channels)
     label = None if label is None else label.astype(np.uint8)
-    return CheckedCase([], np.stack(channels), label, reference)
+    if label is not None:
+        outside = int(np.count_nonzero((label > 0) & ~np.any(images != 0, axis=0)))
+        if outside:
+            notes.append(Problem(case.identifier, case.label, f"note: {outside} lesion voxel(s) lie where the image is "
+                                 "zero (outside its non-zero region, e.g. removed by skull stripping); preprocessing "
+                                 "keeps them"))
+    stored = Orientation.of(read_header(case.images[0])[0].direction).stored
+    return CheckedCase([], notes, images, label, reference, stored)
+
+
+def _header_notes(case: Case, path: Path) -> list[Problem]:
+    """A note when ``path`` is a NIfTI file whose qform and sform disagree by more than a voxel."""
+    try:
+        note = qform_sform_note(path, read_header(path)[0])
+    except ImageReadError:
+        return []  # reported as a problem by _check_image
+    return [] if note is None else [Problem(case.identifier, path, "note: " + note.removeprefix(f"{path}: "))]
 
 
 def _check_image(
@@ -153,7 +213,9 @@ def _check_image(
         message = f"expected a 3-D image, found {dimension}-D of size {list(geometry.shape)}"
         return None, None, [Problem(case.identifier, path, message)]
     try:
-        array, geometry = read_image(path, dtype=np.float32 if allowed_labels is None else np.float64)
+        with warnings.catch_warnings():  # a qform/sform disagreement becomes a note of this report instead
+            warnings.simplefilter("ignore", GeometryWarning)
+            array, geometry = read_image(path, dtype=np.float32 if allowed_labels is None else np.float64)
     except ImageReadError as error:
         return None, None, [Problem(case.identifier, path, str(error).removeprefix(f"{path}: "))]
     problems = []
@@ -169,10 +231,10 @@ def _check_image(
     return array, geometry, problems
 
 
-def _verify_case_star(argument: tuple[Case, list[int]]) -> tuple[list[Problem], bool]:
-    """The case's problems, and whether its label marks any lesion voxel."""
+def _verify_case_star(argument: tuple[Case, list[int]]) -> tuple[list[Problem], list[Problem], bool]:
+    """The case's problems, its notes, and whether its label marks any lesion voxel."""
     checked = read_checked_case(*argument)
-    return checked.problems, checked.label is not None and bool(checked.label.any())
+    return checked.problems, checked.notes, checked.label is not None and bool(checked.label.any())
 
 
 def unmatched_label_files(dataset: RawDataset, cases: list[Case]) -> list[Problem]:

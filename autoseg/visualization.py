@@ -27,12 +27,15 @@ def lesion_slices(reference: np.ndarray, prediction: np.ndarray, count: int = 4)
 def save_overlay(image_path: Path, reference_path: Path, prediction_path: Path, output: Path, count: int = 4) -> Path:
     """A PNG of axial slices of ``image_path`` with the reference (green) and predicted (red) lesion outlines.
 
-    All three files must share one grid (``autoseg_predict`` writes predictions on the input's grid).
-    Slices are shown in the array's (x, y) plane, x to the right, as radiological viewers do for LPS data.
+    All three files must cover one grid (``autoseg_predict`` writes predictions on the input's grid), in any stored
+    orientation: they are read in the canonical RAS orientation (``autoseg.io``), so axis 2 runs from foot to head and
+    the slices are axial whatever the files store. They are shown as radiological viewers do: the patient's right on
+    the left of the picture (x reversed), anterior up.
     """
-    image, _ = read_image(image_path)
-    reference = read_image(reference_path, np.uint8)[0] > 0
-    prediction = read_image(prediction_path, np.uint8)[0] > 0
+    # [::-1]: canonical x runs towards the patient's right; radiological display puts it on the left.
+    image = read_image(image_path)[0][::-1]
+    reference = read_image(reference_path, np.uint8)[0][::-1] > 0
+    prediction = read_image(prediction_path, np.uint8)[0][::-1] > 0
     slices = lesion_slices(reference, prediction, count)
     low, high = np.percentile(image[image != 0], [1, 99]) if image.any() else (0.0, 1.0)
     figure, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.8), squeeze=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +66,19 @@ def cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     runs on (AVX2-only and AMX alike). Tests of the bf16 path ask for it explicitly; the automatic choice is tested
     by faking this probe."""
     monkeypatch.setattr("autoseg.machine.cpu_has_fast_bf16", lambda: (False, "AVX2 (pinned by the test suite)"))
+
+
+def _reoriented_copy(source: Path, target: Path, orientation: str) -> Path:
+    """Write ``source`` to ``target`` stored in ``orientation`` (e.g. ``ASL``, ``LPI``): the same voxels at the same
+    world positions, with the axes permuted and flipped by SimpleITK's own DICOMOrient filter."""
+    import SimpleITK as sitk
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(source)), orientation), str(target))
+    return target
+
+
+@pytest.fixture
+def reoriented_copy() -> Callable[[Path, Path, str], Path]:
+    """``reoriented_copy(source, target, orientation)``: see :func:`_reoriented_copy`."""
+    return _reoriented_copy

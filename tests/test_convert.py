@@ -293,8 +293,8 @@ def test_a_failure_while_writing_leaves_no_dataset_and_no_scratch_folder(
             raise ValueError("disk trouble")
         return original(*arguments)
 
-    original = common.write_nifti_like
-    monkeypatch.setattr(common, "write_nifti_like", fail_on_second)
+    original = common.write_like
+    monkeypatch.setattr(common, "write_like", fail_on_second)
     assert convert(["atlas2", str(source), "-d", "ATLAS"]) == 1
     assert written() == []
 

@@ -195,3 +195,17 @@ def test_command_errors_return_1_with_one_line(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error
     assert not folders["out"].exists()
+
+
+def test_predictions_stored_in_another_orientation_are_scored_in_world_space(
+    folders: dict[str, Path], tmp_path: Path, reoriented_copy
+) -> None:
+    """Predictions (and probabilities) rewritten with their axes permuted and flipped cover the same voxels: same
+    scores, case by case, as the originals."""
+    expected = evaluate_folders(folders["ref"], folders["pred"], probabilities_dir=folders["prob"], progress=False)
+    for kind in ("pred", "prob"):
+        for index, path in enumerate(sorted(folders[kind].iterdir())):
+            reoriented_copy(path, tmp_path / f"{kind}_moved" / path.name, ("ASL", "PIR", "LPI")[index % 3])
+    moved = evaluate_folders(folders["ref"], tmp_path / "pred_moved", probabilities_dir=tmp_path / "prob_moved",
+                             progress=False)
+    pd.testing.assert_frame_equal(moved.per_case, expected.per_case)

@@ -1,14 +1,19 @@
-"""Fingerprint: lesion statistics and modalities a planner relies on."""
+"""Fingerprint: lesion statistics and modalities a planner relies on, the same whatever orientation a case is stored in."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from autoseg.dataset import find_dataset
 from autoseg.fingerprint import compute_fingerprint, lesion_statistics, modality_of
+from autoseg.io import Geometry, write_image
+from planners import get_planner
 
 IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
 
@@ -48,3 +53,61 @@ def test_fingerprint_of_the_ctp_demo(tiny_ctp: Path) -> None:
         assert all(lo < hi for lo, hi in case["nonzero_bbox"])
         low, mid, high = (case["intensity"][1][k] for k in ("p00_5", "p50", "p99_5"))
         assert low <= mid <= high
+
+
+def _thick_slice_dataset(root: Path, permuted: list[bool]) -> Path:
+    """A 1 x 1 x 4 mm axial (RAS) dataset; the cases marked in ``permuted`` are stored with their axes permuted and
+    flipped (``SAL``: the 4 mm axis first), the same voxels at the same world positions."""
+    folder = root / "raw" / "Dataset120_Thick"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1},
+                                                     "file_ending": ".nii.gz"}))
+    ras = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+    for index, permute in enumerate(permuted):
+        rng = np.random.default_rng(index)
+        image = np.zeros((40, 36, 10), np.float32)
+        image[4:-4, 3:-3, 1:-1] = 100 + rng.normal(0, 5, (32, 30, 8))
+        label = np.zeros(image.shape, np.uint8)
+        label[10 + index:18 + index, 12:20, 3:6] = 1
+        geometry = Geometry((40, 36, 10), (1.0, 1.0, 4.0), (20.0 + index, -18.0, -20.0), ras)
+        paths = (folder / "imagesTr" / f"t{index}_0000.nii.gz", folder / "labelsTr" / f"t{index}.nii.gz")
+        for array, path in zip((image, label), paths):
+            write_image(array, geometry, path)
+            if permute:
+                sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), "SAL"), str(path))
+    return folder
+
+
+def test_a_case_and_its_permuted_and_flipped_copies_have_identical_fingerprints(tiny_atlas: Path,
+                                                                                 reoriented_copy) -> None:
+    case = find_dataset("ATLASTiny").cases()[0]
+    for orientation in ("ASL", "LPI", "PIR"):
+        reoriented_copy(case.images[0], tiny_atlas / "imagesTr" / f"copy{orientation}_0000.nii.gz", orientation)
+        reoriented_copy(case.label, tiny_atlas / "labelsTr" / f"copy{orientation}.nii.gz", orientation)
+    fingerprint = compute_fingerprint(find_dataset("ATLASTiny"), progress=False)
+    original = fingerprint["cases"][case.identifier]
+    for orientation in ("ASL", "LPI", "PIR"):
+        assert fingerprint["cases"][f"copy{orientation}"] == original, orientation
+    aggregate = fingerprint["aggregate"]
+    assert aggregate["canonical_orientation"] == "RAS"
+    assert aggregate["stored_orientations"] == {"ASL": 1, "LPI": 1, "PIR": 1, "RAS": 4}
+
+
+def test_thick_slices_stored_in_two_orientations_plan_the_canonical_spacing(data_roots: Path) -> None:
+    """Half the cases axial, half with the 4 mm axis first: every case is measured as 1 x 1 x 4 mm, and the plan is
+    the plan of the all-axial dataset (before reorientation the median spacing was 2.5 x 1 x 2.5 mm: no case's)."""
+    _thick_slice_dataset(data_roots, [False, True, False, True])
+    mixed = compute_fingerprint(find_dataset("Thick"), progress=False)
+    assert mixed["aggregate"]["median_spacing"] == [1.0, 1.0, 4.0] and mixed["aggregate"]["coarse_axis"] == 2
+    assert mixed["aggregate"]["stored_orientations"] == {"RAS": 2, "SAL": 2}
+    for summary in mixed["cases"].values():
+        assert summary["spacing"] == [1.0, 1.0, 4.0] and summary["shape"] == [40, 36, 10]
+    mixed_plan = get_planner("DefaultPlanner")(mixed, None, None).plan()
+    shutil.rmtree(data_roots / "raw")
+    _thick_slice_dataset(data_roots, [False, False, False, False])
+    axial = compute_fingerprint(find_dataset("Thick"), progress=False)
+    axial_plan = get_planner("DefaultPlanner")(axial, None, None).plan()
+    for name, configuration in axial_plan.configurations.items():
+        assert mixed_plan.configuration(name).target_spacing == configuration.target_spacing, name
+        assert configuration.target_spacing[2] > configuration.target_spacing[0], "the 4 mm axis stays the coarse one"

@@ -345,7 +345,7 @@ def test_predicted_case_has_the_input_geometry(atlas_configuration, tmp_path, sp
     overlap = 2 * np.logical_and(labels, truth).sum() / (labels.sum() + truth.sum())
     assert overlap > 0.9
     write_image(labels, geometry, tmp_path / "prediction.nii.gz")
-    written, written_geometry = read_image(tmp_path / "prediction.nii.gz", np.uint8)
+    written, written_geometry = read_image(tmp_path / "prediction.nii.gz", np.uint8, canonical=False)
     assert written_geometry.shape == geometry.shape and written_geometry.differences(geometry) == []
     np.testing.assert_array_equal(written, labels)
 

@@ -1,30 +1,39 @@
-"""Image I/O: (x, y, z) order everywhere, the same voxels whichever reader, atomic writes, a full disk named,
-damaged arrays found."""
+"""Image I/O: (x, y, z) order everywhere, the same voxels whichever reader, one canonical orientation on reading and
+the input's own orientation and header on writing, atomic writes, a full disk named, damaged arrays found."""
 
 from __future__ import annotations
 
 import errno
+import itertools
 import pickle
+import warnings
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from autoseg.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.io import (
+    CANONICAL_ORIENTATION,
     DamagedArrayError,
     DiskFullError,
     Geometry,
+    GeometryWarning,
     ImageReadError,
+    Orientation,
     array_damage,
+    canonical_geometry,
     is_disk_full,
     load_array,
+    read_header,
     read_image,
     read_json,
     save_array,
     write_image,
     write_json,
+    write_like,
 )
 
 OBLIQUE = (0.8660254, -0.5, 0.0, 0.5, 0.8660254, 0.0, 0.0, 0.0, 1.0)
@@ -35,7 +44,7 @@ def test_round_trip_keeps_voxels_and_geometry(tmp_path: Path, ending: str) -> No
     array = np.random.default_rng(0).normal(size=(7, 5, 3)).astype(np.float32)
     geometry = Geometry((7, 5, 3), (0.8, 1.2, 3.0), (-10.0, 4.5, 2.0), OBLIQUE)
     write_image(array, geometry, tmp_path / f"image{ending}")
-    back, read = read_image(tmp_path / f"image{ending}")
+    back, read = read_image(tmp_path / f"image{ending}", canonical=False)
     assert np.array_equal(back, array)
     assert read.differences(geometry) == []
 
@@ -45,7 +54,7 @@ def test_nifti_voxels_match_simpleitk_in_xyz_order(tmp_path: Path) -> None:
     image = sitk.GetImageFromArray(values)
     image.SetDirection(OBLIQUE)
     sitk.WriteImage(image, str(tmp_path / "ordered.nii.gz"))
-    array, geometry = read_image(tmp_path / "ordered.nii.gz", np.int16)
+    array, geometry = read_image(tmp_path / "ordered.nii.gz", np.int16, canonical=False)
     assert geometry.shape == (4, 3, 2) and array.shape == (4, 3, 2)
     assert np.array_equal(array, values.transpose(2, 1, 0))
 
@@ -151,3 +160,101 @@ def test_saved_arrays_record_size_and_checksum_and_damage_is_found(tmp_path: Pat
     assert "CRC-32" in array_damage(path, record)
     path.unlink()
     assert array_damage(path, record) == "the file is missing"
+
+
+def _signed_permutations() -> list[tuple[float, ...]]:
+    """The 48 axis-aligned direction matrices (every order and sign of axes), row-major."""
+    found = []
+    for order in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            matrix = np.zeros((3, 3))
+            for column, (row, sign) in enumerate(zip(order, signs)):
+                matrix[row, column] = sign
+            found.append(tuple(matrix.ravel()))
+    return found
+
+
+@pytest.mark.parametrize("direction", _signed_permutations() + [OBLIQUE])
+def test_reorientation_is_simpleitk_dicomorient(direction: tuple[float, ...]) -> None:
+    """Orientation permutes and flips exactly as SimpleITK's DICOMOrient to the canonical code, and back."""
+    array = np.random.default_rng(2).random((4, 5, 6)).astype(np.float32)
+    geometry = Geometry((4, 5, 6), (0.5, 1.0, 3.0), (10.0, -4.0, 7.0), direction)
+    image = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    expected = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+    orientation = Orientation.of(direction)
+    canonical = orientation.to_canonical(array)
+    assert np.array_equal(canonical, sitk.GetArrayFromImage(expected).transpose(2, 1, 0))
+    reference = Geometry(expected.GetSize(), expected.GetSpacing(), expected.GetOrigin(), expected.GetDirection())
+    assert orientation.canonical_geometry(geometry).differences(reference, 1e-9) == []
+    assert np.array_equal(orientation.from_canonical(canonical), array)
+    assert np.array_equal(orientation.from_canonical(canonical[None])[0], array)  # leading channel axes
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_read_is_canonical_and_write_like_restores_the_stored_file(tmp_path: Path, ending: str) -> None:
+    array = np.random.default_rng(3).integers(0, 3, (7, 5, 3)).astype(np.uint8)
+    sagittal = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # axes point P, I, R: stored as "PIR"
+    stored = Geometry((7, 5, 3), (0.8, 1.2, 3.0), (-10.0, 4.5, 2.0), sagittal)
+    write_image(array, stored, tmp_path / f"source{ending}")
+    canonical, geometry = read_image(tmp_path / f"source{ending}", np.uint8)
+    assert Orientation.of(geometry.direction).stored == CANONICAL_ORIENTATION == "RAS"
+    assert canonical.shape == geometry.shape == (3, 7, 5) and np.allclose(geometry.spacing, (3.0, 0.8, 1.2))
+    assert Orientation.of(sagittal).stored == "PIR"
+    assert geometry.differences(canonical_geometry(read_header(tmp_path / f"source{ending}")[0])) == []
+    write_like(canonical, geometry, tmp_path / f"out{ending}", tmp_path / f"source{ending}")
+    back, back_geometry = read_image(tmp_path / f"out{ending}", np.uint8, canonical=False)
+    assert np.array_equal(back, array) and back_geometry.differences(stored) == []
+    with pytest.raises(ValueError, match="not on the grid of"):
+        write_like(canonical, stored, tmp_path / f"wrong{ending}", tmp_path / f"source{ending}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{ending}", f"source{ending}"]
+
+
+def _nifti_with_moved_sform(path: Path, sform_code: int = 1) -> nibabel.Nifti1Image:
+    """A 1 x 1 x 4 mm NIfTI whose sform lies (10, -5, 3) mm from its qform, as registration tools leave them."""
+    qform = np.diag([-1.0, 1.0, 4.0, 1.0])
+    qform[:3, 3] = (60.0, -70.0, -40.0)
+    sform = qform.copy()
+    sform[:3, 3] += (10.0, -5.0, 3.0)
+    image = nibabel.Nifti1Image(np.random.default_rng(4).random((12, 10, 6)).astype(np.float32), None)
+    image.set_qform(qform, 1)
+    image.set_sform(sform, sform_code)
+    image.header["cal_max"] = 1.0
+    nibabel.save(image, str(path))
+    return image
+
+
+@pytest.mark.parametrize("sform_code, used", [(1, "sform"), (2, "qform")])
+def test_qform_and_sform_are_written_as_given_and_a_disagreement_warned_once(
+    tmp_path: Path, sform_code: int, used: str
+) -> None:
+    source = _nifti_with_moved_sform(tmp_path / "scan.nii.gz", sform_code)
+    with pytest.warns(GeometryWarning) as caught:
+        array, geometry = read_image(tmp_path / "scan.nii.gz")
+        read_image(tmp_path / "scan.nii.gz")  # read again: no second warning
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "scan.nii.gz" in message and f"autoseg resamples and predicts with the {used}" in message
+    assert "up to 10.0 voxels" in message and "11.6 mm" in message  # |(10, -5, 3)| mm; 10 voxels of 1 mm along x
+    write_like((array > 0.5).astype(np.uint8), geometry, tmp_path / "mask.nii.gz", tmp_path / "scan.nii.gz")
+    written = nibabel.load(str(tmp_path / "mask.nii.gz"))
+    for coded in ("get_qform", "get_sform"):
+        matrix, code = getattr(written.header, coded)(coded=True)
+        original, original_code = getattr(source.header, coded)(coded=True)
+        assert code == original_code and np.array_equal(matrix, original)
+    for field in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "pixdim",
+                  "srow_x", "srow_y", "srow_z"):
+        assert np.array_equal(written.header[field], source.header[field]), field
+    assert written.get_data_dtype() == np.uint8 and float(written.header["cal_max"]) == 0.0
+    assert np.array_equal(np.asarray(written.dataobj), (np.asarray(source.dataobj) > 0.5).astype(np.uint8))
+
+
+def test_agreeing_qform_and_sform_are_not_warned_about(tmp_path: Path) -> None:
+    image = nibabel.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.header["sform_code"] = image.header["qform_code"] = 1
+    nibabel.save(image, str(tmp_path / "fine.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeometryWarning)
+        read_image(tmp_path / "fine.nii.gz")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from autoseg.commands.plan import main as plan_main
+from autoseg.dataset import find_dataset
 from autoseg.networks.memory import estimate_training_memory_bytes
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.planning import round_to_multiple, target_spacing, unet_topology
@@ -193,3 +194,29 @@ def test_many_small_lesions_make_patches_choose_a_lesion_first(tiny_sources: dic
     configuration = get_planner("DefaultPlanner")(fingerprint).plan().configuration()
     assert configuration.sampling.lesion_choice == choice
     assert f"{small_share:.0%} of lesions" in configuration.reasons["sampling"]
+
+
+def test_thin_slabs_stored_slab_axis_first_plan_and_predict_slices_along_the_canonical_axis(
+    tiny_ctp: Path, reoriented_copy
+) -> None:
+    """Half the CT perfusion slabs stored with their 5 mm axis first ("SAL", every file of the case): the plan is the
+    plan of the untouched dataset, the 2-D PSPNet slices along canonical axis 2, and the preprocessed arrays of a
+    moved case are those of the untouched case, slice for slice."""
+    untouched = plan_and_preprocess("CTPTiny", progress=False)
+    identifier = untouched.plans.configuration("2d_pspnet").data_identifier
+    folder = tiny_ctp.parent.parent / "preprocessed" / tiny_ctp.name / identifier
+    before = {path.name: np.load(path) for path in folder.glob("*.npy")}
+    cases = find_dataset("CTPTiny").cases()
+    for case in cases[::2]:
+        for path in (*case.images, case.label):
+            reoriented_copy(path, path, "SAL")
+    mixed = plan_and_preprocess("CTPTiny", progress=False)
+    assert mixed.preprocessed[identifier] == [case.identifier for case in cases[::2]], "moved cases are redone"
+    fingerprint = json.loads(mixed.fingerprint_path.read_text())
+    assert fingerprint["aggregate"]["stored_orientations"].get("SAL", 0) >= 1
+    for name in ("2d_pspnet", "3d_aniso"):
+        a, b = untouched.plans.configuration(name), mixed.plans.configuration(name)
+        assert (a.target_spacing, a.patch_size, a.slice_axis) == (b.target_spacing, b.patch_size, b.slice_axis), name
+    assert mixed.plans.configuration("2d_pspnet").slice_axis == 2
+    for name, array in before.items():
+        np.testing.assert_allclose(np.load(folder / name), array, atol=1e-5, err_msg=name)

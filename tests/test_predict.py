@@ -10,8 +10,10 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from autoseg.commands.common import run
@@ -161,8 +163,62 @@ def test_predict_single_plain_oblique_file_keeps_its_geometry(home: Path, tmp_pa
     write_image(array, oblique, tmp_path / "in" / "patient.mha")
     assert predict_main(["-i", str(tmp_path / "in" / "patient.mha"), "-o", str(tmp_path / "out"), "--device", "cpu",
                          "--no-progress", "--no-tta"]) == 0
-    _, written = read_image(tmp_path / "out" / "patient.mha", np.uint8)
+    _, written = read_image(tmp_path / "out" / "patient.mha", np.uint8, canonical=False)
     assert _same_geometry(written, oblique)
+
+
+def test_the_mask_carries_the_inputs_qform_and_sform_and_a_disagreement_is_warned_once(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A scan whose sform a registration tool moved (10, -5, 3) mm from its qform: both outputs keep both transforms,
+    codes and matrices, exactly; one warning names the file and the transform used."""
+    source = nibabel.load(str(sorted(_images(home).glob("*_0000.nii.gz"))[0]))
+    moved = source.affine.copy()
+    moved[:3, 3] += (10.0, -5.0, 3.0)
+    scan = nibabel.Nifti1Image(np.asarray(source.dataobj), None, source.header.copy())
+    scan.set_sform(moved, 1)
+    (tmp_path / "in").mkdir()
+    nibabel.save(scan, str(tmp_path / "in" / "moved.nii.gz"))
+    assert predict_main(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--device", "cpu", "--no-progress",
+                         "--no-tta", "--save-probabilities"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "moved.nii.gz: qform (code 1, scanner) and sform (code 1, scanner)" in warnings[0]
+    assert "predicts with the sform" in warnings[0]
+    given = nibabel.load(str(tmp_path / "in" / "moved.nii.gz")).header
+    for name in ("moved.nii.gz", "moved_probabilities.nii.gz"):
+        written = nibabel.load(str(tmp_path / "out" / name)).header
+        for transform in ("get_qform", "get_sform"):
+            matrix, code = getattr(written, transform)(coded=True)
+            expected, expected_code = getattr(given, transform)(coded=True)
+            assert code == expected_code and np.array_equal(matrix, expected), (name, transform)
+
+
+def test_permuted_and_flipped_copies_of_a_scan_get_the_same_prediction_in_world_space(
+    home: Path, tmp_path: Path, reoriented_copy
+) -> None:
+    """The same scan stored in four orientations: each output is stored like its input, and all four agree voxel for
+    voxel once SimpleITK's DICOMOrient puts them side by side (labels and probabilities)."""
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(read_image(source, canonical=False)[1].direction)
+    codes = ("ASL", "LPI", "PIR")
+    (tmp_path / "in").mkdir()
+    shutil.copy(source, tmp_path / "in" / "scan.nii.gz")
+    for code in codes:
+        reoriented_copy(source, tmp_path / "in" / f"scan{code}.nii.gz", code)
+    predict(tmp_path / "in", tmp_path / "out", **QUIET, save_probabilities=True)
+
+    def in_stored_orientation(path: Path) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), stored))
+
+    labels = in_stored_orientation(tmp_path / "out" / "scan.nii.gz")
+    probabilities = in_stored_orientation(tmp_path / "out" / "scan_probabilities.nii.gz")
+    assert probabilities.max() > 0
+    for code in codes:
+        _, written = read_image(tmp_path / "out" / f"scan{code}.nii.gz", canonical=False)
+        assert _same_geometry(written, read_image(tmp_path / "in" / f"scan{code}.nii.gz", canonical=False)[1])
+        assert np.array_equal(in_stored_orientation(tmp_path / "out" / f"scan{code}.nii.gz"), labels), code
+        assert np.array_equal(in_stored_orientation(tmp_path / "out" / f"scan{code}_probabilities.nii.gz"),
+                              probabilities), code
 
 
 def test_plain_names_ending_in_digits_on_the_command_line(home: Path, tmp_path: Path) -> None:
@@ -262,6 +318,13 @@ def test_validation_saves_probabilities(home: Path) -> None:
         probabilities = np.load(validation / f"{case}_probabilities.npz")["probabilities"]
         labels, geometry = read_image(validation / f"{case}.nii.gz", np.uint8)
         assert probabilities.shape == (1, *geometry.shape)
+        # The validation mask is written like its raw image: same stored grid, same qform and sform.
+        raw = home / "raw" / NAME / "imagesTr" / f"{case}_0000.nii.gz"
+        _, stored = read_image(validation / f"{case}.nii.gz", np.uint8, canonical=False)
+        assert _same_geometry(stored, read_image(raw, canonical=False)[1])
+        written, given = nibabel.load(str(validation / f"{case}.nii.gz")).header, nibabel.load(str(raw)).header
+        assert all(np.array_equal(written[key], given[key]) for key in ("qform_code", "sform_code", "srow_x",
+                                                                          "srow_y", "srow_z", "quatern_b", "pixdim"))
 
 
 def _add_configuration_copy(home: Path, spacing: float) -> str:

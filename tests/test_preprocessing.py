@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import autoseg.io
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
-from autoseg.io import Geometry, array_damage, load_array, read_image, read_json, write_image
+from autoseg.io import Geometry, array_damage, load_array, read_image, read_json, write_image, write_like
 from autoseg.plan_and_preprocess import dataset_folder, plan_and_preprocess
 from autoseg.plans import Resampling
 from autoseg.preprocessing import (
@@ -69,12 +70,14 @@ def test_restored_prediction_written_with_the_input_geometry(tiny_ctp: Path, tmp
     for case in find_dataset("CTPTiny").cases():
         data, seg, properties = load_case(folder, case.identifier)
         assert data.shape[0] == 5 and data.dtype == np.float32 and seg.dtype == np.uint8
-        original, geometry = read_image(case.label, np.uint8)
+        _, geometry = read_image(case.label, np.uint8)
         assert Geometry.from_json(properties["geometry"]) == geometry
         restored = restore_labels(np.asarray(seg), properties)
-        write_image(restored, geometry, tmp_path / "prediction.nii.gz")
-        _, written = read_image(tmp_path / "prediction.nii.gz")
-        assert written.differences(geometry) == []
+        # The CTP demo is stored LPS, not canonical: writing puts the restored labels back into that orientation.
+        write_like(restored, geometry, tmp_path / "prediction.nii.gz", case.images[0])
+        restored, written = read_image(tmp_path / "prediction.nii.gz", np.uint8, canonical=False)
+        original, stored = read_image(case.label, np.uint8, canonical=False)
+        assert written.differences(stored) == []
         overlap = 2 * np.logical_and(restored, original).sum() / max(1, restored.sum() + original.sum())
         assert overlap > 0.9, case.identifier
 
@@ -164,3 +167,29 @@ def test_halving_the_resolution_keeps_lesion_volume_within_five_percent(tiny_atl
     restored = restore_labels(seg, properties)
     assert restored.shape == label.shape
     assert abs(int(restored.sum()) - int(label.sum())) / label.sum() < 0.05
+
+
+def test_lesion_voxels_where_the_image_is_zero_are_kept(tiny_atlas: Path) -> None:
+    """Skull stripping removed the half of a cortical lesion on one side: every lesion voxel stays in the training
+    labels (the crop covers the non-zero region and the label), and the fingerprint counts the cut-off voxels."""
+    case = find_dataset("ATLASTiny").cases()[0]
+    image, geometry = read_image(case.images[0], canonical=False)
+    label, _ = read_image(case.label, np.uint8, canonical=False)
+    lesion = np.argwhere(label > 0)
+    middle = int(np.median(lesion[:, 0]))
+    image[: middle + 1] = 0  # everything up to the lesion's middle along x, lesion included, is "stripped"
+    write_image(image, geometry, case.images[0])
+    outside = int(np.count_nonzero(label[: middle + 1]))
+    assert 0 < outside < int(np.count_nonzero(label))
+    result = plan_and_preprocess("ATLASTiny", progress=False)
+    configuration = result.plans.configuration()
+    fingerprint = json.loads(result.fingerprint_path.read_text())
+    assert fingerprint["cases"][case.identifier]["lesion_voxels_outside_nonzero"] == outside
+    assert any(f"case {case.identifier}:" in note and f"note: {outside} lesion voxel(s)" in note
+               for note in result.notes)
+    data, seg, properties = load_case(dataset_folder(find_dataset("ATLASTiny")) / configuration.data_identifier,
+                                      case.identifier)
+    assert tuple(configuration.target_spacing) == tuple(geometry.spacing), "no resampling: voxels counted as they are"
+    assert int(np.count_nonzero(seg)) == int(np.count_nonzero(label))
+    canonical_label, _ = read_image(case.label, np.uint8)
+    assert np.array_equal(restore_labels(np.asarray(seg), properties), canonical_label)

@@ -13,7 +13,7 @@ from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
 from autoseg.io import Geometry, read_json, write_image
 from autoseg.plan_and_preprocess import plan_and_preprocess
-from autoseg.verify import VerificationError, verify_dataset
+from autoseg.verify import VerificationError, check_dataset, verify_dataset
 
 SHAPE = (12, 10, 8)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -68,7 +68,9 @@ CORRUPTIONS = {
                       "spacing"),
     "channel origin": (lambda f: rewrite(f / "imagesTr" / "c1_0001.nii.gz", Origin=(5.0, 0.0, 0.0)), "c1",
                        "c1_0001.nii.gz", "origin"),
-    "label direction": (lambda f: rewrite(f / "labelsTr" / "c1.nii.gz", Direction=(0, 1, 0, 1, 0, 0, 0, 0, 1)), "c1",
+    # Rotated by 30 degrees: no reorientation (which only permutes and flips axes) brings it onto the image's grid.
+    "label direction": (lambda f: rewrite(f / "labelsTr" / "c1.nii.gz",
+                                          Direction=(0.8660254, -0.5, 0, 0.5, 0.8660254, 0, 0, 0, 1)), "c1",
                         "c1.nii.gz", "direction"),
     "label values": (lambda f: rewrite(f / "labelsTr" / "c2.nii.gz", np.full(SHAPE[::-1], 3, np.uint8)), "c2",
                      "c2.nii.gz", "label values 3"),
@@ -148,3 +150,49 @@ def test_some_lesion_free_cases_are_counted_and_named(tiny_atlas: Path) -> None:
     aggregate = read_json(result.fingerprint_path)["aggregate"]
     assert aggregate["cases_without_lesion"] == 1 and aggregate["lesion_free_cases"] == ["atlas_0002"]
     assert len(result.preprocessed["3d_resunet"]) == 4
+
+
+def test_lesion_voxels_where_the_image_is_zero_are_a_note_per_case(data_roots: Path, capsys: pytest.CaptureFixture) -> None:
+    """Skull stripping cut off half of c1's lesion: not an error, but the report says how many voxels, per case."""
+    folder = make_dataset(data_roots)
+    for channel in (0, 1):
+        path = folder / "imagesTr" / f"c1_{channel:04d}.nii.gz"
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # (z, y, x); the lesion is x, y 3..5, z 2..3
+        array[:, :, :5] = 0  # x < 5: two of the lesion's three columns
+        rewrite(path, array)
+    report = check_dataset(find_dataset("Check"), progress=False)
+    assert len(report.cases) == 3
+    assert [str(note) for note in report.notes] == [
+        f"case c1: {folder / 'labelsTr' / 'c1.nii.gz'}: note: 12 lesion voxel(s) lie where the image is zero "
+        "(outside its non-zero region, e.g. removed by skull stripping); preprocessing keeps them"
+    ]
+    assert plan_main(["-d", "Check", "--verify", "--no-progress"]) == 0
+    output = capsys.readouterr().out
+    assert "case c1:" in output and "note: 12 lesion voxel(s)" in output and "(1 note(s) above)" in output
+
+
+def test_a_label_stored_in_another_orientation_of_the_same_grid_is_sound(data_roots: Path, reoriented_copy) -> None:
+    folder = make_dataset(data_roots)
+    label = folder / "labelsTr" / "c0.nii.gz"
+    reoriented_copy(label, label, "ASL")
+    assert len(verify_dataset(find_dataset("Check"), progress=False)) == 3
+
+
+def test_qform_sform_disagreement_is_a_note_of_each_file(data_roots: Path) -> None:
+    """Registration moved the sform of every file of c2 by (10, -5, 3) mm: one note per file, saying which is used."""
+    import nibabel
+
+    folder = make_dataset(data_roots)
+    paths = [folder / "imagesTr" / "c2_0000.nii.gz", folder / "imagesTr" / "c2_0001.nii.gz", folder / "labelsTr" / "c2.nii.gz"]
+    for path in paths:
+        image = nibabel.load(str(path))
+        moved = image.affine.copy()
+        moved[:3, 3] += (10.0, -5.0, 3.0)
+        image = nibabel.Nifti1Image(np.asarray(image.dataobj), None, image.header)
+        image.set_sform(moved, 1)
+        nibabel.save(image, str(path))
+    notes = [str(note) for note in check_dataset(find_dataset("Check"), progress=False).notes]
+    assert len(notes) == 3
+    for note, path in zip(notes, paths):
+        assert note.startswith(f"case c2: {path}: note: qform (code 1, scanner) and sform (code 1, scanner) disagree")
+        assert "autoseg resamples and predicts with the sform" in note

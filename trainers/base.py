@@ -537,7 +537,8 @@ class Trainer:
             raise RuntimeError("call setup() before validate()")
         if self.raw_dataset is None:
             raise ValueError("validation needs the raw dataset, whose label files are the reference")
-        references = {case.identifier: case.label for case in self.raw_dataset.cases()}
+        raw_cases = self.raw_dataset.cases()
+        references = {case.identifier: case.label for case in raw_cases}
         predictor = Predictor(self.configuration, [self.network], device=self.device,
                               autocast_dtype=self.precision.autocast_dtype)
         self.log(f"validation: predicting {len(self.val_cases)} case(s) with sliding-window inference")
@@ -545,7 +546,8 @@ class Trainer:
                  "epochs_trained": self.epoch, "postprocessing": dict(vars(self.configuration.postprocessing))}
         start = time.perf_counter()
         summary = validate_cases(predictor, self.data_folder, self.val_cases, references,
-                                 self.output_folder / "validation", about)
+                                 self.output_folder / "validation", about,
+                                 images={case.identifier: case.images[0] for case in raw_cases})
         if self.promise is not None:
             self.log(self.promise.check("end-of-fold validation", time.perf_counter() - start,
                                         self.promise.final_validation_seconds)[1])

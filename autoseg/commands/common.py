@@ -1,15 +1,16 @@
 """What every ``autoseg_*`` command shares: torch's threads set to the usable cores, and expected errors turned
-into one clear line and exit code 1."""
+into one clear line and exit code 1, and warnings about a file's header shown as one ``warning:`` line."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from autoseg.dataset import DatasetError
-from autoseg.io import DiskFullError, ImageReadError
+from autoseg.io import DiskFullError, GeometryWarning, ImageReadError
 from autoseg.machine import configure_threads
 from autoseg.plans import PlansError
 
@@ -20,6 +21,15 @@ USER_ERRORS = (DatasetError, PlansError, ImageReadError, DiskFullError, FileNotF
                ValueError)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
+                  line: str | None = None) -> None:
+    """A :class:`GeometryWarning` as one ``warning: ...`` line on stderr (it names its file); others as Python shows them."""
+    if issubclass(category, GeometryWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def run(action: Callable[[], int | None]) -> int:
     """Run ``action`` with torch's intra-op threads set by :func:`autoseg.machine.configure_threads` (the cores
     of the process's affinity mask, or ``OMP_NUM_THREADS``); print an expected error as ``error: ...`` on stderr
@@ -27,7 +37,9 @@ def run(action: Callable[[], int | None]) -> int:
     threads = torch.get_num_threads()
     configure_threads()
     try:
-        return action() or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return action() or 0
     except USER_ERRORS as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)

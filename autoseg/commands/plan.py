@@ -42,14 +42,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> None:
         if args.verify:
-            count = verify(args.dataset, args.num_processes, progress)
-            print(f"{args.dataset}: {count} cases verified, no problems found")
+            report = verify(args.dataset, args.num_processes, progress)
+            for note in report.notes:
+                print(note)
+            notes = f" ({len(report.notes)} note(s) above)" if report.notes else ""
+            print(f"{args.dataset}: {len(report.cases)} cases verified, no problems found{notes}")
             return
         minutes = args.budget_minutes if args.budget_hours is None else 60 * args.budget_hours
         result = plan_and_preprocess(
             args.dataset, args.planner, args.gpu_memory_gb, args.configurations, args.num_processes,
             args.preprocess_only, progress, budget_minutes=minutes, device=args.device,
         )
+        for note in result.notes:
+            print(note)
         print(f"fingerprint: {result.fingerprint_path}")
         print(f"plans:       {result.plans_path}")
         for name, configuration in result.plans.configurations.items():

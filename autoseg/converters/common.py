@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.dataset import DatasetError, channel_file_name, staged_dataset, write_dataset_json
-from autoseg.io import copy_image_file, read_image, write_nifti_like
+from autoseg.io import copy_image_file, read_image, write_like
 
 FILE_ENDING = ".nii.gz"
 #: A BIDS file name: key-value entities, then a suffix, then the ending (``sub-r001s001_ses-1_T1w.nii.gz``).
@@ -191,8 +191,8 @@ def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, 
             if split == "Tr":
                 if case.label is None:
                     raise ValueError(f"training case {case.identifier} has no lesion mask")
-                mask, _ = read_image(case.label, dtype=np.float64)
-                write_nifti_like(binarize(mask), case.label, folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}")
+                mask, geometry = read_image(case.label, dtype=np.float64)
+                write_like(binarize(mask), geometry, folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", case.label)
         (folder / "imagesTr").mkdir(exist_ok=True)
         write_dataset_json(
             folder,
