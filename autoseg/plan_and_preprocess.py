@@ -52,6 +52,7 @@ def plan_and_preprocess(
     progress: bool = True,
     budget_minutes: float | None = None,
     device: str = "auto",
+    normalization: str = "zscore",
 ) -> PlanResult:
     """Verify and fingerprint the dataset, plan with ``planner``, preprocess ``configurations``
     (default: all in the plans).
@@ -63,11 +64,16 @@ def plan_and_preprocess(
     or ``cuda``): this machine is probed first (``autoseg.compute``, cached under ``AUTOSEG_HOME``), and the
     planner chooses resolution, width, patch, batch and iterations (``autoseg.compute_budget``).
 
+    ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (histogram equalization
+    within the brain mask for every channel, in data folders of their own); ignored with ``preprocess_only``, where
+    ``plans.json`` says.
+
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems (nothing written).
         PlansError: invalid ``plans.json`` or an unknown configuration name.
         BudgetError: the budget cannot buy a useful run (the message says what would).
         KeyError: unknown planner (the message lists the known ones).
+        ValueError: an unknown ``normalization``.
     """
     dataset = find_dataset(dataset_name)
     folder = dataset_folder(dataset)
@@ -79,7 +85,7 @@ def plan_and_preprocess(
         planner_class = get_planner(planner)
         compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
         fingerprint = compute_fingerprint(dataset, num_processes, progress)
-        plans = planner_class(fingerprint, memory_budget_gb, compute).plan()
+        plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)
         cases = training_cases(dataset)
