@@ -332,7 +332,7 @@ def test_clear_one_line_errors(home: Path, tiny_atlas: Path, capsys: pytest.Capt
     assert "configuration '3d_fancy' is not in the plans; available: ['3d_resunet']" in _error(
         capsys, "-d", "ATLASFive", "-c", "3d_fancy")
     assert "fold 7 is out of range" in _error(capsys, "-d", "ATLASFive", "-f", "7", "-np", "0")
-    assert "unknown trainer 'Fancy'; available: PSPNetCETrainer, PSPNetTrainer, ResidualUNetTrainer, ZoomInOutTrainer" in _error(
+    assert "unknown trainer 'Fancy'; available: AcuteStrokeTrainer, PSPNetCETrainer, PSPNetTrainer, ResidualUNetTrainer, ZoomInOutTrainer" in _error(
         capsys, "-d", "ATLASFive", "-tr", "Fancy")
     assert "no checkpoint to continue from" in _error(capsys, "-d", "ATLASFive", "--continue", "-np", "0")
     if not torch.cuda.is_available():
