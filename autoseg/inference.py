@@ -653,7 +653,8 @@ class Predictor:
         configuration: the plans' configuration: preprocessing, patch size, dimension, slice axis, mirror
             axes, post-processing.
         networks: one or more trained networks, on ``device``; 3-D for ``dimension`` 3, 2-D for 2.
-        step_size: window step as a fraction of the patch. Default 0.5.
+        step_size: window step as a fraction of the patch; None (default): the configuration's
+            ``sliding_window_step``.
         tta: test-time mirroring (see :func:`tta_mirror_axes`): ``all`` (default; every combination of the
             configuration's ``mirror_axes``, as validation uses), ``lr`` (the left-right flip only; needs the
             image's direction, which :meth:`predict_case` has and :meth:`predict_preprocessed` takes) or ``none``.
@@ -674,7 +675,7 @@ class Predictor:
         configuration: Configuration,
         networks: Sequence[nn.Module],
         *,
-        step_size: float = 0.5,
+        step_size: float | None = None,
         tta: str = "all",
         use_mirroring: bool = True,
         batch_size: int | None = None,
@@ -696,7 +697,7 @@ class Predictor:
         self._notices: set[str] = set()
         self.batch_size = batch_size or (configuration.batch_size if configuration.dimension == 2 else 2)
         self.options: dict[str, Any] = dict(
-            step_size=step_size,
+            step_size=configuration.sliding_window_step if step_size is None else step_size,
             device=device,
             autocast_dtype=autocast_dtype,
             skip_empty=skip_empty,

@@ -53,6 +53,7 @@ def plan_and_preprocess(
     progress: bool = True,
     budget_minutes: float | None = None,
     device: str = "auto",
+    normalization: str = "zscore",
 ) -> PlanResult:
     """Verify and fingerprint the dataset, plan with ``planner``, preprocess ``configurations``
     (default: all in the plans).
@@ -64,12 +65,17 @@ def plan_and_preprocess(
     or ``cuda``): this machine is probed first (``autoseg.compute``, cached under ``AUTOSEG_HOME``), and the
     planner chooses resolution, width, patch, batch and iterations (``autoseg.compute_budget``).
 
+    ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (histogram equalization
+    within the brain mask for every channel, in data folders of their own); ignored with ``preprocess_only``, where
+    ``plans.json`` says.
+
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
             contains a lesion (nothing written: no fingerprint, no plans, no preprocessed folder).
         PlansError: invalid ``plans.json`` or an unknown configuration name.
         BudgetError: the budget cannot buy a useful run (the message says what would).
         KeyError: unknown planner (the message lists the known ones).
+        ValueError: an unknown ``normalization``.
     """
     dataset = find_dataset(dataset_name)
     folder = dataset_folder(dataset)
@@ -82,7 +88,7 @@ def plan_and_preprocess(
         planner_class = get_planner(planner)
         fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
         compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
-        plans = planner_class(fingerprint, memory_budget_gb, compute).plan()
+        plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)
         cases, notes = training_cases(dataset), list(fingerprint["notes"])

@@ -21,6 +21,8 @@ BASE_FEATURES = 32
 MAX_FEATURES_3D = 320
 MAX_FEATURES_2D = 512
 MAX_STAGES = 6
+#: ``autoseg_plan --normalization``: each modality's z-score scheme (default) or histogram equalization.
+NORMALIZATION_OPTIONS = ("zscore", "histeq")
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,27 @@ def target_spacing(aggregate: dict[str, Any], anisotropy_threshold: float = 3.0)
     )
 
 
-def channel_normalization(channel: dict[str, Any]) -> tuple[Normalization, str]:
-    """Normalization of one fingerprinted channel, chosen from its modality, with the reason."""
+def channel_normalization(channel: dict[str, Any], option: str = "zscore") -> tuple[Normalization, str]:
+    """Normalization of one fingerprinted channel, with the reason.
+
+    Args:
+        channel: the channel's entry of the fingerprint.
+        option: ``zscore`` (default): the z-score scheme of the channel's modality; ``histeq``: histogram
+            equalization within the foreground mask, whatever the modality (``autoseg_plan --normalization histeq``).
+
+    Raises:
+        ValueError: an option not in ``NORMALIZATION_OPTIONS``.
+    """
     name, modality = channel["name"], channel["modality"]
+    if option not in NORMALIZATION_OPTIONS:
+        raise ValueError(f"unknown normalization option '{option}', use one of {list(NORMALIZATION_OPTIONS)}")
+    if option == "histeq":
+        return Normalization(name, "histogram_equalization"), (
+            f"{name}: histogram equalization within the non-zero (brain) region, as asked (--normalization histeq): "
+            "each case's foreground is mapped through its own cumulative histogram to a uniform distribution, "
+            "scaled to zero mean and unit std, which raises the contrast between lesion and neighbouring tissue "
+            "(Bhavnani et al., paper 002: with symmetric context, Dice 0.389 -> 0.499 on ATLAS)"
+            + ("" if modality == "MRI" else f"; note that {name}'s physical units ({modality}) are given up"))
     stats = channel["foreground"]
     if modality == "MRI":
         return Normalization(name, "zscore_foreground"), (

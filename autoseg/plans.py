@@ -22,7 +22,10 @@ import numpy as np
 from autoseg.io import read_json, write_json
 
 SCHEMA_VERSION = 1
-NORMALIZATION_SCHEMES = ("zscore_foreground", "clip_zscore_dataset")
+NORMALIZATION_SCHEMES = ("zscore_foreground", "clip_zscore_dataset", "histogram_equalization")
+#: A configuration with a histogram-equalized channel keeps its preprocessed data in a folder whose name holds this,
+#: so it never overwrites the z-score data of the same configuration.
+HISTEQ_IDENTIFIER_SUFFIX = "_histeq"
 LOSSES = ("dice_bce", "dice_bce_focal", "focal", "weighted_ce")
 
 
@@ -37,6 +40,9 @@ class Normalization:
     ``zscore_foreground``: subtract the case's own foreground mean, divide by its std (MRI).
     ``clip_zscore_dataset``: clip to ``clip`` (dataset foreground 0.5/99.5 percentiles), then
     subtract ``mean`` and divide by ``std`` (dataset foreground statistics; CT, perfusion maps).
+    ``histogram_equalization``: equalize the case's own histogram within its foreground (brain) mask, so the
+    foreground becomes uniformly distributed, scaled to zero mean and unit standard deviation (Bhavnani et al.,
+    paper 002; see ``autoseg.preprocessing.equalize_histogram``).
     """
 
     channel: str
@@ -178,6 +184,8 @@ class Configuration:
     estimated_memory_gb: float
     data_identifier: str
     slice_axis: int | None = None
+    #: largest distance between neighbouring sliding windows at inference, as a fraction of the patch edge, in (0, 1].
+    sliding_window_step: float = 0.5
     reasons: dict[str, str] = field(default_factory=dict)
 
     def problems(self, num_channels: int) -> list[str]:
@@ -194,6 +202,13 @@ class Configuration:
                   for n in self.normalization if n.scheme not in NORMALIZATION_SCHEMES]
         if self.loss.name not in LOSSES:
             found.append(f"{where}.loss.name: unknown loss '{self.loss.name}', use one of {list(LOSSES)}")
+        if any(n.scheme == "histogram_equalization" for n in self.normalization) and (
+                HISTEQ_IDENTIFIER_SUFFIX not in self.data_identifier):
+            found.append(f"{where}.data_identifier: '{self.data_identifier}' is the folder of z-score data; a histogram-"
+                         f"equalized configuration needs its own, e.g. '{self.data_identifier}{HISTEQ_IDENTIFIER_SUFFIX}'")
+        if not 0 < self.sliding_window_step <= 1:
+            found.append(f"{where}.sliding_window_step: must lie in (0, 1] (a fraction of the patch), got "
+                         f"{self.sliding_window_step}")
         if not 0 < self.postprocessing.threshold < 1:
             found.append(f"{where}.postprocessing.threshold: must lie in (0, 1), got {self.postprocessing.threshold}")
         if not 0 <= self.sampling.foreground_oversampling <= 1:

@@ -337,7 +337,7 @@ def predict(
     *,
     trainer: str | Sequence[str] | None = None,
     checkpoint: str = "final",
-    step_size: float = 0.5,
+    step_size: float | None = None,
     tta: str = "all",
     use_mirroring: bool = True,
     save_probabilities: bool = False,
@@ -360,7 +360,8 @@ def predict(
         trainer: trainer folder, or several to ensemble across trainers (e.g. a focal and a cross-entropy
             variant); None: the only one of each configuration.
         checkpoint: ``final`` (default), ``best`` or ``snapshots``.
-        step_size: sliding-window step as a fraction of the patch. Default 0.5.
+        step_size: sliding-window step as a fraction of the patch; None (default): each configuration's
+            ``sliding_window_step`` from its plans.
         tta: test-time mirroring: ``all`` (default; every flip combination of the configuration's mirror axes),
             ``lr`` (only the flip along the image's left-right axis, from its direction matrix; no mirroring, with a
             one-line notice, when the configuration does not mirror that axis) or ``none``.

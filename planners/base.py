@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from autoseg.compute_budget import BudgetRequest
+from autoseg.planning import NORMALIZATION_OPTIONS
 from autoseg.plans import Plans
 from autoseg.registry import Registry
 
@@ -22,6 +23,12 @@ class Planner:
         memory_budget_gb: GPU memory one training run may use; patch and batch sizes are fitted to it.
         compute: a compute budget (minutes on a device, with that machine's probe); the planner then also
             chooses resolution, width, patch and iterations so one fold fits it. None: plan for memory only.
+        normalization: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (histogram equalization
+            of every channel; its configurations get their own data folders), see
+            ``autoseg.planning.NORMALIZATION_OPTIONS``.
+
+    Raises:
+        ValueError: an unknown ``normalization``.
     """
 
     default_memory_budget_gb: ClassVar[float] = 8.0
@@ -31,8 +38,11 @@ class Planner:
         _REGISTRY.register(cls)
 
     def __init__(self, fingerprint: dict[str, Any], memory_budget_gb: float | None = None,
-                 compute: BudgetRequest | None = None):
+                 compute: BudgetRequest | None = None, normalization: str = "zscore"):
+        if normalization not in NORMALIZATION_OPTIONS:
+            raise ValueError(f"unknown normalization '{normalization}', use one of {list(NORMALIZATION_OPTIONS)}")
         self.fingerprint = fingerprint
+        self.normalization = normalization
         self.memory_budget_gb = memory_budget_gb if memory_budget_gb is not None else self.default_memory_budget_gb
         self.compute = compute
 

@@ -40,6 +40,7 @@ from autoseg.planning import (
     unet_topology,
 )
 from autoseg.plans import (
+    HISTEQ_IDENTIFIER_SUFFIX,
     ComputeBudget,
     Configuration,
     Loss,
@@ -95,7 +96,7 @@ class DefaultPlanner(Planner):
     def plan(self) -> Plans:
         aggregate = self.fingerprint["aggregate"]
         spacing, spacing_reason = self.target_spacing(aggregate)
-        normalization = [channel_normalization(channel) for channel in self.fingerprint["channels"]]
+        normalization = [channel_normalization(channel, self.normalization) for channel in self.fingerprint["channels"]]
         thin, why = self.is_thin_slab(aggregate)
         if thin and self.compute is not None:
             configurations = [self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
@@ -107,6 +108,7 @@ class DefaultPlanner(Planner):
             configurations = [self.plan_for_budget(self.plan_resunet, spacing, spacing_reason, normalization)]
         else:
             configurations = [self.plan_resunet(spacing, spacing_reason, normalization)]
+        configurations = [self.own_data_folder(c) for c in configurations]
         channels = self.fingerprint["channels"]
         return Plans(
             dataset=self.fingerprint["dataset"],
@@ -122,6 +124,17 @@ class DefaultPlanner(Planner):
         )
 
     # -- decisions shared by every configuration ------------------------------------------------
+
+    @staticmethod
+    def own_data_folder(configuration: Configuration) -> Configuration:
+        """A configuration with a histogram-equalized channel keeps its preprocessed data apart from the z-score
+        data of the same name (``HISTEQ_IDENTIFIER_SUFFIX``), so neither overwrites the other."""
+        if all(n.scheme != "histogram_equalization" for n in configuration.normalization):
+            return configuration
+        identifier = configuration.data_identifier + HISTEQ_IDENTIFIER_SUFFIX
+        reasons = {**configuration.reasons, "data_identifier": f"{identifier}: histogram-equalized data get their own "
+                   "folder beside the z-score one"}
+        return dataclasses.replace(configuration, data_identifier=identifier, reasons=reasons)
 
     def target_spacing(self, aggregate: dict[str, Any]) -> tuple[tuple[float, ...], str]:
         return target_spacing(aggregate, SLAB_ANISOTROPY)
@@ -190,6 +203,15 @@ class DefaultPlanner(Planner):
             "and at least one voxel); both are re-tuned on cross-validation"
         )
 
+    @staticmethod
+    def sliding_window_step() -> tuple[float, str]:
+        """Inference windows half a patch apart (nnU-Net); the reason says what a denser step costs."""
+        return 0.5, (
+            "windows at most half a patch apart, so every voxel is predicted in about 2 windows per axis and the "
+            "Gaussian-weighted mean hides the seams (nnU-Net); the acute stroke paper's denser step (4x4x1 voxels on "
+            "24x24x16 patches, about a sixth of a patch) needs about 27 times as many forward passes: lower this "
+            "value (e.g. 0.25, 8 times as many) for denser overlap; autoseg_predict --step-size overrides it")
+
     def resampling(self, spacing: tuple[float, ...]) -> tuple[Resampling, str]:
         ratio = max(spacing) / min(spacing)
         if ratio >= SLAB_ANISOTROPY:
@@ -208,6 +230,7 @@ class DefaultPlanner(Planner):
             "sampling": self.sampling(patch_mm3),
             "postprocessing": self.postprocessing(spacing),
             "resampling": self.resampling(spacing),
+            "sliding_window_step": self.sliding_window_step(),
         }.items():
             fields[name], reasons[name] = value, reason
         return fields, reasons
@@ -410,7 +433,8 @@ class DefaultPlanner(Planner):
         stages = [(s.patch_size, s.batch_size, share) for s, share in zip(schedule.stages, shares)]
         cases = max(1, round(self.fingerprint["aggregate"]["num_cases"] / 5))
         shape = tuple(max(m, p) for m, p in zip(configuration.median_shape, configuration.patch_size))
-        windows = len(sliding_window_positions(shape, configuration.patch_size, 0.5)) * cases
+        windows = len(sliding_window_positions(shape, configuration.patch_size,
+                                               configuration.sliding_window_step)) * cases
         megavoxels = float(np.prod(self.fingerprint["aggregate"]["median_shape"])) * cases / 1e6
         return estimate_training(self.compute.probe, network, stages, epochs=layout.epochs,
                                  iterations_per_epoch=layout.iterations_per_epoch,

@@ -1,4 +1,5 @@
-"""Preprocessing and its inverse: geometry restored exactly, lesion volume kept, re-runs skip finished cases."""
+"""Preprocessing and its inverse: geometry restored exactly, lesion volume kept, re-runs skip finished cases;
+histogram equalization, planned on request, in its own data folder, applied alike at prediction time."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import autoseg.io
+from autoseg import preprocessing
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
+from autoseg.inference import Predictor
 from autoseg.io import Geometry, array_damage, load_array, read_image, read_json, write_image, write_like
 from autoseg.plan_and_preprocess import dataset_folder, plan_and_preprocess
-from autoseg.plans import Resampling
+from autoseg.plans import Normalization, Plans, Resampling
 from autoseg.preprocessing import (
     load_case,
+    normalize,
     preprocess_arrays,
     preprocess_dataset,
     restore_labels,
@@ -193,3 +198,80 @@ def test_lesion_voxels_where_the_image_is_zero_are_kept(tiny_atlas: Path) -> Non
     assert int(np.count_nonzero(seg)) == int(np.count_nonzero(label))
     canonical_label, _ = read_image(case.label, np.uint8)
     assert np.array_equal(restore_labels(np.asarray(seg), properties), canonical_label)
+
+
+# ---------------------------------------------------------------------------- histogram equalization
+def _brain_like(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A skewed (gamma) intensity distribution inside a block, zeros around it: (X, Y, Z) channel and its mask."""
+    rng = np.random.default_rng(seed)
+    channel = np.zeros((30, 32, 28), np.float32)
+    channel[4:26, 3:29, 5:23] = rng.gamma(2.0, 40.0, (22, 26, 18)) + 1.0
+    return channel, channel != 0
+
+
+def test_histogram_equalization_is_monotonic_uniform_and_leaves_the_background() -> None:
+    channel, mask = _brain_like()
+    out = normalize(channel, mask, Normalization("T1", "histogram_equalization"))
+    assert out.dtype == np.float32 and out.shape == channel.shape
+    assert np.all(out[~mask] == 0)  # background untouched (0, as the z-score schemes leave it)
+    values, order = out[mask], np.argsort(channel[mask], kind="stable")
+    assert np.all(np.diff(values[order]) >= 0)  # monotonic in the input intensity
+    assert values.mean() == pytest.approx(0.0, abs=0.05) and values.std() == pytest.approx(1.0, abs=0.05)
+    uniform = np.sort(values / np.sqrt(12) + 0.5)  # back onto [0, 1]
+    expected = (np.arange(len(uniform)) + 0.5) / len(uniform)
+    assert np.abs(uniform - expected).max() < 0.02  # Kolmogorov distance to the uniform distribution
+    skewed = np.sort((channel[mask] - channel[mask].min()) / np.ptp(channel[mask]))
+    assert np.abs(skewed - expected).max() > 0.3  # ... which the input was far from
+    assert np.all(normalize(np.full_like(channel, 5.0) * mask, mask, Normalization("T1", "histogram_equalization")) == 0)
+
+
+def test_histeq_option_is_planned_with_its_reason_in_its_own_folder_and_prediction_normalizes_alike(
+        tiny_atlas, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoseg.commands.plan import main as plan_main
+
+    assert plan_main(["-d", "ATLASTiny", "--no-progress", "-np", "1"]) == 0
+    assert plan_main(["-d", "ATLASTiny", "--no-progress", "-np", "1", "--normalization", "histeq"]) == 0
+    folder = data_roots / "preprocessed" / "Dataset901_ATLASTiny"
+    configuration = Plans.from_json(folder / "plans.json").configuration()
+    assert [n.scheme for n in configuration.normalization] == ["histogram_equalization"]
+    assert "as asked (--normalization histeq)" in configuration.reasons["normalization"]
+    assert "paper 002" in configuration.reasons["normalization"]
+    assert configuration.data_identifier == "3d_resunet_histeq"
+    zscore, histeq = folder / "3d_resunet", folder / "3d_resunet_histeq"
+    case = sorted(p.stem for p in histeq.glob("*.json"))[0]
+    assert (zscore / f"{case}.npy").is_file()  # the z-score data are still there, untouched
+    assert not np.allclose(load_case(zscore, case)[0], load_case(histeq, case)[0])
+
+    # Prediction normalizes in the same place as preprocessing: the stored case equals the prediction-time arrays.
+    raw = find_dataset("ATLASTiny")
+    source = next(c for c in raw.cases() if c.identifier == case)
+    images, geometry = read_image(source.images[0])
+    schemes = []
+    real_normalize = preprocessing.normalize
+
+    def recording(channel, foreground, scheme):
+        schemes.append(scheme.scheme)
+        return real_normalize(channel, foreground, scheme)
+
+    monkeypatch.setattr(preprocessing, "normalize", recording)
+    data, _, _ = preprocess_arrays(images[None], None, geometry, configuration)
+    assert np.array_equal(data, load_case(histeq, case)[0])
+    predictor = Predictor(configuration, [torch.nn.Conv3d(1, 1, 1)])
+    predictor.predict_case(images[None], geometry)
+    assert schemes == ["histogram_equalization"] * 2
+
+
+def test_a_hand_edited_histeq_plan_needs_its_own_data_identifier(tiny_atlas, data_roots: Path, capsys) -> None:
+    from autoseg.commands.plan import main as plan_main
+
+    assert plan_main(["-d", "ATLASTiny", "--no-progress", "-np", "1"]) == 0
+    path = data_roots / "preprocessed" / "Dataset901_ATLASTiny" / "plans.json"
+    plans = json.loads(path.read_text())
+    plans["configurations"]["3d_resunet"]["normalization"] = [{"channel": "T1", "scheme": "histogram_equalization"}]
+    path.write_text(json.dumps(plans))
+    assert plan_main(["-d", "ATLASTiny", "--preprocess-only", "--no-progress"]) == 1
+    assert "3d_resunet.data_identifier: '3d_resunet' is the folder of z-score data" in capsys.readouterr().err
+    plans["configurations"]["3d_resunet"]["data_identifier"] = "3d_resunet_histeq"
+    path.write_text(json.dumps(plans))
+    assert plan_main(["-d", "ATLASTiny", "--preprocess-only", "--no-progress", "-np", "1"]) == 0
+    assert any((path.parent / "3d_resunet_histeq").glob("*.npy"))

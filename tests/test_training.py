@@ -120,12 +120,15 @@ def test_registry_resolves_only_classes_in_the_trainers_package() -> None:
 
 
 @pytest.mark.parametrize("name", available_trainers())
-def test_every_trainer_is_built_without_side_effects_and_starts_at_the_stage_rate(name: str, home: Path) -> None:
+def test_every_trainer_is_built_without_side_effects_and_starts_at_its_stage_rate(name: str, home: Path) -> None:
     plans = Plans.from_json(home / "preprocessed" / FIVE / "plans.json")
     output = home / "results" / "run"
     trainer = get_trainer(name)(plans, "3d_resunet", 0, preprocessed_folder=home / "preprocessed" / FIVE,
                                 output_folder=output, options=QUIET)
     assert not output.exists() and trainer.network is None  # the constructor only stores
+    if trainer.schedule_description()["name"] == "adadelta":  # its own rate: no learning rate to tune
+        assert trainer.learning_rate(0, 0) == trainer.learning_rate(2, 0) == 1.0
+        return
     assert trainer.learning_rate(0, 0) == pytest.approx(1e-3)
     assert trainer.learning_rate(2, 0) == pytest.approx(1e-4)  # stage 2 restarts at its own, lower rate
     if trainer.schedule_description()["name"] != "plateau":  # a plateau schedule holds the rate within a stage
@@ -213,13 +216,14 @@ def test_pseudo_dice_is_the_global_dice_of_summed_counts() -> None:
 
 
 # ---------------------------------------------------------------------------- the loop, end to end
-def test_overfits_a_single_lesion_and_writes_the_run_folder(home: Path) -> None:
-    result = train("Sphere", fold="full", options=dataclasses.replace(QUIET, val_iterations=2))
-    folder = home / "results" / SPHERE / "3d_resunet" / "ResidualUNetTrainer" / "fold_full"
+@pytest.mark.parametrize("trainer", ["ResidualUNetTrainer", "AcuteStrokeTrainer"])
+def test_overfits_a_single_lesion_and_writes_the_run_folder(trainer: str, home: Path) -> None:
+    result = train("Sphere", fold="full", trainer=trainer, options=dataclasses.replace(QUIET, val_iterations=2))
+    folder = home / "results" / SPHERE / "3d_resunet" / trainer / "fold_full"
     assert result.output_folder == folder
     history = load_checkpoint(folder / "checkpoint_final.pth")["history"]
     assert history["pseudo_dice"][-1] > 0.8, history["pseudo_dice"]
-    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0], history["train_loss"]
+    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0], history["train_loss"]  # a few steps lower it
     case = read_json(folder / "validation" / "summary.json")["cases"]["sphere"]
     assert case["dice"] > 0.8 and case["hausdorff95"] < 6.0, case  # the whole volume, sliding window
     for name in ("plans.json", "log.txt", "progress.png", "checkpoint_latest.pth", "checkpoint_best.pth",
@@ -227,14 +231,16 @@ def test_overfits_a_single_lesion_and_writes_the_run_folder(home: Path) -> None:
         assert (folder / name).is_file(), name
     assert (folder / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (folder / "log.txt").read_text()
-    for header in ("trainer ResidualUNetTrainer", "configuration 3d_resunet", "device: cpu", "precision: fp32",
+    for header in (f"trainer {trainer}", "configuration 3d_resunet", "device: cpu", "precision: fp32",
                    "seed: 0"):
         assert header in log, header
     assert len([line for line in log.splitlines() if " epoch " in line and "train_loss" in line]) == 6
     assert not list(folder.glob(".*tmp*"))
 
 
-def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("trainer", ["ZoomInOutTrainer", "AcuteStrokeTrainer"])
+def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(trainer: str, home: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     patches: list[tuple[int, ...]] = []
     original_step = Trainer.train_step
 
@@ -245,7 +251,7 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(home: Path, monke
     monkeypatch.setattr(Trainer, "train_step", recording_step)
     options = dataclasses.replace(QUIET, validation=False, val_iterations=1)
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "uninterrupted"))
-    whole = train("ATLASFive", fold=0, options=options)
+    whole = train("ATLASFive", fold=0, trainer=trainer, options=options)
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the switch at the planned epoch 2
     patches.clear()
 
@@ -262,9 +268,9 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(home: Path, monke
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
     monkeypatch.setattr(Trainer, "end_epoch", killed_after_two)
     with pytest.raises(Killed):
-        train("ATLASFive", fold=0, options=options)
+        train("ATLASFive", fold=0, trainer=trainer, options=options)
     monkeypatch.setattr(Trainer, "end_epoch", original_end)
-    resumed = train("ATLASFive", fold=0, options=dataclasses.replace(options, continue_training=True))
+    resumed = train("ATLASFive", fold=0, trainer=trainer, options=dataclasses.replace(options, continue_training=True))
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the resumed half starts in stage 2
 
     a = load_checkpoint(whole.output_folder / "checkpoint_final.pth")
@@ -275,12 +281,16 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(home: Path, monke
                zip(a["optimizer"]["state"][k].values(), b["optimizer"]["state"][k].values()))
     assert a["history"]["train_loss"] == b["history"]["train_loss"]
     assert b["history"]["stage"] == ["zoom_in", "zoom_in", "zoom_out", "zoom_out"]
-    assert b["history"]["learning_rate"] == pytest.approx([1e-3, 0.5e-3, 1e-4, 0.5e-4])  # restart period 2
     log = (resumed.output_folder / "log.txt").read_text()
     assert "continuing from checkpoint_latest.pth after epoch 2 (stage zoom_in" in log
     assert "stage zoom_out starts at epoch 3" in log
-    assert sorted(p.name for p in resumed.output_folder.glob("checkpoint_snapshot_*.pth")) == [
-        "checkpoint_snapshot_3.pth", "checkpoint_snapshot_4.pth"]
+    snapshots = sorted(p.name for p in resumed.output_folder.glob("checkpoint_snapshot_*.pth"))
+    if trainer == "ZoomInOutTrainer":
+        assert b["history"]["learning_rate"] == pytest.approx([1e-3, 0.5e-3, 1e-4, 0.5e-4])  # restart period 2
+        assert snapshots == ["checkpoint_snapshot_3.pth", "checkpoint_snapshot_4.pth"]
+    else:  # Adadelta at its own rate; the early-stopping counters went through the checkpoint
+        assert b["history"]["learning_rate"] == [1.0] * 4 and not snapshots
+        assert a["plateau"] == b["plateau"] and isinstance(b["optimizer"]["state"][0]["acc_delta"], torch.Tensor)
 
 
 def test_command_line_run_validates_the_fold_on_the_original_grid(home: Path, capsys: pytest.CaptureFixture) -> None:
@@ -324,7 +334,7 @@ def test_clear_one_line_errors(home: Path, tiny_atlas: Path, capsys: pytest.Capt
     assert "configuration '3d_fancy' is not in the plans; available: ['3d_resunet']" in _error(
         capsys, "-d", "ATLASFive", "-c", "3d_fancy")
     assert "fold 7 is out of range" in _error(capsys, "-d", "ATLASFive", "-f", "7", "-np", "0")
-    assert "unknown trainer 'Fancy'; available: PSPNetCETrainer, PSPNetTrainer, ResidualUNetTrainer, ZoomInOutTrainer" in _error(
+    assert "unknown trainer 'Fancy'; available: AcuteStrokeTrainer, PSPNetCETrainer, PSPNetTrainer, ResidualUNetTrainer, ZoomInOutTrainer" in _error(
         capsys, "-d", "ATLASFive", "-tr", "Fancy")
     if not torch.cuda.is_available():
         assert "no CUDA device is available" in _error(capsys, "-d", "ATLASFive", "--device", "cuda")
@@ -444,3 +454,47 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
     assert "WARNING: whole fold: measured" in log
     history = load_checkpoint(result.output_folder / "checkpoint_final.pth")["history"]
     assert history["pseudo_dice"][-1] > 0.8, "channels_last_3d trains as well"
+
+
+# ---------------------------------------------------------------------------- the acute stroke recipe
+def test_acute_stroke_trainer_builds_the_paper_recipe_from_the_plans_numbers(home: Path) -> None:
+    from autoseg.networks import AsymmetricResidualUNet, count_asymmetric_parameters
+    from autoseg.plans import ComputeBudget
+
+    path = home / "preprocessed" / SPHERE / "plans.json"
+    plans = Plans.from_json(path)
+    record = ComputeBudget(device="cpu", minutes=1.0, precision="fp32", estimated_minutes=0.5,
+                           seconds_per_iteration=0.01, iterations=150, configuration="3d_resunet",
+                           estimates={"3d_resunet": {"estimated_minutes": 0.5}}, reasons={"data_processes": "test"})
+    plans = dataclasses.replace(plans, compute_budget=record)
+    configuration = plans.configuration()
+    trainer = get_trainer("AcuteStrokeTrainer")(plans, "3d_resunet", "full", preprocessed_folder=path.parent,
+                                                output_folder=home / "results" / "acute",
+                                                options=dataclasses.replace(QUIET, epochs=100)).setup()
+    network = trainer.network
+    assert isinstance(network, AsymmetricResidualUNet) and network.features == configuration.network.features
+    assert network.strides == configuration.network.strides and network.kernel_sizes == configuration.network.kernel_sizes
+    assert network.parameter_split() == count_asymmetric_parameters(
+        in_channels=1, num_classes=1, features=configuration.network.features,
+        strides=configuration.network.strides, kernel_sizes=configuration.network.kernel_sizes)
+    loss = trainer.loss_settings
+    assert (loss.name, loss.focal_gamma, loss.focal_alpha) == ("focal", 2.0, configuration.loss.focal_alpha)
+    assert isinstance(trainer.optimizer, torch.optim.Adadelta) and trainer.deep_supervision_levels == 1
+    sampling = trainer.sampling_spec()
+    assert sampling.foreground_oversampling == 0.5 and sampling.max_offset_fraction == configuration.sampling.max_offset_fraction
+    with trainer.loader(0, train=True) as batches:  # balanced: one of the two patches is centred on lesion
+        assert all(batch["seg"][-1].any() for batch in (next(batches) for _ in range(3)))
+    assert trainer.patience("early_stopping_patience_epochs") == 10  # none planned: a tenth of 100 epochs, >= 8
+    assert trainer.promise is None
+    log = (trainer.output_folder / "log.txt").read_text()
+    assert "time check skipped" in log and "acute stroke recipe: AsymmetricResidualUNet" in log
+    assert "time estimate (plans' compute budget)" not in log
+    for epoch, dice in enumerate([0.5] + [0.4] * 10):
+        trainer.update_plateau(dice, epoch)
+        assert trainer.should_stop() == (epoch == 10) and trainer.learning_rate(epoch, 0) == 1.0
+
+    pspnet = dataclasses.replace(configuration, name="2d", network=dataclasses.replace(
+        configuration.network, architecture="PSPNet", backbone="resnet18"))
+    with pytest.raises(ValueError, match="plans a PSPNet"):
+        get_trainer("AcuteStrokeTrainer")(dataclasses.replace(plans, configurations={"2d": pspnet}), "2d", 0,
+                                          preprocessed_folder=path.parent, output_folder=home / "x").build_network()

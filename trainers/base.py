@@ -2,7 +2,8 @@
 
 A trainer subclass changes only what differs (network, optimizer, learning-rate schedule, ...) by overriding the
 hooks :meth:`Trainer.build_network`, :meth:`Trainer.build_optimizer`, :meth:`Trainer.learning_rate` and, when
-needed, :meth:`Trainer.build_loss` or its :class:`TrainerSettings`. Data loading, logging, checkpoints, device and
+needed, :meth:`Trainer.build_loss`, :meth:`Trainer.loss_spec`, :meth:`Trainer.sampling_spec` or its
+:class:`TrainerSettings`. Data loading, logging, checkpoints, device and
 precision live in ``autoseg`` modules the loop calls.
 
 The loop, per epoch: enter the epoch's stage (a new stage starts a fresh optimizer at the stage's learning rate
@@ -37,7 +38,7 @@ from autoseg.dataset import RawDataset
 from autoseg.inference import Predictor
 from autoseg.losses import build_loss
 from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
-from autoseg.plans import Loss, Plans, Stage
+from autoseg.plans import Loss, Plans, Sampling, Stage
 from autoseg.registry import Registry
 from autoseg.training import (
     Budget,
@@ -160,6 +161,10 @@ class Trainer:
     def loss_spec(self) -> Loss:
         """The loss to train with (read once, by :meth:`setup`, into ``self.loss_settings``): the plans'."""
         return self.configuration.loss
+
+    def sampling_spec(self) -> Sampling:
+        """How training and validation patches are sampled: the plans'."""
+        return self.configuration.sampling
 
     def build_loss(self) -> nn.Module:
         """``self.loss_settings`` over every deep-supervision output of the network."""
@@ -389,7 +394,8 @@ class Trainer:
 
     def loader(self, epoch: int, train: bool) -> BatchStream:
         """Batches of ``epoch``, seeded by (seed, epoch) alone; validation batches are made in this process."""
-        return make_loader(self.data_folder, self.train_cases if train else self.val_cases, self.configuration,
+        configuration = replace(self.configuration, sampling=self.sampling_spec())
+        return make_loader(self.data_folder, self.train_cases if train else self.val_cases, configuration,
                            self.stage, self.num_processes if train else 0,
                            derived_seed(self.seed, epoch, 0 if train else 1), train,
                            pin_memory=self.device.type == "cuda")

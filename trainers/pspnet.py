@@ -7,7 +7,8 @@
     validation pseudo-Dice (the one ``checkpoint_best.pth`` follows) has not improved for
     ``plateau_patience_epochs``, and training stops after ``early_stopping_patience_epochs`` without improvement.
     Both patiences scale with a shortened run (``--epochs``) like the stage starts do (``Budget``), at least 1
-    epoch, and count only once the validation pseudo-Dice has left 0; both counters restart with each stage, and are stored in the checkpoint so ``--continue`` resumes them.
+    epoch, and count only once the validation pseudo-Dice has left 0; both counters restart with each stage, and are
+    stored in the checkpoint so ``--continue`` resumes them (``trainers.plateau.PlateauStopping``).
 
 The network carries PSPNet's auxiliary head on ``layer3``; its loss joins the main one with weight
 ``auxiliary_loss_weight`` (0.4, as in PSPNet) while training, and prediction uses the main head only.
@@ -24,24 +25,23 @@ freezes a randomly initialised backbone, as the plans ask.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoseg.early_stopping import PLATEAU_FACTOR
 from autoseg.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
 from autoseg.networks import PSPNet
 from autoseg.plans import Loss, Stage
 from autoseg.preprocessing import lesion_fraction
 from trainers.base import Trainer
+from trainers.plateau import PlateauStopping
 
-#: Factor of each learning-rate reduction on a plateau (CTP paper).
-PLATEAU_FACTOR = 0.1
 TRAINABLE = ("all", "new_layers")
 
 
-class PSPNetTrainer(Trainer):
+class PSPNetTrainer(PlateauStopping, Trainer):
     """PSPNet, RMSProp, frozen-backbone then full fine-tuning, lr ÷10 on a Dice plateau, early stopping."""
 
     #: Weight of the auxiliary head's loss (PSPNet: 0.4); 0 builds the network without the auxiliary head.
@@ -49,13 +49,7 @@ class PSPNetTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.plateau = self.fresh_plateau()
         self._weights_note = ""
-
-    @staticmethod
-    def fresh_plateau() -> dict[str, Any]:
-        """Plateau counters of a stage that just began (plain values: they go into checkpoints)."""
-        return {"best": -math.inf, "epochs_without_gain": 0, "reductions": 0, "stopped": False}
 
     # ------------------------------------------------------------------ hooks
     def build_network(self) -> nn.Module:
@@ -115,71 +109,12 @@ class PSPNetTrainer(Trainer):
     def learning_rate(self, epoch: int, iteration: int) -> float:
         """The stage's learning rate divided by 10 per plateau reduction so far in the stage."""
         stage = self.configuration.schedule.stages[self.budget.stage_at(epoch)]
-        return stage.learning_rate * PLATEAU_FACTOR ** self.plateau["reductions"]
+        return stage.learning_rate * self.plateau_factor()
 
     def schedule_description(self) -> dict[str, Any]:
         return {"name": "plateau", "optimizer": "rmsprop", "factor": PLATEAU_FACTOR,
                 "patience_epochs": self.patience("plateau_patience_epochs"),
                 "early_stopping_epochs": self.patience("early_stopping_patience_epochs")}
-
-    def should_stop(self) -> bool:
-        return bool(self.plateau["stopped"])
-
-    # ------------------------------------------------------------------ plateau
-    def patience(self, name: str) -> int | None:
-        """The schedule's patience ``name`` in epochs, scaled to the run's length like the stage starts."""
-        schedule = self.configuration.schedule
-        value = getattr(schedule, name)
-        if value is None:
-            return None
-        return max(1, math.floor(value * self.budget.epochs / schedule.epochs + 0.5))
-
-    def enter_stage(self, epoch: int) -> None:
-        before = self.stage_index
-        super().enter_stage(epoch)
-        if self.stage_index != before:
-            self.plateau = self.fresh_plateau()
-
-    def end_epoch(self, epoch: int, **record: float) -> None:
-        """Update the plateau counters (before the base class writes the checkpoint), then record the epoch."""
-        messages = self.update_plateau(self.moving_average(record["pseudo_dice"]), epoch)
-        super().end_epoch(epoch, **record)
-        for message in messages:
-            self.log(message)
-
-    def update_plateau(self, dice: float, epoch: int) -> list[str]:
-        """Count an epoch with validation score ``dice`` (NaN: no validation, not counted); returns log lines.
-
-        Epochs before the network first finds any lesion in the validation batches (best score still 0) are not
-        counted either: that is the start of learning, not a plateau, and lowering the rate there only stalls it
-        (with a short ``--epochs`` budget the scaled patiences would otherwise end the run before it began)."""
-        if math.isnan(dice):
-            return []
-        state = self.plateau
-        if dice > state["best"]:
-            state["best"], state["epochs_without_gain"] = dice, 0
-            return []
-        if state["best"] <= 0:
-            return []
-        state["epochs_without_gain"] += 1
-        messages = []
-        plateau, stop = self.patience("plateau_patience_epochs"), self.patience("early_stopping_patience_epochs")
-        if plateau and state["epochs_without_gain"] % plateau == 0:
-            state["reductions"] += 1
-            messages.append(f"no better validation pseudo-Dice for {state['epochs_without_gain']} epochs: learning "
-                            f"rate ÷{1 / PLATEAU_FACTOR:g} to {self.learning_rate(epoch, 0):g}")
-        if stop and state["epochs_without_gain"] >= stop:
-            state["stopped"] = True
-            messages.append(f"early stopping: no better validation pseudo-Dice for {stop} epochs")
-        return messages
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {**super().checkpoint_state(), "plateau": dict(self.plateau)}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        self.plateau = {**self.fresh_plateau(), **state.get("plateau", {})}
 
 
 class PSPNetCETrainer(PSPNetTrainer):

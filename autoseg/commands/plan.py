@@ -6,6 +6,7 @@ import argparse
 
 from autoseg.commands.common import run
 from autoseg.plan_and_preprocess import plan_and_preprocess, verify
+from autoseg.planning import NORMALIZATION_OPTIONS
 from planners import available_planners
 
 
@@ -29,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget-hours", type=float, metavar="H", help="the same budget in hours")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where training will run, for --budget-minutes (default: CUDA when available)")
+    p.add_argument("--normalization", default="zscore", choices=NORMALIZATION_OPTIONS,
+                   help="zscore (default): each modality's z-score scheme; histeq: histogram equalization within the "
+                        "brain mask for every channel (Bhavnani et al.), preprocessed into folders of its own")
     p.add_argument("--verify", action="store_true", help="only verify the dataset and report every problem")
     p.add_argument("--preprocess-only", action="store_true",
                    help="keep the existing plans.json (e.g. edited by hand), validate it and preprocess")
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         result = plan_and_preprocess(
             args.dataset, args.planner, args.gpu_memory_gb, args.configurations, args.num_processes,
             args.preprocess_only, progress, budget_minutes=minutes, device=args.device,
+            normalization=args.normalization,
         )
         for note in result.notes:
             print(note)

@@ -26,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: every fold with the checkpoint)")
     p.add_argument("--checkpoint", default="final", choices=CHECKPOINT_CHOICES,
                    help="final (default), best, or snapshots (every snapshot of each fold)")
-    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step, fraction of the patch (0.5)")
+    p.add_argument("--step-size", type=float, default=None,
+                   help="sliding-window step, fraction of the patch (default: the plans' sliding_window_step, 0.5 "
+                        "as planned)")
     p.add_argument("--tta", choices=TTA_CHOICES, default="all",
                    help="test-time mirroring: all (default; every flip of the planned mirror axes, 8 forward passes "
                         "per window for 3 axes), lr (only the left-right flip, from the image's direction; 2) or "

@@ -1,4 +1,5 @@
-"""Parameter count and training-memory estimate of a :class:`~autoseg.networks.ResidualUNet`, without building it.
+"""Parameter count and training-memory estimate of a :class:`~autoseg.networks.ResidualUNet` (and of the
+:class:`~autoseg.networks.AsymmetricResidualUNet` and the PSPNet), without building it.
 
 The planner calls these to fit patch and batch size into a GPU memory budget. All three functions take the
 same keyword arguments as :class:`~autoseg.networks.ResidualUNet` (plus ``patch_size``/``batch_size``), so
@@ -15,9 +16,12 @@ from autoseg.networks.residual_unet import Shape, validate_architecture
 __all__ = [
     "ADAM_BYTES_PER_PARAMETER",
     "CUDA_OVERHEAD_BYTES",
+    "count_asymmetric_parameters",
+    "count_asymmetric_stored_activations",
     "count_forward_macs",
     "count_parameters",
     "count_stored_activations",
+    "estimate_asymmetric_training_memory_bytes",
     "estimate_pspnet_training_memory_bytes",
     "estimate_training_memory_bytes",
     "feature_map_shapes",
@@ -330,3 +334,127 @@ def estimate_pspnet_training_memory_bytes(
     elements += 4 * 512 * pixels / 64 + 2 * num_classes * pixels  # head at 1/8 and the upsampled logits
     parameters = _RESNET_PARAMETERS[backbone] + features * features + 2 * features * 512 * 9 + 512 * num_classes
     return int(elements * bytes_per_activation * batch_size + 16 * parameters + CUDA_OVERHEAD_BYTES)
+
+
+# ---------------------------------------------------------------------------- the asymmetric residual U-Net
+def _asymmetric_blocks(kwargs: dict) -> tuple[int, ...]:
+    from autoseg.networks.asymmetric_unet import asymmetric_blocks_per_stage
+
+    blocks = kwargs.pop("blocks_per_stage", None)
+    return validate_architecture(**kwargs, blocks_per_stage=asymmetric_blocks_per_stage(len(kwargs["features"]))
+                                 if blocks is None else blocks)
+
+
+def _encoder_block_parameters(in_channels: int, out_channels: int, kernel_size: Sequence[int]) -> int:
+    """Two convs, two GroupNorms, two per-channel PReLUs, and a 1x1 conv + GN on the skip where the width changes."""
+    count = _conv(in_channels, out_channels, kernel_size) + _conv(out_channels, out_channels, kernel_size)
+    count += 2 * _norm(out_channels) + 2 * out_channels
+    if in_channels != out_channels:
+        count += _conv(in_channels, out_channels, (1,)) + _norm(out_channels)
+    return count
+
+
+def count_asymmetric_parameters(
+    *,
+    in_channels: int,
+    num_classes: int,
+    features: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    kernel_sizes: Sequence[Sequence[int]],
+    blocks_per_stage: Sequence[int] | None = None,
+    num_groups: int = 8,
+) -> tuple[int, int]:
+    """(encoder, decoder) parameters of the :class:`~autoseg.networks.AsymmetricResidualUNet` these arguments build;
+    the decoder's include the 1x1 head. Their sum equals ``sum(p.numel() for p in net.parameters())``.
+
+    Raises:
+        ValueError: as :func:`~autoseg.networks.validate_architecture`.
+    """
+    blocks = _asymmetric_blocks(dict(in_channels=in_channels, num_classes=num_classes, features=features,
+                                     strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
+                                     num_groups=num_groups))
+    encoder = decoder = 0
+    for i, (width, kernel, count) in enumerate(zip(features, kernel_sizes, blocks)):
+        if i == 0:  # conv + GN + PReLU
+            encoder += _conv(in_channels, width, kernel) + _norm(width) + width
+            width_in = width
+        else:  # the strided conv branch of the downsampling (+ GN + PReLU); max-pooling has no parameters
+            previous = features[i - 1]
+            encoder += _conv(previous, previous, kernel) + _norm(previous) + previous
+            width_in = 2 * previous
+        encoder += _encoder_block_parameters(width_in, width, kernel)
+        encoder += (count - 1) * _encoder_block_parameters(width, width, kernel)
+    for level in range(len(features) - 1):
+        width = features[level]
+        decoder += _conv(features[level + 1], width, kernel_sizes[level + 1])  # transposed conv
+        decoder += _conv(width, width, kernel_sizes[level]) + _norm(width) + width
+    decoder += _conv(features[0], num_classes, (1,))
+    return encoder, decoder
+
+
+def count_asymmetric_stored_activations(
+    *,
+    patch_size: Sequence[int],
+    in_channels: int,
+    num_classes: int,
+    features: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    kernel_sizes: Sequence[Sequence[int]],
+    blocks_per_stage: Sequence[int] | None = None,
+    num_groups: int = 8,
+) -> int:
+    """Elements autograd stores for backward in one training step of one sample of the
+    :class:`~autoseg.networks.AsymmetricResidualUNet`, counted as 4-byte elements.
+
+    Mirrors what PyTorch saves (a conv its input, GroupNorm its input, PReLU its input, max-pooling its input and
+    int64 indices; a sum and a concatenation nothing, so their inputs are freed unless another op keeps them):
+
+    - network input: ``in_channels x voxels[0]``; stage 0's conv, GN and PReLU outputs: ``3 x features[0] x voxels[0]``;
+    - downsampling into stage ``i``: conv and GN outputs ``2 x features[i-1] x voxels[i]``, the max-pooling's indices
+      (8 bytes: 2 elements each) ``2 x features[i-1] x voxels[i]``, the concatenation ``2 x features[i-1] x voxels[i]``;
+    - each encoder block: conv1, GN1, PReLU1, conv2 outputs, the sum before the last PReLU and that PReLU's output,
+      ``6 x features[i] x voxels[i]``, plus the skip conv's output ``features[i] x voxels[i]`` where it projects;
+    - decoder level ``i``: the sum with the skip (kept by the conv), conv output, the sum before PReLU and the PReLU
+      output: ``4 x features[i] x voxels[i]`` (the transposed conv's output is only summed, then freed);
+    - the logits, which the loss keeps: ``num_classes x voxels[0]``.
+
+    GroupNorm's per-group statistics are left out as negligible.
+    """
+    blocks = _asymmetric_blocks(dict(in_channels=in_channels, num_classes=num_classes, features=features,
+                                     strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
+                                     num_groups=num_groups))
+    voxels = [math.prod(shape) for shape in feature_map_shapes(patch_size=patch_size, strides=strides)]
+    elements = in_channels * voxels[0] + 3 * features[0] * voxels[0] + num_classes * voxels[0]
+    for i, (width, count, voxel_count) in enumerate(zip(features, blocks, voxels)):
+        width_in = width
+        if i > 0:
+            width_in = 2 * features[i - 1]
+            elements += 6 * features[i - 1] * voxel_count
+        elements += (6 * count + (width_in != width)) * width * voxel_count
+    elements += sum(4 * features[level] * voxels[level] for level in range(len(features) - 1))
+    return elements
+
+
+def estimate_asymmetric_training_memory_bytes(
+    *,
+    patch_size: Sequence[int],
+    batch_size: int,
+    bytes_per_activation: int = 2,
+    **net_kwargs: object,
+) -> int:
+    """Estimated peak GPU memory (bytes) of one training step of the
+    :class:`~autoseg.networks.AsymmetricResidualUNet` ``net_kwargs`` build, as
+    :func:`estimate_training_memory_bytes` does for the :class:`~autoseg.networks.ResidualUNet`:
+    ``activations x bytes_per_activation x batch_size + parameters x ADAM_BYTES_PER_PARAMETER +
+    CUDA_OVERHEAD_BYTES`` with the activations of :func:`count_asymmetric_stored_activations` (same assumptions; an
+    optimizer with two moments per parameter such as Adam or Adadelta).
+
+    Raises:
+        ValueError: an inconsistent architecture, a patch the strides do not divide, or ``batch_size`` /
+            ``bytes_per_activation`` < 1.
+    """
+    if batch_size < 1 or bytes_per_activation < 1:
+        raise ValueError(f"batch_size and bytes_per_activation must be >= 1, got {batch_size}, {bytes_per_activation}")
+    activations = count_asymmetric_stored_activations(patch_size=patch_size, **net_kwargs)
+    parameters = sum(count_asymmetric_parameters(**net_kwargs))
+    return activations * bytes_per_activation * batch_size + parameters * ADAM_BYTES_PER_PARAMETER + CUDA_OVERHEAD_BYTES
