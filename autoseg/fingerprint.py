@@ -18,6 +18,8 @@ from scipy import ndimage
 
 from autoseg.dataset import Case, RawDataset
 from autoseg.parallel import map_cases
+from autoseg.symmetry import assess_case
+from autoseg.symmetry import summarize as summarize_symmetry
 from autoseg.verify import Problem, VerificationError, read_checked_case, training_cases, unmatched_label_files
 
 #: Foreground voxels sampled per case and channel for dataset-wide percentiles (as nnU-Net does).
@@ -98,6 +100,7 @@ def fingerprint_case(case: Case, allowed_labels: list[int], seed: int = 0) -> _C
         "cropped_shape": [hi - lo for lo, hi in bbox],
         "intensity": intensity,
         **lesion_statistics(label, foreground, geometry.spacing, geometry.direction),
+        "symmetry": assess_case(images, foreground, geometry, bbox),  # can a mid-sagittal plane be found?
     }
     return _CaseResult(case.identifier, [], summary, samples)
 
@@ -206,6 +209,7 @@ def _aggregate(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
         ),
         "cases_without_lesion": int(sum(1 for s in summaries if s["lesion_components"] == 0)),
         "hemispheres": {side: hemispheres.count(side) for side in ("left", "right", "bilateral", "none")},
+        "symmetry": summarize_symmetry({case: s.get("symmetry") for case, s in per_case.items()}),
     }
 
 

@@ -21,6 +21,10 @@ BASE_FEATURES = 32
 MAX_FEATURES_3D = 320
 MAX_FEATURES_2D = 512
 MAX_STAGES = 6
+#: A dataset is a stack of thin slabs when its out-of-plane spacing is this many times the in-plane one...
+SLAB_ANISOTROPY = 3.0
+#: ...or when its scans have at most this many slices along the coarsest axis.
+SLAB_MAX_SLICES = 24
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,35 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class Symmetry:
+    """Symmetric-hemisphere channels (``autoseg.symmetry``; the acute stroke paper's symmetric modality
+    augmentation): after preprocessing, every channel is flipped across the mid-sagittal plane, the flip rigidly
+    registered onto the original and appended; the network sees ``channels_per_input`` times the plans' channels.
+
+    Attributes:
+        reference_channel: the channel the mirror transform is fitted on; the other channels reuse it (the paper
+            registers one modality and applies its transform to the rest).
+        difference: also append original − mirror per channel (three channels per input channel instead of two).
+        in_plane: fit only a rotation about the slice axis and an in-plane shift (thin slabs, where a few thick
+            slices cannot pin down out-of-plane tilt).
+    """
+
+    reference_channel: int = 0
+    difference: bool = False
+    in_plane: bool = False
+
+    @property
+    def channels_per_input(self) -> int:
+        """2 (original, mirror) or 3 (original, mirror, original − mirror)."""
+        return 3 if self.difference else 2
+
+
+def input_channels(num_channels: int, symmetry: Symmetry | None) -> int:
+    """Network input channels for ``num_channels`` image channels: times 2 or 3 with symmetric channels."""
+    return num_channels * (symmetry.channels_per_input if symmetry is not None else 1)
+
+
+@dataclass(frozen=True)
 class PostProcessing:
     """Binarize lesion probability at ``threshold``; drop components below ``min_lesion_mm3``."""
 
@@ -179,6 +208,12 @@ class Configuration:
     data_identifier: str
     slice_axis: int | None = None
     reasons: dict[str, str] = field(default_factory=dict)
+    #: symmetric-hemisphere channels (``3d_resunet_sym``, ``2d_pspnet_sym``); None: the channels as they are.
+    symmetry: Symmetry | None = None
+
+    def input_channels(self, num_channels: int) -> int:
+        """Channels the network takes for ``num_channels`` image channels (more with ``symmetry``)."""
+        return input_channels(num_channels, self.symmetry)
 
     def problems(self, num_channels: int) -> list[str]:
         """Every inconsistency, as ``configuration.field: what is wrong``."""
@@ -200,6 +235,9 @@ class Configuration:
             found.append(f"{where}.sampling.foreground_oversampling: must lie in [0, 1]")
         if self.sampling.lesion_choice not in ("voxel", "lesion"):
             found.append(f"{where}.sampling.lesion_choice: use voxel or lesion, got '{self.sampling.lesion_choice}'")
+        if self.symmetry is not None and not 0 <= self.symmetry.reference_channel < num_channels:
+            found.append(f"{where}.symmetry.reference_channel: must name one of the {num_channels} channels (0.."
+                         f"{num_channels - 1}), got {self.symmetry.reference_channel}")
         found += self._network_problems(where)
         found += self._patch_problems(where, "patch_size", self.patch_size, self.batch_size)
         for index, stage in enumerate(self.schedule.stages):
