@@ -100,7 +100,7 @@ def fingerprint_case(case: Case, allowed_labels: list[int], seed: int = 0) -> _C
         "cropped_shape": [hi - lo for lo, hi in bbox],
         "intensity": intensity,
         **lesion_statistics(label, foreground, geometry.spacing, geometry.direction),
-        "symmetry": assess_case(images, foreground, geometry, bbox),  # can a mid-sagittal plane be found?
+        "symmetry": assess_case(images, foreground, geometry, bbox, label),  # can a mid-sagittal plane be found?
     }
     return _CaseResult(case.identifier, [], summary, samples)
 
