@@ -185,12 +185,10 @@ def fit_mirror(
     euler = _as_euler(fitted)
     stop = method.GetOptimizerStopConditionDescription()
     converged = "maximum number of iterations" not in stop.lower()
-    original = image_from_array(image.astype(np.float32, copy=False), geometry)
-    mirror = _resample(image_from_array(np.flip(image, axis).astype(np.float32), geometry), original, euler, 0.0)
+    mirror = _mirror(image, geometry, axis, euler, 0.0)
     judged = mask
     if ignore is not None and ignore.any():
-        moved = _resample(image_from_array(np.flip(ignore, axis).astype(np.float32), geometry), original, euler, 0.0)
-        judged = mask & ~ignore & (moved < 0.01)
+        judged = mask & ~ignore & (_mirror(ignore, geometry, axis, euler, 0.0) < 0.01)
     correlation = _correlation(image, mirror, judged)
     plane = _plane(euler, geometry, axis)
     return MirrorFit(
@@ -215,9 +213,7 @@ def apply_mirror(channels: np.ndarray, geometry: Geometry, fit: MirrorFit,
     transform = fit.transform()
     out = np.empty(channels.shape, np.float32)
     for index, channel in enumerate(channels):
-        fill = 0.0 if background is None else float(background[index])
-        flipped = image_from_array(np.flip(channel, fit.flip_axis).astype(np.float32), geometry)
-        out[index] = _resample(flipped, flipped, transform, fill)
+        out[index] = _mirror(channel, geometry, fit.flip_axis, transform, 0.0 if background is None else background[index])
     return out
 
 
@@ -237,7 +233,8 @@ def add_mirror_channels(
         differences original − mirror (k = ``symmetry.channels_per_input``); and the fit as JSON (case properties).
 
     Raises:
-        ValueError: ``symmetry.reference_channel`` is not a channel of ``data``, or see :func:`fit_mirror`.
+        ValueError: ``symmetry.reference_channel`` is not a channel of ``data``, an image that is zero everywhere,
+            or see :func:`fit_mirror`.
     """
     if not 0 <= symmetry.reference_channel < len(data):
         raise ValueError(f"symmetry.reference_channel {symmetry.reference_channel} is not one of the "
@@ -245,6 +242,8 @@ def add_mirror_channels(
     slice_axis = thin_axis(geometry.shape, geometry.spacing) if symmetry.in_plane else None
     if symmetry.in_plane and slice_axis is None:
         slice_axis = int(np.argmax(geometry.spacing))
+    if not foreground.any():
+        raise ValueError("the image is zero everywhere: there is no brain to mirror")
     fit = fit_mirror(data[symmetry.reference_channel], foreground, geometry, slice_axis=slice_axis)
     background = [float(np.median(c[~foreground])) if not foreground.all() else 0.0 for c in data]
     mirror = apply_mirror(data, geometry, fit, background)
@@ -415,8 +414,11 @@ def _as_euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
     return sitk.Euler3DTransform(transform)
 
 
-def _resample(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform, fill: float) -> np.ndarray:
-    return array_from_image(sitk.Resample(moving, reference, transform, sitk.sitkLinear, fill, sitk.sitkFloat32))
+def _mirror(array: np.ndarray, geometry: Geometry, axis: int, transform: sitk.Transform, fill: float) -> np.ndarray:
+    """(X, Y, Z) float32: ``array`` flipped along ``axis`` and sampled at ``transform(x)`` on its own grid (linear;
+    ``fill`` outside)."""
+    flipped = image_from_array(np.flip(array, axis).astype(np.float32), geometry)
+    return array_from_image(sitk.Resample(flipped, flipped, transform, sitk.sitkLinear, float(fill), sitk.sitkFloat32))
 
 
 def _correlation(image: np.ndarray, mirror: np.ndarray, mask: np.ndarray) -> float:
