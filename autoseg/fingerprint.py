@@ -19,6 +19,8 @@ from scipy import ndimage
 from autoseg.dataset import Case, RawDataset
 from autoseg.io import CANONICAL_ORIENTATION
 from autoseg.parallel import map_cases
+from autoseg.symmetry import assess_case
+from autoseg.symmetry import summarize as summarize_symmetry
 from autoseg.verify import (
     Problem,
     VerificationError,
@@ -117,6 +119,7 @@ def fingerprint_case(case: Case, allowed_labels: list[int], seed: int = 0) -> _C
         "cropped_shape": [hi - lo for lo, hi in crop],
         "intensity": intensity,
         **lesion_statistics(label, foreground, geometry.spacing, geometry.direction),
+        "symmetry": assess_case(images, foreground, geometry, bbox, label),  # can a mid-sagittal plane be found?
     }
     return _CaseResult(case.identifier, [], checked.notes, summary, samples, checked.stored_orientation)
 
@@ -246,6 +249,7 @@ def _aggregate(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "cases_without_lesion": len(_lesion_free(per_case)),
         "lesion_free_cases": _lesion_free(per_case),
         "hemispheres": {side: hemispheres.count(side) for side in ("left", "right", "bilateral", "none")},
+        "symmetry": summarize_symmetry({case: s.get("symmetry") for case, s in per_case.items()}),
     }
 
 

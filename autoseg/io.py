@@ -421,13 +421,25 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compres
     """
     if tuple(array.shape) != tuple(geometry.shape):
         raise ValueError(f"{path}: array shape {array.shape} differs from geometry shape {geometry.shape}")
+    image = image_from_array(array, geometry)
+    stem, ending = split_ending(path)
+    with atomic_path(Path(path), suffix=ending) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=compress)
+
+
+def image_from_array(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A SimpleITK image of an (x, y, z) array placed as ``geometry`` says (for SimpleITK filters and registration;
+    the axes are turned around here, as on reading)."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
-    stem, ending = split_ending(path)
-    with atomic_path(Path(path), suffix=ending) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=compress)
+    return image
+
+
+def array_from_image(image: sitk.Image) -> np.ndarray:
+    """The voxels of a 3-D SimpleITK image in (x, y, z) order (the inverse of :func:`image_from_array`)."""
+    return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
 
 
 def copy_image_file(source: str | Path, path: str | Path) -> None:

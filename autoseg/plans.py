@@ -156,6 +156,35 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class Symmetry:
+    """Symmetric-hemisphere channels (``autoseg.symmetry``; the acute stroke paper's symmetric modality
+    augmentation): after preprocessing, every channel is flipped across the mid-sagittal plane, the flip rigidly
+    registered onto the original and appended; the network sees ``channels_per_input`` times the plans' channels.
+
+    Attributes:
+        reference_channel: the channel the mirror transform is fitted on; the other channels reuse it (the paper
+            registers one modality and applies its transform to the rest).
+        difference: also append original − mirror per channel (three channels per input channel instead of two).
+        in_plane: fit only a rotation about the slice axis and an in-plane shift (thin slabs, where a few thick
+            slices cannot pin down out-of-plane tilt).
+    """
+
+    reference_channel: int = 0
+    difference: bool = False
+    in_plane: bool = False
+
+    @property
+    def channels_per_input(self) -> int:
+        """2 (original, mirror) or 3 (original, mirror, original − mirror)."""
+        return 3 if self.difference else 2
+
+
+def input_channels(num_channels: int, symmetry: Symmetry | None) -> int:
+    """Network input channels for ``num_channels`` image channels: times 2 or 3 with symmetric channels."""
+    return num_channels * (symmetry.channels_per_input if symmetry is not None else 1)
+
+
+@dataclass(frozen=True)
 class PostProcessing:
     """Binarize lesion probability at ``threshold``; drop components below ``min_lesion_mm3``."""
 
@@ -187,6 +216,12 @@ class Configuration:
     #: largest distance between neighbouring sliding windows at inference, as a fraction of the patch edge, in (0, 1].
     sliding_window_step: float = 0.5
     reasons: dict[str, str] = field(default_factory=dict)
+    #: symmetric-hemisphere channels (``3d_resunet_sym``, ``2d_pspnet_sym``); None: the channels as they are.
+    symmetry: Symmetry | None = None
+
+    def input_channels(self, num_channels: int) -> int:
+        """Channels the network takes for ``num_channels`` image channels (more with ``symmetry``)."""
+        return input_channels(num_channels, self.symmetry)
 
     def problems(self, num_channels: int) -> list[str]:
         """Every inconsistency, as ``configuration.field: what is wrong``."""
@@ -196,16 +231,9 @@ class Configuration:
             found.append(f"{where}.dimension: must be 2 or 3, got {self.dimension}")
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             found.append(f"{where}.target_spacing: needs 3 positive values in mm, got {list(self.target_spacing)}")
-        if len(self.normalization) != num_channels:
-            found.append(f"{where}.normalization: {len(self.normalization)} entries for {num_channels} channels")
-        found += [f"{where}.normalization[{n.channel}]: unknown scheme '{n.scheme}', use one of {list(NORMALIZATION_SCHEMES)}"
-                  for n in self.normalization if n.scheme not in NORMALIZATION_SCHEMES]
+        found += self._channel_problems(where, num_channels)
         if self.loss.name not in LOSSES:
             found.append(f"{where}.loss.name: unknown loss '{self.loss.name}', use one of {list(LOSSES)}")
-        if any(n.scheme == "histogram_equalization" for n in self.normalization) and (
-                HISTEQ_IDENTIFIER_SUFFIX not in self.data_identifier):
-            found.append(f"{where}.data_identifier: '{self.data_identifier}' is the folder of z-score data; a histogram-"
-                         f"equalized configuration needs its own, e.g. '{self.data_identifier}{HISTEQ_IDENTIFIER_SUFFIX}'")
         if not 0 < self.sliding_window_step <= 1:
             found.append(f"{where}.sliding_window_step: must lie in (0, 1] (a fraction of the patch), got "
                          f"{self.sliding_window_step}")
@@ -223,6 +251,22 @@ class Configuration:
         if not starts or starts[0] != 0 or starts != sorted(starts) or starts[-1] >= self.schedule.epochs:
             found.append(f"{where}.schedule.stages: start epochs {starts} must begin at 0, increase, and stay below "
                          f"epochs={self.schedule.epochs}")
+        return found
+
+    def _channel_problems(self, where: str, num_channels: int) -> list[str]:
+        """Normalization entries, their schemes and data folder, and the symmetry's reference channel."""
+        found = []
+        if len(self.normalization) != num_channels:
+            found.append(f"{where}.normalization: {len(self.normalization)} entries for {num_channels} channels")
+        found += [f"{where}.normalization[{n.channel}]: unknown scheme '{n.scheme}', use one of {list(NORMALIZATION_SCHEMES)}"
+                  for n in self.normalization if n.scheme not in NORMALIZATION_SCHEMES]
+        if any(n.scheme == "histogram_equalization" for n in self.normalization) and (
+                HISTEQ_IDENTIFIER_SUFFIX not in self.data_identifier):
+            found.append(f"{where}.data_identifier: '{self.data_identifier}' is the folder of z-score data; a histogram-"
+                         f"equalized configuration needs its own, e.g. '{self.data_identifier}{HISTEQ_IDENTIFIER_SUFFIX}'")
+        if self.symmetry is not None and not 0 <= self.symmetry.reference_channel < num_channels:
+            found.append(f"{where}.symmetry.reference_channel: must name one of the {num_channels} channels (0.."
+                         f"{num_channels - 1}), got {self.symmetry.reference_channel}")
         return found
 
     def _network_problems(self, where: str) -> list[str]:

@@ -47,6 +47,7 @@ from autoseg.io import (
 )
 from autoseg.parallel import map_cases
 from autoseg.plans import Configuration, Normalization, Resampling
+from autoseg.symmetry import SYMMETRY_METHOD, add_mirror_channels, grid_geometry
 
 MAX_LESION_LOCATIONS = 10_000
 #: The array files of a preprocessed case: ``CASE.npy``, ``CASE_seg.npy``, ``CASE_lesion.npy``.
@@ -72,6 +73,8 @@ def preprocessing_key(configuration: Configuration) -> str:
         "normalization": [n.__dict__ for n in configuration.normalization],
         "resampling": configuration.resampling.__dict__,
     }
+    if configuration.symmetry is not None:  # only then: the keys of existing data stay as they were
+        settings["symmetry"] = {**configuration.symmetry.__dict__, "method": SYMMETRY_METHOD}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -152,7 +155,8 @@ def preprocess_arrays(
 
     Returns:
         data (C, X', Y', Z') float32, labels (X', Y', Z') uint8 or None, and the properties that
-        ``restore_probabilities`` needs.
+        ``restore_probabilities`` needs. With ``configuration.symmetry`` the data hold the mirrored channels too
+        (``configuration.input_channels(C)`` of them, ``autoseg.symmetry``) and the properties the fit.
     """
     foreground = np.any(images != 0, axis=0)
     box = crop_box(images, label)
@@ -162,6 +166,10 @@ def preprocess_arrays(
     target = target_shape(images.shape[1:], geometry.spacing, configuration.target_spacing)
     data = resample_image(normalized, target, configuration.resampling)
     seg = resample_labels(label[crop], target) if label is not None else None
+    mirror_fit = None
+    if configuration.symmetry is not None:  # symmetric-hemisphere channels on the network's grid (autoseg.symmetry)
+        grid = grid_geometry(geometry, box, target)
+        data, mirror_fit = add_mirror_channels(data, resample_labels(foreground.astype(np.uint8), target) > 0, grid, configuration.symmetry)
     properties = {
         "geometry": geometry.to_json(),
         "crop_box": [list(pair) for pair in box],
@@ -169,6 +177,8 @@ def preprocess_arrays(
         "resampled_shape": list(target),
         "target_spacing": list(configuration.target_spacing),
     }
+    if mirror_fit is not None:
+        properties["symmetry"] = mirror_fit
     return data, seg, properties
 
 

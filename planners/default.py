@@ -9,6 +9,7 @@ the thick axis).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ from autoseg.losses import balanced_positive_weight
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
 from autoseg.planning import (
     MAX_FEATURES_3D,
+    SLAB_ANISOTROPY,
+    SLAB_MAX_SLICES,
     Topology,
     channel_normalization,
     fit_patch_to_budget,
@@ -51,14 +54,13 @@ from autoseg.plans import (
     Sampling,
     Schedule,
     Stage,
+    Symmetry,
+    input_channels,
 )
+from autoseg.symmetry import qualifies as symmetry_qualifies
 from planners.base import Planner
 
 GIB = 1024**3
-#: A dataset is a stack of thin slabs when its out-of-plane spacing is this many times the in-plane one...
-SLAB_ANISOTROPY = 3.0
-#: ...or when its scans have at most this many slices along the coarsest axis.
-SLAB_MAX_SLICES = 24
 #: The batch may hold at most this share of all training voxels (nnU-Net's cap against overfitting).
 MAX_BATCH_SHARE = 0.05
 #: Bytes per stored activation in the memory estimate. Mixed precision keeps conv outputs in 2 bytes,
@@ -108,6 +110,8 @@ class DefaultPlanner(Planner):
             configurations = [self.plan_for_budget(self.plan_resunet, spacing, spacing_reason, normalization)]
         else:
             configurations = [self.plan_resunet(spacing, spacing_reason, normalization)]
+        symmetric, symmetry_reason = self.plan_symmetric(thin, spacing, spacing_reason, normalization)
+        configurations += symmetric
         configurations = [self.own_data_folder(c) for c in configurations]
         channels = self.fingerprint["channels"]
         return Plans(
@@ -119,7 +123,7 @@ class DefaultPlanner(Planner):
             default_configuration=configurations[0].name,
             configurations={c.name: c for c in configurations},
             memory_budget_gb=self.memory_budget_gb,
-            reasons={"default_configuration": why},
+            reasons={"default_configuration": why, "symmetry": symmetry_reason},
             compute_budget=self.compute_budget_record(configurations),
         )
 
@@ -242,8 +246,41 @@ class DefaultPlanner(Planner):
 
     # -- configurations -------------------------------------------------------------------------
 
-    def unet_memory(self, deep_supervision: bool = True):
-        in_channels = len(self.fingerprint["channels"])
+    def plan_symmetric(self, thin: bool, spacing, spacing_reason, normalization) -> tuple[list[Configuration], str]:
+        """``3d_resunet_sym`` (volumes) or ``2d_pspnet_sym`` (thin slabs, in-plane mirror) when the fingerprint
+        found a mid-sagittal plane in enough cases (``autoseg.symmetry.qualifies``): the plain configuration with
+        every channel's registered mirror appended, budgeted like it. Returns the configurations (none or one) and
+        the reason either way."""
+        found, in_plane, reason = symmetry_qualifies(self.fingerprint["aggregate"].get("symmetry"))
+        if not found:
+            return [], reason
+        symmetry = Symmetry(reference_channel=0, difference=False, in_plane=in_plane)
+        if thin:
+            configuration = (self.plan_pspnet_for_budget(spacing, spacing_reason, normalization, symmetry)
+                             if self.compute is not None else
+                             self.plan_pspnet(spacing, spacing_reason, normalization, symmetry))
+        else:
+            build = functools.partial(self.plan_resunet, symmetry=symmetry)
+            configuration = (self.plan_for_budget(build, spacing, spacing_reason, normalization)
+                             if self.compute is not None else build(spacing, spacing_reason, normalization))
+        return [configuration], f"{configuration.name}: {reason}"
+
+    def symmetry_reason(self, symmetry: Symmetry) -> str:
+        """The ``reasons.symmetry`` of a symmetric configuration."""
+        channels = self.fingerprint["channels"]
+        reference = channels[symmetry.reference_channel]["name"]
+        count = input_channels(len(channels), symmetry)
+        how = ("in-plane: rotation about the slice axis and in-plane shift, since a few thick slices cannot fix an "
+               "out-of-plane tilt" if symmetry.in_plane else "rigid 3-D (Euler3D)")
+        _, _, found = symmetry_qualifies(self.fingerprint["aggregate"]["symmetry"])
+        return (f"{found}. The mirror is fitted ({how}) on channel {symmetry.reference_channel} ({reference}) after "
+                f"cropping, normalization and resampling, on the arrays the network reads, and its transform reused "
+                f"for the other channels (acute stroke paper); the network takes {count} channels. No difference "
+                "channel: the paper appends the mirror only and the first convolution can subtract; set "
+                "symmetry.difference to true for original − mirror as a third channel per input")
+
+    def unet_memory(self, deep_supervision: bool = True, symmetry: Symmetry | None = None):
+        in_channels = input_channels(len(self.fingerprint["channels"]), symmetry)
         num_classes = len(self.fingerprint["labels"]) - 1
 
         def memory_of(patch: tuple[int, ...], topology: Topology, batch: int) -> int:
@@ -260,15 +297,17 @@ class DefaultPlanner(Planner):
         return min(largest_batch(two - one, 2 * one - two, self.memory_budget_gb * GIB), self.batch_cap(patch, spacing))
 
     def plan_resunet(self, spacing, spacing_reason, normalization, widths: tuple[int, int] | None = None,
-                     patch: tuple[int, ...] | None = None, batch: int | None = None) -> Configuration:
+                     patch: tuple[int, ...] | None = None, batch: int | None = None,
+                     symmetry: Symmetry | None = None) -> Configuration:
         """3D residual U-Net with the zoom-in&out schedule when a half-volume patch is still sensible.
 
         Without ``patch``, the largest patch that fits the memory budget (up to the median volume); without
-        ``batch``, as many samples as fit; ``widths`` (first-stage features, cap) default to the planner's."""
+        ``batch``, as many samples as fit; ``widths`` (first-stage features, cap) default to the planner's.
+        With ``symmetry``: ``3d_resunet_sym``, the same with symmetric-hemisphere channels (its own data folder)."""
         widths = widths or self.widths
         budget = self.memory_budget_gb * GIB
         full = self.median_shape(spacing)
-        memory_of = self.unet_memory()
+        memory_of = self.unet_memory(symmetry=symmetry)
         given_patch = patch is not None
         if patch is None:
             patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, batch_size=2,
@@ -301,15 +340,18 @@ class DefaultPlanner(Planner):
         optimizer, lr_schedule = ("adam", "cosine_warm_restarts") if len(stages) == 2 else ("sgd", "poly")
         reasons["normalization"] = "; ".join(reason for _, reason in normalization)
         reasons["mirror_axes"] = "all three axes: lesions occur in either hemisphere and at any position"
+        if symmetry is not None:
+            reasons["symmetry"] = self.symmetry_reason(symmetry)
         return Configuration(
-            name="3d_resunet", dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
+            name="3d_resunet" + ("_sym" if symmetry else ""), dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
             network=Network("ResidualUNet", topology.features, topology.strides, topology.kernel_sizes, True),
             normalization=tuple(n for n, _ in normalization),
             schedule=Schedule(trainer, optimizer, lr_schedule, self.epochs, self.iterations_per_epoch, stages,
                               restart_period_epochs=50 if len(stages) == 2 else None),
             mirror_axes=(0, 1, 2), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
-            data_identifier=self.resunet_identifier(spacing), reasons=reasons, **common,
+            data_identifier=self.resunet_identifier(spacing) + ("_sym" if symmetry else ""), reasons=reasons,
+            symmetry=symmetry, **common,
         )
 
     def resunet_identifier(self, spacing: tuple[float, ...]) -> str:
@@ -424,7 +466,7 @@ class DefaultPlanner(Planner):
 
     def estimate(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
         """Estimated wall time of one fold of ``configuration`` laid out as ``layout`` on the budget's machine."""
-        in_channels = len(self.fingerprint["channels"])
+        in_channels = configuration.input_channels(len(self.fingerprint["channels"]))
         num_classes = len(self.fingerprint["labels"]) - 1
         network = NetworkShape(in_channels, num_classes, configuration.network.features,
                                configuration.network.strides, configuration.network.kernel_sizes)
@@ -470,13 +512,14 @@ class DefaultPlanner(Planner):
         self._budget_choices = {**getattr(self, "_budget_choices", {}), configuration.name: choice}
         return configuration
 
-    def plan_pspnet_for_budget(self, spacing, spacing_reason, normalization) -> Configuration:
+    def plan_pspnet_for_budget(self, spacing, spacing_reason, normalization,
+                               symmetry: Symmetry | None = None) -> Configuration:
         """The 2d_pspnet plan with its epochs fitted to the compute budget.
 
         The network stays the planner's (a pre-trained backbone is chosen for its weights, not its cost); its
         step is estimated from the PSPNet's multiply-accumulates (counted on the meta device) and activations
         with the probe's cost model, fitted on 3-D U-Nets, so the figure is rougher than for the U-Nets."""
-        configuration = self.plan_pspnet(spacing, spacing_reason, normalization)
+        configuration = self.plan_pspnet(spacing, spacing_reason, normalization, symmetry)
         choice = choose_rung(1, lambda rung, layout: self.estimate_pspnet(configuration, layout),
                              self.compute.minutes, self.pspnet_epochs * self.iterations_per_epoch)
         layout, schedule = choice.layout, configuration.schedule
@@ -504,7 +547,7 @@ class DefaultPlanner(Planner):
         """Estimated wall time of one fold of a 2d_pspnet configuration laid out as ``layout``."""
         from autoseg.compute import pspnet_cost
 
-        in_channels = len(self.fingerprint["channels"])
+        in_channels = configuration.input_channels(len(self.fingerprint["channels"]))
         gmacs, mega_activations = pspnet_cost(configuration.network.backbone, configuration.patch_size,
                                               configuration.batch_size, in_channels)
         probe = self.compute.probe
@@ -628,14 +671,15 @@ class DefaultPlanner(Planner):
             data_identifier=self.slab_identifier(spacing), reasons=reasons, **common,
         )
 
-    def plan_pspnet(self, spacing, spacing_reason, normalization) -> Configuration:
-        """2D PSPNet on whole slices, pre-trained backbone, two-phase fine-tuning (CTP paper)."""
+    def plan_pspnet(self, spacing, spacing_reason, normalization, symmetry: Symmetry | None = None) -> Configuration:
+        """2D PSPNet on whole slices, pre-trained backbone, two-phase fine-tuning (CTP paper); with ``symmetry``
+        ``2d_pspnet_sym``, the same with symmetric-hemisphere channels (its own data folder)."""
         budget = self.memory_budget_gb * GIB
         full = self.median_shape(spacing)
         coarse = int(np.argmax(spacing))
         in_plane = tuple(full[a] for a in range(3) if a != coarse)
         patch = round_to_multiple(in_plane, (8, 8))
-        in_channels = len(self.fingerprint["channels"])
+        in_channels = input_channels(len(self.fingerprint["channels"]), symmetry)
         num_classes = len(self.fingerprint["labels"]) - 1
         for backbone in self.pspnet_backbones:
             def memory_of(batch: int, backbone: str = backbone) -> int:
@@ -675,8 +719,10 @@ class DefaultPlanner(Planner):
                         "frozen, then everything at lr 1e-4; lr ÷10 after 20 epochs without a better validation "
                         "Dice, early stop after 50 (CTP paper)",
         })
+        if symmetry is not None:
+            reasons["symmetry"] = self.symmetry_reason(symmetry)
         return Configuration(
-            name="2d_pspnet", dimension=2, target_spacing=spacing, median_shape=full, patch_size=patch,
+            name="2d_pspnet" + ("_sym" if symmetry else ""), dimension=2, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
             network=Network("PSPNet", deep_supervision=False, backbone=backbone, output_stride=8,
                             pyramid_bins=(1, 2, 3, 6)),
@@ -686,7 +732,8 @@ class DefaultPlanner(Planner):
                                Stage("all_layers", phase_two, patch, batch, 1e-4, "all")),
                               plateau_patience_epochs=20, early_stopping_patience_epochs=50),
             mirror_axes=(0, 1), estimated_memory_gb=round(memory_of(batch) / GIB, 3),
-            data_identifier=self.slab_identifier(spacing), slice_axis=coarse, reasons=reasons, **common,
+            data_identifier=self.slab_identifier(spacing) + ("_sym" if symmetry else ""), slice_axis=coarse,
+            reasons=reasons, symmetry=symmetry, **common,
         )
 
     @staticmethod

@@ -189,6 +189,12 @@ def test_the_budget_is_laid_out_as_a_complete_schedule_and_recorded_with_its_rea
         assert starts[1] == round(schedule.epochs * 7 / 8)
     assert 1 <= schedule.val_iterations_per_epoch <= schedule.iterations_per_epoch
     assert "laid out over the budget" in configuration.reasons["schedule"]
+    # the symmetric configuration (the tiny brains are symmetric) is fitted to the same budget, with its 2 channels
+    symmetric = plans.configuration("3d_resunet_sym")
+    assert record.estimates["3d_resunet_sym"]["estimated_minutes"] <= 20 and "would allow only" in \
+        symmetric.reasons["compute_budget"] and "laid out over the budget" in symmetric.reasons["schedule"]
+    assert symmetric.schedule.epochs * symmetric.schedule.iterations_per_epoch == \
+        record.estimates["3d_resunet_sym"]["iterations"] >= target_iterations(20)
 
 
 def test_without_a_budget_the_plans_are_todays(atlas_1mm_fingerprint: dict) -> None:
@@ -265,7 +271,8 @@ def test_estimate_of_a_planned_network_matches_the_probe_at_a_probed_point() -> 
 def test_thin_slabs_get_both_configurations_fitted_to_the_budget(tiny_sources: dict[str, Path]) -> None:
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["ctp"])), progress=False)
     plans = get_planner("CPUPlanner")(fingerprint, compute=budget(10)).plan()
-    assert set(plans.compute_budget.estimates) == {"2d_pspnet", "3d_aniso"}
+    # the CT head is symmetric, so the in-plane symmetric PSPNet is planned and budgeted too
+    assert set(plans.compute_budget.estimates) == {"2d_pspnet", "3d_aniso", "2d_pspnet_sym"}
     assert plans.compute_budget.configuration == "2d_pspnet"
     for name, estimate in plans.compute_budget.estimates.items():
         schedule = plans.configuration(name).schedule

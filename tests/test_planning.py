@@ -42,7 +42,7 @@ def test_atlas_like_gets_the_residual_3d_unet_with_zoom_in_and_out(tiny_atlas: P
 def test_ctp_like_gets_the_2d_pspnet_and_the_anisotropic_comparison(tiny_ctp: Path) -> None:
     plans = plan_and_preprocess("CTPTiny", progress=False).plans
     assert plans.default_configuration == "2d_pspnet"
-    assert set(plans.configurations) == {"2d_pspnet", "3d_aniso"}
+    assert set(plans.configurations) == {"2d_pspnet", "3d_aniso", "2d_pspnet_sym"}  # the CT head is symmetric
     assert "thin slabs" in plans.reasons["default_configuration"]
     pspnet, aniso = plans.configuration("2d_pspnet"), plans.configuration("3d_aniso")
     assert pspnet.dimension == 2 and pspnet.slice_axis == 2 and pspnet.loss.name == "focal"
@@ -132,7 +132,7 @@ def test_edited_plans_are_used_and_invalid_edits_are_named(tiny_atlas: Path, dat
     error = capsys.readouterr().err
     assert "3d_resunet.patch_size: [41, 48, 40] must be positive and divisible" in error
     assert "loss.name: unknown loss 'hinge'" in error
-    with pytest.raises(PlansError, match="available: \\['3d_resunet'\\]"):
+    with pytest.raises(PlansError, match="available: \\['3d_resunet', '3d_resunet_sym'\\]"):
         Plans.from_json(_valid_copy(path)).configuration("2d")
 
 

@@ -60,7 +60,7 @@ class PSPNetTrainer(PlateauStopping, Trainer):
         unknown = [s.name for s in self.configuration.schedule.stages if s.trainable not in TRAINABLE]
         if unknown:
             raise ValueError(f"stages {unknown}: trainable must be one of {list(TRAINABLE)}")
-        net = PSPNet(in_channels=len(self.plans.channels), num_classes=self.num_classes,
+        net = PSPNet(in_channels=self.configuration.input_channels(len(self.plans.channels)), num_classes=self.num_classes,
                      backbone=network.backbone or "resnet50", pyramid_bins=network.pyramid_bins or (1, 2, 3, 6),
                      output_stride=network.output_stride or 8, aux_head=self.auxiliary_loss_weight > 0)
         path = self.pretrained_path()

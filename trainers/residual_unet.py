@@ -36,7 +36,8 @@ class ResidualUNetTrainer(Trainer):
         if frozen:
             raise ValueError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a pre-trained "
                              "backbone the residual U-Net does not have")
-        return ResidualUNet(in_channels=len(self.plans.channels), num_classes=self.num_classes,
+        return ResidualUNet(in_channels=self.configuration.input_channels(len(self.plans.channels)),
+                            num_classes=self.num_classes,
                             features=network.features, strides=network.strides, kernel_sizes=network.kernel_sizes,
                             deep_supervision=self.deep_supervision_levels > 1)
 
