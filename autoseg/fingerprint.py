@@ -79,7 +79,7 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
     if not problems:
         problems = lesion_free_problems(dataset, _lesion_free(per_case), len(cases))
     if problems:
-        raise VerificationError(problems)
+        raise VerificationError(problems, [note for result in results for note in result.notes])
     channels = [
         {"name": name, "modality": modality_of(name), **_global_intensities([r.samples[c] for r in results])}
         for c, name in enumerate(dataset.channel_names)

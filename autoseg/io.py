@@ -395,7 +395,8 @@ def qform_sform_note(path: str | Path, geometry: Geometry) -> str | None:
     which = "sform" if np.allclose(used, sform, atol=1e-3) else "qform" if np.allclose(used, qform, atol=1e-3) \
         else "neither (a transform SimpleITK derived itself)"
     return (f"{path}: qform (code {int(qcode)}, {_XFORM_NAMES.get(int(qcode), '?')}) and sform (code {int(scode)}, "
-            f"{_XFORM_NAMES.get(int(scode), '?')}) disagree by up to {voxels:.1f} voxels ({millimetres:.1f} mm); "
+            f"{_XFORM_NAMES.get(int(scode), '?')}) disagree: they place a voxel up to {millimetres:.1f} mm apart "
+            f"({voxels:.1f} voxels along one axis); "
             f"autoseg resamples and predicts with the {which}, as SimpleITK reads it (nibabel and FSLeyes show the "
             f"sform); outputs keep both as given")
 

@@ -303,11 +303,13 @@ def assess_case(images: np.ndarray, foreground: np.ndarray, geometry: Geometry, 
         return {"found": False, "reason": f"the slices are stacked along the left-right axis {slice_axis}"}
     ignore = ndimage.binary_dilation(label[crop] > 0) if label is not None else None
     fit = fit_mirror(images[reference_channel][crop], foreground[crop], cropped, slice_axis=slice_axis, ignore=ignore)
-    return fit.to_json()
+    record = fit.to_json()
+    record.pop("seconds", None)  # the fingerprint depends on the data only (same data, same file)
+    return record
 
 
 def summarize(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The fingerprint's aggregate: how many cases have a plane, with which correlations, fitted how, how fast."""
+    """The fingerprint's aggregate: how many cases have a plane, with which correlations, fitted how."""
     records = [r for r in per_case.values() if r is not None]
     found = [r for r in records if r.get("found")]
     correlations = [r["correlation"] for r in records if "correlation" in r]
@@ -319,8 +321,6 @@ def summarize(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "median_correlation": round(float(np.median(correlations)), 4) if correlations else None,
         "lowest_correlation": round(float(np.min(correlations)), 4) if correlations else None,
         "in_plane": sum(1 for r in records if r.get("in_plane")),
-        "median_seconds": round(float(np.median([r["seconds"] for r in records if "seconds" in r])), 3)
-        if correlations else None,
         "not_found": sorted(case for case, r in per_case.items() if r is not None and not r.get("found")),
     }
 

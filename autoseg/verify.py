@@ -15,6 +15,7 @@ different axis orders of the same grid agree.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +49,16 @@ class Problem:
 
 
 class VerificationError(DatasetError):
-    """Raised with every problem found; ``problems`` holds them, the message has one per line."""
+    """Raised with every problem found; ``problems`` holds them, the message has one per line, followed by the
+    notes (``notes``) found on the way, since a note can explain a problem (a moved sform, say, explains a label
+    whose origin disagrees with its image)."""
 
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) found:\n" + "\n".join(str(p) for p in problems))
+    def __init__(self, problems: list[Problem], notes: Sequence[Problem] = ()):
+        self.problems, self.notes = problems, list(notes)
+        message = f"{len(problems)} problem(s) found:\n" + "\n".join(str(p) for p in problems)
+        if self.notes:
+            message += f"\nand {len(self.notes)} note(s):\n" + "\n".join(str(n) for n in self.notes)
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,10 @@ def check_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool = 
     if not problems:
         lesion_free = [case.identifier for case, (_, _, lesion) in zip(cases, results) if not lesion]
         problems = lesion_free_problems(dataset, lesion_free, len(cases))
+    notes = [note for _, found, _ in results for note in found]
     if problems:
-        raise VerificationError(problems)
-    return VerificationReport(cases, [note for _, notes, _ in results for note in notes])
+        raise VerificationError(problems, notes)
+    return VerificationReport(cases, notes)
 
 
 def lesion_free_problems(dataset: RawDataset, lesion_free: list[str], num_cases: int) -> list[Problem]:
@@ -166,7 +173,7 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
             reference = geometry
         elif geometry is not None and reference is not None:
             problems += [
-                Problem(case.identifier, path, f"disagrees with channel 0: {text}") for text in reference.differences(geometry)
+                Problem(case.identifier, path, f"disagrees with channel 0 (channel 0 vs this file): {text}") for text in reference.differences(geometry)
             ]
     label = None
     if case.label is not None:
@@ -175,7 +182,7 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
         notes += _header_notes(case, case.label)
         if geometry is not None and reference is not None:
             problems += [
-                Problem(case.identifier, case.label, f"label disagrees with image: {text}")
+                Problem(case.identifier, case.label, f"label disagrees with image (image vs label): {text}")
                 for text in reference.differences(geometry)
             ]
     if problems:

@@ -196,3 +196,26 @@ def test_qform_sform_disagreement_is_a_note_of_each_file(data_roots: Path) -> No
     for note, path in zip(notes, paths):
         assert note.startswith(f"case c2: {path}: note: qform (code 1, scanner) and sform (code 1, scanner) disagree")
         assert "autoseg resamples and predicts with the sform" in note
+
+
+def test_notes_follow_the_problems_they_may_explain(data_roots: Path) -> None:
+    """Only c2's image had its sform moved: the label's origin then disagrees with the image (a problem), and the
+    qform/sform note that explains it is printed with it rather than held back until the problem is fixed."""
+    import nibabel
+
+    folder = make_dataset(data_roots)
+    for channel in (0, 1):
+        path = folder / "imagesTr" / f"c2_000{channel}.nii.gz"
+        image = nibabel.load(str(path))
+        moved = image.affine.copy()
+        moved[:3, 3] += (10.0, -5.0, 3.0)
+        image = nibabel.Nifti1Image(np.asarray(image.dataobj), None, image.header)
+        image.set_sform(moved, 1)
+        nibabel.save(image, str(path))
+    with pytest.raises(VerificationError) as raised:
+        check_dataset(find_dataset("Check"), progress=False)
+    message = str(raised.value)
+    assert "label disagrees with image (image vs label): origin" in message
+    assert "note(s):" in message and "c2_0000.nii.gz: note: qform (code 1, scanner) and sform" in message
+    assert message.index("problem(s) found") < message.index("note(s):")
+    assert len(raised.value.notes) == 2
