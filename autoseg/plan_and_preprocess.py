@@ -6,6 +6,7 @@ folder of preprocessed cases per ``data_identifier`` (see ``autoseg.preprocessin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,9 +66,13 @@ def plan_and_preprocess(
     or ``cuda``): this machine is probed first (``autoseg.compute``, cached under ``AUTOSEG_HOME``), and the
     planner chooses resolution, width, patch, batch and iterations (``autoseg.compute_budget``).
 
-    ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (histogram equalization
-    within the brain mask for every channel, in data folders of their own); ignored with ``preprocess_only``, where
-    ``plans.json`` says.
+    ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (also a histogram-equalized
+    twin ``NAME_histeq`` of every configuration, with data folders of their own); ignored with ``preprocess_only``,
+    where ``plans.json`` says.
+
+    A re-plan replaces the configurations it plans and keeps every other one of an existing ``plans.json`` (see
+    :func:`keep_unplanned`): planning with ``histeq`` after a z-score plan adds the ``_histeq`` configurations, and a
+    later z-score re-plan keeps them.
 
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
@@ -89,9 +94,15 @@ def plan_and_preprocess(
         fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
         compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
         plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
+        notes = list(fingerprint["notes"])
+        if plans_path.is_file():
+            try:
+                plans = keep_unplanned(Plans.from_json(plans_path), plans, normalization)
+            except PlansError as error:  # unusable as it is: nothing in it can be kept
+                notes.append(f"the previous plans.json was replaced, none of it kept: {error}")
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)
-        cases, notes = training_cases(dataset), list(fingerprint["notes"])
+        cases = training_cases(dataset)
     names = configurations or list(plans.configurations)
     done: dict[str, list[str]] = {}
     for name in names:
@@ -101,6 +112,27 @@ def plan_and_preprocess(
         target = folder / configuration.data_identifier
         done[configuration.data_identifier] = preprocess_dataset(cases, configuration, target, num_processes, progress)
     return PlanResult(plans, plans_path, fingerprint_path, done, notes)
+
+
+def keep_unplanned(previous: Plans, planned: Plans, normalization: str = "zscore") -> Plans:
+    """``planned`` plus every configuration of ``previous`` it does not plan, so a re-plan never loses a
+    configuration that may have been trained (e.g. ``3d_resunet_histeq`` after a z-score re-plan, or
+    ``3d_resunet_sym`` after a re-plan with another planner); one that no longer fits the dataset's channels is
+    dropped. The planner's ``default_configuration`` leads (always a z-score one); kept configurations keep their
+    compute-budget estimates where both plans have a budget; ``reasons.kept_configurations`` names what was kept.
+    Delete an entry from ``plans.json`` to drop it."""
+    kept = {name: c for name, c in previous.configurations.items()
+            if name not in planned.configurations and not c.problems(len(planned.channels))}
+    if not kept:
+        return planned
+    budget = planned.compute_budget
+    if budget is not None and previous.compute_budget is not None:
+        estimates = {name: e for name, e in previous.compute_budget.estimates.items() if name in kept}
+        budget = dataclasses.replace(budget, estimates={**budget.estimates, **estimates})
+    reason = (f"{', '.join(kept)}: kept from the previous plans.json (not planned by this run, --normalization "
+              f"{normalization}, planner {planned.planner}); delete an entry to drop it")
+    return dataclasses.replace(planned, configurations={**planned.configurations, **kept},
+                               compute_budget=budget, reasons={**planned.reasons, "kept_configurations": reason})
 
 
 def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
@@ -119,4 +151,5 @@ def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
     return BudgetRequest(minutes, chosen.type, precision.name, probe, cached)
 
 
-__all__ = ["PlanResult", "budget_request", "PlansError", "dataset_folder", "plan_and_preprocess", "verify"]
+__all__ = ["PlanResult", "PlansError", "budget_request", "dataset_folder", "keep_unplanned", "plan_and_preprocess",
+           "verify"]

@@ -55,6 +55,7 @@ from autoseg.plans import (
     Schedule,
     Stage,
     Symmetry,
+    histeq_name,
     input_channels,
 )
 from autoseg.symmetry import qualifies as symmetry_qualifies
@@ -98,7 +99,7 @@ class DefaultPlanner(Planner):
     def plan(self) -> Plans:
         aggregate = self.fingerprint["aggregate"]
         spacing, spacing_reason = self.target_spacing(aggregate)
-        normalization = [channel_normalization(channel, self.normalization) for channel in self.fingerprint["channels"]]
+        normalization = [channel_normalization(channel) for channel in self.fingerprint["channels"]]
         thin, why = self.is_thin_slab(aggregate)
         if thin and self.compute is not None:
             configurations = [self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
@@ -112,7 +113,8 @@ class DefaultPlanner(Planner):
             configurations = [self.plan_resunet(spacing, spacing_reason, normalization)]
         symmetric, symmetry_reason = self.plan_symmetric(thin, spacing, spacing_reason, normalization)
         configurations += symmetric
-        configurations = [self.own_data_folder(c) for c in configurations]
+        if self.normalization == "histeq":
+            configurations += [self.histeq_variant(c) for c in configurations]
         channels = self.fingerprint["channels"]
         return Plans(
             dataset=self.fingerprint["dataset"],
@@ -129,16 +131,25 @@ class DefaultPlanner(Planner):
 
     # -- decisions shared by every configuration ------------------------------------------------
 
-    @staticmethod
-    def own_data_folder(configuration: Configuration) -> Configuration:
-        """A configuration with a histogram-equalized channel keeps its preprocessed data apart from the z-score
-        data of the same name (``HISTEQ_IDENTIFIER_SUFFIX``), so neither overwrites the other."""
-        if all(n.scheme != "histogram_equalization" for n in configuration.normalization):
-            return configuration
+    def histeq_variant(self, configuration: Configuration) -> Configuration:
+        """``NAME_histeq``: the z-score configuration ``NAME`` with every channel histogram-equalized
+        (``autoseg_plan --normalization histeq``). Its own name keeps its results apart from the z-score run's
+        (``AUTOSEG_RESULTS/<dataset>/NAME_histeq/``) and its own data folder keeps its preprocessed data apart; every
+        other decision is the z-score configuration's (normalization changes neither memory nor time), so a compute
+        budget's estimate is shared too."""
+        name = histeq_name(configuration.name)
+        normalization = [channel_normalization(channel, "histeq") for channel in self.fingerprint["channels"]]
         identifier = configuration.data_identifier + HISTEQ_IDENTIFIER_SUFFIX
-        reasons = {**configuration.reasons, "data_identifier": f"{identifier}: histogram-equalized data get their own "
-                   "folder beside the z-score one"}
-        return dataclasses.replace(configuration, data_identifier=identifier, reasons=reasons)
+        reasons = {**configuration.reasons, "normalization": "; ".join(reason for _, reason in normalization),
+                   "name": f"{name}: {configuration.name} with histogram equalization, under a name of its own so "
+                           "its results sit beside the z-score run's and cross-validation can compare the two",
+                   "data_identifier": f"{identifier}: histogram-equalized data get their own folder beside the "
+                                      "z-score one"}
+        choices = getattr(self, "_budget_choices", {})
+        if configuration.name in choices:
+            self._budget_choices = {**choices, name: choices[configuration.name]}
+        return dataclasses.replace(configuration, name=name, normalization=tuple(n for n, _ in normalization),
+                                   data_identifier=identifier, reasons=reasons)
 
     def target_spacing(self, aggregate: dict[str, Any]) -> tuple[tuple[float, ...], str]:
         return target_spacing(aggregate, SLAB_ANISOTROPY)
