@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autoseg.compute import load_or_run_probe
 from autoseg.compute_budget import BudgetError, BudgetRequest
@@ -17,7 +18,8 @@ from autoseg.fingerprint import compute_fingerprint
 from autoseg.io import write_json
 from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import preprocessed_root
-from autoseg.plans import Plans, PlansError
+from autoseg.planning import histeq_twin
+from autoseg.plans import Plans, PlansError, zscore_name
 from autoseg.preprocessing import preprocess_dataset
 from autoseg.verify import VerificationReport, check_dataset, training_cases
 from planners import get_planner
@@ -67,12 +69,11 @@ def plan_and_preprocess(
     planner chooses resolution, width, patch, batch and iterations (``autoseg.compute_budget``).
 
     ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (also a histogram-equalized
-    twin ``NAME_histeq`` of every configuration, with data folders of their own); ignored with ``preprocess_only``,
-    where ``plans.json`` says.
-
-    A re-plan replaces the configurations it plans and keeps every other one of an existing ``plans.json`` (see
-    :func:`keep_unplanned`): planning with ``histeq`` after a z-score plan adds the ``_histeq`` configurations, and a
-    later z-score re-plan keeps them.
+    twin ``NAME_histeq`` of every z-score configuration, with a data folder of its own); ignored with
+    ``preprocess_only``, where ``plans.json`` says. With an existing ``plans.json``, ``histeq`` adds the twins of
+    its z-score configurations as they stand and re-plans nothing (:func:`add_histeq_twins`); a z-score run replaces
+    the configurations it plans and keeps every other one, e.g. the ``_histeq`` twins (:func:`keep_unplanned`), so
+    no configuration that may have been trained loses its entry.
 
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
@@ -92,14 +93,16 @@ def plan_and_preprocess(
     else:
         planner_class = get_planner(planner)
         fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
-        compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
-        plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
         notes = list(fingerprint["notes"])
-        if plans_path.is_file():
-            try:
-                plans = keep_unplanned(Plans.from_json(plans_path), plans, normalization)
-            except PlansError as error:  # unusable as it is: nothing in it can be kept
-                notes.append(f"the previous plans.json was replaced, none of it kept: {error}")
+        previous = _previous_plans(plans_path, notes)
+        if normalization == "histeq" and previous is not None:
+            plans = add_histeq_twins(previous, fingerprint["channels"])
+            notes.append(f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
+                         "they are (run autoseg_plan without --normalization histeq to re-plan them)")
+        else:
+            compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
+            plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
+            plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)
         cases = training_cases(dataset)
@@ -112,6 +115,39 @@ def plan_and_preprocess(
         target = folder / configuration.data_identifier
         done[configuration.data_identifier] = preprocess_dataset(cases, configuration, target, num_processes, progress)
     return PlanResult(plans, plans_path, fingerprint_path, done, notes)
+
+
+def _previous_plans(path: Path, notes: list[str]) -> Plans | None:
+    """The existing ``plans.json``, or None when there is none or it is unusable (said in ``notes``)."""
+    if not path.is_file():
+        return None
+    try:
+        return Plans.from_json(path)
+    except PlansError as error:  # unusable as it is: nothing in it can be kept
+        notes.append(f"the previous plans.json was replaced, none of it kept: {error}")
+        return None
+
+
+def add_histeq_twins(plans: Plans, channels: list[dict[str, Any]]) -> Plans:
+    """``plans`` with a histogram-equalized twin ``NAME_histeq`` of each z-score configuration ``NAME``, made from
+    the configuration as it stands (hand edits included; see :func:`autoseg.planning.histeq_twin`), so the two
+    differ in normalization alone. A twin already there is made afresh; nothing else changes, except that a
+    compute budget's estimate of ``NAME`` is given to its twin too.
+
+    Args:
+        plans: the existing plans.
+        channels: the fingerprint's ``channels``.
+    """
+    twins = {twin.name: twin for twin in (histeq_twin(c, channels) for name, c in plans.configurations.items()
+                                         if zscore_name(name) == name)}
+    budget = plans.compute_budget
+    if budget is not None:
+        estimates = {name: budget.estimates[zscore_name(name)] for name in twins if zscore_name(name) in budget.estimates}
+        budget = dataclasses.replace(budget, estimates={**budget.estimates, **estimates})
+    reason = (f"{', '.join(twins)}: histogram-equalized twins of the z-score configurations, added by autoseg_plan "
+              "--normalization histeq")
+    return dataclasses.replace(plans, configurations={**plans.configurations, **twins}, compute_budget=budget,
+                               reasons={**plans.reasons, "histeq": reason})
 
 
 def keep_unplanned(previous: Plans, planned: Plans, normalization: str = "zscore") -> Plans:
@@ -151,5 +187,5 @@ def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
     return BudgetRequest(minutes, chosen.type, precision.name, probe, cached)
 
 
-__all__ = ["PlanResult", "PlansError", "budget_request", "dataset_folder", "keep_unplanned", "plan_and_preprocess",
+__all__ = ["PlanResult", "PlansError", "add_histeq_twins", "budget_request", "dataset_folder", "keep_unplanned", "plan_and_preprocess",
            "verify"]

@@ -37,13 +37,13 @@ from autoseg.planning import (
     Topology,
     channel_normalization,
     fit_patch_to_budget,
+    histeq_twin,
     largest_batch,
     round_to_multiple,
     target_spacing,
     unet_topology,
 )
 from autoseg.plans import (
-    HISTEQ_IDENTIFIER_SUFFIX,
     ComputeBudget,
     Configuration,
     Loss,
@@ -55,7 +55,6 @@ from autoseg.plans import (
     Schedule,
     Stage,
     Symmetry,
-    histeq_name,
     input_channels,
 )
 from autoseg.symmetry import qualifies as symmetry_qualifies
@@ -132,24 +131,12 @@ class DefaultPlanner(Planner):
     # -- decisions shared by every configuration ------------------------------------------------
 
     def histeq_variant(self, configuration: Configuration) -> Configuration:
-        """``NAME_histeq``: the z-score configuration ``NAME`` with every channel histogram-equalized
-        (``autoseg_plan --normalization histeq``). Its own name keeps its results apart from the z-score run's
-        (``AUTOSEG_RESULTS/<dataset>/NAME_histeq/``) and its own data folder keeps its preprocessed data apart; every
-        other decision is the z-score configuration's (normalization changes neither memory nor time), so a compute
-        budget's estimate is shared too."""
-        name = histeq_name(configuration.name)
-        normalization = [channel_normalization(channel, "histeq") for channel in self.fingerprint["channels"]]
-        identifier = configuration.data_identifier + HISTEQ_IDENTIFIER_SUFFIX
-        reasons = {**configuration.reasons, "normalization": "; ".join(reason for _, reason in normalization),
-                   "name": f"{name}: {configuration.name} with histogram equalization, under a name of its own so "
-                           "its results sit beside the z-score run's and cross-validation can compare the two",
-                   "data_identifier": f"{identifier}: histogram-equalized data get their own folder beside the "
-                                      "z-score one"}
+        """``NAME_histeq`` (:func:`autoseg.planning.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
+        twin = histeq_twin(configuration, self.fingerprint["channels"])
         choices = getattr(self, "_budget_choices", {})
         if configuration.name in choices:
-            self._budget_choices = {**choices, name: choices[configuration.name]}
-        return dataclasses.replace(configuration, name=name, normalization=tuple(n for n, _ in normalization),
-                                   data_identifier=identifier, reasons=reasons)
+            self._budget_choices = {**choices, twin.name: choices[configuration.name]}
+        return twin
 
     def target_spacing(self, aggregate: dict[str, Any]) -> tuple[tuple[float, ...], str]:
         return target_spacing(aggregate, SLAB_ANISOTROPY)
