@@ -237,7 +237,7 @@ def test_qform_and_sform_are_written_as_given_and_a_disagreement_warned_once(
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "scan.nii.gz" in message and f"autoseg resamples and predicts with the {used}" in message
-    assert "up to 10.0 voxels" in message and "11.6 mm" in message  # |(10, -5, 3)| mm; 10 voxels of 1 mm along x
+    assert "up to 11.6 mm apart (10.0 voxels along one axis)" in message  # |(10, -5, 3)| mm; 10 voxels of 1 mm along x
     write_like((array > 0.5).astype(np.uint8), geometry, tmp_path / "mask.nii.gz", tmp_path / "scan.nii.gz")
     written = nibabel.load(str(tmp_path / "mask.nii.gz"))
     for coded in ("get_qform", "get_sform"):
