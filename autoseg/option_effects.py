@@ -67,8 +67,8 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: Sequenc
 
 @dataclass(frozen=True)
 class Pairing:
-    """One option: ``candidate`` differs from ``baseline`` by ``option``; ``missing``: a configuration that is not in
-    the plans (with the reason), so neither side of that pair can be trained yet."""
+    """One option: ``candidate`` differs from ``baseline`` by ``option``; ``missing``: why the candidate's
+    configuration is not in the plans (it cannot be trained before it is planned), None when it is."""
 
     option: str
     candidate: Member
