@@ -5,16 +5,21 @@ Inputs are the fold-wise validation outputs training leaves behind,
 probabilities on the original grid), and the raw dataset's labels. :func:`find_best`:
 
 1. scores every *member* (a trained configuration with one of its trainers, e.g. ``2d_pspnet`` with
-   ``PSPNetTrainer`` and with ``PSPNetCETrainer``) and every ensemble of two or more members (mean of their
-   probabilities) by the mean Dice over all cases validated by every member, at the plans' threshold and
-   without removing small lesions; the best wins (a tie goes to the smaller ensemble);
+   ``PSPNetTrainer`` and with ``PSPNetCETrainer``; by default every trainer a configuration was trained with) and
+   every ensemble of two or more members (mean of their probabilities) by the mean Dice over all cases validated by
+   every member, at the plans' threshold and without removing small lesions; the best wins (a tie goes to the
+   smaller ensemble);
 2. for the winner, grid-searches the threshold ``T_h`` in 0.1, 0.2, ..., 0.9 and the minimum lesion size
    ``S_min`` in :data:`MIN_SIZES_VOXELS` voxels (turned into mm³ with the median voxel volume of the cases),
    maximizing the mean per-case score: the acute stroke paper's ``DSC·h / (DSC + h)`` with ``h = 1 - HD/HD_max``
    (:func:`autoseg.metrics.dice_hausdorff_score`), or the Dice with ``metric="dice"``; a tie keeps the setting
    nearer the default (0.5, no minimum);
-3. writes ``AUTOSEG_RESULTS/<dataset>/model_selection.json`` (every candidate's numbers, the grid, the choice)
-   and ``postprocessing.json`` (members, threshold, minimum size), which ``autoseg_predict`` applies when it
+3. says what each option changed against its baseline (``autoseg.option_effects``: ``3d_resunet_sym`` against
+   ``3d_resunet``, ``NAME_histeq`` against ``NAME``, another trainer against the planned one): paired differences in
+   Dice, lesion-wise F1 and HD95 on the cases both validated, with paired bootstrap 95% CIs, and whether it was
+   kept or dropped and why; options not trained are listed with the commands that would train them;
+4. writes ``AUTOSEG_RESULTS/<dataset>/model_selection.json`` (every candidate's numbers, the options, the grid, the
+   choice) and ``postprocessing.json`` (members, threshold, minimum size), which ``autoseg_predict`` applies when it
    ensembles those members, and whose members it predicts with when given neither ``-c`` nor ``-tr``.
 
 Per-case scores: both masks empty scores 1 (Dice) or 0.5 (the combined score's maximum); exactly one empty
@@ -35,8 +40,9 @@ from tqdm import tqdm
 from autoseg.dataset import find_dataset
 from autoseg.io import read_header, read_image, write_json
 from autoseg.metrics import dice, dice_hausdorff_score, hausdorff
-from autoseg.paths import results_root
-from autoseg.plans import Plans
+from autoseg.option_effects import BOOTSTRAP, case_metrics, describe_options, find_pairings
+from autoseg.paths import preprocessed_root, results_root
+from autoseg.plans import Plans, PlansError
 from autoseg.postprocessing import postprocess_probabilities, remove_small_components
 from autoseg.predict import POSTPROCESSING_FILE, choose_dataset, trained_configurations, trainer_folders
 
@@ -78,22 +84,18 @@ def member_name(member: Member) -> str:
 
 def _members(dataset: str, configurations: Sequence[str], trainers: Sequence[str] | None) -> list[Member]:
     """(configuration, trainer) pairs to compare: each configuration with each of ``trainers`` it was trained
-    with, or with its only trainer when ``trainers`` is None.
+    with, or with every trainer it was trained with when ``trainers`` is None.
 
     Raises:
-        ValueError: a configuration with several trainers and no ``trainers`` given, or a given trainer that no
-            configuration was trained with (the messages list what exists).
+        ValueError: a configuration without trainer runs, or a given trainer that no configuration was trained
+            with (the messages list what exists).
     """
     members, used = [], set()
     for configuration in configurations:
         present = trainer_folders(dataset, configuration)
-        if trainers is None:
-            if len(present) != 1:
-                raise ValueError(f"{results_root() / dataset / configuration}: {len(present)} trainers ({', '.join(present)}); choose one or more "
-                                 "with -tr")
-            chosen = present
-        else:
-            chosen = [t for t in trainers if t in present]
+        if not present:
+            raise ValueError(f"{results_root() / dataset / configuration}: no trainer folder with a fold_<k> run")
+        chosen = present if trainers is None else [t for t in trainers if t in present]
         used.update(chosen)
         members += [(configuration, trainer) for trainer in chosen]
     unknown = [t for t in trainers or () if t not in used]
@@ -131,13 +133,15 @@ def find_best(
         dataset: trained dataset (see ``autoseg.predict.choose_dataset``); None: the only trained one.
         configurations: candidate configurations (default every trained configuration).
         trainers: trainer folder(s); each configuration takes part with every one of them it was trained with
-            (e.g. ``["PSPNetTrainer", "PSPNetCETrainer"]`` for the focal and cross-entropy PSPNets); default the
-            only one of each configuration.
+            (e.g. ``["PSPNetTrainer", "PSPNetCETrainer"]`` for the focal and cross-entropy PSPNets); default every
+            trainer each configuration was trained with.
         metric: ``dice_hausdorff`` (default, the acute stroke paper's score) or ``dice`` for the grid search.
         progress: progress bars over cases.
 
     Returns:
-        The content of ``model_selection.json``.
+        The content of ``model_selection.json``: ``candidates``, ``chosen``, ``postprocessing``, ``grid``, and
+        ``options`` (see :func:`autoseg.option_effects.describe_options`) with ``option_comparison`` (bootstrap
+        resamples, seed, coverage, threshold).
 
     Raises:
         ValueError: unknown metric, no validation probabilities (train with validation first), no case that
@@ -162,14 +166,7 @@ def find_best(
     default = plans.configuration(first[0]).postprocessing
 
     subsets = [combo for size in range(1, len(members) + 1) for combo in itertools.combinations(members, size)]
-    dice_values: dict[tuple[Member, ...], list[float]] = {combo: [] for combo in subsets}
-    for case in tqdm(cases, desc="compare members", disable=not progress):
-        reference, geometry = read_image(references[case], np.uint8)
-        loaded = {m: _load(found[m][case]) for m in members}
-        for combo in subsets:
-            mean = np.mean([loaded[m] for m in combo], axis=0)
-            labels = postprocess_probabilities(mean, geometry.spacing, default.threshold, 0.0)
-            dice_values[combo].append(dice(labels > 0, reference > 0))
+    dice_values, scores = _score_members(members, subsets, found, cases, references, default.threshold, progress)
     ranked = [{**describe_members(combo), "mean_dice": float(np.mean(dice_values[combo]))} for combo in subsets]
     best_combo = max(subsets, key=lambda combo: (float(np.mean(dice_values[combo])), -len(combo)))
     best = ranked[subsets.index(best_combo)]
@@ -179,10 +176,66 @@ def find_best(
                       "min_lesion_mm3": chosen["min_lesion_mm3"], "min_lesion_voxels": chosen["min_lesion_voxels"],
                       "metric": metric, "score": chosen["score"]}
     selection = {"dataset": name, "cases": len(cases), "metric": metric, "candidates": ranked,
-                 "chosen": best, "postprocessing": postprocessing, "grid": grid}
+                 "chosen": best, "postprocessing": postprocessing, "grid": grid,
+                 "options": _options(name, members, scores, best_combo),
+                 "option_comparison": {**BOOTSTRAP, "threshold": default.threshold,
+                                       "differences": "candidate - baseline, paired on the cases both validated"}}
     write_json(selection, results_root() / name / SELECTION_FILE)
     write_json(postprocessing, results_root() / name / POSTPROCESSING_FILE)
     return selection
+
+
+def _score_members(members: Sequence[Member], subsets: Sequence[tuple[Member, ...]], found: dict[Member, dict[str, Path]],
+                   cases: Sequence[str], references: dict[str, Path], threshold: float, progress: bool
+                   ) -> tuple[dict[tuple[Member, ...], list[float]], dict[Member, dict[str, dict[str, float]]]]:
+    """The Dice of every subset (ensemble) on ``cases`` (validated by every member), and every member's
+    :func:`autoseg.option_effects.case_metrics` on every case it validated, at ``threshold``."""
+    dice_values: dict[tuple[Member, ...], list[float]] = {combo: [] for combo in subsets}
+    scores: dict[Member, dict[str, dict[str, float]]] = {m: {} for m in members}
+    common = set(cases)
+    validated = sorted(set().union(*(found[m] for m in members)) & set(references))
+    for case in tqdm(validated, desc="compare members", disable=not progress):
+        reference, geometry = read_image(references[case], np.uint8)
+        loaded = {m: _load(found[m][case]) for m in members if case in found[m]}
+        for member, probabilities in loaded.items():
+            labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, 0.0)
+            scores[member][case] = case_metrics(labels > 0, reference > 0, geometry.spacing)
+        if case not in common:
+            continue
+        for combo in subsets:
+            if len(combo) == 1:
+                dice_values[combo].append(scores[combo[0]][case]["dice"])
+                continue
+            mean = np.mean([loaded[m] for m in combo], axis=0)
+            labels = postprocess_probabilities(mean, geometry.spacing, threshold, 0.0)
+            dice_values[combo].append(dice(labels > 0, reference > 0))
+    return dice_values, scores
+
+
+def _options(dataset: str, compared: Sequence[Member], scores: dict[Member, dict[str, dict[str, float]]],
+             chosen: Sequence[Member]) -> list[dict[str, Any]]:
+    """``model_selection.json``'s ``options``: what symmetric channels, histogram equalization and each trainer
+    changed against their baselines (``autoseg.option_effects``), over every trained configuration of the dataset."""
+    trained: dict[str, list[str]] = {}
+    for configuration in trained_configurations(dataset):
+        for trainer in trainer_folders(dataset, configuration):
+            if _validation_files(dataset, (configuration, trainer)):
+                trained.setdefault(configuration, []).append(trainer)
+    # Every configuration of the plans; a trained one as it was trained (the run's copy of the plans wins).
+    sources = [(preprocessed_root() / dataset / "plans.json", None)]
+    sources += [(next(iter(_validation_files(dataset, (c, t)).values())).parent.parent / "plans.json", c)
+                for c, trainers in trained.items() for t in trainers]
+    configurations, symmetry_reason = {}, None
+    for path, only in sources:
+        try:
+            plans = Plans.from_json(path)
+        except PlansError:  # no plans (yet) or an unreadable copy: the names and the other copies still tell
+            continue
+        configurations.update({n: c for n, c in plans.configurations.items() if only in (None, n)})
+        symmetry_reason = symmetry_reason or plans.reasons.get("symmetry")
+    pairings = find_pairings(configurations, trained, symmetry_reason)
+    available = [(c, t) for c, trainers in trained.items() for t in trainers]
+    return describe_options(pairings, dataset, available, compared, scores, chosen)
 
 
 def describe_members(members: Sequence[Member]) -> dict[str, Any]:

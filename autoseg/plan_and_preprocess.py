@@ -6,8 +6,10 @@ folder of preprocessed cases per ``data_identifier`` (see ``autoseg.preprocessin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autoseg.compute import load_or_run_probe
 from autoseg.compute_budget import BudgetError, BudgetRequest
@@ -16,7 +18,8 @@ from autoseg.fingerprint import compute_fingerprint
 from autoseg.io import write_json
 from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import preprocessed_root
-from autoseg.plans import Plans, PlansError
+from autoseg.planning import histeq_twin
+from autoseg.plans import Plans, PlansError, zscore_name
 from autoseg.preprocessing import preprocess_dataset
 from autoseg.verify import VerificationReport, check_dataset, training_cases
 from planners import get_planner
@@ -65,9 +68,12 @@ def plan_and_preprocess(
     or ``cuda``): this machine is probed first (``autoseg.compute``, cached under ``AUTOSEG_HOME``), and the
     planner chooses resolution, width, patch, batch and iterations (``autoseg.compute_budget``).
 
-    ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (histogram equalization
-    within the brain mask for every channel, in data folders of their own); ignored with ``preprocess_only``, where
-    ``plans.json`` says.
+    ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (also a histogram-equalized
+    twin ``NAME_histeq`` of every z-score configuration, with a data folder of its own); ignored with
+    ``preprocess_only``, where ``plans.json`` says. With an existing ``plans.json``, ``histeq`` adds the twins of
+    its z-score configurations as they stand and re-plans nothing (:func:`add_histeq_twins`); a z-score run replaces
+    the configurations it plans and keeps every other one, e.g. the ``_histeq`` twins (:func:`keep_unplanned`), so
+    no configuration that may have been trained loses its entry.
 
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
@@ -87,11 +93,19 @@ def plan_and_preprocess(
     else:
         planner_class = get_planner(planner)
         fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
-        compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
-        plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
+        notes = list(fingerprint["notes"])
+        previous = _previous_plans(plans_path, notes)
+        if normalization == "histeq" and previous is not None:
+            plans = add_histeq_twins(previous, fingerprint["channels"])
+            notes.append(f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
+                         "they are (run autoseg_plan without --normalization histeq to re-plan them)")
+        else:
+            compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
+            plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
+            plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
         write_json(fingerprint, fingerprint_path)
         plans.to_json(plans_path)
-        cases, notes = training_cases(dataset), list(fingerprint["notes"])
+        cases = training_cases(dataset)
     names = configurations or list(plans.configurations)
     done: dict[str, list[str]] = {}
     for name in names:
@@ -101,6 +115,60 @@ def plan_and_preprocess(
         target = folder / configuration.data_identifier
         done[configuration.data_identifier] = preprocess_dataset(cases, configuration, target, num_processes, progress)
     return PlanResult(plans, plans_path, fingerprint_path, done, notes)
+
+
+def _previous_plans(path: Path, notes: list[str]) -> Plans | None:
+    """The existing ``plans.json``, or None when there is none or it is unusable (said in ``notes``)."""
+    if not path.is_file():
+        return None
+    try:
+        return Plans.from_json(path)
+    except PlansError as error:  # unusable as it is: nothing in it can be kept
+        notes.append(f"the previous plans.json was replaced, none of it kept: {error}")
+        return None
+
+
+def add_histeq_twins(plans: Plans, channels: list[dict[str, Any]]) -> Plans:
+    """``plans`` with a histogram-equalized twin ``NAME_histeq`` of each z-score configuration ``NAME``, made from
+    the configuration as it stands (hand edits included; see :func:`autoseg.planning.histeq_twin`), so the two
+    differ in normalization alone. A twin already there is made afresh; nothing else changes, except that a
+    compute budget's estimate of ``NAME`` is given to its twin too.
+
+    Args:
+        plans: the existing plans.
+        channels: the fingerprint's ``channels``.
+    """
+    twins = {twin.name: twin for twin in (histeq_twin(c, channels) for name, c in plans.configurations.items()
+                                         if zscore_name(name) == name)}
+    budget = plans.compute_budget
+    if budget is not None:
+        estimates = {name: budget.estimates[zscore_name(name)] for name in twins if zscore_name(name) in budget.estimates}
+        budget = dataclasses.replace(budget, estimates={**budget.estimates, **estimates})
+    reason = (f"{', '.join(twins)}: histogram-equalized twins of the z-score configurations, added by autoseg_plan "
+              "--normalization histeq")
+    return dataclasses.replace(plans, configurations={**plans.configurations, **twins}, compute_budget=budget,
+                               reasons={**plans.reasons, "histeq": reason})
+
+
+def keep_unplanned(previous: Plans, planned: Plans, normalization: str = "zscore") -> Plans:
+    """``planned`` plus every configuration of ``previous`` it does not plan, so a re-plan never loses a
+    configuration that may have been trained (e.g. ``3d_resunet_histeq`` after a z-score re-plan, or
+    ``3d_resunet_sym`` after a re-plan with another planner); one that no longer fits the dataset's channels is
+    dropped. The planner's ``default_configuration`` leads (always a z-score one); kept configurations keep their
+    compute-budget estimates where both plans have a budget; ``reasons.kept_configurations`` names what was kept.
+    Delete an entry from ``plans.json`` to drop it."""
+    kept = {name: c for name, c in previous.configurations.items()
+            if name not in planned.configurations and not c.problems(len(planned.channels))}
+    if not kept:
+        return planned
+    budget = planned.compute_budget
+    if budget is not None and previous.compute_budget is not None:
+        estimates = {name: e for name, e in previous.compute_budget.estimates.items() if name in kept}
+        budget = dataclasses.replace(budget, estimates={**budget.estimates, **estimates})
+    reason = (f"{', '.join(kept)}: kept from the previous plans.json (not planned by this run, --normalization "
+              f"{normalization}, planner {planned.planner}); delete an entry to drop it")
+    return dataclasses.replace(planned, configurations={**planned.configurations, **kept},
+                               compute_budget=budget, reasons={**planned.reasons, "kept_configurations": reason})
 
 
 def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
@@ -119,4 +187,5 @@ def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
     return BudgetRequest(minutes, chosen.type, precision.name, probe, cached)
 
 
-__all__ = ["PlanResult", "budget_request", "PlansError", "dataset_folder", "plan_and_preprocess", "verify"]
+__all__ = ["PlanResult", "PlansError", "add_histeq_twins", "budget_request", "dataset_folder", "keep_unplanned", "plan_and_preprocess",
+           "verify"]

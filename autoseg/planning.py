@@ -6,13 +6,14 @@ All shapes and spacings are in (x, y, z) order; spacing in mm, shapes in voxels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from autoseg.plans import Normalization
+from autoseg.plans import HISTEQ_IDENTIFIER_SUFFIX, Configuration, Normalization, histeq_name
 
 #: An axis is only downsampled while it keeps at least this many voxels.
 MIN_EDGE_VOXELS = 4
@@ -183,3 +184,25 @@ def channel_normalization(channel: dict[str, Any], option: str = "zscore") -> tu
         f"{name} is {what}, so clip to the dataset foreground 0.5–99.5 percentiles {list(clip)} and z-score with the "
         f"dataset mean {mean} and std {std}"
     )
+
+
+def histeq_twin(configuration: Configuration, channels: Sequence[dict[str, Any]]) -> Configuration:
+    """``NAME_histeq``: the z-score configuration ``NAME`` with every channel histogram-equalized
+    (``autoseg_plan --normalization histeq``), everything else unchanged (normalization changes neither memory nor
+    time), so cross-validation compares the normalization alone. Its own name keeps its results apart from the
+    z-score run's (``AUTOSEG_RESULTS/<dataset>/NAME_histeq/``), its own data folder its preprocessed data.
+
+    Args:
+        configuration: a z-score configuration.
+        channels: the fingerprint's ``channels`` (name and modality of each).
+    """
+    name = histeq_name(configuration.name)
+    normalization = [channel_normalization(channel, "histeq") for channel in channels]
+    identifier = configuration.data_identifier + HISTEQ_IDENTIFIER_SUFFIX
+    reasons = {**configuration.reasons, "normalization": "; ".join(reason for _, reason in normalization),
+               "name": f"{name}: {configuration.name} with histogram equalization, under a name of its own so its "
+                       "results sit beside the z-score run's and cross-validation can compare the two",
+               "data_identifier": f"{identifier}: histogram-equalized data get their own folder beside the z-score "
+                                  "one"}
+    return dataclasses.replace(configuration, name=name, normalization=tuple(n for n, _ in normalization),
+                               data_identifier=identifier, reasons=reasons)

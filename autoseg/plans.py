@@ -26,7 +26,35 @@ NORMALIZATION_SCHEMES = ("zscore_foreground", "clip_zscore_dataset", "histogram_
 #: A configuration with a histogram-equalized channel keeps its preprocessed data in a folder whose name holds this,
 #: so it never overwrites the z-score data of the same configuration.
 HISTEQ_IDENTIFIER_SUFFIX = "_histeq"
+#: Configuration names: ``BASE[_sym][_histeq]``. The planner names a histogram-equalized configuration ``NAME_histeq``
+#: (its results folder sits beside the z-score one's) and a symmetric one ``BASE_sym`` (``3d_resunet_sym``).
+HISTEQ_NAME_SUFFIX = "_histeq"
+SYMMETRIC_NAME_SUFFIX = "_sym"
 LOSSES = ("dice_bce", "dice_bce_focal", "focal", "weighted_ce")
+
+
+def histeq_name(name: str) -> str:
+    """The histogram-equalized variant's name: ``3d_resunet`` -> ``3d_resunet_histeq`` (unchanged if it is one)."""
+    return name if name.endswith(HISTEQ_NAME_SUFFIX) else name + HISTEQ_NAME_SUFFIX
+
+
+def zscore_name(name: str) -> str:
+    """The z-score twin's name: ``3d_resunet_sym_histeq`` -> ``3d_resunet_sym`` (unchanged if it is one)."""
+    return name.removesuffix(HISTEQ_NAME_SUFFIX)
+
+
+def symmetric_name(name: str) -> str:
+    """The symmetric variant's name: ``3d_resunet`` -> ``3d_resunet_sym``, ``3d_resunet_histeq`` ->
+    ``3d_resunet_sym_histeq`` (unchanged if it is one)."""
+    plain, histeq = zscore_name(name), name.endswith(HISTEQ_NAME_SUFFIX)
+    symmetric = plain if plain.endswith(SYMMETRIC_NAME_SUFFIX) else plain + SYMMETRIC_NAME_SUFFIX
+    return symmetric + (HISTEQ_NAME_SUFFIX if histeq else "")
+
+
+def asymmetric_name(name: str) -> str:
+    """The name without symmetric channels: ``3d_resunet_sym_histeq`` -> ``3d_resunet_histeq``."""
+    plain, histeq = zscore_name(name), name.endswith(HISTEQ_NAME_SUFFIX)
+    return plain.removesuffix(SYMMETRIC_NAME_SUFFIX) + (HISTEQ_NAME_SUFFIX if histeq else "")
 
 
 class PlansError(ValueError):
@@ -260,10 +288,14 @@ class Configuration:
             found.append(f"{where}.normalization: {len(self.normalization)} entries for {num_channels} channels")
         found += [f"{where}.normalization[{n.channel}]: unknown scheme '{n.scheme}', use one of {list(NORMALIZATION_SCHEMES)}"
                   for n in self.normalization if n.scheme not in NORMALIZATION_SCHEMES]
-        if any(n.scheme == "histogram_equalization" for n in self.normalization) and (
-                HISTEQ_IDENTIFIER_SUFFIX not in self.data_identifier):
+        histeq = any(n.scheme == "histogram_equalization" for n in self.normalization)
+        if histeq and HISTEQ_IDENTIFIER_SUFFIX not in self.data_identifier:
             found.append(f"{where}.data_identifier: '{self.data_identifier}' is the folder of z-score data; a histogram-"
                          f"equalized configuration needs its own, e.g. '{self.data_identifier}{HISTEQ_IDENTIFIER_SUFFIX}'")
+        if histeq and not self.name.endswith(HISTEQ_NAME_SUFFIX):
+            found.append(f"{where}.name: a histogram-equalized configuration needs a name of its own, e.g. "
+                         f"'{histeq_name(self.name)}' (key and name), so its results do not land in the z-score "
+                         "run's folder")
         if self.symmetry is not None and not 0 <= self.symmetry.reference_channel < num_channels:
             found.append(f"{where}.symmetry.reference_channel: must name one of the {num_channels} channels (0.."
                          f"{num_channels - 1}), got {self.symmetry.reference_channel}")

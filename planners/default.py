@@ -37,13 +37,13 @@ from autoseg.planning import (
     Topology,
     channel_normalization,
     fit_patch_to_budget,
+    histeq_twin,
     largest_batch,
     round_to_multiple,
     target_spacing,
     unet_topology,
 )
 from autoseg.plans import (
-    HISTEQ_IDENTIFIER_SUFFIX,
     ComputeBudget,
     Configuration,
     Loss,
@@ -98,7 +98,7 @@ class DefaultPlanner(Planner):
     def plan(self) -> Plans:
         aggregate = self.fingerprint["aggregate"]
         spacing, spacing_reason = self.target_spacing(aggregate)
-        normalization = [channel_normalization(channel, self.normalization) for channel in self.fingerprint["channels"]]
+        normalization = [channel_normalization(channel) for channel in self.fingerprint["channels"]]
         thin, why = self.is_thin_slab(aggregate)
         if thin and self.compute is not None:
             configurations = [self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
@@ -112,7 +112,8 @@ class DefaultPlanner(Planner):
             configurations = [self.plan_resunet(spacing, spacing_reason, normalization)]
         symmetric, symmetry_reason = self.plan_symmetric(thin, spacing, spacing_reason, normalization)
         configurations += symmetric
-        configurations = [self.own_data_folder(c) for c in configurations]
+        if self.normalization == "histeq":
+            configurations += [self.histeq_variant(c) for c in configurations]
         channels = self.fingerprint["channels"]
         return Plans(
             dataset=self.fingerprint["dataset"],
@@ -129,16 +130,13 @@ class DefaultPlanner(Planner):
 
     # -- decisions shared by every configuration ------------------------------------------------
 
-    @staticmethod
-    def own_data_folder(configuration: Configuration) -> Configuration:
-        """A configuration with a histogram-equalized channel keeps its preprocessed data apart from the z-score
-        data of the same name (``HISTEQ_IDENTIFIER_SUFFIX``), so neither overwrites the other."""
-        if all(n.scheme != "histogram_equalization" for n in configuration.normalization):
-            return configuration
-        identifier = configuration.data_identifier + HISTEQ_IDENTIFIER_SUFFIX
-        reasons = {**configuration.reasons, "data_identifier": f"{identifier}: histogram-equalized data get their own "
-                   "folder beside the z-score one"}
-        return dataclasses.replace(configuration, data_identifier=identifier, reasons=reasons)
+    def histeq_variant(self, configuration: Configuration) -> Configuration:
+        """``NAME_histeq`` (:func:`autoseg.planning.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
+        twin = histeq_twin(configuration, self.fingerprint["channels"])
+        choices = getattr(self, "_budget_choices", {})
+        if configuration.name in choices:
+            self._budget_choices = {**choices, twin.name: choices[configuration.name]}
+        return twin
 
     def target_spacing(self, aggregate: dict[str, Any]) -> tuple[tuple[float, ...], str]:
         return target_spacing(aggregate, SLAB_ANISOTROPY)

@@ -403,12 +403,13 @@ def test_find_best_compares_trainers_and_predict_uses_the_chosen_members(home: P
     for path in (runs / other).glob("fold_*/validation/*_probabilities.npz"):  # a less confident second member
         squared = np.load(path)["probabilities"].astype(np.float32) ** 2
         np.savez_compressed(path, probabilities=squared.astype(np.float16))
-    assert find_best_main(["--metric", "dice", "--no-progress"]) == 1  # two trainers and no -tr: which?
-    assert "choose one or more with -tr" in capsys.readouterr().err
     assert find_best_main(["-tr", "Nope", "--no-progress"]) == 1
     assert "was trained with ['Nope']" in capsys.readouterr().err
+    assert find_best_main(["-tr", TRAINER, "--metric", "dice", "--no-progress"]) == 0  # one trainer only
+    selection = read_json(home / "results" / NAME / "model_selection.json")
+    assert [c["members"] for c in selection["candidates"]] == [[f"{CONFIGURATION}/{TRAINER}"]]
 
-    assert find_best_main(["-tr", TRAINER, other, "--metric", "dice", "--no-progress"]) == 0
+    assert find_best_main(["--metric", "dice", "--no-progress"]) == 0  # without -tr: every trainer it was run with
     selection = read_json(home / "results" / NAME / "model_selection.json")
     a, b = f"{CONFIGURATION}/{TRAINER}", f"{CONFIGURATION}/{other}"
     assert [c["members"] for c in selection["candidates"]] == [[a], [b], [a, b]]

@@ -232,7 +232,18 @@ def test_histeq_option_is_planned_with_its_reason_in_its_own_folder_and_predicti
     assert plan_main(["-d", "ATLASTiny", "--no-progress", "-np", "1"]) == 0
     assert plan_main(["-d", "ATLASTiny", "--no-progress", "-np", "1", "--normalization", "histeq"]) == 0
     folder = data_roots / "preprocessed" / "Dataset901_ATLASTiny"
-    configuration = Plans.from_json(folder / "plans.json").configuration()
+    plans = Plans.from_json(folder / "plans.json")
+    # the histeq twins are added beside the z-score configurations, under names of their own; the default stays z-score
+    twins = {name: name + "_histeq" for name in plans.configurations if not name.endswith("_histeq")}
+    assert sorted(plans.configurations) == sorted([*twins, *twins.values()])
+    assert plans.default_configuration == "3d_resunet"
+    assert [n.scheme for n in plans.configuration().normalization] == ["zscore_foreground"]
+    for name, twin in twins.items():
+        zscore_configuration, histeq_configuration = plans.configuration(name), plans.configuration(twin)
+        assert histeq_configuration.data_identifier == zscore_configuration.data_identifier + "_histeq"
+        assert histeq_configuration.network == zscore_configuration.network
+        assert histeq_configuration.schedule == zscore_configuration.schedule
+    configuration = plans.configuration("3d_resunet_histeq")
     assert [n.scheme for n in configuration.normalization] == ["histogram_equalization"]
     assert "as asked (--normalization histeq)" in configuration.reasons["normalization"]
     assert "paper 002" in configuration.reasons["normalization"]
@@ -260,6 +271,12 @@ def test_histeq_option_is_planned_with_its_reason_in_its_own_folder_and_predicti
     predictor.predict_case(images[None], geometry)
     assert schemes == ["histogram_equalization"] * 2
 
+    # a z-score re-plan keeps the histeq configurations (they may have been trained) and says so
+    assert plan_main(["-d", "ATLASTiny", "--no-progress", "-np", "1"]) == 0
+    replanned = Plans.from_json(folder / "plans.json")
+    assert replanned.configurations == plans.configurations
+    assert replanned.reasons["kept_configurations"].startswith(", ".join(twins.values()) + ": kept from the previous")
+
 
 def test_a_hand_edited_histeq_plan_needs_its_own_data_identifier(tiny_atlas, data_roots: Path, capsys) -> None:
     from autoseg.commands.plan import main as plan_main
@@ -272,6 +289,12 @@ def test_a_hand_edited_histeq_plan_needs_its_own_data_identifier(tiny_atlas, dat
     assert plan_main(["-d", "ATLASTiny", "--preprocess-only", "--no-progress"]) == 1
     assert "3d_resunet.data_identifier: '3d_resunet' is the folder of z-score data" in capsys.readouterr().err
     plans["configurations"]["3d_resunet"]["data_identifier"] = "3d_resunet_histeq"
+    path.write_text(json.dumps(plans))
+    assert plan_main(["-d", "ATLASTiny", "--preprocess-only", "--no-progress"]) == 1
+    assert "3d_resunet.name: a histogram-equalized configuration needs a name of its own" in capsys.readouterr().err
+    plans["configurations"]["3d_resunet"]["name"] = "3d_resunet_histeq"
+    plans["configurations"]["3d_resunet_histeq"] = plans["configurations"].pop("3d_resunet")
+    plans["default_configuration"] = "3d_resunet_histeq"
     path.write_text(json.dumps(plans))
     assert plan_main(["-d", "ATLASTiny", "--preprocess-only", "--no-progress", "-np", "1"]) == 0
     assert any((path.parent / "3d_resunet_histeq").glob("*.npy"))

@@ -498,3 +498,25 @@ def test_acute_stroke_trainer_builds_the_paper_recipe_from_the_plans_numbers(hom
     with pytest.raises(ValueError, match="plans a PSPNet"):
         get_trainer("AcuteStrokeTrainer")(dataclasses.replace(plans, configurations={"2d": pspnet}), "2d", 0,
                                           preprocessed_folder=path.parent, output_folder=home / "x").build_network()
+
+
+def test_a_histeq_twin_beside_the_zscore_configuration_trains_into_its_own_results_folder(home: Path) -> None:
+    path = home / "preprocessed" / FIVE / "plans.json"
+    before = Plans.from_json(path)
+    result = plan_and_preprocess(FIVE, normalization="histeq", progress=False)
+    plans = Plans.from_json(path)
+    assert sorted(plans.configurations) == ["3d_resunet", "3d_resunet_histeq"]
+    assert plans.configuration("3d_resunet") == before.configuration("3d_resunet")  # hand edits kept as they are
+    twin = plans.configuration("3d_resunet_histeq")
+    assert twin.network == before.configuration().network and twin.schedule == before.configuration().schedule
+    assert list(result.preprocessed) == ["3d_resunet", "3d_resunet_histeq"]
+    options = TrainingOptions(epochs=1, iterations_per_epoch=1, val_iterations=0, num_processes=0, echo=False,
+                              validation=False)
+    for name in ("3d_resunet", "3d_resunet_histeq"):
+        train(FIVE, name, 0, options=options)
+    runs = {name: home / "results" / FIVE / name / "ZoomInOutTrainer" / "fold_0" for name in plans.configurations}
+    for name, folder in runs.items():
+        assert (folder / "checkpoint_final.pth").is_file()
+        assert Plans.from_json(folder / "plans.json").configuration(name) == plans.configuration(name)
+    schemes = {name: [n.scheme for n in plans.configuration(name).normalization] for name in runs}
+    assert schemes == {"3d_resunet": ["zscore_foreground"], "3d_resunet_histeq": ["histogram_equalization"]}
