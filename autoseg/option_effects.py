@@ -208,8 +208,11 @@ def _verdict(pairing: Pairing, scores: Mapping[Member, Mapping[str, Mapping[str,
     dice_text = f"{describe_difference('dice', differences['dice'])} on {cases} case{'s' * (cases != 1)}"
     winner = " + ".join(map(_name, chosen))
     gain = differences["dice"]["mean"]
-    if pairing.candidate in chosen:
+    if pairing.candidate in chosen and (len(chosen) == 1 or gain is None or math.isnan(gain) or gain > 0):
         verdict, reason = "kept", f"kept: {dice_text}; in the chosen {winner}"
+    elif pairing.candidate in chosen:
+        verdict, reason = "kept", (f"kept as a member of the chosen ensemble {winner}, although alone it scores "
+                                   f"below its baseline: {dice_text}")
     elif gain is not None and not math.isnan(gain) and gain > 0:
         verdict, reason = "dropped", f"dropped: {dice_text}, but the chosen {winner} scored higher"
     else:

@@ -215,3 +215,21 @@ def test_paired_differences_use_the_cases_both_validated_and_skip_missing_distan
     low, high = result["dice"]["ci95"]
     assert -0.1 - 1e-12 <= low <= 0.05 <= high <= 0.2 + 1e-12  # resampled means of {+0.2, -0.1}
     assert paired_differences(candidate, baseline) == result  # fixed seed
+
+
+def test_a_member_of_the_chosen_ensemble_that_is_worse_alone_says_so() -> None:
+    """Kept, since the ensemble uses it, but the reason does not present a loss as a gain."""
+    from autoseg.option_effects import Pairing, _verdict
+
+    def metrics(dice: float) -> dict[str, float]:
+        return {"dice": dice, "lesion_f1": dice, "hausdorff95": 1.0}
+
+    acute, zoom, symmetric = ("3d_resunet", "AcuteStrokeTrainer"), ("3d_resunet", "ZoomInOutTrainer"), (
+        "3d_resunet_sym", "ZoomInOutTrainer")
+    scores = {acute: {f"c{i}": metrics(0.4) for i in range(4)}, zoom: {f"c{i}": metrics(0.6) for i in range(4)}}
+    verdict = _verdict(Pairing("trainer", acute, zoom), scores, [acute, symmetric])
+    assert verdict["verdict"] == "kept"
+    assert verdict["reason"].startswith("kept as a member of the chosen ensemble 3d_resunet/AcuteStrokeTrainer + "
+                                        "3d_resunet_sym/ZoomInOutTrainer, although alone it scores below its baseline")
+    alone = _verdict(Pairing("trainer", acute, zoom), scores, [acute])
+    assert alone["reason"].startswith("kept: Dice")
