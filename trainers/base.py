@@ -333,7 +333,7 @@ class Trainer:
             f"stages: {stages}",
             "optimizer and learning-rate schedule: " + ", ".join(
                 f"{key} {value}" for key, value in self.schedule_description().items()),
-            f"loss: {describe_loss(self.loss_settings)}; network: {c.network.architecture}, {parameters:,} parameters",
+            f"loss: {describe_loss(self.loss_settings)}; network: {type(self.network).__name__}, {parameters:,} parameters",
             f"cases: {len(self.train_cases)} training, {len(self.val_cases)} validation (fold {self.fold})",
         ]))
 

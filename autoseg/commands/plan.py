@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, reason in budget.reasons.items():
                 print(f"  {name}: {reason}")
         for identifier, cases in result.preprocessed.items():
-            print(f"preprocessed {identifier}: {len(cases)} case(s) (re)computed, the rest were up to date")
+            print(f"preprocessed {identifier}: {len(cases)} case(s) (re)computed; any others were up to date")
 
     return run(action)
 
