@@ -346,12 +346,8 @@ def _asymmetric_blocks(kwargs: dict) -> tuple[int, ...]:
 
 
 def _encoder_block_parameters(in_channels: int, out_channels: int, kernel_size: Sequence[int]) -> int:
-    """Two convs, two GroupNorms, two per-channel PReLUs, and a 1x1 conv + GN on the skip where the width changes."""
-    count = _conv(in_channels, out_channels, kernel_size) + _conv(out_channels, out_channels, kernel_size)
-    count += 2 * _norm(out_channels) + 2 * out_channels
-    if in_channels != out_channels:
-        count += _conv(in_channels, out_channels, (1,)) + _norm(out_channels)
-    return count
+    """A residual block's parameters (:func:`_residual_block`) plus its two per-channel PReLUs."""
+    return _residual_block(in_channels, out_channels, kernel_size) + 2 * out_channels
 
 
 def count_asymmetric_parameters(
