@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoseg.distributed import sum_across_ranks
 from autoseg.plans import LOSSES, Loss
 
 DICE_SMOOTH = 1e-5
@@ -55,6 +56,9 @@ class SoftDiceLoss(nn.Module):
 
     ``dice_k = (2·Σ p·t + smooth) / (Σ p + Σ t + smooth)``, smooth = 1e-5.
 
+    In data-parallel training the sums run over the global batch of every rank
+    (``autoseg.distributed.sum_across_ranks``), so the loss is the one of a single process with the whole batch.
+
     Example:
         >>> float(SoftDiceLoss()(torch.full((1, 1, 4, 4), 20.0), torch.ones(1, 1, 4, 4))) < 1e-6
         True
@@ -68,8 +72,8 @@ class SoftDiceLoss(nn.Module):
         """``logits`` (B, K, ...), ``target`` (B, K, ...) one-hot float; returns a scalar."""
         probabilities = torch.sigmoid(logits)
         axes = [0, *range(2, logits.ndim)]
-        intersection = (probabilities * target).sum(axes)
-        denominator = probabilities.sum(axes) + target.sum(axes)
+        intersection = sum_across_ranks((probabilities * target).sum(axes))
+        denominator = sum_across_ranks(probabilities.sum(axes) + target.sum(axes))
         dice = (2 * intersection + self.smooth) / (denominator + self.smooth)
         return 1 - dice.mean()
 

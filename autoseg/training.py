@@ -37,6 +37,7 @@ import torch
 
 from autoseg.dataloading import case_identifiers
 from autoseg.dataset import find_dataset
+from autoseg.distributed import DistributedContext, gather_objects, leave
 from autoseg.inference import Predictor
 from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json, write_like
 from autoseg.losses import one_hot_foreground
@@ -289,6 +290,7 @@ def validate_cases(
     output_folder: Path,
     about: dict[str, Any] | None = None,
     images: dict[str, Path] | None = None,
+    context: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """Predict whole preprocessed cases, restore them to the original grid, post-process, write them as NIfTI and
     score them against the raw labels.
@@ -305,6 +307,8 @@ def validate_cases(
         about: written at the top of the summary (e.g. trainer, configuration, fold, epochs).
         images: case -> raw channel-0 image: ``CASE.nii.gz`` is written in its orientation with its header
             (``autoseg.io.write_like``); None or a case not listed: written on the canonical grid as it is.
+        context: in a distributed run, rank r predicts cases r, r + W, ... and the metrics of every rank are
+            gathered; rank 0 writes ``summary.json`` and every rank returns the whole summary.
 
     Returns:
         The summary: ``cases`` (case -> ``dice``, ``hausdorff95`` in mm, voxel counts; per label under
@@ -314,8 +318,9 @@ def validate_cases(
     Raises:
         ValueError: a case without a reference, or a reference on another grid than the prediction.
     """
+    context = context or DistributedContext()
     per_case = {}
-    for case in cases:
+    for case in list(cases)[context.rank::context.world_size]:
         if case not in references or references[case] is None:
             raise ValueError(f"validation case {case} has no label file in the raw dataset")
         data, _, properties = load_case(data_folder, case, mmap=True)
@@ -332,8 +337,12 @@ def validate_cases(
         if differences:
             raise ValueError(f"{references[case]}: the label's grid differs from the image's: {'; '.join(differences)}")
         per_case[case] = _case_metrics(labels, reference, geometry.spacing, probabilities.shape[0])
+    if context.enabled:
+        gathered = {case: metrics for part in gather_objects(per_case) for case, metrics in part.items()}
+        per_case = {case: gathered[case] for case in cases}
     summary = {**(about or {}), "cases": per_case, **_means(per_case)}
-    write_json(_nan_to_none(summary), output_folder / "summary.json")
+    if context.is_main:
+        write_json(_nan_to_none(summary), output_folder / "summary.json")
     return summary
 
 
@@ -425,12 +434,16 @@ def train(
     runner = trainer_class(plans, chosen.name, fold, preprocessed_folder=preprocessed,
                            output_folder=run_folder(raw.name, chosen.name, trainer_class.__name__, fold),
                            options=options, raw_dataset=raw)
-    runner.setup()
-    start = time.perf_counter()
-    runner.fit()
-    summary = runner.validate() if options.validation else None
-    if runner.promise is not None and options.validation and not options.continue_training:
-        runner.log(runner.promise.check("whole fold", time.perf_counter() - start, runner.promise.total_seconds)[1])
+    try:
+        runner.setup()
+        start = time.perf_counter()
+        runner.fit()
+        summary = runner.validate() if options.validation else None
+        if runner.promise is not None and options.validation and not options.continue_training:
+            runner.log(runner.promise.check("whole fold", time.perf_counter() - start,
+                                            runner.promise.total_seconds)[1])
+    finally:
+        leave()  # the process group of a distributed run (torchrun), if setup() joined one
     return TrainingResult(runner.output_folder, runner.epoch, runner.best_ema, summary)
 
 

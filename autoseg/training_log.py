@@ -56,14 +56,18 @@ class TrainingLog:
     Args:
         path: the log file; created with its folder on the first line.
         echo: also print every line.
+        enabled: False for a log that writes and prints nothing (the ranks other than 0 of a distributed run).
     """
 
-    def __init__(self, path: str | Path, echo: bool = True) -> None:
+    def __init__(self, path: str | Path, echo: bool = True, enabled: bool = True) -> None:
         self.path = Path(path)
         self.echo = echo
+        self.enabled = enabled
 
     def start(self, append: bool) -> None:
         """Begin a run: truncate the file unless ``append`` (a resumed run continues the same log)."""
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not append:
             with reporting_disk_full(self.path):
@@ -75,6 +79,8 @@ class TrainingLog:
         Raises:
             DiskFullError: the disk is full (the message names ``log.txt``).
         """
+        if not self.enabled:
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with reporting_disk_full(self.path), open(self.path, "a", encoding="utf-8") as handle:
             for line in message.splitlines() or [""]:

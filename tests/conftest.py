@@ -38,6 +38,15 @@ def data_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture
+def home(prepared: Path, data_roots: Path) -> Path:
+    """This test's AUTOSEG_HOME with private copies of the ``raw`` and ``preprocessed`` folders of its module's
+    ``prepared`` home (a module-scoped fixture each module that uses ``home`` defines)."""
+    for root in ("raw", "preprocessed"):
+        shutil.copytree(prepared / root, data_roots / root, dirs_exist_ok=True)
+    return data_roots
+
+
 @pytest.fixture(scope="session")
 def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny ATLAS-like (4 cases) and CTP-like (4 subjects) datasets, generated once per session."""

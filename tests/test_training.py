@@ -95,14 +95,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-@pytest.fixture
-def home(prepared: Path, data_roots: Path) -> Path:
-    """This test's AUTOSEG_HOME with private copies of the prepared datasets."""
-    for root in ("raw", "preprocessed"):
-        shutil.copytree(prepared / root, data_roots / root, dirs_exist_ok=True)
-    return data_roots
-
-
 QUIET = TrainingOptions(num_processes=0, echo=False)
 
 

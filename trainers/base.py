@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from autoseg import distributed
 from autoseg.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -117,7 +118,8 @@ class Trainer:
         self.budget = Budget.from_schedule(self.configuration.schedule, self.options.epochs,
                                            self.options.iterations_per_epoch, self.options.val_iterations)
         self.seed = self.options.seed
-        self.log = TrainingLog(self.output_folder / "log.txt", echo=self.options.echo)
+        self.context = distributed.current()  # torchrun's rank and world size; one process by default
+        self.log = TrainingLog(self.output_folder / "log.txt", echo=self.options.echo, enabled=self.context.is_main)
         self.epoch = 0  # epochs finished
         self.stage_index = 0
         self.history = empty_history()
@@ -196,17 +198,18 @@ class Trainer:
     def setup(self) -> Trainer:
         """Device, precision, cases, network, loss, optimizer, output folder; resume when asked."""
         self.device, device_reason = choose_device(self.options.device)
+        self.device = self.context.device(self.device)
+        backend = distributed.join(self.context, self.device)
         self.precision = choose_precision(self.device, self.options.precision)
         self.num_processes, self.num_processes_reason = self.choose_num_processes()
-        if self.device.type == "cpu" and self.num_processes and self.options.num_processes is None:
-            configure_threads(max(1, available_cores() - self.num_processes))  # the loader has the other cores
+        self._configure_cpu_threads()
         resumed, afresh = None, None
         if self.options.continue_training:
             path = self._checkpoint_to_continue()
             if path is None:
                 afresh = (f"--continue: no epoch completed yet (no checkpoint_latest.pth in {self.output_folder}); "
                           "starting afresh")
-                stale = [p.name for p in self._remove_incomplete_run()]
+                stale = [p.name for p in self._remove_incomplete_run()] if self.context.is_main else []
                 afresh += f" (removed {', '.join(stale)} of the run that stopped)" if stale else ""
             else:
                 resumed = self.read_checkpoint(path)
@@ -216,7 +219,8 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.memory_format, format_reason = self.choose_memory_format()
         self.network = self.build_network().to(self.device, memory_format=self.memory_format)
-        self.model = torch.compile(self.network) if self.options.compile else self.network
+        normalization = self._wrap_for_data_parallel()
+        self.model = torch.compile(self.model) if self.options.compile else self.model
         self.loss_settings = self.loss_spec()
         self.loss = self.build_loss()
         self.stage_index = self.budget.stage_at(0)
@@ -224,13 +228,20 @@ class Trainer:
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         if self.device.type == "cuda" and not self.options.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick the fastest kernels
-        self._prepare_output_folder(resumed is not None)
+        if self.context.is_main:
+            self._prepare_output_folder(resumed is not None)
+        distributed.barrier()  # the output folder exists before any rank writes validation files into it
         if afresh is not None:
             self.log(afresh)
         self._log_header(device_reason, continued=resumed is not None)
+        if self.context.enabled:
+            self._log_data_parallel(backend, normalization)
         self.log(f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
                  f" ({format_reason})")
         self.promise = self.time_promise()
+        if self.promise is not None and self.context.enabled:
+            self.log("time estimate: the plans' compute budget was measured for one process; not checked here")
+            self.promise = None
         if self.promise is not None:
             p = self.promise
             self.log(f"time estimate (plans' compute budget): {p.training_seconds / 60:.1f} min of training "
@@ -240,6 +251,36 @@ class Trainer:
         if resumed is not None:
             self.restore(resumed)
         return self
+
+    def _configure_cpu_threads(self) -> None:
+        """On the CPU, torch's threads: this node's cores shared by its ranks, minus the augmentation processes
+        when the plans' compute budget chose them."""
+        if self.device.type != "cpu":
+            return
+        cores = available_cores() // self.context.local_world_size
+        if self.num_processes and self.options.num_processes is None:
+            configure_threads(max(1, cores - self.num_processes))  # the loader has the other cores
+        elif self.context.enabled:
+            configure_threads(max(1, cores))  # the ranks share the cores
+
+    def _wrap_for_data_parallel(self) -> str:
+        """``self.model``: the network, in DistributedDataParallel when this is one rank of several; returns what
+        was done to its normalization (empty for one process)."""
+        self.model = self.network
+        if not self.context.enabled:
+            return ""
+        frozen = any(stage.trainable != "all" for stage in self.configuration.schedule.stages)
+        self.model, normalization = distributed.wrap_network(self.network, self.device, frozen_stages=frozen)
+        self.network = self.model.module  # SyncBatchNorm layers, where converted; checkpoints save this
+        return normalization
+
+    def _log_data_parallel(self, backend: str, normalization: str) -> None:
+        shares = ", ".join(f"{s.name} {s.batch_size} = " + " + ".join(
+            str(distributed.split_batch(s.batch_size, replace(self.context, rank=r)))
+            for r in range(self.context.world_size)) for s in self.configuration.schedule.stages)
+        self.log(f"distributed: world size {self.context.world_size} ({backend}, DistributedDataParallel); "
+                 f"global batch per stage split over the ranks: {shares}; {normalization}; each rank draws its own "
+                 "patches (seed, epoch, rank); only rank 0 writes")
 
     def choose_memory_format(self) -> tuple[torch.memory_format, str]:
         """``channels_last_3d`` when the plans' compute-budget probe found it faster for training on this kind of
@@ -323,7 +364,7 @@ class Trainer:
         self.log("\n".join([
             f"autoseg training: trainer {type(self).__name__}, configuration {c.name}, fold {self.fold}, "
             f"dataset {self.plans.dataset}" + (" (continued)" if continued else ""),
-            f"device: {self.device} ({device_reason}){threads}",
+            f"device: {self.device} ({device_reason}){threads}; world size {self.context.world_size}",
             f"precision: {self.precision.name} ({self.precision.reason})",
             f"seed: {self.seed}; data processes: {self.num_processes} ({self.num_processes_reason}); "
             "deterministic algorithms: "
@@ -393,11 +434,16 @@ class Trainer:
                  f"lr {s.learning_rate:g}, continuing from the current weights")
 
     def loader(self, epoch: int, train: bool) -> BatchStream:
-        """Batches of ``epoch``, seeded by (seed, epoch) alone; validation batches are made in this process."""
+        """Batches of ``epoch``, seeded by (seed, epoch) alone; validation batches are made in this process.
+
+        In a distributed run each rank gets its share of the stage's batch (``distributed.split_batch``) and its
+        own seed (rank 0 keeps the single-process one)."""
         configuration = replace(self.configuration, sampling=self.sampling_spec())
+        stage = replace(self.stage, batch_size=distributed.split_batch(self.stage.batch_size, self.context))
+        rank = (self.context.rank,) if self.context.rank else ()
         return make_loader(self.data_folder, self.train_cases if train else self.val_cases, configuration,
-                           self.stage, self.num_processes if train else 0,
-                           derived_seed(self.seed, epoch, 0 if train else 1), train,
+                           stage, self.num_processes if train else 0,
+                           derived_seed(self.seed, epoch, 0 if train else 1, *rank), train,
                            pin_memory=self.device.type == "cuda")
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -415,7 +461,8 @@ class Trainer:
                 self.timing["loader_wait"] += stepped - waited
                 self.timing["steps"] += time.perf_counter() - stepped
                 self.timing["iterations"] += 1
-        return float(sum(losses) / len(losses)), first_rate
+        total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
+        return float(total[0] / total[1]), first_rate
 
     def train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step on ``batch``; returns the loss."""
@@ -425,7 +472,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype,
                             enabled=self.precision.autocast_dtype is not None):
             loss = self.loss(self.model(data), target)
-        self.grad_scaler.scale(loss).backward()
+        weight = distributed.loss_weight(self.stage.batch_size, self.context)  # 1 for one process
+        self.grad_scaler.scale(loss * weight if weight != 1 else loss).backward()
         if self.settings.grad_clip_norm is not None:
             self.grad_scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.network.parameters(), self.settings.grad_clip_norm)
@@ -450,7 +498,8 @@ class Trainer:
                     output = self.model(data)
                     losses.append(float(self.loss(output, target)))
                 counts += dice_counts(output[0] if isinstance(output, (list, tuple)) else output, target)
-        return float(sum(losses) / len(losses)), global_dice(counts)
+        total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
+        return float(total[0] / total[1]), global_dice(distributed.sum_(counts))
 
     def end_epoch(self, epoch: int, **record: float) -> None:
         """Record, log and plot the epoch; write the latest (and, when due, best and snapshot) checkpoints."""
@@ -459,7 +508,9 @@ class Trainer:
             self.history[key].append(value)
         self.epoch = epoch + 1
         self.log(format_epoch(self.history, -1, self.budget.epochs))
-        plot_progress(self.history, self.output_folder / "progress.png", [s for s in self.budget.stage_starts if s])
+        if self.context.is_main:
+            plot_progress(self.history, self.output_folder / "progress.png",
+                          [s for s in self.budget.stage_starts if s])
         # The latest checkpoint goes last: a run killed before it repeats this epoch, and with it these files.
         if not math.isnan(ema) and ema > self.best_ema:
             self.best_ema = ema
@@ -495,12 +546,18 @@ class Trainer:
             "best_ema_pseudo_dice": self.best_ema,
             "seed": self.seed,
             "rng": capture_rng_state(),
+            "world_size": self.context.world_size,
         }
 
     def save(self, name: str) -> Path:
-        """Write :meth:`checkpoint_state` to ``output_folder / name`` atomically."""
+        """Write :meth:`checkpoint_state` to ``output_folder / name`` atomically. In a distributed run every
+        rank calls this (their random generator states are gathered into ``rng_ranks``) and rank 0 writes."""
         path = self.output_folder / name
-        save_checkpoint(self.checkpoint_state(), path)
+        state = self.checkpoint_state()
+        if self.context.enabled:
+            state["rng_ranks"] = distributed.gather_objects(state["rng"])
+        if self.context.is_main:
+            save_checkpoint(state, path)
         return path
 
     def read_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -531,7 +588,11 @@ class Trainer:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.history = {key: list(values) for key, values in state["history"].items()}
         self.best_ema = float(state["best_ema_pseudo_dice"])
-        restore_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) != self.context.world_size:
+            self.log(f"continuing with {self.context.world_size} process(es) a run saved by {len(ranks)}: the weights "
+                     "and schedule continue, the batches differ from an uninterrupted run")
+        restore_rng_state(ranks[self.context.rank] if self.context.rank < len(ranks) else ranks[0])
         self.log(f"continuing from {Path(state['path']).name} after epoch {self.epoch} (stage {self.stage.name}, "
                  f"seed {self.seed})")
 
@@ -553,7 +614,8 @@ class Trainer:
         start = time.perf_counter()
         summary = validate_cases(predictor, self.data_folder, self.val_cases, references,
                                  self.output_folder / "validation", about,
-                                 images={case.identifier: case.images[0] for case in raw_cases})
+                                 images={case.identifier: case.images[0] for case in raw_cases},
+                                 context=self.context)
         if self.promise is not None:
             self.log(self.promise.check("end-of-fold validation", time.perf_counter() - start,
                                         self.promise.final_validation_seconds)[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from autoseg import distributed
 from autoseg.commands.common import run
 from autoseg.training import PRECISIONS, TrainingOptions, cross_validate, train
 
@@ -39,11 +40,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--compile", action="store_true", help="run the network through torch.compile")
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU)")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                   help="train the fold data-parallel in N processes on this machine, one per GPU (torchrun + "
+                        "DistributedDataParallel; the plans' batch is split over them); with --device cpu, N CPU "
+                        "processes (gloo). Several machines: start torchrun yourself (documentation/overview.md)")
     return p
 
 
+def _without_num_gpus(argv: list[str]) -> list[str]:
+    """``argv`` without ``--num-gpus N`` / ``--num-gpus=N`` (what each torchrun process gets)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--num-gpus":
+            skip = True
+        elif not token.startswith("--num-gpus="):
+            kept.append(token)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if args.num_gpus < 1:
+        print(f"error: --num-gpus must be at least 1, got {args.num_gpus}", file=sys.stderr)
+        return 2
+    context = distributed.current()
+    if args.num_gpus > 1 and not context.enabled:  # start torchrun, which runs this command in every process
+        return distributed.launch(_without_num_gpus(argv), args.num_gpus)
 
     def action() -> int:
         options = TrainingOptions(
@@ -55,14 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.fold == "all":
                 for result in cross_validate(args.dataset, args.configuration, args.trainer, options):
-                    print(f"results: {result.output_folder}")
+                    if context.is_main:
+                        print(f"results: {result.output_folder}")
                 return 0
             result = train(args.dataset, args.configuration, args.fold, args.trainer, options)
         except KeyboardInterrupt:
             print("interrupted; add --continue to the same command to resume from checkpoint_latest.pth",
                   file=sys.stderr)
             return 130
-        print(f"results: {result.output_folder}")
+        if context.is_main:
+            print(f"results: {result.output_folder}")
         return 0
 
     return run(action)
