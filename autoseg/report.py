@@ -52,10 +52,12 @@ from autoseg.visualization import figure_png, overlay_figure, read_overlay_array
 
 #: File name of the page inside the evaluation folder.
 REPORT_NAME = "report.html"
-#: Overlay thumbnails: slices per case, width of one slice panel (inches) and resolution (dots per inch).
+#: Overlay thumbnails: slices per case, width of one slice panel (inches), resolution (dots per inch) and grey levels
+#: of the palette PNG (``autoseg.visualization.figure_png``): about 200 pixels a panel and 20-40 kB a case.
 OVERLAY_SLICES = 3
-OVERLAY_PANEL_INCHES = 2.0
+OVERLAY_PANEL_INCHES = 2.2
 OVERLAY_DPI = 90
+OVERLAY_GREY_LEVELS = 64
 #: Columns of the case index table and the case cards: per-case column -> (title, decimals).
 _CASE_COLUMNS: dict[str, tuple[str, int]] = {
     "dice": ("Dice", 3), "lesion_f1": ("Lesion F1", 3), "hausdorff95": ("HD95 (mm)", 1),
@@ -269,10 +271,9 @@ def _metric_table(summary: Mapping[str, Any]) -> str:
                     f'<td class="ci">{_interval(stats["ci_low"], stats["ci_high"], digits)}</td>'
                     f"<td>{format_number(stats['median'], digits)}</td><td>{format_number(stats['std'], digits)}</td>"
                     f"<td>{stats['n']}</td><td>{stats['n_nan']}</td></tr>")  # fmt: skip
-    header = "".join(f"<th>{cell}</th>" for cell in ("Metric", "Mean", "95% CI of mean", "Median", "SD", "n", "NaN"))
-    micro = (f'<tr class="extra"><th scope="row">micro-Dice (pooled)</th><td>{format_number(summary.get("micro_dice"), 4)}'
-             '</td><td colspan="5"></td></tr>')  # fmt: skip
-    return f'<table class="metrics"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}{micro}</tbody></table>'
+    rows.append(f'<tr class="extra"><th scope="row">micro-Dice (pooled)</th>'
+                f'<td>{format_number(summary.get("micro_dice"), 4)}</td><td colspan="5"></td></tr>')  # fmt: skip
+    return _table("metrics", ("Metric", "Mean", "95% CI of mean", "Median", "SD", "n", "NaN"), rows)
 
 
 def _quartile_table(summary: Mapping[str, Any]) -> str:
@@ -283,11 +284,10 @@ def _quartile_table(summary: Mapping[str, Any]) -> str:
                  f"<td>{_volume_range(row['volume_min_mm3'], row['volume_max_mm3'])}</td>"]  # fmt: skip
         for metric in QUARTILE_METRICS:
             digits = min(DISPLAY_NAMES.get(metric, (metric, 4))[1], 3)
-            cells.append(f"<td>{format_number(row[f'{metric}_mean'], digits)}<div class=\"ci\">"
-                         f"{_interval(row[f'{metric}_ci_low'], row[f'{metric}_ci_high'], digits)}</div></td>")  # fmt: skip
+            interval = _interval(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"], digits)
+            cells.append(f'<td>{format_number(row[f"{metric}_mean"], digits)}<div class="ci">{interval}</div></td>')
         rows.append(f'<tr data-quartile="{_text(row["quartile"])}">{"".join(cells)}</tr>')
-    head = "".join(f"<th>{_text(cell)}</th>" for cell in header)
-    return f'<div class="scroll"><table class="quartiles"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+    return _table("quartiles", header, rows)
 
 
 def _fit_text(fit: Mapping[str, Any]) -> str:
@@ -295,13 +295,13 @@ def _fit_text(fit: Mapping[str, Any]) -> str:
         return f"<p>No linear fit: fewer than two distinct lesion volumes ({fit.get('num_cases', 0)} usable cases).</p>"
     sign = "+" if fit["intercept"] >= 0 else "−"
     return (f"<p>Least-squares line over {fit['num_cases']} cases with a lesion: Dice = {fit['slope']:.3f} · "
-            f"log10(V / mm³) {sign} {abs(fit['intercept']):.3f}, R² = {format_number(fit.get('r2'), 2)}.</p>")  # fmt: skip
+            f"log10(V / mm³) {sign} {abs(fit['intercept']):.3f}, "
+            f"R² = {format_number(fit.get('r2'), 2)}.</p>")  # fmt: skip
 
 
 def _case_index(per_case: pd.DataFrame, order: Sequence[str]) -> str:
     """One row per case, linked to its card: the whole cohort at a glance."""
-    head = "".join(f"<th>{cell}</th>" for cell in
-                   ["#", "Case", "Reference volume", "Predicted volume", *(t for t, _ in _CASE_COLUMNS.values())])  # fmt: skip
+    header = ["#", "Case", "Reference volume", "Predicted volume", *(title for title, _ in _CASE_COLUMNS.values())]
     rows = []
     for rank, case in enumerate(order, start=1):
         row = per_case.loc[case]
@@ -309,7 +309,14 @@ def _case_index(per_case: pd.DataFrame, order: Sequence[str]) -> str:
         rows.append(f'<tr><td>{rank}</td><th scope="row"><a href="#case-{rank}">{_text(case)}</a></th>'
                     f"<td>{_volume(row['volume_reference_mm3'])}</td><td>{_volume(row['volume_prediction_mm3'])}</td>"
                     f"{cells}</tr>")  # fmt: skip
-    return f'<div class="scroll"><table class="index"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+    return _table("index", header, rows)
+
+
+def _table(css_class: str, header: Sequence[str], rows: Sequence[str]) -> str:
+    """A table with one header row and the given ``<tr>`` rows, scrolling sideways where the page is too narrow."""
+    head = "".join(f"<th>{_text(cell)}</th>" for cell in header)
+    return (f'<div class="scroll"><table class="{css_class}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')  # fmt: skip
 
 
 def _case_card(rank: int, case: str, row: pd.Series, overlay: bytes) -> str:
@@ -340,7 +347,7 @@ def _overlay_png(job: tuple[Path | None, Path, Path], label: int) -> bytes:
     except ImageReadError as error:
         raise EvaluationError(str(error)) from None
     figure = overlay_figure(image, reference, prediction, OVERLAY_SLICES, panel_inches=OVERLAY_PANEL_INCHES)
-    return figure_png(figure, dpi=OVERLAY_DPI)
+    return figure_png(figure, dpi=OVERLAY_DPI, grey_levels=OVERLAY_GREY_LEVELS)
 
 
 def _relative_link(target: Path, page_dir: Path) -> str:
@@ -411,7 +418,7 @@ tbody th { text-align: left; font-weight: 500; } tbody tr:hover { background: #f
 .ci { color: var(--muted); font-size: 12px; white-space: nowrap; } tr.extra th { font-style: italic; }
 img.plot { max-width: 560px; width: 100%; border: 1px solid var(--line); border-radius: 6px; }
 .ref { color: #0a8a0a; font-weight: 700; } .pred { color: #d01010; font-weight: 700; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(370px, 1fr)); gap: 14px; margin-top: 16px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: 14px; margin-top: 16px; }
 .case { border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; background: #fff; }
 .case dl { display: grid; grid-template-columns: max-content 1fr; gap: 0 10px; margin: 0 0 8px; font-size: 13px; }
 .case dt { color: var(--muted); } .case dd { margin: 0; font-variant-numeric: tabular-nums; }

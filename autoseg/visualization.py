@@ -10,7 +10,9 @@ import io
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from autoseg.io import atomic_path, read_image
@@ -21,14 +23,15 @@ PREDICTION_COLOUR = "red"
 
 
 def lesion_slices(reference: np.ndarray, prediction: np.ndarray, count: int = 4) -> list[int]:
-    """Indices along z (axis 2) of up to ``count`` slices through the lesions, spread from the largest
-    reference (or, without reference lesion, prediction) cross-sections; the middle slice when neither has any."""
+    """Indices along z (axis 2) of up to ``count`` slices through the lesions: spread evenly over the slices that
+    hold reference lesion (or, without any, predicted lesion), so every pick shows some, also where lesions leave
+    gaps between them; the middle slice when neither mask has any."""
     area = reference.sum(axis=(0, 1)) if reference.any() else prediction.sum(axis=(0, 1))
     present = np.flatnonzero(area)
     if present.size == 0:
         return [reference.shape[2] // 2]
-    picks = np.linspace(present[0], present[-1], num=min(count, present.size) + 2)[1:-1]
-    return sorted({int(round(p)) for p in picks})
+    positions = np.linspace(0, present.size - 1, num=min(count, present.size) + 2)[1:-1]
+    return sorted({int(present[int(round(p))]) for p in positions})
 
 
 def read_overlay_arrays(
@@ -79,6 +82,8 @@ def overlay_figure(
         image, low, high = np.zeros(reference.shape, np.float32), 0.0, 1.0
     else:
         low, high = np.percentile(image[image != 0], [1, 99]) if image.any() else (0.0, 1.0)
+    view = _view_box(image, reference, prediction)
+    image, reference, prediction = image[view], reference[view], prediction[view]
     figure = Figure(figsize=(panel_inches * len(slices), panel_inches * 1.19), layout="constrained")
     axes = figure.subplots(1, len(slices), squeeze=False)[0]
     for axis, z in zip(axes, slices):
@@ -93,12 +98,44 @@ def overlay_figure(
     return figure
 
 
-def figure_png(figure: Figure, dpi: float = 100) -> bytes:
-    """The PNG bytes of ``figure`` at ``dpi`` dots per inch, rendered with the Agg canvas."""
+def figure_png(figure: Figure, dpi: float = 100, grey_levels: int | None = None) -> bytes:
+    """The PNG bytes of ``figure`` at ``dpi`` dots per inch, rendered with the Agg canvas.
+
+    ``grey_levels``: store the picture with a palette of this many greys plus the two outline colours, each pixel
+    taken to the nearest entry (no dithering). An overlay then takes about a third of the bytes and the outlines
+    keep their colours (an adaptive palette merges their few pixels into the greys). None keeps full RGBA.
+    """
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
+    if grey_levels is None:
+        return buffer.getvalue()
+    greys = np.linspace(0, 255, min(grey_levels, 254))
+    outlines = [np.array(to_rgb(colour)) * 255 for colour in (REFERENCE_COLOUR, PREDICTION_COLOUR)]
+    palette = np.concatenate([np.repeat(greys[:, None], 3, axis=1), outlines]).round()  # (P, 3)
+    pixels = np.asarray(PIL.Image.open(buffer).convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    # Nearest entry by squared distance, exactly (PIL's own palette quantizer rounds white to a grey).
+    nearest = np.argmin(((pixels[:, :, None, :] - palette.astype(np.float32)) ** 2).sum(axis=3), axis=2)
+    picture = PIL.Image.fromarray(nearest.astype(np.uint8), mode="P")
+    picture.putpalette(palette.astype(np.uint8).ravel().tolist())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="png", optimize=True)
     return buffer.getvalue()
+
+
+def _view_box(image: np.ndarray, *masks: np.ndarray, margin: int = 2) -> tuple[slice, slice, slice]:
+    """The x and y range (all of z) holding the image's non-zero voxels and the masks, plus ``margin`` voxels: the
+    black surroundings of a skull-stripped scan are cut away so the brain fills the panel."""
+    present = image != 0
+    for mask in masks:
+        present = present | mask
+    if not present.any():
+        return slice(None), slice(None), slice(None)
+    box = []
+    for axis in (0, 1):
+        found = np.flatnonzero(present.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(int(found[0]) - margin, 0), int(found[-1]) + margin + 1))
+    return box[0], box[1], slice(None)
 
 
 def save_overlay(image_path: Path, reference_path: Path, prediction_path: Path, output: Path, count: int = 4) -> Path:

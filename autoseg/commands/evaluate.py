@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument(
-        "--report", action="store_true", help=f"also write {REPORT_NAME}, one self-contained page of the results with an "
-        "overlay per case (worst Dice first)"
+        "--report", action="store_true",
+        help=f"also write {REPORT_NAME}: one self-contained page of the results, an overlay per case, worst Dice first"
     )
     parser.add_argument(
         "--images", default=None, help="with --report: folder of the images (CASE_0000 or CASE, same grid as the "
