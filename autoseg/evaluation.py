@@ -15,6 +15,8 @@ error leaves nothing behind):
     quartiles.csv         cases split into four equal-count groups by reference lesion volume (mm^3)
     dice_vs_volume.png    Dice against reference lesion volume (log scale) with a linear fit in log10
 
+``autoseg_evaluate --report`` then writes ``report.html`` from these files (:mod:`autoseg.report`).
+
 Statistics: NaN values (undefined metrics, see :mod:`autoseg.metrics`) are left out of every mean,
 median and interval and counted in ``n_nan``. Standard deviations use ddof=1. The confidence interval
 is the percentile bootstrap of the mean with a seeded generator, so reruns give identical numbers.

@@ -13,7 +13,7 @@ one page (``report.html`` beside them by default) with:
 
 Self-contained: CSS is inline and every picture is a base64 PNG data URI, so the page needs no network, no script
 and no other file to be viewed (the links to the CSV/JSON files are the only references, and relative). A
-Content-Security-Policy forbids the page anything else. Overlays are small (3 slices, about 30-60 kB a case), so
+Content-Security-Policy forbids the page anything else. Overlays are small (3 slices, palette PNG, 20-60 kB a case), so
 a cohort of a few hundred cases stays a page of some megabytes.
 """
 
