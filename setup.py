@@ -25,8 +25,9 @@ setup(
         "nibabel>=5",  # NaN/Inf check of NIfTI files (ITK's reader turns them into 0); comes with nilearn
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "pillow>=9",  # palette PNGs of the results page; comes with matplotlib
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.4"]},
+    extras_require={"test": ["pytest>=7", "ruff>=0.4", "selenium>=4.11"]},  # selenium: the results page in Chromium
     entry_points={
         "console_scripts": [
             "autoseg_demo=autoseg.commands.demo:main",

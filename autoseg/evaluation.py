@@ -15,6 +15,8 @@ error leaves nothing behind):
     quartiles.csv         cases split into four equal-count groups by reference lesion volume (mm^3)
     dice_vs_volume.png    Dice against reference lesion volume (log scale) with a linear fit in log10
 
+``autoseg_evaluate --report`` then writes ``report.html`` from these files (:mod:`autoseg.report`).
+
 Statistics: NaN values (undefined metrics, see :mod:`autoseg.metrics`) are left out of every mean,
 median and interval and counted in ``n_nan``. Standard deviations use ddof=1. The confidence interval
 is the percentile bootstrap of the mean with a seeded generator, so reruns give identical numbers.
@@ -67,7 +69,8 @@ OUTPUT_NAMES: dict[str, str] = {
 _COUNT_COLUMNS = (
     "lesion_tp", "lesion_fp", "lesion_fn", "lesion_count_difference", "tp_voxels", "fp_voxels", "fn_voxels",
 )  # fmt: skip
-_DISPLAY_NAMES = {
+#: Metric -> (title shown in tables, decimals shown).
+DISPLAY_NAMES: dict[str, tuple[str, int]] = {
     "dice": ("Dice", 4), "max_dice": ("max Dice (mDSC)", 4), "sensitivity": ("Sensitivity (TPR)", 4),
     "precision": ("Precision (PPV)", 4), "hausdorff": ("HD (mm)", 2), "hausdorff95": ("HD95 (mm)", 2),
     "assd": ("ASSD (mm)", 2), "dice_hd_score": ("Dice/HD score", 4),
@@ -201,11 +204,11 @@ def pair_cases(
     if not references:
         raise EvaluationError(f"reference folder {reference_dir} holds no images (endings {', '.join(IMAGE_ENDINGS)})")
     predictions = find_images(prediction_dir, "prediction")
-    _require_all(references, predictions, "prediction", prediction_dir)
+    require_all(references, predictions, "prediction", prediction_dir)
     probabilities: dict[str, Path] = {}
     if probabilities_dir is not None:
         probabilities = find_images(probabilities_dir, "probabilities")
-        _require_all(references, probabilities, "probability map", probabilities_dir)
+        require_all(references, probabilities, "probability map", probabilities_dir)
     return [
         CaseFiles(case, references[case], predictions[case], probabilities.get(case)) for case in sorted(references)
     ]
@@ -391,10 +394,10 @@ def format_summary_table(result: EvaluationResult) -> str:
     header = ("Metric", "Mean", "Median", "95% CI of mean", "n", "NaN")
     rows = []
     for name, stats in result.summary["metrics"].items():
-        title, digits = _DISPLAY_NAMES.get(name, (name, 4))
-        interval = f"[{_number(stats['ci_low'], digits)}, {_number(stats['ci_high'], digits)}]"
+        title, digits = DISPLAY_NAMES.get(name, (name, 4))
+        interval = f"[{format_number(stats['ci_low'], digits)}, {format_number(stats['ci_high'], digits)}]"
         rows.append(
-            (title, _number(stats["mean"], digits), _number(stats["median"], digits), interval,
+            (title, format_number(stats["mean"], digits), format_number(stats["median"], digits), interval,
              str(stats["n"]), str(stats["n_nan"]))
         )  # fmt: skip
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
@@ -403,13 +406,14 @@ def format_summary_table(result: EvaluationResult) -> str:
     rule = "-" * len(lines[0])
     summary = result.summary
     footer = (
-        f"micro-Dice (all voxels pooled): {_number(summary['micro_dice'], 4)}   cases: {summary['num_cases']}"
+        f"micro-Dice (all voxels pooled): {format_number(summary['micro_dice'], 4)}   cases: {summary['num_cases']}"
         f" (empty reference: {summary['num_empty_reference']}, empty prediction: {summary['num_empty_prediction']})"
     )
     return "\n".join([lines[0], rule, *lines[1:], rule, footer])
 
 
-def _require_all(references: dict[str, Path], found: dict[str, Path], kind: str, folder: str | Path) -> None:
+def require_all(references: dict[str, Path], found: dict[str, Path], kind: str, folder: str | Path) -> None:
+    """Raise :class:`EvaluationError` listing the cases of ``references`` missing from ``found`` (up to 20 names)."""
     missing = sorted(set(references) - set(found))
     if not missing:
         return
@@ -442,7 +446,8 @@ def _evaluate_one(files: CaseFiles, label: int) -> dict[str, Any]:
     return {"case": files.case, **metrics}
 
 
-def _number(value: float, digits: int) -> str:
+def format_number(value: float | None, digits: int) -> str:
+    """``value`` with ``digits`` decimals; ``NaN`` for None, NaN or an infinity (JSON null reads back as None)."""
     return "NaN" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 

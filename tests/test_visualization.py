@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 
 from autoseg.io import Geometry, write_image
-from autoseg.visualization import lesion_slices, save_overlay
+from autoseg.visualization import figure_png, lesion_slices, overlay_figure, save_overlay
 
 
 def test_slices_go_through_the_lesion() -> None:
@@ -29,3 +33,31 @@ def test_overlay_png_is_written(tmp_path: Path) -> None:
                           tmp_path / "out" / "overlay.png")
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in output.parent.iterdir()] == ["overlay.png"]
+
+
+def test_slices_skip_the_gap_between_lesions() -> None:
+    reference = np.zeros((10, 10, 30), bool)
+    reference[2:4, 2:4, 2:5] = True
+    reference[6:8, 6:8, 25:28] = True
+    picks = lesion_slices(reference, np.zeros_like(reference), count=3)
+    assert len(picks) == 3 and all(reference[:, :, z].any() for z in picks)
+
+
+def test_importing_leaves_matplotlib_alone() -> None:
+    """No backend chosen and no pyplot imported: a program importing autoseg keeps its own matplotlib set-up."""
+    # rcParams["backend"] would itself resolve the backend through pyplot; dict.__getitem__ reads it as set.
+    code = ("import sys, matplotlib; read = lambda: dict.__getitem__(matplotlib.rcParams, 'backend'); "
+            "before = read(); import autoseg.visualization, autoseg.report; "
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; assert read() == before, read()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_palette_png_keeps_the_outline_colours() -> None:
+    reference = np.zeros((20, 20, 5), bool)
+    reference[5:12, 5:12, 2] = True
+    image = np.random.default_rng(1).random((20, 20, 5)).astype(np.float32) + 1
+    png = figure_png(overlay_figure(image, reference, np.roll(reference, 3, axis=0), count=1), dpi=60, grey_levels=32)
+    picture = PIL.Image.open(io.BytesIO(png))
+    assert picture.mode == "P" and len(picture.getpalette()) // 3 <= 34
+    colours = {tuple(c) for _, c in picture.convert("RGB").getcolors(4096)}
+    assert {(0, 255, 0), (255, 0, 0), (255, 255, 255)} <= colours

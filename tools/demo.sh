@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the demo data, as a new user would run it (about 20 minutes on 2 CPU cores):
 # generate the 2 mm ATLAS-like demo and 4 held-out cases, plan for a compute budget of DEMO_MINUTES (15) minutes
-# of training on this machine's CPU, train fold 0 within it, predict the held-out cases, evaluate them, and draw
-# an overlay of one case.
+# of training on this machine's CPU, train fold 0 within it, predict the held-out cases, evaluate them, draw
+# an overlay of one case, and end with the results page (report.html: tables, plot and an overlay of every case).
 set -euo pipefail
 bin="${VENV:-.venv}/bin"
 raw="$AUTOSEG_HOME/raw"
@@ -50,8 +50,9 @@ fi
 echo "== 4. predict the 4 held-out cases"
 "$bin/autoseg_predict" -i "$raw/$test_set/imagesTr" -o "$out/predictions" -d ATLAS2mm -c "$configuration" -f 0
 
-echo "== 5. evaluate against their tracings"
-"$bin/autoseg_evaluate" -ref "$raw/$test_set/labelsTr" -pred "$out/predictions" -o "$out/evaluation"
+echo "== 5. evaluate against their tracings, and write the results page"
+"$bin/autoseg_evaluate" -ref "$raw/$test_set/labelsTr" -pred "$out/predictions" -o "$out/evaluation" \
+  --report --images "$raw/$test_set/imagesTr"
 
 first=$(ls "$raw/$test_set/labelsTr" | head -n 1)
 case="${first%.nii.gz}"
@@ -66,3 +67,4 @@ print(f'overlay of {case}: {path}')
 " "$raw/$test_set" "$out" "$case"
 echo "plot of Dice against lesion volume: $out/evaluation/dice_vs_volume.png"
 echo "training log and curves: $run/log.txt, $run/progress.png"
+echo "results page (open it in a browser; it needs no network): $out/evaluation/report.html"

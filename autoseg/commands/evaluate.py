@@ -1,8 +1,9 @@
 """``autoseg_evaluate``: evaluate a folder of predictions against a folder of references.
 
-Argument parsing only; the work is :func:`autoseg.evaluation.evaluate_folders`. Example::
+Argument parsing only; the work is :func:`autoseg.evaluation.evaluate_folders` and, with ``--report``,
+:func:`autoseg.report.write_report`. Example::
 
-    autoseg_evaluate -ref labelsTs -pred predictions -o predictions/evaluation -np 8
+    autoseg_evaluate -ref labelsTs -pred predictions -o predictions/evaluation -np 8 --report --images imagesTs
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 
 from autoseg.commands.common import run
 from autoseg.evaluation import OUTPUT_NAMES, evaluate_folders, format_summary_table
+from autoseg.report import REPORT_NAME, find_case_images, write_report
 
 PROGRAM = "autoseg_evaluate"
 
@@ -33,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument(
+        "--report", action="store_true",
+        help=f"also write {REPORT_NAME}: one self-contained page of the results, an overlay per case, worst Dice first"
+    )
+    parser.add_argument(
+        "--images", default=None, help="with --report: folder of the images (CASE_0000 or CASE, same grid as the "
+        "references) drawn behind the outlines; without it they are drawn on black"
+    )
     parser.add_argument("-np", "--num-workers", type=int, default=1, help="parallel processes (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -40,9 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; print the summary table and output paths. Returns 0, or 1 on an input error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.images is not None and not args.report:
+        parser.error("--images is only used with --report")
 
     def action() -> int:
+        if args.report and args.images is not None:
+            find_case_images(args.images, args.reference)  # fail before anything is written
         result = evaluate_folders(
             reference_dir=args.reference,
             prediction_dir=args.prediction,
@@ -58,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for path in result.output_files.values():
             print(f"wrote {path}")
+        if args.report:
+            page = write_report(args.output, images_dir=args.images, reference_dir=args.reference,
+                                prediction_dir=args.prediction, num_workers=args.num_workers,
+                                progress=not args.no_progress)
+            print(f"wrote {page}  (results page: open it in a browser)")
         return 0
 
     # EvaluationError is a ValueError: run() prints it as one "error: ..." line and returns 1.
