@@ -18,7 +18,8 @@ demo: setup
 	bash tools/demo.sh
 
 test: setup
-	$(BIN)/python -m pytest -q
+	bash tools/install_browser.sh
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check autoseg planners trainers tests
