@@ -32,8 +32,10 @@ import datetime
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +51,7 @@ __all__ = [
     "launch",
     "leave",
     "loss_weight",
+    "report_error",
     "sum_across_ranks",
     "sum_",
     "split_batch",
@@ -57,6 +60,8 @@ __all__ = [
 
 #: How long a rank waits in a collective operation for the others before it fails (a hung peer).
 TIMEOUT = datetime.timedelta(minutes=30)
+#: Set by :func:`launch` for its processes: a file where they record user-facing errors (:func:`report_error`).
+REPORT_VARIABLE = "AUTOSEG_RUN_REPORT"
 
 
 @dataclass(frozen=True)
@@ -207,19 +212,43 @@ def wrap_network(network: nn.Module, device: torch.device, *, frozen_stages: boo
         note = ("BatchNorm statistics per rank (SyncBatchNorm needs GPUs); running statistics broadcast from "
                 "rank 0")
     device_ids = [device.index] if device.type == "cuda" else None
-    wrapped = nn.parallel.DistributedDataParallel(network, device_ids=device_ids, broadcast_buffers=True,
-                                                  find_unused_parameters=frozen_stages)
+    wrapped = nn.parallel.DistributedDataParallel(network, device_ids=device_ids,
+                                                  find_unused_parameters=frozen_stages)  # buffers sync by default
     return wrapped, note
+
+
+def report_error(message: str) -> bool:
+    """In a process started by :func:`launch`, record a user-facing error for the launcher to print once (instead
+    of every rank printing it); returns False elsewhere, where the caller prints it itself."""
+    path = os.environ.get(REPORT_VARIABLE)
+    if not path:
+        return False
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(message.replace("\n", " ") + "\n")
+    return True
 
 
 def launch(arguments: Sequence[str], processes: int, module: str = "autoseg.commands.train") -> int:
     """Run ``python -m module arguments`` under torchrun on this machine with ``processes`` processes
-    (``--standalone``: torchrun picks a free port) and return its exit code. When a rank fails, torchrun stops
-    the others; this then prints one line saying so and how to resume. Several machines: run torchrun on each
-    with its rendezvous flags (``documentation/overview.md``)."""
+    (``--standalone``: torchrun picks a free port) and return its exit code.
+
+    A user-facing error of the ranks (a missing dataset, a run that exists) is printed once, as one line. When a
+    process fails otherwise or is killed, torchrun stops the others and this adds one line saying so and how to
+    resume. Several machines: run torchrun on each with its rendezvous flags (``documentation/overview.md``).
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", module, *arguments]
-    code = subprocess.run(command, check=False).returncode
+    handle, report = tempfile.mkstemp(prefix="autoseg_run_", suffix=".txt")
+    os.close(handle)
+    try:
+        code = subprocess.run(command, check=False, env={**os.environ, REPORT_VARIABLE: report}).returncode
+        errors = list(dict.fromkeys(Path(report).read_text(encoding="utf-8").splitlines()))
+    finally:
+        Path(report).unlink(missing_ok=True)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        return 1
     if code != 0:
         print(f"error: the distributed run stopped (torchrun exit code {code}): a process failed or was killed and "
               "the others were ended with it (torchrun's report is above). Resume it with the same command and "

@@ -103,6 +103,15 @@ def test_torchrun_variables_make_the_context(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # ---------------------------------------------------------------------------- whole runs
+def test_a_user_error_in_the_ranks_is_one_line_not_a_crash_report(home: Path) -> None:
+    command = [arg if arg != DATASET else "NoSuchDataset" for arg in _train(home)]
+    done = subprocess.run(command, env=_environment(home), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no dataset 'NoSuchDataset'" in errors[0], done.stderr[-2000:]
+    assert "was killed" not in done.stderr
+
+
 def test_two_processes_train_a_fold_with_the_single_process_layout(home: Path) -> None:
     done = subprocess.run(_train(home), env=_environment(home), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,7 +6,9 @@
 # It plans the 1 mm ATLAS-like demo with a GPU compute budget (--device cuda --budget-minutes 3: probe, cost
 # model, ladder), trains fold 0 for a few hundred iterations with bf16 autocast and torch.compile, measures the
 # loader's augmented samples/s against what the network consumes, predicts one held-out 1 mm case, and writes
-# OUT_DIR/gpu_check.json with those figures (plus the training log and the plans).
+# OUT_DIR/gpu_check.json with those figures (plus the training log and the plans). On a machine with several
+# GPUs it then times 100 iterations on one GPU and on all of them (autoseg_train --num-gpus, torchrun + DDP, the
+# same global batch) into OUT_DIR/ddp_<N>gpu.json, for the scaling efficiency.
 #
 # Needs: python3 with a CUDA build of torch and autoseg's dependencies importable (pip install -e . where the
 # machine has a package index; otherwise wheels on PYTHONPATH). Nothing is downloaded at run time.
@@ -115,4 +117,19 @@ result = {
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
 print(json.dumps(result, indent=2))
 PY
+gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -gt 1 ]; then
+  echo "== data-parallel scaling: 100 iterations on 1 GPU, then on all $gpus (torchrun + DDP, same global batch)"
+  for n in 1 "$gpus"; do
+    rm -rf "$folder"
+    s=$(date +%s.%N)
+    run autoseg.commands.train -d ATLAS -f 0 --device cuda --precision bf16 --epochs 2 --iters-per-epoch 50 \
+      --val-iters 0 --no-validation --num-gpus "$n" > "$out/ddp_${n}gpu.txt" 2>&1
+    e=$(date +%s.%N)
+    steps=$(grep -o "steps [0-9.]* s" "$(ls -d "$folder"/*/fold_0)/log.txt" | tail -n 1 | awk '{print $2}')
+    echo "{\"gpus\": $n, \"wall_seconds\": $(echo "$e - $s" | bc), \"iterations_per_second_epoch_2\": $(echo "scale=3; 50 / $steps" | bc)}" \
+      | tee "$out/ddp_${n}gpu.json"
+  done
+  echo "scaling efficiency = (iterations/s on $gpus GPUs) / (iterations/s on 1 GPU) / $gpus: ddp_*gpu.json"
+fi
 echo "gpu check finished in $(( $(date +%s) - start )) s: $out/gpu_check.json"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from autoseg import distributed
 from autoseg.dataset import DatasetError
 from autoseg.io import DiskFullError, GeometryWarning, ImageReadError
 from autoseg.machine import configure_threads
@@ -42,7 +43,8 @@ def run(action: Callable[[], int | None]) -> int:
             return action() or 0
     except USER_ERRORS as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+        if not distributed.report_error(str(message)) and distributed.current().is_main:
+            print(f"error: {message}", file=sys.stderr)  # one line, from one rank of a torchrun run
         return 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to continue", file=sys.stderr)
