@@ -168,9 +168,9 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     ``tensor`` itself outside a distributed run."""
     if not _active():
         return tensor
-    from torch.distributed.nn.functional import all_reduce
+    from torch.distributed._functional_collectives import all_reduce  # differentiable (torch's own DTensor uses it)
 
-    return all_reduce(tensor.float(), op=dist.ReduceOp.SUM)  # float32 on the wire: gloo and bf16 sums
+    return all_reduce(tensor.float(), "sum", dist.group.WORLD)  # float32 on the wire: gloo and bf16 sums
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:

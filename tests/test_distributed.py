@@ -137,7 +137,8 @@ def test_two_processes_train_a_fold_with_the_single_process_layout(home: Path) -
 
 
 def test_two_ranks_reach_the_weights_of_one_rank_on_the_same_global_batch(home: Path, tmp_path: Path) -> None:
-    """Tolerance: 1e-5 absolute on every weight after 3 SGD steps in fp32 (the all-reduce only reorders sums)."""
+    """Tolerance: 2e-5 absolute on every weight after 3 SGD steps in fp32 (measured 4e-6: the all-reduce only
+    reorders sums; without the global-batch Dice sums the ranks land 1e-4 away)."""
     script = str(REPO / "tests" / "distributed_steps.py")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     for command, output in (([sys.executable, script], one),
@@ -150,7 +151,7 @@ def test_two_ranks_reach_the_weights_of_one_rank_on_the_same_global_batch(home: 
     keys = [key for key, value in single["network"].items() if value.is_floating_point()]
     difference = max(float((single["network"][k] - parallel["network"][k]).abs().max()) for k in keys)
     moved = max(float((single["network"][k] - single["initial"][k]).abs().max()) for k in keys)
-    assert difference < 1e-5 < 1e-3 < moved  # the steps moved the weights far more than the ranks disagree
+    assert difference < 2e-5 < 1e-3 < moved  # the steps moved the weights far more than the ranks disagree
     assert all(torch.equal(single["initial"][k], parallel["initial"][k]) for k in keys)  # same start
 
 
