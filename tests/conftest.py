@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -11,6 +12,9 @@ import pytest
 import torch
 
 from autoseg.demo import make_atlas_like, make_ctp_like
+from autoseg.plan_and_preprocess import plan_and_preprocess
+from autoseg.plans import Plans, Stage
+from autoseg.training import TrainingOptions, train
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +86,38 @@ def _reoriented_copy(source: Path, target: Path, orientation: str) -> Path:
 def reoriented_copy() -> Callable[[Path, Path, str], Path]:
     """``reoriented_copy(source, target, orientation)``: see :func:`_reoriented_copy`."""
     return _reoriented_copy
+
+
+def _train_tiny_model(home: Path, name: str, trainer: str = "ResidualUNetTrainer") -> Path:
+    """Make a tiny ATLAS-like dataset ``name`` (5 cases) under ``home/raw``, plan it, and train its default
+    configuration (a 3-level U-Net with 4-16 features, one iteration, 32³ patches, mirroring along axis 0) on folds 0
+    and 1 with ``trainer`` and the end-of-fold validation; returns ``home``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOSEG_HOME", str(home))
+        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
+            patch.delenv(variable, raising=False)
+        make_atlas_like(home / "raw" / name, num_cases=5, seed=0, tiny=True, progress=False)
+        plans = plan_and_preprocess(name, progress=False).plans
+        path = home / "preprocessed" / name / "plans.json"
+        configuration = plans.configuration()
+        features = (4, 8, 16)
+        network = dataclasses.replace(configuration.network, features=features,
+                                      strides=((1, 1, 1),) + ((2, 2, 2),) * 2, kernel_sizes=((3, 3, 3),) * 3)
+        schedule = dataclasses.replace(configuration.schedule, trainer=trainer, epochs=1, iterations_per_epoch=1,
+                                       restart_period_epochs=None, stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),))
+        # 32³ windows and mirroring along one axis keep a prediction to a few dozen forward passes.
+        configuration = dataclasses.replace(configuration, network=network, patch_size=(32, 32, 32), batch_size=1,
+                                            schedule=schedule, mirror_axes=(0,))
+        dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(path)
+        Plans.from_json(path)
+        for fold in (0, 1):  # another seed per fold: the two members differ clearly
+            options = TrainingOptions(num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32",
+                                      seed=fold)
+            train(name, configuration.name, fold, options=options)
+    return home
+
+
+@pytest.fixture(scope="session")
+def train_tiny_model() -> Callable[..., Path]:
+    """``train_tiny_model(home, name, trainer="ResidualUNetTrainer")``: see :func:`_train_tiny_model`."""
+    return _train_tiny_model
