@@ -62,7 +62,7 @@ from autoseg.plans import Plans, PlansError
 from autoseg.predict import CHECKPOINT_CHOICES, POSTPROCESSING_FILE, _default_configurations, choose_dataset, load_model
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "ExportedModel", "InstalledModel", "ModelFileError", "export_model",
-           "import_model", "install_for_prediction", "read_model_file", "summarize_fingerprint"]
+           "import_model", "install_for_prediction", "summarize_fingerprint"]
 
 #: The manifest's entry name, at the root of the zip.
 MANIFEST_FILE = "manifest.json"
@@ -75,6 +75,7 @@ TOP_LEVEL_FILES = (POSTPROCESSING_FILE, SELECTION_FILE, FINGERPRINT_SUMMARY_FILE
 #: ``CONFIGURATION/TRAINER/fold_K/plans.json`` or ``.../checkpoint_NAME.pth``: the only other entries.
 _FOLD_ENTRY = re.compile(r"^(?P<fold>(?P<member>[\w.-]+/[\w.-]+)/fold_\w+)/(plans\.json|checkpoint_\w+\.pth)$")
 _FOLDER_NAME = re.compile(r"^\w[\w.-]*$")
+_MEMBER = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 #: What a weights-only checkpoint keeps of a training checkpoint besides the network.
 _KEPT_KEYS = ("format", "trainer", "configuration", "fold", "epoch", "stage")
 
@@ -267,17 +268,6 @@ class _ModelFile:
         return str(self.manifest["dataset"])
 
 
-def read_model_file(archive: str | Path) -> dict[str, Any]:
-    """The manifest of a model file, after every check :func:`import_model` makes that writes nothing (format,
-    entry names, checksums).
-
-    Raises:
-        FileNotFoundError: no file at ``archive``.
-        ModelFileError: see :func:`import_model`.
-    """
-    return _check(Path(archive)).manifest
-
-
 def _check(path: Path) -> _ModelFile:
     """Read and check a model file without writing anything: manifest, entry names, links, checksums."""
     if not path.is_file():
@@ -286,6 +276,10 @@ def _check(path: Path) -> _ModelFile:
         with zipfile.ZipFile(path) as archive:
             manifest = _read_manifest(path, archive)
             infos = [info for info in archive.infolist() if info.filename != MANIFEST_FILE]
+            names = [info.filename for info in infos]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ModelFileError(f"{path}: {twice[0]}: more than one entry of that name; refused")
             for info in infos:
                 _check_entry(path, info, manifest)
             files = [info.filename for info in infos if not info.is_dir()]
@@ -316,6 +310,9 @@ def _read_manifest(path: Path, archive: zipfile.ZipFile) -> dict[str, Any]:
                                       ("files", dict)) if not isinstance(manifest.get(key), kind)]
     if problems:
         raise ModelFileError(f"{path}: {MANIFEST_FILE}: missing or malformed {', '.join(problems)}")
+    odd = [m for m in manifest["members"] if not isinstance(m, str) or not _MEMBER.match(m)]
+    if odd or not manifest["members"]:
+        raise ModelFileError(f"{path}: {MANIFEST_FILE}: members must be configuration/trainer names, found {odd or 'none'}")
     if not _FOLDER_NAME.match(manifest["dataset"]):
         raise ModelFileError(f"{path}: {MANIFEST_FILE}: dataset '{manifest['dataset']}' is not a plain folder name")
     if manifest["checkpoint"] not in CHECKPOINT_CHOICES:

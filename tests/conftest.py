@@ -88,23 +88,34 @@ def reoriented_copy() -> Callable[[Path, Path, str], Path]:
     return _reoriented_copy
 
 
-def _train_tiny_model(home: Path, name: str, trainer: str = "ResidualUNetTrainer") -> Path:
-    """Make a tiny ATLAS-like dataset ``name`` (5 cases) under ``home/raw``, plan it, and train its default
-    configuration (a 3-level U-Net with 4-16 features, one iteration, 32³ patches, mirroring along axis 0) on folds 0
-    and 1 with ``trainer`` and the end-of-fold validation; returns ``home``."""
+#: The dataset of the tiny trained model shared by the prediction and model-file tests.
+TINY_MODEL = "Dataset961_ATLASPredict"
+TINY_MODEL_TRAINER = "ResidualUNetTrainer"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home with a tiny model trained once per session: a 5-case tiny ATLAS-like dataset ``TINY_MODEL``, planned,
+    its default configuration (a 3-level U-Net with 4-16 features, one iteration, 32³ patches, mirroring along axis
+    0) trained with ``TINY_MODEL_TRAINER`` on folds 0 and 1, with the end-of-fold validation. Copy it before use
+    (:func:`trained_home`)."""
+    home = tmp_path_factory.mktemp("tiny_model_home")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors gain nothing from threads (see one_torch_thread)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AUTOSEG_HOME", str(home))
         for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
             patch.delenv(variable, raising=False)
-        make_atlas_like(home / "raw" / name, num_cases=5, seed=0, tiny=True, progress=False)
-        plans = plan_and_preprocess(name, progress=False).plans
-        path = home / "preprocessed" / name / "plans.json"
+        make_atlas_like(home / "raw" / TINY_MODEL, num_cases=5, seed=0, tiny=True, progress=False)
+        plans = plan_and_preprocess(TINY_MODEL, progress=False).plans
+        path = home / "preprocessed" / TINY_MODEL / "plans.json"
         configuration = plans.configuration()
         features = (4, 8, 16)
         network = dataclasses.replace(configuration.network, features=features,
                                       strides=((1, 1, 1),) + ((2, 2, 2),) * 2, kernel_sizes=((3, 3, 3),) * 3)
-        schedule = dataclasses.replace(configuration.schedule, trainer=trainer, epochs=1, iterations_per_epoch=1,
-                                       restart_period_epochs=None, stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),))
+        schedule = dataclasses.replace(configuration.schedule, trainer=TINY_MODEL_TRAINER, epochs=1,
+                                       iterations_per_epoch=1, restart_period_epochs=None,
+                                       stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),))
         # 32³ windows and mirroring along one axis keep a prediction to a few dozen forward passes.
         configuration = dataclasses.replace(configuration, network=network, patch_size=(32, 32, 32), batch_size=1,
                                             schedule=schedule, mirror_axes=(0,))
@@ -113,11 +124,14 @@ def _train_tiny_model(home: Path, name: str, trainer: str = "ResidualUNetTrainer
         for fold in (0, 1):  # another seed per fold: the two members differ clearly
             options = TrainingOptions(num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32",
                                       seed=fold)
-            train(name, configuration.name, fold, options=options)
+            train(TINY_MODEL, configuration.name, fold, options=options)
+    torch.set_num_threads(threads)
     return home
 
 
-@pytest.fixture(scope="session")
-def train_tiny_model() -> Callable[..., Path]:
-    """``train_tiny_model(home, name, trainer="ResidualUNetTrainer")``: see :func:`_train_tiny_model`."""
-    return _train_tiny_model
+@pytest.fixture
+def trained_home(tiny_model_home: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's AUTOSEG_HOME holding a copy of :func:`tiny_model_home`; commands run on one thread."""
+    shutil.copytree(tiny_model_home, data_roots, dirs_exist_ok=True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return data_roots

@@ -1,8 +1,7 @@
 """One-file models: ``autoseg_export``, ``autoseg_import`` and ``autoseg_predict -m`` (``autoseg.model_export``).
 
-One tiny model is trained once for the module (the same recipe as ``test_predict.py``: folds 0 and 1 of a 3-level
-U-Net with 4-16 features); each test copies it into its own data roots and, for the other machine, points
-``AUTOSEG_HOME`` at an empty folder.
+The session's tiny model (conftest ``tiny_model_home``: folds 0 and 1 of a 3-level U-Net with 4-16 features) is
+copied into each test's data roots; for the other machine ``AUTOSEG_HOME`` then points at an empty folder.
 """
 
 from __future__ import annotations
@@ -30,27 +29,19 @@ from autoseg.model_export import MANIFEST_FORMAT, ModelFileError, export_model, 
 from autoseg.paths import preprocessed_root, raw_root, results_root
 from autoseg.predict import predict
 
-NAME = "Dataset962_ATLASExport"
-CONFIGURATION = "3d_resunet"
+NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
+CONFIGURATION = "3d_resunet"
 MEMBER = f"{CONFIGURATION}/{TRAINER}"
 FOLDS = [f"{MEMBER}/fold_{k}" for k in (0, 1)]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, train_tiny_model: Callable[..., Path]) -> Path:
-    """A home with a tiny model trained on folds 0 and 1 (validation probabilities included)."""
-    return train_tiny_model(tmp_path_factory.mktemp("export_home"), NAME, TRAINER)
-
-
 @pytest.fixture
-def home(trained: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's AUTOSEG_HOME holding a copy of the trained home; commands run on one thread."""
-    shutil.copytree(trained, data_roots, dirs_exist_ok=True)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return data_roots
+def home(trained_home: Path) -> Path:
+    """This test's AUTOSEG_HOME holding a copy of the session's tiny model (conftest ``tiny_model_home``)."""
+    return trained_home
 
 
 @pytest.fixture
@@ -81,7 +72,7 @@ QUIET = dict(device="cpu", progress=False, tta="none", save_probabilities=True)
 def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(home: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     target = tmp_path / "model.zip"
-    assert export_main(["-d", "ATLASExport", "-o", str(target)]) == 0
+    assert export_main(["-d", "ATLASPredict", "-o", str(target)]) == 0
     assert f"wrote {target}" in capsys.readouterr().out
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     with zipfile.ZipFile(target) as archive:

@@ -1,14 +1,14 @@
 """Prediction with trained models (``autoseg_predict``) and model selection (``autoseg_find_best``).
 
-One tiny model is trained once for the module (5 tiny ATLAS-like cases, a 3-level U-Net with 4-16 features, one
-iteration on folds 0 and 1, with the end-of-fold validation); each test copies it into its own data roots.
+One tiny model is trained once for the session (conftest ``tiny_model_home``: 5 tiny ATLAS-like cases, a 3-level U-Net
+with 4-16 features, one iteration on folds 0 and 1, with the end-of-fold validation); each test copies it into its own
+data roots.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel
@@ -28,26 +28,18 @@ from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
 from autoseg.predict import _choose_device, find_input_cases, load_model, predict
 
-NAME = "Dataset961_ATLASPredict"
-CONFIGURATION = "3d_resunet"
+NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
+CONFIGURATION = "3d_resunet"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, train_tiny_model: Callable[..., Path]) -> Path:
-    """A home with a tiny model trained on folds 0 and 1 (validation probabilities included)."""
-    return train_tiny_model(tmp_path_factory.mktemp("predict_home"), NAME, TRAINER)
-
-
 @pytest.fixture
-def home(trained: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's AUTOSEG_HOME holding a copy of the trained home; commands run on one thread, like the tests."""
-    shutil.copytree(trained, data_roots, dirs_exist_ok=True)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return data_roots
+def home(trained_home: Path) -> Path:
+    """This test's AUTOSEG_HOME holding a copy of the session's tiny model (conftest ``tiny_model_home``)."""
+    return trained_home
 
 
 def _images(home: Path) -> Path:
