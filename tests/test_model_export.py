@@ -6,6 +6,7 @@ copied into each test's data roots; for the other machine ``AUTOSEG_HOME`` then 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -27,7 +28,8 @@ from autoseg.commands.predict import main as predict_main
 from autoseg.io import read_image, read_json
 from autoseg.model_export import MANIFEST_FORMAT, ModelFileError, export_model, import_model, summarize_fingerprint
 from autoseg.paths import preprocessed_root, raw_root, results_root
-from autoseg.predict import predict
+from autoseg.plans import Network, Plans
+from autoseg.predict import build_network, predict
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -257,3 +259,25 @@ def test_import_refuses_an_unsafe_or_changed_model_file_and_writes_nothing(
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(ModelFileError, match="refused|newer|format|escapes"):
         import_model(bad)
+
+
+def test_import_refuses_an_entry_that_appears_twice(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    export_model(tmp_path / "model.zip")
+    shutil.copy(tmp_path / "model.zip", tmp_path / "twice.zip")
+    with zipfile.ZipFile(tmp_path / "twice.zip", "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr(f"{FOLDS[0]}/plans.json", b"{}")  # a second entry shadows the checked one
+    _other_machine(tmp_path, monkeypatch)
+    with pytest.raises(ModelFileError, match=f"{FOLDS[0]}/plans.json: more than one entry of that name"):
+        import_model(tmp_path / "twice.zip")
+
+
+def test_a_pretrained_backbone_the_plans_name_is_not_needed_to_predict(home: Path) -> None:
+    """A PSPNet plan naming a backbone file of the training machine: prediction builds the network without it
+    (the checkpoint holds the weights)."""
+    plans = Plans.from_json(home / "results" / NAME / FOLDS[0] / "plans.json")
+    configuration = plans.configuration(CONFIGURATION)
+    network = Network("PSPNet", backbone="resnet18", output_stride=8, pyramid_bins=(1, 2, 3, 6),
+                      pretrained="/training/machine/resnet18_atlas.pth")
+    pspnet = dataclasses.replace(configuration, name="2d_pspnet", network=network)
+    plans = dataclasses.replace(plans, configurations={"2d_pspnet": pspnet}, default_configuration="2d_pspnet")
+    assert sum(p.numel() for p in build_network(plans, "2d_pspnet", "PSPNetTrainer").parameters()) > 0
