@@ -140,47 +140,48 @@ def export_model(
     name = choose_dataset(dataset)
     folder = results_root() / name
     pairs, selected = _export_members(name, configurations, trainers)
-    entries: dict[str, bytes] = {}
+    files: dict[str, dict[str, Any]] = {}
     member_folds: dict[str, list[str]] = {}
-    for configuration, trainer in pairs:
-        model = load_model(name, configuration, trainer, folds, checkpoint)  # every checkpoint loads: checked here
-        member = f"{configuration}/{model.trainer}"
-        for path in model.checkpoints:
-            fold = path.parent
-            relative = fold.relative_to(folder).as_posix()
-            entries.setdefault(f"{relative}/plans.json", (fold / "plans.json").read_bytes())
-            entries[f"{relative}/{path.name}"] = _weights_only(path)
-            member_folds.setdefault(member, [])
-            if fold.name.removeprefix("fold_") not in member_folds[member]:
-                member_folds[member].append(fold.name.removeprefix("fold_"))
-    members = list(member_folds)
-    tuned = folder / POSTPROCESSING_FILE
-    if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
-        entries[POSTPROCESSING_FILE] = tuned.read_bytes()
-    if selected:
-        entries[SELECTION_FILE] = (folder / SELECTION_FILE).read_bytes()
-    summary = _fingerprint_summary(name)
-    if summary is not None:
-        entries[FINGERPRINT_SUMMARY_FILE] = _json_bytes(summary)
-    first = next(entry for entry in entries if entry.endswith("/plans.json"))
-    entries[DATASET_FILE] = _json_bytes(_dataset_description(name, Plans.from_json(folder / first)))
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "autoseg_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": name,
-        "members": members,
-        "folds": member_folds,
-        "checkpoint": checkpoint,
-        "files": {entry: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-                  for entry, data in sorted(entries.items())},
-    }
     output = Path(output)
-    with atomic_path(output, suffix=".zip") as temporary:
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(MANIFEST_FILE, _json_bytes(manifest))
-            for entry, data in sorted(entries.items()):
-                archive.writestr(entry, data)
+    with atomic_path(output, suffix=".zip") as temporary, \
+            zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+
+        def add(entry: str, data: bytes) -> None:
+            archive.writestr(entry, data)
+            files[entry] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+        for configuration, trainer in pairs:
+            # Built and loaded as prediction will: one member's networks at a time.
+            model = load_model(name, configuration, trainer, folds, checkpoint)
+            folds_of_member = member_folds.setdefault(f"{configuration}/{model.trainer}", [])
+            for path in model.checkpoints:
+                relative = path.parent.relative_to(folder).as_posix()
+                if f"{relative}/plans.json" not in files:
+                    add(f"{relative}/plans.json", (path.parent / "plans.json").read_bytes())
+                    folds_of_member.append(path.parent.name.removeprefix("fold_"))
+                add(f"{relative}/{path.name}", _weights_only(path))
+        members = list(member_folds)
+        tuned = folder / POSTPROCESSING_FILE
+        if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
+            add(POSTPROCESSING_FILE, tuned.read_bytes())
+        if selected:
+            add(SELECTION_FILE, (folder / SELECTION_FILE).read_bytes())
+        summary = _fingerprint_summary(name)
+        if summary is not None:
+            add(FINGERPRINT_SUMMARY_FILE, _json_bytes(summary))
+        first = next(entry for entry in files if entry.endswith("/plans.json"))
+        add(DATASET_FILE, _json_bytes(_dataset_description(name, Plans.from_json(folder / first))))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "autoseg_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset": name,
+            "members": members,
+            "folds": member_folds,
+            "checkpoint": checkpoint,
+            "files": dict(sorted(files.items())),
+        }
+        archive.writestr(MANIFEST_FILE, _json_bytes(manifest))  # last: it lists every other entry
     return ExportedModel(output, manifest, output.stat().st_size)
 
 

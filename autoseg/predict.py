@@ -402,16 +402,15 @@ def predict(
     name = installed.dataset if installed else choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
     pairs = _tuned_members(name) if configurations is None and trainer is None else None
-    pairs = installed.members if installed else pairs
+    if installed:  # the model file's own members, folds and checkpoints
+        pairs, checkpoint = installed.members, installed.checkpoint
     if pairs is None:
         names = list(configurations or _default_configurations(name))
         trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
         pairs = [(c, t) for c in names for t in trainers]
     names = list(dict.fromkeys(c for c, _ in pairs))
-    if installed:
-        checkpoint, member_folds = installed.checkpoint, installed.folds
-    models = [load_model(name, c, t, member_folds[(c, t)] if installed else folds, checkpoint, torch_device)
-              for c, t in pairs]
+    member_folds = installed.folds if installed else {}
+    models = [load_model(name, c, t, member_folds.get((c, t), folds), checkpoint, torch_device) for c, t in pairs]
     channels = {len(model.plans.channels) for model in models}
     if len(channels) != 1:
         raise ValueError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
@@ -442,7 +441,8 @@ def predict(
 
 
 def _install_model_file(model: str | Path, dataset: str | None, configurations: Sequence[str] | None,
-                        trainer: str | Sequence[str] | None, folds: Sequence[int | str] | None, checkpoint: str) -> InstalledModel:
+                        trainer: str | Sequence[str] | None, folds: Sequence[int | str] | None,
+                        checkpoint: str) -> InstalledModel:
     """``predict(model=...)``: the model file installed (:func:`autoseg.model_export.install_for_prediction`).
 
     Raises:
