@@ -1,11 +1,18 @@
 """Installation of autoseg. Install torch first (``pip install torch==2.13.0`` takes the local CPU
 wheel), so that pip never resolves a CUDA build for the ``torch`` requirement below."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One source for the version: autoseg/__init__.py (read as text: importing autoseg would need torch).
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("autoseg").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.MULTILINE).group(1)
 
 setup(
     name="autoseg",
-    version="0.1.0",
+    version=VERSION,
     description="Self-configuring stroke lesion segmentation (plan, preprocess, train, predict, evaluate)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -38,6 +45,8 @@ setup(
             "autoseg_predict=autoseg.commands.predict:main",
             "autoseg_find_best=autoseg.commands.find_best:main",
             "autoseg_pretrain=autoseg.commands.pretrain:main",
+            "autoseg_export=autoseg.commands.export:main",
+            "autoseg_import=autoseg.commands.import_model:main",
         ]
     },
 )

@@ -6,4 +6,5 @@ Stages, each in one module, each handing the next a file:
 ``planners`` (plans.json) -> ``preprocessing`` (arrays + properties) -> training -> inference.
 """
 
+#: The one version of autoseg (setup.py reads it; model files record it).
 __version__ = "0.1.0"

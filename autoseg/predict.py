@@ -38,6 +38,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ from autoseg.paths import results_root
 from autoseg.plans import Plans, PlansError
 from autoseg.postprocessing import postprocess_probabilities
 from autoseg.preprocessing import preprocess_arrays, restore_probabilities
+
+if TYPE_CHECKING:
+    from autoseg.model_export import InstalledModel
 
 __all__ = [
     "CHECKPOINT_CHOICES",
@@ -135,12 +139,16 @@ def _matches(folder: str, name: str) -> bool:
 def build_network(plans: Plans, configuration: str, trainer: str) -> nn.Module:
     """The untrained network the trainer class ``trainer`` builds for ``configuration`` of ``plans`` (CPU).
 
-    A trainer's constructor only stores its arguments, so one is made here just to call ``build_network``.
+    A trainer's constructor only stores its arguments, so one is made here just to call ``build_network``. The
+    weights come from a checkpoint, so a pre-trained backbone the plans name (``network.pretrained``, a file of
+    the training machine) is neither needed nor read.
     """
+    from autoseg.training import TrainingOptions
     from trainers import get_trainer  # the trainers import autoseg modules: resolve them only when needed
 
     placeholder = results_root() / ".unused"
-    runner = get_trainer(trainer)(plans, configuration, 0, preprocessed_folder=placeholder, output_folder=placeholder)
+    runner = get_trainer(trainer)(plans, configuration, 0, preprocessed_folder=placeholder, output_folder=placeholder,
+                                  options=TrainingOptions(continue_training=True))
     return runner.build_network()
 
 
@@ -347,6 +355,7 @@ def predict(
     part_id: int = 0,
     device: str = "auto",
     progress: bool = True,
+    model: str | Path | None = None,
 ) -> list[Path]:
     """Segment every case of ``source`` into ``output`` (see the module docstring).
 
@@ -374,26 +383,34 @@ def predict(
         num_parts, part_id: predict only the ``part_id``-th of ``num_parts`` interleaved parts of the sorted cases.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar over cases.
+        model: a model file from ``autoseg_export``: installed into ``AUTOSEG_RESULTS`` first (or its identical
+            install reused, :func:`autoseg.model_export.install_for_prediction`) and predicted with its own members,
+            folds and checkpoints; ``dataset``, ``configurations``, ``trainer`` and ``folds`` must then be None.
 
     Returns:
         The label files written by this call (skipped cases not included).
 
     Raises:
-        ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`; a bad part or ``tta``.
+        ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`; a bad part or ``tta``;
+            ``model`` with members named, or a model file refused (:class:`autoseg.model_export.ModelFileError`).
     """
     if tta not in TTA_CHOICES:
         raise ValueError(f"unknown --tta '{tta}', use one of {list(TTA_CHOICES)}")
     if not 0 <= part_id < num_parts:
         raise ValueError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
-    name = choose_dataset(dataset)
+    installed = _install_model_file(model, dataset, configurations, trainer, folds, checkpoint) if model else None
+    name = installed.dataset if installed else choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
     pairs = _tuned_members(name) if configurations is None and trainer is None else None
+    if installed:  # the model file's own members, folds and checkpoints
+        pairs, checkpoint = installed.members, installed.checkpoint
     if pairs is None:
         names = list(configurations or _default_configurations(name))
         trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
         pairs = [(c, t) for c in names for t in trainers]
     names = list(dict.fromkeys(c for c, _ in pairs))
-    models = [load_model(name, c, t, folds, checkpoint, torch_device) for c, t in pairs]
+    member_folds = installed.folds if installed else {}
+    models = [load_model(name, c, t, member_folds.get((c, t), folds), checkpoint, torch_device) for c, t in pairs]
     channels = {len(model.plans.channels) for model in models}
     if len(channels) != 1:
         raise ValueError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
@@ -421,6 +438,25 @@ def predict(
         write_like(labels, geometry, target, case.images[0])
         written.append(target)
     return written
+
+
+def _install_model_file(model: str | Path, dataset: str | None, configurations: Sequence[str] | None,
+                        trainer: str | Sequence[str] | None, folds: Sequence[int | str] | None,
+                        checkpoint: str) -> InstalledModel:
+    """``predict(model=...)``: the model file installed (:func:`autoseg.model_export.install_for_prediction`).
+
+    Raises:
+        ValueError: members named beside the file, or a ``checkpoint`` other than the default and the file's own.
+    """
+    from autoseg.model_export import install_for_prediction  # it imports this module
+
+    named = [flag for flag, value in (("-d", dataset), ("-c", configurations), ("-tr", trainer), ("-f", folds)) if value]
+    if named:
+        raise ValueError(f"{model}: a model file brings its own members and folds; leave out {', '.join(named)}")
+    installed = install_for_prediction(model)
+    if checkpoint not in ("final", installed.checkpoint):
+        raise ValueError(f"{model}: holds {installed.checkpoint} checkpoints, not {checkpoint}")
+    return installed
 
 
 def _ensemble(predictors: Sequence[Predictor], images: np.ndarray, geometry: Geometry) -> np.ndarray:

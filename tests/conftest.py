@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -11,6 +12,9 @@ import pytest
 import torch
 
 from autoseg.demo import make_atlas_like, make_ctp_like
+from autoseg.plan_and_preprocess import plan_and_preprocess
+from autoseg.plans import Plans, Stage
+from autoseg.training import TrainingOptions, train
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +95,52 @@ def _reoriented_copy(source: Path, target: Path, orientation: str) -> Path:
 def reoriented_copy() -> Callable[[Path, Path, str], Path]:
     """``reoriented_copy(source, target, orientation)``: see :func:`_reoriented_copy`."""
     return _reoriented_copy
+
+
+#: The dataset of the tiny trained model shared by the prediction and model-file tests.
+TINY_MODEL = "Dataset961_ATLASPredict"
+TINY_MODEL_TRAINER = "ResidualUNetTrainer"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home with a tiny model trained once per session: a 5-case tiny ATLAS-like dataset ``TINY_MODEL``, planned,
+    its default configuration (a 3-level U-Net with 4-16 features, one iteration, 32³ patches, mirroring along axis
+    0) trained with ``TINY_MODEL_TRAINER`` on folds 0 and 1, with the end-of-fold validation. Copy it before use
+    (:func:`trained_home`)."""
+    home = tmp_path_factory.mktemp("tiny_model_home")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors gain nothing from threads (see one_torch_thread)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOSEG_HOME", str(home))
+        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
+            patch.delenv(variable, raising=False)
+        make_atlas_like(home / "raw" / TINY_MODEL, num_cases=5, seed=0, tiny=True, progress=False)
+        plans = plan_and_preprocess(TINY_MODEL, progress=False).plans
+        path = home / "preprocessed" / TINY_MODEL / "plans.json"
+        configuration = plans.configuration()
+        features = (4, 8, 16)
+        network = dataclasses.replace(configuration.network, features=features,
+                                      strides=((1, 1, 1),) + ((2, 2, 2),) * 2, kernel_sizes=((3, 3, 3),) * 3)
+        schedule = dataclasses.replace(configuration.schedule, trainer=TINY_MODEL_TRAINER, epochs=1,
+                                       iterations_per_epoch=1, restart_period_epochs=None,
+                                       stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),))
+        # 32³ windows and mirroring along one axis keep a prediction to a few dozen forward passes.
+        configuration = dataclasses.replace(configuration, network=network, patch_size=(32, 32, 32), batch_size=1,
+                                            schedule=schedule, mirror_axes=(0,))
+        dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(path)
+        Plans.from_json(path)
+        for fold in (0, 1):  # another seed per fold: the two members differ clearly
+            options = TrainingOptions(num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32",
+                                      seed=fold)
+            train(TINY_MODEL, configuration.name, fold, options=options)
+    torch.set_num_threads(threads)
+    return home
+
+
+@pytest.fixture
+def trained_home(tiny_model_home: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's AUTOSEG_HOME holding a copy of :func:`tiny_model_home`; commands run on one thread."""
+    shutil.copytree(tiny_model_home, data_roots, dirs_exist_ok=True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return data_roots

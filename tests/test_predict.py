@@ -1,7 +1,8 @@
 """Prediction with trained models (``autoseg_predict``) and model selection (``autoseg_find_best``).
 
-One tiny model is trained once for the module (5 tiny ATLAS-like cases, a 3-level U-Net with 4-16 features, one
-iteration on folds 0 and 1, with the end-of-fold validation); each test copies it into its own data roots.
+One tiny model is trained once for the session (conftest ``tiny_model_home``: 5 tiny ATLAS-like cases, a 3-level U-Net
+with 4-16 features, one iteration on folds 0 and 1, with the end-of-fold validation); each test copies it into its own
+data roots.
 """
 
 from __future__ import annotations
@@ -20,59 +21,25 @@ from autoseg.commands.common import run
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.predict import parser as predict_parser
-from autoseg.demo import make_atlas_like
 from autoseg.inference import left_right_axis
 from autoseg.io import Geometry, read_image, read_json, write_image, write_json
 from autoseg.model_selection import THRESHOLDS, find_best
-from autoseg.plan_and_preprocess import plan_and_preprocess
-from autoseg.plans import Plans, Stage
+from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
 from autoseg.predict import _choose_device, find_input_cases, load_model, predict
-from autoseg.training import TrainingOptions, train
 
-NAME = "Dataset961_ATLASPredict"
-CONFIGURATION = "3d_resunet"
+NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
+CONFIGURATION = "3d_resunet"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A home with a tiny model trained on folds 0 and 1 (validation probabilities included)."""
-    home = tmp_path_factory.mktemp("predict_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AUTOSEG_HOME", str(home))
-        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
-            patch.delenv(variable, raising=False)
-        make_atlas_like(home / "raw" / NAME, num_cases=5, seed=0, tiny=True, progress=False)
-        plans = plan_and_preprocess(NAME, progress=False).plans
-        path = home / "preprocessed" / NAME / "plans.json"
-        configuration = plans.configuration()
-        features = (4, 8, 16)
-        network = dataclasses.replace(configuration.network, features=features,
-                                      strides=((1, 1, 1),) + ((2, 2, 2),) * 2, kernel_sizes=((3, 3, 3),) * 3)
-        schedule = dataclasses.replace(configuration.schedule, trainer=TRAINER, epochs=1, iterations_per_epoch=1,
-                                       restart_period_epochs=None, stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),))
-        # 32³ windows and mirroring along one axis keep a prediction to a few dozen forward passes.
-        configuration = dataclasses.replace(configuration, network=network, patch_size=(32, 32, 32), batch_size=1,
-                                            schedule=schedule, mirror_axes=(0,))
-        dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(path)
-        Plans.from_json(path)
-        for fold in (0, 1):  # another seed per fold: the two members differ clearly
-            options = TrainingOptions(num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32",
-                                      seed=fold)
-            train(NAME, CONFIGURATION, fold, options=options)
-    return home
-
-
 @pytest.fixture
-def home(trained: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's AUTOSEG_HOME holding a copy of the trained home; commands run on one thread, like the tests."""
-    shutil.copytree(trained, data_roots, dirs_exist_ok=True)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return data_roots
+def home(trained_home: Path) -> Path:
+    """This test's AUTOSEG_HOME holding a copy of the session's tiny model (conftest ``tiny_model_home``)."""
+    return trained_home
 
 
 def _images(home: Path) -> Path:

@@ -63,10 +63,9 @@ class PSPNetTrainer(PlateauStopping, Trainer):
         net = PSPNet(in_channels=self.configuration.input_channels(len(self.plans.channels)), num_classes=self.num_classes,
                      backbone=network.backbone or "resnet50", pyramid_bins=network.pyramid_bins or (1, 2, 3, 6),
                      output_stride=network.output_stride or 8, aux_head=self.auxiliary_loss_weight > 0)
-        path = self.pretrained_path()
-        if self.options.continue_training:
+        if self.options.continue_training:  # the weights come from a checkpoint: the pre-trained file is not read
             self._weights_note = "weights: from the checkpoint"
-        elif path:
+        elif path := self.pretrained_path():
             self._weights_note = str(net.load_pretrained(path))
         else:
             self._weights_note = "weights: training from scratch (no pre-trained backbone given)"

@@ -18,6 +18,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-i", "--input", required=True, help="folder of images, or one image file")
     p.add_argument("-o", "--output", required=True, help="folder for the predictions (created if needed)")
+    p.add_argument("-m", "--model", help="a model zip from autoseg_export: installed into AUTOSEG_RESULTS (an identical "
+                                         "install is reused) and predicted with its own members and folds; "
+                                         "no -d, -c, -tr or -f with it")
     p.add_argument("-d", "--dataset", help="trained dataset (name, number or folder); default: the only trained one")
     p.add_argument("-c", "--configurations", nargs="+", help="configurations to ensemble (default: the one(s) "
                                                              "autoseg_find_best chose, else the only/default one)")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint, step_size=args.step_size, tta=args.tta,
             save_probabilities=args.save_probabilities, postprocessing=not args.no_postprocessing,
             overwrite=args.overwrite, num_parts=args.num_parts, part_id=args.part_id, device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, model=args.model,
         )
         print(f"wrote {len(written)} prediction(s) to {args.output}")
 

@@ -1,0 +1,489 @@
+"""One-file models: ``autoseg_export`` and ``autoseg_import`` as a library.
+
+:func:`export_model` writes the trained members of one dataset into a zip whose entries have the layout of
+``AUTOSEG_RESULTS/<dataset>/``, so that installing it is a plain extraction:
+
+``manifest.json``
+    ``format`` (:data:`MANIFEST_FORMAT`), ``autoseg_version``, ``created`` (UTC, ISO 8601), ``dataset``, ``members``
+    (``configuration/trainer``), ``folds`` per member, ``checkpoint`` (``final``, ``best`` or ``snapshots``) and
+    ``files``: the SHA-256 and size in bytes of every other entry.
+``CONFIGURATION/TRAINER/fold_K/plans.json`` and ``checkpoint_*.pth``
+    each member fold's plans and the checkpoints prediction uses, re-saved weights-only: the network's state dict
+    and a few plain values (trainer, configuration, fold, epoch), no optimizer state, random generator states or
+    training history.
+``postprocessing.json``
+    when ``autoseg_find_best`` tuned it for exactly the exported members; ``model_selection.json`` when the
+    members came from it.
+``fingerprint_summary.json``
+    the dataset-wide figures the planner read from ``fingerprint.json`` (channels and intensity statistics, labels,
+    the aggregate of spacings, shapes, lesions and symmetry); nothing per case: case names and per-case figures
+    can identify patients.
+``dataset.json``
+    channel names, labels and the file ending: what a user needs to name the scans to predict.
+
+:func:`import_model` checks a zip before anything is installed: a readable manifest of a format this autoseg reads,
+every entry a file of the layout above and listed in the manifest with the right SHA-256 (no absolute path, no
+``..``, no link, nothing that would land outside the target folder), every checkpoint readable with
+``torch.load(..., weights_only=True)`` and every ``plans.json`` valid. It then extracts into a temporary folder
+beside ``AUTOSEG_RESULTS/<dataset>/`` and renames it (or each fold folder and file) into place, so a refused or
+interrupted import leaves nothing half-written. A fold folder or file that already exists with other content is
+refused unless ``overwrite``; an identical install is reused as it is.
+
+``autoseg_predict -m model.zip`` calls :func:`install_for_prediction`: the zip is imported into
+``AUTOSEG_RESULTS`` as by ``autoseg_import`` (or an identical install found there) and predicted with its own
+members, folds and checkpoints. Prediction reads nothing from ``AUTOSEG_RAW`` or ``AUTOSEG_PREPROCESSED``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from autoseg import __version__
+from autoseg.checkpoint import CheckpointError, load_checkpoint, non_plain_values
+from autoseg.io import atomic_path, read_json
+from autoseg.model_selection import SELECTION_FILE
+from autoseg.paths import preprocessed_root, raw_root, results_root
+from autoseg.plans import Plans, PlansError
+from autoseg.predict import CHECKPOINT_CHOICES, POSTPROCESSING_FILE, _default_configurations, choose_dataset, load_model
+
+__all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "ExportedModel", "InstalledModel", "ModelFileError", "export_model",
+           "import_model", "install_for_prediction", "summarize_fingerprint"]
+
+#: The manifest's entry name, at the root of the zip.
+MANIFEST_FILE = "manifest.json"
+#: The manifest format this autoseg writes and the newest it reads.
+MANIFEST_FORMAT = 1
+FINGERPRINT_SUMMARY_FILE = "fingerprint_summary.json"
+DATASET_FILE = "dataset.json"
+#: Entries a model file may hold at its root, besides the manifest.
+TOP_LEVEL_FILES = (POSTPROCESSING_FILE, SELECTION_FILE, FINGERPRINT_SUMMARY_FILE, DATASET_FILE)
+#: ``CONFIGURATION/TRAINER/fold_K/plans.json`` or ``.../checkpoint_NAME.pth``: the only other entries.
+_FOLD_ENTRY = re.compile(r"^(?P<fold>(?P<member>[\w.-]+/[\w.-]+)/fold_\w+)/(plans\.json|checkpoint_\w+\.pth)$")
+_FOLDER_NAME = re.compile(r"^\w[\w.-]*$")
+_MEMBER = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
+#: What a weights-only checkpoint keeps of a training checkpoint besides the network.
+_KEPT_KEYS = ("format", "trainer", "configuration", "fold", "epoch", "stage")
+
+
+class ModelFileError(ValueError):
+    """A model file (zip) that cannot be installed: unreadable, of an unknown format, tampered with, unsafe, or in
+    conflict with an installed model. The message names the zip and the entry."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """What :func:`export_model` wrote: the zip, its manifest, and its size in bytes."""
+
+    path: Path
+    manifest: dict[str, Any]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A model installed from a zip: its dataset folder, members, folds per member, checkpoint choice, and whether
+    an identical install was found (nothing written)."""
+
+    dataset: str
+    folder: Path
+    members: list[tuple[str, str]]
+    folds: dict[tuple[str, str], list[str]]
+    checkpoint: str
+    reused: bool
+
+
+# ---------------------------------------------------------------------------- export
+def export_model(
+    output: str | Path,
+    dataset: str | None = None,
+    configurations: Sequence[str] | None = None,
+    trainers: str | Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "final",
+) -> ExportedModel:
+    """Write the members of a trained dataset into one zip (see the module docstring for its entries).
+
+    Args:
+        output: the zip to write; written under a temporary name in its folder and renamed into place.
+        dataset: trained dataset (name, number or folder name); None: the only trained dataset.
+        configurations: configurations to export, each with every trainer of ``trainers``; None: the members in
+            ``model_selection.json`` (``autoseg_find_best``), else the plans' default configuration.
+        trainers: trainer folder(s); None: the only trainer of each configuration.
+        folds: folds to export (``0``, ``"full"``); None: every cross-validation fold with the chosen checkpoint.
+        checkpoint: ``final`` (default), ``best`` or ``snapshots``, as for ``autoseg_predict``.
+
+    Returns:
+        The zip's path, manifest and size.
+
+    Raises:
+        ValueError: see :func:`autoseg.predict.choose_dataset` and :func:`autoseg.predict.load_model` (unknown
+            configuration, trainer, fold or checkpoint; the messages list what exists).
+        DiskFullError: the disk filled up; nothing is left under ``output``.
+    """
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
+    name = choose_dataset(dataset)
+    folder = results_root() / name
+    pairs, selected = _export_members(name, configurations, trainers)
+    files: dict[str, dict[str, Any]] = {}
+    member_folds: dict[str, list[str]] = {}
+    output = Path(output)
+    with atomic_path(output, suffix=".zip") as temporary, \
+            zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+
+        def add(entry: str, data: bytes) -> None:
+            archive.writestr(entry, data)
+            files[entry] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+        for configuration, trainer in pairs:
+            # Built and loaded as prediction will: one member's networks at a time.
+            model = load_model(name, configuration, trainer, folds, checkpoint)
+            folds_of_member = member_folds.setdefault(f"{configuration}/{model.trainer}", [])
+            for path in model.checkpoints:
+                relative = path.parent.relative_to(folder).as_posix()
+                if f"{relative}/plans.json" not in files:
+                    add(f"{relative}/plans.json", (path.parent / "plans.json").read_bytes())
+                    folds_of_member.append(path.parent.name.removeprefix("fold_"))
+                add(f"{relative}/{path.name}", _weights_only(path))
+        members = list(member_folds)
+        tuned = folder / POSTPROCESSING_FILE
+        if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
+            add(POSTPROCESSING_FILE, tuned.read_bytes())
+        if selected:
+            add(SELECTION_FILE, (folder / SELECTION_FILE).read_bytes())
+        summary = _fingerprint_summary(name)
+        if summary is not None:
+            add(FINGERPRINT_SUMMARY_FILE, _json_bytes(summary))
+        first = next(entry for entry in files if entry.endswith("/plans.json"))
+        add(DATASET_FILE, _json_bytes(_dataset_description(name, Plans.from_json(folder / first))))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "autoseg_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset": name,
+            "members": members,
+            "folds": member_folds,
+            "checkpoint": checkpoint,
+            "files": dict(sorted(files.items())),
+        }
+        archive.writestr(MANIFEST_FILE, _json_bytes(manifest))  # last: it lists every other entry
+    return ExportedModel(output, manifest, output.stat().st_size)
+
+
+def _export_members(dataset: str, configurations: Sequence[str] | None, trainers: str | Sequence[str] | None
+                    ) -> tuple[list[tuple[str, str | None]], bool]:
+    """The (configuration, trainer) pairs to export and whether they came from ``model_selection.json``."""
+    chosen = results_root() / dataset / SELECTION_FILE
+    if configurations is None and trainers is None and chosen.is_file():
+        members = read_json(chosen).get("chosen", {}).get("members", [])
+        if members:
+            return [tuple(member.split("/", 1)) for member in members], True
+    names = list(configurations or _default_configurations(dataset))
+    trainer_names = [trainers] if trainers is None or isinstance(trainers, str) else list(trainers)
+    return [(c, t) for c in names for t in trainer_names], False
+
+
+def _weights_only(path: Path) -> bytes:
+    """The checkpoint at ``path`` as a weights-only checkpoint's bytes: the network and :data:`_KEPT_KEYS`."""
+    state = load_checkpoint(path)
+    slim = {key: state[key] for key in _KEPT_KEYS if key in state}
+    slim["network"] = state["network"]
+    slim["exported"] = f"weights only, by autoseg {__version__} (autoseg_export): cannot continue training"
+    buffer = io.BytesIO()
+    torch.save(slim, buffer)
+    return buffer.getvalue()
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def summarize_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The dataset-wide parts of a ``fingerprint.json`` the planner uses, without anything per case.
+
+    Kept: ``dataset``, ``channels`` (name, modality, foreground intensity statistics), ``labels`` and ``aggregate``
+    (case count, median spacing and shapes, anisotropy, lesion statistics, orientations, symmetry counts). Left
+    out: ``cases``, ``subjects`` and ``notes``, and the case names inside the aggregate (``lesion_free_cases``,
+    ``symmetry.not_found``), which become counts.
+    """
+    aggregate = dict(fingerprint.get("aggregate", {}))
+    aggregate.pop("lesion_free_cases", None)
+    if isinstance(aggregate.get("symmetry"), dict):
+        symmetry = dict(aggregate["symmetry"])
+        symmetry["not_found"] = len(symmetry.get("not_found", []))
+        aggregate["symmetry"] = symmetry
+    return {"dataset": fingerprint.get("dataset"), "channels": fingerprint.get("channels", []),
+            "labels": fingerprint.get("labels", {}), "aggregate": aggregate,
+            "left_out": "per-case figures, case and subject names and notes (they can identify patients)"}
+
+
+def _fingerprint_summary(dataset: str) -> dict[str, Any] | None:
+    """From ``AUTOSEG_PREPROCESSED/<dataset>/fingerprint.json``, else the summary an earlier import installed;
+    None when neither exists (prediction does not need it)."""
+    fingerprint = preprocessed_root() / dataset / "fingerprint.json"
+    if fingerprint.is_file():
+        return summarize_fingerprint(read_json(fingerprint))
+    installed = results_root() / dataset / FINGERPRINT_SUMMARY_FILE
+    return read_json(installed) if installed.is_file() else None
+
+
+def _dataset_description(dataset: str, plans: Plans) -> dict[str, Any]:
+    """Channel names and labels from the plans the model was trained with; the raw dataset's file ending."""
+    description: dict[str, Any] = {"name": dataset, "channel_names": {str(i): c for i, c in enumerate(plans.channels)},
+                                   "labels": plans.labels}
+    for source in (raw_root() / dataset / "dataset.json", results_root() / dataset / DATASET_FILE):
+        if source.is_file():
+            ending = read_json(source).get("file_ending")
+            if ending:
+                description["file_ending"] = ending
+                break
+    return description
+
+
+# ---------------------------------------------------------------------------- import
+@dataclass(frozen=True)
+class _ModelFile:
+    """A checked zip: its path, manifest, and the entries (file names) to install."""
+
+    path: Path
+    manifest: dict[str, Any]
+    entries: list[str]
+
+    @property
+    def dataset(self) -> str:
+        return str(self.manifest["dataset"])
+
+
+def _check(path: Path) -> _ModelFile:
+    """Read and check a model file without writing anything: manifest, entry names, links, checksums."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            manifest = _read_manifest(path, archive)
+            infos = [info for info in archive.infolist() if info.filename != MANIFEST_FILE]
+            names = [info.filename for info in infos]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ModelFileError(f"{path}: {twice[0]}: more than one entry of that name; refused")
+            for info in infos:
+                _check_entry(path, info, manifest)
+            files = [info.filename for info in infos if not info.is_dir()]
+            missing = sorted(set(manifest["files"]) - set(files))
+            if missing:
+                raise ModelFileError(f"{path}: {missing[0]}: listed in the manifest but not in the zip")
+            for name in files:
+                _check_checksum(path, archive, name, manifest["files"][name])
+    except zipfile.BadZipFile as error:
+        raise ModelFileError(f"{path}: not a readable zip file ({error})") from None
+    return _ModelFile(path, manifest, files)
+
+
+def _read_manifest(path: Path, archive: zipfile.ZipFile) -> dict[str, Any]:
+    try:
+        manifest = json.loads(archive.read(MANIFEST_FILE))
+    except KeyError:
+        raise ModelFileError(f"{path}: no {MANIFEST_FILE}: not a model file written by autoseg_export") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{path}: {MANIFEST_FILE}: not readable JSON ({error})") from None
+    version = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFileError(f"{path}: {MANIFEST_FILE}: no readable format version (found {version!r})")
+    if version > MANIFEST_FORMAT:
+        raise ModelFileError(f"{path}: manifest format {version} is newer than this autoseg reads ({MANIFEST_FORMAT}); "
+                             f"written by autoseg {manifest.get('autoseg_version', 'unknown')}, this is {__version__}")
+    problems = [key for key, kind in (("dataset", str), ("members", list), ("folds", dict), ("checkpoint", str),
+                                      ("files", dict)) if not isinstance(manifest.get(key), kind)]
+    if problems:
+        raise ModelFileError(f"{path}: {MANIFEST_FILE}: missing or malformed {', '.join(problems)}")
+    odd = [m for m in manifest["members"] if not isinstance(m, str) or not _MEMBER.match(m)]
+    if odd or not manifest["members"]:
+        raise ModelFileError(f"{path}: {MANIFEST_FILE}: members must be configuration/trainer names, found {odd or 'none'}")
+    if not _FOLDER_NAME.match(manifest["dataset"]):
+        raise ModelFileError(f"{path}: {MANIFEST_FILE}: dataset '{manifest['dataset']}' is not a plain folder name")
+    if manifest["checkpoint"] not in CHECKPOINT_CHOICES:
+        raise ModelFileError(f"{path}: {MANIFEST_FILE}: unknown checkpoint '{manifest['checkpoint']}'")
+    return manifest
+
+
+def _check_entry(path: Path, info: zipfile.ZipInfo, manifest: dict[str, Any]) -> None:
+    """Refuse an entry that is a link, could land outside the target folder, or is not part of an autoseg model."""
+    name = info.filename
+    parts = PurePosixPath(name).parts
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\\" in name:
+        raise ModelFileError(f"{path}: {name}: absolute or Windows path; refused")
+    if ".." in parts:
+        raise ModelFileError(f"{path}: {name}: path escapes the target folder ('..'); refused")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise ModelFileError(f"{path}: {name}: a symbolic link; refused")
+    target = Path("/target")
+    if not (target / name).resolve().is_relative_to(target):
+        raise ModelFileError(f"{path}: {name}: path escapes the target folder; refused")
+    if info.is_dir():
+        return
+    match = _FOLD_ENTRY.match(name)
+    if name not in TOP_LEVEL_FILES and not match:
+        raise ModelFileError(f"{path}: {name}: not part of an autoseg model (plans, checkpoints and the files "
+                             f"{', '.join(TOP_LEVEL_FILES)}); refused")
+    if match and match.group("member") not in manifest["members"]:
+        raise ModelFileError(f"{path}: {name}: not in a member the manifest lists ({', '.join(manifest['members'])})")
+    if name not in manifest["files"]:
+        raise ModelFileError(f"{path}: {name}: not listed in the manifest; refused")
+
+
+def _check_checksum(path: Path, archive: zipfile.ZipFile, name: str, expected: Any) -> None:
+    digest, size = hashlib.sha256(), 0
+    with archive.open(name) as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    if not isinstance(expected, dict) or digest.hexdigest() != expected.get("sha256") or size != expected.get("bytes"):
+        raise ModelFileError(f"{path}: {name}: SHA-256 or size differs from the manifest: the file was changed or is "
+                             "damaged; refused")
+
+
+def import_model(archive: str | Path, overwrite: bool = False) -> InstalledModel:
+    """Check a model file and install it into ``AUTOSEG_RESULTS/<dataset>/`` (see the module docstring).
+
+    Args:
+        archive: the zip written by :func:`export_model`.
+        overwrite: replace fold folders and files that exist with other content (a whole fold folder is
+            replaced, with its logs and validation outputs). Default False: refuse.
+
+    Returns:
+        What was installed, or the identical install found (``reused``).
+
+    Raises:
+        FileNotFoundError: no file at ``archive``.
+        ModelFileError: nothing was written, because the zip is unreadable, has no manifest or one of a newer
+            format, has an entry that is a link, absolute, holds ``..`` or is not part of a model, is not listed in
+            the manifest or has another SHA-256; a checkpoint holds pickled objects or no network; a ``plans.json``
+            is invalid; or an installed fold folder or file differs and ``overwrite`` is False. The message names
+            the zip and the entry.
+        DiskFullError: the disk filled up while extracting; nothing is left behind.
+    """
+    model = _check(Path(archive))
+    target = results_root() / model.dataset
+    different = [entry for entry in model.entries if not _same_file(target / entry, model.manifest["files"][entry])]
+    if not different:
+        return _installed(model, target, reused=True)
+    conflicts = _conflicts(model, target, different)
+    if conflicts and not overwrite:
+        raise ModelFileError(f"{model.path}: {conflicts[0]} is already installed in {target} with other content "
+                             f"({len(conflicts)} conflict(s)); use --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{model.dataset}.import-", dir=target.parent))
+    try:
+        _extract(model, staging)
+        _move_into_place(model, staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _installed(model, target, reused=False)
+
+
+def install_for_prediction(archive: str | Path) -> InstalledModel:
+    """``autoseg_predict -m``: install the model file into ``AUTOSEG_RESULTS`` like :func:`import_model` (without
+    ``overwrite``), or find the identical install there, and say what to predict with.
+
+    Raises:
+        FileNotFoundError, ModelFileError: see :func:`import_model`.
+    """
+    return import_model(archive, overwrite=False)
+
+
+def _same_file(path: Path, expected: dict[str, Any]) -> bool:
+    if not path.is_file() or path.stat().st_size != expected["bytes"]:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == expected["sha256"]
+
+
+def _conflicts(model: _ModelFile, target: Path, different: Sequence[str]) -> list[str]:
+    """Installed fold folders and top-level files that the import would replace with other content."""
+    conflicts = []
+    for entry in different:
+        match = _FOLD_ENTRY.match(entry)
+        existing = target / (match.group("fold") if match else entry)
+        name = existing.relative_to(target).as_posix()
+        if existing.exists() and name not in conflicts:
+            conflicts.append(name)
+    return conflicts
+
+
+def _extract(model: _ModelFile, staging: Path) -> None:
+    """Extract every entry into ``staging`` (checksums again, as written), then check checkpoints and plans there."""
+    with zipfile.ZipFile(model.path) as archive:
+        for entry in model.entries:
+            destination = staging / entry
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(entry) as source, open(destination, "wb") as handle:
+                shutil.copyfileobj(source, handle, 1 << 20)
+            if not _same_file(destination, model.manifest["files"][entry]):
+                raise ModelFileError(f"{model.path}: {entry}: changed while it was read; refused")
+    for entry in model.entries:
+        if entry.endswith(".pth"):
+            _check_checkpoint(model.path, entry, staging / entry)
+        elif entry.endswith("/plans.json"):
+            try:
+                Plans.from_json(staging / entry)
+            except (PlansError, ValueError) as error:
+                raise ModelFileError(f"{model.path}: {entry}: invalid plans ({_without_path(error, staging / entry)})"
+                                     ) from None
+
+
+def _check_checkpoint(path: Path, entry: str, extracted: Path) -> None:
+    """Refuse a checkpoint that holds pickled objects (read with ``weights_only=True``) or no network weights."""
+    try:
+        state = load_checkpoint(extracted)
+    except CheckpointError as error:
+        raise ModelFileError(f"{path}: {entry}: {_without_path(error, extracted)}") from None
+    network = state.get("network")
+    if not isinstance(network, dict) or not network or non_plain_values(network):
+        raise ModelFileError(f"{path}: {entry}: no network weights (a dict of tensors under 'network'); refused")
+
+
+def _without_path(error: Exception, path: Path) -> str:
+    return str(error).removeprefix(f"{path}: ")
+
+
+def _move_into_place(model: _ModelFile, staging: Path, target: Path) -> None:
+    """Rename the staged dataset folder into place, or, when it exists, each fold folder and top-level file."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    folds = sorted({m.group("fold") for entry in model.entries if (m := _FOLD_ENTRY.match(entry))})
+    for fold in folds:
+        destination = target / fold
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists():
+            old = staging / ".replaced" / fold
+            old.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(destination, old)  # removed with the staging folder
+        os.replace(staging / fold, destination)
+    for entry in model.entries:
+        if entry in TOP_LEVEL_FILES:
+            os.replace(staging / entry, target / entry)
+
+
+def _installed(model: _ModelFile, target: Path, reused: bool) -> InstalledModel:
+    members = [tuple(member.split("/", 1)) for member in model.manifest["members"]]
+    folds = {pair: [str(f) for f in model.manifest["folds"].get("/".join(pair), [])] for pair in members}
+    return InstalledModel(model.dataset, target, members, folds, model.manifest["checkpoint"], reused)

@@ -1,0 +1,283 @@
+"""One-file models: ``autoseg_export``, ``autoseg_import`` and ``autoseg_predict -m`` (``autoseg.model_export``).
+
+The session's tiny model (conftest ``tiny_model_home``: folds 0 and 1 of a 3-level U-Net with 4-16 features) is
+copied into each test's data roots; for the other machine ``AUTOSEG_HOME`` then points at an empty folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import stat
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg import __version__
+from autoseg.checkpoint import load_checkpoint
+from autoseg.commands.export import main as export_main
+from autoseg.commands.find_best import main as find_best_main
+from autoseg.commands.import_model import main as import_main
+from autoseg.commands.predict import main as predict_main
+from autoseg.io import read_image, read_json
+from autoseg.model_export import MANIFEST_FORMAT, ModelFileError, export_model, import_model, summarize_fingerprint
+from autoseg.paths import preprocessed_root, raw_root, results_root
+from autoseg.plans import Network, Plans
+from autoseg.predict import build_network, predict
+
+NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
+TRAINER = "ResidualUNetTrainer"
+CONFIGURATION = "3d_resunet"
+MEMBER = f"{CONFIGURATION}/{TRAINER}"
+FOLDS = [f"{MEMBER}/fold_{k}" for k in (0, 1)]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def home(trained_home: Path) -> Path:
+    """This test's AUTOSEG_HOME holding a copy of the session's tiny model (conftest ``tiny_model_home``)."""
+    return trained_home
+
+
+@pytest.fixture
+def scans(home: Path, tmp_path: Path) -> Path:
+    """Two training scans copied out of the home, to predict on another machine."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for path in sorted((home / "raw" / NAME / "imagesTr").glob("*_0000.nii.gz"))[:2]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def _other_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point AUTOSEG_HOME at an empty folder: a machine that never saw the training data."""
+    fresh = tmp_path / "other_machine"
+    monkeypatch.setenv("AUTOSEG_HOME", str(fresh))
+    return fresh
+
+
+def _outputs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: read_image(p)[0] for p in sorted(folder.iterdir())}
+
+
+QUIET = dict(device="cpu", progress=False, tta="none", save_probabilities=True)
+
+
+# ---------------------------------------------------------------------------- export
+def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(home: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    target = tmp_path / "model.zip"
+    assert export_main(["-d", "ATLASPredict", "-o", str(target)]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    with zipfile.ZipFile(target) as archive:
+        names = sorted(archive.namelist())
+        entries = {name: archive.read(name) for name in names}
+    assert names == sorted(["manifest.json", "dataset.json", "fingerprint_summary.json",
+                            *(f"{fold}/{file}" for fold in FOLDS for file in ("plans.json", "checkpoint_final.pth"))])
+    manifest = json.loads(entries.pop("manifest.json"))
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["autoseg_version"] == __version__
+    assert manifest["dataset"] == NAME and manifest["members"] == [MEMBER] and manifest["checkpoint"] == "final"
+    assert manifest["folds"] == {MEMBER: ["0", "1"]}
+    assert manifest["files"] == {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                                 for name, data in entries.items()}
+    runs = home / "results" / NAME
+    for fold in FOLDS:
+        assert entries[f"{fold}/plans.json"] == (runs / fold / "plans.json").read_bytes()
+        original = load_checkpoint(runs / fold / "checkpoint_final.pth")
+        (tmp_path / "slim.pth").write_bytes(entries[f"{fold}/checkpoint_final.pth"])
+        slim = torch.load(tmp_path / "slim.pth", weights_only=True)
+        assert "optimizer" not in slim and "rng" not in slim and "history" not in slim
+        assert slim["trainer"] == TRAINER and slim["configuration"] == CONFIGURATION
+        assert slim["network"].keys() == original["network"].keys()
+        assert all(torch.equal(slim["network"][k], original["network"][k]) for k in original["network"])
+        assert len(entries[f"{fold}/checkpoint_final.pth"]) < (runs / fold / "checkpoint_final.pth").stat().st_size
+    description = json.loads(entries["dataset.json"])
+    assert description["channel_names"] == {"0": "T1"} and description["labels"] == {"background": 0, "lesion": 1}
+    assert description["file_ending"] == ".nii.gz"
+    summary = json.loads(entries["fingerprint_summary.json"])
+    fingerprint = read_json(home / "preprocessed" / NAME / "fingerprint.json")
+    assert summary == summarize_fingerprint(fingerprint)
+    assert summary["aggregate"]["median_spacing"] == fingerprint["aggregate"]["median_spacing"]
+    assert "cases" not in summary and "subjects" not in summary
+    text = entries["fingerprint_summary.json"].decode()
+    assert not [case for case in fingerprint["cases"] if case in text]  # no case name anywhere
+
+
+def test_export_takes_the_members_model_selection_chose(home: Path, tmp_path: Path) -> None:
+    assert find_best_main(["--metric", "dice", "--no-progress"]) == 0
+    runs = home / "results" / NAME / CONFIGURATION
+    shutil.copytree(runs / TRAINER, runs / "ZoomInOutTrainer")  # a second trainer: no default member any more
+    with pytest.raises(ValueError, match="several trainers"):
+        export_model(tmp_path / "none.zip", configurations=[CONFIGURATION])
+    chosen = export_model(tmp_path / "chosen.zip").manifest
+    assert chosen["members"] == [MEMBER] and "model_selection.json" in chosen["files"]
+    assert json.loads(zipfile.ZipFile(tmp_path / "chosen.zip").read("postprocessing.json")) == \
+        read_json(home / "results" / NAME / "postprocessing.json")
+    named = export_model(tmp_path / "named.zip", configurations=[CONFIGURATION], trainers="ZoomInOutTrainer",
+                         folds=[1]).manifest
+    assert named["members"] == [f"{CONFIGURATION}/ZoomInOutTrainer"] and named["folds"] == {
+        f"{CONFIGURATION}/ZoomInOutTrainer": ["1"]}
+    # tuned for other members: neither the selection nor its post-processing travels with them
+    assert sorted(named["files"]) == sorted(["dataset.json", "fingerprint_summary.json",
+                                             f"{CONFIGURATION}/ZoomInOutTrainer/fold_1/plans.json",
+                                             f"{CONFIGURATION}/ZoomInOutTrainer/fold_1/checkpoint_final.pth"])
+
+
+# ---------------------------------------------------------------------------- import and prediction elsewhere
+def test_round_trip_into_an_empty_home_predicts_the_same_labels(home: Path, scans: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    predict(scans, tmp_path / "original", NAME, **QUIET)
+    export_model(tmp_path / "model.zip")
+    fresh = _other_machine(tmp_path, monkeypatch)
+    assert import_main([str(tmp_path / "model.zip")]) == 0
+    assert capsys.readouterr().out.startswith(f"installed: {MEMBER} of {NAME}")
+    installed = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
+    assert installed == sorted([f"results/{NAME}/dataset.json", f"results/{NAME}/fingerprint_summary.json",
+                                *(f"results/{NAME}/{fold}/{file}" for fold in FOLDS
+                                  for file in ("plans.json", "checkpoint_final.pth"))])
+    predict(scans, tmp_path / "imported", NAME, **QUIET)
+    original, imported = _outputs(tmp_path / "original"), _outputs(tmp_path / "imported")
+    assert original.keys() == imported.keys() and len(original) == 4
+    for name in original:
+        np.testing.assert_array_equal(imported[name], original[name])
+    assert import_main([str(tmp_path / "model.zip")]) == 0  # again: the identical install is kept
+    assert capsys.readouterr().out.startswith("already installed, identical")
+
+
+def test_predict_with_a_model_file_on_a_machine_without_raw_or_preprocessed_data(
+        home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert find_best_main(["--metric", "dice", "--no-progress"]) == 0  # tuned post-processing travels along
+    predict(scans, tmp_path / "original", **QUIET)
+    export_model(tmp_path / "model.zip")
+    _other_machine(tmp_path, monkeypatch)
+    command = ["-m", str(tmp_path / "model.zip"), "-i", str(scans), "--device", "cpu", "--no-progress", "--no-tta",
+               "--save-probabilities"]
+    assert predict_main([*command, "-o", str(tmp_path / "elsewhere")]) == 0
+    assert not raw_root().exists() and not preprocessed_root().exists()
+    original, elsewhere = _outputs(tmp_path / "original"), _outputs(tmp_path / "elsewhere")
+    assert original.keys() == elsewhere.keys()
+    for name in original:
+        np.testing.assert_array_equal(elsewhere[name], original[name])
+    assert predict_main([*command, "-o", str(tmp_path / "again")]) == 0  # the install is reused
+    assert predict_main([*command, "-o", str(tmp_path / "x"), "-d", NAME]) == 1
+    assert "a model file brings its own members and folds; leave out -d" in capsys.readouterr().err
+
+
+def test_import_over_a_trained_model_needs_overwrite(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    export_model(tmp_path / "model.zip")
+    fold = home / "results" / NAME / FOLDS[0]
+    before = sorted(p.name for p in fold.iterdir())
+    assert import_main([str(tmp_path / "model.zip")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'model.zip'}: {FOLDS[0]} is already installed" in err and "--overwrite" in err
+    assert sorted(p.name for p in fold.iterdir()) == before
+    assert import_main([str(tmp_path / "model.zip"), "--overwrite"]) == 0
+    assert sorted(p.name for p in fold.iterdir()) == ["checkpoint_final.pth", "plans.json"]
+    assert "optimizer" not in load_checkpoint(fold / "checkpoint_final.pth")
+    assert not [p for p in (home / "results").iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+# ---------------------------------------------------------------------------- refused model files
+class Payload:
+    """Any class of our own: ``torch.load(weights_only=True)`` refuses to unpickle it."""
+
+
+def _rewrite(source: Path, target: Path, change: Callable[[dict[str, bytes], dict], None],
+             relist: bool = True, links: tuple[str, ...] = ()) -> Path:
+    """Copy the model file ``source`` to ``target`` with ``change(entries, manifest)`` applied; with ``relist`` the
+    manifest lists every entry with its true checksum (so only the check under test can refuse); ``links`` are
+    written as symbolic links."""
+    with zipfile.ZipFile(source) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(entries.pop("manifest.json"))
+    change(entries, manifest)
+    if relist:
+        manifest["files"] = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                             for name, data in entries.items()}
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr("manifest.json", json.dumps(manifest))
+        for name, data in entries.items():
+            info = zipfile.ZipInfo(name)
+            if name in links:
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, data)
+    return target
+
+
+def _pickled_checkpoint(entries: dict[str, bytes], manifest: dict) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"network": {"w": torch.zeros(1)}, "note": Payload()}, buffer)
+    entries[f"{FOLDS[0]}/checkpoint_final.pth"] = buffer.getvalue()
+
+
+def _tampered_plans(entries: dict[str, bytes], manifest: dict) -> None:
+    entries[f"{FOLDS[1]}/plans.json"] = entries[f"{FOLDS[1]}/plans.json"].replace(b'"batch_size": 1', b'"batch_size": 9')
+
+
+REFUSALS = {
+    "tampered entry": (_tampered_plans, False, (), f"{FOLDS[1]}/plans.json: SHA-256 or size differs from the manifest"),
+    "pickled checkpoint": (_pickled_checkpoint, True, (), f"{FOLDS[0]}/checkpoint_final.pth: refused: the file holds "
+                                                          "pickled Python objects (test_model_export.Payload)"),
+    "path escaping": (lambda e, m: e.update({"../evil": b"x"}), True, (), "../evil: path escapes the target folder"),
+    "absolute path": (lambda e, m: e.update({"/tmp/evil": b"x"}), True, (), "/tmp/evil: absolute or Windows path"),
+    "symbolic link": (lambda e, m: e.update({f"{FOLDS[0]}/plans.json": b"/etc/passwd"}), True,
+                      (f"{FOLDS[0]}/plans.json",), f"{FOLDS[0]}/plans.json: a symbolic link"),
+    "unlisted entry": (lambda e, m: e.update({f"{FOLDS[0]}/checkpoint_best.pth": b"x"}), False, (),
+                       f"{FOLDS[0]}/checkpoint_best.pth: not listed in the manifest"),
+    "foreign file": (lambda e, m: e.update({"run.py": b"print()"}), True, (), "run.py: not part of an autoseg model"),
+    "newer manifest": (lambda e, m: m.update(format=7), True, (),
+                       "manifest format 7 is newer than this autoseg reads (1)"),
+    "no manifest version": (lambda e, m: m.pop("format"), True, (), "manifest.json: no readable format version"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_import_refuses_an_unsafe_or_changed_model_file_and_writes_nothing(
+        case: str, home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    change, relist, links, message = REFUSALS[case]
+    export_model(tmp_path / "model.zip")
+    bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", change, relist, links)
+    fresh = _other_machine(tmp_path, monkeypatch)
+    assert import_main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and message in err and err.count("\n") == 1, err
+    assert not [p for p in fresh.rglob("*") if not p.is_dir()] and not (results_root() / NAME).exists()
+    assert predict_main(["-m", str(bad), "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(ModelFileError, match="refused|newer|format|escapes"):
+        import_model(bad)
+
+
+def test_import_refuses_an_entry_that_appears_twice(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    export_model(tmp_path / "model.zip")
+    shutil.copy(tmp_path / "model.zip", tmp_path / "twice.zip")
+    with zipfile.ZipFile(tmp_path / "twice.zip", "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr(f"{FOLDS[0]}/plans.json", b"{}")  # a second entry shadows the checked one
+    _other_machine(tmp_path, monkeypatch)
+    with pytest.raises(ModelFileError, match=f"{FOLDS[0]}/plans.json: more than one entry of that name"):
+        import_model(tmp_path / "twice.zip")
+
+
+def test_a_pretrained_backbone_the_plans_name_is_not_needed_to_predict(home: Path) -> None:
+    """A PSPNet plan naming a backbone file of the training machine: prediction builds the network without it
+    (the checkpoint holds the weights)."""
+    plans = Plans.from_json(home / "results" / NAME / FOLDS[0] / "plans.json")
+    configuration = plans.configuration(CONFIGURATION)
+    network = Network("PSPNet", backbone="resnet18", output_stride=8, pyramid_bins=(1, 2, 3, 6),
+                      pretrained="/training/machine/resnet18_atlas.pth")
+    pspnet = dataclasses.replace(configuration, name="2d_pspnet", network=network)
+    plans = dataclasses.replace(plans, configurations={"2d_pspnet": pspnet}, default_configuration="2d_pspnet")
+    assert sum(p.numel() for p in build_network(plans, "2d_pspnet", "PSPNetTrainer").parameters()) > 0
