@@ -104,8 +104,9 @@ def trained_datasets() -> list[str]:
     root = results_root()
     if not root.is_dir():
         return []
-    return sorted(folder.name for folder in root.iterdir()
-                  if folder.is_dir() and any(folder.glob("*/*/fold_*/checkpoint_*.pth")))
+    return sorted(folder.name for folder in root.iterdir()  # hidden: an import's temporary folder
+                  if folder.is_dir() and not folder.name.startswith(".")
+                  and any(folder.glob("*/*/fold_*/checkpoint_*.pth")))
 
 
 def choose_dataset(dataset: str | None) -> str:

@@ -281,3 +281,17 @@ def test_a_pretrained_backbone_the_plans_name_is_not_needed_to_predict(home: Pat
     pspnet = dataclasses.replace(configuration, name="2d_pspnet", network=network)
     plans = dataclasses.replace(plans, configurations={"2d_pspnet": pspnet}, default_configuration="2d_pspnet")
     assert sum(p.numel() for p in build_network(plans, "2d_pspnet", "PSPNetTrainer").parameters()) > 0
+
+
+def test_a_killed_import_left_behind_does_not_count_as_a_trained_dataset(home: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hard kill mid-extraction can leave the hidden temporary folder; ``-d`` may still be left out."""
+    from autoseg.predict import trained_datasets
+
+    model = export_model(tmp_path / "model.zip", NAME).path
+    fresh = _other_machine(tmp_path, monkeypatch)
+    import_model(model)
+    installed = trained_datasets()
+    leftover = fresh / "results" / f".{installed[0]}.import-killed"
+    shutil.copytree(fresh / "results" / installed[0], leftover)
+    assert trained_datasets() == installed
