@@ -1,8 +1,11 @@
 """Classes chosen by name on the command line (``-pl NAME``, ``-tr NAME``).
 
-A base class owns a ``Registry`` and registers every subclass from ``__init_subclass__``. Names
-resolve only to classes defined in the registry's package, so a name on the command line can never
-load code from elsewhere; an unknown name is answered with the sorted list of known ones.
+A base class owns a ``Registry`` and registers every subclass defined in the registry's package from
+``__init_subclass__``. A subclass defined anywhere else (a script, a notebook) is left out until it is
+registered explicitly (``register_trainer`` / ``register_planner``, or ``Registry.register(cls,
+explicit=True)``); so a name on the command line resolves only to the package's classes and to classes
+the running program registered itself, never to code it did not choose to load. An unknown name is
+answered with the sorted list of known ones.
 """
 
 from __future__ import annotations
@@ -18,19 +21,26 @@ class Registry:
         self.package = package
         self.kind = kind
         self._classes: dict[str, type] = {}
+        self._explicit: set[str] = set()
 
-    def register(self, cls: type) -> None:
-        """Add ``cls`` under its class name.
+    def register(self, cls: type, explicit: bool = False) -> type:
+        """Add ``cls`` under its class name and return it. Without ``explicit`` (the automatic registration of
+        every subclass) a class from outside the package is skipped; with it, it is added, replacing an earlier
+        explicitly registered class of that name (a notebook cell run again).
 
         Raises:
-            TypeError: ``cls`` is defined outside the package, or its name is taken.
+            TypeError: the name belongs to another class of the package (or, automatically, is taken).
         """
-        if cls.__module__.split(".")[0] != self.package:
-            raise TypeError(f"{self.kind} {cls.__name__} must be defined in the {self.package} package, "
-                            f"not {cls.__module__}")
-        if cls.__name__ in self._classes:
-            raise TypeError(f"two {self.kind}s are named {cls.__name__}")
+        inside = cls.__module__.split(".")[0] == self.package
+        if not inside and not explicit:
+            return cls
+        previous = self._classes.get(cls.__name__)
+        if previous is not None and previous is not cls and not (explicit and cls.__name__ in self._explicit):
+            raise TypeError(f"two {self.kind}s are named {cls.__name__} ({previous.__module__} and {cls.__module__})")
         self._classes[cls.__name__] = cls
+        if explicit and not inside:
+            self._explicit.add(cls.__name__)
+        return cls
 
     def names(self) -> list[str]:
         """Sorted names of every class in the package."""

@@ -199,16 +199,15 @@ class Budget:
 
 
 @contextlib.contextmanager
-def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """Within the block, ``torch.use_deterministic_algorithms(True, warn_only=True)`` and no cuDNN benchmarking
-    when ``enabled``; the previous settings come back afterwards."""
-    if not enabled:
-        yield
-        return
+def deterministic_algorithms(enabled: bool, cudnn_benchmark: bool = False) -> Iterator[None]:
+    """Within the block: ``torch.use_deterministic_algorithms(True, warn_only=True)`` when ``enabled``, and cuDNN's
+    autotuner (``cudnn.benchmark``) on when ``cudnn_benchmark`` and not ``enabled``; the previous settings come
+    back afterwards, so a run leaves the process as it found it."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not enabled
     try:
         yield
     finally:

@@ -56,6 +56,15 @@ def available_planners() -> list[str]:
     return _REGISTRY.names()
 
 
+def register_planner(cls: type[Planner]) -> type[Planner]:
+    """Make a planner defined outside the ``planners`` package (a script, a notebook) available by name, e.g. to
+    ``autoseg.plan_and_preprocess.plan_and_preprocess(..., planner="MyPlanner")``; usable as a class decorator.
+    Planners in the package register themselves."""
+    if not (isinstance(cls, type) and issubclass(cls, Planner)):
+        raise TypeError(f"{cls!r} is not a Planner subclass")
+    return _REGISTRY.register(cls, explicit=True)
+
+
 def get_planner(name: str) -> type[Planner]:
     """The planner class called ``name``.
 

@@ -10,13 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import planners.base as planners_base
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
 from autoseg.networks.memory import estimate_training_memory_bytes
+from autoseg.paths import preprocessed_root
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.planning import round_to_multiple, target_spacing, unet_topology
 from autoseg.plans import Plans, PlansError
-from planners import available_planners, get_planner
+from autoseg.predict import build_network
+from planners import available_planners, get_planner, register_planner
 
 GIB = 1024**3
 
@@ -220,3 +223,29 @@ def test_thin_slabs_stored_slab_axis_first_plan_and_predict_slices_along_the_can
     assert mixed.plans.configuration("2d_pspnet").slice_axis == 2
     for name, array in before.items():
         np.testing.assert_allclose(np.load(folder / name), array, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name", available_planners())
+def test_every_planner_plans_tiny_data_and_every_configuration_builds(name: str, tiny_atlas: Path,
+                                                                      tiny_ctp: Path) -> None:
+    """Each registered planner plans both kinds of tiny data into valid plans whose networks build."""
+    for dataset in (tiny_atlas, tiny_ctp):
+        planned = plan_and_preprocess(dataset.name, planner=name, progress=False).plans
+        plans = Plans.from_json(preprocessed_root() / dataset.name / "plans.json")  # written, valid, the same
+        assert plans == planned and plans.planner == name
+        for configuration in plans.configurations.values():
+            network = build_network(plans, configuration.name, configuration.schedule.trainer)
+            assert sum(p.numel() for p in network.parameters()) > 0, configuration.name
+
+
+def test_a_planner_from_outside_the_package_is_used_once_registered(tiny_atlas: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = planners_base._REGISTRY
+    monkeypatch.setattr(registry, "_classes", dict(registry._classes))
+    monkeypatch.setattr(registry, "_explicit", set(registry._explicit))
+    mine = type("MyPlanner", (get_planner("CPUPlanner"),), {"__module__": "__main__"})
+    assert "MyPlanner" not in available_planners()
+    with pytest.raises(KeyError, match="unknown planner 'MyPlanner'"):
+        plan_and_preprocess(tiny_atlas.name, planner="MyPlanner", progress=False)
+    register_planner(mine)
+    assert plan_and_preprocess(tiny_atlas.name, planner="MyPlanner", progress=False).plans.planner == "MyPlanner"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import trainers.base as trainers_base
 from autoseg.checkpoint import load_checkpoint
 from autoseg.commands.train import main
 from autoseg.demo import make_atlas_like
@@ -30,11 +31,12 @@ from autoseg.plans import Plans, Stage
 from autoseg.training import (
     Budget,
     TrainingOptions,
+    deterministic_algorithms,
     dice_counts,
     global_dice,
     train,
 )
-from trainers import Trainer, available_trainers, get_trainer
+from trainers import Trainer, available_trainers, get_trainer, register_trainer
 
 FIVE = "Dataset951_ATLASFive"  # 5 tiny ATLAS-like cases: enough for a 5-fold split
 SPHERE = "Dataset952_Sphere"  # 1 case: a bright sphere in noise
@@ -99,16 +101,29 @@ QUIET = TrainingOptions(num_processes=0, echo=False)
 
 
 # ---------------------------------------------------------------------------- registry and construction
-def test_registry_resolves_only_classes_in_the_trainers_package() -> None:
+def test_registry_resolves_the_package_trainers_and_those_registered_explicitly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = trainers_base._REGISTRY
+    monkeypatch.setattr(registry, "_classes", dict(registry._classes))  # this test's registrations end with it
+    monkeypatch.setattr(registry, "_explicit", set(registry._explicit))
     assert {"ResidualUNetTrainer", "ZoomInOutTrainer"} <= set(available_trainers())
     assert get_trainer("ZoomInOutTrainer").__module__ == "trainers.residual_unet"
     for name in ("NoSuchTrainer", "Trainer", "ResidualUNet", "Predictor"):
         with pytest.raises(KeyError, match="available: .*ResidualUNetTrainer, ZoomInOutTrainer") as error:
             get_trainer(name)
         assert f"unknown trainer '{name}'" in str(error.value)
-    with pytest.raises(TypeError, match="must be defined in the trainers package"):
-        type("MyTrainer", (Trainer,), {"__module__": "tests.test_training"})
+    # a trainer prototyped in a notebook: defined freely, resolvable by name once registered
+    mine = type("MyTrainer", (get_trainer("ResidualUNetTrainer"),), {"__module__": "__main__"})
     assert "MyTrainer" not in available_trainers()
+    assert register_trainer(mine) is mine and get_trainer("MyTrainer") is mine
+    again = type("MyTrainer", (get_trainer("ResidualUNetTrainer"),), {"__module__": "__main__"})  # the cell re-run
+    assert register_trainer(again) is again and get_trainer("MyTrainer") is again
+    shadow = type("ZoomInOutTrainer", (Trainer,), {"__module__": "__main__"})
+    with pytest.raises(TypeError, match="two trainers are named ZoomInOutTrainer"):
+        register_trainer(shadow)
+    assert get_trainer("ZoomInOutTrainer").__module__ == "trainers.residual_unet"
+    with pytest.raises(TypeError, match="is not a Trainer subclass"):
+        register_trainer(dict)
 
 
 @pytest.mark.parametrize("name", available_trainers())
@@ -177,6 +192,17 @@ def test_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None
     assert choose_precision(torch.device("cuda")).autocast_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 mixed precision needs CUDA"):
         choose_precision(torch.device("cpu"), "fp16")
+
+
+def test_algorithm_settings_hold_within_a_run_and_come_back_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with deterministic_algorithms(False, cudnn_benchmark=True):  # a CUDA run: the autotuner for fixed patches
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # the caller's own choice
+    with deterministic_algorithms(True, cudnn_benchmark=True):  # --deterministic wins
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
 
 
 def test_the_suite_pins_fp32_unless_bf16_is_asked_for() -> None:

@@ -16,6 +16,7 @@ the uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -226,8 +227,6 @@ class Trainer:
         self.stage_index = self.budget.stage_at(0)
         self.optimizer = self.build_optimizer(self.stage)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
-        if self.device.type == "cuda" and not self.options.deterministic:
-            torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick the fastest kernels
         if self.context.is_main:
             self._prepare_output_folder(resumed is not None)
         distributed.barrier()  # the output folder exists before any rank writes validation files into it
@@ -385,7 +384,7 @@ class Trainer:
             raise RuntimeError("call setup() before fit()")
         first = self.epoch
         totals = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0, "seconds": 0.0, "estimated": 0.0}
-        with deterministic_algorithms(self.options.deterministic):
+        with self.algorithms():
             for epoch in range(self.epoch, self.budget.epochs):
                 if self.should_stop():
                     break
@@ -413,6 +412,11 @@ class Trainer:
             best = (f"best moving-average pseudo-Dice {self.best_ema:.4f}" if math.isfinite(self.best_ema)
                     else "no per-epoch validation")
             self.log(f"training finished after {self.epoch} epochs; {best}")
+
+    def algorithms(self) -> contextlib.AbstractContextManager[None]:
+        """The block's algorithm settings: deterministic ones with ``--deterministic``; on CUDA otherwise cuDNN's
+        autotuner, since patch sizes are fixed (restored afterwards)."""
+        return deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda")
 
     def _log_epoch_time(self, seconds: float) -> None:
         """Measured vs estimated time of the epoch just finished, with the loader's wait and the steps' time."""
@@ -612,10 +616,11 @@ class Trainer:
         about = {"trainer": type(self).__name__, "configuration": self.configuration.name, "fold": self.fold,
                  "epochs_trained": self.epoch, "postprocessing": dict(vars(self.configuration.postprocessing))}
         start = time.perf_counter()
-        summary = validate_cases(predictor, self.data_folder, self.val_cases, references,
-                                 self.output_folder / "validation", about,
-                                 images={case.identifier: case.images[0] for case in raw_cases},
-                                 context=self.context)
+        with self.algorithms():
+            summary = validate_cases(predictor, self.data_folder, self.val_cases, references,
+                                     self.output_folder / "validation", about,
+                                     images={case.identifier: case.images[0] for case in raw_cases},
+                                     context=self.context)
         if self.promise is not None:
             self.log(self.promise.check("end-of-fold validation", time.perf_counter() - start,
                                         self.promise.final_validation_seconds)[1])
@@ -639,6 +644,15 @@ def describe_loss(loss: Loss) -> str:
 def available_trainers() -> list[str]:
     """Sorted names of every trainer in the package."""
     return _REGISTRY.names()
+
+
+def register_trainer(cls: type[Trainer]) -> type[Trainer]:
+    """Make a trainer defined outside the ``trainers`` package (a script, a notebook) available by name, e.g. to
+    ``autoseg.training.train(..., trainer="MyTrainer")``; usable as a class decorator. Trainers in the package
+    register themselves."""
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise TypeError(f"{cls!r} is not a Trainer subclass")
+    return _REGISTRY.register(cls, explicit=True)
 
 
 def get_trainer(name: str) -> type[Trainer]:
