@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autoseg.errors import AutosegError, MissingFileError
 from autoseg.io import atomic_path
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AutosegError, ValueError):
     """A checkpoint is unreadable, incomplete, or holds something other than tensors and plain values."""
 
 
@@ -107,7 +108,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint there")
+        raise MissingFileError(f"{path}: no checkpoint there")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except UnpicklingError as error:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from autoseg.compute import ComputeProbe, TrainingEstimate
+from autoseg.errors import AutosegError
 
 __all__ = [
     "MIN_EPOCHS",
@@ -59,7 +60,7 @@ VALIDATION_SHARE = 0.1
 ITERATIONS_PER_CYCLE = 12_500
 
 
-class BudgetError(ValueError):
+class BudgetError(AutosegError, ValueError):
     """The budget cannot buy a useful run; the message says how much would."""
 
 

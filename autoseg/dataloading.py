@@ -39,6 +39,7 @@ from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAu
 from batchgenerators.transforms.abstract_transforms import AbstractTransform
 
 from autoseg.augmentation import spatial_augmentation, training_transforms, validation_transforms
+from autoseg.errors import DataError
 from autoseg.plans import Configuration, Stage
 from autoseg.preprocessing import array_files, check_arrays
 from autoseg.sampling import PatchSampler
@@ -68,7 +69,7 @@ class PatchDataLoader(DataLoader):
 
     def __init__(self, sampler: PatchSampler, batch_size: int, seed: int) -> None:
         if not sampler.identifiers:
-            raise ValueError("no cases to sample from")
+            raise DataError("no cases to sample from")
         super().__init__(list(sampler.identifiers), batch_size, num_threads_in_multithreaded=1,
                          seed_for_shuffle=seed, infinite=True)
         self.sampler = sampler

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoseg.errors import AutosegError, ExistingOutputError, UsageError
 from autoseg.io import read_json, split_ending, write_json
 from autoseg.paths import raw_root
 
@@ -103,12 +104,12 @@ def cases_from_files(files: Sequence[Path], num_channels: int) -> list[tuple[str
     if problems:
         rule = ("every file is one case, named without its ending and a final _0000" if num_channels == 1 else
                 f"each case is {num_channels} files CASE_0000 ... CASE_{num_channels - 1:04d}, one per channel")
-        raise ValueError(f"{len(problems)} file(s) break the naming rule for a model with {num_channels} "
+        raise UsageError(f"{len(problems)} file(s) break the naming rule for a model with {num_channels} "
                          f"channel(s) ({rule}):\n" + "\n".join(f"  {problem}" for problem in problems))
     return cases
 
 
-class DatasetError(RuntimeError):
+class DatasetError(AutosegError, RuntimeError):
     """A dataset cannot be found or is malformed; the message lists every problem found."""
 
 
@@ -273,7 +274,7 @@ def new_dataset_folder(name: str, number: int | None = None, overwrite: bool = F
             number, or a dataset of that name exists under another number (``-d NAME`` would be ambiguous).
     """
     if not _SHORT_NAME.match(name) or _NNUNET_NAME.match(name):
-        raise ValueError(f"dataset name '{name}' must be a plain name such as ATLAS (letters, digits, _ - .); "
+        raise UsageError(f"dataset name '{name}' must be a plain name such as ATLAS (letters, digits, _ - .); "
                          "the DatasetNNN_ prefix is added (choose the number with --id)")
     root = raw_root()
     existing = {
@@ -285,15 +286,15 @@ def new_dataset_folder(name: str, number: int | None = None, overwrite: bool = F
     if number is None:
         number = same_name[0] if same_name else next(n for n in range(1, 1001) if n not in existing)
     if not 1 <= number <= 999:
-        raise ValueError(f"dataset number must be between 1 and 999, got {number}")
+        raise UsageError(f"dataset number must be between 1 and 999, got {number}")
     target = root / f"Dataset{number:03d}_{name}"
     if number in existing and existing[number] != target:
-        raise FileExistsError(f"{existing[number]} already has number {number}; choose another with --id")
+        raise ExistingOutputError(f"{existing[number]} already has number {number}; choose another with --id")
     others = [existing[n] for n in same_name if n != number]
     if others:
-        raise FileExistsError(f"{others[0]} already holds a dataset named {name}; choose another name or remove it")
+        raise ExistingOutputError(f"{others[0]} already holds a dataset named {name}; choose another name or remove it")
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        raise ExistingOutputError(f"{target} exists; pass --overwrite to replace it")
     return target
 
 
@@ -306,7 +307,7 @@ def staged_dataset(target: Path, overwrite: bool = False) -> Iterator[Path]:
         FileExistsError: ``target`` exists and ``overwrite`` is not set (checked before and after building).
     """
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        raise ExistingOutputError(f"{target} exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
         folder = Path(scratch) / target.name
@@ -314,7 +315,7 @@ def staged_dataset(target: Path, overwrite: bool = False) -> Iterator[Path]:
         yield folder
         if target.exists():
             if not overwrite:
-                raise FileExistsError(f"{target} appeared while it was being written; nothing was replaced")
+                raise ExistingOutputError(f"{target} appeared while it was being written; nothing was replaced")
             # Move the old dataset aside first, so the final name always holds a complete dataset.
             target.rename(Path(scratch) / "replaced")
         folder.rename(target)

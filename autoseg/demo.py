@@ -32,6 +32,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from autoseg.dataset import write_dataset_json
+from autoseg.errors import UsageError
 from autoseg.io import Geometry, write_image
 
 FILE_ENDING = ".nii.gz"
@@ -96,9 +97,9 @@ def make_atlas_like(
         labels are uint8, 1 = lesion.
     """
     if num_cases < 1:
-        raise ValueError(f"num_cases must be at least 1, got {num_cases}")
+        raise UsageError(f"num_cases must be at least 1, got {num_cases}")
     if not tiny and spacing_mm <= 0:
-        raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+        raise UsageError(f"spacing_mm must be positive, got {spacing_mm}")
     folder = Path(folder)
     identifiers = [f"atlas_{index + 1:04d}" for index in range(num_cases)]
     _prepare_folder(folder, re.compile(r"^atlas_\d{4,}"), identifiers)
@@ -165,7 +166,7 @@ def make_ctp_like(
         ``folder``. All channels are float32, labels uint8; spacing is (s, s, 5.0) mm in (x, y, z) order.
     """
     if num_subjects < 1:
-        raise ValueError(f"num_subjects must be at least 1, got {num_subjects}")
+        raise UsageError(f"num_subjects must be at least 1, got {num_subjects}")
     folder = Path(folder)
     subjects: dict[str, str] = {}
     for index in range(num_subjects):

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autoseg.errors import UsageError
+
 __all__ = [
     "DistributedContext",
     "barrier",
@@ -110,10 +112,10 @@ def current() -> DistributedContext:
         rank, world_size, local_rank = (int(os.environ.get(name, "0")) for name in names[:3])
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     except ValueError:
-        raise ValueError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them), got "
+        raise UsageError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them), got "
                          + ", ".join(f"{name}={os.environ.get(name)!r}" for name in names)) from None
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK {rank} lies outside WORLD_SIZE {world_size}")
+        raise UsageError(f"RANK {rank} lies outside WORLD_SIZE {world_size}")
     return DistributedContext(rank, world_size, local_rank, max(1, local_world_size))
 
 
@@ -150,7 +152,7 @@ def split_batch(global_batch: int, context: DistributedContext) -> int:
         ValueError: the global batch is smaller than the world size (a rank would get no sample).
     """
     if global_batch < context.world_size:
-        raise ValueError(f"the plans' batch of {global_batch} cannot be split over {context.world_size} processes "
+        raise UsageError(f"the plans' batch of {global_batch} cannot be split over {context.world_size} processes "
                          f"(each needs at least one sample); use at most {global_batch} processes, or raise the "
                          "batch size in plans.json")
     share, extra = divmod(global_batch, context.world_size)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from autoseg.errors import AutosegError
 from autoseg.io import (
     IMAGE_ENDINGS,
     Geometry,
@@ -81,7 +82,7 @@ _CONFIDENCE = 0.95
 _MAX_NAMES_IN_MESSAGE = 20
 
 
-class EvaluationError(ValueError):
+class EvaluationError(AutosegError, ValueError):
     """The inputs cannot be evaluated: a missing folder or file, or a geometry mismatch. One-line message.
 
     A ``ValueError`` so that the commands' shared error handler reports it as an input error.

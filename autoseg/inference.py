@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autoseg.errors import UsageError
 from autoseg.io import Geometry
 from autoseg.networks import Shape
 from autoseg.plans import Configuration
@@ -140,7 +141,7 @@ def sliding_window_positions(shape: Sequence[int], patch_size: Sequence[int], st
     if len(shape) != len(patch_size):
         raise ValueError(f"shape {list(shape)} and patch size {list(patch_size)} need the same number of axes")
     if not 0 < step_size <= 1:
-        raise ValueError(f"step_size must lie in (0, 1], got {step_size}")
+        raise UsageError(f"step_size must lie in (0, 1], got {step_size}")
     if any(p < 1 or p > s for s, p in zip(shape, patch_size)):
         raise ValueError(f"patch {list(patch_size)} must be positive and fit in the volume {list(shape)}; pad first")
     per_axis = [_window_starts(int(s), int(p), step_size) for s, p in zip(shape, patch_size)]
@@ -214,7 +215,7 @@ def tta_mirror_axes(
         ((1,), None)
     """
     if tta not in TTA_CHOICES:
-        raise ValueError(f"unknown tta '{tta}', use one of {list(TTA_CHOICES)}")
+        raise UsageError(f"unknown tta '{tta}', use one of {list(TTA_CHOICES)}")
     axes = tuple(int(a) for a in mirror_axes)
     if tta == "all":
         return axes, None
@@ -690,7 +691,7 @@ class Predictor:
         if configuration.dimension == 2 and configuration.slice_axis is None:
             raise ValueError(f"configuration '{configuration.name}' is 2-D but has no slice_axis")
         if tta not in TTA_CHOICES:
-            raise ValueError(f"unknown tta '{tta}', use one of {list(TTA_CHOICES)}")
+            raise UsageError(f"unknown tta '{tta}', use one of {list(TTA_CHOICES)}")
         self.configuration = configuration
         self.networks = list(networks)
         self.tta = tta if use_mirroring else "none"

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from autoseg.errors import AutosegError, DataError, InvalidFileError
+
 #: The orientation every image is read into (SimpleITK ``DICOMOrient`` code: axes point to the patient's
 #: Right, Anterior, Superior). Chosen because most NIfTI files (MNI templates, ATLAS, dcm2niix output)
 #: are already stored so: for them reading changes nothing.
@@ -57,11 +59,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class ImageReadError(RuntimeError):
+class ImageReadError(AutosegError, RuntimeError):
     """An image file could not be read; the message names the file."""
 
 
-class DiskFullError(OSError):
+class DiskFullError(AutosegError, OSError):
     """A write failed because the file system is full (or the user's quota is used up).
 
     ``str(error)`` is ``no space left on device while writing PATH``, PATH being the final name of the file.
@@ -77,7 +79,7 @@ class DiskFullError(OSError):
         return type(self), (self.filename,)
 
 
-class DamagedArrayError(ValueError):
+class DamagedArrayError(AutosegError, ValueError):
     """A stored ``.npy`` array is damaged (cut short, or its bytes changed); the message names the file."""
 
 
@@ -487,7 +489,7 @@ def write_like(array: np.ndarray, geometry: Geometry, path: str | Path, source: 
     differences = orientation.canonical_geometry(stored).differences(geometry)
     if differences or tuple(array.shape) != tuple(geometry.shape):
         found = "; ".join(differences) or f"array shape {list(array.shape)} vs {list(geometry.shape)}"
-        raise ValueError(f"{path}: not on the grid of {source}: {found}")
+        raise DataError(f"{path}: not on the grid of {source}: {found}")
     data = np.ascontiguousarray(orientation.from_canonical(array))
     if not (_is_nifti(source) and _is_nifti(path)):
         write_image(data, stored, path, compress)
@@ -516,7 +518,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+        raise InvalidFileError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
 
 
 ArrayRecord = dict[str, int]

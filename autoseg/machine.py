@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import torch
 
+from autoseg.errors import UsageError
+
 __all__ = [
     "PRECISIONS",
     "Precision",
@@ -100,7 +102,7 @@ def choose_device(requested: str = "auto") -> tuple[torch.device, str]:
         return torch.device("cpu"), "no CUDA device found"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA device is available (torch.cuda.is_available() is False)")
+        raise UsageError(f"--device {requested}: no CUDA device is available (torch.cuda.is_available() is False)")
     return device, "requested"
 
 
@@ -143,7 +145,7 @@ def choose_precision(device: torch.device, requested: str = "auto") -> Precision
         ValueError: an unknown name, or fp16 on the CPU (no loss scaling there).
     """
     if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision '{requested}', use one of {list(PRECISIONS)}")
+        raise UsageError(f"unknown precision '{requested}', use one of {list(PRECISIONS)}")
     if requested == "fp32":
         return Precision("fp32", None, False, "requested")
     if device.type == "cuda":
@@ -153,7 +155,7 @@ def choose_precision(device: torch.device, requested: str = "auto") -> Precision
         return Precision("fp16", torch.float16, True, "requested" if requested == "fp16" else
                          "CUDA device without bf16: fp16 with a GradScaler")
     if requested == "fp16":
-        raise ValueError("fp16 mixed precision needs CUDA; on the CPU use fp32 or bf16")
+        raise UsageError("fp16 mixed precision needs CUDA; on the CPU use fp32 or bf16")
     fast, capability = cpu_has_fast_bf16()
     if requested == "bf16":
         return Precision("bf16", torch.bfloat16, False, "requested" + ("" if fast else (

@@ -55,6 +55,7 @@ import torch
 
 from autoseg import __version__
 from autoseg.checkpoint import CheckpointError, load_checkpoint, non_plain_values
+from autoseg.errors import AutosegError, MissingFileError, UsageError
 from autoseg.io import atomic_path, read_json
 from autoseg.model_selection import SELECTION_FILE
 from autoseg.paths import preprocessed_root, raw_root, results_root
@@ -80,7 +81,7 @@ _MEMBER = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 _KEPT_KEYS = ("format", "trainer", "configuration", "fold", "epoch", "stage")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(AutosegError, ValueError):
     """A model file (zip) that cannot be installed: unreadable, of an unknown format, tampered with, unsafe, or in
     conflict with an installed model. The message names the zip and the entry."""
 
@@ -136,7 +137,7 @@ def export_model(
         DiskFullError: the disk filled up; nothing is left under ``output``.
     """
     if checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
+        raise UsageError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
     name = choose_dataset(dataset)
     folder = results_root() / name
     pairs, selected = _export_members(name, configurations, trainers)
@@ -272,7 +273,7 @@ class _ModelFile:
 def _check(path: Path) -> _ModelFile:
     """Read and check a model file without writing anything: manifest, entry names, links, checksums."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model file")
+        raise MissingFileError(f"{path}: no such model file")
     try:
         with zipfile.ZipFile(path) as archive:
             manifest = _read_manifest(path, archive)

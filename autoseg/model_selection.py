@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.dataset import find_dataset
+from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.io import read_header, read_image, write_json
 from autoseg.metrics import dice, dice_hausdorff_score, hausdorff
 from autoseg.option_effects import BOOTSTRAP, case_metrics, describe_options, find_pairings
@@ -62,7 +63,7 @@ def case_score(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[
         ValueError: unknown metric.
     """
     if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}', use one of {list(METRICS)}")
+        raise UsageError(f"unknown metric '{metric}', use one of {list(METRICS)}")
     predicted, present = bool(prediction.any()), bool(reference.any())
     if metric == "dice":
         return dice(prediction, reference)
@@ -94,13 +95,13 @@ def _members(dataset: str, configurations: Sequence[str], trainers: Sequence[str
     for configuration in configurations:
         present = trainer_folders(dataset, configuration)
         if not present:
-            raise ValueError(f"{results_root() / dataset / configuration}: no trainer folder with a fold_<k> run")
+            raise UsageError(f"{results_root() / dataset / configuration}: no trainer folder with a fold_<k> run")
         chosen = present if trainers is None else [t for t in trainers if t in present]
         used.update(chosen)
         members += [(configuration, trainer) for trainer in chosen]
     unknown = [t for t in trainers or () if t not in used]
     if unknown:
-        raise ValueError(f"{dataset}: no configuration of {list(configurations)} was trained with {unknown}")
+        raise UsageError(f"{dataset}: no configuration of {list(configurations)} was trained with {unknown}")
     return members
 
 
@@ -148,18 +149,18 @@ def find_best(
             every member validated, or trainers that do not match (see :func:`_members`).
     """
     if metric not in METRICS:
-        raise ValueError(f"unknown metric '{metric}', use one of {list(METRICS)}")
+        raise UsageError(f"unknown metric '{metric}', use one of {list(METRICS)}")
     name = choose_dataset(dataset)
     names = list(configurations or trained_configurations(name))
     members = _members(name, names, [trainers] if isinstance(trainers, str) else trainers)
     found = {member: _validation_files(name, member) for member in members}
     empty = [member_name(m) for m, files in found.items() if not files]
     if empty:
-        raise ValueError(f"{name}: no validation probabilities (validation/CASE_probabilities.npz) for {empty}; "
+        raise MissingFileError(f"{name}: no validation probabilities (validation/CASE_probabilities.npz) for {empty}; "
                          "run the end-of-fold validation of every fold (autoseg_train without --no-validation)")
     cases = sorted(set.intersection(*(set(files) for files in found.values())))
     if not cases:
-        raise ValueError(f"{name}: no case was validated by every member of {[member_name(m) for m in members]}")
+        raise DataError(f"{name}: no case was validated by every member of {[member_name(m) for m in members]}")
     references = {case.identifier: case.label for case in find_dataset(name).cases()}
     first = members[0]
     plans = Plans.from_json(next(iter(found[first].values())).parent.parent / "plans.json")

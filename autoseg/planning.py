@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from autoseg.errors import UsageError
 from autoseg.plans import HISTEQ_IDENTIFIER_SUFFIX, Configuration, Normalization, histeq_name
 
 #: An axis is only downsampled while it keeps at least this many voxels.
@@ -163,7 +164,7 @@ def channel_normalization(channel: dict[str, Any], option: str = "zscore") -> tu
     """
     name, modality = channel["name"], channel["modality"]
     if option not in NORMALIZATION_OPTIONS:
-        raise ValueError(f"unknown normalization option '{option}', use one of {list(NORMALIZATION_OPTIONS)}")
+        raise UsageError(f"unknown normalization option '{option}', use one of {list(NORMALIZATION_OPTIONS)}")
     if option == "histeq":
         return Normalization(name, "histogram_equalization"), (
             f"{name}: histogram equalization within the non-zero (brain) region, as asked (--normalization histeq): "

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from autoseg.errors import AutosegError
 from autoseg.io import read_json, write_json
 
 SCHEMA_VERSION = 1
@@ -57,7 +58,7 @@ def asymmetric_name(name: str) -> str:
     return plain.removesuffix(SYMMETRIC_NAME_SUFFIX) + (HISTEQ_NAME_SUFFIX if histeq else "")
 
 
-class PlansError(ValueError):
+class PlansError(AutosegError, ValueError):
     """``plans.json`` is missing, malformed, or asks for something invalid; the message names the field."""
 
 

@@ -33,6 +33,7 @@ from scipy import ndimage
 from skimage import exposure
 
 from autoseg.dataset import Case
+from autoseg.errors import DataError
 from autoseg.fingerprint import crop_box
 from autoseg.io import (
     CANONICAL_ORIENTATION,
@@ -327,7 +328,7 @@ def lesion_fraction(folder: Path, identifiers: Sequence[str]) -> float:
         lesion += int(np.count_nonzero(seg))
         total += seg.size
     if total == 0:
-        raise ValueError(f"{folder}: no voxels in the cases {list(identifiers)[:3]}")
+        raise DataError(f"{folder}: no voxels in the cases {list(identifiers)[:3]}")
     return lesion / total
 
 

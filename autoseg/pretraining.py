@@ -27,6 +27,7 @@ import torch
 
 from autoseg.checkpoint import save_checkpoint
 from autoseg.dataset import find_dataset
+from autoseg.errors import ExistingOutputError, UsageError
 from autoseg.networks.pspnet import RESNET_LAYOUTS
 from autoseg.plan_and_preprocess import dataset_folder
 from autoseg.planning import round_to_multiple
@@ -72,11 +73,11 @@ def slice_configuration(source: Configuration, *, backbone: str, slice_axis: int
         ValueError: ``source`` is not 3-D, an unknown backbone, or a slice axis outside 0-2.
     """
     if source.dimension != 3:
-        raise ValueError(f"configuration '{source.name}' is {source.dimension}-D; pre-training slices a 3-D one")
+        raise UsageError(f"configuration '{source.name}' is {source.dimension}-D; pre-training slices a 3-D one")
     if backbone not in RESNET_LAYOUTS:
-        raise ValueError(f"unknown backbone '{backbone}'; use one of {sorted(RESNET_LAYOUTS)}")
+        raise UsageError(f"unknown backbone '{backbone}'; use one of {sorted(RESNET_LAYOUTS)}")
     if slice_axis not in (0, 1, 2):
-        raise ValueError(f"slice_axis must be 0, 1 or 2 (an axis of the x, y, z array), got {slice_axis}")
+        raise UsageError(f"slice_axis must be 0, 1 or 2 (an axis of the x, y, z array), got {slice_axis}")
     in_plane = tuple(source.median_shape[a] for a in range(3) if a != slice_axis)
     patch = round_to_multiple(in_plane, (8, 8))
     stage = Stage("all_layers", 0, patch, BATCH_SIZE, LEARNING_RATE, "all")
@@ -128,7 +129,7 @@ def pretrain_backbone(dataset: str, output: str | Path, *, backbone: str = "resn
     options = replace(options, epochs=None, iterations_per_epoch=None, validation=False,
                       val_iterations=0 if options.val_iterations is None else options.val_iterations)
     if output.exists() and not options.continue_training:
-        raise FileExistsError(f"{output} exists; choose another output file or delete it")
+        raise ExistingOutputError(f"{output} exists; choose another output file or delete it")
     raw = find_dataset(dataset)
     preprocessed = dataset_folder(raw)
     plans = Plans.from_json(preprocessed / "plans.json")
@@ -136,7 +137,7 @@ def pretrain_backbone(dataset: str, output: str | Path, *, backbone: str = "resn
                                   epochs=epochs, iterations_per_epoch=iterations_per_epoch)
     problems = derived.problems(len(plans.channels))
     if problems:
-        raise ValueError("the derived pre-training configuration is invalid: " + "; ".join(problems))
+        raise UsageError("the derived pre-training configuration is invalid: " + "; ".join(problems))
     slice_plans = replace(plans, configurations={CONFIGURATION: derived}, default_configuration=CONFIGURATION,
                           reasons={"default_configuration": derived.reasons["purpose"]})
     trainer_class = get_trainer("PSPNetTrainer")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from autoseg.errors import UnknownNameError
+
 
 class Registry:
     """Classes of one kind (``kind``, e.g. "planner"), keyed by class name, all from ``package``."""
@@ -55,7 +57,7 @@ class Registry:
         """
         self._import_package()
         if name not in self._classes:
-            raise KeyError(f"unknown {self.kind} '{name}'; available: {', '.join(sorted(self._classes))}")
+            raise UnknownNameError(f"unknown {self.kind} '{name}'; available: {', '.join(sorted(self._classes))}")
         return self._classes[name]
 
     def _import_package(self) -> None:

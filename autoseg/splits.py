@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.errors import AutosegError
 from autoseg.io import read_json, write_json
 
 SPLITS_FILE = "splits_final.json"
@@ -28,7 +29,7 @@ Splits = list[dict[str, list[str]]]
 """One ``{"train": [...], "val": [...]}`` per fold, identifiers sorted."""
 
 
-class SplitsError(ValueError):
+class SplitsError(AutosegError, ValueError):
     """``splits_final.json`` is malformed or names cases that do not exist."""
 
 
@@ -59,17 +60,17 @@ def make_splits(
     """
     cases = sorted(identifiers)
     if num_folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
+        raise SplitsError(f"cross-validation needs at least 2 folds, got {num_folds}")
     if len(set(cases)) != len(cases):
-        raise ValueError(f"duplicate case identifiers: {sorted({c for c in cases if cases.count(c) > 1})}")
+        raise SplitsError(f"duplicate case identifiers: {sorted({c for c in cases if cases.count(c) > 1})}")
     if len(cases) < num_folds:
-        raise ValueError(f"{len(cases)} cases cannot fill {num_folds} folds: every fold needs a validation case; "
+        raise SplitsError(f"{len(cases)} cases cannot fill {num_folds} folds: every fold needs a validation case; "
                          f"use at most {len(cases)} folds")
     groups: dict[str, list[str]] = {}
     for case in cases:
         groups.setdefault(str(subjects.get(case, case)), []).append(case)
     if len(groups) < num_folds:
-        raise ValueError(f"{len(cases)} cases of {len(groups)} subjects cannot fill {num_folds} folds (a subject's "
+        raise SplitsError(f"{len(cases)} cases of {len(groups)} subjects cannot fill {num_folds} folds (a subject's "
                          f"cases stay together); use at most {len(groups)} folds")
     order = sorted(groups)
     np.random.default_rng(seed).shuffle(order)

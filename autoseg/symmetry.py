@@ -46,9 +46,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from autoseg.errors import DataError
 from autoseg.io import Geometry, array_from_image, image_from_array
 from autoseg.planning import SLAB_ANISOTROPY, SLAB_MAX_SLICES
-from autoseg.plans import Symmetry
+from autoseg.plans import PlansError, Symmetry
 
 #: A mid-sagittal plane is found when the registered mirror correlates with the original at least this much
 #: (Pearson, within the foreground; in the fingerprint the labelled lesions and their mirror images are left out,
@@ -237,13 +238,13 @@ def add_mirror_channels(
             or see :func:`fit_mirror`.
     """
     if not 0 <= symmetry.reference_channel < len(data):
-        raise ValueError(f"symmetry.reference_channel {symmetry.reference_channel} is not one of the "
+        raise PlansError(f"symmetry.reference_channel {symmetry.reference_channel} is not one of the "
                          f"{len(data)} channels")
     slice_axis = thin_axis(geometry.shape, geometry.spacing) if symmetry.in_plane else None
     if symmetry.in_plane and slice_axis is None:
         slice_axis = int(np.argmax(geometry.spacing))
     if not foreground.any():
-        raise ValueError("the image is zero everywhere: there is no brain to mirror")
+        raise DataError("the image is zero everywhere: there is no brain to mirror")
     fit = fit_mirror(data[symmetry.reference_channel], foreground, geometry, slice_axis=slice_axis)
     background = [float(np.median(c[~foreground])) if not foreground.all() else 0.0 for c in data]
     mirror = apply_mirror(data, geometry, fit, background)

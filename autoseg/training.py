@@ -38,6 +38,7 @@ import torch
 from autoseg.dataloading import case_identifiers
 from autoseg.dataset import find_dataset
 from autoseg.distributed import DistributedContext, gather_objects, leave
+from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.inference import Predictor
 from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json, write_like
 from autoseg.losses import one_hot_foreground
@@ -112,15 +113,15 @@ class TrainingOptions:
         for name in ("epochs", "iterations_per_epoch"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise UsageError(f"{name} must be at least 1, got {value}")
         if self.val_iterations is not None and self.val_iterations < 0:
-            raise ValueError(f"val_iterations must be >= 0, got {self.val_iterations}")
+            raise UsageError(f"val_iterations must be >= 0, got {self.val_iterations}")
         if self.num_processes is not None and self.num_processes < 0:
-            raise ValueError(f"the number of data processes must be >= 0, got {self.num_processes}")
+            raise UsageError(f"the number of data processes must be >= 0, got {self.num_processes}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision '{self.precision}', use one of {list(PRECISIONS)}")
+            raise UsageError(f"unknown precision '{self.precision}', use one of {list(PRECISIONS)}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"unknown device '{self.device}', use auto, cpu, cuda or cuda:N")
+            raise UsageError(f"unknown device '{self.device}', use auto, cpu, cuda or cuda:N")
 
 
 def _round_half_up(value: float) -> int:
@@ -246,7 +247,7 @@ def parse_fold(fold: Fold) -> Fold:
     """``0``, ``"3"`` -> int; ``"full"`` stays; anything else is a ValueError."""
     if isinstance(fold, str) and fold != "full":
         if not fold.lstrip("-").isdigit():
-            raise ValueError(f"fold must be a number, 'all' or 'full', got '{fold}'")
+            raise UsageError(f"fold must be a number, 'all' or 'full', got '{fold}'")
         fold = int(fold)
     return fold
 
@@ -261,17 +262,17 @@ def fold_cases(preprocessed_dataset_folder: Path, data_folder: Path, fold: Fold)
     """
     identifiers = case_identifiers(data_folder)
     if not identifiers:
-        raise ValueError(f"{data_folder}: no preprocessed cases; run autoseg_plan (or autoseg_plan --preprocess-only) "
+        raise MissingFileError(f"{data_folder}: no preprocessed cases; run autoseg_plan (or autoseg_plan --preprocess-only) "
                          "for this dataset and configuration first")
     if fold == "full":
         return identifiers, identifiers
     try:
         splits = load_or_create_splits(preprocessed_dataset_folder, identifiers, read_subjects(data_folder, identifiers))
     except ValueError as error:
-        raise ValueError(f"{error}; or write {preprocessed_dataset_folder / SPLITS_FILE} by hand, or train with "
+        raise UsageError(f"{error}; or write {preprocessed_dataset_folder / SPLITS_FILE} by hand, or train with "
                          "-f full") from None
     if not isinstance(fold, int) or not 0 <= fold < len(splits):
-        raise ValueError(f"fold {fold} is out of range: {preprocessed_dataset_folder / SPLITS_FILE} has "
+        raise UsageError(f"fold {fold} is out of range: {preprocessed_dataset_folder / SPLITS_FILE} has "
                          f"{len(splits)} folds (0-{len(splits) - 1}); or use -f all / -f full")
     return splits[fold]["train"], splits[fold]["val"]
 
@@ -321,7 +322,7 @@ def validate_cases(
     per_case = {}
     for case in list(cases)[context.rank::context.world_size]:
         if case not in references or references[case] is None:
-            raise ValueError(f"validation case {case} has no label file in the raw dataset")
+            raise DataError(f"validation case {case} has no label file in the raw dataset")
         data, _, properties = load_case(data_folder, case, mmap=True)
         geometry = Geometry.from_json(properties["geometry"])
         probabilities = restore_probabilities(predictor.predict_preprocessed(data), properties)
@@ -334,7 +335,7 @@ def validate_cases(
         reference, reference_geometry = read_image(references[case], np.uint8)
         differences = geometry.differences(reference_geometry)
         if differences:
-            raise ValueError(f"{references[case]}: the label's grid differs from the image's: {'; '.join(differences)}")
+            raise DataError(f"{references[case]}: the label's grid differs from the image's: {'; '.join(differences)}")
         per_case[case] = _case_metrics(labels, reference, geometry.spacing, probabilities.shape[0])
     if context.enabled:
         gathered = {case: metrics for part in gather_objects(per_case) for case, metrics in part.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from autoseg.compute_budget import BudgetRequest
+from autoseg.errors import UsageError
 from autoseg.planning import NORMALIZATION_OPTIONS
 from autoseg.plans import Plans
 from autoseg.registry import Registry
@@ -40,7 +41,7 @@ class Planner:
     def __init__(self, fingerprint: dict[str, Any], memory_budget_gb: float | None = None,
                  compute: BudgetRequest | None = None, normalization: str = "zscore"):
         if normalization not in NORMALIZATION_OPTIONS:
-            raise ValueError(f"unknown normalization '{normalization}', use one of {list(NORMALIZATION_OPTIONS)}")
+            raise UsageError(f"unknown normalization '{normalization}', use one of {list(NORMALIZATION_OPTIONS)}")
         self.fingerprint = fingerprint
         self.normalization = normalization
         self.memory_budget_gb = memory_budget_gb if memory_budget_gb is not None else self.default_memory_budget_gb

@@ -16,7 +16,7 @@ from autoseg.commands.convert import main as convert_main
 from autoseg.converters import common
 from autoseg.converters.common import binarize
 from autoseg.dataset import find_dataset, new_dataset_folder
-from autoseg.io import read_image, read_json
+from autoseg.io import DiskFullError, read_image, read_json
 from autoseg.paths import raw_root
 from autoseg.verify import verify_dataset
 
@@ -281,8 +281,10 @@ def test_a_missing_top_folder_says_what_the_source_holds(tmp_path: Path, capsys:
     assert "has no TRAINING/ folder" in capsys.readouterr().err and written() == []
 
 
+@pytest.mark.parametrize("failure", [DiskFullError("labelsTr/case.nii.gz"), ValueError("a bug")],
+                         ids=["full disk: one line, exit 1", "a bug: its traceback"])
 def test_a_failure_while_writing_leaves_no_dataset_and_no_scratch_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    failure: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     source = make_atlas2(tmp_path / "ATLAS_2")
     calls = []
@@ -290,12 +292,17 @@ def test_a_failure_while_writing_leaves_no_dataset_and_no_scratch_folder(
     def fail_on_second(*arguments: object) -> None:
         calls.append(arguments)
         if len(calls) == 2:
-            raise ValueError("disk trouble")
+            raise failure
         return original(*arguments)
 
     original = common.write_like
     monkeypatch.setattr(common, "write_like", fail_on_second)
-    assert convert(["atlas2", str(source), "-d", "ATLAS"]) == 1
+    if isinstance(failure, DiskFullError):
+        assert convert(["atlas2", str(source), "-d", "ATLAS"]) == 1
+        assert capsys.readouterr().err.strip() == "error: no space left on device while writing labelsTr/case.nii.gz"
+    else:
+        with pytest.raises(ValueError, match="a bug"):  # not a user error: the command shows the traceback
+            convert(["atlas2", str(source), "-d", "ATLAS"])
     assert written() == []
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoseg.errors import UsageError
 from autoseg.networks import AsymmetricResidualUNet
 from autoseg.plans import Loss, Sampling, Stage
 from trainers.base import Trainer, TrainerSettings, describe_loss
@@ -71,11 +72,11 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
         """The asymmetric residual U-Net from the plans' per-stage numbers (features, strides, kernel sizes)."""
         network = self.configuration.network
         if network.architecture != "ResidualUNet":
-            raise ValueError(f"{type(self).__name__} builds its U-Net from a ResidualUNet configuration's numbers; "
+            raise UsageError(f"{type(self).__name__} builds its U-Net from a ResidualUNet configuration's numbers; "
                              f"configuration '{self.configuration.name}' plans a {network.architecture}")
         frozen = [s.name for s in self.configuration.schedule.stages if s.trainable != "all"]
         if frozen:
-            raise ValueError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a backbone")
+            raise UsageError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a backbone")
         return AsymmetricResidualUNet(in_channels=len(self.plans.channels), num_classes=self.num_classes,
                                       features=network.features, strides=network.strides,
                                       kernel_sizes=network.kernel_sizes)

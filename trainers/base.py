@@ -28,6 +28,7 @@ from torch import nn
 
 from autoseg import distributed
 from autoseg.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     load_checkpoint,
     remove_stale_temporaries,
@@ -37,10 +38,11 @@ from autoseg.checkpoint import (
 from autoseg.compute import TimePromise
 from autoseg.dataloading import BatchStream, derived_seed, make_loader
 from autoseg.dataset import RawDataset
+from autoseg.errors import ExistingOutputError, UsageError
 from autoseg.inference import Predictor
 from autoseg.losses import build_loss
 from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
-from autoseg.plans import Loss, Plans, Sampling, Stage
+from autoseg.plans import Loss, Plans, PlansError, Sampling, Stage
 from autoseg.registry import Registry
 from autoseg.training import (
     Budget,
@@ -338,7 +340,7 @@ class Trainer:
         found = [name for name in ("checkpoint_latest.pth", "checkpoint_final.pth")
                  if (self.output_folder / name).is_file()]
         if found:
-            raise FileExistsError(f"{self.output_folder} already holds a run ({found[0]}); resume it with --continue, "
+            raise ExistingOutputError(f"{self.output_folder} already holds a run ({found[0]}); resume it with --continue, "
                                   "or delete the folder to start anew")
 
     def _prepare_output_folder(self, resuming: bool) -> None:
@@ -348,7 +350,7 @@ class Trainer:
         if resuming and copy.is_file():
             before = Plans.from_json(copy).configurations.get(self.configuration.name)
             if before is None or replace(before, reasons={}) != replace(self.configuration, reasons={}):
-                raise ValueError(f"{copy}: configuration '{self.configuration.name}' of the plans changed since this "
+                raise PlansError(f"{copy}: configuration '{self.configuration.name}' of the plans changed since this "
                                  "run started; start a new run (without --continue) or restore the plans")
         else:
             self.plans.to_json(copy)
@@ -569,12 +571,12 @@ class Trainer:
         (stage boundaries and batches stay those of the run that wrote it)."""
         state = load_checkpoint(path, map_location=self.device or "cpu")
         if state.get("trainer") != type(self).__name__ or state.get("configuration") != self.configuration.name:
-            raise ValueError(f"{path}: written by {state.get('trainer')} for configuration "
+            raise CheckpointError(f"{path}: written by {state.get('trainer')} for configuration "
                              f"{state.get('configuration')}, not {type(self).__name__} for {self.configuration.name}")
         saved, o = Budget.from_plain(state["budget"]), self.options
         if (o.epochs or saved.epochs) != saved.epochs or (
                 o.iterations_per_epoch or saved.iterations_per_epoch) != saved.iterations_per_epoch:
-            raise ValueError(f"{path}: this run trains {saved.epochs} epochs x {saved.iterations_per_epoch} "
+            raise UsageError(f"{path}: this run trains {saved.epochs} epochs x {saved.iterations_per_epoch} "
                              "iterations; continue it with the same --epochs/--iters-per-epoch (or leave them out)")
         self.budget = replace(saved, val_iterations=saved.val_iterations if o.val_iterations is None
                               else o.val_iterations)
@@ -607,7 +609,7 @@ class Trainer:
         if self.network is None:
             raise RuntimeError("call setup() before validate()")
         if self.raw_dataset is None:
-            raise ValueError("validation needs the raw dataset, whose label files are the reference")
+            raise UsageError("validation needs the raw dataset, whose label files are the reference")
         raw_cases = self.raw_dataset.cases()
         references = {case.identifier: case.label for case in raw_cases}
         predictor = Predictor(self.configuration, [self.network], device=self.device,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from autoseg.early_stopping import PLATEAU_FACTOR
+from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
 from autoseg.networks import PSPNet
 from autoseg.plans import Loss, Stage
@@ -55,11 +56,11 @@ class PSPNetTrainer(PlateauStopping, Trainer):
     def build_network(self) -> nn.Module:
         network = self.configuration.network
         if network.architecture != "PSPNet":
-            raise ValueError(f"{type(self).__name__} trains a PSPNet; configuration '{self.configuration.name}' asks "
+            raise UsageError(f"{type(self).__name__} trains a PSPNet; configuration '{self.configuration.name}' asks "
                              f"for {network.architecture}")
         unknown = [s.name for s in self.configuration.schedule.stages if s.trainable not in TRAINABLE]
         if unknown:
-            raise ValueError(f"stages {unknown}: trainable must be one of {list(TRAINABLE)}")
+            raise UsageError(f"stages {unknown}: trainable must be one of {list(TRAINABLE)}")
         net = PSPNet(in_channels=self.configuration.input_channels(len(self.plans.channels)), num_classes=self.num_classes,
                      backbone=network.backbone or "resnet50", pyramid_bins=network.pyramid_bins or (1, 2, 3, 6),
                      output_stride=network.output_stride or 8, aux_head=self.auxiliary_loss_weight > 0)
@@ -86,7 +87,7 @@ class PSPNetTrainer(PlateauStopping, Trainer):
             return None
         path = self.preprocessed_folder / planned  # an absolute path stays itself
         if not path.is_file():
-            raise FileNotFoundError(f"{self.preprocessed_folder / 'plans.json'}: configurations.{self.configuration.name}"
+            raise MissingFileError(f"{self.preprocessed_folder / 'plans.json'}: configurations.{self.configuration.name}"
                                     f".network.pretrained names {planned}, which is not a file")
         return str(path)
 
@@ -123,7 +124,7 @@ class PSPNetCETrainer(PSPNetTrainer):
     def loss_spec(self) -> Loss:
         fraction = lesion_fraction(self.data_folder, self.train_cases)
         if not 0 < fraction < 1:
-            raise ValueError(f"{self.data_folder}: the training cases of fold {self.fold} have a lesion fraction of "
+            raise DataError(f"{self.data_folder}: the training cases of fold {self.fold} have a lesion fraction of "
                              f"{fraction:g}; a class-weighted cross entropy needs both lesion and background")
         weight = balanced_positive_weight(fraction)
         self._weights_note += (f"\nloss: class-weighted cross entropy instead of the plans' {self.configuration.loss.name}"

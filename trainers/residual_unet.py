@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoseg.errors import UsageError
 from autoseg.networks import ResidualUNet
 from autoseg.plans import Stage
 from trainers.base import Trainer, TrainerSettings
@@ -30,11 +31,11 @@ class ResidualUNetTrainer(Trainer):
     def build_network(self) -> nn.Module:
         network = self.configuration.network
         if network.architecture != "ResidualUNet":
-            raise ValueError(f"{type(self).__name__} trains a ResidualUNet; configuration '{self.configuration.name}' "
+            raise UsageError(f"{type(self).__name__} trains a ResidualUNet; configuration '{self.configuration.name}' "
                              f"asks for {network.architecture}")
         frozen = [s.name for s in self.configuration.schedule.stages if s.trainable != "all"]
         if frozen:
-            raise ValueError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a pre-trained "
+            raise UsageError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a pre-trained "
                              "backbone the residual U-Net does not have")
         return ResidualUNet(in_channels=self.configuration.input_channels(len(self.plans.channels)),
                             num_classes=self.num_classes,

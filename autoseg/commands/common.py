@@ -10,16 +10,16 @@ from collections.abc import Callable
 import torch
 
 from autoseg import distributed
-from autoseg.dataset import DatasetError
-from autoseg.io import DiskFullError, GeometryWarning, ImageReadError
+from autoseg.errors import AutosegError
+from autoseg.io import GeometryWarning
 from autoseg.machine import configure_threads
-from autoseg.plans import PlansError
 
-#: Errors that mean "the input is wrong" or "the disk is full", reported without a traceback. A full disk is
-#: recognized where files are written (``autoseg.io.atomic_path``), whichever library wrote them, and reported
-#: as ``error: no space left on device while writing PATH``; a damaged preprocessed array is a ValueError.
-USER_ERRORS = (DatasetError, PlansError, ImageReadError, DiskFullError, FileNotFoundError, FileExistsError, KeyError,
-               ValueError)
+#: Errors that mean "the input is wrong" or "the disk is full", reported as one line without a traceback: every
+#: :class:`autoseg.errors.AutosegError` (``DatasetError``, ``PlansError``, ``ImageReadError``, ``DiskFullError``, ...).
+#: A full disk is recognized where files are written (``autoseg.io.atomic_path``), whichever library wrote them,
+#: and reported as ``error: no space left on device while writing PATH``. Anything else is a bug: its traceback
+#: is shown.
+USER_ERRORS = (AutosegError,)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
@@ -42,9 +42,8 @@ def run(action: Callable[[], int | None]) -> int:
             warnings.showwarning = _show_warning
             return action() or 0
     except USER_ERRORS as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        if not distributed.report_error(str(message)) and distributed.current().is_main:
-            print(f"error: {message}", file=sys.stderr)  # one line, from one rank of a torchrun run
+        if not distributed.report_error(str(error)) and distributed.current().is_main:
+            print(f"error: {error}", file=sys.stderr)  # one line, from one rank of a torchrun run
         return 1
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to continue", file=sys.stderr)

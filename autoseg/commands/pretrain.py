@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from autoseg.commands.common import run
+from autoseg.errors import UsageError
 from autoseg.networks.pspnet import RESNET_LAYOUTS
 from autoseg.pretraining import pretrain_backbone
 from autoseg.training import TrainingOptions
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         for name in ("epochs", "iters_per_epoch"):
             if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         options = TrainingOptions(device=args.device, seed=args.seed, num_processes=args.num_processes,
                                   continue_training=args.continue_training)
         try:

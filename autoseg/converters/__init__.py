@@ -20,6 +20,7 @@ from typing import Any
 from autoseg.converters import atlas2, isles18, isles22
 from autoseg.converters.common import ConversionError, SourceDataset, write_dataset
 from autoseg.dataset import new_dataset_folder
+from autoseg.errors import UsageError
 
 __all__ = ["CONVERTERS", "ConversionError", "Converted", "convert"]
 
@@ -77,7 +78,7 @@ def convert(
         ConversionError: the tree is malformed (every offending file is named); nothing is written.
     """
     if kind not in CONVERTERS:
-        raise ValueError(f"unknown dataset kind '{kind}'; known: {', '.join(sorted(CONVERTERS))}")
+        raise UsageError(f"unknown dataset kind '{kind}'; known: {', '.join(sorted(CONVERTERS))}")
     target = new_dataset_folder(name, number, overwrite)
     found = CONVERTERS[kind].read(Path(source).expanduser(), **options)
     return Converted(write_dataset(found, target, overwrite, progress), found)

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.dataset import DatasetError, channel_file_name, staged_dataset, write_dataset_json
+from autoseg.errors import MissingFileError
 from autoseg.io import copy_image_file, read_image, write_like
 
 FILE_ENDING = ".nii.gz"
@@ -151,11 +152,11 @@ def required_folder(source: Path, name: str, hint: str) -> Path:
         FileNotFoundError: ``source`` or ``source/name`` is not a folder (the message says what ``source`` holds).
     """
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such folder")
+        raise MissingFileError(f"{source}: no such folder")
     folder = source / name
     if not folder.is_dir():
         held = ", ".join(sorted(p.name for p in source.iterdir() if not p.name.startswith("."))[:8]) or "nothing"
-        raise FileNotFoundError(f"{source} has no {name}/ folder ({hint}); it holds: {held}")
+        raise MissingFileError(f"{source} has no {name}/ folder ({hint}); it holds: {held}")
     return folder
 
 
@@ -182,7 +183,7 @@ def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, 
     identifiers = [case.identifier for case in (*source.training, *source.test)]
     repeated = sorted({name for name in identifiers if identifiers.count(name) > 1})
     if repeated:
-        raise ValueError(f"case identifier(s) {', '.join(repeated)} found more than once")
+        raise ConversionError(f"case identifier(s) {', '.join(repeated)} found more than once")
     with staged_dataset(target, overwrite) as folder:
         cases = [(case, "Tr") for case in source.training] + [(case, "Ts") for case in source.test]
         for case, split in tqdm(cases, desc="convert", unit="case", disable=not progress):
@@ -190,7 +191,7 @@ def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, 
                 copy_image_file(image, folder / f"images{split}" / channel_file_name(case.identifier, channel, FILE_ENDING))
             if split == "Tr":
                 if case.label is None:
-                    raise ValueError(f"training case {case.identifier} has no lesion mask")
+                    raise ConversionError(f"training case {case.identifier} has no lesion mask")
                 mask, geometry = read_image(case.label, dtype=np.float64)
                 write_like(binarize(mask), geometry, folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", case.label)
         (folder / "imagesTr").mkdir(exist_ok=True)

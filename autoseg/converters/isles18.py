@@ -23,6 +23,7 @@ from pathlib import Path
 
 from autoseg.converters.common import Problems, SourceCase, SourceDataset, required_folder, sorted_naturally
 from autoseg.demo import CTP_CHANNELS
+from autoseg.errors import MissingFileError
 
 SUMMARY = "ISLES 2018 (CT perfusion slabs): SRC is the release's top folder holding TRAINING/ (and TESTING/)"
 #: Release modality -> channel name, in channel order: CT, CT_CBF, ... -> CT, CBF, ...
@@ -109,7 +110,7 @@ def _cases(folder: Path, problems: Problems, masks: bool) -> list[SourceCase]:
 def _read_slabs(path: Path, cases: set[str], problems: Problems) -> dict[str, str]:
     """Case -> patient (``Train_40``) from the lines of ``path`` that name both a case and a patient."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (--slabs)")
+        raise MissingFileError(f"{path}: no such file (--slabs)")
     patients: dict[str, str] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         case, patient = _SLAB_CASE.search(line), _SLAB_PATIENT.search(line)
