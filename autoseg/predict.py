@@ -596,7 +596,9 @@ def predict(
             continue
         summary.written.append(targets[0])
     summary.path = summary_path(output, num_parts, part_id)
-    write_json(summary.to_json(), summary.path)
+    run = {"input": str(source), "list": None if case_list is None else str(case_list),
+           "part": {"id": part_id, "of": num_parts}}
+    write_json({**run, **summary.to_json()}, summary.path)
     return summary
 
 

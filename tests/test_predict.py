@@ -477,7 +477,9 @@ def test_a_list_restricts_the_cases_and_its_parts_cover_it(home: Path, tmp_path:
         f"{case}.nii.gz" for case in (cases[0], cases[1], cases[3]))
     for k, part in enumerate(parts):  # one summary per part, so parts running at once keep their own
         assert part.path == tmp_path / "out" / f"prediction_summary_part{k}of2.json"
-        assert read_json(part.path)["written"] == [p.name.removesuffix(".nii.gz") for p in part.written]
+        written = read_json(part.path)
+        assert written["written"] == [p.name.removesuffix(".nii.gz") for p in part.written]
+        assert written["part"] == {"id": k, "of": 2} and written["list"] == str(listing)
 
 
 def test_an_unknown_name_in_the_list_is_an_error_naming_file_and_line(home: Path, tmp_path: Path,

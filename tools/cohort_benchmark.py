@@ -8,8 +8,8 @@ Usage (from the repository root; nothing is downloaded):
    one iteration, as ``tests/test_predict.py`` does): a case costs milliseconds of network time, so what is measured
    is the per-case machinery (reading, preprocessing, restoring, writing) over many cases.
 2. Writes max(--cases) cases into OUT/cases: copies, in turn, of 20 generated tiny cases (42 x 52 x 45 voxels), plus
-   one corrupt file (``case-bad``) in the middle.
-3. For each N in --cases: ``autoseg_predict --list`` of the first N cases (the bad one among them) into a fresh
+   one corrupt file (``case-0499-bad``), the 501st case: among the 1,000, not among the first 100.
+3. For each N in --cases: ``autoseg_predict --list`` of the first N cases (N=1,000 includes the bad case) into a fresh
    folder, as its own process; records the wall time, the peak resident memory of the process (``os.wait4``'s
    ru_maxrss) and the resident memory sampled from /proc as the cases went by.
 4. Kill and resume: the smallest N again, killed (SIGKILL) once a third of its cases are written, then the same
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 NAME = "Dataset961_ATLASCohort"
-BAD_CASE = "case-bad"
+BAD_CASE = "case-0499-bad"  # sorts between case-0499 and case-0500: predicted halfway through 1,000
 
 
 def train_tiny_model(home: Path) -> None:
@@ -62,7 +62,7 @@ def train_tiny_model(home: Path) -> None:
 
 
 def write_cases(home: Path, folder: Path, count: int) -> list[str]:
-    """``count`` cases in ``folder`` (copies of the generated ones in turn, one corrupt ``case-bad`` in the middle);
+    """``count`` cases in ``folder`` (copies of the generated ones in turn, one corrupt ``BAD_CASE`` halfway);
     returns their identifiers in sorted order."""
     sources = sorted((home / "raw" / NAME / "imagesTr").glob("*_0000.nii.gz"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,8 +73,7 @@ def write_cases(home: Path, folder: Path, count: int) -> list[str]:
             shutil.copy(sources[index % len(sources)], folder / f"{name}.nii.gz")
         names.append(name)
     (folder / f"{BAD_CASE}.nii.gz").write_bytes(b"\x1f\x8b this is not an image")
-    names.insert((count - 1) // 2, BAD_CASE)
-    return names
+    return sorted([*names, BAD_CASE])
 
 
 def run_predict(arguments: list[str], output: Path, env: dict[str, str], kill_after: int | None = None) -> dict:
