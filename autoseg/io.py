@@ -26,6 +26,7 @@ them), so that damage after writing (a file cut short, changed bytes) is found b
 from __future__ import annotations
 
 import errno
+import glob
 import gzip
 import json
 import os
@@ -639,6 +640,16 @@ def atomic_path(path: Path, suffix: str) -> Iterator[Path]:
         finally:
             if temporary.exists():
                 temporary.unlink()
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left for ``path`` when a run was killed while writing it
+    (``.NAME.XXXXXXXX.tmpENDING`` beside it; an orderly error removes its own), and return them. Call it only where
+    no other process is writing ``path`` at the same time."""
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp*")) if path.parent.is_dir() else []
+    for temporary in stale:
+        temporary.unlink(missing_ok=True)
+    return stale
 
 
 def _format_json(value: Any, level: int = 0) -> str:

@@ -30,13 +30,24 @@ Inputs: a folder of image files, or a single file, named by one rule (:func:`aut
 ``documentation/dataset_format.md``): for a one-channel model every file is one case, named without its ending and
 without a final ``_0000``; for a model with C channels the files form complete cases ``CASE_0000`` ...
 ``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected.
+
+Cohorts: ``case_list`` (``--list FILE``) restricts the cases to those a text file names (:func:`read_case_list`),
+and ``num_parts``/``part_id`` split them into interleaved parts, one per process or array job. Every output is
+written under a temporary name and renamed, so a case whose outputs exist is complete and a re-run skips it; the
+temporary files a killed run left behind are removed as their case comes up. A case that cannot be read or
+predicted (:data:`CASE_ERRORS`: unreadable or truncated file, not 3-D, NaN/Inf voxels, channels on different grids,
+an empty image) is reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
+wrote, skipped and what failed to ``OUTPUT/prediction_summary.json`` (``prediction_summary_part{i}of{K}.json`` for
+part i of K) and returns it as a :class:`PredictionSummary`. Nothing of a case is kept once it is written, so
+memory stays flat over any number of cases (``documentation/benchmarks.md``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,8 +58,20 @@ from tqdm import tqdm
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.dataset import CHANNEL_FILE, cases_from_files
+from autoseg.errors import AutosegError, DataError, InvalidFileError, MissingFileError, UsageError
 from autoseg.inference import TTA_CHOICES, Predictor
-from autoseg.io import IMAGE_ENDINGS, Geometry, read_image, read_json, split_ending, write_like
+from autoseg.io import (
+    IMAGE_ENDINGS,
+    DiskFullError,
+    Geometry,
+    count_non_finite,
+    read_image,
+    read_json,
+    remove_stale_temporaries,
+    split_ending,
+    write_json,
+    write_like,
+)
 from autoseg.machine import choose_device, choose_precision
 from autoseg.paths import results_root
 from autoseg.plans import Plans, PlansError
@@ -59,17 +82,24 @@ if TYPE_CHECKING:
     from autoseg.model_export import InstalledModel
 
 __all__ = [
+    "CASE_ERRORS",
     "CHECKPOINT_CHOICES",
     "POSTPROCESSING_FILE",
+    "SUMMARY_FILE",
     "TTA_CHOICES",
+    "CaseFailure",
     "InputCase",
     "Model",
+    "PredictionSummary",
     "build_network",
     "trainer_folders",
     "choose_dataset",
     "find_input_cases",
     "load_model",
     "predict",
+    "read_case_list",
+    "select_cases",
+    "summary_path",
     "trained_datasets",
 ]
 
@@ -77,6 +107,14 @@ __all__ = [
 CHECKPOINT_CHOICES = ("best", "final", "snapshots")
 #: Written by ``autoseg_find_best`` beside the configuration folders of a dataset.
 POSTPROCESSING_FILE = "postprocessing.json"
+#: Written by :func:`predict` into the output folder (``prediction_summary_part{i}of{K}.json`` for part i of K).
+SUMMARY_FILE = "prediction_summary.json"
+#: Errors that fail one case and not the run: every user-facing error (:class:`AutosegError`: the input cannot be
+#: read (:class:`ImageReadError`, also for a file that is not 3-D), or is not what a model takes
+#: (:class:`DataError`: NaN/Inf voxels, channels on different grids, an empty image)) and a file that went missing
+#: or cannot be read (``OSError``). A full disk (:class:`DiskFullError`) ends the run, and anything else (a bug)
+#: surfaces with its traceback.
+CASE_ERRORS = (AutosegError, OSError)
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,64 @@ class InputCase:
     identifier: str
     images: tuple[Path, ...]
     ending: str
+
+
+@dataclass(frozen=True)
+class CaseFailure:
+    """A case that could not be predicted: its identifier, the file at fault (else all its channel files) and the
+    problem, in one line."""
+
+    identifier: str
+    files: tuple[str, ...]
+    problem: str
+
+    def line(self) -> str:
+        """``case ID (FILES): PROBLEM``, the line printed when the case fails."""
+        return f"case {self.identifier} ({', '.join(self.files)}): {self.problem}"
+
+
+@dataclass
+class PredictionSummary:
+    """What one :func:`predict` call did with the cases of its part, in input order.
+
+    Attributes:
+        written: label files written by this call.
+        skipped: identifiers of cases whose outputs were already complete (see ``overwrite``).
+        failed: the cases that could not be predicted and why.
+        cases: number of cases in this part (after ``case_list``).
+        stale_temporaries: temporary files of a killed run that were removed.
+        path: the JSON file this summary was written to (None before it is written).
+    """
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[CaseFailure] = field(default_factory=list)
+    cases: int = 0
+    stale_temporaries: int = 0
+    path: Path | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The summary as written to ``prediction_summary*.json``: counts, then case identifiers per outcome."""
+        return {
+            "cases": self.cases,
+            "counts": {"written": len(self.written), "skipped": len(self.skipped), "failed": len(self.failed)},
+            "written": [split_ending(path)[0] for path in self.written],
+            "skipped": list(self.skipped),
+            "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in self.failed],
+            "stale_temporaries_removed": self.stale_temporaries,
+        }
+
+    def line(self, shown: int = 10) -> str:
+        """One line: how many cases were written, skipped (already done) and failed, naming up to ``shown`` of
+        the failed ones, and where the summary file is."""
+        text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
+        if self.failed:
+            names = ", ".join(f.identifier for f in self.failed[:shown])
+            more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
+            text += f", {len(self.failed)} failed: {names}{more}"
+        else:
+            text += ", 0 failed"
+        return f"{text}; summary: {self.path}" if self.path else text
 
 
 @dataclass
@@ -121,12 +217,12 @@ def choose_dataset(dataset: str | None) -> str:
     if dataset is None:
         if len(trained) == 1:
             return trained[0]
-        raise ValueError(f"name the dataset with -d: {len(trained)} trained datasets in {results_root()} "
+        raise UsageError(f"name the dataset with -d: {len(trained)} trained datasets in {results_root()} "
                          f"(AUTOSEG_RESULTS): {listing}")
     matches = [name for name in trained if _matches(name, dataset)]
     if len(matches) != 1:
         problem = "no trained dataset" if not matches else "more than one trained dataset"
-        raise ValueError(f"{problem} matches '{dataset}' in {results_root()} (AUTOSEG_RESULTS); trained: {listing}")
+        raise UsageError(f"{problem} matches '{dataset}' in {results_root()} (AUTOSEG_RESULTS); trained: {listing}")
     return matches[0]
 
 
@@ -168,17 +264,17 @@ def load_model(
             lists what exists), a missing fold, or no fold with the chosen checkpoint.
     """
     if checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
+        raise UsageError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
     folder = results_root() / dataset / configuration
     trainers = trainer_folders(dataset, configuration)
     if not trainers:
-        raise ValueError(f"configuration '{configuration}' of {dataset} is not trained; trained: "
+        raise UsageError(f"configuration '{configuration}' of {dataset} is not trained; trained: "
                          f"{', '.join(trained_configurations(dataset)) or 'none'}")
     if trainer is None and len(trainers) > 1:
-        raise ValueError(f"{folder}: several trainers ({', '.join(trainers)}); choose one with -tr")
+        raise UsageError(f"{folder}: several trainers ({', '.join(trainers)}); choose one with -tr")
     trainer = trainer or trainers[0]
     if trainer not in trainers:
-        raise ValueError(f"{folder}: no trainer '{trainer}'; trained: {', '.join(trainers)}")
+        raise UsageError(f"{folder}: no trainer '{trainer}'; trained: {', '.join(trainers)}")
     fold_folders = _fold_folders(folder / trainer, folds, checkpoint)
     checkpoints = [path for fold in fold_folders for path in _checkpoint_files(fold, checkpoint)]
     plans = Plans.from_json(fold_folders[0] / "plans.json")
@@ -208,14 +304,14 @@ def _fold_folders(folder: Path, folds: Sequence[int | str] | None, checkpoint: s
         chosen = [folder / f"fold_{fold}" for fold in folds]
         missing = [p.name for p in chosen if not _checkpoint_files(p, checkpoint)]
         if missing:
-            raise ValueError(f"{folder}: {', '.join(missing)} has no {checkpoint} checkpoint")
+            raise UsageError(f"{folder}: {', '.join(missing)} has no {checkpoint} checkpoint")
         return chosen
     chosen = sorted((p for p in folder.glob("fold_*") if _checkpoint_files(p, checkpoint)), key=_fold_key)
     # A model trained on every case (fold_full) joins only when asked for, or when it is the only one.
     cross_validation = [p for p in chosen if p.name.removeprefix("fold_").isdigit()]
     chosen = cross_validation or chosen
     if not chosen:
-        raise ValueError(f"{folder}: no fold_<k> folder has a {checkpoint} checkpoint (try --checkpoint final)")
+        raise UsageError(f"{folder}: no fold_<k> folder has a {checkpoint} checkpoint (try --checkpoint final)")
     return chosen
 
 
@@ -256,13 +352,13 @@ def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
     elif source.is_dir():
         files = _image_files(source)
         if not files:
-            raise FileNotFoundError(f"{source}: no image files ({', '.join(IMAGE_ENDINGS)})")
+            raise MissingFileError(f"{source}: no image files ({', '.join(IMAGE_ENDINGS)})")
     else:
-        raise FileNotFoundError(f"{source}: no such file or folder")
+        raise MissingFileError(f"{source}: no such file or folder")
     try:
         grouped = cases_from_files(files, num_channels)
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+    except UsageError as error:
+        raise UsageError(f"{source}: {error}") from None
     return [InputCase(case, paths, split_ending(paths[0])[1]) for case, paths in grouped]
 
 
@@ -272,19 +368,83 @@ def _image_files(folder: Path) -> list[Path]:
                   and split_ending(p)[1].lower() in IMAGE_ENDINGS)
 
 
+def read_case_list(path: str | Path) -> list[tuple[int, str]]:
+    """The case identifiers a ``--list`` file names, with their line numbers (1-based), in file order.
+
+    One identifier per line; surrounding spaces, blank lines and ``#`` comments (whole lines or the rest of a line)
+    are ignored. A line may also hold a file name of the case (``CASE_0000.nii.gz``), as ``ls`` prints it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not text (UTF-8); the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such case list (--list)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidFileError(f"{path}: not a text file of case names ({error.reason} at byte {error.start})") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.split("#", 1)[0].strip()
+        if name:
+            entries.append((number, name))
+    return entries
+
+
+def select_cases(cases: Sequence[InputCase], case_list: str | Path) -> list[InputCase]:
+    """The ``cases`` (in their order) that the ``--list`` file ``case_list`` names (:func:`read_case_list`) by
+    identifier or by one of their file names; a case listed twice is predicted once.
+
+    Raises:
+        ValueError: the list names a case that is not among ``cases`` (each such line as ``FILE:LINE: NAME``, with a
+            few of the cases there are), or names none at all.
+    """
+    by_name: dict[str, InputCase] = {}
+    for case in cases:
+        by_name.update({path.name: case for path in case.images})
+    by_name.update({case.identifier: case for case in cases})
+    entries = read_case_list(case_list)
+    unknown = [f"  {case_list}:{number}: {name}" for number, name in entries if name not in by_name]
+    if unknown:
+        examples = ", ".join(case.identifier for case in cases[:3]) + (", ..." if len(cases) > 3 else "")
+        shown = unknown[:10] + ([f"  ... and {len(unknown) - 10} more"] if len(unknown) > 10 else [])
+        raise UsageError("\n".join([f"{case_list}: {len(unknown)} listed case(s) not among the {len(cases)} input "
+                                     f"case(s) ({examples}):", *shown]))
+    if not entries:
+        raise UsageError(f"{case_list}: names no case (one identifier per line; # starts a comment)")
+    chosen = {by_name[name].identifier for _, name in entries}
+    return [case for case in cases if case.identifier in chosen]
+
+
+def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Path:
+    """Where :func:`predict` writes its summary: ``OUTPUT/prediction_summary.json``, or
+    ``OUTPUT/prediction_summary_part{part_id}of{num_parts}.json`` when the cases are split, so that parts running at
+    the same time each keep their own."""
+    if num_parts == 1:
+        return Path(output) / SUMMARY_FILE
+    stem, ending = SUMMARY_FILE.rsplit(".", 1)
+    return Path(output) / f"{stem}_part{part_id}of{num_parts}.{ending}"
+
+
 def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
     """(C, X, Y, Z) float32 channels and their geometry, in the canonical orientation (``autoseg.io``);
     channels stored in different orientations of the same grid agree.
 
     Raises:
-        ValueError: channels on different grids (the message names the file and the difference).
+        ImageReadError: a file cannot be read or is not a 3-D single-channel image.
+        ValueError: channels on different grids, or NaN/Inf voxels (the message names the file and the problem).
     """
     arrays, geometry = [], None
     for path in case.images:
         array, this = read_image(path)
         if geometry is not None and geometry.differences(this):
-            raise ValueError(f"case {case.identifier}: {path.name} lies on another grid than {case.images[0].name}: "
+            raise DataError(f"case {case.identifier}: {path.name} lies on another grid than {case.images[0].name}: "
                              f"{'; '.join(geometry.differences(this))}")
+        non_finite = count_non_finite(array)
+        if non_finite:
+            raise DataError(f"{path}: {non_finite} NaN/Inf voxel(s)")
         geometry = geometry or this
         arrays.append(array)
     return np.stack(arrays), geometry
@@ -354,10 +514,12 @@ def predict(
     overwrite: bool = False,
     num_parts: int = 1,
     part_id: int = 0,
+    case_list: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
     model: str | Path | None = None,
-) -> list[Path]:
+    log: Callable[[str], None] | None = None,
+) -> PredictionSummary:
     """Segment every case of ``source`` into ``output`` (see the module docstring).
 
     Args:
@@ -380,25 +542,34 @@ def predict(
             maximum over them). Default False.
         postprocessing: remove lesions below the tuned (or planned) minimum size; False keeps every component
             (the threshold still applies). Default True.
-        overwrite: predict cases whose output exists again. Default False (they are skipped).
-        num_parts, part_id: predict only the ``part_id``-th of ``num_parts`` interleaved parts of the sorted cases.
+        overwrite: predict cases whose outputs exist again. Default False: a case whose label file (and, with
+            ``save_probabilities``, probability map) exists is complete, because both are written atomically, and
+            is skipped; so a killed run re-run with the same arguments predicts only what is missing.
+        num_parts, part_id: predict only the ``part_id``-th of ``num_parts`` interleaved parts of the sorted cases
+            (after ``case_list``), e.g. one part per job of a cluster array job.
+        case_list: text file naming the cases to predict, one identifier per line (:func:`select_cases`); None:
+            every case of ``source``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar over cases.
         model: a model file from ``autoseg_export``: installed into ``AUTOSEG_RESULTS`` first (or its identical
             install reused, :func:`autoseg.model_export.install_for_prediction`) and predicted with its own members,
             folds and checkpoints; ``dataset``, ``configurations``, ``trainer`` and ``folds`` must then be None.
+        log: receives each failed case's line (:meth:`CaseFailure.line`) as it happens; None: printed to stderr.
 
     Returns:
-        The label files written by this call (skipped cases not included).
+        What was written, skipped and failed; also written to :func:`summary_path` in ``output``.
 
     Raises:
-        ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`; a bad part or ``tta``;
-            ``model`` with members named, or a model file refused (:class:`autoseg.model_export.ModelFileError`).
+        ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`, :func:`select_cases`;
+            a bad part or ``tta``; ``model`` with members named, or a model file refused
+            (:class:`autoseg.model_export.ModelFileError`). Errors of a single case (:data:`CASE_ERRORS`) are
+            reported and skipped instead.
+        DiskFullError: the output's disk is full (the case being written is left without outputs).
     """
     if tta not in TTA_CHOICES:
-        raise ValueError(f"unknown --tta '{tta}', use one of {list(TTA_CHOICES)}")
+        raise UsageError(f"unknown --tta '{tta}', use one of {list(TTA_CHOICES)}")
     if not 0 <= part_id < num_parts:
-        raise ValueError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+        raise UsageError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
     installed = _install_model_file(model, dataset, configurations, trainer, folds, checkpoint) if model else None
     name = installed.dataset if installed else choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
@@ -414,8 +585,11 @@ def predict(
     models = [load_model(name, c, t, member_folds.get((c, t), folds), checkpoint, torch_device) for c, t in pairs]
     channels = {len(model.plans.channels) for model in models}
     if len(channels) != 1:
-        raise ValueError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
-    cases = find_input_cases(source, channels.pop())[part_id::num_parts]
+        raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
+    cases = find_input_cases(source, channels.pop())
+    if case_list is not None:
+        cases = select_cases(cases, case_list)
+    cases = cases[part_id::num_parts]
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not postprocessing:
         min_lesion_mm3 = 0.0
@@ -423,22 +597,67 @@ def predict(
                             tta=tta, use_mirroring=use_mirroring, device=torch_device, autocast_dtype=autocast_dtype)
                   for model in models]
     output = Path(output)
-    written = []
+    log = log or _print_to_stderr
+    summary = PredictionSummary(cases=len(cases))
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
-        target = output / f"{case.identifier}{case.ending}"
-        if target.exists() and not overwrite:
+        targets = _outputs(output, case, save_probabilities)
+        summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets)
+        if not overwrite and all(path.exists() for path in targets):
+            summary.skipped.append(case.identifier)
             continue
-        images, geometry = read_case(case)
-        probabilities = _ensemble(predictors, images, geometry)
-        del images
-        labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
-        if save_probabilities:
-            lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
-            write_like(lesion, geometry, output / f"{case.identifier}_probabilities.nii.gz", case.images[0])
-        del probabilities
-        write_like(labels, geometry, target, case.images[0])
-        written.append(target)
-    return written
+        try:
+            _predict_case(case, targets, predictors, threshold, min_lesion_mm3)
+        except DiskFullError:
+            raise
+        except CASE_ERRORS as error:
+            failure = _failure(case, error)
+            summary.failed.append(failure)
+            log(failure.line())
+            continue
+        summary.written.append(targets[0])
+    summary.path = summary_path(output, num_parts, part_id)
+    run = {"input": str(source), "list": None if case_list is None else str(case_list),
+           "part": {"id": part_id, "of": num_parts}}
+    write_json({**run, **summary.to_json()}, summary.path)
+    return summary
+
+
+def _outputs(output: Path, case: InputCase, save_probabilities: bool) -> tuple[Path, ...]:
+    """The files a case's prediction writes: the label file first, then the probability map when asked for."""
+    labels = output / f"{case.identifier}{case.ending}"
+    return (labels, output / f"{case.identifier}_probabilities.nii.gz") if save_probabilities else (labels,)
+
+
+def _predict_case(case: InputCase, targets: Sequence[Path], predictors: Sequence[Predictor], threshold: float,
+                  min_lesion_mm3: float) -> None:
+    """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
+    before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
+    kept afterwards."""
+    images, geometry = read_case(case)
+    probabilities = _ensemble(predictors, images, geometry)
+    del images
+    labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
+    if len(targets) > 1:
+        lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
+        write_like(lesion, geometry, targets[1], case.images[0])
+    del probabilities
+    write_like(labels, geometry, targets[0], case.images[0])
+
+
+def _failure(case: InputCase, error: Exception) -> CaseFailure:
+    """The failed case with the error's message on one line: a message that starts with one of the case's files
+    (``PATH: problem``, as :class:`ImageReadError` says it) blames that file, any other the whole case."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    for path in case.images:
+        if message.startswith(f"{path}: "):
+            return CaseFailure(case.identifier, (str(path),), message.removeprefix(f"{path}: "))
+    files = tuple(str(path) for path in case.images)
+    return CaseFailure(case.identifier, files, message.removeprefix(f"case {case.identifier}: "))
+
+
+def _print_to_stderr(line: str) -> None:
+    """Print a line to stderr without breaking a progress bar."""
+    tqdm.write(line, file=sys.stderr)
 
 
 def _install_model_file(model: str | Path, dataset: str | None, configurations: Sequence[str] | None,
@@ -453,10 +672,10 @@ def _install_model_file(model: str | Path, dataset: str | None, configurations: 
 
     named = [flag for flag, value in (("-d", dataset), ("-c", configurations), ("-tr", trainer), ("-f", folds)) if value]
     if named:
-        raise ValueError(f"{model}: a model file brings its own members and folds; leave out {', '.join(named)}")
+        raise UsageError(f"{model}: a model file brings its own members and folds; leave out {', '.join(named)}")
     installed = install_for_prediction(model)
     if checkpoint not in ("final", installed.checkpoint):
-        raise ValueError(f"{model}: holds {installed.checkpoint} checkpoints, not {checkpoint}")
+        raise UsageError(f"{model}: holds {installed.checkpoint} checkpoints, not {checkpoint}")
     return installed
 
 

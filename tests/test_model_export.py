@@ -64,7 +64,8 @@ def _other_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _outputs(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: read_image(p)[0] for p in sorted(folder.iterdir())}
+    """The predicted images of ``folder`` (not its prediction_summary.json)."""
+    return {p.name: read_image(p)[0] for p in sorted(folder.glob("*.nii.gz"))}
 
 
 QUIET = dict(device="cpu", progress=False, tta="none", save_probabilities=True)

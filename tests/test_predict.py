@@ -26,7 +26,7 @@ from autoseg.io import Geometry, read_image, read_json, write_image, write_json
 from autoseg.model_selection import THRESHOLDS, find_best
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
-from autoseg.predict import _choose_device, find_input_cases, load_model, predict
+from autoseg.predict import _choose_device, find_input_cases, load_model, predict, read_case_list
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -111,7 +111,7 @@ def test_files_that_do_not_form_complete_cases_are_listed_for_a_multi_channel_mo
 
 # ---------------------------------------------------------------------------- prediction
 def test_predict_folder_keeps_the_input_geometry(home: Path, tmp_path: Path) -> None:
-    written = predict(_images(home), tmp_path / "out", **QUIET, save_probabilities=True)
+    written = predict(_images(home), tmp_path / "out", **QUIET, save_probabilities=True).written
     sources = sorted(_images(home).glob("*_0000.nii.gz"))
     assert [p.name for p in written] == [p.name.replace("_0000", "") for p in sources]
     for source, target in zip(sources, written):
@@ -194,7 +194,7 @@ def test_plain_names_ending_in_digits_on_the_command_line(home: Path, tmp_path: 
         shutil.copy(source, tmp_path / name)
     assert predict_main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "--device", "cpu", "--no-progress",
                          "--no-tta"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == [
         "scan_0002.nii.gz", "sub_0001.nii.gz", "sub_0003.nii.gz"]
 
 
@@ -216,26 +216,26 @@ def test_incomplete_cases_for_a_multi_channel_model_on_the_command_line(
 
 def test_dataset_choice_without_d(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
-    assert len(predict(source, tmp_path / "a", dataset="961", **QUIET)) == 1
+    assert len(predict(source, tmp_path / "a", dataset="961", **QUIET).written) == 1
     shutil.rmtree(home / "results")
     assert predict_main(["-i", str(source), "-o", str(tmp_path / "b"), "--device", "cpu"]) == 1
     assert "name the dataset with -d: 0 trained datasets" in capsys.readouterr().err
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(home: Path, tmp_path: Path) -> None:
-    first = predict(_images(home), tmp_path, **QUIET, use_mirroring=False)
+    first = predict(_images(home), tmp_path, **QUIET, use_mirroring=False).written
     assert len(first) == 5
     write_image(np.full((2, 2, 2), 7, np.uint8), Geometry((2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
                 first[0])
-    assert predict(_images(home), tmp_path, **QUIET, use_mirroring=False) == []
+    assert predict(_images(home), tmp_path, **QUIET, use_mirroring=False).written == []
     assert read_image(first[0], np.uint8)[0].shape == (2, 2, 2)
-    assert len(predict(_images(home), tmp_path, **QUIET, use_mirroring=False, overwrite=True)) == 5
+    assert len(predict(_images(home), tmp_path, **QUIET, use_mirroring=False, overwrite=True).written) == 5
     assert read_image(first[0], np.uint8)[0].shape != (2, 2, 2)
 
 
 def test_parts_partition_the_cases(home: Path, tmp_path: Path) -> None:
     parts = [predict(_images(home), tmp_path, **QUIET, use_mirroring=False, num_parts=2, part_id=k) for k in (0, 1)]
-    names = [{p.name for p in part} for part in parts]
+    names = [{p.name for p in part.written} for part in parts]
     assert names[0] and names[1] and not names[0] & names[1] and len(names[0] | names[1]) == 5
     with pytest.raises(ValueError, match="part-id"):
         predict(_images(home), tmp_path, **QUIET, num_parts=2, part_id=2)
@@ -422,6 +422,107 @@ def test_checkpoint_choice_and_snapshots(home: Path) -> None:
         load_model(NAME, CONFIGURATION, checkpoint="best")  # trained without per-epoch validation
     with pytest.raises(ValueError, match="fold_7 has no final checkpoint"):
         load_model(NAME, CONFIGURATION, folds=[7])
+
+
+# ---------------------------------------------------------------------------- cohorts
+def _cases(home: Path) -> list[str]:
+    return [p.name.removesuffix("_0000.nii.gz") for p in sorted(_images(home).glob("*_0000.nii.gz"))]
+
+
+def test_a_list_restricts_the_cases_and_its_parts_cover_it(home: Path, tmp_path: Path) -> None:
+    cases = _cases(home)
+    listing = tmp_path / "cases.txt"
+    listing.write_text(f"# the cases to predict\n\n{cases[3]}\n  {cases[0]}_0000.nii.gz  # a file name also works\n"
+                       f"{cases[1]}\n{cases[3]}\n")
+    assert read_case_list(listing) == [(3, cases[3]), (4, f"{cases[0]}_0000.nii.gz"), (5, cases[1]), (6, cases[3])]
+    parts = [predict(_images(home), tmp_path / "out", **QUIET, tta="none", case_list=listing, num_parts=2, part_id=k)
+             for k in (0, 1)]
+    # the listed cases in input order, interleaved over the parts: disjoint, and together exactly the list
+    assert [[p.name for p in part.written] for part in parts] == [[f"{cases[0]}.nii.gz", f"{cases[3]}.nii.gz"],
+                                                                  [f"{cases[1]}.nii.gz"]]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == sorted(
+        f"{case}.nii.gz" for case in (cases[0], cases[1], cases[3]))
+    for k, part in enumerate(parts):  # one summary per part, so parts running at once keep their own
+        assert part.path == tmp_path / "out" / f"prediction_summary_part{k}of2.json"
+        written = read_json(part.path)
+        assert written["written"] == [p.name.removesuffix(".nii.gz") for p in part.written]
+        assert written["part"] == {"id": k, "of": 2} and written["list"] == str(listing)
+
+
+def test_an_unknown_name_in_the_list_is_an_error_naming_file_and_line(home: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    listing = tmp_path / "cases.txt"
+    listing.write_text(f"{_cases(home)[0]}\n# comment\nsub-017\n")
+    assert predict_main(["-i", str(_images(home)), "-o", str(tmp_path / "out"), "--list", str(listing),
+                         "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {listing}: 1 listed case(s) not among the 5 input case(s) ({', '.join(_cases(home)[:3])}, ...):" in err
+    assert f"  {listing}:3: sub-017" in err and not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="no such case list"):
+        predict(_images(home), tmp_path / "out", **QUIET, case_list=tmp_path / "missing.txt")
+
+
+def _bad_cases(folder: Path) -> dict[str, str]:
+    """Write three cases that cannot be predicted into ``folder``; their identifiers sort before the good ones, so
+    the good cases come after a failure. Returns what each one's report line says."""
+    (folder / "a_corrupt_0000.nii.gz").write_bytes(b"\x1f\x8b not an image at all")
+    geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(np.full((4, 4, 4), np.nan, np.float32), geometry, folder / "a_nan_0000.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4), np.float32)), str(folder / "a_flat_0000.nii.gz"))
+    return {"a_corrupt": "unreadable image", "a_flat": "expected a 3-D single-channel image, found 2-D",
+            "a_nan": "64 NaN/Inf voxel(s)"}
+
+
+def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(home: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    source = Path(shutil.copytree(_images(home), tmp_path / "in"))
+    bad = _bad_cases(source)
+    output = tmp_path / "out"
+    arguments = ["-i", str(source), "-o", str(output), "--device", "cpu", "--no-progress", "--no-tta"]
+    assert predict_main(arguments) == 1  # every good case written first
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("case ")]
+    assert len(lines) == 3
+    for line, (case, problem) in zip(lines, sorted(bad.items())):
+        assert line.startswith(f"case {case} ({source / f'{case}_0000.nii.gz'}): ") and problem in line, line
+        assert f"): {source}" not in line, line  # the file is named once, not again before the problem
+    good = _cases(home)
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in good]
+    summary = read_json(output / "prediction_summary.json")
+    assert summary["counts"] == {"written": 5, "skipped": 0, "failed": 3} and summary["written"] == good
+    assert [(f["case"], f["files"]) for f in summary["failed"]] == [
+        (case, [str(source / f"{case}_0000.nii.gz")]) for case in sorted(bad)]
+    assert out == f"wrote 5 prediction(s), skipped 0 already done, 3 failed: {', '.join(sorted(bad))}; summary: " \
+                  f"{output / 'prediction_summary.json'}\n"
+    # the same command again: the good cases are done, the bad ones fail again
+    assert predict_main(arguments) == 1
+    summary = read_json(output / "prediction_summary.json")
+    assert summary["counts"] == {"written": 0, "skipped": 5, "failed": 3} and summary["skipped"] == good
+
+
+def test_a_killed_run_resumes_with_the_cases_it_did_not_finish(home: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    first = predict(_images(home), output, **QUIET, tta="none", save_probabilities=True)
+    assert len(first.written) == 5 and not first.skipped and not first.failed
+    # a kill: one case never written (only a temporary file of its labels left), one killed between its
+    # probabilities and its labels, and a temporary file left beside a case that was finished
+    a, b, c = _cases(home)[:3]
+    (output / f"{a}.nii.gz").unlink()
+    (output / f"{a}_probabilities.nii.gz").unlink()
+    (output / f".{a}.nii.gz.k1ll3d00.tmp.nii.gz").write_bytes(b"half")
+    (output / f"{b}.nii.gz").unlink()
+    (output / f".{c}_probabilities.nii.gz.x7y8z9ab.tmp.nii.gz").write_bytes(b"half")
+    untouched = (output / f"{c}.nii.gz").stat().st_mtime_ns
+    again = predict(_images(home), output, **QUIET, tta="none", save_probabilities=True)
+    assert [p.name for p in again.written] == [f"{a}.nii.gz", f"{b}.nii.gz"]
+    assert again.skipped == _cases(home)[2:] and again.stale_temporaries == 2
+    assert not [p.name for p in output.iterdir() if p.name.startswith(".")]
+    assert (output / f"{c}.nii.gz").stat().st_mtime_ns == untouched
+    # without --save-probabilities the label file is enough; with it, a case without its map is predicted again
+    assert len(predict(_images(home), output, **QUIET, tta="none").skipped) == 5
+    (output / f"{a}_probabilities.nii.gz").unlink()
+    assert [p.name for p in predict(_images(home), output, **QUIET, tta="none", save_probabilities=True).written] == \
+        [f"{a}.nii.gz"]
 
 
 # ---------------------------------------------------------------------------- the CPU fast path

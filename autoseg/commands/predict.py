@@ -42,23 +42,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
     p.add_argument("--num-parts", type=int, default=1, help="split the sorted cases into this many parts (1)")
     p.add_argument("--part-id", type=int, default=0, help="which part this process predicts (0-based)")
+    p.add_argument("--list", dest="case_list", metavar="FILE",
+                   help="text file of case identifiers to predict, one per line (# comments and blank lines "
+                        "ignored); split by --num-parts like all cases")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Predict, print one summary line and return 0, or 1 when a case failed (after every other case was done)."""
     args = parser().parse_args(argv)
 
-    def action() -> None:
-        written = predict(
+    def action() -> int:
+        summary = predict(
             args.input, args.output, args.dataset, args.configurations, args.folds, trainer=args.trainer,
             checkpoint=args.checkpoint, step_size=args.step_size, tta=args.tta,
             save_probabilities=args.save_probabilities, postprocessing=not args.no_postprocessing,
-            overwrite=args.overwrite, num_parts=args.num_parts, part_id=args.part_id, device=args.device,
-            progress=not args.no_progress, model=args.model,
+            overwrite=args.overwrite, num_parts=args.num_parts, part_id=args.part_id, case_list=args.case_list,
+            device=args.device, progress=not args.no_progress, model=args.model,
         )
-        print(f"wrote {len(written)} prediction(s) to {args.output}")
+        print(summary.line())
+        return 1 if summary.failed else 0
 
     return run(action)
 
