@@ -369,7 +369,8 @@ def evaluate_case(
         ValueError: shapes differ, the array is not 2-D or 3-D, or ``spacing`` does not fit.
     """
     pred, ref, spacing = _validated(prediction, reference, spacing)
-    pred, ref = _crop_to_union(pred, ref)  # every metric below is unchanged by dropping empty borders
+    if not overlap_only:  # every metric below is unchanged by dropping empty borders; cropping pays for distances
+        pred, ref = _crop_to_union(pred, ref)
     tp, fp, fn = _confusion_counts(pred, ref)
     voxel = float(np.prod(spacing))
     volumes = _volume_difference((tp + fp) * voxel, (tp + fn) * voxel)
