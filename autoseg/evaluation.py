@@ -9,7 +9,7 @@ Folder layout, matched by case name (the file name without its image ending; end
 Outputs in ``output_dir`` (each written atomically, and only after every case was evaluated, so an
 error leaves nothing behind):
 
-    per_case.csv          one row per case, the columns of :func:`autoseg.metrics.evaluate_case`
+    per_case.csv          one row per case, the metrics of :func:`autoseg.metrics.score_case` for ``label``
     summary.json          per metric: mean, std, median, bootstrap 95% CI of the mean, n, NaN count;
                           micro-Dice; Dice-vs-volume fit; the lesion-size quartile table. NaN -> null.
     quartiles.csv         cases split into four equal-count groups by reference lesion volume (mm^3)
@@ -47,7 +47,7 @@ from autoseg.io import (
     split_ending,
     write_json,
 )
-from autoseg.metrics import dice_from_counts, evaluate_case
+from autoseg.metrics import dice_from_counts, score_case
 from autoseg.parallel import map_cases
 
 #: Metrics summarised in summary.json and the terminal table, in display order.
@@ -104,7 +104,7 @@ class EvaluationResult:
     """What :func:`evaluate_folders` computed.
 
     Attributes:
-        per_case: one row per case (index ``case``), columns as returned by ``evaluate_case``.
+        per_case: one row per case (index ``case``), the metrics of ``score_case`` for ``label``.
         summary: the content of summary.json (NaN kept as float NaN here).
         quartiles: the lesion-size quartile table, one row per quartile.
         output_files: output key -> path written; empty when no ``output_dir`` was given.
@@ -436,14 +436,15 @@ def _header(path: Path) -> Geometry:
 
 
 def _evaluate_one(files: CaseFiles, label: int) -> dict[str, Any]:
-    """Read one case, binarize both label maps as ``== label`` and compute all metrics."""
+    """Read one case and score ``label`` with :func:`autoseg.metrics.score_case` (as validation and find_best do)."""
     try:
         reference, geometry = read_image(files.reference)
         prediction, _ = read_image(files.prediction)
         probabilities = None if files.probabilities is None else read_image(files.probabilities)[0]
     except ImageReadError as error:
         raise EvaluationError(str(error)) from None
-    metrics = evaluate_case(prediction == label, reference == label, geometry.spacing, probabilities)
+    probabilities = None if probabilities is None else probabilities[None]
+    metrics = score_case(prediction, reference, geometry.spacing, (label,), probabilities)[label]
     return {"case": files.case, **metrics}
 
 

@@ -4,6 +4,12 @@ Pure functions on numpy arrays. Masks are binary arrays of shape (X, Y, Z) (or (
 non-zero value counts as foreground. ``spacing`` is the voxel size in mm per axis, in the same axis
 order as the array, so anisotropic voxels give correct distances and volumes.
 
+One case is scored by :func:`score_case` wherever the pipeline scores one: end-of-fold validation
+(``validation/summary.json``), ``autoseg_find_best`` and ``autoseg_evaluate``. It takes the two label
+maps and the labels to score, and scores each label on ``prediction == label`` against
+``reference == label`` with :func:`evaluate_case`; :func:`mean_over_labels` makes one value per
+metric of several labels.
+
 Definitions:
     * Overlap: with TP, FP, FN voxel counts, Dice = 2TP / (2TP + FP + FN), sensitivity (TPR) =
       TP / (TP + FN), precision (PPV) = TP / (TP + FP).
@@ -47,7 +53,7 @@ when both masks are empty and NaN when only the reference is.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import cc3d
@@ -264,14 +270,86 @@ def dice_hausdorff_score(dice_value: float, hausdorff_mm: float, hd_max_mm: floa
     return 0.0 if total == 0 else dice_value * closeness / total
 
 
+def score_case(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    spacing: Spacing,
+    labels: Sequence[int] = (1,),
+    probabilities: np.ndarray | None = None,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    overlap_only: bool = False,
+) -> dict[int, dict[str, float]]:
+    """Score one case, label by label: the one function end-of-fold validation (``autoseg.training``),
+    ``autoseg_find_best`` (``autoseg.model_selection``) and ``autoseg_evaluate`` (``autoseg.evaluation``) score with.
+
+    Each label is scored on the masks ``prediction == label`` and ``reference == label`` (never ``> 0``: with
+    several labels the union would credit a voxel given the wrong label), with :func:`evaluate_case`.
+
+    Args:
+        prediction: predicted label map, shape (X, Y, Z) or (X, Y); 0 is background.
+        reference: reference label map, same shape.
+        spacing: voxel size in mm per axis, same axis order.
+        labels: the labels to score (default ``(1,)``, the lesion of a single-label dataset).
+        probabilities: optional probabilities, shape (len(labels), X, Y, Z) or (len(labels), X, Y): channel ``i``
+            for ``labels[i]``; adds ``max_dice`` (mDSC).
+        thresholds: thresholds for ``max_dice``.
+        overlap_only: only the metrics of the voxel counts (Dice, sensitivity, precision, volumes, counts), without
+            the surface distances and lesion components, which cost most of the time.
+
+    Returns:
+        Label -> the metrics of :func:`evaluate_case` (see :func:`mean_over_labels` for one value per case).
+
+    Raises:
+        ValueError: shapes differ, the array is not 2-D or 3-D, ``spacing`` does not fit, no label is given, or
+            ``probabilities`` has not one channel per label.
+
+    Example:
+        >>> reference = np.zeros((4, 4, 4), np.uint8); reference[:2] = 1; reference[2:] = 2
+        >>> prediction = np.zeros_like(reference); prediction[:2] = 2; prediction[2:] = 1  # labels swapped
+        >>> {label: m["dice"] for label, m in score_case(prediction, reference, (1, 1, 1), (1, 2)).items()}
+        {1: 0.0, 2: 0.0}
+    """
+    labels = [int(label) for label in labels]
+    if not labels:
+        raise ValueError("at least one label to score is needed")
+    prediction, reference = np.asarray(prediction), np.asarray(reference)
+    if probabilities is not None and len(probabilities) != len(labels):
+        raise ValueError(f"probabilities need one channel per label {labels}, got {len(probabilities)}")
+    return {label: evaluate_case(prediction == label, reference == label, spacing,
+                                 None if probabilities is None else probabilities[index], thresholds,
+                                 overlap_only=overlap_only)
+            for index, label in enumerate(labels)}
+
+
+def mean_over_labels(scores: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """One value per metric for a case scored by :func:`score_case`: a single label's own values, or the mean over
+    the labels with NaN left out (NaN when it is NaN for every label), as nnU-Net averages its foreground classes.
+
+    Example:
+        >>> mean_over_labels({1: {"dice": 0.5, "hausdorff95": math.nan}, 2: {"dice": 1.0, "hausdorff95": 2.0}})
+        {'dice': 0.75, 'hausdorff95': 2.0}
+    """
+    if len(scores) == 1:
+        return dict(next(iter(scores.values())))
+    names = list(dict.fromkeys(name for metrics in scores.values() for name in metrics))
+    means = {}
+    for name in names:
+        values = [metrics[name] for metrics in scores.values() if not math.isnan(metrics[name])]
+        means[name] = float(np.mean(values)) if values else math.nan
+    return means
+
+
 def evaluate_case(
     prediction: Mask,
     reference: Mask,
     spacing: Spacing,
     probabilities: np.ndarray | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    overlap_only: bool = False,
 ) -> dict[str, float]:
-    """Every metric of this module for one case.
+    """Every metric of this module for one binary mask pair; :func:`score_case` calls it for each label.
 
     Args:
         prediction: binary mask, shape (X, Y, Z) or (X, Y).
@@ -279,6 +357,7 @@ def evaluate_case(
         spacing: voxel size in mm per axis, same axis order.
         probabilities: optional lesion probabilities, same shape; adds ``max_dice`` (mDSC).
         thresholds: thresholds for ``max_dice``.
+        overlap_only: leave out hausdorff, hausdorff95, assd, dice_hd_score and the lesion_* metrics.
 
     Returns:
         Metric name -> value (counts as floats): dice, [max_dice,] sensitivity, precision, hausdorff,
@@ -290,33 +369,35 @@ def evaluate_case(
         ValueError: shapes differ, the array is not 2-D or 3-D, or ``spacing`` does not fit.
     """
     pred, ref, spacing = _validated(prediction, reference, spacing)
-    pred, ref = _crop_to_union(pred, ref)  # every metric below is unchanged by dropping empty borders
+    if not overlap_only:  # every metric below is unchanged by dropping empty borders; cropping pays for distances
+        pred, ref = _crop_to_union(pred, ref)
     tp, fp, fn = _confusion_counts(pred, ref)
     voxel = float(np.prod(spacing))
-    distances = _distance_metrics(pred, ref, spacing)
     volumes = _volume_difference((tp + fp) * voxel, (tp + fn) * voxel)
-    lesions = lesion_wise(pred, ref)
     result = {"dice": dice_from_counts(tp, fp, fn)}
     if probabilities is not None:
         result["max_dice"] = max_dice_over_thresholds(probabilities, reference, thresholds)
+    result.update(sensitivity=_ratio(tp, tp + fn, both_empty=fp == 0),
+                  precision=_ratio(tp, tp + fp, both_empty=fn == 0))
+    if not overlap_only:
+        distances = _distance_metrics(pred, ref, spacing)
+        result.update(**distances, dice_hd_score=dice_hausdorff_score(result["dice"], distances["hausdorff"]))
     result.update(
-        sensitivity=_ratio(tp, tp + fn, both_empty=fp == 0),
-        precision=_ratio(tp, tp + fp, both_empty=fn == 0),
-        **distances,
-        dice_hd_score=dice_hausdorff_score(dice_from_counts(tp, fp, fn), distances["hausdorff"]),
         volume_reference_mm3=(tp + fn) * voxel,
         volume_prediction_mm3=(tp + fp) * voxel,
         volume_difference_mm3=volumes.absolute_mm3,
         relative_volume_difference=volumes.relative,
-        lesion_f1=lesions.f1,
-        lesion_tp=lesions.tp,
-        lesion_fp=lesions.fp,
-        lesion_fn=lesions.fn,
-        lesion_count_difference=lesions.count_difference,
-        tp_voxels=tp,
-        fp_voxels=fp,
-        fn_voxels=fn,
     )
+    if not overlap_only:
+        lesions = lesion_wise(pred, ref)
+        result.update(
+            lesion_f1=lesions.f1,
+            lesion_tp=lesions.tp,
+            lesion_fp=lesions.fp,
+            lesion_fn=lesions.fn,
+            lesion_count_difference=lesions.count_difference,
+        )
+    result.update(tp_voxels=tp, fp_voxels=fp, fn_voxels=fn)
     return {name: float(value) for name, value in result.items()}
 
 

@@ -22,15 +22,18 @@ probabilities on the original grid), and the raw dataset's labels. :func:`find_b
    choice) and ``postprocessing.json`` (members, threshold, minimum size), which ``autoseg_predict`` applies when it
    ensembles those members, and whose members it predicts with when given neither ``-c`` nor ``-tr``.
 
-Per-case scores: both masks empty scores 1 (Dice) or 0.5 (the combined score's maximum); exactly one empty
-scores 0 (its Hausdorff distance is undefined, and an empty prediction of a lesion is a miss).
+Per-case scores: every case is scored by :func:`autoseg.metrics.score_case`, the function end-of-fold validation and
+``autoseg_evaluate`` score with, label by label (``prediction == k`` against ``reference == k``) and averaged over the
+labels when there are several; a member's Dice at the plans' threshold (with no minimum lesion size, as planned)
+is therefore the Dice its ``validation/summary.json`` gives. Both masks empty scores 1 (Dice) or 0.5 (the combined score's maximum); exactly
+one empty scores 0 (its Hausdorff distance is undefined, and an empty prediction of a lesion is a miss).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,8 @@ from tqdm import tqdm
 from autoseg.dataset import find_dataset
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.io import read_header, read_image, write_json
-from autoseg.metrics import dice, dice_hausdorff_score, hausdorff
-from autoseg.option_effects import BOOTSTRAP, case_metrics, describe_options, find_pairings
+from autoseg.metrics import mean_over_labels, score_case
+from autoseg.option_effects import BOOTSTRAP, describe_options, find_pairings
 from autoseg.paths import preprocessed_root, results_root
 from autoseg.plans import Plans, PlansError
 from autoseg.postprocessing import postprocess_probabilities, remove_small_components
@@ -56,22 +59,24 @@ MIN_SIZES_VOXELS = (0, 10, 25, 50, 100, 250, 500, 1000)
 SELECTION_FILE = "model_selection.json"
 
 
-def case_score(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float], metric: str) -> float:
-    """Score of one case's (X, Y, Z) masks (see the module docstring for empty masks).
+def case_score(scores: Mapping[int, Mapping[str, float]], metric: str) -> float:
+    """The grid search's score of one case scored by :func:`autoseg.metrics.score_case` (see the module docstring for
+    empty masks): its ``dice``, or its ``dice_hd_score`` with 0 where exactly one mask is empty; with several labels,
+    the mean over them.
 
     Raises:
         ValueError: unknown metric.
     """
     if metric not in METRICS:
         raise UsageError(f"unknown metric '{metric}', use one of {list(METRICS)}")
-    predicted, present = bool(prediction.any()), bool(reference.any())
-    if metric == "dice":
-        return dice(prediction, reference)
-    if not predicted and not present:
-        return 0.5
-    if predicted != present:
-        return 0.0
-    return dice_hausdorff_score(dice(prediction, reference), hausdorff(prediction, reference, spacing))
+    name = "dice" if metric == "dice" else "dice_hd_score"
+    # dice_hd_score is NaN only where exactly one mask is empty (no Hausdorff distance): a miss or a false alarm.
+    return float(np.mean([0.0 if math.isnan(m[name]) else m[name] for m in scores.values()]))
+
+
+def _labels_of(probabilities: np.ndarray) -> range:
+    """The labels 1..K a (K, X, Y, Z) probability map is post-processed into (channel k is label k + 1)."""
+    return range(1, len(probabilities) + 1)
 
 
 Member = tuple[str, str]
@@ -190,7 +195,8 @@ def _score_members(members: Sequence[Member], subsets: Sequence[tuple[Member, ..
                    cases: Sequence[str], references: dict[str, Path], threshold: float, progress: bool
                    ) -> tuple[dict[tuple[Member, ...], list[float]], dict[Member, dict[str, dict[str, float]]]]:
     """The Dice of every subset (ensemble) on ``cases`` (validated by every member), and every member's
-    :func:`autoseg.option_effects.case_metrics` on every case it validated, at ``threshold``."""
+    metrics (:func:`autoseg.metrics.score_case`, averaged over labels by :func:`autoseg.metrics.mean_over_labels`, as
+    end-of-fold validation writes them) on every case it validated, at ``threshold``."""
     dice_values: dict[tuple[Member, ...], list[float]] = {combo: [] for combo in subsets}
     scores: dict[Member, dict[str, dict[str, float]]] = {m: {} for m in members}
     common = set(cases)
@@ -200,7 +206,8 @@ def _score_members(members: Sequence[Member], subsets: Sequence[tuple[Member, ..
         loaded = {m: _load(found[m][case]) for m in members if case in found[m]}
         for member, probabilities in loaded.items():
             labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, 0.0)
-            scores[member][case] = case_metrics(labels > 0, reference > 0, geometry.spacing)
+            scores[member][case] = mean_over_labels(score_case(labels, reference, geometry.spacing,
+                                                               _labels_of(probabilities)))
         if case not in common:
             continue
         for combo in subsets:
@@ -209,7 +216,8 @@ def _score_members(members: Sequence[Member], subsets: Sequence[tuple[Member, ..
                 continue
             mean = np.mean([loaded[m] for m in combo], axis=0)
             labels = postprocess_probabilities(mean, geometry.spacing, threshold, 0.0)
-            dice_values[combo].append(dice(labels > 0, reference > 0))
+            ensemble = score_case(labels, reference, geometry.spacing, _labels_of(mean), overlap_only=True)
+            dice_values[combo].append(mean_over_labels(ensemble)["dice"])
     return dice_values, scores
 
 
@@ -261,7 +269,9 @@ def _grid_search(files: Sequence[dict[str, Path]], cases: Sequence[str], referen
             labels = postprocess_probabilities(mean, geometry.spacing, threshold, 0.0)
             for size in MIN_SIZES_VOXELS:
                 kept = remove_small_components(labels, geometry.spacing, size * voxel)
-                scores[(threshold, size)].append(case_score(kept > 0, reference > 0, geometry.spacing, metric))
+                per_label = score_case(kept, reference, geometry.spacing, _labels_of(mean),
+                                       overlap_only=metric == "dice")
+                scores[(threshold, size)].append(case_score(per_label, metric))
     return [{"threshold": t, "min_lesion_voxels": s, "min_lesion_mm3": round(s * voxel, 4),
              "score": _mean(values)} for (t, s), values in scores.items()]
 

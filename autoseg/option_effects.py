@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from autoseg.evaluation import bootstrap_ci
-from autoseg.metrics import dice, hausdorff95, lesion_wise
 from autoseg.plans import (
     Configuration,
     asymmetric_name,
@@ -36,7 +35,7 @@ from autoseg.plans import (
     zscore_name,
 )
 
-__all__ = ["ALTERNATIVE_TRAINERS", "BOOTSTRAP", "OPTION_METRICS", "SYMMETRIC_BASES", "VERDICTS", "Pairing", "case_metrics",
+__all__ = ["ALTERNATIVE_TRAINERS", "BOOTSTRAP", "OPTION_METRICS", "SYMMETRIC_BASES", "VERDICTS", "Pairing",
            "describe_options", "find_pairings", "paired_differences"]
 
 Member = tuple[str, str]
@@ -57,12 +56,6 @@ ALTERNATIVE_TRAINERS = {"ResidualUNet": ("AcuteStrokeTrainer",), "PSPNet": ("PSP
 
 def _name(member: Member) -> str:
     return "/".join(member)
-
-
-def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-    """Dice, lesion-wise F1 and HD95 (mm; NaN when exactly one mask is empty) of one case's (X, Y, Z) masks."""
-    return {"dice": dice(prediction, reference), "lesion_f1": lesion_wise(prediction, reference).f1,
-            "hausdorff95": hausdorff95(prediction, reference, spacing)}
 
 
 @dataclass(frozen=True)
@@ -124,7 +117,8 @@ def paired_differences(candidate: Mapping[str, Mapping[str, float]], baseline: M
     """Candidate − baseline on the cases both validated, per metric of :data:`OPTION_METRICS`.
 
     Args:
-        candidate, baseline: case -> :func:`case_metrics`.
+        candidate, baseline: case -> its metrics (:func:`autoseg.metrics.score_case`, one value per metric by
+            :func:`autoseg.metrics.mean_over_labels`).
 
     Returns:
         ``cases`` (validated by both) and per metric ``mean`` of the differences, ``ci95`` (paired percentile
@@ -169,7 +163,7 @@ def describe_options(pairings: Sequence[Pairing], dataset: str, available: Seque
         dataset: the dataset's folder name, for the commands.
         available: members with cross-validation outputs.
         compared: members find_best compared (``-c``/``-tr`` may leave some out).
-        scores: member -> case -> :func:`case_metrics`, for the compared members.
+        scores: member -> case -> its metrics (as for :func:`paired_differences`), for the compared members.
         chosen: the members find_best chose.
     """
     entries = []

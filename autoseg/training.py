@@ -14,7 +14,7 @@ fold: ``setup()``, ``fit()`` and the end-of-fold validation. Everything a run wr
 ``checkpoint_snapshot_<EPOCH>.pth``    snapshot-ensemble members (``ZoomInOutTrainer``: 1/3, 2/3, end of stage 2)
 ``validation/CASE.nii.gz``             the fold's validation cases, predicted on their original grid
 ``validation/CASE_probabilities.npz``  their probabilities (``probabilities``: (K, X, Y, Z) float16), same grid
-``validation/summary.json``            per-case Dice and HD95 against the raw labels, and their means
+``validation/summary.json``            per-case Dice, HD95 and lesion F1 against the raw labels, and their means
 ===================================== ========================================================================
 
 Also here: the run flags (:class:`TrainingOptions`), the training length after ``--epochs`` and
@@ -43,7 +43,7 @@ from autoseg.inference import Predictor
 from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json, write_like
 from autoseg.losses import one_hot_foreground
 from autoseg.machine import PRECISIONS
-from autoseg.metrics import dice, hausdorff95
+from autoseg.metrics import mean_over_labels, score_case
 from autoseg.paths import results_root
 from autoseg.plan_and_preprocess import dataset_folder
 from autoseg.plans import Plans, Schedule
@@ -68,6 +68,9 @@ __all__ = [
 Fold = int | str
 """A fold index 0..n-1 of ``splits_final.json``, or ``"full"`` (train and validate on every case: a final model
 after cross-validation). ``-f all`` on the command line means every fold in turn (:func:`cross_validate`)."""
+
+#: The metrics of :func:`autoseg.metrics.score_case` that ``validation/summary.json`` gives per case and averages.
+VALIDATION_METRICS = ("dice", "hausdorff95", "lesion_f1")
 
 
 
@@ -293,7 +296,10 @@ def validate_cases(
     context: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """Predict whole preprocessed cases, restore them to the original grid, post-process, write them as NIfTI and
-    score them against the raw labels.
+    score them against the raw labels with :func:`autoseg.metrics.score_case`, as ``autoseg_evaluate`` and
+    ``autoseg_find_best`` do: label ``k`` (channel ``k - 1``) on ``prediction == k`` against ``reference == k``.
+    The probabilities are rounded to float16 before post-processing, as ``CASE_probabilities.npz`` keeps them, so
+    ``autoseg_find_best`` at the same post-processing makes the same labels and scores.
 
     Preprocessed cases, their restored probabilities and the references are all in the canonical orientation
     (``autoseg.io.read_image``), so they are compared voxel for voxel; ``CASE_probabilities.npz`` stays in it.
@@ -311,9 +317,10 @@ def validate_cases(
             gathered; rank 0 writes ``summary.json`` and every rank returns the whole summary.
 
     Returns:
-        The summary: ``cases`` (case -> ``dice``, ``hausdorff95`` in mm, voxel counts; per label under
-        ``labels`` when there are several), ``mean`` over cases (NaN values left out) and ``nan_count``.
-        NaN is written as null.
+        The summary: ``cases`` (case -> ``dice``, ``hausdorff95`` in mm, ``lesion_f1``, ``reference_voxels`` and
+        ``predicted_voxels``; with several labels the metrics are the mean over labels (NaN left out), the counts
+        the sums, and each label's own under ``labels``), ``mean`` of each metric over cases (NaN values left out)
+        and ``nan_count``. NaN is written as null.
 
     Raises:
         ValueError: a case without a reference, or a reference on another grid than the prediction.
@@ -325,7 +332,9 @@ def validate_cases(
             raise DataError(f"validation case {case} has no label file in the raw dataset")
         data, _, properties = load_case(data_folder, case, mmap=True)
         geometry = Geometry.from_json(properties["geometry"])
+        # Rounded as CASE_probabilities.npz stores them, so autoseg_find_best remakes these labels exactly.
         probabilities = restore_probabilities(predictor.predict_preprocessed(data), properties)
+        probabilities = probabilities.astype(np.float16).astype(np.float32)
         labels = predictor.postprocess(probabilities, geometry.spacing)
         if images is not None and images.get(case) is not None:
             write_like(labels, geometry, output_folder / f"{case}.nii.gz", images[case])
@@ -336,7 +345,8 @@ def validate_cases(
         differences = geometry.differences(reference_geometry)
         if differences:
             raise DataError(f"{references[case]}: the label's grid differs from the image's: {'; '.join(differences)}")
-        per_case[case] = _case_metrics(labels, reference, geometry.spacing, probabilities.shape[0])
+        scores = score_case(labels, reference, reference_geometry.spacing, range(1, len(probabilities) + 1))
+        per_case[case] = _summary_entry(scores)
     if context.enabled:
         gathered = {case: metrics for part in gather_objects(per_case) for case, metrics in part.items()}
         per_case = {case: gathered[case] for case in cases}
@@ -354,19 +364,25 @@ def _save_probabilities(probabilities: np.ndarray, path: Path) -> None:
             np.savez_compressed(handle, probabilities=probabilities.astype(np.float16))
 
 
-def _case_metrics(labels: np.ndarray, reference: np.ndarray, spacing: Sequence[float], classes: int) -> dict:
-    result = {"dice": dice(labels > 0, reference > 0), "hausdorff95": hausdorff95(labels > 0, reference > 0, spacing),
-              "reference_voxels": int((reference > 0).sum()), "predicted_voxels": int((labels > 0).sum())}
-    if classes > 1:
-        result["labels"] = {str(k): {"dice": dice(labels == k, reference == k),
-                                     "hausdorff95": hausdorff95(labels == k, reference == k, spacing)}
-                            for k in range(1, classes + 1)}
+def _summary_entry(scores: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """A case of ``summary.json`` from :func:`autoseg.metrics.score_case`: :data:`VALIDATION_METRICS` (the mean over
+    labels when there are several, each label's under ``labels``) and the voxel counts (summed over labels)."""
+
+    def entry(metrics: dict[str, float]) -> dict[str, Any]:
+        return {**{name: metrics[name] for name in VALIDATION_METRICS},
+                "reference_voxels": int(metrics["tp_voxels"] + metrics["fn_voxels"]),
+                "predicted_voxels": int(metrics["tp_voxels"] + metrics["fp_voxels"])}
+
+    result = entry({**mean_over_labels(scores),
+                    **{name: sum(m[name] for m in scores.values()) for name in ("tp_voxels", "fp_voxels", "fn_voxels")}})
+    if len(scores) > 1:
+        result["labels"] = {str(label): entry(metrics) for label, metrics in scores.items()}
     return result
 
 
 def _means(per_case: dict[str, dict]) -> dict[str, dict[str, float]]:
     means, nans = {}, {}
-    for metric in ("dice", "hausdorff95"):
+    for metric in VALIDATION_METRICS:
         values = np.array([case[metric] for case in per_case.values()], dtype=float)
         finite = values[np.isfinite(values)]
         means[metric] = float(finite.mean()) if finite.size else math.nan

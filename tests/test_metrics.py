@@ -275,3 +275,42 @@ def test_surface_distances_empty_when_a_mask_is_empty() -> None:
 def test_invalid_inputs_raise(prediction, reference, spacing) -> None:
     with pytest.raises(ValueError):
         metrics.evaluate_case(prediction, reference, spacing)
+
+
+def test_score_case_scores_each_label_as_equal_to_it_not_the_union() -> None:
+    """Two labels, the prediction's lesion labelled across the other axis: the union ``> 0`` would call it perfect;
+    each label overlaps by half, which is what score_case gives (checked against numpy and brute-force distances)."""
+    lesion = cube((12, 12, 12), start=3, size=6)
+    reference, prediction = np.zeros(lesion.shape, np.uint8), np.zeros(lesion.shape, np.uint8)
+    index = np.indices(lesion.shape)
+    reference[lesion & (index[0] < 6)], reference[lesion & (index[0] >= 6)] = 1, 2
+    prediction[lesion & (index[1] < 6)], prediction[lesion & (index[1] >= 6)] = 1, 2
+    scores = metrics.score_case(prediction, reference, ANISOTROPIC, (1, 2))
+    assert metrics.dice(prediction > 0, reference > 0) == 1.0  # what the union would have said
+    for label in (1, 2):
+        pred, ref = prediction == label, reference == label
+        assert scores[label]["dice"] == pytest.approx(2 * (pred & ref).sum() / (pred.sum() + ref.sum())) == 0.5
+        expected = brute_distances(pred, ref, ANISOTROPIC)
+        assert scores[label]["hausdorff95"] == pytest.approx(expected["hausdorff95"], abs=1e-6)
+        assert scores[label] == metrics.evaluate_case(pred, ref, ANISOTROPIC)
+    mean = metrics.mean_over_labels(scores)
+    assert mean["dice"] == 0.5 and mean["hausdorff95"] == pytest.approx(np.mean([scores[k]["hausdorff95"]
+                                                                                 for k in (1, 2)]))
+    # one label: its own values; a label given to nothing is empty on both sides
+    assert metrics.mean_over_labels({1: scores[1]}) == scores[1]
+    assert metrics.score_case(prediction, reference, ANISOTROPIC, (3,))[3]["dice"] == 1.0
+
+
+def test_mean_over_labels_leaves_nan_out_and_score_case_checks_its_inputs() -> None:
+    mean = metrics.mean_over_labels({1: {"dice": 0.0, "hausdorff95": math.nan},
+                                     2: {"dice": 1.0, "hausdorff95": 3.0},
+                                     3: {"dice": 0.5, "hausdorff95": math.nan}})
+    assert mean == {"dice": 0.5, "hausdorff95": 3.0}
+    assert math.isnan(metrics.mean_over_labels({1: {"assd": math.nan}, 2: {"assd": math.nan}})["assd"])
+    mask = cube((6, 6, 6), start=1, size=3).astype(np.uint8)
+    with pytest.raises(ValueError, match="label"):
+        metrics.score_case(mask, mask, (1, 1, 1), ())
+    with pytest.raises(ValueError, match="one channel per label"):
+        metrics.score_case(mask, mask, (1, 1, 1), (1, 2), probabilities=np.zeros((1, 6, 6, 6)))
+    overlap = metrics.score_case(mask, mask, (1, 1, 1), overlap_only=True)[1]
+    assert overlap["dice"] == 1.0 and "hausdorff95" not in overlap and "lesion_f1" not in overlap

@@ -318,7 +318,7 @@ def test_command_line_run_validates_the_fold_on_the_original_grid(home: Path, ca
     folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
     validation = read_json(home / "preprocessed" / FIVE / "splits_final.json")[0]["val"]
     summary = read_json(folder / "validation" / "summary.json")
-    assert sorted(summary["cases"]) == validation and set(summary["mean"]) == {"dice", "hausdorff95"}
+    assert sorted(summary["cases"]) == validation and set(summary["mean"]) == {"dice", "hausdorff95", "lesion_f1"}
     for case, metrics in summary["cases"].items():
         assert 0 <= metrics["dice"] <= 1 and (metrics["hausdorff95"] is None or metrics["hausdorff95"] >= 0)
         predicted = read_header(folder / "validation" / f"{case}.nii.gz")[0]
