@@ -165,7 +165,7 @@ def channel_normalization(channel: dict[str, Any], option: str = "zscore") -> tu
     if option not in NORMALIZATION_OPTIONS:
         raise ValueError(f"unknown normalization option '{option}', use one of {list(NORMALIZATION_OPTIONS)}")
     if option == "histeq":
-        return Normalization(name, "histogram_equalization"), (
+        return Normalization(channel=name, scheme="histogram_equalization"), (
             f"{name}: histogram equalization within the non-zero (brain) region, as asked (--normalization histeq): "
             "each case's foreground is mapped through its own cumulative histogram to a uniform distribution, "
             "scaled to zero mean and unit std, which raises the contrast between lesion and neighbouring tissue "
@@ -173,14 +173,14 @@ def channel_normalization(channel: dict[str, Any], option: str = "zscore") -> tu
             + ("" if modality == "MRI" else f"; note that {name}'s physical units ({modality}) are given up"))
     stats = channel["foreground"]
     if modality == "MRI":
-        return Normalization(name, "zscore_foreground"), (
+        return Normalization(channel=name, scheme="zscore_foreground"), (
             f"{name} is MRI: arbitrary units that vary by scanner, so z-score each case within its non-zero region"
         )
     clip = (round(stats["p00_5"], 4), round(stats["p99_5"], 4))
     mean, std = round(stats["mean"], 4), round(max(stats["std"], 1e-8), 4)
     what = "CT: Hounsfield units are comparable across scans" if modality == "CT" else (
         f"a perfusion map: its physical units (e.g. {name}) carry the lesion contrast")
-    return Normalization(name, "clip_zscore_dataset", clip, mean, std), (
+    return Normalization(channel=name, scheme="clip_zscore_dataset", clip=clip, mean=mean, std=std), (
         f"{name} is {what}, so clip to the dataset foreground 0.5–99.5 percentiles {list(clip)} and z-score with the "
         f"dataset mean {mean} and std {std}"
     )

@@ -166,12 +166,13 @@ class DefaultPlanner(Planner):
         median = aggregate["lesion_component_volumes_mm3"].get("median", 0.0)
         relative = median / patch_volume_mm3
         if small_share >= 0.3 or relative < 1e-3:
-            return Loss("dice_bce_focal", 1.0, 1.0, 1.0, 2.0, 0.75), (
+            return Loss(name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0,
+                        focal_alpha=0.75), (
                 f"{small_share:.0%} of lesions are below 1 cm³ and the median lesion ({median:.0f} mm³) fills "
                 f"{relative:.2%} of a patch: Dice + BCE plus a focal term (γ=2, α=0.75 for lesion, acute stroke paper) "
                 "so the many easy background voxels do not drown the small lesions"
             )
-        return Loss("dice_bce", 1.0, 1.0), (
+        return Loss(name="dice_bce", dice_weight=1.0, bce_weight=1.0), (
             f"lesions are mostly large ({small_share:.0%} below 1 cm³; median {median:.0f} mm³ = {relative:.2%} of a "
             "patch): the Dice + BCE affine loss of the chronic stroke paper"
         )
@@ -186,11 +187,11 @@ class DefaultPlanner(Planner):
                               "as often") if small >= SMALL_LESION_SHARE else (
             "voxel", f"; a forced patch centres on any lesion voxel ({small:.0%} of lesions below 1 cm³)")
         if share < 0.01:
-            return Sampling(0.5, 0.5, choice), (
+            return Sampling(foreground_oversampling=0.5, max_offset_fraction=0.5, lesion_choice=choice), (
                 f"the median case's lesion load ({median_case:.0f} mm³) fills {share:.2%} of a patch: half the patches "
                 "are centred on lesion (balanced sampling, acute stroke paper), shifted by up to half a patch"
                 + why_choice)
-        return Sampling(0.33, 0.5, choice), (
+        return Sampling(foreground_oversampling=0.33, max_offset_fraction=0.5, lesion_choice=choice), (
             f"lesions fill {share:.1%} of a patch for the median case: a third of the patches are forced onto lesion "
             "(nnU-Net's ratio), shifted by up to half a patch so lesions are not always centred" + why_choice
         )
@@ -200,7 +201,7 @@ class DefaultPlanner(Planner):
         smallest = float(volumes.get("min", 0.0))
         voxel = float(np.prod(spacing))
         minimum = round(max(voxel, 0.5 * smallest), 2)
-        return PostProcessing(0.5, minimum), (
+        return PostProcessing(threshold=0.5, min_lesion_mm3=minimum), (
             f"threshold 0.5; drop components under {minimum} mm³ (half the smallest training lesion, {smallest:.1f} mm³, "
             "and at least one voxel); both are re-tuned on cross-validation"
         )
@@ -218,11 +219,11 @@ class DefaultPlanner(Planner):
         ratio = max(spacing) / min(spacing)
         if ratio >= SLAB_ANISOTROPY:
             axis = int(np.argmax(spacing))
-            return Resampling(3, axis, 0), (
+            return Resampling(image_order=3, separate_axis=axis, separate_axis_order=0), (
                 f"spacing is anisotropic ({ratio:.1f}x): cubic spline in-plane, nearest along axis {axis} so thick "
                 "slices are not blurred into each other"
             )
-        return Resampling(3), "near-isotropic: cubic spline for images, linear one-hot interpolation for labels"
+        return Resampling(image_order=3), "near-isotropic: cubic spline for images, linear one-hot interpolation for labels"
 
     def common(self, spacing: tuple[float, ...], patch_mm3: float) -> tuple[dict[str, Any], dict[str, str]]:
         """Fields and reasons every configuration shares."""
@@ -335,7 +336,6 @@ class DefaultPlanner(Planner):
         common, common_reasons = self.common(spacing, float(np.prod(patch) * np.prod(spacing)))
         reasons.update(common_reasons)
         trainer = "ZoomInOutTrainer" if len(stages) == 2 else "ResidualUNetTrainer"
-        optimizer, lr_schedule = ("adam", "cosine_warm_restarts") if len(stages) == 2 else ("sgd", "poly")
         reasons["normalization"] = "; ".join(reason for _, reason in normalization)
         reasons["mirror_axes"] = "all three axes: lesions occur in either hemisphere and at any position"
         if symmetry is not None:
@@ -343,10 +343,11 @@ class DefaultPlanner(Planner):
         return Configuration(
             name="3d_resunet" + ("_sym" if symmetry else ""), dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
-            network=Network("ResidualUNet", topology.features, topology.strides, topology.kernel_sizes, True),
+            network=Network(architecture="ResidualUNet", features=topology.features, strides=topology.strides,
+                            kernel_sizes=topology.kernel_sizes, deep_supervision=True),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule(trainer, optimizer, lr_schedule, self.epochs, self.iterations_per_epoch, stages,
-                              restart_period_epochs=50 if len(stages) == 2 else None),
+            schedule=Schedule(trainer=trainer, epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
+                              stages=stages, restart_period_epochs=50 if len(stages) == 2 else None),
             mirror_axes=(0, 1, 2), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
             data_identifier=self.resunet_identifier(spacing) + ("_sym" if symmetry else ""), reasons=reasons,
             symmetry=symmetry, **common,
@@ -375,7 +376,7 @@ class DefaultPlanner(Planner):
         small = round_to_multiple(tuple(p * 0.5 ** (1 / 3) for p in patch), topology.total_stride, mode="nearest")
         sensible = all(s >= 2 * t for s, t in zip(small, topology.total_stride)) and np.prod(small) < np.prod(patch)
         if not sensible:
-            return (Stage("full", 0, patch, batch, 1e-2),), (
+            return (Stage(name="full", start_epoch=0, patch_size=patch, batch_size=batch, learning_rate=1e-2),), (
                 f"patch {list(patch)} is too small to halve (edges must stay >= twice the total stride): one stage, "
                 "SGD with polynomial decay (nnU-Net's default)"
             )
@@ -383,7 +384,8 @@ class DefaultPlanner(Planner):
         small_topology = unet_topology(small, spacing, max_features=widths[1], base_features=widths[0])
         small_batch = self.fit_batch(small, small_topology, spacing, memory_of)
         switch = int(round(self.epochs * (1 - ZOOM_OUT_SHARE)))
-        stages = (Stage("zoom_in", 0, small, small_batch, 1e-3), Stage("zoom_out", switch, patch, batch, 1e-4))
+        stages = (Stage(name="zoom_in", start_epoch=0, patch_size=small, batch_size=small_batch, learning_rate=1e-3),
+                  Stage(name="zoom_out", start_epoch=switch, patch_size=patch, batch_size=batch, learning_rate=1e-4))
         return stages, (
             f"zoom-in&out (chronic stroke paper): epochs 0–{switch - 1} on {list(small)} patches "
             f"({np.prod(small) / np.prod(patch):.0%} of the final volume, batch {small_batch}) at lr 1e-3, then "
@@ -583,8 +585,8 @@ class DefaultPlanner(Planner):
                   f"cosine warm restarts every {schedule.restart_period_epochs} epochs")
         return (f"laid out over the budget: {layout.epochs} epochs x {layout.iterations_per_epoch} iterations "
                 f"(about {choice.estimate.seconds_per_iteration * layout.iterations_per_epoch:.0f} s each), "
-                f"{layout.val_iterations} validation batches per epoch; {stages}; {cycles}; optimizer "
-                f"{schedule.optimizer}")
+                f"{layout.val_iterations} validation batches per epoch; {stages}; {cycles}; the trainer "
+                f"{schedule.trainer} chooses the optimizer")
 
     def compute_budget_record(self, configurations: list[Configuration]) -> ComputeBudget | None:
         """The plans' ``compute_budget`` object, describing the default (first) configuration."""
@@ -661,10 +663,11 @@ class DefaultPlanner(Planner):
         return Configuration(
             name="3d_aniso", dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
-            network=Network("ResidualUNet", topology.features, topology.strides, topology.kernel_sizes, True),
+            network=Network(architecture="ResidualUNet", features=topology.features, strides=topology.strides,
+                            kernel_sizes=topology.kernel_sizes, deep_supervision=True),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule("ResidualUNetTrainer", "sgd", "poly", self.epochs, self.iterations_per_epoch,
-                              (Stage("full", 0, patch, batch, 1e-2),)),
+            schedule=Schedule(trainer="ResidualUNetTrainer", epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
+                              stages=(Stage(name="full", start_epoch=0, patch_size=patch, batch_size=batch, learning_rate=1e-2),)),
             mirror_axes=tuple(in_plane), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
             data_identifier=self.slab_identifier(spacing), reasons=reasons, **common,
         )
@@ -694,7 +697,8 @@ class DefaultPlanner(Planner):
         common, reasons = self.common(spacing, patch_mm3)
         fraction = float(self.fingerprint["aggregate"].get("median_lesion_fraction_of_foreground", 0.0))
         lesion_weight = round(balanced_positive_weight(fraction), 3) if 0 < fraction < 1 else 1.0
-        common["loss"] = Loss("focal", 0.0, 0.0, 1.0, 1.0, 0.75, positive_weight=lesion_weight)
+        common["loss"] = Loss(name="focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=1.0,
+                              focal_alpha=0.75, positive_weight=lesion_weight)
         reasons.update({
             "target_spacing": spacing_reason,
             "slice_axis": f"axis {coarse} is the thick one: the network sees one whole slice at a time",
@@ -722,12 +726,15 @@ class DefaultPlanner(Planner):
         return Configuration(
             name="2d_pspnet" + ("_sym" if symmetry else ""), dimension=2, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
-            network=Network("PSPNet", deep_supervision=False, backbone=backbone, output_stride=8,
+            network=Network(architecture="PSPNet", deep_supervision=False, backbone=backbone, output_stride=8,
                             pyramid_bins=(1, 2, 3, 6)),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule("PSPNetTrainer", "rmsprop", "plateau", self.pspnet_epochs, self.iterations_per_epoch,
-                              (Stage("new_layers", 0, patch, batch, 1e-2, "new_layers"),
-                               Stage("all_layers", phase_two, patch, batch, 1e-4, "all")),
+            schedule=Schedule(trainer="PSPNetTrainer", epochs=self.pspnet_epochs,
+                              iterations_per_epoch=self.iterations_per_epoch,
+                              stages=(Stage(name="new_layers", start_epoch=0, patch_size=patch, batch_size=batch,
+                                            learning_rate=1e-2, trainable="new_layers"),
+                                      Stage(name="all_layers", start_epoch=phase_two, patch_size=patch,
+                                            batch_size=batch, learning_rate=1e-4, trainable="all")),
                               plateau_patience_epochs=20, early_stopping_patience_epochs=50),
             mirror_axes=(0, 1), estimated_memory_gb=round(memory_of(batch) / GIB, 3),
             data_identifier=self.slab_identifier(spacing) + ("_sym" if symmetry else ""), slice_axis=coarse,

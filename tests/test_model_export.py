@@ -276,7 +276,7 @@ def test_a_pretrained_backbone_the_plans_name_is_not_needed_to_predict(home: Pat
     (the checkpoint holds the weights)."""
     plans = Plans.from_json(home / "results" / NAME / FOLDS[0] / "plans.json")
     configuration = plans.configuration(CONFIGURATION)
-    network = Network("PSPNet", backbone="resnet18", output_stride=8, pyramid_bins=(1, 2, 3, 6),
+    network = Network(architecture="PSPNet", backbone="resnet18", output_stride=8, pyramid_bins=(1, 2, 3, 6),
                       pretrained="/training/machine/resnet18_atlas.pth")
     pspnet = dataclasses.replace(configuration, name="2d_pspnet", network=network)
     plans = dataclasses.replace(plans, configurations={"2d_pspnet": pspnet}, default_configuration="2d_pspnet")

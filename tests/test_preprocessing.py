@@ -211,7 +211,7 @@ def _brain_like(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_histogram_equalization_is_monotonic_uniform_and_leaves_the_background() -> None:
     channel, mask = _brain_like()
-    out = normalize(channel, mask, Normalization("T1", "histogram_equalization"))
+    out = normalize(channel, mask, Normalization(channel="T1", scheme="histogram_equalization"))
     assert out.dtype == np.float32 and out.shape == channel.shape
     assert np.all(out[~mask] == 0)  # background untouched (0, as the z-score schemes leave it)
     values, order = out[mask], np.argsort(channel[mask], kind="stable")
@@ -222,7 +222,7 @@ def test_histogram_equalization_is_monotonic_uniform_and_leaves_the_background()
     assert np.abs(uniform - expected).max() < 0.02  # Kolmogorov distance to the uniform distribution
     skewed = np.sort((channel[mask] - channel[mask].min()) / np.ptp(channel[mask]))
     assert np.abs(skewed - expected).max() > 0.3  # ... which the input was far from
-    assert np.all(normalize(np.full_like(channel, 5.0) * mask, mask, Normalization("T1", "histogram_equalization")) == 0)
+    assert np.all(normalize(np.full_like(channel, 5.0) * mask, mask, Normalization(channel="T1", scheme="histogram_equalization")) == 0)
 
 
 def test_histeq_option_is_planned_with_its_reason_in_its_own_folder_and_prediction_normalizes_alike(

@@ -250,7 +250,8 @@ def test_train_and_predict_with_3d_resunet_sym_write_masks_in_the_input_geometry
                                   kernel_sizes=((3, 3, 3),) * 2)
     schedule = dataclasses.replace(configuration.schedule, trainer="ResidualUNetTrainer", epochs=1,
                                    iterations_per_epoch=2, restart_period_epochs=None,
-                                   stages=(Stage("full", 0, (16, 16, 16), 2, 1e-2),))
+                                   stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2,
+                                                 learning_rate=1e-2),))
     configuration = dataclasses.replace(configuration, network=network, patch_size=(16, 16, 16), batch_size=2,
                                         schedule=schedule, mirror_axes=(0,))
     dataclasses.replace(plans, configurations={**plans.configurations, configuration.name: configuration}).to_json(path)
