@@ -2,7 +2,9 @@
 
 Every configuration carries ``reasons``: one short sentence per decision, keyed by field name.
 A user may edit ``plans.json`` (a patch size, a batch size); ``Plans.from_json`` re-validates it and
-reports every invalid edit with the field it concerns.
+reports every invalid edit with the field it concerns. A configuration's ``patch_size`` and ``batch_size`` must equal
+its last stage's (inference reads the former, training the latter). Reading and writing is ``autoseg.typed_json``'s,
+shared with ``fingerprint.json`` and ``CASE.json``; every dataclass takes keyword arguments only.
 
 Shapes and spacings are in (x, y, z) order, spacing in mm. For 2-D configurations ``patch_size``
 has two entries: the in-plane axes, i.e. all axes except ``slice_axis``.

@@ -39,7 +39,7 @@ from autoseg.dataloading import case_identifiers
 from autoseg.dataset import find_dataset
 from autoseg.distributed import DistributedContext, gather_objects, leave
 from autoseg.inference import Predictor
-from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json, write_like
+from autoseg.io import atomic_path, read_image, write_image, write_json, write_like
 from autoseg.losses import one_hot_foreground
 from autoseg.machine import PRECISIONS
 from autoseg.metrics import dice, hausdorff95
@@ -323,7 +323,7 @@ def validate_cases(
         if case not in references or references[case] is None:
             raise ValueError(f"validation case {case} has no label file in the raw dataset")
         data, _, properties = load_case(data_folder, case, mmap=True)
-        geometry = Geometry.from_json(properties["geometry"])
+        geometry = properties.geometry
         probabilities = restore_probabilities(predictor.predict_preprocessed(data), properties)
         labels = predictor.postprocess(probabilities, geometry.spacing)
         if images is not None and images.get(case) is not None:

@@ -44,7 +44,7 @@ def write_typed(value: Any, path: str | Path) -> None:
 
 
 def read_typed(kind: type[T], path: str | Path, error: type[Exception], missing: str, hint: str = "",
-               upgrade: Callable[[Any], Any] | None = None) -> T:
+               upgrade: Callable[[Any], Any] | None = None, version: int | None = None) -> T:
     """Read ``path`` as the dataclass ``kind``.
 
     Args:
@@ -54,6 +54,7 @@ def read_typed(kind: type[T], path: str | Path, error: type[Exception], missing:
         missing: what to say when there is no file (e.g. ``no plans found; run autoseg_plan first``).
         hint: appended to the message of an unreadable file (e.g. what to re-run).
         upgrade: turns the parsed JSON of an older version into the current one before it is validated.
+        version: the ``schema_version`` the file must have (after ``upgrade``); None: not checked here.
 
     Raises:
         error: no file, invalid JSON, unknown or missing fields, wrong types; the message names the field.
@@ -63,9 +64,13 @@ def read_typed(kind: type[T], path: str | Path, error: type[Exception], missing:
         raise error(f"{path}: {missing}")
     try:
         plain = read_json(path)
-        return from_plain(kind, upgrade(plain) if upgrade is not None else plain, "")
+        value = from_plain(kind, upgrade(plain) if upgrade is not None else plain, "")
     except (TypeError, ValueError) as problem:
         raise error(f"{path}: {problem}{hint}") from None
+    if version is not None and value.schema_version != version:
+        raise error(f"{path}: schema_version: this autoseg reads version {version}, the file has "
+                    f"{value.schema_version}{hint}")
+    return value
 
 
 def from_plain(kind: Any, value: Any, where: str) -> Any:

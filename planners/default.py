@@ -27,6 +27,7 @@ from autoseg.compute_budget import (
     describe_minutes,
     stage_shares,
 )
+from autoseg.fingerprint import DatasetAggregate
 from autoseg.inference import sliding_window_positions
 from autoseg.losses import balanced_positive_weight
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
@@ -96,9 +97,9 @@ class DefaultPlanner(Planner):
     pspnet_backbones = PSPNET_BACKBONES
 
     def plan(self) -> Plans:
-        aggregate = self.fingerprint["aggregate"]
+        aggregate = self.fingerprint.aggregate
         spacing, spacing_reason = self.target_spacing(aggregate)
-        normalization = [channel_normalization(channel) for channel in self.fingerprint["channels"]]
+        normalization = [channel_normalization(channel) for channel in self.fingerprint.channels]
         thin, why = self.is_thin_slab(aggregate)
         if thin and self.compute is not None:
             configurations = [self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
@@ -114,13 +115,13 @@ class DefaultPlanner(Planner):
         configurations += symmetric
         if self.normalization == "histeq":
             configurations += [self.histeq_variant(c) for c in configurations]
-        channels = self.fingerprint["channels"]
+        channels = self.fingerprint.channels
         return Plans(
-            dataset=self.fingerprint["dataset"],
+            dataset=self.fingerprint.dataset,
             planner=type(self).__name__,
-            channels=tuple(c["name"] for c in channels),
-            modalities=tuple(c["modality"] for c in channels),
-            labels=dict(self.fingerprint["labels"]),
+            channels=tuple(c.name for c in channels),
+            modalities=tuple(c.modality for c in channels),
+            labels=dict(self.fingerprint.labels),
             default_configuration=configurations[0].name,
             configurations={c.name: c for c in configurations},
             memory_budget_gb=self.memory_budget_gb,
@@ -132,18 +133,18 @@ class DefaultPlanner(Planner):
 
     def histeq_variant(self, configuration: Configuration) -> Configuration:
         """``NAME_histeq`` (:func:`autoseg.planning.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
-        twin = histeq_twin(configuration, self.fingerprint["channels"])
+        twin = histeq_twin(configuration, self.fingerprint.channels)
         choices = getattr(self, "_budget_choices", {})
         if configuration.name in choices:
             self._budget_choices = {**choices, twin.name: choices[configuration.name]}
         return twin
 
-    def target_spacing(self, aggregate: dict[str, Any]) -> tuple[tuple[float, ...], str]:
+    def target_spacing(self, aggregate: DatasetAggregate) -> tuple[tuple[float, ...], str]:
         return target_spacing(aggregate, SLAB_ANISOTROPY)
 
-    def is_thin_slab(self, aggregate: dict[str, Any]) -> tuple[bool, str]:
-        ratio = aggregate["anisotropy_ratio"]
-        slices = aggregate["slices_along_coarse_axis"]
+    def is_thin_slab(self, aggregate: DatasetAggregate) -> tuple[bool, str]:
+        ratio = aggregate.anisotropy_ratio
+        slices = aggregate.slices_along_coarse_axis
         if ratio >= SLAB_ANISOTROPY or slices["median"] <= SLAB_MAX_SLICES:
             return True, (
                 f"thin slabs: out-of-plane spacing is {ratio:.1f}x the in-plane spacing and scans have "
@@ -157,13 +158,13 @@ class DefaultPlanner(Planner):
 
     def median_shape(self, spacing: tuple[float, ...]) -> tuple[int, ...]:
         """Median cropped size in voxels at ``spacing``."""
-        size_mm = np.array(self.fingerprint["aggregate"]["median_cropped_size_mm"], float)
+        size_mm = np.array(self.fingerprint.aggregate.median_cropped_size_mm, float)
         return tuple(int(max(1, round(v))) for v in size_mm / np.array(spacing))
 
     def loss(self, patch_volume_mm3: float) -> tuple[Loss, str]:
-        aggregate = self.fingerprint["aggregate"]
-        small_share = aggregate["share_of_lesions_below_1cm3"]
-        median = aggregate["lesion_component_volumes_mm3"].get("median", 0.0)
+        aggregate = self.fingerprint.aggregate
+        small_share = aggregate.share_of_lesions_below_1cm3
+        median = aggregate.lesion_component_volumes_mm3.get("median", 0.0)
         relative = median / patch_volume_mm3
         if small_share >= 0.3 or relative < 1e-3:
             return Loss(name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0,
@@ -178,10 +179,10 @@ class DefaultPlanner(Planner):
         )
 
     def sampling(self, patch_volume_mm3: float) -> tuple[Sampling, str]:
-        aggregate = self.fingerprint["aggregate"]
-        median_case = aggregate["case_lesion_volumes_mm3"].get("median", 0.0)
+        aggregate = self.fingerprint.aggregate
+        median_case = aggregate.case_lesion_volumes_mm3.get("median", 0.0)
         share = median_case / patch_volume_mm3
-        small = aggregate["share_of_lesions_below_1cm3"]
+        small = aggregate.share_of_lesions_below_1cm3
         choice, why_choice = ("lesion", f"; {small:.0%} of lesions are below 1 cm³, so a forced patch picks a lesion "
                               "first (uniformly, then a voxel of it) and small lesions beside large ones are seen "
                               "as often") if small >= SMALL_LESION_SHARE else (
@@ -197,7 +198,7 @@ class DefaultPlanner(Planner):
         )
 
     def postprocessing(self, spacing: tuple[float, ...]) -> tuple[PostProcessing, str]:
-        volumes = self.fingerprint["aggregate"]["lesion_component_volumes_mm3"]
+        volumes = self.fingerprint.aggregate.lesion_component_volumes_mm3
         smallest = float(volumes.get("min", 0.0))
         voxel = float(np.prod(spacing))
         minimum = round(max(voxel, 0.5 * smallest), 2)
@@ -240,7 +241,7 @@ class DefaultPlanner(Planner):
 
     def batch_cap(self, patch: tuple[int, ...], spacing: tuple[float, ...]) -> int:
         """Largest batch that holds at most ``MAX_BATCH_SHARE`` of all training voxels."""
-        total = np.prod(self.median_shape(spacing)) * self.fingerprint["aggregate"]["num_cases"]
+        total = np.prod(self.median_shape(spacing)) * self.fingerprint.aggregate.num_cases
         return max(2, int(MAX_BATCH_SHARE * total / np.prod(patch)))
 
     # -- configurations -------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class DefaultPlanner(Planner):
         found a mid-sagittal plane in enough cases (``autoseg.symmetry.qualifies``): the plain configuration with
         every channel's registered mirror appended, budgeted like it. Returns the configurations (none or one) and
         the reason either way."""
-        found, in_plane, reason = symmetry_qualifies(self.fingerprint["aggregate"].get("symmetry"))
+        found, in_plane, reason = symmetry_qualifies(self.fingerprint.aggregate.symmetry)
         if not found:
             return [], reason
         symmetry = Symmetry(reference_channel=0, difference=False, in_plane=in_plane)
@@ -266,12 +267,12 @@ class DefaultPlanner(Planner):
 
     def symmetry_reason(self, symmetry: Symmetry) -> str:
         """The ``reasons.symmetry`` of a symmetric configuration."""
-        channels = self.fingerprint["channels"]
-        reference = channels[symmetry.reference_channel]["name"]
+        channels = self.fingerprint.channels
+        reference = channels[symmetry.reference_channel].name
         count = input_channels(len(channels), symmetry)
         how = ("in-plane: rotation about the slice axis and in-plane shift, since a few thick slices cannot fix an "
                "out-of-plane tilt" if symmetry.in_plane else "rigid 3-D (Euler3D)")
-        _, _, found = symmetry_qualifies(self.fingerprint["aggregate"]["symmetry"])
+        _, _, found = symmetry_qualifies(self.fingerprint.aggregate.symmetry)
         return (f"{found}. The mirror is fitted ({how}) on channel {symmetry.reference_channel} ({reference}) after "
                 f"cropping, normalization and resampling, on the arrays the network reads, and its transform reused "
                 f"for the other channels (acute stroke paper); the network takes {count} channels. No difference "
@@ -279,8 +280,8 @@ class DefaultPlanner(Planner):
                 "symmetry.difference to true for original − mirror as a third channel per input")
 
     def unet_memory(self, deep_supervision: bool = True, symmetry: Symmetry | None = None):
-        in_channels = input_channels(len(self.fingerprint["channels"]), symmetry)
-        num_classes = len(self.fingerprint["labels"]) - 1
+        in_channels = input_channels(len(self.fingerprint.channels), symmetry)
+        num_classes = len(self.fingerprint.labels) - 1
 
         def memory_of(patch: tuple[int, ...], topology: Topology, batch: int) -> int:
             return estimate_training_memory_bytes(
@@ -355,7 +356,7 @@ class DefaultPlanner(Planner):
 
     def resunet_identifier(self, spacing: tuple[float, ...]) -> str:
         """``3d_resunet`` at the planned spacing; a budget that lowers the resolution gets its own data folder."""
-        if self.compute is None or tuple(spacing) == self.target_spacing(self.fingerprint["aggregate"])[0]:
+        if self.compute is None or tuple(spacing) == self.target_spacing(self.fingerprint.aggregate)[0]:
             return "3d_resunet"
         return "3d_resunet_" + "x".join(f"{v:g}" for v in spacing) + "mm"
 
@@ -466,18 +467,18 @@ class DefaultPlanner(Planner):
 
     def estimate(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
         """Estimated wall time of one fold of ``configuration`` laid out as ``layout`` on the budget's machine."""
-        in_channels = configuration.input_channels(len(self.fingerprint["channels"]))
-        num_classes = len(self.fingerprint["labels"]) - 1
+        in_channels = configuration.input_channels(len(self.fingerprint.channels))
+        num_classes = len(self.fingerprint.labels) - 1
         network = NetworkShape(in_channels, num_classes, configuration.network.features,
                                configuration.network.strides, configuration.network.kernel_sizes)
         schedule = self.laid_out_schedule(configuration, layout)
         shares = stage_shares([s.start_epoch for s in schedule.stages], layout.epochs)
         stages = [(s.patch_size, s.batch_size, share) for s, share in zip(schedule.stages, shares)]
-        cases = max(1, round(self.fingerprint["aggregate"]["num_cases"] / 5))
+        cases = max(1, round(self.fingerprint.aggregate.num_cases / 5))
         shape = tuple(max(m, p) for m, p in zip(configuration.median_shape, configuration.patch_size))
         windows = len(sliding_window_positions(shape, configuration.patch_size,
                                                configuration.sliding_window_step)) * cases
-        megavoxels = float(np.prod(self.fingerprint["aggregate"]["median_shape"])) * cases / 1e6
+        megavoxels = float(np.prod(self.fingerprint.aggregate.median_shape)) * cases / 1e6
         return estimate_training(self.compute.probe, network, stages, epochs=layout.epochs,
                                  iterations_per_epoch=layout.iterations_per_epoch,
                                  val_iterations=layout.val_iterations, validation_windows=windows,
@@ -547,7 +548,7 @@ class DefaultPlanner(Planner):
         """Estimated wall time of one fold of a 2d_pspnet configuration laid out as ``layout``."""
         from autoseg.compute import pspnet_cost
 
-        in_channels = configuration.input_channels(len(self.fingerprint["channels"]))
+        in_channels = configuration.input_channels(len(self.fingerprint.channels))
         gmacs, mega_activations = pspnet_cost(configuration.network.backbone, configuration.patch_size,
                                               configuration.batch_size, in_channels)
         probe = self.compute.probe
@@ -555,12 +556,12 @@ class DefaultPlanner(Planner):
         step = probe.training.seconds(gmacs, mega_activations, megavoxels)
         forward = probe.inference.seconds(gmacs, mega_activations, megavoxels) / configuration.batch_size
         augmentation = configuration.batch_size * probe.augmentation_seconds((*configuration.patch_size, 1))
-        cases = max(1, round(self.fingerprint["aggregate"]["num_cases"] / 5))
+        cases = max(1, round(self.fingerprint.aggregate.num_cases / 5))
         slices = configuration.median_shape[configuration.slice_axis] * cases
         return TrainingEstimate.for_steps(
             step, augmentation, forward * configuration.batch_size, layout.epochs, layout.iterations_per_epoch,
             layout.val_iterations, self.compute.device, final_validation_seconds=slices * 2 ** len(configuration.mirror_axes) * forward
-            + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * float(np.prod(self.fingerprint["aggregate"]["median_shape"]))
+            + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * float(np.prod(self.fingerprint.aggregate.median_shape))
             * cases / 1e6)
 
     def budget_reason(self, ladder: list[Configuration], choice: RungChoice) -> str:
@@ -680,8 +681,8 @@ class DefaultPlanner(Planner):
         coarse = int(np.argmax(spacing))
         in_plane = tuple(full[a] for a in range(3) if a != coarse)
         patch = round_to_multiple(in_plane, (8, 8))
-        in_channels = input_channels(len(self.fingerprint["channels"]), symmetry)
-        num_classes = len(self.fingerprint["labels"]) - 1
+        in_channels = input_channels(len(self.fingerprint.channels), symmetry)
+        num_classes = len(self.fingerprint.labels) - 1
         for backbone in self.pspnet_backbones:
             def memory_of(batch: int, backbone: str = backbone) -> int:
                 return estimate_pspnet_training_memory_bytes(
@@ -695,7 +696,7 @@ class DefaultPlanner(Planner):
         phase_two = max(1, self.pspnet_epochs // 10)
         patch_mm3 = float(np.prod(patch) * np.prod([spacing[a] for a in range(3) if a != coarse]) * spacing[coarse])
         common, reasons = self.common(spacing, patch_mm3)
-        fraction = float(self.fingerprint["aggregate"].get("median_lesion_fraction_of_foreground", 0.0))
+        fraction = float(self.fingerprint.aggregate.median_lesion_fraction_of_foreground)
         lesion_weight = round(balanced_positive_weight(fraction), 3) if 0 < fraction < 1 else 1.0
         common["loss"] = Loss(name="focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=1.0,
                               focal_alpha=0.75, positive_weight=lesion_weight)

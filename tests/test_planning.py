@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,8 +107,8 @@ def test_same_data_gives_byte_identical_plans(tiny_sources: dict, tmp_path: Path
 
 
 def test_anisotropic_spacing_keeps_a_low_percentile_for_the_coarse_axis() -> None:
-    aggregate = {"median_spacing": [0.9, 0.9, 5.0], "anisotropy_ratio": 5.56, "coarse_axis": 2,
-                 "spacing_percentile_10": [0.8, 0.8, 4.0]}
+    aggregate = SimpleNamespace(median_spacing=(0.9, 0.9, 5.0), anisotropy_ratio=5.56, coarse_axis=2,
+                                spacing_percentile_10=(0.8, 0.8, 4.0))  # the fields of a DatasetAggregate it reads
     spacing, reason = target_spacing(aggregate)
     assert spacing == (0.9, 0.9, 4.0) and "10th percentile" in reason
 
@@ -260,7 +261,8 @@ def test_many_small_lesions_make_patches_choose_a_lesion_first(tiny_sources: dic
     from autoseg.fingerprint import compute_fingerprint
 
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
-    fingerprint["aggregate"]["share_of_lesions_below_1cm3"] = small_share
+    fingerprint = dataclasses.replace(fingerprint, aggregate=dataclasses.replace(
+        fingerprint.aggregate, share_of_lesions_below_1cm3=small_share))
     configuration = get_planner("DefaultPlanner")(fingerprint).plan().configuration()
     assert configuration.sampling.lesion_choice == choice
     assert f"{small_share:.0%} of lesions" in configuration.reasons["sampling"]
