@@ -275,7 +275,8 @@ def _time_steps(network: torch.nn.Module, data: torch.Tensor, precision: Precisi
 
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4) if train else None
     levels = len(network.features) - 1
-    criterion = build_loss(Loss("dice_bce_focal", 1.0, 1.0, 1.0, 2.0, 0.75), levels) if train else None
+    criterion = build_loss(Loss(name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0,
+                                      focal_gamma=2.0, focal_alpha=0.75), levels) if train else None
     target = (data[:, :1] > 1).to(torch.int16) if train else None
     times = []
     for repeat in range(PROBE_REPEATS + 1):

@@ -6,21 +6,28 @@ is reported in full and no ``fingerprint.json`` is written.
 Intensity statistics are taken over the *foreground*: the non-zero region of the case (the brain in
 skull-stripped MRI, the head in CT, the perfused brain in perfusion maps). Lesion statistics use
 26-connected components, as ATLAS R2.0 and ISLES 2022 count lesions.
+
+``fingerprint.json`` is a :class:`Fingerprint`, read and written by ``autoseg.typed_json`` like the plans: an
+unknown field or a wrong type is named, and a file of another ``schema_version`` is refused (re-run autoseg_plan).
+Every field is described in ``documentation/plans_format.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from autoseg.dataset import Case, RawDataset
+from autoseg.errors import AutosegError
 from autoseg.io import CANONICAL_ORIENTATION
 from autoseg.parallel import map_cases
 from autoseg.symmetry import assess_case
 from autoseg.symmetry import summarize as summarize_symmetry
+from autoseg.typed_json import from_plain, read_typed, to_plain, write_typed
 from autoseg.verify import (
     Problem,
     VerificationError,
@@ -33,6 +40,124 @@ from autoseg.verify import (
 #: Foreground voxels sampled per case and channel for dataset-wide percentiles (as nnU-Net does).
 SAMPLES_PER_CASE = 10_000
 _PERFUSION_NAMES = ("cbf", "cbv", "mtt", "tmax", "ttp", "perfusion", "rcbf", "rcbv")
+#: ``schema_version`` of ``fingerprint.json``; a file without one (written before it existed) is read as version 1.
+FINGERPRINT_VERSION = 1
+_RE_RUN = "; re-run autoseg_plan for this dataset to fingerprint it again"
+
+
+class FingerprintError(AutosegError, ValueError):
+    """``fingerprint.json`` is missing, malformed or of another version; the message names the field."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntensityStatistics:
+    """Intensities of the non-zero (foreground) voxels of one channel: mean, std and 0.5/50/99.5 percentiles."""
+
+    mean: float
+    std: float
+    p00_5: float
+    p50: float
+    p99_5: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelFingerprint:
+    """One channel: its name, its modality (``MRI``, ``CT``, ``perfusion``, :func:`modality_of`) and the dataset-wide
+    foreground statistics (``SAMPLES_PER_CASE`` voxels sampled per case)."""
+
+    name: str
+    modality: str
+    foreground: IntensityStatistics
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaseFingerprint:
+    """One case, measured in the canonical orientation: raw grid (x, y, z), non-zero box, crop, intensities per
+    channel and lesion statistics (:func:`lesion_statistics`); ``symmetry``: ``autoseg.symmetry.assess_case``'s
+    record (None in fingerprints made before symmetric channels existed)."""
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+    nonzero_bbox: tuple[tuple[int, int], ...]
+    cropped_shape: tuple[int, ...]
+    intensity: tuple[IntensityStatistics, ...]
+    lesion_volume_mm3: float | None
+    lesion_components: int
+    component_volumes_mm3: tuple[float, ...]
+    lesion_fraction_of_foreground: float | None = None
+    lesion_voxels_outside_nonzero: int
+    hemisphere: str
+    symmetry: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetAggregate:
+    """The dataset-wide figures the planner decides from (``documentation/plans_format.md``, ``aggregate.*``).
+
+    Distributions (``lesion_component_volumes_mm3``, ``case_lesion_volumes_mm3``) hold ``count`` and, when it is not
+    0, ``min``, ``q25``, ``median``, ``q75``, ``max``; ``slices_along_coarse_axis`` ``min``, ``median``, ``max``.
+    ``symmetry`` (``autoseg.symmetry.summarize``), ``canonical_orientation`` and ``stored_orientations`` are None
+    or empty in fingerprints made before they existed.
+    """
+
+    num_cases: int
+    median_spacing: tuple[float, ...]
+    spacing_percentile_10: tuple[float, ...]
+    median_shape: tuple[float, ...]
+    median_cropped_shape: tuple[float, ...]
+    median_cropped_size_mm: tuple[float, ...]
+    anisotropy_ratio: float
+    coarse_axis: int
+    slices_along_coarse_axis: dict[str, int | float]
+    lesion_component_volumes_mm3: dict[str, int | float]
+    share_of_lesions_below_1cm3: float
+    case_lesion_volumes_mm3: dict[str, int | float]
+    median_lesion_fraction_of_foreground: float
+    cases_without_lesion: int
+    lesion_free_cases: tuple[str, ...]
+    hemispheres: dict[str, int]
+    symmetry: dict[str, Any] | None = None
+    canonical_orientation: str | None = None
+    stored_orientations: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fingerprint:
+    """``fingerprint.json``: what the planner knows about a dataset (the planner reads nothing else).
+
+    Attributes:
+        dataset: the dataset folder's name.
+        channels: one entry per image channel, in channel order.
+        labels: label name -> value, from ``dataset.json``.
+        aggregate: the dataset-wide figures.
+        subjects: case -> subject.
+        cases: case -> its own figures.
+        notes: the verification notes, one line each.
+    """
+
+    schema_version: int = FINGERPRINT_VERSION
+    dataset: str
+    channels: tuple[ChannelFingerprint, ...]
+    labels: dict[str, int]
+    aggregate: DatasetAggregate
+    subjects: dict[str, str]
+    cases: dict[str, CaseFingerprint]
+    notes: tuple[str, ...] = ()
+
+    def to_json(self, path: str | Path) -> None:
+        """Write ``fingerprint.json`` atomically."""
+        write_typed(self, path)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Fingerprint:
+        """Read and check ``fingerprint.json``.
+
+        Raises:
+            FingerprintError: no file, unknown or missing fields, wrong types (each named), another schema version.
+        """
+        return read_typed(cls, path, FingerprintError, f"no fingerprint found{_RE_RUN}", hint=_RE_RUN,
+                          version=FINGERPRINT_VERSION)
 
 
 def modality_of(channel_name: str) -> str:
@@ -55,7 +180,7 @@ class _CaseResult:
     stored_orientation: str | None = None
 
 
-def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: bool = True) -> dict[str, Any]:
+def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: bool = True) -> Fingerprint:
     """Verify and fingerprint every training case of ``dataset``.
 
     Every case is measured in the canonical orientation (``autoseg.io.read_image``), so the same scan stored
@@ -63,8 +188,9 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
     orientations the files were stored in.
 
     Returns:
-        A JSON-ready dict with ``cases`` (per case), ``aggregate`` and ``notes`` (the verification notes, one
-        line each); see ``documentation/plans_format.md`` for every field.
+        The :class:`Fingerprint`: ``dataset``, ``channels``, ``labels``, ``aggregate``, ``subjects``, ``cases`` (per
+        case) and ``notes`` (the verification notes, one line each); see ``documentation/plans_format.md`` for every
+        field.
 
     Raises:
         VerificationError: listing every problem of every case, or saying that no case contains a lesion (nothing
@@ -84,7 +210,7 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
         {"name": name, "modality": modality_of(name), **_global_intensities([r.samples[c] for r in results])}
         for c, name in enumerate(dataset.channel_names)
     ]
-    return {
+    plain = {
         "dataset": dataset.name,
         "channels": channels,
         "labels": dataset.labels,
@@ -93,6 +219,7 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
         "cases": per_case,
         "notes": [str(note) for result in results for note in result.notes],
     }
+    return from_plain(Fingerprint, to_plain(plain), "")  # the checks and types of fingerprint.json
 
 
 def fingerprint_case(case: Case, allowed_labels: list[int], seed: int = 0) -> _CaseResult:

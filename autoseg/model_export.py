@@ -56,11 +56,13 @@ import torch
 from autoseg import __version__
 from autoseg.checkpoint import CheckpointError, load_checkpoint, non_plain_values
 from autoseg.errors import AutosegError, MissingFileError, UsageError
+from autoseg.fingerprint import Fingerprint
 from autoseg.io import atomic_path, read_json
 from autoseg.model_selection import SELECTION_FILE
 from autoseg.paths import preprocessed_root, raw_root, results_root
 from autoseg.plans import Plans, PlansError
 from autoseg.predict import CHECKPOINT_CHOICES, POSTPROCESSING_FILE, _default_configurations, choose_dataset, load_model
+from autoseg.typed_json import to_plain
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "ExportedModel", "InstalledModel", "ModelFileError", "export_model",
            "import_model", "install_for_prediction", "summarize_fingerprint"]
@@ -214,7 +216,7 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def summarize_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
     """The dataset-wide parts of a ``fingerprint.json`` the planner uses, without anything per case.
 
     Kept: ``dataset``, ``channels`` (name, modality, foreground intensity statistics), ``labels`` and ``aggregate``
@@ -222,14 +224,12 @@ def summarize_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
     out: ``cases``, ``subjects`` and ``notes``, and the case names inside the aggregate (``lesion_free_cases``,
     ``symmetry.not_found``), which become counts.
     """
-    aggregate = dict(fingerprint.get("aggregate", {}))
-    aggregate.pop("lesion_free_cases", None)
-    if isinstance(aggregate.get("symmetry"), dict):
-        symmetry = dict(aggregate["symmetry"])
-        symmetry["not_found"] = len(symmetry.get("not_found", []))
-        aggregate["symmetry"] = symmetry
-    return {"dataset": fingerprint.get("dataset"), "channels": fingerprint.get("channels", []),
-            "labels": fingerprint.get("labels", {}), "aggregate": aggregate,
+    aggregate = to_plain(fingerprint.aggregate)
+    aggregate.pop("lesion_free_cases")
+    if aggregate["symmetry"] is not None:
+        aggregate["symmetry"]["not_found"] = len(aggregate["symmetry"].get("not_found", []))
+    return {"dataset": fingerprint.dataset, "channels": to_plain(fingerprint.channels),
+            "labels": dict(fingerprint.labels), "aggregate": aggregate,
             "left_out": "per-case figures, case and subject names and notes (they can identify patients)"}
 
 
@@ -238,7 +238,7 @@ def _fingerprint_summary(dataset: str) -> dict[str, Any] | None:
     None when neither exists (prediction does not need it)."""
     fingerprint = preprocessed_root() / dataset / "fingerprint.json"
     if fingerprint.is_file():
-        return summarize_fingerprint(read_json(fingerprint))
+        return summarize_fingerprint(Fingerprint.from_json(fingerprint))
     installed = results_root() / dataset / FINGERPRINT_SUMMARY_FILE
     return read_json(installed) if installed.is_file() else None
 

@@ -7,15 +7,14 @@ folder of preprocessed cases per ``data_identifier`` (see ``autoseg.preprocessin
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from autoseg.compute import load_or_run_probe
 from autoseg.compute_budget import BudgetError, BudgetRequest
 from autoseg.dataset import RawDataset, find_dataset
-from autoseg.fingerprint import compute_fingerprint
-from autoseg.io import write_json
+from autoseg.fingerprint import ChannelFingerprint, compute_fingerprint
 from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import preprocessed_root
 from autoseg.planning import histeq_twin
@@ -93,17 +92,17 @@ def plan_and_preprocess(
     else:
         planner_class = get_planner(planner)
         fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
-        notes = list(fingerprint["notes"])
+        notes = list(fingerprint.notes)
         previous = _previous_plans(plans_path, notes)
         if normalization == "histeq" and previous is not None:
-            plans = add_histeq_twins(previous, fingerprint["channels"])
+            plans = add_histeq_twins(previous, fingerprint.channels)
             notes.append(f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
                          "they are (run autoseg_plan without --normalization histeq to re-plan them)")
         else:
             compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
             plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
             plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
-        write_json(fingerprint, fingerprint_path)
+        fingerprint.to_json(fingerprint_path)
         plans.to_json(plans_path)
         cases = training_cases(dataset)
     names = configurations or list(plans.configurations)
@@ -128,7 +127,7 @@ def _previous_plans(path: Path, notes: list[str]) -> Plans | None:
         return None
 
 
-def add_histeq_twins(plans: Plans, channels: list[dict[str, Any]]) -> Plans:
+def add_histeq_twins(plans: Plans, channels: Sequence[ChannelFingerprint]) -> Plans:
     """``plans`` with a histogram-equalized twin ``NAME_histeq`` of each z-score configuration ``NAME``, made from
     the configuration as it stands (hand edits included; see :func:`autoseg.planning.histeq_twin`), so the two
     differ in normalization alone. A twin already there is made afresh; nothing else changes, except that a

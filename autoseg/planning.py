@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autoseg.errors import UsageError
 from autoseg.plans import HISTEQ_IDENTIFIER_SUFFIX, Configuration, Normalization, histeq_name
+
+if TYPE_CHECKING:  # autoseg.fingerprint imports autoseg.symmetry, which imports this module
+    from autoseg.fingerprint import ChannelFingerprint, DatasetAggregate
 
 #: An axis is only downsampled while it keeps at least this many voxels.
 MIN_EDGE_VOXELS = 4
@@ -128,30 +131,30 @@ def largest_batch(per_sample_bytes: float, fixed_bytes: float, budget_bytes: flo
     return int(min(maximum, max(minimum, fits)))
 
 
-def target_spacing(aggregate: dict[str, Any], anisotropy_threshold: float = 3.0) -> tuple[tuple[float, ...], str]:
+def target_spacing(aggregate: DatasetAggregate, anisotropy_threshold: float = 3.0) -> tuple[tuple[float, ...], str]:
     """Median spacing; for strongly anisotropic data the coarse axis takes the 10th percentile of
     its spacings instead (nnU-Net's rule: fewer interpolated slices for the thick-slice cases).
 
     Returns:
         (spacing in mm (x, y, z), reason).
     """
-    median = np.array(aggregate["median_spacing"], float)
-    ratio = float(aggregate["anisotropy_ratio"])
+    median = np.array(aggregate.median_spacing, float)
+    ratio = float(aggregate.anisotropy_ratio)
     if ratio < anisotropy_threshold:
         return tuple(round(float(v), 4) for v in median), (
             f"median spacing of the training cases; anisotropy {ratio:.2f} < {anisotropy_threshold} so no axis is special"
         )
-    coarse = int(aggregate["coarse_axis"])
-    low = float(aggregate["spacing_percentile_10"][coarse])
+    coarse = int(aggregate.coarse_axis)
+    low = float(aggregate.spacing_percentile_10[coarse])
     others = max(float(v) for i, v in enumerate(median) if i != coarse)
     median[coarse] = max(low, others)
     return tuple(round(float(v), 4) for v in median), (
-        f"median in-plane spacing; the coarse axis {coarse} ({float(aggregate['median_spacing'][coarse]):.2f} mm median, "
+        f"median in-plane spacing; the coarse axis {coarse} ({float(aggregate.median_spacing[coarse]):.2f} mm median, "
         f"anisotropy {ratio:.1f}) takes its 10th percentile {low:.2f} mm so thick-slice scans are not over-interpolated"
     )
 
 
-def channel_normalization(channel: dict[str, Any], option: str = "zscore") -> tuple[Normalization, str]:
+def channel_normalization(channel: ChannelFingerprint, option: str = "zscore") -> tuple[Normalization, str]:
     """Normalization of one fingerprinted channel, with the reason.
 
     Args:
@@ -162,32 +165,32 @@ def channel_normalization(channel: dict[str, Any], option: str = "zscore") -> tu
     Raises:
         ValueError: an option not in ``NORMALIZATION_OPTIONS``.
     """
-    name, modality = channel["name"], channel["modality"]
+    name, modality = channel.name, channel.modality
     if option not in NORMALIZATION_OPTIONS:
         raise UsageError(f"unknown normalization option '{option}', use one of {list(NORMALIZATION_OPTIONS)}")
     if option == "histeq":
-        return Normalization(name, "histogram_equalization"), (
+        return Normalization(channel=name, scheme="histogram_equalization"), (
             f"{name}: histogram equalization within the non-zero (brain) region, as asked (--normalization histeq): "
             "each case's foreground is mapped through its own cumulative histogram to a uniform distribution, "
             "scaled to zero mean and unit std, which raises the contrast between lesion and neighbouring tissue "
             "(Bhavnani et al., paper 002: with symmetric context, Dice 0.389 -> 0.499 on ATLAS)"
             + ("" if modality == "MRI" else f"; note that {name}'s physical units ({modality}) are given up"))
-    stats = channel["foreground"]
+    stats = channel.foreground
     if modality == "MRI":
-        return Normalization(name, "zscore_foreground"), (
+        return Normalization(channel=name, scheme="zscore_foreground"), (
             f"{name} is MRI: arbitrary units that vary by scanner, so z-score each case within its non-zero region"
         )
-    clip = (round(stats["p00_5"], 4), round(stats["p99_5"], 4))
-    mean, std = round(stats["mean"], 4), round(max(stats["std"], 1e-8), 4)
+    clip = (round(stats.p00_5, 4), round(stats.p99_5, 4))
+    mean, std = round(stats.mean, 4), round(max(stats.std, 1e-8), 4)
     what = "CT: Hounsfield units are comparable across scans" if modality == "CT" else (
         f"a perfusion map: its physical units (e.g. {name}) carry the lesion contrast")
-    return Normalization(name, "clip_zscore_dataset", clip, mean, std), (
+    return Normalization(channel=name, scheme="clip_zscore_dataset", clip=clip, mean=mean, std=std), (
         f"{name} is {what}, so clip to the dataset foreground 0.5–99.5 percentiles {list(clip)} and z-score with the "
         f"dataset mean {mean} and std {std}"
     )
 
 
-def histeq_twin(configuration: Configuration, channels: Sequence[dict[str, Any]]) -> Configuration:
+def histeq_twin(configuration: Configuration, channels: Sequence[ChannelFingerprint]) -> Configuration:
     """``NAME_histeq``: the z-score configuration ``NAME`` with every channel histogram-equalized
     (``autoseg_plan --normalization histeq``), everything else unchanged (normalization changes neither memory nor
     time), so cross-validation compares the normalization alone. Its own name keeps its results apart from the

@@ -2,7 +2,9 @@
 
 Every configuration carries ``reasons``: one short sentence per decision, keyed by field name.
 A user may edit ``plans.json`` (a patch size, a batch size); ``Plans.from_json`` re-validates it and
-reports every invalid edit with the field it concerns.
+reports every invalid edit with the field it concerns. A configuration's ``patch_size`` and ``batch_size`` must equal
+its last stage's (inference reads the former, training the latter). Reading and writing is ``autoseg.typed_json``'s,
+shared with ``fingerprint.json`` and ``CASE.json``; every dataclass takes keyword arguments only.
 
 Shapes and spacings are in (x, y, z) order, spacing in mm. For 2-D configurations ``patch_size``
 has two entries: the in-plane axes, i.e. all axes except ``slice_axis``.
@@ -10,9 +12,6 @@ has two entries: the in-plane axes, i.e. all axes except ``slice_axis``.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,13 @@ from typing import Any
 import numpy as np
 
 from autoseg.errors import AutosegError
-from autoseg.io import read_json, write_json
+from autoseg.typed_json import read_typed, write_typed
 
-SCHEMA_VERSION = 1
+#: 2: ``schedule.optimizer`` and ``schedule.lr_schedule`` are gone (the trainer class decides both); version 1
+#: plans are read with them dropped (:func:`_upgrade`).
+SCHEMA_VERSION = 2
+#: Fields of ``schedule`` that version 1 wrote and no code read.
+RETIRED_SCHEDULE_FIELDS = ("optimizer", "lr_schedule")
 NORMALIZATION_SCHEMES = ("zscore_foreground", "clip_zscore_dataset", "histogram_equalization")
 #: A configuration with a histogram-equalized channel keeps its preprocessed data in a folder whose name holds this,
 #: so it never overwrites the z-score data of the same configuration.
@@ -62,7 +65,7 @@ class PlansError(AutosegError, ValueError):
     """``plans.json`` is missing, malformed, or asks for something invalid; the message names the field."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Normalization:
     """Intensity normalization of one channel.
 
@@ -81,7 +84,7 @@ class Normalization:
     std: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Resampling:
     """How images and labels are resampled to the target spacing.
 
@@ -95,7 +98,7 @@ class Resampling:
     separate_axis_order: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Network:
     """Network architecture and its numbers.
 
@@ -124,7 +127,7 @@ class Network:
         return tuple(int(v) for v in np.prod(np.array(self.strides), axis=0))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Loss:
     """Loss terms and weights: ``dice_bce`` = dice_weight·soft Dice + bce_weight·BCE, plus
     focal_weight·focal(γ, α) for ``dice_bce_focal``; ``focal`` alone; ``weighted_ce`` with
@@ -141,7 +144,7 @@ class Loss:
     lesion_dice_weight: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sampling:
     """Patch sampling: share of patches forced to contain lesion, and how far (as a fraction of
     the patch edge) a lesion-centred patch may be shifted so lesions are not always centred."""
@@ -153,7 +156,7 @@ class Sampling:
     lesion_choice: str = "voxel"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     """One training stage: from ``start_epoch`` on, train with this patch, batch and learning rate.
 
@@ -167,13 +170,16 @@ class Stage:
     trainable: str = "all"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Schedule:
-    """Optimizer and learning-rate schedule; ``stages`` in order of ``start_epoch`` (the first starts at 0)."""
+    """Training length and stages; ``stages`` in order of ``start_epoch`` (the first starts at 0).
+
+    The optimizer and the learning-rate curve are the ``trainer`` class's (``Trainer.build_optimizer``,
+    ``Trainer.learning_rate``); plans of schema version 1 also named them (``optimizer``, ``lr_schedule``), which no
+    code read: they are dropped when such plans are read (see ``RETIRED_SCHEDULE_FIELDS``).
+    """
 
     trainer: str
-    optimizer: str
-    lr_schedule: str
     epochs: int
     iterations_per_epoch: int
     stages: tuple[Stage, ...]
@@ -184,7 +190,7 @@ class Schedule:
     val_iterations_per_epoch: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Symmetry:
     """Symmetric-hemisphere channels (``autoseg.symmetry``; the acute stroke paper's symmetric modality
     augmentation): after preprocessing, every channel is flipped across the mid-sagittal plane, the flip rigidly
@@ -213,7 +219,7 @@ def input_channels(num_channels: int, symmetry: Symmetry | None) -> int:
     return num_channels * (symmetry.channels_per_input if symmetry is not None else 1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PostProcessing:
     """Binarize lesion probability at ``threshold``; drop components below ``min_lesion_mm3``."""
 
@@ -221,7 +227,7 @@ class PostProcessing:
     min_lesion_mm3: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Configuration:
     """One way to train on the dataset (``3d_resunet``, ``2d_pspnet``, ``3d_aniso``, ...)."""
 
@@ -276,11 +282,25 @@ class Configuration:
         found += self._patch_problems(where, "patch_size", self.patch_size, self.batch_size)
         for index, stage in enumerate(self.schedule.stages):
             found += self._patch_problems(where, f"schedule.stages[{index}].patch_size", stage.patch_size, stage.batch_size)
+        found += self._last_stage_problems(where)
         starts = [stage.start_epoch for stage in self.schedule.stages]
         if not starts or starts[0] != 0 or starts != sorted(starts) or starts[-1] >= self.schedule.epochs:
             found.append(f"{where}.schedule.stages: start epochs {starts} must begin at 0, increase, and stay below "
                          f"epochs={self.schedule.epochs}")
         return found
+
+    def _last_stage_problems(self, where: str) -> list[str]:
+        """The configuration's ``patch_size`` and ``batch_size`` are the last stage's: inference and the memory
+        estimate read the former, training the latter, so the two must agree."""
+        if not self.schedule.stages:
+            return []
+        last, index = self.schedule.stages[-1], len(self.schedule.stages) - 1
+        return [f"{where}.{name}: {list(mine) if isinstance(mine, tuple) else mine} differs from "
+                f"schedule.stages[{index}].{name} {list(theirs) if isinstance(theirs, tuple) else theirs}: the last "
+                "stage trains with what inference uses; make the two agree"
+                for name, mine, theirs in (("patch_size", self.patch_size, last.patch_size),
+                                           ("batch_size", self.batch_size, last.batch_size))
+                if mine != theirs]
 
     def _channel_problems(self, where: str, num_channels: int) -> list[str]:
         """Normalization entries, their schemes and data folder, and the symmetry's reference channel."""
@@ -332,7 +352,7 @@ class Configuration:
         return found
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ComputeBudget:
     """What a compute budget (``autoseg_plan --budget-minutes M --device D``) made of the plans.
 
@@ -368,7 +388,7 @@ class ComputeBudget:
     reasons: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plans:
     """Everything the planner decided for one dataset."""
 
@@ -410,8 +430,7 @@ class Plans:
 
     def to_json(self, path: str | Path) -> None:
         """Write ``plans.json`` atomically."""
-        plain = _to_plain(self)
-        write_json({"schema_version": plain.pop("schema_version"), **plain}, path)
+        write_typed(self, path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plans:
@@ -420,76 +439,22 @@ class Plans:
         Raises:
             PlansError: missing file, unknown or missing fields, wrong types, invalid values — all listed.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise PlansError(f"{path}: no plans found; run autoseg_plan first")
-        try:
-            plans = _from_plain(cls, read_json(path), "")
-        except (TypeError, ValueError) as error:
-            raise PlansError(f"{path}: {error}") from None
+        plans = read_typed(cls, path, PlansError, "no plans found; run autoseg_plan first", upgrade=_upgrade)
         problems = plans.problems()
         if problems:
             raise PlansError(f"{path}: invalid plans:\n" + "\n".join(f"  {p}" for p in problems))
         return plans
 
 
-def _to_plain(value: Any) -> Any:
-    """Dataclasses to dicts, tuples to lists, numpy scalars to Python numbers."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
-
-def _from_plain(kind: Any, value: Any, where: str) -> Any:
-    """Build ``kind`` (a dataclass or a typing annotation) from JSON ``value``; errors name the field."""
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise TypeError(f"{where or 'plans'}: expected an object")
-        hints = typing.get_type_hints(kind)
-        names = {f.name for f in dataclasses.fields(kind)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ValueError(f"{where or 'plans'}: unknown field(s) {unknown}")
-        missing = [f.name for f in dataclasses.fields(kind)
-                   if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ValueError(f"{where or 'plans'}: missing field(s) {missing}")
-        return kind(**{k: _from_plain(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()})
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        return _from_plain(next(o for o in options if o is not type(None)), value, where)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise TypeError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(kind)
-        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(items) != len(value):
-            raise ValueError(f"{where}: expected {len(items)} values, got {len(value)}")
-        return tuple(_from_plain(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(items, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected an object")
-        _, value_kind = typing.get_args(kind)
-        return {str(k): _from_plain(value_kind, v, f"{where}.{k}") for k, v in value.items()}
-    return _scalar(kind, value, where)
-
-
-def _scalar(kind: type, value: Any, where: str) -> Any:
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (str, bool) and isinstance(value, kind):
-        return value
-    if kind is Any:
-        return value
-    raise TypeError(f"{where}: expected {kind.__name__}, got {value!r}")
+def _upgrade(plain: Any) -> Any:
+    """Version 1 plans as version 2: ``schedule.optimizer`` and ``schedule.lr_schedule`` dropped (never read; the
+    trainer class decides both). Anything else, other versions included, is left for validation to judge."""
+    if not isinstance(plain, dict) or plain.get("schema_version") != 1:
+        return plain
+    configurations = plain.get("configurations")
+    for configuration in configurations.values() if isinstance(configurations, dict) else ():
+        schedule = configuration.get("schedule") if isinstance(configuration, dict) else None
+        for name in RETIRED_SCHEDULE_FIELDS if isinstance(schedule, dict) else ():
+            schedule.pop(name, None)
+    return {**plain, "schema_version": SCHEMA_VERSION}

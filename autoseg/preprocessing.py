@@ -5,8 +5,9 @@ Per case and configuration (``AUTOSEG_PREPROCESSED/<dataset>/<data_identifier>/`
     CASE.npy           (C, X, Y, Z) float32 normalized channels at the target spacing
     CASE_seg.npy       (X, Y, Z) uint8 labels at the target spacing
     CASE_lesion.npy    (N, 3) int32 voxel indices of up to 10,000 lesion voxels (for lesion-centred sampling)
-    CASE.json          properties: original geometry, crop box, shapes, what the case was built from, and
-                       ``arrays``: each array file's size in bytes and CRC-32, recorded as it was written
+    CASE.json          properties (:class:`CaseProperties`): original geometry, crop box, shapes, what the case
+                       was built from, and ``arrays``: each array file's size in bytes and CRC-32, recorded as it
+                       was written
 
 ``CASE.json`` is written last, so a case without it is incomplete and is redone. A case is skipped only
 when its sources and preprocessing settings are unchanged and each of its arrays is sound: its size agrees
@@ -17,14 +18,20 @@ when the disk filled up, or by a copy that was interrupted) is preprocessed agai
 
 ``restore_probabilities`` and ``restore_labels`` undo cropping and resampling, giving arrays on the
 original grid of the raw image as ``autoseg.io.read_image`` gives it, i.e. in the canonical orientation
-(``properties["geometry"]`` is that grid); ``autoseg.io.write_like`` puts them back into the file's own.
+(``properties.geometry`` is that grid); ``autoseg.io.write_like`` puts them back into the file's own.
+
+``CASE.json`` is read and written by ``autoseg.typed_json`` like the plans: unknown fields and wrong types are named.
+A ``CASE.json`` that cannot be read as this version's :class:`CaseProperties` makes its case out of date, so
+``autoseg_plan`` preprocesses it again; one without ``schema_version`` (written before it existed) is version 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,7 @@ from scipy import ndimage
 from skimage import exposure
 
 from autoseg.dataset import Case
-from autoseg.errors import DataError
+from autoseg.errors import AutosegError, DataError
 from autoseg.fingerprint import crop_box
 from autoseg.io import (
     CANONICAL_ORIENTATION,
@@ -42,15 +49,71 @@ from autoseg.io import (
     array_damage,
     load_array,
     read_image,
-    read_json,
     save_array,
-    write_json,
 )
 from autoseg.parallel import map_cases
 from autoseg.plans import Configuration, Normalization, Resampling
 from autoseg.symmetry import SYMMETRY_METHOD, add_mirror_channels, grid_geometry
+from autoseg.typed_json import read_typed, write_typed
 
 MAX_LESION_LOCATIONS = 10_000
+#: ``schema_version`` of ``CASE.json``.
+CASE_PROPERTIES_VERSION = 1
+_RE_RUN = "; re-run autoseg_plan for this dataset to preprocess it again"
+
+
+class CasePropertiesError(AutosegError, ValueError):
+    """A ``CASE.json`` that is missing, malformed or of another version; the message names the file and field."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaseProperties:
+    """What preprocessing did to one case (``CASE.json``), so that :func:`restore_probabilities` can undo it.
+
+    Attributes:
+        geometry: the raw image's grid, in the canonical orientation.
+        crop_box: half-open (start, stop) voxel indices per axis (x, y, z) of the crop (:func:`crop_box`).
+        cropped_shape: voxels per axis of the crop, before resampling.
+        resampled_shape: voxels per axis at ``target_spacing`` (the arrays' shape).
+        target_spacing: mm per axis.
+        symmetry: the mirror fit (``autoseg.symmetry.MirrorFit.to_json``) of a configuration with symmetric
+            channels, else None.
+        case, subject: the case's identifier and subject; None for a scan preprocessed for prediction.
+        key: :func:`preprocessing_key` of the settings it was made with; None for a scan preprocessed for
+            prediction.
+        sources: ``(path, size in bytes, mtime in ns)`` of each file it was made from (images, then the label).
+        arrays: array file name -> its size in bytes (``bytes``) and CRC-32 (``crc32``) as written.
+    """
+
+    schema_version: int = CASE_PROPERTIES_VERSION
+    geometry: Geometry
+    crop_box: tuple[tuple[int, int], ...]
+    cropped_shape: tuple[int, ...]
+    resampled_shape: tuple[int, ...]
+    target_spacing: tuple[float, ...]
+    symmetry: dict[str, Any] | None = None
+    case: str | None = None
+    subject: str | None = None
+    key: str | None = None
+    sources: tuple[tuple[str, int, int], ...] = ()
+    arrays: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_json(self, path: str | Path) -> None:
+        """Write ``CASE.json`` atomically."""
+        write_typed(self, path)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> CaseProperties:
+        """Read and check ``CASE.json``.
+
+        Raises:
+            CasePropertiesError: no file, invalid JSON, unknown or missing fields, wrong types (each named), another
+                schema version.
+        """
+        return read_typed(cls, path, CasePropertiesError, f"no case properties found{_RE_RUN}", hint=_RE_RUN,
+                          version=CASE_PROPERTIES_VERSION)
+
+
 #: The array files of a preprocessed case: ``CASE.npy``, ``CASE_seg.npy``, ``CASE_lesion.npy``.
 ARRAY_SUFFIXES = ("", "_seg", "_lesion")
 
@@ -93,16 +156,13 @@ def preprocess_dataset(
 def is_up_to_date(case: Case, folder: Path, key: str) -> bool:
     """True when ``case`` was preprocessed with ``key`` from the same source files and every array it wrote is
     intact (size and CRC-32 as recorded in ``CASE.json``; see the module docstring)."""
-    properties_path = folder / f"{case.identifier}.json"
-    if not properties_path.is_file():
-        return False
     try:
-        properties = read_json(properties_path)
-    except ValueError:
+        properties = CaseProperties.from_json(folder / f"{case.identifier}.json")
+    except CasePropertiesError:  # none, unreadable, or made by another version: preprocess again
         return False
-    if properties.get("key") != key or properties.get("sources") != _sources(case):
+    if properties.key != key or properties.sources != _sources(case):
         return False
-    records = properties.get("arrays") or {}
+    records = properties.arrays
     return all(path.name in records and array_damage(path, records[path.name]) is None
                for path in array_files(folder, case.identifier))
 
@@ -121,7 +181,7 @@ def check_arrays(folder: Path, identifiers: Sequence[str]) -> None:
                                 f"this dataset (it redoes damaged cases)")
 
 
-def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> dict[str, Any]:
+def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> CaseProperties:
     """Preprocess one case and write it (see the module docstring); returns its properties."""
     channels, geometries = zip(*(read_image(path) for path in case.images))
     images = np.stack(channels)
@@ -134,15 +194,15 @@ def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> d
         lesion = lesion[np.sort(rng.choice(len(lesion), MAX_LESION_LOCATIONS, replace=False))]
     records = {path.name: save_array(array, path)
                for array, path in zip((data, seg, lesion), array_files(folder, case.identifier))}
-    properties.update({"case": case.identifier, "subject": case.subject, "key": preprocessing_key(configuration),
-                       "sources": _sources(case), "arrays": records})
-    write_json(properties, folder / f"{case.identifier}.json")
+    properties = dataclasses.replace(properties, case=case.identifier, subject=case.subject,
+                                     key=preprocessing_key(configuration), sources=_sources(case), arrays=records)
+    properties.to_json(folder / f"{case.identifier}.json")
     return properties
 
 
 def preprocess_arrays(
     images: np.ndarray, label: np.ndarray | None, geometry: Geometry, configuration: Configuration
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Crop, normalize and resample in memory.
 
     Args:
@@ -171,15 +231,10 @@ def preprocess_arrays(
     if configuration.symmetry is not None:  # symmetric-hemisphere channels on the network's grid (autoseg.symmetry)
         grid = grid_geometry(geometry, box, target)
         data, mirror_fit = add_mirror_channels(data, resample_labels(foreground.astype(np.uint8), target) > 0, grid, configuration.symmetry)
-    properties = {
-        "geometry": geometry.to_json(),
-        "crop_box": [list(pair) for pair in box],
-        "cropped_shape": list(images.shape[1:]),
-        "resampled_shape": list(target),
-        "target_spacing": list(configuration.target_spacing),
-    }
-    if mirror_fit is not None:
-        properties["symmetry"] = mirror_fit
+    properties = CaseProperties(geometry=geometry, crop_box=tuple((int(lo), int(hi)) for lo, hi in box),
+                                cropped_shape=tuple(int(n) for n in images.shape[1:]),
+                                resampled_shape=tuple(int(n) for n in target),
+                                target_spacing=tuple(float(s) for s in configuration.target_spacing), symmetry=mirror_fit)
     return data, seg, properties
 
 
@@ -289,34 +344,37 @@ def resample_labels(label: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def restore_probabilities(probabilities: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+def restore_probabilities(probabilities: np.ndarray, properties: CaseProperties) -> np.ndarray:
     """Put (K, X', Y', Z') probabilities at the target spacing back on the raw image's grid:
     linear resampling to the cropped shape, then zero padding outside the crop box.
 
     Returns:
-        (K, X, Y, Z) float32 on the grid of ``properties["geometry"]``.
+        (K, X, Y, Z) float32 on the grid of ``properties.geometry``.
     """
-    cropped = tuple(properties["cropped_shape"])
-    restored = np.stack([_zoom(p.astype(np.float32), cropped, 1) for p in probabilities])
-    out = np.zeros((len(probabilities), *properties["geometry"]["shape"]), np.float32)
-    box = tuple(slice(lo, hi) for lo, hi in properties["crop_box"])
+    restored = np.stack([_zoom(p.astype(np.float32), properties.cropped_shape, 1) for p in probabilities])
+    out = np.zeros((len(probabilities), *properties.geometry.shape), np.float32)
+    box = tuple(slice(lo, hi) for lo, hi in properties.crop_box)
     out[(slice(None), *box)] = restored
     return out
 
 
-def restore_labels(seg: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+def restore_labels(seg: np.ndarray, properties: CaseProperties) -> np.ndarray:
     """Put an (X', Y', Z') label map back on the raw image's grid (one-hot linear, argmax, zero outside)."""
-    out = np.zeros(properties["geometry"]["shape"], np.uint8)
-    box = tuple(slice(lo, hi) for lo, hi in properties["crop_box"])
-    out[box] = resample_labels(seg, tuple(properties["cropped_shape"]))
+    out = np.zeros(properties.geometry.shape, np.uint8)
+    box = tuple(slice(lo, hi) for lo, hi in properties.crop_box)
+    out[box] = resample_labels(seg, properties.cropped_shape)
     return out
 
 
-def load_case(folder: Path, identifier: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """A preprocessed case: data (C, X, Y, Z), labels (X, Y, Z) and properties."""
+def load_case(folder: Path, identifier: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, CaseProperties]:
+    """A preprocessed case: data (C, X, Y, Z), labels (X, Y, Z) and properties.
+
+    Raises:
+        CasePropertiesError: its ``CASE.json`` is missing, unreadable or of another version.
+    """
     data = load_array(folder / f"{identifier}.npy", mmap)
     seg = load_array(folder / f"{identifier}_seg.npy", mmap)
-    return data, seg, read_json(folder / f"{identifier}.json")
+    return data, seg, CaseProperties.from_json(folder / f"{identifier}.json")
 
 
 def lesion_fraction(folder: Path, identifiers: Sequence[str]) -> float:
@@ -332,9 +390,9 @@ def lesion_fraction(folder: Path, identifiers: Sequence[str]) -> float:
     return lesion / total
 
 
-def _sources(case: Case) -> list[list]:
+def _sources(case: Case) -> tuple[tuple[str, int, int], ...]:
     paths = [*case.images, *([case.label] if case.label is not None else [])]
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
 def _preprocess_star(argument: tuple[Case, Configuration, Path]) -> None:

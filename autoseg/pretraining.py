@@ -80,11 +80,13 @@ def slice_configuration(source: Configuration, *, backbone: str, slice_axis: int
         raise UsageError(f"slice_axis must be 0, 1 or 2 (an axis of the x, y, z array), got {slice_axis}")
     in_plane = tuple(source.median_shape[a] for a in range(3) if a != slice_axis)
     patch = round_to_multiple(in_plane, (8, 8))
-    stage = Stage("all_layers", 0, patch, BATCH_SIZE, LEARNING_RATE, "all")
+    stage = Stage(name="all_layers", start_epoch=0, patch_size=patch, batch_size=BATCH_SIZE,
+                  learning_rate=LEARNING_RATE, trainable="all")
     return replace(
         source, name=CONFIGURATION, dimension=2, patch_size=patch, batch_size=BATCH_SIZE,
-        network=Network("PSPNet", deep_supervision=False, backbone=backbone, output_stride=8, pyramid_bins=(1, 2, 3, 6)),
-        schedule=Schedule("PSPNetTrainer", "rmsprop", "plateau", epochs, iterations_per_epoch, (stage,)),
+        network=Network(architecture="PSPNet", deep_supervision=False, backbone=backbone, output_stride=8, pyramid_bins=(1, 2, 3, 6)),
+        schedule=Schedule(trainer="PSPNetTrainer", epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+                          stages=(stage,)),
         mirror_axes=(0, 1), slice_axis=slice_axis,
         reasons={"purpose": f"pre-training a {backbone} backbone on the slices across axis {slice_axis} of "
                             f"'{source.name}' (autoseg_pretrain)",

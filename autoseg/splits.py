@@ -22,6 +22,7 @@ import numpy as np
 
 from autoseg.errors import AutosegError
 from autoseg.io import read_json, write_json
+from autoseg.preprocessing import CaseProperties
 
 SPLITS_FILE = "splits_final.json"
 
@@ -135,4 +136,4 @@ def split_problems(splits: object, identifiers: Sequence[str]) -> list[str]:
 
 def read_subjects(folder: Path, identifiers: Sequence[str]) -> dict[str, str]:
     """Case -> subject from the preprocessed ``CASE.json`` files in ``folder`` (the case itself if absent)."""
-    return {case: str(read_json(Path(folder) / f"{case}.json").get("subject") or case) for case in identifiers}
+    return {case: CaseProperties.from_json(Path(folder) / f"{case}.json").subject or case for case in identifiers}

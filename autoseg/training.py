@@ -40,7 +40,7 @@ from autoseg.dataset import find_dataset
 from autoseg.distributed import DistributedContext, gather_objects, leave
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.inference import Predictor
-from autoseg.io import Geometry, atomic_path, read_image, write_image, write_json, write_like
+from autoseg.io import atomic_path, read_image, write_image, write_json, write_like
 from autoseg.losses import one_hot_foreground
 from autoseg.machine import PRECISIONS
 from autoseg.metrics import mean_over_labels, score_case
@@ -331,7 +331,7 @@ def validate_cases(
         if case not in references or references[case] is None:
             raise DataError(f"validation case {case} has no label file in the raw dataset")
         data, _, properties = load_case(data_folder, case, mmap=True)
-        geometry = Geometry.from_json(properties["geometry"])
+        geometry = properties.geometry
         # Rounded as CASE_probabilities.npz stores them, so autoseg_find_best remakes these labels exactly.
         probabilities = restore_probabilities(predictor.predict_preprocessed(data), properties)
         probabilities = probabilities.astype(np.float16).astype(np.float32)

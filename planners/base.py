@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from autoseg.compute_budget import BudgetRequest
 from autoseg.errors import UsageError
+from autoseg.fingerprint import Fingerprint
 from autoseg.planning import NORMALIZATION_OPTIONS
 from autoseg.plans import Plans
 from autoseg.registry import Registry
@@ -38,7 +39,7 @@ class Planner:
         super().__init_subclass__(**kwargs)
         _REGISTRY.register(cls)
 
-    def __init__(self, fingerprint: dict[str, Any], memory_budget_gb: float | None = None,
+    def __init__(self, fingerprint: Fingerprint, memory_budget_gb: float | None = None,
                  compute: BudgetRequest | None = None, normalization: str = "zscore"):
         if normalization not in NORMALIZATION_OPTIONS:
             raise UsageError(f"unknown normalization '{normalization}', use one of {list(NORMALIZATION_OPTIONS)}")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from autoseg.fingerprint import DatasetAggregate
 from planners.default import DefaultPlanner
 
 #: No axis finer than this (mm): 8x fewer voxels than 1 mm data, which makes CPU training practical.
@@ -24,7 +23,7 @@ class CPUPlanner(DefaultPlanner):
     #: on 2 cores).
     pspnet_backbones = ("resnet18",)
 
-    def target_spacing(self, aggregate: dict[str, Any]) -> tuple[tuple[float, ...], str]:
+    def target_spacing(self, aggregate: DatasetAggregate) -> tuple[tuple[float, ...], str]:
         spacing, reason = super().target_spacing(aggregate)
         coarser = tuple(max(s, CPU_MIN_SPACING_MM) for s in spacing)
         if coarser == spacing:

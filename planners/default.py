@@ -27,6 +27,7 @@ from autoseg.compute_budget import (
     describe_minutes,
     stage_shares,
 )
+from autoseg.fingerprint import DatasetAggregate
 from autoseg.inference import sliding_window_positions
 from autoseg.losses import balanced_positive_weight
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
@@ -96,9 +97,9 @@ class DefaultPlanner(Planner):
     pspnet_backbones = PSPNET_BACKBONES
 
     def plan(self) -> Plans:
-        aggregate = self.fingerprint["aggregate"]
+        aggregate = self.fingerprint.aggregate
         spacing, spacing_reason = self.target_spacing(aggregate)
-        normalization = [channel_normalization(channel) for channel in self.fingerprint["channels"]]
+        normalization = [channel_normalization(channel) for channel in self.fingerprint.channels]
         thin, why = self.is_thin_slab(aggregate)
         if thin and self.compute is not None:
             configurations = [self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
@@ -114,13 +115,13 @@ class DefaultPlanner(Planner):
         configurations += symmetric
         if self.normalization == "histeq":
             configurations += [self.histeq_variant(c) for c in configurations]
-        channels = self.fingerprint["channels"]
+        channels = self.fingerprint.channels
         return Plans(
-            dataset=self.fingerprint["dataset"],
+            dataset=self.fingerprint.dataset,
             planner=type(self).__name__,
-            channels=tuple(c["name"] for c in channels),
-            modalities=tuple(c["modality"] for c in channels),
-            labels=dict(self.fingerprint["labels"]),
+            channels=tuple(c.name for c in channels),
+            modalities=tuple(c.modality for c in channels),
+            labels=dict(self.fingerprint.labels),
             default_configuration=configurations[0].name,
             configurations={c.name: c for c in configurations},
             memory_budget_gb=self.memory_budget_gb,
@@ -132,18 +133,18 @@ class DefaultPlanner(Planner):
 
     def histeq_variant(self, configuration: Configuration) -> Configuration:
         """``NAME_histeq`` (:func:`autoseg.planning.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
-        twin = histeq_twin(configuration, self.fingerprint["channels"])
+        twin = histeq_twin(configuration, self.fingerprint.channels)
         choices = getattr(self, "_budget_choices", {})
         if configuration.name in choices:
             self._budget_choices = {**choices, twin.name: choices[configuration.name]}
         return twin
 
-    def target_spacing(self, aggregate: dict[str, Any]) -> tuple[tuple[float, ...], str]:
+    def target_spacing(self, aggregate: DatasetAggregate) -> tuple[tuple[float, ...], str]:
         return target_spacing(aggregate, SLAB_ANISOTROPY)
 
-    def is_thin_slab(self, aggregate: dict[str, Any]) -> tuple[bool, str]:
-        ratio = aggregate["anisotropy_ratio"]
-        slices = aggregate["slices_along_coarse_axis"]
+    def is_thin_slab(self, aggregate: DatasetAggregate) -> tuple[bool, str]:
+        ratio = aggregate.anisotropy_ratio
+        slices = aggregate.slices_along_coarse_axis
         if ratio >= SLAB_ANISOTROPY or slices["median"] <= SLAB_MAX_SLICES:
             return True, (
                 f"thin slabs: out-of-plane spacing is {ratio:.1f}x the in-plane spacing and scans have "
@@ -157,50 +158,51 @@ class DefaultPlanner(Planner):
 
     def median_shape(self, spacing: tuple[float, ...]) -> tuple[int, ...]:
         """Median cropped size in voxels at ``spacing``."""
-        size_mm = np.array(self.fingerprint["aggregate"]["median_cropped_size_mm"], float)
+        size_mm = np.array(self.fingerprint.aggregate.median_cropped_size_mm, float)
         return tuple(int(max(1, round(v))) for v in size_mm / np.array(spacing))
 
     def loss(self, patch_volume_mm3: float) -> tuple[Loss, str]:
-        aggregate = self.fingerprint["aggregate"]
-        small_share = aggregate["share_of_lesions_below_1cm3"]
-        median = aggregate["lesion_component_volumes_mm3"].get("median", 0.0)
+        aggregate = self.fingerprint.aggregate
+        small_share = aggregate.share_of_lesions_below_1cm3
+        median = aggregate.lesion_component_volumes_mm3.get("median", 0.0)
         relative = median / patch_volume_mm3
         if small_share >= 0.3 or relative < 1e-3:
-            return Loss("dice_bce_focal", 1.0, 1.0, 1.0, 2.0, 0.75), (
+            return Loss(name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0,
+                        focal_alpha=0.75), (
                 f"{small_share:.0%} of lesions are below 1 cm³ and the median lesion ({median:.0f} mm³) fills "
                 f"{relative:.2%} of a patch: Dice + BCE plus a focal term (γ=2, α=0.75 for lesion, acute stroke paper) "
                 "so the many easy background voxels do not drown the small lesions"
             )
-        return Loss("dice_bce", 1.0, 1.0), (
+        return Loss(name="dice_bce", dice_weight=1.0, bce_weight=1.0), (
             f"lesions are mostly large ({small_share:.0%} below 1 cm³; median {median:.0f} mm³ = {relative:.2%} of a "
             "patch): the Dice + BCE affine loss of the chronic stroke paper"
         )
 
     def sampling(self, patch_volume_mm3: float) -> tuple[Sampling, str]:
-        aggregate = self.fingerprint["aggregate"]
-        median_case = aggregate["case_lesion_volumes_mm3"].get("median", 0.0)
+        aggregate = self.fingerprint.aggregate
+        median_case = aggregate.case_lesion_volumes_mm3.get("median", 0.0)
         share = median_case / patch_volume_mm3
-        small = aggregate["share_of_lesions_below_1cm3"]
+        small = aggregate.share_of_lesions_below_1cm3
         choice, why_choice = ("lesion", f"; {small:.0%} of lesions are below 1 cm³, so a forced patch picks a lesion "
                               "first (uniformly, then a voxel of it) and small lesions beside large ones are seen "
                               "as often") if small >= SMALL_LESION_SHARE else (
             "voxel", f"; a forced patch centres on any lesion voxel ({small:.0%} of lesions below 1 cm³)")
         if share < 0.01:
-            return Sampling(0.5, 0.5, choice), (
+            return Sampling(foreground_oversampling=0.5, max_offset_fraction=0.5, lesion_choice=choice), (
                 f"the median case's lesion load ({median_case:.0f} mm³) fills {share:.2%} of a patch: half the patches "
                 "are centred on lesion (balanced sampling, acute stroke paper), shifted by up to half a patch"
                 + why_choice)
-        return Sampling(0.33, 0.5, choice), (
+        return Sampling(foreground_oversampling=0.33, max_offset_fraction=0.5, lesion_choice=choice), (
             f"lesions fill {share:.1%} of a patch for the median case: a third of the patches are forced onto lesion "
             "(nnU-Net's ratio), shifted by up to half a patch so lesions are not always centred" + why_choice
         )
 
     def postprocessing(self, spacing: tuple[float, ...]) -> tuple[PostProcessing, str]:
-        volumes = self.fingerprint["aggregate"]["lesion_component_volumes_mm3"]
+        volumes = self.fingerprint.aggregate.lesion_component_volumes_mm3
         smallest = float(volumes.get("min", 0.0))
         voxel = float(np.prod(spacing))
         minimum = round(max(voxel, 0.5 * smallest), 2)
-        return PostProcessing(0.5, minimum), (
+        return PostProcessing(threshold=0.5, min_lesion_mm3=minimum), (
             f"threshold 0.5; drop components under {minimum} mm³ (half the smallest training lesion, {smallest:.1f} mm³, "
             "and at least one voxel); both are re-tuned on cross-validation"
         )
@@ -218,11 +220,11 @@ class DefaultPlanner(Planner):
         ratio = max(spacing) / min(spacing)
         if ratio >= SLAB_ANISOTROPY:
             axis = int(np.argmax(spacing))
-            return Resampling(3, axis, 0), (
+            return Resampling(image_order=3, separate_axis=axis, separate_axis_order=0), (
                 f"spacing is anisotropic ({ratio:.1f}x): cubic spline in-plane, nearest along axis {axis} so thick "
                 "slices are not blurred into each other"
             )
-        return Resampling(3), "near-isotropic: cubic spline for images, linear one-hot interpolation for labels"
+        return Resampling(image_order=3), "near-isotropic: cubic spline for images, linear one-hot interpolation for labels"
 
     def common(self, spacing: tuple[float, ...], patch_mm3: float) -> tuple[dict[str, Any], dict[str, str]]:
         """Fields and reasons every configuration shares."""
@@ -239,7 +241,7 @@ class DefaultPlanner(Planner):
 
     def batch_cap(self, patch: tuple[int, ...], spacing: tuple[float, ...]) -> int:
         """Largest batch that holds at most ``MAX_BATCH_SHARE`` of all training voxels."""
-        total = np.prod(self.median_shape(spacing)) * self.fingerprint["aggregate"]["num_cases"]
+        total = np.prod(self.median_shape(spacing)) * self.fingerprint.aggregate.num_cases
         return max(2, int(MAX_BATCH_SHARE * total / np.prod(patch)))
 
     # -- configurations -------------------------------------------------------------------------
@@ -249,7 +251,7 @@ class DefaultPlanner(Planner):
         found a mid-sagittal plane in enough cases (``autoseg.symmetry.qualifies``): the plain configuration with
         every channel's registered mirror appended, budgeted like it. Returns the configurations (none or one) and
         the reason either way."""
-        found, in_plane, reason = symmetry_qualifies(self.fingerprint["aggregate"].get("symmetry"))
+        found, in_plane, reason = symmetry_qualifies(self.fingerprint.aggregate.symmetry)
         if not found:
             return [], reason
         symmetry = Symmetry(reference_channel=0, difference=False, in_plane=in_plane)
@@ -265,12 +267,12 @@ class DefaultPlanner(Planner):
 
     def symmetry_reason(self, symmetry: Symmetry) -> str:
         """The ``reasons.symmetry`` of a symmetric configuration."""
-        channels = self.fingerprint["channels"]
-        reference = channels[symmetry.reference_channel]["name"]
+        channels = self.fingerprint.channels
+        reference = channels[symmetry.reference_channel].name
         count = input_channels(len(channels), symmetry)
         how = ("in-plane: rotation about the slice axis and in-plane shift, since a few thick slices cannot fix an "
                "out-of-plane tilt" if symmetry.in_plane else "rigid 3-D (Euler3D)")
-        _, _, found = symmetry_qualifies(self.fingerprint["aggregate"]["symmetry"])
+        _, _, found = symmetry_qualifies(self.fingerprint.aggregate.symmetry)
         return (f"{found}. The mirror is fitted ({how}) on channel {symmetry.reference_channel} ({reference}) after "
                 f"cropping, normalization and resampling, on the arrays the network reads, and its transform reused "
                 f"for the other channels (acute stroke paper); the network takes {count} channels. No difference "
@@ -278,8 +280,8 @@ class DefaultPlanner(Planner):
                 "symmetry.difference to true for original − mirror as a third channel per input")
 
     def unet_memory(self, deep_supervision: bool = True, symmetry: Symmetry | None = None):
-        in_channels = input_channels(len(self.fingerprint["channels"]), symmetry)
-        num_classes = len(self.fingerprint["labels"]) - 1
+        in_channels = input_channels(len(self.fingerprint.channels), symmetry)
+        num_classes = len(self.fingerprint.labels) - 1
 
         def memory_of(patch: tuple[int, ...], topology: Topology, batch: int) -> int:
             return estimate_training_memory_bytes(
@@ -335,7 +337,6 @@ class DefaultPlanner(Planner):
         common, common_reasons = self.common(spacing, float(np.prod(patch) * np.prod(spacing)))
         reasons.update(common_reasons)
         trainer = "ZoomInOutTrainer" if len(stages) == 2 else "ResidualUNetTrainer"
-        optimizer, lr_schedule = ("adam", "cosine_warm_restarts") if len(stages) == 2 else ("sgd", "poly")
         reasons["normalization"] = "; ".join(reason for _, reason in normalization)
         reasons["mirror_axes"] = "all three axes: lesions occur in either hemisphere and at any position"
         if symmetry is not None:
@@ -343,10 +344,11 @@ class DefaultPlanner(Planner):
         return Configuration(
             name="3d_resunet" + ("_sym" if symmetry else ""), dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
-            network=Network("ResidualUNet", topology.features, topology.strides, topology.kernel_sizes, True),
+            network=Network(architecture="ResidualUNet", features=topology.features, strides=topology.strides,
+                            kernel_sizes=topology.kernel_sizes, deep_supervision=True),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule(trainer, optimizer, lr_schedule, self.epochs, self.iterations_per_epoch, stages,
-                              restart_period_epochs=50 if len(stages) == 2 else None),
+            schedule=Schedule(trainer=trainer, epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
+                              stages=stages, restart_period_epochs=50 if len(stages) == 2 else None),
             mirror_axes=(0, 1, 2), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
             data_identifier=self.resunet_identifier(spacing) + ("_sym" if symmetry else ""), reasons=reasons,
             symmetry=symmetry, **common,
@@ -354,7 +356,7 @@ class DefaultPlanner(Planner):
 
     def resunet_identifier(self, spacing: tuple[float, ...]) -> str:
         """``3d_resunet`` at the planned spacing; a budget that lowers the resolution gets its own data folder."""
-        if self.compute is None or tuple(spacing) == self.target_spacing(self.fingerprint["aggregate"])[0]:
+        if self.compute is None or tuple(spacing) == self.target_spacing(self.fingerprint.aggregate)[0]:
             return "3d_resunet"
         return "3d_resunet_" + "x".join(f"{v:g}" for v in spacing) + "mm"
 
@@ -375,7 +377,7 @@ class DefaultPlanner(Planner):
         small = round_to_multiple(tuple(p * 0.5 ** (1 / 3) for p in patch), topology.total_stride, mode="nearest")
         sensible = all(s >= 2 * t for s, t in zip(small, topology.total_stride)) and np.prod(small) < np.prod(patch)
         if not sensible:
-            return (Stage("full", 0, patch, batch, 1e-2),), (
+            return (Stage(name="full", start_epoch=0, patch_size=patch, batch_size=batch, learning_rate=1e-2),), (
                 f"patch {list(patch)} is too small to halve (edges must stay >= twice the total stride): one stage, "
                 "SGD with polynomial decay (nnU-Net's default)"
             )
@@ -383,7 +385,8 @@ class DefaultPlanner(Planner):
         small_topology = unet_topology(small, spacing, max_features=widths[1], base_features=widths[0])
         small_batch = self.fit_batch(small, small_topology, spacing, memory_of)
         switch = int(round(self.epochs * (1 - ZOOM_OUT_SHARE)))
-        stages = (Stage("zoom_in", 0, small, small_batch, 1e-3), Stage("zoom_out", switch, patch, batch, 1e-4))
+        stages = (Stage(name="zoom_in", start_epoch=0, patch_size=small, batch_size=small_batch, learning_rate=1e-3),
+                  Stage(name="zoom_out", start_epoch=switch, patch_size=patch, batch_size=batch, learning_rate=1e-4))
         return stages, (
             f"zoom-in&out (chronic stroke paper): epochs 0–{switch - 1} on {list(small)} patches "
             f"({np.prod(small) / np.prod(patch):.0%} of the final volume, batch {small_batch}) at lr 1e-3, then "
@@ -464,18 +467,18 @@ class DefaultPlanner(Planner):
 
     def estimate(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
         """Estimated wall time of one fold of ``configuration`` laid out as ``layout`` on the budget's machine."""
-        in_channels = configuration.input_channels(len(self.fingerprint["channels"]))
-        num_classes = len(self.fingerprint["labels"]) - 1
+        in_channels = configuration.input_channels(len(self.fingerprint.channels))
+        num_classes = len(self.fingerprint.labels) - 1
         network = NetworkShape(in_channels, num_classes, configuration.network.features,
                                configuration.network.strides, configuration.network.kernel_sizes)
         schedule = self.laid_out_schedule(configuration, layout)
         shares = stage_shares([s.start_epoch for s in schedule.stages], layout.epochs)
         stages = [(s.patch_size, s.batch_size, share) for s, share in zip(schedule.stages, shares)]
-        cases = max(1, round(self.fingerprint["aggregate"]["num_cases"] / 5))
+        cases = max(1, round(self.fingerprint.aggregate.num_cases / 5))
         shape = tuple(max(m, p) for m, p in zip(configuration.median_shape, configuration.patch_size))
         windows = len(sliding_window_positions(shape, configuration.patch_size,
                                                configuration.sliding_window_step)) * cases
-        megavoxels = float(np.prod(self.fingerprint["aggregate"]["median_shape"])) * cases / 1e6
+        megavoxels = float(np.prod(self.fingerprint.aggregate.median_shape)) * cases / 1e6
         return estimate_training(self.compute.probe, network, stages, epochs=layout.epochs,
                                  iterations_per_epoch=layout.iterations_per_epoch,
                                  val_iterations=layout.val_iterations, validation_windows=windows,
@@ -545,7 +548,7 @@ class DefaultPlanner(Planner):
         """Estimated wall time of one fold of a 2d_pspnet configuration laid out as ``layout``."""
         from autoseg.compute import pspnet_cost
 
-        in_channels = configuration.input_channels(len(self.fingerprint["channels"]))
+        in_channels = configuration.input_channels(len(self.fingerprint.channels))
         gmacs, mega_activations = pspnet_cost(configuration.network.backbone, configuration.patch_size,
                                               configuration.batch_size, in_channels)
         probe = self.compute.probe
@@ -553,12 +556,12 @@ class DefaultPlanner(Planner):
         step = probe.training.seconds(gmacs, mega_activations, megavoxels)
         forward = probe.inference.seconds(gmacs, mega_activations, megavoxels) / configuration.batch_size
         augmentation = configuration.batch_size * probe.augmentation_seconds((*configuration.patch_size, 1))
-        cases = max(1, round(self.fingerprint["aggregate"]["num_cases"] / 5))
+        cases = max(1, round(self.fingerprint.aggregate.num_cases / 5))
         slices = configuration.median_shape[configuration.slice_axis] * cases
         return TrainingEstimate.for_steps(
             step, augmentation, forward * configuration.batch_size, layout.epochs, layout.iterations_per_epoch,
             layout.val_iterations, self.compute.device, final_validation_seconds=slices * 2 ** len(configuration.mirror_axes) * forward
-            + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * float(np.prod(self.fingerprint["aggregate"]["median_shape"]))
+            + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * float(np.prod(self.fingerprint.aggregate.median_shape))
             * cases / 1e6)
 
     def budget_reason(self, ladder: list[Configuration], choice: RungChoice) -> str:
@@ -583,8 +586,8 @@ class DefaultPlanner(Planner):
                   f"cosine warm restarts every {schedule.restart_period_epochs} epochs")
         return (f"laid out over the budget: {layout.epochs} epochs x {layout.iterations_per_epoch} iterations "
                 f"(about {choice.estimate.seconds_per_iteration * layout.iterations_per_epoch:.0f} s each), "
-                f"{layout.val_iterations} validation batches per epoch; {stages}; {cycles}; optimizer "
-                f"{schedule.optimizer}")
+                f"{layout.val_iterations} validation batches per epoch; {stages}; {cycles}; the trainer "
+                f"{schedule.trainer} chooses the optimizer")
 
     def compute_budget_record(self, configurations: list[Configuration]) -> ComputeBudget | None:
         """The plans' ``compute_budget`` object, describing the default (first) configuration."""
@@ -661,10 +664,11 @@ class DefaultPlanner(Planner):
         return Configuration(
             name="3d_aniso", dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
-            network=Network("ResidualUNet", topology.features, topology.strides, topology.kernel_sizes, True),
+            network=Network(architecture="ResidualUNet", features=topology.features, strides=topology.strides,
+                            kernel_sizes=topology.kernel_sizes, deep_supervision=True),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule("ResidualUNetTrainer", "sgd", "poly", self.epochs, self.iterations_per_epoch,
-                              (Stage("full", 0, patch, batch, 1e-2),)),
+            schedule=Schedule(trainer="ResidualUNetTrainer", epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
+                              stages=(Stage(name="full", start_epoch=0, patch_size=patch, batch_size=batch, learning_rate=1e-2),)),
             mirror_axes=tuple(in_plane), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
             data_identifier=self.slab_identifier(spacing), reasons=reasons, **common,
         )
@@ -677,8 +681,8 @@ class DefaultPlanner(Planner):
         coarse = int(np.argmax(spacing))
         in_plane = tuple(full[a] for a in range(3) if a != coarse)
         patch = round_to_multiple(in_plane, (8, 8))
-        in_channels = input_channels(len(self.fingerprint["channels"]), symmetry)
-        num_classes = len(self.fingerprint["labels"]) - 1
+        in_channels = input_channels(len(self.fingerprint.channels), symmetry)
+        num_classes = len(self.fingerprint.labels) - 1
         for backbone in self.pspnet_backbones:
             def memory_of(batch: int, backbone: str = backbone) -> int:
                 return estimate_pspnet_training_memory_bytes(
@@ -692,9 +696,10 @@ class DefaultPlanner(Planner):
         phase_two = max(1, self.pspnet_epochs // 10)
         patch_mm3 = float(np.prod(patch) * np.prod([spacing[a] for a in range(3) if a != coarse]) * spacing[coarse])
         common, reasons = self.common(spacing, patch_mm3)
-        fraction = float(self.fingerprint["aggregate"].get("median_lesion_fraction_of_foreground", 0.0))
+        fraction = float(self.fingerprint.aggregate.median_lesion_fraction_of_foreground)
         lesion_weight = round(balanced_positive_weight(fraction), 3) if 0 < fraction < 1 else 1.0
-        common["loss"] = Loss("focal", 0.0, 0.0, 1.0, 1.0, 0.75, positive_weight=lesion_weight)
+        common["loss"] = Loss(name="focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=1.0,
+                              focal_alpha=0.75, positive_weight=lesion_weight)
         reasons.update({
             "target_spacing": spacing_reason,
             "slice_axis": f"axis {coarse} is the thick one: the network sees one whole slice at a time",
@@ -722,12 +727,15 @@ class DefaultPlanner(Planner):
         return Configuration(
             name="2d_pspnet" + ("_sym" if symmetry else ""), dimension=2, target_spacing=spacing, median_shape=full, patch_size=patch,
             batch_size=batch,
-            network=Network("PSPNet", deep_supervision=False, backbone=backbone, output_stride=8,
+            network=Network(architecture="PSPNet", deep_supervision=False, backbone=backbone, output_stride=8,
                             pyramid_bins=(1, 2, 3, 6)),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule("PSPNetTrainer", "rmsprop", "plateau", self.pspnet_epochs, self.iterations_per_epoch,
-                              (Stage("new_layers", 0, patch, batch, 1e-2, "new_layers"),
-                               Stage("all_layers", phase_two, patch, batch, 1e-4, "all")),
+            schedule=Schedule(trainer="PSPNetTrainer", epochs=self.pspnet_epochs,
+                              iterations_per_epoch=self.iterations_per_epoch,
+                              stages=(Stage(name="new_layers", start_epoch=0, patch_size=patch, batch_size=batch,
+                                            learning_rate=1e-2, trainable="new_layers"),
+                                      Stage(name="all_layers", start_epoch=phase_two, patch_size=patch,
+                                            batch_size=batch, learning_rate=1e-4, trainable="all")),
                               plateau_patience_epochs=20, early_stopping_patience_epochs=50),
             mirror_axes=(0, 1), estimated_memory_gb=round(memory_of(batch) / GIB, 3),
             data_identifier=self.slab_identifier(spacing) + ("_sym" if symmetry else ""), slice_axis=coarse,

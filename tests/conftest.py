@@ -124,7 +124,8 @@ def tiny_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                       strides=((1, 1, 1),) + ((2, 2, 2),) * 2, kernel_sizes=((3, 3, 3),) * 3)
         schedule = dataclasses.replace(configuration.schedule, trainer=TINY_MODEL_TRAINER, epochs=1,
                                        iterations_per_epoch=1, restart_period_epochs=None,
-                                       stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),))
+                                       stages=(Stage(name="full", start_epoch=0, patch_size=(32, 32, 32), batch_size=1,
+                                                     learning_rate=1e-2),))
         # 32³ windows and mirroring along one axis keep a prediction to a few dozen forward passes.
         configuration = dataclasses.replace(configuration, network=network, patch_size=(32, 32, 32), batch_size=1,
                                             schedule=schedule, mirror_axes=(0,))

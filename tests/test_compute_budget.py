@@ -20,7 +20,7 @@ from autoseg.commands.plan import main as plan_main
 from autoseg.compute import ComputeProbe, CostModel, NetworkShape, ProbePoint, TimePromise, load_or_run_probe
 from autoseg.compute_budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
 from autoseg.dataset import find_dataset
-from autoseg.fingerprint import compute_fingerprint
+from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet, count_forward_macs
 from autoseg.plan_and_preprocess import plan_and_preprocess
@@ -50,14 +50,14 @@ def budget(minutes: float, speed: float = 1.0) -> BudgetRequest:
 
 
 @pytest.fixture(scope="module")
-def atlas_1mm_fingerprint(tiny_sources: dict[str, Path]) -> dict:
+def atlas_1mm_fingerprint(tiny_sources: dict[str, Path]) -> Fingerprint:
     """The tiny ATLAS-like fingerprint with the sizes of 20 whole-brain 1 mm T1w scans (197x233x189)."""
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
-    aggregate = fingerprint["aggregate"]
-    aggregate.update(num_cases=20, median_spacing=[1.0, 1.0, 1.0], spacing_percentile_10=[1.0, 1.0, 1.0],
-                     median_shape=[197, 233, 189], median_cropped_shape=[150, 184, 158],
-                     median_cropped_size_mm=[150.0, 184.0, 158.0], anisotropy_ratio=1.0)
-    return fingerprint
+    aggregate = dataclasses.replace(
+        fingerprint.aggregate, num_cases=20, median_spacing=(1.0, 1.0, 1.0), spacing_percentile_10=(1.0, 1.0, 1.0),
+        median_shape=(197.0, 233.0, 189.0), median_cropped_shape=(150.0, 184.0, 158.0),
+        median_cropped_size_mm=(150.0, 184.0, 158.0), anisotropy_ratio=1.0)
+    return dataclasses.replace(fingerprint, aggregate=aggregate)
 
 
 # ---------------------------------------------------------------------------- FLOPs and the cost model

@@ -51,7 +51,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)))
     schedule = dataclasses.replace(configuration.schedule, trainer="ResidualUNetTrainer", epochs=5,
                                    iterations_per_epoch=6, restart_period_epochs=None,
-                                   stages=(Stage("full", 0, (16, 16, 16), 3, 1e-2),))
+                                   stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=3,
+                                                 learning_rate=1e-2),))
     configuration = dataclasses.replace(configuration, network=network, patch_size=(16, 16, 16), batch_size=3,
                                         schedule=schedule)
     path = home / "preprocessed" / DATASET / "plans.json"

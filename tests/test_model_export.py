@@ -25,6 +25,7 @@ from autoseg.commands.export import main as export_main
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.import_model import main as import_main
 from autoseg.commands.predict import main as predict_main
+from autoseg.fingerprint import Fingerprint
 from autoseg.io import read_image, read_json
 from autoseg.model_export import MANIFEST_FORMAT, ModelFileError, export_model, import_model, summarize_fingerprint
 from autoseg.paths import preprocessed_root, raw_root, results_root
@@ -104,12 +105,12 @@ def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(home: Path, 
     assert description["channel_names"] == {"0": "T1"} and description["labels"] == {"background": 0, "lesion": 1}
     assert description["file_ending"] == ".nii.gz"
     summary = json.loads(entries["fingerprint_summary.json"])
-    fingerprint = read_json(home / "preprocessed" / NAME / "fingerprint.json")
+    fingerprint = Fingerprint.from_json(home / "preprocessed" / NAME / "fingerprint.json")
     assert summary == summarize_fingerprint(fingerprint)
-    assert summary["aggregate"]["median_spacing"] == fingerprint["aggregate"]["median_spacing"]
+    assert summary["aggregate"]["median_spacing"] == list(fingerprint.aggregate.median_spacing)
     assert "cases" not in summary and "subjects" not in summary
     text = entries["fingerprint_summary.json"].decode()
-    assert not [case for case in fingerprint["cases"] if case in text]  # no case name anywhere
+    assert not [case for case in fingerprint.cases if case in text]  # no case name anywhere
 
 
 def test_export_takes_the_members_model_selection_chose(home: Path, tmp_path: Path) -> None:
@@ -277,7 +278,7 @@ def test_a_pretrained_backbone_the_plans_name_is_not_needed_to_predict(home: Pat
     (the checkpoint holds the weights)."""
     plans = Plans.from_json(home / "results" / NAME / FOLDS[0] / "plans.json")
     configuration = plans.configuration(CONFIGURATION)
-    network = Network("PSPNet", backbone="resnet18", output_stride=8, pyramid_bins=(1, 2, 3, 6),
+    network = Network(architecture="PSPNet", backbone="resnet18", output_stride=8, pyramid_bins=(1, 2, 3, 6),
                       pretrained="/training/machine/resnet18_atlas.pth")
     pspnet = dataclasses.replace(configuration, name="2d_pspnet", network=network)
     plans = dataclasses.replace(plans, configurations={"2d_pspnet": pspnet}, default_configuration="2d_pspnet")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from autoseg.networks.memory import estimate_training_memory_bytes
 from autoseg.paths import preprocessed_root
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.planning import round_to_multiple, target_spacing, unet_topology
-from autoseg.plans import Plans, PlansError
+from autoseg.plans import SCHEMA_VERSION, Configuration, Loss, Plans, PlansError, Stage
 from autoseg.predict import build_network
 from planners import available_planners, get_planner, register_planner
 
@@ -105,8 +107,8 @@ def test_same_data_gives_byte_identical_plans(tiny_sources: dict, tmp_path: Path
 
 
 def test_anisotropic_spacing_keeps_a_low_percentile_for_the_coarse_axis() -> None:
-    aggregate = {"median_spacing": [0.9, 0.9, 5.0], "anisotropy_ratio": 5.56, "coarse_axis": 2,
-                 "spacing_percentile_10": [0.8, 0.8, 4.0]}
+    aggregate = SimpleNamespace(median_spacing=(0.9, 0.9, 5.0), anisotropy_ratio=5.56, coarse_axis=2,
+                                spacing_percentile_10=(0.8, 0.8, 4.0))  # the fields of a DatasetAggregate it reads
     spacing, reason = target_spacing(aggregate)
     assert spacing == (0.9, 0.9, 4.0) and "10th percentile" in reason
 
@@ -125,6 +127,7 @@ def test_edited_plans_are_used_and_invalid_edits_are_named(tiny_atlas: Path, dat
     path = plans_path(data_roots, "Dataset901_ATLASTiny")
     plans = json.loads(path.read_text())
     plans["configurations"]["3d_resunet"]["batch_size"] = 3
+    plans["configurations"]["3d_resunet"]["schedule"]["stages"][-1]["batch_size"] = 3  # the last stage's is the same
     path.write_text(json.dumps(plans))
     assert plan_main(["-d", "ATLASTiny", "--preprocess-only", "--no-progress"]) == 0
     assert Plans.from_json(path).configuration().batch_size == 3
@@ -142,6 +145,7 @@ def test_edited_plans_are_used_and_invalid_edits_are_named(tiny_atlas: Path, dat
 def _valid_copy(path: Path) -> Path:
     plans = json.loads(path.read_text())
     plans["configurations"]["3d_resunet"]["patch_size"] = [40, 48, 40]
+    plans["configurations"]["3d_resunet"]["schedule"]["stages"][-1]["patch_size"] = [40, 48, 40]
     plans["configurations"]["3d_resunet"]["loss"]["name"] = "dice_bce"
     copy = path.with_name("copy.json")
     copy.write_text(json.dumps(plans))
@@ -156,6 +160,63 @@ def test_unknown_fields_and_wrong_types_are_named(tiny_atlas: Path, data_roots: 
     path.write_text(json.dumps(plans))
     with pytest.raises(PlansError, match="configurations.3d_resunet.batch_size: expected int"):
         Plans.from_json(path)
+
+
+@pytest.fixture(scope="module")
+def atlas_plans_json(tiny_sources: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``plans.json`` of the tiny ATLAS-like data as the default planner writes it (planned only, nothing
+    preprocessed)."""
+    from autoseg.fingerprint import compute_fingerprint
+
+    fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
+    path = tmp_path_factory.mktemp("plans") / "plans.json"
+    get_planner("DefaultPlanner")(fingerprint).plan().to_json(path)
+    return path
+
+
+def test_plan_dataclasses_take_keyword_arguments_only() -> None:
+    with pytest.raises(TypeError):
+        Loss("dice_bce_focal", 1.0, 1.0, 1.0, 2.0, 0.75)
+    with pytest.raises(TypeError):
+        Stage("full", 0, (16, 16, 16), 2, 1e-2)
+    assert Loss(name="dice_bce").dice_weight == 1.0
+
+
+@pytest.mark.parametrize("field", ["patch_size", "batch_size"])
+def test_a_patch_or_batch_size_unlike_the_last_stages_is_refused_naming_both(atlas_plans_json: Path, tmp_path: Path,
+                                                                               field: str) -> None:
+    plans = json.loads(atlas_plans_json.read_text())
+    configuration = plans["configurations"]["3d_resunet"]
+    last = configuration["schedule"]["stages"][-1][field]
+    edited = [edge + 8 for edge in last] if field == "patch_size" else last + 1
+    configuration[field] = edited
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps(plans))
+    index = len(configuration["schedule"]["stages"]) - 1
+    expected = f"configurations.3d_resunet.{field}: {edited} differs from schedule.stages[{index}].{field} {last}"
+    with pytest.raises(PlansError, match=re.escape(expected)) as error:
+        Plans.from_json(path)
+    assert str(path) in str(error.value)
+
+
+def test_version_1_plans_are_read_without_the_optimizer_fields_no_code_read(atlas_plans_json: Path,
+                                                                            tmp_path: Path) -> None:
+    plans = json.loads(atlas_plans_json.read_text())
+    assert plans["schema_version"] == SCHEMA_VERSION == 2
+    assert "optimizer" not in plans["configurations"]["3d_resunet"]["schedule"]
+    plans["schema_version"] = 1
+    for configuration in plans["configurations"].values():
+        configuration["schedule"].update(optimizer="adam", lr_schedule="cosine_warm_restarts")
+    old = tmp_path / "plans.json"
+    old.write_text(json.dumps(plans))
+    read = Plans.from_json(old)
+    assert read == Plans.from_json(atlas_plans_json)
+    read.to_json(old)
+    assert old.read_bytes() == atlas_plans_json.read_bytes()
+    plans["schema_version"] = 2  # a version 2 file with them has fields this version does not know
+    old.write_text(json.dumps(plans))
+    with pytest.raises(PlansError, match=r"unknown field\(s\) \['lr_schedule', 'optimizer'\]"):
+        Plans.from_json(old)
 
 
 def test_planners_resolve_by_name_and_unknown_names_list_the_known(tiny_atlas: Path, capsys) -> None:
@@ -180,10 +241,17 @@ def test_a_pspnet_batch_of_one_is_refused_naming_the_reason(tiny_ctp: Path) -> N
     plans = plan_and_preprocess("CTPTiny", progress=False).plans
     pspnet = plans.configuration("2d_pspnet")
     assert pspnet.batch_size >= 2 and all(stage.batch_size >= 2 for stage in pspnet.schedule.stages)
-    single = dataclasses.replace(pspnet, batch_size=1)
+    single = _with_batch(pspnet, 1)
     assert any("batches of 2 or more" in problem for problem in single.problems(len(plans.channels)))
-    aniso = dataclasses.replace(plans.configuration("3d_aniso"), batch_size=1)
+    aniso = _with_batch(plans.configuration("3d_aniso"), 1)
     assert aniso.problems(len(plans.channels)) == []  # GroupNorm: a 3-D U-Net trains with batch 1
+
+
+def _with_batch(configuration: Configuration, batch: int) -> Configuration:
+    """``configuration`` with batch size ``batch``, in the configuration and in every stage alike."""
+    stages = tuple(dataclasses.replace(stage, batch_size=batch) for stage in configuration.schedule.stages)
+    return dataclasses.replace(configuration, batch_size=batch,
+                               schedule=dataclasses.replace(configuration.schedule, stages=stages))
 
 
 @pytest.mark.parametrize(("small_share", "choice"), [(0.5, "lesion"), (0.1, "voxel")])
@@ -193,7 +261,8 @@ def test_many_small_lesions_make_patches_choose_a_lesion_first(tiny_sources: dic
     from autoseg.fingerprint import compute_fingerprint
 
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
-    fingerprint["aggregate"]["share_of_lesions_below_1cm3"] = small_share
+    fingerprint = dataclasses.replace(fingerprint, aggregate=dataclasses.replace(
+        fingerprint.aggregate, share_of_lesions_below_1cm3=small_share))
     configuration = get_planner("DefaultPlanner")(fingerprint).plan().configuration()
     assert configuration.sampling.lesion_choice == choice
     assert f"{small_share:.0%} of lesions" in configuration.reasons["sampling"]

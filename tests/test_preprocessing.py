@@ -21,10 +21,14 @@ from autoseg.io import Geometry, array_damage, load_array, read_image, read_json
 from autoseg.plan_and_preprocess import dataset_folder, plan_and_preprocess
 from autoseg.plans import Normalization, Plans, Resampling
 from autoseg.preprocessing import (
+    CASE_PROPERTIES_VERSION,
+    CaseProperties,
+    CasePropertiesError,
     load_case,
     normalize,
     preprocess_arrays,
     preprocess_dataset,
+    preprocessing_key,
     restore_labels,
     restore_probabilities,
 )
@@ -58,7 +62,7 @@ def test_inverse_restores_geometry_and_lesion_volume(tiny_atlas, spacing, direct
     images, label = ellipsoid_case(shape, spacing)
     geometry = Geometry(shape, spacing, (-20.0, 13.0, 7.5), direction or (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
     data, seg, properties = preprocess_arrays(images, label, geometry, configuration)
-    assert data.shape[1:] == seg.shape == tuple(properties["resampled_shape"])
+    assert data.shape[1:] == seg.shape == properties.resampled_shape
     restored = restore_labels(seg, properties)
     probabilities = restore_probabilities(seg[None].astype(np.float32), properties)
     assert restored.shape == probabilities.shape[1:] == shape
@@ -76,7 +80,7 @@ def test_restored_prediction_written_with_the_input_geometry(tiny_ctp: Path, tmp
         data, seg, properties = load_case(folder, case.identifier)
         assert data.shape[0] == 5 and data.dtype == np.float32 and seg.dtype == np.uint8
         _, geometry = read_image(case.label, np.uint8)
-        assert Geometry.from_json(properties["geometry"]) == geometry
+        assert properties.geometry == geometry
         restored = restore_labels(np.asarray(seg), properties)
         # The CTP demo is stored LPS, not canonical: writing puts the restored labels back into that orientation.
         write_like(restored, geometry, tmp_path / "prediction.nii.gz", case.images[0])
@@ -113,6 +117,32 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(tiny_atlas: Path)
     changed = dataclasses.replace(configuration, resampling=Resampling(image_order=1))
     assert len(preprocess_dataset(cases, changed, folder, progress=False)) == 4, "new settings redo every case"
     assert not list(folder.glob(".*tmp*")), "no temporary files left behind"
+
+
+def test_case_json_is_typed_an_older_one_stays_up_to_date_and_an_unreadable_one_is_redone(tiny_atlas: Path,
+                                                                                          tmp_path: Path) -> None:
+    configuration = plan_and_preprocess("ATLASTiny", progress=False).plans.configuration()
+    folder = dataset_folder(find_dataset("ATLASTiny")) / configuration.data_identifier
+    cases = find_dataset("ATLASTiny").cases()
+    older, unknown, wrong = (folder / f"{case.identifier}.json" for case in cases[:3])
+    properties = CaseProperties.from_json(older)
+    assert isinstance(properties.geometry, Geometry) and properties.case == cases[0].identifier
+    assert properties.key == preprocessing_key(configuration) and properties.schema_version == CASE_PROPERTIES_VERSION
+    properties.to_json(tmp_path / "copy.json")
+    assert CaseProperties.from_json(tmp_path / "copy.json") == properties
+    plain = read_json(older)  # as written before CASE.json had a version
+    del plain["schema_version"], plain["symmetry"]
+    older.write_text(json.dumps(plain))
+    unknown.write_text(json.dumps({**read_json(unknown), "spacing": [1, 1, 1]}))
+    wrong.write_text(json.dumps({**read_json(wrong), "key": 7}))
+    with pytest.raises(CasePropertiesError, match=r"unknown field\(s\) \['spacing'\]; re-run autoseg_plan") as error:
+        CaseProperties.from_json(unknown)
+    assert str(unknown) in str(error.value)
+    with pytest.raises(CasePropertiesError, match="key: expected str, got 7"):
+        load_case(folder, cases[2].identifier)
+    assert CaseProperties.from_json(older) == properties
+    redone = preprocess_dataset(cases, configuration, folder, progress=False)
+    assert redone == [cases[1].identifier, cases[2].identifier], "the older CASE.json is still up to date"
 
 
 def test_a_damaged_array_is_not_up_to_date_and_only_its_case_is_redone(tiny_atlas: Path) -> None:
@@ -211,7 +241,7 @@ def _brain_like(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_histogram_equalization_is_monotonic_uniform_and_leaves_the_background() -> None:
     channel, mask = _brain_like()
-    out = normalize(channel, mask, Normalization("T1", "histogram_equalization"))
+    out = normalize(channel, mask, Normalization(channel="T1", scheme="histogram_equalization"))
     assert out.dtype == np.float32 and out.shape == channel.shape
     assert np.all(out[~mask] == 0)  # background untouched (0, as the z-score schemes leave it)
     values, order = out[mask], np.argsort(channel[mask], kind="stable")
@@ -222,7 +252,7 @@ def test_histogram_equalization_is_monotonic_uniform_and_leaves_the_background()
     assert np.abs(uniform - expected).max() < 0.02  # Kolmogorov distance to the uniform distribution
     skewed = np.sort((channel[mask] - channel[mask].min()) / np.ptp(channel[mask]))
     assert np.abs(skewed - expected).max() > 0.3  # ... which the input was far from
-    assert np.all(normalize(np.full_like(channel, 5.0) * mask, mask, Normalization("T1", "histogram_equalization")) == 0)
+    assert np.all(normalize(np.full_like(channel, 5.0) * mask, mask, Normalization(channel="T1", scheme="histogram_equalization")) == 0)
 
 
 def test_histeq_option_is_planned_with_its_reason_in_its_own_folder_and_prediction_normalizes_alike(

@@ -172,7 +172,9 @@ def ctp_home(tiny_ctp: Path, data_roots: Path) -> Path:
     configuration = plans.configuration("2d_pspnet")
     schedule = dataclasses.replace(configuration.schedule, epochs=3, iterations_per_epoch=2, plateau_patience_epochs=2,
                                    early_stopping_patience_epochs=5, stages=(
-        Stage("new_layers", 0, (64, 64), 2, 1e-2, "new_layers"), Stage("all_layers", 1, (64, 64), 2, 1e-4, "all")))
+        Stage(name="new_layers", start_epoch=0, patch_size=(64, 64), batch_size=2, learning_rate=1e-2,
+              trainable="new_layers"),
+        Stage(name="all_layers", start_epoch=1, patch_size=(64, 64), batch_size=2, learning_rate=1e-4, trainable="all")))
     configuration = dataclasses.replace(configuration, batch_size=2, schedule=schedule,
                                         network=dataclasses.replace(configuration.network, backbone="resnet18"))
     dataclasses.replace(plans, configurations={**plans.configurations, "2d_pspnet": configuration}).to_json(path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from autoseg.io import read_json, write_json
+from autoseg.io import Geometry, read_json, write_json
+from autoseg.preprocessing import CaseProperties
 from autoseg.splits import SPLITS_FILE, SplitsError, load_or_create_splits, make_splits, read_subjects
 
 # 23 cases of 17 subjects: the last 9 cases belong to 3 subjects (e.g. several CTP slabs of one patient).
@@ -86,6 +88,9 @@ def test_invalid_saved_splits_are_reported_with_the_file(tmp_path: Path, content
 
 
 def test_subjects_are_read_from_preprocessed_properties(tmp_path: Path) -> None:
-    write_json({"subject": "S1"}, tmp_path / "a.json")
-    write_json({"subject": None}, tmp_path / "b.json")
+    geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    properties = CaseProperties(geometry=geometry, crop_box=((0, 4),) * 3, cropped_shape=(4, 4, 4),
+                                resampled_shape=(4, 4, 4), target_spacing=(1.0, 1.0, 1.0))
+    replace(properties, case="a", subject="S1").to_json(tmp_path / "a.json")
+    replace(properties, case="b").to_json(tmp_path / "b.json")
     assert read_subjects(tmp_path, ["a", "b"]) == {"a": "S1", "b": "b"}

@@ -209,7 +209,7 @@ def test_brains_get_3d_resunet_sym_with_its_reason_and_the_mirror_is_stored(tiny
     plain_data = load_case(result.plans_path.parent / plain.data_identifier, "atlas_0001", mmap=False)[0]
     assert data.shape == (2, *plain_data.shape[1:])
     np.testing.assert_array_equal(data[0], plain_data[0])
-    fit = properties["symmetry"]
+    fit = properties.symmetry
     assert fit["found"] and fit["flip_axis"] == 0 and len(fit["plane_normal"]) == 3 and fit["tilt_degrees"] < 5
 
     # the mirror computed for a new scan at prediction time is the stored one
@@ -217,7 +217,7 @@ def test_brains_get_3d_resunet_sym_with_its_reason_and_the_mirror_is_stored(tiny
     images, geometry = read_case(case)
     predicted, _, predicted_properties = preprocess_arrays(images, None, geometry, symmetric)
     np.testing.assert_array_equal(predicted, data)
-    assert predicted_properties["symmetry"]["angles"] == fit["angles"]
+    assert predicted_properties.symmetry["angles"] == fit["angles"]
 
 
 def test_a_non_brain_asymmetric_dataset_gets_no_symmetric_configuration_and_says_why(data_roots: Path) -> None:
@@ -250,7 +250,8 @@ def test_train_and_predict_with_3d_resunet_sym_write_masks_in_the_input_geometry
                                   kernel_sizes=((3, 3, 3),) * 2)
     schedule = dataclasses.replace(configuration.schedule, trainer="ResidualUNetTrainer", epochs=1,
                                    iterations_per_epoch=2, restart_period_epochs=None,
-                                   stages=(Stage("full", 0, (16, 16, 16), 2, 1e-2),))
+                                   stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2,
+                                                 learning_rate=1e-2),))
     configuration = dataclasses.replace(configuration, network=network, patch_size=(16, 16, 16), batch_size=2,
                                         schedule=schedule, mirror_axes=(0,))
     dataclasses.replace(plans, configurations={**plans.configurations, configuration.name: configuration}).to_json(path)

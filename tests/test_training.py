@@ -87,13 +87,15 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _edit_plans(home / "preprocessed" / FIVE / "plans.json", network=_tiny_network(five.configuration(), (4, 8, 16)),
                 patch_size=(24, 24, 24), schedule=dataclasses.replace(
                     five.configuration().schedule, trainer="ZoomInOutTrainer", epochs=4, iterations_per_epoch=3,
-                    restart_period_epochs=2, stages=(Stage("zoom_in", 0, (16, 16, 16), 2, 1e-3),
-                                                     Stage("zoom_out", 2, (24, 24, 24), 2, 1e-4))))
+                    restart_period_epochs=2, stages=(
+                        Stage(name="zoom_in", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-3),
+                        Stage(name="zoom_out", start_epoch=2, patch_size=(24, 24, 24), batch_size=2, learning_rate=1e-4))))
     # nnU-Net's recipe on one case: 6 epochs of 25 iterations on 16³ patches of a 32³ volume.
     _edit_plans(home / "preprocessed" / SPHERE / "plans.json", network=_tiny_network(sphere.configuration(), (4, 8, 16)),
                 patch_size=(16, 16, 16), schedule=dataclasses.replace(
                     sphere.configuration().schedule, trainer="ResidualUNetTrainer", epochs=6, iterations_per_epoch=25,
-                    restart_period_epochs=None, stages=(Stage("full", 0, (16, 16, 16), 2, 1e-2),)))
+                    restart_period_epochs=None, stages=(
+                        Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-2),)))
     return home
 
 
@@ -147,7 +149,8 @@ def test_epoch_overrides_scale_stage_starts_and_restart_period(home: Path) -> No
     schedule = dataclasses.replace(
         Plans.from_json(home / "preprocessed" / FIVE / "plans.json").configuration().schedule,
         epochs=1000, iterations_per_epoch=250, restart_period_epochs=50,
-        stages=(Stage("zoom_in", 0, (16,) * 3, 2, 1e-3), Stage("zoom_out", 875, (24,) * 3, 2, 1e-4)))
+        stages=(Stage(name="zoom_in", start_epoch=0, patch_size=(16,) * 3, batch_size=2, learning_rate=1e-3),
+                Stage(name="zoom_out", start_epoch=875, patch_size=(24,) * 3, batch_size=2, learning_rate=1e-4)))
     plan = Budget.from_schedule(schedule)
     assert (plan.stage_starts, plan.restart_period_epochs, plan.val_iterations) == ((0, 875), 50, 50)
     short = Budget.from_schedule(schedule, epochs=8, iterations_per_epoch=5, val_iterations=2)

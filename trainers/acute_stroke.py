@@ -87,7 +87,7 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
 
     def loss_spec(self) -> Loss:
         """Focal loss alone, γ = 2, α = the plans' ``loss.focal_alpha``."""
-        return Loss("focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=FOCAL_GAMMA,
+        return Loss(name="focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=FOCAL_GAMMA,
                     focal_alpha=self.configuration.loss.focal_alpha)
 
     def sampling_spec(self) -> Sampling:

@@ -130,4 +130,4 @@ class PSPNetCETrainer(PSPNetTrainer):
         self._weights_note += (f"\nloss: class-weighted cross entropy instead of the plans' {self.configuration.loss.name}"
                                f"; lesion weight {weight:.3g} = (1 - f) / f for the lesion fraction f = {fraction:.5f} "
                                f"of the {len(self.train_cases)} training cases")
-        return Loss("weighted_ce", positive_weight=weight)
+        return Loss(name="weighted_ce", positive_weight=weight)
