@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -197,12 +198,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_network(network: nn.Module, device: torch.device, *, frozen_stages: bool = False) -> tuple[nn.Module, str]:
+def wrap_network(network: nn.Module, device: torch.device) -> tuple[nn.Module, str]:
     """``network`` wrapped in DistributedDataParallel for this rank, and what was done to its normalization.
 
     BatchNorm layers become ``SyncBatchNorm`` on GPUs; on the CPU (where ``SyncBatchNorm`` cannot run) they
-    stay per rank, with rank 0's running statistics broadcast at every forward pass. ``frozen_stages``: some
-    schedule stage freezes parameters (a pre-trained backbone), so DDP must expect parameters without gradient.
+    stay per rank, with rank 0's running statistics broadcast at every forward pass.
     """
     batch_norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())
     if not batch_norms:
@@ -214,8 +214,10 @@ def wrap_network(network: nn.Module, device: torch.device, *, frozen_stages: boo
         note = ("BatchNorm statistics per rank (SyncBatchNorm needs GPUs); running statistics broadcast from "
                 "rank 0")
     device_ids = [device.index] if device.type == "cuda" else None
-    wrapped = nn.parallel.DistributedDataParallel(network, device_ids=device_ids,
-                                                  find_unused_parameters=frozen_stages)  # buffers sync by default
+    # Some parameters may get no gradient in a step: the coarsest deep-supervision head has loss weight 0, and a
+    # frozen backbone stage trains only the new layers; DDP then has to look for them after every forward pass
+    # (a graph traversal, small beside the convolutions). Buffers are synchronized by DDP's default.
+    wrapped = nn.parallel.DistributedDataParallel(network, device_ids=device_ids, find_unused_parameters=True)
     return wrapped, note
 
 
@@ -236,14 +238,28 @@ def launch(arguments: Sequence[str], processes: int, module: str = "autoseg.comm
 
     A user-facing error of the ranks (a missing dataset, a run that exists) is printed once, as one line. When a
     process fails otherwise or is killed, torchrun stops the others and this adds one line saying so and how to
-    resume. Several machines: run torchrun on each with its rendezvous flags (``documentation/overview.md``).
+    resume. SIGINT and SIGTERM sent to this process are passed on to torchrun, which stops its processes, so none
+    outlives the launcher. Several machines: run torchrun on each with its rendezvous flags
+    (``documentation/overview.md``).
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", module, *arguments]
     handle, report = tempfile.mkstemp(prefix="autoseg_run_", suffix=".txt")
     os.close(handle)
+    stopped: list[int] = []
     try:
-        code = subprocess.run(command, check=False, env={**os.environ, REPORT_VARIABLE: report}).returncode
+        process = subprocess.Popen(command, env={**os.environ, REPORT_VARIABLE: report})
+
+        def forward(number: int, frame: object) -> None:
+            stopped.append(number)
+            process.send_signal(number)
+
+        previous = {number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = process.wait()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
         errors = list(dict.fromkeys(Path(report).read_text(encoding="utf-8").splitlines()))
     finally:
         Path(report).unlink(missing_ok=True)
@@ -251,8 +267,12 @@ def launch(arguments: Sequence[str], processes: int, module: str = "autoseg.comm
         print(f"error: {error}", file=sys.stderr)
     if errors:
         return 1
+    if stopped:
+        print("interrupted; every process of the run has stopped. Resume it with the same command and --continue",
+              file=sys.stderr)
+        return 130
     if code != 0:
-        print(f"error: the distributed run stopped (torchrun exit code {code}): a process failed or was killed and "
-              "the others were ended with it (torchrun's report is above). Resume it with the same command and "
-              "--continue", file=sys.stderr)
+        print(f"error: the distributed run stopped (torchrun exit code {code}): a process failed (its traceback is "
+              "above) or was killed, and the others were ended with it. After a kill, resume it with the same "
+              "command and --continue", file=sys.stderr)
     return code

@@ -385,8 +385,10 @@ def import_model(archive: str | Path, overwrite: bool = False) -> InstalledModel
         return _installed(model, target, reused=True)
     conflicts = _conflicts(model, target, different)
     if conflicts and not overwrite:
-        raise ModelFileError(f"{model.path}: {conflicts[0]} is already installed in {target} with other content "
-                             f"({len(conflicts)} conflict(s)); use --overwrite to replace it")
+        raise ModelFileError(f"{model.path}: already installed in {target} with other content: "
+                             f"{', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''} "
+                             f"({len(conflicts)} conflict(s)); replace them with autoseg_import --overwrite, or, where "
+                             "the trained model is already here, predict with it (-d) instead of -m")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model.dataset}.import-", dir=target.parent))
     try:

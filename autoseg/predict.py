@@ -566,10 +566,7 @@ def predict(
             reported and skipped instead.
         DiskFullError: the output's disk is full (the case being written is left without outputs).
     """
-    if tta not in TTA_CHOICES:
-        raise UsageError(f"unknown --tta '{tta}', use one of {list(TTA_CHOICES)}")
-    if not 0 <= part_id < num_parts:
-        raise UsageError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+    _check_options(tta, num_parts, part_id)
     installed = _install_model_file(model, dataset, configurations, trainer, folds, checkpoint) if model else None
     name = installed.dataset if installed else choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
@@ -620,6 +617,16 @@ def predict(
            "part": {"id": part_id, "of": num_parts}}
     write_json({**run, **summary.to_json()}, summary.path)
     return summary
+
+
+def _check_options(tta: str, num_parts: int, part_id: int) -> None:
+    """Raises UsageError for an unknown ``tta`` or a part that does not exist."""
+    if tta not in TTA_CHOICES:
+        raise UsageError(f"unknown --tta '{tta}', use one of {list(TTA_CHOICES)}")
+    if num_parts < 1:
+        raise UsageError(f"--num-parts must be at least 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise UsageError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
 
 
 def _outputs(output: Path, case: InputCase, save_probabilities: bool) -> tuple[Path, ...]:

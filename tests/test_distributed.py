@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """5 tiny ATLAS-like cases planned with a 4-8-16 network, 16³ patches, batch 3, 5 epochs of 6 iterations."""
+    """5 tiny ATLAS-like cases planned with a 4-8-16-32 network, 16³ patches, batch 3, 5 epochs of 6 iterations."""
     home = tmp_path_factory.mktemp("distributed_home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AUTOSEG_HOME", str(home))
@@ -47,8 +47,10 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
         make_atlas_like(home / "raw" / DATASET, num_cases=5, seed=0, tiny=True, progress=False)
         plans = plan_and_preprocess(DATASET, progress=False).plans
     configuration = plans.configuration()
-    network = dataclasses.replace(configuration.network, features=(4, 8, 16), kernel_sizes=((3, 3, 3),) * 3,
-                                  strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)))
+    # 4 levels, as planned networks have: the coarsest deep-supervision head has loss weight 0, so its parameters
+    # get no gradient, which DDP must be told about
+    network = dataclasses.replace(configuration.network, features=(4, 8, 16, 32), kernel_sizes=((3, 3, 3),) * 4,
+                                  strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), deep_supervision=True)
     schedule = dataclasses.replace(configuration.schedule, trainer="ResidualUNetTrainer", epochs=5,
                                    iterations_per_epoch=6, restart_period_epochs=None,
                                    stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=3,
@@ -201,3 +203,26 @@ def test_a_killed_rank_ends_the_whole_job_and_continue_resumes_it(home: Path) ->
     assert "continuing from checkpoint_latest.pth after epoch" in log
     final = load_checkpoint(folder / "checkpoint_final.pth")
     assert final["epoch"] == 40 and len(final["history"]["train_loss"]) == 40
+
+
+def test_stopping_the_launcher_stops_every_process_of_the_run(home: Path) -> None:
+    """SIGTERM (a job scheduler, ``kill PID``) to ``autoseg_train --num-gpus`` reaches torchrun and its ranks."""
+    plans_path = home / "preprocessed" / DATASET / "plans.json"
+    plans = Plans.from_json(plans_path)
+    configuration = plans.configuration()
+    longer = dataclasses.replace(configuration, schedule=dataclasses.replace(configuration.schedule, epochs=200))
+    dataclasses.replace(plans, configurations={longer.name: longer}).to_json(plans_path)
+    folder = run_folder(DATASET, *FOLD_0)
+    run = subprocess.Popen(_train(home, "--no-validation"), env=_environment(home), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (folder / "checkpoint_latest.pth").is_file() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.poll() is None and _rank_pids(home, 0) and _rank_pids(home, 1)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130 and "resume it with the same command and --continue" in stderr.lower()
+    deadline = time.monotonic() + 30
+    while (_rank_pids(home, 0) or _rank_pids(home, 1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _rank_pids(home, 0) and not _rank_pids(home, 1)  # no rank outlives the launcher

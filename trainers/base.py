@@ -270,8 +270,7 @@ class Trainer:
         self.model = self.network
         if not self.context.enabled:
             return ""
-        frozen = any(stage.trainable != "all" for stage in self.configuration.schedule.stages)
-        self.model, normalization = distributed.wrap_network(self.network, self.device, frozen_stages=frozen)
+        self.model, normalization = distributed.wrap_network(self.network, self.device)
         self.network = self.model.module  # SyncBatchNorm layers, where converted; checkpoints save this
         return normalization
 

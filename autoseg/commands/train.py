@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from autoseg import distributed
 from autoseg.commands.common import run
 from autoseg.training import PRECISIONS, TrainingOptions, cross_validate, train
@@ -68,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     context = distributed.current()
     if args.num_gpus > 1 and not context.enabled:  # start torchrun, which runs this command in every process
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if args.device != "cpu" and (args.device.startswith("cuda") or gpus) and gpus < args.num_gpus:
+            print(f"error: --num-gpus {args.num_gpus}: this machine has {gpus} CUDA device(s)", file=sys.stderr)
+            return 1
+        if args.device == "cpu" or (args.device == "auto" and gpus == 0):
+            print(f"note: {'--device cpu' if args.device == 'cpu' else 'no CUDA device here'}: --num-gpus "
+                  f"{args.num_gpus} starts {args.num_gpus} CPU processes (gloo) that share this machine's cores",
+                  file=sys.stderr)
         return distributed.launch(_without_num_gpus(argv), args.num_gpus)
 
     def action() -> int:
