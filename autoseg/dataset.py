@@ -35,12 +35,11 @@ from pathlib import Path
 
 from autoseg.errors import AutosegError, ExistingOutputError, UsageError
 from autoseg.io import read_json, split_ending, write_json
-from autoseg.paths import raw_root
+from autoseg.paths import DATASET_FOLDER, matches_dataset_name, raw_root
 
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 #: The labels of every lesion dataset autoseg makes (demo data and converted public datasets).
 LESION_LABELS = {"background": 0, "lesion": 1}
-_NNUNET_NAME = re.compile(r"^Dataset(\d{3})_(.+)$")
 _SHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: A channel file's name without its ending: ``CASE_XXXX``, channel ``XXXX`` (4 digits) of case ``CASE``.
 CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")
@@ -146,7 +145,7 @@ class RawDataset:
     @property
     def short_name(self) -> str:
         """``ATLAS`` for ``Dataset001_ATLAS``; the folder name otherwise."""
-        match = _NNUNET_NAME.match(self.name)
+        match = DATASET_FOLDER.match(self.name)
         return match.group(2) if match else self.name
 
     def cases(self, split: str = "Tr") -> list[Case]:
@@ -219,23 +218,13 @@ def find_dataset(name: str) -> RawDataset:
     if direct.is_dir() and (direct / "dataset.json").exists():
         return load_dataset(direct.resolve())
     folders = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
-    matches = [folder for folder in folders if _matches(folder.name, name)]
+    matches = [folder for folder in folders if matches_dataset_name(folder.name, name)]
     if len(matches) == 1:
         return load_dataset(matches[0])
     available = ", ".join(folder.name for folder in folders) or "none"
     if not matches:
         raise DatasetError(f"no dataset '{name}' in {root} (AUTOSEG_RAW); available: {available}")
     raise DatasetError(f"'{name}' is ambiguous in {root}: {', '.join(m.name for m in matches)}")
-
-
-def _matches(folder_name: str, name: str) -> bool:
-    if folder_name == name:
-        return True
-    match = _NNUNET_NAME.match(folder_name)
-    if not match:
-        return False
-    number, short = match.groups()
-    return short == name or (name.isdigit() and int(name) == int(number))
 
 
 def write_dataset_json(
@@ -273,16 +262,16 @@ def new_dataset_folder(name: str, number: int | None = None, overwrite: bool = F
         FileExistsError: the folder exists and ``overwrite`` is not set, another dataset already has that
             number, or a dataset of that name exists under another number (``-d NAME`` would be ambiguous).
     """
-    if not _SHORT_NAME.match(name) or _NNUNET_NAME.match(name):
+    if not _SHORT_NAME.match(name) or DATASET_FOLDER.match(name):
         raise UsageError(f"dataset name '{name}' must be a plain name such as ATLAS (letters, digits, _ - .); "
                          "the DatasetNNN_ prefix is added (choose the number with --id)")
     root = raw_root()
     existing = {
         int(match.group(1)): path
         for path in (sorted(root.iterdir()) if root.is_dir() else [])
-        if path.is_dir() and (match := _NNUNET_NAME.match(path.name))
+        if path.is_dir() and (match := DATASET_FOLDER.match(path.name))
     }
-    same_name = [n for n, path in existing.items() if _NNUNET_NAME.match(path.name).group(2) == name]
+    same_name = [n for n, path in existing.items() if DATASET_FOLDER.match(path.name).group(2) == name]
     if number is None:
         number = same_name[0] if same_name else next(n for n in range(1, 1001) if n not in existing)
     if not 1 <= number <= 999:

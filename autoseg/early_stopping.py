@@ -23,7 +23,7 @@ def fresh_plateau() -> dict[str, Any]:
 
 def scaled_patience(planned: int | None, epochs: int, planned_epochs: int) -> int | None:
     """A patience of ``planned`` epochs (None: none) for a run of ``epochs`` instead of ``planned_epochs``, scaled like
-    the stage starts are (``autoseg.training.Budget``), at least 1."""
+    the stage starts are (``trainers.toolkit.Budget``), at least 1."""
     if planned is None:
         return None
     return max(1, math.floor(planned * epochs / planned_epochs + 0.5))

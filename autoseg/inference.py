@@ -47,7 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 from autoseg.errors import UsageError
-from autoseg.io import Geometry
+from autoseg.io import Geometry, left_right_axis
 from autoseg.networks import Shape
 from autoseg.plans import Configuration
 from autoseg.postprocessing import postprocess_probabilities
@@ -171,22 +171,6 @@ def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
     if len(set(axes)) != len(axes):
         raise ValueError(f"mirror axes must not repeat, got {list(axes)}")
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
-
-
-def left_right_axis(direction: Sequence[float]) -> int:
-    """The array axis (0, 1 or 2) that runs along the patient's left-right axis.
-
-    ``direction`` is the 3x3 direction matrix, row-major as SimpleITK gives it: column ``j`` is the world direction
-    of array axis ``j``. World x is the left-right axis in both LPS and RAS (they differ only in its sign), so the
-    answer is the axis whose direction cosine with world x is largest in magnitude; preprocessing keeps the axis
-    order, so the answer holds for the preprocessed array too.
-
-    Example:
-        >>> left_right_axis((0, 1, 0, 0, 0, 1, 1, 0, 0))  # axes stored as (z, x, y): x runs along array axis 1
-        1
-    """
-    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    return int(np.argmax(np.abs(matrix[0])))
 
 
 def tta_mirror_axes(

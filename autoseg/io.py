@@ -256,6 +256,23 @@ class Orientation:
         )
 
 
+def left_right_axis(direction: Sequence[float]) -> int:
+    """The array axis (0, 1 or 2) that runs along the patient's left-right axis.
+
+    ``direction`` is the 3x3 direction matrix, row-major as SimpleITK gives it: column ``j`` is the world direction
+    of array axis ``j``. World x is the left-right axis in both LPS and RAS (they differ only in its sign), so the
+    answer is the axis whose direction cosine with world x is largest in magnitude; preprocessing keeps the axis
+    order, so the answer holds for the preprocessed array too. ``--tta lr`` flips it, and the symmetric channels
+    (``autoseg.symmetry``) mirror across it.
+
+    Example:
+        >>> left_right_axis((0, 1, 0, 0, 0, 1, 1, 0, 0))  # axes stored as (z, x, y): x runs along array axis 1
+        1
+    """
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return int(np.argmax(np.abs(matrix[0])))
+
+
 def canonical_geometry(geometry: Geometry) -> Geometry:
     """``geometry`` (as stored) brought to ``CANONICAL_ORIENTATION``: what :func:`read_image` returns for it."""
     return Orientation.of(geometry.direction).canonical_geometry(geometry)

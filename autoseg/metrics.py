@@ -280,7 +280,7 @@ def score_case(
     *,
     overlap_only: bool = False,
 ) -> dict[int, dict[str, float]]:
-    """Score one case, label by label: the one function end-of-fold validation (``autoseg.training``),
+    """Score one case, label by label: the one function end-of-fold validation (``trainers.toolkit.validate_cases``),
     ``autoseg_find_best`` (``autoseg.model_selection``) and ``autoseg_evaluate`` (``autoseg.evaluation``) score with.
 
     Each label is scored on the masks ``prediction == label`` and ``reference == label`` (never ``> 0``: with

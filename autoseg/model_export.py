@@ -58,11 +58,23 @@ from autoseg.checkpoint import CheckpointError, load_checkpoint, non_plain_value
 from autoseg.errors import AutosegError, MissingFileError, UsageError
 from autoseg.fingerprint import Fingerprint
 from autoseg.io import atomic_path, read_json
-from autoseg.model_selection import SELECTION_FILE
-from autoseg.paths import preprocessed_root, raw_root, results_root
+from autoseg.networks import build_network
+from autoseg.paths import (
+    CHECKPOINT_CHOICES,
+    FINGERPRINT_FILE,
+    PLANS_FILE,
+    POSTPROCESSING_FILE,
+    SELECTION_FILE,
+    choose_dataset,
+    default_configurations,
+    preprocessed_root,
+    raw_root,
+    results_root,
+    trained_member,
+)
 from autoseg.plans import Plans, PlansError
-from autoseg.predict import CHECKPOINT_CHOICES, POSTPROCESSING_FILE, _default_configurations, choose_dataset, load_model
 from autoseg.typed_json import to_plain
+from trainers import get_trainer
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "ExportedModel", "InstalledModel", "ModelFileError", "export_model",
            "import_model", "install_for_prediction", "summarize_fingerprint"]
@@ -134,7 +146,7 @@ def export_model(
         The zip's path, manifest and size.
 
     Raises:
-        ValueError: see :func:`autoseg.predict.choose_dataset` and :func:`autoseg.predict.load_model` (unknown
+        ValueError: see :func:`autoseg.paths.choose_dataset` and :func:`autoseg.paths.trained_member` (unknown
             configuration, trainer, fold or checkpoint; the messages list what exists).
         DiskFullError: the disk filled up; nothing is left under ``output``.
     """
@@ -154,15 +166,14 @@ def export_model(
             files[entry] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
         for configuration, trainer in pairs:
-            # Built and loaded as prediction will: one member's networks at a time.
-            model = load_model(name, configuration, trainer, folds, checkpoint)
-            folds_of_member = member_folds.setdefault(f"{configuration}/{model.trainer}", [])
-            for path in model.checkpoints:
+            trainer, _, checkpoints = trained_member(name, configuration, trainer, folds, checkpoint)
+            folds_of_member = member_folds.setdefault(f"{configuration}/{trainer}", [])
+            for path in checkpoints:
                 relative = path.parent.relative_to(folder).as_posix()
                 if f"{relative}/plans.json" not in files:
-                    add(f"{relative}/plans.json", (path.parent / "plans.json").read_bytes())
+                    add(f"{relative}/plans.json", (path.parent / PLANS_FILE).read_bytes())
                     folds_of_member.append(path.parent.name.removeprefix("fold_"))
-                add(f"{relative}/{path.name}", _weights_only(path))
+                add(f"{relative}/{path.name}", _weights_only(path, configuration, trainer))
         members = list(member_folds)
         tuned = folder / POSTPROCESSING_FILE
         if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
@@ -196,14 +207,19 @@ def _export_members(dataset: str, configurations: Sequence[str] | None, trainers
         members = read_json(chosen).get("chosen", {}).get("members", [])
         if members:
             return [tuple(member.split("/", 1)) for member in members], True
-    names = list(configurations or _default_configurations(dataset))
+    names = list(configurations or default_configurations(dataset))
     trainer_names = [trainers] if trainers is None or isinstance(trainers, str) else list(trainers)
     return [(c, t) for c in names for t in trainer_names], False
 
 
-def _weights_only(path: Path) -> bytes:
-    """The checkpoint at ``path`` as a weights-only checkpoint's bytes: the network and :data:`_KEPT_KEYS`."""
+def _weights_only(path: Path, configuration: str, trainer: str) -> bytes:
+    """The checkpoint at ``path`` as a weights-only checkpoint's bytes: the network and :data:`_KEPT_KEYS`. Its
+    weights are first loaded into the network prediction will build (``autoseg.networks.build_network`` with the
+    trainer's options), so a model that could not be predicted with is not exported."""
     state = load_checkpoint(path)
+    network = build_network(Plans.from_json(path.parent / PLANS_FILE), configuration,
+                            **get_trainer(trainer).network_options())
+    network.load_state_dict(state["network"])
     slim = {key: state[key] for key in _KEPT_KEYS if key in state}
     slim["network"] = state["network"]
     slim["exported"] = f"weights only, by autoseg {__version__} (autoseg_export): cannot continue training"
@@ -236,7 +252,7 @@ def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
 def _fingerprint_summary(dataset: str) -> dict[str, Any] | None:
     """From ``AUTOSEG_PREPROCESSED/<dataset>/fingerprint.json``, else the summary an earlier import installed;
     None when neither exists (prediction does not need it)."""
-    fingerprint = preprocessed_root() / dataset / "fingerprint.json"
+    fingerprint = preprocessed_root() / dataset / FINGERPRINT_FILE
     if fingerprint.is_file():
         return summarize_fingerprint(Fingerprint.from_json(fingerprint))
     installed = results_root() / dataset / FINGERPRINT_SUMMARY_FILE

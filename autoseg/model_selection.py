@@ -45,10 +45,18 @@ from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.io import read_header, read_image, write_json
 from autoseg.metrics import mean_over_labels, score_case
 from autoseg.option_effects import BOOTSTRAP, describe_options, find_pairings
-from autoseg.paths import preprocessed_root, results_root
+from autoseg.paths import (
+    PLANS_FILE,
+    POSTPROCESSING_FILE,
+    SELECTION_FILE,
+    choose_dataset,
+    preprocessed_root,
+    results_root,
+    trained_configurations,
+    trainer_folders,
+)
 from autoseg.plans import Plans, PlansError
 from autoseg.postprocessing import postprocess_probabilities, remove_small_components
-from autoseg.predict import POSTPROCESSING_FILE, choose_dataset, trained_configurations, trainer_folders
 
 __all__ = ["METRICS", "MIN_SIZES_VOXELS", "SELECTION_FILE", "THRESHOLDS", "case_score", "describe_members", "find_best",
            "member_name"]
@@ -56,7 +64,6 @@ __all__ = ["METRICS", "MIN_SIZES_VOXELS", "SELECTION_FILE", "THRESHOLDS", "case_
 METRICS = ("dice_hausdorff", "dice")
 THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
 MIN_SIZES_VOXELS = (0, 10, 25, 50, 100, 250, 500, 1000)
-SELECTION_FILE = "model_selection.json"
 
 
 def case_score(scores: Mapping[int, Mapping[str, float]], metric: str) -> float:
@@ -136,7 +143,7 @@ def find_best(
     """Choose members and post-processing from the validation outputs; write the two JSON files.
 
     Args:
-        dataset: trained dataset (see ``autoseg.predict.choose_dataset``); None: the only trained one.
+        dataset: trained dataset (see ``autoseg.paths.choose_dataset``); None: the only trained one.
         configurations: candidate configurations (default every trained configuration).
         trainers: trainer folder(s); each configuration takes part with every one of them it was trained with
             (e.g. ``["PSPNetTrainer", "PSPNetCETrainer"]`` for the focal and cross-entropy PSPNets); default every
@@ -168,7 +175,7 @@ def find_best(
         raise DataError(f"{name}: no case was validated by every member of {[member_name(m) for m in members]}")
     references = {case.identifier: case.label for case in find_dataset(name).cases()}
     first = members[0]
-    plans = Plans.from_json(next(iter(found[first].values())).parent.parent / "plans.json")
+    plans = Plans.from_json(next(iter(found[first].values())).parent.parent / PLANS_FILE)
     default = plans.configuration(first[0]).postprocessing
 
     subsets = [combo for size in range(1, len(members) + 1) for combo in itertools.combinations(members, size)]
@@ -231,8 +238,8 @@ def _options(dataset: str, compared: Sequence[Member], scores: dict[Member, dict
             if _validation_files(dataset, (configuration, trainer)):
                 trained.setdefault(configuration, []).append(trainer)
     # Every configuration of the plans; a trained one as it was trained (the run's copy of the plans wins).
-    sources = [(preprocessed_root() / dataset / "plans.json", None)]
-    sources += [(next(iter(_validation_files(dataset, (c, t)).values())).parent.parent / "plans.json", c)
+    sources = [(preprocessed_root() / dataset / PLANS_FILE, None)]
+    sources += [(next(iter(_validation_files(dataset, (c, t)).values())).parent.parent / PLANS_FILE, c)
                 for c, trainers in trained.items() for t in trainers]
     configurations, symmetry_reason = {}, None
     for path, only in sources:

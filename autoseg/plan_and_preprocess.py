@@ -13,10 +13,10 @@ from pathlib import Path
 
 from autoseg.compute import load_or_run_probe
 from autoseg.compute_budget import BudgetError, BudgetRequest
-from autoseg.dataset import RawDataset, find_dataset
+from autoseg.dataset import find_dataset
 from autoseg.fingerprint import ChannelFingerprint, compute_fingerprint
 from autoseg.machine import choose_device, choose_precision, configure_threads
-from autoseg.paths import preprocessed_root
+from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, preprocessed_folder
 from autoseg.planning import histeq_twin
 from autoseg.plans import Plans, PlansError, zscore_name
 from autoseg.preprocessing import preprocess_dataset
@@ -33,11 +33,6 @@ class PlanResult:
     fingerprint_path: Path
     preprocessed: dict[str, list[str]]  # data identifier -> cases (re)computed in this run
     notes: list[str] = field(default_factory=list)  # verification notes, one line each (autoseg.verify)
-
-
-def dataset_folder(dataset: RawDataset) -> Path:
-    """``AUTOSEG_PREPROCESSED/<dataset>``: fingerprint, plans and preprocessed data."""
-    return preprocessed_root() / dataset.name
 
 
 def verify(dataset_name: str, num_processes: int = 1, progress: bool = True) -> VerificationReport:
@@ -83,8 +78,8 @@ def plan_and_preprocess(
         ValueError: an unknown ``normalization``.
     """
     dataset = find_dataset(dataset_name)
-    folder = dataset_folder(dataset)
-    plans_path, fingerprint_path = folder / "plans.json", folder / "fingerprint.json"
+    folder = preprocessed_folder(dataset.name)
+    plans_path, fingerprint_path = folder / PLANS_FILE, folder / FINGERPRINT_FILE
     if preprocess_only:
         plans = Plans.from_json(plans_path)
         report = check_dataset(dataset, num_processes, progress)
@@ -186,5 +181,5 @@ def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
     return BudgetRequest(minutes, chosen.type, precision.name, probe, cached)
 
 
-__all__ = ["PlanResult", "PlansError", "add_histeq_twins", "budget_request", "dataset_folder", "keep_unplanned", "plan_and_preprocess",
+__all__ = ["PlanResult", "PlansError", "add_histeq_twins", "budget_request", "keep_unplanned", "plan_and_preprocess",
            "verify"]

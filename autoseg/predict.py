@@ -44,12 +44,10 @@ memory stays flat over any number of cases (``documentation/benchmarks.md``).
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -73,40 +71,37 @@ from autoseg.io import (
     write_like,
 )
 from autoseg.machine import choose_device, choose_precision
-from autoseg.paths import results_root
-from autoseg.plans import Plans, PlansError
+from autoseg.model_export import InstalledModel, install_for_prediction
+from autoseg.networks import build_network
+from autoseg.paths import (
+    PLANS_FILE,
+    POSTPROCESSING_FILE,
+    choose_dataset,
+    default_configurations,
+    results_root,
+    trained_member,
+)
+from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
 from autoseg.preprocessing import preprocess_arrays, restore_probabilities
-
-if TYPE_CHECKING:
-    from autoseg.model_export import InstalledModel
+from trainers import get_trainer
 
 __all__ = [
     "CASE_ERRORS",
-    "CHECKPOINT_CHOICES",
-    "POSTPROCESSING_FILE",
     "SUMMARY_FILE",
     "TTA_CHOICES",
     "CaseFailure",
     "InputCase",
     "Model",
     "PredictionSummary",
-    "build_network",
-    "trainer_folders",
-    "choose_dataset",
     "find_input_cases",
     "load_model",
     "predict",
     "read_case_list",
     "select_cases",
     "summary_path",
-    "trained_datasets",
 ]
 
-#: ``--checkpoint`` values: ``checkpoint_best.pth``, ``checkpoint_final.pth``, or every snapshot plus final.
-CHECKPOINT_CHOICES = ("best", "final", "snapshots")
-#: Written by ``autoseg_find_best`` beside the configuration folders of a dataset.
-POSTPROCESSING_FILE = "postprocessing.json"
 #: Written by :func:`predict` into the output folder (``prediction_summary_part{i}of{K}.json`` for part i of K).
 SUMMARY_FILE = "prediction_summary.json"
 #: Errors that fail one case and not the run: every user-facing error (:class:`AutosegError`: the input cannot be
@@ -195,60 +190,6 @@ class Model:
     networks: list[nn.Module]
 
 
-def trained_datasets() -> list[str]:
-    """Sorted dataset folders under ``AUTOSEG_RESULTS`` with at least one checkpoint in a fold folder."""
-    root = results_root()
-    if not root.is_dir():
-        return []
-    return sorted(folder.name for folder in root.iterdir()  # hidden: an import's temporary folder
-                  if folder.is_dir() and not folder.name.startswith(".")
-                  and any(folder.glob("*/*/fold_*/checkpoint_*.pth")))
-
-
-def choose_dataset(dataset: str | None) -> str:
-    """The trained dataset's folder name for ``-d`` (``ATLAS``, ``1``, ``001`` or ``Dataset001_ATLAS``).
-
-    Raises:
-        ValueError: no trained dataset matches, ``dataset`` is None and there is not exactly one, or the name is
-            ambiguous; the message lists the trained datasets.
-    """
-    trained = trained_datasets()
-    listing = ", ".join(trained) or "none"
-    if dataset is None:
-        if len(trained) == 1:
-            return trained[0]
-        raise UsageError(f"name the dataset with -d: {len(trained)} trained datasets in {results_root()} "
-                         f"(AUTOSEG_RESULTS): {listing}")
-    matches = [name for name in trained if _matches(name, dataset)]
-    if len(matches) != 1:
-        problem = "no trained dataset" if not matches else "more than one trained dataset"
-        raise UsageError(f"{problem} matches '{dataset}' in {results_root()} (AUTOSEG_RESULTS); trained: {listing}")
-    return matches[0]
-
-
-def _matches(folder: str, name: str) -> bool:
-    match = re.match(r"^Dataset(\d{3})_(.+)$", folder)
-    if folder == name:
-        return True
-    return bool(match) and (match.group(2) == name or (name.isdigit() and int(name) == int(match.group(1))))
-
-
-def build_network(plans: Plans, configuration: str, trainer: str) -> nn.Module:
-    """The untrained network the trainer class ``trainer`` builds for ``configuration`` of ``plans`` (CPU).
-
-    A trainer's constructor only stores its arguments, so one is made here just to call ``build_network``. The
-    weights come from a checkpoint, so a pre-trained backbone the plans name (``network.pretrained``, a file of
-    the training machine) is neither needed nor read.
-    """
-    from autoseg.training import TrainingOptions
-    from trainers import get_trainer  # the trainers import autoseg modules: resolve them only when needed
-
-    placeholder = results_root() / ".unused"
-    runner = get_trainer(trainer)(plans, configuration, 0, preprocessed_folder=placeholder, output_folder=placeholder,
-                                  options=TrainingOptions(continue_training=True))
-    return runner.build_network()
-
-
 def load_model(
     dataset: str,
     configuration: str,
@@ -263,72 +204,15 @@ def load_model(
         ValueError: unknown checkpoint choice, no trained configuration or trainer of that name (the message
             lists what exists), a missing fold, or no fold with the chosen checkpoint.
     """
-    if checkpoint not in CHECKPOINT_CHOICES:
-        raise UsageError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
-    folder = results_root() / dataset / configuration
-    trainers = trainer_folders(dataset, configuration)
-    if not trainers:
-        raise UsageError(f"configuration '{configuration}' of {dataset} is not trained; trained: "
-                         f"{', '.join(trained_configurations(dataset)) or 'none'}")
-    if trainer is None and len(trainers) > 1:
-        raise UsageError(f"{folder}: several trainers ({', '.join(trainers)}); choose one with -tr")
-    trainer = trainer or trainers[0]
-    if trainer not in trainers:
-        raise UsageError(f"{folder}: no trainer '{trainer}'; trained: {', '.join(trainers)}")
-    fold_folders = _fold_folders(folder / trainer, folds, checkpoint)
-    checkpoints = [path for fold in fold_folders for path in _checkpoint_files(fold, checkpoint)]
-    plans = Plans.from_json(fold_folders[0] / "plans.json")
+    trainer, fold_folders, checkpoints = trained_member(dataset, configuration, trainer, folds, checkpoint)
+    plans = Plans.from_json(fold_folders[0] / PLANS_FILE)
     networks = []
+    options = get_trainer(trainer).network_options()  # e.g. the acute recipe's asymmetric U-Net from the same plan
     for path in checkpoints:
-        network = build_network(plans, configuration, trainer)
+        network = build_network(plans, configuration, **options)
         network.load_state_dict(load_checkpoint(path, map_location="cpu")["network"])
         networks.append(network.to(device).eval())
     return Model(plans, configuration, trainer, checkpoints, networks)
-
-
-def trainer_folders(dataset: str, configuration: str) -> list[str]:
-    """Sorted trainer folders of one configuration that hold at least one ``fold_*`` run."""
-    folder = results_root() / dataset / configuration
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("fold_*"))) if folder.is_dir() else []
-
-
-def trained_configurations(dataset: str) -> list[str]:
-    """Configurations of ``dataset`` with at least one checkpoint."""
-    folder = results_root() / dataset
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*/fold_*/checkpoint_*.pth"))) \
-        if folder.is_dir() else []
-
-
-def _fold_folders(folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:
-    if folds:
-        chosen = [folder / f"fold_{fold}" for fold in folds]
-        missing = [p.name for p in chosen if not _checkpoint_files(p, checkpoint)]
-        if missing:
-            raise UsageError(f"{folder}: {', '.join(missing)} has no {checkpoint} checkpoint")
-        return chosen
-    chosen = sorted((p for p in folder.glob("fold_*") if _checkpoint_files(p, checkpoint)), key=_fold_key)
-    # A model trained on every case (fold_full) joins only when asked for, or when it is the only one.
-    cross_validation = [p for p in chosen if p.name.removeprefix("fold_").isdigit()]
-    chosen = cross_validation or chosen
-    if not chosen:
-        raise UsageError(f"{folder}: no fold_<k> folder has a {checkpoint} checkpoint (try --checkpoint final)")
-    return chosen
-
-
-def _fold_key(path: Path) -> tuple[int, str]:
-    suffix = path.name.removeprefix("fold_")
-    return (0, f"{int(suffix):09d}") if suffix.isdigit() else (1, suffix)
-
-
-def _checkpoint_files(fold: Path, checkpoint: str) -> list[Path]:
-    if checkpoint == "snapshots":
-        snapshots = sorted(fold.glob("checkpoint_snapshot_*.pth"),
-                           key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else 0)
-        final = fold / "checkpoint_final.pth"
-        # The last snapshot is taken at the end of training: the final checkpoint holds the same weights.
-        return snapshots or ([final] if final.is_file() else [])
-    path = fold / f"checkpoint_{checkpoint}.pth"
-    return [path] if path.is_file() else []
 
 
 def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
@@ -474,23 +358,6 @@ def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float
     return settings.threshold, settings.min_lesion_mm3, f"plans of {models[0].configuration}"
 
 
-def _default_configurations(dataset: str) -> list[str]:
-    trained = trained_configurations(dataset)
-    path = results_root() / dataset / POSTPROCESSING_FILE
-    if path.is_file():
-        chosen = list(read_json(path).get("configurations", []))
-        if chosen and set(chosen) <= set(trained):
-            return chosen
-    if len(trained) == 1:
-        return trained
-    plans_files = sorted((results_root() / dataset).glob("*/*/fold_*/plans.json"))
-    if plans_files:
-        default = Plans.from_json(plans_files[0]).default_configuration
-        if default in trained:
-            return [default]
-    raise PlansError(f"{dataset}: choose configurations with -c; trained: {', '.join(trained) or 'none'}")
-
-
 def _choose_device(device: str) -> tuple[torch.device, torch.dtype | None]:
     """The device and its autocast dtype: bf16/fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
     chosen, _ = choose_device(device)
@@ -574,7 +441,7 @@ def predict(
     if installed:  # the model file's own members, folds and checkpoints
         pairs, checkpoint = installed.members, installed.checkpoint
     if pairs is None:
-        names = list(configurations or _default_configurations(name))
+        names = list(configurations or default_configurations(name))
         trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
         pairs = [(c, t) for c in names for t in trainers]
     names = list(dict.fromkeys(c for c, _ in pairs))
@@ -675,7 +542,6 @@ def _install_model_file(model: str | Path, dataset: str | None, configurations: 
     Raises:
         ValueError: members named beside the file, or a ``checkpoint`` other than the default and the file's own.
     """
-    from autoseg.model_export import install_for_prediction  # it imports this module
 
     named = [flag for flag, value in (("-d", dataset), ("-c", configurations), ("-tr", trainer), ("-f", folds)) if value]
     if named:

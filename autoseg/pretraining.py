@@ -29,10 +29,10 @@ from autoseg.checkpoint import save_checkpoint
 from autoseg.dataset import find_dataset
 from autoseg.errors import ExistingOutputError, UsageError
 from autoseg.networks.pspnet import RESNET_LAYOUTS
-from autoseg.plan_and_preprocess import dataset_folder
+from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.planning import round_to_multiple
 from autoseg.plans import Configuration, Network, Plans, Schedule, Stage
-from autoseg.training import TrainingOptions, run_folder
+from autoseg.training import TrainingOptions
 
 CONFIGURATION = "2d_pspnet_pretraining"
 #: Every layer trains from the first iteration, at RMSProp's usual rate for training from scratch.
@@ -133,8 +133,8 @@ def pretrain_backbone(dataset: str, output: str | Path, *, backbone: str = "resn
     if output.exists() and not options.continue_training:
         raise ExistingOutputError(f"{output} exists; choose another output file or delete it")
     raw = find_dataset(dataset)
-    preprocessed = dataset_folder(raw)
-    plans = Plans.from_json(preprocessed / "plans.json")
+    preprocessed = preprocessed_folder(raw.name)
+    plans = Plans.from_json(preprocessed / PLANS_FILE)
     derived = slice_configuration(plans.configuration(configuration), backbone=backbone, slice_axis=slice_axis,
                                   epochs=epochs, iterations_per_epoch=iterations_per_epoch)
     problems = derived.problems(len(plans.channels))

@@ -22,9 +22,8 @@ import numpy as np
 
 from autoseg.errors import AutosegError
 from autoseg.io import read_json, write_json
+from autoseg.paths import SPLITS_FILE
 from autoseg.preprocessing import CaseProperties
-
-SPLITS_FILE = "splits_final.json"
 
 Splits = list[dict[str, list[str]]]
 """One ``{"train": [...], "val": [...]}`` per fold, identifiers sorted."""

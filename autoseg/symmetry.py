@@ -9,7 +9,7 @@ Bhavnani et al., ``papers/002``: the mirrored context of each cube appended as f
 How (:func:`fit_mirror`):
 
 1. flip the reference channel along the array axis that runs left-right in world space
-   (``autoseg.inference.left_right_axis``, the helper ``--tta lr`` uses); the flip is a reflection about the plane
+   (``autoseg.io.left_right_axis``, the axis ``--tta lr`` flips); the flip is a reflection about the plane
    through the image centre, normal to that axis;
 2. rigidly register the flipped image onto the original with SimpleITK (Euler3DTransform started from the centres
    of mass of the two foreground masks; correlation metric within the foreground mask; regular-step gradient
@@ -47,7 +47,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from autoseg.errors import DataError
-from autoseg.io import Geometry, array_from_image, image_from_array
+from autoseg.io import Geometry, array_from_image, image_from_array, left_right_axis
 from autoseg.planning import SLAB_ANISOTROPY, SLAB_MAX_SLICES
 from autoseg.plans import PlansError, Symmetry
 
@@ -166,7 +166,7 @@ def fit_mirror(
         raise ValueError(f"image {image.shape}, mask {mask.shape} and geometry {geometry.shape} must agree")
     if not mask.any():
         raise ValueError("the foreground mask is empty: there is nothing to register")
-    axis = _left_right_axis(geometry.direction)
+    axis = left_right_axis(geometry.direction)
     if slice_axis is not None and slice_axis == axis:
         raise ValueError(f"slice axis {slice_axis} is the left-right axis: there is no in-plane mirror")
     start = time.perf_counter()
@@ -300,7 +300,7 @@ def assess_case(images: np.ndarray, foreground: np.ndarray, geometry: Geometry, 
     crop = tuple(slice(lo, hi) for lo, hi in box)
     cropped = grid_geometry(geometry, box, [hi - lo for lo, hi in box])
     slice_axis = thin_axis(cropped.shape, cropped.spacing)
-    if slice_axis == _left_right_axis(geometry.direction):
+    if slice_axis == left_right_axis(geometry.direction):
         return {"found": False, "reason": f"the slices are stacked along the left-right axis {slice_axis}"}
     ignore = ndimage.binary_dilation(label[crop] > 0) if label is not None else None
     fit = fit_mirror(images[reference_channel][crop], foreground[crop], cropped, slice_axis=slice_axis, ignore=ignore)
@@ -350,14 +350,6 @@ def qualifies(summary: dict[str, Any] | None) -> tuple[bool, bool, str]:
     return False, in_plane, (
         f"no symmetric configuration: {figures}, below the {threshold:.0%} needed (not found: {missing}); the data "
         "do not look like whole brains with a mid-sagittal plane")
-
-
-def _left_right_axis(direction: Sequence[float]) -> int:
-    """``autoseg.inference.left_right_axis`` (what ``--tta lr`` flips), imported here because ``autoseg.inference``
-    imports the preprocessing that imports this module."""
-    from autoseg.inference import left_right_axis
-
-    return left_right_axis(direction)
 
 
 def _padded(image: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, Geometry]:

@@ -15,15 +15,15 @@ import torch
 from autoseg import distributed
 from autoseg.dataloading import make_loader
 from autoseg.dataset import find_dataset
-from autoseg.plan_and_preprocess import dataset_folder
+from autoseg.paths import preprocessed_folder, run_folder
 from autoseg.plans import Plans
-from autoseg.training import TrainingOptions, run_folder
+from autoseg.training import TrainingOptions
 from trainers import get_trainer
 
 
 def main(dataset: str, steps: int, output: str) -> None:
     raw = find_dataset(dataset)
-    preprocessed = dataset_folder(raw)
+    preprocessed = preprocessed_folder(raw.name)
     plans = Plans.from_json(preprocessed / "plans.json")
     configuration = plans.configuration()
     trainer_class = get_trainer(configuration.schedule.trainer)

@@ -25,9 +25,9 @@ from autoseg.checkpoint import load_checkpoint
 from autoseg.commands.predict import main as predict_main
 from autoseg.demo import make_atlas_like
 from autoseg.io import read_json
+from autoseg.paths import run_folder
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
-from autoseg.training import run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "Dataset961_ATLASParallel"

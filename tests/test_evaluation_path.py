@@ -23,7 +23,7 @@ from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
 from autoseg.predict import load_model
 from autoseg.preprocessing import load_case
-from autoseg.training import validate_cases
+from trainers.toolkit import validate_cases
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"

@@ -28,9 +28,11 @@ from autoseg.commands.predict import main as predict_main
 from autoseg.fingerprint import Fingerprint
 from autoseg.io import read_image, read_json
 from autoseg.model_export import MANIFEST_FORMAT, ModelFileError, export_model, import_model, summarize_fingerprint
+from autoseg.networks import build_network
 from autoseg.paths import preprocessed_root, raw_root, results_root
 from autoseg.plans import Network, Plans
-from autoseg.predict import build_network, predict
+from autoseg.predict import predict
+from trainers import get_trainer
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -283,13 +285,13 @@ def test_a_pretrained_backbone_the_plans_name_is_not_needed_to_predict(home: Pat
                       pretrained="/training/machine/resnet18_atlas.pth")
     pspnet = dataclasses.replace(configuration, name="2d_pspnet", network=network)
     plans = dataclasses.replace(plans, configurations={"2d_pspnet": pspnet}, default_configuration="2d_pspnet")
-    assert sum(p.numel() for p in build_network(plans, "2d_pspnet", "PSPNetTrainer").parameters()) > 0
+    assert sum(p.numel() for p in build_network(plans, "2d_pspnet", **get_trainer("PSPNetTrainer").network_options()).parameters()) > 0
 
 
 def test_a_killed_import_left_behind_does_not_count_as_a_trained_dataset(home: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A hard kill mid-extraction can leave the hidden temporary folder; ``-d`` may still be left out."""
-    from autoseg.predict import trained_datasets
+    from autoseg.paths import trained_datasets
 
     model = export_model(tmp_path / "model.zip", NAME).path
     fresh = _other_machine(tmp_path, monkeypatch)

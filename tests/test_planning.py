@@ -15,13 +15,14 @@ import pytest
 import planners.base as planners_base
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
+from autoseg.networks import build_network
 from autoseg.networks.memory import estimate_training_memory_bytes
 from autoseg.paths import preprocessed_root
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.planning import round_to_multiple, target_spacing, unet_topology
 from autoseg.plans import SCHEMA_VERSION, Configuration, Loss, Plans, PlansError, Stage
-from autoseg.predict import build_network
 from planners import available_planners, get_planner, register_planner
+from trainers import get_trainer
 
 GIB = 1024**3
 
@@ -303,7 +304,8 @@ def test_every_planner_plans_tiny_data_and_every_configuration_builds(name: str,
         plans = Plans.from_json(preprocessed_root() / dataset.name / "plans.json")  # written, valid, the same
         assert plans == planned and plans.planner == name
         for configuration in plans.configurations.values():
-            network = build_network(plans, configuration.name, configuration.schedule.trainer)
+            options = get_trainer(configuration.schedule.trainer).network_options()
+            network = build_network(plans, configuration.name, **options)
             assert sum(p.numel() for p in network.parameters()) > 0, configuration.name
 
 

@@ -18,7 +18,8 @@ from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
 from autoseg.inference import Predictor
 from autoseg.io import Geometry, array_damage, load_array, read_image, read_json, write_image, write_like
-from autoseg.plan_and_preprocess import dataset_folder, plan_and_preprocess
+from autoseg.paths import preprocessed_folder
+from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Normalization, Plans, Resampling
 from autoseg.preprocessing import (
     CASE_PROPERTIES_VERSION,
@@ -75,7 +76,7 @@ def test_inverse_restores_geometry_and_lesion_volume(tiny_atlas, spacing, direct
 def test_restored_prediction_written_with_the_input_geometry(tiny_ctp: Path, tmp_path: Path) -> None:
     result = plan_and_preprocess("CTPTiny", progress=False)
     configuration = result.plans.configuration()
-    folder = dataset_folder(find_dataset("CTPTiny")) / configuration.data_identifier
+    folder = preprocessed_folder(find_dataset("CTPTiny").name) / configuration.data_identifier
     for case in find_dataset("CTPTiny").cases():
         data, seg, properties = load_case(folder, case.identifier)
         assert data.shape[0] == 5 and data.dtype == np.float32 and seg.dtype == np.uint8
@@ -93,12 +94,12 @@ def test_restored_prediction_written_with_the_input_geometry(tiny_ctp: Path, tmp
 
 def test_normalization_per_scheme(tiny_ctp: Path, tiny_atlas: Path) -> None:
     atlas = plan_and_preprocess("ATLASTiny", progress=False).plans.configuration()
-    folder = dataset_folder(find_dataset("ATLASTiny")) / atlas.data_identifier
+    folder = preprocessed_folder(find_dataset("ATLASTiny").name) / atlas.data_identifier
     data, _, _ = load_case(folder, find_dataset("ATLASTiny").cases()[0].identifier)
     brain = data[0] != 0
     assert abs(data[0][brain].mean()) < 0.05 and abs(data[0][brain].std() - 1) < 0.05
     ctp = plan_and_preprocess("CTPTiny", progress=False).plans.configuration()
-    folder = dataset_folder(find_dataset("CTPTiny")) / ctp.data_identifier
+    folder = preprocessed_folder(find_dataset("CTPTiny").name) / ctp.data_identifier
     data, _, _ = load_case(folder, find_dataset("CTPTiny").cases()[0].identifier)
     for channel, scheme in zip(data, ctp.normalization):
         low, high = (np.array(scheme.clip) - scheme.mean) / scheme.std
@@ -109,7 +110,7 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(tiny_atlas: Path)
     first = plan_and_preprocess("ATLASTiny", progress=False)
     assert len(first.preprocessed["3d_resunet"]) == 4
     assert plan_and_preprocess("ATLASTiny", progress=False).preprocessed["3d_resunet"] == []
-    folder = dataset_folder(find_dataset("ATLASTiny")) / "3d_resunet"
+    folder = preprocessed_folder(find_dataset("ATLASTiny").name) / "3d_resunet"
     cases = find_dataset("ATLASTiny").cases()
     (folder / f"{cases[1].identifier}.json").unlink()  # as if killed before the case finished
     configuration = first.plans.configuration()
@@ -122,7 +123,7 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(tiny_atlas: Path)
 def test_case_json_is_typed_an_older_one_stays_up_to_date_and_an_unreadable_one_is_redone(tiny_atlas: Path,
                                                                                           tmp_path: Path) -> None:
     configuration = plan_and_preprocess("ATLASTiny", progress=False).plans.configuration()
-    folder = dataset_folder(find_dataset("ATLASTiny")) / configuration.data_identifier
+    folder = preprocessed_folder(find_dataset("ATLASTiny").name) / configuration.data_identifier
     cases = find_dataset("ATLASTiny").cases()
     older, unknown, wrong = (folder / f"{case.identifier}.json" for case in cases[:3])
     properties = CaseProperties.from_json(older)
@@ -147,7 +148,7 @@ def test_case_json_is_typed_an_older_one_stays_up_to_date_and_an_unreadable_one_
 
 def test_a_damaged_array_is_not_up_to_date_and_only_its_case_is_redone(tiny_atlas: Path) -> None:
     first = plan_and_preprocess("ATLASTiny", progress=False)
-    folder = dataset_folder(find_dataset("ATLASTiny")) / "3d_resunet"
+    folder = preprocessed_folder(find_dataset("ATLASTiny").name) / "3d_resunet"
     cut, flipped = (c.identifier for c in find_dataset("ATLASTiny").cases()[1:3])
     for case in (cut, flipped):
         records = read_json(folder / f"{case}.json")["arrays"]
@@ -180,7 +181,7 @@ def test_a_full_disk_while_preprocessing_is_one_line_and_leaves_nothing_broken(
     monkeypatch.setattr(autoseg.io._ChecksumWriter, "write", fills_up)
     assert plan_main(["-d", "ATLASTiny", "-np", "1", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
-    folder = dataset_folder(find_dataset("ATLASTiny")) / "3d_resunet"
+    folder = preprocessed_folder(find_dataset("ATLASTiny").name) / "3d_resunet"
     assert len(err.splitlines()) == 1 and err.startswith("error: no space left on device while writing "), err
     assert err.removeprefix("error: no space left on device while writing ").startswith(str(folder)), err
     assert not list(folder.glob(".*tmp*")), "no temporary file left"
@@ -222,7 +223,7 @@ def test_lesion_voxels_where_the_image_is_zero_are_kept(tiny_atlas: Path) -> Non
     assert fingerprint["cases"][case.identifier]["lesion_voxels_outside_nonzero"] == outside
     assert any(f"case {case.identifier}:" in note and f"note: {outside} lesion voxel(s)" in note
                for note in result.notes)
-    data, seg, properties = load_case(dataset_folder(find_dataset("ATLASTiny")) / configuration.data_identifier,
+    data, seg, properties = load_case(preprocessed_folder(find_dataset("ATLASTiny").name) / configuration.data_identifier,
                                       case.identifier)
     assert tuple(configuration.target_spacing) == tuple(geometry.spacing), "no resampling: voxels counted as they are"
     assert int(np.count_nonzero(seg)) == int(np.count_nonzero(label))

@@ -28,15 +28,9 @@ from autoseg.machine import choose_precision
 from autoseg.machine import cpu_has_fast_bf16 as native_bf16_probe  # imported before conftest fakes it
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
-from autoseg.training import (
-    Budget,
-    TrainingOptions,
-    deterministic_algorithms,
-    dice_counts,
-    global_dice,
-    train,
-)
+from autoseg.training import TrainingOptions, train
 from trainers import Trainer, available_trainers, get_trainer, register_trainer
+from trainers.toolkit import Budget, deterministic_algorithms, dice_counts, global_dice
 
 FIVE = "Dataset951_ATLASFive"  # 5 tiny ATLAS-like cases: enough for a 5-fold split
 SPHERE = "Dataset952_Sphere"  # 1 case: a bright sphere in noise

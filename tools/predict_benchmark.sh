@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from autoseg.io import split_ending
 from autoseg.paths import raw_root
-from autoseg.predict import choose_dataset
+from autoseg.paths import choose_dataset
 
 name = choose_dataset(sys.argv[1] or None)
 wanted, out = sys.argv[2], Path(sys.argv[3])

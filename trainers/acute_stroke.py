@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from autoseg.errors import UsageError
-from autoseg.networks import AsymmetricResidualUNet
 from autoseg.plans import Loss, Sampling, Stage
 from trainers.base import Trainer, TrainerSettings, describe_loss
 from trainers.plateau import PlateauStopping
@@ -68,6 +67,11 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
     settings = TrainerSettings(weight_decay=0.0)
 
     # ------------------------------------------------------------------ hooks
+    @classmethod
+    def network_options(cls) -> dict[str, Any]:
+        """The asymmetric residual U-Net, built from a ``ResidualUNet`` plan's numbers."""
+        return {"network_class": "AsymmetricResidualUNet"}
+
     def build_network(self) -> nn.Module:
         """The asymmetric residual U-Net from the plans' per-stage numbers (features, strides, kernel sizes)."""
         network = self.configuration.network
@@ -77,9 +81,7 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
         frozen = [s.name for s in self.configuration.schedule.stages if s.trainable != "all"]
         if frozen:
             raise UsageError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a backbone")
-        return AsymmetricResidualUNet(in_channels=len(self.plans.channels), num_classes=self.num_classes,
-                                      features=network.features, strides=network.strides,
-                                      kernel_sizes=network.kernel_sizes)
+        return super().build_network()
 
     @property
     def deep_supervision_levels(self) -> int:

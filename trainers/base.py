@@ -42,9 +42,12 @@ from autoseg.errors import ExistingOutputError, UsageError
 from autoseg.inference import Predictor
 from autoseg.losses import build_loss
 from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
+from autoseg.networks import build_network
+from autoseg.paths import PLANS_FILE
 from autoseg.plans import Loss, Plans, PlansError, Sampling, Stage
 from autoseg.registry import Registry
-from autoseg.training import (
+from autoseg.training_log import TrainingLog, empty_history, format_epoch, plot_progress
+from trainers.toolkit import (
     Budget,
     Fold,
     TrainingOptions,
@@ -54,7 +57,6 @@ from autoseg.training import (
     global_dice,
     validate_cases,
 )
-from autoseg.training_log import TrainingLog, empty_history, format_epoch, plot_progress
 
 _REGISTRY = Registry("trainers", "trainer")
 CHECKPOINT_FORMAT = 1
@@ -96,7 +98,7 @@ class Trainer:
         configuration: name of the configuration to train.
         fold: 0..n-1 (a fold of ``splits_final.json``) or ``"all"``.
         preprocessed_folder: ``AUTOSEG_PREPROCESSED/<dataset>`` (plans, splits, data folders).
-        output_folder: where the run writes its files (``autoseg.training.run_folder``).
+        output_folder: where the run writes its files (``autoseg.paths.run_folder``).
         options: run flags.
         raw_dataset: the raw dataset, whose label files score the end-of-fold validation.
     """
@@ -141,9 +143,18 @@ class Trainer:
         self.timing = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0}  # this epoch's, reset by fit()
 
     # ------------------------------------------------------------------ hooks
+    @classmethod
+    def network_options(cls) -> dict[str, Any]:
+        """What this trainer asks :func:`autoseg.networks.build_network` for beyond the plan (another network
+        built from the plan's numbers, an auxiliary head); ``autoseg_predict`` passes the same to rebuild a run's
+        network. Default: nothing (the plan's own network)."""
+        return {}
+
     def build_network(self) -> nn.Module:
-        """The network to train, on the CPU (``setup`` moves it)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement build_network()")
+        """The network to train, on the CPU (``setup`` moves it): the plan's, through
+        :func:`autoseg.networks.build_network` with :meth:`network_options`. Subclasses check that the plan suits
+        them, or load weights, around it."""
+        return build_network(self.plans, self.configuration.name, **self.network_options())
 
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         """A fresh optimizer over the trainable parameters at ``stage.learning_rate``."""
@@ -345,7 +356,7 @@ class Trainer:
     def _prepare_output_folder(self, resuming: bool) -> None:
         self.output_folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.output_folder)
-        copy = self.output_folder / "plans.json"
+        copy = self.output_folder / PLANS_FILE
         if resuming and copy.is_file():
             before = Plans.from_json(copy).configurations.get(self.configuration.name)
             if before is None or replace(before, reasons={}) != replace(self.configuration, reasons={}):

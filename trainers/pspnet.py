@@ -33,7 +33,6 @@ from torch import nn
 from autoseg.early_stopping import PLATEAU_FACTOR
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
-from autoseg.networks import PSPNet
 from autoseg.plans import Loss, Stage
 from autoseg.preprocessing import lesion_fraction
 from trainers.base import Trainer
@@ -53,6 +52,11 @@ class PSPNetTrainer(PlateauStopping, Trainer):
         self._weights_note = ""
 
     # ------------------------------------------------------------------ hooks
+    @classmethod
+    def network_options(cls) -> dict[str, Any]:
+        """The auxiliary head on ``layer3`` when its loss has a weight (its weights are in the checkpoints)."""
+        return {"auxiliary_head": cls.auxiliary_loss_weight > 0}
+
     def build_network(self) -> nn.Module:
         network = self.configuration.network
         if network.architecture != "PSPNet":
@@ -61,9 +65,7 @@ class PSPNetTrainer(PlateauStopping, Trainer):
         unknown = [s.name for s in self.configuration.schedule.stages if s.trainable not in TRAINABLE]
         if unknown:
             raise UsageError(f"stages {unknown}: trainable must be one of {list(TRAINABLE)}")
-        net = PSPNet(in_channels=self.configuration.input_channels(len(self.plans.channels)), num_classes=self.num_classes,
-                     backbone=network.backbone or "resnet50", pyramid_bins=network.pyramid_bins or (1, 2, 3, 6),
-                     output_stride=network.output_stride or 8, aux_head=self.auxiliary_loss_weight > 0)
+        net = super().build_network()
         if self.options.continue_training:  # the weights come from a checkpoint: the pre-trained file is not read
             self._weights_note = "weights: from the checkpoint"
         elif path := self.pretrained_path():

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from autoseg.errors import UsageError
-from autoseg.networks import ResidualUNet
 from autoseg.plans import Stage
 from trainers.base import Trainer, TrainerSettings
 
@@ -37,10 +36,7 @@ class ResidualUNetTrainer(Trainer):
         if frozen:
             raise UsageError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a pre-trained "
                              "backbone the residual U-Net does not have")
-        return ResidualUNet(in_channels=self.configuration.input_channels(len(self.plans.channels)),
-                            num_classes=self.num_classes,
-                            features=network.features, strides=network.strides, kernel_sizes=network.kernel_sizes,
-                            deep_supervision=self.deep_supervision_levels > 1)
+        return super().build_network()
 
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.network.parameters(), lr=stage.learning_rate, momentum=self.settings.momentum,

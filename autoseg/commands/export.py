@@ -6,7 +6,7 @@ import argparse
 
 from autoseg.commands.common import run
 from autoseg.model_export import export_model
-from autoseg.predict import CHECKPOINT_CHOICES
+from autoseg.paths import CHECKPOINT_CHOICES
 
 
 def parser() -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from autoseg.commands.common import run
-from autoseg.predict import CHECKPOINT_CHOICES, TTA_CHOICES, predict
+from autoseg.paths import CHECKPOINT_CHOICES
+from autoseg.predict import TTA_CHOICES, predict
 
 
 def parser() -> argparse.ArgumentParser:

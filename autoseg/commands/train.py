@@ -9,7 +9,8 @@ import torch
 
 from autoseg import distributed
 from autoseg.commands.common import run
-from autoseg.training import PRECISIONS, TrainingOptions, cross_validate, train
+from autoseg.machine import PRECISIONS
+from autoseg.training import TrainingOptions, cross_validate, train
 
 
 def parser() -> argparse.ArgumentParser:

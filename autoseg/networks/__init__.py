@@ -1,5 +1,7 @@
 """Networks built from the numbers in the plans, and their memory model for the planner.
 
+- :func:`build_network`: the one way to get the network a configuration plans (training, prediction, export).
+
 - :class:`ResidualUNet`: residual U-Net with GroupNorm, 2D or 3D, optional deep supervision.
 - :class:`AsymmetricResidualUNet`: the acute stroke paper's U-Net (75% of the parameters in the encoder, PReLU,
   max-pooling ‖ strided-conv downsampling), from the same numbers.
@@ -9,6 +11,7 @@
 """
 
 from autoseg.networks.asymmetric_unet import AsymmetricResidualUNet
+from autoseg.networks.factory import NETWORK_CLASSES, build_network
 from autoseg.networks.memory import (
     ADAM_BYTES_PER_PARAMETER,
     CUDA_OVERHEAD_BYTES,
@@ -31,6 +34,8 @@ from autoseg.networks.residual_unet import (
 )
 
 __all__ = [
+    "NETWORK_CLASSES",
+    "build_network",
     "ADAM_BYTES_PER_PARAMETER",
     "AsymmetricResidualUNet",
     "count_asymmetric_parameters",
