@@ -35,10 +35,10 @@ from autoseg.distributed import leave
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.plans import Plans
 from autoseg.splits import load_or_create_splits, read_subjects
-from trainers import get_trainer
+from trainers import Trainer, get_trainer
 from trainers.toolkit import Fold, TrainingOptions, parse_fold
 
-__all__ = ["TrainingOptions", "TrainingResult", "cross_validate", "train"]
+__all__ = ["TrainingOptions", "TrainingResult", "cross_validate", "prepare_run", "train"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def train(
     dataset: str,
     configuration: str | None = None,
     fold: Fold = 0,
-    trainer: str | None = None,
+    trainer: str | type[Trainer] | None = None,
     options: TrainingOptions | None = None,
 ) -> TrainingResult:
     """Train one fold of ``dataset``: ``autoseg_train -d DATASET -c CONFIGURATION -f FOLD -tr TRAINER``.
@@ -65,7 +65,8 @@ def train(
             been planned and preprocessed (``autoseg_plan``).
         configuration: a configuration of the plans; default the plans' ``default_configuration``.
         fold: 0..4 (a fold of ``splits_final.json``) or ``"full"`` (every case).
-        trainer: a class in ``trainers/``; default the configuration's ``schedule.trainer``.
+        trainer: the name of a registered trainer class (``trainers/``, or ``register_trainer``), or the class
+            itself (a trainer prototyped in a notebook); default the configuration's ``schedule.trainer``.
         options: run flags (:class:`TrainingOptions`).
 
     Returns:
@@ -82,15 +83,7 @@ def train(
         CheckpointError: the checkpoint to continue from is unreadable or holds pickled objects.
     """
     options = options or TrainingOptions()
-    raw = find_dataset(dataset)
-    preprocessed = preprocessed_folder(raw.name)
-    plans = Plans.from_json(preprocessed / PLANS_FILE)
-    chosen = plans.configuration(configuration)
-    trainer_class = get_trainer(trainer or chosen.schedule.trainer)
-    fold = parse_fold(fold)
-    runner = trainer_class(plans, chosen.name, fold, preprocessed_folder=preprocessed,
-                           output_folder=run_folder(raw.name, chosen.name, trainer_class.__name__, fold),
-                           options=options, raw_dataset=raw)
+    runner = prepare_run(dataset, configuration, fold, trainer, options)
     try:
         runner.setup()
         start = time.perf_counter()
@@ -104,10 +97,40 @@ def train(
     return TrainingResult(runner.output_folder, runner.epoch, runner.best_ema, summary)
 
 
+def prepare_run(
+    dataset: str,
+    configuration: str | None = None,
+    fold: Fold = 0,
+    trainer: str | type[Trainer] | None = None,
+    options: TrainingOptions | None = None,
+) -> Trainer:
+    """The trainer of one fold, constructed (nothing is written or built yet) after every check that needs no
+    training: the dataset, its plans and configuration, the trainer, the fold, and that the run folder holds no run
+    unless continuing. ``autoseg_train --num-gpus`` calls it before starting torchrun, so these errors come as one
+    line and not from every process.
+
+    Raises:
+        see :func:`train`.
+    """
+    options = options or TrainingOptions()
+    raw = find_dataset(dataset)
+    preprocessed = preprocessed_folder(raw.name)
+    plans = Plans.from_json(preprocessed / PLANS_FILE)
+    chosen = plans.configuration(configuration)
+    trainer_class = trainer if isinstance(trainer, type) else get_trainer(trainer or chosen.schedule.trainer)
+    fold = parse_fold(fold)
+    runner = trainer_class(plans, chosen.name, fold, preprocessed_folder=preprocessed,
+                           output_folder=run_folder(raw.name, chosen.name, trainer_class.__name__, fold),
+                           options=options, raw_dataset=raw)
+    if not options.continue_training:
+        runner.refuse_overwrite()
+    return runner
+
+
 def cross_validate(
     dataset: str,
     configuration: str | None = None,
-    trainer: str | None = None,
+    trainer: str | type[Trainer] | None = None,
     options: TrainingOptions | None = None,
 ) -> list[TrainingResult]:
     """Train every fold of ``splits_final.json`` in turn (``autoseg_train -f all``).
@@ -120,7 +143,7 @@ def cross_validate(
     raw = find_dataset(dataset)
     preprocessed = preprocessed_folder(raw.name)
     chosen = Plans.from_json(preprocessed / PLANS_FILE).configuration(configuration)
-    trainer_name = get_trainer(trainer or chosen.schedule.trainer).__name__
+    trainer_name = (trainer if isinstance(trainer, type) else get_trainer(trainer or chosen.schedule.trainer)).__name__
     data_folder = preprocessed / chosen.data_identifier
     identifiers = case_identifiers(data_folder)
     splits = load_or_create_splits(preprocessed, identifiers, read_subjects(data_folder, identifiers))

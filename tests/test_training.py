@@ -28,7 +28,7 @@ from autoseg.machine import choose_precision
 from autoseg.machine import cpu_has_fast_bf16 as native_bf16_probe  # imported before conftest fakes it
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
-from autoseg.training import TrainingOptions, train
+from autoseg.training import TrainingOptions, prepare_run, train
 from trainers import Trainer, available_trainers, get_trainer, register_trainer
 from trainers.toolkit import Budget, deterministic_algorithms, dice_counts, global_dice
 
@@ -136,6 +136,26 @@ def test_every_trainer_is_built_without_side_effects_and_starts_at_its_stage_rat
     assert trainer.learning_rate(2, 0) == pytest.approx(1e-4)  # stage 2 restarts at its own, lower rate
     if trainer.schedule_description()["name"] != "plateau":  # a plateau schedule holds the rate within a stage
         assert trainer.learning_rate(1, 2) <= trainer.learning_rate(1, 0) < trainer.learning_rate(0, 0)
+
+
+@pytest.mark.parametrize("name", available_trainers())
+def test_every_trainer_takes_a_training_step_on_a_plan_it_suits(name: str, home: Path, tiny_ctp: Path) -> None:
+    """Each registered trainer sets up on tiny data (a 3-D plan, or a 2-D PSPNet plan for the PSPNet trainers),
+    takes one optimizer step with a finite loss and changes its weights."""
+    trainer_class = get_trainer(name)
+    dataset, fold = FIVE, 0
+    if trainer_class.network_options().get("auxiliary_head") is not None:  # a PSPNet trainer: slices of CT slabs
+        ctp = plan_and_preprocess(tiny_ctp.name, progress=False).plans
+        pspnet = ctp.configuration("2d_pspnet")
+        _edit_plans(home / "preprocessed" / tiny_ctp.name / "plans.json",  # the default, 2d_pspnet
+                    network=dataclasses.replace(pspnet.network, backbone="resnet18"))
+        dataset, fold = tiny_ctp.name, "full"  # 4 subjects: too few for 5 folds
+    runner = prepare_run(dataset, None, fold, trainer_class, QUIET).setup()
+    before = {key: value.clone() for key, value in runner.network.state_dict().items()}
+    with runner.loader(0, train=True) as batches:
+        loss = runner.train_step(next(batches))
+    assert math.isfinite(loss)
+    assert any(not torch.equal(before[key], value) for key, value in runner.network.state_dict().items())
 
 
 # ---------------------------------------------------------------------------- budgets, schedules, precision

@@ -228,7 +228,7 @@ class Trainer:
             else:
                 resumed = self.read_checkpoint(path)
         else:
-            self._refuse_overwrite()
+            self.refuse_overwrite()
         self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold)
         torch.manual_seed(self.seed)
         self.memory_format, format_reason = self.choose_memory_format()
@@ -345,7 +345,7 @@ class Trainer:
             path.unlink()
         return removed
 
-    def _refuse_overwrite(self) -> None:
+    def refuse_overwrite(self) -> None:
         """A new run never silently replaces one that has checkpoints (a forgotten ``--continue`` would)."""
         found = [name for name in ("checkpoint_latest.pth", "checkpoint_final.pth")
                  if (self.output_folder / name).is_file()]

@@ -10,7 +10,7 @@ import torch
 from autoseg import distributed
 from autoseg.commands.common import run
 from autoseg.machine import PRECISIONS
-from autoseg.training import TrainingOptions, cross_validate, train
+from autoseg.training import TrainingOptions, cross_validate, prepare_run, train
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +50,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _options(args: argparse.Namespace) -> TrainingOptions:
+    """The run flags of the command line."""
+    return TrainingOptions(
+        epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch, val_iterations=args.val_iters,
+        device=args.device, precision=args.precision, seed=args.seed, num_processes=args.num_processes,
+        continue_training=args.continue_training, validation=not args.no_validation, compile=args.compile,
+        deterministic=args.deterministic, pretrained=args.pretrained,
+    )
+
+
 def _without_num_gpus(argv: list[str]) -> list[str]:
     """``argv`` without ``--num-gpus N`` / ``--num-gpus=N`` (what each torchrun process gets)."""
     kept, skip = [], False
@@ -63,6 +73,26 @@ def _without_num_gpus(argv: list[str]) -> list[str]:
     return kept
 
 
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--num-gpus N``: check what needs no training here (its errors come once, not from every process), then run
+    this command in N processes under torchrun."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device != "cpu" and (args.device.startswith("cuda") or gpus) and gpus < args.num_gpus:
+        print(f"error: --num-gpus {args.num_gpus}: this machine has {gpus} CUDA device(s)", file=sys.stderr)
+        return 1
+    if args.device == "cpu" or (args.device == "auto" and gpus == 0):
+        print(f"note: {'--device cpu' if args.device == 'cpu' else 'no CUDA device here'}: --num-gpus "
+              f"{args.num_gpus} starts {args.num_gpus} CPU processes (gloo) that share this machine's cores",
+              file=sys.stderr)
+
+    def check() -> None:
+        if args.fold != "all":
+            prepare_run(args.dataset, args.configuration, args.fold, args.trainer, _options(args))
+
+    status = run(check)
+    return status if status != 0 else distributed.launch(_without_num_gpus(argv), args.num_gpus)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
@@ -71,23 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     context = distributed.current()
     if args.num_gpus > 1 and not context.enabled:  # start torchrun, which runs this command in every process
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if args.device != "cpu" and (args.device.startswith("cuda") or gpus) and gpus < args.num_gpus:
-            print(f"error: --num-gpus {args.num_gpus}: this machine has {gpus} CUDA device(s)", file=sys.stderr)
-            return 1
-        if args.device == "cpu" or (args.device == "auto" and gpus == 0):
-            print(f"note: {'--device cpu' if args.device == 'cpu' else 'no CUDA device here'}: --num-gpus "
-                  f"{args.num_gpus} starts {args.num_gpus} CPU processes (gloo) that share this machine's cores",
-                  file=sys.stderr)
-        return distributed.launch(_without_num_gpus(argv), args.num_gpus)
+        return _launch(args, argv)
 
     def action() -> int:
-        options = TrainingOptions(
-            epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch, val_iterations=args.val_iters,
-            device=args.device, precision=args.precision, seed=args.seed, num_processes=args.num_processes,
-            continue_training=args.continue_training, validation=not args.no_validation, compile=args.compile,
-            deterministic=args.deterministic, pretrained=args.pretrained,
-        )
+        options = _options(args)
         try:
             if args.fold == "all":
                 for result in cross_validate(args.dataset, args.configuration, args.trainer, options):
