@@ -22,7 +22,8 @@ test: setup
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
-	$(BIN)/ruff check autoseg planners trainers tests
+	$(BIN)/ruff check autoseg planners trainers tests tools
+	$(BIN)/ruff format --check autoseg planners trainers tests tools setup.py
 
 clean:
 	rm -rf $(VENV) autoseg_data .pytest_cache

@@ -7,8 +7,11 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # One source for the version: autoseg/__init__.py (read as text: importing autoseg would need torch).
-VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("autoseg").joinpath("__init__.py")
-                    .read_text(encoding="utf-8"), re.MULTILINE).group(1)
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"',
+    Path(__file__).with_name("autoseg").joinpath("__init__.py").read_text(encoding="utf-8"),
+    re.MULTILINE,
+).group(1)
 
 setup(
     name="autoseg",
@@ -34,7 +37,7 @@ setup(
         "matplotlib>=3.7",
         "pillow>=9",  # palette PNGs of the results page; comes with matplotlib
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.4", "selenium>=4.11"]},  # selenium: the results page in Chromium
+    extras_require={"test": ["pytest>=7", "ruff==0.17.6", "selenium>=4.11"]},  # selenium: the results page in Chromium
     entry_points={
         "console_scripts": [
             "autoseg_demo=autoseg.commands.demo:main",

@@ -75,8 +75,9 @@ class SpatialAugmentation:
         if self.flat_axis is None:
             return sampling_patch_size(patch_size, self.rotation_degrees, self.scale_range, self.translation_fraction)
         in_plane = [p for axis, p in enumerate(patch_size) if axis != self.flat_axis]
-        enlarged = list(sampling_patch_size(in_plane, self.rotation_degrees, self.scale_range,
-                                            self.translation_fraction))
+        enlarged = list(
+            sampling_patch_size(in_plane, self.rotation_degrees, self.scale_range, self.translation_fraction)
+        )
         enlarged.insert(self.flat_axis, int(patch_size[self.flat_axis]))
         return tuple(enlarged)
 
@@ -87,8 +88,9 @@ def resampling_probability(spatial: SpatialAugmentation) -> float:
     return 1 - (1 - spatial.probability) ** 2
 
 
-def spatial_transform(configuration: Configuration, patch_size: Sequence[int],
-                      probability: float | None = None) -> SpatialTransform:
+def spatial_transform(
+    configuration: Configuration, patch_size: Sequence[int], probability: float | None = None
+) -> SpatialTransform:
     """The spatial transform of the training pipeline alone (no elastic deformation); ``probability`` overrides
     the chance of rotation and of scaling (the compute probe times the interpolating and the cropping case)."""
     spatial = spatial_augmentation(configuration, patch_size)
@@ -198,12 +200,25 @@ def _spatial_transform(spatial: SpatialAugmentation, patch: Shape, elastic: bool
     return SpatialTransform(
         in_plane,
         patch_center_dist_from_border=[s // 2 - t for s, t in zip(sampled_in_plane, shift)],
-        do_elastic_deform=elastic, alpha=(0.0, 200.0), sigma=(9.0, 13.0), p_el_per_sample=0.2,
-        do_rotation=True, angle_x=radians[0], angle_y=radians[1], angle_z=radians[2],
-        p_rot_per_sample=spatial.probability, p_rot_per_axis=1.0,
-        do_scale=True, scale=spatial.scale_range, p_scale_per_sample=spatial.probability,
-        border_mode_data="constant", border_cval_data=0, order_data=3,
-        border_mode_seg="constant", border_cval_seg=0, order_seg=1,
+        do_elastic_deform=elastic,
+        alpha=(0.0, 200.0),
+        sigma=(9.0, 13.0),
+        p_el_per_sample=0.2,
+        do_rotation=True,
+        angle_x=radians[0],
+        angle_y=radians[1],
+        angle_z=radians[2],
+        p_rot_per_sample=spatial.probability,
+        p_rot_per_axis=1.0,
+        do_scale=True,
+        scale=spatial.scale_range,
+        p_scale_per_sample=spatial.probability,
+        border_mode_data="constant",
+        border_cval_data=0,
+        order_data=3,
+        border_mode_seg="constant",
+        border_cval_seg=0,
+        order_seg=1,
         random_crop=spatial.translation_fraction > 0,
     )
 
@@ -215,9 +230,15 @@ def _intensity_transforms(ignore_axes: tuple[int, ...] | None) -> list[AbstractT
         GaussianBlurTransform((0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2, p_per_channel=0.5),
         BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), p_per_sample=0.15),
         ContrastAugmentationTransform(p_per_sample=0.15),
-        SimulateLowResolutionTransform(zoom_range=(0.5, 1.0), per_channel=True, p_per_channel=0.5,
-                                       order_downsample=0, order_upsample=3, p_per_sample=0.25,
-                                       ignore_axes=ignore_axes),
+        SimulateLowResolutionTransform(
+            zoom_range=(0.5, 1.0),
+            per_channel=True,
+            p_per_channel=0.5,
+            order_downsample=0,
+            order_upsample=3,
+            p_per_sample=0.25,
+            ignore_axes=ignore_axes,
+        ),
         GammaTransform((0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True, p_per_sample=0.1),
         GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3),
     ]

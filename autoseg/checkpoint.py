@@ -82,8 +82,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """
     problems = non_plain_values(state)
     if problems:
-        raise TypeError(f"{path}: a checkpoint may hold only tensors and plain values; found "
-                        + "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
+        raise TypeError(
+            f"{path}: a checkpoint may hold only tensors and plain values; found "
+            + "; ".join(problems[:5])
+            + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        )
     with atomic_path(Path(path), suffix=".pth") as temporary:
         with open(temporary, "wb") as handle:
             torch.save(state, handle)
@@ -147,8 +150,13 @@ def capture_rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": {"kind": str(kind), "key": [int(k) for k in key], "position": int(position),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": str(kind),
+            "key": [int(k) for k in key],
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
     }
 
@@ -159,7 +167,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], np.asarray(numpy_state["key"], dtype=np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["gauss"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            np.asarray(numpy_state["key"], dtype=np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
     python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))

@@ -94,8 +94,13 @@ class NetworkShape:
     kernel_sizes: tuple[tuple[int, ...], ...]
 
     def kwargs(self) -> dict[str, Any]:
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "features": self.features,
-                "strides": self.strides, "kernel_sizes": self.kernel_sizes}
+        return {
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "features": self.features,
+            "strides": self.strides,
+            "kernel_sizes": self.kernel_sizes,
+        }
 
     def macs(self, patch: Sequence[int], deep_supervision: bool = True) -> int:
         """Forward multiply-accumulates for one sample of ``patch``."""
@@ -112,8 +117,13 @@ class NetworkShape:
         stages = 1
         while edge // 2**stages >= 4 and stages < 6:
             stages += 1
-        return cls(in_channels, 1, tuple(min(base * 2**i, 16 * base) for i in range(stages)),
-                   ((1, 1, 1),) + ((2, 2, 2),) * (stages - 1), ((3, 3, 3),) * stages)
+        return cls(
+            in_channels,
+            1,
+            tuple(min(base * 2**i, 16 * base) for i in range(stages)),
+            ((1, 1, 1),) + ((2, 2, 2),) * (stages - 1),
+            ((3, 3, 3),) * stages,
+        )
 
 
 @dataclass(frozen=True)
@@ -152,18 +162,34 @@ class CostModel:
     constant: float
 
     def seconds(self, gmacs: float, mega_activations: float, megavoxels: float) -> float:
-        return (self.per_gmac * gmacs + self.per_mega_activation * mega_activations
-                + self.per_megavoxel * megavoxels + self.constant)
+        return (
+            self.per_gmac * gmacs
+            + self.per_mega_activation * mega_activations
+            + self.per_megavoxel * megavoxels
+            + self.constant
+        )
 
     @classmethod
-    def fit(cls, gmacs: Sequence[float], mega_activations: Sequence[float], megavoxels: Sequence[float],
-            seconds: Sequence[float]) -> CostModel:
+    def fit(
+        cls,
+        gmacs: Sequence[float],
+        mega_activations: Sequence[float],
+        megavoxels: Sequence[float],
+        seconds: Sequence[float],
+    ) -> CostModel:
         """Least squares on relative errors (each point weighs the same whatever its size), coefficients >= 0."""
         from scipy.optimize import nnls
 
         y = np.asarray(seconds, float)
-        design = np.stack([np.asarray(gmacs, float), np.asarray(mega_activations, float),
-                           np.asarray(megavoxels, float), np.ones_like(y)], 1)
+        design = np.stack(
+            [
+                np.asarray(gmacs, float),
+                np.asarray(mega_activations, float),
+                np.asarray(megavoxels, float),
+                np.ones_like(y),
+            ],
+            1,
+        )
         coefficients, _ = nnls(design / y[:, None], np.ones_like(y))
         return cls(*(float(c) for c in coefficients))
 
@@ -199,16 +225,14 @@ class ComputeProbe:
     def step_seconds(self, network: NetworkShape, patch: Sequence[int], batch: int) -> float:
         """Estimated seconds of one training step (network only)."""
         gmacs = batch * network.macs(patch) / 1e9
-        return self.training.seconds(gmacs, batch * network.activations(patch) / 1e6,
-                                     batch * math.prod(patch) / 1e6)
+        return self.training.seconds(gmacs, batch * network.activations(patch) / 1e6, batch * math.prod(patch) / 1e6)
 
     def forward_seconds(self, network: NetworkShape, patch: Sequence[int], batch: int) -> float:
         """Estimated seconds of one forward pass of ``batch`` windows without gradients (inference)."""
         gmacs = batch * network.macs(patch, deep_supervision=False) / 1e9
         # Without autograd nothing is stored, but the same tensors are written once: the activation count is
         # the memory traffic the inference model was fitted on.
-        return self.inference.seconds(gmacs, batch * network.activations(patch) / 1e6,
-                                      batch * math.prod(patch) / 1e6)
+        return self.inference.seconds(gmacs, batch * network.activations(patch) / 1e6, batch * math.prod(patch) / 1e6)
 
     def augmentation_seconds(self, patch: Sequence[int]) -> float:
         """One core's seconds to sample and augment one training patch."""
@@ -219,18 +243,36 @@ class ComputeProbe:
 
     @classmethod
     def from_plain(cls, plain: dict[str, Any]) -> ComputeProbe:
-        points = tuple(ProbePoint(**{**p, "features": tuple(p["features"]), "patch": tuple(p["patch"])})
-                       for p in plain["points"])
-        return cls(**{**plain, "points": points, "training": CostModel(**plain["training"]),
-                      "inference": CostModel(**plain["inference"])})
+        points = tuple(
+            ProbePoint(**{**p, "features": tuple(p["features"]), "patch": tuple(p["patch"])}) for p in plain["points"]
+        )
+        return cls(
+            **{
+                **plain,
+                "points": points,
+                "training": CostModel(**plain["training"]),
+                "inference": CostModel(**plain["inference"]),
+            }
+        )
 
     def summary(self) -> dict[str, Any]:
         """What ``plans.json`` records of the probe: machine, date, memory format and the fitted models."""
-        return {"machine": self.machine, "created": self.created, "probe_seconds": round(self.probe_seconds, 1),
-                "memory_format": self.memory_format,
-                "points": [{"features": list(p.features), "patch": list(p.patch), "batch": p.batch,
-                            "train_seconds": round(p.train_seconds, 4)} for p in self.points],
-                "augmentation_seconds_per_megavoxel": round(self.augmentation_seconds_per_megavoxel, 3)}
+        return {
+            "machine": self.machine,
+            "created": self.created,
+            "probe_seconds": round(self.probe_seconds, 1),
+            "memory_format": self.memory_format,
+            "points": [
+                {
+                    "features": list(p.features),
+                    "patch": list(p.patch),
+                    "batch": p.batch,
+                    "train_seconds": round(p.train_seconds, 4),
+                }
+                for p in self.points
+            ],
+            "augmentation_seconds_per_megavoxel": round(self.augmentation_seconds_per_megavoxel, 3),
+        }
 
 
 def _cache_file(machine: dict[str, Any]) -> Path:
@@ -238,8 +280,9 @@ def _cache_file(machine: dict[str, Any]) -> Path:
     return probe_cache_folder() / f"probe_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
-def load_or_run_probe(device: torch.device, precision: Precision, *, refresh: bool = False,
-                      log: Callable[[str], None] = print) -> tuple[ComputeProbe, bool]:
+def load_or_run_probe(
+    device: torch.device, precision: Precision, *, refresh: bool = False, log: Callable[[str], None] = print
+) -> tuple[ComputeProbe, bool]:
     """The cached probe of this machine and precision, or a new one (then cached).
 
     Returns:
@@ -264,8 +307,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(network: torch.nn.Module, data: torch.Tensor, precision: Precision, device: torch.device,
-                train: bool) -> float:
+def _time_steps(
+    network: torch.nn.Module, data: torch.Tensor, precision: Precision, device: torch.device, train: bool
+) -> float:
     """Fastest of PROBE_REPEATS training steps (or forward passes) after one warm-up, in seconds.
 
     A training step is what the trainer does: forward under autocast, the deep-supervised Dice + BCE + focal
@@ -275,15 +319,30 @@ def _time_steps(network: torch.nn.Module, data: torch.Tensor, precision: Precisi
 
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4) if train else None
     levels = len(network.features) - 1
-    criterion = build_loss(Loss(name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0,
-                                      focal_gamma=2.0, focal_alpha=0.75), levels) if train else None
+    criterion = (
+        build_loss(
+            Loss(
+                name="dice_bce_focal",
+                dice_weight=1.0,
+                bce_weight=1.0,
+                focal_weight=1.0,
+                focal_gamma=2.0,
+                focal_alpha=0.75,
+            ),
+            levels,
+        )
+        if train
+        else None
+    )
     target = (data[:, :1] > 1).to(torch.int16) if train else None
     times = []
     for repeat in range(PROBE_REPEATS + 1):
         _synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=precision.autocast_dtype,
-                            enabled=precision.autocast_dtype is not None), torch.set_grad_enabled(train):
+        with (
+            torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None),
+            torch.set_grad_enabled(train),
+        ):
             outputs = network(data)
             if train:
                 loss = criterion(outputs, target)
@@ -298,8 +357,9 @@ def _time_steps(network: torch.nn.Module, data: torch.Tensor, precision: Precisi
     return float(min(times))
 
 
-def _probe_network(shape: NetworkShape, edge: int, device: torch.device, precision: Precision,
-                   memory_format: torch.memory_format) -> tuple[float, float]:
+def _probe_network(
+    shape: NetworkShape, edge: int, device: torch.device, precision: Precision, memory_format: torch.memory_format
+) -> tuple[float, float]:
     torch.manual_seed(0)
     network = ResidualUNet(**shape.kwargs(), deep_supervision=True).to(device, memory_format=memory_format)
     data = torch.randn(PROBE_BATCH, shape.in_channels, edge, edge, edge, device=device)
@@ -360,21 +420,34 @@ def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str]
     """Time the probe networks on ``device`` under ``precision`` and fit the cost models (see the module doc)."""
     start = time.perf_counter()
     networks = CUDA_PROBE_NETWORKS if device.type == "cuda" else CPU_PROBE_NETWORKS
-    log(f"compute probe: timing {len(networks)} networks on {machine_description(device, precision.name)['model']} "
-        f"({precision.name}, {torch.get_num_threads()} threads); cached for later plans")
+    log(
+        f"compute probe: timing {len(networks)} networks on {machine_description(device, precision.name)['model']} "
+        f"({precision.name}, {torch.get_num_threads()} threads); cached for later plans"
+    )
     rng_state = torch.random.get_rng_state()
     test_base, test_edge = networks[2]
     shape = NetworkShape.isotropic(test_base, test_edge)
     formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-    format_seconds = {name: _probe_network(shape, test_edge, device, precision, fmt)[0] for name, fmt in formats.items()}
+    format_seconds = {
+        name: _probe_network(shape, test_edge, device, precision, fmt)[0] for name, fmt in formats.items()
+    }
     chosen = min(format_seconds, key=format_seconds.get)
     points = []
     for base, edge in networks:
         shape = NetworkShape.isotropic(base, edge)
         train, inference = _probe_network(shape, edge, device, precision, formats[chosen])
         patch = (edge,) * 3
-        points.append(ProbePoint(shape.features, patch, PROBE_BATCH, PROBE_BATCH * shape.macs(patch) / 1e9,
-                                 PROBE_BATCH * shape.activations(patch) / 1e6, train, inference))
+        points.append(
+            ProbePoint(
+                shape.features,
+                patch,
+                PROBE_BATCH,
+                PROBE_BATCH * shape.macs(patch) / 1e9,
+                PROBE_BATCH * shape.activations(patch) / 1e6,
+                train,
+                inference,
+            )
+        )
     augmentation = _augmentation_seconds_per_megavoxel()
     torch.random.set_rng_state(rng_state)
     gmacs = [p.gmacs for p in points]
@@ -392,15 +465,22 @@ def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str]
         training=CostModel.fit(gmacs, activations, voxels, [p.train_seconds for p in points]),
         inference=CostModel.fit(inference_gmacs, activations, voxels, [p.inference_seconds for p in points]),
     )
-    log(f"compute probe: {probe.probe_seconds:.0f} s; training memory format {chosen} "
-        f"({', '.join(f'{k} {v:.3f} s' for k, v in format_seconds.items())} per step)")
+    log(
+        f"compute probe: {probe.probe_seconds:.0f} s; training memory format {chosen} "
+        f"({', '.join(f'{k} {v:.3f} s' for k, v in format_seconds.items())} per step)"
+    )
     return probe
 
 
 def _inference_share(point: ProbePoint) -> float:
     """Forward MACs without the deep-supervision heads as a share of those with them (the heads are tiny)."""
-    shape = NetworkShape(1, 1, point.features, ((1, 1, 1),) + ((2, 2, 2),) * (len(point.features) - 1),
-                         ((3, 3, 3),) * len(point.features))
+    shape = NetworkShape(
+        1,
+        1,
+        point.features,
+        ((1, 1, 1),) + ((2, 2, 2),) * (len(point.features) - 1),
+        ((3, 3, 3),) * len(point.features),
+    )
     return shape.macs(point.patch, deep_supervision=False) / shape.macs(point.patch)
 
 
@@ -440,12 +520,16 @@ def choose_data_processes(step: float, augmentation: float, device_type: str) ->
     options = {p: iteration_seconds(step, augmentation, device_type, p) for p in range(cores)}
     best = min(options, key=options.get)
     if best == 0:
-        return 0, (f"{cores} CPU cores: the batch ({augmentation:.2f} s on one core) is made between network steps "
-                   f"({step:.2f} s on all cores): {options[0]:.2f} s per iteration, faster than giving cores to "
-                   "background processes")
-    return best, (f"{best} of {cores} CPU cores make batches ({augmentation:.2f} s each on one core) while "
-                  f"{cores - best} train the network: {options[best]:.2f} s per iteration against {options[0]:.2f} s "
-                  "with the batches made between steps")
+        return 0, (
+            f"{cores} CPU cores: the batch ({augmentation:.2f} s on one core) is made between network steps "
+            f"({step:.2f} s on all cores): {options[0]:.2f} s per iteration, faster than giving cores to "
+            "background processes"
+        )
+    return best, (
+        f"{best} of {cores} CPU cores make batches ({augmentation:.2f} s each on one core) while "
+        f"{cores - best} train the network: {options[best]:.2f} s per iteration against {options[0]:.2f} s "
+        "with the batches made between steps"
+    )
 
 
 @dataclass(frozen=True)
@@ -478,17 +562,30 @@ class TrainingEstimate:
 
     @property
     def total_seconds(self) -> float:
-        return self.training_seconds + self.epoch_validation_seconds + self.overhead_seconds + \
-            self.final_validation_seconds
+        return (
+            self.training_seconds
+            + self.epoch_validation_seconds
+            + self.overhead_seconds
+            + self.final_validation_seconds
+        )
 
     @property
     def total_minutes(self) -> float:
         return self.total_seconds / 60
 
     @classmethod
-    def for_steps(cls, step: float, augmentation: float, validation_batch: float, epochs: int,
-                  iterations_per_epoch: int, val_iterations: int, device_type: str, final_validation_seconds: float,
-                  notes: dict[str, Any] | None = None) -> TrainingEstimate:
+    def for_steps(
+        cls,
+        step: float,
+        augmentation: float,
+        validation_batch: float,
+        epochs: int,
+        iterations_per_epoch: int,
+        val_iterations: int,
+        device_type: str,
+        final_validation_seconds: float,
+        notes: dict[str, Any] | None = None,
+    ) -> TrainingEstimate:
         """The estimate of a run from its per-iteration parts (seconds): the network's step, one core's time to
         make a batch, one validation batch; the augmentation processes are chosen here
         (:func:`choose_data_processes`, recorded in ``notes``)."""
@@ -496,8 +593,12 @@ class TrainingEstimate:
         per_iteration = iteration_seconds(step, augmentation, device_type, processes)
         iterations = epochs * iterations_per_epoch
         return cls(
-            iterations=iterations, epochs=epochs, seconds_per_iteration=per_iteration, step_seconds=step,
-            loader_seconds=per_iteration - step, training_seconds=iterations * per_iteration,
+            iterations=iterations,
+            epochs=epochs,
+            seconds_per_iteration=per_iteration,
+            step_seconds=step,
+            loader_seconds=per_iteration - step,
+            training_seconds=iterations * per_iteration,
             epoch_validation_seconds=epochs * val_iterations * validation_batch,
             overhead_seconds=epochs * EPOCH_OVERHEAD_SECONDS.get(device_type, 2.0),
             final_validation_seconds=final_validation_seconds,
@@ -534,19 +635,29 @@ def estimate_training(
     step = augmentation = validation_batch = 0.0
     per_stage = []
     for patch, batch, share in stages:
-        stage_step, stage_augmentation = probe.step_seconds(network, patch, batch), \
-            batch * probe.augmentation_seconds(patch)
+        stage_step, stage_augmentation = (
+            probe.step_seconds(network, patch, batch),
+            batch * probe.augmentation_seconds(patch),
+        )
         per_stage.append((stage_step, stage_augmentation))
         step += share * stage_step
         augmentation += share * stage_augmentation
         validation_batch += share * probe.forward_seconds(network, patch, batch)
     window_seconds = probe.forward_seconds(network, stages[-1][0], 2) / 2
-    final = validation_windows * mirror_count * window_seconds + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * \
-        validation_megavoxels
-    estimate = TrainingEstimate.for_steps(step, augmentation, validation_batch, epochs, iterations_per_epoch,
-                                          val_iterations, device_type, final,
-                                          {"window_seconds": window_seconds, "validation_windows": validation_windows,
-                                           "mirror_count": mirror_count})
+    final = (
+        validation_windows * mirror_count * window_seconds + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * validation_megavoxels
+    )
+    estimate = TrainingEstimate.for_steps(
+        step,
+        augmentation,
+        validation_batch,
+        epochs,
+        iterations_per_epoch,
+        val_iterations,
+        device_type,
+        final,
+        {"window_seconds": window_seconds, "validation_windows": validation_windows, "mirror_count": mirror_count},
+    )
     processes = estimate.notes["data_processes"]
     stage_seconds = [round(iteration_seconds(s, a, device_type, processes), 4) for s, a in per_stage]
     return dataclasses.replace(estimate, notes={**estimate.notes, "stage_seconds_per_iteration": stage_seconds})
@@ -571,10 +682,18 @@ def pspnet_cost(backbone: str, patch: Sequence[int], batch: int, in_channels: in
         with FlopCounterMode(display=False) as counter:
             network(data)
     gmacs = counter.get_total_flops() / 2e9
-    memory = estimate_pspnet_training_memory_bytes(patch_size=patch, batch_size=batch, in_channels=in_channels,
-                                                   num_classes=1, backbone=backbone, bytes_per_activation=1)
+    memory = estimate_pspnet_training_memory_bytes(
+        patch_size=patch,
+        batch_size=batch,
+        in_channels=in_channels,
+        num_classes=1,
+        backbone=backbone,
+        bytes_per_activation=1,
+    )
     parameters = sum(p.numel() for p in network.parameters())
-    activations = memory - CUDA_OVERHEAD_BYTES - ADAM_BYTES_PER_PARAMETER * max(parameters, _RESNET_PARAMETERS[backbone])
+    activations = (
+        memory - CUDA_OVERHEAD_BYTES - ADAM_BYTES_PER_PARAMETER * max(parameters, _RESNET_PARAMETERS[backbone])
+    )
     return gmacs, max(activations, 0) / 1e6
 
 
@@ -609,16 +728,22 @@ class TimePromise:
     @property
     def epoch_seconds(self) -> float:
         """Mean estimated seconds of an epoch (all stages)."""
-        return (self.iterations_per_epoch * (self.network_seconds + self.loader_seconds)
-                + self.val_iterations * self.validation_batch_seconds + self.overhead_seconds)
+        return (
+            self.iterations_per_epoch * (self.network_seconds + self.loader_seconds)
+            + self.val_iterations * self.validation_batch_seconds
+            + self.overhead_seconds
+        )
 
     def stage_epoch_seconds(self, stage: int) -> float:
         """Estimated seconds of an epoch of ``stage`` (stages differ in patch size); the mean without per-stage
         figures."""
         if stage >= len(self.stage_seconds_per_iteration):
             return self.epoch_seconds
-        return (self.iterations_per_epoch * self.stage_seconds_per_iteration[stage]
-                + self.val_iterations * self.validation_batch_seconds + self.overhead_seconds)
+        return (
+            self.iterations_per_epoch * self.stage_seconds_per_iteration[stage]
+            + self.val_iterations * self.validation_batch_seconds
+            + self.overhead_seconds
+        )
 
     @property
     def training_seconds(self) -> float:
@@ -629,8 +754,9 @@ class TimePromise:
         return self.training_seconds + self.final_validation_seconds
 
     @classmethod
-    def from_estimate(cls, estimate: dict[str, Any], epochs: int, iterations_per_epoch: int,
-                      val_iterations: int) -> TimePromise:
+    def from_estimate(
+        cls, estimate: dict[str, Any], epochs: int, iterations_per_epoch: int, val_iterations: int
+    ) -> TimePromise:
         """From a ``compute_budget.estimates`` entry of ``plans.json`` and the run's schedule."""
         minutes = estimate["minutes"]
         planned_epochs = max(1, int(estimate["epochs"]))
@@ -641,12 +767,22 @@ class TimePromise:
             validation_batch_seconds=60 * float(minutes["epoch_validation"]) / planned_val,
             overhead_seconds=60 * float(minutes["overhead"]) / planned_epochs,
             final_validation_seconds=60 * float(minutes["final_validation"]),
-            epochs=epochs, iterations_per_epoch=iterations_per_epoch, val_iterations=val_iterations,
+            epochs=epochs,
+            iterations_per_epoch=iterations_per_epoch,
+            val_iterations=val_iterations,
             stage_seconds_per_iteration=tuple(estimate.get("stage_seconds_per_iteration", ())),
         )
 
-    def check(self, what: str, measured: float, estimated: float, *, loader_wait: float = 0.0,
-              step_seconds: float | None = None, steps: int = 0) -> tuple[bool, str]:
+    def check(
+        self,
+        what: str,
+        measured: float,
+        estimated: float,
+        *,
+        loader_wait: float = 0.0,
+        step_seconds: float | None = None,
+        steps: int = 0,
+    ) -> tuple[bool, str]:
         """Compare a measured duration (seconds) with its estimate.
 
         Returns:
@@ -655,20 +791,23 @@ class TimePromise:
             given), or the rest (validation, checkpoints)).
         """
         ratio = measured / estimated if estimated > 0 else math.inf
-        line = (f"{what}: measured {_duration(measured)}, estimated {_duration(estimated)} "
-                f"({100 * (ratio - 1):+.0f}%)")
+        line = f"{what}: measured {_duration(measured)}, estimated {_duration(estimated)} ({100 * (ratio - 1):+.0f}%)"
         if ratio <= 1 + OVERRUN_TOLERANCE:
             return True, line
         causes = []
         if loader_wait > 0.1 * measured:
-            causes.append(f"the loader kept the network waiting {_duration(loader_wait)} "
-                          f"({100 * loader_wait / measured:.0f}% of the time): augmentation is slower than probed; "
-                          "more data processes (-np) or a free core would help")
+            causes.append(
+                f"the loader kept the network waiting {_duration(loader_wait)} "
+                f"({100 * loader_wait / measured:.0f}% of the time): augmentation is slower than probed; "
+                "more data processes (-np) or a free core would help"
+            )
         if step_seconds is not None and steps and step_seconds / steps > (1 + OVERRUN_TOLERANCE) * self.network_seconds:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-            causes.append(f"network steps took {step_seconds / steps:.2f} s instead of {self.network_seconds:.2f} s: "
-                          f"other load on the machine (load average {load:.1f} on {available_cores()} cores) or a "
-                          "slower machine than the one probed")
+            causes.append(
+                f"network steps took {step_seconds / steps:.2f} s instead of {self.network_seconds:.2f} s: "
+                f"other load on the machine (load average {load:.1f} on {available_cores()} cores) or a "
+                "slower machine than the one probed"
+            )
         if not causes:
             causes.append("validation, checkpoints or plotting took longer than estimated")
         return False, f"WARNING: {line}, more than {OVERRUN_TOLERANCE:.0%} over: " + "; ".join(causes)

@@ -172,11 +172,19 @@ def choose_rung(num_rungs: int, estimator: Estimator, minutes: float, max_iterat
         iterations = _fill(estimator, 0, seconds, min(target, max_iterations))
         if iterations < MIN_ITERATIONS:
             needed = _layout_for(estimator, 0, MIN_ITERATIONS)[1].total_minutes
-            raise BudgetError(f"a budget of {minutes:g} minutes is too small: the cheapest plan needs about "
-                              f"{needed:.1f} minutes for {MIN_ITERATIONS} iterations and its validation on this machine")
+            raise BudgetError(
+                f"a budget of {minutes:g} minutes is too small: the cheapest plan needs about "
+                f"{needed:.1f} minutes for {MIN_ITERATIONS} iterations and its validation on this machine"
+            )
         layout, estimate = _layout_for(estimator, 0, iterations)
-        return RungChoice(0, layout, estimate, target, 1 if num_rungs > 1 else None,
-                          _fill(estimator, 1, seconds, target) if num_rungs > 1 else None)
+        return RungChoice(
+            0,
+            layout,
+            estimate,
+            target,
+            1 if num_rungs > 1 else None,
+            _fill(estimator, 1, seconds, target) if num_rungs > 1 else None,
+        )
     chosen = max(affordable)
     if chosen == num_rungs - 1:
         cap = max_iterations

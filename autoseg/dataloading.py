@@ -70,8 +70,9 @@ class PatchDataLoader(DataLoader):
     def __init__(self, sampler: PatchSampler, batch_size: int, seed: int) -> None:
         if not sampler.identifiers:
             raise DataError("no cases to sample from")
-        super().__init__(list(sampler.identifiers), batch_size, num_threads_in_multithreaded=1,
-                         seed_for_shuffle=seed, infinite=True)
+        super().__init__(
+            list(sampler.identifiers), batch_size, num_threads_in_multithreaded=1, seed_for_shuffle=seed, infinite=True
+        )
         self.sampler = sampler
         self.seed = seed
         self.indices = list(range(len(sampler.identifiers)))
@@ -109,8 +110,14 @@ class BatchStream:
         pin_memory: pin the tensors for fast transfer to a GPU (needs CUDA).
     """
 
-    def __init__(self, loader: PatchDataLoader, transform: AbstractTransform, num_processes: int, seed: int,
-                 pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        loader: PatchDataLoader,
+        transform: AbstractTransform,
+        num_processes: int,
+        seed: int,
+        pin_memory: bool = False,
+    ) -> None:
         if num_processes < 0:
             raise ValueError(f"num_processes must be >= 0, got {num_processes}")
         self.loader, self.transform, self.num_processes = loader, transform, num_processes
@@ -121,8 +128,9 @@ class BatchStream:
             # A worker that fails only prints its error; find damaged arrays here first, so the error names them.
             check_arrays(loader.sampler.folder, loader.sampler.identifiers)
             seeds = [derived_seed(seed, worker, 2) for worker in range(num_processes)]
-            self._augmenter = MultiThreadedAugmenter(loader, transform, num_processes, num_cached_per_queue=2,
-                                                     seeds=seeds)
+            self._augmenter = MultiThreadedAugmenter(
+                loader, transform, num_processes, num_cached_per_queue=2, seeds=seeds
+            )
         else:
             self._numpy_state = np.random.RandomState(derived_seed(seed, 0, 2)).get_state()
             self._python_state = random.Random(derived_seed(seed, 0, 1)).getstate()
@@ -221,7 +229,10 @@ def make_loader(
     else:
         sampled, transform = patch, validation_transforms(to_tensor=False)
     sampler = PatchSampler(
-        folder, identifiers, sampled, final_patch_size=patch,
+        folder,
+        identifiers,
+        sampled,
+        final_patch_size=patch,
         foreground_oversampling=configuration.sampling.foreground_oversampling,
         max_offset_fraction=configuration.sampling.max_offset_fraction,
         rng=np.random.default_rng(seed),  # replaced by the loader's per-worker generator

@@ -92,19 +92,29 @@ def cases_from_files(files: Sequence[Path], num_channels: int) -> list[tuple[str
         for channel, paths in sorted(channels.items()):
             if len(paths) > 1:
                 names = ", ".join(p.name for p in paths)
-                problems.append(f"{names}: the same case {case}" + (f" channel {channel}" if num_channels > 1 else "")
-                                + " more than once; keep one")
+                problems.append(
+                    f"{names}: the same case {case}"
+                    + (f" channel {channel}" if num_channels > 1 else "")
+                    + " more than once; keep one"
+                )
         missing = [c for c in range(num_channels) if c not in channels]
         if missing:
-            problems += [f"{paths[0].name}: case {case} is incomplete: expected {expected}"
-                         for _, paths in sorted(channels.items())]
+            problems += [
+                f"{paths[0].name}: case {case} is incomplete: expected {expected}"
+                for _, paths in sorted(channels.items())
+            ]
         elif all(len(paths) == 1 for paths in channels.values()):
             cases.append((case, tuple(channels[c][0] for c in range(num_channels))))
     if problems:
-        rule = ("every file is one case, named without its ending and a final _0000" if num_channels == 1 else
-                f"each case is {num_channels} files CASE_0000 ... CASE_{num_channels - 1:04d}, one per channel")
-        raise UsageError(f"{len(problems)} file(s) break the naming rule for a model with {num_channels} "
-                         f"channel(s) ({rule}):\n" + "\n".join(f"  {problem}" for problem in problems))
+        rule = (
+            "every file is one case, named without its ending and a final _0000"
+            if num_channels == 1
+            else f"each case is {num_channels} files CASE_0000 ... CASE_{num_channels - 1:04d}, one per channel"
+        )
+        raise UsageError(
+            f"{len(problems)} file(s) break the naming rule for a model with {num_channels} "
+            f"channel(s) ({rule}):\n" + "\n".join(f"  {problem}" for problem in problems)
+        )
     return cases
 
 
@@ -154,14 +164,21 @@ class RawDataset:
         images_folder = self.folder / f"images{split}"
         if not images_folder.is_dir():
             return []
-        identifiers = sorted({match.group(1) for path in images_folder.iterdir()
-                              if path.name.endswith(self.file_ending)
-                              and (match := CHANNEL_FILE.match(path.name.removesuffix(self.file_ending)))})
+        identifiers = sorted(
+            {
+                match.group(1)
+                for path in images_folder.iterdir()
+                if path.name.endswith(self.file_ending)
+                and (match := CHANNEL_FILE.match(path.name.removesuffix(self.file_ending)))
+            }
+        )
         labels_folder = self.folder / f"labels{split}"
         cases = []
         for identifier in identifiers:
-            images = tuple(images_folder / channel_file_name(identifier, channel, self.file_ending)
-                           for channel in range(len(self.channel_names)))
+            images = tuple(
+                images_folder / channel_file_name(identifier, channel, self.file_ending)
+                for channel in range(len(self.channel_names))
+            )
             label = labels_folder / f"{identifier}{self.file_ending}" if split == "Tr" else None
             cases.append(Case(identifier, self.subjects.get(identifier, identifier), images, label))
         return cases
@@ -185,7 +202,7 @@ def load_dataset(folder: Path) -> RawDataset:
         raise DatasetError("\n".join(problems))
     channels = description["channel_names"]
     if not isinstance(channels, dict) or not channels:
-        raise DatasetError(f"{description_path}: 'channel_names' must map channel index to name, e.g. {{\"0\": \"T1\"}}")
+        raise DatasetError(f'{description_path}: \'channel_names\' must map channel index to name, e.g. {{"0": "T1"}}')
     try:
         order = sorted(channels, key=int)
     except ValueError:
@@ -194,7 +211,9 @@ def load_dataset(folder: Path) -> RawDataset:
         raise DatasetError(f"{description_path}: channel indices must be 0..{len(order) - 1}, found {order}")
     labels = description["labels"]
     if not isinstance(labels, dict) or 0 not in labels.values() or len(labels) < 2:
-        raise DatasetError(f"{description_path}: 'labels' must map names to integers, with background 0 and at least one more")
+        raise DatasetError(
+            f"{description_path}: 'labels' must map names to integers, with background 0 and at least one more"
+        )
     if any(not isinstance(value, int) for value in labels.values()):
         raise DatasetError(f"{description_path}: label values must be integers (region labels are not supported)")
     return RawDataset(
@@ -263,8 +282,10 @@ def new_dataset_folder(name: str, number: int | None = None, overwrite: bool = F
             number, or a dataset of that name exists under another number (``-d NAME`` would be ambiguous).
     """
     if not _SHORT_NAME.match(name) or DATASET_FOLDER.match(name):
-        raise UsageError(f"dataset name '{name}' must be a plain name such as ATLAS (letters, digits, _ - .); "
-                         "the DatasetNNN_ prefix is added (choose the number with --id)")
+        raise UsageError(
+            f"dataset name '{name}' must be a plain name such as ATLAS (letters, digits, _ - .); "
+            "the DatasetNNN_ prefix is added (choose the number with --id)"
+        )
     root = raw_root()
     existing = {
         int(match.group(1)): path

@@ -450,9 +450,9 @@ def _lesion_shape(
     rotation = _random_rotation(rng).astype(np.float32)
     # mm from the centre along each array axis, shaped to broadcast over the box
     x, y, z = (
-        ((np.arange(low[axis], high[axis]) - centre[axis]) * spacing[axis]).astype(np.float32).reshape(
-            [-1 if other == axis else 1 for other in range(3)]
-        )
+        ((np.arange(low[axis], high[axis]) - centre[axis]) * spacing[axis])
+        .astype(np.float32)
+        .reshape([-1 if other == axis else 1 for other in range(3)])
         for axis in range(3)
     )
     radius = sum(((rotation[i, 0] * x + rotation[i, 1] * y + rotation[i, 2] * z) / axes[i]) ** 2 for i in range(3))
@@ -837,9 +837,10 @@ def _ctp_scan(
 
     blur = (0.6 / pixel_mm, 0.6 / pixel_mm, 0)  # scanner point spread, in plane only: slices are thick
     noise_hu = rng.uniform(3.0, 6.0)
-    ct = ndimage.gaussian_filter(hu, blur) + noise_hu * ndimage.gaussian_filter(
-        rng.standard_normal(hu.shape, dtype=np.float32), (0.7, 0.7, 0)
-    ) * 1.6
+    ct = (
+        ndimage.gaussian_filter(hu, blur)
+        + noise_hu * ndimage.gaussian_filter(rng.standard_normal(hu.shape, dtype=np.float32), (0.7, 0.7, 0)) * 1.6
+    )
     maps = {"CT": np.maximum(ct, -1024.0).astype(np.float32)}
     gain = rng.uniform(0.85, 1.15)  # arterial-input and deconvolution differences between scans
     smoothing = rng.uniform(0.6, 1.2) / pixel_mm

@@ -113,8 +113,10 @@ def current() -> DistributedContext:
         rank, world_size, local_rank = (int(os.environ.get(name, "0")) for name in names[:3])
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     except ValueError:
-        raise UsageError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them), got "
-                         + ", ".join(f"{name}={os.environ.get(name)!r}" for name in names)) from None
+        raise UsageError(
+            "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them), got "
+            + ", ".join(f"{name}={os.environ.get(name)!r}" for name in names)
+        ) from None
     if not 0 <= rank < world_size:
         raise UsageError(f"RANK {rank} lies outside WORLD_SIZE {world_size}")
     return DistributedContext(rank, world_size, local_rank, max(1, local_world_size))
@@ -153,9 +155,11 @@ def split_batch(global_batch: int, context: DistributedContext) -> int:
         ValueError: the global batch is smaller than the world size (a rank would get no sample).
     """
     if global_batch < context.world_size:
-        raise UsageError(f"the plans' batch of {global_batch} cannot be split over {context.world_size} processes "
-                         f"(each needs at least one sample); use at most {global_batch} processes, or raise the "
-                         "batch size in plans.json")
+        raise UsageError(
+            f"the plans' batch of {global_batch} cannot be split over {context.world_size} processes "
+            f"(each needs at least one sample); use at most {global_batch} processes, or raise the "
+            "batch size in plans.json"
+        )
     share, extra = divmod(global_batch, context.world_size)
     return share + (1 if context.rank < extra else 0)
 
@@ -211,8 +215,7 @@ def wrap_network(network: nn.Module, device: torch.device) -> tuple[nn.Module, s
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
         note = "BatchNorm converted to SyncBatchNorm"
     else:
-        note = ("BatchNorm statistics per rank (SyncBatchNorm needs GPUs); running statistics broadcast from "
-                "rank 0")
+        note = "BatchNorm statistics per rank (SyncBatchNorm needs GPUs); running statistics broadcast from rank 0"
     device_ids = [device.index] if device.type == "cuda" else None
     # Some parameters may get no gradient in a step: the coarsest deep-supervision head has loss weight 0, and a
     # frozen backbone stage trains only the new layers; DDP then has to look for them after every forward pass
@@ -242,8 +245,16 @@ def launch(arguments: Sequence[str], processes: int, module: str = "autoseg.comm
     outlives the launcher. Several machines: run torchrun on each with its rendezvous flags
     (``documentation/overview.md``).
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", module, *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        module,
+        *arguments,
+    ]
     handle, report = tempfile.mkstemp(prefix="autoseg_run_", suffix=".txt")
     os.close(handle)
     stopped: list[int] = []
@@ -268,11 +279,16 @@ def launch(arguments: Sequence[str], processes: int, module: str = "autoseg.comm
     if errors:
         return 1
     if stopped:
-        print("interrupted; every process of the run has stopped. Resume it with the same command and --continue",
-              file=sys.stderr)
+        print(
+            "interrupted; every process of the run has stopped. Resume it with the same command and --continue",
+            file=sys.stderr,
+        )
         return 130
     if code != 0:
-        print(f"error: the distributed run stopped (torchrun exit code {code}): a process failed (its traceback is "
-              "above) or was killed, and the others were ended with it. After a kill, resume it with the same "
-              "command and --continue", file=sys.stderr)
+        print(
+            f"error: the distributed run stopped (torchrun exit code {code}): a process failed (its traceback is "
+            "above) or was killed, and the others were ended with it. After a kill, resume it with the same "
+            "command and --continue",
+            file=sys.stderr,
+        )
     return code

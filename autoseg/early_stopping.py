@@ -29,8 +29,9 @@ def scaled_patience(planned: int | None, epochs: int, planned_epochs: int) -> in
     return max(1, math.floor(planned * epochs / planned_epochs + 0.5))
 
 
-def update_plateau(state: dict[str, Any], score: float, plateau_patience: int | None,
-                   stop_patience: int | None) -> tuple[bool, bool]:
+def update_plateau(
+    state: dict[str, Any], score: float, plateau_patience: int | None, stop_patience: int | None
+) -> tuple[bool, bool]:
     """Count one epoch with validation ``score`` into ``state`` (changed in place).
 
     Args:

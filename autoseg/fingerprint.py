@@ -156,8 +156,9 @@ class Fingerprint:
         Raises:
             FingerprintError: no file, unknown or missing fields, wrong types (each named), another schema version.
         """
-        return read_typed(cls, path, FingerprintError, f"no fingerprint found{_RE_RUN}", hint=_RE_RUN,
-                          version=FINGERPRINT_VERSION)
+        return read_typed(
+            cls, path, FingerprintError, f"no fingerprint found{_RE_RUN}", hint=_RE_RUN, version=FINGERPRINT_VERSION
+        )
 
 
 def modality_of(channel_name: str) -> str:
@@ -292,8 +293,13 @@ def lesion_statistics(
         direction: 3x3 direction cosines (SimpleITK, LPS world), used to find the left-right axis.
     """
     if label is None:
-        return {"lesion_volume_mm3": None, "lesion_components": 0, "component_volumes_mm3": [], "hemisphere": "none",
-                "lesion_voxels_outside_nonzero": 0}
+        return {
+            "lesion_volume_mm3": None,
+            "lesion_components": 0,
+            "component_volumes_mm3": [],
+            "hemisphere": "none",
+            "lesion_voxels_outside_nonzero": 0,
+        }
     voxel = float(np.prod(spacing))
     lesion = label > 0
     components, count = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
@@ -387,8 +393,10 @@ def _lesion_free(per_case: dict[str, dict[str, Any]]) -> list[str]:
 
 def _orientations(stored: list[str]) -> dict[str, Any]:
     """The canonical orientation every case was read in, and how many cases were stored in each orientation."""
-    return {"canonical_orientation": CANONICAL_ORIENTATION,
-            "stored_orientations": {code: stored.count(code) for code in sorted(set(stored))}}
+    return {
+        "canonical_orientation": CANONICAL_ORIENTATION,
+        "stored_orientations": {code: stored.count(code) for code in sorted(set(stored))},
+    }
 
 
 def _distribution(values: list[float]) -> dict[str, float | int]:

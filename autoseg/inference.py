@@ -211,9 +211,11 @@ def tta_mirror_axes(
     in_plane = [a for a in range(3) if a != slice_axis]
     axis = in_plane.index(volume_axis) if volume_axis in in_plane else None
     if axis is None or axis not in axes:
-        return (), (f"--tta lr: the left-right axis is array axis {volume_axis}, which the configuration does not "
-                    f"mirror (mirror axes {list(axes)}{'' if slice_axis is None else f', slice axis {slice_axis}'}); "
-                    "predicting without mirroring")
+        return (), (
+            f"--tta lr: the left-right axis is array axis {volume_axis}, which the configuration does not "
+            f"mirror (mirror axes {list(axes)}{'' if slice_axis is None else f', slice axis {slice_axis}'}); "
+            "predicting without mirroring"
+        )
     return (axis,), None
 
 
@@ -488,8 +490,11 @@ class _Sums:
         num_bytes = 4 * (num_classes + 1) * math.prod(shape)
         where = accumulation_device(run.accumulate_on_cpu, run.device, num_bytes)
         if where.type == "cpu":
-            return cls(torch.from_numpy(np.zeros((num_classes, *shape), np.float32)),
-                       torch.from_numpy(np.zeros(tuple(shape), np.float32)), gaussian)
+            return cls(
+                torch.from_numpy(np.zeros((num_classes, *shape), np.float32)),
+                torch.from_numpy(np.zeros(tuple(shape), np.float32)),
+                gaussian,
+            )
         return cls(
             torch.zeros((num_classes, *shape), dtype=torch.float32, device=where),
             torch.zeros(tuple(shape), dtype=torch.float32, device=where),
@@ -585,8 +590,9 @@ def _memory_format_of(network: nn.Module) -> torch.memory_format | None:
     weights = [p for p in network.parameters() if p.ndim >= 4]
     if not weights or any(p.ndim != 5 for p in weights):
         return None
-    channels_last = any(not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last_3d)
-                        for p in weights)
+    channels_last = any(
+        not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights
+    )
     return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 

@@ -85,8 +85,11 @@ class DamagedArrayError(AutosegError, ValueError):
 
 
 #: What libraries say when a write came up short; short writes to a local file system mean a full disk.
-_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|unexpected pos \d+|file write failed|"
-                          r"no space left on device|disk quota exceeded", re.IGNORECASE)
+_SHORT_WRITE = re.compile(
+    r"\d+ requested and \d+ written|unexpected pos \d+|file write failed|"
+    r"no space left on device|disk quota exceeded",
+    re.IGNORECASE,
+)
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -283,7 +286,7 @@ def split_ending(path: str | Path) -> tuple[str, str]:
     name = Path(path).name
     for ending in IMAGE_ENDINGS:
         if name.lower().endswith(ending):
-            return name[: -len(ending)], name[-len(ending):]
+            return name[: -len(ending)], name[-len(ending) :]
     return Path(name).stem, Path(name).suffix
 
 
@@ -340,8 +343,9 @@ def read_image(path: str | Path, dtype: type = np.float32, *, canonical: bool = 
     """
     geometry, dimension, _ = read_header(path)
     if dimension != 3:
-        raise ImageReadError(f"{path}: expected a 3-D single-channel image, found {dimension}-D with size "
-                             f"{list(geometry.shape)}")
+        raise ImageReadError(
+            f"{path}: expected a 3-D single-channel image, found {dimension}-D with size {list(geometry.shape)}"
+        )
     if _is_nifti(path):
         array = _read_nifti_voxels(path)
         _warn_once(path, qform_sform_note(path, geometry))
@@ -351,7 +355,9 @@ def read_image(path: str | Path, dtype: type = np.float32, *, canonical: bool = 
         except RuntimeError as error:
             raise ImageReadError(f"{path}: unreadable or truncated image ({_first_line(error)})") from None
     if tuple(array.shape) != tuple(geometry.shape):
-        raise ImageReadError(f"{path}: voxel array {list(array.shape)} disagrees with header size {list(geometry.shape)}")
+        raise ImageReadError(
+            f"{path}: voxel array {list(array.shape)} disagrees with header size {list(geometry.shape)}"
+        )
     if canonical:
         orientation = Orientation.of(geometry.direction)
         array, geometry = orientation.to_canonical(array), orientation.canonical_geometry(geometry)
@@ -402,8 +408,14 @@ def qform_sform_note(path: str | Path, geometry: Geometry) -> str | None:
         return None  # reading the voxels reports the file
     if not qcode or not scode:
         return None
-    corners = np.array([[i, j, k, 1.0] for i in (0, geometry.shape[0] - 1) for j in (0, geometry.shape[1] - 1)
-                        for k in (0, geometry.shape[2] - 1)]).T
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (0, geometry.shape[0] - 1)
+            for j in (0, geometry.shape[1] - 1)
+            for k in (0, geometry.shape[2] - 1)
+        ]
+    ).T
     voxels = np.abs(np.linalg.solve(qform, sform @ corners) - corners)[:3].max()
     if voxels <= 1.0:
         return None
@@ -412,13 +424,20 @@ def qform_sform_note(path: str | Path, geometry: Geometry) -> str | None:
     matrix = np.asarray(geometry.direction).reshape(3, 3) * np.asarray(geometry.spacing)
     used = np.eye(4)
     used[:3, :3], used[:3, 3] = lps_to_ras @ matrix, lps_to_ras @ np.asarray(geometry.origin)
-    which = "sform" if np.allclose(used, sform, atol=1e-3) else "qform" if np.allclose(used, qform, atol=1e-3) \
+    which = (
+        "sform"
+        if np.allclose(used, sform, atol=1e-3)
+        else "qform"
+        if np.allclose(used, qform, atol=1e-3)
         else "neither (a transform SimpleITK derived itself)"
-    return (f"{path}: qform (code {int(qcode)}, {_XFORM_NAMES.get(int(qcode), '?')}) and sform (code {int(scode)}, "
-            f"{_XFORM_NAMES.get(int(scode), '?')}) disagree: they place a voxel up to {millimetres:.1f} mm apart "
-            f"({voxels:.1f} voxels along one axis); "
-            f"autoseg resamples and predicts with the {which}, as SimpleITK reads it (nibabel and FSLeyes show the "
-            f"sform); outputs keep both as given")
+    )
+    return (
+        f"{path}: qform (code {int(qcode)}, {_XFORM_NAMES.get(int(qcode), '?')}) and sform (code {int(scode)}, "
+        f"{_XFORM_NAMES.get(int(scode), '?')}) disagree: they place a voxel up to {millimetres:.1f} mm apart "
+        f"({voxels:.1f} voxels along one axis); "
+        f"autoseg resamples and predicts with the {which}, as SimpleITK reads it (nibabel and FSLeyes show the "
+        f"sform); outputs keep both as given"
+    )
 
 
 def _warn_once(path: str | Path, note: str | None) -> None:
@@ -479,8 +498,9 @@ def copy_image_file(source: str | Path, path: str | Path) -> None:
             shutil.copyfileobj(reader, writer, 1 << 20)
 
 
-def write_like(array: np.ndarray, geometry: Geometry, path: str | Path, source: str | Path,
-               compress: bool = True) -> None:
+def write_like(
+    array: np.ndarray, geometry: Geometry, path: str | Path, source: str | Path, compress: bool = True
+) -> None:
     """Write a canonical (x, y, z) array in ``source``'s own orientation and with its exact header, atomically.
 
     The inverse of :func:`read_image`: ``array`` lies on the canonical grid of ``source`` (as
@@ -633,8 +653,9 @@ def load_array(path: str | Path, mmap: bool = False) -> np.ndarray:
         if isinstance(error, FileNotFoundError):
             raise
         problem = array_damage(path) or f"unreadable ({error})"
-        raise DamagedArrayError(f"{path}: damaged array: {problem}; re-run autoseg_plan for this dataset (it "
-                                "redoes damaged cases)") from None
+        raise DamagedArrayError(
+            f"{path}: damaged array: {problem}; re-run autoseg_plan for this dataset (it redoes damaged cases)"
+        ) from None
 
 
 @contextmanager
@@ -675,7 +696,10 @@ def _format_json(value: Any, level: int = 0) -> str:
     if isinstance(value, dict):
         if not value:
             return "{}"
-        items = [f"{inner}{json.dumps(key, ensure_ascii=False)}: {_format_json(item, level + 1)}" for key, item in value.items()]
+        items = [
+            f"{inner}{json.dumps(key, ensure_ascii=False)}: {_format_json(item, level + 1)}"
+            for key, item in value.items()
+        ]
         return "{\n" + ",\n".join(items) + f"\n{pad}}}"
     if isinstance(value, list):
         flat = json.dumps(value, ensure_ascii=False)

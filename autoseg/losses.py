@@ -206,10 +206,16 @@ class CompoundLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, K, ...) of any float dtype; ``target`` (B, 1, ...) integer labels, same spatial size."""
-        if target.ndim != logits.ndim or target.shape[1] != 1 or target.shape[0] != logits.shape[0] or (
-                target.shape[2:] != logits.shape[2:]):
-            raise ValueError(f"target must be a (B, 1, ...) label map of the size of the logits (B, K, ...); got "
-                             f"logits {tuple(logits.shape)}, target {tuple(target.shape)}")
+        if (
+            target.ndim != logits.ndim
+            or target.shape[1] != 1
+            or target.shape[0] != logits.shape[0]
+            or (target.shape[2:] != logits.shape[2:])
+        ):
+            raise ValueError(
+                f"target must be a (B, 1, ...) label map of the size of the logits (B, K, ...); got "
+                f"logits {tuple(logits.shape)}, target {tuple(target.shape)}"
+            )
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = logits.float()
             one_hot = one_hot_foreground(target, logits.shape[1])

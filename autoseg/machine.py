@@ -150,19 +150,39 @@ def choose_precision(device: torch.device, requested: str = "auto") -> Precision
         return Precision("fp32", None, False, "requested")
     if device.type == "cuda":
         if requested == "bf16" or (requested == "auto" and torch.cuda.is_bf16_supported()):
-            return Precision("bf16", torch.bfloat16, False, "requested" if requested == "bf16" else
-                             "CUDA device supports bf16 (no loss scaling needed)")
-        return Precision("fp16", torch.float16, True, "requested" if requested == "fp16" else
-                         "CUDA device without bf16: fp16 with a GradScaler")
+            return Precision(
+                "bf16",
+                torch.bfloat16,
+                False,
+                "requested" if requested == "bf16" else "CUDA device supports bf16 (no loss scaling needed)",
+            )
+        return Precision(
+            "fp16",
+            torch.float16,
+            True,
+            "requested" if requested == "fp16" else "CUDA device without bf16: fp16 with a GradScaler",
+        )
     if requested == "fp16":
         raise UsageError("fp16 mixed precision needs CUDA; on the CPU use fp32 or bf16")
     fast, capability = cpu_has_fast_bf16()
     if requested == "bf16":
-        return Precision("bf16", torch.bfloat16, False, "requested" + ("" if fast else (
-            f"; CPU capability {capability} has no native bf16, expect it to be much slower than fp32")))
+        return Precision(
+            "bf16",
+            torch.bfloat16,
+            False,
+            "requested"
+            + (
+                ""
+                if fast
+                else (f"; CPU capability {capability} has no native bf16, expect it to be much slower than fp32")
+            ),
+        )
     if fast:
         return Precision("bf16", torch.bfloat16, False, f"CPU capability {capability} with native bf16 instructions")
-    return Precision("fp32", None, False, f"CPU capability {capability} has no native bf16 (AVX512-BF16 or AMX): "
-                                          "bf16 autocast would be far slower than float32")
-
-
+    return Precision(
+        "fp32",
+        None,
+        False,
+        f"CPU capability {capability} has no native bf16 (AVX512-BF16 or AMX): "
+        "bf16 autocast would be far slower than float32",
+    )

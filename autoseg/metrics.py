@@ -316,10 +316,17 @@ def score_case(
     prediction, reference = np.asarray(prediction), np.asarray(reference)
     if probabilities is not None and len(probabilities) != len(labels):
         raise ValueError(f"probabilities need one channel per label {labels}, got {len(probabilities)}")
-    return {label: evaluate_case(prediction == label, reference == label, spacing,
-                                 None if probabilities is None else probabilities[index], thresholds,
-                                 overlap_only=overlap_only)
-            for index, label in enumerate(labels)}
+    return {
+        label: evaluate_case(
+            prediction == label,
+            reference == label,
+            spacing,
+            None if probabilities is None else probabilities[index],
+            thresholds,
+            overlap_only=overlap_only,
+        )
+        for index, label in enumerate(labels)
+    }
 
 
 def mean_over_labels(scores: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
@@ -377,8 +384,9 @@ def evaluate_case(
     result = {"dice": dice_from_counts(tp, fp, fn)}
     if probabilities is not None:
         result["max_dice"] = max_dice_over_thresholds(probabilities, reference, thresholds)
-    result.update(sensitivity=_ratio(tp, tp + fn, both_empty=fp == 0),
-                  precision=_ratio(tp, tp + fp, both_empty=fn == 0))
+    result.update(
+        sensitivity=_ratio(tp, tp + fn, both_empty=fp == 0), precision=_ratio(tp, tp + fp, both_empty=fn == 0)
+    )
     if not overlap_only:
         distances = _distance_metrics(pred, ref, spacing)
         result.update(**distances, dice_hd_score=dice_hausdorff_score(result["dice"], distances["hausdorff"]))

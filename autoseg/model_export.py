@@ -76,8 +76,17 @@ from autoseg.plans import Plans, PlansError
 from autoseg.typed_json import to_plain
 from trainers import get_trainer
 
-__all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "ExportedModel", "InstalledModel", "ModelFileError", "export_model",
-           "import_model", "install_for_prediction", "summarize_fingerprint"]
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_FORMAT",
+    "ExportedModel",
+    "InstalledModel",
+    "ModelFileError",
+    "export_model",
+    "import_model",
+    "install_for_prediction",
+    "summarize_fingerprint",
+]
 
 #: The manifest's entry name, at the root of the zip.
 MANIFEST_FILE = "manifest.json"
@@ -158,8 +167,10 @@ def export_model(
     files: dict[str, dict[str, Any]] = {}
     member_folds: dict[str, list[str]] = {}
     output = Path(output)
-    with atomic_path(output, suffix=".zip") as temporary, \
-            zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with (
+        atomic_path(output, suffix=".zip") as temporary,
+        zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+    ):
 
         def add(entry: str, data: bytes) -> None:
             archive.writestr(entry, data)
@@ -199,8 +210,9 @@ def export_model(
     return ExportedModel(output, manifest, output.stat().st_size)
 
 
-def _export_members(dataset: str, configurations: Sequence[str] | None, trainers: str | Sequence[str] | None
-                    ) -> tuple[list[tuple[str, str | None]], bool]:
+def _export_members(
+    dataset: str, configurations: Sequence[str] | None, trainers: str | Sequence[str] | None
+) -> tuple[list[tuple[str, str | None]], bool]:
     """The (configuration, trainer) pairs to export and whether they came from ``model_selection.json``."""
     chosen = results_root() / dataset / SELECTION_FILE
     if configurations is None and trainers is None and chosen.is_file():
@@ -217,8 +229,9 @@ def _weights_only(path: Path, configuration: str, trainer: str) -> bytes:
     weights are first loaded into the network prediction will build (``autoseg.networks.build_network`` with the
     trainer's options), so a model that could not be predicted with is not exported."""
     state = load_checkpoint(path)
-    network = build_network(Plans.from_json(path.parent / PLANS_FILE), configuration,
-                            **get_trainer(trainer).network_options())
+    network = build_network(
+        Plans.from_json(path.parent / PLANS_FILE), configuration, **get_trainer(trainer).network_options()
+    )
     network.load_state_dict(state["network"])
     slim = {key: state[key] for key in _KEPT_KEYS if key in state}
     slim["network"] = state["network"]
@@ -244,9 +257,13 @@ def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
     aggregate.pop("lesion_free_cases")
     if aggregate["symmetry"] is not None:
         aggregate["symmetry"]["not_found"] = len(aggregate["symmetry"].get("not_found", []))
-    return {"dataset": fingerprint.dataset, "channels": to_plain(fingerprint.channels),
-            "labels": dict(fingerprint.labels), "aggregate": aggregate,
-            "left_out": "per-case figures, case and subject names and notes (they can identify patients)"}
+    return {
+        "dataset": fingerprint.dataset,
+        "channels": to_plain(fingerprint.channels),
+        "labels": dict(fingerprint.labels),
+        "aggregate": aggregate,
+        "left_out": "per-case figures, case and subject names and notes (they can identify patients)",
+    }
 
 
 def _fingerprint_summary(dataset: str) -> dict[str, Any] | None:
@@ -261,8 +278,11 @@ def _fingerprint_summary(dataset: str) -> dict[str, Any] | None:
 
 def _dataset_description(dataset: str, plans: Plans) -> dict[str, Any]:
     """Channel names and labels from the plans the model was trained with; the raw dataset's file ending."""
-    description: dict[str, Any] = {"name": dataset, "channel_names": {str(i): c for i, c in enumerate(plans.channels)},
-                                   "labels": plans.labels}
+    description: dict[str, Any] = {
+        "name": dataset,
+        "channel_names": {str(i): c for i, c in enumerate(plans.channels)},
+        "labels": plans.labels,
+    }
     for source in (raw_root() / dataset / "dataset.json", results_root() / dataset / DATASET_FILE):
         if source.is_file():
             ending = read_json(source).get("file_ending")
@@ -322,15 +342,22 @@ def _read_manifest(path: Path, archive: zipfile.ZipFile) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool):
         raise ModelFileError(f"{path}: {MANIFEST_FILE}: no readable format version (found {version!r})")
     if version > MANIFEST_FORMAT:
-        raise ModelFileError(f"{path}: manifest format {version} is newer than this autoseg reads ({MANIFEST_FORMAT}); "
-                             f"written by autoseg {manifest.get('autoseg_version', 'unknown')}, this is {__version__}")
-    problems = [key for key, kind in (("dataset", str), ("members", list), ("folds", dict), ("checkpoint", str),
-                                      ("files", dict)) if not isinstance(manifest.get(key), kind)]
+        raise ModelFileError(
+            f"{path}: manifest format {version} is newer than this autoseg reads ({MANIFEST_FORMAT}); "
+            f"written by autoseg {manifest.get('autoseg_version', 'unknown')}, this is {__version__}"
+        )
+    problems = [
+        key
+        for key, kind in (("dataset", str), ("members", list), ("folds", dict), ("checkpoint", str), ("files", dict))
+        if not isinstance(manifest.get(key), kind)
+    ]
     if problems:
         raise ModelFileError(f"{path}: {MANIFEST_FILE}: missing or malformed {', '.join(problems)}")
     odd = [m for m in manifest["members"] if not isinstance(m, str) or not _MEMBER.match(m)]
     if odd or not manifest["members"]:
-        raise ModelFileError(f"{path}: {MANIFEST_FILE}: members must be configuration/trainer names, found {odd or 'none'}")
+        raise ModelFileError(
+            f"{path}: {MANIFEST_FILE}: members must be configuration/trainer names, found {odd or 'none'}"
+        )
     if not _FOLDER_NAME.match(manifest["dataset"]):
         raise ModelFileError(f"{path}: {MANIFEST_FILE}: dataset '{manifest['dataset']}' is not a plain folder name")
     if manifest["checkpoint"] not in CHECKPOINT_CHOICES:
@@ -355,8 +382,10 @@ def _check_entry(path: Path, info: zipfile.ZipInfo, manifest: dict[str, Any]) ->
         return
     match = _FOLD_ENTRY.match(name)
     if name not in TOP_LEVEL_FILES and not match:
-        raise ModelFileError(f"{path}: {name}: not part of an autoseg model (plans, checkpoints and the files "
-                             f"{', '.join(TOP_LEVEL_FILES)}); refused")
+        raise ModelFileError(
+            f"{path}: {name}: not part of an autoseg model (plans, checkpoints and the files "
+            f"{', '.join(TOP_LEVEL_FILES)}); refused"
+        )
     if match and match.group("member") not in manifest["members"]:
         raise ModelFileError(f"{path}: {name}: not in a member the manifest lists ({', '.join(manifest['members'])})")
     if name not in manifest["files"]:
@@ -370,8 +399,9 @@ def _check_checksum(path: Path, archive: zipfile.ZipFile, name: str, expected: A
             digest.update(chunk)
             size += len(chunk)
     if not isinstance(expected, dict) or digest.hexdigest() != expected.get("sha256") or size != expected.get("bytes"):
-        raise ModelFileError(f"{path}: {name}: SHA-256 or size differs from the manifest: the file was changed or is "
-                             "damaged; refused")
+        raise ModelFileError(
+            f"{path}: {name}: SHA-256 or size differs from the manifest: the file was changed or is damaged; refused"
+        )
 
 
 def import_model(archive: str | Path, overwrite: bool = False) -> InstalledModel:
@@ -401,10 +431,12 @@ def import_model(archive: str | Path, overwrite: bool = False) -> InstalledModel
         return _installed(model, target, reused=True)
     conflicts = _conflicts(model, target, different)
     if conflicts and not overwrite:
-        raise ModelFileError(f"{model.path}: already installed in {target} with other content: "
-                             f"{', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''} "
-                             f"({len(conflicts)} conflict(s)); replace them with autoseg_import --overwrite, or, where "
-                             "the trained model is already here, predict with it (-d) instead of -m")
+        raise ModelFileError(
+            f"{model.path}: already installed in {target} with other content: "
+            f"{', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''} "
+            f"({len(conflicts)} conflict(s)); replace them with autoseg_import --overwrite, or, where "
+            "the trained model is already here, predict with it (-d) instead of -m"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model.dataset}.import-", dir=target.parent))
     try:
@@ -464,8 +496,9 @@ def _extract(model: _ModelFile, staging: Path) -> None:
             try:
                 Plans.from_json(staging / entry)
             except (PlansError, ValueError) as error:
-                raise ModelFileError(f"{model.path}: {entry}: invalid plans ({_without_path(error, staging / entry)})"
-                                     ) from None
+                raise ModelFileError(
+                    f"{model.path}: {entry}: invalid plans ({_without_path(error, staging / entry)})"
+                ) from None
 
 
 def _check_checkpoint(path: Path, entry: str, extracted: Path) -> None:

@@ -58,8 +58,16 @@ from autoseg.paths import (
 from autoseg.plans import Plans, PlansError
 from autoseg.postprocessing import postprocess_probabilities, remove_small_components
 
-__all__ = ["METRICS", "MIN_SIZES_VOXELS", "SELECTION_FILE", "THRESHOLDS", "case_score", "describe_members", "find_best",
-           "member_name"]
+__all__ = [
+    "METRICS",
+    "MIN_SIZES_VOXELS",
+    "SELECTION_FILE",
+    "THRESHOLDS",
+    "case_score",
+    "describe_members",
+    "find_best",
+    "member_name",
+]
 
 METRICS = ("dice_hausdorff", "dice")
 THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
@@ -121,8 +129,9 @@ def _validation_files(dataset: str, member: Member) -> dict[str, Path]:
     """Case -> validation probabilities of the cross-validation folds of one member."""
     configuration, trainer = member
     files: dict[str, Path] = {}
-    for path in sorted((results_root() / dataset / configuration / trainer).glob(
-            "fold_*/validation/*_probabilities.npz")):
+    for path in sorted(
+        (results_root() / dataset / configuration / trainer).glob("fold_*/validation/*_probabilities.npz")
+    ):
         if path.parent.parent.name != "fold_full":  # trained on every case: its validation is no validation
             files.setdefault(path.name.removesuffix("_probabilities.npz"), path)
     return files
@@ -168,8 +177,10 @@ def find_best(
     found = {member: _validation_files(name, member) for member in members}
     empty = [member_name(m) for m, files in found.items() if not files]
     if empty:
-        raise MissingFileError(f"{name}: no validation probabilities (validation/CASE_probabilities.npz) for {empty}; "
-                         "run the end-of-fold validation of every fold (autoseg_train without --no-validation)")
+        raise MissingFileError(
+            f"{name}: no validation probabilities (validation/CASE_probabilities.npz) for {empty}; "
+            "run the end-of-fold validation of every fold (autoseg_train without --no-validation)"
+        )
     cases = sorted(set.intersection(*(set(files) for files in found.values())))
     if not cases:
         raise DataError(f"{name}: no case was validated by every member of {[member_name(m) for m in members]}")
@@ -185,22 +196,43 @@ def find_best(
     best = ranked[subsets.index(best_combo)]
     grid = _grid_search([found[m] for m in best_combo], cases, references, metric, progress)
     chosen = max(grid, key=lambda g: (g["score"], -abs(g["threshold"] - 0.5), -g["min_lesion_voxels"]))
-    postprocessing = {**describe_members(best_combo), "threshold": chosen["threshold"],
-                      "min_lesion_mm3": chosen["min_lesion_mm3"], "min_lesion_voxels": chosen["min_lesion_voxels"],
-                      "metric": metric, "score": chosen["score"]}
-    selection = {"dataset": name, "cases": len(cases), "metric": metric, "candidates": ranked,
-                 "chosen": best, "postprocessing": postprocessing, "grid": grid,
-                 "options": _options(name, members, scores, best_combo),
-                 "option_comparison": {**BOOTSTRAP, "threshold": default.threshold,
-                                       "differences": "candidate - baseline, paired on the cases both validated"}}
+    postprocessing = {
+        **describe_members(best_combo),
+        "threshold": chosen["threshold"],
+        "min_lesion_mm3": chosen["min_lesion_mm3"],
+        "min_lesion_voxels": chosen["min_lesion_voxels"],
+        "metric": metric,
+        "score": chosen["score"],
+    }
+    selection = {
+        "dataset": name,
+        "cases": len(cases),
+        "metric": metric,
+        "candidates": ranked,
+        "chosen": best,
+        "postprocessing": postprocessing,
+        "grid": grid,
+        "options": _options(name, members, scores, best_combo),
+        "option_comparison": {
+            **BOOTSTRAP,
+            "threshold": default.threshold,
+            "differences": "candidate - baseline, paired on the cases both validated",
+        },
+    }
     write_json(selection, results_root() / name / SELECTION_FILE)
     write_json(postprocessing, results_root() / name / POSTPROCESSING_FILE)
     return selection
 
 
-def _score_members(members: Sequence[Member], subsets: Sequence[tuple[Member, ...]], found: dict[Member, dict[str, Path]],
-                   cases: Sequence[str], references: dict[str, Path], threshold: float, progress: bool
-                   ) -> tuple[dict[tuple[Member, ...], list[float]], dict[Member, dict[str, dict[str, float]]]]:
+def _score_members(
+    members: Sequence[Member],
+    subsets: Sequence[tuple[Member, ...]],
+    found: dict[Member, dict[str, Path]],
+    cases: Sequence[str],
+    references: dict[str, Path],
+    threshold: float,
+    progress: bool,
+) -> tuple[dict[tuple[Member, ...], list[float]], dict[Member, dict[str, dict[str, float]]]]:
     """The Dice of every subset (ensemble) on ``cases`` (validated by every member), and every member's
     metrics (:func:`autoseg.metrics.score_case`, averaged over labels by :func:`autoseg.metrics.mean_over_labels`, as
     end-of-fold validation writes them) on every case it validated, at ``threshold``."""
@@ -213,8 +245,9 @@ def _score_members(members: Sequence[Member], subsets: Sequence[tuple[Member, ..
         loaded = {m: _load(found[m][case]) for m in members if case in found[m]}
         for member, probabilities in loaded.items():
             labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, 0.0)
-            scores[member][case] = mean_over_labels(score_case(labels, reference, geometry.spacing,
-                                                               _labels_of(probabilities)))
+            scores[member][case] = mean_over_labels(
+                score_case(labels, reference, geometry.spacing, _labels_of(probabilities))
+            )
         if case not in common:
             continue
         for combo in subsets:
@@ -228,8 +261,12 @@ def _score_members(members: Sequence[Member], subsets: Sequence[tuple[Member, ..
     return dice_values, scores
 
 
-def _options(dataset: str, compared: Sequence[Member], scores: dict[Member, dict[str, dict[str, float]]],
-             chosen: Sequence[Member]) -> list[dict[str, Any]]:
+def _options(
+    dataset: str,
+    compared: Sequence[Member],
+    scores: dict[Member, dict[str, dict[str, float]]],
+    chosen: Sequence[Member],
+) -> list[dict[str, Any]]:
     """``model_selection.json``'s ``options``: what symmetric channels, histogram equalization and each trainer
     changed against their baselines (``autoseg.option_effects``), over every trained configuration of the dataset."""
     trained: dict[str, list[str]] = {}
@@ -239,8 +276,11 @@ def _options(dataset: str, compared: Sequence[Member], scores: dict[Member, dict
                 trained.setdefault(configuration, []).append(trainer)
     # Every configuration of the plans; a trained one as it was trained (the run's copy of the plans wins).
     sources = [(preprocessed_root() / dataset / PLANS_FILE, None)]
-    sources += [(next(iter(_validation_files(dataset, (c, t)).values())).parent.parent / PLANS_FILE, c)
-                for c, trainers in trained.items() for t in trainers]
+    sources += [
+        (next(iter(_validation_files(dataset, (c, t)).values())).parent.parent / PLANS_FILE, c)
+        for c, trainers in trained.items()
+        for t in trainers
+    ]
     configurations, symmetry_reason = {}, None
     for path, only in sources:
         try:
@@ -258,12 +298,16 @@ def describe_members(members: Sequence[Member]) -> dict[str, Any]:
     """How an ensemble is written in the JSON files: ``members`` (``configuration/trainer``), its
     ``configurations`` (each once, in order) and ``trainers`` per configuration."""
     configurations = list(dict.fromkeys(c for c, _ in members))
-    return {"members": [member_name(m) for m in members], "configurations": configurations,
-            "trainers": {c: [t for c2, t in members if c2 == c] for c in configurations}}
+    return {
+        "members": [member_name(m) for m in members],
+        "configurations": configurations,
+        "trainers": {c: [t for c2, t in members if c2 == c] for c in configurations},
+    }
 
 
-def _grid_search(files: Sequence[dict[str, Path]], cases: Sequence[str], references: dict[str, Path],
-                 metric: str, progress: bool) -> list[dict[str, float]]:
+def _grid_search(
+    files: Sequence[dict[str, Path]], cases: Sequence[str], references: dict[str, Path], metric: str, progress: bool
+) -> list[dict[str, float]]:
     """Mean score of every (threshold, minimum size) pair over ``cases`` for the ensemble whose members'
     validation probabilities are ``files`` (one case -> file mapping per member)."""
     scores = {(t, s): [] for t in THRESHOLDS for s in MIN_SIZES_VOXELS}
@@ -276,11 +320,14 @@ def _grid_search(files: Sequence[dict[str, Path]], cases: Sequence[str], referen
             labels = postprocess_probabilities(mean, geometry.spacing, threshold, 0.0)
             for size in MIN_SIZES_VOXELS:
                 kept = remove_small_components(labels, geometry.spacing, size * voxel)
-                per_label = score_case(kept, reference, geometry.spacing, _labels_of(mean),
-                                       overlap_only=metric == "dice")
+                per_label = score_case(
+                    kept, reference, geometry.spacing, _labels_of(mean), overlap_only=metric == "dice"
+                )
                 scores[(threshold, size)].append(case_score(per_label, metric))
-    return [{"threshold": t, "min_lesion_voxels": s, "min_lesion_mm3": round(s * voxel, 4),
-             "score": _mean(values)} for (t, s), values in scores.items()]
+    return [
+        {"threshold": t, "min_lesion_voxels": s, "min_lesion_mm3": round(s * voxel, 4), "score": _mean(values)}
+        for (t, s), values in scores.items()
+    ]
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -35,8 +35,17 @@ from autoseg.plans import (
     zscore_name,
 )
 
-__all__ = ["ALTERNATIVE_TRAINERS", "BOOTSTRAP", "OPTION_METRICS", "SYMMETRIC_BASES", "VERDICTS", "Pairing",
-           "describe_options", "find_pairings", "paired_differences"]
+__all__ = [
+    "ALTERNATIVE_TRAINERS",
+    "BOOTSTRAP",
+    "OPTION_METRICS",
+    "SYMMETRIC_BASES",
+    "VERDICTS",
+    "Pairing",
+    "describe_options",
+    "find_pairings",
+    "paired_differences",
+]
 
 Member = tuple[str, str]
 """(configuration, trainer)."""
@@ -69,8 +78,11 @@ class Pairing:
     missing: str | None = None
 
 
-def find_pairings(configurations: Mapping[str, Configuration], trained: Mapping[str, Sequence[str]],
-                  symmetry_reason: str | None = None) -> list[Pairing]:
+def find_pairings(
+    configurations: Mapping[str, Configuration],
+    trained: Mapping[str, Sequence[str]],
+    symmetry_reason: str | None = None,
+) -> list[Pairing]:
     """Every option pair with at least one side trained.
 
     Args:
@@ -88,14 +100,23 @@ def find_pairings(configurations: Mapping[str, Configuration], trained: Mapping[
     pairings = []
     for name in names:
         if zscore_name(asymmetric_name(name)) in SYMMETRIC_BASES and symmetric_name(name) != name:
-            pairings += _variant_pairings("symmetric channels", name, symmetric_name(name), configurations,
-                                          trainers(name, symmetric_name(name)),
-                                          ruled_out or f"{symmetric_name(name)} is not in the plans")
+            pairings += _variant_pairings(
+                "symmetric channels",
+                name,
+                symmetric_name(name),
+                configurations,
+                trainers(name, symmetric_name(name)),
+                ruled_out or f"{symmetric_name(name)} is not in the plans",
+            )
         if histeq_name(name) != name:
-            pairings += _variant_pairings("histogram equalization", name, histeq_name(name), configurations,
-                                          trainers(name, histeq_name(name)),
-                                          f"{histeq_name(name)} is not in the plans (autoseg_plan --normalization "
-                                          "histeq adds it)")
+            pairings += _variant_pairings(
+                "histogram equalization",
+                name,
+                histeq_name(name),
+                configurations,
+                trainers(name, histeq_name(name)),
+                f"{histeq_name(name)} is not in the plans (autoseg_plan --normalization histeq adds it)",
+            )
         if name in configurations and trained.get(name):
             planned = configurations[name].schedule.trainer
             others = {*ALTERNATIVE_TRAINERS.get(configurations[name].network.architecture, ()), *trained[name]}
@@ -103,8 +124,14 @@ def find_pairings(configurations: Mapping[str, Configuration], trained: Mapping[
     return pairings
 
 
-def _variant_pairings(option: str, baseline: str, candidate: str, configurations: Mapping[str, Configuration],
-                      trainers: Sequence[str], missing: str) -> list[Pairing]:
+def _variant_pairings(
+    option: str,
+    baseline: str,
+    candidate: str,
+    configurations: Mapping[str, Configuration],
+    trainers: Sequence[str],
+    missing: str,
+) -> list[Pairing]:
     if not trainers:
         return []
     if candidate not in configurations:
@@ -112,8 +139,9 @@ def _variant_pairings(option: str, baseline: str, candidate: str, configurations
     return [Pairing(option, (candidate, t), (baseline, t)) for t in trainers]
 
 
-def paired_differences(candidate: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]]
-                       ) -> dict[str, Any]:
+def paired_differences(
+    candidate: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]]
+) -> dict[str, Any]:
     """Candidate − baseline on the cases both validated, per metric of :data:`OPTION_METRICS`.
 
     Args:
@@ -131,8 +159,11 @@ def paired_differences(candidate: Mapping[str, Mapping[str, float]], baseline: M
         differences = np.array([candidate[c][metric] - baseline[c][metric] for c in cases], np.float64)
         finite = differences[np.isfinite(differences)]
         low, high = bootstrap_ci(finite, BOOTSTRAP["resamples"], BOOTSTRAP["seed"], BOOTSTRAP["confidence"])
-        result[metric] = {"mean": float(finite.mean()) if finite.size else None,
-                          "ci95": [low, high] if finite.size else None, "n": int(finite.size)}
+        result[metric] = {
+            "mean": float(finite.mean()) if finite.size else None,
+            "ci95": [low, high] if finite.size else None,
+            "n": int(finite.size),
+        }
     return result
 
 
@@ -146,12 +177,19 @@ def describe_difference(metric: str, difference: Mapping[str, Any]) -> str:
     if difference["mean"] is None:
         return f"{label} n/a"
     low, high = difference["ci95"]
-    return f"{label} {_signed(difference['mean'], decimals)}{unit} [{_signed(low, decimals)}, {_signed(high, decimals)}]"
+    return (
+        f"{label} {_signed(difference['mean'], decimals)}{unit} [{_signed(low, decimals)}, {_signed(high, decimals)}]"
+    )
 
 
-def describe_options(pairings: Sequence[Pairing], dataset: str, available: Sequence[Member], compared: Sequence[Member],
-                     scores: Mapping[Member, Mapping[str, Mapping[str, float]]], chosen: Sequence[Member]
-                     ) -> list[dict[str, Any]]:
+def describe_options(
+    pairings: Sequence[Pairing],
+    dataset: str,
+    available: Sequence[Member],
+    compared: Sequence[Member],
+    scores: Mapping[Member, Mapping[str, Mapping[str, float]]],
+    chosen: Sequence[Member],
+) -> list[dict[str, Any]]:
     """The ``options`` of ``model_selection.json``: one entry per pairing (see the module docstring).
 
     Entries (listed in the order of :data:`VERDICTS`): ``option``, ``candidate``, ``baseline`` (members as
@@ -168,17 +206,25 @@ def describe_options(pairings: Sequence[Pairing], dataset: str, available: Seque
     """
     entries = []
     for pairing in pairings:
-        entry: dict[str, Any] = {"option": pairing.option, "candidate": _name(pairing.candidate),
-                                 "baseline": _name(pairing.baseline)}
+        entry: dict[str, Any] = {
+            "option": pairing.option,
+            "candidate": _name(pairing.candidate),
+            "baseline": _name(pairing.baseline),
+        }
         absent = [m for m in (pairing.candidate, pairing.baseline) if m not in available]
         if pairing.missing is not None:  # symmetric channels the fingerprint ruled out cannot be asked for
             histeq = pairing.option == "histogram equalization"
-            entry.update(verdict="not planned", reason=f"not planned: {pairing.missing}",
-                         commands=_commands(dataset, absent, plan=True) if histeq else [])
+            entry.update(
+                verdict="not planned",
+                reason=f"not planned: {pairing.missing}",
+                commands=_commands(dataset, absent, plan=True) if histeq else [],
+            )
         elif absent:
-            entry.update(verdict="not trained",
-                         reason=f"not trained: no cross-validation outputs of {' and '.join(map(_name, absent))}",
-                         commands=_commands(dataset, absent))
+            entry.update(
+                verdict="not trained",
+                reason=f"not trained: no cross-validation outputs of {' and '.join(map(_name, absent))}",
+                commands=_commands(dataset, absent),
+            )
         elif not all(m in compared for m in (pairing.candidate, pairing.baseline)):
             entry.update(verdict="left out", reason="left out: not among the members compared (-c/-tr)")
         else:
@@ -192,21 +238,30 @@ def _commands(dataset: str, members: Sequence[Member], plan: bool = False) -> li
     return commands + [f"autoseg_train -d {dataset} -c {c} -f all -tr {t}" for c, t in members]
 
 
-def _verdict(pairing: Pairing, scores: Mapping[Member, Mapping[str, Mapping[str, float]]], chosen: Sequence[Member]
-             ) -> dict[str, Any]:
+def _verdict(
+    pairing: Pairing, scores: Mapping[Member, Mapping[str, Mapping[str, float]]], chosen: Sequence[Member]
+) -> dict[str, Any]:
     differences = paired_differences(scores[pairing.candidate], scores[pairing.baseline])
     cases = differences["cases"]
     if not cases:
-        return {"verdict": "not comparable", "reason": "not comparable: no case was validated by both",
-                "differences": differences}
+        return {
+            "verdict": "not comparable",
+            "reason": "not comparable: no case was validated by both",
+            "differences": differences,
+        }
     dice_text = f"{describe_difference('dice', differences['dice'])} on {cases} case{'s' * (cases != 1)}"
     winner = " + ".join(map(_name, chosen))
     gain = differences["dice"]["mean"]
     if pairing.candidate in chosen and (len(chosen) == 1 or gain is None or math.isnan(gain) or gain > 0):
         verdict, reason = "kept", f"kept: {dice_text}; in the chosen {winner}"
     elif pairing.candidate in chosen:
-        verdict, reason = "kept", (f"kept as a member of the chosen ensemble {winner}, although alone it scores "
-                                   f"below its baseline: {dice_text}")
+        verdict, reason = (
+            "kept",
+            (
+                f"kept as a member of the chosen ensemble {winner}, although alone it scores "
+                f"below its baseline: {dice_text}"
+            ),
+        )
     elif gain is not None and not math.isnan(gain) and gain > 0:
         verdict, reason = "dropped", f"dropped: {dice_text}, but the chosen {winner} scored higher"
     else:

@@ -86,9 +86,11 @@ def trained_datasets() -> list[str]:
     root = results_root()
     if not root.is_dir():
         return []
-    return sorted(folder.name for folder in root.iterdir()  # hidden: an import's temporary folder
-                  if folder.is_dir() and not folder.name.startswith(".")
-                  and any(folder.glob("*/*/fold_*/checkpoint_*.pth")))
+    return sorted(
+        folder.name
+        for folder in root.iterdir()  # hidden: an import's temporary folder
+        if folder.is_dir() and not folder.name.startswith(".") and any(folder.glob("*/*/fold_*/checkpoint_*.pth"))
+    )
 
 
 def choose_dataset(dataset: str | None) -> str:
@@ -103,8 +105,10 @@ def choose_dataset(dataset: str | None) -> str:
     if dataset is None:
         if len(trained) == 1:
             return trained[0]
-        raise UsageError(f"name the dataset with -d: {len(trained)} trained datasets in {results_root()} "
-                         f"(AUTOSEG_RESULTS): {listing}")
+        raise UsageError(
+            f"name the dataset with -d: {len(trained)} trained datasets in {results_root()} "
+            f"(AUTOSEG_RESULTS): {listing}"
+        )
     matches = [name for name in trained if matches_dataset_name(name, dataset)]
     if len(matches) != 1:
         problem = "no trained dataset" if not matches else "more than one trained dataset"
@@ -120,8 +124,13 @@ def matches_dataset_name(folder: str, name: str) -> bool:
     return bool(match) and (match.group(2) == name or (name.isdigit() and int(name) == int(match.group(1))))
 
 
-def trained_member(dataset: str, configuration: str, trainer: str | None = None,
-                   folds: Sequence[int | str] | None = None, checkpoint: str = "final") -> tuple[str, list[Path], list[Path]]:
+def trained_member(
+    dataset: str,
+    configuration: str,
+    trainer: str | None = None,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "final",
+) -> tuple[str, list[Path], list[Path]]:
     """One trained member: its trainer folder, fold folders and checkpoint files (``--checkpoint`` ``final``,
     ``best``, or ``snapshots``: every snapshot plus final), for ``folds`` or every fold with that checkpoint.
 
@@ -134,8 +143,10 @@ def trained_member(dataset: str, configuration: str, trainer: str | None = None,
     folder = results_root() / dataset / configuration
     trainers = trainer_folders(dataset, configuration)
     if not trainers:
-        raise UsageError(f"configuration '{configuration}' of {dataset} is not trained; trained: "
-                         f"{', '.join(trained_configurations(dataset)) or 'none'}")
+        raise UsageError(
+            f"configuration '{configuration}' of {dataset} is not trained; trained: "
+            f"{', '.join(trained_configurations(dataset)) or 'none'}"
+        )
     if trainer is None and len(trainers) > 1:
         raise UsageError(f"{folder}: several trainers ({', '.join(trainers)}); choose one with -tr")
     trainer = trainer or trainers[0]
@@ -154,8 +165,11 @@ def trainer_folders(dataset: str, configuration: str) -> list[str]:
 def trained_configurations(dataset: str) -> list[str]:
     """Configurations of ``dataset`` with at least one checkpoint."""
     folder = results_root() / dataset
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*/fold_*/checkpoint_*.pth"))) \
-        if folder.is_dir() else []
+    return (
+        sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*/fold_*/checkpoint_*.pth")))
+        if folder.is_dir()
+        else []
+    )
 
 
 def _fold_folders(folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:
@@ -181,8 +195,10 @@ def _fold_key(path: Path) -> tuple[int, str]:
 
 def _checkpoint_files(fold: Path, checkpoint: str) -> list[Path]:
     if checkpoint == "snapshots":
-        snapshots = sorted(fold.glob("checkpoint_snapshot_*.pth"),
-                           key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else 0)
+        snapshots = sorted(
+            fold.glob("checkpoint_snapshot_*.pth"),
+            key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else 0,
+        )
         final = fold / "checkpoint_final.pth"
         # The last snapshot is taken at the end of training: the final checkpoint holds the same weights.
         return snapshots or ([final] if final.is_file() else [])

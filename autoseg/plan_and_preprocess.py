@@ -91,8 +91,10 @@ def plan_and_preprocess(
         previous = _previous_plans(plans_path, notes)
         if normalization == "histeq" and previous is not None:
             plans = add_histeq_twins(previous, fingerprint.channels)
-            notes.append(f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
-                         "they are (run autoseg_plan without --normalization histeq to re-plan them)")
+            notes.append(
+                f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
+                "they are (run autoseg_plan without --normalization histeq to re-plan them)"
+            )
         else:
             compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
             plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
@@ -132,16 +134,26 @@ def add_histeq_twins(plans: Plans, channels: Sequence[ChannelFingerprint]) -> Pl
         plans: the existing plans.
         channels: the fingerprint's ``channels``.
     """
-    twins = {twin.name: twin for twin in (histeq_twin(c, channels) for name, c in plans.configurations.items()
-                                         if zscore_name(name) == name)}
+    twins = {
+        twin.name: twin
+        for twin in (histeq_twin(c, channels) for name, c in plans.configurations.items() if zscore_name(name) == name)
+    }
     budget = plans.compute_budget
     if budget is not None:
-        estimates = {name: budget.estimates[zscore_name(name)] for name in twins if zscore_name(name) in budget.estimates}
+        estimates = {
+            name: budget.estimates[zscore_name(name)] for name in twins if zscore_name(name) in budget.estimates
+        }
         budget = dataclasses.replace(budget, estimates={**budget.estimates, **estimates})
-    reason = (f"{', '.join(twins)}: histogram-equalized twins of the z-score configurations, added by autoseg_plan "
-              "--normalization histeq")
-    return dataclasses.replace(plans, configurations={**plans.configurations, **twins}, compute_budget=budget,
-                               reasons={**plans.reasons, "histeq": reason})
+    reason = (
+        f"{', '.join(twins)}: histogram-equalized twins of the z-score configurations, added by autoseg_plan "
+        "--normalization histeq"
+    )
+    return dataclasses.replace(
+        plans,
+        configurations={**plans.configurations, **twins},
+        compute_budget=budget,
+        reasons={**plans.reasons, "histeq": reason},
+    )
 
 
 def keep_unplanned(previous: Plans, planned: Plans, normalization: str = "zscore") -> Plans:
@@ -151,18 +163,27 @@ def keep_unplanned(previous: Plans, planned: Plans, normalization: str = "zscore
     dropped. The planner's ``default_configuration`` leads (always a z-score one); kept configurations keep their
     compute-budget estimates where both plans have a budget; ``reasons.kept_configurations`` names what was kept.
     Delete an entry from ``plans.json`` to drop it."""
-    kept = {name: c for name, c in previous.configurations.items()
-            if name not in planned.configurations and not c.problems(len(planned.channels))}
+    kept = {
+        name: c
+        for name, c in previous.configurations.items()
+        if name not in planned.configurations and not c.problems(len(planned.channels))
+    }
     if not kept:
         return planned
     budget = planned.compute_budget
     if budget is not None and previous.compute_budget is not None:
         estimates = {name: e for name, e in previous.compute_budget.estimates.items() if name in kept}
         budget = dataclasses.replace(budget, estimates={**budget.estimates, **estimates})
-    reason = (f"{', '.join(kept)}: kept from the previous plans.json (not planned by this run, --normalization "
-              f"{normalization}, planner {planned.planner}); delete an entry to drop it")
-    return dataclasses.replace(planned, configurations={**planned.configurations, **kept},
-                               compute_budget=budget, reasons={**planned.reasons, "kept_configurations": reason})
+    reason = (
+        f"{', '.join(kept)}: kept from the previous plans.json (not planned by this run, --normalization "
+        f"{normalization}, planner {planned.planner}); delete an entry to drop it"
+    )
+    return dataclasses.replace(
+        planned,
+        configurations={**planned.configurations, **kept},
+        compute_budget=budget,
+        reasons={**planned.reasons, "kept_configurations": reason},
+    )
 
 
 def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
@@ -181,5 +202,12 @@ def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
     return BudgetRequest(minutes, chosen.type, precision.name, probe, cached)
 
 
-__all__ = ["PlanResult", "PlansError", "add_histeq_twins", "budget_request", "keep_unplanned", "plan_and_preprocess",
-           "verify"]
+__all__ = [
+    "PlanResult",
+    "PlansError",
+    "add_histeq_twins",
+    "budget_request",
+    "keep_unplanned",
+    "plan_and_preprocess",
+    "verify",
+]

@@ -71,7 +71,8 @@ def unet_topology(
         if len(strides) == MAX_STAGES:
             break
         stride = tuple(
-            2 if (axis not in never_downsample and size[axis] / 2 >= MIN_EDGE_VOXELS and current[axis] <= 2 * finest)
+            2
+            if (axis not in never_downsample and size[axis] / 2 >= MIN_EDGE_VOXELS and current[axis] <= 2 * finest)
             else 1
             for axis in range(len(patch_size))
         )
@@ -125,7 +126,9 @@ def fit_patch_to_budget(
     raise RuntimeError("patch fitting did not converge")
 
 
-def largest_batch(per_sample_bytes: float, fixed_bytes: float, budget_bytes: float, minimum: int = 2, maximum: int = 64) -> int:
+def largest_batch(
+    per_sample_bytes: float, fixed_bytes: float, budget_bytes: float, minimum: int = 2, maximum: int = 64
+) -> int:
     """Most samples that fit ``budget_bytes`` given the per-sample and fixed costs, within [minimum, maximum]."""
     fits = int((budget_bytes - fixed_bytes) // max(per_sample_bytes, 1.0))
     return int(min(maximum, max(minimum, fits)))
@@ -174,7 +177,8 @@ def channel_normalization(channel: ChannelFingerprint, option: str = "zscore") -
             "each case's foreground is mapped through its own cumulative histogram to a uniform distribution, "
             "scaled to zero mean and unit std, which raises the contrast between lesion and neighbouring tissue "
             "(Bhavnani et al., paper 002: with symmetric context, Dice 0.389 -> 0.499 on ATLAS)"
-            + ("" if modality == "MRI" else f"; note that {name}'s physical units ({modality}) are given up"))
+            + ("" if modality == "MRI" else f"; note that {name}'s physical units ({modality}) are given up")
+        )
     stats = channel.foreground
     if modality == "MRI":
         return Normalization(channel=name, scheme="zscore_foreground"), (
@@ -182,8 +186,11 @@ def channel_normalization(channel: ChannelFingerprint, option: str = "zscore") -
         )
     clip = (round(stats.p00_5, 4), round(stats.p99_5, 4))
     mean, std = round(stats.mean, 4), round(max(stats.std, 1e-8), 4)
-    what = "CT: Hounsfield units are comparable across scans" if modality == "CT" else (
-        f"a perfusion map: its physical units (e.g. {name}) carry the lesion contrast")
+    what = (
+        "CT: Hounsfield units are comparable across scans"
+        if modality == "CT"
+        else (f"a perfusion map: its physical units (e.g. {name}) carry the lesion contrast")
+    )
     return Normalization(channel=name, scheme="clip_zscore_dataset", clip=clip, mean=mean, std=std), (
         f"{name} is {what}, so clip to the dataset foreground 0.5–99.5 percentiles {list(clip)} and z-score with the "
         f"dataset mean {mean} and std {std}"
@@ -203,10 +210,17 @@ def histeq_twin(configuration: Configuration, channels: Sequence[ChannelFingerpr
     name = histeq_name(configuration.name)
     normalization = [channel_normalization(channel, "histeq") for channel in channels]
     identifier = configuration.data_identifier + HISTEQ_IDENTIFIER_SUFFIX
-    reasons = {**configuration.reasons, "normalization": "; ".join(reason for _, reason in normalization),
-               "name": f"{name}: {configuration.name} with histogram equalization, under a name of its own so its "
-                       "results sit beside the z-score run's and cross-validation can compare the two",
-               "data_identifier": f"{identifier}: histogram-equalized data get their own folder beside the z-score "
-                                  "one"}
-    return dataclasses.replace(configuration, name=name, normalization=tuple(n for n, _ in normalization),
-                               data_identifier=identifier, reasons=reasons)
+    reasons = {
+        **configuration.reasons,
+        "normalization": "; ".join(reason for _, reason in normalization),
+        "name": f"{name}: {configuration.name} with histogram equalization, under a name of its own so its "
+        "results sit beside the z-score run's and cross-validation can compare the two",
+        "data_identifier": f"{identifier}: histogram-equalized data get their own folder beside the z-score one",
+    }
+    return dataclasses.replace(
+        configuration,
+        name=name,
+        normalization=tuple(n for n, _ in normalization),
+        data_identifier=identifier,
+        reasons=reasons,
+    )

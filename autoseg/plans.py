@@ -270,8 +270,10 @@ class Configuration:
         if self.loss.name not in LOSSES:
             found.append(f"{where}.loss.name: unknown loss '{self.loss.name}', use one of {list(LOSSES)}")
         if not 0 < self.sliding_window_step <= 1:
-            found.append(f"{where}.sliding_window_step: must lie in (0, 1] (a fraction of the patch), got "
-                         f"{self.sliding_window_step}")
+            found.append(
+                f"{where}.sliding_window_step: must lie in (0, 1] (a fraction of the patch), got "
+                f"{self.sliding_window_step}"
+            )
         if not 0 < self.postprocessing.threshold < 1:
             found.append(f"{where}.postprocessing.threshold: must lie in (0, 1), got {self.postprocessing.threshold}")
         if not 0 <= self.sampling.foreground_oversampling <= 1:
@@ -281,12 +283,16 @@ class Configuration:
         found += self._network_problems(where)
         found += self._patch_problems(where, "patch_size", self.patch_size, self.batch_size)
         for index, stage in enumerate(self.schedule.stages):
-            found += self._patch_problems(where, f"schedule.stages[{index}].patch_size", stage.patch_size, stage.batch_size)
+            found += self._patch_problems(
+                where, f"schedule.stages[{index}].patch_size", stage.patch_size, stage.batch_size
+            )
         found += self._last_stage_problems(where)
         starts = [stage.start_epoch for stage in self.schedule.stages]
         if not starts or starts[0] != 0 or starts != sorted(starts) or starts[-1] >= self.schedule.epochs:
-            found.append(f"{where}.schedule.stages: start epochs {starts} must begin at 0, increase, and stay below "
-                         f"epochs={self.schedule.epochs}")
+            found.append(
+                f"{where}.schedule.stages: start epochs {starts} must begin at 0, increase, and stay below "
+                f"epochs={self.schedule.epochs}"
+            )
         return found
 
     def _last_stage_problems(self, where: str) -> list[str]:
@@ -295,46 +301,68 @@ class Configuration:
         if not self.schedule.stages:
             return []
         last, index = self.schedule.stages[-1], len(self.schedule.stages) - 1
-        return [f"{where}.{name}: {list(mine) if isinstance(mine, tuple) else mine} differs from "
-                f"schedule.stages[{index}].{name} {list(theirs) if isinstance(theirs, tuple) else theirs}: the last "
-                "stage trains with what inference uses; make the two agree"
-                for name, mine, theirs in (("patch_size", self.patch_size, last.patch_size),
-                                           ("batch_size", self.batch_size, last.batch_size))
-                if mine != theirs]
+        return [
+            f"{where}.{name}: {list(mine) if isinstance(mine, tuple) else mine} differs from "
+            f"schedule.stages[{index}].{name} {list(theirs) if isinstance(theirs, tuple) else theirs}: the last "
+            "stage trains with what inference uses; make the two agree"
+            for name, mine, theirs in (
+                ("patch_size", self.patch_size, last.patch_size),
+                ("batch_size", self.batch_size, last.batch_size),
+            )
+            if mine != theirs
+        ]
 
     def _channel_problems(self, where: str, num_channels: int) -> list[str]:
         """Normalization entries, their schemes and data folder, and the symmetry's reference channel."""
         found = []
         if len(self.normalization) != num_channels:
             found.append(f"{where}.normalization: {len(self.normalization)} entries for {num_channels} channels")
-        found += [f"{where}.normalization[{n.channel}]: unknown scheme '{n.scheme}', use one of {list(NORMALIZATION_SCHEMES)}"
-                  for n in self.normalization if n.scheme not in NORMALIZATION_SCHEMES]
+        found += [
+            f"{where}.normalization[{n.channel}]: unknown scheme '{n.scheme}', use one of {list(NORMALIZATION_SCHEMES)}"
+            for n in self.normalization
+            if n.scheme not in NORMALIZATION_SCHEMES
+        ]
         histeq = any(n.scheme == "histogram_equalization" for n in self.normalization)
         if histeq and HISTEQ_IDENTIFIER_SUFFIX not in self.data_identifier:
-            found.append(f"{where}.data_identifier: '{self.data_identifier}' is the folder of z-score data; a histogram-"
-                         f"equalized configuration needs its own, e.g. '{self.data_identifier}{HISTEQ_IDENTIFIER_SUFFIX}'")
+            found.append(
+                f"{where}.data_identifier: '{self.data_identifier}' is the folder of z-score data; a histogram-"
+                f"equalized configuration needs its own, e.g. '{self.data_identifier}{HISTEQ_IDENTIFIER_SUFFIX}'"
+            )
         if histeq and not self.name.endswith(HISTEQ_NAME_SUFFIX):
-            found.append(f"{where}.name: a histogram-equalized configuration needs a name of its own, e.g. "
-                         f"'{histeq_name(self.name)}' (key and name), so its results do not land in the z-score "
-                         "run's folder")
+            found.append(
+                f"{where}.name: a histogram-equalized configuration needs a name of its own, e.g. "
+                f"'{histeq_name(self.name)}' (key and name), so its results do not land in the z-score "
+                "run's folder"
+            )
         if self.symmetry is not None and not 0 <= self.symmetry.reference_channel < num_channels:
-            found.append(f"{where}.symmetry.reference_channel: must name one of the {num_channels} channels (0.."
-                         f"{num_channels - 1}), got {self.symmetry.reference_channel}")
+            found.append(
+                f"{where}.symmetry.reference_channel: must name one of the {num_channels} channels (0.."
+                f"{num_channels - 1}), got {self.symmetry.reference_channel}"
+            )
         return found
 
     def _network_problems(self, where: str) -> list[str]:
         net = self.network
         if net.architecture == "PSPNet":
-            return [] if net.backbone in ("resnet18", "resnet34", "resnet50") else [
-                f"{where}.network.backbone: use resnet18, resnet34 or resnet50, got {net.backbone}"]
+            return (
+                []
+                if net.backbone in ("resnet18", "resnet34", "resnet50")
+                else [f"{where}.network.backbone: use resnet18, resnet34 or resnet50, got {net.backbone}"]
+            )
         if net.architecture != "ResidualUNet":
             return [f"{where}.network.architecture: unknown '{net.architecture}', use ResidualUNet or PSPNet"]
         lengths = {len(net.features), len(net.strides), len(net.kernel_sizes)}
         if len(lengths) != 1:
-            return [f"{where}.network: features, strides and kernel_sizes need one entry per stage, got lengths "
-                    f"{len(net.features)}, {len(net.strides)}, {len(net.kernel_sizes)}"]
+            return [
+                f"{where}.network: features, strides and kernel_sizes need one entry per stage, got lengths "
+                f"{len(net.features)}, {len(net.strides)}, {len(net.kernel_sizes)}"
+            ]
         wrong = [s for s in (*net.strides, *net.kernel_sizes) if len(s) != self.dimension]
-        return [f"{where}.network: every stride and kernel needs {self.dimension} entries, found {list(wrong[0])}"] if wrong else []
+        return (
+            [f"{where}.network: every stride and kernel needs {self.dimension} entries, found {list(wrong[0])}"]
+            if wrong
+            else []
+        )
 
     def _patch_problems(self, where: str, name: str, patch: tuple[int, ...], batch: int) -> list[str]:
         found = []
@@ -343,12 +371,16 @@ class Configuration:
         if batch < 1:
             found.append(f"{where}: batch size must be at least 1, got {batch}")
         elif batch < 2 and self.network.architecture == "PSPNet":
-            found.append(f"{where}: a PSPNet trains with batches of 2 or more (its pyramid's 1x1 bin normalizes one "
-                         f"value per channel and sample), got {batch}")
+            found.append(
+                f"{where}: a PSPNet trains with batches of 2 or more (its pyramid's 1x1 bin normalizes one "
+                f"value per channel and sample), got {batch}"
+            )
         divisor = self.network.total_stride
         if len(divisor) == len(patch) and any(p % d or p <= 0 for p, d in zip(patch, divisor)):
-            found.append(f"{where}.{name}: {list(patch)} must be positive and divisible by the network's total "
-                         f"stride {list(divisor)}")
+            found.append(
+                f"{where}.{name}: {list(patch)} must be positive and divisible by the network's total "
+                f"stride {list(divisor)}"
+            )
         return found
 
 
@@ -419,9 +451,13 @@ class Plans:
     def problems(self) -> list[str]:
         found = []
         if self.schema_version != SCHEMA_VERSION:
-            found.append(f"schema_version: this autoseg reads version {SCHEMA_VERSION}, the file has {self.schema_version}")
+            found.append(
+                f"schema_version: this autoseg reads version {SCHEMA_VERSION}, the file has {self.schema_version}"
+            )
         if self.default_configuration not in self.configurations:
-            found.append(f"default_configuration: '{self.default_configuration}' is not among {sorted(self.configurations)}")
+            found.append(
+                f"default_configuration: '{self.default_configuration}' is not among {sorted(self.configurations)}"
+            )
         for name, configuration in self.configurations.items():
             if configuration.name != name:
                 found.append(f"configurations.{name}.name: says '{configuration.name}'")
@@ -444,7 +480,6 @@ class Plans:
         if problems:
             raise PlansError(f"{path}: invalid plans:\n" + "\n".join(f"  {p}" for p in problems))
         return plans
-
 
 
 def _upgrade(plain: Any) -> Any:

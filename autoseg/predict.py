@@ -231,8 +231,11 @@ def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
         match = CHANNEL_FILE.match(split_ending(source)[0])
         files = [source]
         if num_channels > 1 and match:
-            files = [p for p in _image_files(source.parent)
-                     if (m := CHANNEL_FILE.match(split_ending(p)[0])) and m.group(1) == match.group(1)]
+            files = [
+                p
+                for p in _image_files(source.parent)
+                if (m := CHANNEL_FILE.match(split_ending(p)[0])) and m.group(1) == match.group(1)
+            ]
     elif source.is_dir():
         files = _image_files(source)
         if not files:
@@ -248,8 +251,11 @@ def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
 
 def _image_files(folder: Path) -> list[Path]:
     """The visible image files of ``folder`` (endings in ``IMAGE_ENDINGS``), sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and split_ending(p)[1].lower() in IMAGE_ENDINGS)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and split_ending(p)[1].lower() in IMAGE_ENDINGS
+    )
 
 
 def read_case_list(path: str | Path) -> list[tuple[int, str]]:
@@ -268,7 +274,9 @@ def read_case_list(path: str | Path) -> list[tuple[int, str]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise InvalidFileError(f"{path}: not a text file of case names ({error.reason} at byte {error.start})") from None
+        raise InvalidFileError(
+            f"{path}: not a text file of case names ({error.reason} at byte {error.start})"
+        ) from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         name = line.split("#", 1)[0].strip()
@@ -294,8 +302,15 @@ def select_cases(cases: Sequence[InputCase], case_list: str | Path) -> list[Inpu
     if unknown:
         examples = ", ".join(case.identifier for case in cases[:3]) + (", ..." if len(cases) > 3 else "")
         shown = unknown[:10] + ([f"  ... and {len(unknown) - 10} more"] if len(unknown) > 10 else [])
-        raise UsageError("\n".join([f"{case_list}: {len(unknown)} listed case(s) not among the {len(cases)} input "
-                                     f"case(s) ({examples}):", *shown]))
+        raise UsageError(
+            "\n".join(
+                [
+                    f"{case_list}: {len(unknown)} listed case(s) not among the {len(cases)} input "
+                    f"case(s) ({examples}):",
+                    *shown,
+                ]
+            )
+        )
     if not entries:
         raise UsageError(f"{case_list}: names no case (one identifier per line; # starts a comment)")
     chosen = {by_name[name].identifier for _, name in entries}
@@ -324,8 +339,10 @@ def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
     for path in case.images:
         array, this = read_image(path)
         if geometry is not None and geometry.differences(this):
-            raise DataError(f"case {case.identifier}: {path.name} lies on another grid than {case.images[0].name}: "
-                             f"{'; '.join(geometry.differences(this))}")
+            raise DataError(
+                f"case {case.identifier}: {path.name} lies on another grid than {case.images[0].name}: "
+                f"{'; '.join(geometry.differences(this))}"
+            )
         non_finite = count_non_finite(array)
         if non_finite:
             raise DataError(f"{path}: {non_finite} NaN/Inf voxel(s)")
@@ -457,9 +474,18 @@ def predict(
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not postprocessing:
         min_lesion_mm3 = 0.0
-    predictors = [Predictor(model.plans.configuration(model.configuration), model.networks, step_size=step_size,
-                            tta=tta, use_mirroring=use_mirroring, device=torch_device, autocast_dtype=autocast_dtype)
-                  for model in models]
+    predictors = [
+        Predictor(
+            model.plans.configuration(model.configuration),
+            model.networks,
+            step_size=step_size,
+            tta=tta,
+            use_mirroring=use_mirroring,
+            device=torch_device,
+            autocast_dtype=autocast_dtype,
+        )
+        for model in models
+    ]
     output = Path(output)
     log = log or _print_to_stderr
     summary = PredictionSummary(cases=len(cases))
@@ -480,8 +506,11 @@ def predict(
             continue
         summary.written.append(targets[0])
     summary.path = summary_path(output, num_parts, part_id)
-    run = {"input": str(source), "list": None if case_list is None else str(case_list),
-           "part": {"id": part_id, "of": num_parts}}
+    run = {
+        "input": str(source),
+        "list": None if case_list is None else str(case_list),
+        "part": {"id": part_id, "of": num_parts},
+    }
     write_json({**run, **summary.to_json()}, summary.path)
     return summary
 
@@ -502,8 +531,9 @@ def _outputs(output: Path, case: InputCase, save_probabilities: bool) -> tuple[P
     return (labels, output / f"{case.identifier}_probabilities.nii.gz") if save_probabilities else (labels,)
 
 
-def _predict_case(case: InputCase, targets: Sequence[Path], predictors: Sequence[Predictor], threshold: float,
-                  min_lesion_mm3: float) -> None:
+def _predict_case(
+    case: InputCase, targets: Sequence[Path], predictors: Sequence[Predictor], threshold: float, min_lesion_mm3: float
+) -> None:
     """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
     before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
     kept afterwards."""
@@ -534,16 +564,23 @@ def _print_to_stderr(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
-def _install_model_file(model: str | Path, dataset: str | None, configurations: Sequence[str] | None,
-                        trainer: str | Sequence[str] | None, folds: Sequence[int | str] | None,
-                        checkpoint: str) -> InstalledModel:
+def _install_model_file(
+    model: str | Path,
+    dataset: str | None,
+    configurations: Sequence[str] | None,
+    trainer: str | Sequence[str] | None,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+) -> InstalledModel:
     """``predict(model=...)``: the model file installed (:func:`autoseg.model_export.install_for_prediction`).
 
     Raises:
         ValueError: members named beside the file, or a ``checkpoint`` other than the default and the file's own.
     """
 
-    named = [flag for flag, value in (("-d", dataset), ("-c", configurations), ("-tr", trainer), ("-f", folds)) if value]
+    named = [
+        flag for flag, value in (("-d", dataset), ("-c", configurations), ("-tr", trainer), ("-f", folds)) if value
+    ]
     if named:
         raise UsageError(f"{model}: a model file brings its own members and folds; leave out {', '.join(named)}")
     installed = install_for_prediction(model)

@@ -110,8 +110,14 @@ class CaseProperties:
             CasePropertiesError: no file, invalid JSON, unknown or missing fields, wrong types (each named), another
                 schema version.
         """
-        return read_typed(cls, path, CasePropertiesError, f"no case properties found{_RE_RUN}", hint=_RE_RUN,
-                          version=CASE_PROPERTIES_VERSION)
+        return read_typed(
+            cls,
+            path,
+            CasePropertiesError,
+            f"no case properties found{_RE_RUN}",
+            hint=_RE_RUN,
+            version=CASE_PROPERTIES_VERSION,
+        )
 
 
 #: The array files of a preprocessed case: ``CASE.npy``, ``CASE_seg.npy``, ``CASE_lesion.npy``.
@@ -163,8 +169,10 @@ def is_up_to_date(case: Case, folder: Path, key: str) -> bool:
     if properties.key != key or properties.sources != _sources(case):
         return False
     records = properties.arrays
-    return all(path.name in records and array_damage(path, records[path.name]) is None
-               for path in array_files(folder, case.identifier))
+    return all(
+        path.name in records and array_damage(path, records[path.name]) is None
+        for path in array_files(folder, case.identifier)
+    )
 
 
 def check_arrays(folder: Path, identifiers: Sequence[str]) -> None:
@@ -174,11 +182,17 @@ def check_arrays(folder: Path, identifiers: Sequence[str]) -> None:
     Raises:
         DamagedArrayError: naming every damaged file and saying to re-run ``autoseg_plan``.
     """
-    damaged = [f"{path}: {problem}" for identifier in identifiers for path in array_files(folder, identifier)
-               if (problem := array_damage(path)) is not None]
+    damaged = [
+        f"{path}: {problem}"
+        for identifier in identifiers
+        for path in array_files(folder, identifier)
+        if (problem := array_damage(path)) is not None
+    ]
     if damaged:
-        raise DamagedArrayError(f"damaged preprocessed array(s): {'; '.join(damaged)}; re-run autoseg_plan for "
-                                f"this dataset (it redoes damaged cases)")
+        raise DamagedArrayError(
+            f"damaged preprocessed array(s): {'; '.join(damaged)}; re-run autoseg_plan for "
+            f"this dataset (it redoes damaged cases)"
+        )
 
 
 def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> CaseProperties:
@@ -192,10 +206,18 @@ def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> C
     if len(lesion) > MAX_LESION_LOCATIONS:
         rng = np.random.default_rng(1234)
         lesion = lesion[np.sort(rng.choice(len(lesion), MAX_LESION_LOCATIONS, replace=False))]
-    records = {path.name: save_array(array, path)
-               for array, path in zip((data, seg, lesion), array_files(folder, case.identifier))}
-    properties = dataclasses.replace(properties, case=case.identifier, subject=case.subject,
-                                     key=preprocessing_key(configuration), sources=_sources(case), arrays=records)
+    records = {
+        path.name: save_array(array, path)
+        for array, path in zip((data, seg, lesion), array_files(folder, case.identifier))
+    }
+    properties = dataclasses.replace(
+        properties,
+        case=case.identifier,
+        subject=case.subject,
+        key=preprocessing_key(configuration),
+        sources=_sources(case),
+        arrays=records,
+    )
     properties.to_json(folder / f"{case.identifier}.json")
     return properties
 
@@ -230,11 +252,17 @@ def preprocess_arrays(
     mirror_fit = None
     if configuration.symmetry is not None:  # symmetric-hemisphere channels on the network's grid (autoseg.symmetry)
         grid = grid_geometry(geometry, box, target)
-        data, mirror_fit = add_mirror_channels(data, resample_labels(foreground.astype(np.uint8), target) > 0, grid, configuration.symmetry)
-    properties = CaseProperties(geometry=geometry, crop_box=tuple((int(lo), int(hi)) for lo, hi in box),
-                                cropped_shape=tuple(int(n) for n in images.shape[1:]),
-                                resampled_shape=tuple(int(n) for n in target),
-                                target_spacing=tuple(float(s) for s in configuration.target_spacing), symmetry=mirror_fit)
+        data, mirror_fit = add_mirror_channels(
+            data, resample_labels(foreground.astype(np.uint8), target) > 0, grid, configuration.symmetry
+        )
+    properties = CaseProperties(
+        geometry=geometry,
+        crop_box=tuple((int(lo), int(hi)) for lo, hi in box),
+        cropped_shape=tuple(int(n) for n in images.shape[1:]),
+        resampled_shape=tuple(int(n) for n in target),
+        target_spacing=tuple(float(s) for s in configuration.target_spacing),
+        symmetry=mirror_fit,
+    )
     return data, seg, properties
 
 

@@ -57,8 +57,9 @@ class PretrainingResult:
     tensors: int
 
 
-def slice_configuration(source: Configuration, *, backbone: str, slice_axis: int, epochs: int,
-                        iterations_per_epoch: int) -> Configuration:
+def slice_configuration(
+    source: Configuration, *, backbone: str, slice_axis: int, epochs: int, iterations_per_epoch: int
+) -> Configuration:
     """A 2-D PSPNet configuration that trains on whole slices of ``source``'s preprocessed data.
 
     Args:
@@ -80,18 +81,34 @@ def slice_configuration(source: Configuration, *, backbone: str, slice_axis: int
         raise UsageError(f"slice_axis must be 0, 1 or 2 (an axis of the x, y, z array), got {slice_axis}")
     in_plane = tuple(source.median_shape[a] for a in range(3) if a != slice_axis)
     patch = round_to_multiple(in_plane, (8, 8))
-    stage = Stage(name="all_layers", start_epoch=0, patch_size=patch, batch_size=BATCH_SIZE,
-                  learning_rate=LEARNING_RATE, trainable="all")
+    stage = Stage(
+        name="all_layers",
+        start_epoch=0,
+        patch_size=patch,
+        batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        trainable="all",
+    )
     return replace(
-        source, name=CONFIGURATION, dimension=2, patch_size=patch, batch_size=BATCH_SIZE,
-        network=Network(architecture="PSPNet", deep_supervision=False, backbone=backbone, output_stride=8, pyramid_bins=(1, 2, 3, 6)),
-        schedule=Schedule(trainer="PSPNetTrainer", epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-                          stages=(stage,)),
-        mirror_axes=(0, 1), slice_axis=slice_axis,
-        reasons={"purpose": f"pre-training a {backbone} backbone on the slices across axis {slice_axis} of "
-                            f"'{source.name}' (autoseg_pretrain)",
-                 "patch_size": f"the whole median slice {list(in_plane)} rounded up to a multiple of 8",
-                 "schedule": f"RMSProp at lr {LEARNING_RATE:g}, every layer trained from the start"},
+        source,
+        name=CONFIGURATION,
+        dimension=2,
+        patch_size=patch,
+        batch_size=BATCH_SIZE,
+        network=Network(
+            architecture="PSPNet", deep_supervision=False, backbone=backbone, output_stride=8, pyramid_bins=(1, 2, 3, 6)
+        ),
+        schedule=Schedule(
+            trainer="PSPNetTrainer", epochs=epochs, iterations_per_epoch=iterations_per_epoch, stages=(stage,)
+        ),
+        mirror_axes=(0, 1),
+        slice_axis=slice_axis,
+        reasons={
+            "purpose": f"pre-training a {backbone} backbone on the slices across axis {slice_axis} of "
+            f"'{source.name}' (autoseg_pretrain)",
+            "patch_size": f"the whole median slice {list(in_plane)} rounded up to a multiple of 8",
+            "schedule": f"RMSProp at lr {LEARNING_RATE:g}, every layer trained from the start",
+        },
     )
 
 
@@ -101,9 +118,17 @@ def backbone_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu().clone() for name, tensor in network.backbone.state_dict().items()}
 
 
-def pretrain_backbone(dataset: str, output: str | Path, *, backbone: str = "resnet18",
-                      configuration: str | None = None, slice_axis: int = 2, epochs: int = 10,
-                      iterations_per_epoch: int = 50, options: TrainingOptions | None = None) -> PretrainingResult:
+def pretrain_backbone(
+    dataset: str,
+    output: str | Path,
+    *,
+    backbone: str = "resnet18",
+    configuration: str | None = None,
+    slice_axis: int = 2,
+    epochs: int = 10,
+    iterations_per_epoch: int = 50,
+    options: TrainingOptions | None = None,
+) -> PretrainingResult:
     """Train a PSPNet on the slices of a planned dataset and write its backbone to ``output``.
 
     Args:
@@ -128,24 +153,45 @@ def pretrain_backbone(dataset: str, output: str | Path, *, backbone: str = "resn
 
     output = Path(output)
     options = options or TrainingOptions()
-    options = replace(options, epochs=None, iterations_per_epoch=None, validation=False,
-                      val_iterations=0 if options.val_iterations is None else options.val_iterations)
+    options = replace(
+        options,
+        epochs=None,
+        iterations_per_epoch=None,
+        validation=False,
+        val_iterations=0 if options.val_iterations is None else options.val_iterations,
+    )
     if output.exists() and not options.continue_training:
         raise ExistingOutputError(f"{output} exists; choose another output file or delete it")
     raw = find_dataset(dataset)
     preprocessed = preprocessed_folder(raw.name)
     plans = Plans.from_json(preprocessed / PLANS_FILE)
-    derived = slice_configuration(plans.configuration(configuration), backbone=backbone, slice_axis=slice_axis,
-                                  epochs=epochs, iterations_per_epoch=iterations_per_epoch)
+    derived = slice_configuration(
+        plans.configuration(configuration),
+        backbone=backbone,
+        slice_axis=slice_axis,
+        epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+    )
     problems = derived.problems(len(plans.channels))
     if problems:
         raise UsageError("the derived pre-training configuration is invalid: " + "; ".join(problems))
-    slice_plans = replace(plans, configurations={CONFIGURATION: derived}, default_configuration=CONFIGURATION,
-                          reasons={"default_configuration": derived.reasons["purpose"]})
+    slice_plans = replace(
+        plans,
+        configurations={CONFIGURATION: derived},
+        default_configuration=CONFIGURATION,
+        reasons={"default_configuration": derived.reasons["purpose"]},
+    )
     trainer_class = get_trainer("PSPNetTrainer")
     folder = run_folder(raw.name, CONFIGURATION, trainer_class.__name__, "full")
-    trainer = trainer_class(slice_plans, CONFIGURATION, "full", preprocessed_folder=preprocessed,
-                            output_folder=folder, options=options, raw_dataset=raw)
+    trainer = trainer_class(
+        slice_plans,
+        CONFIGURATION,
+        "full",
+        preprocessed_folder=preprocessed,
+        output_folder=folder,
+        options=options,
+        raw_dataset=raw,
+    )
     trainer.setup()
     trainer.fit()
     state = backbone_state(trainer.network)

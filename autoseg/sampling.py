@@ -97,11 +97,14 @@ class PatchSampler:
         self.slice_axis = slice_axis
         expected = 3 if slice_axis is None else 2
         if len(self.patch_size) != expected or len(self.final_patch_size) != expected:
-            raise ValueError(f"patch sizes {list(self.patch_size)} and {list(self.final_patch_size)} need "
-                             f"{expected} entries ({'3-D' if slice_axis is None else f'slices along axis {slice_axis}'})")
+            raise ValueError(
+                f"patch sizes {list(self.patch_size)} and {list(self.final_patch_size)} need "
+                f"{expected} entries ({'3-D' if slice_axis is None else f'slices along axis {slice_axis}'})"
+            )
         if any(f > p for f, p in zip(self.final_patch_size, self.patch_size)):
-            raise ValueError(f"final patch {list(self.final_patch_size)} is larger than the sampling patch "
-                             f"{list(self.patch_size)}")
+            raise ValueError(
+                f"final patch {list(self.final_patch_size)} is larger than the sampling patch {list(self.patch_size)}"
+            )
         if lesion_choice not in ("voxel", "lesion"):
             raise ValueError(f"lesion_choice must be 'voxel' or 'lesion', got '{lesion_choice}'")
         self.lesion_choice = lesion_choice
@@ -128,8 +131,10 @@ class PatchSampler:
         shape = tuple(data.shape[1:])
         centre = self._lesion_centre(identifier) if force_lesion else None
         sampled, final = self._volume_sizes(self.patch_size), self._volume_sizes(self.final_patch_size)
-        start = [self._final_start(n, p, None if centre is None else int(centre[axis]))
-                 for axis, (n, p) in enumerate(zip(shape, final))]
+        start = [
+            self._final_start(n, p, None if centre is None else int(centre[axis]))
+            for axis, (n, p) in enumerate(zip(shape, final))
+        ]
         start = [s - (q - p) // 2 for s, q, p in zip(start, sampled, final)]
         seg = load_array(self.folder / f"{identifier}_seg.npy", mmap=True)
         data_patch, seg_patch = _read_box(data, start, sampled), _read_box(seg[None], start, sampled)

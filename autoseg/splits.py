@@ -33,9 +33,7 @@ class SplitsError(AutosegError, ValueError):
     """``splits_final.json`` is malformed or names cases that do not exist."""
 
 
-def make_splits(
-    identifiers: Sequence[str], subjects: dict[str, str], num_folds: int = 5, seed: int = 12345
-) -> Splits:
+def make_splits(identifiers: Sequence[str], subjects: dict[str, str], num_folds: int = 5, seed: int = 12345) -> Splits:
     """Split cases into ``num_folds`` folds, keeping each subject's cases together.
 
     Subjects are shuffled with a generator seeded by ``seed`` (after sorting, so the input order does not
@@ -64,14 +62,18 @@ def make_splits(
     if len(set(cases)) != len(cases):
         raise SplitsError(f"duplicate case identifiers: {sorted({c for c in cases if cases.count(c) > 1})}")
     if len(cases) < num_folds:
-        raise SplitsError(f"{len(cases)} cases cannot fill {num_folds} folds: every fold needs a validation case; "
-                         f"use at most {len(cases)} folds")
+        raise SplitsError(
+            f"{len(cases)} cases cannot fill {num_folds} folds: every fold needs a validation case; "
+            f"use at most {len(cases)} folds"
+        )
     groups: dict[str, list[str]] = {}
     for case in cases:
         groups.setdefault(str(subjects.get(case, case)), []).append(case)
     if len(groups) < num_folds:
-        raise SplitsError(f"{len(cases)} cases of {len(groups)} subjects cannot fill {num_folds} folds (a subject's "
-                         f"cases stay together); use at most {len(groups)} folds")
+        raise SplitsError(
+            f"{len(cases)} cases of {len(groups)} subjects cannot fill {num_folds} folds (a subject's "
+            f"cases stay together); use at most {len(groups)} folds"
+        )
     order = sorted(groups)
     np.random.default_rng(seed).shuffle(order)
     order.sort(key=lambda subject: -len(groups[subject]))  # stable: the shuffle decides among equal sizes
@@ -111,16 +113,22 @@ def load_or_create_splits(
 
 def split_problems(splits: object, identifiers: Sequence[str]) -> list[str]:
     """What is wrong with ``splits`` (as read from JSON) given the available ``identifiers``; empty if nothing."""
-    if not isinstance(splits, list) or not splits or not all(
-        isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list) for f in splits
+    if (
+        not isinstance(splits, list)
+        or not splits
+        or not all(
+            isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list) for f in splits
+        )
     ):
         return ['expected a non-empty list of {"train": [...], "val": [...]} objects']
     known, found, seen = set(identifiers), [], set()
     for index, fold in enumerate(splits):
         unknown = sorted((set(fold["train"]) | set(fold["val"])) - known)
         if unknown:
-            found.append(f"fold {index} names cases that are not preprocessed: {unknown[:5]}"
-                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+            found.append(
+                f"fold {index} names cases that are not preprocessed: {unknown[:5]}"
+                + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            )
         both = sorted(set(fold["train"]) & set(fold["val"]))
         if both:
             found.append(f"fold {index} has cases in train and val: {both[:5]}")

@@ -76,8 +76,10 @@ MIN_REGISTRATION_VOXELS = 4
 REGISTRATION_THREADS = 1
 #: What the fit depends on besides the settings in the plans; part of the preprocessing key, so stored mirrors are
 #: recomputed when it changes.
-SYMMETRY_METHOD = (f"euler3d correlation levels {'/'.join(f'{v:g}' for v in LEVELS_MM)} mm, {MAX_SAMPLES} samples, "
-                   f"seed {SAMPLING_SEED}, {ITERATIONS} iterations, linear")
+SYMMETRY_METHOD = (
+    f"euler3d correlation levels {'/'.join(f'{v:g}' for v in LEVELS_MM)} mm, {MAX_SAMPLES} samples, "
+    f"seed {SAMPLING_SEED}, {ITERATIONS} iterations, linear"
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,9 @@ class MirrorFit:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MirrorFit:
         names = cls.__dataclass_fields__
-        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items() if key in names}
+        values = {
+            key: tuple(value) if isinstance(value, list) else value for key, value in data.items() if key in names
+        }
         return cls(**values)
 
     def transform(self) -> sitk.Euler3DTransform:
@@ -143,7 +147,11 @@ class MirrorFit:
 
 
 def fit_mirror(
-    image: np.ndarray, mask: np.ndarray, geometry: Geometry, *, slice_axis: int | None = None,
+    image: np.ndarray,
+    mask: np.ndarray,
+    geometry: Geometry,
+    *,
+    slice_axis: int | None = None,
     ignore: np.ndarray | None = None,
 ) -> MirrorFit:
     """Fit the mirror transform of one (X, Y, Z) image (steps 1 and 2 of the module docstring).
@@ -193,14 +201,23 @@ def fit_mirror(
     correlation = _correlation(image, mirror, judged)
     plane = _plane(euler, geometry, axis)
     return MirrorFit(
-        flip_axis=axis, in_plane=slice_axis is not None, slice_axis=slice_axis,
-        center=tuple(euler.GetCenter()), angles=(euler.GetAngleX(), euler.GetAngleY(), euler.GetAngleZ()),
-        translation=tuple(euler.GetTranslation()), correlation=correlation, converged=converged, stop_condition=stop,
-        seconds=time.perf_counter() - start, **plane)
+        flip_axis=axis,
+        in_plane=slice_axis is not None,
+        slice_axis=slice_axis,
+        center=tuple(euler.GetCenter()),
+        angles=(euler.GetAngleX(), euler.GetAngleY(), euler.GetAngleZ()),
+        translation=tuple(euler.GetTranslation()),
+        correlation=correlation,
+        converged=converged,
+        stop_condition=stop,
+        seconds=time.perf_counter() - start,
+        **plane,
+    )
 
 
-def apply_mirror(channels: np.ndarray, geometry: Geometry, fit: MirrorFit,
-                 background: Sequence[float] | None = None) -> np.ndarray:
+def apply_mirror(
+    channels: np.ndarray, geometry: Geometry, fit: MirrorFit, background: Sequence[float] | None = None
+) -> np.ndarray:
     """Every channel's registered mirror on its own grid (step 3 of the module docstring).
 
     Args:
@@ -214,7 +231,9 @@ def apply_mirror(channels: np.ndarray, geometry: Geometry, fit: MirrorFit,
     transform = fit.transform()
     out = np.empty(channels.shape, np.float32)
     for index, channel in enumerate(channels):
-        out[index] = _mirror(channel, geometry, fit.flip_axis, transform, 0.0 if background is None else background[index])
+        out[index] = _mirror(
+            channel, geometry, fit.flip_axis, transform, 0.0 if background is None else background[index]
+        )
     return out
 
 
@@ -238,8 +257,9 @@ def add_mirror_channels(
             or see :func:`fit_mirror`.
     """
     if not 0 <= symmetry.reference_channel < len(data):
-        raise PlansError(f"symmetry.reference_channel {symmetry.reference_channel} is not one of the "
-                         f"{len(data)} channels")
+        raise PlansError(
+            f"symmetry.reference_channel {symmetry.reference_channel} is not one of the {len(data)} channels"
+        )
     slice_axis = thin_axis(geometry.shape, geometry.spacing) if symmetry.in_plane else None
     if symmetry.in_plane and slice_axis is None:
         slice_axis = int(np.argmax(geometry.spacing))
@@ -268,8 +288,9 @@ def grid_geometry(geometry: Geometry, box: Sequence[Sequence[int]], shape: Seque
     offset = low * spacing - spacing / 2 + new / 2
     direction = np.asarray(geometry.direction, float).reshape(3, 3)
     origin = np.asarray(geometry.origin, float) + direction @ offset
-    return Geometry(tuple(int(v) for v in shape), tuple(float(v) for v in new), tuple(float(v) for v in origin),
-                    geometry.direction)
+    return Geometry(
+        tuple(int(v) for v in shape), tuple(float(v) for v in new), tuple(float(v) for v in origin), geometry.direction
+    )
 
 
 def thin_axis(shape: Sequence[int], spacing: Sequence[float]) -> int | None:
@@ -282,8 +303,14 @@ def thin_axis(shape: Sequence[int], spacing: Sequence[float]) -> int | None:
     return None
 
 
-def assess_case(images: np.ndarray, foreground: np.ndarray, geometry: Geometry, box: Sequence[Sequence[int]],
-                label: np.ndarray | None = None, reference_channel: int = 0) -> dict[str, Any]:
+def assess_case(
+    images: np.ndarray,
+    foreground: np.ndarray,
+    geometry: Geometry,
+    box: Sequence[Sequence[int]],
+    label: np.ndarray | None = None,
+    reference_channel: int = 0,
+) -> dict[str, Any]:
     """The fingerprint's record of one case: can a mid-sagittal plane be found? (in-plane for thin slabs).
 
     Args:
@@ -333,23 +360,42 @@ def qualifies(summary: dict[str, Any] | None) -> tuple[bool, bool, str]:
         (qualifies, in_plane, reason): ``in_plane`` when the cases were fitted in-plane (thin slabs).
     """
     if not summary or not summary.get("cases"):
-        return False, False, "no symmetry record in the fingerprint (made before symmetric channels existed): re-run " \
-                             "autoseg_plan to fingerprint again"
+        return (
+            False,
+            False,
+            "no symmetry record in the fingerprint (made before symmetric channels existed): re-run "
+            "autoseg_plan to fingerprint again",
+        )
     share, threshold = summary["share_found"], MIN_SHARE_FOUND
     in_plane = summary["in_plane"] * 2 > summary["cases"]
-    how = "an in-plane mirror (rotation about the slice axis and in-plane shift; thin slabs)" if in_plane else \
-        "a rigid 3-D mirror"
-    figures = (f"{how} registers onto the original with correlation >= {summary['min_correlation']:g} in "
-               f"{summary['found']} of {summary['cases']} cases ({share:.0%}; median correlation "
-               f"{summary['median_correlation']}, lowest {summary['lowest_correlation']})")
+    how = (
+        "an in-plane mirror (rotation about the slice axis and in-plane shift; thin slabs)"
+        if in_plane
+        else "a rigid 3-D mirror"
+    )
+    figures = (
+        f"{how} registers onto the original with correlation >= {summary['min_correlation']:g} in "
+        f"{summary['found']} of {summary['cases']} cases ({share:.0%}; median correlation "
+        f"{summary['median_correlation']}, lowest {summary['lowest_correlation']})"
+    )
     if share >= threshold:
-        return True, in_plane, (
-            f"a mid-sagittal plane is found: {figures}; each channel's registered mirror is appended (acute stroke "
-            "paper's symmetric modality augmentation), so every patch sees the contralateral hemisphere")
+        return (
+            True,
+            in_plane,
+            (
+                f"a mid-sagittal plane is found: {figures}; each channel's registered mirror is appended (acute stroke "
+                "paper's symmetric modality augmentation), so every patch sees the contralateral hemisphere"
+            ),
+        )
     missing = ", ".join(summary["not_found"][:5]) + (" ..." if len(summary["not_found"]) > 5 else "")
-    return False, in_plane, (
-        f"no symmetric configuration: {figures}, below the {threshold:.0%} needed (not found: {missing}); the data "
-        "do not look like whole brains with a mid-sagittal plane")
+    return (
+        False,
+        in_plane,
+        (
+            f"no symmetric configuration: {figures}, below the {threshold:.0%} needed (not found: {missing}); the data "
+            "do not look like whole brains with a mid-sagittal plane"
+        ),
+    )
 
 
 def _padded(image: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, Geometry]:
@@ -362,12 +408,16 @@ def _padded(image: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tuple[np
     direction = np.asarray(geometry.direction, float).reshape(3, 3)
     origin = np.asarray(geometry.origin, float) - direction @ (np.asarray(pad) * np.asarray(geometry.spacing))
     shape = tuple(n + 2 * p for n, p in zip(image.shape, pad))
-    return (np.pad(image, widths, mode="edge"), np.pad(mask, widths, mode="edge"),
-            Geometry(shape, geometry.spacing, tuple(float(v) for v in origin), geometry.direction))
+    return (
+        np.pad(image, widths, mode="edge"),
+        np.pad(mask, widths, mode="edge"),
+        Geometry(shape, geometry.spacing, tuple(float(v) for v in origin), geometry.direction),
+    )
 
 
-def _registration_method(geometry: Geometry, foreground_voxels: int, slice_axis: int | None
-                         ) -> sitk.ImageRegistrationMethod:
+def _registration_method(
+    geometry: Geometry, foreground_voxels: int, slice_axis: int | None
+) -> sitk.ImageRegistrationMethod:
     spacing = np.asarray(geometry.spacing, float)
     in_plane = [a for a in range(3) if a != slice_axis]
     finest = float(spacing[in_plane].min())
@@ -381,13 +431,16 @@ def _registration_method(geometry: Geometry, foreground_voxels: int, slice_axis:
     method.MetricUseMovingImageGradientFilterOff()
     method.SetMetricSamplingStrategy(method.RANDOM)
     # Voxels a shrunk level keeps: the thick axis of a slab is not shrunk below its slices (ITK keeps >= 1).
-    percentages = [min(1.0, MAX_SAMPLES / max(1.0, foreground_voxels / shrink ** len(in_plane)))
-                   for shrink in shrinks]
+    percentages = [min(1.0, MAX_SAMPLES / max(1.0, foreground_voxels / shrink ** len(in_plane))) for shrink in shrinks]
     method.SetMetricSamplingPercentagePerLevel(percentages, SAMPLING_SEED)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=LEARNING_RATE_MM, minStep=MIN_STEP_MM,
-                                                    numberOfIterations=ITERATIONS, relaxationFactor=0.5,
-                                                    gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=LEARNING_RATE_MM,
+        minStep=MIN_STEP_MM,
+        numberOfIterations=ITERATIONS,
+        relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-8,
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(shrinks)
     method.SetSmoothingSigmasPerLevel(sigmas)
@@ -446,7 +499,10 @@ def _plane(euler: sitk.Euler3DTransform, geometry: Geometry, axis: int) -> dict[
     distance = float(normal @ offset) / 2
     shift_mm = distance - float(normal @ middle)
     tilt = float(np.degrees(np.arccos(np.clip(abs(normal @ flip_normal), 0.0, 1.0))))
-    return {"image_center": tuple(float(v) for v in middle), "plane_normal": tuple(float(v) for v in normal),
-            "plane_point": tuple(float(v) for v in middle + shift_mm * normal), "tilt_degrees": tilt,
-            "shift_mm": shift_mm}
-
+    return {
+        "image_center": tuple(float(v) for v in middle),
+        "plane_normal": tuple(float(v) for v in normal),
+        "plane_point": tuple(float(v) for v in middle + shift_mm * normal),
+        "tilt_degrees": tilt,
+        "shift_mm": shift_mm,
+    }

@@ -90,8 +90,7 @@ def train(
         runner.fit()
         summary = runner.validate() if options.validation else None
         if runner.promise is not None and options.validation and not options.continue_training:
-            runner.log(runner.promise.check("whole fold", time.perf_counter() - start,
-                                            runner.promise.total_seconds)[1])
+            runner.log(runner.promise.check("whole fold", time.perf_counter() - start, runner.promise.total_seconds)[1])
     finally:
         leave()  # the process group of a distributed run (torchrun), if setup() joined one
     return TrainingResult(runner.output_folder, runner.epoch, runner.best_ema, summary)
@@ -119,9 +118,15 @@ def prepare_run(
     chosen = plans.configuration(configuration)
     trainer_class = trainer if isinstance(trainer, type) else get_trainer(trainer or chosen.schedule.trainer)
     fold = parse_fold(fold)
-    runner = trainer_class(plans, chosen.name, fold, preprocessed_folder=preprocessed,
-                           output_folder=run_folder(raw.name, chosen.name, trainer_class.__name__, fold),
-                           options=options, raw_dataset=raw)
+    runner = trainer_class(
+        plans,
+        chosen.name,
+        fold,
+        preprocessed_folder=preprocessed,
+        output_folder=run_folder(raw.name, chosen.name, trainer_class.__name__, fold),
+        options=options,
+        raw_dataset=raw,
+    )
     if not options.continue_training:
         runner.refuse_overwrite()
     return runner

@@ -27,8 +27,16 @@ from matplotlib.figure import Figure
 
 from autoseg.io import atomic_path, reporting_disk_full
 
-HISTORY_KEYS = ("epoch", "stage", "train_loss", "val_loss", "pseudo_dice", "ema_pseudo_dice", "learning_rate",
-                "epoch_time")
+HISTORY_KEYS = (
+    "epoch",
+    "stage",
+    "train_loss",
+    "val_loss",
+    "pseudo_dice",
+    "ema_pseudo_dice",
+    "learning_rate",
+    "epoch_time",
+)
 
 History = dict[str, list]
 
@@ -45,9 +53,11 @@ def format_epoch(history: History, index: int, total_epochs: int) -> str:
         ``epoch 3/4 [zoom_in] train_loss 0.6123 val_loss 0.5980 pseudo_dice 0.4123 ema 0.3011 lr 1.00e-03 12.3 s``
     """
     h = {key: values[index] for key, values in history.items()}
-    return (f"epoch {h['epoch'] + 1}/{total_epochs} [{h['stage']}] train_loss {h['train_loss']:.4f} "
-            f"val_loss {h['val_loss']:.4f} pseudo_dice {h['pseudo_dice']:.4f} ema {h['ema_pseudo_dice']:.4f} "
-            f"lr {h['learning_rate']:.2e} {h['epoch_time']:.1f} s")
+    return (
+        f"epoch {h['epoch'] + 1}/{total_epochs} [{h['stage']}] train_loss {h['train_loss']:.4f} "
+        f"val_loss {h['val_loss']:.4f} pseudo_dice {h['pseudo_dice']:.4f} ema {h['ema_pseudo_dice']:.4f} "
+        f"lr {h['learning_rate']:.2e} {h['epoch_time']:.1f} s"
+    )
 
 
 class TrainingLog:

@@ -43,8 +43,15 @@ def write_typed(value: Any, path: str | Path) -> None:
     write_json({**version, **plain}, path)
 
 
-def read_typed(kind: type[T], path: str | Path, error: type[Exception], missing: str, hint: str = "",
-               upgrade: Callable[[Any], Any] | None = None, version: int | None = None) -> T:
+def read_typed(
+    kind: type[T],
+    path: str | Path,
+    error: type[Exception],
+    missing: str,
+    hint: str = "",
+    upgrade: Callable[[Any], Any] | None = None,
+    version: int | None = None,
+) -> T:
     """Read ``path`` as the dataclass ``kind``.
 
     Args:
@@ -68,8 +75,9 @@ def read_typed(kind: type[T], path: str | Path, error: type[Exception], missing:
     except (TypeError, ValueError) as problem:
         raise error(f"{path}: {problem}{hint}") from None
     if version is not None and value.schema_version != version:
-        raise error(f"{path}: schema_version: this autoseg reads version {version}, the file has "
-                    f"{value.schema_version}{hint}")
+        raise error(
+            f"{path}: schema_version: this autoseg reads version {version}, the file has {value.schema_version}{hint}"
+        )
     return value
 
 
@@ -121,8 +129,11 @@ def _dataclass(kind: Any, value: Any, where: str) -> Any:
     unknown = sorted(set(value) - {f.name for f in fields})
     if unknown:
         raise ValueError(f"{label}: unknown field(s) {unknown}")
-    missing = [f.name for f in fields
-               if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"{label}: missing field(s) {missing}")
     return kind(**{k: from_plain(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()})

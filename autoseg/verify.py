@@ -109,9 +109,11 @@ def lesion_free_problems(dataset: RawDataset, lesion_free: list[str], num_cases:
     the fingerprint lists them)."""
     if num_cases == 0 or len(lesion_free) < num_cases:
         return []
-    message = (f"dataset {dataset.name}: none of its {num_cases} training case(s) contains a lesion (every label "
-               "file holds only background 0); autoseg learns lesions from traced examples: add cases whose label "
-               "files mark lesions, or check that labelsTr/ holds the lesion tracings")
+    message = (
+        f"dataset {dataset.name}: none of its {num_cases} training case(s) contains a lesion (every label "
+        "file holds only background 0); autoseg learns lesions from traced examples: add cases whose label "
+        "files mark lesions, or check that labelsTr/ holds the lesion tracings"
+    )
     return [Problem("-", dataset.folder / "labelsTr", message)]
 
 
@@ -125,7 +127,9 @@ def training_cases(dataset: RawDataset) -> list[Case]:
     if not cases:
         folder = dataset.folder / "imagesTr"
         message = "no training cases found" + ("" if folder.is_dir() else " (imagesTr/ is missing)")
-        raise VerificationError([Problem("-", folder, f"{message}; expected files like CASE_0000{dataset.file_ending}")])
+        raise VerificationError(
+            [Problem("-", folder, f"{message}; expected files like CASE_0000{dataset.file_ending}")]
+        )
     return cases
 
 
@@ -173,7 +177,8 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
             reference = geometry
         elif geometry is not None and reference is not None:
             problems += [
-                Problem(case.identifier, path, f"disagrees with channel 0 (channel 0 vs this file): {text}") for text in reference.differences(geometry)
+                Problem(case.identifier, path, f"disagrees with channel 0 (channel 0 vs this file): {text}")
+                for text in reference.differences(geometry)
             ]
     label = None
     if case.label is not None:
@@ -192,9 +197,15 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
     if label is not None:
         outside = int(np.count_nonzero((label > 0) & ~np.any(images != 0, axis=0)))
         if outside:
-            notes.append(Problem(case.identifier, case.label, f"note: {outside} lesion voxel(s) lie where the image is "
-                                 "zero (outside its non-zero region, e.g. removed by skull stripping); preprocessing "
-                                 "keeps them"))
+            notes.append(
+                Problem(
+                    case.identifier,
+                    case.label,
+                    f"note: {outside} lesion voxel(s) lie where the image is "
+                    "zero (outside its non-zero region, e.g. removed by skull stripping); preprocessing "
+                    "keeps them",
+                )
+            )
     stored = Orientation.of(read_header(case.images[0])[0].direction).stored
     return CheckedCase([], notes, images, label, reference, stored)
 
@@ -234,7 +245,9 @@ def _check_image(
         unexpected = [v for v in values.tolist() if v not in allowed_labels]
         if unexpected:
             shown = ", ".join(f"{v:g}" for v in unexpected[:10])
-            problems.append(Problem(case.identifier, path, f"label values {shown} not in dataset.json labels {allowed_labels}"))
+            problems.append(
+                Problem(case.identifier, path, f"label values {shown} not in dataset.json labels {allowed_labels}")
+            )
     return array, geometry, problems
 
 

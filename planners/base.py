@@ -39,8 +39,13 @@ class Planner:
         super().__init_subclass__(**kwargs)
         _REGISTRY.register(cls)
 
-    def __init__(self, fingerprint: Fingerprint, memory_budget_gb: float | None = None,
-                 compute: BudgetRequest | None = None, normalization: str = "zscore"):
+    def __init__(
+        self,
+        fingerprint: Fingerprint,
+        memory_budget_gb: float | None = None,
+        compute: BudgetRequest | None = None,
+        normalization: str = "zscore",
+    ):
         if normalization not in NORMALIZATION_OPTIONS:
             raise UsageError(f"unknown normalization '{normalization}', use one of {list(NORMALIZATION_OPTIONS)}")
         self.fingerprint = fingerprint

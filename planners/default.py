@@ -102,11 +102,15 @@ class DefaultPlanner(Planner):
         normalization = [channel_normalization(channel) for channel in self.fingerprint.channels]
         thin, why = self.is_thin_slab(aggregate)
         if thin and self.compute is not None:
-            configurations = [self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
-                              self.plan_for_budget(self.plan_aniso, spacing, spacing_reason, normalization)]
+            configurations = [
+                self.plan_pspnet_for_budget(spacing, spacing_reason, normalization),
+                self.plan_for_budget(self.plan_aniso, spacing, spacing_reason, normalization),
+            ]
         elif thin:
-            configurations = [self.plan_pspnet(spacing, spacing_reason, normalization),
-                              self.plan_aniso(spacing, spacing_reason, normalization)]
+            configurations = [
+                self.plan_pspnet(spacing, spacing_reason, normalization),
+                self.plan_aniso(spacing, spacing_reason, normalization),
+            ]
         elif self.compute is not None:
             configurations = [self.plan_for_budget(self.plan_resunet, spacing, spacing_reason, normalization)]
         else:
@@ -167,8 +171,14 @@ class DefaultPlanner(Planner):
         median = aggregate.lesion_component_volumes_mm3.get("median", 0.0)
         relative = median / patch_volume_mm3
         if small_share >= 0.3 or relative < 1e-3:
-            return Loss(name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0,
-                        focal_alpha=0.75), (
+            return Loss(
+                name="dice_bce_focal",
+                dice_weight=1.0,
+                bce_weight=1.0,
+                focal_weight=1.0,
+                focal_gamma=2.0,
+                focal_alpha=0.75,
+            ), (
                 f"{small_share:.0%} of lesions are below 1 cm³ and the median lesion ({median:.0f} mm³) fills "
                 f"{relative:.2%} of a patch: Dice + BCE plus a focal term (γ=2, α=0.75 for lesion, acute stroke paper) "
                 "so the many easy background voxels do not drown the small lesions"
@@ -183,15 +193,22 @@ class DefaultPlanner(Planner):
         median_case = aggregate.case_lesion_volumes_mm3.get("median", 0.0)
         share = median_case / patch_volume_mm3
         small = aggregate.share_of_lesions_below_1cm3
-        choice, why_choice = ("lesion", f"; {small:.0%} of lesions are below 1 cm³, so a forced patch picks a lesion "
-                              "first (uniformly, then a voxel of it) and small lesions beside large ones are seen "
-                              "as often") if small >= SMALL_LESION_SHARE else (
-            "voxel", f"; a forced patch centres on any lesion voxel ({small:.0%} of lesions below 1 cm³)")
+        choice, why_choice = (
+            (
+                "lesion",
+                f"; {small:.0%} of lesions are below 1 cm³, so a forced patch picks a lesion "
+                "first (uniformly, then a voxel of it) and small lesions beside large ones are seen "
+                "as often",
+            )
+            if small >= SMALL_LESION_SHARE
+            else ("voxel", f"; a forced patch centres on any lesion voxel ({small:.0%} of lesions below 1 cm³)")
+        )
         if share < 0.01:
             return Sampling(foreground_oversampling=0.5, max_offset_fraction=0.5, lesion_choice=choice), (
                 f"the median case's lesion load ({median_case:.0f} mm³) fills {share:.2%} of a patch: half the patches "
                 "are centred on lesion (balanced sampling, acute stroke paper), shifted by up to half a patch"
-                + why_choice)
+                + why_choice
+            )
         return Sampling(foreground_oversampling=0.33, max_offset_fraction=0.5, lesion_choice=choice), (
             f"lesions fill {share:.1%} of a patch for the median case: a third of the patches are forced onto lesion "
             "(nnU-Net's ratio), shifted by up to half a patch so lesions are not always centred" + why_choice
@@ -214,7 +231,8 @@ class DefaultPlanner(Planner):
             "windows at most half a patch apart, so every voxel is predicted in about 2 windows per axis and the "
             "Gaussian-weighted mean hides the seams (nnU-Net); the acute stroke paper's denser step (4x4x1 voxels on "
             "24x24x16 patches, about a sixth of a patch) needs about 27 times as many forward passes: lower this "
-            "value (e.g. 0.25, 8 times as many) for denser overlap; autoseg_predict --step-size overrides it")
+            "value (e.g. 0.25, 8 times as many) for denser overlap; autoseg_predict --step-size overrides it"
+        )
 
     def resampling(self, spacing: tuple[float, ...]) -> tuple[Resampling, str]:
         ratio = max(spacing) / min(spacing)
@@ -224,7 +242,9 @@ class DefaultPlanner(Planner):
                 f"spacing is anisotropic ({ratio:.1f}x): cubic spline in-plane, nearest along axis {axis} so thick "
                 "slices are not blurred into each other"
             )
-        return Resampling(image_order=3), "near-isotropic: cubic spline for images, linear one-hot interpolation for labels"
+        return Resampling(
+            image_order=3
+        ), "near-isotropic: cubic spline for images, linear one-hot interpolation for labels"
 
     def common(self, spacing: tuple[float, ...], patch_mm3: float) -> tuple[dict[str, Any], dict[str, str]]:
         """Fields and reasons every configuration shares."""
@@ -256,13 +276,18 @@ class DefaultPlanner(Planner):
             return [], reason
         symmetry = Symmetry(reference_channel=0, difference=False, in_plane=in_plane)
         if thin:
-            configuration = (self.plan_pspnet_for_budget(spacing, spacing_reason, normalization, symmetry)
-                             if self.compute is not None else
-                             self.plan_pspnet(spacing, spacing_reason, normalization, symmetry))
+            configuration = (
+                self.plan_pspnet_for_budget(spacing, spacing_reason, normalization, symmetry)
+                if self.compute is not None
+                else self.plan_pspnet(spacing, spacing_reason, normalization, symmetry)
+            )
         else:
             build = functools.partial(self.plan_resunet, symmetry=symmetry)
-            configuration = (self.plan_for_budget(build, spacing, spacing_reason, normalization)
-                             if self.compute is not None else build(spacing, spacing_reason, normalization))
+            configuration = (
+                self.plan_for_budget(build, spacing, spacing_reason, normalization)
+                if self.compute is not None
+                else build(spacing, spacing_reason, normalization)
+            )
         return [configuration], f"{configuration.name}: {reason}"
 
     def symmetry_reason(self, symmetry: Symmetry) -> str:
@@ -270,14 +295,20 @@ class DefaultPlanner(Planner):
         channels = self.fingerprint.channels
         reference = channels[symmetry.reference_channel].name
         count = input_channels(len(channels), symmetry)
-        how = ("in-plane: rotation about the slice axis and in-plane shift, since a few thick slices cannot fix an "
-               "out-of-plane tilt" if symmetry.in_plane else "rigid 3-D (Euler3D)")
+        how = (
+            "in-plane: rotation about the slice axis and in-plane shift, since a few thick slices cannot fix an "
+            "out-of-plane tilt"
+            if symmetry.in_plane
+            else "rigid 3-D (Euler3D)"
+        )
         _, _, found = symmetry_qualifies(self.fingerprint.aggregate.symmetry)
-        return (f"{found}. The mirror is fitted ({how}) on channel {symmetry.reference_channel} ({reference}) after "
-                f"cropping, normalization and resampling, on the arrays the network reads, and its transform reused "
-                f"for the other channels (acute stroke paper); the network takes {count} channels. No difference "
-                "channel: the paper appends the mirror only and the first convolution can subtract; set "
-                "symmetry.difference to true for original − mirror as a third channel per input")
+        return (
+            f"{found}. The mirror is fitted ({how}) on channel {symmetry.reference_channel} ({reference}) after "
+            f"cropping, normalization and resampling, on the arrays the network reads, and its transform reused "
+            f"for the other channels (acute stroke paper); the network takes {count} channels. No difference "
+            "channel: the paper appends the mirror only and the first convolution can subtract; set "
+            "symmetry.difference to true for original − mirror as a third channel per input"
+        )
 
     def unet_memory(self, deep_supervision: bool = True, symmetry: Symmetry | None = None):
         in_channels = input_channels(len(self.fingerprint.channels), symmetry)
@@ -285,9 +316,15 @@ class DefaultPlanner(Planner):
 
         def memory_of(patch: tuple[int, ...], topology: Topology, batch: int) -> int:
             return estimate_training_memory_bytes(
-                patch_size=patch, batch_size=batch, in_channels=in_channels, num_classes=num_classes,
-                features=topology.features, strides=topology.strides, kernel_sizes=topology.kernel_sizes,
-                deep_supervision=deep_supervision, bytes_per_activation=BYTES_PER_ACTIVATION,
+                patch_size=patch,
+                batch_size=batch,
+                in_channels=in_channels,
+                num_classes=num_classes,
+                features=topology.features,
+                strides=topology.strides,
+                kernel_sizes=topology.kernel_sizes,
+                deep_supervision=deep_supervision,
+                bytes_per_activation=BYTES_PER_ACTIVATION,
             )
 
         return memory_of
@@ -296,9 +333,16 @@ class DefaultPlanner(Planner):
         one, two = memory_of(patch, topology, 1), memory_of(patch, topology, 2)
         return min(largest_batch(two - one, 2 * one - two, self.memory_budget_gb * GIB), self.batch_cap(patch, spacing))
 
-    def plan_resunet(self, spacing, spacing_reason, normalization, widths: tuple[int, int] | None = None,
-                     patch: tuple[int, ...] | None = None, batch: int | None = None,
-                     symmetry: Symmetry | None = None) -> Configuration:
+    def plan_resunet(
+        self,
+        spacing,
+        spacing_reason,
+        normalization,
+        widths: tuple[int, int] | None = None,
+        patch: tuple[int, ...] | None = None,
+        batch: int | None = None,
+        symmetry: Symmetry | None = None,
+    ) -> Configuration:
         """3D residual U-Net with the zoom-in&out schedule when a half-volume patch is still sensible.
 
         Without ``patch``, the largest patch that fits the memory budget (up to the median volume); without
@@ -310,8 +354,7 @@ class DefaultPlanner(Planner):
         memory_of = self.unet_memory(symmetry=symmetry)
         given_patch = patch is not None
         if patch is None:
-            patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, batch_size=2,
-                                                          widths=widths)
+            patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, batch_size=2, widths=widths)
         else:
             topology = unet_topology(patch, spacing, max_features=widths[1], base_features=widths[0])
             patch = round_to_multiple(patch, topology.total_stride)
@@ -319,13 +362,23 @@ class DefaultPlanner(Planner):
             needed = memory_of(patch, topology, 2)
         given_batch = batch is not None
         batch = batch or self.fit_batch(patch, topology, spacing, memory_of)
-        batch_reason = (f"as many patches as fit the budget, at least 2 and at most {MAX_BATCH_SHARE:.0%} of all "
-                        f"training voxels: {batch}") if not given_batch else (
-            f"{batch} patches: a compute-budget candidate, where time buys iterations rather than larger batches")
-        patch_reason = self.patch_reason(full, patch, topology, needed) if not given_patch else (
-            f"{list(patch)}: a candidate of the compute budget (see reasons.compute_budget), covering "
-            f"{float(np.prod(patch) / np.prod(full)):.0%} of the median cropped volume {list(full)}; memory estimate "
-            f"{needed / GIB:.2f} GB at batch 2")
+        batch_reason = (
+            (
+                f"as many patches as fit the budget, at least 2 and at most {MAX_BATCH_SHARE:.0%} of all "
+                f"training voxels: {batch}"
+            )
+            if not given_batch
+            else (f"{batch} patches: a compute-budget candidate, where time buys iterations rather than larger batches")
+        )
+        patch_reason = (
+            self.patch_reason(full, patch, topology, needed)
+            if not given_patch
+            else (
+                f"{list(patch)}: a candidate of the compute budget (see reasons.compute_budget), covering "
+                f"{float(np.prod(patch) / np.prod(full)):.0%} of the median cropped volume {list(full)}; memory estimate "
+                f"{needed / GIB:.2f} GB at batch 2"
+            )
+        )
         reasons = {
             "target_spacing": spacing_reason,
             "patch_size": patch_reason,
@@ -342,16 +395,33 @@ class DefaultPlanner(Planner):
         if symmetry is not None:
             reasons["symmetry"] = self.symmetry_reason(symmetry)
         return Configuration(
-            name="3d_resunet" + ("_sym" if symmetry else ""), dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
+            name="3d_resunet" + ("_sym" if symmetry else ""),
+            dimension=3,
+            target_spacing=spacing,
+            median_shape=full,
+            patch_size=patch,
             batch_size=batch,
-            network=Network(architecture="ResidualUNet", features=topology.features, strides=topology.strides,
-                            kernel_sizes=topology.kernel_sizes, deep_supervision=True),
+            network=Network(
+                architecture="ResidualUNet",
+                features=topology.features,
+                strides=topology.strides,
+                kernel_sizes=topology.kernel_sizes,
+                deep_supervision=True,
+            ),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule(trainer=trainer, epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
-                              stages=stages, restart_period_epochs=50 if len(stages) == 2 else None),
-            mirror_axes=(0, 1, 2), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
-            data_identifier=self.resunet_identifier(spacing) + ("_sym" if symmetry else ""), reasons=reasons,
-            symmetry=symmetry, **common,
+            schedule=Schedule(
+                trainer=trainer,
+                epochs=self.epochs,
+                iterations_per_epoch=self.iterations_per_epoch,
+                stages=stages,
+                restart_period_epochs=50 if len(stages) == 2 else None,
+            ),
+            mirror_axes=(0, 1, 2),
+            estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
+            data_identifier=self.resunet_identifier(spacing) + ("_sym" if symmetry else ""),
+            reasons=reasons,
+            symmetry=symmetry,
+            **common,
         )
 
     def resunet_identifier(self, spacing: tuple[float, ...]) -> str:
@@ -364,14 +434,19 @@ class DefaultPlanner(Planner):
         coverage = float(np.prod(patch) / np.prod(full))
         estimate = f"estimated {needed / GIB:.2f} GB of {self.memory_budget_gb:g} GB at batch 2"
         if coverage >= 1:
-            return (f"the whole median cropped volume {list(full)} fits ({estimate}); edges rounded up to multiples "
-                    f"of the total stride {list(topology.total_stride)}, the rest is padding")
-        return (f"the largest patch that fits ({estimate}), shrunk from the median cropped volume {list(full)} "
-                f"along its longest edge in mm: it covers {coverage:.0%} of it; edges are multiples of the total "
-                f"stride {list(topology.total_stride)}")
+            return (
+                f"the whole median cropped volume {list(full)} fits ({estimate}); edges rounded up to multiples "
+                f"of the total stride {list(topology.total_stride)}, the rest is padding"
+            )
+        return (
+            f"the largest patch that fits ({estimate}), shrunk from the median cropped volume {list(full)} "
+            f"along its longest edge in mm: it covers {coverage:.0%} of it; edges are multiples of the total "
+            f"stride {list(topology.total_stride)}"
+        )
 
-    def zoom_schedule(self, patch, batch, topology, spacing, memory_of,
-                      widths: tuple[int, int] | None = None) -> tuple[tuple[Stage, ...], str]:
+    def zoom_schedule(
+        self, patch, batch, topology, spacing, memory_of, widths: tuple[int, int] | None = None
+    ) -> tuple[tuple[Stage, ...], str]:
         """Stage 1 on half-volume patches at lr 1e-3, stage 2 on the full patch at 1e-4 (the paper's
         24% -> 48% sub-volumes, 128³ -> 144x172x168 mm)."""
         small = round_to_multiple(tuple(p * 0.5 ** (1 / 3) for p in patch), topology.total_stride, mode="nearest")
@@ -385,8 +460,10 @@ class DefaultPlanner(Planner):
         small_topology = unet_topology(small, spacing, max_features=widths[1], base_features=widths[0])
         small_batch = self.fit_batch(small, small_topology, spacing, memory_of)
         switch = int(round(self.epochs * (1 - ZOOM_OUT_SHARE)))
-        stages = (Stage(name="zoom_in", start_epoch=0, patch_size=small, batch_size=small_batch, learning_rate=1e-3),
-                  Stage(name="zoom_out", start_epoch=switch, patch_size=patch, batch_size=batch, learning_rate=1e-4))
+        stages = (
+            Stage(name="zoom_in", start_epoch=0, patch_size=small, batch_size=small_batch, learning_rate=1e-3),
+            Stage(name="zoom_out", start_epoch=switch, patch_size=patch, batch_size=batch, learning_rate=1e-4),
+        )
         return stages, (
             f"zoom-in&out (chronic stroke paper): epochs 0–{switch - 1} on {list(small)} patches "
             f"({np.prod(small) / np.prod(patch):.0%} of the final volume, batch {small_batch}) at lr 1e-3, then "
@@ -394,8 +471,9 @@ class DefaultPlanner(Planner):
             "annealing and warm restarts every 50 epochs"
         )
 
-    def topology_reason(self, topology: Topology, spacing: tuple[float, ...],
-                        widths: tuple[int, int] | None = None) -> str:
+    def topology_reason(
+        self, topology: Topology, spacing: tuple[float, ...], widths: tuple[int, int] | None = None
+    ) -> str:
         widths = widths or self.widths
         return (
             f"{len(topology.strides)} stages: an axis is halved while it keeps >= 4 voxels and is not coarser than "
@@ -411,8 +489,10 @@ class DefaultPlanner(Planner):
         coarse = tuple(max(float(s), BUDGET_COARSE_SPACING_MM) for s in spacing)
         if coarse == tuple(spacing):
             return [(spacing, reason)]
-        return [(coarse, f"{reason}; lowered to {BUDGET_COARSE_SPACING_MM:g} mm to fit the compute budget"),
-                (spacing, reason)]
+        return [
+            (coarse, f"{reason}; lowered to {BUDGET_COARSE_SPACING_MM:g} mm to fit the compute budget"),
+            (spacing, reason),
+        ]
 
     def budget_widths(self) -> list[tuple[int, int]]:
         """Widths a compute budget may choose, narrowest first, ending with the planner's own."""
@@ -445,7 +525,7 @@ class DefaultPlanner(Planner):
         options = self.budget_spacings(spacing, spacing_reason)
         candidates = []
         for index, (option, reason) in enumerate(options):
-            for widths in (self.budget_widths() if index == 0 else [self.widths]):
+            for widths in self.budget_widths() if index == 0 else [self.widths]:
                 largest = build(option, reason, normalization, widths, batch=BUDGET_BATCH)
                 for patch in self.growing_patches(largest.patch_size, option, widths):
                     candidates.append(build(option, reason, normalization, widths, patch, BUDGET_BATCH))
@@ -461,29 +541,43 @@ class DefaultPlanner(Planner):
     @staticmethod
     def _fixed_stage_batches(configuration: Configuration) -> Configuration:
         """Every stage of a budgeted candidate trains with the configuration's batch."""
-        stages = tuple(dataclasses.replace(s, batch_size=configuration.batch_size)
-                       for s in configuration.schedule.stages)
+        stages = tuple(
+            dataclasses.replace(s, batch_size=configuration.batch_size) for s in configuration.schedule.stages
+        )
         return dataclasses.replace(configuration, schedule=dataclasses.replace(configuration.schedule, stages=stages))
 
     def estimate(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
         """Estimated wall time of one fold of ``configuration`` laid out as ``layout`` on the budget's machine."""
         in_channels = configuration.input_channels(len(self.fingerprint.channels))
         num_classes = len(self.fingerprint.labels) - 1
-        network = NetworkShape(in_channels, num_classes, configuration.network.features,
-                               configuration.network.strides, configuration.network.kernel_sizes)
+        network = NetworkShape(
+            in_channels,
+            num_classes,
+            configuration.network.features,
+            configuration.network.strides,
+            configuration.network.kernel_sizes,
+        )
         schedule = self.laid_out_schedule(configuration, layout)
         shares = stage_shares([s.start_epoch for s in schedule.stages], layout.epochs)
         stages = [(s.patch_size, s.batch_size, share) for s, share in zip(schedule.stages, shares)]
         cases = max(1, round(self.fingerprint.aggregate.num_cases / 5))
         shape = tuple(max(m, p) for m, p in zip(configuration.median_shape, configuration.patch_size))
-        windows = len(sliding_window_positions(shape, configuration.patch_size,
-                                               configuration.sliding_window_step)) * cases
+        windows = (
+            len(sliding_window_positions(shape, configuration.patch_size, configuration.sliding_window_step)) * cases
+        )
         megavoxels = float(np.prod(self.fingerprint.aggregate.median_shape)) * cases / 1e6
-        return estimate_training(self.compute.probe, network, stages, epochs=layout.epochs,
-                                 iterations_per_epoch=layout.iterations_per_epoch,
-                                 val_iterations=layout.val_iterations, validation_windows=windows,
-                                 mirror_count=2 ** len(configuration.mirror_axes), validation_megavoxels=megavoxels,
-                                 device_type=self.compute.device)
+        return estimate_training(
+            self.compute.probe,
+            network,
+            stages,
+            epochs=layout.epochs,
+            iterations_per_epoch=layout.iterations_per_epoch,
+            val_iterations=layout.val_iterations,
+            validation_windows=windows,
+            mirror_count=2 ** len(configuration.mirror_axes),
+            validation_megavoxels=megavoxels,
+            device_type=self.compute.device,
+        )
 
     def laid_out_schedule(self, configuration: Configuration, layout: ScheduleLayout) -> Schedule:
         """The configuration's schedule over ``layout``: zoom-out from 7/8 of the epochs, one cosine cycle per
@@ -494,16 +588,25 @@ class DefaultPlanner(Planner):
             switch = min(layout.epochs - 1, max(1, round(layout.epochs * (1 - ZOOM_OUT_SHARE))))
             stages = (stages[0], dataclasses.replace(stages[1], start_epoch=switch))
             period = max(1, switch // layout.cycles) if layout.cycles > 1 else None
-        return dataclasses.replace(schedule, epochs=layout.epochs, iterations_per_epoch=layout.iterations_per_epoch,
-                                   stages=stages, restart_period_epochs=period,
-                                   val_iterations_per_epoch=layout.val_iterations)
+        return dataclasses.replace(
+            schedule,
+            epochs=layout.epochs,
+            iterations_per_epoch=layout.iterations_per_epoch,
+            stages=stages,
+            restart_period_epochs=period,
+            val_iterations_per_epoch=layout.val_iterations,
+        )
 
     def plan_for_budget(self, build, spacing, spacing_reason, normalization) -> Configuration:
         """The richest U-Net candidate (``build``: :meth:`plan_resunet` or :meth:`plan_aniso`) that trains enough
         iterations within the compute budget."""
         ladder = self.ladder(build, spacing, spacing_reason, normalization)
-        choice = choose_rung(len(ladder), lambda rung, layout: self.estimate(ladder[rung], layout),
-                             self.compute.minutes, self.epochs * self.iterations_per_epoch)
+        choice = choose_rung(
+            len(ladder),
+            lambda rung, layout: self.estimate(ladder[rung], layout),
+            self.compute.minutes,
+            self.epochs * self.iterations_per_epoch,
+        )
         chosen = ladder[choice.index]
         schedule = self.laid_out_schedule(chosen, choice.layout)
         reasons = dict(chosen.reasons)
@@ -513,25 +616,36 @@ class DefaultPlanner(Planner):
         self._budget_choices = {**getattr(self, "_budget_choices", {}), configuration.name: choice}
         return configuration
 
-    def plan_pspnet_for_budget(self, spacing, spacing_reason, normalization,
-                               symmetry: Symmetry | None = None) -> Configuration:
+    def plan_pspnet_for_budget(
+        self, spacing, spacing_reason, normalization, symmetry: Symmetry | None = None
+    ) -> Configuration:
         """The 2d_pspnet plan with its epochs fitted to the compute budget.
 
         The network stays the planner's (a pre-trained backbone is chosen for its weights, not its cost); its
         step is estimated from the PSPNet's multiply-accumulates (counted on the meta device) and activations
         with the probe's cost model, fitted on 3-D U-Nets, so the figure is rougher than for the U-Nets."""
         configuration = self.plan_pspnet(spacing, spacing_reason, normalization, symmetry)
-        choice = choose_rung(1, lambda rung, layout: self.estimate_pspnet(configuration, layout),
-                             self.compute.minutes, self.pspnet_epochs * self.iterations_per_epoch)
+        choice = choose_rung(
+            1,
+            lambda rung, layout: self.estimate_pspnet(configuration, layout),
+            self.compute.minutes,
+            self.pspnet_epochs * self.iterations_per_epoch,
+        )
         layout, schedule = choice.layout, configuration.schedule
         scale = layout.epochs / schedule.epochs
-        stages = (schedule.stages[0], dataclasses.replace(schedule.stages[1],
-                                                          start_epoch=max(1, round(layout.epochs / 10))))
+        stages = (
+            schedule.stages[0],
+            dataclasses.replace(schedule.stages[1], start_epoch=max(1, round(layout.epochs / 10))),
+        )
         schedule = dataclasses.replace(
-            schedule, epochs=layout.epochs, iterations_per_epoch=layout.iterations_per_epoch, stages=stages,
+            schedule,
+            epochs=layout.epochs,
+            iterations_per_epoch=layout.iterations_per_epoch,
+            stages=stages,
             val_iterations_per_epoch=layout.val_iterations,
             plateau_patience_epochs=max(2, round(schedule.plateau_patience_epochs * scale)),
-            early_stopping_patience_epochs=max(4, round(schedule.early_stopping_patience_epochs * scale)))
+            early_stopping_patience_epochs=max(4, round(schedule.early_stopping_patience_epochs * scale)),
+        )
         reasons = dict(configuration.reasons)
         estimate = choice.estimate
         reasons["compute_budget"] = (
@@ -539,7 +653,8 @@ class DefaultPlanner(Planner):
             f"batch {configuration.batch_size}: {estimate.iterations} iterations at "
             f"{estimate.seconds_per_iteration:.2f} s plus validation: estimated "
             f"{describe_minutes(estimate.total_seconds)} of the {self.compute.minutes:g}-minute budget (step "
-            "estimated from its multiply-accumulates with the cost model fitted on 3-D U-Nets)")
+            "estimated from its multiply-accumulates with the cost model fitted on 3-D U-Nets)"
+        )
         reasons["schedule"] = self.budget_schedule_reason(schedule, choice)
         self._budget_choices = {**getattr(self, "_budget_choices", {}), configuration.name: choice}
         return dataclasses.replace(configuration, schedule=schedule, reasons=reasons)
@@ -549,8 +664,9 @@ class DefaultPlanner(Planner):
         from autoseg.compute import pspnet_cost
 
         in_channels = configuration.input_channels(len(self.fingerprint.channels))
-        gmacs, mega_activations = pspnet_cost(configuration.network.backbone, configuration.patch_size,
-                                              configuration.batch_size, in_channels)
+        gmacs, mega_activations = pspnet_cost(
+            configuration.network.backbone, configuration.patch_size, configuration.batch_size, in_channels
+        )
         probe = self.compute.probe
         megavoxels = configuration.batch_size * float(np.prod(configuration.patch_size)) / 1e6
         step = probe.training.seconds(gmacs, mega_activations, megavoxels)
@@ -559,35 +675,55 @@ class DefaultPlanner(Planner):
         cases = max(1, round(self.fingerprint.aggregate.num_cases / 5))
         slices = configuration.median_shape[configuration.slice_axis] * cases
         return TrainingEstimate.for_steps(
-            step, augmentation, forward * configuration.batch_size, layout.epochs, layout.iterations_per_epoch,
-            layout.val_iterations, self.compute.device, final_validation_seconds=slices * 2 ** len(configuration.mirror_axes) * forward
-            + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL * float(np.prod(self.fingerprint.aggregate.median_shape))
-            * cases / 1e6)
+            step,
+            augmentation,
+            forward * configuration.batch_size,
+            layout.epochs,
+            layout.iterations_per_epoch,
+            layout.val_iterations,
+            self.compute.device,
+            final_validation_seconds=slices * 2 ** len(configuration.mirror_axes) * forward
+            + CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL
+            * float(np.prod(self.fingerprint.aggregate.median_shape))
+            * cases
+            / 1e6,
+        )
 
     def budget_reason(self, ladder: list[Configuration], choice: RungChoice) -> str:
         chosen, estimate, minutes = ladder[choice.index], choice.estimate, self.compute.minutes
-        text = (f"{_label(chosen)}: {estimate.iterations} iterations at {estimate.seconds_per_iteration:.2f} s "
-                f"(network {estimate.step_seconds:.2f} s + loader {estimate.loader_seconds:.2f} s) plus validation: "
-                f"estimated {describe_minutes(estimate.total_seconds)} of the {minutes:g}-minute budget; candidate "
-                f"{choice.index + 1} of {len(ladder)}, the richest that trains the {choice.target} iterations this "
-                "budget asks for first")
+        text = (
+            f"{_label(chosen)}: {estimate.iterations} iterations at {estimate.seconds_per_iteration:.2f} s "
+            f"(network {estimate.step_seconds:.2f} s + loader {estimate.loader_seconds:.2f} s) plus validation: "
+            f"estimated {describe_minutes(estimate.total_seconds)} of the {minutes:g}-minute budget; candidate "
+            f"{choice.index + 1} of {len(ladder)}, the richest that trains the {choice.target} iterations this "
+            "budget asks for first"
+        )
         if choice.next_index is not None:
             richer = ladder[choice.next_index]
-            text += (f". {_difference(richer, chosen)} would allow only {choice.next_iterations} iterations in "
-                     f"{minutes:g} minutes")
+            text += (
+                f". {_difference(richer, chosen)} would allow only {choice.next_iterations} iterations in "
+                f"{minutes:g} minutes"
+            )
         return text
 
     @staticmethod
     def budget_schedule_reason(schedule: Schedule, choice: RungChoice) -> str:
         layout = choice.layout
-        stages = ", ".join(f"{s.name} from epoch {s.start_epoch} (patch {list(s.patch_size)}, lr {s.learning_rate:g})"
-                           for s in schedule.stages)
-        cycles = ("one cosine learning-rate cycle per stage" if schedule.restart_period_epochs is None else
-                  f"cosine warm restarts every {schedule.restart_period_epochs} epochs")
-        return (f"laid out over the budget: {layout.epochs} epochs x {layout.iterations_per_epoch} iterations "
-                f"(about {choice.estimate.seconds_per_iteration * layout.iterations_per_epoch:.0f} s each), "
-                f"{layout.val_iterations} validation batches per epoch; {stages}; {cycles}; the trainer "
-                f"{schedule.trainer} chooses the optimizer")
+        stages = ", ".join(
+            f"{s.name} from epoch {s.start_epoch} (patch {list(s.patch_size)}, lr {s.learning_rate:g})"
+            for s in schedule.stages
+        )
+        cycles = (
+            "one cosine learning-rate cycle per stage"
+            if schedule.restart_period_epochs is None
+            else f"cosine warm restarts every {schedule.restart_period_epochs} epochs"
+        )
+        return (
+            f"laid out over the budget: {layout.epochs} epochs x {layout.iterations_per_epoch} iterations "
+            f"(about {choice.estimate.seconds_per_iteration * layout.iterations_per_epoch:.0f} s each), "
+            f"{layout.val_iterations} validation batches per epoch; {stages}; {cycles}; the trainer "
+            f"{schedule.trainer} chooses the optimizer"
+        )
 
     def compute_budget_record(self, configurations: list[Configuration]) -> ComputeBudget | None:
         """The plans' ``compute_budget`` object, describing the default (first) configuration."""
@@ -598,13 +734,17 @@ class DefaultPlanner(Planner):
         for name, choice in choices.items():
             e = choice.estimate
             estimates[name] = {
-                "estimated_minutes": round(e.total_minutes, 2), "seconds_per_iteration": round(e.seconds_per_iteration, 4),
-                "iterations": e.iterations, "epochs": e.epochs,
+                "estimated_minutes": round(e.total_minutes, 2),
+                "seconds_per_iteration": round(e.seconds_per_iteration, 4),
+                "iterations": e.iterations,
+                "epochs": e.epochs,
                 "val_iterations_per_epoch": choice.layout.val_iterations,
-                "minutes": {"training": round(e.training_seconds / 60, 2),
-                            "epoch_validation": round(e.epoch_validation_seconds / 60, 2),
-                            "overhead": round(e.overhead_seconds / 60, 2),
-                            "final_validation": round(e.final_validation_seconds / 60, 2)},
+                "minutes": {
+                    "training": round(e.training_seconds / 60, 2),
+                    "epoch_validation": round(e.epoch_validation_seconds / 60, 2),
+                    "overhead": round(e.overhead_seconds / 60, 2),
+                    "final_validation": round(e.final_validation_seconds / 60, 2),
+                },
                 "network_seconds_per_iteration": round(e.step_seconds, 4),
                 "stage_seconds_per_iteration": e.notes.get("stage_seconds_per_iteration", []),
                 "loader_seconds_per_iteration": round(e.loader_seconds, 4),
@@ -613,25 +753,44 @@ class DefaultPlanner(Planner):
         first = estimates.get(default)
         if first is None:
             raise ValueError(f"{type(self).__name__}: the compute budget covers {sorted(estimates)}, not {default}")
-        reasons = {name: c.reasons["compute_budget"] for name, c in
-                   ((c.name, c) for c in configurations) if "compute_budget" in c.reasons}
+        reasons = {
+            name: c.reasons["compute_budget"]
+            for name, c in ((c.name, c) for c in configurations)
+            if "compute_budget" in c.reasons
+        }
         probe = self.compute.probe
         notes = choices[default].estimate.notes
         processes, reasons["data_processes"] = notes["data_processes"], notes["data_processes_reason"]
-        reasons["probe"] = (f"{'cached' if self.compute.probe_cached else 'new'} probe of {probe.machine['model']}, "
-                            f"{probe.machine['threads'] or 'GPU'} threads, torch {probe.machine['torch']}, "
-                            f"{probe.machine['precision']}: {len(probe.points)} networks timed on "
-                            f"{probe.created}; training memory format {probe.memory_format}")
+        reasons["probe"] = (
+            f"{'cached' if self.compute.probe_cached else 'new'} probe of {probe.machine['model']}, "
+            f"{probe.machine['threads'] or 'GPU'} threads, torch {probe.machine['torch']}, "
+            f"{probe.machine['precision']}: {len(probe.points)} networks timed on "
+            f"{probe.created}; training memory format {probe.memory_format}"
+        )
         return ComputeBudget(
-            device=self.compute.device, minutes=self.compute.minutes, precision=self.compute.precision,
-            estimated_minutes=first["estimated_minutes"], seconds_per_iteration=first["seconds_per_iteration"],
-            iterations=first["iterations"], configuration=default, memory_format=probe.memory_format,
+            device=self.compute.device,
+            minutes=self.compute.minutes,
+            precision=self.compute.precision,
+            estimated_minutes=first["estimated_minutes"],
+            seconds_per_iteration=first["seconds_per_iteration"],
+            iterations=first["iterations"],
+            configuration=default,
+            memory_format=probe.memory_format,
             data_processes=processes,
-            estimates=estimates, probe=probe.summary(), reasons=reasons,
+            estimates=estimates,
+            probe=probe.summary(),
+            reasons=reasons,
         )
 
-    def plan_aniso(self, spacing, spacing_reason, normalization, widths: tuple[int, int] | None = None,
-                   patch: tuple[int, ...] | None = None, batch: int | None = None) -> Configuration:
+    def plan_aniso(
+        self,
+        spacing,
+        spacing_reason,
+        normalization,
+        widths: tuple[int, int] | None = None,
+        patch: tuple[int, ...] | None = None,
+        batch: int | None = None,
+    ) -> Configuration:
         """3D U-Net with 2x2x1 pooling: the CTP paper's 3D comparison for thin slabs (``widths``, ``patch`` and
         ``batch`` as for :meth:`plan_resunet`)."""
         widths = widths or self.widths
@@ -640,8 +799,9 @@ class DefaultPlanner(Planner):
         coarse = int(np.argmax(spacing))
         memory_of = self.unet_memory()
         if patch is None:
-            patch, topology, needed = fit_patch_to_budget(full, spacing, memory_of, budget, 2,
-                                                          never_downsample=(coarse,), widths=widths)
+            patch, topology, needed = fit_patch_to_budget(
+                full, spacing, memory_of, budget, 2, never_downsample=(coarse,), widths=widths
+            )
         else:
             topology = unet_topology(patch, spacing, (coarse,), widths[1], widths[0])
             patch = round_to_multiple(patch, topology.total_stride)
@@ -650,27 +810,45 @@ class DefaultPlanner(Planner):
         batch = batch or self.fit_batch(patch, topology, spacing, memory_of)
         common, reasons = self.common(spacing, float(np.prod(patch) * np.prod(spacing)))
         in_plane = [a for a in range(3) if a != coarse]
-        reasons.update({
-            "target_spacing": spacing_reason,
-            "patch_size": f"the whole median slab {list(full)} where it fits {self.memory_budget_gb:g} GB at batch 2 "
-                          f"(estimated {needed / GIB:.2f} GB); slabs with fewer slices are padded",
-            "batch_size": f"as many slabs as fit the budget, at least 2: {batch}",
-            "network": f"pooling 2x2x1: axis {coarse} is never downsampled (the CTP paper's 3D comparison); "
-                       + self.topology_reason(topology, spacing, widths),
-            "normalization": "; ".join(reason for _, reason in normalization),
-            "mirror_axes": f"in-plane axes {in_plane} only: slabs are not symmetric along the slice axis",
-            "schedule": "SGD with Nesterov momentum and polynomial decay (nnU-Net's default) from lr 1e-2",
-        })
+        reasons.update(
+            {
+                "target_spacing": spacing_reason,
+                "patch_size": f"the whole median slab {list(full)} where it fits {self.memory_budget_gb:g} GB at batch 2 "
+                f"(estimated {needed / GIB:.2f} GB); slabs with fewer slices are padded",
+                "batch_size": f"as many slabs as fit the budget, at least 2: {batch}",
+                "network": f"pooling 2x2x1: axis {coarse} is never downsampled (the CTP paper's 3D comparison); "
+                + self.topology_reason(topology, spacing, widths),
+                "normalization": "; ".join(reason for _, reason in normalization),
+                "mirror_axes": f"in-plane axes {in_plane} only: slabs are not symmetric along the slice axis",
+                "schedule": "SGD with Nesterov momentum and polynomial decay (nnU-Net's default) from lr 1e-2",
+            }
+        )
         return Configuration(
-            name="3d_aniso", dimension=3, target_spacing=spacing, median_shape=full, patch_size=patch,
+            name="3d_aniso",
+            dimension=3,
+            target_spacing=spacing,
+            median_shape=full,
+            patch_size=patch,
             batch_size=batch,
-            network=Network(architecture="ResidualUNet", features=topology.features, strides=topology.strides,
-                            kernel_sizes=topology.kernel_sizes, deep_supervision=True),
+            network=Network(
+                architecture="ResidualUNet",
+                features=topology.features,
+                strides=topology.strides,
+                kernel_sizes=topology.kernel_sizes,
+                deep_supervision=True,
+            ),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule(trainer="ResidualUNetTrainer", epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
-                              stages=(Stage(name="full", start_epoch=0, patch_size=patch, batch_size=batch, learning_rate=1e-2),)),
-            mirror_axes=tuple(in_plane), estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
-            data_identifier=self.slab_identifier(spacing), reasons=reasons, **common,
+            schedule=Schedule(
+                trainer="ResidualUNetTrainer",
+                epochs=self.epochs,
+                iterations_per_epoch=self.iterations_per_epoch,
+                stages=(Stage(name="full", start_epoch=0, patch_size=patch, batch_size=batch, learning_rate=1e-2),),
+            ),
+            mirror_axes=tuple(in_plane),
+            estimated_memory_gb=round(memory_of(patch, topology, batch) / GIB, 3),
+            data_identifier=self.slab_identifier(spacing),
+            reasons=reasons,
+            **common,
         )
 
     def plan_pspnet(self, spacing, spacing_reason, normalization, symmetry: Symmetry | None = None) -> Configuration:
@@ -684,10 +862,17 @@ class DefaultPlanner(Planner):
         in_channels = input_channels(len(self.fingerprint.channels), symmetry)
         num_classes = len(self.fingerprint.labels) - 1
         for backbone in self.pspnet_backbones:
+
             def memory_of(batch: int, backbone: str = backbone) -> int:
                 return estimate_pspnet_training_memory_bytes(
-                    patch_size=patch, batch_size=batch, in_channels=in_channels, num_classes=num_classes,
-                    backbone=backbone, bytes_per_activation=BYTES_PER_ACTIVATION)
+                    patch_size=patch,
+                    batch_size=batch,
+                    in_channels=in_channels,
+                    num_classes=num_classes,
+                    backbone=backbone,
+                    bytes_per_activation=BYTES_PER_ACTIVATION,
+                )
+
             if memory_of(2) <= budget:
                 break
         one, two = memory_of(1), memory_of(2)
@@ -698,48 +883,88 @@ class DefaultPlanner(Planner):
         common, reasons = self.common(spacing, patch_mm3)
         fraction = float(self.fingerprint.aggregate.median_lesion_fraction_of_foreground)
         lesion_weight = round(balanced_positive_weight(fraction), 3) if 0 < fraction < 1 else 1.0
-        common["loss"] = Loss(name="focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=1.0,
-                              focal_alpha=0.75, positive_weight=lesion_weight)
-        reasons.update({
-            "target_spacing": spacing_reason,
-            "slice_axis": f"axis {coarse} is the thick one: the network sees one whole slice at a time",
-            "patch_size": f"the whole median slice {list(in_plane)} rounded up to a multiple of the output stride 8",
-            "batch_size": f"{batch} slices: the CTP paper's 8 where {self.memory_budget_gb:g} GB allows "
-                          f"(estimated {memory_of(batch) / GIB:.2f} GB)",
-            "network": f"PSPNet with a {backbone} backbone, dilated to output stride 8, pyramid bins 1, 2, 3, 6; an "
-                       f"initializer (BatchNorm + 1x1 conv) maps the {in_channels} channels to the backbone's 3; the "
-                       f"largest backbone of {list(self.pspnet_backbones)} that fits the budget at batch 2",
-            "pretrained": "none: weights are never downloaded; put a local torchvision ResNet file here (or pass "
-                          "autoseg_train --pretrained), or make one with autoseg_pretrain; without it the PSPNet "
-                          "trains from scratch",
-            "loss": "focal loss with γ=1 (the CTP paper's best, 0.54 vs 0.49 Dice for cross entropy); "
-                    f"positive_weight {lesion_weight:g} = (1 - f) / f for the median lesion fraction f = {fraction:.5f} "
-                    "of the brain is the lesion weight if the name is changed to weighted_ce (the trainer "
-                    "PSPNetCETrainer recomputes it from each fold's training cases)",
-            "normalization": "; ".join(reason for _, reason in normalization),
-            "mirror_axes": "both in-plane axes of the slice: lesions occur in either hemisphere",
-            "schedule": f"RMSProp; epochs 0–{phase_two - 1} train only the new layers at lr 1e-2 with the backbone "
-                        "frozen, then everything at lr 1e-4; lr ÷10 after 20 epochs without a better validation "
-                        "Dice, early stop after 50 (CTP paper)",
-        })
+        common["loss"] = Loss(
+            name="focal",
+            dice_weight=0.0,
+            bce_weight=0.0,
+            focal_weight=1.0,
+            focal_gamma=1.0,
+            focal_alpha=0.75,
+            positive_weight=lesion_weight,
+        )
+        reasons.update(
+            {
+                "target_spacing": spacing_reason,
+                "slice_axis": f"axis {coarse} is the thick one: the network sees one whole slice at a time",
+                "patch_size": f"the whole median slice {list(in_plane)} rounded up to a multiple of the output stride 8",
+                "batch_size": f"{batch} slices: the CTP paper's 8 where {self.memory_budget_gb:g} GB allows "
+                f"(estimated {memory_of(batch) / GIB:.2f} GB)",
+                "network": f"PSPNet with a {backbone} backbone, dilated to output stride 8, pyramid bins 1, 2, 3, 6; an "
+                f"initializer (BatchNorm + 1x1 conv) maps the {in_channels} channels to the backbone's 3; the "
+                f"largest backbone of {list(self.pspnet_backbones)} that fits the budget at batch 2",
+                "pretrained": "none: weights are never downloaded; put a local torchvision ResNet file here (or pass "
+                "autoseg_train --pretrained), or make one with autoseg_pretrain; without it the PSPNet "
+                "trains from scratch",
+                "loss": "focal loss with γ=1 (the CTP paper's best, 0.54 vs 0.49 Dice for cross entropy); "
+                f"positive_weight {lesion_weight:g} = (1 - f) / f for the median lesion fraction f = {fraction:.5f} "
+                "of the brain is the lesion weight if the name is changed to weighted_ce (the trainer "
+                "PSPNetCETrainer recomputes it from each fold's training cases)",
+                "normalization": "; ".join(reason for _, reason in normalization),
+                "mirror_axes": "both in-plane axes of the slice: lesions occur in either hemisphere",
+                "schedule": f"RMSProp; epochs 0–{phase_two - 1} train only the new layers at lr 1e-2 with the backbone "
+                "frozen, then everything at lr 1e-4; lr ÷10 after 20 epochs without a better validation "
+                "Dice, early stop after 50 (CTP paper)",
+            }
+        )
         if symmetry is not None:
             reasons["symmetry"] = self.symmetry_reason(symmetry)
         return Configuration(
-            name="2d_pspnet" + ("_sym" if symmetry else ""), dimension=2, target_spacing=spacing, median_shape=full, patch_size=patch,
+            name="2d_pspnet" + ("_sym" if symmetry else ""),
+            dimension=2,
+            target_spacing=spacing,
+            median_shape=full,
+            patch_size=patch,
             batch_size=batch,
-            network=Network(architecture="PSPNet", deep_supervision=False, backbone=backbone, output_stride=8,
-                            pyramid_bins=(1, 2, 3, 6)),
+            network=Network(
+                architecture="PSPNet",
+                deep_supervision=False,
+                backbone=backbone,
+                output_stride=8,
+                pyramid_bins=(1, 2, 3, 6),
+            ),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule(trainer="PSPNetTrainer", epochs=self.pspnet_epochs,
-                              iterations_per_epoch=self.iterations_per_epoch,
-                              stages=(Stage(name="new_layers", start_epoch=0, patch_size=patch, batch_size=batch,
-                                            learning_rate=1e-2, trainable="new_layers"),
-                                      Stage(name="all_layers", start_epoch=phase_two, patch_size=patch,
-                                            batch_size=batch, learning_rate=1e-4, trainable="all")),
-                              plateau_patience_epochs=20, early_stopping_patience_epochs=50),
-            mirror_axes=(0, 1), estimated_memory_gb=round(memory_of(batch) / GIB, 3),
-            data_identifier=self.slab_identifier(spacing) + ("_sym" if symmetry else ""), slice_axis=coarse,
-            reasons=reasons, symmetry=symmetry, **common,
+            schedule=Schedule(
+                trainer="PSPNetTrainer",
+                epochs=self.pspnet_epochs,
+                iterations_per_epoch=self.iterations_per_epoch,
+                stages=(
+                    Stage(
+                        name="new_layers",
+                        start_epoch=0,
+                        patch_size=patch,
+                        batch_size=batch,
+                        learning_rate=1e-2,
+                        trainable="new_layers",
+                    ),
+                    Stage(
+                        name="all_layers",
+                        start_epoch=phase_two,
+                        patch_size=patch,
+                        batch_size=batch,
+                        learning_rate=1e-4,
+                        trainable="all",
+                    ),
+                ),
+                plateau_patience_epochs=20,
+                early_stopping_patience_epochs=50,
+            ),
+            mirror_axes=(0, 1),
+            estimated_memory_gb=round(memory_of(batch) / GIB, 3),
+            data_identifier=self.slab_identifier(spacing) + ("_sym" if symmetry else ""),
+            slice_axis=coarse,
+            reasons=reasons,
+            symmetry=symmetry,
+            **common,
         )
 
     @staticmethod
@@ -750,12 +975,14 @@ class DefaultPlanner(Planner):
 
 def _at_least_as_rich(candidate: Configuration, previous: Configuration) -> bool:
     """Finer or equal spacing, wider or equal network, larger or equal patch and batch on every axis."""
-    return (all(a <= b for a, b in zip(candidate.target_spacing, previous.target_spacing))
-            and candidate.network.features[0] >= previous.network.features[0]
-            and max(candidate.network.features) >= max(previous.network.features)
-            and all(a >= b for a, b in zip(candidate.patch_size, previous.patch_size))
-            and candidate.batch_size >= previous.batch_size
-            and candidate != previous)
+    return (
+        all(a <= b for a, b in zip(candidate.target_spacing, previous.target_spacing))
+        and candidate.network.features[0] >= previous.network.features[0]
+        and max(candidate.network.features) >= max(previous.network.features)
+        and all(a >= b for a, b in zip(candidate.patch_size, previous.patch_size))
+        and candidate.batch_size >= previous.batch_size
+        and candidate != previous
+    )
 
 
 def _label(configuration: Configuration) -> str:
@@ -763,8 +990,10 @@ def _label(configuration: Configuration) -> str:
     spacing = configuration.target_spacing
     resolution = f"{spacing[0]:g} mm" if len(set(spacing)) == 1 else "x".join(f"{s:g}" for s in spacing) + " mm"
     features = configuration.network.features
-    return (f"{resolution}, features {features[0]}–{max(features)} ({len(features)} stages), patch "
-            f"{'x'.join(map(str, configuration.patch_size))}, batch {configuration.batch_size}")
+    return (
+        f"{resolution}, features {features[0]}–{max(features)} ({len(features)} stages), patch "
+        f"{'x'.join(map(str, configuration.patch_size))}, batch {configuration.batch_size}"
+    )
 
 
 def _difference(richer: Configuration, chosen: Configuration) -> str:
@@ -773,11 +1002,14 @@ def _difference(richer: Configuration, chosen: Configuration) -> str:
     if richer.target_spacing != chosen.target_spacing:
         parts.append(f"{_label(richer).split(',')[0]} instead of {_label(chosen).split(',')[0]}")
     if richer.network.features[0] != chosen.network.features[0]:
-        parts.append(f"features {richer.network.features[0]}–{max(richer.network.features)} instead of "
-                     f"{chosen.network.features[0]}–{max(chosen.network.features)}")
+        parts.append(
+            f"features {richer.network.features[0]}–{max(richer.network.features)} instead of "
+            f"{chosen.network.features[0]}–{max(chosen.network.features)}"
+        )
     if richer.patch_size != chosen.patch_size:
-        parts.append(f"patch {'x'.join(map(str, richer.patch_size))} instead of "
-                     f"{'x'.join(map(str, chosen.patch_size))}")
+        parts.append(
+            f"patch {'x'.join(map(str, richer.patch_size))} instead of {'x'.join(map(str, chosen.patch_size))}"
+        )
     if richer.batch_size != chosen.batch_size:
         parts.append(f"batch {richer.batch_size} instead of {chosen.batch_size}")
     text = " and ".join(parts) or "the next candidate"

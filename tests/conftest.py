@@ -120,20 +120,30 @@ def tiny_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path = home / "preprocessed" / TINY_MODEL / "plans.json"
         configuration = plans.configuration()
         features = (4, 8, 16)
-        network = dataclasses.replace(configuration.network, features=features,
-                                      strides=((1, 1, 1),) + ((2, 2, 2),) * 2, kernel_sizes=((3, 3, 3),) * 3)
-        schedule = dataclasses.replace(configuration.schedule, trainer=TINY_MODEL_TRAINER, epochs=1,
-                                       iterations_per_epoch=1, restart_period_epochs=None,
-                                       stages=(Stage(name="full", start_epoch=0, patch_size=(32, 32, 32), batch_size=1,
-                                                     learning_rate=1e-2),))
+        network = dataclasses.replace(
+            configuration.network,
+            features=features,
+            strides=((1, 1, 1),) + ((2, 2, 2),) * 2,
+            kernel_sizes=((3, 3, 3),) * 3,
+        )
+        schedule = dataclasses.replace(
+            configuration.schedule,
+            trainer=TINY_MODEL_TRAINER,
+            epochs=1,
+            iterations_per_epoch=1,
+            restart_period_epochs=None,
+            stages=(Stage(name="full", start_epoch=0, patch_size=(32, 32, 32), batch_size=1, learning_rate=1e-2),),
+        )
         # 32³ windows and mirroring along one axis keep a prediction to a few dozen forward passes.
-        configuration = dataclasses.replace(configuration, network=network, patch_size=(32, 32, 32), batch_size=1,
-                                            schedule=schedule, mirror_axes=(0,))
+        configuration = dataclasses.replace(
+            configuration, network=network, patch_size=(32, 32, 32), batch_size=1, schedule=schedule, mirror_axes=(0,)
+        )
         dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(path)
         Plans.from_json(path)
         for fold in (0, 1):  # another seed per fold: the two members differ clearly
-            options = TrainingOptions(num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32",
-                                      seed=fold)
+            options = TrainingOptions(
+                num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32", seed=fold
+            )
             train(TINY_MODEL, configuration.name, fold, options=options)
     torch.set_num_threads(threads)
     return home

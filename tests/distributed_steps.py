@@ -28,24 +28,33 @@ def main(dataset: str, steps: int, output: str) -> None:
     configuration = plans.configuration()
     trainer_class = get_trainer(configuration.schedule.trainer)
     options = TrainingOptions(device="cpu", precision="fp32", num_processes=0, echo=False, validation=False)
-    trainer = trainer_class(plans, configuration.name, 0, preprocessed_folder=preprocessed,
-                            output_folder=run_folder(raw.name, configuration.name, trainer_class.__name__, 0),
-                            options=options, raw_dataset=raw)
+    trainer = trainer_class(
+        plans,
+        configuration.name,
+        0,
+        preprocessed_folder=preprocessed,
+        output_folder=run_folder(raw.name, configuration.name, trainer_class.__name__, 0),
+        options=options,
+        raw_dataset=raw,
+    )
     trainer.setup()
     context = trainer.context
-    share = [distributed.split_batch(trainer.stage.batch_size, distributed.DistributedContext(r, context.world_size))
-             for r in range(context.world_size)]
-    start = sum(share[:context.rank])
+    share = [
+        distributed.split_batch(trainer.stage.batch_size, distributed.DistributedContext(r, context.world_size))
+        for r in range(context.world_size)
+    ]
+    start = sum(share[: context.rank])
     initial = {key: value.clone() for key, value in trainer.network.state_dict().items()}
     losses = []
     with make_loader(trainer.data_folder, trainer.train_cases, configuration, trainer.stage, 0, seed=7) as batches:
         for _ in range(steps):
             batch = next(batches)  # the same global batch on every rank
-            mine = {key: batch[key][start:start + share[context.rank]] for key in ("data", "seg")}
+            mine = {key: batch[key][start : start + share[context.rank]] for key in ("data", "seg")}
             losses.append(trainer.train_step(mine))
     if context.is_main:
-        torch.save({"initial": initial, "network": trainer.network.state_dict(), "losses": torch.tensor(losses)},
-                   output)
+        torch.save(
+            {"initial": initial, "network": trainer.network.state_dict(), "losses": torch.tensor(losses)}, output
+        )
     distributed.leave()
 
 

@@ -31,8 +31,12 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        hidden = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                  and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+        hidden = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
         targets = set()
         for node in ast.walk(tree):
             if id(node) in hidden:

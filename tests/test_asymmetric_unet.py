@@ -17,8 +17,13 @@ from autoseg.networks import (
 from autoseg.networks.asymmetric_unet import Downsample
 
 #: The paper's network (section 3.2, figure 2): 4 resolution steps, 32 base filters doubling, 3x3x3 kernels.
-PAPER = dict(in_channels=4, num_classes=1, features=(32, 64, 128, 256), strides=((1, 1, 1),) + ((2, 2, 2),) * 3,
-             kernel_sizes=((3, 3, 3),) * 4)
+PAPER = dict(
+    in_channels=4,
+    num_classes=1,
+    features=(32, 64, 128, 256),
+    strides=((1, 1, 1),) + ((2, 2, 2),) * 3,
+    kernel_sizes=((3, 3, 3),) * 4,
+)
 CASES = {
     "3d_isotropic": (ISOTROPIC_3D, (16, 24, 8)),
     "3d_anisotropic_two_blocks": (dict(ANISOTROPIC_3D, blocks_per_stage=(1, 2, 1, 2)), (16, 16, 8)),
@@ -72,8 +77,9 @@ def test_memory_estimate_matches_saved_tensors(name: str) -> None:
     kwargs, patch = CASES[name]
     patch = tuple(2 * p for p in patch)
     measured = saved_activation_bytes(_build(**kwargs), torch.randn(2, kwargs["in_channels"], *patch))
-    estimate = estimate_asymmetric_training_memory_bytes(patch_size=patch, batch_size=2, bytes_per_activation=4,
-                                                         **kwargs)
+    estimate = estimate_asymmetric_training_memory_bytes(
+        patch_size=patch, batch_size=2, bytes_per_activation=4, **kwargs
+    )
     activations = estimate - sum(count_asymmetric_parameters(**kwargs)) * ADAM_BYTES_PER_PARAMETER - CUDA_OVERHEAD_BYTES
     assert activations == pytest.approx(measured, rel=0.05)
 
@@ -81,19 +87,29 @@ def test_memory_estimate_matches_saved_tensors(name: str) -> None:
 def test_memory_estimate_scales_with_batch_and_precision() -> None:
     fixed = sum(count_asymmetric_parameters(**ISOTROPIC_3D)) * ADAM_BYTES_PER_PARAMETER + CUDA_OVERHEAD_BYTES
     one = estimate_asymmetric_training_memory_bytes(patch_size=(32,) * 3, batch_size=1, **ISOTROPIC_3D) - fixed
-    assert estimate_asymmetric_training_memory_bytes(patch_size=(32,) * 3, batch_size=4, **ISOTROPIC_3D) - fixed == 4 * one
-    assert estimate_asymmetric_training_memory_bytes(patch_size=(32,) * 3, batch_size=1, bytes_per_activation=4,
-                                                     **ISOTROPIC_3D) - fixed == 2 * one
+    assert (
+        estimate_asymmetric_training_memory_bytes(patch_size=(32,) * 3, batch_size=4, **ISOTROPIC_3D) - fixed == 4 * one
+    )
+    assert (
+        estimate_asymmetric_training_memory_bytes(
+            patch_size=(32,) * 3, batch_size=1, bytes_per_activation=4, **ISOTROPIC_3D
+        )
+        - fixed
+        == 2 * one
+    )
     with pytest.raises(ValueError, match="batch_size"):
         estimate_asymmetric_training_memory_bytes(patch_size=(32,) * 3, batch_size=0, **ISOTROPIC_3D)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(features=(8,)), "at least 2 resolution stages"),
-    (dict(strides=((2, 2, 2),) * 4), "strides\\[0\\] must be all ones"),
-    (dict(kernel_sizes=((2, 2, 2),) * 4), "must be odd"),
-    (dict(blocks_per_stage=(1, 0, 1, 1)), "blocks_per_stage"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(features=(8,)), "at least 2 resolution stages"),
+        (dict(strides=((2, 2, 2),) * 4), "strides\\[0\\] must be all ones"),
+        (dict(kernel_sizes=((2, 2, 2),) * 4), "must be odd"),
+        (dict(blocks_per_stage=(1, 0, 1, 1)), "blocks_per_stage"),
+    ],
+)
 def test_invalid_numbers_raise(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AsymmetricResidualUNet(**{**ISOTROPIC_3D, **change})

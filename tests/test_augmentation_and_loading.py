@@ -45,16 +45,26 @@ def planned(tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return found
 
 
-def take(configuration: Configuration, folder: Path, count: int, seed: int = 0, num_processes: int = 0,
-         train: bool = True, **options) -> list[dict]:
-    with make_loader(folder, case_identifiers(folder), configuration, None, num_processes, seed, train,
-                     **options) as stream:
+def take(
+    configuration: Configuration,
+    folder: Path,
+    count: int,
+    seed: int = 0,
+    num_processes: int = 0,
+    train: bool = True,
+    **options,
+) -> list[dict]:
+    with make_loader(
+        folder, case_identifiers(folder), configuration, None, num_processes, seed, train, **options
+    ) as stream:
         return [next(stream) for _ in range(count)]
 
 
 def same(first: list[dict], second: list[dict]) -> bool:
-    return all(a["keys"] == b["keys"] and torch.equal(a["data"], b["data"]) and torch.equal(a["seg"], b["seg"])
-               for a, b in zip(first, second))
+    return all(
+        a["keys"] == b["keys"] and torch.equal(a["data"], b["data"]) and torch.equal(a["seg"], b["seg"])
+        for a, b in zip(first, second)
+    )
 
 
 @pytest.mark.parametrize("name", CONFIGURATIONS)
@@ -195,8 +205,8 @@ def test_unaugmented_training_patches_equal_validation_patches(planned, name: st
 @pytest.mark.parametrize(
     "patch, rotation, scale, translation, expected",
     [
-        ((64, 64), (10.0,), (0.9, 1.1), 0.1, (96, 96)),       # PSPNet: 64·(cos 10° + sin 10°)·1.1 + 12.8 = 94.4
-        ((64, 64), (0.0,), (0.8, 1.0), 0.0, (64, 64)),        # nothing reaches outside
+        ((64, 64), (10.0,), (0.9, 1.1), 0.1, (96, 96)),  # PSPNet: 64·(cos 10° + sin 10°)·1.1 + 12.8 = 94.4
+        ((64, 64), (0.0,), (0.8, 1.0), 0.0, (64, 64)),  # nothing reaches outside
         ((40, 48, 40), (30.0,) * 3, (0.7, 1.4), 0.0, (84, 88, 84)),  # x: (40 cos 30° + 48 sin 30°)·1.4 = 82.1
     ],
 )
@@ -216,8 +226,10 @@ def test_thin_patches_are_augmented_in_plane(planned) -> None:
 
 
 def test_folding_an_axis_into_channels_is_undone_exactly() -> None:
-    batch = {"data": np.random.default_rng(0).normal(size=(2, 3, 5, 6, 4)).astype(np.float32),
-             "seg": np.arange(2 * 5 * 6 * 4, dtype=np.int16).reshape(2, 1, 5, 6, 4)}
+    batch = {
+        "data": np.random.default_rng(0).normal(size=(2, 3, 5, 6, 4)).astype(np.float32),
+        "seg": np.arange(2 * 5 * 6 * 4, dtype=np.int16).reshape(2, 1, 5, 6, 4),
+    }
     for axis in (0, 1, 2):
         folded = FoldAxisIntoChannels(axis)(**{k: v.copy() for k, v in batch.items()})
         assert folded["data"].shape == (2, 3 * (5, 6, 4)[axis], *[n for a, n in enumerate((5, 6, 4)) if a != axis])

@@ -31,9 +31,15 @@ def _state() -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    return {"network": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3, "stage": 1,
-            "history": {"train_loss": [0.5, float("nan")], "stage": ["zoom_in", "zoom_out"]},
-            "budget": {"stage_starts": [0, 2], "restart_period_epochs": None}, "rng": capture_rng_state()}
+    return {
+        "network": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 3,
+        "stage": 1,
+        "history": {"train_loss": [0.5, float("nan")], "stage": ["zoom_in", "zoom_out"]},
+        "budget": {"stage_starts": [0, 2], "restart_period_epochs": None},
+        "rng": capture_rng_state(),
+    }
 
 
 def _assert_same(a: object, b: object) -> None:
@@ -66,7 +72,8 @@ def test_saving_objects_is_refused_naming_the_key(tmp_path: Path) -> None:
         save_checkpoint({"rng": {"numpy": np.zeros(3)}}, tmp_path / "c.pth")
     assert not (tmp_path / "c.pth").exists()
     assert non_plain_values({"ok": [1, 2.0, "x", None, torch.zeros(1)], "bad": fractions.Fraction(1, 3)}) == [
-        "checkpoint['bad']: fractions.Fraction"]
+        "checkpoint['bad']: fractions.Fraction"
+    ]
 
 
 def test_a_pickled_payload_is_refused_with_a_clear_error(tmp_path: Path) -> None:

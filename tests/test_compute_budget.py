@@ -37,9 +37,12 @@ def fake_probe(speed: float = 1.0) -> ComputeProbe:
     point = ProbePoint((8, 16, 32, 64), (32, 32, 32), 2, 1.3, 9.8, 0.09 / speed, 0.02 / speed)
     return ComputeProbe(
         machine={"device": "cpu", "model": "test CPU", "threads": 2, "torch": torch.__version__, "precision": "fp32"},
-        created="2026-11-30T00:00:00+00:00", probe_seconds=20.0, memory_format="contiguous",
+        created="2026-11-30T00:00:00+00:00",
+        probe_seconds=20.0,
+        memory_format="contiguous",
         memory_format_seconds={"contiguous": 0.45, "channels_last_3d": 0.52},
-        augmentation_seconds_per_megavoxel=0.25 / speed, points=(point,),
+        augmentation_seconds_per_megavoxel=0.25 / speed,
+        points=(point,),
         training=CostModel(0.0159 / speed, 0.0, 0.85 / speed, 0.0167 / speed),
         inference=CostModel(0.0029 / speed, 0.0012 / speed, 0.0, 0.004 / speed),
     )
@@ -54,9 +57,15 @@ def atlas_1mm_fingerprint(tiny_sources: dict[str, Path]) -> Fingerprint:
     """The tiny ATLAS-like fingerprint with the sizes of 20 whole-brain 1 mm T1w scans (197x233x189)."""
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
     aggregate = dataclasses.replace(
-        fingerprint.aggregate, num_cases=20, median_spacing=(1.0, 1.0, 1.0), spacing_percentile_10=(1.0, 1.0, 1.0),
-        median_shape=(197.0, 233.0, 189.0), median_cropped_shape=(150.0, 184.0, 158.0),
-        median_cropped_size_mm=(150.0, 184.0, 158.0), anisotropy_ratio=1.0)
+        fingerprint.aggregate,
+        num_cases=20,
+        median_spacing=(1.0, 1.0, 1.0),
+        spacing_percentile_10=(1.0, 1.0, 1.0),
+        median_shape=(197.0, 233.0, 189.0),
+        median_cropped_shape=(150.0, 184.0, 158.0),
+        median_cropped_size_mm=(150.0, 184.0, 158.0),
+        anisotropy_ratio=1.0,
+    )
     return dataclasses.replace(fingerprint, aggregate=aggregate)
 
 
@@ -64,8 +73,11 @@ def atlas_1mm_fingerprint(tiny_sources: dict[str, Path]) -> Fingerprint:
 @pytest.mark.parametrize("dimension", [2, 3])
 def test_forward_macs_equal_torch_flop_counter(dimension: int) -> None:
     if dimension == 3:
-        kwargs = dict(features=(8, 16, 32, 32), strides=((1, 1, 1), (2, 2, 2), (2, 2, 1), (2, 2, 2)),
-                      kernel_sizes=((3, 3, 3), (3, 3, 3), (3, 3, 1), (3, 3, 3)))
+        kwargs = dict(
+            features=(8, 16, 32, 32),
+            strides=((1, 1, 1), (2, 2, 2), (2, 2, 1), (2, 2, 2)),
+            kernel_sizes=((3, 3, 3), (3, 3, 3), (3, 3, 1), (3, 3, 3)),
+        )
         patch = (32, 24, 16)
     else:
         kwargs = dict(features=(8, 16, 32), strides=((1, 1), (2, 2), (2, 2)), kernel_sizes=((3, 3),) * 3)
@@ -74,8 +86,12 @@ def test_forward_macs_equal_torch_flop_counter(dimension: int) -> None:
         network = ResidualUNet(in_channels=2, num_classes=1, deep_supervision=deep_supervision, **kwargs)
         with FlopCounterMode(display=False) as counter:
             network(torch.zeros(1, 2, *patch))
-        assert count_forward_macs(patch_size=patch, in_channels=2, num_classes=1, deep_supervision=deep_supervision,
-                                  **kwargs) == counter.get_total_flops() // 2
+        assert (
+            count_forward_macs(
+                patch_size=patch, in_channels=2, num_classes=1, deep_supervision=deep_supervision, **kwargs
+            )
+            == counter.get_total_flops() // 2
+        )
 
 
 def test_cost_model_recovers_known_coefficients_and_interpolates() -> None:
@@ -108,7 +124,8 @@ def quick_probe(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_probe_is_cached_per_machine_and_reprobed_when_machine_or_torch_changes(
-        quick_probe: list[int], data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    quick_probe: list[int], data_roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cpu = torch.device("cpu")
     first, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
     assert not cached and len(quick_probe) == 1
@@ -143,8 +160,13 @@ def test_a_smaller_budget_never_plans_a_larger_network_patch_or_iteration_count(
         configuration, record = plans.configuration(), plans.compute_budget
         assert record.estimated_minutes <= minutes * 1.001, (minutes, record.estimated_minutes)
         features = configuration.network.features
-        current = (configuration.target_spacing, features, configuration.patch_size, configuration.batch_size,
-                   record.iterations)
+        current = (
+            configuration.target_spacing,
+            features,
+            configuration.patch_size,
+            configuration.batch_size,
+            record.iterations,
+        )
         if previous is not None:
             spacing, old_features, patch, batch, iterations = previous
             assert all(a <= b for a, b in zip(configuration.target_spacing, spacing)), (minutes, current, previous)
@@ -158,14 +180,19 @@ def test_a_smaller_budget_never_plans_a_larger_network_patch_or_iteration_count(
     unlimited = get_planner("DefaultPlanner")(atlas_1mm_fingerprint).plan().configuration()
     richest = _plan(atlas_1mm_fingerprint, 40320, speed=4.0).configuration()
     assert (richest.network, richest.patch_size, richest.batch_size, richest.target_spacing) == (
-        unlimited.network, unlimited.patch_size, unlimited.batch_size, unlimited.target_spacing)
+        unlimited.network,
+        unlimited.patch_size,
+        unlimited.batch_size,
+        unlimited.target_spacing,
+    )
     assert richest.data_identifier == unlimited.data_identifier == "3d_resunet"
     cheap = _plan(atlas_1mm_fingerprint, 8, speed=4.0).configuration()
     assert cheap.data_identifier == "3d_resunet_2x2x2mm", "a lowered resolution gets its own data folder"
 
 
 def test_the_budget_is_laid_out_as_a_complete_schedule_and_recorded_with_its_reasons(
-        atlas_1mm_fingerprint: dict, tmp_path: Path) -> None:
+    atlas_1mm_fingerprint: dict, tmp_path: Path
+) -> None:
     plans = _plan(atlas_1mm_fingerprint, 20, speed=4.0)
     plans.to_json(tmp_path / "plans.json")
     plans = Plans.from_json(tmp_path / "plans.json")  # survives the JSON round trip
@@ -174,11 +201,15 @@ def test_the_budget_is_laid_out_as_a_complete_schedule_and_recorded_with_its_rea
     assert (record.device, record.minutes, record.precision, record.configuration) == ("cpu", 20, "fp32", "3d_resunet")
     assert record.iterations == schedule.epochs * schedule.iterations_per_epoch >= target_iterations(20)
     estimate = record.estimates["3d_resunet"]
-    assert record.estimated_minutes == estimate["estimated_minutes"] == pytest.approx(
-        sum(estimate["minutes"].values()), abs=0.02)
+    assert (
+        record.estimated_minutes
+        == estimate["estimated_minutes"]
+        == pytest.approx(sum(estimate["minutes"].values()), abs=0.02)
+    )
     assert estimate["minutes"]["final_validation"] > 0, "the end-of-fold validation counts towards the budget"
     assert record.seconds_per_iteration == pytest.approx(
-        estimate["network_seconds_per_iteration"] + estimate["loader_seconds_per_iteration"], abs=1e-3)
+        estimate["network_seconds_per_iteration"] + estimate["loader_seconds_per_iteration"], abs=1e-3
+    )
     assert record.probe["machine"]["model"] == "test CPU" and "cached probe of test CPU" in record.reasons["probe"]
     reason = configuration.reasons["compute_budget"]
     assert "would allow only" in reason and "iterations" in reason and "20-minute budget" in reason
@@ -191,10 +222,16 @@ def test_the_budget_is_laid_out_as_a_complete_schedule_and_recorded_with_its_rea
     assert "laid out over the budget" in configuration.reasons["schedule"]
     # the symmetric configuration (the tiny brains are symmetric) is fitted to the same budget, with its 2 channels
     symmetric = plans.configuration("3d_resunet_sym")
-    assert record.estimates["3d_resunet_sym"]["estimated_minutes"] <= 20 and "would allow only" in \
-        symmetric.reasons["compute_budget"] and "laid out over the budget" in symmetric.reasons["schedule"]
-    assert symmetric.schedule.epochs * symmetric.schedule.iterations_per_epoch == \
-        record.estimates["3d_resunet_sym"]["iterations"] >= target_iterations(20)
+    assert (
+        record.estimates["3d_resunet_sym"]["estimated_minutes"] <= 20
+        and "would allow only" in symmetric.reasons["compute_budget"]
+        and "laid out over the budget" in symmetric.reasons["schedule"]
+    )
+    assert (
+        symmetric.schedule.epochs * symmetric.schedule.iterations_per_epoch
+        == record.estimates["3d_resunet_sym"]["iterations"]
+        >= target_iterations(20)
+    )
 
 
 def test_without_a_budget_the_plans_are_todays(atlas_1mm_fingerprint: dict) -> None:
@@ -205,8 +242,11 @@ def test_without_a_budget_the_plans_are_todays(atlas_1mm_fingerprint: dict) -> N
 
 
 def test_a_budget_too_small_for_a_useful_run_is_a_clear_error(atlas_1mm_fingerprint: dict) -> None:
-    with pytest.raises(BudgetError, match=r"budget of 0.2 minutes is too small: the cheapest plan needs about "
-                                          r"[0-9.]+ minutes for 100 iterations"):
+    with pytest.raises(
+        BudgetError,
+        match=r"budget of 0.2 minutes is too small: the cheapest plan needs about "
+        r"[0-9.]+ minutes for 100 iterations",
+    ):
         _plan(atlas_1mm_fingerprint, 0.2)
     with pytest.raises(BudgetError, match="positive number of minutes"):
         budget(0)
@@ -223,11 +263,16 @@ def test_schedule_layout_keeps_epochs_about_a_minute_and_never_exceeds_the_itera
     assert target_iterations(15) == 2000 and target_iterations(60) == 4000
 
 
-def test_command_line_budget_in_minutes_or_hours(tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr("autoseg.plan_and_preprocess.load_or_run_probe",
-                        lambda device, precision: (dataclasses.replace(fake_probe(20.0), machine={
-                            **fake_probe().machine, "precision": precision.name}), True))
+def test_command_line_budget_in_minutes_or_hours(
+    tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(
+        "autoseg.plan_and_preprocess.load_or_run_probe",
+        lambda device, precision: (
+            dataclasses.replace(fake_probe(20.0), machine={**fake_probe().machine, "precision": precision.name}),
+            True,
+        ),
+    )
     assert plan_main(["-d", "ATLASTiny", "--budget-minutes", "3", "--device", "cpu", "--no-progress", "-np", "1"]) == 0
     out = capsys.readouterr().out
     assert "compute budget: 3 min per fold on cpu (fp32); estimated" in out
@@ -242,9 +287,16 @@ def test_command_line_budget_in_minutes_or_hours(tiny_atlas: Path, monkeypatch: 
 
 # ---------------------------------------------------------------------------- keeping the promise
 def test_time_check_names_the_cause_of_an_overrun() -> None:
-    promise = TimePromise(network_seconds=0.4, loader_seconds=0.05, validation_batch_seconds=0.1,
-                          overhead_seconds=2.0, final_validation_seconds=30.0, epochs=10, iterations_per_epoch=100,
-                          val_iterations=10)
+    promise = TimePromise(
+        network_seconds=0.4,
+        loader_seconds=0.05,
+        validation_batch_seconds=0.1,
+        overhead_seconds=2.0,
+        final_validation_seconds=30.0,
+        epochs=10,
+        iterations_per_epoch=100,
+        val_iterations=10,
+    )
     assert promise.epoch_seconds == pytest.approx(100 * 0.45 + 10 * 0.1 + 2.0)
     assert promise.total_seconds == pytest.approx(10 * promise.epoch_seconds + 30.0)
     ok, line = promise.check("training", 480.0, 480.0 * 1.2, step_seconds=400.0, steps=1000)
@@ -263,8 +315,9 @@ def test_estimate_of_a_planned_network_matches_the_probe_at_a_probed_point() -> 
     point = probe.points[0]
     assert shape.features == point.features
     seconds = probe.step_seconds(shape, point.patch, point.batch)
-    assert seconds == pytest.approx(probe.training.seconds(point.gmacs, point.mega_activations, 2 * 32**3 / 1e6),
-                                    rel=0.02)
+    assert seconds == pytest.approx(
+        probe.training.seconds(point.gmacs, point.mega_activations, 2 * 32**3 / 1e6), rel=0.02
+    )
     assert math.isclose(point.gmacs, 2 * shape.macs(point.patch) / 1e9, rel_tol=0.05)
 
 
@@ -276,8 +329,10 @@ def test_thin_slabs_get_both_configurations_fitted_to_the_budget(tiny_sources: d
     assert plans.compute_budget.configuration == "2d_pspnet"
     for name, estimate in plans.compute_budget.estimates.items():
         schedule = plans.configuration(name).schedule
-        assert estimate["estimated_minutes"] <= 10 and estimate["iterations"] == schedule.epochs * \
-            schedule.iterations_per_epoch, name
+        assert (
+            estimate["estimated_minutes"] <= 10
+            and estimate["iterations"] == schedule.epochs * schedule.iterations_per_epoch
+        ), name
         assert "compute_budget" in plans.configuration(name).reasons
     pspnet = plans.configuration("2d_pspnet").schedule
     assert 0 < pspnet.stages[1].start_epoch < pspnet.epochs  # the frozen-backbone phase stays first

@@ -24,8 +24,12 @@ SHAPE = (6, 5, 4)
 ATLAS_SPACE = "space-MNI152NLin2009aSym"
 
 
-def nifti(path: Path, array: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-          origin: tuple[float, float, float] = (-3.0, -2.0, -1.0)) -> Path:
+def nifti(
+    path: Path,
+    array: np.ndarray,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    origin: tuple[float, float, float] = (-3.0, -2.0, -1.0),
+) -> Path:
     """Write a NIfTI file as the releases do (nibabel, qform and sform both set)."""
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = origin
@@ -191,6 +195,7 @@ def _remove(relative: str) -> Callable[[Path], list[str]]:
             file.unlink() if file.is_file() else file.rmdir()
         path.rmdir() if path.is_dir() else path.unlink()
         return [str(path.parent if relative.endswith(".nii") else path)]
+
     return mutate
 
 
@@ -281,8 +286,11 @@ def test_a_missing_top_folder_says_what_the_source_holds(tmp_path: Path, capsys:
     assert "has no TRAINING/ folder" in capsys.readouterr().err and written() == []
 
 
-@pytest.mark.parametrize("failure", [DiskFullError("labelsTr/case.nii.gz"), ValueError("a bug")],
-                         ids=["full disk: one line, exit 1", "a bug: its traceback"])
+@pytest.mark.parametrize(
+    "failure",
+    [DiskFullError("labelsTr/case.nii.gz"), ValueError("a bug")],
+    ids=["full disk: one line, exit 1", "a bug: its traceback"],
+)
 def test_a_failure_while_writing_leaves_no_dataset_and_no_scratch_folder(
     failure: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -327,7 +335,11 @@ def test_numbers_are_the_lowest_free_one_or_given_and_existing_datasets_are_kept
     assert "Dataset003_Third already has number 3" in capsys.readouterr().err
     assert (raw_root() / "Dataset007_ISLES22" / "dataset.json").stat().st_mtime_ns == before
     assert convert(["isles22", str(source), "-d", "ISLES22", "--overwrite"]) == 0
-    assert sorted(p.name for p in raw_root().iterdir()) == ["Dataset001_Other", "Dataset003_Third", "Dataset007_ISLES22"]
+    assert sorted(p.name for p in raw_root().iterdir()) == [
+        "Dataset001_Other",
+        "Dataset003_Third",
+        "Dataset007_ISLES22",
+    ]
     with pytest.raises(ValueError, match="plain name"):
         new_dataset_folder("Dataset009_ISLES22")
 

@@ -49,14 +49,24 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     configuration = plans.configuration()
     # 4 levels, as planned networks have: the coarsest deep-supervision head has loss weight 0, so its parameters
     # get no gradient, which DDP must be told about
-    network = dataclasses.replace(configuration.network, features=(4, 8, 16, 32), kernel_sizes=((3, 3, 3),) * 4,
-                                  strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), deep_supervision=True)
-    schedule = dataclasses.replace(configuration.schedule, trainer="ResidualUNetTrainer", epochs=5,
-                                   iterations_per_epoch=6, restart_period_epochs=None,
-                                   stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=3,
-                                                 learning_rate=1e-2),))
-    configuration = dataclasses.replace(configuration, network=network, patch_size=(16, 16, 16), batch_size=3,
-                                        schedule=schedule)
+    network = dataclasses.replace(
+        configuration.network,
+        features=(4, 8, 16, 32),
+        kernel_sizes=((3, 3, 3),) * 4,
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+        deep_supervision=True,
+    )
+    schedule = dataclasses.replace(
+        configuration.schedule,
+        trainer="ResidualUNetTrainer",
+        epochs=5,
+        iterations_per_epoch=6,
+        restart_period_epochs=None,
+        stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=3, learning_rate=1e-2),),
+    )
+    configuration = dataclasses.replace(
+        configuration, network=network, patch_size=(16, 16, 16), batch_size=3, schedule=schedule
+    )
     path = home / "preprocessed" / DATASET / "plans.json"
     dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(path)
     Plans.from_json(path)  # still valid
@@ -64,16 +74,38 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _environment(home: Path) -> dict[str, str]:
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    environment.update(AUTOSEG_HOME=str(home), OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    }
+    environment.update(
+        AUTOSEG_HOME=str(home),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     return environment
 
 
 def _train(home: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "autoseg.commands.train", "-d", DATASET, "-f", "0", "--num-gpus", "2",
-            "--device", "cpu", "--precision", "fp32", "-np", "0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "autoseg.commands.train",
+        "-d",
+        DATASET,
+        "-f",
+        "0",
+        "--num-gpus",
+        "2",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "-np",
+        "0",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -134,8 +166,26 @@ def test_two_processes_train_a_fold_with_the_single_process_layout(home: Path) -
     assert sorted(summary["cases"]) == sorted(splits[0]["val"])  # gathered from both ranks
     # the checkpoint loads into autoseg_predict like a single-process one
     images = home / "raw" / DATASET / "imagesTr"
-    assert predict_main(["-i", str(images), "-o", str(home / "predicted"), "-d", DATASET, "-f", "0",
-                         "--device", "cpu", "--no-progress", "--tta", "none"]) == 0
+    assert (
+        predict_main(
+            [
+                "-i",
+                str(images),
+                "-o",
+                str(home / "predicted"),
+                "-d",
+                DATASET,
+                "-f",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--tta",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert len(list((home / "predicted").glob("*.nii.gz"))) == 5
 
 
@@ -144,11 +194,13 @@ def test_two_ranks_reach_the_weights_of_one_rank_on_the_same_global_batch(home: 
     reorders sums; without the global-batch Dice sums the ranks land 1e-4 away)."""
     script = str(REPO / "tests" / "distributed_steps.py")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    for command, output in (([sys.executable, script], one),
-                            ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              script], two)):
-        done = subprocess.run([*command, DATASET, "3", str(output)], env=_environment(home), capture_output=True,
-                              text=True, timeout=600)
+    for command, output in (
+        ([sys.executable, script], one),
+        ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script], two),
+    ):
+        done = subprocess.run(
+            [*command, DATASET, "3", str(output)], env=_environment(home), capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     single, parallel = (torch.load(path, weights_only=True) for path in (one, two))
     keys = [key for key, value in single["network"].items() if value.is_floating_point()]
@@ -181,8 +233,13 @@ def _start_after_first_epoch(home: Path, epochs: int) -> tuple[subprocess.Popen,
     longer = dataclasses.replace(configuration, schedule=dataclasses.replace(configuration.schedule, epochs=epochs))
     dataclasses.replace(plans, configurations={longer.name: longer}).to_json(plans_path)
     folder = run_folder(DATASET, *FOLD_0)
-    run = subprocess.Popen(_train(home, "--no-validation"), env=_environment(home), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        _train(home, "--no-validation"),
+        env=_environment(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (folder / "checkpoint_latest.pth").is_file() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -202,8 +259,13 @@ def test_a_killed_rank_ends_the_whole_job_and_continue_resumes_it(home: Path) ->
     assert not (folder / "checkpoint_final.pth").exists()
     stopped_after = load_checkpoint(folder / "checkpoint_latest.pth")["epoch"]
     assert stopped_after < 40
-    done = subprocess.run(_train(home, "--no-validation", "--continue"), env=_environment(home),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        _train(home, "--no-validation", "--continue"),
+        env=_environment(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     log = (folder / "log.txt").read_text()
     assert "continuing from checkpoint_latest.pth after epoch" in log

@@ -16,8 +16,11 @@ from autoseg.errors import AutosegError, UnknownNameError, UsageError
 
 def _modules() -> list[str]:
     names = [f"autoseg.{m.name}" for m in pkgutil.walk_packages(autoseg.__path__) if not m.ispkg]
-    return names + [f"{package}.{m.name}" for package in ("planners", "trainers")
-                    for m in pkgutil.iter_modules(importlib.import_module(package).__path__)]
+    return names + [
+        f"{package}.{m.name}"
+        for package in ("planners", "trainers")
+        for m in pkgutil.iter_modules(importlib.import_module(package).__path__)
+    ]
 
 
 def test_every_error_class_of_the_package_is_an_autoseg_error() -> None:
@@ -25,8 +28,12 @@ def test_every_error_class_of_the_package_is_an_autoseg_error() -> None:
     for name in _modules():
         module = importlib.import_module(name)
         for attribute, value in vars(module).items():
-            if (inspect.isclass(value) and issubclass(value, Exception) and not issubclass(value, Warning)
-                    and value.__module__ == module.__name__):
+            if (
+                inspect.isclass(value)
+                and issubclass(value, Exception)
+                and not issubclass(value, Warning)
+                and value.__module__ == module.__name__
+            ):
                 found[f"{module.__name__}.{attribute}"] = value
     assert len(found) >= 15, sorted(found)  # DatasetError, PlansError, DiskFullError, ... and the shared ones
     assert [name for name, cls in found.items() if not issubclass(cls, AutosegError)] == []

@@ -206,6 +206,7 @@ def test_predictions_stored_in_another_orientation_are_scored_in_world_space(
     for kind in ("pred", "prob"):
         for index, path in enumerate(sorted(folders[kind].iterdir())):
             reoriented_copy(path, tmp_path / f"{kind}_moved" / path.name, ("ASL", "PIR", "LPI")[index % 3])
-    moved = evaluate_folders(folders["ref"], tmp_path / "pred_moved", probabilities_dir=tmp_path / "prob_moved",
-                             progress=False)
+    moved = evaluate_folders(
+        folders["ref"], tmp_path / "pred_moved", probabilities_dir=tmp_path / "prob_moved", progress=False
+    )
     pd.testing.assert_frame_equal(moved.per_case, expected.per_case)

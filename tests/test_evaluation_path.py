@@ -77,13 +77,18 @@ def test_validation_evaluate_and_find_best_agree_on_the_trained_folds(trained_ho
         model = load_model(NAME, CONFIGURATION, TRAINER, folds=[fold])
         planned = model.plans.configuration(CONFIGURATION)
         configuration = dataclasses.replace(
-            planned, postprocessing=dataclasses.replace(planned.postprocessing, min_lesion_mm3=0.0))
+            planned, postprocessing=dataclasses.replace(planned.postprocessing, min_lesion_mm3=0.0)
+        )
         folder = _folder(trained_home, fold)
         cases = sorted(read_json(folder / "summary.json")["cases"])
         references = {case: trained_home / "raw" / NAME / "labelsTr" / f"{case}.nii.gz" for case in cases}
-        summary = validate_cases(Predictor(configuration, model.networks, device="cpu"),
-                                 trained_home / "preprocessed" / NAME / planned.data_identifier, cases, references,
-                                 folder)
+        summary = validate_cases(
+            Predictor(configuration, model.networks, device="cpu"),
+            trained_home / "preprocessed" / NAME / planned.data_identifier,
+            cases,
+            references,
+            folder,
+        )
         _assert_evaluate_agrees(read_json(folder / "summary.json"), _evaluate(trained_home, fold, tmp_path, label=1))
         validation_dice += [summary["cases"][case]["dice"] for case in cases]
     selection = find_best(metric="dice", progress=False)

@@ -30,22 +30,32 @@ IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
 
 def test_components_volumes_and_hemisphere_with_anisotropic_spacing() -> None:
     label = np.zeros((40, 20, 10), np.uint8)
-    label[30:34, 5:8, 2:4] = 1        # 24 voxels on the high-x side: patient's left in LPS
-    label[34, 8, 4] = 1               # touches the first only diagonally: 26-connected, same lesion
+    label[30:34, 5:8, 2:4] = 1  # 24 voxels on the high-x side: patient's left in LPS
+    label[34, 8, 4] = 1  # touches the first only diagonally: 26-connected, same lesion
     foreground = np.ones_like(label, bool)
     stats = lesion_statistics(label, foreground, (0.5, 1.0, 2.0), IDENTITY)
     assert stats["lesion_components"] == 1
     assert stats["component_volumes_mm3"] == [25 * 1.0]
     assert stats["hemisphere"] == "left"
-    label[2:5, 5:8, 2:4] = 1          # a second lesion on the right
+    label[2:5, 5:8, 2:4] = 1  # a second lesion on the right
     stats = lesion_statistics(label, foreground, (0.5, 1.0, 2.0), IDENTITY)
     assert stats["lesion_components"] == 2 and stats["hemisphere"] == "bilateral"
     flipped = (-1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)  # array x runs to the patient's right
     assert lesion_statistics(label[:20], foreground[:20], (0.5, 1.0, 2.0), flipped)["hemisphere"] == "left"
 
 
-@pytest.mark.parametrize("name, modality", [("T1", "MRI"), ("FLAIR", "MRI"), ("CT", "CT"), ("NCCT", "CT"),
-                                            ("CBF", "perfusion"), ("Tmax", "perfusion"), ("MTT", "perfusion")])
+@pytest.mark.parametrize(
+    "name, modality",
+    [
+        ("T1", "MRI"),
+        ("FLAIR", "MRI"),
+        ("CT", "CT"),
+        ("NCCT", "CT"),
+        ("CBF", "perfusion"),
+        ("Tmax", "perfusion"),
+        ("MTT", "perfusion"),
+    ],
+)
 def test_modality_from_channel_name(name: str, modality: str) -> None:
     assert modality_of(name) == modality
 
@@ -70,15 +80,16 @@ def _thick_slice_dataset(root: Path, permuted: list[bool]) -> Path:
     folder = root / "raw" / "Dataset120_Thick"
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1},
-                                                     "file_ending": ".nii.gz"}))
+    (folder / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"})
+    )
     ras = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
     for index, permute in enumerate(permuted):
         rng = np.random.default_rng(index)
         image = np.zeros((40, 36, 10), np.float32)
         image[4:-4, 3:-3, 1:-1] = 100 + rng.normal(0, 5, (32, 30, 8))
         label = np.zeros(image.shape, np.uint8)
-        label[10 + index:18 + index, 12:20, 3:6] = 1
+        label[10 + index : 18 + index, 12:20, 3:6] = 1
         geometry = Geometry((40, 36, 10), (1.0, 1.0, 4.0), (20.0 + index, -18.0, -20.0), ras)
         paths = (folder / "imagesTr" / f"t{index}_0000.nii.gz", folder / "labelsTr" / f"t{index}.nii.gz")
         for array, path in zip((image, label), paths):
@@ -88,8 +99,9 @@ def _thick_slice_dataset(root: Path, permuted: list[bool]) -> Path:
     return folder
 
 
-def test_a_case_and_its_permuted_and_flipped_copies_have_identical_fingerprints(tiny_atlas: Path,
-                                                                                 reoriented_copy) -> None:
+def test_a_case_and_its_permuted_and_flipped_copies_have_identical_fingerprints(
+    tiny_atlas: Path, reoriented_copy
+) -> None:
     case = find_dataset("ATLASTiny").cases()[0]
     for orientation in ("ASL", "LPI", "PIR"):
         reoriented_copy(case.images[0], tiny_atlas / "imagesTr" / f"copy{orientation}_0000.nii.gz", orientation)
@@ -121,8 +133,9 @@ def test_thick_slices_stored_in_two_orientations_plan_the_canonical_spacing(data
         assert configuration.target_spacing[2] > configuration.target_spacing[0], "the 4 mm axis stays the coarse one"
 
 
-def test_fingerprint_json_round_trips_typed_and_names_unknown_and_wrongly_typed_fields(tiny_atlas: Path,
-                                                                                       tmp_path: Path) -> None:
+def test_fingerprint_json_round_trips_typed_and_names_unknown_and_wrongly_typed_fields(
+    tiny_atlas: Path, tmp_path: Path
+) -> None:
     fingerprint = compute_fingerprint(find_dataset("ATLASTiny"), progress=False)
     path = tmp_path / "fingerprint.json"
     fingerprint.to_json(path)
@@ -144,13 +157,19 @@ def test_fingerprint_json_round_trips_typed_and_names_unknown_and_wrongly_typed_
             Fingerprint.from_json(wrong)
         assert str(wrong) in str(error.value) and "re-run autoseg_plan" in str(error.value)
 
-    refused(lambda f: f["aggregate"].update(median_spacing_mm=[1, 1, 1]),
-            re.escape("aggregate: unknown field(s) ['median_spacing_mm']"))
-    refused(lambda f: f["cases"][case].update(lesion_components="two"),
-            re.escape(f"cases.{case}.lesion_components: expected int, got 'two'"))
+    refused(
+        lambda f: f["aggregate"].update(median_spacing_mm=[1, 1, 1]),
+        re.escape("aggregate: unknown field(s) ['median_spacing_mm']"),
+    )
+    refused(
+        lambda f: f["cases"][case].update(lesion_components="two"),
+        re.escape(f"cases.{case}.lesion_components: expected int, got 'two'"),
+    )
     refused(lambda f: f["channels"][0]["foreground"].pop("p50"), re.escape("channels[0].foreground: missing field(s)"))
-    refused(lambda f: f.update(schema_version=FINGERPRINT_VERSION + 1),
-            f"schema_version: this autoseg reads version {FINGERPRINT_VERSION}, the file has {FINGERPRINT_VERSION + 1}")
+    refused(
+        lambda f: f.update(schema_version=FINGERPRINT_VERSION + 1),
+        f"schema_version: this autoseg reads version {FINGERPRINT_VERSION}, the file has {FINGERPRINT_VERSION + 1}",
+    )
     with pytest.raises(FingerprintError, match="no fingerprint found; re-run autoseg_plan"):
         Fingerprint.from_json(tmp_path / "none.json")
 

@@ -519,8 +519,9 @@ def test_no_mirroring_is_the_older_use_mirroring_false(atlas_configuration) -> N
 
 
 def test_lr_flips_the_world_left_right_axis_of_a_permuted_image(atlas_configuration) -> None:
-    configuration = dataclasses.replace(atlas_configuration, target_spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16),
-                                        mirror_axes=(0, 1, 2))
+    configuration = dataclasses.replace(
+        atlas_configuration, target_spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), mirror_axes=(0, 1, 2)
+    )
     shape = (16, 16, 16)
     images = np.random.default_rng(4).uniform(50, 150, (1, *shape)).astype(np.float32)
     geometry = Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), PERMUTED)
@@ -549,11 +550,14 @@ def test_lr_without_a_mirrored_left_right_axis_predicts_once_and_says_so(atlas_c
 def test_identity_network_gives_the_same_result_with_every_tta_choice(atlas_configuration, dimension) -> None:
     configuration = dataclasses.replace(atlas_configuration, patch_size=(8, 8, 8), mirror_axes=(0, 1, 2))
     if dimension == 2:
-        configuration = dataclasses.replace(configuration, dimension=2, slice_axis=2, patch_size=(8, 8),
-                                            mirror_axes=(0, 1))
+        configuration = dataclasses.replace(
+            configuration, dimension=2, slice_axis=2, patch_size=(8, 8), mirror_axes=(0, 1)
+        )
     data = np.random.default_rng(5).uniform(0.05, 0.95, (1, 13, 11, 9)).astype(np.float32)
-    results = {tta: Predictor(configuration, [ProbabilityIdentity()], tta=tta).predict_preprocessed(data, PERMUTED)
-               for tta in TTA_CHOICES}
+    results = {
+        tta: Predictor(configuration, [ProbabilityIdentity()], tta=tta).predict_preprocessed(data, PERMUTED)
+        for tta in TTA_CHOICES
+    }
     for tta in TTA_CHOICES:
         np.testing.assert_allclose(results[tta][0], data[0], atol=1e-5)
 
@@ -567,13 +571,20 @@ def test_memory_format_choice_and_the_network_is_restored() -> None:
     assert inference_memory_format(cpu, torch.bfloat16) == torch.channels_last_3d
     assert inference_memory_format("cuda", torch.bfloat16) == torch.contiguous_format
     torch.manual_seed(0)
-    network = ResidualUNet(in_channels=1, num_classes=1, features=(4, 8, 8), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
-                           kernel_sizes=((3, 3, 3),) * 3, deep_supervision=False)
+    network = ResidualUNet(
+        in_channels=1,
+        num_classes=1,
+        features=(4, 8, 8),
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+        kernel_sizes=((3, 3, 3),) * 3,
+        deep_supervision=False,
+    )
     data = torch.randn(1, 12, 10, 9)
     results = {}
     for memory_format in (torch.contiguous_format, torch.channels_last_3d):
-        results[memory_format] = predict_sliding_window(network, data, (8, 8, 8), mirror_axes=(0,),
-                                                        memory_format=memory_format)
+        results[memory_format] = predict_sliding_window(
+            network, data, (8, 8, 8), mirror_axes=(0,), memory_format=memory_format
+        )
         assert all(p.is_contiguous() for p in network.parameters())  # converted back afterwards
     torch.testing.assert_close(results[torch.contiguous_format], results[torch.channels_last_3d], atol=1e-5, rtol=0)
     network.to(memory_format=torch.channels_last_3d)  # a channels-last network stays channels-last
@@ -586,8 +597,9 @@ def test_accumulation_and_restoring_keep_at_most_three_full_size_arrays(atlas_co
     them): the sliding window holds two float32 volumes of the input's size (probability and weight sums, plus the
     Gaussian map of one window; the mean is taken in place and returned without a copy), restoring to the input
     grid at most three (the probabilities, their resampled copy and the output), whatever the mirroring."""
-    configuration = dataclasses.replace(atlas_configuration, target_spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16),
-                                        mirror_axes=(0, 1, 2))
+    configuration = dataclasses.replace(
+        atlas_configuration, target_spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), mirror_axes=(0, 1, 2)
+    )
     shape = (64, 60, 48)  # no zero border: the preprocessed volume is as large as the input
     images = np.random.default_rng(6).normal(100, 5, (1, *shape)).astype(np.float32)
     geometry = Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY_DIRECTION)

@@ -81,18 +81,21 @@ def _chained(outer: BaseException, inner: BaseException) -> BaseException:
     return outer
 
 
-@pytest.mark.parametrize("error, full", [
-    (OSError(errno.ENOSPC, "No space left on device"), True),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
-    (OSError("30056 requested and 16352 written"), True),  # numpy's short write
-    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), True),  # torch.save
-    (RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"), True),
-    (RuntimeError("ITK ERROR: NiftiImageIO: No space left on device"), True),
-    (_chained(RuntimeError("writing failed"), OSError(errno.ENOSPC, "No space left on device")), True),
-    (OSError(errno.EACCES, "Permission denied"), False),
-    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
-    (ValueError("No space left on device"), False),  # not a write error
-])
+@pytest.mark.parametrize(
+    "error, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        (OSError("30056 requested and 16352 written"), True),  # numpy's short write
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), True),  # torch.save
+        (RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"), True),
+        (RuntimeError("ITK ERROR: NiftiImageIO: No space left on device"), True),
+        (_chained(RuntimeError("writing failed"), OSError(errno.ENOSPC, "No space left on device")), True),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (ValueError("No space left on device"), False),  # not a write error
+    ],
+)
 def test_disk_full_is_recognized_whichever_library_wrote(error: BaseException, full: bool) -> None:
     assert is_disk_full(error) is full
 
@@ -121,9 +124,14 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path: Path, m
     attempts = [
         ("npy", "autoseg.io._ChecksumWriter.write", half_then_full, lambda: save_array(np.zeros(10**5), paths["npy"])),
         ("json", "pathlib.Path.write_text", _no_space, lambda: write_json({"b": 2}, paths["json"])),
-        ("image", "SimpleITK.WriteImage", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(
-            "Exception thrown in SimpleITK WriteImage: ... No space left on device")),
-         lambda: write_image(np.zeros((4, 4, 4), np.float32), geometry, paths["image"])),
+        (
+            "image",
+            "SimpleITK.WriteImage",
+            lambda *a, **k: (_ for _ in ()).throw(
+                RuntimeError("Exception thrown in SimpleITK WriteImage: ... No space left on device")
+            ),
+            lambda: write_image(np.zeros((4, 4, 4), np.float32), geometry, paths["image"]),
+        ),
         ("pth", "os.fsync", _no_space, lambda: save_checkpoint({"epoch": 2}, paths["pth"])),
         ("pth", "torch.save", torch_short_write, lambda: save_checkpoint({"epoch": 2}, paths["pth"])),
     ]
@@ -244,8 +252,18 @@ def test_qform_and_sform_are_written_as_given_and_a_disagreement_warned_once(
         matrix, code = getattr(written.header, coded)(coded=True)
         original, original_code = getattr(source.header, coded)(coded=True)
         assert code == original_code and np.array_equal(matrix, original)
-    for field in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "pixdim",
-                  "srow_x", "srow_y", "srow_z"):
+    for field in (
+        "quatern_b",
+        "quatern_c",
+        "quatern_d",
+        "qoffset_x",
+        "qoffset_y",
+        "qoffset_z",
+        "pixdim",
+        "srow_x",
+        "srow_y",
+        "srow_z",
+    ):
         assert np.array_equal(written.header[field], source.header[field]), field
     assert written.get_data_dtype() == np.uint8 and float(written.header["cal_max"]) == 0.0
     assert np.array_equal(np.asarray(written.dataobj), (np.asarray(source.dataobj) > 0.5).astype(np.uint8))

@@ -83,9 +83,29 @@ def test_weighted_ce_weights_the_lesion_term() -> None:
 def test_perfect_logits_give_near_zero_loss(name: str) -> None:
     target = torch.from_numpy(random_masks((2, 1, 8, 8, 8), 5)[0].astype(np.int16))
     logits = torch.where(target > 0, SURE, -SURE).float()
-    loss = build_loss(Loss(name=name, dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0, focal_alpha=0.75, positive_weight=2.0))(logits, target)
+    loss = build_loss(
+        Loss(
+            name=name,
+            dice_weight=1.0,
+            bce_weight=1.0,
+            focal_weight=1.0,
+            focal_gamma=2.0,
+            focal_alpha=0.75,
+            positive_weight=2.0,
+        )
+    )(logits, target)
     assert 0 <= loss.item() < 1e-4
-    wrong = build_loss(Loss(name=name, dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0, focal_alpha=0.75, positive_weight=2.0))(-logits, target)
+    wrong = build_loss(
+        Loss(
+            name=name,
+            dice_weight=1.0,
+            bce_weight=1.0,
+            focal_weight=1.0,
+            focal_gamma=2.0,
+            focal_alpha=0.75,
+            positive_weight=2.0,
+        )
+    )(-logits, target)
     assert wrong.item() > 1.0
 
 
@@ -93,9 +113,14 @@ def test_compound_is_the_weighted_sum_of_its_terms() -> None:
     logits = torch.randn(2, 1, 6, 6, 6, generator=torch.Generator().manual_seed(2))
     target = (torch.rand(2, 1, 6, 6, 6, generator=torch.Generator().manual_seed(3)) < 0.3).to(torch.int16)
     one_hot = target.float()
-    expected = (0.7 * SoftDiceLoss()(logits, one_hot) + 0.3 * BCELoss()(logits, one_hot)
-                + 2.0 * FocalLoss(1.0, 0.6)(logits, one_hot))
-    loss = build_loss(Loss(name="dice_bce_focal", dice_weight=0.7, bce_weight=0.3, focal_weight=2.0, focal_gamma=1.0, focal_alpha=0.6))(logits, target)
+    expected = (
+        0.7 * SoftDiceLoss()(logits, one_hot)
+        + 0.3 * BCELoss()(logits, one_hot)
+        + 2.0 * FocalLoss(1.0, 0.6)(logits, one_hot)
+    )
+    loss = build_loss(
+        Loss(name="dice_bce_focal", dice_weight=0.7, bce_weight=0.3, focal_weight=2.0, focal_gamma=1.0, focal_alpha=0.6)
+    )(logits, target)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -118,8 +143,11 @@ def test_deep_supervision_combines_levels_with_max_pooled_targets() -> None:
     coarse = downsample_target(target, (4, 4, 2))
     assert coarse.sum() == 1 and coarse[0, 0, 2, 1, 0] == 1
     generator = torch.Generator().manual_seed(4)
-    outputs = [torch.randn(1, 1, 8, 8, 4, generator=generator), torch.randn(1, 1, 4, 4, 2, generator=generator),
-               torch.randn(1, 1, 2, 2, 1, generator=generator)]
+    outputs = [
+        torch.randn(1, 1, 8, 8, 4, generator=generator),
+        torch.randn(1, 1, 4, 4, 2, generator=generator),
+        torch.randn(1, 1, 2, 2, 1, generator=generator),
+    ]
     single = build_loss(Loss(name="dice_bce"))
     expected = 2 / 3 * single(outputs[0], target) + 1 / 3 * single(outputs[1], coarse)
     assert build_loss(Loss(name="dice_bce"), 3)(outputs, target).item() == pytest.approx(expected.item(), rel=1e-6)
@@ -131,7 +159,11 @@ def test_bf16_autocast_gives_the_float32_loss_and_gradients() -> None:
     conv = torch.nn.Conv3d(1, 1, 3, padding=1)
     image = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(5))
     target = (image > 0.5).to(torch.int16)
-    criterion = build_loss(Loss(name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0, focal_alpha=0.75))
+    criterion = build_loss(
+        Loss(
+            name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0, focal_alpha=0.75
+        )
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = conv(image)
         loss = criterion(logits, target)
@@ -176,7 +208,8 @@ def test_auxiliary_loss_adds_the_weighted_auxiliary_term() -> None:
     base = build_loss(Loss(name="focal", dice_weight=0, bce_weight=0, focal_weight=1, focal_gamma=1, focal_alpha=0.75))
     combined = AuxiliaryLoss(base, 0.4)
     assert float(combined((main, auxiliary), target)) == pytest.approx(
-        float(base(main, target)) + 0.4 * float(base(auxiliary, target)))
+        float(base(main, target)) + 0.4 * float(base(auxiliary, target))
+    )
     assert float(combined(main, target)) == pytest.approx(float(base(main, target)))  # evaluation: main output only
     with pytest.raises(ValueError, match=">= 0"):
         AuxiliaryLoss(base, -1)
@@ -232,16 +265,18 @@ def test_lesion_wise_dice_is_added_by_its_weight_and_ignores_lesion_free_batches
     one_hot = target.float()
     plain = build_loss(Loss(name="dice_bce"))(logits, target)
     combined = build_loss(Loss(name="dice_bce", lesion_dice_weight=0.5))(logits, target)
-    assert combined.item() == pytest.approx(plain.item() + 0.5 * LesionWiseDiceLoss()(logits, one_hot).item(),
-                                            rel=1e-6)
+    assert combined.item() == pytest.approx(plain.item() + 0.5 * LesionWiseDiceLoss()(logits, one_hot).item(), rel=1e-6)
     empty = torch.zeros_like(target)
     assert LesionWiseDiceLoss()(logits, empty.float()).item() == 0.0
     assert build_loss(Loss(name="dice_bce", lesion_dice_weight=1.0))(logits, empty).item() == pytest.approx(
-        build_loss(Loss(name="dice_bce"))(logits, empty).item(), rel=1e-6)
+        build_loss(Loss(name="dice_bce"))(logits, empty).item(), rel=1e-6
+    )
 
 
 def test_the_log_names_every_term_of_the_loss() -> None:
     from trainers.base import describe_loss
 
-    assert describe_loss(Loss(name="dice_bce", lesion_dice_weight=1.0)) == "dice_bce (Dice 1 + BCE 1 + lesion-wise Dice 1)"
+    assert (
+        describe_loss(Loss(name="dice_bce", lesion_dice_weight=1.0)) == "dice_bce (Dice 1 + BCE 1 + lesion-wise Dice 1)"
+    )
     assert describe_loss(Loss(name="weighted_ce", positive_weight=19.25)) == "weighted_ce (lesion weight 19.2)"

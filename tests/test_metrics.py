@@ -294,17 +294,22 @@ def test_score_case_scores_each_label_as_equal_to_it_not_the_union() -> None:
         assert scores[label]["hausdorff95"] == pytest.approx(expected["hausdorff95"], abs=1e-6)
         assert scores[label] == metrics.evaluate_case(pred, ref, ANISOTROPIC)
     mean = metrics.mean_over_labels(scores)
-    assert mean["dice"] == 0.5 and mean["hausdorff95"] == pytest.approx(np.mean([scores[k]["hausdorff95"]
-                                                                                 for k in (1, 2)]))
+    assert mean["dice"] == 0.5 and mean["hausdorff95"] == pytest.approx(
+        np.mean([scores[k]["hausdorff95"] for k in (1, 2)])
+    )
     # one label: its own values; a label given to nothing is empty on both sides
     assert metrics.mean_over_labels({1: scores[1]}) == scores[1]
     assert metrics.score_case(prediction, reference, ANISOTROPIC, (3,))[3]["dice"] == 1.0
 
 
 def test_mean_over_labels_leaves_nan_out_and_score_case_checks_its_inputs() -> None:
-    mean = metrics.mean_over_labels({1: {"dice": 0.0, "hausdorff95": math.nan},
-                                     2: {"dice": 1.0, "hausdorff95": 3.0},
-                                     3: {"dice": 0.5, "hausdorff95": math.nan}})
+    mean = metrics.mean_over_labels(
+        {
+            1: {"dice": 0.0, "hausdorff95": math.nan},
+            2: {"dice": 1.0, "hausdorff95": 3.0},
+            3: {"dice": 0.5, "hausdorff95": math.nan},
+        }
+    )
     assert mean == {"dice": 0.5, "hausdorff95": 3.0}
     assert math.isnan(metrics.mean_over_labels({1: {"assd": math.nan}, 2: {"assd": math.nan}})["assd"])
     mask = cube((6, 6, 6), start=1, size=3).astype(np.uint8)

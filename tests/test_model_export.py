@@ -75,8 +75,9 @@ QUIET = dict(device="cpu", progress=False, tta="none", save_probabilities=True)
 
 
 # ---------------------------------------------------------------------------- export
-def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(home: Path, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     target = tmp_path / "model.zip"
     assert export_main(["-d", "ATLASPredict", "-o", str(target)]) == 0
     assert f"wrote {target}" in capsys.readouterr().out
@@ -84,14 +85,21 @@ def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(home: Path, 
     with zipfile.ZipFile(target) as archive:
         names = sorted(archive.namelist())
         entries = {name: archive.read(name) for name in names}
-    assert names == sorted(["manifest.json", "dataset.json", "fingerprint_summary.json",
-                            *(f"{fold}/{file}" for fold in FOLDS for file in ("plans.json", "checkpoint_final.pth"))])
+    assert names == sorted(
+        [
+            "manifest.json",
+            "dataset.json",
+            "fingerprint_summary.json",
+            *(f"{fold}/{file}" for fold in FOLDS for file in ("plans.json", "checkpoint_final.pth")),
+        ]
+    )
     manifest = json.loads(entries.pop("manifest.json"))
     assert manifest["format"] == MANIFEST_FORMAT and manifest["autoseg_version"] == __version__
     assert manifest["dataset"] == NAME and manifest["members"] == [MEMBER] and manifest["checkpoint"] == "final"
     assert manifest["folds"] == {MEMBER: ["0", "1"]}
-    assert manifest["files"] == {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-                                 for name, data in entries.items()}
+    assert manifest["files"] == {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in entries.items()
+    }
     runs = home / "results" / NAME
     for fold in FOLDS:
         assert entries[f"{fold}/plans.json"] == (runs / fold / "plans.json").read_bytes()
@@ -123,31 +131,43 @@ def test_export_takes_the_members_model_selection_chose(home: Path, tmp_path: Pa
         export_model(tmp_path / "none.zip", configurations=[CONFIGURATION])
     chosen = export_model(tmp_path / "chosen.zip").manifest
     assert chosen["members"] == [MEMBER] and "model_selection.json" in chosen["files"]
-    assert json.loads(zipfile.ZipFile(tmp_path / "chosen.zip").read("postprocessing.json")) == \
-        read_json(home / "results" / NAME / "postprocessing.json")
-    named = export_model(tmp_path / "named.zip", configurations=[CONFIGURATION], trainers="ZoomInOutTrainer",
-                         folds=[1]).manifest
+    assert json.loads(zipfile.ZipFile(tmp_path / "chosen.zip").read("postprocessing.json")) == read_json(
+        home / "results" / NAME / "postprocessing.json"
+    )
+    named = export_model(
+        tmp_path / "named.zip", configurations=[CONFIGURATION], trainers="ZoomInOutTrainer", folds=[1]
+    ).manifest
     assert named["members"] == [f"{CONFIGURATION}/ZoomInOutTrainer"] and named["folds"] == {
-        f"{CONFIGURATION}/ZoomInOutTrainer": ["1"]}
+        f"{CONFIGURATION}/ZoomInOutTrainer": ["1"]
+    }
     # tuned for other members: neither the selection nor its post-processing travels with them
-    assert sorted(named["files"]) == sorted(["dataset.json", "fingerprint_summary.json",
-                                             f"{CONFIGURATION}/ZoomInOutTrainer/fold_1/plans.json",
-                                             f"{CONFIGURATION}/ZoomInOutTrainer/fold_1/checkpoint_final.pth"])
+    assert sorted(named["files"]) == sorted(
+        [
+            "dataset.json",
+            "fingerprint_summary.json",
+            f"{CONFIGURATION}/ZoomInOutTrainer/fold_1/plans.json",
+            f"{CONFIGURATION}/ZoomInOutTrainer/fold_1/checkpoint_final.pth",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------- import and prediction elsewhere
-def test_round_trip_into_an_empty_home_predicts_the_same_labels(home: Path, scans: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_round_trip_into_an_empty_home_predicts_the_same_labels(
+    home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     predict(scans, tmp_path / "original", NAME, **QUIET)
     export_model(tmp_path / "model.zip")
     fresh = _other_machine(tmp_path, monkeypatch)
     assert import_main([str(tmp_path / "model.zip")]) == 0
     assert capsys.readouterr().out.startswith(f"installed: {MEMBER} of {NAME}")
     installed = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
-    assert installed == sorted([f"results/{NAME}/dataset.json", f"results/{NAME}/fingerprint_summary.json",
-                                *(f"results/{NAME}/{fold}/{file}" for fold in FOLDS
-                                  for file in ("plans.json", "checkpoint_final.pth"))])
+    assert installed == sorted(
+        [
+            f"results/{NAME}/dataset.json",
+            f"results/{NAME}/fingerprint_summary.json",
+            *(f"results/{NAME}/{fold}/{file}" for fold in FOLDS for file in ("plans.json", "checkpoint_final.pth")),
+        ]
+    )
     predict(scans, tmp_path / "imported", NAME, **QUIET)
     original, imported = _outputs(tmp_path / "original"), _outputs(tmp_path / "imported")
     assert original.keys() == imported.keys() and len(original) == 4
@@ -158,14 +178,23 @@ def test_round_trip_into_an_empty_home_predicts_the_same_labels(home: Path, scan
 
 
 def test_predict_with_a_model_file_on_a_machine_without_raw_or_preprocessed_data(
-        home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     assert find_best_main(["--metric", "dice", "--no-progress"]) == 0  # tuned post-processing travels along
     predict(scans, tmp_path / "original", **QUIET)
     export_model(tmp_path / "model.zip")
     _other_machine(tmp_path, monkeypatch)
-    command = ["-m", str(tmp_path / "model.zip"), "-i", str(scans), "--device", "cpu", "--no-progress", "--no-tta",
-               "--save-probabilities"]
+    command = [
+        "-m",
+        str(tmp_path / "model.zip"),
+        "-i",
+        str(scans),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tta",
+        "--save-probabilities",
+    ]
     assert predict_main([*command, "-o", str(tmp_path / "elsewhere")]) == 0
     assert not raw_root().exists() and not preprocessed_root().exists()
     original, elsewhere = _outputs(tmp_path / "original"), _outputs(tmp_path / "elsewhere")
@@ -197,8 +226,13 @@ class Payload:
     """Any class of our own: ``torch.load(weights_only=True)`` refuses to unpickle it."""
 
 
-def _rewrite(source: Path, target: Path, change: Callable[[dict[str, bytes], dict], None],
-             relist: bool = True, links: tuple[str, ...] = ()) -> Path:
+def _rewrite(
+    source: Path,
+    target: Path,
+    change: Callable[[dict[str, bytes], dict], None],
+    relist: bool = True,
+    links: tuple[str, ...] = (),
+) -> Path:
     """Copy the model file ``source`` to ``target`` with ``change(entries, manifest)`` applied; with ``relist`` the
     manifest lists every entry with its true checksum (so only the check under test can refuse); ``links`` are
     written as symbolic links."""
@@ -207,8 +241,9 @@ def _rewrite(source: Path, target: Path, change: Callable[[dict[str, bytes], dic
     manifest = json.loads(entries.pop("manifest.json"))
     change(entries, manifest)
     if relist:
-        manifest["files"] = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-                             for name, data in entries.items()}
+        manifest["files"] = {
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in entries.items()
+        }
     with zipfile.ZipFile(target, "w") as archive:
         archive.writestr("manifest.json", json.dumps(manifest))
         for name, data in entries.items():
@@ -228,30 +263,48 @@ def _pickled_checkpoint(entries: dict[str, bytes], manifest: dict) -> None:
 
 
 def _tampered_plans(entries: dict[str, bytes], manifest: dict) -> None:
-    entries[f"{FOLDS[1]}/plans.json"] = entries[f"{FOLDS[1]}/plans.json"].replace(b'"batch_size": 1', b'"batch_size": 9')
+    entries[f"{FOLDS[1]}/plans.json"] = entries[f"{FOLDS[1]}/plans.json"].replace(
+        b'"batch_size": 1', b'"batch_size": 9'
+    )
 
 
 REFUSALS = {
     "tampered entry": (_tampered_plans, False, (), f"{FOLDS[1]}/plans.json: SHA-256 or size differs from the manifest"),
-    "pickled checkpoint": (_pickled_checkpoint, True, (), f"{FOLDS[0]}/checkpoint_final.pth: refused: the file holds "
-                                                          "pickled Python objects (test_model_export.Payload)"),
+    "pickled checkpoint": (
+        _pickled_checkpoint,
+        True,
+        (),
+        f"{FOLDS[0]}/checkpoint_final.pth: refused: the file holds pickled Python objects (test_model_export.Payload)",
+    ),
     "path escaping": (lambda e, m: e.update({"../evil": b"x"}), True, (), "../evil: path escapes the target folder"),
     "absolute path": (lambda e, m: e.update({"/tmp/evil": b"x"}), True, (), "/tmp/evil: absolute or Windows path"),
-    "symbolic link": (lambda e, m: e.update({f"{FOLDS[0]}/plans.json": b"/etc/passwd"}), True,
-                      (f"{FOLDS[0]}/plans.json",), f"{FOLDS[0]}/plans.json: a symbolic link"),
-    "unlisted entry": (lambda e, m: e.update({f"{FOLDS[0]}/checkpoint_best.pth": b"x"}), False, (),
-                       f"{FOLDS[0]}/checkpoint_best.pth: not listed in the manifest"),
+    "symbolic link": (
+        lambda e, m: e.update({f"{FOLDS[0]}/plans.json": b"/etc/passwd"}),
+        True,
+        (f"{FOLDS[0]}/plans.json",),
+        f"{FOLDS[0]}/plans.json: a symbolic link",
+    ),
+    "unlisted entry": (
+        lambda e, m: e.update({f"{FOLDS[0]}/checkpoint_best.pth": b"x"}),
+        False,
+        (),
+        f"{FOLDS[0]}/checkpoint_best.pth: not listed in the manifest",
+    ),
     "foreign file": (lambda e, m: e.update({"run.py": b"print()"}), True, (), "run.py: not part of an autoseg model"),
-    "newer manifest": (lambda e, m: m.update(format=7), True, (),
-                       "manifest format 7 is newer than this autoseg reads (1)"),
+    "newer manifest": (
+        lambda e, m: m.update(format=7),
+        True,
+        (),
+        "manifest format 7 is newer than this autoseg reads (1)",
+    ),
     "no manifest version": (lambda e, m: m.pop("format"), True, (), "manifest.json: no readable format version"),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_import_refuses_an_unsafe_or_changed_model_file_and_writes_nothing(
-        case: str, home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture) -> None:
+    case: str, home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     change, relist, links, message = REFUSALS[case]
     export_model(tmp_path / "model.zip")
     bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", change, relist, links)
@@ -266,7 +319,9 @@ def test_import_refuses_an_unsafe_or_changed_model_file_and_writes_nothing(
         import_model(bad)
 
 
-def test_import_refuses_an_entry_that_appears_twice(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_import_refuses_an_entry_that_appears_twice(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     export_model(tmp_path / "model.zip")
     shutil.copy(tmp_path / "model.zip", tmp_path / "twice.zip")
     with zipfile.ZipFile(tmp_path / "twice.zip", "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
@@ -281,15 +336,27 @@ def test_a_pretrained_backbone_the_plans_name_is_not_needed_to_predict(home: Pat
     (the checkpoint holds the weights)."""
     plans = Plans.from_json(home / "results" / NAME / FOLDS[0] / "plans.json")
     configuration = plans.configuration(CONFIGURATION)
-    network = Network(architecture="PSPNet", backbone="resnet18", output_stride=8, pyramid_bins=(1, 2, 3, 6),
-                      pretrained="/training/machine/resnet18_atlas.pth")
+    network = Network(
+        architecture="PSPNet",
+        backbone="resnet18",
+        output_stride=8,
+        pyramid_bins=(1, 2, 3, 6),
+        pretrained="/training/machine/resnet18_atlas.pth",
+    )
     pspnet = dataclasses.replace(configuration, name="2d_pspnet", network=network)
     plans = dataclasses.replace(plans, configurations={"2d_pspnet": pspnet}, default_configuration="2d_pspnet")
-    assert sum(p.numel() for p in build_network(plans, "2d_pspnet", **get_trainer("PSPNetTrainer").network_options()).parameters()) > 0
+    assert (
+        sum(
+            p.numel()
+            for p in build_network(plans, "2d_pspnet", **get_trainer("PSPNetTrainer").network_options()).parameters()
+        )
+        > 0
+    )
 
 
-def test_a_killed_import_left_behind_does_not_count_as_a_trained_dataset(home: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_killed_import_left_behind_does_not_count_as_a_trained_dataset(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A hard kill mid-extraction can leave the hidden temporary folder; ``-d`` may still be left out."""
     from autoseg.paths import trained_datasets
 

@@ -256,8 +256,13 @@ def test_every_demo_plan_builds_its_network_and_runs_its_patch(dataset: str, tin
     assert unets
     for configuration in unets:
         net = configuration.network
-        arguments = dict(in_channels=len(plans.channels), num_classes=len(plans.labels) - 1,
-                         features=net.features, strides=net.strides, kernel_sizes=net.kernel_sizes)
+        arguments = dict(
+            in_channels=len(plans.channels),
+            num_classes=len(plans.labels) - 1,
+            features=net.features,
+            strides=net.strides,
+            kernel_sizes=net.kernel_sizes,
+        )
         network = ResidualUNet(**arguments, deep_supervision=False)
         assert sum(p.numel() for p in network.parameters()) == count_parameters(**arguments)
         for stage in configuration.schedule.stages:

@@ -37,8 +37,12 @@ def histeq_plans(tiny_sources: dict[str, Path]) -> Plans:
     """The DefaultPlanner's histeq plan of the tiny ATLAS-like data: 3d_resunet, its _sym, _histeq, _sym_histeq."""
     fingerprint = compute_fingerprint(load_dataset(tiny_sources["atlas"]), 1, progress=False)
     plans = get_planner("DefaultPlanner")(fingerprint, normalization="histeq").plan()
-    assert sorted(plans.configurations) == ["3d_resunet", "3d_resunet_histeq", "3d_resunet_sym",
-                                            "3d_resunet_sym_histeq"]
+    assert sorted(plans.configurations) == [
+        "3d_resunet",
+        "3d_resunet_histeq",
+        "3d_resunet_sym",
+        "3d_resunet_sym_histeq",
+    ]
     assert plans.configuration().schedule.trainer == ZOOM
     return plans
 
@@ -47,7 +51,7 @@ def _reference(rng: np.random.Generator, index: int) -> np.ndarray:
     label = np.zeros((24, 24, 24), np.uint8)
     side = int(rng.integers(5, 8))
     x, y, z = rng.integers(5, 19 - side, 3)
-    label[x:x + side, y:y + side, z:z + side] = 1
+    label[x : x + side, y : y + side, z : z + side] = 1
     if index % 2:  # a small second lesion, well apart
         label[19:21, 19:21, 19:21] = 1
     return label
@@ -63,8 +67,12 @@ def _shifted(mask: np.ndarray, voxels: int, small_too: bool = True) -> np.ndarra
 def _members_outputs(reference: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     histeq = _shifted(reference, 3)
     histeq[2:5, 2:5, 19:22] = 1  # a false positive
-    masks = {("3d_resunet", ZOOM): _shifted(reference, 1), ("3d_resunet_sym", ZOOM): reference,
-             ("3d_resunet_histeq", ZOOM): histeq, ("3d_resunet", ACUTE): _shifted(reference, 1, small_too=False)}
+    masks = {
+        ("3d_resunet", ZOOM): _shifted(reference, 1),
+        ("3d_resunet_sym", ZOOM): reference,
+        ("3d_resunet_histeq", ZOOM): histeq,
+        ("3d_resunet", ACUTE): _shifted(reference, 1, small_too=False),
+    }
     return {member: (0.1 + 0.8 * mask).astype(np.float32) for member, mask in masks.items()}
 
 
@@ -72,8 +80,15 @@ def _members_outputs(reference: np.ndarray) -> dict[tuple[str, str], np.ndarray]
 def selection_home(histeq_plans: Plans, data_roots: Path) -> Path:
     """Raw labels, the plans, and two folds of validation outputs per member (even cases fold 0, odd fold 1)."""
     raw = data_roots / "raw" / NAME
-    write_json({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz",
-                "numTraining": len(CASES)}, raw / "dataset.json")
+    write_json(
+        {
+            "channel_names": {"0": "T1"},
+            "labels": {"background": 0, "lesion": 1},
+            "file_ending": ".nii.gz",
+            "numTraining": len(CASES),
+        },
+        raw / "dataset.json",
+    )
     geometry = Geometry((24, 24, 24), SPACING, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     plans = dataclasses.replace(histeq_plans, dataset=NAME)
     plans.to_json(data_roots / "preprocessed" / NAME / "plans.json")
@@ -87,16 +102,18 @@ def selection_home(histeq_plans: Plans, data_roots: Path) -> Path:
             (fold / "validation").mkdir(parents=True, exist_ok=True)
             (fold / "checkpoint_final.pth").touch()
             plans.to_json(fold / "plans.json")
-            np.savez_compressed(fold / "validation" / f"{case}_probabilities.npz",
-                                probabilities=probabilities[None].astype(np.float16))
+            np.savez_compressed(
+                fold / "validation" / f"{case}_probabilities.npz", probabilities=probabilities[None].astype(np.float16)
+            )
     return data_roots
 
 
 # ---------------------------------------------------------------------------- an independent computation
 def _surface_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     structure = np.ones((3, 3, 3), bool)
-    points = [np.argwhere(m & ~ndimage.binary_erosion(m, structure, border_value=0)) * np.array(SPACING)
-              for m in (a, b)]
+    points = [
+        np.argwhere(m & ~ndimage.binary_erosion(m, structure, border_value=0)) * np.array(SPACING) for m in (a, b)
+    ]
     distances = cdist(*points)
     return np.concatenate([distances.min(axis=1), distances.min(axis=0)])
 
@@ -108,8 +125,11 @@ def _metrics(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     tp = len(set(np.unique(found[prediction & reference])) - {0})
     fp = predicted.max() - len(set(np.unique(predicted[prediction & reference])) - {0})
     fn = found.max() - tp
-    return {"dice": 2 * overlap / (prediction.sum() + reference.sum()), "lesion_f1": 2 * tp / (2 * tp + fp + fn),
-            "hausdorff95": float(np.percentile(_surface_distances(prediction, reference), 95))}
+    return {
+        "dice": 2 * overlap / (prediction.sum() + reference.sum()),
+        "lesion_f1": 2 * tp / (2 * tp + fp + fn),
+        "hausdorff95": float(np.percentile(_surface_distances(prediction, reference), 95)),
+    }
 
 
 def _expected_differences(home: Path, candidate: tuple[str, str], baseline: tuple[str, str]) -> dict[str, float]:
@@ -125,13 +145,18 @@ def _expected_differences(home: Path, candidate: tuple[str, str], baseline: tupl
 
 # ---------------------------------------------------------------------------- tests
 def test_find_best_keeps_the_better_option_and_drops_the_worse_with_paired_differences(
-        selection_home: Path, capsys: pytest.CaptureFixture) -> None:
+    selection_home: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert find_best_main(["--metric", "dice", "--no-progress"]) == 0  # every trainer of each configuration
     printed = capsys.readouterr().out
     selection = find_best(metric="dice", progress=False)
     assert selection["chosen"]["members"] == [f"3d_resunet_sym/{ZOOM}"]
     assert {tuple(c["members"]) for c in selection["candidates"] if len(c["members"]) == 1} == {
-        (f"3d_resunet/{ZOOM}",), (f"3d_resunet/{ACUTE}",), (f"3d_resunet_sym/{ZOOM}",), (f"3d_resunet_histeq/{ZOOM}",)}
+        (f"3d_resunet/{ZOOM}",),
+        (f"3d_resunet/{ACUTE}",),
+        (f"3d_resunet_sym/{ZOOM}",),
+        (f"3d_resunet_histeq/{ZOOM}",),
+    }
     options = {(o["option"], o["candidate"], o["baseline"]): o for o in selection["options"]}
     symmetric = options[("symmetric channels", f"3d_resunet_sym/{ZOOM}", f"3d_resunet/{ZOOM}")]
     histeq = options[("histogram equalization", f"3d_resunet_histeq/{ZOOM}", f"3d_resunet/{ZOOM}")]
@@ -139,8 +164,9 @@ def test_find_best_keeps_the_better_option_and_drops_the_worse_with_paired_diffe
     for option in (symmetric, histeq, trainer):
         differences = option["differences"]
         assert differences["cases"] == len(CASES)
-        expected = _expected_differences(selection_home, *(tuple(option[k].split("/")) for k in ("candidate",
-                                                                                                  "baseline")))
+        expected = _expected_differences(
+            selection_home, *(tuple(option[k].split("/")) for k in ("candidate", "baseline"))
+        )
         for metric, value in expected.items():
             assert differences[metric]["mean"] == pytest.approx(value, abs=1e-9)
             low, high = differences[metric]["ci95"]
@@ -162,7 +188,8 @@ def test_find_best_keeps_the_better_option_and_drops_the_worse_with_paired_diffe
     assert untrained["commands"] == [f"autoseg_train -d {NAME} -c 3d_resunet_sym_histeq -f all -tr {ZOOM}"]
     acute_sym = options[("trainer", f"3d_resunet_sym/{ACUTE}", f"3d_resunet_sym/{ZOOM}")]
     assert acute_sym["verdict"] == "not trained" and acute_sym["commands"] == [
-        f"autoseg_train -d {NAME} -c 3d_resunet_sym -f all -tr {ACUTE}"]
+        f"autoseg_train -d {NAME} -c 3d_resunet_sym -f all -tr {ACUTE}"
+    ]
     assert {o["verdict"] for o in selection["options"]} == {"kept", "dropped", "not trained"}
 
     # the printed summary says the same
@@ -173,8 +200,9 @@ def test_find_best_keeps_the_better_option_and_drops_the_worse_with_paired_diffe
 
 
 def test_options_left_out_by_the_command_line_are_said_to_be(selection_home: Path) -> None:
-    selection = find_best(configurations=["3d_resunet", "3d_resunet_histeq"], trainers=[ZOOM], metric="dice",
-                          progress=False)
+    selection = find_best(
+        configurations=["3d_resunet", "3d_resunet_histeq"], trainers=[ZOOM], metric="dice", progress=False
+    )
     assert selection["chosen"]["members"] == [f"3d_resunet/{ZOOM}"]
     verdicts = {(o["option"], o["candidate"]): o["verdict"] for o in selection["options"]}
     assert verdicts[("symmetric channels", f"3d_resunet_sym/{ZOOM}")] == "left out"
@@ -184,29 +212,48 @@ def test_options_left_out_by_the_command_line_are_said_to_be(selection_home: Pat
 
 def test_options_that_were_not_planned_say_why_and_how(histeq_plans: Plans) -> None:
     zscore = {name: c for name, c in histeq_plans.configurations.items() if not name.endswith("_histeq")}
-    pairings = find_pairings({"3d_resunet": zscore["3d_resunet"]}, {"3d_resunet": [ZOOM]},
-                             symmetry_reason="no mid-sagittal plane in 3 of 10 cases")
+    pairings = find_pairings(
+        {"3d_resunet": zscore["3d_resunet"]},
+        {"3d_resunet": [ZOOM]},
+        symmetry_reason="no mid-sagittal plane in 3 of 10 cases",
+    )
     assert pairings == [
-        Pairing("symmetric channels", ("3d_resunet_sym", ZOOM), ("3d_resunet", ZOOM),
-                "no mid-sagittal plane in 3 of 10 cases"),
-        Pairing("histogram equalization", ("3d_resunet_histeq", ZOOM), ("3d_resunet", ZOOM),
-                "3d_resunet_histeq is not in the plans (autoseg_plan --normalization histeq adds it)"),
+        Pairing(
+            "symmetric channels",
+            ("3d_resunet_sym", ZOOM),
+            ("3d_resunet", ZOOM),
+            "no mid-sagittal plane in 3 of 10 cases",
+        ),
+        Pairing(
+            "histogram equalization",
+            ("3d_resunet_histeq", ZOOM),
+            ("3d_resunet", ZOOM),
+            "3d_resunet_histeq is not in the plans (autoseg_plan --normalization histeq adds it)",
+        ),
         Pairing("trainer", ("3d_resunet", ACUTE), ("3d_resunet", ZOOM)),
     ]
     entries = describe_options(pairings, "D", [("3d_resunet", ZOOM)], [("3d_resunet", ZOOM)], {}, [])
     assert [e["verdict"] for e in entries] == ["not trained", "not planned", "not planned"]
     assert entries[0]["commands"] == [f"autoseg_train -d D -c 3d_resunet -f all -tr {ACUTE}"]
-    assert entries[1]["reason"] == "not planned: no mid-sagittal plane in 3 of 10 cases" and entries[1]["commands"] == []
-    assert entries[2]["commands"] == ["autoseg_plan -d D --normalization histeq",
-                                      f"autoseg_train -d D -c 3d_resunet_histeq -f all -tr {ZOOM}"]
+    assert (
+        entries[1]["reason"] == "not planned: no mid-sagittal plane in 3 of 10 cases" and entries[1]["commands"] == []
+    )
+    assert entries[2]["commands"] == [
+        "autoseg_plan -d D --normalization histeq",
+        f"autoseg_train -d D -c 3d_resunet_histeq -f all -tr {ZOOM}",
+    ]
 
 
 def test_paired_differences_use_the_cases_both_validated_and_skip_missing_distances() -> None:
-    candidate = {"a": {"dice": 0.9, "lesion_f1": 1.0, "hausdorff95": 2.0},
-                 "b": {"dice": 0.5, "lesion_f1": 0.5, "hausdorff95": float("nan")},
-                 "c": {"dice": 0.1, "lesion_f1": 0.0, "hausdorff95": 9.0}}
-    baseline = {"a": {"dice": 0.7, "lesion_f1": 1.0, "hausdorff95": 4.0},
-                "b": {"dice": 0.6, "lesion_f1": 1.0, "hausdorff95": 3.0}}
+    candidate = {
+        "a": {"dice": 0.9, "lesion_f1": 1.0, "hausdorff95": 2.0},
+        "b": {"dice": 0.5, "lesion_f1": 0.5, "hausdorff95": float("nan")},
+        "c": {"dice": 0.1, "lesion_f1": 0.0, "hausdorff95": 9.0},
+    }
+    baseline = {
+        "a": {"dice": 0.7, "lesion_f1": 1.0, "hausdorff95": 4.0},
+        "b": {"dice": 0.6, "lesion_f1": 1.0, "hausdorff95": 3.0},
+    }
     result = paired_differences(candidate, baseline)
     assert result["cases"] == 2
     assert result["dice"]["mean"] == pytest.approx(0.05) and result["dice"]["n"] == 2
@@ -224,12 +271,17 @@ def test_a_member_of_the_chosen_ensemble_that_is_worse_alone_says_so() -> None:
     def metrics(dice: float) -> dict[str, float]:
         return {"dice": dice, "lesion_f1": dice, "hausdorff95": 1.0}
 
-    acute, zoom, symmetric = ("3d_resunet", "AcuteStrokeTrainer"), ("3d_resunet", "ZoomInOutTrainer"), (
-        "3d_resunet_sym", "ZoomInOutTrainer")
+    acute, zoom, symmetric = (
+        ("3d_resunet", "AcuteStrokeTrainer"),
+        ("3d_resunet", "ZoomInOutTrainer"),
+        ("3d_resunet_sym", "ZoomInOutTrainer"),
+    )
     scores = {acute: {f"c{i}": metrics(0.4) for i in range(4)}, zoom: {f"c{i}": metrics(0.6) for i in range(4)}}
     verdict = _verdict(Pairing("trainer", acute, zoom), scores, [acute, symmetric])
     assert verdict["verdict"] == "kept"
-    assert verdict["reason"].startswith("kept as a member of the chosen ensemble 3d_resunet/AcuteStrokeTrainer + "
-                                        "3d_resunet_sym/ZoomInOutTrainer, although alone it scores below its baseline")
+    assert verdict["reason"].startswith(
+        "kept as a member of the chosen ensemble 3d_resunet/AcuteStrokeTrainer + "
+        "3d_resunet_sym/ZoomInOutTrainer, although alone it scores below its baseline"
+    )
     alone = _verdict(Pairing("trainer", acute, zoom), scores, [acute])
     assert alone["reason"].startswith("kept: Dice")

@@ -67,8 +67,19 @@ def test_ctp_like_gets_the_2d_pspnet_and_the_anisotropic_comparison(tiny_ctp: Pa
 
 
 def test_every_decision_has_a_reason(tiny_atlas: Path, tiny_ctp: Path) -> None:
-    required = {"target_spacing", "patch_size", "batch_size", "network", "loss", "sampling", "postprocessing",
-                "normalization", "resampling", "schedule", "mirror_axes"}
+    required = {
+        "target_spacing",
+        "patch_size",
+        "batch_size",
+        "network",
+        "loss",
+        "sampling",
+        "postprocessing",
+        "normalization",
+        "resampling",
+        "schedule",
+        "mirror_axes",
+    }
     for name in ("ATLASTiny", "CTPTiny"):
         for configuration in plan_and_preprocess(name, progress=False).plans.configurations.values():
             assert required <= set(configuration.reasons), configuration.name
@@ -84,8 +95,15 @@ def test_patches_respect_the_memory_budget_and_divisibility(tiny_atlas: Path, bu
         assert all(p % s == 0 for p, s in zip(stage.patch_size, network.total_stride))
         assert stage.batch_size >= 2
     needed = estimate_training_memory_bytes(
-        patch_size=configuration.patch_size, batch_size=configuration.batch_size, in_channels=1, num_classes=1,
-        features=network.features, strides=network.strides, kernel_sizes=network.kernel_sizes, bytes_per_activation=4)
+        patch_size=configuration.patch_size,
+        batch_size=configuration.batch_size,
+        in_channels=1,
+        num_classes=1,
+        features=network.features,
+        strides=network.strides,
+        kernel_sizes=network.kernel_sizes,
+        bytes_per_activation=4,
+    )
     assert needed <= budget_gb * GIB
     assert configuration.estimated_memory_gb <= budget_gb
 
@@ -108,8 +126,9 @@ def test_same_data_gives_byte_identical_plans(tiny_sources: dict, tmp_path: Path
 
 
 def test_anisotropic_spacing_keeps_a_low_percentile_for_the_coarse_axis() -> None:
-    aggregate = SimpleNamespace(median_spacing=(0.9, 0.9, 5.0), anisotropy_ratio=5.56, coarse_axis=2,
-                                spacing_percentile_10=(0.8, 0.8, 4.0))  # the fields of a DatasetAggregate it reads
+    aggregate = SimpleNamespace(
+        median_spacing=(0.9, 0.9, 5.0), anisotropy_ratio=5.56, coarse_axis=2, spacing_percentile_10=(0.8, 0.8, 4.0)
+    )  # the fields of a DatasetAggregate it reads
     spacing, reason = target_spacing(aggregate)
     assert spacing == (0.9, 0.9, 4.0) and "10th percentile" in reason
 
@@ -184,8 +203,9 @@ def test_plan_dataclasses_take_keyword_arguments_only() -> None:
 
 
 @pytest.mark.parametrize("field", ["patch_size", "batch_size"])
-def test_a_patch_or_batch_size_unlike_the_last_stages_is_refused_naming_both(atlas_plans_json: Path, tmp_path: Path,
-                                                                               field: str) -> None:
+def test_a_patch_or_batch_size_unlike_the_last_stages_is_refused_naming_both(
+    atlas_plans_json: Path, tmp_path: Path, field: str
+) -> None:
     plans = json.loads(atlas_plans_json.read_text())
     configuration = plans["configurations"]["3d_resunet"]
     last = configuration["schedule"]["stages"][-1][field]
@@ -200,8 +220,9 @@ def test_a_patch_or_batch_size_unlike_the_last_stages_is_refused_naming_both(atl
     assert str(path) in str(error.value)
 
 
-def test_version_1_plans_are_read_without_the_optimizer_fields_no_code_read(atlas_plans_json: Path,
-                                                                            tmp_path: Path) -> None:
+def test_version_1_plans_are_read_without_the_optimizer_fields_no_code_read(
+    atlas_plans_json: Path, tmp_path: Path
+) -> None:
     plans = json.loads(atlas_plans_json.read_text())
     assert plans["schema_version"] == SCHEMA_VERSION == 2
     assert "optimizer" not in plans["configurations"]["3d_resunet"]["schedule"]
@@ -251,19 +272,22 @@ def test_a_pspnet_batch_of_one_is_refused_naming_the_reason(tiny_ctp: Path) -> N
 def _with_batch(configuration: Configuration, batch: int) -> Configuration:
     """``configuration`` with batch size ``batch``, in the configuration and in every stage alike."""
     stages = tuple(dataclasses.replace(stage, batch_size=batch) for stage in configuration.schedule.stages)
-    return dataclasses.replace(configuration, batch_size=batch,
-                               schedule=dataclasses.replace(configuration.schedule, stages=stages))
+    return dataclasses.replace(
+        configuration, batch_size=batch, schedule=dataclasses.replace(configuration.schedule, stages=stages)
+    )
 
 
 @pytest.mark.parametrize(("small_share", "choice"), [(0.5, "lesion"), (0.1, "voxel")])
-def test_many_small_lesions_make_patches_choose_a_lesion_first(tiny_sources: dict, small_share: float,
-                                                                choice: str) -> None:
+def test_many_small_lesions_make_patches_choose_a_lesion_first(
+    tiny_sources: dict, small_share: float, choice: str
+) -> None:
     from autoseg.dataset import find_dataset
     from autoseg.fingerprint import compute_fingerprint
 
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
-    fingerprint = dataclasses.replace(fingerprint, aggregate=dataclasses.replace(
-        fingerprint.aggregate, share_of_lesions_below_1cm3=small_share))
+    fingerprint = dataclasses.replace(
+        fingerprint, aggregate=dataclasses.replace(fingerprint.aggregate, share_of_lesions_below_1cm3=small_share)
+    )
     configuration = get_planner("DefaultPlanner")(fingerprint).plan().configuration()
     assert configuration.sampling.lesion_choice == choice
     assert f"{small_share:.0%} of lesions" in configuration.reasons["sampling"]
@@ -296,8 +320,9 @@ def test_thin_slabs_stored_slab_axis_first_plan_and_predict_slices_along_the_can
 
 
 @pytest.mark.parametrize("name", available_planners())
-def test_every_planner_plans_tiny_data_and_every_configuration_builds(name: str, tiny_atlas: Path,
-                                                                      tiny_ctp: Path) -> None:
+def test_every_planner_plans_tiny_data_and_every_configuration_builds(
+    name: str, tiny_atlas: Path, tiny_ctp: Path
+) -> None:
     """Each registered planner plans both kinds of tiny data into valid plans whose networks build."""
     for dataset in (tiny_atlas, tiny_ctp):
         planned = plan_and_preprocess(dataset.name, planner=name, progress=False).plans
@@ -309,8 +334,9 @@ def test_every_planner_plans_tiny_data_and_every_configuration_builds(name: str,
             assert sum(p.numel() for p in network.parameters()) > 0, configuration.name
 
 
-def test_a_planner_from_outside_the_package_is_used_once_registered(tiny_atlas: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_planner_from_outside_the_package_is_used_once_registered(
+    tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = planners_base._REGISTRY
     monkeypatch.setattr(registry, "_classes", dict(registry._classes))
     monkeypatch.setattr(registry, "_explicit", set(registry._explicit))

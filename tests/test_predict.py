@@ -73,7 +73,9 @@ def test_input_folder_in_dataset_naming_and_plain_names(tmp_path: Path) -> None:
     assert [c.identifier for c in find_input_cases(tmp_path / "named", 1)] == ["a", "a_0001", "b", "b_0001"]
     with pytest.raises(ValueError, match="4 file\\(s\\) break the naming rule for a model with 3 channel") as error:
         find_input_cases(tmp_path / "named", 3)
-    assert "a_0000.nii.gz: case a is incomplete: expected a_0000.nii.gz, a_0001.nii.gz, a_0002.nii.gz" in str(error.value)
+    assert "a_0000.nii.gz: case a is incomplete: expected a_0000.nii.gz, a_0001.nii.gz, a_0002.nii.gz" in str(
+        error.value
+    )
     _touch_images(tmp_path / "plain", "scan.mha", "other.nii")
     cases = find_input_cases(tmp_path / "plain", 1)
     assert [(c.identifier, c.ending) for c in cases] == [("other", ".nii"), ("scan", ".mha")]
@@ -89,8 +91,13 @@ def test_plain_names_ending_in_digits_are_one_case_each_for_a_one_channel_model(
     _touch_images(tmp_path, *names)
     cases = find_input_cases(tmp_path, 1)
     assert [(c.identifier, c.images[0].name) for c in cases] == [
-        ("CASE", "CASE_0000.nii.gz"), ("scan_0002", "scan_0002.nii.gz"), ("sub_0001", "sub_0001.nii.gz"),
-        ("sub_0003", "sub_0003.mha"), ("x_12", "x_12.nii"), ("y_00001", "y_00001.nii.gz")]
+        ("CASE", "CASE_0000.nii.gz"),
+        ("scan_0002", "scan_0002.nii.gz"),
+        ("sub_0001", "sub_0001.nii.gz"),
+        ("sub_0003", "sub_0003.mha"),
+        ("x_12", "x_12.nii"),
+        ("y_00001", "y_00001.nii.gz"),
+    ]
     assert [c.identifier for c in find_input_cases(tmp_path / "sub_0001.nii.gz", 1)] == ["sub_0001"]
     _touch_images(tmp_path, "CASE.mha")  # would be case CASE as well
     with pytest.raises(ValueError, match="CASE.mha, CASE_0000.nii.gz: the same case CASE more than once"):
@@ -102,11 +109,15 @@ def test_files_that_do_not_form_complete_cases_are_listed_for_a_multi_channel_mo
     with pytest.raises(ValueError) as error:
         find_input_cases(tmp_path, 2)
     lines = str(error.value).splitlines()
-    assert lines[0] == (f"{tmp_path}: 3 file(s) break the naming rule for a model with 2 channel(s) (each case is 2 "
-                        "files CASE_0000 ... CASE_0001, one per channel):")
-    assert lines[1:] == ["  a_0002.nii.gz: channel 2, but the model's channels are 0-1",
-                         "  sub_7.nii.gz: not named CASE_XXXX (XXXX the channel, 0000-0001)",
-                         "  b_0001.nii.gz: case b is incomplete: expected b_0000.nii.gz, b_0001.nii.gz"]
+    assert lines[0] == (
+        f"{tmp_path}: 3 file(s) break the naming rule for a model with 2 channel(s) (each case is 2 "
+        "files CASE_0000 ... CASE_0001, one per channel):"
+    )
+    assert lines[1:] == [
+        "  a_0002.nii.gz: channel 2, but the model's channels are 0-1",
+        "  sub_7.nii.gz: not named CASE_XXXX (XXXX the channel, 0000-0001)",
+        "  b_0001.nii.gz: case b is incomplete: expected b_0000.nii.gz, b_0001.nii.gz",
+    ]
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -125,11 +136,27 @@ def test_predict_folder_keeps_the_input_geometry(home: Path, tmp_path: Path) -> 
 def test_predict_single_plain_oblique_file_keeps_its_geometry(home: Path, tmp_path: Path) -> None:
     array, geometry = read_image(sorted(_images(home).glob("*_0000.nii.gz"))[0])
     angle = np.deg2rad(20)
-    oblique = dataclasses.replace(geometry, origin=(10.0, -5.0, 3.0), direction=(
-        np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0))
+    oblique = dataclasses.replace(
+        geometry,
+        origin=(10.0, -5.0, 3.0),
+        direction=(np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0),
+    )
     write_image(array, oblique, tmp_path / "in" / "patient.mha")
-    assert predict_main(["-i", str(tmp_path / "in" / "patient.mha"), "-o", str(tmp_path / "out"), "--device", "cpu",
-                         "--no-progress", "--no-tta"]) == 0
+    assert (
+        predict_main(
+            [
+                "-i",
+                str(tmp_path / "in" / "patient.mha"),
+                "-o",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--no-tta",
+            ]
+        )
+        == 0
+    )
     _, written = read_image(tmp_path / "out" / "patient.mha", np.uint8, canonical=False)
     assert _same_geometry(written, oblique)
 
@@ -146,8 +173,22 @@ def test_the_mask_carries_the_inputs_qform_and_sform_and_a_disagreement_is_warne
     scan.set_sform(moved, 1)
     (tmp_path / "in").mkdir()
     nibabel.save(scan, str(tmp_path / "in" / "moved.nii.gz"))
-    assert predict_main(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--device", "cpu", "--no-progress",
-                         "--no-tta", "--save-probabilities"]) == 0
+    assert (
+        predict_main(
+            [
+                "-i",
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--no-tta",
+                "--save-probabilities",
+            ]
+        )
+        == 0
+    )
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "moved.nii.gz: qform (code 1, scanner) and sform (code 1, scanner)" in warnings[0]
     assert "predicts with the sform" in warnings[0]
@@ -166,7 +207,9 @@ def test_permuted_and_flipped_copies_of_a_scan_get_the_same_prediction_in_world_
     """The same scan stored in four orientations: each output is stored like its input, and all four agree voxel for
     voxel once SimpleITK's DICOMOrient puts them side by side (labels and probabilities)."""
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
-    stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(read_image(source, canonical=False)[1].direction)
+    stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        read_image(source, canonical=False)[1].direction
+    )
     codes = ("ASL", "LPI", "PIR")
     (tmp_path / "in").mkdir()
     shutil.copy(source, tmp_path / "in" / "scan.nii.gz")
@@ -184,24 +227,33 @@ def test_permuted_and_flipped_copies_of_a_scan_get_the_same_prediction_in_world_
         _, written = read_image(tmp_path / "out" / f"scan{code}.nii.gz", canonical=False)
         assert _same_geometry(written, read_image(tmp_path / "in" / f"scan{code}.nii.gz", canonical=False)[1])
         assert np.array_equal(in_stored_orientation(tmp_path / "out" / f"scan{code}.nii.gz"), labels), code
-        assert np.array_equal(in_stored_orientation(tmp_path / "out" / f"scan{code}_probabilities.nii.gz"),
-                              probabilities), code
+        assert np.array_equal(
+            in_stored_orientation(tmp_path / "out" / f"scan{code}_probabilities.nii.gz"), probabilities
+        ), code
 
 
 def test_plain_names_ending_in_digits_on_the_command_line(home: Path, tmp_path: Path) -> None:
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     for name in ("sub_0001.nii.gz", "scan_0002.nii.gz", "sub_0003.nii.gz"):
         shutil.copy(source, tmp_path / name)
-    assert predict_main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "--device", "cpu", "--no-progress",
-                         "--no-tta"]) == 0
+    assert (
+        predict_main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "--device", "cpu", "--no-progress", "--no-tta"])
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == [
-        "scan_0002.nii.gz", "sub_0001.nii.gz", "sub_0003.nii.gz"]
+        "scan_0002.nii.gz",
+        "sub_0001.nii.gz",
+        "sub_0003.nii.gz",
+    ]
 
 
 def test_incomplete_cases_for_a_multi_channel_model_on_the_command_line(
-        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     one_channel = load_model(NAME, CONFIGURATION)
-    two_channels = dataclasses.replace(one_channel, plans=dataclasses.replace(one_channel.plans, channels=("T1", "FLAIR")))
+    two_channels = dataclasses.replace(
+        one_channel, plans=dataclasses.replace(one_channel.plans, channels=("T1", "FLAIR"))
+    )
     monkeypatch.setattr("autoseg.predict.load_model", lambda *args, **kwargs: two_channels)  # a two-channel model
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     for name in ("x_0000.nii.gz", "x_0001.nii.gz", "y_0000.nii.gz", "sub_0001.nii.gz"):
@@ -225,8 +277,11 @@ def test_dataset_choice_without_d(home: Path, tmp_path: Path, capsys: pytest.Cap
 def test_existing_outputs_are_skipped_unless_overwrite(home: Path, tmp_path: Path) -> None:
     first = predict(_images(home), tmp_path, **QUIET, use_mirroring=False).written
     assert len(first) == 5
-    write_image(np.full((2, 2, 2), 7, np.uint8), Geometry((2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
-                first[0])
+    write_image(
+        np.full((2, 2, 2), 7, np.uint8),
+        Geometry((2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+        first[0],
+    )
     assert predict(_images(home), tmp_path, **QUIET, use_mirroring=False).written == []
     assert read_image(first[0], np.uint8)[0].shape == (2, 2, 2)
     assert len(predict(_images(home), tmp_path, **QUIET, use_mirroring=False, overwrite=True).written) == 5
@@ -258,8 +313,11 @@ def test_trainer_ensemble_is_the_mean_of_the_trainers(home: Path, tmp_path: Path
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     case = source.name.replace("_0000.nii.gz", "")
     probabilities = {}
-    for name, folds, trainers in (("both", [0], [TRAINER, "ZoomInOutTrainer"]), ("f0", [0], [TRAINER]),
-                                  ("f1", [1], [TRAINER])):
+    for name, folds, trainers in (
+        ("both", [0], [TRAINER, "ZoomInOutTrainer"]),
+        ("f0", [0], [TRAINER]),
+        ("f1", [1], [TRAINER]),
+    ):
         predict(source, tmp_path / name, folds=folds, trainer=trainers, save_probabilities=True, **QUIET)
         probabilities[name] = read_image(tmp_path / name / f"{case}_probabilities.nii.gz")[0]
     np.testing.assert_allclose(probabilities["both"], (probabilities["f0"] + probabilities["f1"]) / 2, atol=1e-6)
@@ -271,8 +329,10 @@ def test_postprocessing_file_sets_the_threshold(home: Path, tmp_path: Path) -> N
     predict(source, tmp_path / "a", save_probabilities=True, **QUIET)
     probabilities = read_image(tmp_path / "a" / f"{case}_probabilities.nii.gz")[0]
     threshold = float(np.quantile(probabilities[probabilities > 0], 0.5))
-    write_json({"members": [f"{CONFIGURATION}/{TRAINER}"], "threshold": threshold, "min_lesion_mm3": 0.0},
-               home / "results" / NAME / "postprocessing.json")
+    write_json(
+        {"members": [f"{CONFIGURATION}/{TRAINER}"], "threshold": threshold, "min_lesion_mm3": 0.0},
+        home / "results" / NAME / "postprocessing.json",
+    )
     predict(source, tmp_path / "b", **QUIET)
     labels = read_image(tmp_path / "b" / f"{case}.nii.gz", np.uint8)[0]
     np.testing.assert_array_equal(labels, (probabilities >= threshold).astype(np.uint8))
@@ -290,8 +350,10 @@ def test_validation_saves_probabilities(home: Path) -> None:
         _, stored = read_image(validation / f"{case}.nii.gz", np.uint8, canonical=False)
         assert _same_geometry(stored, read_image(raw, canonical=False)[1])
         written, given = nibabel.load(str(validation / f"{case}.nii.gz")).header, nibabel.load(str(raw)).header
-        assert all(np.array_equal(written[key], given[key]) for key in ("qform_code", "sform_code", "srow_x",
-                                                                          "srow_y", "srow_z", "quatern_b", "pixdim"))
+        assert all(
+            np.array_equal(written[key], given[key])
+            for key in ("qform_code", "sform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "pixdim")
+        )
 
 
 def _add_configuration_copy(home: Path, spacing: float) -> str:
@@ -300,10 +362,12 @@ def _add_configuration_copy(home: Path, spacing: float) -> str:
     target = home / "results" / NAME / "3d_coarse" / TRAINER / "fold_0"
     shutil.copytree(source, target)
     plans = Plans.from_json(source / "plans.json")
-    coarse = dataclasses.replace(plans.configuration(CONFIGURATION), name="3d_coarse",
-                                 target_spacing=(spacing,) * 3, data_identifier="3d_coarse")
+    coarse = dataclasses.replace(
+        plans.configuration(CONFIGURATION), name="3d_coarse", target_spacing=(spacing,) * 3, data_identifier="3d_coarse"
+    )
     dataclasses.replace(plans, configurations={**plans.configurations, "3d_coarse": coarse}).to_json(
-        target / "plans.json")
+        target / "plans.json"
+    )
     return "3d_coarse"
 
 
@@ -344,8 +408,9 @@ def test_find_best_writes_postprocessing_that_predict_applies(home: Path, tmp_pa
     case = source.name.replace("_0000.nii.gz", "")
     predict(source, tmp_path, save_probabilities=True, **QUIET)
     probabilities, geometry = read_image(tmp_path / f"{case}_probabilities.nii.gz")
-    expected = postprocess_probabilities(probabilities[None], geometry.spacing, tuned["threshold"],
-                                         tuned["min_lesion_mm3"])
+    expected = postprocess_probabilities(
+        probabilities[None], geometry.spacing, tuned["threshold"], tuned["min_lesion_mm3"]
+    )
     np.testing.assert_array_equal(read_image(tmp_path / f"{case}.nii.gz", np.uint8)[0], expected)
 
 
@@ -353,16 +418,16 @@ def test_find_best_ranks_configuration_ensembles(home: Path) -> None:
     other = _add_configuration_copy(home, 3.5)
     # the copy validated fold 0's case only: the comparison uses the cases both configurations validated
     selection = find_best(metric="dice_hausdorff", progress=False)
-    assert [c["configurations"] for c in selection["candidates"]] == [[other], [CONFIGURATION],
-                                                                       [other, CONFIGURATION]]
+    assert [c["configurations"] for c in selection["candidates"]] == [[other], [CONFIGURATION], [other, CONFIGURATION]]
     assert selection["cases"] == 1
     # identical members: every candidate scores the same and the tie goes to the smallest, first one
     assert len({c["mean_dice"] for c in selection["candidates"]}) == 1
     assert selection["chosen"]["configurations"] == [other]
 
 
-def test_find_best_compares_trainers_and_predict_uses_the_chosen_members(home: Path, tmp_path: Path,
-                                                                         capsys: pytest.CaptureFixture) -> None:
+def test_find_best_compares_trainers_and_predict_uses_the_chosen_members(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     runs = home / "results" / NAME / CONFIGURATION
     other = "ZoomInOutTrainer"  # builds the same network: fold 0 and 1 copied as a second trainer's runs
     for fold in sorted((runs / TRAINER).glob("fold_*")):
@@ -384,8 +449,10 @@ def test_find_best_compares_trainers_and_predict_uses_the_chosen_members(home: P
     for path in sorted((runs / TRAINER).glob("fold_*/validation/*_probabilities.npz")):
         case = path.name.removesuffix("_probabilities.npz")
         second = runs / other / path.parent.parent.name / "validation" / path.name
-        mean = (np.load(path)["probabilities"][0].astype(np.float32)
-                + np.load(second)["probabilities"][0].astype(np.float32)) / 2
+        mean = (
+            np.load(path)["probabilities"][0].astype(np.float32)
+            + np.load(second)["probabilities"][0].astype(np.float32)
+        ) / 2
         reference = read_image(home / "raw" / NAME / "labelsTr" / f"{case}.nii.gz", np.uint8)[0] > 0
         prediction = mean >= 0.5
         both = prediction.sum() + reference.sum()
@@ -396,11 +463,18 @@ def test_find_best_compares_trainers_and_predict_uses_the_chosen_members(home: P
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     case = source.name.replace("_0000.nii.gz", "")
     predict(source, tmp_path / "auto", save_probabilities=True, **QUIET)  # neither -c nor -tr: the chosen members
-    predict(source, tmp_path / "explicit", configurations=[CONFIGURATION],
-            trainer=[member.split("/")[1] for member in chosen], save_probabilities=True, **QUIET)
+    predict(
+        source,
+        tmp_path / "explicit",
+        configurations=[CONFIGURATION],
+        trainer=[member.split("/")[1] for member in chosen],
+        save_probabilities=True,
+        **QUIET,
+    )
     for name in (f"{case}_probabilities.nii.gz", f"{case}.nii.gz"):
-        np.testing.assert_array_equal(read_image(tmp_path / "auto" / name)[0],
-                                      read_image(tmp_path / "explicit" / name)[0])
+        np.testing.assert_array_equal(
+            read_image(tmp_path / "auto" / name)[0], read_image(tmp_path / "explicit" / name)[0]
+        )
 
 
 def test_find_best_without_validation_probabilities_says_so(home: Path, capsys: pytest.CaptureFixture) -> None:
@@ -416,7 +490,10 @@ def test_checkpoint_choice_and_snapshots(home: Path) -> None:
         shutil.copy(fold / "checkpoint_final.pth", fold / f"checkpoint_snapshot_{epoch}.pth")
     model = load_model(NAME, CONFIGURATION, checkpoint="snapshots")
     assert [p.relative_to(fold.parent).as_posix() for p in model.checkpoints] == [
-        "fold_0/checkpoint_final.pth", "fold_1/checkpoint_snapshot_3.pth", "fold_1/checkpoint_snapshot_12.pth"]
+        "fold_0/checkpoint_final.pth",
+        "fold_1/checkpoint_snapshot_3.pth",
+        "fold_1/checkpoint_snapshot_12.pth",
+    ]
     assert len(model.networks) == 3
     with pytest.raises(ValueError, match="no fold_<k> folder has a best checkpoint"):
         load_model(NAME, CONFIGURATION, checkpoint="best")  # trained without per-epoch validation
@@ -432,16 +509,23 @@ def _cases(home: Path) -> list[str]:
 def test_a_list_restricts_the_cases_and_its_parts_cover_it(home: Path, tmp_path: Path) -> None:
     cases = _cases(home)
     listing = tmp_path / "cases.txt"
-    listing.write_text(f"# the cases to predict\n\n{cases[3]}\n  {cases[0]}_0000.nii.gz  # a file name also works\n"
-                       f"{cases[1]}\n{cases[3]}\n")
+    listing.write_text(
+        f"# the cases to predict\n\n{cases[3]}\n  {cases[0]}_0000.nii.gz  # a file name also works\n"
+        f"{cases[1]}\n{cases[3]}\n"
+    )
     assert read_case_list(listing) == [(3, cases[3]), (4, f"{cases[0]}_0000.nii.gz"), (5, cases[1]), (6, cases[3])]
-    parts = [predict(_images(home), tmp_path / "out", **QUIET, tta="none", case_list=listing, num_parts=2, part_id=k)
-             for k in (0, 1)]
+    parts = [
+        predict(_images(home), tmp_path / "out", **QUIET, tta="none", case_list=listing, num_parts=2, part_id=k)
+        for k in (0, 1)
+    ]
     # the listed cases in input order, interleaved over the parts: disjoint, and together exactly the list
-    assert [[p.name for p in part.written] for part in parts] == [[f"{cases[0]}.nii.gz", f"{cases[3]}.nii.gz"],
-                                                                  [f"{cases[1]}.nii.gz"]]
+    assert [[p.name for p in part.written] for part in parts] == [
+        [f"{cases[0]}.nii.gz", f"{cases[3]}.nii.gz"],
+        [f"{cases[1]}.nii.gz"],
+    ]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == sorted(
-        f"{case}.nii.gz" for case in (cases[0], cases[1], cases[3]))
+        f"{case}.nii.gz" for case in (cases[0], cases[1], cases[3])
+    )
     for k, part in enumerate(parts):  # one summary per part, so parts running at once keep their own
         assert part.path == tmp_path / "out" / f"prediction_summary_part{k}of2.json"
         written = read_json(part.path)
@@ -449,14 +533,31 @@ def test_a_list_restricts_the_cases_and_its_parts_cover_it(home: Path, tmp_path:
         assert written["part"] == {"id": k, "of": 2} and written["list"] == str(listing)
 
 
-def test_an_unknown_name_in_the_list_is_an_error_naming_file_and_line(home: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+def test_an_unknown_name_in_the_list_is_an_error_naming_file_and_line(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     listing = tmp_path / "cases.txt"
     listing.write_text(f"{_cases(home)[0]}\n# comment\nsub-017\n")
-    assert predict_main(["-i", str(_images(home)), "-o", str(tmp_path / "out"), "--list", str(listing),
-                         "--device", "cpu", "--no-progress"]) == 1
+    assert (
+        predict_main(
+            [
+                "-i",
+                str(_images(home)),
+                "-o",
+                str(tmp_path / "out"),
+                "--list",
+                str(listing),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
-    assert f"error: {listing}: 1 listed case(s) not among the 5 input case(s) ({', '.join(_cases(home)[:3])}, ...):" in err
+    assert (
+        f"error: {listing}: 1 listed case(s) not among the 5 input case(s) ({', '.join(_cases(home)[:3])}, ...):" in err
+    )
     assert f"  {listing}:3: sub-017" in err and not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="no such case list"):
         predict(_images(home), tmp_path / "out", **QUIET, case_list=tmp_path / "missing.txt")
@@ -469,12 +570,16 @@ def _bad_cases(folder: Path) -> dict[str, str]:
     geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     write_image(np.full((4, 4, 4), np.nan, np.float32), geometry, folder / "a_nan_0000.nii.gz")
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4), np.float32)), str(folder / "a_flat_0000.nii.gz"))
-    return {"a_corrupt": "unreadable image", "a_flat": "expected a 3-D single-channel image, found 2-D",
-            "a_nan": "64 NaN/Inf voxel(s)"}
+    return {
+        "a_corrupt": "unreadable image",
+        "a_flat": "expected a 3-D single-channel image, found 2-D",
+        "a_nan": "64 NaN/Inf voxel(s)",
+    }
 
 
-def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(home: Path, tmp_path: Path,
-                                                                             capsys: pytest.CaptureFixture) -> None:
+def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     source = Path(shutil.copytree(_images(home), tmp_path / "in"))
     bad = _bad_cases(source)
     output = tmp_path / "out"
@@ -491,9 +596,12 @@ def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(hom
     summary = read_json(output / "prediction_summary.json")
     assert summary["counts"] == {"written": 5, "skipped": 0, "failed": 3} and summary["written"] == good
     assert [(f["case"], f["files"]) for f in summary["failed"]] == [
-        (case, [str(source / f"{case}_0000.nii.gz")]) for case in sorted(bad)]
-    assert out == f"wrote 5 prediction(s), skipped 0 already done, 3 failed: {', '.join(sorted(bad))}; summary: " \
-                  f"{output / 'prediction_summary.json'}\n"
+        (case, [str(source / f"{case}_0000.nii.gz")]) for case in sorted(bad)
+    ]
+    assert (
+        out == f"wrote 5 prediction(s), skipped 0 already done, 3 failed: {', '.join(sorted(bad))}; summary: "
+        f"{output / 'prediction_summary.json'}\n"
+    )
     # the same command again: the good cases are done, the bad ones fail again
     assert predict_main(arguments) == 1
     summary = read_json(output / "prediction_summary.json")
@@ -521,8 +629,9 @@ def test_a_killed_run_resumes_with_the_cases_it_did_not_finish(home: Path, tmp_p
     # without --save-probabilities the label file is enough; with it, a case without its map is predicted again
     assert len(predict(_images(home), output, **QUIET, tta="none").skipped) == 5
     (output / f"{a}_probabilities.nii.gz").unlink()
-    assert [p.name for p in predict(_images(home), output, **QUIET, tta="none", save_probabilities=True).written] == \
-        [f"{a}.nii.gz"]
+    assert [p.name for p in predict(_images(home), output, **QUIET, tta="none", save_probabilities=True).written] == [
+        f"{a}.nii.gz"
+    ]
 
 
 # ---------------------------------------------------------------------------- the CPU fast path
@@ -536,10 +645,31 @@ def test_tta_choices_on_the_command_line(home: Path, tmp_path: Path, capsys: pyt
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     case = source.name.replace("_0000.nii.gz", "")
     probabilities = {}
-    for name, flags in (("no_tta", ["--no-tta"]), ("none", ["--tta", "none"]), ("lr", ["--tta", "lr"]),
-                        ("all", ["--tta", "all"]), ("default", [])):
-        assert predict_main(["-i", str(source), "-o", str(tmp_path / name), "--device", "cpu", "--no-progress",
-                             "--save-probabilities", "-f", "0", *flags]) == 0
+    for name, flags in (
+        ("no_tta", ["--no-tta"]),
+        ("none", ["--tta", "none"]),
+        ("lr", ["--tta", "lr"]),
+        ("all", ["--tta", "all"]),
+        ("default", []),
+    ):
+        assert (
+            predict_main(
+                [
+                    "-i",
+                    str(source),
+                    "-o",
+                    str(tmp_path / name),
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                    "--save-probabilities",
+                    "-f",
+                    "0",
+                    *flags,
+                ]
+            )
+            == 0
+        )
         probabilities[name] = read_image(tmp_path / name / f"{case}_probabilities.nii.gz")[0]
     assert capsys.readouterr().out.count("\n") == 5  # one "wrote ..." line per run, nothing else
     np.testing.assert_array_equal(probabilities["no_tta"], probabilities["none"])
@@ -558,8 +688,9 @@ def test_cpu_prediction_uses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.
     assert _choose_device("cpu") == (torch.device("cpu"), torch.bfloat16)
 
 
-def test_commands_set_torch_threads_and_put_them_back(monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_commands_set_torch_threads_and_put_them_back(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     seen = []
     before = torch.get_num_threads()
     for requested in ("2", "1"):

@@ -50,10 +50,10 @@ def ellipsoid_case(shape, spacing, radius_mm=14.0):
 @pytest.mark.parametrize(
     "spacing, direction, target",
     [
-        ((1.0, 1.0, 1.0), None, (1.0, 1.0, 1.0)),      # isotropic, nothing to resample
-        ((0.8, 0.8, 3.0), None, (1.5, 1.5, 1.5)),      # anisotropic to isotropic
-        ((1.0, 1.0, 1.2), OBLIQUE, (1.0, 1.0, 1.0)),   # oblique direction, slightly anisotropic
-        ((0.9, 0.9, 5.0), OBLIQUE, (0.8, 0.8, 5.0)),   # CT perfusion slab, in-plane only
+        ((1.0, 1.0, 1.0), None, (1.0, 1.0, 1.0)),  # isotropic, nothing to resample
+        ((0.8, 0.8, 3.0), None, (1.5, 1.5, 1.5)),  # anisotropic to isotropic
+        ((1.0, 1.0, 1.2), OBLIQUE, (1.0, 1.0, 1.0)),  # oblique direction, slightly anisotropic
+        ((0.9, 0.9, 5.0), OBLIQUE, (0.8, 0.8, 5.0)),  # CT perfusion slab, in-plane only
     ],
 )
 def test_inverse_restores_geometry_and_lesion_volume(tiny_atlas, spacing, direction, target) -> None:
@@ -120,8 +120,9 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(tiny_atlas: Path)
     assert not list(folder.glob(".*tmp*")), "no temporary files left behind"
 
 
-def test_case_json_is_typed_an_older_one_stays_up_to_date_and_an_unreadable_one_is_redone(tiny_atlas: Path,
-                                                                                          tmp_path: Path) -> None:
+def test_case_json_is_typed_an_older_one_stays_up_to_date_and_an_unreadable_one_is_redone(
+    tiny_atlas: Path, tmp_path: Path
+) -> None:
     configuration = plan_and_preprocess("ATLASTiny", progress=False).plans.configuration()
     folder = preprocessed_folder(find_dataset("ATLASTiny").name) / configuration.data_identifier
     cases = find_dataset("ATLASTiny").cases()
@@ -168,7 +169,8 @@ def test_a_damaged_array_is_not_up_to_date_and_only_its_case_is_redone(tiny_atla
 
 
 def test_a_full_disk_while_preprocessing_is_one_line_and_leaves_nothing_broken(
-        tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     original, writes = autoseg.io._ChecksumWriter.write, []
 
     def fills_up(self: object, data: bytes) -> int:
@@ -221,10 +223,12 @@ def test_lesion_voxels_where_the_image_is_zero_are_kept(tiny_atlas: Path) -> Non
     configuration = result.plans.configuration()
     fingerprint = json.loads(result.fingerprint_path.read_text())
     assert fingerprint["cases"][case.identifier]["lesion_voxels_outside_nonzero"] == outside
-    assert any(f"case {case.identifier}:" in note and f"note: {outside} lesion voxel(s)" in note
-               for note in result.notes)
-    data, seg, properties = load_case(preprocessed_folder(find_dataset("ATLASTiny").name) / configuration.data_identifier,
-                                      case.identifier)
+    assert any(
+        f"case {case.identifier}:" in note and f"note: {outside} lesion voxel(s)" in note for note in result.notes
+    )
+    data, seg, properties = load_case(
+        preprocessed_folder(find_dataset("ATLASTiny").name) / configuration.data_identifier, case.identifier
+    )
     assert tuple(configuration.target_spacing) == tuple(geometry.spacing), "no resampling: voxels counted as they are"
     assert int(np.count_nonzero(seg)) == int(np.count_nonzero(label))
     canonical_label, _ = read_image(case.label, np.uint8)
@@ -253,11 +257,15 @@ def test_histogram_equalization_is_monotonic_uniform_and_leaves_the_background()
     assert np.abs(uniform - expected).max() < 0.02  # Kolmogorov distance to the uniform distribution
     skewed = np.sort((channel[mask] - channel[mask].min()) / np.ptp(channel[mask]))
     assert np.abs(skewed - expected).max() > 0.3  # ... which the input was far from
-    assert np.all(normalize(np.full_like(channel, 5.0) * mask, mask, Normalization(channel="T1", scheme="histogram_equalization")) == 0)
+    assert np.all(
+        normalize(np.full_like(channel, 5.0) * mask, mask, Normalization(channel="T1", scheme="histogram_equalization"))
+        == 0
+    )
 
 
 def test_histeq_option_is_planned_with_its_reason_in_its_own_folder_and_prediction_normalizes_alike(
-        tiny_atlas, data_roots: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_atlas, data_roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from autoseg.commands.plan import main as plan_main
 
     assert plan_main(["-d", "ATLASTiny", "--no-progress", "-np", "1"]) == 0

@@ -25,8 +25,25 @@ def test_pretrained_backbone_is_exported_in_torchvision_layout(tiny_atlas: Path,
     plan_and_preprocess("ATLASTiny", progress=False)
     before = plans_file.read_bytes()
     weights = data_roots / "resnet18_slices.pth"
-    assert pretrain_main(["-d", "ATLASTiny", "-o", str(weights), "--epochs", "2", "--iters-per-epoch", "2",
-                          "-np", "0", "--device", "cpu"]) == 0
+    assert (
+        pretrain_main(
+            [
+                "-d",
+                "ATLASTiny",
+                "-o",
+                str(weights),
+                "--epochs",
+                "2",
+                "--iters-per-epoch",
+                "2",
+                "-np",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "next: autoseg_train" in capsys.readouterr().out
     assert plans_file.read_bytes() == before, "the dataset's own plans are not touched"
 
@@ -47,8 +64,10 @@ def test_pretrained_backbone_is_exported_in_torchvision_layout(tiny_atlas: Path,
     assert torch.equal(network.backbone.conv1.weight, exported["conv1.weight"])
 
     # an existing output is not overwritten without --continue
-    assert pretrain_main(["-d", "ATLASTiny", "-o", str(weights), "--epochs", "2", "--iters-per-epoch", "2",
-                          "-np", "0"]) == 1
+    assert (
+        pretrain_main(["-d", "ATLASTiny", "-o", str(weights), "--epochs", "2", "--iters-per-epoch", "2", "-np", "0"])
+        == 1
+    )
     assert "exists" in capsys.readouterr().err
 
 
@@ -58,7 +77,12 @@ def test_slice_configuration_needs_a_3d_source_and_rounds_the_slice_to_the_strid
     assert derived.patch_size == tuple(-(-source.median_shape[a] // 8) * 8 for a in (1, 2))
     assert derived.data_identifier == source.data_identifier and derived.problems(1) == []
     with pytest.raises(ValueError, match="3-D one"):
-        slice_configuration(dataclasses.replace(source, dimension=2), backbone="resnet18", slice_axis=2, epochs=1,
-                            iterations_per_epoch=1)
+        slice_configuration(
+            dataclasses.replace(source, dimension=2),
+            backbone="resnet18",
+            slice_axis=2,
+            epochs=1,
+            iterations_per_epoch=1,
+        )
     with pytest.raises(ValueError, match="unknown backbone"):
         slice_configuration(source, backbone="vgg16", slice_axis=2, epochs=1, iterations_per_epoch=1)

@@ -40,8 +40,10 @@ def _net(**kwargs) -> PSPNet:
 def _perturbed_backbone_file(path: Path, **changes: torch.Tensor) -> dict[str, torch.Tensor]:
     """A torchvision-layout ResNet18 state dict with random values (and torchvision's ``fc``), saved to ``path``."""
     torch.manual_seed(1)
-    state = {name: (torch.randn_like(t) if t.is_floating_point() else t + 7)
-             for name, t in ResNetBackbone("resnet18").state_dict().items()}
+    state = {
+        name: (torch.randn_like(t) if t.is_floating_point() else t + 7)
+        for name, t in ResNetBackbone("resnet18").state_dict().items()
+    }
     state.update({"fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)}, **changes)
     torch.save(state, path)
     return state
@@ -71,14 +73,21 @@ def test_initializer_maps_the_channels_to_three() -> None:
 def test_backbone_has_torchvision_names_and_sizes(name: str) -> None:
     backbone = ResNetBackbone(name)
     keys = set(backbone.state_dict())
-    assert {"conv1.weight", "bn1.running_mean", "layer1.0.bn1.running_mean", "layer2.0.downsample.0.weight",
-            "layer4.1.conv2.weight", "layer3.1.bn2.num_batches_tracked"} <= keys
+    assert {
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.bn1.running_mean",
+        "layer2.0.downsample.0.weight",
+        "layer4.1.conv2.weight",
+        "layer3.1.bn2.num_batches_tracked",
+    } <= keys
     assert ("layer1.0.conv3.weight" in keys) == (name == "resnet50")
     assert sum(p.numel() for p in backbone.parameters()) == _RESNET_PARAMETERS[name]  # torchvision's counts
     net = PSPNet(in_channels=5, num_classes=1, backbone=name)
     total = sum(p.numel() for p in net.parameters())
-    no_batch = estimate_pspnet_training_memory_bytes(patch_size=(64, 64), batch_size=0, in_channels=5,
-                                                     num_classes=1, backbone=name)
+    no_batch = estimate_pspnet_training_memory_bytes(
+        patch_size=(64, 64), batch_size=0, in_channels=5, num_classes=1, backbone=name
+    )
     modelled = (no_batch - CUDA_OVERHEAD_BYTES) / 16  # the planner's memory model: 16 bytes per parameter
     assert modelled == pytest.approx(total, rel=1e-3)  # it leaves out only BatchNorm and bias terms of new layers
 
@@ -170,13 +179,32 @@ def ctp_home(tiny_ctp: Path, data_roots: Path) -> Path:
     plans = plan_and_preprocess(CTP, progress=False).plans
     path = data_roots / "preprocessed" / tiny_ctp.name / "plans.json"
     configuration = plans.configuration("2d_pspnet")
-    schedule = dataclasses.replace(configuration.schedule, epochs=3, iterations_per_epoch=2, plateau_patience_epochs=2,
-                                   early_stopping_patience_epochs=5, stages=(
-        Stage(name="new_layers", start_epoch=0, patch_size=(64, 64), batch_size=2, learning_rate=1e-2,
-              trainable="new_layers"),
-        Stage(name="all_layers", start_epoch=1, patch_size=(64, 64), batch_size=2, learning_rate=1e-4, trainable="all")))
-    configuration = dataclasses.replace(configuration, batch_size=2, schedule=schedule,
-                                        network=dataclasses.replace(configuration.network, backbone="resnet18"))
+    schedule = dataclasses.replace(
+        configuration.schedule,
+        epochs=3,
+        iterations_per_epoch=2,
+        plateau_patience_epochs=2,
+        early_stopping_patience_epochs=5,
+        stages=(
+            Stage(
+                name="new_layers",
+                start_epoch=0,
+                patch_size=(64, 64),
+                batch_size=2,
+                learning_rate=1e-2,
+                trainable="new_layers",
+            ),
+            Stage(
+                name="all_layers", start_epoch=1, patch_size=(64, 64), batch_size=2, learning_rate=1e-4, trainable="all"
+            ),
+        ),
+    )
+    configuration = dataclasses.replace(
+        configuration,
+        batch_size=2,
+        schedule=schedule,
+        network=dataclasses.replace(configuration.network, backbone="resnet18"),
+    )
     dataclasses.replace(plans, configurations={**plans.configurations, "2d_pspnet": configuration}).to_json(path)
     Plans.from_json(path)
     return data_roots
@@ -184,9 +212,14 @@ def ctp_home(tiny_ctp: Path, data_roots: Path) -> Path:
 
 def _trainer(home: Path, output_folder: Path | None = None, **options):
     folder = next((home / "preprocessed").iterdir())
-    return get_trainer("PSPNetTrainer")(Plans.from_json(folder / "plans.json"), "2d_pspnet", "full",
-                                        preprocessed_folder=folder, output_folder=output_folder or home / "run",
-                                        options=dataclasses.replace(QUIET, **options))
+    return get_trainer("PSPNetTrainer")(
+        Plans.from_json(folder / "plans.json"),
+        "2d_pspnet",
+        "full",
+        preprocessed_folder=folder,
+        output_folder=output_folder or home / "run",
+        options=dataclasses.replace(QUIET, **options),
+    )
 
 
 def test_phase_one_trains_only_new_layers_and_phase_two_everything(ctp_home: Path) -> None:
@@ -194,7 +227,8 @@ def test_phase_one_trains_only_new_layers_and_phase_two_everything(ctp_home: Pat
     network = trainer.network
     assert trainer.stage.trainable == "new_layers" and network.backbone_frozen
     assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
-        id(p) for p in network.new_layer_parameters()}
+        id(p) for p in network.new_layer_parameters()
+    }
     assert isinstance(trainer.optimizer, torch.optim.RMSprop)
     backbone = {k: v.clone() for k, v in network.backbone.state_dict().items()}
     head = network.head[-1].weight.detach().clone()
@@ -259,13 +293,20 @@ def test_trainer_loads_pretrained_backbone_at_the_start_of_a_new_run(ctp_home: P
     saved = _perturbed_backbone_file(tmp_path / "resnet18.pth")
     folder = next((ctp_home / "preprocessed").iterdir())
     options = TrainingOptions(num_processes=0, echo=False, val_iterations=1, pretrained=str(tmp_path / "resnet18.pth"))
-    trainer = get_trainer("PSPNetTrainer")(Plans.from_json(folder / "plans.json"), "2d_pspnet", "full",
-                                           preprocessed_folder=folder, output_folder=ctp_home / "run",
-                                           options=options).setup()
+    trainer = get_trainer("PSPNetTrainer")(
+        Plans.from_json(folder / "plans.json"),
+        "2d_pspnet",
+        "full",
+        preprocessed_folder=folder,
+        output_folder=ctp_home / "run",
+        options=options,
+    ).setup()
     backbone = trainer.network.backbone.state_dict()
     assert all(torch.equal(backbone[k], saved[k]) for k in backbone)
     log = (ctp_home / "run" / "log.txt").read_text()
-    assert "resnet18.pth (torchvision layout): 120 tensors loaded into the backbone, 2 classifier tensors ignored" in log
+    assert (
+        "resnet18.pth (torchvision layout): 120 tensors loaded into the backbone, 2 classifier tensors ignored" in log
+    )
     assert "training from scratch" not in log
 
 
@@ -278,15 +319,18 @@ def test_ce_trainer_weights_lesions_by_the_lesion_fraction_of_its_training_cases
     data = folder / plans.configuration("2d_pspnet").data_identifier
     cases = case_identifiers(data)
     load_or_create_splits(folder, cases, read_subjects(data, cases), num_folds=2)  # 4 subjects: 2 folds
-    trainer = get_trainer("PSPNetCETrainer")(plans, "2d_pspnet", 0, preprocessed_folder=folder,
-                                             output_folder=ctp_home / "ce", options=QUIET).setup()
+    trainer = get_trainer("PSPNetCETrainer")(
+        plans, "2d_pspnet", 0, preprocessed_folder=folder, output_folder=ctp_home / "ce", options=QUIET
+    ).setup()
     segs = [np.load(data / f"{case}_seg.npy") for case in trainer.train_cases]
     fraction = sum(int((s > 0).sum()) for s in segs) / sum(s.size for s in segs)
     assert trainer.loss_settings.name == "weighted_ce"
     assert trainer.loss_settings.positive_weight == pytest.approx((1 - fraction) / fraction)
     assert set(trainer.train_cases).isdisjoint(trainer.val_cases)  # the weight comes from fold 0's training cases
     log = (ctp_home / "ce" / "log.txt").read_text()
-    assert "class-weighted cross entropy instead of the plans' focal" in log and "loss: weighted_ce (lesion weight" in log
+    assert (
+        "class-weighted cross entropy instead of the plans' focal" in log and "loss: weighted_ce (lesion weight" in log
+    )
 
     # the auxiliary head trains alongside (weight 0.4); evaluation gives the main logits alone
     network = trainer.network.train()
@@ -307,17 +351,55 @@ def test_focal_and_cross_entropy_pspnets_ensemble_from_the_command_line(ctp_home
     for trainer in ("PSPNetTrainer", "PSPNetCETrainer"):
         train(CTP, configuration="2d_pspnet", fold="full", trainer=trainer, options=options)
     output = ctp_home / "ensemble"
-    assert predict_main(["-i", str(tiny_ctp / "imagesTr"), "-o", str(output), "-d", CTP, "-c", "2d_pspnet",
-                         "-tr", "PSPNetTrainer", "PSPNetCETrainer", "--no-tta", "--save-probabilities",
-                         "--device", "cpu"]) == 0
+    assert (
+        predict_main(
+            [
+                "-i",
+                str(tiny_ctp / "imagesTr"),
+                "-o",
+                str(output),
+                "-d",
+                CTP,
+                "-c",
+                "2d_pspnet",
+                "-tr",
+                "PSPNetTrainer",
+                "PSPNetCETrainer",
+                "--no-tta",
+                "--save-probabilities",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     image = sorted((tiny_ctp / "imagesTr").glob("*_0000.nii.gz"))[0]
     case = image.name.removesuffix("_0000.nii.gz")
     labels, geometry = read_image(output / f"{case}.nii.gz")
     _, source_geometry = read_image(image)
     assert geometry.differences(source_geometry) == [] and labels.shape[2] == read_image(image)[0].shape[2]
     single = ctp_home / "focal_only"
-    assert predict_main(["-i", str(image), "-o", str(single), "-d", CTP, "-c", "2d_pspnet", "-tr", "PSPNetTrainer",
-                         "--no-tta", "--save-probabilities", "--device", "cpu"]) == 0
+    assert (
+        predict_main(
+            [
+                "-i",
+                str(image),
+                "-o",
+                str(single),
+                "-d",
+                CTP,
+                "-c",
+                "2d_pspnet",
+                "-tr",
+                "PSPNetTrainer",
+                "--no-tta",
+                "--save-probabilities",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     both = read_image(output / f"{case}_probabilities.nii.gz")[0]
     focal = read_image(single / f"{case}_probabilities.nii.gz")[0]
     assert not np.allclose(both, focal)  # the cross-entropy model took part
@@ -330,16 +412,24 @@ def test_plans_field_names_the_pretrained_weights_and_the_flag_overrides_it(ctp_
     plans = Plans.from_json(folder / "plans.json")
     configuration = plans.configuration("2d_pspnet")
     assert configuration.network.pretrained is None and "never downloaded" in configuration.reasons["pretrained"]
-    edited = dataclasses.replace(configuration, network=dataclasses.replace(configuration.network,
-                                                                            pretrained="weights/resnet18.pth"))
-    dataclasses.replace(plans, configurations={**plans.configurations, "2d_pspnet": edited}).to_json(folder / "plans.json")
+    edited = dataclasses.replace(
+        configuration, network=dataclasses.replace(configuration.network, pretrained="weights/resnet18.pth")
+    )
+    dataclasses.replace(plans, configurations={**plans.configurations, "2d_pspnet": edited}).to_json(
+        folder / "plans.json"
+    )
     plans = Plans.from_json(folder / "plans.json")  # the field survives the JSON round trip
     assert plans.configuration("2d_pspnet").network.pretrained == "weights/resnet18.pth"
 
     def backbone_after_setup(**options) -> dict[str, torch.Tensor]:
-        trainer = get_trainer("PSPNetTrainer")(plans, "2d_pspnet", "full", preprocessed_folder=folder,
-                                               output_folder=tmp_path / str(len(list(tmp_path.iterdir()))),
-                                               options=dataclasses.replace(QUIET, **options)).setup()
+        trainer = get_trainer("PSPNetTrainer")(
+            plans,
+            "2d_pspnet",
+            "full",
+            preprocessed_folder=folder,
+            output_folder=tmp_path / str(len(list(tmp_path.iterdir()))),
+            options=dataclasses.replace(QUIET, **options),
+        ).setup()
         return trainer.network.backbone.state_dict()
 
     from_plans = backbone_after_setup()

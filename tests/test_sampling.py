@@ -58,7 +58,7 @@ def test_patches_are_crops_of_the_volume(folder: Path) -> None:
         assert data.shape == (2, 16, 12, 10) and data.dtype == np.float32
         assert seg.shape == (1, 16, 12, 10) and seg.dtype == np.uint8
         x, y, z = position(data[0, 0, 0, 0])  # random patches of a large volume lie inside it: no padding
-        np.testing.assert_array_equal(data, volume[:, x:x + 16, y:y + 12, z:z + 10])
+        np.testing.assert_array_equal(data, volume[:, x : x + 16, y : y + 12, z : z + 10])
 
 
 def test_small_volumes_are_padded_with_zeros_and_kept_whole(folder: Path) -> None:
@@ -82,8 +82,14 @@ def test_forced_count_is_nnunets_rule(batch: int, ratio: float, expected: int) -
 
 
 def test_forced_patches_contain_lesion_at_the_planned_share(folder: Path) -> None:
-    patches = PatchSampler(folder, ["big", "corner"], (12, 12, 12), foreground_oversampling=0.33,
-                           max_offset_fraction=0.5, rng=np.random.default_rng(0))
+    patches = PatchSampler(
+        folder,
+        ["big", "corner"],
+        (12, 12, 12),
+        foreground_oversampling=0.33,
+        max_offset_fraction=0.5,
+        rng=np.random.default_rng(0),
+    )
     loader = PatchDataLoader(patches, batch_size=8, seed=3)
     for _ in range(10):
         batch = next(loader)
@@ -169,8 +175,15 @@ def test_lesion_choice_lesion_sees_a_small_lesion_beside_a_large_one_as_often(tm
     write_case(tmp_path, "two", (40, 36, 30), large + small)
 
     def share_on_small(choice: str) -> float:
-        patches = PatchSampler(tmp_path, ["two"], (4, 4, 4), foreground_oversampling=1.0, max_offset_fraction=0.0,
-                               rng=np.random.default_rng(0), lesion_choice=choice)
+        patches = PatchSampler(
+            tmp_path,
+            ["two"],
+            (4, 4, 4),
+            foreground_oversampling=1.0,
+            max_offset_fraction=0.0,
+            rng=np.random.default_rng(0),
+            lesion_choice=choice,
+        )
         hits = 0
         for _ in range(400):
             data, _ = patches.sample("two", force_lesion=True)
@@ -180,5 +193,12 @@ def test_lesion_choice_lesion_sees_a_small_lesion_beside_a_large_one_as_often(tm
     assert share_on_small("voxel") < 0.02  # 2 of 1,002 voxels
     assert 0.4 < share_on_small("lesion") < 0.6  # one of two lesions
     with pytest.raises(ValueError, match="lesion_choice"):
-        PatchSampler(tmp_path, ["two"], (4, 4, 4), foreground_oversampling=1.0, max_offset_fraction=0.0,
-                     rng=np.random.default_rng(0), lesion_choice="largest")
+        PatchSampler(
+            tmp_path,
+            ["two"],
+            (4, 4, 4),
+            foreground_oversampling=1.0,
+            max_offset_fraction=0.0,
+            rng=np.random.default_rng(0),
+            lesion_choice="largest",
+        )

@@ -89,8 +89,13 @@ def test_invalid_saved_splits_are_reported_with_the_file(tmp_path: Path, content
 
 def test_subjects_are_read_from_preprocessed_properties(tmp_path: Path) -> None:
     geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    properties = CaseProperties(geometry=geometry, crop_box=((0, 4),) * 3, cropped_shape=(4, 4, 4),
-                                resampled_shape=(4, 4, 4), target_spacing=(1.0, 1.0, 1.0))
+    properties = CaseProperties(
+        geometry=geometry,
+        crop_box=((0, 4),) * 3,
+        cropped_shape=(4, 4, 4),
+        resampled_shape=(4, 4, 4),
+        target_spacing=(1.0, 1.0, 1.0),
+    )
     replace(properties, case="a", subject="S1").to_json(tmp_path / "a.json")
     replace(properties, case="b").to_json(tmp_path / "b.json")
     assert read_subjects(tmp_path, ["a", "b"]) == {"a": "S1", "b": "b"}

@@ -53,8 +53,13 @@ def _rotation(about_z: float, about_y: float) -> np.ndarray:
     return rz @ ry
 
 
-def synthetic_head(spacing: float = 2.0, tilt: tuple[float, float] = (7.0, 5.0), shift=(6.0, -3.0, 2.0),
-                   lesion: bool = True, seed: int = 0) -> Head:
+def synthetic_head(
+    spacing: float = 2.0,
+    tilt: tuple[float, float] = (7.0, 5.0),
+    shift=(6.0, -3.0, 2.0),
+    lesion: bool = True,
+    seed: int = 0,
+) -> Head:
     """A head (128 x 144 x 120 mm, ellipsoid brain) symmetric about the plane through ``shift`` (mm from the grid
     centre) whose normal is world x turned by ``tilt`` degrees about z then y; a dark lesion of radius 7 mm lies
     25 mm to one side of the plane. Intensities: smooth even functions of the distance to the plane, symmetric
@@ -128,8 +133,9 @@ def test_fits_are_reproducible_and_survive_json() -> None:
     first, second = (fit_mirror(head.image, head.brain, head.geometry) for _ in range(2))
     assert (first.angles, first.translation, first.center) == (second.angles, second.translation, second.center)
     again = MirrorFit.from_json(read_json_like(first.to_json()))
-    np.testing.assert_array_equal(apply_mirror(head.image[None], head.geometry, again),
-                                  apply_mirror(head.image[None], head.geometry, first))
+    np.testing.assert_array_equal(
+        apply_mirror(head.image[None], head.geometry, again), apply_mirror(head.image[None], head.geometry, first)
+    )
 
 
 def read_json_like(record: dict) -> dict:
@@ -186,8 +192,15 @@ def _write_random_dataset(folder: Path, cases: int = 3) -> None:
         geometry = Geometry(image.shape, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), IDENTITY)
         write_image(image, geometry, folder / "imagesTr" / f"noise_{index:03d}_0000.nii.gz")
         write_image(label, geometry, folder / "labelsTr" / f"noise_{index:03d}.nii.gz")
-    write_json({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1}, "numTraining": cases,
-                "file_ending": ".nii.gz"}, folder / "dataset.json")
+    write_json(
+        {
+            "channel_names": {"0": "T1"},
+            "labels": {"background": 0, "lesion": 1},
+            "numTraining": cases,
+            "file_ending": ".nii.gz",
+        },
+        folder / "dataset.json",
+    )
 
 
 def test_brains_get_3d_resunet_sym_with_its_reason_and_the_mirror_is_stored(tiny_atlas: Path) -> None:
@@ -239,29 +252,57 @@ def test_an_invalid_reference_channel_is_named(tiny_atlas: Path, data_roots: Pat
 
 
 # ---------------------------------------------------------------------------- train and predict
-def test_train_and_predict_with_3d_resunet_sym_write_masks_in_the_input_geometry(data_roots: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_train_and_predict_with_3d_resunet_sym_write_masks_in_the_input_geometry(
+    data_roots: Path, tmp_path: Path
+) -> None:
     raw = make_atlas_like(data_roots / "raw" / "Dataset962_ATLASSym", num_cases=5, seed=0, tiny=True, progress=False)
     plan_and_preprocess("ATLASSym", progress=False, configurations=["3d_resunet_sym"])
     path = data_roots / "preprocessed" / raw.name / "plans.json"
     plans = Plans.from_json(path)
     configuration = plans.configuration("3d_resunet_sym")
-    network = dataclasses.replace(configuration.network, features=(4, 8), strides=((1, 1, 1), (2, 2, 2)),
-                                  kernel_sizes=((3, 3, 3),) * 2)
-    schedule = dataclasses.replace(configuration.schedule, trainer="ResidualUNetTrainer", epochs=1,
-                                   iterations_per_epoch=2, restart_period_epochs=None,
-                                   stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2,
-                                                 learning_rate=1e-2),))
-    configuration = dataclasses.replace(configuration, network=network, patch_size=(16, 16, 16), batch_size=2,
-                                        schedule=schedule, mirror_axes=(0,))
+    network = dataclasses.replace(
+        configuration.network, features=(4, 8), strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 2
+    )
+    schedule = dataclasses.replace(
+        configuration.schedule,
+        trainer="ResidualUNetTrainer",
+        epochs=1,
+        iterations_per_epoch=2,
+        restart_period_epochs=None,
+        stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-2),),
+    )
+    configuration = dataclasses.replace(
+        configuration, network=network, patch_size=(16, 16, 16), batch_size=2, schedule=schedule, mirror_axes=(0,)
+    )
     dataclasses.replace(plans, configurations={**plans.configurations, configuration.name: configuration}).to_json(path)
-    assert train_main(["-d", "ATLASSym", "-c", "3d_resunet_sym", "-f", "0", "--val-iters", "1", "-np", "0",
-                       "--device", "cpu"]) == 0
+    assert (
+        train_main(
+            ["-d", "ATLASSym", "-c", "3d_resunet_sym", "-f", "0", "--val-iters", "1", "-np", "0", "--device", "cpu"]
+        )
+        == 0
+    )
     run = data_roots / "results" / raw.name / "3d_resunet_sym" / "ResidualUNetTrainer" / "fold_0"
     assert (run / "checkpoint_final.pth").is_file() and (run / "validation" / "summary.json").is_file()
     source = raw / "imagesTr" / "atlas_0002_0000.nii.gz"
     output = tmp_path / "predicted"
-    assert predict_main(["-i", str(source), "-o", str(output), "-d", "ATLASSym", "-c", "3d_resunet_sym",
-                         "--tta", "none", "--device", "cpu"]) == 0
+    assert (
+        predict_main(
+            [
+                "-i",
+                str(source),
+                "-o",
+                str(output),
+                "-d",
+                "ATLASSym",
+                "-c",
+                "3d_resunet_sym",
+                "--tta",
+                "none",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     labels, geometry = read_image(output / "atlas_0002.nii.gz", np.uint8)
     assert not geometry.differences(read_header(source)[0]) and set(np.unique(labels)) <= {0, 1}

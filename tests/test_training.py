@@ -41,8 +41,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _tiny_network(configuration, features: tuple[int, ...]):
     strides = ((1, 1, 1),) + ((2, 2, 2),) * (len(features) - 1)
-    return dataclasses.replace(configuration.network, features=features, strides=strides,
-                               kernel_sizes=((3, 3, 3),) * len(features))
+    return dataclasses.replace(
+        configuration.network, features=features, strides=strides, kernel_sizes=((3, 3, 3),) * len(features)
+    )
 
 
 def _edit_plans(path: Path, **changes) -> None:
@@ -62,8 +63,15 @@ def _write_sphere_dataset(folder: Path) -> None:
     geometry = Geometry(shape, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     write_image(image, geometry, folder / "imagesTr" / "sphere_0000.nii.gz")
     write_image(sphere.astype(np.uint8), geometry, folder / "labelsTr" / "sphere.nii.gz")
-    write_json({"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 1,
-                "file_ending": ".nii.gz"}, folder / "dataset.json")
+    write_json(
+        {
+            "channel_names": {"0": "T1"},
+            "labels": {"background": 0, "lesion": 1},
+            "numTraining": 1,
+            "file_ending": ".nii.gz",
+        },
+        folder / "dataset.json",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +86,36 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_sphere_dataset(home / "raw" / SPHERE)
         five, sphere = (plan_and_preprocess(name, progress=False).plans for name in (FIVE, SPHERE))
     # Zoom-in&out in miniature: 4 epochs of 3 iterations, 16³ patches, then 24³ from epoch 2 at a tenth of the lr.
-    _edit_plans(home / "preprocessed" / FIVE / "plans.json", network=_tiny_network(five.configuration(), (4, 8, 16)),
-                patch_size=(24, 24, 24), schedule=dataclasses.replace(
-                    five.configuration().schedule, trainer="ZoomInOutTrainer", epochs=4, iterations_per_epoch=3,
-                    restart_period_epochs=2, stages=(
-                        Stage(name="zoom_in", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-3),
-                        Stage(name="zoom_out", start_epoch=2, patch_size=(24, 24, 24), batch_size=2, learning_rate=1e-4))))
+    _edit_plans(
+        home / "preprocessed" / FIVE / "plans.json",
+        network=_tiny_network(five.configuration(), (4, 8, 16)),
+        patch_size=(24, 24, 24),
+        schedule=dataclasses.replace(
+            five.configuration().schedule,
+            trainer="ZoomInOutTrainer",
+            epochs=4,
+            iterations_per_epoch=3,
+            restart_period_epochs=2,
+            stages=(
+                Stage(name="zoom_in", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-3),
+                Stage(name="zoom_out", start_epoch=2, patch_size=(24, 24, 24), batch_size=2, learning_rate=1e-4),
+            ),
+        ),
+    )
     # nnU-Net's recipe on one case: 6 epochs of 25 iterations on 16³ patches of a 32³ volume.
-    _edit_plans(home / "preprocessed" / SPHERE / "plans.json", network=_tiny_network(sphere.configuration(), (4, 8, 16)),
-                patch_size=(16, 16, 16), schedule=dataclasses.replace(
-                    sphere.configuration().schedule, trainer="ResidualUNetTrainer", epochs=6, iterations_per_epoch=25,
-                    restart_period_epochs=None, stages=(
-                        Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-2),)))
+    _edit_plans(
+        home / "preprocessed" / SPHERE / "plans.json",
+        network=_tiny_network(sphere.configuration(), (4, 8, 16)),
+        patch_size=(16, 16, 16),
+        schedule=dataclasses.replace(
+            sphere.configuration().schedule,
+            trainer="ResidualUNetTrainer",
+            epochs=6,
+            iterations_per_epoch=25,
+            restart_period_epochs=None,
+            stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-2),),
+        ),
+    )
     return home
 
 
@@ -98,7 +124,8 @@ QUIET = TrainingOptions(num_processes=0, echo=False)
 
 # ---------------------------------------------------------------------------- registry and construction
 def test_registry_resolves_the_package_trainers_and_those_registered_explicitly(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     registry = trainers_base._REGISTRY
     monkeypatch.setattr(registry, "_classes", dict(registry._classes))  # this test's registrations end with it
     monkeypatch.setattr(registry, "_explicit", set(registry._explicit))
@@ -126,8 +153,9 @@ def test_registry_resolves_the_package_trainers_and_those_registered_explicitly(
 def test_every_trainer_is_built_without_side_effects_and_starts_at_its_stage_rate(name: str, home: Path) -> None:
     plans = Plans.from_json(home / "preprocessed" / FIVE / "plans.json")
     output = home / "results" / "run"
-    trainer = get_trainer(name)(plans, "3d_resunet", 0, preprocessed_folder=home / "preprocessed" / FIVE,
-                                output_folder=output, options=QUIET)
+    trainer = get_trainer(name)(
+        plans, "3d_resunet", 0, preprocessed_folder=home / "preprocessed" / FIVE, output_folder=output, options=QUIET
+    )
     assert not output.exists() and trainer.network is None  # the constructor only stores
     if trainer.schedule_description()["name"] == "adadelta":  # its own rate: no learning rate to tune
         assert trainer.learning_rate(0, 0) == trainer.learning_rate(2, 0) == 1.0
@@ -147,8 +175,10 @@ def test_every_trainer_takes_a_training_step_on_a_plan_it_suits(name: str, home:
     if trainer_class.network_options().get("auxiliary_head") is not None:  # a PSPNet trainer: slices of CT slabs
         ctp = plan_and_preprocess(tiny_ctp.name, progress=False).plans
         pspnet = ctp.configuration("2d_pspnet")
-        _edit_plans(home / "preprocessed" / tiny_ctp.name / "plans.json",  # the default, 2d_pspnet
-                    network=dataclasses.replace(pspnet.network, backbone="resnet18"))
+        _edit_plans(
+            home / "preprocessed" / tiny_ctp.name / "plans.json",  # the default, 2d_pspnet
+            network=dataclasses.replace(pspnet.network, backbone="resnet18"),
+        )
         dataset, fold = tiny_ctp.name, "full"  # 4 subjects: too few for 5 folds
     runner = prepare_run(dataset, None, fold, trainer_class, QUIET).setup()
     before = {key: value.clone() for key, value in runner.network.state_dict().items()}
@@ -162,9 +192,14 @@ def test_every_trainer_takes_a_training_step_on_a_plan_it_suits(name: str, home:
 def test_epoch_overrides_scale_stage_starts_and_restart_period(home: Path) -> None:
     schedule = dataclasses.replace(
         Plans.from_json(home / "preprocessed" / FIVE / "plans.json").configuration().schedule,
-        epochs=1000, iterations_per_epoch=250, restart_period_epochs=50,
-        stages=(Stage(name="zoom_in", start_epoch=0, patch_size=(16,) * 3, batch_size=2, learning_rate=1e-3),
-                Stage(name="zoom_out", start_epoch=875, patch_size=(24,) * 3, batch_size=2, learning_rate=1e-4)))
+        epochs=1000,
+        iterations_per_epoch=250,
+        restart_period_epochs=50,
+        stages=(
+            Stage(name="zoom_in", start_epoch=0, patch_size=(16,) * 3, batch_size=2, learning_rate=1e-3),
+            Stage(name="zoom_out", start_epoch=875, patch_size=(24,) * 3, batch_size=2, learning_rate=1e-4),
+        ),
+    )
     plan = Budget.from_schedule(schedule)
     assert (plan.stage_starts, plan.restart_period_epochs, plan.val_iterations) == ((0, 875), 50, 50)
     short = Budget.from_schedule(schedule, epochs=8, iterations_per_epoch=5, val_iterations=2)
@@ -179,14 +214,16 @@ def test_epoch_overrides_scale_stage_starts_and_restart_period(home: Path) -> No
 def test_poly_and_cosine_warm_restart_schedules(home: Path) -> None:
     plans = Plans.from_json(home / "preprocessed" / FIVE / "plans.json")
     folders = dict(preprocessed_folder=home / "preprocessed" / FIVE, output_folder=home / "results" / "x")
-    zoom = get_trainer("ZoomInOutTrainer")(plans, "3d_resunet", 0, **folders,
-                                           options=TrainingOptions(epochs=400, iterations_per_epoch=10))
+    zoom = get_trainer("ZoomInOutTrainer")(
+        plans, "3d_resunet", 0, **folders, options=TrainingOptions(epochs=400, iterations_per_epoch=10)
+    )
     assert zoom.budget.stage_starts == (0, 200) and zoom.budget.restart_period_epochs == 200
     assert zoom.learning_rate(100, 0) == pytest.approx(0.5e-3)  # half a period: half the rate
     assert zoom.learning_rate(199, 9) < 1e-6 < zoom.learning_rate(200, 0) == pytest.approx(1e-4)
     assert zoom.snapshot_epochs() == [267, 333, 400]  # 1/3, 2/3 and the end of stage 2
-    poly = get_trainer("ResidualUNetTrainer")(plans, "3d_resunet", 0, **folders,
-                                              options=TrainingOptions(epochs=400, iterations_per_epoch=10))
+    poly = get_trainer("ResidualUNetTrainer")(
+        plans, "3d_resunet", 0, **folders, options=TrainingOptions(epochs=400, iterations_per_epoch=10)
+    )
     assert poly.learning_rate(100, 5) == pytest.approx(1e-3 * (1 - 100 / 200) ** 0.9)
     assert poly.learning_rate(399, 0) == pytest.approx(1e-4 * (1 / 200) ** 0.9)
 
@@ -228,11 +265,15 @@ def test_the_suite_pins_fp32_unless_bf16_is_asked_for() -> None:
     assert choose_precision(torch.device("cpu"), "bf16").autocast_dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not native_bf16_probe()[0], reason="this CPU has no native bf16 (AVX512-BF16/AMX): emulated "
-                                                      "bf16 is about 100x slower than fp32, so its path is not run")
+@pytest.mark.skipif(
+    not native_bf16_probe()[0],
+    reason="this CPU has no native bf16 (AVX512-BF16/AMX): emulated "
+    "bf16 is about 100x slower than fp32, so its path is not run",
+)
 def test_bf16_training_step_learns_on_a_cpu_with_native_bf16(home: Path) -> None:
-    result = train("Sphere", fold="full", options=dataclasses.replace(QUIET, precision="bf16", val_iterations=2,
-                                                                      validation=False))
+    result = train(
+        "Sphere", fold="full", options=dataclasses.replace(QUIET, precision="bf16", val_iterations=2, validation=False)
+    )
     history = load_checkpoint(result.output_folder / "checkpoint_final.pth")["history"]
     assert history["train_loss"][-1] < 0.7 * history["train_loss"][0], history["train_loss"]
     assert "precision: bf16 (requested" in (result.output_folder / "log.txt").read_text()
@@ -261,21 +302,28 @@ def test_overfits_a_single_lesion_and_writes_the_run_folder(trainer: str, home: 
     assert history["train_loss"][-1] < 0.5 * history["train_loss"][0], history["train_loss"]  # a few steps lower it
     case = read_json(folder / "validation" / "summary.json")["cases"]["sphere"]
     assert case["dice"] > 0.8 and case["hausdorff95"] < 6.0, case  # the whole volume, sliding window
-    for name in ("plans.json", "log.txt", "progress.png", "checkpoint_latest.pth", "checkpoint_best.pth",
-                 "checkpoint_final.pth", "validation/sphere.nii.gz"):
+    for name in (
+        "plans.json",
+        "log.txt",
+        "progress.png",
+        "checkpoint_latest.pth",
+        "checkpoint_best.pth",
+        "checkpoint_final.pth",
+        "validation/sphere.nii.gz",
+    ):
         assert (folder / name).is_file(), name
     assert (folder / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (folder / "log.txt").read_text()
-    for header in (f"trainer {trainer}", "configuration 3d_resunet", "device: cpu", "precision: fp32",
-                   "seed: 0"):
+    for header in (f"trainer {trainer}", "configuration 3d_resunet", "device: cpu", "precision: fp32", "seed: 0"):
         assert header in log, header
     assert len([line for line in log.splitlines() if " epoch " in line and "train_loss" in line]) == 6
     assert not list(folder.glob(".*tmp*"))
 
 
 @pytest.mark.parametrize("trainer", ["ZoomInOutTrainer", "AcuteStrokeTrainer"])
-def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(trainer: str, home: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
+    trainer: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     patches: list[tuple[int, ...]] = []
     original_step = Trainer.train_step
 
@@ -312,8 +360,11 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(trainer: str, hom
     b = load_checkpoint(resumed.output_folder / "checkpoint_final.pth")
     assert a["network"].keys() == b["network"].keys()
     assert all(torch.equal(a["network"][k], b["network"][k]) for k in a["network"])
-    assert all(torch.equal(x, y) for k in a["optimizer"]["state"] for x, y in
-               zip(a["optimizer"]["state"][k].values(), b["optimizer"]["state"][k].values()))
+    assert all(
+        torch.equal(x, y)
+        for k in a["optimizer"]["state"]
+        for x, y in zip(a["optimizer"]["state"][k].values(), b["optimizer"]["state"][k].values())
+    )
     assert a["history"]["train_loss"] == b["history"]["train_loss"]
     assert b["history"]["stage"] == ["zoom_in", "zoom_in", "zoom_out", "zoom_out"]
     log = (resumed.output_folder / "log.txt").read_text()
@@ -329,8 +380,22 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(trainer: str, hom
 
 
 def test_command_line_run_validates_the_fold_on_the_original_grid(home: Path, capsys: pytest.CaptureFixture) -> None:
-    arguments = ["-d", "ATLASFive", "-f", "0", "--epochs", "2", "--iters-per-epoch", "2", "--val-iters", "1",
-                 "-np", "0", "--device", "cpu"]
+    arguments = [
+        "-d",
+        "ATLASFive",
+        "-f",
+        "0",
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "2",
+        "--val-iters",
+        "1",
+        "-np",
+        "0",
+        "--device",
+        "cpu",
+    ]
     assert main(arguments) == 0
     folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
     validation = read_json(home / "preprocessed" / FIVE / "splits_final.json")[0]["val"]
@@ -367,10 +432,13 @@ def _error(capsys: pytest.CaptureFixture, *arguments: str) -> str:
 def test_clear_one_line_errors(home: Path, tiny_atlas: Path, capsys: pytest.CaptureFixture) -> None:
     assert "no plans found; run autoseg_plan first" in _error(capsys, "-d", "ATLASTiny")
     assert "configuration '3d_fancy' is not in the plans; available: ['3d_resunet']" in _error(
-        capsys, "-d", "ATLASFive", "-c", "3d_fancy")
+        capsys, "-d", "ATLASFive", "-c", "3d_fancy"
+    )
     assert "fold 7 is out of range" in _error(capsys, "-d", "ATLASFive", "-f", "7", "-np", "0")
-    assert "unknown trainer 'Fancy'; available: AcuteStrokeTrainer, PSPNetCETrainer, PSPNetTrainer, ResidualUNetTrainer, ZoomInOutTrainer" in _error(
-        capsys, "-d", "ATLASFive", "-tr", "Fancy")
+    assert (
+        "unknown trainer 'Fancy'; available: AcuteStrokeTrainer, PSPNetCETrainer, PSPNetTrainer, ResidualUNetTrainer, ZoomInOutTrainer"
+        in _error(capsys, "-d", "ATLASFive", "-tr", "Fancy")
+    )
     if not torch.cuda.is_available():
         assert "no CUDA device is available" in _error(capsys, "-d", "ATLASFive", "--device", "cuda")
 
@@ -399,16 +467,32 @@ def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, name: str, epoch: int, how: s
     monkeypatch.setattr(torch, "save", save)
 
 
-RUN = ["-d", "ATLASFive", "-f", "0", "--epochs", "3", "--iters-per-epoch", "1", "--val-iters", "1", "-np", "0",
-       "--no-validation"]
+RUN = [
+    "-d",
+    "ATLASFive",
+    "-f",
+    "0",
+    "--epochs",
+    "3",
+    "--iters-per-epoch",
+    "1",
+    "--val-iters",
+    "1",
+    "-np",
+    "0",
+    "--no-validation",
+]
 
 
 def test_a_full_disk_before_any_epoch_completed_then_continue_starts_afresh(
-        home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
     with monkeypatch.context() as patch:
         _fill_disk_at(patch, "checkpoint_latest.pth", 1, "torch")
-        assert _error(capsys, *RUN) == f"error: no space left on device while writing {folder / 'checkpoint_latest.pth'}"
+        assert (
+            _error(capsys, *RUN) == f"error: no space left on device while writing {folder / 'checkpoint_latest.pth'}"
+        )
     assert sorted(p.name for p in folder.glob("*.pth")) == ["checkpoint_best.pth"]  # the state the issue describes
     assert not list(folder.glob(".*tmp*"))
     assert main([*RUN, "--continue"]) == 0
@@ -422,16 +506,20 @@ def test_a_full_disk_before_any_epoch_completed_then_continue_starts_afresh(
 
 
 def test_a_full_disk_at_a_later_epoch_then_continue_resumes_from_the_last_complete_one(
-        home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "uninterrupted"))
     assert main(RUN) == 0
-    whole = load_checkpoint(home / "uninterrupted" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0" /
-                            "checkpoint_final.pth")
+    whole = load_checkpoint(
+        home / "uninterrupted" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0" / "checkpoint_final.pth"
+    )
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "results"))
     folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
     with monkeypatch.context() as patch:
         _fill_disk_at(patch, "checkpoint_latest.pth", 2, "fsync")
-        assert _error(capsys, *RUN) == f"error: no space left on device while writing {folder / 'checkpoint_latest.pth'}"
+        assert (
+            _error(capsys, *RUN) == f"error: no space left on device while writing {folder / 'checkpoint_latest.pth'}"
+        )
     assert load_checkpoint(folder / "checkpoint_latest.pth")["epoch"] == 1  # the last complete epoch, intact
     assert not list(folder.glob(".*tmp*"))
     assert main([*RUN, "--continue"]) == 0
@@ -450,8 +538,21 @@ def test_continuing_from_a_pickled_checkpoint_is_refused(home: Path, capsys: pyt
 
 
 def test_all_trains_every_fold_and_continue_picks_up_where_it_stopped(home: Path, capsys) -> None:
-    arguments = ["-d", "ATLASFive", "-f", "all", "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0",
-                 "-np", "0", "--no-validation"]
+    arguments = [
+        "-d",
+        "ATLASFive",
+        "-f",
+        "all",
+        "--epochs",
+        "1",
+        "--iters-per-epoch",
+        "1",
+        "--val-iters",
+        "0",
+        "-np",
+        "0",
+        "--no-validation",
+    ]
     runs = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer"
     assert main(["-d", "ATLASFive", "-f", "1", *arguments[4:]]) == 0  # fold 1 finished earlier
     before = (runs / "fold_1" / "checkpoint_final.pth").stat().st_mtime_ns
@@ -469,14 +570,29 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
 
     path = home / "preprocessed" / SPHERE / "plans.json"
     plans = Plans.from_json(path)
-    estimate = {"estimated_minutes": 0.01, "seconds_per_iteration": 0.001, "iterations": 150, "epochs": 6,
-                "val_iterations_per_epoch": 2, "network_seconds_per_iteration": 0.0008,
-                "loader_seconds_per_iteration": 0.0002,
-                "minutes": {"training": 0.005, "epoch_validation": 0.001, "overhead": 0.002, "final_validation": 0.002}}
-    record = ComputeBudget(device="cpu", minutes=0.02, precision="fp32", estimated_minutes=0.01,
-                           seconds_per_iteration=0.001, iterations=150, configuration="3d_resunet",
-                           memory_format="channels_last_3d", data_processes=0,
-                           estimates={"3d_resunet": estimate}, reasons={"data_processes": "a test's choice"})
+    estimate = {
+        "estimated_minutes": 0.01,
+        "seconds_per_iteration": 0.001,
+        "iterations": 150,
+        "epochs": 6,
+        "val_iterations_per_epoch": 2,
+        "network_seconds_per_iteration": 0.0008,
+        "loader_seconds_per_iteration": 0.0002,
+        "minutes": {"training": 0.005, "epoch_validation": 0.001, "overhead": 0.002, "final_validation": 0.002},
+    }
+    record = ComputeBudget(
+        device="cpu",
+        minutes=0.02,
+        precision="fp32",
+        estimated_minutes=0.01,
+        seconds_per_iteration=0.001,
+        iterations=150,
+        configuration="3d_resunet",
+        memory_format="channels_last_3d",
+        data_processes=0,
+        estimates={"3d_resunet": estimate},
+        reasons={"data_processes": "a test's choice"},
+    )
     dataclasses.replace(plans, compute_budget=record).to_json(path)
     result = train("Sphere", fold="full", options=dataclasses.replace(QUIET, num_processes=None, val_iterations=2))
     log = (result.output_folder / "log.txt").read_text()
@@ -498,25 +614,47 @@ def test_acute_stroke_trainer_builds_the_paper_recipe_from_the_plans_numbers(hom
 
     path = home / "preprocessed" / SPHERE / "plans.json"
     plans = Plans.from_json(path)
-    record = ComputeBudget(device="cpu", minutes=1.0, precision="fp32", estimated_minutes=0.5,
-                           seconds_per_iteration=0.01, iterations=150, configuration="3d_resunet",
-                           estimates={"3d_resunet": {"estimated_minutes": 0.5}}, reasons={"data_processes": "test"})
+    record = ComputeBudget(
+        device="cpu",
+        minutes=1.0,
+        precision="fp32",
+        estimated_minutes=0.5,
+        seconds_per_iteration=0.01,
+        iterations=150,
+        configuration="3d_resunet",
+        estimates={"3d_resunet": {"estimated_minutes": 0.5}},
+        reasons={"data_processes": "test"},
+    )
     plans = dataclasses.replace(plans, compute_budget=record)
     configuration = plans.configuration()
-    trainer = get_trainer("AcuteStrokeTrainer")(plans, "3d_resunet", "full", preprocessed_folder=path.parent,
-                                                output_folder=home / "results" / "acute",
-                                                options=dataclasses.replace(QUIET, epochs=100)).setup()
+    trainer = get_trainer("AcuteStrokeTrainer")(
+        plans,
+        "3d_resunet",
+        "full",
+        preprocessed_folder=path.parent,
+        output_folder=home / "results" / "acute",
+        options=dataclasses.replace(QUIET, epochs=100),
+    ).setup()
     network = trainer.network
     assert isinstance(network, AsymmetricResidualUNet) and network.features == configuration.network.features
-    assert network.strides == configuration.network.strides and network.kernel_sizes == configuration.network.kernel_sizes
+    assert (
+        network.strides == configuration.network.strides and network.kernel_sizes == configuration.network.kernel_sizes
+    )
     assert network.parameter_split() == count_asymmetric_parameters(
-        in_channels=1, num_classes=1, features=configuration.network.features,
-        strides=configuration.network.strides, kernel_sizes=configuration.network.kernel_sizes)
+        in_channels=1,
+        num_classes=1,
+        features=configuration.network.features,
+        strides=configuration.network.strides,
+        kernel_sizes=configuration.network.kernel_sizes,
+    )
     loss = trainer.loss_settings
     assert (loss.name, loss.focal_gamma, loss.focal_alpha) == ("focal", 2.0, configuration.loss.focal_alpha)
     assert isinstance(trainer.optimizer, torch.optim.Adadelta) and trainer.deep_supervision_levels == 1
     sampling = trainer.sampling_spec()
-    assert sampling.foreground_oversampling == 0.5 and sampling.max_offset_fraction == configuration.sampling.max_offset_fraction
+    assert (
+        sampling.foreground_oversampling == 0.5
+        and sampling.max_offset_fraction == configuration.sampling.max_offset_fraction
+    )
     with trainer.loader(0, train=True) as batches:  # balanced: one of the two patches is centred on lesion
         assert all(batch["seg"][-1].any() for batch in (next(batches) for _ in range(3)))
     assert trainer.patience("early_stopping_patience_epochs") == 10  # none planned: a tenth of 100 epochs, >= 8
@@ -528,11 +666,19 @@ def test_acute_stroke_trainer_builds_the_paper_recipe_from_the_plans_numbers(hom
         trainer.update_plateau(dice, epoch)
         assert trainer.should_stop() == (epoch == 10) and trainer.learning_rate(epoch, 0) == 1.0
 
-    pspnet = dataclasses.replace(configuration, name="2d", network=dataclasses.replace(
-        configuration.network, architecture="PSPNet", backbone="resnet18"))
+    pspnet = dataclasses.replace(
+        configuration,
+        name="2d",
+        network=dataclasses.replace(configuration.network, architecture="PSPNet", backbone="resnet18"),
+    )
     with pytest.raises(ValueError, match="plans a PSPNet"):
-        get_trainer("AcuteStrokeTrainer")(dataclasses.replace(plans, configurations={"2d": pspnet}), "2d", 0,
-                                          preprocessed_folder=path.parent, output_folder=home / "x").build_network()
+        get_trainer("AcuteStrokeTrainer")(
+            dataclasses.replace(plans, configurations={"2d": pspnet}),
+            "2d",
+            0,
+            preprocessed_folder=path.parent,
+            output_folder=home / "x",
+        ).build_network()
 
 
 def test_a_histeq_twin_beside_the_zscore_configuration_trains_into_its_own_results_folder(home: Path) -> None:
@@ -545,8 +691,9 @@ def test_a_histeq_twin_beside_the_zscore_configuration_trains_into_its_own_resul
     twin = plans.configuration("3d_resunet_histeq")
     assert twin.network == before.configuration().network and twin.schedule == before.configuration().schedule
     assert list(result.preprocessed) == ["3d_resunet", "3d_resunet_histeq"]
-    options = TrainingOptions(epochs=1, iterations_per_epoch=1, val_iterations=0, num_processes=0, echo=False,
-                              validation=False)
+    options = TrainingOptions(
+        epochs=1, iterations_per_epoch=1, val_iterations=0, num_processes=0, echo=False, validation=False
+    )
     for name in ("3d_resunet", "3d_resunet_histeq"):
         train(FIVE, name, 0, options=options)
     runs = {name: home / "results" / FIVE / name / "ZoomInOutTrainer" / "fold_0" for name in plans.configurations}

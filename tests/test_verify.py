@@ -31,7 +31,9 @@ def make_dataset(root: Path, cases: int = 3, channels: int = 2) -> Path:
     geometry = Geometry(SHAPE, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), IDENTITY)
     for index in range(cases):
         for channel in range(channels):
-            write_image(rng.random(SHAPE, np.float32) + 1, geometry, folder / "imagesTr" / f"c{index}_{channel:04d}.nii.gz")
+            write_image(
+                rng.random(SHAPE, np.float32) + 1, geometry, folder / "imagesTr" / f"c{index}_{channel:04d}.nii.gz"
+            )
         label = np.zeros(SHAPE, np.uint8)
         label[3:6, 3:6, 2:4] = 1
         write_image(label, geometry, folder / "labelsTr" / f"c{index}.nii.gz")
@@ -62,24 +64,55 @@ def test_a_sound_dataset_passes(data_roots: Path) -> None:
 CORRUPTIONS = {
     "truncated": (lambda f: _truncate(f / "imagesTr" / "c0_0000.nii.gz"), "c0", "c0_0000.nii.gz", "truncated"),
     "missing channel": (lambda f: (f / "imagesTr" / "c1_0001.nii.gz").unlink(), "c1", "c1_0001.nii.gz", "missing"),
-    "label shape": (lambda f: rewrite(f / "labelsTr" / "c2.nii.gz", np.zeros((8, 10, 13), np.uint8)), "c2",
-                    "c2.nii.gz", "shape"),
-    "label spacing": (lambda f: rewrite(f / "labelsTr" / "c0.nii.gz", Spacing=(1.0, 1.0, 3.0)), "c0", "c0.nii.gz",
-                      "spacing"),
-    "channel origin": (lambda f: rewrite(f / "imagesTr" / "c1_0001.nii.gz", Origin=(5.0, 0.0, 0.0)), "c1",
-                       "c1_0001.nii.gz", "origin"),
+    "label shape": (
+        lambda f: rewrite(f / "labelsTr" / "c2.nii.gz", np.zeros((8, 10, 13), np.uint8)),
+        "c2",
+        "c2.nii.gz",
+        "shape",
+    ),
+    "label spacing": (
+        lambda f: rewrite(f / "labelsTr" / "c0.nii.gz", Spacing=(1.0, 1.0, 3.0)),
+        "c0",
+        "c0.nii.gz",
+        "spacing",
+    ),
+    "channel origin": (
+        lambda f: rewrite(f / "imagesTr" / "c1_0001.nii.gz", Origin=(5.0, 0.0, 0.0)),
+        "c1",
+        "c1_0001.nii.gz",
+        "origin",
+    ),
     # Rotated by 30 degrees: no reorientation (which only permutes and flips axes) brings it onto the image's grid.
-    "label direction": (lambda f: rewrite(f / "labelsTr" / "c1.nii.gz",
-                                          Direction=(0.8660254, -0.5, 0, 0.5, 0.8660254, 0, 0, 0, 1)), "c1",
-                        "c1.nii.gz", "direction"),
-    "label values": (lambda f: rewrite(f / "labelsTr" / "c2.nii.gz", np.full(SHAPE[::-1], 3, np.uint8)), "c2",
-                     "c2.nii.gz", "label values 3"),
-    "nan": (lambda f: rewrite(f / "imagesTr" / "c0_0001.nii.gz", np.full(SHAPE[::-1], np.nan, np.float32)), "c0",
-            "c0_0001.nii.gz", "NaN"),
-    "4-D": (lambda f: sitk.WriteImage(sitk.Image([12, 10, 8, 2], sitk.sitkFloat32), str(f / "imagesTr" / "c1_0000.nii.gz")),
-            "c1", "c1_0000.nii.gz", "4-D"),
-    "2-D": (lambda f: sitk.WriteImage(sitk.Image([12, 10], sitk.sitkUInt8), str(f / "labelsTr" / "c0.nii.gz")),
-            "c0", "c0.nii.gz", "2-D"),
+    "label direction": (
+        lambda f: rewrite(f / "labelsTr" / "c1.nii.gz", Direction=(0.8660254, -0.5, 0, 0.5, 0.8660254, 0, 0, 0, 1)),
+        "c1",
+        "c1.nii.gz",
+        "direction",
+    ),
+    "label values": (
+        lambda f: rewrite(f / "labelsTr" / "c2.nii.gz", np.full(SHAPE[::-1], 3, np.uint8)),
+        "c2",
+        "c2.nii.gz",
+        "label values 3",
+    ),
+    "nan": (
+        lambda f: rewrite(f / "imagesTr" / "c0_0001.nii.gz", np.full(SHAPE[::-1], np.nan, np.float32)),
+        "c0",
+        "c0_0001.nii.gz",
+        "NaN",
+    ),
+    "4-D": (
+        lambda f: sitk.WriteImage(sitk.Image([12, 10, 8, 2], sitk.sitkFloat32), str(f / "imagesTr" / "c1_0000.nii.gz")),
+        "c1",
+        "c1_0000.nii.gz",
+        "4-D",
+    ),
+    "2-D": (
+        lambda f: sitk.WriteImage(sitk.Image([12, 10], sitk.sitkUInt8), str(f / "labelsTr" / "c0.nii.gz")),
+        "c0",
+        "c0.nii.gz",
+        "2-D",
+    ),
 }
 
 
@@ -131,8 +164,9 @@ def _erase_lesions(label_files: list[Path]) -> None:
         sitk.WriteImage(erased, str(path))
 
 
-def test_no_lesion_in_any_case_stops_planning_and_writes_nothing(data_roots: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
+def test_no_lesion_in_any_case_stops_planning_and_writes_nothing(
+    data_roots: Path, capsys: pytest.CaptureFixture
+) -> None:
     folder = make_dataset(data_roots)
     _erase_lesions(sorted((folder / "labelsTr").iterdir()))
     expected = "dataset Dataset100_Check: none of its 3 training case(s) contains a lesion"
@@ -152,7 +186,9 @@ def test_some_lesion_free_cases_are_counted_and_named(tiny_atlas: Path) -> None:
     assert len(result.preprocessed["3d_resunet"]) == 4
 
 
-def test_lesion_voxels_where_the_image_is_zero_are_a_note_per_case(data_roots: Path, capsys: pytest.CaptureFixture) -> None:
+def test_lesion_voxels_where_the_image_is_zero_are_a_note_per_case(
+    data_roots: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Skull stripping cut off half of c1's lesion: not an error, but the report says how many voxels, per case."""
     folder = make_dataset(data_roots)
     for channel in (0, 1):
@@ -183,7 +219,11 @@ def test_qform_sform_disagreement_is_a_note_of_each_file(data_roots: Path) -> No
     import nibabel
 
     folder = make_dataset(data_roots)
-    paths = [folder / "imagesTr" / "c2_0000.nii.gz", folder / "imagesTr" / "c2_0001.nii.gz", folder / "labelsTr" / "c2.nii.gz"]
+    paths = [
+        folder / "imagesTr" / "c2_0000.nii.gz",
+        folder / "imagesTr" / "c2_0001.nii.gz",
+        folder / "labelsTr" / "c2.nii.gz",
+    ]
     for path in paths:
         image = nibabel.load(str(path))
         moved = image.affine.copy()

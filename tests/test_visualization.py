@@ -29,8 +29,12 @@ def test_overlay_png_is_written(tmp_path: Path) -> None:
     label[5:9, 5:9, 3:5] = 1
     for name, array in (("image.nii.gz", image), ("reference.nii.gz", label), ("prediction.nii.gz", np.roll(label, 1))):
         write_image(array, geometry, tmp_path / name)
-    output = save_overlay(tmp_path / "image.nii.gz", tmp_path / "reference.nii.gz", tmp_path / "prediction.nii.gz",
-                          tmp_path / "out" / "overlay.png")
+    output = save_overlay(
+        tmp_path / "image.nii.gz",
+        tmp_path / "reference.nii.gz",
+        tmp_path / "prediction.nii.gz",
+        tmp_path / "out" / "overlay.png",
+    )
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in output.parent.iterdir()] == ["overlay.png"]
 
@@ -46,9 +50,11 @@ def test_slices_skip_the_gap_between_lesions() -> None:
 def test_importing_leaves_matplotlib_alone() -> None:
     """No backend chosen and no pyplot imported: a program importing autoseg keeps its own matplotlib set-up."""
     # rcParams["backend"] would itself resolve the backend through pyplot; dict.__getitem__ reads it as set.
-    code = ("import sys, matplotlib; read = lambda: dict.__getitem__(matplotlib.rcParams, 'backend'); "
-            "before = read(); import autoseg.visualization, autoseg.report; "
-            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; assert read() == before, read()")
+    code = (
+        "import sys, matplotlib; read = lambda: dict.__getitem__(matplotlib.rcParams, 'backend'); "
+        "before = read(); import autoseg.visualization, autoseg.report; "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; assert read() == before, read()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

@@ -47,17 +47,29 @@ def train_tiny_model(home: Path) -> None:
     make_atlas_like(home / "raw" / NAME, num_cases=20, seed=0, tiny=True, progress=False)
     plans = plan_and_preprocess(NAME, progress=False).plans
     configuration = plans.configuration()
-    network = dataclasses.replace(configuration.network, features=(4, 8, 16), strides=((1, 1, 1),) + ((2, 2, 2),) * 2,
-                                  kernel_sizes=((3, 3, 3),) * 3)
-    schedule = dataclasses.replace(configuration.schedule, trainer="ResidualUNetTrainer", epochs=1,
-                                   iterations_per_epoch=1, restart_period_epochs=None,
-                                   stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),))
-    configuration = dataclasses.replace(configuration, network=network, patch_size=(32, 32, 32), batch_size=1,
-                                        schedule=schedule, mirror_axes=(0,))
+    network = dataclasses.replace(
+        configuration.network,
+        features=(4, 8, 16),
+        strides=((1, 1, 1),) + ((2, 2, 2),) * 2,
+        kernel_sizes=((3, 3, 3),) * 3,
+    )
+    schedule = dataclasses.replace(
+        configuration.schedule,
+        trainer="ResidualUNetTrainer",
+        epochs=1,
+        iterations_per_epoch=1,
+        restart_period_epochs=None,
+        stages=(Stage("full", 0, (32, 32, 32), 1, 1e-2),),
+    )
+    configuration = dataclasses.replace(
+        configuration, network=network, patch_size=(32, 32, 32), batch_size=1, schedule=schedule, mirror_axes=(0,)
+    )
     dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(
-        home / "preprocessed" / NAME / "plans.json")
-    options = TrainingOptions(num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32",
-                              validation=False)
+        home / "preprocessed" / NAME / "plans.json"
+    )
+    options = TrainingOptions(
+        num_processes=0, echo=False, val_iterations=0, device="cpu", precision="fp32", validation=False
+    )
     train(NAME, configuration.name, 0, options=options)
 
 
@@ -93,8 +105,14 @@ def run_predict(arguments: list[str], output: Path, env: dict[str, str], kill_af
             break
         done = _labels_written(output)
         try:
-            rss = next(int(line.split()[1]) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
-                       if line.startswith("VmRSS:")) / 1024
+            rss = (
+                next(
+                    int(line.split()[1])
+                    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")
+                )
+                / 1024
+            )
             samples.append((done, round(rss, 1)))
         except (OSError, StopIteration):
             pass
@@ -104,9 +122,13 @@ def run_predict(arguments: list[str], output: Path, env: dict[str, str], kill_af
             break
         time.sleep(0.2)
     process.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": round(time.perf_counter() - start, 1), "exit_code": process.returncode,
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "rss_samples": samples,
-            "output": log.read_text().strip().splitlines()[-5:]}
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "exit_code": process.returncode,
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "rss_samples": samples,
+        "output": log.read_text().strip().splitlines()[-5:],
+    }
 
 
 def _labels_written(output: Path) -> int:
@@ -130,9 +152,13 @@ def main() -> int:
     out = args.out.resolve()
     home = out / "home"
     os.environ["AUTOSEG_HOME"] = str(home)
-    env = {**os.environ, "OMP_NUM_THREADS": args.threads,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": args.threads,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     if args.train_only:
         train_tiny_model(home)
         return 0
@@ -154,38 +180,57 @@ def main() -> int:
         run["rss_at_10_percent_mib"] = rss_when(run["rss_samples"], 0.1)
         run["rss_at_end_mib"] = rss_when(run["rss_samples"], 1.0)
         results["runs"][count] = run
-        print(f"N={count}: {run['seconds']} s, exit {run['exit_code']}, peak RSS {run['peak_rss_mib']} MiB "
-              f"(at 10% of the cases: {run['rss_at_10_percent_mib']}, at the last: {run['rss_at_end_mib']}); "
-              f"{run['summary']}",
-              flush=True)
+        print(
+            f"N={count}: {run['seconds']} s, exit {run['exit_code']}, peak RSS {run['peak_rss_mib']} MiB "
+            f"(at 10% of the cases: {run['rss_at_10_percent_mib']}, at the last: {run['rss_at_end_mib']}); "
+            f"{run['summary']}",
+            flush=True,
+        )
 
     count = min(args.cases)
     output = out / "predictions_killed"
     shutil.rmtree(output, ignore_errors=True)
     arguments = [*common, "-o", str(output), "--list", str(out / f"list_{count}.txt"), "--save-probabilities"]
     killed = run_predict(arguments, output, env, kill_after=count // 3)
-    left = {"labels": _labels_written(output),
-            "temporary_files": len([p for p in output.iterdir() if p.name.startswith(".")])}
+    left = {
+        "labels": _labels_written(output),
+        "temporary_files": len([p for p in output.iterdir() if p.name.startswith(".")]),
+    }
     resumed = run_predict(arguments, output, env)
     summary = json.loads((output / "prediction_summary.json").read_text())
-    complete = all((output / f"{name}.nii.gz").is_file() and (output / f"{name}_probabilities.nii.gz").is_file()
-                   for name in names[:count] if name != BAD_CASE)
+    complete = all(
+        (output / f"{name}.nii.gz").is_file() and (output / f"{name}_probabilities.nii.gz").is_file()
+        for name in names[:count]
+        if name != BAD_CASE
+    )
     results["kill_and_resume"] = {
-        "cases": count, "killed_after_seconds": killed["seconds"], "left_by_the_kill": left,
-        "resumed": {"seconds": resumed["seconds"], "exit_code": resumed["exit_code"], "counts": summary["counts"],
-                    "stale_temporaries_removed": summary["stale_temporaries_removed"],
-                    "failed": summary["failed"], "every_good_case_complete": complete,
-                    "temporary_files_left": len([p for p in output.iterdir() if p.name.startswith(".")])}}
+        "cases": count,
+        "killed_after_seconds": killed["seconds"],
+        "left_by_the_kill": left,
+        "resumed": {
+            "seconds": resumed["seconds"],
+            "exit_code": resumed["exit_code"],
+            "counts": summary["counts"],
+            "stale_temporaries_removed": summary["stale_temporaries_removed"],
+            "failed": summary["failed"],
+            "every_good_case_complete": complete,
+            "temporary_files_left": len([p for p in output.iterdir() if p.name.startswith(".")]),
+        },
+    }
     print(f"kill and resume: {json.dumps(results['kill_and_resume'])}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 
-    print("\n| cases | wall time | s/case | peak RSS | RSS at 10% of the cases | RSS at the last case | written / skipped / "
-          "failed | exit code |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| cases | wall time | s/case | peak RSS | RSS at 10% of the cases | RSS at the last case | written / skipped / "
+        "failed | exit code |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     for count, run in results["runs"].items():
         counts = run["summary"]
-        print(f"| {count} | {run['seconds']} s | {run['seconds'] / count:.2f} | {run['peak_rss_mib']:.0f} MiB | "
-              f"{run['rss_at_10_percent_mib']} MiB | {run['rss_at_end_mib']} MiB | {counts['written']} / "
-              f"{counts['skipped']} / {counts['failed']} | {run['exit_code']} |")
+        print(
+            f"| {count} | {run['seconds']} s | {run['seconds'] / count:.2f} | {run['peak_rss_mib']:.0f} MiB | "
+            f"{run['rss_at_10_percent_mib']} MiB | {run['rss_at_end_mib']} MiB | {counts['written']} / "
+            f"{counts['skipped']} / {counts['failed']} | {run['exit_code']} |"
+        )
     return 0
 
 

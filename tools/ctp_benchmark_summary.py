@@ -61,8 +61,9 @@ def ensemble_dice(folders: list[Path], labels: Path) -> float | None:
             with np.load(folder / "validation" / f"{case}_probabilities.npz") as archive:
                 probabilities.append(archive["probabilities"].astype(np.float32))
         reference, geometry = read_image(labels / f"{case}.nii.gz", np.uint8)
-        mask = postprocess_probabilities(np.mean(probabilities, axis=0), geometry.spacing, post.threshold,
-                                         post.min_lesion_mm3)
+        mask = postprocess_probabilities(
+            np.mean(probabilities, axis=0), geometry.spacing, post.threshold, post.min_lesion_mm3
+        )
         scores.append(dice(mask > 0, reference > 0))
     return float(np.mean(scores))
 
@@ -99,20 +100,30 @@ def main() -> None:
             spent = training_seconds(folder) if table[title][-1] is not None else None
             if spent is not None:
                 seconds[title].append(spent)
-        pair = [fold_folder(args.folder, "pretrained", "2d_pspnet", t, fold) for t in ("PSPNetTrainer", "PSPNetCETrainer")]
+        pair = [
+            fold_folder(args.folder, "pretrained", "2d_pspnet", t, fold) for t in ("PSPNetTrainer", "PSPNetCETrainer")
+        ]
         table[ENSEMBLE].append(ensemble_dice(pair, args.raw / "labelsTr"))
     done = [fold for fold in range(args.folds) if all(table[c][fold] is not None for c in columns)]
     lines = ["| Fold | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for fold in range(args.folds):
         cells = ["–" if table[c][fold] is None else f"{table[c][fold]:.2f}" for c in columns]
         lines.append(f"| {fold + 1} | " + " | ".join(cells) + " |")
-    lines.append(f"| **Total ({len(done)} folds)** | " + " | ".join(
-        f"**{mean_sd([table[c][f] for f in done])}**" for c in columns) + " |")
-    lines.append("| training time per fold (s) | " + " | ".join(
-        f"{statistics.mean(seconds[c]):.0f}" if seconds.get(c) else "–" for c in columns) + " |")
+    lines.append(
+        f"| **Total ({len(done)} folds)** | "
+        + " | ".join(f"**{mean_sd([table[c][f] for f in done])}**" for c in columns)
+        + " |"
+    )
+    lines.append(
+        "| training time per fold (s) | "
+        + " | ".join(f"{statistics.mean(seconds[c]):.0f}" if seconds.get(c) else "–" for c in columns)
+        + " |"
+    )
     markdown = "\n".join(lines)
-    write_json({"folds_complete": done, "dice_per_fold": table,
-                "training_seconds": {c: v for c, v in seconds.items()}}, args.folder / "summary.json")
+    write_json(
+        {"folds_complete": done, "dice_per_fold": table, "training_seconds": {c: v for c, v in seconds.items()}},
+        args.folder / "summary.json",
+    )
     with atomic_path(args.folder / "summary.md", suffix=".md") as temporary:
         Path(temporary).write_text(markdown + "\n")
     print(markdown)

@@ -30,7 +30,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def timings(*folders: Path) -> dict[str, float]:
-    return {p.stem: round(float(p.read_text()), 1) for folder in folders for p in sorted((folder / "timings").glob("*.s"))}
+    return {
+        p.stem: round(float(p.read_text()), 1) for folder in folders for p in sorted((folder / "timings").glob("*.s"))
+    }
 
 
 def plan_summary(plans_file: Path, configuration: str = "3d_fullres") -> dict | None:
@@ -60,8 +62,10 @@ def metrics_summary(summary_file: Path) -> dict | None:
     return {
         "num_cases": summary.get("num_cases"),
         "micro_dice": summary.get("micro_dice"),
-        **{name: {k: stats.get(k) for k in ("mean", "median", "ci_low", "ci_high", "n", "n_nan")}
-           for name, stats in found.items()},
+        **{
+            name: {k: stats.get(k) for k in ("mean", "median", "ci_low", "ci_high", "n", "n_nan")}
+            for name, stats in found.items()
+        },
     }
 
 
@@ -95,25 +99,36 @@ def main(argv: list[str] | None = None) -> int:
     target.write_text(json.dumps(report, indent=2) + "\n")
 
     plan, training = report["plan"] or {}, report["training"] or {}
-    print(f"nnU-Net v2 {info.get('nnunetv2_version', '?')} (torch {info.get('torch_version', '?')}), "
-          f"plan 3d_fullres: spacing {plan.get('spacing')}, patch {plan.get('patch_size')}, "
-          f"batch {plan.get('batch_size')}, {plan.get('stages')} stages {plan.get('features_per_stage')}")
+    print(
+        f"nnU-Net v2 {info.get('nnunetv2_version', '?')} (torch {info.get('torch_version', '?')}), "
+        f"plan 3d_fullres: spacing {plan.get('spacing')}, patch {plan.get('patch_size')}, "
+        f"batch {plan.get('batch_size')}, {plan.get('stages')} stages {plan.get('features_per_stage')}"
+    )
     print(f"timings (s): {report['timings_s']}")
     if training:
-        print(f"training: {training['iterations']} iterations in {training['epochs_run']} epochs "
-              f"(planned {training['epochs_planned']} x {training['iterations_per_epoch']}, "
-              f"{training['val_iterations']} validation batches), wall {fmt(training['wall_s'], 1)} s, "
-              + ("no budget" if training["budget_minutes"] is None else
-                 f"budget {fmt(training['budget_minutes'], 1)} min, stopped by the budget: "
-                 f"{training['stopped_by_budget']}"))
-        print(f"s/iteration: median {fmt(training['s_per_iteration_median'])}, mean "
-              f"{fmt(training['s_per_iteration_mean'])} (first {fmt(training['s_first_iteration'])}; "
-              f"whole loop incl. validation and checkpoints {fmt(training['loop_s_per_iteration'])})")
+        print(
+            f"training: {training['iterations']} iterations in {training['epochs_run']} epochs "
+            f"(planned {training['epochs_planned']} x {training['iterations_per_epoch']}, "
+            f"{training['val_iterations']} validation batches), wall {fmt(training['wall_s'], 1)} s, "
+            + (
+                "no budget"
+                if training["budget_minutes"] is None
+                else f"budget {fmt(training['budget_minutes'], 1)} min, stopped by the budget: "
+                f"{training['stopped_by_budget']}"
+            )
+        )
+        print(
+            f"s/iteration: median {fmt(training['s_per_iteration_median'])}, mean "
+            f"{fmt(training['s_per_iteration_mean'])} (first {fmt(training['s_first_iteration'])}; "
+            f"whole loop incl. validation and checkpoints {fmt(training['loop_s_per_iteration'])})"
+        )
     held_out = report.get("held_out")
     if held_out:
-        parts = [f"{name} {fmt(held_out[name]['mean'])} [{fmt(held_out[name]['ci_low'])}, "
-                 f"{fmt(held_out[name]['ci_high'])}]" for name in ("dice", "lesion_f1", "hausdorff95")
-                 if name in held_out]
+        parts = [
+            f"{name} {fmt(held_out[name]['mean'])} [{fmt(held_out[name]['ci_low'])}, {fmt(held_out[name]['ci_high'])}]"
+            for name in ("dice", "lesion_f1", "hausdorff95")
+            if name in held_out
+        ]
         print(f"held-out ({held_out['num_cases']} cases, mean [95% CI]): " + ", ".join(parts))
     print(f"wrote {target}")
     return 0 if training else 1

@@ -98,8 +98,7 @@ def _epochs_that_fit(seconds: float, epoch_seconds: float) -> int:
 
 
 class nnUNetTrainer_WallTime(nnUNetTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = CPU):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = CPU):
         if device.type == "cuda" and not torch.cuda.is_available():
             print("nnUNetTrainer_WallTime: no CUDA here, training on the CPU")
             device = torch.device("cpu")
@@ -119,7 +118,9 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
         # Without a budget the length is known now; with one it is estimated after the first iterations
         # (the poly learning rate of epoch 0 is the initial one whatever the length).
         self.num_epochs = self.fixed_epochs or 1000
-        self.schedule_planned = self.budget_s is None or (self.fixed_iters is not None and self.fixed_epochs is not None)
+        self.schedule_planned = self.budget_s is None or (
+            self.fixed_iters is not None and self.fixed_epochs is not None
+        )
         self.iteration_times: list[float] = []
         self.val_iteration_times: list[float] = []
         self.epoch_times: list[float] = []
@@ -130,8 +131,11 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
 
     # ------------------------------------------------------------------ schedule
     def _set_val_iters(self) -> None:
-        self.num_val_iterations_per_epoch = self.fixed_val_iters if self.fixed_val_iters is not None else \
-            max(1, round(VAL_RATIO * self.num_iterations_per_epoch))
+        self.num_val_iterations_per_epoch = (
+            self.fixed_val_iters
+            if self.fixed_val_iters is not None
+            else max(1, round(VAL_RATIO * self.num_iterations_per_epoch))
+        )
         self.num_val_iterations_per_epoch = max(1, self.num_val_iterations_per_epoch)
 
     def _elapsed(self) -> float:
@@ -161,7 +165,8 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
             iters = 250
             if available / self._estimated_epoch_time(iters) < self.min_epochs:
                 per_iteration = self._s_per_iteration() + (
-                    VAL_RATIO * self._s_per_val_iteration() if self.fixed_val_iters is None else 0.0)
+                    VAL_RATIO * self._s_per_val_iteration() if self.fixed_val_iters is None else 0.0
+                )
                 fixed = self._epoch_overhead() + (self.fixed_val_iters or 0) * self._s_per_val_iteration()
                 iters = int((available / self.min_epochs - fixed) // per_iteration)
             self.num_iterations_per_epoch = max(iters, len(self.iteration_times), 1)
@@ -187,16 +192,23 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
             self.lr_scheduler.max_steps = epochs
 
     def _log_schedule(self, why: str) -> None:
-        entry = {"why": why, "at_s": round(self._elapsed(), 1), "epochs": self.num_epochs,
-                 "iterations_per_epoch": self.num_iterations_per_epoch,
-                 "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
-                 "s_per_iteration": round(self._s_per_iteration(), 3)}
-        if not self.replans or any(self.replans[-1][k] != entry[k] for k in
-                                   ("epochs", "iterations_per_epoch", "val_iterations_per_epoch")):
-            self.print_to_log_file(f"WallTime schedule ({why}): {self.num_epochs} epochs x "
-                                   f"{self.num_iterations_per_epoch} iterations, {self.num_val_iterations_per_epoch} "
-                                   f"validation batches per epoch, {entry['s_per_iteration']} s/iteration, "
-                                   f"budget {self._budget_text()}")
+        entry = {
+            "why": why,
+            "at_s": round(self._elapsed(), 1),
+            "epochs": self.num_epochs,
+            "iterations_per_epoch": self.num_iterations_per_epoch,
+            "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+            "s_per_iteration": round(self._s_per_iteration(), 3),
+        }
+        if not self.replans or any(
+            self.replans[-1][k] != entry[k] for k in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch")
+        ):
+            self.print_to_log_file(
+                f"WallTime schedule ({why}): {self.num_epochs} epochs x "
+                f"{self.num_iterations_per_epoch} iterations, {self.num_val_iterations_per_epoch} "
+                f"validation batches per epoch, {entry['s_per_iteration']} s/iteration, "
+                f"budget {self._budget_text()}"
+            )
         self.replans.append(entry)
 
     def _budget_text(self) -> str:
@@ -215,9 +227,11 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
         self.on_train_start()
         self.train_loop_start = time()
         planned = "" if self.schedule_planned else ", estimated after the first iterations"
-        self.print_to_log_file(f"WallTime: training starts {self._elapsed():.1f} s into the budget "
-                               f"({self._budget_text()}); schedule {self.num_epochs} epochs x "
-                               f"{self.num_iterations_per_epoch} iterations{planned}")
+        self.print_to_log_file(
+            f"WallTime: training starts {self._elapsed():.1f} s into the budget "
+            f"({self._budget_text()}); schedule {self.num_epochs} epochs x "
+            f"{self.num_iterations_per_epoch} iterations{planned}"
+        )
         while self.current_epoch < self.num_epochs and not self.stopped_by_budget:
             if self._out_of_time(1):
                 self.stopped_by_budget = True  # not even a short epoch fits any more
@@ -247,8 +261,10 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
         val_iters = self.num_val_iterations_per_epoch
         if len(outputs) < self.num_iterations_per_epoch:  # cut by the budget: a proportional share
             val_iters = max(1, round(val_iters * len(outputs) / self.num_iterations_per_epoch))
-            self.print_to_log_file(f"WallTime: budget reached after {len(outputs)} of "
-                                   f"{self.num_iterations_per_epoch} iterations of epoch {self.current_epoch}")
+            self.print_to_log_file(
+                f"WallTime: budget reached after {len(outputs)} of "
+                f"{self.num_iterations_per_epoch} iterations of epoch {self.current_epoch}"
+            )
         with torch.no_grad():
             self.on_validation_epoch_start()
             val_outputs = []
@@ -263,9 +279,11 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
         self.epoch_overheads.append(time() - end_start)
         if len(outputs) == self.num_iterations_per_epoch:
             self.epoch_times.append(time() - epoch_start)
-        self.print_to_log_file(f"WallTime: {len(outputs)} iterations, "
-                               f"{statistics.mean(self.iteration_times[-len(outputs):]):.2f} s/iteration, "
-                               f"{val_iters} validation batches, {self._budget_text()}")
+        self.print_to_log_file(
+            f"WallTime: {len(outputs)} iterations, "
+            f"{statistics.mean(self.iteration_times[-len(outputs) :]):.2f} s/iteration, "
+            f"{val_iters} validation batches, {self._budget_text()}"
+        )
         if not self.stopped_by_budget:
             self._replan_epochs()
 
@@ -298,7 +316,8 @@ class nnUNetTrainer_WallTime(nnUNetTrainer):
             "s_per_iteration_median": round(statistics.median(steady), 3) if steady else None,
             "s_first_iteration": round(times[0], 3) if times else None,
             "s_per_val_iteration_median": round(statistics.median(self.val_iteration_times), 3)
-            if self.val_iteration_times else None,
+            if self.val_iteration_times
+            else None,
             "loop_s_per_iteration": round(loop_s / len(times), 3) if times else None,
             "final_lr": self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None,
             "initial_lr": self.initial_lr,

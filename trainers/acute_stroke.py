@@ -76,8 +76,10 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
         """The asymmetric residual U-Net from the plans' per-stage numbers (features, strides, kernel sizes)."""
         network = self.configuration.network
         if network.architecture != "ResidualUNet":
-            raise UsageError(f"{type(self).__name__} builds its U-Net from a ResidualUNet configuration's numbers; "
-                             f"configuration '{self.configuration.name}' plans a {network.architecture}")
+            raise UsageError(
+                f"{type(self).__name__} builds its U-Net from a ResidualUNet configuration's numbers; "
+                f"configuration '{self.configuration.name}' plans a {network.architecture}"
+            )
         frozen = [s.name for s in self.configuration.schedule.stages if s.trainable != "all"]
         if frozen:
             raise UsageError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a backbone")
@@ -89,24 +91,40 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
 
     def loss_spec(self) -> Loss:
         """Focal loss alone, γ = 2, α = the plans' ``loss.focal_alpha``."""
-        return Loss(name="focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=FOCAL_GAMMA,
-                    focal_alpha=self.configuration.loss.focal_alpha)
+        return Loss(
+            name="focal",
+            dice_weight=0.0,
+            bce_weight=0.0,
+            focal_weight=1.0,
+            focal_gamma=FOCAL_GAMMA,
+            focal_alpha=self.configuration.loss.focal_alpha,
+        )
 
     def sampling_spec(self) -> Sampling:
         """The plans' sampling with half of every batch lesion-centred."""
         return dataclasses.replace(self.configuration.sampling, foreground_oversampling=BALANCED_SHARE)
 
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
-        return torch.optim.Adadelta(self.network.parameters(), lr=ADADELTA_LR, rho=ADADELTA_RHO, eps=ADADELTA_EPS,
-                                    weight_decay=self.settings.weight_decay)
+        return torch.optim.Adadelta(
+            self.network.parameters(),
+            lr=ADADELTA_LR,
+            rho=ADADELTA_RHO,
+            eps=ADADELTA_EPS,
+            weight_decay=self.settings.weight_decay,
+        )
 
     def learning_rate(self, epoch: int, iteration: int) -> float:
         """Adadelta's rate 1 in every stage (÷10 per plateau reduction where the plans set a plateau patience)."""
         return ADADELTA_LR * self.plateau_factor()
 
     def schedule_description(self) -> dict[str, Any]:
-        return {"name": "adadelta", "optimizer": "adadelta", "learning_rate": ADADELTA_LR, "rho": ADADELTA_RHO,
-                "early_stopping_epochs": self.patience("early_stopping_patience_epochs")}
+        return {
+            "name": "adadelta",
+            "optimizer": "adadelta",
+            "learning_rate": ADADELTA_LR,
+            "rho": ADADELTA_RHO,
+            "early_stopping_epochs": self.patience("early_stopping_patience_epochs"),
+        }
 
     def patience(self, name: str) -> int | None:
         """The plans' patience scaled to the run; early stopping falls back to a tenth of the run's epochs, at least
@@ -123,14 +141,18 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
     def setup(self) -> AcuteStrokeTrainer:
         super().setup()
         split = self.network.parameter_split()
-        self.log(f"acute stroke recipe: AsymmetricResidualUNet built from the plans' numbers ({split[0]:,} encoder + "
-                 f"{split[1]:,} decoder parameters, {split[0] / sum(split):.0%} in the encoder); loss "
-                 f"{describe_loss(self.loss_settings)}; Adadelta; {BALANCED_SHARE:.0%} of each batch lesion-centred "
-                 f"(offset up to {self.sampling_spec().max_offset_fraction:g} of a patch); early stopping after "
-                 f"{self.patience('early_stopping_patience_epochs')} epochs without gain; inference windows at most "
-                 f"{self.configuration.sliding_window_step:g} of a patch apart (plans' sliding_window_step)")
+        self.log(
+            f"acute stroke recipe: AsymmetricResidualUNet built from the plans' numbers ({split[0]:,} encoder + "
+            f"{split[1]:,} decoder parameters, {split[0] / sum(split):.0%} in the encoder); loss "
+            f"{describe_loss(self.loss_settings)}; Adadelta; {BALANCED_SHARE:.0%} of each batch lesion-centred "
+            f"(offset up to {self.sampling_spec().max_offset_fraction:g} of a patch); early stopping after "
+            f"{self.patience('early_stopping_patience_epochs')} epochs without gain; inference windows at most "
+            f"{self.configuration.sliding_window_step:g} of a patch apart (plans' sliding_window_step)"
+        )
         budget = self.plans.compute_budget
         if budget is not None and self.configuration.name in budget.estimates:
-            self.log("time check skipped: the plans' compute-budget estimate describes the residual U-Net the plan "
-                     "was fitted with, not this network")
+            self.log(
+                "time check skipped: the plans' compute-budget estimate describes the residual U-Net the plan "
+                "was fitted with, not this network"
+            )
         return self

@@ -109,9 +109,17 @@ class Trainer:
         super().__init_subclass__(**kwargs)
         _REGISTRY.register(cls)
 
-    def __init__(self, plans: Plans, configuration: str, fold: Fold, *, preprocessed_folder: Path,
-                 output_folder: Path, options: TrainingOptions | None = None,
-                 raw_dataset: RawDataset | None = None) -> None:
+    def __init__(
+        self,
+        plans: Plans,
+        configuration: str,
+        fold: Fold,
+        *,
+        preprocessed_folder: Path,
+        output_folder: Path,
+        options: TrainingOptions | None = None,
+        raw_dataset: RawDataset | None = None,
+    ) -> None:
         self.plans = plans
         self.configuration = plans.configuration(configuration)
         self.fold = fold
@@ -120,8 +128,12 @@ class Trainer:
         self.output_folder = Path(output_folder)
         self.options = options or TrainingOptions()
         self.raw_dataset = raw_dataset
-        self.budget = Budget.from_schedule(self.configuration.schedule, self.options.epochs,
-                                           self.options.iterations_per_epoch, self.options.val_iterations)
+        self.budget = Budget.from_schedule(
+            self.configuration.schedule,
+            self.options.epochs,
+            self.options.iterations_per_epoch,
+            self.options.val_iterations,
+        )
         self.seed = self.options.seed
         self.context = distributed.current()  # torchrun's rank and world size; one process by default
         self.log = TrainingLog(self.output_folder / "log.txt", echo=self.options.echo, enabled=self.context.is_main)
@@ -221,8 +233,10 @@ class Trainer:
         if self.options.continue_training:
             path = self._checkpoint_to_continue()
             if path is None:
-                afresh = (f"--continue: no epoch completed yet (no checkpoint_latest.pth in {self.output_folder}); "
-                          "starting afresh")
+                afresh = (
+                    f"--continue: no epoch completed yet (no checkpoint_latest.pth in {self.output_folder}); "
+                    "starting afresh"
+                )
                 stale = [p.name for p in self._remove_incomplete_run()] if self.context.is_main else []
                 afresh += f" (removed {', '.join(stale)} of the run that stopped)" if stale else ""
             else:
@@ -248,18 +262,22 @@ class Trainer:
         self._log_header(device_reason, continued=resumed is not None)
         if self.context.enabled:
             self._log_data_parallel(backend, normalization)
-        self.log(f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
-                 f" ({format_reason})")
+        self.log(
+            f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
+            f" ({format_reason})"
+        )
         self.promise = self.time_promise()
         if self.promise is not None and self.context.enabled:
             self.log("time estimate: the plans' compute budget was measured for one process; not checked here")
             self.promise = None
         if self.promise is not None:
             p = self.promise
-            self.log(f"time estimate (plans' compute budget): {p.training_seconds / 60:.1f} min of training "
-                     f"({p.epoch_seconds:.1f} s per epoch: {p.network_seconds + p.loader_seconds:.2f} s per iteration) + "
-                     f"{p.final_validation_seconds / 60:.1f} min of final validation = {p.total_seconds / 60:.1f} min "
-                     f"of a {self.plans.compute_budget.minutes:g}-minute budget")
+            self.log(
+                f"time estimate (plans' compute budget): {p.training_seconds / 60:.1f} min of training "
+                f"({p.epoch_seconds:.1f} s per epoch: {p.network_seconds + p.loader_seconds:.2f} s per iteration) + "
+                f"{p.final_validation_seconds / 60:.1f} min of final validation = {p.total_seconds / 60:.1f} min "
+                f"of a {self.plans.compute_budget.minutes:g}-minute budget"
+            )
         if resumed is not None:
             self.restore(resumed)
         return self
@@ -286,12 +304,19 @@ class Trainer:
         return normalization
 
     def _log_data_parallel(self, backend: str, normalization: str) -> None:
-        shares = ", ".join(f"{s.name} {s.batch_size} = " + " + ".join(
-            str(distributed.split_batch(s.batch_size, replace(self.context, rank=r)))
-            for r in range(self.context.world_size)) for s in self.configuration.schedule.stages)
-        self.log(f"distributed: world size {self.context.world_size} ({backend}, DistributedDataParallel); "
-                 f"global batch per stage split over the ranks: {shares}; {normalization}; each rank draws its own "
-                 "patches (seed, epoch, rank); only rank 0 writes")
+        shares = ", ".join(
+            f"{s.name} {s.batch_size} = "
+            + " + ".join(
+                str(distributed.split_batch(s.batch_size, replace(self.context, rank=r)))
+                for r in range(self.context.world_size)
+            )
+            for s in self.configuration.schedule.stages
+        )
+        self.log(
+            f"distributed: world size {self.context.world_size} ({backend}, DistributedDataParallel); "
+            f"global batch per stage split over the ranks: {shares}; {normalization}; each rank draws its own "
+            "patches (seed, epoch, rank); only rank 0 writes"
+        )
 
     def choose_memory_format(self) -> tuple[torch.memory_format, str]:
         """``channels_last_3d`` when the plans' compute-budget probe found it faster for training on this kind of
@@ -302,8 +327,10 @@ class Trainer:
         if budget is None:
             return torch.contiguous_format, "no compute-budget probe in the plans"
         if budget.device != self.device.type or budget.precision != self.precision.name:
-            return torch.contiguous_format, (f"the plans were probed on {budget.device} in {budget.precision}, this "
-                                             f"run is on {self.device.type} in {self.precision.name}")
+            return torch.contiguous_format, (
+                f"the plans were probed on {budget.device} in {budget.precision}, this "
+                f"run is on {self.device.type} in {self.precision.name}"
+            )
         chosen = torch.channels_last_3d if budget.memory_format == "channels_last_3d" else torch.contiguous_format
         return chosen, f"faster in the compute-budget probe ({budget.probe.get('created', 'date unknown')})"
 
@@ -324,8 +351,9 @@ class Trainer:
         estimate = budget.estimates.get(self.configuration.name) if budget is not None else None
         if estimate is None or budget.device != self.device.type or budget.precision != self.precision.name:
             return None
-        return TimePromise.from_estimate(estimate, self.budget.epochs, self.budget.iterations_per_epoch,
-                                         self.budget.val_iterations)
+        return TimePromise.from_estimate(
+            estimate, self.budget.epochs, self.budget.iterations_per_epoch, self.budget.val_iterations
+        )
 
     def _checkpoint_to_continue(self) -> Path | None:
         """The checkpoint of the last completed epoch (``checkpoint_latest.pth``, else ``checkpoint_final.pth``);
@@ -347,11 +375,14 @@ class Trainer:
 
     def refuse_overwrite(self) -> None:
         """A new run never silently replaces one that has checkpoints (a forgotten ``--continue`` would)."""
-        found = [name for name in ("checkpoint_latest.pth", "checkpoint_final.pth")
-                 if (self.output_folder / name).is_file()]
+        found = [
+            name for name in ("checkpoint_latest.pth", "checkpoint_final.pth") if (self.output_folder / name).is_file()
+        ]
         if found:
-            raise ExistingOutputError(f"{self.output_folder} already holds a run ({found[0]}); resume it with --continue, "
-                                  "or delete the folder to start anew")
+            raise ExistingOutputError(
+                f"{self.output_folder} already holds a run ({found[0]}); resume it with --continue, "
+                "or delete the folder to start anew"
+            )
 
     def _prepare_output_folder(self, resuming: bool) -> None:
         self.output_folder.mkdir(parents=True, exist_ok=True)
@@ -360,8 +391,10 @@ class Trainer:
         if resuming and copy.is_file():
             before = Plans.from_json(copy).configurations.get(self.configuration.name)
             if before is None or replace(before, reasons={}) != replace(self.configuration, reasons={}):
-                raise PlansError(f"{copy}: configuration '{self.configuration.name}' of the plans changed since this "
-                                 "run started; start a new run (without --continue) or restore the plans")
+                raise PlansError(
+                    f"{copy}: configuration '{self.configuration.name}' of the plans changed since this "
+                    "run started; start a new run (without --continue) or restore the plans"
+                )
         else:
             self.plans.to_json(copy)
         self.log.start(append=resuming)
@@ -369,25 +402,32 @@ class Trainer:
     def _log_header(self, device_reason: str, continued: bool = False) -> None:
         c, b = self.configuration, self.budget
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
-        stages = "; ".join(f"{s.name} from epoch {start + 1} (patch {list(s.patch_size)}, batch {s.batch_size}, "
-                           f"lr {s.learning_rate:g})" for s, start in zip(c.schedule.stages, b.stage_starts))
+        stages = "; ".join(
+            f"{s.name} from epoch {start + 1} (patch {list(s.patch_size)}, batch {s.batch_size}, "
+            f"lr {s.learning_rate:g})"
+            for s, start in zip(c.schedule.stages, b.stage_starts)
+        )
         parameters = sum(p.numel() for p in self.network.parameters())
-        self.log("\n".join([
-            f"autoseg training: trainer {type(self).__name__}, configuration {c.name}, fold {self.fold}, "
-            f"dataset {self.plans.dataset}" + (" (continued)" if continued else ""),
-            f"device: {self.device} ({device_reason}){threads}; world size {self.context.world_size}",
-            f"precision: {self.precision.name} ({self.precision.reason})",
-            f"seed: {self.seed}; data processes: {self.num_processes} ({self.num_processes_reason}); "
-            "deterministic algorithms: "
-            f"{'on' if self.options.deterministic else 'off'}; torch.compile: {'on' if self.options.compile else 'off'}",
-            f"budget: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
-            f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch",
-            f"stages: {stages}",
-            "optimizer and learning-rate schedule: " + ", ".join(
-                f"{key} {value}" for key, value in self.schedule_description().items()),
-            f"loss: {describe_loss(self.loss_settings)}; network: {type(self.network).__name__}, {parameters:,} parameters",
-            f"cases: {len(self.train_cases)} training, {len(self.val_cases)} validation (fold {self.fold})",
-        ]))
+        self.log(
+            "\n".join(
+                [
+                    f"autoseg training: trainer {type(self).__name__}, configuration {c.name}, fold {self.fold}, "
+                    f"dataset {self.plans.dataset}" + (" (continued)" if continued else ""),
+                    f"device: {self.device} ({device_reason}){threads}; world size {self.context.world_size}",
+                    f"precision: {self.precision.name} ({self.precision.reason})",
+                    f"seed: {self.seed}; data processes: {self.num_processes} ({self.num_processes_reason}); "
+                    "deterministic algorithms: "
+                    f"{'on' if self.options.deterministic else 'off'}; torch.compile: {'on' if self.options.compile else 'off'}",
+                    f"budget: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
+                    f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch",
+                    f"stages: {stages}",
+                    "optimizer and learning-rate schedule: "
+                    + ", ".join(f"{key} {value}" for key, value in self.schedule_description().items()),
+                    f"loss: {describe_loss(self.loss_settings)}; network: {type(self.network).__name__}, {parameters:,} parameters",
+                    f"cases: {len(self.train_cases)} training, {len(self.val_cases)} validation (fold {self.fold})",
+                ]
+            )
+        )
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
@@ -405,8 +445,14 @@ class Trainer:
                 self.timing = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0}
                 train_loss, learning_rate = self.train_epoch(epoch)
                 val_loss, pseudo_dice = self.validate_epoch(epoch)
-                self.end_epoch(epoch, train_loss=train_loss, val_loss=val_loss, pseudo_dice=pseudo_dice,
-                               learning_rate=learning_rate, epoch_time=time.perf_counter() - start)
+                self.end_epoch(
+                    epoch,
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    pseudo_dice=pseudo_dice,
+                    learning_rate=learning_rate,
+                    epoch_time=time.perf_counter() - start,
+                )
                 for key in ("loader_wait", "steps", "iterations"):
                     totals[key] += self.timing[key]
                 totals["seconds"] += time.perf_counter() - start
@@ -415,14 +461,22 @@ class Trainer:
                 self._log_epoch_time(time.perf_counter() - start)
         if self.promise is not None and totals["iterations"]:
             epochs = self.epoch - first
-            _, line = self.promise.check(f"training time of {epochs} epochs", totals["seconds"],
-                                         totals["estimated"], loader_wait=totals["loader_wait"],
-                                         step_seconds=totals["steps"], steps=totals["iterations"])
+            _, line = self.promise.check(
+                f"training time of {epochs} epochs",
+                totals["seconds"],
+                totals["estimated"],
+                loader_wait=totals["loader_wait"],
+                step_seconds=totals["steps"],
+                steps=totals["iterations"],
+            )
             self.log(line)
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
             self.save("checkpoint_final.pth")
-            best = (f"best moving-average pseudo-Dice {self.best_ema:.4f}" if math.isfinite(self.best_ema)
-                    else "no per-epoch validation")
+            best = (
+                f"best moving-average pseudo-Dice {self.best_ema:.4f}"
+                if math.isfinite(self.best_ema)
+                else "no per-epoch validation"
+            )
             self.log(f"training finished after {self.epoch} epochs; {best}")
 
     def algorithms(self) -> contextlib.AbstractContextManager[None]:
@@ -446,8 +500,10 @@ class Trainer:
         self.stage_index = index
         self.optimizer = self.build_optimizer(self.stage)
         s = self.stage
-        self.log(f"stage {s.name} starts at epoch {epoch + 1}: patch {list(s.patch_size)}, batch {s.batch_size}, "
-                 f"lr {s.learning_rate:g}, continuing from the current weights")
+        self.log(
+            f"stage {s.name} starts at epoch {epoch + 1}: patch {list(s.patch_size)}, batch {s.batch_size}, "
+            f"lr {s.learning_rate:g}, continuing from the current weights"
+        )
 
     def loader(self, epoch: int, train: bool) -> BatchStream:
         """Batches of ``epoch``, seeded by (seed, epoch) alone; validation batches are made in this process.
@@ -457,10 +513,16 @@ class Trainer:
         configuration = replace(self.configuration, sampling=self.sampling_spec())
         stage = replace(self.stage, batch_size=distributed.split_batch(self.stage.batch_size, self.context))
         rank = (self.context.rank,) if self.context.rank else ()
-        return make_loader(self.data_folder, self.train_cases if train else self.val_cases, configuration,
-                           stage, self.num_processes if train else 0,
-                           derived_seed(self.seed, epoch, 0 if train else 1, *rank), train,
-                           pin_memory=self.device.type == "cuda")
+        return make_loader(
+            self.data_folder,
+            self.train_cases if train else self.val_cases,
+            configuration,
+            stage,
+            self.num_processes if train else 0,
+            derived_seed(self.seed, epoch, 0 if train else 1, *rank),
+            train,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Mean training loss of ``epoch`` and its learning rate at the first iteration."""
@@ -485,8 +547,9 @@ class Trainer:
         data = batch["data"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         target = batch["seg"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype,
-                            enabled=self.precision.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.precision.autocast_dtype, enabled=self.precision.autocast_dtype is not None
+        ):
             loss = self.loss(self.model(data), target)
         weight = distributed.loss_weight(self.stage.batch_size, self.context)  # 1 for one process
         self.grad_scaler.scale(loss * weight if weight != 1 else loss).backward()
@@ -509,8 +572,11 @@ class Trainer:
                 batch = next(batches)
                 data = batch["data"].to(self.device, non_blocking=True)
                 target = batch["seg"].to(self.device, non_blocking=True)
-                with torch.autocast(self.device.type, dtype=self.precision.autocast_dtype,
-                                    enabled=self.precision.autocast_dtype is not None):
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.precision.autocast_dtype,
+                    enabled=self.precision.autocast_dtype is not None,
+                ):
                     output = self.model(data)
                     losses.append(float(self.loss(output, target)))
                 counts += dice_counts(output[0] if isinstance(output, (list, tuple)) else output, target)
@@ -525,8 +591,7 @@ class Trainer:
         self.epoch = epoch + 1
         self.log(format_epoch(self.history, -1, self.budget.epochs))
         if self.context.is_main:
-            plot_progress(self.history, self.output_folder / "progress.png",
-                          [s for s in self.budget.stage_starts if s])
+            plot_progress(self.history, self.output_folder / "progress.png", [s for s in self.budget.stage_starts if s])
         # The latest checkpoint goes last: a run killed before it repeats this epoch, and with it these files.
         if not math.isnan(ema) and ema > self.best_ema:
             self.best_ema = ema
@@ -581,15 +646,21 @@ class Trainer:
         (stage boundaries and batches stay those of the run that wrote it)."""
         state = load_checkpoint(path, map_location=self.device or "cpu")
         if state.get("trainer") != type(self).__name__ or state.get("configuration") != self.configuration.name:
-            raise CheckpointError(f"{path}: written by {state.get('trainer')} for configuration "
-                             f"{state.get('configuration')}, not {type(self).__name__} for {self.configuration.name}")
+            raise CheckpointError(
+                f"{path}: written by {state.get('trainer')} for configuration "
+                f"{state.get('configuration')}, not {type(self).__name__} for {self.configuration.name}"
+            )
         saved, o = Budget.from_plain(state["budget"]), self.options
         if (o.epochs or saved.epochs) != saved.epochs or (
-                o.iterations_per_epoch or saved.iterations_per_epoch) != saved.iterations_per_epoch:
-            raise UsageError(f"{path}: this run trains {saved.epochs} epochs x {saved.iterations_per_epoch} "
-                             "iterations; continue it with the same --epochs/--iters-per-epoch (or leave them out)")
-        self.budget = replace(saved, val_iterations=saved.val_iterations if o.val_iterations is None
-                              else o.val_iterations)
+            o.iterations_per_epoch or saved.iterations_per_epoch
+        ) != saved.iterations_per_epoch:
+            raise UsageError(
+                f"{path}: this run trains {saved.epochs} epochs x {saved.iterations_per_epoch} "
+                "iterations; continue it with the same --epochs/--iters-per-epoch (or leave them out)"
+            )
+        self.budget = replace(
+            saved, val_iterations=saved.val_iterations if o.val_iterations is None else o.val_iterations
+        )
         self.seed = int(state["seed"])
         return {**state, "path": str(path)}
 
@@ -606,11 +677,15 @@ class Trainer:
         self.best_ema = float(state["best_ema_pseudo_dice"])
         ranks = state.get("rng_ranks") or [state["rng"]]
         if len(ranks) != self.context.world_size:
-            self.log(f"continuing with {self.context.world_size} process(es) a run saved by {len(ranks)}: the weights "
-                     "and schedule continue, the batches differ from an uninterrupted run")
+            self.log(
+                f"continuing with {self.context.world_size} process(es) a run saved by {len(ranks)}: the weights "
+                "and schedule continue, the batches differ from an uninterrupted run"
+            )
         restore_rng_state(ranks[self.context.rank] if self.context.rank < len(ranks) else ranks[0])
-        self.log(f"continuing from {Path(state['path']).name} after epoch {self.epoch} (stage {self.stage.name}, "
-                 f"seed {self.seed})")
+        self.log(
+            f"continuing from {Path(state['path']).name} after epoch {self.epoch} (stage {self.stage.name}, "
+            f"seed {self.seed})"
+        )
 
     # ------------------------------------------------------------------ end of fold
     def validate(self) -> dict[str, Any]:
@@ -622,22 +697,39 @@ class Trainer:
             raise UsageError("validation needs the raw dataset, whose label files are the reference")
         raw_cases = self.raw_dataset.cases()
         references = {case.identifier: case.label for case in raw_cases}
-        predictor = Predictor(self.configuration, [self.network], device=self.device,
-                              autocast_dtype=self.precision.autocast_dtype)
+        predictor = Predictor(
+            self.configuration, [self.network], device=self.device, autocast_dtype=self.precision.autocast_dtype
+        )
         self.log(f"validation: predicting {len(self.val_cases)} case(s) with sliding-window inference")
-        about = {"trainer": type(self).__name__, "configuration": self.configuration.name, "fold": self.fold,
-                 "epochs_trained": self.epoch, "postprocessing": dict(vars(self.configuration.postprocessing))}
+        about = {
+            "trainer": type(self).__name__,
+            "configuration": self.configuration.name,
+            "fold": self.fold,
+            "epochs_trained": self.epoch,
+            "postprocessing": dict(vars(self.configuration.postprocessing)),
+        }
         start = time.perf_counter()
         with self.algorithms():
-            summary = validate_cases(predictor, self.data_folder, self.val_cases, references,
-                                     self.output_folder / "validation", about,
-                                     images={case.identifier: case.images[0] for case in raw_cases},
-                                     context=self.context)
+            summary = validate_cases(
+                predictor,
+                self.data_folder,
+                self.val_cases,
+                references,
+                self.output_folder / "validation",
+                about,
+                images={case.identifier: case.images[0] for case in raw_cases},
+                context=self.context,
+            )
         if self.promise is not None:
-            self.log(self.promise.check("end-of-fold validation", time.perf_counter() - start,
-                                        self.promise.final_validation_seconds)[1])
-        self.log(f"validation: mean Dice {summary['mean']['dice']:.4f}, mean HD95 "
-                 f"{summary['mean']['hausdorff95']:.2f} mm over {len(self.val_cases)} case(s): validation/summary.json")
+            self.log(
+                self.promise.check(
+                    "end-of-fold validation", time.perf_counter() - start, self.promise.final_validation_seconds
+                )[1]
+            )
+        self.log(
+            f"validation: mean Dice {summary['mean']['dice']:.4f}, mean HD95 "
+            f"{summary['mean']['hausdorff95']:.2f} mm over {len(self.val_cases)} case(s): validation/summary.json"
+        )
         return summary
 
 
@@ -647,8 +739,11 @@ def describe_loss(loss: Loss) -> str:
     lesion_wise = f" + lesion-wise Dice {loss.lesion_dice_weight:g}" if loss.lesion_dice_weight else ""
     if loss.name == "weighted_ce":
         return f"weighted_ce (lesion weight {loss.positive_weight:.3g}{lesion_wise})"
-    terms = [f"{name} {weight:g}" for name, weight in (("Dice", loss.dice_weight), ("BCE", loss.bce_weight),
-                                                        ("focal", loss.focal_weight)) if weight]
+    terms = [
+        f"{name} {weight:g}"
+        for name, weight in (("Dice", loss.dice_weight), ("BCE", loss.bce_weight), ("focal", loss.focal_weight))
+        if weight
+    ]
     focal = f", focal γ={loss.focal_gamma:g} α={loss.focal_alpha:g}" if loss.focal_weight else ""
     return f"{loss.name} ({' + '.join(terms)}{lesion_wise}{focal})"
 

@@ -54,9 +54,14 @@ class PlateauStopping:
         stop = self.patience("early_stopping_patience_epochs")
         reduced, stopped = update_plateau(self.plateau, dice, self.patience("plateau_patience_epochs"), stop)
         waited = self.plateau["epochs_without_gain"]
-        return ([f"no better validation pseudo-Dice for {waited} epochs: learning rate ÷{1 / PLATEAU_FACTOR:g} to "
-                 f"{self.learning_rate(epoch, 0):g}"] if reduced else []) + (
-            [f"early stopping: no better validation pseudo-Dice for {stop} epochs"] if stopped else [])
+        return (
+            [
+                f"no better validation pseudo-Dice for {waited} epochs: learning rate ÷{1 / PLATEAU_FACTOR:g} to "
+                f"{self.learning_rate(epoch, 0):g}"
+            ]
+            if reduced
+            else []
+        ) + ([f"early stopping: no better validation pseudo-Dice for {stop} epochs"] if stopped else [])
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {**super().checkpoint_state(), "plateau": dict(self.plateau)}

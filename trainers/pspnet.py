@@ -60,8 +60,10 @@ class PSPNetTrainer(PlateauStopping, Trainer):
     def build_network(self) -> nn.Module:
         network = self.configuration.network
         if network.architecture != "PSPNet":
-            raise UsageError(f"{type(self).__name__} trains a PSPNet; configuration '{self.configuration.name}' asks "
-                             f"for {network.architecture}")
+            raise UsageError(
+                f"{type(self).__name__} trains a PSPNet; configuration '{self.configuration.name}' asks "
+                f"for {network.architecture}"
+            )
         unknown = [s.name for s in self.configuration.schedule.stages if s.trainable not in TRAINABLE]
         if unknown:
             raise UsageError(f"stages {unknown}: trainable must be one of {list(TRAINABLE)}")
@@ -89,16 +91,20 @@ class PSPNetTrainer(PlateauStopping, Trainer):
             return None
         path = self.preprocessed_folder / planned  # an absolute path stays itself
         if not path.is_file():
-            raise MissingFileError(f"{self.preprocessed_folder / 'plans.json'}: configurations.{self.configuration.name}"
-                                    f".network.pretrained names {planned}, which is not a file")
+            raise MissingFileError(
+                f"{self.preprocessed_folder / 'plans.json'}: configurations.{self.configuration.name}"
+                f".network.pretrained names {planned}, which is not a file"
+            )
         return str(path)
 
     def setup(self) -> PSPNetTrainer:
         super().setup()
         self.log(self._weights_note)
         if self.auxiliary_loss_weight > 0:
-            self.log(f"auxiliary head on layer3: its loss joins the main one with weight {self.auxiliary_loss_weight:g} "
-                     "while training; prediction uses the main head")
+            self.log(
+                f"auxiliary head on layer3: its loss joins the main one with weight {self.auxiliary_loss_weight:g} "
+                "while training; prediction uses the main head"
+            )
         return self
 
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
@@ -114,9 +120,13 @@ class PSPNetTrainer(PlateauStopping, Trainer):
         return stage.learning_rate * self.plateau_factor()
 
     def schedule_description(self) -> dict[str, Any]:
-        return {"name": "plateau", "optimizer": "rmsprop", "factor": PLATEAU_FACTOR,
-                "patience_epochs": self.patience("plateau_patience_epochs"),
-                "early_stopping_epochs": self.patience("early_stopping_patience_epochs")}
+        return {
+            "name": "plateau",
+            "optimizer": "rmsprop",
+            "factor": PLATEAU_FACTOR,
+            "patience_epochs": self.patience("plateau_patience_epochs"),
+            "early_stopping_epochs": self.patience("early_stopping_patience_epochs"),
+        }
 
 
 class PSPNetCETrainer(PSPNetTrainer):
@@ -126,10 +136,14 @@ class PSPNetCETrainer(PSPNetTrainer):
     def loss_spec(self) -> Loss:
         fraction = lesion_fraction(self.data_folder, self.train_cases)
         if not 0 < fraction < 1:
-            raise DataError(f"{self.data_folder}: the training cases of fold {self.fold} have a lesion fraction of "
-                             f"{fraction:g}; a class-weighted cross entropy needs both lesion and background")
+            raise DataError(
+                f"{self.data_folder}: the training cases of fold {self.fold} have a lesion fraction of "
+                f"{fraction:g}; a class-weighted cross entropy needs both lesion and background"
+            )
         weight = balanced_positive_weight(fraction)
-        self._weights_note += (f"\nloss: class-weighted cross entropy instead of the plans' {self.configuration.loss.name}"
-                               f"; lesion weight {weight:.3g} = (1 - f) / f for the lesion fraction f = {fraction:.5f} "
-                               f"of the {len(self.train_cases)} training cases")
+        self._weights_note += (
+            f"\nloss: class-weighted cross entropy instead of the plans' {self.configuration.loss.name}"
+            f"; lesion weight {weight:.3g} = (1 - f) / f for the lesion fraction f = {fraction:.5f} "
+            f"of the {len(self.train_cases)} training cases"
+        )
         return Loss(name="weighted_ce", positive_weight=weight)

@@ -30,17 +30,26 @@ class ResidualUNetTrainer(Trainer):
     def build_network(self) -> nn.Module:
         network = self.configuration.network
         if network.architecture != "ResidualUNet":
-            raise UsageError(f"{type(self).__name__} trains a ResidualUNet; configuration '{self.configuration.name}' "
-                             f"asks for {network.architecture}")
+            raise UsageError(
+                f"{type(self).__name__} trains a ResidualUNet; configuration '{self.configuration.name}' "
+                f"asks for {network.architecture}"
+            )
         frozen = [s.name for s in self.configuration.schedule.stages if s.trainable != "all"]
         if frozen:
-            raise UsageError(f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a pre-trained "
-                             "backbone the residual U-Net does not have")
+            raise UsageError(
+                f"{type(self).__name__} trains every layer; stages {frozen} ask to freeze a pre-trained "
+                "backbone the residual U-Net does not have"
+            )
         return super().build_network()
 
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.network.parameters(), lr=stage.learning_rate, momentum=self.settings.momentum,
-                               nesterov=True, weight_decay=self.settings.weight_decay)
+        return torch.optim.SGD(
+            self.network.parameters(),
+            lr=stage.learning_rate,
+            momentum=self.settings.momentum,
+            nesterov=True,
+            weight_decay=self.settings.weight_decay,
+        )
 
     def learning_rate(self, epoch: int, iteration: int) -> float:
         """``lr_stage · (1 − (epoch − start) / (end − start))^0.9``, constant within an epoch (nnU-Net)."""
@@ -59,8 +68,9 @@ class ZoomInOutTrainer(ResidualUNetTrainer):
     settings = TrainerSettings(snapshot_fractions=(1 / 3, 2 / 3, 1.0))
 
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.network.parameters(), lr=stage.learning_rate,
-                                weight_decay=self.settings.weight_decay)
+        return torch.optim.Adam(
+            self.network.parameters(), lr=stage.learning_rate, weight_decay=self.settings.weight_decay
+        )
 
     def learning_rate(self, epoch: int, iteration: int) -> float:
         """SGDR within each stage: ``lr_stage · (1 + cos(π · t / T)) / 2`` with ``t`` the epochs (fractional, per
@@ -73,5 +83,8 @@ class ZoomInOutTrainer(ResidualUNetTrainer):
         return self.configuration.schedule.stages[index].learning_rate * (1 + math.cos(math.pi * elapsed / period)) / 2
 
     def schedule_description(self) -> dict[str, Any]:
-        return {"name": "cosine_warm_restarts", "restart_period_epochs": self.budget.restart_period_epochs,
-                "optimizer": "adam"}
+        return {
+            "name": "cosine_warm_restarts",
+            "restart_period_epochs": self.budget.restart_period_epochs,
+            "optimizer": "adam",
+        }

@@ -51,7 +51,6 @@ after cross-validation). ``-f all`` on the command line means every fold in turn
 VALIDATION_METRICS = ("dice", "hausdorff95", "lesion_f1")
 
 
-
 @dataclass(frozen=True)
 class TrainingOptions:
     """How to run a training (flags, never written into the plans).
@@ -140,8 +139,13 @@ class Budget:
     restart_period_epochs: int | None = None
 
     @classmethod
-    def from_schedule(cls, schedule: Schedule, epochs: int | None = None, iterations_per_epoch: int | None = None,
-                      val_iterations: int | None = None) -> Budget:
+    def from_schedule(
+        cls,
+        schedule: Schedule,
+        epochs: int | None = None,
+        iterations_per_epoch: int | None = None,
+        val_iterations: int | None = None,
+    ) -> Budget:
         """The budget of ``schedule`` with the given overrides (None keeps the plans' value).
 
         Example:
@@ -167,13 +171,17 @@ class Budget:
 
     def stage_end(self, index: int) -> int:
         """The epoch after the last one of stage ``index`` (the next stage's start, or ``epochs``)."""
-        later = [start for start in self.stage_starts[index + 1:] if start > self.stage_starts[index]]
+        later = [start for start in self.stage_starts[index + 1 :] if start > self.stage_starts[index]]
         return min(later, default=self.epochs)
 
     def to_plain(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "iterations_per_epoch": self.iterations_per_epoch,
-                "val_iterations": self.val_iterations, "stage_starts": list(self.stage_starts),
-                "restart_period_epochs": self.restart_period_epochs}
+        return {
+            "epochs": self.epochs,
+            "iterations_per_epoch": self.iterations_per_epoch,
+            "val_iterations": self.val_iterations,
+            "stage_starts": list(self.stage_starts),
+            "restart_period_epochs": self.restart_period_epochs,
+        }
 
     @classmethod
     def from_plain(cls, plain: dict[str, Any]) -> Budget:
@@ -185,8 +193,11 @@ def deterministic_algorithms(enabled: bool, cudnn_benchmark: bool = False) -> It
     """Within the block: ``torch.use_deterministic_algorithms(True, warn_only=True)`` when ``enabled``, and cuDNN's
     autotuner (``cudnn.benchmark``) on when ``cudnn_benchmark`` and not ``enabled``; the previous settings come
     back afterwards, so a run leaves the process as it found it."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.benchmark)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
     if enabled:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = cudnn_benchmark and not enabled
@@ -210,8 +221,11 @@ def dice_counts(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     prediction = logits.detach() > 0
     reference = one_hot_foreground(target, logits.shape[1]).bool()
     axes = [0, *range(2, logits.ndim)]
-    counts = [(prediction & reference).sum(axes), (prediction & ~reference).sum(axes),
-              (~prediction & reference).sum(axes)]
+    counts = [
+        (prediction & reference).sum(axes),
+        (prediction & ~reference).sum(axes),
+        (~prediction & reference).sum(axes),
+    ]
     return torch.stack(counts).long().cpu()
 
 
@@ -243,18 +257,25 @@ def fold_cases(preprocessed_dataset_folder: Path, data_folder: Path, fold: Fold)
     """
     identifiers = case_identifiers(data_folder)
     if not identifiers:
-        raise MissingFileError(f"{data_folder}: no preprocessed cases; run autoseg_plan (or autoseg_plan --preprocess-only) "
-                         "for this dataset and configuration first")
+        raise MissingFileError(
+            f"{data_folder}: no preprocessed cases; run autoseg_plan (or autoseg_plan --preprocess-only) "
+            "for this dataset and configuration first"
+        )
     if fold == "full":
         return identifiers, identifiers
     try:
-        splits = load_or_create_splits(preprocessed_dataset_folder, identifiers, read_subjects(data_folder, identifiers))
+        splits = load_or_create_splits(
+            preprocessed_dataset_folder, identifiers, read_subjects(data_folder, identifiers)
+        )
     except ValueError as error:
-        raise UsageError(f"{error}; or write {preprocessed_dataset_folder / SPLITS_FILE} by hand, or train with "
-                         "-f full") from None
+        raise UsageError(
+            f"{error}; or write {preprocessed_dataset_folder / SPLITS_FILE} by hand, or train with -f full"
+        ) from None
     if not isinstance(fold, int) or not 0 <= fold < len(splits):
-        raise UsageError(f"fold {fold} is out of range: {preprocessed_dataset_folder / SPLITS_FILE} has "
-                         f"{len(splits)} folds (0-{len(splits) - 1}); or use -f all / -f full")
+        raise UsageError(
+            f"fold {fold} is out of range: {preprocessed_dataset_folder / SPLITS_FILE} has "
+            f"{len(splits)} folds (0-{len(splits) - 1}); or use -f all / -f full"
+        )
     return splits[fold]["train"], splits[fold]["val"]
 
 
@@ -300,7 +321,7 @@ def validate_cases(
     """
     context = context or DistributedContext()
     per_case = {}
-    for case in list(cases)[context.rank::context.world_size]:
+    for case in list(cases)[context.rank :: context.world_size]:
         if case not in references or references[case] is None:
             raise DataError(f"validation case {case} has no label file in the raw dataset")
         data, _, properties = load_case(data_folder, case, mmap=True)
@@ -342,12 +363,18 @@ def _summary_entry(scores: dict[int, dict[str, float]]) -> dict[str, Any]:
     labels when there are several, each label's under ``labels``) and the voxel counts (summed over labels)."""
 
     def entry(metrics: dict[str, float]) -> dict[str, Any]:
-        return {**{name: metrics[name] for name in VALIDATION_METRICS},
-                "reference_voxels": int(metrics["tp_voxels"] + metrics["fn_voxels"]),
-                "predicted_voxels": int(metrics["tp_voxels"] + metrics["fp_voxels"])}
+        return {
+            **{name: metrics[name] for name in VALIDATION_METRICS},
+            "reference_voxels": int(metrics["tp_voxels"] + metrics["fn_voxels"]),
+            "predicted_voxels": int(metrics["tp_voxels"] + metrics["fp_voxels"]),
+        }
 
-    result = entry({**mean_over_labels(scores),
-                    **{name: sum(m[name] for m in scores.values()) for name in ("tp_voxels", "fp_voxels", "fn_voxels")}})
+    result = entry(
+        {
+            **mean_over_labels(scores),
+            **{name: sum(m[name] for m in scores.values()) for name in ("tp_voxels", "fp_voxels", "fn_voxels")},
+        }
+    )
     if len(scores) > 1:
         result["labels"] = {str(label): entry(metrics) for label, metrics in scores.items()}
     return result

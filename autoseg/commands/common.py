@@ -22,8 +22,9 @@ from autoseg.machine import configure_threads
 USER_ERRORS = (AutosegError,)
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
-                  line: str | None = None) -> None:
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line: str | None = None
+) -> None:
     """A :class:`GeometryWarning` as one ``warning: ...`` line on stderr (it names its file); others as Python shows them."""
     if issubclass(category, GeometryWarning):
         print(f"warning: {message}", file=sys.stderr)

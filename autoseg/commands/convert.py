@@ -13,24 +13,32 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoseg_convert",
         description="Convert a public stroke dataset in its own folder layout into AUTOSEG_RAW/DatasetNNN_NAME "
-                    "(nnU-Net v2 raw format). Nothing is downloaded; the whole tree is checked before anything "
-                    "is written. One page per dataset in documentation/datasets/.",
+        "(nnU-Net v2 raw format). Nothing is downloaded; the whole tree is checked before anything "
+        "is written. One page per dataset in documentation/datasets/.",
     )
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("source", type=Path, metavar="SRC", help="the release's top folder, as unpacked")
     shared.add_argument("-d", "--dataset", required=True, metavar="NAME", help="dataset name, e.g. ATLAS")
-    shared.add_argument("--id", type=int, metavar="NNN",
-                        help="dataset number (default: the lowest free one under AUTOSEG_RAW)")
-    shared.add_argument("--overwrite", action="store_true",
-                        help="replace an existing dataset of that name (once the new one is complete)")
+    shared.add_argument(
+        "--id", type=int, metavar="NNN", help="dataset number (default: the lowest free one under AUTOSEG_RAW)"
+    )
+    shared.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing dataset of that name (once the new one is complete)",
+    )
     shared.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="DATASET")
     for name, converter in CONVERTERS.items():
         kind = kinds.add_parser(name, parents=[shared], help=converter.summary, description=converter.summary)
         if name == "isles18":
-            kind.add_argument("--slabs", type=Path, metavar="FILE",
-                              help="text file pairing cases with the challenge's patient names "
-                                   "(e.g. 'Train_40_A = case 64'), so slabs of one patient form one subject")
+            kind.add_argument(
+                "--slabs",
+                type=Path,
+                metavar="FILE",
+                help="text file pairing cases with the challenge's patient names "
+                "(e.g. 'Train_40_A = case 64'), so slabs of one patient form one subject",
+            )
     return p
 
 
@@ -42,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         result = convert(args.kind, args.source, args.dataset, args.id, args.overwrite, not args.no_progress, **options)
         found = result.source
         subjects = len({case.subject for case in found.training})
-        print(f"wrote {result.folder}: {len(found.training)} training case(s) of {subjects} subject(s), "
-              f"{len(found.test)} test case(s); channels {', '.join(found.channel_names)}")
+        print(
+            f"wrote {result.folder}: {len(found.training)} training case(s) of {subjects} subject(s), "
+            f"{len(found.test)} test case(s); channels {', '.join(found.channel_names)}"
+        )
         for note in found.notes:
             print(f"note: {note}")
         print(f"next: autoseg_plan -d {result.folder.name}")

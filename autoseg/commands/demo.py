@@ -24,13 +24,18 @@ def parser() -> argparse.ArgumentParser:
         prog="autoseg_demo",
         description="Write a synthetic, deterministic demo dataset in nnU-Net v2 raw format into AUTOSEG_RAW.",
     )
-    p.add_argument("kind", choices=["atlas", "ctp"], help="atlas: chronic stroke T1w on the MNI152 2009 template; "
-                                                          "ctp: 5-channel CT perfusion slabs")
+    p.add_argument(
+        "kind",
+        choices=["atlas", "ctp"],
+        help="atlas: chronic stroke T1w on the MNI152 2009 template; ctp: 5-channel CT perfusion slabs",
+    )
     p.add_argument("-n", "--cases", type=int, default=20, help="cases (atlas) or subjects (ctp); default 20")
     p.add_argument("--spacing", type=float, default=1.0, choices=[1.0, 2.0], help="atlas voxel size in mm")
     p.add_argument("--tiny", action="store_true", help="tiny volumes (~48 voxels per side) for tests")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", help="dataset folder name (default: Dataset001_ATLAS, Dataset002_ATLAS2mm, Dataset003_CTP)")
+    p.add_argument(
+        "--name", help="dataset folder name (default: Dataset001_ATLAS, Dataset002_ATLAS2mm, Dataset003_CTP)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     return p
 

@@ -36,12 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument(
-        "--report", action="store_true",
-        help=f"also write {REPORT_NAME}: one self-contained page of the results, an overlay per case, worst Dice first"
+        "--report",
+        action="store_true",
+        help=f"also write {REPORT_NAME}: one self-contained page of the results, an overlay per case, worst Dice first",
     )
     parser.add_argument(
-        "--images", default=None, help="with --report: folder of the images (CASE_0000 or CASE, same grid as the "
-        "references) drawn behind the outlines; without it they are drawn on black"
+        "--images",
+        default=None,
+        help="with --report: folder of the images (CASE_0000 or CASE, same grid as the "
+        "references) drawn behind the outlines; without it they are drawn on black",
     )
     parser.add_argument("-np", "--num-workers", type=int, default=1, help="parallel processes (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -74,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         for path in result.output_files.values():
             print(f"wrote {path}")
         if args.report:
-            page = write_report(args.output, images_dir=args.images, reference_dir=args.reference,
-                                prediction_dir=args.prediction, num_workers=args.num_workers,
-                                progress=not args.no_progress)
+            page = write_report(
+                args.output,
+                images_dir=args.images,
+                reference_dir=args.reference,
+                prediction_dir=args.prediction,
+                num_workers=args.num_workers,
+                progress=not args.no_progress,
+            )
             print(f"wrote {page}  (results page: open it in a browser)")
         return 0
 

@@ -14,28 +14,48 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoseg_plan",
         description="Verify a raw dataset, fingerprint it, write plans.json (with a reason for every decision) and "
-                    "preprocess it. Outputs go to AUTOSEG_PREPROCESSED/<dataset>/.",
+        "preprocess it. Outputs go to AUTOSEG_PREPROCESSED/<dataset>/.",
     )
-    p.add_argument("-d", "--dataset", required=True, help="dataset name (ATLAS), number (1) or folder (Dataset001_ATLAS)")
+    p.add_argument(
+        "-d", "--dataset", required=True, help="dataset name (ATLAS), number (1) or folder (Dataset001_ATLAS)"
+    )
     p.add_argument("-pl", "--planner", default="DefaultPlanner", help=f"planner class; one of {available_planners()}")
     p.add_argument("-c", "--configurations", nargs="+", help="preprocess only these configurations (default: all)")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--gpu-memory-gb", type=float, help="memory budget that patch and batch sizes are fitted to "
-                                                       "(default: the planner's, 8 GB for DefaultPlanner)")
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        help="memory budget that patch and batch sizes are fitted to (default: the planner's, 8 GB for DefaultPlanner)",
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-minutes", type=float, metavar="M",
-                        help="fit the plan to M minutes of training per fold (validation included) on --device: "
-                             "resolution, network, patch, batch and iterations are chosen from a timed probe of "
-                             "this machine (cached under AUTOSEG_HOME/compute_probes)")
+    budget.add_argument(
+        "--budget-minutes",
+        type=float,
+        metavar="M",
+        help="fit the plan to M minutes of training per fold (validation included) on --device: "
+        "resolution, network, patch, batch and iterations are chosen from a timed probe of "
+        "this machine (cached under AUTOSEG_HOME/compute_probes)",
+    )
     budget.add_argument("--budget-hours", type=float, metavar="H", help="the same budget in hours")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where training will run, for --budget-minutes (default: CUDA when available)")
-    p.add_argument("--normalization", default="zscore", choices=NORMALIZATION_OPTIONS,
-                   help="zscore (default): each modality's z-score scheme; histeq: histogram equalization within the "
-                        "brain mask for every channel (Bhavnani et al.), preprocessed into folders of its own")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where training will run, for --budget-minutes (default: CUDA when available)",
+    )
+    p.add_argument(
+        "--normalization",
+        default="zscore",
+        choices=NORMALIZATION_OPTIONS,
+        help="zscore (default): each modality's z-score scheme; histeq: histogram equalization within the "
+        "brain mask for every channel (Bhavnani et al.), preprocessed into folders of its own",
+    )
     p.add_argument("--verify", action="store_true", help="only verify the dataset and report every problem")
-    p.add_argument("--preprocess-only", action="store_true",
-                   help="keep the existing plans.json (e.g. edited by hand), validate it and preprocess")
+    p.add_argument(
+        "--preprocess-only",
+        action="store_true",
+        help="keep the existing plans.json (e.g. edited by hand), validate it and preprocess",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -54,8 +74,15 @@ def main(argv: list[str] | None = None) -> int:
             return
         minutes = args.budget_minutes if args.budget_hours is None else 60 * args.budget_hours
         result = plan_and_preprocess(
-            args.dataset, args.planner, args.gpu_memory_gb, args.configurations, args.num_processes,
-            args.preprocess_only, progress, budget_minutes=minutes, device=args.device,
+            args.dataset,
+            args.planner,
+            args.gpu_memory_gb,
+            args.configurations,
+            args.num_processes,
+            args.preprocess_only,
+            progress,
+            budget_minutes=minutes,
+            device=args.device,
             normalization=args.normalization,
         )
         for note in result.notes:
@@ -64,14 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plans:       {result.plans_path}")
         for name, configuration in result.plans.configurations.items():
             default = " (default)" if name == result.plans.default_configuration else ""
-            print(f"  {name}{default}: spacing {list(configuration.target_spacing)} mm, patch "
-                  f"{list(configuration.patch_size)}, batch {configuration.batch_size}, "
-                  f"{configuration.network.architecture}, trainer {configuration.schedule.trainer}")
+            print(
+                f"  {name}{default}: spacing {list(configuration.target_spacing)} mm, patch "
+                f"{list(configuration.patch_size)}, batch {configuration.batch_size}, "
+                f"{configuration.network.architecture}, trainer {configuration.schedule.trainer}"
+            )
         budget = result.plans.compute_budget
         if budget is not None:
-            print(f"compute budget: {budget.minutes:g} min per fold on {budget.device} ({budget.precision}); "
-                  f"estimated {budget.estimated_minutes:.1f} min: {budget.iterations} iterations at "
-                  f"{budget.seconds_per_iteration:.2f} s plus validation")
+            print(
+                f"compute budget: {budget.minutes:g} min per fold on {budget.device} ({budget.precision}); "
+                f"estimated {budget.estimated_minutes:.1f} min: {budget.iterations} iterations at "
+                f"{budget.seconds_per_iteration:.2f} s plus validation"
+            )
             for name, reason in budget.reasons.items():
                 print(f"  {name}: {reason}")
         for identifier, cases in result.preprocessed.items():

@@ -13,39 +13,66 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoseg_predict",
         description="Segment a folder of scans or one file with trained models; writes OUTPUT/CASE<ending> uint8 "
-                    "labels in the input's geometry. Names: for a one-channel model every file is one case (a final "
-                    "_0000 is dropped from its name); for C channels the files form complete cases CASE_0000 ... "
-                    "CASE_{C-1} (documentation/dataset_format.md).",
+        "labels in the input's geometry. Names: for a one-channel model every file is one case (a final "
+        "_0000 is dropped from its name); for C channels the files form complete cases CASE_0000 ... "
+        "CASE_{C-1} (documentation/dataset_format.md).",
     )
     p.add_argument("-i", "--input", required=True, help="folder of images, or one image file")
     p.add_argument("-o", "--output", required=True, help="folder for the predictions (created if needed)")
-    p.add_argument("-m", "--model", help="a model zip from autoseg_export: installed into AUTOSEG_RESULTS (an identical "
-                                         "install is reused) and predicted with its own members and folds; "
-                                         "no -d, -c, -tr or -f with it")
+    p.add_argument(
+        "-m",
+        "--model",
+        help="a model zip from autoseg_export: installed into AUTOSEG_RESULTS (an identical "
+        "install is reused) and predicted with its own members and folds; "
+        "no -d, -c, -tr or -f with it",
+    )
     p.add_argument("-d", "--dataset", help="trained dataset (name, number or folder); default: the only trained one")
-    p.add_argument("-c", "--configurations", nargs="+", help="configurations to ensemble (default: the one(s) "
-                                                             "autoseg_find_best chose, else the only/default one)")
-    p.add_argument("-tr", "--trainer", nargs="+", help="trainer folder(s); several are ensembled (default: the only "
-                                                         "one of each configuration)")
+    p.add_argument(
+        "-c",
+        "--configurations",
+        nargs="+",
+        help="configurations to ensemble (default: the one(s) autoseg_find_best chose, else the only/default one)",
+    )
+    p.add_argument(
+        "-tr",
+        "--trainer",
+        nargs="+",
+        help="trainer folder(s); several are ensembled (default: the only one of each configuration)",
+    )
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: every fold with the checkpoint)")
-    p.add_argument("--checkpoint", default="final", choices=CHECKPOINT_CHOICES,
-                   help="final (default), best, or snapshots (every snapshot of each fold)")
-    p.add_argument("--step-size", type=float, default=None,
-                   help="sliding-window step, fraction of the patch (default: the plans' sliding_window_step, 0.5 "
-                        "as planned)")
-    p.add_argument("--tta", choices=TTA_CHOICES, default="all",
-                   help="test-time mirroring: all (default; every flip of the planned mirror axes, 8 forward passes "
-                        "per window for 3 axes), lr (only the left-right flip, from the image's direction; 2) or "
-                        "none (1, fastest)")
+    p.add_argument(
+        "--checkpoint",
+        default="final",
+        choices=CHECKPOINT_CHOICES,
+        help="final (default), best, or snapshots (every snapshot of each fold)",
+    )
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="sliding-window step, fraction of the patch (default: the plans' sliding_window_step, 0.5 as planned)",
+    )
+    p.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        default="all",
+        help="test-time mirroring: all (default; every flip of the planned mirror axes, 8 forward passes "
+        "per window for 3 axes), lr (only the left-right flip, from the image's direction; 2) or "
+        "none (1, fastest)",
+    )
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
     p.add_argument("--no-postprocessing", action="store_true", help="keep lesions of every size")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
     p.add_argument("--num-parts", type=int, default=1, help="split the sorted cases into this many parts (1)")
     p.add_argument("--part-id", type=int, default=0, help="which part this process predicts (0-based)")
-    p.add_argument("--list", dest="case_list", metavar="FILE",
-                   help="text file of case identifiers to predict, one per line (# comments and blank lines "
-                        "ignored); split by --num-parts like all cases")
+    p.add_argument(
+        "--list",
+        dest="case_list",
+        metavar="FILE",
+        help="text file of case identifiers to predict, one per line (# comments and blank lines "
+        "ignored); split by --num-parts like all cases",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -57,11 +84,24 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> int:
         summary = predict(
-            args.input, args.output, args.dataset, args.configurations, args.folds, trainer=args.trainer,
-            checkpoint=args.checkpoint, step_size=args.step_size, tta=args.tta,
-            save_probabilities=args.save_probabilities, postprocessing=not args.no_postprocessing,
-            overwrite=args.overwrite, num_parts=args.num_parts, part_id=args.part_id, case_list=args.case_list,
-            device=args.device, progress=not args.no_progress, model=args.model,
+            args.input,
+            args.output,
+            args.dataset,
+            args.configurations,
+            args.folds,
+            trainer=args.trainer,
+            checkpoint=args.checkpoint,
+            step_size=args.step_size,
+            tta=args.tta,
+            save_probabilities=args.save_probabilities,
+            postprocessing=not args.no_postprocessing,
+            overwrite=args.overwrite,
+            num_parts=args.num_parts,
+            part_id=args.part_id,
+            case_list=args.case_list,
+            device=args.device,
+            progress=not args.no_progress,
+            model=args.model,
         )
         print(summary.line())
         return 1 if summary.failed else 0

@@ -17,46 +17,85 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoseg_train",
         description="Train one cross-validation fold. Outputs (log.txt, progress.png, checkpoints, validation/) go "
-                    "to AUTOSEG_RESULTS/<dataset>/<configuration>/<trainer>/fold_<k>/.",
+        "to AUTOSEG_RESULTS/<dataset>/<configuration>/<trainer>/fold_<k>/.",
     )
-    p.add_argument("-d", "--dataset", required=True, help="dataset name (ATLAS), number (1) or folder (Dataset001_ATLAS)")
+    p.add_argument(
+        "-d", "--dataset", required=True, help="dataset name (ATLAS), number (1) or folder (Dataset001_ATLAS)"
+    )
     p.add_argument("-c", "--configuration", help="configuration of the plans (default: the plans' default)")
-    p.add_argument("-f", "--fold", default="0", help="fold 0-4 of splits_final.json; 'all': every fold in turn "
-                                                     "(5-fold cross-validation); 'full': one model on every case "
-                                                     "(default 0)")
+    p.add_argument(
+        "-f",
+        "--fold",
+        default="0",
+        help="fold 0-4 of splits_final.json; 'all': every fold in turn "
+        "(5-fold cross-validation); 'full': one model on every case "
+        "(default 0)",
+    )
     p.add_argument("-tr", "--trainer", help="trainer class in trainers/ (default: the plans' schedule.trainer)")
-    p.add_argument("--continue", dest="continue_training", action="store_true",
-                   help="resume from checkpoint_latest.pth of this fold")
+    p.add_argument(
+        "--continue",
+        dest="continue_training",
+        action="store_true",
+        help="resume from checkpoint_latest.pth of this fold",
+    )
     p.add_argument("--epochs", type=int, help="train this many epochs instead of the plans' (stages scale along)")
     p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch instead of the plans'")
-    p.add_argument("--val-iters", type=int, help="validation batches per epoch (default: a fifth of the training "
-                                                  "iterations; 0: none)")
-    p.add_argument("--pretrained", metavar="PATH", help="PSPNet only: a torchvision ResNet state dict file (e.g. "
-                                                        "resnet50's weights saved on a machine with internet) or an "
-                                                        "autoseg PSPNet checkpoint; nothing is downloaded")
+    p.add_argument(
+        "--val-iters",
+        type=int,
+        help="validation batches per epoch (default: a fifth of the training iterations; 0: none)",
+    )
+    p.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="PSPNet only: a torchvision ResNet state dict file (e.g. "
+        "resnet50's weights saved on a machine with internet) or an "
+        "autoseg PSPNet checkpoint; nothing is downloaded",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 on CUDA if supported else fp16; on the CPU bf16 only with AVX512-BF16/AMX")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 on CUDA if supported else fp16; on the CPU bf16 only with AVX512-BF16/AMX",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of initialization and batches (default 0)")
-    p.add_argument("-np", "--num-processes", type=int, help="data augmentation processes (default: the plans' compute "
-                                                             "budget's choice, else 2)")
+    p.add_argument(
+        "-np",
+        "--num-processes",
+        type=int,
+        help="data augmentation processes (default: the plans' compute budget's choice, else 2)",
+    )
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--compile", action="store_true", help="run the network through torch.compile")
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU)")
-    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
-                   help="train the fold data-parallel in N processes on this machine, one per GPU (torchrun + "
-                        "DistributedDataParallel; the plans' batch is split over them); with --device cpu, N CPU "
-                        "processes (gloo). Several machines: start torchrun yourself (documentation/overview.md)")
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train the fold data-parallel in N processes on this machine, one per GPU (torchrun + "
+        "DistributedDataParallel; the plans' batch is split over them); with --device cpu, N CPU "
+        "processes (gloo). Several machines: start torchrun yourself (documentation/overview.md)",
+    )
     return p
 
 
 def _options(args: argparse.Namespace) -> TrainingOptions:
     """The run flags of the command line."""
     return TrainingOptions(
-        epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch, val_iterations=args.val_iters,
-        device=args.device, precision=args.precision, seed=args.seed, num_processes=args.num_processes,
-        continue_training=args.continue_training, validation=not args.no_validation, compile=args.compile,
-        deterministic=args.deterministic, pretrained=args.pretrained,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iters_per_epoch,
+        val_iterations=args.val_iters,
+        device=args.device,
+        precision=args.precision,
+        seed=args.seed,
+        num_processes=args.num_processes,
+        continue_training=args.continue_training,
+        validation=not args.no_validation,
+        compile=args.compile,
+        deterministic=args.deterministic,
+        pretrained=args.pretrained,
     )
 
 
@@ -81,9 +120,11 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: --num-gpus {args.num_gpus}: this machine has {gpus} CUDA device(s)", file=sys.stderr)
         return 1
     if args.device == "cpu" or (args.device == "auto" and gpus == 0):
-        print(f"note: {'--device cpu' if args.device == 'cpu' else 'no CUDA device here'}: --num-gpus "
-              f"{args.num_gpus} starts {args.num_gpus} CPU processes (gloo) that share this machine's cores",
-              file=sys.stderr)
+        print(
+            f"note: {'--device cpu' if args.device == 'cpu' else 'no CUDA device here'}: --num-gpus "
+            f"{args.num_gpus} starts {args.num_gpus} CPU processes (gloo) that share this machine's cores",
+            file=sys.stderr,
+        )
 
     def check() -> None:
         if args.fold != "all":
@@ -113,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             result = train(args.dataset, args.configuration, args.fold, args.trainer, options)
         except KeyboardInterrupt:
-            print("interrupted; add --continue to the same command to resume from checkpoint_latest.pth",
-                  file=sys.stderr)
+            print(
+                "interrupted; add --continue to the same command to resume from checkpoint_latest.pth", file=sys.stderr
+            )
             return 130
         if context.is_main:
             print(f"results: {result.output_folder}")

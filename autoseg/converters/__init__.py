@@ -38,8 +38,10 @@ class Converter:
         return cls(name, module.SUMMARY, module.read)
 
 
-CONVERTERS = {name: Converter.of(name, module) for name, module in (("atlas2", atlas2), ("isles22", isles22),
-                                                                    ("isles18", isles18))}
+CONVERTERS = {
+    name: Converter.of(name, module)
+    for name, module in (("atlas2", atlas2), ("isles22", isles22), ("isles18", isles18))
+}
 
 
 @dataclass(frozen=True)

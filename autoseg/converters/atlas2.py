@@ -53,7 +53,7 @@ def read(source: Path) -> SourceDataset:
         description={
             "name": "ATLAS R2.0",
             "description": f"ATLAS R2.0 chronic stroke T1w MRI in MNI152NLin2009aSym space, converted from {source} "
-                           "by autoseg_convert atlas2 (masks binarised to 0/1).",
+            "by autoseg_convert atlas2 (masks binarised to 0/1).",
             "reference": "Liew et al., Scientific Data 9, 320 (2022); https://atlas.grand-challenge.org/",
         },
     )
@@ -67,8 +67,10 @@ def _cases(folder: Path, problems: Problems, masks: bool) -> list[SourceCase]:
     for subject_folder in subjects:
         subject = subject_folder.name.removeprefix("sub-")
         if not any(key[0] == subject and "T1w" in files for key, files in found.items()):
-            problems.add(subject_folder, f"no T1w image (expected ses-1/anat/{subject_folder.name}_ses-1_"
-                                         "space-MNI152NLin2009aSym_T1w.nii.gz)")
+            problems.add(
+                subject_folder,
+                f"no T1w image (expected ses-1/anat/{subject_folder.name}_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz)",
+            )
     cases = []
     for (subject, session), files in sorted(found.items()):
         image, mask = files.get("T1w"), files.get("mask")

@@ -23,7 +23,9 @@ from autoseg.io import copy_image_file, read_image, write_like
 
 FILE_ENDING = ".nii.gz"
 #: A BIDS file name: key-value entities, then a suffix, then the ending (``sub-r001s001_ses-1_T1w.nii.gz``).
-_BIDS_NAME = re.compile(r"^(?P<entities>(?:[a-zA-Z0-9]+-[a-zA-Z0-9]+_)+)(?P<suffix>[a-zA-Z0-9]+)(?P<ending>\.nii(?:\.gz)?)$")
+_BIDS_NAME = re.compile(
+    r"^(?P<entities>(?:[a-zA-Z0-9]+-[a-zA-Z0-9]+_)+)(?P<suffix>[a-zA-Z0-9]+)(?P<ending>\.nii(?:\.gz)?)$"
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def check_entities(path: Path, entities: dict[str, str], problems: Problems) -> 
     sound = True
     for key in ("sub", "ses"):
         folders = [part for part in path.parent.parts if part.startswith(f"{key}-")]
-        if folders and entities.get(key) != folders[-1][len(key) + 1:]:
+        if folders and entities.get(key) != folders[-1][len(key) + 1 :]:
             problems.add(path, f"file name says {key}-{entities.get(key)} but it lies in folder {folders[-1]}")
             sound = False
     return sound
@@ -188,12 +190,16 @@ def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, 
         cases = [(case, "Tr") for case in source.training] + [(case, "Ts") for case in source.test]
         for case, split in tqdm(cases, desc="convert", unit="case", disable=not progress):
             for channel, image in enumerate(case.images):
-                copy_image_file(image, folder / f"images{split}" / channel_file_name(case.identifier, channel, FILE_ENDING))
+                copy_image_file(
+                    image, folder / f"images{split}" / channel_file_name(case.identifier, channel, FILE_ENDING)
+                )
             if split == "Tr":
                 if case.label is None:
                     raise ConversionError(f"training case {case.identifier} has no lesion mask")
                 mask, geometry = read_image(case.label, dtype=np.float64)
-                write_like(binarize(mask), geometry, folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", case.label)
+                write_like(
+                    binarize(mask), geometry, folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", case.label
+                )
         (folder / "imagesTr").mkdir(exist_ok=True)
         write_dataset_json(
             folder,

@@ -59,13 +59,17 @@ def read(source: Path, slabs: Path | None = None) -> SourceDataset:
     training = [SourceCase(c.identifier, patients.get(c.identifier, c.identifier), c.images, c.label) for c in training]
     test = [SourceCase(f"test_{c.identifier}", f"test_{c.identifier}", c.images) for c in test]
     if slabs is None:
-        notes = ("ISLES 2018 does not say which cases are slabs of one patient: every case is its own subject, so two "
-                 "slabs of a patient may land in different folds. Pass --slabs FILE with the challenge's "
-                 "case-to-patient table (documentation/datasets/isles18.md).",)
+        notes = (
+            "ISLES 2018 does not say which cases are slabs of one patient: every case is its own subject, so two "
+            "slabs of a patient may land in different folds. Pass --slabs FILE with the challenge's "
+            "case-to-patient table (documentation/datasets/isles18.md).",
+        )
     else:
         unlisted = [case.identifier for case in training if case.identifier not in patients]
-        notes = (f"{len(set(patients.values()))} patient(s) from {slabs}"
-                 + (f"; not listed there, so their own subject: {', '.join(unlisted)}" if unlisted else ""),)
+        notes = (
+            f"{len(set(patients.values()))} patient(s) from {slabs}"
+            + (f"; not listed there, so their own subject: {', '.join(unlisted)}" if unlisted else ""),
+        )
     return SourceDataset(
         channel_names=CTP_CHANNELS,
         training=tuple(training),
@@ -73,8 +77,8 @@ def read(source: Path, slabs: Path | None = None) -> SourceDataset:
         description={
             "name": "ISLES 2018",
             "description": f"ISLES 2018 acute stroke CT perfusion slabs (CT, CBF, CBV, MTT, Tmax; CT_4DPWI left out), "
-                           f"converted from {source} by autoseg_convert isles18 (masks binarised to 0/1); subjects "
-                           + (f"from {slabs}." if slabs else "unknown: one per case."),
+            f"converted from {source} by autoseg_convert isles18 (masks binarised to 0/1); subjects "
+            + (f"from {slabs}." if slabs else "unknown: one per case."),
             "reference": "Hakim et al., Stroke 52, 2328 (2021); https://www.isles-challenge.org/",
         },
         notes=notes,
@@ -99,8 +103,10 @@ def _cases(folder: Path, problems: Problems, masks: bool) -> list[SourceCase]:
             files[modality] = path
         missing = [modality for modality in wanted if modality not in files]
         for modality in missing:
-            problems.add(case_folder, f"no {modality} image (expected SMIR.Brain.XX.O.{modality}.NNNNN/"
-                                      f"SMIR.Brain.XX.O.{modality}.NNNNN.nii)")
+            problems.add(
+                case_folder,
+                f"no {modality} image (expected SMIR.Brain.XX.O.{modality}.NNNNN/SMIR.Brain.XX.O.{modality}.NNNNN.nii)",
+            )
         if not missing:
             images = tuple(files[modality] for modality in MODALITIES)
             cases.append(SourceCase(case_folder.name, case_folder.name, images, files.get(MASK_MODALITY)))

@@ -32,9 +32,7 @@ from autoseg.converters.common import (
 
 SUMMARY = "ISLES 2022 (DWI and ADC, acute stroke): SRC is the release's top folder holding rawdata/ and derivatives/"
 CHANNELS = {"dwi": "DWI", "adc": "ADC"}  # BIDS suffix -> channel name, in channel order
-_IMAGE_ROLES = {
-    suffix: (lambda entities, found, wanted=suffix: found.lower() == wanted) for suffix in CHANNELS
-}
+_IMAGE_ROLES = {suffix: (lambda entities, found, wanted=suffix: found.lower() == wanted) for suffix in CHANNELS}
 _MASK_ROLES = {"mask": lambda entities, suffix: suffix == "msk"}
 
 
@@ -64,12 +62,17 @@ def read(source: Path) -> SourceDataset:
         if missing:
             for suffix in missing:
                 present = next(iter(files.values()))
-                problems.add(present.parent, f"no {suffix} image for {identifier} (expected {identifier}_{suffix}.nii.gz)")
+                problems.add(
+                    present.parent, f"no {suffix} image for {identifier} (expected {identifier}_{suffix}.nii.gz)"
+                )
             continue
         mask = masks.get((subject, session), {}).get("mask")
         if mask is None:
-            problems.add(files["dwi"], f"no lesion mask for {identifier} (expected derivatives/sub-{subject}/"
-                                       f"{'ses-' + session + '/' if session else ''}{identifier}_msk.nii.gz)")
+            problems.add(
+                files["dwi"],
+                f"no lesion mask for {identifier} (expected derivatives/sub-{subject}/"
+                f"{'ses-' + session + '/' if session else ''}{identifier}_msk.nii.gz)",
+            )
             continue
         cases.append(SourceCase(identifier, f"sub-{subject}", tuple(files[suffix] for suffix in CHANNELS), mask))
     for key, files in sorted(masks.items()):
@@ -82,7 +85,7 @@ def read(source: Path) -> SourceDataset:
         description={
             "name": "ISLES 2022",
             "description": f"ISLES 2022 stroke MRI (DWI, ADC; FLAIR left out: it lies on its own, unregistered grid), "
-                           f"converted from {source} by autoseg_convert isles22 (masks binarised to 0/1).",
+            f"converted from {source} by autoseg_convert isles22 (masks binarised to 0/1).",
             "reference": "Hernandez Petzsche et al., Scientific Data 9, 762 (2022); https://isles22.grand-challenge.org/",
         },
         notes=("FLAIR left out: it lies on its own grid, unregistered to DWI (documentation/datasets/isles22.md).",),

@@ -54,11 +54,19 @@ def asymmetric_blocks_per_stage(num_stages: int) -> tuple[int, ...]:
 class _ConvNormPReLU(nn.Sequential):
     """conv -> GroupNorm -> PReLU; input (B, C_in, X, ...), output (B, C_out, X / s, ...)."""
 
-    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
-                 stride: Sequence[int], num_groups: int) -> None:
+    def __init__(
+        self,
+        conv_op: type[nn.Module],
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        num_groups: int,
+    ) -> None:
         super().__init__(
-            conv_op(in_channels, out_channels, tuple(kernel_size), stride=tuple(stride),
-                    padding=_same_padding(kernel_size)),
+            conv_op(
+                in_channels, out_channels, tuple(kernel_size), stride=tuple(stride), padding=_same_padding(kernel_size)
+            ),
             _group_norm(out_channels, num_groups),
             nn.PReLU(out_channels, init=PRELU_INIT),
         )
@@ -68,8 +76,9 @@ class EncoderBlock(nn.Module):
     """Two convolutions with a residual skip: conv-GN-PReLU-conv-GN, plus the input (a 1x1 conv + GN where the width
     changes), then PReLU. Input (B, C_in, X, ...), output (B, C_out, X, ...)."""
 
-    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
-                 num_groups: int) -> None:
+    def __init__(
+        self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int], num_groups: int
+    ) -> None:
         super().__init__()
         padding = _same_padding(kernel_size)
         self.conv1 = conv_op(in_channels, out_channels, tuple(kernel_size), padding=padding)
@@ -91,8 +100,15 @@ class Downsample(nn.Module):
 
     Input (B, C, X, ...), output (B, 2 C, X / s, ...): the pooled channels first, then the convolved ones."""
 
-    def __init__(self, conv_op: type[nn.Module], pool_op: type[nn.Module], channels: int, kernel_size: Sequence[int],
-                 stride: Sequence[int], num_groups: int) -> None:
+    def __init__(
+        self,
+        conv_op: type[nn.Module],
+        pool_op: type[nn.Module],
+        channels: int,
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        num_groups: int,
+    ) -> None:
         super().__init__()
         self.pool = pool_op(tuple(stride), stride=tuple(stride))
         self.conv = _ConvNormPReLU(conv_op, channels, channels, kernel_size, stride, num_groups)
@@ -106,12 +122,27 @@ class DecoderStage(nn.Module):
     a residual skip: conv-GN, plus its input, PReLU. Inputs ``x`` (B, C_coarse, X / s, ...) and ``skip``
     (B, C, X, ...); output (B, C, X, ...)."""
 
-    def __init__(self, conv_op: type[nn.Module], transposed_op: type[nn.Module], in_channels: int, out_channels: int,
-                 up_kernel: Sequence[int], stride: Sequence[int], kernel_size: Sequence[int], num_groups: int) -> None:
+    def __init__(
+        self,
+        conv_op: type[nn.Module],
+        transposed_op: type[nn.Module],
+        in_channels: int,
+        out_channels: int,
+        up_kernel: Sequence[int],
+        stride: Sequence[int],
+        kernel_size: Sequence[int],
+        num_groups: int,
+    ) -> None:
         super().__init__()
         # output = (n - 1) s - 2 (k // 2) + k + (s - 1) = n s for odd k: exactly undoes the strided conv.
-        self.upsample = transposed_op(in_channels, out_channels, tuple(up_kernel), stride=tuple(stride),
-                                      padding=_same_padding(up_kernel), output_padding=tuple(s - 1 for s in stride))
+        self.upsample = transposed_op(
+            in_channels,
+            out_channels,
+            tuple(up_kernel),
+            stride=tuple(stride),
+            padding=_same_padding(up_kernel),
+            output_padding=tuple(s - 1 for s in stride),
+        )
         self.conv = conv_op(out_channels, out_channels, tuple(kernel_size), padding=_same_padding(kernel_size))
         self.norm = _group_norm(out_channels, num_groups)
         self.act = nn.PReLU(out_channels, init=PRELU_INIT)
@@ -156,9 +187,15 @@ class AsymmetricResidualUNet(nn.Module):
     ) -> None:
         super().__init__()
         blocks = validate_architecture(
-            in_channels=in_channels, num_classes=num_classes, features=features, strides=strides,
-            kernel_sizes=kernel_sizes, num_groups=num_groups,
-            blocks_per_stage=asymmetric_blocks_per_stage(len(features)) if blocks_per_stage is None else blocks_per_stage,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            features=features,
+            strides=strides,
+            kernel_sizes=kernel_sizes,
+            num_groups=num_groups,
+            blocks_per_stage=asymmetric_blocks_per_stage(len(features))
+            if blocks_per_stage is None
+            else blocks_per_stage,
         )
         self.in_channels, self.num_classes = in_channels, num_classes
         self.features: Shape = tuple(features)
@@ -174,12 +211,22 @@ class AsymmetricResidualUNet(nn.Module):
             else:
                 previous = self.features[i - 1]
                 entry, width_in = Downsample(conv_op, pool_op, previous, kernel, stride, num_groups), 2 * previous
-            body = [EncoderBlock(conv_op, width_in if b == 0 else width, width, kernel, num_groups) for b in range(count)]
+            body = [
+                EncoderBlock(conv_op, width_in if b == 0 else width, width, kernel, num_groups) for b in range(count)
+            ]
             stages.append(nn.Sequential(entry, *body))
         self.encoder = nn.ModuleList(stages)
         self.decoder = nn.ModuleList(
-            DecoderStage(conv_op, transposed_op, self.features[i + 1], self.features[i], self.kernel_sizes[i + 1],
-                         self.strides[i + 1], self.kernel_sizes[i], num_groups)
+            DecoderStage(
+                conv_op,
+                transposed_op,
+                self.features[i + 1],
+                self.features[i],
+                self.kernel_sizes[i + 1],
+                self.strides[i + 1],
+                self.kernel_sizes[i],
+                num_groups,
+            )
             for i in range(len(self.features) - 1)
         )
         self.head = conv_op(self.features[0], num_classes, 1)
@@ -209,11 +256,13 @@ class AsymmetricResidualUNet(nn.Module):
             ValueError: wrong rank, channel count, or a spatial size the strides do not divide.
         """
         if x.ndim != self.dim + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input (B, {self.in_channels}, {', '.join('XYZ'[: self.dim])}), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"expected input (B, {self.in_channels}, {', '.join('XYZ'[: self.dim])}), got {tuple(x.shape)}"
+            )
         if any(size % total for size, total in zip(x.shape[2:], self.total_strides)):
-            raise ValueError(f"spatial shape {tuple(x.shape[2:])} must be a multiple of the total strides "
-                             f"{self.total_strides}")
+            raise ValueError(
+                f"spatial shape {tuple(x.shape[2:])} must be a multiple of the total strides {self.total_strides}"
+            )
         skips = []
         for stage in self.encoder:
             x = stage(x)

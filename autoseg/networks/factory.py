@@ -23,8 +23,9 @@ __all__ = ["NETWORK_CLASSES", "build_network"]
 NETWORK_CLASSES = {"ResidualUNet": "ResidualUNet", "AsymmetricResidualUNet": "ResidualUNet", "PSPNet": "PSPNet"}
 
 
-def build_network(plans: Plans, configuration: str, *, network_class: str | None = None,
-                  auxiliary_head: bool = False) -> nn.Module:
+def build_network(
+    plans: Plans, configuration: str, *, network_class: str | None = None, auxiliary_head: bool = False
+) -> nn.Module:
     """The untrained network of ``configuration`` of ``plans``, on the CPU.
 
     Input channels are the plans' channels (times 2 or 3 for a symmetric configuration); outputs one sigmoid
@@ -45,18 +46,35 @@ def build_network(plans: Plans, configuration: str, *, network_class: str | None
     network = chosen.network
     name = network_class or network.architecture
     if NETWORK_CLASSES.get(name) != network.architecture:
-        raise UsageError(f"configuration '{chosen.name}' plans a {network.architecture}; a {name} is not built from "
-                         f"its numbers (buildable: {', '.join(k for k, v in NETWORK_CLASSES.items() if v == network.architecture)})")
+        raise UsageError(
+            f"configuration '{chosen.name}' plans a {network.architecture}; a {name} is not built from "
+            f"its numbers (buildable: {', '.join(k for k, v in NETWORK_CLASSES.items() if v == network.architecture)})"
+        )
     in_channels = chosen.input_channels(len(plans.channels))
     num_classes = sum(1 for value in plans.labels.values() if value != 0)
     if name == "PSPNet":
-        return PSPNet(in_channels=in_channels, num_classes=num_classes, backbone=network.backbone or "resnet50",
-                      pyramid_bins=network.pyramid_bins or (1, 2, 3, 6), output_stride=network.output_stride or 8,
-                      aux_head=auxiliary_head)
+        return PSPNet(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            backbone=network.backbone or "resnet50",
+            pyramid_bins=network.pyramid_bins or (1, 2, 3, 6),
+            output_stride=network.output_stride or 8,
+            aux_head=auxiliary_head,
+        )
     if name == "AsymmetricResidualUNet":
-        return AsymmetricResidualUNet(in_channels=in_channels, num_classes=num_classes, features=network.features,
-                                      strides=network.strides, kernel_sizes=network.kernel_sizes)
+        return AsymmetricResidualUNet(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            features=network.features,
+            strides=network.strides,
+            kernel_sizes=network.kernel_sizes,
+        )
     levels = len(network.features) - 1
-    return ResidualUNet(in_channels=in_channels, num_classes=num_classes, features=network.features,
-                        strides=network.strides, kernel_sizes=network.kernel_sizes,
-                        deep_supervision=network.deep_supervision and levels > 1)
+    return ResidualUNet(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        features=network.features,
+        strides=network.strides,
+        kernel_sizes=network.kernel_sizes,
+        deep_supervision=network.deep_supervision and levels > 1,
+    )

@@ -253,9 +253,15 @@ def count_forward_macs(
     Raises:
         ValueError: as :func:`~autoseg.networks.validate_architecture`, or a patch the strides do not divide.
     """
-    blocks = validate_architecture(in_channels=in_channels, num_classes=num_classes, features=features,
-                                   strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
-                                   num_groups=num_groups)
+    blocks = validate_architecture(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        features=features,
+        strides=strides,
+        kernel_sizes=kernel_sizes,
+        blocks_per_stage=blocks_per_stage,
+        num_groups=num_groups,
+    )
     voxels = [math.prod(shape) for shape in feature_map_shapes(patch_size=patch_size, strides=strides)]
     macs = 0
     widths_in = (in_channels, *features[:-1])
@@ -285,16 +291,32 @@ def count_stored_activations(
 ) -> int:
     """Elements autograd stores for backward in one training step of one sample (the activation term of
     :func:`estimate_training_memory_bytes`, before bytes and batch)."""
-    blocks = validate_architecture(in_channels=in_channels, num_classes=num_classes, features=features,
-                                   strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
-                                   num_groups=num_groups)
+    blocks = validate_architecture(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        features=features,
+        strides=strides,
+        kernel_sizes=kernel_sizes,
+        blocks_per_stage=blocks_per_stage,
+        num_groups=num_groups,
+    )
     voxels = [math.prod(shape) for shape in feature_map_shapes(patch_size=patch_size, strides=strides)]
-    return _activation_elements_per_sample(voxels=voxels, in_channels=in_channels, num_classes=num_classes,
-                                           features=features, blocks=blocks, deep_supervision=deep_supervision)
+    return _activation_elements_per_sample(
+        voxels=voxels,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        features=features,
+        blocks=blocks,
+        deep_supervision=deep_supervision,
+    )
 
 
 #: ResNet layouts: block type and blocks per layer (torchvision's resnet18/34/50).
-_RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
+_RESNETS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
 #: Backbone parameters (torchvision's ResNets without the classifier).
 _RESNET_PARAMETERS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032}
 
@@ -341,8 +363,9 @@ def _asymmetric_blocks(kwargs: dict) -> tuple[int, ...]:
     from autoseg.networks.asymmetric_unet import asymmetric_blocks_per_stage
 
     blocks = kwargs.pop("blocks_per_stage", None)
-    return validate_architecture(**kwargs, blocks_per_stage=asymmetric_blocks_per_stage(len(kwargs["features"]))
-                                 if blocks is None else blocks)
+    return validate_architecture(
+        **kwargs, blocks_per_stage=asymmetric_blocks_per_stage(len(kwargs["features"])) if blocks is None else blocks
+    )
 
 
 def _encoder_block_parameters(in_channels: int, out_channels: int, kernel_size: Sequence[int]) -> int:
@@ -366,9 +389,17 @@ def count_asymmetric_parameters(
     Raises:
         ValueError: as :func:`~autoseg.networks.validate_architecture`.
     """
-    blocks = _asymmetric_blocks(dict(in_channels=in_channels, num_classes=num_classes, features=features,
-                                     strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
-                                     num_groups=num_groups))
+    blocks = _asymmetric_blocks(
+        dict(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            features=features,
+            strides=strides,
+            kernel_sizes=kernel_sizes,
+            blocks_per_stage=blocks_per_stage,
+            num_groups=num_groups,
+        )
+    )
     encoder = decoder = 0
     for i, (width, kernel, count) in enumerate(zip(features, kernel_sizes, blocks)):
         if i == 0:  # conv + GN + PReLU
@@ -416,9 +447,17 @@ def count_asymmetric_stored_activations(
 
     GroupNorm's per-group statistics are left out as negligible.
     """
-    blocks = _asymmetric_blocks(dict(in_channels=in_channels, num_classes=num_classes, features=features,
-                                     strides=strides, kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage,
-                                     num_groups=num_groups))
+    blocks = _asymmetric_blocks(
+        dict(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            features=features,
+            strides=strides,
+            kernel_sizes=kernel_sizes,
+            blocks_per_stage=blocks_per_stage,
+            num_groups=num_groups,
+        )
+    )
     voxels = [math.prod(shape) for shape in feature_map_shapes(patch_size=patch_size, strides=strides)]
     elements = in_channels * voxels[0] + 3 * features[0] * voxels[0] + num_classes * voxels[0]
     for i, (width, count, voxel_count) in enumerate(zip(features, blocks, voxels)):

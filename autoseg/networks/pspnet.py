@@ -43,8 +43,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, *, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -64,8 +65,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, *, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -112,8 +114,9 @@ class ResNetBackbone(nn.Module):
         self.layer3_channels = 256 * block.expansion
         self.out_channels = 512 * block.expansion
 
-    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, *, stride: int,
-                    dilation: int) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, *, stride: int, dilation: int
+    ) -> nn.Sequential:
         """As torchvision: a dilated layer replaces its stride by dilation; its first block keeps the previous
         dilation; the shortcut is projected when resolution or width change."""
         previous = self.dilation
@@ -121,8 +124,10 @@ class ResNetBackbone(nn.Module):
             stride, self.dilation = 1, dilation
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         layers = [block(self.inplanes, planes, stride=stride, dilation=previous, downsample=downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
@@ -145,20 +150,32 @@ class PyramidPooling(nn.Module):
         super().__init__()
         reduced = channels // len(bins)
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(channels, reduced, 1, bias=False),
-                          nn.BatchNorm2d(reduced), nn.ReLU(inplace=True))
-            for b in bins)
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(b),
+                nn.Conv2d(channels, reduced, 1, bias=False),
+                nn.BatchNorm2d(reduced),
+                nn.ReLU(inplace=True),
+            )
+            for b in bins
+        )
         self.out_channels = channels + reduced * len(bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        return torch.cat([x] + [F.interpolate(branch(x), size, mode="bilinear", align_corners=False)
-                                for branch in self.branches], dim=1)
+        return torch.cat(
+            [x] + [F.interpolate(branch(x), size, mode="bilinear", align_corners=False) for branch in self.branches],
+            dim=1,
+        )
 
 
 def _head(in_channels: int, mid_channels: int, num_classes: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, mid_channels, 3, padding=1, bias=False), nn.BatchNorm2d(mid_channels),
-                         nn.ReLU(inplace=True), nn.Dropout2d(dropout), nn.Conv2d(mid_channels, num_classes, 1))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, mid_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(mid_channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(dropout),
+        nn.Conv2d(mid_channels, num_classes, 1),
+    )
 
 
 @dataclass
@@ -183,10 +200,14 @@ class PretrainedReport:
 
     def __str__(self) -> str:
         target = "backbone" if self.layout == "torchvision" else "network"
-        lines = [f"pre-trained weights {self.path} ({self.layout} layout): {len(self.loaded)} tensors loaded into "
-                 f"the {target}" + (f", {len(self.ignored)} classifier tensors ignored" if self.ignored else "")]
-        for what, names in (("missing (kept as initialised)", self.missing), ("unexpected (not loaded)",
-                                                                             self.unexpected)):
+        lines = [
+            f"pre-trained weights {self.path} ({self.layout} layout): {len(self.loaded)} tensors loaded into "
+            f"the {target}" + (f", {len(self.ignored)} classifier tensors ignored" if self.ignored else "")
+        ]
+        for what, names in (
+            ("missing (kept as initialised)", self.missing),
+            ("unexpected (not loaded)", self.unexpected),
+        ):
             if names:
                 lines.append(f"  {len(names)} {what}: " + ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
         return "\n".join(lines)
@@ -209,9 +230,17 @@ class PSPNet(nn.Module):
         ValueError: unknown backbone, unsupported output stride, or no pyramid bins.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, backbone: str = "resnet50",
-                 pyramid_bins: Sequence[int] = (1, 2, 3, 6), output_stride: int = 8, aux_head: bool = False,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        backbone: str = "resnet50",
+        pyramid_bins: Sequence[int] = (1, 2, 3, 6),
+        output_stride: int = 8,
+        aux_head: bool = False,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         if not pyramid_bins or any(int(b) < 1 for b in pyramid_bins):
             raise ValueError(f"pyramid_bins must be positive grid sizes, got {list(pyramid_bins)}")
@@ -285,14 +314,18 @@ class PSPNet(nn.Module):
         own = target.state_dict()
         for name, tensor in state.items():
             if name in own and own[name].shape != tensor.shape:
-                raise ValueError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, the {report.layout} "
-                                 f"target expects {list(own[name].shape)} (another backbone or class count?)")
+                raise ValueError(
+                    f"{path}: tensor '{name}' has shape {list(tensor.shape)}, the {report.layout} "
+                    f"target expects {list(own[name].shape)} (another backbone or class count?)"
+                )
         report.loaded = sorted(k for k in state if k in own)
         report.unexpected = sorted(k for k in state if k not in own)
         report.missing = sorted(k for k in own if k not in state)
         if not report.loaded:
-            raise ValueError(f"{path}: no tensor matches the network ({len(state)} in the file, e.g. "
-                             f"{sorted(state)[:3]}); expected torchvision ResNet names such as 'conv1.weight'")
+            raise ValueError(
+                f"{path}: no tensor matches the network ({len(state)} in the file, e.g. "
+                f"{sorted(state)[:3]}); expected torchvision ResNet names such as 'conv1.weight'"
+            )
         with torch.no_grad():
             for name in report.loaded:
                 own[name].copy_(state[name])
