@@ -454,20 +454,8 @@ def predict(
     installed = _install_model_file(model, dataset, configurations, trainer, folds, checkpoint) if model else None
     name = installed.dataset if installed else choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
-    pairs = _tuned_members(name) if configurations is None and trainer is None else None
-    if installed:  # the model file's own members, folds and checkpoints
-        pairs, checkpoint = installed.members, installed.checkpoint
-    if pairs is None:
-        names = list(configurations or default_configurations(name))
-        trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
-        pairs = [(c, t) for c in names for t in trainers]
-    names = list(dict.fromkeys(c for c, _ in pairs))
-    member_folds = installed.folds if installed else {}
-    models = [load_model(name, c, t, member_folds.get((c, t), folds), checkpoint, torch_device) for c, t in pairs]
-    channels = {len(model.plans.channels) for model in models}
-    if len(channels) != 1:
-        raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
-    cases = find_input_cases(source, channels.pop())
+    models = _load_members(name, installed, configurations, trainer, folds, checkpoint, torch_device)
+    cases = find_input_cases(source, len(models[0].plans.channels))
     if case_list is not None:
         cases = select_cases(cases, case_list)
     cases = cases[part_id::num_parts]
@@ -486,25 +474,17 @@ def predict(
         )
         for model in models
     ]
-    output = Path(output)
-    log = log or _print_to_stderr
     summary = PredictionSummary(cases=len(cases))
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
-        targets = _outputs(output, case, save_probabilities)
-        summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets)
-        if not overwrite and all(path.exists() for path in targets):
-            summary.skipped.append(case.identifier)
-            continue
-        try:
-            _predict_case(case, targets, predictors, threshold, min_lesion_mm3)
-        except DiskFullError:
-            raise
-        except CASE_ERRORS as error:
-            failure = _failure(case, error)
-            summary.failed.append(failure)
-            log(failure.line())
-            continue
-        summary.written.append(targets[0])
+        _predict_or_skip(
+            case,
+            _outputs(Path(output), case, save_probabilities),
+            predictors,
+            (threshold, min_lesion_mm3),
+            overwrite,
+            summary,
+            log or _print_to_stderr,
+        )
     summary.path = summary_path(output, num_parts, part_id)
     run = {
         "input": str(source),
@@ -513,6 +493,69 @@ def predict(
     }
     write_json({**run, **summary.to_json()}, summary.path)
     return summary
+
+
+def _load_members(
+    dataset: str,
+    installed: InstalledModel | None,
+    configurations: Sequence[str] | None,
+    trainer: str | Sequence[str] | None,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+    device: torch.device,
+) -> list[Model]:
+    """The members to ensemble, loaded on ``device``: a model file's own members, folds and checkpoints; else the
+    named configurations times trainers; else what ``autoseg_find_best`` chose; else the default configuration.
+
+    Raises:
+        UsageError: see :func:`load_model`; members that take different numbers of channels.
+    """
+    pairs = _tuned_members(dataset) if configurations is None and trainer is None else None
+    if installed:
+        pairs, checkpoint = installed.members, installed.checkpoint
+    if pairs is None:
+        names = list(configurations or default_configurations(dataset))
+        trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
+        pairs = [(c, t) for c in names for t in trainers]
+    member_folds = installed.folds if installed else {}
+    models = [load_model(dataset, c, t, member_folds.get((c, t), folds), checkpoint, device) for c, t in pairs]
+    channels = {len(model.plans.channels) for model in models}
+    if len(channels) != 1:
+        names = list(dict.fromkeys(c for c, _ in pairs))
+        raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
+    return models
+
+
+def _predict_or_skip(
+    case: InputCase,
+    targets: tuple[Path, ...],
+    predictors: Sequence[Predictor],
+    postprocessing: tuple[float, float],
+    overwrite: bool,
+    summary: PredictionSummary,
+    log: Callable[[str], None],
+) -> None:
+    """Predict one case into ``targets`` and note it in ``summary`` as written, skipped (its outputs exist: they are
+    written atomically, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one line); its stale
+    temporaries from a killed run are removed first.
+
+    Raises:
+        DiskFullError: the disk is full (the run ends).
+    """
+    summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets)
+    if not overwrite and all(path.exists() for path in targets):
+        summary.skipped.append(case.identifier)
+        return
+    try:
+        _predict_case(case, targets, predictors, *postprocessing)
+    except DiskFullError:
+        raise
+    except CASE_ERRORS as error:
+        failure = _failure(case, error)
+        summary.failed.append(failure)
+        log(failure.line())
+        return
+    summary.written.append(targets[0])
 
 
 def _check_options(tta: str, num_parts: int, part_id: int) -> None:

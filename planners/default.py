@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from autoseg.compute_budget import (
 from autoseg.fingerprint import DatasetAggregate
 from autoseg.inference import sliding_window_positions
 from autoseg.losses import balanced_positive_weight
+from autoseg.networks import Shape
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
 from autoseg.planning import (
     MAX_FEATURES_3D,
@@ -860,21 +862,7 @@ class DefaultPlanner(Planner):
         in_plane = tuple(full[a] for a in range(3) if a != coarse)
         patch = round_to_multiple(in_plane, (8, 8))
         in_channels = input_channels(len(self.fingerprint.channels), symmetry)
-        num_classes = len(self.fingerprint.labels) - 1
-        for backbone in self.pspnet_backbones:
-
-            def memory_of(batch: int, backbone: str = backbone) -> int:
-                return estimate_pspnet_training_memory_bytes(
-                    patch_size=patch,
-                    batch_size=batch,
-                    in_channels=in_channels,
-                    num_classes=num_classes,
-                    backbone=backbone,
-                    bytes_per_activation=BYTES_PER_ACTIVATION,
-                )
-
-            if memory_of(2) <= budget:
-                break
+        backbone, memory_of = self.pspnet_backbone(patch, in_channels, budget)
         one, two = memory_of(1), memory_of(2)
         # Batch 2 at least: the pyramid's 1x1 bin normalizes one value per channel and slice.
         batch = max(2, min(8, largest_batch(two - one, 2 * one - two, budget)))
@@ -933,31 +921,7 @@ class DefaultPlanner(Planner):
                 pyramid_bins=(1, 2, 3, 6),
             ),
             normalization=tuple(n for n, _ in normalization),
-            schedule=Schedule(
-                trainer="PSPNetTrainer",
-                epochs=self.pspnet_epochs,
-                iterations_per_epoch=self.iterations_per_epoch,
-                stages=(
-                    Stage(
-                        name="new_layers",
-                        start_epoch=0,
-                        patch_size=patch,
-                        batch_size=batch,
-                        learning_rate=1e-2,
-                        trainable="new_layers",
-                    ),
-                    Stage(
-                        name="all_layers",
-                        start_epoch=phase_two,
-                        patch_size=patch,
-                        batch_size=batch,
-                        learning_rate=1e-4,
-                        trainable="all",
-                    ),
-                ),
-                plateau_patience_epochs=20,
-                early_stopping_patience_epochs=50,
-            ),
+            schedule=self.pspnet_schedule(patch, batch, phase_two),
             mirror_axes=(0, 1),
             estimated_memory_gb=round(memory_of(batch) / GIB, 3),
             data_identifier=self.slab_identifier(spacing) + ("_sym" if symmetry else ""),
@@ -965,6 +929,42 @@ class DefaultPlanner(Planner):
             reasons=reasons,
             symmetry=symmetry,
             **common,
+        )
+
+    def pspnet_backbone(self, patch: Shape, in_channels: int, budget: float) -> tuple[str, Callable[[int], int]]:
+        """The largest of ``pspnet_backbones`` whose training fits ``budget`` bytes at batch 2 (else the last), and
+        the estimated training memory in bytes as a function of the batch size, for slices of ``patch``."""
+        num_classes = len(self.fingerprint.labels) - 1
+        for backbone in self.pspnet_backbones:
+
+            def memory_of(batch: int, backbone: str = backbone) -> int:
+                return estimate_pspnet_training_memory_bytes(
+                    patch_size=patch,
+                    batch_size=batch,
+                    in_channels=in_channels,
+                    num_classes=num_classes,
+                    backbone=backbone,
+                    bytes_per_activation=BYTES_PER_ACTIVATION,
+                )
+
+            if memory_of(2) <= budget:
+                break
+        return backbone, memory_of
+
+    def pspnet_schedule(self, patch: Shape, batch: int, phase_two: int) -> Schedule:
+        """The CTP paper's two phases: the new layers alone at lr 1e-2 with the backbone frozen, from epoch
+        ``phase_two`` everything at lr 1e-4; lr ÷10 after a 20-epoch plateau, early stop after 50."""
+        stage = {"patch_size": patch, "batch_size": batch}
+        return Schedule(
+            trainer="PSPNetTrainer",
+            epochs=self.pspnet_epochs,
+            iterations_per_epoch=self.iterations_per_epoch,
+            stages=(
+                Stage(name="new_layers", start_epoch=0, learning_rate=1e-2, trainable="new_layers", **stage),
+                Stage(name="all_layers", start_epoch=phase_two, learning_rate=1e-4, trainable="all", **stage),
+            ),
+            plateau_patience_epochs=20,
+            early_stopping_patience_epochs=50,
         )
 
     @staticmethod
