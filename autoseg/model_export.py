@@ -67,9 +67,9 @@ from autoseg.paths import (
     SELECTION_FILE,
     choose_dataset,
     default_configurations,
-    preprocessed_root,
-    raw_root,
-    results_root,
+    preprocessed_folder,
+    raw_folder,
+    results_folder,
     trained_member,
 )
 from autoseg.plans import Plans, PlansError
@@ -162,7 +162,7 @@ def export_model(
     if checkpoint not in CHECKPOINT_CHOICES:
         raise UsageError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
     name = choose_dataset(dataset)
-    folder = results_root() / name
+    folder = results_folder(name)
     pairs, selected = _export_members(name, configurations, trainers)
     files: dict[str, dict[str, Any]] = {}
     member_folds: dict[str, list[str]] = {}
@@ -214,7 +214,7 @@ def _export_members(
     dataset: str, configurations: Sequence[str] | None, trainers: str | Sequence[str] | None
 ) -> tuple[list[tuple[str, str | None]], bool]:
     """The (configuration, trainer) pairs to export and whether they came from ``model_selection.json``."""
-    chosen = results_root() / dataset / SELECTION_FILE
+    chosen = results_folder(dataset) / SELECTION_FILE
     if configurations is None and trainers is None and chosen.is_file():
         members = read_json(chosen).get("chosen", {}).get("members", [])
         if members:
@@ -269,10 +269,10 @@ def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
 def _fingerprint_summary(dataset: str) -> dict[str, Any] | None:
     """From ``AUTOSEG_PREPROCESSED/<dataset>/fingerprint.json``, else the summary an earlier import installed;
     None when neither exists (prediction does not need it)."""
-    fingerprint = preprocessed_root() / dataset / FINGERPRINT_FILE
+    fingerprint = preprocessed_folder(dataset) / FINGERPRINT_FILE
     if fingerprint.is_file():
         return summarize_fingerprint(Fingerprint.from_json(fingerprint))
-    installed = results_root() / dataset / FINGERPRINT_SUMMARY_FILE
+    installed = results_folder(dataset) / FINGERPRINT_SUMMARY_FILE
     return read_json(installed) if installed.is_file() else None
 
 
@@ -283,7 +283,7 @@ def _dataset_description(dataset: str, plans: Plans) -> dict[str, Any]:
         "channel_names": {str(i): c for i, c in enumerate(plans.channels)},
         "labels": plans.labels,
     }
-    for source in (raw_root() / dataset / "dataset.json", results_root() / dataset / DATASET_FILE):
+    for source in (raw_folder(dataset) / "dataset.json", results_folder(dataset) / DATASET_FILE):
         if source.is_file():
             ending = read_json(source).get("file_ending")
             if ending:
@@ -425,7 +425,7 @@ def import_model(archive: str | Path, overwrite: bool = False) -> InstalledModel
         DiskFullError: the disk filled up while extracting; nothing is left behind.
     """
     model = _check(Path(archive))
-    target = results_root() / model.dataset
+    target = results_folder(model.dataset)
     different = [entry for entry in model.entries if not _same_file(target / entry, model.manifest["files"][entry])]
     if not different:
         return _installed(model, target, reused=True)

@@ -50,9 +50,11 @@ from autoseg.paths import (
     POSTPROCESSING_FILE,
     SELECTION_FILE,
     choose_dataset,
-    preprocessed_root,
-    results_root,
+    configuration_folder,
+    preprocessed_folder,
+    results_folder,
     trained_configurations,
+    trainer_folder,
     trainer_folders,
 )
 from autoseg.plans import Plans, PlansError
@@ -115,7 +117,7 @@ def _members(dataset: str, configurations: Sequence[str], trainers: Sequence[str
     for configuration in configurations:
         present = trainer_folders(dataset, configuration)
         if not present:
-            raise UsageError(f"{results_root() / dataset / configuration}: no trainer folder with a fold_<k> run")
+            raise UsageError(f"{configuration_folder(dataset, configuration)}: no trainer folder with a fold_<k> run")
         chosen = present if trainers is None else [t for t in trainers if t in present]
         used.update(chosen)
         members += [(configuration, trainer) for trainer in chosen]
@@ -129,9 +131,7 @@ def _validation_files(dataset: str, member: Member) -> dict[str, Path]:
     """Case -> validation probabilities of the cross-validation folds of one member."""
     configuration, trainer = member
     files: dict[str, Path] = {}
-    for path in sorted(
-        (results_root() / dataset / configuration / trainer).glob("fold_*/validation/*_probabilities.npz")
-    ):
+    for path in sorted((trainer_folder(dataset, configuration, trainer)).glob("fold_*/validation/*_probabilities.npz")):
         if path.parent.parent.name != "fold_full":  # trained on every case: its validation is no validation
             files.setdefault(path.name.removesuffix("_probabilities.npz"), path)
     return files
@@ -219,8 +219,8 @@ def find_best(
             "differences": "candidate - baseline, paired on the cases both validated",
         },
     }
-    write_json(selection, results_root() / name / SELECTION_FILE)
-    write_json(postprocessing, results_root() / name / POSTPROCESSING_FILE)
+    write_json(selection, results_folder(name) / SELECTION_FILE)
+    write_json(postprocessing, results_folder(name) / POSTPROCESSING_FILE)
     return selection
 
 
@@ -275,7 +275,7 @@ def _options(
             if _validation_files(dataset, (configuration, trainer)):
                 trained.setdefault(configuration, []).append(trainer)
     # Every configuration of the plans; a trained one as it was trained (the run's copy of the plans wins).
-    sources = [(preprocessed_root() / dataset / PLANS_FILE, None)]
+    sources = [(preprocessed_folder(dataset) / PLANS_FILE, None)]
     sources += [
         (next(iter(_validation_files(dataset, (c, t)).values())).parent.parent / PLANS_FILE, c)
         for c, trainers in trained.items()

@@ -73,7 +73,27 @@ def results_root() -> Path:
 
 def run_folder(dataset: str, configuration: str, trainer: str, fold: int | str) -> Path:
     """One training run's folder: ``AUTOSEG_RESULTS/<dataset>/<configuration>/<trainer>/fold_<k>``."""
-    return results_root() / dataset / configuration / trainer / f"fold_{fold}"
+    return trainer_folder(dataset, configuration, trainer) / f"fold_{fold}"
+
+
+def raw_folder(dataset: str) -> Path:
+    """``AUTOSEG_RAW/<dataset>``: a raw dataset folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``)."""
+    return raw_root() / dataset
+
+
+def results_folder(dataset: str) -> Path:
+    """``AUTOSEG_RESULTS/<dataset>``: its trained configurations, ``postprocessing.json``, ``model_selection.json``."""
+    return results_root() / dataset
+
+
+def configuration_folder(dataset: str, configuration: str) -> Path:
+    """``AUTOSEG_RESULTS/<dataset>/<configuration>``: one folder per trainer trained on it."""
+    return results_folder(dataset) / configuration
+
+
+def trainer_folder(dataset: str, configuration: str, trainer: str) -> Path:
+    """``AUTOSEG_RESULTS/<dataset>/<configuration>/<trainer>``: one ``fold_<k>`` folder per run."""
+    return configuration_folder(dataset, configuration) / trainer
 
 
 def preprocessed_folder(dataset: str) -> Path:

@@ -78,8 +78,9 @@ from autoseg.paths import (
     POSTPROCESSING_FILE,
     choose_dataset,
     default_configurations,
-    results_root,
+    results_folder,
     trained_member,
+    trainer_folder,
 )
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
@@ -353,19 +354,19 @@ def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
 
 def _tuned_members(dataset: str) -> list[tuple[str, str | None]] | None:
     """The (configuration, trainer) members ``autoseg_find_best`` chose, when they are all trained; else None."""
-    path = results_root() / dataset / POSTPROCESSING_FILE
+    path = results_folder(dataset) / POSTPROCESSING_FILE
     members = read_json(path).get("members") if path.is_file() else None
     if not members:
         return None
     pairs = [tuple(member.split("/", 1)) for member in members]
-    trained = all((results_root() / dataset / c / t).is_dir() for c, t in pairs)
+    trained = all((trainer_folder(dataset, c, t)).is_dir() for c, t in pairs)
     return pairs if trained else None
 
 
 def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float, str]:
     """Threshold, minimum lesion size in mm³ and where they come from: ``postprocessing.json`` when it was tuned
     for exactly these members (configuration/trainer pairs), else the plans of the first model."""
-    path = results_root() / dataset / POSTPROCESSING_FILE
+    path = results_folder(dataset) / POSTPROCESSING_FILE
     members = sorted(f"{model.configuration}/{model.trainer}" for model in models)
     if path.is_file():
         tuned = read_json(path)

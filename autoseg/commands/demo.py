@@ -7,7 +7,7 @@ import argparse
 from autoseg.commands.common import run
 from autoseg.dataset import staged_dataset
 from autoseg.demo import make_atlas_like, make_ctp_like
-from autoseg.paths import raw_root
+from autoseg.paths import raw_folder
 
 #: Default dataset folder per kind and resolution.
 DEFAULT_NAMES = {
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def action() -> None:
-        target = raw_root() / (args.name or default_name(args.kind, args.spacing, args.tiny))
+        target = raw_folder(args.name or default_name(args.kind, args.spacing, args.tiny))
         with staged_dataset(target, args.overwrite) as folder:
             if args.kind == "atlas":
                 make_atlas_like(folder, args.cases, args.seed, args.spacing, args.tiny)

@@ -11,6 +11,7 @@ from autoseg import distributed
 from autoseg.commands.common import run
 from autoseg.machine import PRECISIONS
 from autoseg.training import TrainingOptions, cross_validate, prepare_run, train
+from trainers import Trainer, get_trainer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,6 +82,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _trainer(args: argparse.Namespace) -> type[Trainer] | None:
+    """The trainer class ``-tr`` names (resolved here, on the command line; the library takes the class), or None
+    for the plans' own.
+
+    Raises:
+        UnknownNameError: no registered trainer has that name (the message lists them).
+    """
+    return get_trainer(args.trainer) if args.trainer else None
+
+
 def _options(args: argparse.Namespace) -> TrainingOptions:
     """The run flags of the command line."""
     return TrainingOptions(
@@ -128,7 +139,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
     def check() -> None:
         if args.fold != "all":
-            prepare_run(args.dataset, args.configuration, args.fold, args.trainer, _options(args))
+            prepare_run(args.dataset, args.configuration, args.fold, _trainer(args), _options(args))
 
     status = run(check)
     return status if status != 0 else distributed.launch(_without_num_gpus(argv), args.num_gpus)
@@ -148,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         options = _options(args)
         try:
             if args.fold == "all":
-                for result in cross_validate(args.dataset, args.configuration, args.trainer, options):
+                for result in cross_validate(args.dataset, args.configuration, _trainer(args), options):
                     if context.is_main:
                         print(f"results: {result.output_folder}")
                 return 0
-            result = train(args.dataset, args.configuration, args.fold, args.trainer, options)
+            result = train(args.dataset, args.configuration, args.fold, _trainer(args), options)
         except KeyboardInterrupt:
             print(
                 "interrupted; add --continue to the same command to resume from checkpoint_latest.pth", file=sys.stderr
