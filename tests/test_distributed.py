@@ -248,7 +248,7 @@ def _start_after_first_epoch(home: Path, epochs: int) -> tuple[subprocess.Popen,
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_a_killed_rank_ends_the_whole_job_and_continue_resumes_it(home: Path) -> None:
-    run, folder = _start_after_first_epoch(home, epochs=40)
+    run, folder = _start_after_first_epoch(home, epochs=15)
     victims = _rank_pids(home, 1)
     assert run.poll() is None and victims, "the run ended before a rank could be killed"
     for pid in victims:
@@ -258,7 +258,7 @@ def test_a_killed_rank_ends_the_whole_job_and_continue_resumes_it(home: Path) ->
     assert "the distributed run stopped" in stderr and "--continue" in stderr
     assert not (folder / "checkpoint_final.pth").exists()
     stopped_after = load_checkpoint(folder / "checkpoint_latest.pth")["epoch"]
-    assert stopped_after < 40
+    assert stopped_after < 15
     done = subprocess.run(
         _train(home, "--no-validation", "--continue"),
         env=_environment(home),
@@ -270,7 +270,7 @@ def test_a_killed_rank_ends_the_whole_job_and_continue_resumes_it(home: Path) ->
     log = (folder / "log.txt").read_text()
     assert "continuing from checkpoint_latest.pth after epoch" in log
     final = load_checkpoint(folder / "checkpoint_final.pth")
-    assert final["epoch"] == 40 and len(final["history"]["train_loss"]) == 40
+    assert final["epoch"] == 15 and len(final["history"]["train_loss"]) == 15
 
 
 def test_stopping_the_launcher_stops_every_process_of_the_run(home: Path) -> None:
