@@ -698,6 +698,50 @@ def atomic_path(path: Path, suffix: str) -> Iterator[Path]:
                 temporary.unlink()
 
 
+def check_output_folder(folder: str | Path, what: str = "output folder") -> None:
+    """Check, before anything is written, that ``folder`` is a folder autoseg can write into, or can be created.
+
+    Args:
+        folder: the folder outputs go to (it may not exist yet).
+        what: how the message calls it, e.g. ``-o``.
+
+    Raises:
+        OutputPathError: ``folder`` or a folder above it is a file, or the nearest existing folder is read-only
+            (``os.access``: root may write anywhere but on a read-only file system); one line,
+            ``WHAT FOLDER: PROBLEM``.
+    """
+    problem = _folder_problem(Path(folder), name_it=False)
+    if problem:
+        raise OutputPathError(f"{what} {folder}: {problem}")
+
+
+def check_output_file(path: str | Path, what: str = "output") -> None:
+    """Check, before anything is written, that the file ``path`` can be written: it is not a folder, and its folder
+    can be written into or created (as :func:`check_output_folder`).
+
+    Raises:
+        OutputPathError: one line, ``WHAT PATH: PROBLEM``.
+    """
+    path = Path(path)
+    problem = "is a folder, not a file" if path.is_dir() else _folder_problem(path.parent, name_it=True)
+    if problem:
+        raise OutputPathError(f"{what} {path}: {problem}")
+
+
+def _folder_problem(folder: Path, name_it: bool) -> str | None:
+    """Why nothing can be written into ``folder`` (a file where it or a folder above it should be, or read-only),
+    naming the path at fault unless it is ``folder`` and not ``name_it``; None when it can."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    named = f"{existing} " if name_it or existing != folder else ""
+    if not existing.is_dir():
+        return f"{named}is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{named}is read-only"
+    return None
+
+
 @contextmanager
 def atomic_image_path(path: Path) -> Iterator[Path]:
     """Yield where an image writer writes ``path``: its final name inside a private temporary folder beside it

@@ -68,6 +68,8 @@ from autoseg.io import (
     IMAGE_ENDINGS,
     DiskFullError,
     Geometry,
+    OutputPathError,
+    check_output_folder,
     companion_files,
     count_non_finite,
     image_files,
@@ -457,10 +459,13 @@ def predict(
         ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`, :func:`select_cases`;
             a bad part or ``tta``; ``model`` with members named, or a model file refused
             (:class:`autoseg.model_export.ModelFileError`); outputs that would overwrite an input or one another
-            (:func:`check_outputs`). Errors of a single case (:data:`CASE_ERRORS`) are reported and skipped instead.
+            (:func:`check_outputs`).
+        OutputPathError: ``output`` (or an output file) is a file where a folder is needed or the reverse, or
+            read-only (:func:`autoseg.io.check_output_folder`). Errors of a single case (:data:`CASE_ERRORS`) are reported and skipped instead.
         DiskFullError: the output's disk is full (the case being written is left without outputs).
     """
     _check_options(tta, num_parts, part_id)
+    check_output_folder(output)
     installed = _install_model_file(model, dataset, configurations, trainer, folds, checkpoint) if model else None
     name = installed.dataset if installed else choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
@@ -605,6 +610,7 @@ def check_outputs(
     Raises:
         UsageError: one line naming the output and the input it would overwrite, or the two cases (and which of
             their outputs) that would write the same file.
+        OutputPathError: an output is a folder.
     """
     protected: dict[str, Path] = {}
     inodes: dict[tuple[int, int], Path] = {}
@@ -622,6 +628,8 @@ def check_outputs(
     ]
     written: dict[str, tuple[str, Path]] = {}
     for owner, path in [*planned, ("the prediction summary", Path(summary))]:
+        if path.is_dir():
+            raise OutputPathError(f"output {path} ({owner}): is a folder, not a file")
         real = os.path.realpath(path)
         source = protected.get(real) or inodes.get(_inode(path) or (-1, -1))
         if source is not None:
