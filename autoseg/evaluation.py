@@ -42,6 +42,8 @@ from autoseg.io import (
     ImageReadError,
     atomic_path,  # the project's one atomic-write helper; reused rather than copied
     canonical_geometry,
+    check_output_file,
+    check_output_folder,
     read_header,
     read_image,
     split_ending,
@@ -148,7 +150,13 @@ def evaluate_folders(
         EvaluationError: a folder is missing or holds no images, a case has no prediction (or
             probability map), an image is unreadable or not 3-D, or a prediction's geometry differs
             from its reference. Checked before any output is written.
+        OutputPathError: ``output_dir`` is a file or read-only, or one of its output files is a folder
+            (checked first).
     """
+    if output_dir is not None:
+        check_output_folder(output_dir)
+        for name in OUTPUT_NAMES.values():
+            check_output_file(Path(output_dir) / name)
     cases = pair_cases(reference_dir, prediction_dir, probabilities_dir)
     check_geometries(cases)
     rows = map_cases(partial(_evaluate_one, label=label), cases, num_workers, progress, "evaluating")

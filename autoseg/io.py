@@ -14,7 +14,10 @@ matrices), so an output overlays its input in every viewer. :class:`Orientation`
 knows how stored and canonical axes relate.
 
 Every writer writes to a temporary name in the destination folder and renames it into place, so a
-killed process never leaves a half-written file under the final name. A write that fails because the disk
+killed process never leaves a half-written file under the final name. Images are written under their final names
+into a private temporary folder beside the destination (:func:`atomic_image_path`), so that a header that names a
+separate data file (``.mhd``, ``.nhdr``: :func:`image_files`) names it by its final name; the data file is moved
+into place first and the header last. A write that fails because the disk
 is full raises :class:`DiskFullError` (``no space left on device while writing PATH``), whatever library
 did the writing.
 
@@ -26,6 +29,7 @@ them), so that damage after writing (a file cut short, changed bytes) is found b
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
 import gzip
 import json
@@ -55,6 +59,11 @@ CANONICAL_ORIENTATION = "RAS"
 #: ``split_ending`` matches ``.nii.gz`` before ``.gz``.
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".gipl.gz", ".gipl", ".tif", ".tiff")
 
+#: Endings whose header names a separate data file, and the ending SimpleITK gives that file when it writes
+#: the header (compressed, uncompressed): ``CASE.mhd`` -> ``CASE.zraw`` (``CASE.raw``), ``CASE.nhdr`` ->
+#: ``CASE.raw.gz`` (``CASE.raw``).
+DETACHED_DATA_ENDINGS = {".mhd": (".zraw", ".raw"), ".nhdr": (".raw.gz", ".raw")}
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -78,6 +87,11 @@ class DiskFullError(AutosegError, OSError):
 
     def __reduce__(self) -> tuple[type, tuple[str]]:  # raised in worker processes: must survive pickling
         return type(self), (self.filename,)
+
+
+class OutputPathError(AutosegError, OSError):
+    """An output cannot be written where the user asked: a file where a folder is needed, a folder where a file
+    is needed, or a folder that cannot be written to; the message names the path and the problem."""
 
 
 class DamagedArrayError(AutosegError, ValueError):
@@ -462,8 +476,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, compres
     if tuple(array.shape) != tuple(geometry.shape):
         raise ValueError(f"{path}: array shape {array.shape} differs from geometry shape {geometry.shape}")
     image = image_from_array(array, geometry)
-    stem, ending = split_ending(path)
-    with atomic_path(Path(path), suffix=ending) as temporary:
+    with atomic_image_path(Path(path)) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=compress)
 
 
@@ -484,7 +497,9 @@ def array_from_image(image: sitk.Image) -> np.ndarray:
 
 def copy_image_file(source: str | Path, path: str | Path) -> None:
     """Copy an image file byte for byte, atomically, so its header (NIfTI qform and sform included) is kept
-    exactly; a ``.nii`` copied to a ``.nii.gz`` name is gzip-compressed on the way (same bytes inside).
+    exactly; a ``.nii`` copied to a ``.nii.gz`` name is gzip-compressed on the way (same bytes inside). A header
+    that names a separate data file (``.mhd``, ``.nhdr``) cannot be copied so (it would name the source's data
+    file): it is rewritten by SimpleITK with its data file beside it, same voxels, geometry and pixel type.
 
     Raises:
         ValueError: the endings differ in another way than ``.nii`` -> ``.nii.gz``.
@@ -493,7 +508,10 @@ def copy_image_file(source: str | Path, path: str | Path) -> None:
     compress = (source_ending, ending) == (".nii", ".nii.gz")
     if source_ending != ending and not compress:
         raise ValueError(f"cannot copy {source} to {path}: a {source_ending} file needs converting, not copying")
-    with atomic_path(Path(path), suffix=ending) as temporary:
+    with atomic_image_path(Path(path)) as temporary:
+        if ending in DETACHED_DATA_ENDINGS:
+            sitk.WriteImage(sitk.ReadImage(str(source)), str(temporary), useCompression=True)
+            return
         with open(source, "rb") as reader, (gzip.open if compress else open)(temporary, "wb") as writer:
             shutil.copyfileobj(reader, writer, 1 << 20)
 
@@ -540,7 +558,7 @@ def write_like(
     image = type(loaded)(data, None, header)  # affine None: qform and sform stay exactly as in the header
     image.set_data_dtype(data.dtype)
     image.header.set_slope_inter(1.0, 0.0)
-    with atomic_path(Path(path), suffix=split_ending(path)[1]) as temporary:
+    with atomic_image_path(Path(path)) as temporary:
         nibabel.save(image, str(temporary))
 
 
@@ -680,13 +698,126 @@ def atomic_path(path: Path, suffix: str) -> Iterator[Path]:
                 temporary.unlink()
 
 
+def check_output_folder(folder: str | Path, what: str = "output folder") -> None:
+    """Check, before anything is written, that ``folder`` is a folder autoseg can write into, or can be created.
+
+    Args:
+        folder: the folder outputs go to (it may not exist yet).
+        what: how the message calls it, e.g. ``-o``.
+
+    Raises:
+        OutputPathError: ``folder`` or a folder above it is a file, or the nearest existing folder is read-only
+            (``os.access``: root may write anywhere but on a read-only file system); one line,
+            ``WHAT FOLDER: PROBLEM``.
+    """
+    problem = _folder_problem(Path(folder), name_it=False)
+    if problem:
+        raise OutputPathError(f"{what} {folder}: {problem}")
+
+
+def check_output_file(path: str | Path, what: str = "output") -> None:
+    """Check, before anything is written, that the file ``path`` can be written: it is not a folder, and its folder
+    can be written into or created (as :func:`check_output_folder`).
+
+    Raises:
+        OutputPathError: one line, ``WHAT PATH: PROBLEM``.
+    """
+    path = Path(path)
+    problem = "is a folder, not a file" if path.is_dir() else _folder_problem(path.parent, name_it=True)
+    if problem:
+        raise OutputPathError(f"{what} {path}: {problem}")
+
+
+def _folder_problem(folder: Path, name_it: bool) -> str | None:
+    """Why nothing can be written into ``folder`` (a file where it or a folder above it should be, or read-only),
+    naming the path at fault unless it is ``folder`` and not ``name_it``; None when it can."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    named = f"{existing} " if name_it or existing != folder else ""
+    if not existing.is_dir():
+        return f"{named}is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{named}is read-only"
+    return None
+
+
+@contextmanager
+def atomic_image_path(path: Path) -> Iterator[Path]:
+    """Yield where an image writer writes ``path``: its final name inside a private temporary folder beside it
+    (``.NAME.XXXXXXXX.tmp/NAME``), so that the data file a header names (``.mhd``, ``.nhdr``) gets its final name
+    too. On success what was written is moved into place: the data file(s) first, the file ``path`` last, so a
+    header under its final name always names finished data (a header being replaced is removed first, and the
+    temporary data files an old header named are deleted once it is replaced). On error the folder is deleted.
+
+    Raises:
+        DiskFullError: as :func:`atomic_path`; ``path`` itself is untouched.
+    """
+    with reporting_disk_full(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            written = folder / path.name
+            yield written
+            data = sorted(p for p in folder.iterdir() if p != written)
+            replaced = [p for p in companion_files(path) if _is_temporary_of(p, path)] if path.exists() else []
+            if data:
+                path.unlink(missing_ok=True)  # an old header must never name data being replaced under it
+            for file in (*data, written):
+                os.replace(file, path.parent / file.name)
+            for old in replaced:
+                old.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def image_files(path: str | Path, compress: bool = True) -> tuple[Path, ...]:
+    """The files that writing the image ``path`` (:func:`write_image`, :func:`write_like`) creates: ``path`` and,
+    for a header that names a separate data file (:data:`DETACHED_DATA_ENDINGS`), that data file beside it, named
+    after the header (``CASE.mhd`` -> ``CASE.zraw``, ``CASE.raw`` when not ``compress``)."""
+    path = Path(path)
+    stem, ending = split_ending(path)
+    endings = DETACHED_DATA_ENDINGS.get(ending.lower())
+    return (path,) if endings is None else (path, path.with_name(stem + endings[0 if compress else 1]))
+
+
+#: The line of a header that names its data file: MetaImage ``ElementDataFile = NAME``, NRRD ``data file: NAME``.
+_DATA_FILE_LINE = re.compile(r"^\s*(?:ElementDataFile\s*=|data\s?file\s*:)\s*(?P<name>\S.*?)\s*$", re.IGNORECASE)
+
+
+def companion_files(path: str | Path) -> list[Path]:
+    """The data files an existing ``.mhd`` or ``.nhdr`` header names, resolved against its folder; empty for other
+    endings, a missing or unreadable header, data inside the header (``LOCAL``) and lists or patterns of slices."""
+    path = Path(path)
+    if split_ending(path)[1].lower() not in DETACHED_DATA_ENDINGS or not path.is_file():
+        return []
+    try:
+        with open(path, encoding="latin-1") as handle:
+            lines = handle.read(1 << 16).splitlines()
+    except OSError:
+        return []
+    names = [m.group("name") for line in lines if (m := _DATA_FILE_LINE.match(line))]
+    return [path.parent / name for name in names if name.upper() not in ("LOCAL", "LIST") and " " not in name]
+
+
+def _is_temporary_of(candidate: Path, path: Path) -> bool:
+    """Whether ``candidate`` lies beside ``path`` and is named like a temporary of it (``.NAME.XXXXXXXX.tmp...``)."""
+    return candidate.parent == path.parent and fnmatch.fnmatchcase(candidate.name, f".{glob.escape(path.name)}.*.tmp*")
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the temporary files :func:`atomic_path` left for ``path`` when a run was killed while writing it
-    (``.NAME.XXXXXXXX.tmpENDING`` beside it; an orderly error removes its own), and return them. Call it only where
-    no other process is writing ``path`` at the same time."""
+    """Delete the temporary files and folders :func:`atomic_path` and :func:`atomic_image_path` left for ``path``
+    when a run was killed while writing it (``.NAME.XXXXXXXX.tmp*`` beside it; an orderly error removes its own), and
+    return them. A data file that the existing header ``path`` names (:func:`companion_files`) is kept, whatever its
+    name. Call it only where no other process is writing ``path`` at the same time."""
     stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp*")) if path.parent.is_dir() else []
+    named = {file.name for file in companion_files(path)}
+    stale = [temporary for temporary in stale if temporary.name not in named]
     for temporary in stale:
-        temporary.unlink(missing_ok=True)
+        if temporary.is_dir() and not temporary.is_symlink():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
     return stale
 
 

@@ -57,7 +57,7 @@ from autoseg import __version__
 from autoseg.checkpoint import CheckpointError, load_checkpoint, non_plain_values
 from autoseg.errors import AutosegError, MissingFileError, UsageError
 from autoseg.fingerprint import Fingerprint
-from autoseg.io import atomic_path, read_json
+from autoseg.io import atomic_path, check_output_file, read_json
 from autoseg.networks import build_network
 from autoseg.paths import (
     CHECKPOINT_CHOICES,
@@ -158,9 +158,11 @@ def export_model(
         ValueError: see :func:`autoseg.paths.choose_dataset` and :func:`autoseg.paths.trained_member` (unknown
             configuration, trainer, fold or checkpoint; the messages list what exists).
         DiskFullError: the disk filled up; nothing is left under ``output``.
+        OutputPathError: ``output`` is a folder, or its folder is a file or read-only (checked first).
     """
     if checkpoint not in CHECKPOINT_CHOICES:
         raise UsageError(f"unknown checkpoint '{checkpoint}', use one of {list(CHECKPOINT_CHOICES)}")
+    check_output_file(output, "model file")
     name = choose_dataset(dataset)
     folder = results_folder(name)
     pairs, selected = _export_members(name, configurations, trainers)

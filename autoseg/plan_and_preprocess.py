@@ -15,6 +15,7 @@ from autoseg.compute import load_or_run_probe
 from autoseg.compute_budget import BudgetError, BudgetRequest
 from autoseg.dataset import find_dataset
 from autoseg.fingerprint import ChannelFingerprint, compute_fingerprint
+from autoseg.io import check_output_file, check_output_folder
 from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, preprocessed_folder
 from autoseg.planning import histeq_twin
@@ -76,10 +77,15 @@ def plan_and_preprocess(
         BudgetError: the budget cannot buy a useful run (the message says what would).
         KeyError: unknown planner (the message lists the known ones).
         ValueError: an unknown ``normalization``.
+        OutputPathError: the dataset's preprocessed folder, or a configuration's data folder in it, is a file or
+            read-only, or plans.json or fingerprint.json is a folder (checked before anything is written).
     """
     dataset = find_dataset(dataset_name)
     folder = preprocessed_folder(dataset.name)
     plans_path, fingerprint_path = folder / PLANS_FILE, folder / FINGERPRINT_FILE
+    check_output_folder(folder, "preprocessed folder")
+    for path in (plans_path, fingerprint_path):
+        check_output_file(path)
     if preprocess_only:
         plans = Plans.from_json(plans_path)
         report = check_dataset(dataset, num_processes, progress)
@@ -99,13 +105,15 @@ def plan_and_preprocess(
             compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
             plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
             plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
+    chosen = [plans.configuration(name) for name in configurations or list(plans.configurations)]
+    for configuration in chosen:  # before anything is written
+        check_output_folder(folder / configuration.data_identifier, "preprocessed folder")
+    if not preprocess_only:
         fingerprint.to_json(fingerprint_path)
         plans.to_json(plans_path)
         cases = training_cases(dataset)
-    names = configurations or list(plans.configurations)
     done: dict[str, list[str]] = {}
-    for name in names:
-        configuration = plans.configuration(name)
+    for configuration in chosen:
         if configuration.data_identifier in done:
             continue
         target = folder / configuration.data_identifier

@@ -31,6 +31,11 @@ Inputs: a folder of image files, or a single file, named by one rule (:func:`aut
 without a final ``_0000``; for a model with C channels the files form complete cases ``CASE_0000`` ...
 ``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected.
 
+Outputs never overwrite inputs: before anything is written, :func:`check_outputs` refuses a run whose outputs (the
+data file of a ``.mhd``/``.nhdr`` label file and the summary included) would be an input file (``-i DIR -o DIR``
+with plain-named scans) or would be the same file for two cases (``a``'s probability map is ``a_probabilities``'s
+label file).
+
 Cohorts: ``case_list`` (``--list FILE``) restricts the cases to those a text file names (:func:`read_case_list`),
 and ``num_parts``/``part_id`` split them into interleaved parts, one per process or array job. Every output is
 written under a temporary name and renamed, so a case whose outputs exist is complete and a re-run skips it; the
@@ -44,6 +49,7 @@ memory stays flat over any number of cases (``documentation/benchmarks.md``).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +68,11 @@ from autoseg.io import (
     IMAGE_ENDINGS,
     DiskFullError,
     Geometry,
+    OutputPathError,
+    check_output_folder,
+    companion_files,
     count_non_finite,
+    image_files,
     read_image,
     read_json,
     remove_stale_temporaries,
@@ -95,6 +105,7 @@ __all__ = [
     "InputCase",
     "Model",
     "PredictionSummary",
+    "check_outputs",
     "find_input_cases",
     "load_model",
     "predict",
@@ -447,18 +458,21 @@ def predict(
     Raises:
         ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`, :func:`select_cases`;
             a bad part or ``tta``; ``model`` with members named, or a model file refused
-            (:class:`autoseg.model_export.ModelFileError`). Errors of a single case (:data:`CASE_ERRORS`) are
-            reported and skipped instead.
+            (:class:`autoseg.model_export.ModelFileError`); outputs that would overwrite an input or one another
+            (:func:`check_outputs`).
+        OutputPathError: ``output`` (or an output file) is a file where a folder is needed or the reverse, or
+            read-only (:func:`autoseg.io.check_output_folder`). Errors of a single case (:data:`CASE_ERRORS`) are reported and skipped instead.
         DiskFullError: the output's disk is full (the case being written is left without outputs).
     """
     _check_options(tta, num_parts, part_id)
+    check_output_folder(output)
     installed = _install_model_file(model, dataset, configurations, trainer, folds, checkpoint) if model else None
     name = installed.dataset if installed else choose_dataset(dataset)
     torch_device, autocast_dtype = _choose_device(device)
     models = _load_members(name, installed, configurations, trainer, folds, checkpoint, torch_device)
-    cases = find_input_cases(source, len(models[0].plans.channels))
-    if case_list is not None:
-        cases = select_cases(cases, case_list)
+    inputs = find_input_cases(source, len(models[0].plans.channels))
+    cases = inputs if case_list is None else select_cases(inputs, case_list)
+    check_outputs(inputs, cases, output, save_probabilities, summary_path(output, num_parts, part_id))
     cases = cases[part_id::num_parts]
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not postprocessing:
@@ -567,6 +581,78 @@ def _check_options(tta: str, num_parts: int, part_id: int) -> None:
         raise UsageError(f"--num-parts must be at least 1, got {num_parts}")
     if not 0 <= part_id < num_parts:
         raise UsageError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+
+
+def check_outputs(
+    inputs: Sequence[InputCase],
+    cases: Sequence[InputCase],
+    output: str | Path,
+    save_probabilities: bool,
+    summary: str | Path,
+) -> None:
+    """Refuse, before anything is written, a run whose outputs would overwrite an input or one another.
+
+    Every file the run may write (each case's label file, its probability map with ``save_probabilities``, the data
+    file a ``.mhd``/``.nhdr`` header names beside it (:func:`autoseg.io.image_files`), and the ``summary`` file) is
+    compared with every input file (the channel files of all ``inputs`` and the data files their headers name) by
+    resolved path (symbolic links and ``..`` followed) and, where it exists, by inode (hard links); and with every
+    other output by resolved path. So ``-i DIR -o DIR`` with plain-named scans (``scan.nii.gz`` is case ``scan``,
+    whose labels would be ``scan.nii.gz``) is refused, whether or not ``overwrite`` is set, and an input is never
+    taken for a finished output.
+
+    Args:
+        inputs: every case of the input (before ``--list`` and parts): none of their files may be written.
+        cases: the cases to predict in this run, all parts together (parts share the output folder).
+        output: the output folder.
+        save_probabilities: whether probability maps are written.
+        summary: this part's summary file (:func:`summary_path`).
+
+    Raises:
+        UsageError: one line naming the output and the input it would overwrite, or the two cases (and which of
+            their outputs) that would write the same file.
+        OutputPathError: an output is a folder.
+    """
+    protected: dict[str, Path] = {}
+    inodes: dict[tuple[int, int], Path] = {}
+    for case in inputs:
+        for image in case.images:
+            for file in (image, *companion_files(image)):
+                protected.setdefault(os.path.realpath(file), file)
+                if (key := _inode(file)) is not None:
+                    inodes.setdefault(key, file)
+    planned = [
+        (f"case {case.identifier}'s {kind}", path)
+        for case in cases
+        for kind, target in zip(("labels", "probability map"), _outputs(Path(output), case, save_probabilities))
+        for path in image_files(target)
+    ]
+    written: dict[str, tuple[str, Path]] = {}
+    for owner, path in [*planned, ("the prediction summary", Path(summary))]:
+        if path.is_dir():
+            raise OutputPathError(f"output {path} ({owner}): is a folder, not a file")
+        real = os.path.realpath(path)
+        source = protected.get(real) or inodes.get(_inode(path) or (-1, -1))
+        if source is not None:
+            raise UsageError(
+                f"output {path} ({owner}) would overwrite the input {source}; write the predictions to another "
+                "folder (-o)"
+            )
+        if real in written:
+            other, first = written[real]
+            raise UsageError(
+                f"{other} and {owner} would both be written to {first}; rename one of the cases or predict them "
+                "into separate folders"
+            )
+        written[real] = (owner, path)
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, else None."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _outputs(output: Path, case: InputCase, save_probabilities: bool) -> tuple[Path, ...]:

@@ -46,7 +46,7 @@ from autoseg.evaluation import (
     pair_cases,
     require_all,
 )
-from autoseg.io import ImageReadError, atomic_path, read_json
+from autoseg.io import ImageReadError, atomic_path, check_output_file, read_json
 from autoseg.parallel import map_cases
 from autoseg.visualization import figure_png, overlay_figure, read_overlay_arrays
 
@@ -149,7 +149,10 @@ def write_report(
         EvaluationError: an evaluation file, reference, prediction or image is missing, unreadable or on another
             grid; a case of per_case.csv has no reference. The message names the file.
         DiskFullError: the disk filled up while writing the page.
+        OutputPathError: ``output`` is a folder or cannot be written (checked first).
     """
+    output = Path(output) if output is not None else Path(evaluation_dir) / REPORT_NAME
+    check_output_file(output, "results page")
     inputs = load_evaluation(evaluation_dir)
     recorded = inputs.summary.get("inputs", {})
     reference_dir = reference_dir if reference_dir is not None else recorded.get("reference_dir")
@@ -165,7 +168,6 @@ def write_report(
     jobs = [((images or {}).get(case), cases[case].reference, cases[case].prediction) for case in order]
     overlays = map_cases(partial(_overlay_png, label=int(recorded.get("label", 1))), jobs, num_workers, progress,
                          "drawing overlays")  # fmt: skip
-    output = Path(output) if output is not None else inputs.evaluation_dir / REPORT_NAME
     page = render_report(inputs, dict(zip(order, overlays)), output.parent, images_given=images is not None)
     with atomic_path(output, suffix=".html") as temporary:
         temporary.write_text(page, encoding="utf-8")

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import autoseg
 from autoseg.commands.common import run
+from autoseg.commands.evaluate import main as evaluate_main
+from autoseg.commands.export import main as export_main
+from autoseg.commands.plan import main as plan_main
+from autoseg.commands.predict import main as predict_main
 from autoseg.commands.train import main as train_main
 from autoseg.errors import AutosegError, UnknownNameError, UsageError
+from autoseg.io import Geometry, read_json, write_image
+
+TINY_MODEL = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains
 
 
 def _modules() -> list[str]:
@@ -66,3 +78,133 @@ def test_a_missing_dataset_through_a_command(capsys: pytest.CaptureFixture) -> N
     assert train_main(["-d", "NoSuchDataset", "-f", "0"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: no dataset 'NoSuchDataset'") and "\n" not in error
+
+
+# ---------------------------------------------------------------------------- outputs that cannot be written
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file and folder under ``root`` (relative name -> bytes, None for a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make ``folder`` read-only. Root writes anywhere (but on a read-only file system), so for root the permission
+    check (``os.access``) is also told what it would say to an ordinary user."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        access = os.access
+
+        def as_a_user(path: object, mode: int, **kwargs: object) -> bool:
+            if mode & os.W_OK and Path(path).resolve().is_relative_to(folder.resolve()):
+                return False
+            return access(path, mode, **kwargs)
+
+        monkeypatch.setattr("os.access", as_a_user)
+    return folder
+
+
+def _refused(main: Callable[[list[str]], int], arguments: list[str], root: Path, capsys: pytest.CaptureFixture) -> str:
+    """Run a command that must refuse its output: exit 1, one ``error:`` line, nothing under ``root`` changed."""
+    before = _snapshot(root)
+    assert main(arguments) == 1, arguments
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in out + err and _snapshot(root) == before, arguments
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+def test_predict_refuses_an_output_it_cannot_write_in_one_line(
+    trained_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = sorted((trained_home / "raw" / TINY_MODEL / "imagesTr").glob("*_0000.nii.gz"))[0]
+    shutil.copy(source, scans / "scan.nii.gz")
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "out" / "scan.nii.gz").mkdir(parents=True)
+    (tmp_path / "probabilities" / "scan_probabilities.nii.gz").mkdir(parents=True)
+    read_only = _read_only(tmp_path / "read_only", monkeypatch)
+    common = ["-i", str(scans), "--device", "cpu", "--no-progress", "--no-tta"]
+    expected = {
+        "file": f"output folder {tmp_path / 'file'}: is a file, not a folder",
+        "file/sub": f"output folder {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file, not a folder",
+        "out": f"output {tmp_path / 'out' / 'scan.nii.gz'} (case scan's labels): is a folder, not a file",
+        "probabilities": f"output {tmp_path / 'probabilities' / 'scan_probabilities.nii.gz'} (case scan's "
+        "probability map): is a folder, not a file",
+        "read_only": f"output folder {read_only}: is read-only",
+        "read_only/sub": f"output folder {read_only / 'sub'}: {read_only} is read-only",
+    }
+    for output, message in expected.items():
+        arguments = [*common, "-o", str(tmp_path / output), "--save-probabilities"]
+        assert _refused(predict_main, arguments, tmp_path, capsys) == message
+
+
+def test_evaluate_refuses_an_output_it_cannot_write_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    geometry = Geometry((6, 6, 6), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[2:4, 2:4, 2:4] = 1
+    for folder in ("ref", "pred"):
+        write_image(mask, geometry, tmp_path / folder / "case.nii.gz")
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "summary_is_a_folder" / "summary.json").mkdir(parents=True)
+    (tmp_path / "report_is_a_folder" / "report.html").mkdir(parents=True)
+    read_only = _read_only(tmp_path / "read_only", monkeypatch)
+    common = ["-ref", str(tmp_path / "ref"), "-pred", str(tmp_path / "pred"), "--bootstrap", "10", "--no-progress"]
+    expected = {
+        "file": f"output folder {tmp_path / 'file'}: is a file, not a folder",
+        "summary_is_a_folder": f"output {tmp_path / 'summary_is_a_folder' / 'summary.json'}: is a folder, not a file",
+        "report_is_a_folder": f"results page (--report) {tmp_path / 'report_is_a_folder' / 'report.html'}: is a "
+        "folder, not a file",
+        "read_only": f"output folder {read_only}: is read-only",
+    }
+    for output, message in expected.items():
+        arguments = [*common, "-o", str(tmp_path / output), "--report"]
+        assert _refused(evaluate_main, arguments, tmp_path, capsys) == message
+    arguments = [*common, "-o", str(read_only / "sub")]  # without --report
+    message = f"output folder {read_only / 'sub'}: {read_only} is read-only"
+    assert _refused(evaluate_main, arguments, tmp_path, capsys) == message
+
+
+def test_export_refuses_a_zip_path_it_cannot_write_in_one_line(
+    trained_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "model.zip").mkdir()
+    read_only = _read_only(tmp_path / "read_only", monkeypatch)
+    expected = {
+        tmp_path / "model.zip": f"model file {tmp_path / 'model.zip'}: is a folder, not a file",
+        tmp_path / "file" / "model.zip": f"model file {tmp_path / 'file' / 'model.zip'}: {tmp_path / 'file'} is a "
+        "file, not a folder",
+        read_only / "model.zip": f"model file {read_only / 'model.zip'}: {read_only} is read-only",
+    }
+    for output, message in expected.items():
+        assert _refused(export_main, ["-o", str(output)], tmp_path, capsys) == message
+
+
+def test_plan_refuses_preprocessed_folders_it_cannot_write_in_one_line(
+    tiny_atlas: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    folder = data_roots / "preprocessed" / tiny_atlas.name
+    arguments = ["-d", tiny_atlas.name, "-np", "1", "--no-progress"]
+    folder.parent.mkdir(parents=True)
+    folder.write_text("not a folder")
+    message = f"preprocessed folder {folder}: is a file, not a folder"
+    assert _refused(plan_main, arguments, data_roots, capsys) == message
+    folder.unlink()
+    (folder / "plans.json").mkdir(parents=True)
+    message = f"output {folder / 'plans.json'}: is a folder, not a file"
+    assert _refused(plan_main, arguments, data_roots, capsys) == message
+    (folder / "plans.json").rmdir()
+    assert plan_main([*arguments, "-c", "3d_resunet"]) == 0
+    capsys.readouterr()
+    data = folder / read_json(folder / "plans.json")["configurations"]["3d_resunet"]["data_identifier"]
+    shutil.rmtree(data)
+    data.write_text("not a folder")  # where the configuration's preprocessed data go
+    message = f"preprocessed folder {data}: is a file, not a folder"
+    assert _refused(plan_main, [*arguments, "-c", "3d_resunet"], data_roots, capsys) == message
+    data.unlink()
+    _read_only(folder, monkeypatch)
+    message = f"preprocessed folder {folder}: is read-only"
+    assert _refused(plan_main, arguments, data_roots, capsys) == message

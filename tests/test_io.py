@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from autoseg.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.io import (
     CANONICAL_ORIENTATION,
+    IMAGE_ENDINGS,
     DamagedArrayError,
     DiskFullError,
     Geometry,
@@ -25,11 +26,15 @@ from autoseg.io import (
     Orientation,
     array_damage,
     canonical_geometry,
+    companion_files,
+    copy_image_file,
+    image_files,
     is_disk_full,
     load_array,
     read_header,
     read_image,
     read_json,
+    remove_stale_temporaries,
     save_array,
     write_image,
     write_json,
@@ -73,6 +78,57 @@ def test_writers_leave_no_temporary_files_and_usual_permissions(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert (tmp_path / "x.json").stat().st_mode & 0o044  # readable by group/others as usual
     assert (tmp_path / "x.json").read_text() == '{\n  "spacing": [1.0, 2.0]\n}\n'
+
+
+# ---------------------------------------------------------------------------- every ending's companion files
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("ending", IMAGE_ENDINGS)
+def test_every_ending_is_written_under_final_names_and_stays_readable_over_reruns(tmp_path: Path, ending: str) -> None:
+    """.mhd and .nhdr headers name a separate data file: it must carry its final name (not a temporary's), every
+    writer (write_image, write_like, copy_image_file) must leave exactly the files image_files names, and a re-run
+    (stale temporaries removed, then the outputs written again) must keep them readable."""
+    array = np.random.default_rng(5).integers(0, 200, (6, 5, 4)).astype(np.uint8)
+    geometry = Geometry((6, 5, 4), (0.8, 1.2, 3.0), (-10.0, 4.5, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    source, like, copy = (tmp_path / name / f"scan{ending}" for name in ("source", "like", "copy"))
+    for _ in range(2):  # the second round writes over finished outputs, as predict --overwrite does
+        write_image(array, geometry, source)
+        write_like(read_image(source, np.uint8)[0], read_image(source)[1], like, source)
+        copy_image_file(source, copy)
+        for path in (source, like, copy):
+            assert _names(path.parent) == sorted(p.name for p in image_files(path)), path
+            assert companion_files(path) == list(image_files(path)[1:])
+            assert remove_stale_temporaries(path) == []
+            voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)
+            assert np.array_equal(voxels, array), path
+    assert len(image_files(source)) == (2 if ending in (".mhd", ".nhdr") else 1)
+
+
+def test_a_header_that_names_a_temporary_data_file_keeps_it_until_it_is_replaced(tmp_path: Path) -> None:
+    """Outputs of earlier versions: a finished .mhd header naming a hidden temporary data file. Removing stale
+    temporaries keeps what the header names and removes the rest (files and folders); writing over it removes
+    the old data file."""
+    image = sitk.GetImageFromArray(np.arange(60, dtype=np.uint8).reshape(3, 4, 5))
+    sitk.WriteImage(image, str(tmp_path / ".scan.mhd.k1ll3d00.tmp.mhd"), useCompression=True)
+    (tmp_path / ".scan.mhd.k1ll3d00.tmp.mhd").rename(tmp_path / "scan.mhd")
+    assert companion_files(tmp_path / "scan.mhd") == [tmp_path / ".scan.mhd.k1ll3d00.tmp.zraw"]
+    (tmp_path / ".scan.mhd.x7y8z9ab.tmp").mkdir()
+    (tmp_path / ".scan.mhd.x7y8z9ab.tmp" / "scan.zraw").write_bytes(b"half")
+    (tmp_path / ".scan.mhd.q1w2e3r4.tmp.zraw").write_bytes(b"half")
+    removed = remove_stale_temporaries(tmp_path / "scan.mhd")
+    assert sorted(p.name for p in removed) == [".scan.mhd.q1w2e3r4.tmp.zraw", ".scan.mhd.x7y8z9ab.tmp"]
+    assert np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "scan.mhd"))), np.arange(60).reshape(3, 4, 5)
+    )
+    write_image(
+        np.ones((2, 2, 2), np.uint8),
+        Geometry((2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+        tmp_path / "scan.mhd",
+    )
+    assert _names(tmp_path) == ["scan.mhd", "scan.zraw"]
+    assert read_image(tmp_path / "scan.mhd", np.uint8)[0].sum() == 8
 
 
 # ---------------------------------------------------------------------------- a full disk

@@ -266,6 +266,85 @@ def test_incomplete_cases_for_a_multi_channel_model_on_the_command_line(
     assert "x_000" not in err and not (tmp_path / "out").exists()
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative name -> bytes), to show that nothing was written or changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_outputs_that_would_overwrite_an_input_are_refused_before_anything_is_written(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Plain-named scans (``scan.nii.gz`` is case ``scan``, whose labels are ``scan.nii.gz``) predicted into their own
+    folder, however the folder is spelled, with or without --overwrite and --save-probabilities, and an output that
+    is a hard link to an input: refused in one line naming both files; no input is predicted as "already done"."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(sorted(_images(home).glob("*_0000.nii.gz"))[0], scans / "scan.nii.gz")
+    write_image(*read_image(scans / "scan.nii.gz", canonical=False), scans / "other.mhd")  # + other.zraw
+    (tmp_path / "link").symlink_to(scans)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "scan.nii.gz").hardlink_to(scans / "scan.nii.gz")
+    before = _snapshot(tmp_path)
+    quiet = ["--device", "cpu", "--no-progress", "--no-tta"]
+    attempts = [
+        (["-i", str(scans), "-o", str(scans), "--save-probabilities"], scans / "other.mhd"),
+        (["-i", str(scans), "-o", str(scans)], scans / "other.mhd"),
+        (["-i", str(scans / "scan.nii.gz"), "-o", str(scans), "--overwrite"], scans / "scan.nii.gz"),
+        (["-i", str(scans / "other.mhd"), "-o", str(tmp_path / "link"), "--overwrite"], scans / "other.mhd"),
+        (["-i", str(scans), "-o", f"{tmp_path}/linked/../scans", "--save-probabilities"], scans / "other.mhd"),
+        (["-i", str(scans / "scan.nii.gz"), "-o", str(tmp_path / "linked"), "--overwrite"], scans / "scan.nii.gz"),
+    ]
+    for arguments, first_input in attempts:
+        assert predict_main([*arguments, *quiet]) == 1, arguments
+        out, err = capsys.readouterr()
+        assert not out and len(err.splitlines()) == 1 and err.startswith("error: output "), err
+        assert f"would overwrite the input {first_input}; write the predictions to another folder (-o)" in err, err
+        assert _snapshot(tmp_path) == before, arguments
+
+
+def test_outputs_of_two_cases_that_would_be_the_same_file_are_refused_before_predicting(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Case ``a``'s probability map and case ``a_probabilities``'s labels are both ``a_probabilities.nii.gz``."""
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    for name in ("a.nii.gz", "a_probabilities.nii.gz"):
+        shutil.copy(source, tmp_path / name)
+    output = tmp_path / "out"
+    arguments = ["-i", str(tmp_path), "-o", str(output), "--device", "cpu", "--no-progress", "--no-tta"]
+    assert predict_main([*arguments, "--save-probabilities"]) == 1
+    out, err = capsys.readouterr()
+    assert not out and err == (
+        f"error: case a's probability map and case a_probabilities's labels would both be written to "
+        f"{output / 'a_probabilities.nii.gz'}; rename one of the cases or predict them into separate folders\n"
+    )
+    assert not output.exists()
+    assert predict_main(arguments) == 0  # without probability maps the names are distinct
+    assert sorted(p.name for p in output.iterdir()) == ["a.nii.gz", "a_probabilities.nii.gz", "prediction_summary.json"]
+
+
+@pytest.mark.parametrize("ending", [".mhd", ".nhdr"])
+def test_outputs_with_a_separate_data_file_stay_readable_when_the_run_is_repeated(
+    home: Path, tmp_path: Path, ending: str
+) -> None:
+    """A .mhd/.nhdr label file names its data file by its final name, so the documented re-run (which removes the
+    temporary files of a killed run) skips the case and leaves its outputs readable."""
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    write_image(*read_image(source, canonical=False), tmp_path / "in" / f"scan{ending}")
+    output = tmp_path / "out"
+    arguments = ["-i", str(tmp_path / "in"), "-o", str(output), "--device", "cpu", "--no-progress", "--no-tta"]
+    assert predict_main([*arguments, "--save-probabilities"]) == 0
+    data = "scan.zraw" if ending == ".mhd" else "scan.raw.gz"
+    expected = [data, f"scan{ending}", "scan_probabilities.nii.gz", "prediction_summary.json"]
+    assert sorted(p.name for p in output.iterdir()) == sorted(expected)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output / f"scan{ending}")))
+    assert read_json(output / "prediction_summary.json")["counts"]["written"] == 1
+    assert predict_main([*arguments, "--save-probabilities"]) == 0
+    assert read_json(output / "prediction_summary.json")["counts"]["skipped"] == 1
+    assert predict_main([*arguments, "--overwrite"]) == 0
+    assert sorted(p.name for p in output.iterdir()) == sorted(expected)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output / f"scan{ending}"))), labels)
+
+
 def test_dataset_choice_without_d(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     assert len(predict(source, tmp_path / "a", dataset="961", **QUIET).written) == 1

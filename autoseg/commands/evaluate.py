@@ -9,9 +9,11 @@ Argument parsing only; the work is :func:`autoseg.evaluation.evaluate_folders` a
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from autoseg.commands.common import run
 from autoseg.evaluation import OUTPUT_NAMES, evaluate_folders, format_summary_table
+from autoseg.io import check_output_file, check_output_folder
 from autoseg.report import REPORT_NAME, find_case_images, write_report
 
 PROGRAM = "autoseg_evaluate"
@@ -59,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--images is only used with --report")
 
     def action() -> int:
-        if args.report and args.images is not None:
-            find_case_images(args.images, args.reference)  # fail before anything is written
+        if args.report:  # fail before anything is written
+            check_output_folder(args.output)
+            check_output_file(Path(args.output) / REPORT_NAME, "results page (--report)")
+            if args.images is not None:
+                find_case_images(args.images, args.reference)
         result = evaluate_folders(
             reference_dir=args.reference,
             prediction_dir=args.prediction,
