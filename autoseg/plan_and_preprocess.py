@@ -135,12 +135,14 @@ def plan_and_preprocess(
 
 
 def update_cases(folder: Path, plans: Plans, cases: Sequence[Case]) -> list[str]:
-    """Compare the training ``cases`` with those preprocessed in the data folders of ``plans`` under ``folder``
-    (``AUTOSEG_PREPROCESSED/<dataset>``), and delete the preprocessed files of cases no longer in the dataset
+    """Compare the training ``cases`` with those preprocessed in the data folders under ``folder``
+    (``AUTOSEG_PREPROCESSED/<dataset>``: those of ``plans`` and any other, e.g. of a configuration deleted from
+    ``plans.json``), and delete the preprocessed files of cases no longer in the dataset
     (:func:`autoseg.preprocessing.remove_stale_cases`); returns one line for what was added or removed and one
     for what was deleted (nothing when the cases are those preprocessed, or nothing was preprocessed yet)."""
     identifiers = {case.identifier for case in cases}
-    data_folders = sorted({folder / c.data_identifier for c in plans.configurations.values()})
+    planned = {folder / c.data_identifier for c in plans.configurations.values()}
+    data_folders = sorted(planned | {p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")})
     before = {identifier for data in data_folders for identifier in case_identifiers(data)}
     added, removed = sorted(identifiers - before), sorted(before - identifiers)
     lines = []
