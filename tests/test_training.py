@@ -13,6 +13,7 @@ import fractions
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -754,3 +755,26 @@ def test_a_dataset_changed_after_its_splits_were_made_is_named_cleaned_refused_a
         main([*RUN[:4], "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0", "-np", "0", "--no-validation"])
         == 0
     )
+
+
+def test_a_fold_in_training_is_refused_to_a_second_run_and_a_killed_runs_lock_is_taken_over(
+    home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from test_run_lock import hold_lock
+
+    from autoseg.run_lock import LOCK_FILE
+
+    folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
+    holder = hold_lock(folder)  # as autoseg_train holds it while it trains the fold
+    try:
+        for extra in ([], ["--continue"]):
+            error = _error(capsys, *RUN, *extra)
+            assert f"{folder} is in use by another run (pid {holder.pid} on host " in error
+        assert [p.name for p in folder.iterdir()] == [LOCK_FILE]  # the second run wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main(RUN) == 0
+    log = (folder / "log.txt").read_text()
+    assert f"took over the lock of a run that ended without releasing it (pid {holder.pid} on host " in log
+    assert log.count("autoseg training: trainer") == 1 and not (folder / LOCK_FILE).exists()
