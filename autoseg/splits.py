@@ -265,20 +265,22 @@ def resplit(preprocessed_dataset_folder: Path, identifiers: Sequence[str], subje
 def describe_changes(old: Splits, new: Splits) -> str:
     """One line: per fold, the validation cases that ``new`` adds to or drops from ``old`` (as many folds in
     each), and which folds validate the same cases as before (their trained models stay valid)."""
-    parts, unchanged = [], []
+    parts, changed, unchanged = [], [], []
     for index, (before, after) in enumerate(zip(old, new)):
         added, dropped = sorted(set(after["val"]) - set(before["val"])), sorted(set(before["val"]) - set(after["val"]))
         if not added and not dropped:
             unchanged.append(str(index))
             continue
+        changed.append(str(index))
         change = [f"+{_listing(added)}" if added else "", f"-{_listing(dropped)}" if dropped else ""]
         parts.append(f"fold {index} validates {' '.join(c for c in change if c)}")
-    kept = (
-        f"fold(s) {', '.join(unchanged)} validate the same cases as before (their trained models stay valid)"
-        if unchanged
-        else "no fold validates the same cases as before: retrain every fold"
-    )
-    return "; ".join([*parts, kept])
+    if unchanged:
+        parts.append(
+            f"fold(s) {', '.join(unchanged)} validate the same cases as before (their trained models stay valid)"
+        )
+    if changed:
+        parts.append(f"retrain fold(s) {', '.join(changed)} (a run trained before validated other cases)")
+    return "; ".join(parts)
 
 
 def split_problems(splits: object, identifiers: Sequence[str]) -> list[str]:

@@ -151,7 +151,7 @@ def test_resplit_keep_and_fresh_write_the_file_and_say_which_folds_kept_their_ca
     assert "no splits yet, made 5 folds" in resplit(tmp_path, CASES[:-1], SUBJECTS, "keep")
     old = read_json(tmp_path / SPLITS_FILE)
     line = resplit(tmp_path, CASES, SUBJECTS, "keep")
-    assert "+['case_22']" in line and "validate the same cases as before" in line
+    assert "+['case_22']" in line and "validate the same cases as before" in line and "retrain fold(s) " in line
     assert read_json(tmp_path / SPLITS_FILE) == extend_splits(old, CASES, SUBJECTS)
     assert "nothing changed" in resplit(tmp_path, CASES, SUBJECTS, "keep")
     (tmp_path / SPLITS_FILE).write_text("[{")  # unreadable: keep refuses, fresh replaces it
