@@ -116,8 +116,8 @@ def prepare_run(
 ) -> Trainer:
     """The trainer of one fold, constructed (nothing is written or built yet) after every check that needs no
     training: the dataset, its plans and configuration, the trainer, the fold, that no other process is training
-    the fold (:mod:`autoseg.run_lock`) and that the run folder holds no run unless continuing. ``autoseg_train --num-gpus`` calls it before starting torchrun, so these errors come as one
-    line and not from every process.
+    the fold (:mod:`autoseg.run_lock`) and that the run folder holds no run unless continuing. ``autoseg_train
+    --num-gpus`` calls it before starting torchrun, so these errors come as one line and not from every process.
 
     Raises:
         see :func:`train`.

@@ -723,7 +723,7 @@ def test_a_dataset_changed_after_its_splits_were_made_is_named_cleaned_refused_a
         path.unlink()
     error = _error(capsys, "-d", "ATLASFive", "-np", "0")  # not re-planned: refused, before training
     assert (
-        f"the raw dataset changed since it was preprocessed (not preprocessed: ['atlas_0006', 'atlas_0007'], gone: ['{gone}']); re-run autoseg_plan"
+        f"the raw dataset changed since it was preprocessed (new, not preprocessed: ['atlas_0006', 'atlas_0007'], preprocessed, no longer in the raw dataset: ['{gone}']); re-run autoseg_plan"
         in error
     )
 

@@ -276,7 +276,10 @@ def fold_cases(
         raise DataError(
             f"{data_folder}: the raw dataset changed since it was preprocessed ("
             + ", ".join(
-                [*([f"not preprocessed: {added[:5]}"] if added else []), *([f"gone: {removed[:5]}"] if removed else [])]
+                [
+                    *([f"new, not preprocessed: {added[:5]}"] if added else []),
+                    *([f"preprocessed, no longer in the raw dataset: {removed[:5]}"] if removed else []),
+                ]
             )
             + f"); re-run autoseg_plan -d {preprocessed_dataset_folder.name} first"
         )
