@@ -742,6 +742,8 @@ def test_a_dataset_changed_after_its_splits_were_made_is_named_cleaned_refused_a
     assert "--resplit fresh" in _error(capsys, "-d", "ATLASFive", "-f", "1", "-np", "0")
     assert not (home / "results").exists()  # refused before anything was written
 
+    assert plan_main(["-d", "ATLASFive", "--verify", "--resplit", "keep"]) == 1
+    assert capsys.readouterr().err == "error: --verify only checks the dataset; run --resplit without it\n"
     assert plan_main([*plan, "--resplit", "keep"]) == 0
     assert "validate the same cases as before (their trained models stay valid)" in capsys.readouterr().out
     new = read_json(splits_path)
