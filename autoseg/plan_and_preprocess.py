@@ -147,10 +147,8 @@ def update_cases(folder: Path, plans: Plans, cases: Sequence[Case]) -> list[str]
     added, removed = sorted(identifiers - before), sorted(before - identifiers)
     lines = []
     if before and (added or removed):
-        lines.append(
-            f"the dataset's cases changed since it was last preprocessed: {len(added)} added {added}, "
-            f"{len(removed)} removed {removed}"
-        )
+        counts = [f"{len(names)} {what} {names}" for what, names in (("added", added), ("removed", removed)) if names]
+        lines.append(f"the dataset's cases changed since it was last preprocessed: {', '.join(counts)}")
     deleted = {data.name: remove_stale_cases(data, sorted(identifiers)) for data in data_folders}
     deleted = {name: cases for name, cases in deleted.items() if cases}
     if deleted:
