@@ -11,16 +11,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoseg import splits
 from autoseg.compute import load_or_run_probe
 from autoseg.compute_budget import BudgetError, BudgetRequest
-from autoseg.dataset import find_dataset
+from autoseg.dataloading import case_identifiers
+from autoseg.dataset import Case, find_dataset
 from autoseg.fingerprint import ChannelFingerprint, compute_fingerprint
 from autoseg.io import check_output_file, check_output_folder
 from autoseg.machine import choose_device, choose_precision, configure_threads
-from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, preprocessed_folder
+from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, SPLITS_FILE, preprocessed_folder
 from autoseg.planning import histeq_twin
 from autoseg.plans import Plans, PlansError, zscore_name
-from autoseg.preprocessing import preprocess_dataset
+from autoseg.preprocessing import preprocess_dataset, remove_stale_cases
 from autoseg.verify import VerificationReport, check_dataset, training_cases
 from planners import get_planner
 
@@ -34,6 +36,9 @@ class PlanResult:
     fingerprint_path: Path
     preprocessed: dict[str, list[str]]  # data identifier -> cases (re)computed in this run
     notes: list[str] = field(default_factory=list)  # verification notes, one line each (autoseg.verify)
+    # cases added to or removed from the dataset since it was preprocessed, what was done about them and about
+    # splits_final.json; one line each (:func:`update_cases`)
+    case_changes: list[str] = field(default_factory=list)
 
 
 def verify(dataset_name: str, num_processes: int = 1, progress: bool = True) -> VerificationReport:
@@ -52,6 +57,7 @@ def plan_and_preprocess(
     budget_minutes: float | None = None,
     device: str = "auto",
     normalization: str = "zscore",
+    resplit: str | None = None,
 ) -> PlanResult:
     """Verify and fingerprint the dataset, plan with ``planner``, preprocess ``configurations``
     (default: all in the plans).
@@ -70,6 +76,11 @@ def plan_and_preprocess(
     the configurations it plans and keeps every other one, e.g. the ``_histeq`` twins (:func:`keep_unplanned`), so
     no configuration that may have been trained loses its entry.
 
+    Cases added to or removed from the raw dataset since it was last preprocessed are named in
+    ``case_changes``; the preprocessed files of removed cases are deleted from every configuration's data folder.
+    A ``splits_final.json`` that no longer holds the dataset's cases is reported there (training refuses it);
+    ``resplit`` (``keep`` or ``fresh``, see :func:`autoseg.splits.resplit`) re-splits it.
+
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
             contains a lesion (nothing written: no fingerprint, no plans, no preprocessed folder).
@@ -79,7 +90,10 @@ def plan_and_preprocess(
         ValueError: an unknown ``normalization``.
         OutputPathError: the dataset's preprocessed folder, or a configuration's data folder in it, is a file or
             read-only, or plans.json or fingerprint.json is a folder (checked before anything is written).
+        SplitsError: an unknown ``resplit``, or splits it cannot make (see :func:`autoseg.splits.resplit`).
     """
+    if resplit is not None:
+        splits.check_resplit_option(resplit)  # before any work
     dataset = find_dataset(dataset_name)
     folder = preprocessed_folder(dataset.name)
     plans_path, fingerprint_path = folder / PLANS_FILE, folder / FINGERPRINT_FILE
@@ -112,13 +126,45 @@ def plan_and_preprocess(
         fingerprint.to_json(fingerprint_path)
         plans.to_json(plans_path)
         cases = training_cases(dataset)
+    changes = update_cases(folder, plans, cases)
     done: dict[str, list[str]] = {}
     for configuration in chosen:
         if configuration.data_identifier in done:
             continue
         target = folder / configuration.data_identifier
         done[configuration.data_identifier] = preprocess_dataset(cases, configuration, target, num_processes, progress)
-    return PlanResult(plans, plans_path, fingerprint_path, done, notes)
+    identifiers, subjects = [case.identifier for case in cases], {case.identifier: case.subject for case in cases}
+    if resplit is not None:
+        changes.append(splits.resplit(folder, identifiers, subjects, resplit))
+    elif (folder / SPLITS_FILE).is_file():
+        problem = splits.splits_problem(folder / SPLITS_FILE, identifiers)
+        changes += [problem] if problem else []
+    return PlanResult(plans, plans_path, fingerprint_path, done, notes, changes)
+
+
+def update_cases(folder: Path, plans: Plans, cases: Sequence[Case]) -> list[str]:
+    """Compare the training ``cases`` with those preprocessed in the data folders under ``folder``
+    (``AUTOSEG_PREPROCESSED/<dataset>``: those of ``plans`` and any other, e.g. of a configuration deleted from
+    ``plans.json``), and delete the preprocessed files of cases no longer in the dataset
+    (:func:`autoseg.preprocessing.remove_stale_cases`); returns one line for what was added or removed and one
+    for what was deleted (nothing when the cases are those preprocessed, or nothing was preprocessed yet)."""
+    identifiers = {case.identifier for case in cases}
+    planned = {folder / c.data_identifier for c in plans.configurations.values()}
+    data_folders = sorted(planned | {p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")})
+    before = {identifier for data in data_folders for identifier in case_identifiers(data)}
+    added, removed = sorted(identifiers - before), sorted(before - identifiers)
+    lines = []
+    if before and (added or removed):
+        counts = [f"{len(names)} {what} {names}" for what, names in (("added", added), ("removed", removed)) if names]
+        lines.append(f"the dataset's cases changed since it was last preprocessed: {', '.join(counts)}")
+    deleted = {data.name: remove_stale_cases(data, sorted(identifiers)) for data in data_folders}
+    deleted = {name: cases for name, cases in deleted.items() if cases}
+    if deleted:
+        lines.append(
+            "deleted the preprocessed files of cases no longer in the dataset: "
+            + "; ".join(f"{name}: {', '.join(cases)}" for name, cases in deleted.items())
+        )
+    return lines
 
 
 def _previous_plans(path: Path, notes: list[str]) -> Plans | None:
@@ -217,5 +263,6 @@ __all__ = [
     "budget_request",
     "keep_unplanned",
     "plan_and_preprocess",
+    "update_cases",
     "verify",
 ]

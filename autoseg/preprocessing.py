@@ -175,6 +175,32 @@ def is_up_to_date(case: Case, folder: Path, key: str) -> bool:
     )
 
 
+def remove_stale_cases(folder: Path, identifiers: Sequence[str]) -> list[str]:
+    """Delete the preprocessed cases in ``folder`` that are not among ``identifiers`` (cases removed from the raw
+    dataset): each one's ``CASE.json`` and array files (:func:`array_files`). Only cases whose ``CASE.json``
+    autoseg wrote for a training case of that name are touched; any other file is left alone.
+
+    Returns:
+        The identifiers removed, sorted.
+    """
+    folder, keep, removed = Path(folder), set(identifiers), []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.stem in keep:
+            continue
+        try:
+            properties = CaseProperties.from_json(path)
+        except CasePropertiesError:  # not a case autoseg wrote as it writes them now: not ours to delete
+            continue
+        if properties.case != path.stem:
+            continue
+        path.unlink()  # first: a case without CASE.json is incomplete, whatever happens to its arrays
+        for array in array_files(folder, path.stem):
+            if array.stem not in keep:  # ``a_seg.npy`` of a removed case ``a`` may be case ``a_seg``'s data
+                array.unlink(missing_ok=True)
+        removed.append(path.stem)
+    return removed
+
+
 def check_arrays(folder: Path, identifiers: Sequence[str]) -> None:
     """Check that the arrays of the preprocessed cases ``identifiers`` are not cut short (sizes against their
     ``.npy`` headers: one small read per file, no checksums), e.g. before a training loader starts.

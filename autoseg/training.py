@@ -15,6 +15,7 @@ fold: ``setup()``, ``fit()`` and the end-of-fold validation. Everything a run wr
 ``validation/CASE.nii.gz``             the fold's validation cases, predicted on their original grid
 ``validation/CASE_probabilities.npz``  their probabilities (``probabilities``: (K, X, Y, Z) float16), same grid
 ``validation/summary.json``            per-case Dice, HD95 and lesion F1 against the raw labels, and their means
+``.autoseg_run.lock``                  while the run lasts: one run per folder at a time (:mod:`autoseg.run_lock`)
 ===================================== ========================================================================
 
 What the trainers share (the run flags :class:`TrainingOptions`, :class:`Budget`, the fold's cases, the
@@ -24,6 +25,7 @@ validation of whole cases) lives beside them in :mod:`trainers.toolkit`; the dev
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from autoseg.dataset import find_dataset
 from autoseg.distributed import leave
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.plans import Plans
+from autoseg.run_lock import check_unlocked, run_lock
 from autoseg.splits import load_or_create_splits, read_subjects
 from trainers import Trainer, get_trainer
 from trainers.toolkit import Fold, TrainingOptions, parse_fold
@@ -81,16 +84,24 @@ def train(
             names it); ``continue_training`` then resumes after the last epoch whose ``checkpoint_latest.pth`` was
             written, or starts afresh (saying so in the log) when there is none.
         CheckpointError: the checkpoint to continue from is unreadable or holds pickled objects.
+        RunLockedError: another process is training this fold (the message names it); see
+            :mod:`autoseg.run_lock`.
     """
     options = options or TrainingOptions()
     runner = prepare_run(dataset, configuration, fold, trainer, options)
+    # Rank 0 owns the run folder (the other ranks of a torchrun run write nothing there): it alone locks it.
+    lock = run_lock(runner.output_folder) if runner.context.is_main else contextlib.nullcontext()
     try:
-        runner.setup()
-        start = time.perf_counter()
-        runner.fit()
-        summary = runner.validate() if options.validation else None
-        if runner.promise is not None and options.validation and not options.continue_training:
-            runner.log(runner.promise.check("whole fold", time.perf_counter() - start, runner.promise.total_seconds)[1])
+        with lock as taken_over:
+            runner.setup()
+            if taken_over:
+                runner.log(taken_over)
+            start = time.perf_counter()
+            runner.fit()
+            summary = runner.validate() if options.validation else None
+            if runner.promise is not None and options.validation and not options.continue_training:
+                seconds = time.perf_counter() - start
+                runner.log(runner.promise.check("whole fold", seconds, runner.promise.total_seconds)[1])
     finally:
         leave()  # the process group of a distributed run (torchrun), if setup() joined one
     return TrainingResult(runner.output_folder, runner.epoch, runner.best_ema, summary)
@@ -104,9 +115,9 @@ def prepare_run(
     options: TrainingOptions | None = None,
 ) -> Trainer:
     """The trainer of one fold, constructed (nothing is written or built yet) after every check that needs no
-    training: the dataset, its plans and configuration, the trainer, the fold, and that the run folder holds no run
-    unless continuing. ``autoseg_train --num-gpus`` calls it before starting torchrun, so these errors come as one
-    line and not from every process.
+    training: the dataset, its plans and configuration, the trainer, the fold, that no other process is training
+    the fold (:mod:`autoseg.run_lock`) and that the run folder holds no run unless continuing. ``autoseg_train
+    --num-gpus`` calls it before starting torchrun, so these errors come as one line and not from every process.
 
     Raises:
         see :func:`train`.
@@ -127,6 +138,8 @@ def prepare_run(
         options=options,
         raw_dataset=raw,
     )
+    if runner.context.is_main:
+        check_unlocked(runner.output_folder)  # a fold in training is named as such, with or without --continue
     if not options.continue_training:
         runner.refuse_overwrite()
     return runner

@@ -277,6 +277,18 @@ def test_stopping_the_launcher_stops_every_process_of_the_run(home: Path) -> Non
     """SIGTERM (a job scheduler, ``kill PID``) to ``autoseg_train --num-gpus`` reaches torchrun and its ranks."""
     run, _ = _start_after_first_epoch(home, epochs=200)
     assert run.poll() is None and _rank_pids(home, 0) and _rank_pids(home, 1)
+    # Rank 0 holds the fold's lock (the launcher does not, so the ranks run): a second run of the fold is refused
+    # by its launcher, before torchrun starts, naming rank 0.
+    second = subprocess.run(
+        _train(home, "--no-validation", "--continue"),
+        env=_environment(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 1 and len(errors) == 1, second.stderr[-2000:]
+    assert f"is in use by another run (pid {_rank_pids(home, 0)[0]} on host " in errors[0]
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130 and "resume it with the same command and --continue" in stderr.lower()

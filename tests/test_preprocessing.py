@@ -25,11 +25,13 @@ from autoseg.preprocessing import (
     CASE_PROPERTIES_VERSION,
     CaseProperties,
     CasePropertiesError,
+    array_files,
     load_case,
     normalize,
     preprocess_arrays,
     preprocess_dataset,
     preprocessing_key,
+    remove_stale_cases,
     restore_labels,
     restore_probabilities,
 )
@@ -337,3 +339,24 @@ def test_a_hand_edited_histeq_plan_needs_its_own_data_identifier(tiny_atlas, dat
     path.write_text(json.dumps(plans))
     assert plan_main(["-d", "ATLASTiny", "--preprocess-only", "--no-progress", "-np", "1"]) == 0
     assert any((path.parent / "3d_resunet_histeq").glob("*.npy"))
+
+
+def test_only_the_files_autoseg_wrote_for_a_removed_case_are_deleted(tmp_path: Path) -> None:
+    geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    properties = CaseProperties(
+        geometry=geometry,
+        crop_box=((0, 4),) * 3,
+        cropped_shape=(4, 4, 4),
+        resampled_shape=(4, 4, 4),
+        target_spacing=(1.0, 1.0, 1.0),
+    )
+    for case in ("kept", "gone", "gone_seg"):  # ``gone_seg.npy`` is both gone's labels and case gone_seg's data
+        dataclasses.replace(properties, case=case).to_json(tmp_path / f"{case}.json")
+        for path in array_files(tmp_path, case):
+            np.save(path, np.zeros(2))
+    dataclasses.replace(properties, case=None).to_json(tmp_path / "scan.json")  # not a training case's
+    (tmp_path / "notes.json").write_text('{"mine": true}')  # the user's
+    (tmp_path / "other.npy").write_bytes(b"")
+    before = {p.name for p in tmp_path.iterdir()}
+    assert remove_stale_cases(tmp_path, ["kept", "gone_seg"]) == ["gone"]
+    assert before - {p.name for p in tmp_path.iterdir()} == {"gone.json", "gone.npy", "gone_lesion.npy"}

@@ -9,7 +9,15 @@ import pytest
 
 from autoseg.io import Geometry, read_json, write_json
 from autoseg.preprocessing import CaseProperties
-from autoseg.splits import SPLITS_FILE, SplitsError, load_or_create_splits, make_splits, read_subjects
+from autoseg.splits import (
+    SPLITS_FILE,
+    SplitsError,
+    extend_splits,
+    load_or_create_splits,
+    make_splits,
+    read_subjects,
+    resplit,
+)
 
 # 23 cases of 17 subjects: the last 9 cases belong to 3 subjects (e.g. several CTP slabs of one patient).
 CASES = [f"case_{i:02d}" for i in range(23)]
@@ -99,3 +107,57 @@ def test_subjects_are_read_from_preprocessed_properties(tmp_path: Path) -> None:
     replace(properties, case="a", subject="S1").to_json(tmp_path / "a.json")
     replace(properties, case="b").to_json(tmp_path / "b.json")
     assert read_subjects(tmp_path, ["a", "b"]) == {"a": "S1", "b": "b"}
+
+
+def test_splits_that_leave_a_case_out_are_refused_with_the_resplit_options(tmp_path: Path) -> None:
+    folder = tmp_path / "Dataset001_X"
+    folder.mkdir()
+    write_json(make_splits(CASES[:-2], SUBJECTS), folder / SPLITS_FILE)  # two cases added since
+    with pytest.raises(SplitsError, match=r"leaves out cases that are in no fold: \['case_21', 'case_22'\]") as error:
+        load_or_create_splits(folder, CASES, SUBJECTS)
+    message = str(error.value)
+    assert "autoseg_plan -d Dataset001_X --resplit keep" in message and "--resplit fresh" in message
+
+
+def test_extend_keeps_every_case_in_its_fold_and_puts_new_cases_beside_their_subject() -> None:
+    old = make_splits(CASES, SUBJECTS)
+    gone = old[1]["val"][0]
+    # case_23 is a new slab of subject_16 (already in a fold); case_24 and case_25 are new subjects.
+    cases = [c for c in CASES if c != gone] + ["case_23", "case_24", "case_25"]
+    subjects = {**SUBJECTS, "case_23": "subject_16", "case_24": "subject_24", "case_25": "subject_25"}
+    new = extend_splits(old, cases, subjects)
+    assert sorted(case for fold in new for case in fold["val"]) == sorted(cases)  # every case validated once
+    for before, after in zip(old, new):
+        assert set(before["val"]) - {gone} <= set(after["val"])  # nobody moved
+        assert sorted(after["train"] + after["val"]) == sorted(cases)
+    fold_of = {case: index for index, fold in enumerate(new) for case in fold["val"]}
+    assert fold_of["case_23"] == fold_of["case_20"]  # case_20 is subject_16's too
+    unchanged = [index for index, (a, b) in enumerate(zip(old, new)) if a["val"] == b["val"]]
+    assert len(unchanged) >= 2  # three folds changed at most: one lost a case, two took the new subjects
+    assert extend_splits(new, cases, subjects) == new  # nothing to do
+
+
+def test_extend_refuses_a_fold_left_without_validation_cases() -> None:
+    old = [{"train": ["b", "c"], "val": ["a"]}, {"train": ["a"], "val": ["b", "c"]}]
+    with pytest.raises(SplitsError, match=r"fold\(s\) 0 would have no validation case left.*--resplit fresh"):
+        extend_splits(old, ["b", "c"], {})
+    assert extend_splits(old, ["b", "c", "d"], {}) == [
+        {"train": ["b", "c"], "val": ["d"]},
+        {"train": ["d"], "val": ["b", "c"]},
+    ]
+
+
+def test_resplit_keep_and_fresh_write_the_file_and_say_which_folds_kept_their_cases(tmp_path: Path) -> None:
+    assert "no splits yet, made 5 folds" in resplit(tmp_path, CASES[:-1], SUBJECTS, "keep")
+    old = read_json(tmp_path / SPLITS_FILE)
+    line = resplit(tmp_path, CASES, SUBJECTS, "keep")
+    assert "+['case_22']" in line and "validate the same cases as before" in line and "retrain fold(s) " in line
+    assert read_json(tmp_path / SPLITS_FILE) == extend_splits(old, CASES, SUBJECTS)
+    assert "nothing changed" in resplit(tmp_path, CASES, SUBJECTS, "keep")
+    (tmp_path / SPLITS_FILE).write_text("[{")  # unreadable: keep refuses, fresh replaces it
+    with pytest.raises(SplitsError, match="invalid JSON.*--resplit fresh"):
+        resplit(tmp_path, CASES, SUBJECTS, "keep")
+    assert "replaced by 5 new folds" in resplit(tmp_path, CASES, SUBJECTS, "fresh")
+    assert read_json(tmp_path / SPLITS_FILE) == make_splits(CASES, SUBJECTS)
+    with pytest.raises(SplitsError, match=r"unknown --resplit 'new', use one of \['keep', 'fresh'\]"):
+        resplit(tmp_path, CASES, SUBJECTS, "new")

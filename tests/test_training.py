@@ -13,6 +13,7 @@ import fractions
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -702,3 +703,80 @@ def test_a_histeq_twin_beside_the_zscore_configuration_trains_into_its_own_resul
         assert Plans.from_json(folder / "plans.json").configuration(name) == plans.configuration(name)
     schemes = {name: [n.scheme for n in plans.configuration(name).normalization] for name in runs}
     assert schemes == {"3d_resunet": ["zscore_foreground"], "3d_resunet_histeq": ["histogram_equalization"]}
+
+
+def test_a_dataset_changed_after_its_splits_were_made_is_named_cleaned_refused_and_resplit(
+    home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from autoseg.commands.plan import main as plan_main
+
+    plan = ["-d", "ATLASFive", "-np", "1", "--no-progress", "--preprocess-only"]
+    assert plan_main([*plan, "--resplit", "keep"]) == 0
+    assert "splits_final.json: --resplit keep: no splits yet, made 5 folds" in capsys.readouterr().out
+    splits_path, data = home / "preprocessed" / FIVE / "splits_final.json", home / "preprocessed" / FIVE / "3d_resunet"
+    old, raw = read_json(splits_path), home / "raw" / FIVE
+    for new in ("atlas_0006", "atlas_0007"):  # two cases added, one removed
+        shutil.copy(raw / "imagesTr" / "atlas_0001_0000.nii.gz", raw / "imagesTr" / f"{new}_0000.nii.gz")
+        shutil.copy(raw / "labelsTr" / "atlas_0001.nii.gz", raw / "labelsTr" / f"{new}.nii.gz")
+    gone = old[2]["val"][0]
+    for path in raw.glob(f"*/{gone}*"):
+        path.unlink()
+    error = _error(capsys, "-d", "ATLASFive", "-np", "0")  # not re-planned: refused, before training
+    assert (
+        f"the raw dataset changed since it was preprocessed (new, not preprocessed: ['atlas_0006', 'atlas_0007'], preprocessed, no longer in the raw dataset: ['{gone}']); re-run autoseg_plan"
+        in error
+    )
+
+    assert plan_main(plan) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"cases changed since it was last preprocessed: 2 added ['atlas_0006', 'atlas_0007'], 1 removed ['{gone}']"
+        in out
+    )
+    assert f"deleted the preprocessed files of cases no longer in the dataset: 3d_resunet: {gone};" in out
+    assert not list(data.glob(f"{gone}*")) and (data / "atlas_0006.npy").is_file()
+    assert read_json(splits_path) == old  # kept until a re-split is asked for
+    assert "leaves out cases that are in no fold: ['atlas_0006', 'atlas_0007']" in out
+    error = _error(capsys, "-d", "ATLASFive", "-f", "all", "-np", "0")
+    assert f"names cases that are not preprocessed: ['{gone}']" in error and "--resplit keep" in error
+    assert "--resplit fresh" in _error(capsys, "-d", "ATLASFive", "-f", "1", "-np", "0")
+    assert not (home / "results").exists()  # refused before anything was written
+
+    assert plan_main(["-d", "ATLASFive", "--verify", "--resplit", "keep"]) == 1
+    assert capsys.readouterr().err == "error: --verify only checks the dataset; run --resplit without it\n"
+    assert plan_main([*plan, "--resplit", "keep"]) == 0
+    assert "validate the same cases as before (their trained models stay valid)" in capsys.readouterr().out
+    new = read_json(splits_path)
+    cases = sorted({*old[0]["train"], *old[0]["val"], "atlas_0006", "atlas_0007"} - {gone})
+    assert sorted(case for fold in new for case in fold["val"]) == cases  # every case validated exactly once
+    assert all(sorted(fold["train"] + fold["val"]) == cases for fold in new)
+    for before, after in zip(old, new):
+        assert set(before["val"]) - {gone} <= set(after["val"])  # no case moved
+    assert sum(before["val"] == after["val"] for before, after in zip(old, new)) >= 3  # at most 2 folds changed
+    assert (
+        main([*RUN[:4], "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0", "-np", "0", "--no-validation"])
+        == 0
+    )
+
+
+def test_a_fold_in_training_is_refused_to_a_second_run_and_a_killed_runs_lock_is_taken_over(
+    home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from test_run_lock import hold_lock
+
+    from autoseg.run_lock import LOCK_FILE
+
+    folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
+    holder = hold_lock(folder)  # as autoseg_train holds it while it trains the fold
+    try:
+        for extra in ([], ["--continue"]):
+            error = _error(capsys, *RUN, *extra)
+            assert f"{folder} is in use by another run (pid {holder.pid} on host " in error
+        assert [p.name for p in folder.iterdir()] == [LOCK_FILE]  # the second run wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main(RUN) == 0
+    log = (folder / "log.txt").read_text()
+    assert f"took over the lock of a run that ended without releasing it (pid {holder.pid} on host " in log
+    assert log.count("autoseg training: trainer") == 1 and not (folder / LOCK_FILE).exists()

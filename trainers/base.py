@@ -229,6 +229,9 @@ class Trainer:
         self.precision = choose_precision(self.device, self.options.precision)
         self.num_processes, self.num_processes_reason = self.choose_num_processes()
         self._configure_cpu_threads()
+        # Before anything is written: a dataset that changed since its splits were made is refused here.
+        raw_cases = None if self.raw_dataset is None else [case.identifier for case in self.raw_dataset.cases()]
+        self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold, raw_cases)
         resumed, afresh = None, None
         if self.options.continue_training:
             path = self._checkpoint_to_continue()
@@ -243,7 +246,6 @@ class Trainer:
                 resumed = self.read_checkpoint(path)
         else:
             self.refuse_overwrite()
-        self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold)
         torch.manual_seed(self.seed)
         self.memory_format, format_reason = self.choose_memory_format()
         self.network = self.build_network().to(self.device, memory_format=self.memory_format)

@@ -247,13 +247,23 @@ def parse_fold(fold: Fold) -> Fold:
     return fold
 
 
-def fold_cases(preprocessed_dataset_folder: Path, data_folder: Path, fold: Fold) -> tuple[list[str], list[str]]:
+def fold_cases(
+    preprocessed_dataset_folder: Path, data_folder: Path, fold: Fold, raw_cases: Sequence[str] | None = None
+) -> tuple[list[str], list[str]]:
     """Training and validation cases of ``fold``; ``full`` trains and validates on every case.
 
-    The 5-fold split is made once, subject-grouped, and kept in ``splits_final.json`` (``autoseg.splits``).
+    The 5-fold split is made once, subject-grouped, and kept in ``splits_final.json`` (``autoseg.splits``). It
+    must hold the preprocessed cases, no more and no fewer; so must the raw dataset (``raw_cases``, when given):
+    a dataset that changed since it was preprocessed or split is refused here, before any training, rather than
+    when the fold's validation meets a case that is gone.
 
     Raises:
-        ValueError: no preprocessed cases, too few cases for 5 folds, or a fold out of range.
+        MissingFileError: no preprocessed cases.
+        DataError: the preprocessed cases differ from ``raw_cases`` (the message names them and says to re-run
+            ``autoseg_plan``).
+        SplitsError: ``splits_final.json`` is malformed, or names a case that is not preprocessed or leaves one
+            out (the message says how to re-split: ``autoseg_plan --resplit keep`` or ``fresh``).
+        UsageError: too few cases for 5 folds (new splits), or a fold out of range.
     """
     identifiers = case_identifiers(data_folder)
     if not identifiers:
@@ -261,20 +271,33 @@ def fold_cases(preprocessed_dataset_folder: Path, data_folder: Path, fold: Fold)
             f"{data_folder}: no preprocessed cases; run autoseg_plan (or autoseg_plan --preprocess-only) "
             "for this dataset and configuration first"
         )
+    if raw_cases is not None and set(raw_cases) != set(identifiers):
+        added, removed = sorted(set(raw_cases) - set(identifiers)), sorted(set(identifiers) - set(raw_cases))
+        raise DataError(
+            f"{data_folder}: the raw dataset changed since it was preprocessed ("
+            + ", ".join(
+                [
+                    *([f"new, not preprocessed: {added[:5]}"] if added else []),
+                    *([f"preprocessed, no longer in the raw dataset: {removed[:5]}"] if removed else []),
+                ]
+            )
+            + f"); re-run autoseg_plan -d {preprocessed_dataset_folder.name} first"
+        )
     if fold == "full":
         return identifiers, identifiers
+    path = preprocessed_dataset_folder / SPLITS_FILE
     try:
         splits = load_or_create_splits(
             preprocessed_dataset_folder, identifiers, read_subjects(data_folder, identifiers)
         )
     except ValueError as error:
-        raise UsageError(
-            f"{error}; or write {preprocessed_dataset_folder / SPLITS_FILE} by hand, or train with -f full"
-        ) from None
+        if path.is_file():  # an existing file's problems: its message says what to do
+            raise
+        raise UsageError(f"{error}; or write {path} by hand, or train with -f full") from None
     if not isinstance(fold, int) or not 0 <= fold < len(splits):
         raise UsageError(
-            f"fold {fold} is out of range: {preprocessed_dataset_folder / SPLITS_FILE} has "
-            f"{len(splits)} folds (0-{len(splits) - 1}); or use -f all / -f full"
+            f"fold {fold} is out of range: {path} has {len(splits)} folds (0-{len(splits) - 1}); "
+            "or use -f all / -f full"
         )
     return splits[fold]["train"], splits[fold]["val"]
 

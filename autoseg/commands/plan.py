@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from autoseg.commands.common import run
+from autoseg.errors import UsageError
 from autoseg.plan_and_preprocess import plan_and_preprocess, verify
 from autoseg.planning import NORMALIZATION_OPTIONS
+from autoseg.splits import RESPLIT_OPTIONS
 from planners import available_planners
 
 
@@ -50,6 +52,14 @@ def parser() -> argparse.ArgumentParser:
         help="zscore (default): each modality's z-score scheme; histeq: histogram equalization within the "
         "brain mask for every channel (Bhavnani et al.), preprocessed into folders of its own",
     )
+    p.add_argument(
+        "--resplit",
+        choices=RESPLIT_OPTIONS,
+        help="re-make splits_final.json after cases were added to or removed from the dataset (training refuses "
+        "splits that name missing cases or leave cases out): keep: every remaining case stays in its fold and new "
+        "cases are spread over the folds (a subject's cases into one fold), so folds whose validation cases are "
+        "unchanged keep their trained models; fresh: new splits from scratch (retrain every fold)",
+    )
     p.add_argument("--verify", action="store_true", help="only verify the dataset and report every problem")
     p.add_argument(
         "--preprocess-only",
@@ -65,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
 
     def action() -> None:
+        if args.verify and args.resplit:
+            raise UsageError("--verify only checks the dataset; run --resplit without it")
         if args.verify:
             report = verify(args.dataset, args.num_processes, progress)
             for note in report.notes:
@@ -84,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             budget_minutes=minutes,
             device=args.device,
             normalization=args.normalization,
+            resplit=args.resplit,
         )
-        for note in result.notes:
+        for note in [*result.notes, *result.case_changes]:
             print(note)
         print(f"fingerprint: {result.fingerprint_path}")
         print(f"plans:       {result.plans_path}")
