@@ -109,7 +109,9 @@ def plan_and_preprocess(
         if configuration.data_identifier in done:
             continue
         target = folder / configuration.data_identifier
-        done[configuration.data_identifier] = preprocess_dataset(cases, configuration, target, num_processes, progress)
+        done[configuration.data_identifier] = preprocess_dataset(
+            cases, configuration, target, num_processes, progress, labels=dataset.labels
+        )
     return PlanResult(plans, plans_path, fingerprint_path, done, notes)
 
 
