@@ -27,6 +27,7 @@ __all__ = [
     "INTEGER_TOLERANCE",
     "LabelError",
     "LabelFile",
+    "LabelValueWarning",
     "classes_from_values",
     "declared_label_problems",
     "distinct_values",
@@ -44,6 +45,10 @@ MAX_CLASSES = 255
 #: Integer types a written label map may take, smallest first.
 _DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
 _SHOWN_VALUES = 10
+
+
+class LabelValueWarning(UserWarning):
+    """Label values were rounded to integers (see :func:`read_label_file`); the message names the file."""
 
 
 class LabelError(AutosegError, ValueError):
