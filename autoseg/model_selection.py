@@ -242,7 +242,7 @@ def _score_members(
     references: dict[str, Path],
     threshold: float,
     progress: bool,
-    labels: Mapping[str, int],
+    declared: Mapping[str, int],
 ) -> tuple[dict[tuple[Member, ...], list[float]], dict[Member, dict[str, dict[str, float]]]]:
     """The Dice of every subset (ensemble) on ``cases`` (validated by every member), and every member's
     metrics (:func:`autoseg.metrics.score_case`, averaged over labels by :func:`autoseg.metrics.mean_over_labels`, as
@@ -252,7 +252,7 @@ def _score_members(
     common = set(cases)
     validated = sorted(set().union(*(found[m] for m in members)) & set(references))
     for case in tqdm(validated, desc="compare members", disable=not progress):
-        reference, geometry = _reference_classes(references[case], labels)
+        reference, geometry = _reference_classes(references[case], declared)
         loaded = {m: _load(found[m][case]) for m in members if case in found[m]}
         for member, probabilities in loaded.items():
             labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, 0.0)
@@ -322,7 +322,7 @@ def _grid_search(
     references: dict[str, Path],
     metric: str,
     progress: bool,
-    labels: Mapping[str, int],
+    declared: Mapping[str, int],
 ) -> list[dict[str, float]]:
     """Mean score of every (threshold, minimum size) pair over ``cases`` for the ensemble whose members'
     validation probabilities are ``files`` (one case -> file mapping per member)."""
@@ -330,7 +330,7 @@ def _grid_search(
     # One physical size per candidate, so the choice applies alike to scans of any resolution.
     voxel = float(np.median([read_header(references[case])[0].voxel_volume_mm3 for case in cases]))
     for case in tqdm(cases, desc="tune post-processing", disable=not progress):
-        reference, geometry = _reference_classes(references[case], labels)
+        reference, geometry = _reference_classes(references[case], declared)
         mean = np.mean([_load(member[case]) for member in files], axis=0)
         for threshold in THRESHOLDS:
             labels = postprocess_probabilities(mean, geometry.spacing, threshold, 0.0)
