@@ -365,6 +365,28 @@ def test_a_model_of_a_dataset_declared_0_255_writes_masks_of_its_declared_values
     np.testing.assert_array_equal(labels, expected)
 
 
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ({"background": 0, "a": 1, "b": 1}, "label value(s) [1] declared under more than one name"),
+        ({"background": 0, "lesion": 2**31}, "label value(s) [2147483648] outside"),
+    ],
+)
+def test_a_model_whose_labels_cannot_be_written_is_refused_in_one_line(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture, labels: dict[str, int], problem: str
+) -> None:
+    for plans_path in (home / "results" / NAME / CONFIGURATION / TRAINER).glob("fold_*/plans.json"):
+        plain = read_json(plans_path)
+        write_json({**plain, "labels": labels}, plans_path)
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    assert predict_main(["-i", str(source), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    # the plans' own format: the file on the first line, then each problem on its own
+    assert error[0].startswith("error: ") and error[0].endswith("fold_0/plans.json: invalid plans:")
+    assert len(error) == 2 and error[1].strip().startswith(f"labels: {problem}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_validation_saves_probabilities(home: Path) -> None:
     validation = home / "results" / NAME / CONFIGURATION / TRAINER / "fold_0" / "validation"
     summary = read_json(validation / "summary.json")
