@@ -35,6 +35,7 @@ from pathlib import Path
 
 from autoseg.errors import AutosegError, ExistingOutputError, UsageError
 from autoseg.io import read_json, split_ending, write_json
+from autoseg.labels import declared_label_problems
 from autoseg.paths import DATASET_FOLDER, matches_dataset_name, raw_root
 
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
@@ -188,7 +189,8 @@ def load_dataset(folder: Path) -> RawDataset:
     """Read ``folder/dataset.json``.
 
     Raises:
-        DatasetError: missing ``dataset.json``, invalid JSON, or missing/invalid keys (all listed).
+        DatasetError: missing ``dataset.json``, not UTF-8 text, invalid JSON, not a JSON object, or missing or
+            invalid keys: one line naming the file and every problem found.
     """
     description_path = folder / "dataset.json"
     if not description_path.is_file():
@@ -197,33 +199,64 @@ def load_dataset(folder: Path) -> RawDataset:
         description = read_json(description_path)
     except ValueError as error:
         raise DatasetError(str(error)) from None
-    problems = [f"{description_path}: missing key '{key}'" for key in REQUIRED_KEYS if key not in description]
-    if problems:
-        raise DatasetError("\n".join(problems))
-    channels = description["channel_names"]
-    if not isinstance(channels, dict) or not channels:
-        raise DatasetError(f'{description_path}: \'channel_names\' must map channel index to name, e.g. {{"0": "T1"}}')
-    try:
-        order = sorted(channels, key=int)
-    except ValueError:
-        raise DatasetError(f"{description_path}: 'channel_names' keys must be channel indices 0, 1, ...") from None
-    if [int(key) for key in order] != list(range(len(order))):
-        raise DatasetError(f"{description_path}: channel indices must be 0..{len(order) - 1}, found {order}")
-    labels = description["labels"]
-    if not isinstance(labels, dict) or 0 not in labels.values() or len(labels) < 2:
+    if not isinstance(description, dict):
         raise DatasetError(
-            f"{description_path}: 'labels' must map names to integers, with background 0 and at least one more"
+            f"{description_path}: must be a JSON object with keys {', '.join(REQUIRED_KEYS)}, found "
+            f"{_json_kind(description)}"
         )
-    if any(not isinstance(value, int) for value in labels.values()):
-        raise DatasetError(f"{description_path}: label values must be integers (region labels are not supported)")
+    problems = [f"missing key '{key}'" for key in REQUIRED_KEYS if key not in description]
+    problems += _description_problems(description)
+    if problems:
+        raise DatasetError(f"{description_path}: {'; '.join(problems)}")
+    channels = description["channel_names"]
+    order = sorted(channels, key=int)
     return RawDataset(
         name=folder.name,
         folder=folder,
-        channel_names=tuple(str(channels[key]) for key in order),
-        labels={str(name): int(value) for name, value in labels.items()},
-        file_ending=str(description["file_ending"]),
-        subjects={str(k): str(v) for k, v in description.get("subjects", {}).items()},
+        channel_names=tuple(channels[key] for key in order),
+        labels=dict(description["labels"]),
+        file_ending=description["file_ending"],
+        subjects=dict(description.get("subjects", {})),
     )
+
+
+def _description_problems(description: dict) -> list[str]:
+    """What is wrong with the keys of a ``dataset.json`` object that are present, one phrase each."""
+    problems = []
+    channels = description.get("channel_names", {"0": "-"})
+    if not isinstance(channels, dict) or not channels or not all(isinstance(v, str) for v in channels.values()):
+        problems.append(
+            f'\'channel_names\' must map channel index to name, e.g. {{"0": "T1"}}, found {_json_kind(channels)}'
+        )
+    elif not all(key.isdigit() for key in channels):
+        problems.append("'channel_names' keys must be channel indices 0, 1, ...")
+    elif sorted(int(key) for key in channels) != list(range(len(channels))):
+        problems.append(f"channel indices must be 0..{len(channels) - 1}, found {sorted(channels, key=int)}")
+    labels = description.get("labels", {"background": 0, "lesion": 1})
+    if not isinstance(labels, dict):
+        problems.append(
+            f'\'labels\' must map names to integers, e.g. {{"background": 0, "lesion": 1}}, found {_json_kind(labels)}'
+        )
+    else:
+        problems += declared_label_problems(labels)
+    ending = description.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not ending.startswith(".") or len(ending) < 2:
+        problems.append(f"'file_ending' must be a file ending such as \".nii.gz\", found {ending!r}")
+    subjects = description.get("subjects", {})
+    if not isinstance(subjects, dict) or not all(isinstance(v, str) for v in subjects.values()):
+        problems.append(
+            f'\'subjects\' must map case to subject, e.g. {{"case_001": "sub_01"}}, found {_json_kind(subjects)}'
+        )
+    return problems
+
+
+def _json_kind(value: object) -> str:
+    """How a JSON value is called in a message: ``a list``, ``a string``, ``an object``, ..."""
+    if isinstance(value, dict):
+        wrong = [v for v in value.values() if not isinstance(v, str)]
+        return f"an object with the value {wrong[0]!r}" if wrong else "an empty object" if not value else "an object"
+    kinds = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def find_dataset(name: str) -> RawDataset:

@@ -2,7 +2,8 @@
 
 Folder layout, matched by case name (the file name without its image ending; endings may differ)::
 
-    reference_dir/CASE.nii.gz        label map; voxels equal to ``label`` are lesion
+    reference_dir/CASE.nii.gz        label map; voxels equal to ``label`` are lesion (with ``binarize``: every
+                                     non-zero voxel)
     prediction_dir/CASE.nii.gz       label map with the same geometry
     probabilities_dir/CASE.nii.gz    optional: lesion probability in [0, 1] as a 3-D float image
 
@@ -17,6 +18,13 @@ error leaves nothing behind):
 
 ``autoseg_evaluate --report`` then writes ``report.html`` from these files (:mod:`autoseg.report`).
 
+Label maps are read as integers (``autoseg.labels.read_label_file``): values within 0.001 of an integer (a float
+mask from a resampling tool holds 0.99999994 for 1) are rounded, with one warning naming the file
+(:class:`autoseg.labels.LabelValueWarning`); values far from every integer are an error naming the file. A reference
+or prediction whose non-zero values include none of the evaluated labels is refused, naming the file and its values
+(a mask stored as 0/255 scored for label 1 would otherwise count as empty, and two such masks would score Dice 1),
+unless ``binarize`` asks to count every non-zero voxel as lesion.
+
 Statistics: NaN values (undefined metrics, see :mod:`autoseg.metrics`) are left out of every mean,
 median and interval and counted in ``n_nan``. Standard deviations use ddof=1. The confidence interval
 is the percentile bootstrap of the mean with a seeded generator, so reruns give identical numbers.
@@ -25,6 +33,7 @@ is the percentile bootstrap of the mean with a seeded generator, so reruns give 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,6 +58,7 @@ from autoseg.io import (
     split_ending,
     write_json,
 )
+from autoseg.labels import LabelError, LabelValueWarning, format_values, read_label_file
 from autoseg.metrics import dice_from_counts, score_case
 from autoseg.parallel import map_cases
 
@@ -128,6 +138,7 @@ def evaluate_folders(
     seed: int = 0,
     num_workers: int = 1,
     progress: bool = True,
+    binarize: bool = False,
 ) -> EvaluationResult:
     """Evaluate every reference case against the prediction of the same name.
 
@@ -137,6 +148,7 @@ def evaluate_folders(
         output_dir: where to write the report files; None writes nothing.
         probabilities_dir: optional folder of lesion probability maps, adds mDSC (``max_dice``).
         label: the lesion label; both label maps are binarized as ``== label``.
+        binarize: count every non-zero voxel of both label maps as lesion instead (``label`` is then not used).
         num_bootstrap: bootstrap resamples for the 95% confidence intervals.
         seed: seed of the bootstrap generator.
         num_workers: processes evaluating cases in parallel (1: in this process). Rows come back in
@@ -148,8 +160,10 @@ def evaluate_folders(
 
     Raises:
         EvaluationError: a folder is missing or holds no images, a case has no prediction (or
-            probability map), an image is unreadable or not 3-D, or a prediction's geometry differs
-            from its reference. Checked before any output is written.
+            probability map), an image is unreadable or not 3-D, a prediction's geometry differs
+            from its reference, a label map holds values far from integers, or (without ``binarize``) a label map
+            whose non-zero values include none of the evaluated labels (the message names the file and its values).
+            Checked before any output is written.
         OutputPathError: ``output_dir`` is a file or read-only, or one of its output files is a folder
             (checked first).
     """
@@ -159,7 +173,9 @@ def evaluate_folders(
             check_output_file(Path(output_dir) / name)
     cases = pair_cases(reference_dir, prediction_dir, probabilities_dir)
     check_geometries(cases)
-    rows = map_cases(partial(_evaluate_one, label=label), cases, num_workers, progress, "evaluating")
+    rows = map_cases(partial(_evaluate_one, label=label, binarize=binarize), cases, num_workers, progress, "evaluating")
+    for note in (note for row in rows for note in row.pop("notes")):
+        warnings.warn(note, LabelValueWarning, stacklevel=2)
     per_case = pd.DataFrame(rows).set_index("case")
     for column in _COUNT_COLUMNS:
         per_case[column] = per_case[column].astype(np.int64)
@@ -170,6 +186,7 @@ def evaluate_folders(
             "prediction_dir": str(prediction_dir),
             "probabilities_dir": None if probabilities_dir is None else str(probabilities_dir),
             "label": label,
+            "binarize": binarize,
             "num_bootstrap": num_bootstrap,
             "seed": seed,
             "confidence": _CONFIDENCE,
@@ -443,17 +460,33 @@ def _header(path: Path) -> Geometry:
     return canonical_geometry(geometry)
 
 
-def _evaluate_one(files: CaseFiles, label: int) -> dict[str, Any]:
-    """Read one case and score ``label`` with :func:`autoseg.metrics.score_case` (as validation and find_best do)."""
+def _evaluate_one(files: CaseFiles, label: int, binarize: bool = False) -> dict[str, Any]:
+    """Read one case and score ``label`` (with ``binarize``: every non-zero voxel) with
+    :func:`autoseg.metrics.score_case` (as validation and find_best do); the row holds the case's rounding notes
+    under ``notes``."""
     try:
-        reference, geometry = read_image(files.reference)
-        prediction, _ = read_image(files.prediction)
+        reference = read_label_file(files.reference)
+        prediction = read_label_file(files.prediction)
         probabilities = None if files.probabilities is None else read_image(files.probabilities)[0]
-    except ImageReadError as error:
+    except (ImageReadError, LabelError) as error:
         raise EvaluationError(str(error)) from None
+    masks = []
+    for found, path, role in ((reference, files.reference, "reference"), (prediction, files.prediction, "prediction")):
+        if binarize:
+            masks.append(found.array != 0)
+            continue
+        others = [value for value in found.values if value != 0]
+        if others and label not in others:
+            raise EvaluationError(
+                f"{path}: this {role} holds the values {format_values(found.values)}, none of them the evaluated "
+                f"label {label} (a lesion stored as another value would be scored as empty); pass --label with the "
+                "lesion's value, or --binarize to count every non-zero voxel as lesion"
+            )
+        masks.append(found.array == label)
     probabilities = None if probabilities is None else probabilities[None]
-    metrics = score_case(prediction, reference, geometry.spacing, (label,), probabilities)[label]
-    return {"case": files.case, **metrics}
+    metrics = score_case(masks[1], masks[0], reference.geometry.spacing, (1,), probabilities)[1]
+    notes = [found.note for found in (reference, prediction) if found.note is not None]
+    return {"case": files.case, **metrics, "notes": notes}
 
 
 def format_number(value: float | None, digits: int) -> str:

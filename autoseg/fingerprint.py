@@ -14,6 +14,7 @@ Every field is described in ``documentation/plans_format.md``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,8 +199,7 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
             is returned or written).
     """
     cases = training_cases(dataset)
-    allowed = sorted(dataset.labels.values())
-    arguments = [(case, allowed, index) for index, case in enumerate(cases)]
+    arguments = [(case, dataset.labels, index) for index, case in enumerate(cases)]
     results = map_cases(_fingerprint_case_star, arguments, num_processes, progress, "fingerprint")
     problems = [problem for result in results for problem in result.problems] + unmatched_label_files(dataset, cases)
     per_case = {result.identifier: result.summary for result in results}
@@ -223,9 +223,9 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
     return from_plain(Fingerprint, to_plain(plain), "")  # the checks and types of fingerprint.json
 
 
-def fingerprint_case(case: Case, allowed_labels: list[int], seed: int = 0) -> _CaseResult:
+def fingerprint_case(case: Case, labels: Mapping[str, int], seed: int = 0) -> _CaseResult:
     """Read, verify and summarize one case (see the module docstring)."""
-    checked = read_checked_case(case, allowed_labels)
+    checked = read_checked_case(case, labels)
     if checked.problems:
         return _CaseResult(case.identifier, checked.problems, checked.notes)
     images, label, geometry = checked.images, checked.label, checked.geometry
@@ -406,5 +406,5 @@ def _distribution(values: list[float]) -> dict[str, float | int]:
     return {"count": len(values), "min": q[0], "q25": q[1], "median": q[2], "q75": q[3], "max": q[4]}
 
 
-def _fingerprint_case_star(argument: tuple[Case, list[int], int]) -> _CaseResult:
+def _fingerprint_case_star(argument: tuple[Case, Mapping[str, int], int]) -> _CaseResult:
     return fingerprint_case(*argument)

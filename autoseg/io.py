@@ -570,11 +570,15 @@ def write_json(data: Any, path: str | Path) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a parse error names the file and the line."""
+    """Read a JSON file; a parse error names the file and the line, text that is not UTF-8 the file and the byte."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise InvalidFileError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    except UnicodeDecodeError as error:
+        raise InvalidFileError(
+            f"{path}: not UTF-8 text (byte {error.start} cannot be decoded); save it as UTF-8"
+        ) from None
 
 
 ArrayRecord = dict[str, int]

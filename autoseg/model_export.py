@@ -287,8 +287,9 @@ def _dataset_description(dataset: str, plans: Plans) -> dict[str, Any]:
     }
     for source in (raw_folder(dataset) / "dataset.json", results_folder(dataset) / DATASET_FILE):
         if source.is_file():
-            ending = read_json(source).get("file_ending")
-            if ending:
+            found = read_json(source)
+            ending = found.get("file_ending") if isinstance(found, dict) else None
+            if isinstance(ending, str) and ending:
                 description["file_ending"] = ending
                 break
     return description

@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from autoseg.dataset import find_dataset
 from autoseg.errors import DataError, MissingFileError, UsageError
-from autoseg.io import read_header, read_image, write_json
+from autoseg.io import Geometry, read_header, write_json
+from autoseg.labels import classes_from_values, read_label_file
 from autoseg.metrics import mean_over_labels, score_case
 from autoseg.option_effects import BOOTSTRAP, describe_options, find_pairings
 from autoseg.paths import (
@@ -92,8 +93,14 @@ def case_score(scores: Mapping[int, Mapping[str, float]], metric: str) -> float:
 
 
 def _labels_of(probabilities: np.ndarray) -> range:
-    """The labels 1..K a (K, X, Y, Z) probability map is post-processed into (channel k is label k + 1)."""
+    """The classes 1..K a (K, X, Y, Z) probability map is post-processed into (channel k is class k + 1)."""
     return range(1, len(probabilities) + 1)
+
+
+def _reference_classes(path: Path, labels: Mapping[str, int]) -> tuple[np.ndarray, Geometry]:
+    """A raw label file as (X, Y, Z) classes (``autoseg.labels``), what the predicted classes are scored against."""
+    found = read_label_file(path)
+    return classes_from_values(found.array, labels, path), found.geometry
 
 
 Member = tuple[str, str]
@@ -184,17 +191,20 @@ def find_best(
     cases = sorted(set.intersection(*(set(files) for files in found.values())))
     if not cases:
         raise DataError(f"{name}: no case was validated by every member of {[member_name(m) for m in members]}")
-    references = {case.identifier: case.label for case in find_dataset(name).cases()}
+    raw = find_dataset(name)
+    references = {case.identifier: case.label for case in raw.cases()}
     first = members[0]
     plans = Plans.from_json(next(iter(found[first].values())).parent.parent / PLANS_FILE)
     default = plans.configuration(first[0]).postprocessing
 
     subsets = [combo for size in range(1, len(members) + 1) for combo in itertools.combinations(members, size)]
-    dice_values, scores = _score_members(members, subsets, found, cases, references, default.threshold, progress)
+    dice_values, scores = _score_members(
+        members, subsets, found, cases, references, default.threshold, progress, raw.labels
+    )
     ranked = [{**describe_members(combo), "mean_dice": float(np.mean(dice_values[combo]))} for combo in subsets]
     best_combo = max(subsets, key=lambda combo: (float(np.mean(dice_values[combo])), -len(combo)))
     best = ranked[subsets.index(best_combo)]
-    grid = _grid_search([found[m] for m in best_combo], cases, references, metric, progress)
+    grid = _grid_search([found[m] for m in best_combo], cases, references, metric, progress, raw.labels)
     chosen = max(grid, key=lambda g: (g["score"], -abs(g["threshold"] - 0.5), -g["min_lesion_voxels"]))
     postprocessing = {
         **describe_members(best_combo),
@@ -232,6 +242,7 @@ def _score_members(
     references: dict[str, Path],
     threshold: float,
     progress: bool,
+    declared: Mapping[str, int],
 ) -> tuple[dict[tuple[Member, ...], list[float]], dict[Member, dict[str, dict[str, float]]]]:
     """The Dice of every subset (ensemble) on ``cases`` (validated by every member), and every member's
     metrics (:func:`autoseg.metrics.score_case`, averaged over labels by :func:`autoseg.metrics.mean_over_labels`, as
@@ -241,7 +252,7 @@ def _score_members(
     common = set(cases)
     validated = sorted(set().union(*(found[m] for m in members)) & set(references))
     for case in tqdm(validated, desc="compare members", disable=not progress):
-        reference, geometry = read_image(references[case], np.uint8)
+        reference, geometry = _reference_classes(references[case], declared)
         loaded = {m: _load(found[m][case]) for m in members if case in found[m]}
         for member, probabilities in loaded.items():
             labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, 0.0)
@@ -306,7 +317,12 @@ def describe_members(members: Sequence[Member]) -> dict[str, Any]:
 
 
 def _grid_search(
-    files: Sequence[dict[str, Path]], cases: Sequence[str], references: dict[str, Path], metric: str, progress: bool
+    files: Sequence[dict[str, Path]],
+    cases: Sequence[str],
+    references: dict[str, Path],
+    metric: str,
+    progress: bool,
+    declared: Mapping[str, int],
 ) -> list[dict[str, float]]:
     """Mean score of every (threshold, minimum size) pair over ``cases`` for the ensemble whose members'
     validation probabilities are ``files`` (one case -> file mapping per member)."""
@@ -314,7 +330,7 @@ def _grid_search(
     # One physical size per candidate, so the choice applies alike to scans of any resolution.
     voxel = float(np.median([read_header(references[case])[0].voxel_volume_mm3 for case in cases]))
     for case in tqdm(cases, desc="tune post-processing", disable=not progress):
-        reference, geometry = read_image(references[case], np.uint8)
+        reference, geometry = _reference_classes(references[case], declared)
         mean = np.mean([_load(member[case]) for member in files], axis=0)
         for threshold in THRESHOLDS:
             labels = postprocess_probabilities(mean, geometry.spacing, threshold, 0.0)

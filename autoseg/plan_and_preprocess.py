@@ -132,7 +132,9 @@ def plan_and_preprocess(
         if configuration.data_identifier in done:
             continue
         target = folder / configuration.data_identifier
-        done[configuration.data_identifier] = preprocess_dataset(cases, configuration, target, num_processes, progress)
+        done[configuration.data_identifier] = preprocess_dataset(
+            cases, configuration, target, num_processes, progress, labels=dataset.labels
+        )
     identifiers, subjects = [case.identifier for case in cases], {case.identifier: case.subject for case in cases}
     if resplit is not None:
         changes.append(splits.resplit(folder, identifiers, subjects, resplit))

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.errors import AutosegError
+from autoseg.labels import declared_label_problems
 from autoseg.typed_json import read_typed, write_typed
 
 #: 2: ``schedule.optimizer`` and ``schedule.lr_schedule`` are gone (the trainer class decides both); version 1
@@ -458,6 +459,7 @@ class Plans:
             found.append(
                 f"default_configuration: '{self.default_configuration}' is not among {sorted(self.configurations)}"
             )
+        found += [f"labels: {problem}" for problem in declared_label_problems(self.labels)]
         for name, configuration in self.configurations.items():
             if configuration.name != name:
                 found.append(f"configurations.{name}.name: says '{configuration.name}'")

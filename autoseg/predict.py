@@ -10,8 +10,9 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
 2. rebuilds each network from the run folder's ``plans.json`` and its trainer class, and loads the weights;
 3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
-   and writes ``OUTPUT/CASE<ending>`` (uint8 labels) and, when asked, ``OUTPUT/CASE_probabilities.nii.gz``
-   (float32 lesion probability). Cases are read in the canonical orientation (``autoseg.io.read_image``) and
+   and writes ``OUTPUT/CASE<ending>`` (the labels ``dataset.json`` declared: 0/1, or 0/255, ...; uint8 when every
+   declared value fits, else the smallest integer type that holds them, ``autoseg.labels``) and, when asked,
+   ``OUTPUT/CASE_probabilities.nii.gz`` (float32 lesion probability). Cases are read in the canonical orientation (``autoseg.io.read_image``) and
    both outputs are written back in channel 0's own orientation with its exact header (``autoseg.io.write_like``:
    for NIfTI both qform and sform as given), so they overlay the input in every viewer.
 
@@ -51,7 +52,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,7 @@ from autoseg.io import (
     write_json,
     write_like,
 )
+from autoseg.labels import values_from_classes
 from autoseg.machine import choose_device, choose_precision
 from autoseg.model_export import InstalledModel, install_for_prediction
 from autoseg.networks import build_network
@@ -420,7 +422,7 @@ def predict(
 
     Args:
         source: folder of images (dataset naming or plain single-channel names) or one image file.
-        output: folder for ``CASE<ending>`` (uint8 labels) and ``CASE_probabilities.nii.gz``; created if needed.
+        output: folder for ``CASE<ending>`` (the declared label values) and ``CASE_probabilities.nii.gz``; created if needed.
         dataset: trained dataset (name, number or folder name); None: the only trained dataset.
         configurations: configurations to ensemble; None: the tuned choice, the only one, or the plans' default.
         folds: folds to ensemble (``0``, ``"full"``); None: every cross-validation fold with the chosen
@@ -495,7 +497,7 @@ def predict(
             case,
             _outputs(Path(output), case, save_probabilities),
             predictors,
-            (threshold, min_lesion_mm3),
+            (threshold, min_lesion_mm3, models[0].plans.labels),
             overwrite,
             summary,
             log or _print_to_stderr,
@@ -545,7 +547,7 @@ def _predict_or_skip(
     case: InputCase,
     targets: tuple[Path, ...],
     predictors: Sequence[Predictor],
-    postprocessing: tuple[float, float],
+    postprocessing: tuple[float, float, Mapping[str, int]],
     overwrite: bool,
     summary: PredictionSummary,
     log: Callable[[str], None],
@@ -662,20 +664,26 @@ def _outputs(output: Path, case: InputCase, save_probabilities: bool) -> tuple[P
 
 
 def _predict_case(
-    case: InputCase, targets: Sequence[Path], predictors: Sequence[Predictor], threshold: float, min_lesion_mm3: float
+    case: InputCase,
+    targets: Sequence[Path],
+    predictors: Sequence[Predictor],
+    threshold: float,
+    min_lesion_mm3: float,
+    labels: Mapping[str, int],
 ) -> None:
     """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
     before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
-    kept afterwards."""
+    kept afterwards. The label file holds the declared values of the plans' ``labels`` (``dataset.json``'s), in the
+    smallest integer type that holds them all (``autoseg.labels.values_from_classes``)."""
     images, geometry = read_case(case)
     probabilities = _ensemble(predictors, images, geometry)
     del images
-    labels = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
+    classes = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
     if len(targets) > 1:
         lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
         write_like(lesion, geometry, targets[1], case.images[0])
     del probabilities
-    write_like(labels, geometry, targets[0], case.images[0])
+    write_like(values_from_classes(classes, labels), geometry, targets[0], case.images[0])
 
 
 def _failure(case: InputCase, error: Exception) -> CaseFailure:

@@ -3,7 +3,8 @@
 Per case and configuration (``AUTOSEG_PREPROCESSED/<dataset>/<data_identifier>/``)::
 
     CASE.npy           (C, X, Y, Z) float32 normalized channels at the target spacing
-    CASE_seg.npy       (X, Y, Z) uint8 labels at the target spacing
+    CASE_seg.npy       (X, Y, Z) uint8 label classes at the target spacing (0 background, k the k-th declared
+                       non-zero label value: ``autoseg.labels``)
     CASE_lesion.npy    (N, 3) int32 voxel indices of up to 10,000 lesion voxels (for lesion-centred sampling)
     CASE.json          properties (:class:`CaseProperties`): original geometry, crop box, shapes, what the case
                        was built from, and ``arrays``: each array file's size in bytes and CRC-32, recorded as it
@@ -30,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import exposure
 
-from autoseg.dataset import Case
+from autoseg.dataset import LESION_LABELS, Case
 from autoseg.errors import AutosegError, DataError
 from autoseg.fingerprint import crop_box
 from autoseg.io import (
@@ -51,6 +52,7 @@ from autoseg.io import (
     read_image,
     save_array,
 )
+from autoseg.labels import classes_from_values, label_classes, read_label_file
 from autoseg.parallel import map_cases
 from autoseg.plans import Configuration, Normalization, Resampling
 from autoseg.symmetry import SYMMETRY_METHOD, add_mirror_channels, grid_geometry
@@ -133,9 +135,10 @@ def array_files(folder: Path, identifier: str) -> list[Path]:
 HISTEQ_BINS = 256
 
 
-def preprocessing_key(configuration: Configuration) -> str:
+def preprocessing_key(configuration: Configuration, labels: Mapping[str, int] = LESION_LABELS) -> str:
     """Hash of every setting that changes the preprocessed arrays (the orientation cases are read in and the
-    crop rule included, so arrays made before either changed are redone)."""
+    crop rule included, so arrays made before either changed are redone); ``labels`` (``dataset.json``'s) count
+    when their classes are not the values themselves (``autoseg.labels.label_classes``)."""
     settings = {
         "orientation": CANONICAL_ORIENTATION,
         "crop": "nonzero_and_label",
@@ -145,16 +148,25 @@ def preprocessing_key(configuration: Configuration) -> str:
     }
     if configuration.symmetry is not None:  # only then: the keys of existing data stay as they were
         settings["symmetry"] = {**configuration.symmetry.__dict__, "method": SYMMETRY_METHOD}
+    classes = label_classes(labels)
+    if classes != tuple(range(len(classes))):  # likewise: datasets labelled 0, 1, ... keep their keys
+        settings["label_classes"] = classes
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def preprocess_dataset(
-    cases: list[Case], configuration: Configuration, folder: Path, num_processes: int = 1, progress: bool = True
+    cases: list[Case],
+    configuration: Configuration,
+    folder: Path,
+    num_processes: int = 1,
+    progress: bool = True,
+    labels: Mapping[str, int] = LESION_LABELS,
 ) -> list[str]:
-    """Preprocess every case into ``folder``; returns the identifiers that were (re)computed."""
-    key = preprocessing_key(configuration)
+    """Preprocess every case into ``folder``; returns the identifiers that were (re)computed. ``labels`` are
+    ``dataset.json``'s: label files are stored as their classes (:func:`preprocess_case`)."""
+    key = preprocessing_key(configuration, labels)
     todo = [case for case in cases if not is_up_to_date(case, folder, key)]
-    arguments = [(case, configuration, folder) for case in todo]
+    arguments = [(case, configuration, folder, labels) for case in todo]
     map_cases(_preprocess_star, arguments, num_processes, progress, f"preprocess {configuration.data_identifier}")
     return [case.identifier for case in todo]
 
@@ -221,12 +233,24 @@ def check_arrays(folder: Path, identifiers: Sequence[str]) -> None:
         )
 
 
-def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> CaseProperties:
-    """Preprocess one case and write it (see the module docstring); returns its properties."""
+def preprocess_case(
+    case: Case, configuration: Configuration, folder: Path, labels: Mapping[str, int] = LESION_LABELS
+) -> CaseProperties:
+    """Preprocess one case and write it (see the module docstring); returns its properties.
+
+    The label file's declared values (``labels``, ``dataset.json``'s) are stored as their classes: 0 background,
+    ``k`` the ``k``-th non-zero value (``autoseg.labels``), which is what the network learns.
+
+    Raises:
+        LabelError: the label file holds a value that is not declared, or one far from an integer.
+    """
     channels, geometries = zip(*(read_image(path) for path in case.images))
     images = np.stack(channels)
     geometry = geometries[0]
-    label = read_image(case.label, np.uint8)[0] if case.label is not None else np.zeros(geometry.shape, np.uint8)
+    if case.label is None:
+        label = np.zeros(geometry.shape, np.uint8)
+    else:
+        label = classes_from_values(read_label_file(case.label).array, labels, case.label)
     data, seg, properties = preprocess_arrays(images, label, geometry, configuration)
     lesion = np.argwhere(seg > 0).astype(np.int32)
     if len(lesion) > MAX_LESION_LOCATIONS:
@@ -240,7 +264,7 @@ def preprocess_case(case: Case, configuration: Configuration, folder: Path) -> C
         properties,
         case=case.identifier,
         subject=case.subject,
-        key=preprocessing_key(configuration),
+        key=preprocessing_key(configuration, labels),
         sources=_sources(case),
         arrays=records,
     )
@@ -449,5 +473,5 @@ def _sources(case: Case) -> tuple[tuple[str, int, int], ...]:
     return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
-def _preprocess_star(argument: tuple[Case, Configuration, Path]) -> None:
+def _preprocess_star(argument: tuple[Case, Configuration, Path, Mapping[str, int]]) -> None:
     preprocess_case(*argument)

@@ -47,6 +47,7 @@ from autoseg.evaluation import (
     require_all,
 )
 from autoseg.io import ImageReadError, atomic_path, check_output_file, read_json
+from autoseg.labels import LabelError
 from autoseg.parallel import map_cases
 from autoseg.visualization import figure_png, overlay_figure, read_overlay_arrays
 
@@ -118,10 +119,15 @@ def load_evaluation(evaluation_dir: str | Path) -> ReportInputs:
         if not path.is_file():
             raise EvaluationError(f"{path} not found: run autoseg_evaluate with -o {evaluation_dir} first")
     try:
-        per_case = pd.read_csv(paths["per_case"], index_col="case", keep_default_na=False, na_values=["NaN"])
-    except (ValueError, pd.errors.ParserError) as error:
+        # Case names stay strings as written ("001", "1e3", "NaN" are names, not numbers); "NaN" is a missing value
+        # in the metric columns alone.
+        columns = pd.read_csv(paths["per_case"], nrows=0).columns
+        missing = {column: ["NaN"] for column in columns if column != "case"}
+        per_case = pd.read_csv(
+            paths["per_case"], index_col="case", dtype={"case": str}, keep_default_na=False, na_values=missing
+        )
+    except (ValueError, KeyError, pd.errors.ParserError) as error:
         raise EvaluationError(f"{paths['per_case']}: unreadable table ({error})") from None
-    per_case.index = per_case.index.astype(str)
     return ReportInputs(read_json(paths["summary"]), per_case, paths["plot"].read_bytes(), evaluation_dir)
 
 
@@ -166,8 +172,8 @@ def write_report(
     images = None if images_dir is None else find_case_images(images_dir, reference_dir)
     order = case_order(inputs.per_case)
     jobs = [((images or {}).get(case), cases[case].reference, cases[case].prediction) for case in order]
-    overlays = map_cases(partial(_overlay_png, label=int(recorded.get("label", 1))), jobs, num_workers, progress,
-                         "drawing overlays")  # fmt: skip
+    label = None if recorded.get("binarize") else int(recorded.get("label", 1))  # None: every non-zero voxel
+    overlays = map_cases(partial(_overlay_png, label=label), jobs, num_workers, progress, "drawing overlays")
     page = render_report(inputs, dict(zip(order, overlays)), output.parent, images_given=images is not None)
     with atomic_path(output, suffix=".html") as temporary:
         temporary.write_text(page, encoding="utf-8")
@@ -243,7 +249,11 @@ def _inputs_list(recorded: Mapping[str, Any], num_cases: int, stamp: str) -> str
     rows = [("Predictions", recorded.get("prediction_dir")), ("References", recorded.get("reference_dir"))]
     if recorded.get("probabilities_dir"):
         rows.append(("Probabilities", recorded["probabilities_dir"]))
-    rows += [("Lesion label", recorded.get("label")), ("Cases", num_cases), ("Made", stamp)]
+    rows += [
+        ("Lesion label", "any non-zero value (--binarize)" if recorded.get("binarize") else recorded.get("label")),
+        ("Cases", num_cases),
+        ("Made", stamp),
+    ]
     return '<dl class="inputs">' + "".join(f"<dt>{name}</dt><dd>{_text(value)}</dd>" for name, value in rows) + "</dl>"
 
 
@@ -341,12 +351,12 @@ def _case_card(rank: int, case: str, row: pd.Series, overlay: bytes) -> str:
             f'<img src="{_data_uri(overlay)}" alt="overlay of {name}"></article>')  # fmt: skip
 
 
-def _overlay_png(job: tuple[Path | None, Path, Path], label: int) -> bytes:
+def _overlay_png(job: tuple[Path | None, Path, Path], label: int | None) -> bytes:
     """The overlay thumbnail of one case: (image or None, reference, prediction) -> PNG bytes."""
     image_path, reference_path, prediction_path = job
     try:
         image, reference, prediction = read_overlay_arrays(image_path, reference_path, prediction_path, label)
-    except ImageReadError as error:
+    except (ImageReadError, LabelError) as error:
         raise EvaluationError(str(error)) from None
     figure = overlay_figure(image, reference, prediction, OVERLAY_SLICES, panel_inches=OVERLAY_PANEL_INCHES)
     return figure_png(figure, dpi=OVERLAY_DPI, grey_levels=OVERLAY_GREY_LEVELS)

@@ -15,7 +15,7 @@ different axis orders of the same grid agree.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from autoseg.io import (
     read_header,
     read_image,
 )
+from autoseg.labels import LabelError, classes_from_values, read_label_file
 from autoseg.parallel import map_cases
 
 
@@ -90,8 +91,7 @@ def check_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool = 
         VerificationError: listing every problem found.
     """
     cases = training_cases(dataset)
-    allowed = sorted(dataset.labels.values())
-    arguments = [(case, allowed) for case in cases]
+    arguments = [(case, dataset.labels) for case in cases]
     results = map_cases(_verify_case_star, arguments, num_processes, progress, "verify")
     problems = [problem for found, _, _ in results for problem in found] + unmatched_label_files(dataset, cases)
     if not problems:
@@ -141,7 +141,8 @@ class CheckedCase:
         problems: everything wrong with the case; empty when it is sound.
         notes: what is not wrong but worth saying (see the module docstring).
         images: (C, X, Y, Z) float32 channels, or None when the case has problems.
-        label: (X, Y, Z) uint8 label map, or None (no label, or problems).
+        label: (X, Y, Z) uint8 classes (``autoseg.labels``: 0 background, k the k-th declared non-zero value), or
+            None (no label, or problems).
         geometry: geometry of channel 0, shared by all files of the case (canonical orientation).
         stored_orientation: the orientation code channel 0 is stored in (``autoseg.io.Orientation``).
     """
@@ -154,14 +155,15 @@ class CheckedCase:
     stored_orientation: str | None = None
 
 
-def verify_case(case: Case, allowed_labels: list[int]) -> tuple[list[Problem], list[Problem]]:
-    """All problems of one case (empty when it is sound) and its notes."""
-    checked = read_checked_case(case, allowed_labels)
+def verify_case(case: Case, labels: Mapping[str, int]) -> tuple[list[Problem], list[Problem]]:
+    """All problems of one case (empty when it is sound) and its notes; ``labels`` as in ``dataset.json``."""
+    checked = read_checked_case(case, labels)
     return checked.problems, checked.notes
 
 
-def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
-    """Read every file of ``case`` once and check it (see ``verify_dataset``)."""
+def read_checked_case(case: Case, labels: Mapping[str, int]) -> CheckedCase:
+    """Read every file of ``case`` once and check it (see ``verify_dataset``); the label file's values must be
+    among the declared ``labels`` (``dataset.json``), and it is returned as classes (``autoseg.labels``)."""
     problems = [Problem(case.identifier, path, "channel file is missing") for path in case.images if not path.is_file()]
     if case.label is not None and not case.label.is_file():
         problems.append(Problem(case.identifier, case.label, "label file is missing"))
@@ -169,7 +171,7 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
         return CheckedCase(problems)
     channels, reference, notes = [], None, []
     for path in case.images:
-        array, geometry, found = _check_image(case, path, must_be_finite=True)
+        array, geometry, found, _ = _check_image(case, path, must_be_finite=True)
         problems += found
         notes += _header_notes(case, path)
         channels.append(array)
@@ -182,9 +184,9 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
             ]
     label = None
     if case.label is not None:
-        label, geometry, found = _check_image(case, case.label, allowed_labels=allowed_labels)
+        label, geometry, found, rounded = _check_image(case, case.label, labels=labels)
         problems += found
-        notes += _header_notes(case, case.label)
+        notes += _header_notes(case, case.label) + rounded
         if geometry is not None and reference is not None:
             problems += [
                 Problem(case.identifier, case.label, f"label disagrees with image (image vs label): {text}")
@@ -193,7 +195,6 @@ def read_checked_case(case: Case, allowed_labels: list[int]) -> CheckedCase:
     if problems:
         return CheckedCase(problems, notes)
     images = np.stack(channels)
-    label = None if label is None else label.astype(np.uint8)
     if label is not None:
         outside = int(np.count_nonzero((label > 0) & ~np.any(images != 0, axis=0)))
         if outside:
@@ -220,38 +221,45 @@ def _header_notes(case: Case, path: Path) -> list[Problem]:
 
 
 def _check_image(
-    case: Case, path: Path, must_be_finite: bool = False, allowed_labels: list[int] | None = None
-) -> tuple[np.ndarray | None, Geometry | None, list[Problem]]:
-    """Read one file and check it; returns (array (X, Y, Z), geometry, problems)."""
+    case: Case, path: Path, must_be_finite: bool = False, labels: Mapping[str, int] | None = None
+) -> tuple[np.ndarray | None, Geometry | None, list[Problem], list[Problem]]:
+    """Read one file and check it; returns (array (X, Y, Z), geometry, problems, notes).
+
+    With ``labels`` (``dataset.json``'s) the file is a label file: read by ``autoseg.labels.read_label_file`` (values
+    that are almost integers rounded, with a note), its values checked against the declared ones and returned as
+    uint8 classes (``autoseg.labels.classes_from_values``).
+    """
     try:
         geometry, dimension, _ = read_header(path)
     except ImageReadError as error:
-        return None, None, [Problem(case.identifier, path, str(error).removeprefix(f"{path}: "))]
+        return None, None, [Problem(case.identifier, path, str(error).removeprefix(f"{path}: "))], []
     if dimension != 3:
         message = f"expected a 3-D image, found {dimension}-D of size {list(geometry.shape)}"
-        return None, None, [Problem(case.identifier, path, message)]
+        return None, None, [Problem(case.identifier, path, message)], []
+    notes = []
     try:
         with warnings.catch_warnings():  # a qform/sform disagreement becomes a note of this report instead
             warnings.simplefilter("ignore", GeometryWarning)
-            array, geometry = read_image(path, dtype=np.float32 if allowed_labels is None else np.float64)
-    except ImageReadError as error:
-        return None, None, [Problem(case.identifier, path, str(error).removeprefix(f"{path}: "))]
+            if labels is None:
+                array, geometry = read_image(path, dtype=np.float32)
+            else:
+                found = read_label_file(path)
+                array, geometry = classes_from_values(found.array, labels, path), found.geometry
+                notes = (
+                    []
+                    if found.note is None
+                    else [Problem(case.identifier, path, "note: " + found.note.removeprefix(f"{path}: "))]
+                )
+    except (ImageReadError, LabelError) as error:
+        return None, None, [Problem(case.identifier, path, str(error).removeprefix(f"{path}: "))], []
     problems = []
     count = count_non_finite(array) if must_be_finite else 0
     if count:
         problems.append(Problem(case.identifier, path, f"{count} NaN/Inf intensities"))
-    if allowed_labels is not None:
-        values = _distinct_values(array)
-        unexpected = [v for v in values.tolist() if v not in allowed_labels]
-        if unexpected:
-            shown = ", ".join(f"{v:g}" for v in unexpected[:10])
-            problems.append(
-                Problem(case.identifier, path, f"label values {shown} not in dataset.json labels {allowed_labels}")
-            )
-    return array, geometry, problems
+    return array, geometry, problems, notes
 
 
-def _verify_case_star(argument: tuple[Case, list[int]]) -> tuple[list[Problem], list[Problem], bool]:
+def _verify_case_star(argument: tuple[Case, Mapping[str, int]]) -> tuple[list[Problem], list[Problem], bool]:
     """The case's problems, its notes, and whether its label marks any lesion voxel."""
     checked = read_checked_case(*argument)
     return checked.problems, checked.notes, checked.label is not None and bool(checked.label.any())
@@ -268,12 +276,3 @@ def unmatched_label_files(dataset: RawDataset, cases: list[Case]) -> list[Proble
         for path in sorted(folder.iterdir())
         if path.name.endswith(dataset.file_ending) and path.name not in known
     ]
-
-
-def _distinct_values(array: np.ndarray) -> np.ndarray:
-    """Sorted distinct values; a bincount for small non-negative integers, much faster than np.unique."""
-    low, high = float(array.min()), float(array.max())
-    if low >= 0 and high < 256 and np.array_equal(array, np.round(array)):
-        counts = np.bincount(array.astype(np.int64, copy=False).ravel(), minlength=1)
-        return np.flatnonzero(counts).astype(np.float64)
-    return np.unique(array)

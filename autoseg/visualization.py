@@ -16,6 +16,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from autoseg.io import atomic_path, read_image
+from autoseg.labels import read_label_file
 
 #: Outline colours: reference (green) and prediction (red), as named in every title and legend.
 REFERENCE_COLOUR = "lime"
@@ -47,11 +48,12 @@ def read_overlay_arrays(
 
     Raises:
         ImageReadError: a file is missing or unreadable (the message names it).
+        LabelError: a mask holds values far from integers (the message names it).
     """
     image = None if image_path is None else read_image(image_path)[0][::-1]
     masks = []
     for path in (reference_path, prediction_path):
-        labels = read_image(path, np.int32)[0][::-1]
+        labels = read_label_file(path).array[::-1]  # 0.99999994 is 1, not 0
         masks.append(labels > 0 if label is None else labels == label)
     return image, masks[0], masks[1]
 

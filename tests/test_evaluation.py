@@ -14,6 +14,7 @@ from autoseg import evaluation
 from autoseg.commands import evaluate as evaluate_command
 from autoseg.evaluation import EvaluationError, bootstrap_ci, evaluate_folders, format_summary_table
 from autoseg.io import Geometry, read_image, write_image
+from autoseg.labels import LabelValueWarning
 from autoseg.metrics import evaluate_case
 
 SHAPE = (16, 14, 10)
@@ -120,10 +121,80 @@ def test_results_do_not_depend_on_workers(folders: dict[str, Path]) -> None:
 
 
 def test_label_selects_the_lesion_label(folders: dict[str, Path]) -> None:
+    for path in folders["pred"].iterdir():  # one voxel of label 2 in each prediction, away from the reference's
+        prediction, _ = read_image(path, np.uint8, canonical=False)
+        prediction[-1, -1, -1] = 2
+        write_image(prediction, GEOMETRY, path)
     result = evaluate_folders(folders["ref"], folders["pred"], label=2, num_bootstrap=10)
-    # Label 2 exists only in the references (one voxel), so every prediction misses it.
+    # Label 2 is one voxel of each reference, and each prediction puts it elsewhere: every prediction misses it.
     np.testing.assert_allclose(result.per_case["volume_reference_mm3"], np.prod(GEOMETRY.spacing))
     assert (result.per_case["dice"] == 0).all()
+
+
+def _masks_as(folders: dict[str, Path], value: int, dtype: type = np.uint8) -> dict[str, Path]:
+    """Copies of the reference and prediction folders with every lesion voxel (label 1) stored as ``value``."""
+    copies = {}
+    for kind in ("ref", "pred"):
+        copies[kind] = folders[kind].parent / f"{kind}_{value}"
+        for path in folders[kind].iterdir():
+            mask, _ = read_image(path, np.uint8, canonical=False)
+            write_image(np.where(mask == 1, value, 0).astype(dtype), GEOMETRY, copies[kind] / path.name)
+    return copies
+
+
+@pytest.mark.parametrize("label", [1, 7])
+def test_masks_without_the_evaluated_label_are_refused_naming_file_and_values(
+    folders: dict[str, Path], label: int
+) -> None:
+    """0/255 masks scored for label 1 (or 7) were read as empty: Dice 1.0 for any pair. Now refused."""
+    masks = _masks_as(folders, 255)
+    with pytest.raises(EvaluationError, match=r"case_a\.nii\.gz: this reference holds the values 0, 255, none of them "
+                       rf"the evaluated label {label}"):  # fmt: skip
+        evaluate_folders(masks["ref"], masks["pred"], folders["out"], label=label, progress=False)
+    assert not folders["out"].exists()
+    mixed = evaluate_folders(folders["ref"], folders["pred"], progress=False)  # references 0/1, predictions 0/255
+    with pytest.raises(EvaluationError, match=r"case_b\.nii\.gz: this prediction holds the values 0, 255"):
+        evaluate_folders(folders["ref"], masks["pred"], progress=False)
+    assert mixed.summary["metrics"]["dice"]["mean"] < 1
+
+
+def test_binarize_scores_any_non_zero_value_as_lesion(folders: dict[str, Path]) -> None:
+    """With binarize, 0/255 (and 0/300 uint16) masks score as the same masks stored as 0/1 do."""
+    expected = evaluate_folders(folders["ref"], folders["pred"], num_bootstrap=10, progress=False)
+    for value, dtype in ((255, np.uint8), (300, np.uint16)):
+        masks = _masks_as(folders, value, dtype)
+        result = evaluate_folders(masks["ref"], masks["pred"], num_bootstrap=10, progress=False, binarize=True)
+        pd.testing.assert_frame_equal(result.per_case, expected.per_case)
+        assert result.summary["inputs"]["binarize"] is True
+    assert expected.summary["metrics"]["dice"]["mean"] < 1
+
+
+def test_almost_integer_masks_are_rounded_with_one_warning_per_file(folders: dict[str, Path]) -> None:
+    """Float masks from resampling tools (0.99999994 for 1) score as the integer masks, with a warning naming each
+    rounded file once; values far from integers are an error naming the file."""
+    expected = evaluate_folders(folders["ref"], folders["pred"], num_bootstrap=10, progress=False)
+    reference = next(folders["ref"].glob("case_c.*"))
+    mask, _ = read_image(reference, np.uint8, canonical=False)
+    write_image(np.where(mask == 1, np.float32(0.99999994), mask).astype(np.float32), GEOMETRY, reference)
+    assert read_image(reference, np.float64)[0].max() == pytest.approx(2) and 0.99999994 in read_image(reference)[0]
+    with pytest.warns(LabelValueWarning) as caught:
+        result = evaluate_folders(folders["ref"], folders["pred"], num_bootstrap=10, progress=False)
+    assert [str(w.message).split(": ")[0] for w in caught] == [str(reference)]
+    pd.testing.assert_frame_equal(result.per_case, expected.per_case)
+    write_image(np.where(mask == 1, 0.5, mask).astype(np.float32), GEOMETRY, reference)
+    with pytest.raises(EvaluationError, match=r"case_c\.nii\.gz: label values 0\.5 are not integers"):
+        evaluate_folders(folders["ref"], folders["pred"], progress=False)
+
+
+def test_command_binarize_flag_and_refusal(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    masks = _masks_as(folders, 255)
+    argv = ["-ref", str(masks["ref"]), "-pred", str(masks["pred"]), "-o", str(folders["out"]), "--no-progress"]
+    assert evaluate_command.main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds the values 0, 255" in error and "--binarize" in error
+    assert evaluate_command.main([*argv, "--bootstrap", "10", "--binarize"]) == 0
+    summary = json.loads((folders["out"] / "summary.json").read_text())
+    assert summary["inputs"]["binarize"] is True and summary["metrics"]["dice"]["mean"] < 1
 
 
 def test_missing_prediction_names_the_case_and_writes_nothing(folders: dict[str, Path]) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from autoseg.evaluation import evaluate_folders
 from autoseg.inference import Predictor
-from autoseg.io import read_image, read_json, write_image
+from autoseg.io import read_image, read_json, write_image, write_json
 from autoseg.model_selection import find_best
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
@@ -98,6 +98,47 @@ def test_validation_evaluate_and_find_best_agree_on_the_trained_folds(trained_ho
     assert default["score"] == pytest.approx(np.mean(validation_dice), abs=1e-12)
 
 
+def _declare(home: Path, labels: dict[str, int]) -> None:
+    """Declare ``labels`` in the raw dataset's ``dataset.json``."""
+    path = home / "raw" / NAME / "dataset.json"
+    write_json({**read_json(path), "labels": labels}, path)
+
+
+def test_a_dataset_declared_0_255_is_validated_and_selected_as_0_1(trained_home: Path, tmp_path: Path) -> None:
+    """Reference lesions stored as 255 (declared so) and the predictions written back as 255: validation counts
+    every reference voxel (it counted none), and the scores of validation and find_best are those of the same
+    predictions against the 0/1 references."""
+    model = load_model(NAME, CONFIGURATION, TRAINER, folds=[0])
+    configuration = model.plans.configuration(CONFIGURATION)
+    folder = _folder(trained_home, 0)
+    cases = sorted(read_json(folder / "summary.json")["cases"])
+    labels_folder = trained_home / "raw" / NAME / "labelsTr"
+    references = {case: labels_folder / f"{case}.nii.gz" for case in cases}
+    data_folder = trained_home / "preprocessed" / NAME / configuration.data_identifier
+
+    def validate(labels: dict[str, int]) -> dict:
+        predictor = Predictor(configuration, model.networks, device="cpu")
+        return validate_cases(predictor, data_folder, cases, references, folder, labels=labels)
+
+    as_one = validate({"background": 0, "lesion": 1})
+    predicted = {case: read_image(folder / f"{case}.nii.gz", np.uint8)[0] for case in cases}
+    selected_as_one = find_best(metric="dice", progress=False)
+    lesion_voxels = {}
+    for path in sorted(labels_folder.iterdir()):  # every case: find_best scores fold 1's too
+        reference, geometry = read_image(path, np.uint8, canonical=False)
+        write_image(np.where(reference > 0, 255, 0).astype(np.uint8), geometry, path)
+        lesion_voxels[path.name.removesuffix(".nii.gz")] = int(np.count_nonzero(read_image(path, np.float64)[0] == 255))
+    _declare(trained_home, {"background": 0, "lesion": 255})
+    as_255 = validate({"background": 0, "lesion": 255})
+    for case in cases:
+        assert as_255["cases"][case]["reference_voxels"] == lesion_voxels[case] > 0
+        assert as_255["cases"][case] == as_one["cases"][case]
+        written = read_image(folder / f"{case}.nii.gz", np.float64)[0]
+        np.testing.assert_array_equal(written, predicted[case] * 255.0)
+    selection = find_best(metric="dice", progress=False)
+    assert selection["candidates"] == selected_as_one["candidates"] and selection["grid"] == selected_as_one["grid"]
+
+
 def _two_labels(lesion: np.ndarray, axis: int) -> np.ndarray:
     """``lesion`` split in two halves along ``axis`` at its centre: label 1 below, 2 from it on."""
     labels = np.zeros(lesion.shape, np.uint8)
@@ -138,6 +179,8 @@ def test_two_labels_are_scored_label_by_label_on_every_path(trained_home: Path, 
     data_folder = trained_home / "preprocessed" / NAME / configuration.data_identifier
     labels_folder = trained_home / "raw" / NAME / "labelsTr"
     threshold = configuration.postprocessing.threshold
+    labels = {"background": 0, "lower": 1, "upper": 2}
+    _declare(trained_home, labels)
     validation_dice, union_dice = [], []
     for fold in FOLDS:
         cases = sorted(read_json(_folder(trained_home, fold) / "summary.json")["cases"])
@@ -150,7 +193,7 @@ def test_two_labels_are_scored_label_by_label_on_every_path(trained_home: Path, 
             outputs.append(np.stack([0.1 + 0.8 * (predicted == k) for k in (1, 2)]).astype(np.float32))
         predictor = _Replay(outputs, threshold)
         references = {case: labels_folder / f"{case}.nii.gz" for case in cases}
-        summary = validate_cases(predictor, data_folder, cases, references, _folder(trained_home, fold))
+        summary = validate_cases(predictor, data_folder, cases, references, _folder(trained_home, fold), labels=labels)
         evaluated = {label: _evaluate(trained_home, fold, tmp_path, label) for label in (1, 2)}
         for case in cases:
             prediction = read_image(_folder(trained_home, fold) / f"{case}.nii.gz", np.uint8)[0]

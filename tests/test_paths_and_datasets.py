@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import DatasetError, find_dataset, load_dataset
 from autoseg.paths import preprocessed_root, raw_root, results_root
 
@@ -48,3 +49,45 @@ def test_dataset_json_missing_keys_are_all_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as error:
         load_dataset(tmp_path)
     assert "'channel_names'" in str(error.value) and "'file_ending'" in str(error.value)
+
+
+_SOUND = {"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"5", "must be a JSON object with keys channel_names, labels, file_ending, found a number"),
+        (b'"Dataset001"', "found a string"),
+        (b"[1, 2]", "found a list"),
+        (b"null", "found null"),
+        (json.dumps({**_SOUND, "labels": ["background", "lesion"]}).encode(), "'labels' must map names to integers"),
+        (json.dumps({**_SOUND, "labels": {"background": 0, "lesion": "1"}}).encode(), "must be integers"),
+        (json.dumps({**_SOUND, "labels": {"background": 0, "lesion": True}}).encode(), "must be integers"),
+        (json.dumps({**_SOUND, "labels": {"background": 0, "a": 1, "b": 1}}).encode(), "[1] declared under more"),
+        (json.dumps({**_SOUND, "labels": {"background": 0, "lesion": 2**40}}).encode(), "outside"),
+        (json.dumps({**_SOUND, "labels": {"lesion": 1}}).encode(), "with background 0"),
+        (json.dumps({**_SOUND, "subjects": ["a", "b"]}).encode(), "'subjects' must map case to subject"),
+        (json.dumps({**_SOUND, "subjects": {"c1": 3}}).encode(), "'subjects' must map case to subject"),
+        (json.dumps({**_SOUND, "channel_names": ["T1"]}).encode(), "'channel_names' must map channel index"),
+        (json.dumps({**_SOUND, "channel_names": {"0": 1}}).encode(), "'channel_names' must map channel index"),
+        (json.dumps({**_SOUND, "channel_names": {"a": "T1"}}).encode(), "keys must be channel indices"),
+        (json.dumps({**_SOUND, "file_ending": 5}).encode(), "'file_ending' must be a file ending"),
+        (b'{"channel_names": {"0": "T\xff1"}}', "not UTF-8 text (byte 26"),
+        (b'{"channel_names": ', "invalid JSON at line 1"),
+    ],
+)
+def test_malformed_dataset_json_is_one_line_naming_the_file(
+    data_roots: Path, capsys: pytest.CaptureFixture[str], content: bytes, problem: str
+) -> None:
+    folder = raw_root() / "Dataset123_Bad"
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_bytes(content)
+    with pytest.raises(DatasetError) as error:
+        load_dataset(folder)
+    message = str(error.value)
+    assert message.startswith(f"{folder / 'dataset.json'}: ") and "\n" not in message and problem in message
+    for command in (["-d", "Bad", "--no-progress"], ["-d", "Bad", "--verify", "--no-progress"]):
+        assert plan_main(command) == 1
+        error_lines = capsys.readouterr().err.strip().splitlines()
+        assert error_lines == [f"error: {message}"]

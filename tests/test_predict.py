@@ -417,6 +417,55 @@ def test_postprocessing_file_sets_the_threshold(home: Path, tmp_path: Path) -> N
     np.testing.assert_array_equal(labels, (probabilities >= threshold).astype(np.uint8))
 
 
+@pytest.mark.parametrize(("lesion", "dtype"), [(255, np.uint8), (300, np.uint16)], ids=["255", "300"])
+def test_a_model_of_a_dataset_declared_0_255_writes_masks_of_its_declared_values(
+    home: Path, tmp_path: Path, lesion: int, dtype: type
+) -> None:
+    """The network learns class 1; the mask written holds the value ``dataset.json`` declared for it (255, or 300 in
+    uint16, which uint8 would store as 44), voxel for voxel where the probability reaches the threshold."""
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    case = source.name.replace("_0000.nii.gz", "")
+    predict(source, tmp_path / "a", save_probabilities=True, **QUIET)
+    probabilities = read_image(tmp_path / "a" / f"{case}_probabilities.nii.gz")[0]
+    threshold = float(np.quantile(probabilities[probabilities > 0], 0.5))  # a mask with both values in it
+    write_json(
+        {"members": [f"{CONFIGURATION}/{TRAINER}"], "threshold": threshold, "min_lesion_mm3": 0.0},
+        home / "results" / NAME / "postprocessing.json",
+    )
+    for plans_path in (home / "results" / NAME / CONFIGURATION / TRAINER).glob("fold_*/plans.json"):
+        plans = Plans.from_json(plans_path)
+        dataclasses.replace(plans, labels={"background": 0, "lesion": lesion}).to_json(plans_path)
+    predict(source, tmp_path / "b", **QUIET)
+    written = tmp_path / "b" / f"{case}.nii.gz"
+    assert nibabel.load(written).get_data_dtype() == dtype
+    labels = read_image(written, np.float64)[0]
+    expected = np.where(probabilities >= threshold, lesion, 0)
+    assert set(np.unique(expected)) == {0, lesion}
+    np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ({"background": 0, "a": 1, "b": 1}, "label value(s) [1] declared under more than one name"),
+        ({"background": 0, "lesion": 2**31}, "label value(s) [2147483648] outside"),
+    ],
+)
+def test_a_model_whose_labels_cannot_be_written_is_refused_in_one_line(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture, labels: dict[str, int], problem: str
+) -> None:
+    for plans_path in (home / "results" / NAME / CONFIGURATION / TRAINER).glob("fold_*/plans.json"):
+        plain = read_json(plans_path)
+        write_json({**plain, "labels": labels}, plans_path)
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    assert predict_main(["-i", str(source), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    # the plans' own format: the file on the first line, then each problem on its own
+    assert error[0].startswith("error: ") and error[0].endswith("fold_0/plans.json: invalid plans:")
+    assert len(error) == 2 and error[1].strip().startswith(f"labels: {problem}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_validation_saves_probabilities(home: Path) -> None:
     validation = home / "results" / NAME / CONFIGURATION / TRAINER / "fold_0" / "validation"
     summary = read_json(validation / "summary.json")

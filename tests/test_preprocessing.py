@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 import autoseg.io
@@ -360,3 +361,42 @@ def test_only_the_files_autoseg_wrote_for_a_removed_case_are_deleted(tmp_path: P
     before = {p.name for p in tmp_path.iterdir()}
     assert remove_stale_cases(tmp_path, ["kept", "gone_seg"]) == ["gone"]
     assert before - {p.name for p in tmp_path.iterdir()} == {"gone.json", "gone.npy", "gone_lesion.npy"}
+
+
+def _store_lesions_as(folder: Path, lesion: int) -> int:
+    """Declare ``{"background": 0, "lesion": lesion}`` and store every lesion voxel of ``folder``'s label files as
+    ``lesion`` (uint16 when it needs it); returns the number of such voxels, counted in the files as written."""
+    description = read_json(folder / "dataset.json")
+    (folder / "dataset.json").write_text(json.dumps({**description, "labels": {"background": 0, "lesion": lesion}}))
+    count = 0
+    for path in sorted((folder / "labelsTr").iterdir()):
+        image = sitk.ReadImage(str(path))
+        array = np.where(sitk.GetArrayFromImage(image) > 0, lesion, 0).astype(np.uint8 if lesion < 256 else np.uint16)
+        stored = sitk.GetImageFromArray(array)
+        stored.CopyInformation(image)
+        sitk.WriteImage(stored, str(path))
+        count += int(np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(path))) == lesion))
+    return count
+
+
+@pytest.mark.parametrize("lesion", [255, 300])
+def test_a_dataset_declared_0_255_is_preprocessed_with_every_lesion_voxel_as_class_1(
+    tiny_atlas: Path, lesion: int
+) -> None:
+    """The training target of a dataset whose labels are 0/255 (or 0/300, which uint8 would store as 44) holds
+    every lesion voxel of its label files, as class 1 (the class the network's first channel learns); before, it
+    held none."""
+    expected = _store_lesions_as(tiny_atlas, lesion)
+    assert expected > 0
+    result = plan_and_preprocess("ATLASTiny", progress=False)
+    configuration = result.plans.configuration()
+    spacings = {tuple(read_image(path)[1].spacing) for path in sorted((tiny_atlas / "labelsTr").iterdir())}
+    assert spacings == {tuple(configuration.target_spacing)}  # not resampled: voxel counts compare one to one
+    folder = preprocessed_folder("Dataset901_ATLASTiny") / configuration.data_identifier
+    segs = [load_array(path) for path in sorted(folder.glob("*_seg.npy"))]
+    assert len(segs) == 4 and all(seg.dtype == np.uint8 and set(np.unique(seg)) <= {0, 1} for seg in segs)
+    assert sum(int(np.count_nonzero(seg == 1)) for seg in segs) == expected
+    assert result.plans.labels == {"background": 0, "lesion": lesion}
+    key = preprocessing_key(configuration, result.plans.labels)
+    assert key != preprocessing_key(configuration), "data preprocessed before as 0/255 must be redone"
+    assert preprocessing_key(configuration, {"background": 0, "lesion": 1}) == preprocessing_key(configuration)

@@ -17,8 +17,8 @@ import pytest
 
 from autoseg.commands import evaluate as evaluate_command
 from autoseg.evaluation import DISPLAY_NAMES, QUARTILE_METRICS, EvaluationError, format_number
-from autoseg.io import Geometry, write_image
-from autoseg.report import REPORT_NAME, case_order, write_report
+from autoseg.io import Geometry, read_image, write_image
+from autoseg.report import REPORT_NAME, case_order, load_evaluation, write_report
 
 SHAPE = (24, 28, 12)
 GEOMETRY = Geometry(SHAPE, (2.0, 2.0, 3.0), (-20.0, 10.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -158,6 +158,30 @@ def test_without_images_the_page_says_so(tmp_path: Path) -> None:
     assert _evaluate(folders) == 0
     text = (folders["out"] / REPORT_NAME).read_text(encoding="utf-8")
     assert "without <code>--images</code>" in text and len(_parse(folders["out"] / REPORT_NAME).cases) == len(CASES)
+
+
+def test_case_names_that_look_like_numbers_stay_names_on_the_page(tmp_path: Path) -> None:
+    """``001``, ``010``, ``1e3`` and ``NaN`` are case names: the page shows each once as written (pandas would read
+    them back as 1.0, 10.0, 1000.0 and a missing value), with the masks stored as 0/255 and scored with --binarize."""
+    folders = _write_cases(tmp_path)
+    names = dict(zip(CASES, ("001", "010", "1e3", "NaN", "0x1")))
+    for kind in ("images", "ref", "pred"):
+        for path in sorted(folders[kind].iterdir()):
+            case = next(c for c in CASES if path.name.startswith(c))
+            renamed = path.with_name(path.name.replace(case, names[case]))
+            if kind == "images":
+                path.rename(renamed)
+                continue
+            mask = read_image(path, np.uint8, canonical=False)[0] * np.uint8(255)
+            write_image(mask, GEOMETRY, renamed)
+            path.unlink()
+    assert _evaluate(folders, "--images", str(folders["images"]), "--binarize") == 0
+    parsed = _parse(folders["out"] / REPORT_NAME)
+    assert sorted(case for case, _ in parsed.cases) == sorted(names.values())
+    assert sorted(load_evaluation(folders["out"]).per_case.index) == sorted(names.values())
+    dice = dict(parsed.cases)
+    assert dice["001"] == 0.0 and dice["1e3"] == 1.0  # sub_a (empty prediction) and sub_c (exact) under their names
+    assert "any non-zero value (--binarize)" in (folders["out"] / REPORT_NAME).read_text(encoding="utf-8")
 
 
 def test_images_without_report_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.commands.plan import main as plan_main
-from autoseg.dataset import find_dataset
+from autoseg.dataset import find_dataset, load_dataset
 from autoseg.io import Geometry, read_json, write_image
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.verify import VerificationError, check_dataset, verify_dataset
@@ -259,3 +259,58 @@ def test_notes_follow_the_problems_they_may_explain(data_roots: Path) -> None:
     assert "note(s):" in message and "c2_0000.nii.gz: note: qform (code 1, scanner) and sform" in message
     assert message.index("problem(s) found") < message.index("note(s):")
     assert len(raised.value.notes) == 2
+
+
+def _relabel(folder: Path, labels: dict[str, int], lesion: float, dtype: type = np.uint8) -> None:
+    """Declare ``labels`` in ``dataset.json`` and store every lesion voxel of the label files as ``lesion``."""
+    description = read_json(folder / "dataset.json")
+    (folder / "dataset.json").write_text(json.dumps({**description, "labels": labels}))
+    for path in sorted((folder / "labelsTr").iterdir()):
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)
+        rewrite(path, np.where(array > 0, lesion, 0).astype(dtype))
+
+
+@pytest.mark.parametrize(
+    ("lesion", "dtype"), [(255, np.uint8), (300, np.uint16), (1000, np.int16)], ids=["255", "300", "1000"]
+)
+def test_declared_label_values_other_than_one_are_sound(data_roots: Path, lesion: int, dtype: type) -> None:
+    folder = make_dataset(data_roots)
+    _relabel(folder, {"background": 0, "lesion": lesion}, lesion, dtype)
+    report = check_dataset(find_dataset(folder.name), progress=False)
+    assert len(report.cases) == 3 and report.notes == []
+
+
+def test_label_values_not_declared_are_named_with_their_file(data_roots: Path) -> None:
+    """0/1 label files under ``"lesion": 255``, and 0/255 files under the usual ``"lesion": 1``: each file named with
+    the values it holds that ``dataset.json`` does not declare."""
+    folder = make_dataset(data_roots)
+    description = read_json(folder / "dataset.json")
+    (folder / "dataset.json").write_text(json.dumps({**description, "labels": {"background": 0, "lesion": 255}}))
+    assert problems_of(folder) == [
+        f"case c{i}: {folder / 'labelsTr' / f'c{i}.nii.gz'}: label values 1 not in dataset.json labels [0, 255]"
+        for i in range(3)
+    ]
+    folder = make_dataset(data_roots / "other")
+    _relabel(folder, {"background": 0, "lesion": 1}, 255)
+    with pytest.raises(VerificationError) as error:
+        verify_dataset(load_dataset(folder))
+    assert [str(p) for p in error.value.problems][0].endswith(
+        "c0.nii.gz: label values 255 not in dataset.json labels [0, 1]"
+    )
+
+
+def test_almost_integer_label_values_are_rounded_with_a_note(data_roots: Path) -> None:
+    """A float mask from a resampling tool (0.99999994 for 1) is sound, with a note naming the file; a value far
+    from every integer is a problem naming the file and the value."""
+    folder = make_dataset(data_roots)
+    label = folder / "labelsTr" / "c1.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+    rewrite(label, np.where(array > 0, np.float32(0.99999994), 0).astype(np.float32))
+    report = check_dataset(find_dataset(folder.name), progress=False)
+    assert [str(note) for note in report.notes] == [
+        f"case c1: {label}: note: label values 0.99999994 rounded to the nearest integers (a float mask, e.g. from a "
+        "resampling tool)"
+    ]
+    rewrite(label, np.where(array > 0, 0.6, 0).astype(np.float32))
+    assert problems_of(folder) == [f"case c1: {label}: label values 0.6 are not integers"]

@@ -721,6 +721,7 @@ class Trainer:
                 about,
                 images={case.identifier: case.images[0] for case in raw_cases},
                 context=self.context,
+                labels=self.plans.labels,
             )
         if self.promise is not None:
             self.log(

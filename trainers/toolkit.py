@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from autoseg.dataloading import case_identifiers
+from autoseg.dataset import LESION_LABELS
 from autoseg.distributed import DistributedContext, gather_objects
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.inference import Predictor
-from autoseg.io import atomic_path, read_image, write_image, write_json, write_like
+from autoseg.io import atomic_path, write_image, write_json, write_like
+from autoseg.labels import classes_from_values, label_classes, read_label_file, values_from_classes
 from autoseg.losses import one_hot_foreground
 from autoseg.machine import PRECISIONS
 from autoseg.metrics import mean_over_labels, score_case
@@ -311,10 +313,12 @@ def validate_cases(
     about: dict[str, Any] | None = None,
     images: dict[str, Path] | None = None,
     context: DistributedContext | None = None,
+    labels: Mapping[str, int] = LESION_LABELS,
 ) -> dict[str, Any]:
     """Predict whole preprocessed cases, restore them to the original grid, post-process, write them as NIfTI and
     score them against the raw labels with :func:`autoseg.metrics.score_case`, as ``autoseg_evaluate`` and
-    ``autoseg_find_best`` do: label ``k`` (channel ``k - 1``) on ``prediction == k`` against ``reference == k``.
+    ``autoseg_find_best`` do: class ``k`` (channel ``k - 1``, the ``k``-th declared non-zero label value,
+    ``autoseg.labels``) on ``prediction == k`` against ``reference == k``, the reference read as classes.
     The probabilities are rounded to float16 before post-processing, as ``CASE_probabilities.npz`` keeps them, so
     ``autoseg_find_best`` at the same post-processing makes the same labels and scores.
 
@@ -332,6 +336,8 @@ def validate_cases(
             (``autoseg.io.write_like``); None or a case not listed: written on the canonical grid as it is.
         context: in a distributed run, rank r predicts cases r, r + W, ... and the metrics of every rank are
             gathered; rank 0 writes ``summary.json`` and every rank returns the whole summary.
+        labels: the dataset's declared labels (``dataset.json``, the plans' ``labels``): ``CASE.nii.gz`` holds these
+            values, and the per-label scores are keyed by them.
 
     Returns:
         The summary: ``cases`` (case -> ``dice``, ``hausdorff95`` in mm, ``lesion_f1``, ``reference_voxels`` and
@@ -343,6 +349,7 @@ def validate_cases(
         ValueError: a case without a reference, or a reference on another grid than the prediction.
     """
     context = context or DistributedContext()
+    values = label_classes(labels)
     per_case = {}
     for case in list(cases)[context.rank :: context.world_size]:
         if case not in references or references[case] is None:
@@ -352,18 +359,20 @@ def validate_cases(
         # Rounded as CASE_probabilities.npz stores them, so autoseg_find_best remakes these labels exactly.
         probabilities = restore_probabilities(predictor.predict_preprocessed(data), properties)
         probabilities = probabilities.astype(np.float16).astype(np.float32)
-        labels = predictor.postprocess(probabilities, geometry.spacing)
+        classes = predictor.postprocess(probabilities, geometry.spacing)
+        written = values_from_classes(classes, labels)
         if images is not None and images.get(case) is not None:
-            write_like(labels, geometry, output_folder / f"{case}.nii.gz", images[case])
+            write_like(written, geometry, output_folder / f"{case}.nii.gz", images[case])
         else:
-            write_image(labels, geometry, output_folder / f"{case}.nii.gz")
+            write_image(written, geometry, output_folder / f"{case}.nii.gz")
         _save_probabilities(probabilities, output_folder / f"{case}_probabilities.npz")
-        reference, reference_geometry = read_image(references[case], np.uint8)
-        differences = geometry.differences(reference_geometry)
+        found = read_label_file(references[case])
+        differences = geometry.differences(found.geometry)
         if differences:
             raise DataError(f"{references[case]}: the label's grid differs from the image's: {'; '.join(differences)}")
-        scores = score_case(labels, reference, reference_geometry.spacing, range(1, len(probabilities) + 1))
-        per_case[case] = _summary_entry(scores)
+        reference = classes_from_values(found.array, labels, references[case])
+        scores = score_case(classes, reference, found.geometry.spacing, range(1, len(probabilities) + 1))
+        per_case[case] = _summary_entry({values[k]: metrics for k, metrics in scores.items()})
     if context.enabled:
         gathered = {case: metrics for part in gather_objects(per_case) for case, metrics in part.items()}
         per_case = {case: gathered[case] for case in cases}

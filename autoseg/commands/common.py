@@ -12,6 +12,7 @@ import torch
 from autoseg import distributed
 from autoseg.errors import AutosegError
 from autoseg.io import GeometryWarning
+from autoseg.labels import LabelValueWarning
 from autoseg.machine import configure_threads
 
 #: Errors that mean "the input is wrong" or "the disk is full", reported as one line without a traceback: every
@@ -25,8 +26,9 @@ USER_ERRORS = (AutosegError,)
 def _show_warning(
     message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line: str | None = None
 ) -> None:
-    """A :class:`GeometryWarning` as one ``warning: ...`` line on stderr (it names its file); others as Python shows them."""
-    if issubclass(category, GeometryWarning):
+    """A :class:`GeometryWarning` or :class:`LabelValueWarning` as one ``warning: ...`` line on stderr (it names its
+    file); others as Python shows them."""
+    if issubclass(category, (GeometryWarning, LabelValueWarning)):
         print(f"warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

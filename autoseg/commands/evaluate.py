@@ -32,7 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--probabilities", default=None, help="optional folder of lesion probability maps (same names); adds mDSC"
     )
-    parser.add_argument("--label", type=int, default=1, help="lesion label; masks are label == LABEL (default 1)")
+    parser.add_argument(
+        "--label",
+        type=int,
+        default=1,
+        help="lesion label; masks are label == LABEL (default 1). A mask whose non-zero values include no LABEL "
+        "(e.g. one stored as 0/255) is refused, naming the file and its values",
+    )
+    parser.add_argument(
+        "--binarize",
+        action="store_true",
+        help="count every non-zero voxel as lesion, whatever its value (e.g. masks stored as 0/255); --label is "
+        "then not used",
+    )
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)"
     )
@@ -72,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=args.output,
             probabilities_dir=args.probabilities,
             label=args.label,
+            binarize=args.binarize,
             num_bootstrap=args.bootstrap,
             seed=args.seed,
             num_workers=args.num_workers,
