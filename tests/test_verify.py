@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import HOSTILE_HEADERS
 
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
-from autoseg.io import Geometry, read_json, write_image
+from autoseg.io import Geometry, _read_nifti_voxels, read_json, write_image
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.verify import VerificationError, check_dataset, verify_dataset
 
@@ -128,6 +129,28 @@ def test_each_problem_names_case_file_and_what(data_roots: Path, name: str) -> N
     corrupt(folder)
     problems = problems_of(folder)
     assert any(f"case {case}:" in p and file in p and words in p for p in problems), problems
+
+
+def test_hostile_headers_are_problems_naming_the_file_found_without_reading_voxels(
+    data_roots: Path, hostile_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every hostile header (conftest ``HOSTILE_HEADERS``) in a channel or label file is one problem naming its case,
+    file and what is wrong; planning stops at verification (nothing is fingerprinted or allocated from them)."""
+    folder = make_dataset(data_roots, cases=len(HOSTILE_HEADERS) + 1, channels=1)
+    files = [folder / "imagesTr" / f"c{index}_0000.nii.gz" for index in range(len(HOSTILE_HEADERS) - 1)]
+    files.append(folder / "labelsTr" / f"c{len(HOSTILE_HEADERS) - 1}.nii.gz")
+    for path, kind in zip(files, HOSTILE_HEADERS):
+        hostile_image(path, kind)
+    problems = problems_of(folder)
+    assert len(problems) == len(HOSTILE_HEADERS), problems
+    for index, (path, words) in enumerate(zip(files, HOSTILE_HEADERS.values())):
+        assert any(p.startswith(f"case c{index}: {path}: ") and words in p for p in problems), (words, problems)
+    reads = []
+    monkeypatch.setattr("autoseg.io._read_nifti_voxels", lambda path: reads.append(path) or _read_nifti_voxels(path))
+    problems_of(folder)
+    assert reads and not set(reads) & set(files)  # the header alone refused them: no voxel of theirs was read
+    assert plan_main(["-d", folder.name, "--no-progress"]) == 1
+    assert not (data_roots / "preprocessed" / folder.name / "fingerprint.json").exists()
 
 
 def test_all_problems_are_reported_together(data_roots: Path) -> None:
