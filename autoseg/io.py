@@ -377,7 +377,8 @@ def check_header(path: str | Path, geometry: Geometry, components: int = 1) -> N
     if not all(np.isfinite(geometry.origin)) or not all(np.isfinite(geometry.direction)):
         raise ImageHeaderError(f"{path}: non-finite origin or direction in the header")
     try:
-        Orientation.of(geometry.direction)
+        if len(geometry.direction) == 9:  # other dimensions are refused by the readers, naming the dimension
+            Orientation.of(geometry.direction)
     except ValueError as error:
         raise ImageHeaderError(f"{path}: {error}") from None
     too_many = voxel_count_problem(geometry.shape, components)
