@@ -28,7 +28,7 @@ from autoseg.io import Geometry, read_image, read_json, write_image, write_json
 from autoseg.model_selection import THRESHOLDS, find_best
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
-from autoseg.predict import _choose_device, find_input_cases, load_model, predict, read_case_list
+from autoseg.predict import _choose_device, _ensemble, find_input_cases, load_model, predict, read_case_list
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -656,6 +656,28 @@ def test_a_case_too_large_at_the_plans_spacing_fails_before_resampling(
     assert not summary.written and len(summary.failed) == 1
     problem = summary.failed[0].problem
     assert "resampled from its voxel size [100, 100, 100] mm to the plan's" in problem and "voxels (" in problem
+
+
+def test_a_case_that_runs_out_of_memory_fails_alone(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A case whose prediction needs more memory than there is (``MemoryError``, whatever asked for it) fails in one
+    line; the next cases are predicted and the summary is written."""
+    first, calls = _cases(home)[0], []
+
+    def hungry(predictors, images, geometry):  # the first case (in sorted order) asks for too much
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("Unable to allocate 54.7 TiB for an array with shape (2, 32767, 32767, 32767)")
+        return _ensemble(predictors, images, geometry)
+
+    lines: list[str] = []
+    monkeypatch.setattr("autoseg.predict._ensemble", hungry)
+    summary = predict(_images(home), tmp_path / "out", **QUIET, tta="none", log=lines.append)
+    assert [f.identifier for f in summary.failed] == [first] and len(summary.written) == 4
+    assert lines == [f"case {first} ({_images(home) / f'{first}_0000.nii.gz'}): Unable to allocate 54.7 TiB for an "
+                     "array with shape (2, 32767, 32767, 32767)"]  # fmt: skip
+    assert read_json(tmp_path / "out" / "prediction_summary.json")["counts"]["failed"] == 1
 
 
 def test_a_killed_run_resumes_with_the_cases_it_did_not_finish(home: Path, tmp_path: Path) -> None:

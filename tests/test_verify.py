@@ -153,6 +153,27 @@ def test_hostile_headers_are_problems_naming_the_file_found_without_reading_voxe
     assert not (data_roots / "preprocessed" / folder.name / "fingerprint.json").exists()
 
 
+def test_planning_refuses_a_case_too_large_at_the_target_spacing_before_resampling_it(
+    data_roots: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Sound headers (verification passes), but one case of 16³ voxels of 100 mm among 1 mm cases: at the planned
+    ~1 mm it would be 1600 x 1600 x 800 voxels, more than a 1 GiB machine takes; planning fails naming the case in
+    one line, before allocating it."""
+    monkeypatch.setattr("autoseg.io.physical_memory_bytes", lambda: 1 << 30)
+    folder = make_dataset(data_roots, cases=4, channels=1)
+    geometry = Geometry((16, 16, 16), (100.0, 100.0, 100.0), (0.0, 0.0, 0.0), IDENTITY)
+    image = folder / "imagesTr" / "c3_0000.nii.gz"
+    write_image(np.random.default_rng(0).random((16, 16, 16), np.float32) + 1, geometry, image)
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[4:8, 4:8, 4:8] = 1
+    write_image(label, geometry, folder / "labelsTr" / "c3.nii.gz")
+    assert len(verify_dataset(find_dataset(folder.name))) == 4
+    assert plan_main(["-d", folder.name, "--no-progress", "-np", "1"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: case c3 ({image}): resampled from its voxel size [100, 100, 100] mm to the plan")
+    assert "voxels (1600 x 1600 x 800), more than the 3.36e+07 this machine's 1 GiB of memory allow" in error
+
+
 def test_all_problems_are_reported_together(data_roots: Path) -> None:
     folder = make_dataset(data_roots)
     for name in ("truncated", "missing channel", "label values"):
