@@ -13,6 +13,11 @@ orientation and writes it with the source's exact header (for NIfTI: both qform 
 matrices), so an output overlays its input in every viewer. :class:`Orientation` is the one place that
 knows how stored and canonical axes relate.
 
+Headers are checked before voxels are read (:func:`check_header`, called by :func:`read_image`): a header that
+declares more voxels than this machine can hold (:func:`max_voxels`), more voxel bytes than its NIfTI file can
+contain, or a voxel size outside [``MIN_SPACING_MM``, ``MAX_SPACING_MM``] raises :class:`ImageHeaderError` naming
+the file, so nothing is ever allocated from a hostile or broken header.
+
 Every writer writes to a temporary name in the destination folder and renames it into place, so a
 killed process never leaves a half-written file under the final name. A write that fails because the disk
 is full raises :class:`DiskFullError` (``no space left on device while writing PATH``), whatever library
