@@ -13,6 +13,11 @@ orientation and writes it with the source's exact header (for NIfTI: both qform 
 matrices), so an output overlays its input in every viewer. :class:`Orientation` is the one place that
 knows how stored and canonical axes relate.
 
+Headers are checked before voxels are read (:func:`check_header`, called by :func:`read_image`): a header that
+declares more voxels than this machine can hold (:func:`max_voxels`), more voxel bytes than its NIfTI file can
+contain, or a voxel size outside [``MIN_SPACING_MM``, ``MAX_SPACING_MM``] raises :class:`ImageHeaderError` naming
+the file, so nothing is ever allocated from a hostile or broken header.
+
 Every writer writes to a temporary name in the destination folder and renames it into place, so a
 killed process never leaves a half-written file under the final name. Images are written under their final names
 into a private temporary folder beside the destination (:func:`atomic_image_path`), so that a header that names a
@@ -71,6 +76,14 @@ os.umask(_UMASK)
 
 class ImageReadError(AutosegError, RuntimeError):
     """An image file could not be read; the message names the file."""
+
+
+class ImageHeaderError(ImageReadError):
+    """An image header declares what autoseg will not read: more voxels than this machine can hold
+    (:func:`max_voxels`), more voxel bytes than the file can contain, a voxel size outside
+    [``MIN_SPACING_MM``, ``MAX_SPACING_MM``] (zero, negative, NaN), a non-finite origin or direction, or a
+    ``.nii.gz`` that is not gzip-compressed. Raised from the header alone, before any voxel is read or allocated;
+    the message names the file (``PATH: problem``)."""
 
 
 class DiskFullError(AutosegError, OSError):
@@ -304,6 +317,125 @@ def split_ending(path: str | Path) -> tuple[str, str]:
     return Path(name).stem, Path(name).suffix
 
 
+#: The voxel sizes autoseg reads, in mm (per axis): from 1 µm (microscopy, micro-CT) to 10 cm (far beyond any
+#: clinical slice thickness). A header outside says something else than a scan: 1e9 mm (an unset field read as
+#: metres or garbage) would ask for terabytes once resampled to ~1 mm, and 1e-6 mm makes a brain a single voxel at
+#: the plan's spacing, so the mask comes out empty without a word.
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-3, 100.0
+
+#: Bytes of memory reckoned per voxel of an input image when deciding how many voxels a machine can take
+#: (:func:`max_voxels`): the float32 channel as read, its float64 copy where labels are checked, the float32
+#: probabilities and their restored copy on the input grid, and the uint8 mask.
+BYTES_PER_VOXEL = 32
+
+#: deflate (gzip) never compresses better than 1032:1, so a ``.nii.gz`` of N bytes holds at most 1032 N bytes.
+_MAX_GZIP_RATIO = 1032
+
+
+def physical_memory_bytes() -> int:
+    """This machine's physical memory in bytes (``os.sysconf``); 16 GiB where the system does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return 16 << 30
+
+
+def max_voxels() -> int:
+    """The most voxels (times components) one image may declare: physical memory / ``BYTES_PER_VOXEL``
+    (about 4.3e9 voxels with 128 GiB, 5.4e8 with 16 GiB; a 512 x 512 x 1000 CT is 2.6e8)."""
+    return physical_memory_bytes() // BYTES_PER_VOXEL
+
+
+def voxel_count_problem(shape: Sequence[int], components: int = 1) -> str | None:
+    """What is wrong with allocating an array of ``shape`` (times ``components``), or None when it fits
+    :func:`max_voxels`: ``N voxels (X x Y x Z), more than the LIMIT this machine's M GiB of memory allow``."""
+    count = int(np.prod([int(n) for n in shape], dtype=object)) * int(components)  # Python ints: no overflow
+    limit = max_voxels()
+    if count <= limit:
+        return None
+    sizes = " x ".join(str(int(n)) for n in shape) + (f" x {components} channels" if components > 1 else "")
+    return (
+        f"{count:.3g} voxels ({sizes}), more than the {limit:.3g} this machine's "
+        f"{physical_memory_bytes() / 2**30:.0f} GiB of memory allow ({BYTES_PER_VOXEL} bytes per voxel)"
+    )
+
+
+def format_mm(values: Sequence[float]) -> str:
+    """Sizes in mm for a message: ``[1e+09, 0.5, 3] mm`` (4 significant digits)."""
+    return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "] mm"
+
+
+def check_header(path: str | Path, geometry: Geometry, components: int = 1) -> None:
+    """Refuse a header that autoseg must not act on (see :class:`ImageHeaderError`), before its voxels are read.
+
+    Checked: finite voxel sizes within [``MIN_SPACING_MM``, ``MAX_SPACING_MM``] (a negative NIfTI pixdim is read
+    as a negative spacing), finite origin and direction, a direction that names the three patient axes, at most
+    :func:`max_voxels` voxels and, for NIfTI, the declared voxel bytes against the file's size (a ``.nii`` must hold
+    them; a ``.nii.gz`` can hold at most 1032 times its size, deflate's best ratio) and gzip compression of a
+    ``.nii.gz``. Takes microseconds: no voxel is read.
+
+    Args:
+        path: the image file.
+        geometry: its geometry as stored (:func:`read_header`), (x, y, z) order.
+        components: values per voxel.
+
+    Raises:
+        ImageHeaderError: what is wrong, naming ``path``.
+    """
+    spacing = [float(v) for v in geometry.spacing]
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise ImageHeaderError(
+            f"{path}: voxel size {format_mm(spacing)} in the header: every voxel size must be a "
+            "positive number (a negative or zero NIfTI pixdim, or NaN)"
+        )
+    if min(spacing) < MIN_SPACING_MM or max(spacing) > MAX_SPACING_MM:
+        raise ImageHeaderError(
+            f"{path}: voxel size {format_mm(spacing)} in the header lies outside the "
+            f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm autoseg reads; fix the header's voxel size (pixdim)"
+        )
+    if not all(np.isfinite(geometry.origin)) or not all(np.isfinite(geometry.direction)):
+        raise ImageHeaderError(f"{path}: non-finite origin or direction in the header")
+    try:
+        if len(geometry.direction) == 9:  # other dimensions are refused by the readers, naming the dimension
+            Orientation.of(geometry.direction)
+    except ValueError as error:
+        raise ImageHeaderError(f"{path}: {error}") from None
+    too_many = voxel_count_problem(geometry.shape, components)
+    if too_many:
+        raise ImageHeaderError(f"{path}: the header declares {too_many}")
+    if _is_nifti(path):
+        _check_nifti_size(Path(path), geometry.shape, components)
+
+
+def _check_nifti_size(path: Path, shape: Sequence[int], components: int) -> None:
+    """Refuse a NIfTI file that cannot hold the voxels its header declares, or a ``.nii.gz`` that is not gzip."""
+    import nibabel
+
+    size = path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    if compressed:
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                raise ImageHeaderError(f"{path}: named .nii.gz but not gzip-compressed; rename it to .nii (or gzip it)")
+    try:
+        header = nibabel.load(str(path)).header  # the header only: nibabel reads voxels lazily
+        offset = max(int(header.get_data_offset()), int(getattr(header, "single_vox_offset", 0)))
+        itemsize = int(header.get_data_dtype().itemsize)
+    except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as error:
+        raise ImageHeaderError(f"{path}: unreadable NIfTI header ({error})") from None
+    declared = offset + int(np.prod([int(n) for n in shape], dtype=object)) * components * itemsize
+    if not compressed and size < declared:
+        raise ImageHeaderError(
+            f"{path}: the header declares {declared:,} bytes of voxels and header but the file holds {size:,}: "
+            "it was cut short or its header is wrong"
+        )
+    if compressed and declared > size * _MAX_GZIP_RATIO:
+        raise ImageHeaderError(
+            f"{path}: the header declares {declared:,} bytes of voxels and header, more than a {size:,}-byte "
+            f"gzip file can hold (at most {_MAX_GZIP_RATIO}:1): it was cut short or its header is wrong"
+        )
+
+
 def read_header(path: str | Path) -> tuple[Geometry, int, str]:
     """Read only the header: geometry, number of dimensions and pixel type, without the voxels.
 
@@ -354,12 +486,14 @@ def read_image(path: str | Path, dtype: type = np.float32, *, canonical: bool = 
 
     Raises:
         ImageReadError: unreadable or truncated file, or an image that is not 3-D single-channel.
+        ImageHeaderError: a header autoseg does not act on (:func:`check_header`), found before any voxel is read.
     """
     geometry, dimension, _ = read_header(path)
     if dimension != 3:
         raise ImageReadError(
             f"{path}: expected a 3-D single-channel image, found {dimension}-D with size {list(geometry.shape)}"
         )
+    check_header(path, geometry)
     if _is_nifti(path):
         array = _read_nifti_voxels(path)
         _warn_once(path, qform_sform_note(path, geometry))
@@ -388,7 +522,7 @@ def _read_nifti_voxels(path: str | Path) -> np.ndarray:
     try:
         image = nibabel.load(str(path))
         return np.asarray(image.dataobj).reshape(image.shape[:3])
-    except (EOFError, OSError, ValueError, zlib.error) as error:
+    except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as error:
         raise ImageReadError(f"{path}: truncated or unreadable image ({error})") from None
 
 
@@ -418,7 +552,7 @@ def qform_sform_note(path: str | Path, geometry: Geometry) -> str | None:
     try:
         header = nibabel.load(str(path)).header
         (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
-    except (EOFError, OSError, ValueError, zlib.error):
+    except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError):
         return None  # reading the voxels reports the file
     if not qcode or not scode:
         return None

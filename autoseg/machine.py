@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -90,12 +91,29 @@ def machine_description(device: torch.device, precision: str) -> dict[str, str |
     }
 
 
+#: The devices autoseg runs on: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(requested: str) -> str:
+    """``requested`` when it is a device autoseg runs on (:data:`DEVICE_NAME`).
+
+    Raises:
+        UsageError: ``--device NAME: not a device autoseg runs on; use auto, cpu, cuda or cuda:N``.
+    """
+    if not DEVICE_NAME.match(str(requested)):
+        raise UsageError(f"--device {requested}: not a device autoseg runs on; use auto, cpu, cuda or cuda:N")
+    return requested
+
+
 def choose_device(requested: str = "auto") -> tuple[torch.device, str]:
     """The device to train on and why.
 
     Raises:
-        ValueError: CUDA requested but not available.
+        UsageError: a device autoseg does not run on (:func:`check_device_name`), or CUDA requested but not
+            available.
     """
+    check_device_name(requested)
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda"), f"CUDA is available ({torch.cuda.get_device_name(0)})"

@@ -45,15 +45,34 @@ _DEFAULT_SUBFOLDERS = {"AUTOSEG_RAW": "raw", "AUTOSEG_PREPROCESSED": "preprocess
 
 
 def autoseg_home() -> Path:
-    """The folder holding every root that is not set explicitly."""
-    return Path(os.environ.get("AUTOSEG_HOME", Path.home() / "autoseg_data")).expanduser()
+    """The folder holding every root that is not set explicitly.
+
+    Raises:
+        UsageError: ``AUTOSEG_HOME`` names a file, or a path below a file (:func:`_folder`).
+    """
+    return _folder("AUTOSEG_HOME", Path(os.environ.get("AUTOSEG_HOME", Path.home() / "autoseg_data")).expanduser())
 
 
 def _root(variable: str) -> Path:
     value = os.environ.get(variable)
     if value:
-        return Path(value).expanduser()
-    return autoseg_home() / _DEFAULT_SUBFOLDERS[variable]
+        return _folder(variable, Path(value).expanduser())
+    return _folder(variable, autoseg_home() / _DEFAULT_SUBFOLDERS[variable])
+
+
+def _folder(variable: str, path: Path) -> Path:
+    """``path`` when it is a folder or can become one (it, or its nearest existing parent, is a folder).
+
+    Raises:
+        UsageError: ``VARIABLE=PATH: ... is a file, not a folder`` (naming the file when it is a parent of ``path``),
+            in one line, before any command reads or writes under it.
+    """
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies below {existing}, which is a file"
+        set_by = variable if variable in os.environ else f"{variable} (unset: a sub-folder of AUTOSEG_HOME)"
+        raise UsageError(f"{set_by} = {path}: {where}, not a folder; set {variable} to a folder")
+    return path
 
 
 def raw_root() -> Path:

@@ -7,6 +7,7 @@ folder of preprocessed cases per ``data_identifier`` (see ``autoseg.preprocessin
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,8 +250,8 @@ def budget_request(minutes: float, device: str = "auto") -> BudgetRequest:
         BudgetError: a budget that is not a positive number of minutes.
         ValueError: ``cuda`` asked for on a machine without CUDA.
     """
-    if not minutes > 0:
-        raise BudgetError(f"the budget must be a positive number of minutes, got {minutes:g}")
+    if not 0 < minutes < math.inf:
+        raise BudgetError(f"the budget must be a positive finite number of minutes, got {minutes:g}")
     chosen, _ = choose_device(device)
     configure_threads()
     precision = choose_precision(chosen)

@@ -41,8 +41,9 @@ Cohorts: ``case_list`` (``--list FILE``) restricts the cases to those a text fil
 and ``num_parts``/``part_id`` split them into interleaved parts, one per process or array job. Every output is
 written under a temporary name and renamed, so a case whose outputs exist is complete and a re-run skips it; the
 temporary files a killed run left behind are removed as their case comes up. A case that cannot be read or
-predicted (:data:`CASE_ERRORS`: unreadable or truncated file, not 3-D, NaN/Inf voxels, channels on different grids,
-an empty image) is reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
+predicted (:data:`CASE_ERRORS`: unreadable or truncated file, not 3-D, a header autoseg refuses
+(``autoseg.io.check_header``), NaN/Inf voxels, channels on different grids, an empty image, not enough memory) is
+reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
 wrote, skipped and what failed to ``OUTPUT/prediction_summary.json`` (``prediction_summary_part{i}of{K}.json`` for
 part i of K) and returns it as a :class:`PredictionSummary`. Nothing of a case is kept once it is written, so
 memory stays flat over any number of cases (``documentation/benchmarks.md``).
@@ -119,11 +120,14 @@ __all__ = [
 #: Written by :func:`predict` into the output folder (``prediction_summary_part{i}of{K}.json`` for part i of K).
 SUMMARY_FILE = "prediction_summary.json"
 #: Errors that fail one case and not the run: every user-facing error (:class:`AutosegError`: the input cannot be
-#: read (:class:`ImageReadError`, also for a file that is not 3-D), or is not what a model takes
-#: (:class:`DataError`: NaN/Inf voxels, channels on different grids, an empty image)) and a file that went missing
-#: or cannot be read (``OSError``). A full disk (:class:`DiskFullError`) ends the run, and anything else (a bug)
-#: surfaces with its traceback.
-CASE_ERRORS = (AutosegError, OSError)
+#: read (:class:`ImageReadError`, also for a file that is not 3-D), its header declares what autoseg does not read
+#: (:class:`autoseg.io.ImageHeaderError`: too many voxels for this machine, more voxel bytes than the file holds, a
+#: voxel size outside 0.001-100 mm), or it is not what a model takes (:class:`DataError`: NaN/Inf voxels, channels
+#: on different grids, an empty image, too many voxels at the plan's spacing)), a file that went missing or cannot
+#: be read (``OSError``) and a case that needs more memory than there is (``MemoryError``: the case's arrays are
+#: freed with it, so the next case starts afresh). A full disk (:class:`DiskFullError`) ends the run, and anything
+#: else (a bug) surfaces with its traceback.
+CASE_ERRORS = (AutosegError, OSError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -346,7 +350,8 @@ def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
     channels stored in different orientations of the same grid agree.
 
     Raises:
-        ImageReadError: a file cannot be read or is not a 3-D single-channel image.
+        ImageReadError: a file cannot be read or is not a 3-D single-channel image, or (``ImageHeaderError``)
+            its header declares what autoseg does not read (``autoseg.io.check_header``), before its voxels are read.
         ValueError: channels on different grids, or NaN/Inf voxels (the message names the file and the problem).
     """
     arrays, geometry = [], None

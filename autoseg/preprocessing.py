@@ -48,9 +48,11 @@ from autoseg.io import (
     DamagedArrayError,
     Geometry,
     array_damage,
+    format_mm,
     load_array,
     read_image,
     save_array,
+    voxel_count_problem,
 )
 from autoseg.labels import classes_from_values, label_classes, read_label_file
 from autoseg.parallel import map_cases
@@ -251,7 +253,10 @@ def preprocess_case(
         label = np.zeros(geometry.shape, np.uint8)
     else:
         label = classes_from_values(read_label_file(case.label).array, labels, case.label)
-    data, seg, properties = preprocess_arrays(images, label, geometry, configuration)
+    try:
+        data, seg, properties = preprocess_arrays(images, label, geometry, configuration)
+    except DataError as error:
+        raise DataError(f"case {case.identifier} ({case.images[0]}): {error}") from None
     lesion = np.argwhere(seg > 0).astype(np.int32)
     if len(lesion) > MAX_LESION_LOCATIONS:
         rng = np.random.default_rng(1234)
@@ -290,6 +295,10 @@ def preprocess_arrays(
         data (C, X', Y', Z') float32, labels (X', Y', Z') uint8 or None, and the properties that
         ``restore_probabilities`` needs. With ``configuration.symmetry`` the data hold the mirrored channels too
         (``configuration.input_channels(C)`` of them, ``autoseg.symmetry``) and the properties the fit.
+
+    Raises:
+        DataError: the image resampled to the plan's target spacing would hold more voxels than this machine can
+            (``autoseg.io.voxel_count_problem``); found before anything is resampled.
     """
     foreground = np.any(images != 0, axis=0)
     box = crop_box(images, label)
@@ -297,6 +306,12 @@ def preprocess_arrays(
     images, foreground = images[(slice(None), *crop)], foreground[crop]
     normalized = np.stack([normalize(c, foreground, n) for c, n in zip(images, configuration.normalization)])
     target = target_shape(images.shape[1:], geometry.spacing, configuration.target_spacing)
+    too_many = voxel_count_problem(target, configuration.input_channels(len(images)))
+    if too_many:
+        raise DataError(
+            f"resampled from its voxel size {format_mm(geometry.spacing)} to the plan's {format_mm(configuration.target_spacing)} "
+            f"the image would hold {too_many}"
+        )
     data = resample_image(normalized, target, configuration.resampling)
     seg = resample_labels(label[crop], target) if label is not None else None
     mirror_fit = None

@@ -27,6 +27,7 @@ from autoseg.io import (
     GeometryWarning,
     ImageReadError,
     Orientation,
+    check_header,
     count_non_finite,
     qform_sform_note,
     read_header,
@@ -214,9 +215,11 @@ def read_checked_case(case: Case, labels: Mapping[str, int]) -> CheckedCase:
 def _header_notes(case: Case, path: Path) -> list[Problem]:
     """A note when ``path`` is a NIfTI file whose qform and sform disagree by more than a voxel."""
     try:
-        note = qform_sform_note(path, read_header(path)[0])
+        geometry = read_header(path)[0]
+        check_header(path, geometry)
     except ImageReadError:
         return []  # reported as a problem by _check_image
+    note = qform_sform_note(path, geometry)
     return [] if note is None else [Problem(case.identifier, path, "note: " + note.removeprefix(f"{path}: "))]
 
 

@@ -97,6 +97,50 @@ def reoriented_copy() -> Callable[[Path, Path, str], Path]:
     return _reoriented_copy
 
 
+#: Hostile NIfTI headers (:func:`_write_hostile_image`), each with words of the one line that refuses it.
+HOSTILE_HEADERS = {
+    "huge": "32767 x 32767 x 32767",  # 3.5e13 voxels declared in a file of a hundred bytes
+    "not_gzip": "not gzip-compressed",  # a sound .nii under a .nii.gz name: plain bytes to a gzip reader
+    "cut_short": "it was cut short",  # 200³ float32 declared, 8³ stored
+    "metre_voxel": "[1e+09, 1e+09, 1e+09] mm in the header lies outside",
+    "negative_pixdim": "[-1, 1, 1] mm in the header: every voxel size must be a positive number",
+    "micrometre_voxel": "[1e-06, 1e-06, 1e-06] mm in the header lies outside",
+}
+
+
+def _write_hostile_image(path: Path, kind: str) -> Path:
+    """Write the hostile NIfTI file ``kind`` of :data:`HOSTILE_HEADERS` to ``path`` (``.nii.gz``), byte by byte:
+    a 348-byte header with voxel size in pixdim (qform code 1, no sform, so every reader takes pixdim) and 8³
+    float32 voxels (none for ``huge``)."""
+    import gzip
+    import struct
+
+    import nibabel
+    import numpy as np
+
+    shape = {"huge": (32767,) * 3, "cut_short": (200,) * 3}.get(kind, (8, 8, 8))
+    pixdim = {"metre_voxel": (1e9,) * 3, "negative_pixdim": (-1.0, 1.0, 1.0), "micrometre_voxel": (1e-6,) * 3}
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_qform(np.eye(4), code=1)
+    header.set_sform(np.eye(4), code=0)
+    header["vox_offset"] = 352
+    block = bytearray(header.binaryblock)
+    struct.pack_into("<3f", block, 80, *pixdim.get(kind, (1.0, 1.0, 1.0)))  # pixdim[1:4]
+    voxels = b"" if kind == "huge" else np.random.default_rng(0).random(512, np.float32).tobytes()
+    data = bytes(block) + b"\0" * 4 + voxels  # the 4-byte extension flag, then the voxels at offset 352
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if kind == "not_gzip" else gzip.compress(data))
+    return path
+
+
+@pytest.fixture
+def hostile_image() -> Callable[[Path, str], Path]:
+    """``hostile_image(path, kind)``: see :func:`_write_hostile_image` and :data:`HOSTILE_HEADERS`."""
+    return _write_hostile_image
+
+
 #: The dataset of the tiny trained model shared by the prediction and model-file tests.
 TINY_MODEL = "Dataset961_ATLASPredict"
 TINY_MODEL_TRAINER = "ResidualUNetTrainer"

@@ -23,7 +23,7 @@ from autoseg.dataset import find_dataset
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet, count_forward_macs
-from autoseg.plan_and_preprocess import plan_and_preprocess
+from autoseg.plan_and_preprocess import budget_request, plan_and_preprocess
 from autoseg.plans import Plans
 from planners import get_planner
 
@@ -280,8 +280,18 @@ def test_command_line_budget_in_minutes_or_hours(
     assert record.minutes == 3 and record.estimated_minutes <= 3
     assert plan_main(["-d", "ATLASTiny", "--budget-hours", "0.05", "--no-progress", "-np", "1"]) == 0
     assert "compute budget: 3 min per fold" in capsys.readouterr().out
-    assert plan_main(["-d", "ATLASTiny", "--budget-minutes", "-1", "--no-progress"]) == 1
-    assert "positive number of minutes" in capsys.readouterr().err
+    for minutes in ("-1", "0", "inf", "nan"):
+        with pytest.raises(SystemExit) as stopped:
+            plan_main(["-d", "ATLASTiny", "--budget-minutes", minutes, "--no-progress"])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert (
+            error
+            == f"autoseg_plan: error: argument --budget-minutes: must be a positive finite number, got '{minutes}'"
+        )
+    for minutes in (-1.0, 0.0, math.inf, math.nan):
+        with pytest.raises(BudgetError, match="positive finite number of minutes"):
+            budget_request(minutes)
     assert plan_and_preprocess("ATLASTiny", progress=False).plans.compute_budget is None
 
 

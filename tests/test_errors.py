@@ -208,3 +208,106 @@ def test_plan_refuses_preprocessed_folders_it_cannot_write_in_one_line(
     _read_only(folder, monkeypatch)
     message = f"preprocessed folder {folder}: is read-only"
     assert _refused(plan_main, arguments, data_roots, capsys) == message
+
+
+def _commands() -> dict[str, Callable[[list[str]], int]]:
+    from autoseg.commands import convert, demo, evaluate, plan, predict, pretrain, train
+
+    return {
+        "plan": plan.main,
+        "predict": predict.main,
+        "train": train.main,
+        "pretrain": pretrain.main,
+        "evaluate": evaluate.main,
+        "demo": demo.main,
+        "convert": convert.main,
+    }
+
+
+PLAN, PREDICT, TRAIN = ["-d", "ATLAS"], ["-i", "in", "-o", "out"], ["-d", "ATLAS"]
+PRETRAIN, EVALUATE = ["-d", "ATLAS", "-o", "w.pth"], ["-ref", "r", "-pred", "p", "-o", "o"]
+POSITIVE, NOT_NEGATIVE = "must be at least 1, got", "must be at least 0, got"
+FINITE = "must be a positive finite number, got"
+#: (command, arguments, the flag, what argparse says) for every numeric and device flag, with hostile values.
+BAD_VALUES = [
+    *[("plan", [*PLAN, "--budget-minutes", v], "--budget-minutes", FINITE) for v in ("inf", "-1", "0", "nan", "x")],
+    *[("plan", [*PLAN, "--budget-hours", v], "--budget-hours", FINITE) for v in ("inf", "-0.5")],
+    *[("plan", [*PLAN, "--gpu-memory-gb", v], "--gpu-memory-gb", FINITE) for v in ("-4", "nan", "inf")],
+    ("plan", [*PLAN, "-np", "0"], "-np/--num-processes", POSITIVE),
+    ("plan", [*PLAN, "--device", "tpu"], "--device", "invalid choice: 'tpu'"),
+    *[("predict", [*PREDICT, "--device", v], "--device", "not a device autoseg runs on") for v in ("tpu", "cuda:x")],
+    *[
+        ("predict", [*PREDICT, "--step-size", v], "--step-size", "greater than 0 and at most 1")
+        for v in ("0", "2", "nan")
+    ],
+    ("predict", [*PREDICT, "--num-parts", "0"], "--num-parts", POSITIVE),
+    ("predict", [*PREDICT, "--part-id", "-1"], "--part-id", NOT_NEGATIVE),
+    ("train", [*TRAIN, "--device", "tpu"], "--device", "not a device autoseg runs on"),
+    ("train", [*TRAIN, "--epochs", "0"], "--epochs", POSITIVE),
+    ("train", [*TRAIN, "--iters-per-epoch", "-3"], "--iters-per-epoch", POSITIVE),
+    ("train", [*TRAIN, "--val-iters", "-1"], "--val-iters", NOT_NEGATIVE),
+    ("train", [*TRAIN, "-np", "-1"], "-np/--num-processes", NOT_NEGATIVE),
+    ("train", [*TRAIN, "--num-gpus", "0"], "--num-gpus", POSITIVE),
+    ("train", [*TRAIN, "--seed", "-1"], "--seed", "must be from 0 to 4294967295"),
+    ("train", [*TRAIN, "--seed", "1.5"], "--seed", "must be a whole number"),
+    ("pretrain", [*PRETRAIN, "--device", "tpu"], "--device", "not a device autoseg runs on"),
+    ("pretrain", [*PRETRAIN, "--epochs", "0"], "--epochs", POSITIVE),
+    ("pretrain", [*PRETRAIN, "-np", "-2"], "-np/--num-processes", NOT_NEGATIVE),
+    ("evaluate", [*EVALUATE, "--bootstrap", "-1"], "--bootstrap", NOT_NEGATIVE),
+    ("evaluate", [*EVALUATE, "-np", "0"], "-np/--num-workers", POSITIVE),
+    ("evaluate", [*EVALUATE, "--seed", "2e9"], "--seed", "must be a whole number"),
+    ("demo", ["atlas", "-n", "0"], "-n/--cases", POSITIVE),
+    ("convert", ["isles22", "src", "-d", "X", "--id", "1000"], "--id", "must be from 0 to 999"),
+]
+
+
+@pytest.mark.parametrize(("command", "arguments", "flag", "words"), BAD_VALUES)
+def test_a_bad_flag_value_is_argparses_one_line_error_before_anything_runs(
+    capsys: pytest.CaptureFixture, command: str, arguments: list[str], flag: str, words: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _commands()[command](arguments)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[0].startswith("usage: ") and len([line for line in error if "error:" in line]) == 1, error
+    assert f"error: argument {flag}: " in error[-1] and words in error[-1], error
+
+
+@pytest.mark.parametrize(
+    ("command", "arguments", "words"),
+    [
+        ("plan", [*PLAN, "--verify", "--preprocess-only"], "--preprocess-only has no effect with --verify"),
+        ("plan", [*PLAN, "--verify", "-c", "3d", "--budget-minutes", "5"], "--configurations, --budget-minutes have"),
+        ("plan", [*PLAN, "--verify", "--normalization", "histeq"], "--normalization has no effect with --verify"),
+        ("plan", [*PLAN, "--preprocess-only", "--gpu-memory-gb", "4"], "--gpu-memory-gb has no effect with --prep"),
+        ("plan", [*PLAN, "--preprocess-only", "-pl", "CPUPlanner"], "--planner has no effect with --preprocess-only"),
+        ("plan", [*PLAN, "--device", "cpu"], "--device has no effect without --budget-minutes or --budget-hours"),
+        ("demo", ["atlas", "--tiny", "--spacing", "2"], "--spacing has no effect with --tiny"),
+        ("demo", ["ctp", "--spacing", "2"], "--spacing has no effect with ctp"),
+    ],
+)
+def test_a_flag_that_would_be_silently_ignored_is_refused(
+    capsys: pytest.CaptureFixture, command: str, arguments: list[str], words: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _commands()[command](arguments)
+    assert stopped.value.code == 2
+    assert words in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_good_flag_values_still_parse() -> None:
+    from autoseg.commands import plan, predict, train
+
+    args = plan.parser().parse_args([*PLAN, "--budget-minutes", "30", "--gpu-memory-gb", "7.5", "--device", "cpu"])
+    assert (args.budget_minutes, args.gpu_memory_gb) == (30.0, 7.5)
+    args = predict.parser().parse_args([*PREDICT, "--device", "cuda:1", "--step-size", "1", "--part-id", "0"])
+    assert (args.device, args.step_size) == ("cuda:1", 1.0)
+    args = train.parser().parse_args([*TRAIN, "--val-iters", "0", "-np", "0", "--seed", "4294967295"])
+    assert (args.val_iters, args.num_processes, args.seed) == (0, 0, 2**32 - 1)
+
+
+def test_the_library_refuses_an_unknown_device_in_one_line() -> None:
+    from autoseg.machine import choose_device
+
+    with pytest.raises(UsageError, match="--device tpu: not a device autoseg runs on; use auto, cpu, cuda or cuda:N"):
+        choose_device("tpu")

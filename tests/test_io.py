@@ -13,6 +13,7 @@ import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import HOSTILE_HEADERS
 
 from autoseg.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.io import (
@@ -22,6 +23,7 @@ from autoseg.io import (
     DiskFullError,
     Geometry,
     GeometryWarning,
+    ImageHeaderError,
     ImageReadError,
     Orientation,
     array_damage,
@@ -31,6 +33,7 @@ from autoseg.io import (
     image_files,
     is_disk_full,
     load_array,
+    max_voxels,
     read_header,
     read_image,
     read_json,
@@ -71,6 +74,42 @@ def test_a_truncated_nifti_is_an_error_not_zeros(tmp_path: Path) -> None:
     (tmp_path / "a.nii.gz").write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ImageReadError, match="a.nii.gz: truncated"):
         read_image(tmp_path / "a.nii.gz")
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_HEADERS))
+def test_a_hostile_header_is_refused_before_any_voxel_is_read(tmp_path: Path, hostile_image, kind: str) -> None:
+    path = hostile_image(tmp_path / f"{kind}.nii.gz", kind)
+    read_header(path)  # the header itself parses: what it declares is refused
+    with pytest.raises(ImageHeaderError) as error:
+        read_image(path)
+    assert str(error.value).startswith(f"{path}: ") and HOSTILE_HEADERS[kind] in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_an_uncompressed_nifti_shorter_than_its_header_declares_is_refused(tmp_path: Path, hostile_image) -> None:
+    path = tmp_path / "short.nii"
+    hostile_image(tmp_path / "short.nii.gz", "cut_short").rename(path)  # gzip bytes: fix that first
+    path.write_bytes(__import__("gzip").decompress(path.read_bytes()))
+    with pytest.raises(ImageHeaderError, match=r"declares 32,000,352 bytes of voxels and header but the file holds"):
+        read_image(path)
+
+
+def test_the_voxel_limit_comes_from_memory_and_holds_for_every_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    huge = tmp_path / "huge.mha"
+    huge.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 32767 32767 32767\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    )
+    with pytest.raises(ImageHeaderError, match=r"huge.mha: the header declares 3.52e\+13 voxels \(32767 x 32767"):
+        read_image(huge)
+    geometry = Geometry((64, 64, 64), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(np.ones((64, 64, 64), np.float32), geometry, tmp_path / "sound.mha")
+    assert read_image(tmp_path / "sound.mha")[0].shape == (64, 64, 64)
+    monkeypatch.setattr("autoseg.io.physical_memory_bytes", lambda: 4 << 20)  # 4 MiB / 32 bytes: 131,072 voxels
+    assert max_voxels() == 131_072
+    with pytest.raises(ImageHeaderError, match="2.62e\\+05 voxels \\(64 x 64 x 64\\), more than the 1.31e\\+05"):
+        read_image(tmp_path / "sound.mha")
 
 
 def test_writers_leave_no_temporary_files_and_usual_permissions(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import nibabel
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import HOSTILE_HEADERS
 
 from autoseg.commands.common import run
 from autoseg.commands.find_best import main as find_best_main
@@ -26,7 +28,7 @@ from autoseg.io import Geometry, read_image, read_json, write_image, write_json
 from autoseg.model_selection import THRESHOLDS, find_best
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
-from autoseg.predict import _choose_device, find_input_cases, load_model, predict, read_case_list
+from autoseg.predict import _choose_device, _ensemble, find_input_cases, load_model, predict, read_case_list
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -734,6 +736,76 @@ def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(
     assert predict_main(arguments) == 1
     summary = read_json(output / "prediction_summary.json")
     assert summary["counts"] == {"written": 0, "skipped": 5, "failed": 3} and summary["skipped"] == good
+
+
+def test_hostile_headers_fail_alone_before_any_voxel_is_allocated_and_the_cohort_goes_on(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture, hostile_image
+) -> None:
+    """A header claiming 32767³ voxels in a hundred bytes, plain bytes named .nii.gz, a header promising more voxel
+    bytes than its file holds, a 1e9 mm, a negative and a 1e-6 mm voxel: each case fails in one line naming its
+    file, found from the header (nothing near its claimed size is allocated), and the good cases are written."""
+    source = Path(shutil.copytree(_images(home), tmp_path / "in"))
+    bad = {f"a_{kind}": words for kind, words in HOSTILE_HEADERS.items()}
+    for case in bad:
+        hostile_image(source / f"{case}_0000.nii.gz", case.removeprefix("a_"))
+    output = tmp_path / "out"
+    arguments = ["-i", str(source), "-o", str(output), "--device", "cpu", "--no-progress", "--tta", "none"]
+    tracemalloc.start()
+    try:
+        assert predict_main(arguments) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 << 20, f"{peak / 2**20:.0f} MiB allocated at the peak"
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("case ")]
+    assert len(lines) == len(bad), err
+    for line, (case, words) in zip(lines, sorted(bad.items())):
+        assert line.startswith(f"case {case} ({source / f'{case}_0000.nii.gz'}): ") and words in line, line
+    good = _cases(home)
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in good]
+    summary = read_json(output / "prediction_summary.json")
+    assert summary["counts"] == {"written": 5, "skipped": 0, "failed": len(bad)} and summary["written"] == good
+    assert [f["case"] for f in summary["failed"]] == sorted(bad)
+    assert out.startswith(f"wrote 5 prediction(s), skipped 0 already done, {len(bad)} failed: ")
+
+
+def test_a_case_too_large_at_the_plans_spacing_fails_before_resampling(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sound header (16³ voxels of 100 mm, the largest size accepted) that at the plan's 3.5 mm would hold 457³
+    voxels, more than a machine of 1 GiB takes (3.4e7 voxels): the case fails in one line saying so, before anything
+    is resampled."""
+    monkeypatch.setattr("autoseg.io.physical_memory_bytes", lambda: 1 << 30)
+    geometry = Geometry((16, 16, 16), (100.0, 100.0, 100.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image = np.random.default_rng(0).random((16, 16, 16), np.float32) + 1
+    write_image(image, geometry, tmp_path / "in" / "big.nii.gz")
+    summary = predict(tmp_path / "in", tmp_path / "out", **QUIET, tta="none", log=lambda line: None)
+    assert not summary.written and len(summary.failed) == 1
+    problem = summary.failed[0].problem
+    assert "resampled from its voxel size [100, 100, 100] mm to the plan's" in problem and "voxels (" in problem
+
+
+def test_a_case_that_runs_out_of_memory_fails_alone(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A case whose prediction needs more memory than there is (``MemoryError``, whatever asked for it) fails in one
+    line; the next cases are predicted and the summary is written."""
+    first, calls = _cases(home)[0], []
+
+    def hungry(predictors, images, geometry):  # the first case (in sorted order) asks for too much
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("Unable to allocate 54.7 TiB for an array with shape (2, 32767, 32767, 32767)")
+        return _ensemble(predictors, images, geometry)
+
+    lines: list[str] = []
+    monkeypatch.setattr("autoseg.predict._ensemble", hungry)
+    summary = predict(_images(home), tmp_path / "out", **QUIET, tta="none", log=lines.append)
+    assert [f.identifier for f in summary.failed] == [first] and len(summary.written) == 4
+    assert lines == [f"case {first} ({_images(home) / f'{first}_0000.nii.gz'}): Unable to allocate 54.7 TiB for an "
+                     "array with shape (2, 32767, 32767, 32767)"]  # fmt: skip
+    assert read_json(tmp_path / "out" / "prediction_summary.json")["counts"]["failed"] == 1
 
 
 def test_a_killed_run_resumes_with_the_cases_it_did_not_finish(home: Path, tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import HOSTILE_HEADERS
 
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset, load_dataset
-from autoseg.io import Geometry, read_json, write_image
+from autoseg.io import Geometry, _read_nifti_voxels, read_json, write_image
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.verify import VerificationError, check_dataset, verify_dataset
 
@@ -128,6 +129,49 @@ def test_each_problem_names_case_file_and_what(data_roots: Path, name: str) -> N
     corrupt(folder)
     problems = problems_of(folder)
     assert any(f"case {case}:" in p and file in p and words in p for p in problems), problems
+
+
+def test_hostile_headers_are_problems_naming_the_file_found_without_reading_voxels(
+    data_roots: Path, hostile_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every hostile header (conftest ``HOSTILE_HEADERS``) in a channel or label file is one problem naming its case,
+    file and what is wrong; planning stops at verification (nothing is fingerprinted or allocated from them)."""
+    folder = make_dataset(data_roots, cases=len(HOSTILE_HEADERS) + 1, channels=1)
+    files = [folder / "imagesTr" / f"c{index}_0000.nii.gz" for index in range(len(HOSTILE_HEADERS) - 1)]
+    files.append(folder / "labelsTr" / f"c{len(HOSTILE_HEADERS) - 1}.nii.gz")
+    for path, kind in zip(files, HOSTILE_HEADERS):
+        hostile_image(path, kind)
+    problems = problems_of(folder)
+    assert len(problems) == len(HOSTILE_HEADERS), problems
+    for index, (path, words) in enumerate(zip(files, HOSTILE_HEADERS.values())):
+        assert any(p.startswith(f"case c{index}: {path}: ") and words in p for p in problems), (words, problems)
+    reads = []
+    monkeypatch.setattr("autoseg.io._read_nifti_voxels", lambda path: reads.append(path) or _read_nifti_voxels(path))
+    problems_of(folder)
+    assert reads and not set(reads) & set(files)  # the header alone refused them: no voxel of theirs was read
+    assert plan_main(["-d", folder.name, "--no-progress"]) == 1
+    assert not (data_roots / "preprocessed" / folder.name / "fingerprint.json").exists()
+
+
+def test_planning_refuses_a_case_too_large_at_the_target_spacing_before_resampling_it(
+    data_roots: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Sound headers (verification passes), but one case of 16³ voxels of 100 mm among 1 mm cases: at the planned
+    ~1 mm it would be 1600 x 1600 x 800 voxels, more than a 1 GiB machine takes; planning fails naming the case in
+    one line, before allocating it."""
+    monkeypatch.setattr("autoseg.io.physical_memory_bytes", lambda: 1 << 30)
+    folder = make_dataset(data_roots, cases=4, channels=1)
+    geometry = Geometry((16, 16, 16), (100.0, 100.0, 100.0), (0.0, 0.0, 0.0), IDENTITY)
+    image = folder / "imagesTr" / "c3_0000.nii.gz"
+    write_image(np.random.default_rng(0).random((16, 16, 16), np.float32) + 1, geometry, image)
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[4:8, 4:8, 4:8] = 1
+    write_image(label, geometry, folder / "labelsTr" / "c3.nii.gz")
+    assert len(verify_dataset(find_dataset(folder.name))) == 4
+    assert plan_main(["-d", folder.name, "--no-progress", "-np", "1"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: case c3 ({image}): resampled from its voxel size [100, 100, 100] mm to the plan")
+    assert "voxels (1600 x 1600 x 800), more than the 3.36e+07 this machine's 1 GiB of memory allow" in error
 
 
 def test_all_problems_are_reported_together(data_roots: Path) -> None:

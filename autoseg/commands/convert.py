@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autoseg.commands.common import run
+from autoseg.commands.common import int_range, run
 from autoseg.converters import CONVERTERS, convert
 
 
@@ -20,7 +20,10 @@ def parser() -> argparse.ArgumentParser:
     shared.add_argument("source", type=Path, metavar="SRC", help="the release's top folder, as unpacked")
     shared.add_argument("-d", "--dataset", required=True, metavar="NAME", help="dataset name, e.g. ATLAS")
     shared.add_argument(
-        "--id", type=int, metavar="NNN", help="dataset number (default: the lowest free one under AUTOSEG_RAW)"
+        "--id",
+        type=int_range(0, 999),
+        metavar="NNN",
+        help="dataset number (default: the lowest free one under AUTOSEG_RAW)",
     )
     shared.add_argument(
         "--overwrite",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from autoseg.commands.common import run
+from autoseg.commands.common import positive_int, refuse_unused, run, seed
 from autoseg.dataset import staged_dataset
 from autoseg.demo import make_atlas_like, make_ctp_like
 from autoseg.paths import raw_folder
@@ -29,10 +29,10 @@ def parser() -> argparse.ArgumentParser:
         choices=["atlas", "ctp"],
         help="atlas: chronic stroke T1w on the MNI152 2009 template; ctp: 5-channel CT perfusion slabs",
     )
-    p.add_argument("-n", "--cases", type=int, default=20, help="cases (atlas) or subjects (ctp); default 20")
+    p.add_argument("-n", "--cases", type=positive_int, default=20, help="cases (atlas) or subjects (ctp); default 20")
     p.add_argument("--spacing", type=float, default=1.0, choices=[1.0, 2.0], help="atlas voxel size in mm")
     p.add_argument("--tiny", action="store_true", help="tiny volumes (~48 voxels per side) for tests")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--name", help="dataset folder name (default: Dataset001_ATLAS, Dataset002_ATLAS2mm, Dataset003_CTP)"
     )
@@ -45,7 +45,11 @@ def default_name(kind: str, spacing: float, tiny: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    refuse_unused(p, args, "tiny", ["spacing"], "tiny cases have 3.5 mm voxels")
+    if args.kind == "ctp" and args.spacing != p.get_default("spacing"):
+        p.error("--spacing has no effect with ctp: it sets the voxel size of atlas cases")
 
     def action() -> None:
         target = raw_folder(args.name or default_name(args.kind, args.spacing, args.tiny))

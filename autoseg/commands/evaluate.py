@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autoseg.commands.common import run
+from autoseg.commands.common import non_negative_int, positive_int, run, seed
 from autoseg.evaluation import OUTPUT_NAMES, evaluate_folders, format_summary_table
 from autoseg.io import check_output_file, check_output_folder
 from autoseg.report import REPORT_NAME, find_case_images, write_report
@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "then not used",
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)"
+        "--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument(
         "--report",
         action="store_true",
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --report: folder of the images (CASE_0000 or CASE, same grid as the "
         "references) drawn behind the outlines; without it they are drawn on black",
     )
-    parser.add_argument("-np", "--num-workers", type=int, default=1, help="parallel processes (default 1)")
+    parser.add_argument("-np", "--num-workers", type=positive_int, default=1, help="parallel processes (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from autoseg.commands.common import run
+from autoseg.commands.common import positive_finite_float, positive_int, refuse_unused, run
 from autoseg.errors import UsageError
 from autoseg.plan_and_preprocess import plan_and_preprocess, verify
 from autoseg.planning import NORMALIZATION_OPTIONS
@@ -23,22 +23,22 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-pl", "--planner", default="DefaultPlanner", help=f"planner class; one of {available_planners()}")
     p.add_argument("-c", "--configurations", nargs="+", help="preprocess only these configurations (default: all)")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("-np", "--num-processes", type=positive_int, default=2, help="worker processes (default 2)")
     p.add_argument(
         "--gpu-memory-gb",
-        type=float,
+        type=positive_finite_float,
         help="memory budget that patch and batch sizes are fitted to (default: the planner's, 8 GB for DefaultPlanner)",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--budget-minutes",
-        type=float,
+        type=positive_finite_float,
         metavar="M",
         help="fit the plan to M minutes of training per fold (validation included) on --device: "
         "resolution, network, patch, batch and iterations are chosen from a timed probe of "
         "this machine (cached under AUTOSEG_HOME/compute_probes)",
     )
-    budget.add_argument("--budget-hours", type=float, metavar="H", help="the same budget in hours")
+    budget.add_argument("--budget-hours", type=positive_finite_float, metavar="H", help="the same budget in hours")
     p.add_argument(
         "--device",
         default="auto",
@@ -70,8 +70,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Options that only planning uses: ``--verify`` writes nothing, and ``--preprocess-only`` keeps plans.json as it is.
+PLANNING_OPTIONS = ("planner", "gpu_memory_gb", "budget_minutes", "budget_hours", "device", "normalization")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    why = "it only verifies the dataset; it plans and preprocesses nothing"
+    refuse_unused(p, args, "verify", ["preprocess_only", "configurations", *PLANNING_OPTIONS], why)
+    why = "it keeps plans.json as it is and only preprocesses; leave it out to plan again"
+    refuse_unused(p, args, "preprocess_only", PLANNING_OPTIONS, why)
+    if args.device != "auto" and args.budget_minutes is None and args.budget_hours is None:
+        p.error("--device has no effect without --budget-minutes or --budget-hours: it says where the budget is spent")
     progress = not args.no_progress
 
     def action() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from autoseg.commands.common import run
+from autoseg.commands.common import device, fraction, non_negative_int, positive_int, run
 from autoseg.paths import CHECKPOINT_CHOICES
 from autoseg.predict import TTA_CHOICES, predict
 
@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--step-size",
-        type=float,
+        type=fraction,
         default=None,
         help="sliding-window step, fraction of the patch (default: the plans' sliding_window_step, 0.5 as planned)",
     )
@@ -64,8 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
     p.add_argument("--no-postprocessing", action="store_true", help="keep lesions of every size")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
-    p.add_argument("--num-parts", type=int, default=1, help="split the sorted cases into this many parts (1)")
-    p.add_argument("--part-id", type=int, default=0, help="which part this process predicts (0-based)")
+    p.add_argument("--num-parts", type=positive_int, default=1, help="split the sorted cases into this many parts (1)")
+    p.add_argument("--part-id", type=non_negative_int, default=0, help="which part this process predicts (0-based)")
     p.add_argument(
         "--list",
         dest="case_list",
@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
         help="text file of case identifiers to predict, one per line (# comments and blank lines "
         "ignored); split by --num-parts like all cases",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from autoseg.commands.common import run
-from autoseg.errors import UsageError
+from autoseg.commands.common import device, non_negative_int, positive_int, run, seed
 from autoseg.networks.pspnet import RESNET_LAYOUTS
 from autoseg.pretraining import pretrain_backbone
 from autoseg.training import TrainingOptions
@@ -38,11 +37,13 @@ def parser() -> argparse.ArgumentParser:
         choices=(0, 1, 2),
         help="axis of the (x, y, z) arrays the slices cross; 2 = axial for RAS/LPS scans (default)",
     )
-    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
-    p.add_argument("--iters-per-epoch", type=int, default=50, help="iterations per epoch (default 50)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialization and batches (default 0)")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="data augmentation processes (default 2)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default 10)")
+    p.add_argument("--iters-per-epoch", type=positive_int, default=50, help="iterations per epoch (default 50)")
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=seed, default=0, help="seed of initialization and batches (default 0)")
+    p.add_argument(
+        "-np", "--num-processes", type=non_negative_int, default=2, help="data augmentation processes (default 2)"
+    )
     p.add_argument(
         "--continue",
         dest="continue_training",
@@ -56,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def action() -> int:
-        for name in ("epochs", "iters_per_epoch"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         options = TrainingOptions(
             device=args.device,
             seed=args.seed,

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from autoseg import distributed
-from autoseg.commands.common import run
+from autoseg.commands.common import device, non_negative_int, positive_int, run, seed
 from autoseg.machine import PRECISIONS
 from autoseg.training import TrainingOptions, cross_validate, prepare_run, train
 from trainers import Trainer, get_trainer
@@ -39,11 +39,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume from checkpoint_latest.pth of this fold",
     )
-    p.add_argument("--epochs", type=int, help="train this many epochs instead of the plans' (stages scale along)")
-    p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch instead of the plans'")
+    p.add_argument(
+        "--epochs", type=positive_int, help="train this many epochs instead of the plans' (stages scale along)"
+    )
+    p.add_argument("--iters-per-epoch", type=positive_int, help="training iterations per epoch instead of the plans'")
     p.add_argument(
         "--val-iters",
-        type=int,
+        type=non_negative_int,
         help="validation batches per epoch (default: a fifth of the training iterations; 0: none)",
     )
     p.add_argument(
@@ -53,18 +55,18 @@ def parser() -> argparse.ArgumentParser:
         "resnet50's weights saved on a machine with internet) or an "
         "autoseg PSPNet checkpoint; nothing is downloaded",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument(
         "--precision",
         default="auto",
         choices=PRECISIONS,
         help="auto: bf16 on CUDA if supported else fp16; on the CPU bf16 only with AVX512-BF16/AMX",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of initialization and batches (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of initialization and batches (default 0)")
     p.add_argument(
         "-np",
         "--num-processes",
-        type=int,
+        type=non_negative_int,
         help="data augmentation processes (default: the plans' compute budget's choice, else 2)",
     )
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
@@ -72,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU)")
     p.add_argument(
         "--num-gpus",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="train the fold data-parallel in N processes on this machine, one per GPU (torchrun + "
