@@ -64,7 +64,6 @@ from autoseg.io import (
     Geometry,
     count_non_finite,
     read_image,
-    read_json,
     remove_stale_temporaries,
     split_ending,
     write_json,
@@ -83,7 +82,7 @@ from autoseg.paths import (
     trainer_folder,
 )
 from autoseg.plans import Plans
-from autoseg.postprocessing import postprocess_probabilities
+from autoseg.postprocessing import postprocess_probabilities, read_tuned_postprocessing
 from autoseg.preprocessing import preprocess_arrays, restore_probabilities
 from trainers import get_trainer
 
@@ -355,10 +354,9 @@ def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
 def _tuned_members(dataset: str) -> list[tuple[str, str | None]] | None:
     """The (configuration, trainer) members ``autoseg_find_best`` chose, when they are all trained; else None."""
     path = results_folder(dataset) / POSTPROCESSING_FILE
-    members = read_json(path).get("members") if path.is_file() else None
-    if not members:
+    if not path.is_file():
         return None
-    pairs = [tuple(member.split("/", 1)) for member in members]
+    pairs = [tuple(member.split("/", 1)) for member in read_tuned_postprocessing(path).members]
     trained = all((trainer_folder(dataset, c, t)).is_dir() for c, t in pairs)
     return pairs if trained else None
 
@@ -369,9 +367,9 @@ def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float
     path = results_folder(dataset) / POSTPROCESSING_FILE
     members = sorted(f"{model.configuration}/{model.trainer}" for model in models)
     if path.is_file():
-        tuned = read_json(path)
-        if sorted(tuned.get("members", [])) == members:
-            return float(tuned["threshold"]), float(tuned["min_lesion_mm3"]), str(path)
+        tuned = read_tuned_postprocessing(path)
+        if sorted(tuned.members) == members:
+            return tuned.settings.threshold, tuned.settings.min_lesion_mm3, str(path)
     settings = models[0].plans.configuration(models[0].configuration).postprocessing
     return settings.threshold, settings.min_lesion_mm3, f"plans of {models[0].configuration}"
 
