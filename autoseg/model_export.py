@@ -468,6 +468,9 @@ def _check_layout(path: Path, manifest: dict[str, Any], files: Sequence[str]) ->
         unplanned = sorted(f"{member}/fold_{fold}" for fold in folds[member] if f"{member}/fold_{fold}" not in planned)
         if unplanned:
             raise ModelFileError(f"{path}: {unplanned[0]}: a checkpoint without its plans.json; refused")
+    weightless = sorted(planned - {f"{m}/fold_{fold}" for m, found in folds.items() for fold in found})
+    if weightless:
+        raise ModelFileError(f"{path}: {weightless[0]}/{PLANS_FILE}: a plans.json without a checkpoint; refused")
 
 
 def _check_checksum(path: Path, archive: zipfile.ZipFile, name: str, expected: Any) -> None:
@@ -694,7 +697,9 @@ def _network_layout(model: _ModelFile, folder: Path, fold: str) -> WeightLayout:
     try:
         plans = Plans.from_json(folder / entry)
     except (PlansError, ValueError) as error:
-        raise ModelFileError(f"{model.path}: {entry}: invalid plans ({_one_line(error, folder / entry)})") from None
+        raise ModelFileError(
+            f"{model.path}: {entry}: invalid plans ({_one_line(error, folder / entry)}); refused"
+        ) from None
     try:
         return expected_weights(plans, configuration, **get_trainer(trainer).network_options())
     except (AutosegError, ValueError, KeyError) as error:
@@ -741,11 +746,11 @@ def _members_of(model: _ModelFile, path: Path, name: str) -> list[str]:
         chosen = selection.get("chosen", {}).get("members") if isinstance(selection, dict) else None
         tuned = selection.get("postprocessing", {}).get("members") if isinstance(selection, dict) else None
     except (AutosegError, ValueError, AttributeError) as error:
-        raise ModelFileError(f"{model.path}: {name}: {_one_line(error, path)}") from None
+        raise ModelFileError(f"{model.path}: {name}: {_one_line(error, path)}; refused") from None
     if not isinstance(chosen, list) or not all(isinstance(m, str) for m in chosen) or tuned != chosen:
         raise ModelFileError(
             f"{model.path}: {name}: chosen.members and postprocessing.members must be the same list of "
-            f"configuration/trainer names, got {chosen!r} and {tuned!r}"
+            f"configuration/trainer names, got {chosen!r} and {tuned!r}; refused"
         )
     return sorted(chosen)
 

@@ -367,3 +367,241 @@ def test_a_killed_import_left_behind_does_not_count_as_a_trained_dataset(
     leftover = fresh / "results" / f".{installed[0]}.import-killed"
     shutil.copytree(fresh / "results" / installed[0], leftover)
     assert trained_datasets() == installed
+
+
+# ---------------------------------------------------------------------------- model files that would break prediction
+def _edit_plans(change: Callable[[dict], None]) -> Callable[[dict[str, bytes], dict], None]:
+    """A ``_rewrite`` change applying ``change`` to the configuration of every ``plans.json`` of the zip."""
+
+    def edit(entries: dict[str, bytes], manifest: dict) -> None:
+        for name in [n for n in entries if n.endswith("/plans.json")]:
+            plans = json.loads(entries[name])
+            change(plans["configurations"][CONFIGURATION])
+            entries[name] = json.dumps(plans).encode()
+
+    return edit
+
+
+def _set_patch(configuration: dict, patch: list[int]) -> None:
+    configuration["patch_size"] = patch
+    configuration["schedule"]["stages"][-1]["patch_size"] = patch
+
+
+def _tuned(**values: object) -> Callable[[dict[str, bytes], dict], None]:
+    """A change adding ``postprocessing.json`` for the zip's own member with ``values`` (None: key left out)."""
+
+    def add(entries: dict[str, bytes], manifest: dict) -> None:
+        tuned = {"members": [MEMBER], "threshold": 0.5, "min_lesion_mm3": 0.0, **values}
+        entries["postprocessing.json"] = json.dumps({k: v for k, v in tuned.items() if v is not None}).encode()
+
+    return add
+
+
+def _edit_weights(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[dict[str, bytes], dict], None]:
+    """A change applying ``change`` to the network weights of fold 0's checkpoint."""
+
+    def edit(entries: dict[str, bytes], manifest: dict) -> None:
+        import io
+
+        name = f"{FOLDS[0]}/checkpoint_final.pth"
+        state = torch.load(io.BytesIO(entries[name]), weights_only=True)
+        change(state["network"])
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        entries[name] = buffer.getvalue()
+
+    return edit
+
+
+def _first_conv(weights: dict[str, torch.Tensor]) -> str:
+    return next(name for name, tensor in weights.items() if tensor.ndim == 5)
+
+
+BROKEN = {
+    "patch 10000³": (
+        _edit_plans(lambda c: _set_patch(c, [10000] * 3)),
+        "patch_size: [10000, 10000, 10000] must be positive and hold at most 33,554,432 voxels",
+    ),
+    "1e9 features": (
+        _edit_plans(lambda c: c["network"].update(features=[4, 8, 10**9])),
+        "network.features[2]: must lie in 1..2048 channels",
+    ),
+    "NaN spacing": (
+        _edit_plans(lambda c: c.update(target_spacing=[float("nan"), 1.0, 1.0])),
+        "target_spacing: needs 3 values in [0.01, 100] mm, got [nan, 1.0, 1.0]",
+    ),
+    "kernel 0": (
+        _edit_plans(lambda c: c["network"].update(kernel_sizes=[[3, 3, 3], [0, 3, 3], [3, 3, 3]])),
+        "network.kernel_sizes[1]: each edge in 1..7, got [0, 3, 3]",
+    ),
+    "even kernel": (
+        _edit_plans(lambda c: c["network"].update(kernel_sizes=[[3, 3, 3], [4, 3, 3], [3, 3, 3]])),
+        "no network can be built for 3d_resunet with ResidualUNetTrainer (kernel_sizes[1]=(4, 3, 3) must be odd",
+    ),
+    "mirror axis 7": (
+        _edit_plans(lambda c: c.update(mirror_axes=[0, 7])),
+        "mirror_axes: each of 0..2 at most once (the network's spatial axes), got [0, 7]",
+    ),
+    "stride 0": (
+        _edit_plans(lambda c: c["network"].update(strides=[[1, 1, 1], [2, 0, 2], [2, 2, 2]])),
+        "network.strides[1]: must be positive, got [2, 0, 2]",
+    ),
+    "planned minimum 1e12": (
+        _edit_plans(lambda c: c["postprocessing"].update(min_lesion_mm3=1e12)),
+        "postprocessing.min_lesion_mm3: must lie in [0, 100000] mm³",
+    ),
+    "threshold 2": (_tuned(threshold=2), "postprocessing.json: threshold: must lie in (0, 1), got 2.0"),
+    "threshold 'high'": (_tuned(threshold="high"), "postprocessing.json: threshold: a number is needed, got 'high'"),
+    "threshold missing": (_tuned(threshold=None), "postprocessing.json: threshold: a number is needed, got None"),
+    "tuned minimum 1e12": (_tuned(min_lesion_mm3=1e12), "postprocessing.json: min_lesion_mm3: must lie in [0, 100000]"),
+    "weights of another shape": (
+        _edit_weights(lambda w: w.update({_first_conv(w): torch.zeros(2, 1, 3, 3, 3)})),
+        "the weights do not fit the network its plans describe: ",
+    ),
+    "weights of another dtype": (
+        _edit_weights(lambda w: w.update({_first_conv(w): w[_first_conv(w)].double()})),
+        "float64, the network has",
+    ),
+    "a weight missing": (
+        _edit_weights(lambda w: w.pop(_first_conv(w))),
+        ": missing",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_import_and_predict_refuse_a_model_file_that_would_break_prediction(
+    case: str, home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Plans, post-processing and weights are checked against the network before anything is installed, in one
+    line that names the entry; ``autoseg_predict -m`` refuses the same file before predicting."""
+    change, message = BROKEN[case]
+    export_model(tmp_path / "model.zip")
+    bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", change)
+    fresh = _other_machine(tmp_path, monkeypatch)
+    assert import_main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and message in err and err.count("\n") == 1, err
+    assert "refused" in err
+    assert not [p for p in fresh.rglob("*") if not p.is_dir()] and not (results_root() / NAME).exists()
+    assert predict_main(["-m", str(bad), "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_tuned_postprocessing_json_that_is_invalid_is_one_line_in_predict(
+    home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tuned = home / "results" / NAME / "postprocessing.json"
+    tuned.write_text(json.dumps({"members": [MEMBER], "threshold": "high", "min_lesion_mm3": 0}))
+    assert predict_main(["-d", NAME, "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == f"error: {tuned}: threshold: a number is needed, got 'high'\n"
+
+
+def test_an_identical_install_is_checked_again_before_predicting(
+    home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An install written by an earlier autoseg that did not check plans is reused only if it passes the checks."""
+    export_model(tmp_path / "model.zip")
+    bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", BROKEN["mirror axis 7"][0])
+    _other_machine(tmp_path, monkeypatch)
+    with zipfile.ZipFile(bad) as archive:
+        archive.extractall(results_root() / NAME)  # as an unchecking import would have installed it
+    (results_root() / NAME / "manifest.json").unlink()
+    assert predict_main(["-m", str(bad), "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert "mirror_axes: each of 0..2 at most once" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- a model file changes no other member
+OTHER_TRAINER = "ZoomInOutTrainer"  # builds the same network from the same plans
+OTHER_MEMBER = f"{CONFIGURATION}/{OTHER_TRAINER}"
+
+
+def _as_other_member(*extra: tuple[str, dict]) -> Callable[[dict[str, bytes], dict], None]:
+    """A change moving the zip's member to ``OTHER_MEMBER`` (as a model trained elsewhere) and adding the JSON
+    ``extra`` entries (name, content)."""
+
+    def change(entries: dict[str, bytes], manifest: dict) -> None:
+        for name in [n for n in entries if n.startswith(f"{MEMBER}/")]:
+            entries[name.replace(MEMBER, OTHER_MEMBER)] = entries.pop(name)
+        manifest["members"] = [OTHER_MEMBER]
+        manifest["folds"] = {OTHER_MEMBER: ["0", "1"]}
+        for name in ("postprocessing.json", "model_selection.json"):  # the exported ones concern MEMBER
+            entries.pop(name, None)
+        entries.update({name: json.dumps(content).encode() for name, content in extra})
+
+    return change
+
+
+def _tuned_for(*members: str, threshold: float = 0.05) -> dict:
+    return {"members": list(members), "threshold": threshold, "min_lesion_mm3": 0.0}
+
+
+def _selection_for(*members: str) -> dict:
+    return {"chosen": {"members": list(members)}, "postprocessing": {"members": list(members)}}
+
+
+PLANTED = {
+    "post-processing for the user's member": (
+        _as_other_member(("postprocessing.json", _tuned_for(MEMBER))),
+        f"postprocessing.json: concerns ['{MEMBER}'], not the members this file brings (['{OTHER_MEMBER}'])",
+    ),
+    "post-processing extending to the user's member": (
+        _as_other_member(("postprocessing.json", _tuned_for(MEMBER, OTHER_MEMBER))),
+        "postprocessing.json: concerns",
+    ),
+    "a member claimed without its weights": (
+        lambda e, m: (
+            _as_other_member(("postprocessing.json", _tuned_for(MEMBER, OTHER_MEMBER)))(e, m),
+            m.update(members=[OTHER_MEMBER, MEMBER], folds={OTHER_MEMBER: ["0", "1"], MEMBER: ["0"]}),
+        ),
+        f"manifest.json: member {MEMBER} has no checkpoint in the zip",
+    ),
+    "model selection of the user's member": (
+        _as_other_member(("model_selection.json", _selection_for(MEMBER))),
+        "model_selection.json: concerns",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANTED))
+def test_a_model_file_cannot_plant_files_for_a_member_it_does_not_bring(
+    case: str, home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A zip of another member with post-processing "tuned" for the user's own trained member: refused in one line
+    naming the entry, nothing installed, and the user's model predicts as before."""
+    change, message = PLANTED[case]
+    predict(scans, tmp_path / "before", NAME, **QUIET)
+    export_model(tmp_path / "model.zip")
+    bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", change)
+    results = home / "results" / NAME
+    before = sorted(p.relative_to(results) for p in results.rglob("*"))
+    assert import_main([str(bad), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
+    predict(scans, tmp_path / "after", NAME, **QUIET)
+    for name, labels in _outputs(tmp_path / "before").items():
+        np.testing.assert_array_equal(_outputs(tmp_path / "after")[name], labels)
+
+
+def test_a_model_file_does_not_replace_the_post_processing_of_other_members(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tuned = home / "results" / NAME / "postprocessing.json"
+    tuned.write_text(json.dumps(_tuned_for(MEMBER, threshold=0.3)))
+    export_model(tmp_path / "model.zip", configurations=[CONFIGURATION], trainers=TRAINER)
+    own = _rewrite(
+        tmp_path / "model.zip",
+        tmp_path / "own.zip",
+        _as_other_member(("postprocessing.json", _tuned_for(OTHER_MEMBER))),
+    )
+    assert import_main([str(own), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"postprocessing.json: would replace {tuned}, which concerns ['{MEMBER}']" in err
+    assert json.loads(tuned.read_text())["threshold"] == 0.3
+    assert not (home / "results" / NAME / OTHER_MEMBER).exists()
+    # without the post-processing, the other member installs beside the user's
+    plain = _rewrite(tmp_path / "model.zip", tmp_path / "plain.zip", _as_other_member())
+    assert import_main([str(plain)]) == 0
+    assert (home / "results" / NAME / OTHER_MEMBER / "fold_0" / "checkpoint_final.pth").is_file()
+    assert json.loads(tuned.read_text())["threshold"] == 0.3
