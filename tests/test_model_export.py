@@ -605,3 +605,131 @@ def test_a_model_file_does_not_replace_the_post_processing_of_other_members(
     assert import_main([str(plain)]) == 0
     assert (home / "results" / NAME / OTHER_MEMBER / "fold_0" / "checkpoint_final.pth").is_file()
     assert json.loads(tuned.read_text())["threshold"] == 0.3
+
+
+# ---------------------------------------------------------------------------- zip bombs and full disks
+def _bomb(entries: dict[str, bytes], manifest: dict) -> None:
+    """fold 0's checkpoint replaced by 64 MiB of zeros: 64 kB compressed, 1000 times as large unpacked."""
+    entries[f"{FOLDS[0]}/checkpoint_final.pth"] = bytes(64 << 20)
+
+
+def _big_tensor(entries: dict[str, bytes], manifest: dict) -> None:
+    """A valid checkpoint holding an extra 8 MiB tensor of noise (incompressible) beside the network."""
+    import io
+
+    name = f"{FOLDS[0]}/checkpoint_final.pth"
+    state = torch.load(io.BytesIO(entries[name]), weights_only=True)
+    state["network"]["payload"] = torch.rand(2 << 20, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    entries[name] = buffer.getvalue()
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if not p.is_dir()] if folder.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_bomb, "compressed bytes unpack to 67,108,864, more than 100 times (weights compress about 1.1 times)"),
+        (_big_tensor, "more than the network its plans describe can hold"),
+    ],
+    ids=["deflate bomb", "valid tensor larger than the network"],
+)
+def test_import_refuses_a_zip_bomb_before_writing_anything(
+    change: Callable,
+    message: str,
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    export_model(tmp_path / "model.zip")
+    with zipfile.ZipFile(tmp_path / "model.zip") as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(entries.pop("manifest.json"))
+    change(entries, manifest)
+    manifest["files"] = {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in entries.items()}
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest))
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    assert bomb.stat().st_size < 9 << 20
+    fresh = _other_machine(tmp_path, monkeypatch)
+    written = []
+    monkeypatch.setattr(
+        "autoseg.model_export.open", lambda p, *a, **k: written.append(p) or open(p, *a, **k), raising=False
+    )
+    assert import_main([str(bomb)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bomb}: {FOLDS[0]}/checkpoint_final.pth: ") and err.count("\n") == 1, err
+    assert message in err and err.endswith("; refused\n"), err
+    assert not [p for p in written if str(p).endswith(".pth")]  # the checkpoint was never extracted
+    assert not _files_under(fresh)
+
+
+def test_import_refuses_sizes_above_the_limits_as_declared(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Declared sizes are checked against the limits before anything is read: a JSON entry above
+    MAX_JSON_BYTES, a manifest that understates an entry's size, and more than the disk has free."""
+    export_model(tmp_path / "model.zip")
+    _other_machine(tmp_path, monkeypatch)
+    monkeypatch.setattr("autoseg.model_export.MAX_JSON_BYTES", 100)
+    with pytest.raises(
+        ModelFileError, match=r"plans.json: unpacks to [\d,]+ bytes, more than a JSON entry may \(100\); refused"
+    ):
+        import_model(tmp_path / "model.zip")
+    monkeypatch.setattr("autoseg.model_export.MAX_JSON_BYTES", 16 << 20)
+    understated = _rewrite(
+        tmp_path / "model.zip",
+        tmp_path / "understated.zip",
+        lambda e, m: m["files"]["dataset.json"].update(bytes=3),
+        relist=False,
+    )
+    with pytest.raises(ModelFileError, match=r"dataset.json: the zip declares [\d,]+ bytes, the manifest 3; refused"):
+        import_model(understated)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(
+        ModelFileError, match=r"unpacks to [\d,]+ bytes, but only 1,000 are free under .*nothing was written"
+    ):
+        import_model(tmp_path / "model.zip")
+    assert not _files_under(results_root())
+
+
+def test_extraction_stops_at_the_declared_size(home: Path, tmp_path: Path) -> None:
+    """Should an entry unpack to more than it declares, extraction stops there (a hard cap, whatever the header)."""
+    from autoseg.model_export import _extract, _ModelFile
+
+    export_model(tmp_path / "model.zip")
+    with zipfile.ZipFile(tmp_path / "model.zip") as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+    manifest["files"]["dataset.json"]["bytes"] = 10
+    staging = tmp_path / "staging"
+    with pytest.raises(ModelFileError, match="dataset.json: unpacks to more than it declares; refused"):
+        _extract(_ModelFile(tmp_path / "model.zip", manifest, ["dataset.json"]), staging, ["dataset.json"])
+    assert (staging / "dataset.json").stat().st_size <= 10
+
+
+def test_a_full_disk_during_import_is_one_line_and_leaves_nothing(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import errno
+
+    export_model(tmp_path / "model.zip")
+    fresh = _other_machine(tmp_path, monkeypatch)
+    real = zipfile.ZipExtFile.read
+
+    def read(self, n: int = -1) -> bytes:
+        if self.name.endswith(".pth"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, n)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
+    monkeypatch.setattr("autoseg.model_export._check_checksum", lambda *args: None)  # reads every entry
+    assert import_main([str(tmp_path / "model.zip")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: no space left on device while writing {results_root() / NAME}\n"
+    assert not _files_under(fresh)
