@@ -733,3 +733,71 @@ def test_a_full_disk_during_import_is_one_line_and_leaves_nothing(
     err = capsys.readouterr().err
     assert err == f"error: no space left on device while writing {results_root() / NAME}\n"
     assert not _files_under(fresh)
+
+
+# ---------------------------------------------------------------------------- temporaries of killed imports, destination
+def test_a_later_import_removes_what_killed_imports_left_and_keeps_a_live_ones(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import os
+    import time
+
+    from autoseg.model_export import STALE_IMPORT_SECONDS
+
+    model = export_model(tmp_path / "model.zip").path
+    fresh = _other_machine(tmp_path, monkeypatch)
+    root = fresh / "results"
+    folders = {name: root / f".{NAME}.import-{name}" for name in ("killed", "live", "just_made")}
+    for folder in folders.values():
+        (folder / MEMBER / "fold_0").mkdir(parents=True)
+        (folder / MEMBER / "fold_0" / "checkpoint_final.pth").write_bytes(b"partial")
+    old = time.time() - STALE_IMPORT_SECONDS - 5
+    for name in ("killed", "live"):
+        for path in [folders[name], *folders[name].rglob("*")]:
+            os.utime(path, (old, old))
+    unrelated = root / ".notes"
+    unrelated.mkdir()
+    handle = os.open(folders["live"], os.O_RDONLY)  # a running import holds its folder locked
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        assert import_main([str(model)]) == 0
+    finally:
+        os.close(handle)
+    assert not folders["killed"].exists()
+    assert folders["live"].is_dir() and folders["just_made"].is_dir() and unrelated.is_dir()
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [NAME]
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file"])
+def test_import_into_a_results_root_that_is_not_a_folder_is_one_line(
+    kind: str, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    model = export_model(tmp_path / "model.zip").path
+    blocker = tmp_path / "results_file"
+    blocker.write_text("not a folder")
+    root = blocker if kind == "a file" else blocker / "results"
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(root))
+    assert import_main([str(model)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}: cannot install into AUTOSEG_RESULTS={root}: not a writable folder (")
+    assert err.count("\n") == 1 and blocker.read_text() == "not a folder"
+
+
+def test_import_into_a_read_only_results_root_is_one_line(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import os
+
+    model = export_model(tmp_path / "model.zip").path
+    root = tmp_path / "read_only"
+    root.mkdir()
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(root))
+    real = os.access
+    monkeypatch.setattr("os.access", lambda path, mode: False if Path(path) == root else real(path, mode))  # as root
+    assert import_main([str(model)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {model}: cannot install into AUTOSEG_RESULTS={root}: not a writable folder (not writable); "
+        "set AUTOSEG_RESULTS (or AUTOSEG_HOME) to one\n"
+    )
+    assert not list(root.iterdir())
