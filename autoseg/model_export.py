@@ -62,7 +62,7 @@ from autoseg.errors import AutosegError, MissingFileError, UsageError
 from autoseg.fingerprint import Fingerprint
 from autoseg.io import atomic_path, read_json, reporting_disk_full
 from autoseg.networks import build_network
-from autoseg.networks.factory import WeightLayout, expected_weights, layout_bytes, weight_mismatches
+from autoseg.networks.factory import WeightLayout, expected_weights, layout_bytes, weights_problem
 from autoseg.paths import (
     CHECKPOINT_CHOICES,
     FINGERPRINT_FILE,
@@ -765,11 +765,10 @@ def _check_checkpoint(path: Path, entry: str, extracted: Path, layout: WeightLay
     network = state.get("network") if isinstance(state, dict) else None
     if not isinstance(network, dict) or not network or non_plain_values(network):
         raise ModelFileError(f"{path}: {entry}: no network weights (a dict of tensors under 'network'); refused")
-    problems = weight_mismatches(layout, network)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    problem = weights_problem(layout, network)
+    if problem:
         raise ModelFileError(
-            f"{path}: {entry}: the weights do not fit the network its plans describe: {problems[0]}{more}; refused"
+            f"{path}: {entry}: the weights do not fit the network its plans describe: {problem}; refused"
         )
 
 

@@ -72,6 +72,7 @@ from autoseg.io import (
 from autoseg.machine import choose_device, choose_precision
 from autoseg.model_export import InstalledModel, install_for_prediction
 from autoseg.networks import build_network
+from autoseg.networks.factory import expected_weights, weights_problem
 from autoseg.paths import (
     PLANS_FILE,
     POSTPROCESSING_FILE,
@@ -203,14 +204,22 @@ def load_model(
     Raises:
         ValueError: unknown checkpoint choice, no trained configuration or trainer of that name (the message
             lists what exists), a missing fold, or no fold with the chosen checkpoint.
+        InvalidFileError: a checkpoint's weights do not fit the network its plans describe (names, shapes, dtypes).
     """
     trainer, fold_folders, checkpoints = trained_member(dataset, configuration, trainer, folds, checkpoint)
     plans = Plans.from_json(fold_folders[0] / PLANS_FILE)
     networks = []
     options = get_trainer(trainer).network_options()  # e.g. the acute recipe's asymmetric U-Net from the same plan
+    layout = expected_weights(plans, configuration, **options)
     for path in checkpoints:
+        weights = load_checkpoint(path, map_location="cpu").get("network")
+        problem = weights_problem(layout, weights)
+        if problem:
+            raise InvalidFileError(
+                f"{path}: the weights do not fit the network of {fold_folders[0] / PLANS_FILE}: {problem}"
+            )
         network = build_network(plans, configuration, **options)
-        network.load_state_dict(load_checkpoint(path, map_location="cpu")["network"])
+        network.load_state_dict(weights)
         networks.append(network.to(device).eval())
     return Model(plans, configuration, trainer, checkpoints, networks)
 

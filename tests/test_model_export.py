@@ -497,6 +497,20 @@ def test_a_tuned_postprocessing_json_that_is_invalid_is_one_line_in_predict(
     assert capsys.readouterr().err == f"error: {tuned}: threshold: a number is needed, got 'high'\n"
 
 
+def test_a_trained_checkpoint_that_does_not_fit_its_plans_is_one_line_in_predict(
+    home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = home / "results" / NAME / FOLDS[1] / "checkpoint_final.pth"
+    state = load_checkpoint(path)
+    name = _first_conv(state["network"])
+    state["network"][name] = torch.zeros(2, 1, 3, 3, 3)
+    torch.save(state, path)
+    assert predict_main(["-d", NAME, "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: the weights do not fit the network of ") and err.count("\n") == 1
+    assert f"{name}: shape [2, 1, 3, 3, 3] float32, the network has [" in err
+
+
 def test_an_identical_install_is_checked_again_before_predicting(
     home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

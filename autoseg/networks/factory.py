@@ -25,6 +25,7 @@ __all__ = [
     "expected_weights",
     "layout_bytes",
     "weight_mismatches",
+    "weights_problem",
 ]
 
 WeightLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -130,3 +131,12 @@ def weight_mismatches(expected: WeightLayout, weights: object) -> list[str]:
                 f"{list(shape)} {str(dtype).removeprefix('torch.')}"
             )
     return found
+
+
+def weights_problem(expected: WeightLayout, weights: object) -> str | None:
+    """The first of :func:`weight_mismatches` with how many more there are (``NAME: ... (and 3 more)``), or None
+    when ``weights`` fit ``expected``."""
+    found = weight_mismatches(expected, weights)
+    if not found:
+        return None
+    return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
