@@ -488,6 +488,22 @@ def test_import_and_predict_refuse_a_model_file_that_would_break_prediction(
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("options", [{}, {"network_class": "AsymmetricResidualUNet"}], ids=["plan's", "asymmetric"])
+def test_the_expected_weights_are_those_of_the_built_network(home: Path, options: dict) -> None:
+    """What import compares checkpoints with is built on the meta device, with the initializers skipped (and
+    restored afterwards), and equals the real network's state dict."""
+    from autoseg.networks.factory import expected_weights, weights_problem
+
+    normal = torch.nn.init.normal_
+    plans = Plans.from_json(home / "results" / NAME / FOLDS[0] / "plans.json")
+    layout = expected_weights(plans, CONFIGURATION, **options)
+    assert torch.nn.init.normal_ is normal
+    state = build_network(plans, CONFIGURATION, **options).state_dict()
+    assert layout == {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in state.items()}
+    assert weights_problem(layout, state) is None
+    assert weights_problem(layout, {**state, "extra": torch.zeros(1)}) == "extra: not in the network"
+
+
 def test_a_tuned_postprocessing_json_that_is_invalid_is_one_line_in_predict(
     home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -9,6 +9,9 @@ trainer class of a run folder) passes in here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -99,9 +102,39 @@ def expected_weights(plans: Plans, configuration: str, **options: object) -> Wei
     Raises:
         UsageError, ValueError: see :func:`build_network` and the network's own checks.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _initializers_skipped():
         network = build_network(plans, configuration, **options)
     return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in network.state_dict().items()}
+
+
+#: ``torch.nn.init`` functions, no-ops while a network is built on the meta device (:func:`_initializers_skipped`).
+_INITIALIZERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+)
+
+
+@contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """``torch.nn.init``'s initializers as no-ops: a meta tensor has no values to draw, and PyTorch's meta
+    ``normal_`` imports ``torch._dynamo`` the first time (seconds, for nothing). Not thread-safe: the functions are
+    replaced module-wide while the block runs."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALIZERS}
+    try:
+        for name in _INITIALIZERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def layout_bytes(layout: WeightLayout) -> int:
