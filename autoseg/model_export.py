@@ -22,12 +22,19 @@
     channel names, labels and the file ending: what a user needs to name the scans to predict.
 
 :func:`import_model` checks a zip before anything is installed: a readable manifest of a format this autoseg reads,
-every entry a file of the layout above and listed in the manifest with the right SHA-256 (no absolute path, no
-``..``, no link, nothing that would land outside the target folder), every checkpoint readable with
-``torch.load(..., weights_only=True)`` and every ``plans.json`` valid. It then extracts into a temporary folder
-beside ``AUTOSEG_RESULTS/<dataset>/`` and renames it (or each fold folder and file) into place, so a refused or
-interrupted import leaves nothing half-written. A fold folder or file that already exists with other content is
-refused unless ``overwrite``; an identical install is reused as it is.
+every entry a file of the layout above and listed in the manifest with the right SHA-256 and size (no absolute path,
+no ``..``, no link, nothing that would land outside the target folder), every member bringing its checkpoints and
+every checkpoint its ``plans.json``; the sizes the zip declares against limits (:data:`MAX_JSON_BYTES`,
+:data:`MAX_CHECKPOINT_BYTES`, :data:`MAX_COMPRESSION_RATIO`, the disk's free space) before anything is read; every
+``plans.json`` valid (``Plans.from_json``, with its limits) and ``postprocessing.json`` too; each checkpoint's size
+against the network its plans describe before it is extracted, then its tensors (read with
+``torch.load(..., weights_only=True)``) against that network's names, shapes and dtypes. ``postprocessing.json``
+and ``model_selection.json`` are accepted only for exactly the zip's members and never replace an installed one of
+other members: a model file changes nothing of a member it does not bring. It then extracts into a locked temporary
+folder beside ``AUTOSEG_RESULTS/<dataset>/`` (never more bytes than an entry declares) and renames it (or each fold
+folder and file) into place, so a refused or interrupted import leaves nothing half-written; the next import removes
+temporary folders a killed one left. A fold folder or file that already exists with other content is refused unless
+``overwrite``; an identical install is checked as a new one would be, and reused as it is.
 
 ``autoseg_predict -m model.zip`` calls :func:`install_for_prediction`: the zip is imported into
 ``AUTOSEG_RESULTS`` as by ``autoseg_import`` (or an identical install found there) and predicted with its own
@@ -602,13 +609,13 @@ def _remove_stale_imports(root: Path) -> list[Path]:
     for folder in sorted(root.glob(".*.import-*")):
         if folder.is_symlink() or not folder.is_dir():
             continue
-        newest = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
-        if time.time() - max(newest, folder.lstat().st_mtime) < STALE_IMPORT_SECONDS:
-            continue
         try:
+            newest = max([folder.lstat().st_mtime, *(p.lstat().st_mtime for p in folder.rglob("*"))])
+            if time.time() - newest < STALE_IMPORT_SECONDS:
+                continue
             with _locked(folder, blocking=False):
                 shutil.rmtree(folder)
-        except (BlockingIOError, FileNotFoundError):  # a live import holds it, or another import removed it
+        except OSError:  # a live import holds it, another import removed it meanwhile, or it cannot be removed
             continue
         removed.append(folder)
     return removed
