@@ -22,12 +22,19 @@
     channel names, labels and the file ending: what a user needs to name the scans to predict.
 
 :func:`import_model` checks a zip before anything is installed: a readable manifest of a format this autoseg reads,
-every entry a file of the layout above and listed in the manifest with the right SHA-256 (no absolute path, no
-``..``, no link, nothing that would land outside the target folder), every checkpoint readable with
-``torch.load(..., weights_only=True)`` and every ``plans.json`` valid. It then extracts into a temporary folder
-beside ``AUTOSEG_RESULTS/<dataset>/`` and renames it (or each fold folder and file) into place, so a refused or
-interrupted import leaves nothing half-written. A fold folder or file that already exists with other content is
-refused unless ``overwrite``; an identical install is reused as it is.
+every entry a file of the layout above and listed in the manifest with the right SHA-256 and size (no absolute path,
+no ``..``, no link, nothing that would land outside the target folder), every member bringing its checkpoints and
+every checkpoint its ``plans.json``; the sizes the zip declares against limits (:data:`MAX_JSON_BYTES`,
+:data:`MAX_CHECKPOINT_BYTES`, :data:`MAX_COMPRESSION_RATIO`, the disk's free space) before anything is read; every
+``plans.json`` valid (``Plans.from_json``, with its limits) and ``postprocessing.json`` too; each checkpoint's size
+against the network its plans describe before it is extracted, then its tensors (read with
+``torch.load(..., weights_only=True)``) against that network's names, shapes and dtypes. ``postprocessing.json``
+and ``model_selection.json`` are accepted only for exactly the zip's members and never replace an installed one of
+other members: a model file changes nothing of a member it does not bring. It then extracts into a locked temporary
+folder beside ``AUTOSEG_RESULTS/<dataset>/`` (never more bytes than an entry declares) and renames it (or each fold
+folder and file) into place, so a refused or interrupted import leaves nothing half-written; the next import removes
+temporary folders a killed one left. A fold folder or file that already exists with other content is refused unless
+``overwrite``; an identical install is checked as a new one would be, and reused as it is.
 
 ``autoseg_predict -m model.zip`` calls :func:`install_for_prediction`: the zip is imported into
 ``AUTOSEG_RESULTS`` as by ``autoseg_import`` (or an identical install found there) and predicted with its own
@@ -36,6 +43,7 @@ members, folds and checkpoints. Prediction reads nothing from ``AUTOSEG_RAW`` or
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -44,8 +52,10 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -57,8 +67,9 @@ from autoseg import __version__
 from autoseg.checkpoint import CheckpointError, load_checkpoint, non_plain_values
 from autoseg.errors import AutosegError, MissingFileError, UsageError
 from autoseg.fingerprint import Fingerprint
-from autoseg.io import atomic_path, check_output_file, read_json
+from autoseg.io import atomic_path, check_output_file, read_json, reporting_disk_full
 from autoseg.networks import build_network
+from autoseg.networks.factory import WeightLayout, expected_weights, layout_bytes, weights_problem
 from autoseg.paths import (
     CHECKPOINT_CHOICES,
     FINGERPRINT_FILE,
@@ -73,6 +84,7 @@ from autoseg.paths import (
     trained_member,
 )
 from autoseg.plans import Plans, PlansError
+from autoseg.postprocessing import MEMBER_PATTERN, read_tuned_postprocessing
 from autoseg.typed_json import to_plain
 from trainers import get_trainer
 
@@ -99,9 +111,26 @@ TOP_LEVEL_FILES = (POSTPROCESSING_FILE, SELECTION_FILE, FINGERPRINT_SUMMARY_FILE
 #: ``CONFIGURATION/TRAINER/fold_K/plans.json`` or ``.../checkpoint_NAME.pth``: the only other entries.
 _FOLD_ENTRY = re.compile(r"^(?P<fold>(?P<member>[\w.-]+/[\w.-]+)/fold_\w+)/(plans\.json|checkpoint_\w+\.pth)$")
 _FOLDER_NAME = re.compile(r"^\w[\w.-]*$")
-_MEMBER = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 #: What a weights-only checkpoint keeps of a training checkpoint besides the network.
 _KEPT_KEYS = ("format", "trainer", "configuration", "fold", "epoch", "stage")
+
+# Sizes a zip may declare (``ZipInfo.file_size``), checked before any entry is read or written: a zip's sizes are
+# its author's word, and a zip bomb unpacks a few kB into gigabytes.
+#: A checkpoint: 1 GiB, about five times the weights of the largest network autoseg plans (a 6-stage U-Net of up to
+#: 320 features holds 210 MiB in float32, a PSPNet with a ResNet-50 187 MiB). Each checkpoint is then held to the
+#: size of the network its own plans describe (:data:`CHECKPOINT_OVERHEAD_BYTES` more) before it is extracted.
+MAX_CHECKPOINT_BYTES = 1 << 30
+#: What ``torch.save`` adds to the tensors' bytes: names, plain values and the container's records (a few hundred
+#: bytes per tensor), with room to spare: 1 MiB plus 1 KiB per tensor.
+CHECKPOINT_OVERHEAD_BYTES = (1 << 20, 1 << 10)
+#: A JSON entry: 16 MiB (plans and post-processing take a few kB, ``model_selection.json`` tens of kB).
+MAX_JSON_BYTES = 16 << 20
+#: Largest ratio of declared to compressed size, for entries over 1 MiB: weights deflate about 1.1 times and JSON
+#: about 10 times; only repetitive filler (a zip bomb) comes near deflate's limit of 1032.
+MAX_COMPRESSION_RATIO = 100
+#: An import's temporary folder beside ``AUTOSEG_RESULTS/<dataset>`` (``.<dataset>.import-<random>``) that no live
+#: import holds locked and that has not changed for this long is left over from a killed import, and removed.
+STALE_IMPORT_SECONDS = 60
 
 
 class ModelFileError(AutosegError, ValueError):
@@ -323,10 +352,12 @@ def _check(path: Path) -> _ModelFile:
                 raise ModelFileError(f"{path}: {twice[0]}: more than one entry of that name; refused")
             for info in infos:
                 _check_entry(path, info, manifest)
+                _check_size(path, info, manifest)
             files = [info.filename for info in infos if not info.is_dir()]
             missing = sorted(set(manifest["files"]) - set(files))
             if missing:
                 raise ModelFileError(f"{path}: {missing[0]}: listed in the manifest but not in the zip")
+            _check_layout(path, manifest, files)
             for name in files:
                 _check_checksum(path, archive, name, manifest["files"][name])
     except zipfile.BadZipFile as error:
@@ -356,7 +387,7 @@ def _read_manifest(path: Path, archive: zipfile.ZipFile) -> dict[str, Any]:
     ]
     if problems:
         raise ModelFileError(f"{path}: {MANIFEST_FILE}: missing or malformed {', '.join(problems)}")
-    odd = [m for m in manifest["members"] if not isinstance(m, str) or not _MEMBER.match(m)]
+    odd = [m for m in manifest["members"] if not isinstance(m, str) or not MEMBER_PATTERN.match(m)]
     if odd or not manifest["members"]:
         raise ModelFileError(
             f"{path}: {MANIFEST_FILE}: members must be configuration/trainer names, found {odd or 'none'}"
@@ -395,6 +426,63 @@ def _check_entry(path: Path, info: zipfile.ZipInfo, manifest: dict[str, Any]) ->
         raise ModelFileError(f"{path}: {name}: not listed in the manifest; refused")
 
 
+def _check_size(path: Path, info: zipfile.ZipInfo, manifest: dict[str, Any]) -> None:
+    """Refuse an entry whose declared size exceeds its kind's limit (:data:`MAX_CHECKPOINT_BYTES`,
+    :data:`MAX_JSON_BYTES`), differs from the manifest's, or that would unpack more than
+    :data:`MAX_COMPRESSION_RATIO` times its compressed size; nothing is decompressed for this."""
+    if info.is_dir():
+        return
+    name, declared = info.filename, info.file_size
+    checkpoint = name.endswith(".pth")
+    limit = MAX_CHECKPOINT_BYTES if checkpoint else MAX_JSON_BYTES
+    if declared > limit:
+        what = "a checkpoint (5 times the largest network autoseg plans)" if checkpoint else "a JSON entry"
+        raise ModelFileError(
+            f"{path}: {name}: unpacks to {declared:,} bytes, more than {what} may ({limit:,}); refused"
+        )
+    listed = manifest["files"][name]
+    if not isinstance(listed, dict) or listed.get("bytes") != declared:
+        raise ModelFileError(
+            f"{path}: {name}: the zip declares {declared:,} bytes, the manifest "
+            f"{listed.get('bytes') if isinstance(listed, dict) else None}; refused"
+        )
+    if declared > 1 << 20 and declared > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise ModelFileError(
+            f"{path}: {name}: {info.compress_size:,} compressed bytes unpack to {declared:,}, more than "
+            f"{MAX_COMPRESSION_RATIO} times (weights compress about 1.1 times): a zip bomb; refused"
+        )
+
+
+def _check_layout(path: Path, manifest: dict[str, Any], files: Sequence[str]) -> None:
+    """Every member the manifest names brings at least one checkpoint, every fold with a checkpoint its
+    ``plans.json``, and the manifest's folds are those in the zip: so a model file cannot claim a member (and
+    with it post-processing or a model selection) whose weights it does not bring."""
+    folds: dict[str, set[str]] = {}
+    planned = set()
+    for name in files:
+        if match := _FOLD_ENTRY.match(name):
+            if name.endswith(".pth"):
+                fold = match.group("fold").rsplit("/", 1)[-1].removeprefix("fold_")
+                folds.setdefault(match.group("member"), set()).add(fold)
+            else:
+                planned.add(match.group("fold"))
+    for member in manifest["members"]:
+        if member not in folds:
+            raise ModelFileError(f"{path}: {MANIFEST_FILE}: member {member} has no checkpoint in the zip; refused")
+        listed = manifest["folds"].get(member)
+        if not isinstance(listed, list) or sorted(map(str, listed)) != sorted(folds[member]):
+            raise ModelFileError(
+                f"{path}: {MANIFEST_FILE}: folds of {member} are listed as {listed}, the zip holds "
+                f"{sorted(folds[member])}; refused"
+            )
+        unplanned = sorted(f"{member}/fold_{fold}" for fold in folds[member] if f"{member}/fold_{fold}" not in planned)
+        if unplanned:
+            raise ModelFileError(f"{path}: {unplanned[0]}: a checkpoint without its plans.json; refused")
+    weightless = sorted(planned - {f"{m}/fold_{fold}" for m, found in folds.items() for fold in found})
+    if weightless:
+        raise ModelFileError(f"{path}: {weightless[0]}/{PLANS_FILE}: a plans.json without a checkpoint; refused")
+
+
 def _check_checksum(path: Path, archive: zipfile.ZipFile, name: str, expected: Any) -> None:
     digest, size = hashlib.sha256(), 0
     with archive.open(name) as handle:
@@ -410,27 +498,39 @@ def _check_checksum(path: Path, archive: zipfile.ZipFile, name: str, expected: A
 def import_model(archive: str | Path, overwrite: bool = False) -> InstalledModel:
     """Check a model file and install it into ``AUTOSEG_RESULTS/<dataset>/`` (see the module docstring).
 
+    Before anything is written, the zip's declared sizes and compression ratios are checked against limits
+    (:data:`MAX_CHECKPOINT_BYTES`, :data:`MAX_JSON_BYTES`, :data:`MAX_COMPRESSION_RATIO`) and the free space of the
+    destination; entries are then extracted with a hard cap at their declared size, plans and post-processing
+    validated, each checkpoint's size held to the network its plans describe and its tensors' names, shapes and
+    dtypes compared with that network's (built on the meta device: nothing allocated). ``postprocessing.json`` and
+    ``model_selection.json`` must concern exactly the zip's members and may not replace an installed one of other
+    members. Temporary folders that killed imports left beside the dataset folder are removed first.
+
     Args:
         archive: the zip written by :func:`export_model`.
         overwrite: replace fold folders and files that exist with other content (a whole fold folder is
             replaced, with its logs and validation outputs). Default False: refuse.
 
     Returns:
-        What was installed, or the identical install found (``reused``).
+        What was installed, or the identical install found (``reused``; it is checked as a new one would be).
 
     Raises:
         FileNotFoundError: no file at ``archive``.
         ModelFileError: nothing was written, because the zip is unreadable, has no manifest or one of a newer
             format, has an entry that is a link, absolute, holds ``..`` or is not part of a model, is not listed in
-            the manifest or has another SHA-256; a checkpoint holds pickled objects or no network; a ``plans.json``
-            is invalid; or an installed fold folder or file differs and ``overwrite`` is False. The message names
-            the zip and the entry.
+            the manifest or has another SHA-256 or size, declares more bytes than its limit or the disk's free
+            space; a checkpoint holds pickled objects, no network, or weights that do not fit the network its plans
+            describe; a ``plans.json`` or ``postprocessing.json`` is invalid; a post-processing or model selection
+            concerns other members; ``AUTOSEG_RESULTS`` is not a writable folder; or an installed fold folder or
+            file differs and ``overwrite`` is False. The message names the zip and the entry.
         DiskFullError: the disk filled up while extracting; nothing is left behind.
     """
     model = _check(Path(archive))
     target = results_folder(model.dataset)
+    _prepare_destination(model, target.parent)
     different = [entry for entry in model.entries if not _same_file(target / entry, model.manifest["files"][entry])]
     if not different:
+        _check_contents(model, target, target, extract=None)  # the same bytes as the zip's
         return _installed(model, target, reused=True)
     conflicts = _conflicts(model, target, different)
     if conflicts and not overwrite:
@@ -440,13 +540,10 @@ def import_model(archive: str | Path, overwrite: bool = False) -> InstalledModel
             f"({len(conflicts)} conflict(s)); replace them with autoseg_import --overwrite, or, where "
             "the trained model is already here, predict with it (-d) instead of -m"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model.dataset}.import-", dir=target.parent))
-    try:
-        _extract(model, staging)
+    _check_free_space(model, target.parent)
+    with _staging_folder(model, target.parent) as staging, reporting_disk_full(target):
+        _check_contents(model, staging, target, extract=lambda entries: _extract(model, staging, entries))
         _move_into_place(model, staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return _installed(model, target, reused=False)
 
 
@@ -482,37 +579,213 @@ def _conflicts(model: _ModelFile, target: Path, different: Sequence[str]) -> lis
     return conflicts
 
 
-def _extract(model: _ModelFile, staging: Path) -> None:
-    """Extract every entry into ``staging`` (checksums again, as written), then check checkpoints and plans there."""
+def _prepare_destination(model: _ModelFile, root: Path) -> None:
+    """Make ``AUTOSEG_RESULTS`` (``root``) if needed, refuse it when it is not a writable folder, and remove the
+    temporary folders killed imports left there."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as error:
+        raise ModelFileError(
+            f"{model.path}: cannot install into AUTOSEG_RESULTS={root}: not a writable folder "
+            f"({error.strerror or error}); set AUTOSEG_RESULTS (or AUTOSEG_HOME) to one"
+        ) from None
+    _remove_stale_imports(root)
+
+
+def _check_free_space(model: _ModelFile, root: Path) -> None:
+    """Refuse a zip that declares more bytes than the disk of ``root`` has free."""
+    needed = sum(int(model.manifest["files"][entry]["bytes"]) for entry in model.entries)
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise ModelFileError(
+            f"{model.path}: unpacks to {needed:,} bytes, but only {free:,} are free under {root}; nothing was written"
+        )
+
+
+def _remove_stale_imports(root: Path) -> list[Path]:
+    """Remove the temporary folders (``.<dataset>.import-*``) of killed imports under ``root``: those no live import
+    holds locked (:func:`_staging_folder`) and in which nothing changed for :data:`STALE_IMPORT_SECONDS` (an import
+    of an older autoseg held no lock). Returns them."""
+    removed = []
+    for folder in sorted(root.glob(".*.import-*")):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            newest = max([folder.lstat().st_mtime, *(p.lstat().st_mtime for p in folder.rglob("*"))])
+            if time.time() - newest < STALE_IMPORT_SECONDS:
+                continue
+            with _locked(folder, blocking=False):
+                shutil.rmtree(folder)
+        except OSError:  # a live import holds it, another import removed it meanwhile, or it cannot be removed
+            continue
+        removed.append(folder)
+    return removed
+
+
+@contextmanager
+def _locked(folder: Path, blocking: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (released when the process ends, however it ends).
+
+    Raises:
+        BlockingIOError: ``blocking`` is False and another process holds the lock.
+    """
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(handle)
+
+
+@contextmanager
+def _staging_folder(model: _ModelFile, root: Path) -> Iterator[Path]:
+    """A locked temporary folder ``.<dataset>.import-<random>`` in ``root``, removed afterwards (what was moved
+    into place out of it stays)."""
+    with reporting_disk_full(root / model.dataset):
+        staging = Path(tempfile.mkdtemp(prefix=f".{model.dataset}.import-", dir=root))
+    try:
+        with _locked(staging):
+            yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _extract(model: _ModelFile, staging: Path, entries: Sequence[str]) -> None:
+    """Extract ``entries`` into ``staging``, never more bytes than each declares, and check their checksums again
+    as written."""
     with zipfile.ZipFile(model.path) as archive:
-        for entry in model.entries:
+        for entry in entries:
+            expected = model.manifest["files"][entry]
             destination = staging / entry
             destination.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
             with archive.open(entry) as source, open(destination, "wb") as handle:
-                shutil.copyfileobj(source, handle, 1 << 20)
-            if not _same_file(destination, model.manifest["files"][entry]):
+                while chunk := source.read(min(1 << 20, expected["bytes"] - written + 1)):
+                    written += len(chunk)
+                    if written > expected["bytes"]:
+                        raise ModelFileError(f"{model.path}: {entry}: unpacks to more than it declares; refused")
+                    handle.write(chunk)
+            if not _same_file(destination, expected):
                 raise ModelFileError(f"{model.path}: {entry}: changed while it was read; refused")
-    for entry in model.entries:
-        if entry.endswith(".pth"):
-            _check_checkpoint(model.path, entry, staging / entry)
-        elif entry.endswith("/plans.json"):
+
+
+def _check_contents(model: _ModelFile, folder: Path, target: Path, extract: Callable[[list[str]], None] | None) -> None:
+    """Check what the zip installs, as it lies in ``folder`` (the staging folder; or, for an identical install, the
+    dataset folder): plans, post-processing and model selection first, then every checkpoint's declared size
+    against the network its plans describe, before it is extracted (``extract``, None when the entries are in
+    ``folder`` already), then its tensors."""
+    checkpoints = [entry for entry in model.entries if entry.endswith(".pth")]
+    if extract is not None:
+        extract([entry for entry in model.entries if entry not in checkpoints])
+    _check_dataset_files(model, folder, target)
+    layouts = {}
+    for entry in checkpoints:
+        fold = _FOLD_ENTRY.match(entry).group("fold")
+        if fold not in layouts:
+            layouts[fold] = _network_layout(model, folder, fold)
+        base, per_tensor = CHECKPOINT_OVERHEAD_BYTES
+        limit = layout_bytes(layouts[fold]) + base + per_tensor * len(layouts[fold])
+        declared = model.manifest["files"][entry]["bytes"]
+        if declared > limit:
+            raise ModelFileError(
+                f"{model.path}: {entry}: {declared:,} bytes, more than the network its plans describe can hold "
+                f"({limit:,} with the checkpoint's own records); refused"
+            )
+    if extract is not None:
+        extract(checkpoints)
+    for entry in checkpoints:
+        _check_checkpoint(model.path, entry, folder / entry, layouts[_FOLD_ENTRY.match(entry).group("fold")])
+
+
+def _network_layout(model: _ModelFile, folder: Path, fold: str) -> WeightLayout:
+    """The weights the network of ``fold``'s plans and trainer holds (names, shapes, dtypes), built on the meta
+    device; refuses invalid plans and a network that cannot be built from them."""
+    entry = f"{fold}/{PLANS_FILE}"
+    configuration, trainer = fold.split("/")[:2]
+    try:
+        plans = Plans.from_json(folder / entry)
+    except (PlansError, ValueError) as error:
+        raise ModelFileError(
+            f"{model.path}: {entry}: invalid plans ({_one_line(error, folder / entry)}); refused"
+        ) from None
+    try:
+        return expected_weights(plans, configuration, **get_trainer(trainer).network_options())
+    except (AutosegError, ValueError, KeyError) as error:
+        raise ModelFileError(
+            f"{model.path}: {entry}: no network can be built for {configuration} with {trainer} "
+            f"({_one_line(error, folder / entry)}); refused"
+        ) from None
+
+
+def _check_dataset_files(model: _ModelFile, folder: Path, target: Path) -> None:
+    """``postprocessing.json`` and ``model_selection.json`` may come only for exactly the zip's members (the
+    manifest's, each of which brings its checkpoints), and may not replace an installed one that concerns other
+    members: a model file changes nothing of another member."""
+    members = sorted(model.manifest["members"])
+    for name in (POSTPROCESSING_FILE, SELECTION_FILE):
+        if name not in model.entries:
+            continue
+        theirs = _members_of(model, folder / name, name)
+        if theirs != members:
+            raise ModelFileError(
+                f"{model.path}: {name}: concerns {theirs}, not the members this file brings ({members}); refused: a "
+                "model file may bring post-processing and model selection only for its own members"
+            )
+        installed = target / name
+        if installed.is_file() and not _same_file(installed, model.manifest["files"][name]):
             try:
-                Plans.from_json(staging / entry)
-            except (PlansError, ValueError) as error:
+                others = _members_of(model, installed, name)
+            except ModelFileError:
+                others = None
+            if others != members:
                 raise ModelFileError(
-                    f"{model.path}: {entry}: invalid plans ({_without_path(error, staging / entry)})"
-                ) from None
+                    f"{model.path}: {name}: would replace {installed}, which concerns {others or 'unreadable'} "
+                    "(not this file's members); refused: import into another AUTOSEG_RESULTS, or move that file away"
+                )
 
 
-def _check_checkpoint(path: Path, entry: str, extracted: Path) -> None:
-    """Refuse a checkpoint that holds pickled objects (read with ``weights_only=True``) or no network weights."""
+def _members_of(model: _ModelFile, path: Path, name: str) -> list[str]:
+    """The sorted members a ``postprocessing.json`` or ``model_selection.json`` concerns (for the latter its chosen
+    members, which must be those of its own post-processing)."""
+    try:
+        if name == POSTPROCESSING_FILE:
+            return sorted(read_tuned_postprocessing(path).members)
+        selection = read_json(path)
+        chosen = selection.get("chosen", {}).get("members") if isinstance(selection, dict) else None
+        tuned = selection.get("postprocessing", {}).get("members") if isinstance(selection, dict) else None
+    except (AutosegError, ValueError, AttributeError) as error:
+        raise ModelFileError(f"{model.path}: {name}: {_one_line(error, path)}; refused") from None
+    if not isinstance(chosen, list) or not all(isinstance(m, str) for m in chosen) or tuned != chosen:
+        raise ModelFileError(
+            f"{model.path}: {name}: chosen.members and postprocessing.members must be the same list of "
+            f"configuration/trainer names, got {chosen!r} and {tuned!r}; refused"
+        )
+    return sorted(chosen)
+
+
+def _check_checkpoint(path: Path, entry: str, extracted: Path, layout: WeightLayout) -> None:
+    """Refuse a checkpoint that holds pickled objects (read with ``weights_only=True``), no network weights, or
+    weights that do not fit the network its plans describe (``layout``: names, shapes, dtypes)."""
     try:
         state = load_checkpoint(extracted)
     except CheckpointError as error:
         raise ModelFileError(f"{path}: {entry}: {_without_path(error, extracted)}") from None
-    network = state.get("network")
+    network = state.get("network") if isinstance(state, dict) else None
     if not isinstance(network, dict) or not network or non_plain_values(network):
         raise ModelFileError(f"{path}: {entry}: no network weights (a dict of tensors under 'network'); refused")
+    problem = weights_problem(layout, network)
+    if problem:
+        raise ModelFileError(
+            f"{path}: {entry}: the weights do not fit the network its plans describe: {problem}; refused"
+        )
+
+
+def _one_line(error: Exception, path: Path) -> str:
+    """The error's message without the leading ``path: ``, its lines joined with ``; ``."""
+    lines = [line.strip() for line in _without_path(error, path).splitlines() if line.strip()]
+    return "; ".join(lines[1:] if lines[:1] == ["invalid plans:"] else lines)
 
 
 def _without_path(error: Exception, path: Path) -> str:

@@ -10,7 +10,8 @@ probabilities on the original grid), and the raw dataset's labels. :func:`find_b
    every member, at the plans' threshold and without removing small lesions; the best wins (a tie goes to the
    smaller ensemble);
 2. for the winner, grid-searches the threshold ``T_h`` in 0.1, 0.2, ..., 0.9 and the minimum lesion size
-   ``S_min`` in :data:`MIN_SIZES_VOXELS` voxels (turned into mm³ with the median voxel volume of the cases),
+   ``S_min`` in :data:`MIN_SIZES_VOXELS` voxels (turned into mm³ with the median voxel volume of the cases; sizes
+   above ``autoseg.plans.MAX_MIN_LESION_MM3``, which prediction refuses, are left out),
    maximizing the mean per-case score: the acute stroke paper's ``DSC·h / (DSC + h)`` with ``h = 1 - HD/HD_max``
    (:func:`autoseg.metrics.dice_hausdorff_score`), or the Dice with ``metric="dice"``; a tie keeps the setting
    nearer the default (0.5, no minimum);
@@ -58,7 +59,7 @@ from autoseg.paths import (
     trainer_folder,
     trainer_folders,
 )
-from autoseg.plans import Plans, PlansError
+from autoseg.plans import MAX_MIN_LESION_MM3, Plans, PlansError
 from autoseg.postprocessing import postprocess_probabilities, remove_small_components
 
 __all__ = [
@@ -326,15 +327,16 @@ def _grid_search(
 ) -> list[dict[str, float]]:
     """Mean score of every (threshold, minimum size) pair over ``cases`` for the ensemble whose members'
     validation probabilities are ``files`` (one case -> file mapping per member)."""
-    scores = {(t, s): [] for t in THRESHOLDS for s in MIN_SIZES_VOXELS}
     # One physical size per candidate, so the choice applies alike to scans of any resolution.
     voxel = float(np.median([read_header(references[case])[0].voxel_volume_mm3 for case in cases]))
+    sizes = [size for size in MIN_SIZES_VOXELS if size * voxel <= MAX_MIN_LESION_MM3]
+    scores = {(t, s): [] for t in THRESHOLDS for s in sizes}
     for case in tqdm(cases, desc="tune post-processing", disable=not progress):
         reference, geometry = _reference_classes(references[case], declared)
         mean = np.mean([_load(member[case]) for member in files], axis=0)
         for threshold in THRESHOLDS:
             labels = postprocess_probabilities(mean, geometry.spacing, threshold, 0.0)
-            for size in MIN_SIZES_VOXELS:
+            for size in sizes:
                 kept = remove_small_components(labels, geometry.spacing, size * voxel)
                 per_label = score_case(
                     kept, reference, geometry.spacing, _labels_of(mean), overlap_only=metric == "dice"

@@ -37,6 +37,22 @@ HISTEQ_NAME_SUFFIX = "_histeq"
 SYMMETRIC_NAME_SUFFIX = "_sym"
 LOSSES = ("dice_bce", "dice_bce_focal", "focal", "weighted_ce")
 
+# Limits of what a plan may ask for. They refuse nonsense (an edited or hostile ``plans.json``, a model file's plans)
+# before anything is built or allocated, and lie far beyond anything a planner of autoseg plans.
+#: Target spacing in mm: clinical MRI and CT voxels measure about 0.2 to 10 mm.
+TARGET_SPACING_RANGE_MM = (0.01, 100.0)
+#: Channels of the widest network stage: ResNet-50's last layer has 2048; the U-Net planners stop at 320 (3-D)
+#: and 512 (2-D).
+MAX_FEATURES = 2048
+#: Largest kernel edge: the planners use 1 and 3.
+MAX_KERNEL_SIZE = 7
+#: Voxels of the largest patch: 2**25, e.g. 320 x 320 x 320, more than three whole brains at 1 mm (about
+#: 200 x 240 x 200 each); one float32 feature map of 32 channels at this size already takes 4 GiB.
+MAX_PATCH_VOXELS = 2**25
+#: Largest minimum lesion size in mm³: 100 ml, the volume of a large infarct (``autoseg_find_best`` tries up to
+#: 1000 voxels, 1 ml at 1 mm); a larger minimum removes nearly every real lesion.
+MAX_MIN_LESION_MM3 = 1e5
+
 
 def histeq_name(name: str) -> str:
     """The histogram-equalized variant's name: ``3d_resunet`` -> ``3d_resunet_histeq`` (unchanged if it is one)."""
@@ -215,6 +231,15 @@ class Symmetry:
         return 3 if self.difference else 2
 
 
+def _dataset_statistics_valid(normalization: Normalization) -> bool:
+    """Whether a ``clip_zscore_dataset`` normalization has finite clip bounds in order, a finite mean and a
+    positive finite std."""
+    clip, mean, std = normalization.clip, normalization.mean, normalization.std
+    if clip is None or mean is None or std is None:
+        return False
+    return bool(np.isfinite([*clip, mean, std]).all()) and clip[0] <= clip[1] and std > 0
+
+
 def input_channels(num_channels: int, symmetry: Symmetry | None) -> int:
     """Network input channels for ``num_channels`` image channels: times 2 or 3 with symmetric channels."""
     return num_channels * (symmetry.channels_per_input if symmetry is not None else 1)
@@ -226,6 +251,19 @@ class PostProcessing:
 
     threshold: float = 0.5
     min_lesion_mm3: float = 0.0
+
+    def problems(self, prefix: str = "") -> list[str]:
+        """Every value out of range, as ``PREFIXfield: what is wrong``: ``threshold`` in (0, 1) (a probability
+        that some voxels reach and not all), ``min_lesion_mm3`` in [0, :data:`MAX_MIN_LESION_MM3`]."""
+        found = []
+        if not 0 < self.threshold < 1:
+            found.append(f"{prefix}threshold: must lie in (0, 1), got {self.threshold}")
+        if not 0 <= self.min_lesion_mm3 <= MAX_MIN_LESION_MM3:
+            found.append(
+                f"{prefix}min_lesion_mm3: must lie in [0, {MAX_MIN_LESION_MM3:g}] mm³ (100 ml, a large infarct; a "
+                f"larger minimum removes nearly every lesion), got {self.min_lesion_mm3}"
+            )
+        return found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,8 +303,13 @@ class Configuration:
         found = []
         if self.dimension not in (2, 3):
             found.append(f"{where}.dimension: must be 2 or 3, got {self.dimension}")
-        if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
-            found.append(f"{where}.target_spacing: needs 3 positive values in mm, got {list(self.target_spacing)}")
+        low, high = TARGET_SPACING_RANGE_MM
+        if len(self.target_spacing) != 3 or not all(low <= s <= high for s in self.target_spacing):
+            found.append(
+                f"{where}.target_spacing: needs 3 values in [{low:g}, {high:g}] mm, got {list(self.target_spacing)}"
+            )
+        if len(self.median_shape) != 3 or min(self.median_shape) < 1:
+            found.append(f"{where}.median_shape: needs 3 positive voxel counts, got {list(self.median_shape)}")
         found += self._channel_problems(where, num_channels)
         if self.loss.name not in LOSSES:
             found.append(f"{where}.loss.name: unknown loss '{self.loss.name}', use one of {list(LOSSES)}")
@@ -275,17 +318,18 @@ class Configuration:
                 f"{where}.sliding_window_step: must lie in (0, 1] (a fraction of the patch), got "
                 f"{self.sliding_window_step}"
             )
-        if not 0 < self.postprocessing.threshold < 1:
-            found.append(f"{where}.postprocessing.threshold: must lie in (0, 1), got {self.postprocessing.threshold}")
+        found += self.postprocessing.problems(f"{where}.postprocessing.")
+        found += self._axis_problems(where)
         if not 0 <= self.sampling.foreground_oversampling <= 1:
             found.append(f"{where}.sampling.foreground_oversampling: must lie in [0, 1]")
         if self.sampling.lesion_choice not in ("voxel", "lesion"):
             found.append(f"{where}.sampling.lesion_choice: use voxel or lesion, got '{self.sampling.lesion_choice}'")
-        found += self._network_problems(where)
-        found += self._patch_problems(where, "patch_size", self.patch_size, self.batch_size)
+        network = self._network_problems(where)
+        found += network
+        found += self._patch_problems(where, "patch_size", self.patch_size, self.batch_size, not network)
         for index, stage in enumerate(self.schedule.stages):
             found += self._patch_problems(
-                where, f"schedule.stages[{index}].patch_size", stage.patch_size, stage.batch_size
+                where, f"schedule.stages[{index}].patch_size", stage.patch_size, stage.batch_size, not network
             )
         found += self._last_stage_problems(where)
         starts = [stage.start_epoch for stage in self.schedule.stages]
@@ -294,6 +338,26 @@ class Configuration:
                 f"{where}.schedule.stages: start epochs {starts} must begin at 0, increase, and stay below "
                 f"epochs={self.schedule.epochs}"
             )
+        return found
+
+    def _axis_problems(self, where: str) -> list[str]:
+        """Mirror axes (spatial axes of the network's input: 0..dimension-1, each once), the 2-D slice axis and the
+        resampling's axis and spline orders (scipy's 0..5)."""
+        found = []
+        axes = list(self.mirror_axes)
+        if len(set(axes)) != len(axes) or not all(0 <= a < self.dimension for a in axes):
+            found.append(
+                f"{where}.mirror_axes: each of 0..{self.dimension - 1} at most once (the network's spatial axes), "
+                f"got {axes}"
+            )
+        if self.slice_axis is not None and not 0 <= self.slice_axis <= 2:
+            found.append(f"{where}.slice_axis: must be 0, 1 or 2, got {self.slice_axis}")
+        resampling = self.resampling
+        if resampling.separate_axis is not None and not 0 <= resampling.separate_axis <= 2:
+            found.append(f"{where}.resampling.separate_axis: must be 0, 1, 2 or null, got {resampling.separate_axis}")
+        for name in ("image_order", "separate_axis_order"):
+            if not 0 <= getattr(resampling, name) <= 5:
+                found.append(f"{where}.resampling.{name}: a spline order in 0..5, got {getattr(resampling, name)}")
         return found
 
     def _last_stage_problems(self, where: str) -> list[str]:
@@ -323,6 +387,12 @@ class Configuration:
             for n in self.normalization
             if n.scheme not in NORMALIZATION_SCHEMES
         ]
+        found += [
+            f"{where}.normalization[{n.channel}]: clip_zscore_dataset needs clip [low, high] (low <= high), mean "
+            f"and a positive std, all finite; got clip={n.clip}, mean={n.mean}, std={n.std}"
+            for n in self.normalization
+            if n.scheme == "clip_zscore_dataset" and not _dataset_statistics_valid(n)
+        ]
         histeq = any(n.scheme == "histogram_equalization" for n in self.normalization)
         if histeq and HISTEQ_IDENTIFIER_SUFFIX not in self.data_identifier:
             found.append(
@@ -345,27 +415,51 @@ class Configuration:
     def _network_problems(self, where: str) -> list[str]:
         net = self.network
         if net.architecture == "PSPNet":
-            return (
-                []
-                if net.backbone in ("resnet18", "resnet34", "resnet50")
-                else [f"{where}.network.backbone: use resnet18, resnet34 or resnet50, got {net.backbone}"]
-            )
+            found = []
+            if net.backbone not in ("resnet18", "resnet34", "resnet50"):
+                found.append(f"{where}.network.backbone: use resnet18, resnet34 or resnet50, got {net.backbone}")
+            if net.output_stride not in (None, 8, 16, 32):
+                found.append(f"{where}.network.output_stride: use 8, 16 or 32, got {net.output_stride}")
+            if not all(1 <= b <= 64 for b in net.pyramid_bins):
+                found.append(
+                    f"{where}.network.pyramid_bins: grid sizes in 1..64 (PSPNet's are 1, 2, 3, 6), got "
+                    f"{list(net.pyramid_bins)}"
+                )
+            return found
         if net.architecture != "ResidualUNet":
             return [f"{where}.network.architecture: unknown '{net.architecture}', use ResidualUNet or PSPNet"]
         lengths = {len(net.features), len(net.strides), len(net.kernel_sizes)}
+        if len(net.features) < 2:
+            return [f"{where}.network.features: a U-Net needs at least 2 stages, got {list(net.features)}"]
         if len(lengths) != 1:
             return [
                 f"{where}.network: features, strides and kernel_sizes need one entry per stage, got lengths "
                 f"{len(net.features)}, {len(net.strides)}, {len(net.kernel_sizes)}"
             ]
         wrong = [s for s in (*net.strides, *net.kernel_sizes) if len(s) != self.dimension]
-        return (
-            [f"{where}.network: every stride and kernel needs {self.dimension} entries, found {list(wrong[0])}"]
-            if wrong
-            else []
-        )
+        if wrong:
+            return [f"{where}.network: every stride and kernel needs {self.dimension} entries, found {list(wrong[0])}"]
+        found = [
+            f"{where}.network.features[{i}]: must lie in 1..{MAX_FEATURES} channels (ResNet-50's widest layer), "
+            f"got {width}"
+            for i, width in enumerate(net.features)
+            if not 1 <= width <= MAX_FEATURES
+        ]
+        found += [
+            f"{where}.network.strides[{i}]: must be positive, got {list(stride)}"
+            for i, stride in enumerate(net.strides)
+            if min(stride) < 1
+        ]
+        found += [
+            f"{where}.network.kernel_sizes[{i}]: each edge in 1..{MAX_KERNEL_SIZE}, got {list(kernel)}"
+            for i, kernel in enumerate(net.kernel_sizes)
+            if not all(1 <= k <= MAX_KERNEL_SIZE for k in kernel)
+        ]
+        return found
 
-    def _patch_problems(self, where: str, name: str, patch: tuple[int, ...], batch: int) -> list[str]:
+    def _patch_problems(
+        self, where: str, name: str, patch: tuple[int, ...], batch: int, network_valid: bool
+    ) -> list[str]:
         found = []
         if len(patch) != self.dimension:
             return [f"{where}.{name}: needs {self.dimension} entries, got {list(patch)}"]
@@ -376,8 +470,16 @@ class Configuration:
                 f"{where}: a PSPNet trains with batches of 2 or more (its pyramid's 1x1 bin normalizes one "
                 f"value per channel and sample), got {batch}"
             )
+        if min(patch) < 1 or int(np.prod(patch, dtype=np.float64)) > MAX_PATCH_VOXELS:
+            return [
+                *found,
+                f"{where}.{name}: {list(patch)} must be positive and hold at most {MAX_PATCH_VOXELS:,} voxels "
+                "(e.g. 320 x 320 x 320, more than three whole brains at 1 mm)",
+            ]
+        if not network_valid:  # no total stride to divide by
+            return found
         divisor = self.network.total_stride
-        if len(divisor) == len(patch) and any(p % d or p <= 0 for p, d in zip(patch, divisor)):
+        if len(divisor) == len(patch) and any(p % d for p, d in zip(patch, divisor)):
             found.append(
                 f"{where}.{name}: {list(patch)} must be positive and divisible by the network's total "
                 f"stride {list(divisor)}"

@@ -12,17 +12,36 @@ Steps:
        background (26-connectivity, as the lesion-wise metrics in ``autoseg.metrics`` count lesions).
 
 The threshold and minimum size come from ``Configuration.postprocessing`` and are tuned on the
-cross-validation predictions.
+cross-validation predictions by ``autoseg_find_best``, which writes them with the members they were tuned for to
+``postprocessing.json``; :func:`read_tuned_postprocessing` is the one reader of that file, and refuses a threshold
+outside (0, 1), a minimum size outside [0, ``autoseg.plans.MAX_MIN_LESION_MM3``] or members that are not
+``configuration/trainer`` names.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["postprocess_probabilities", "remove_small_components"]
+from autoseg.errors import InvalidFileError
+from autoseg.io import read_json
+from autoseg.plans import PostProcessing
+
+__all__ = [
+    "MEMBER_PATTERN",
+    "TunedPostProcessing",
+    "postprocess_probabilities",
+    "read_tuned_postprocessing",
+    "remove_small_components",
+]
+
+#: A member's name: ``configuration/trainer``.
+MEMBER_PATTERN = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -102,3 +121,43 @@ def remove_small_components(labels: np.ndarray, spacing: Sequence[float], min_vo
         too_small[0] = False  # index 0 is everything that is not this label
         out[too_small[components]] = 0
     return out
+
+
+@dataclass(frozen=True)
+class TunedPostProcessing:
+    """What ``postprocessing.json`` holds: the members (``configuration/trainer``) it was tuned for, in the file's
+    order, and the threshold and minimum lesion size in mm³."""
+
+    members: tuple[str, ...]
+    settings: PostProcessing
+
+
+def read_tuned_postprocessing(path: str | Path) -> TunedPostProcessing:
+    """Read and check ``postprocessing.json`` (written by ``autoseg_find_best``; other keys are kept for people).
+
+    Raises:
+        InvalidFileError: not a JSON object, ``members`` not a non-empty list of ``configuration/trainer`` names,
+            ``threshold`` or ``min_lesion_mm3`` missing, not a number, or out of range
+            (:meth:`autoseg.plans.PostProcessing.problems`); the message names the file and the field.
+    """
+    tuned = read_json(path)
+    if not isinstance(tuned, dict):
+        raise InvalidFileError(f"{path}: expected a JSON object, got {type(tuned).__name__}")
+    members = tuned.get("members")
+    if (
+        not isinstance(members, list)
+        or not members
+        or not all(isinstance(m, str) and MEMBER_PATTERN.match(m) for m in members)
+    ):
+        raise InvalidFileError(f"{path}: members: a non-empty list of configuration/trainer names, got {members!r}")
+    values = {}
+    for name in ("threshold", "min_lesion_mm3"):
+        value = tuned.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidFileError(f"{path}: {name}: a number is needed, got {value!r}")
+        values[name] = float(value)
+    settings = PostProcessing(**values)
+    problems = settings.problems()
+    if problems:
+        raise InvalidFileError(f"{path}: {'; '.join(problems)}")
+    return TunedPostProcessing(tuple(members), settings)

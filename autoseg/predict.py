@@ -76,7 +76,6 @@ from autoseg.io import (
     count_non_finite,
     image_files,
     read_image,
-    read_json,
     remove_stale_temporaries,
     split_ending,
     write_json,
@@ -86,6 +85,7 @@ from autoseg.labels import values_from_classes
 from autoseg.machine import choose_device, choose_precision
 from autoseg.model_export import InstalledModel, install_for_prediction
 from autoseg.networks import build_network
+from autoseg.networks.factory import expected_weights, weights_problem
 from autoseg.paths import (
     PLANS_FILE,
     POSTPROCESSING_FILE,
@@ -96,7 +96,7 @@ from autoseg.paths import (
     trainer_folder,
 )
 from autoseg.plans import Plans
-from autoseg.postprocessing import postprocess_probabilities
+from autoseg.postprocessing import postprocess_probabilities, read_tuned_postprocessing
 from autoseg.preprocessing import preprocess_arrays, restore_probabilities
 from trainers import get_trainer
 
@@ -221,14 +221,22 @@ def load_model(
     Raises:
         ValueError: unknown checkpoint choice, no trained configuration or trainer of that name (the message
             lists what exists), a missing fold, or no fold with the chosen checkpoint.
+        InvalidFileError: a checkpoint's weights do not fit the network its plans describe (names, shapes, dtypes).
     """
     trainer, fold_folders, checkpoints = trained_member(dataset, configuration, trainer, folds, checkpoint)
     plans = Plans.from_json(fold_folders[0] / PLANS_FILE)
     networks = []
     options = get_trainer(trainer).network_options()  # e.g. the acute recipe's asymmetric U-Net from the same plan
+    layout = expected_weights(plans, configuration, **options)
     for path in checkpoints:
+        weights = load_checkpoint(path, map_location="cpu").get("network")
+        problem = weights_problem(layout, weights)
+        if problem:
+            raise InvalidFileError(
+                f"{path}: the weights do not fit the network of {fold_folders[0] / PLANS_FILE}: {problem}"
+            )
         network = build_network(plans, configuration, **options)
-        network.load_state_dict(load_checkpoint(path, map_location="cpu")["network"])
+        network.load_state_dict(weights)
         networks.append(network.to(device).eval())
     return Model(plans, configuration, trainer, checkpoints, networks)
 
@@ -373,10 +381,9 @@ def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
 def _tuned_members(dataset: str) -> list[tuple[str, str | None]] | None:
     """The (configuration, trainer) members ``autoseg_find_best`` chose, when they are all trained; else None."""
     path = results_folder(dataset) / POSTPROCESSING_FILE
-    members = read_json(path).get("members") if path.is_file() else None
-    if not members:
+    if not path.is_file():
         return None
-    pairs = [tuple(member.split("/", 1)) for member in members]
+    pairs = [tuple(member.split("/", 1)) for member in read_tuned_postprocessing(path).members]
     trained = all((trainer_folder(dataset, c, t)).is_dir() for c, t in pairs)
     return pairs if trained else None
 
@@ -387,9 +394,9 @@ def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float
     path = results_folder(dataset) / POSTPROCESSING_FILE
     members = sorted(f"{model.configuration}/{model.trainer}" for model in models)
     if path.is_file():
-        tuned = read_json(path)
-        if sorted(tuned.get("members", [])) == members:
-            return float(tuned["threshold"]), float(tuned["min_lesion_mm3"]), str(path)
+        tuned = read_tuned_postprocessing(path)
+        if sorted(tuned.members) == members:
+            return tuned.settings.threshold, tuned.settings.min_lesion_mm3, str(path)
     settings = models[0].plans.configuration(models[0].configuration).postprocessing
     return settings.threshold, settings.min_lesion_mm3, f"plans of {models[0].configuration}"
 

@@ -367,3 +367,467 @@ def test_a_killed_import_left_behind_does_not_count_as_a_trained_dataset(
     leftover = fresh / "results" / f".{installed[0]}.import-killed"
     shutil.copytree(fresh / "results" / installed[0], leftover)
     assert trained_datasets() == installed
+
+
+# ---------------------------------------------------------------------------- model files that would break prediction
+def _edit_plans(change: Callable[[dict], None]) -> Callable[[dict[str, bytes], dict], None]:
+    """A ``_rewrite`` change applying ``change`` to the configuration of every ``plans.json`` of the zip."""
+
+    def edit(entries: dict[str, bytes], manifest: dict) -> None:
+        for name in [n for n in entries if n.endswith("/plans.json")]:
+            plans = json.loads(entries[name])
+            change(plans["configurations"][CONFIGURATION])
+            entries[name] = json.dumps(plans).encode()
+
+    return edit
+
+
+def _set_patch(configuration: dict, patch: list[int]) -> None:
+    configuration["patch_size"] = patch
+    configuration["schedule"]["stages"][-1]["patch_size"] = patch
+
+
+def _tuned(**values: object) -> Callable[[dict[str, bytes], dict], None]:
+    """A change adding ``postprocessing.json`` for the zip's own member with ``values`` (None: key left out)."""
+
+    def add(entries: dict[str, bytes], manifest: dict) -> None:
+        tuned = {"members": [MEMBER], "threshold": 0.5, "min_lesion_mm3": 0.0, **values}
+        entries["postprocessing.json"] = json.dumps({k: v for k, v in tuned.items() if v is not None}).encode()
+
+    return add
+
+
+def _edit_weights(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[dict[str, bytes], dict], None]:
+    """A change applying ``change`` to the network weights of fold 0's checkpoint."""
+
+    def edit(entries: dict[str, bytes], manifest: dict) -> None:
+        import io
+
+        name = f"{FOLDS[0]}/checkpoint_final.pth"
+        state = torch.load(io.BytesIO(entries[name]), weights_only=True)
+        change(state["network"])
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        entries[name] = buffer.getvalue()
+
+    return edit
+
+
+def _first_conv(weights: dict[str, torch.Tensor]) -> str:
+    return next(name for name, tensor in weights.items() if tensor.ndim == 5)
+
+
+BROKEN = {
+    "patch 10000³": (
+        _edit_plans(lambda c: _set_patch(c, [10000] * 3)),
+        "patch_size: [10000, 10000, 10000] must be positive and hold at most 33,554,432 voxels",
+    ),
+    "1e9 features": (
+        _edit_plans(lambda c: c["network"].update(features=[4, 8, 10**9])),
+        "network.features[2]: must lie in 1..2048 channels",
+    ),
+    "NaN spacing": (
+        _edit_plans(lambda c: c.update(target_spacing=[float("nan"), 1.0, 1.0])),
+        "target_spacing: needs 3 values in [0.01, 100] mm, got [nan, 1.0, 1.0]",
+    ),
+    "kernel 0": (
+        _edit_plans(lambda c: c["network"].update(kernel_sizes=[[3, 3, 3], [0, 3, 3], [3, 3, 3]])),
+        "network.kernel_sizes[1]: each edge in 1..7, got [0, 3, 3]",
+    ),
+    "even kernel": (
+        _edit_plans(lambda c: c["network"].update(kernel_sizes=[[3, 3, 3], [4, 3, 3], [3, 3, 3]])),
+        "no network can be built for 3d_resunet with ResidualUNetTrainer (kernel_sizes[1]=(4, 3, 3) must be odd",
+    ),
+    "mirror axis 7": (
+        _edit_plans(lambda c: c.update(mirror_axes=[0, 7])),
+        "mirror_axes: each of 0..2 at most once (the network's spatial axes), got [0, 7]",
+    ),
+    "stride 0": (
+        _edit_plans(lambda c: c["network"].update(strides=[[1, 1, 1], [2, 0, 2], [2, 2, 2]])),
+        "network.strides[1]: must be positive, got [2, 0, 2]",
+    ),
+    "planned minimum 1e12": (
+        _edit_plans(lambda c: c["postprocessing"].update(min_lesion_mm3=1e12)),
+        "postprocessing.min_lesion_mm3: must lie in [0, 100000] mm³",
+    ),
+    "threshold 2": (_tuned(threshold=2), "postprocessing.json: threshold: must lie in (0, 1), got 2.0"),
+    "threshold 'high'": (_tuned(threshold="high"), "postprocessing.json: threshold: a number is needed, got 'high'"),
+    "threshold missing": (_tuned(threshold=None), "postprocessing.json: threshold: a number is needed, got None"),
+    "tuned minimum 1e12": (_tuned(min_lesion_mm3=1e12), "postprocessing.json: min_lesion_mm3: must lie in [0, 100000]"),
+    "weights of another shape": (
+        _edit_weights(lambda w: w.update({_first_conv(w): torch.zeros(2, 1, 3, 3, 3)})),
+        "the weights do not fit the network its plans describe: ",
+    ),
+    "weights of another dtype": (
+        _edit_weights(lambda w: w.update({_first_conv(w): w[_first_conv(w)].double()})),
+        "float64, the network has",
+    ),
+    "a weight missing": (
+        _edit_weights(lambda w: w.pop(_first_conv(w))),
+        ": missing",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_import_and_predict_refuse_a_model_file_that_would_break_prediction(
+    case: str, home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Plans, post-processing and weights are checked against the network before anything is installed, in one
+    line that names the entry; ``autoseg_predict -m`` refuses the same file before predicting."""
+    change, message = BROKEN[case]
+    export_model(tmp_path / "model.zip")
+    bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", change)
+    fresh = _other_machine(tmp_path, monkeypatch)
+    assert import_main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and message in err and err.count("\n") == 1, err
+    assert "refused" in err
+    assert not [p for p in fresh.rglob("*") if not p.is_dir()] and not (results_root() / NAME).exists()
+    assert predict_main(["-m", str(bad), "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options", [{}, {"network_class": "AsymmetricResidualUNet"}], ids=["plan's", "asymmetric"])
+def test_the_expected_weights_are_those_of_the_built_network(home: Path, options: dict) -> None:
+    """What import compares checkpoints with is built on the meta device, with the initializers skipped (and
+    restored afterwards), and equals the real network's state dict."""
+    from autoseg.networks.factory import expected_weights, weights_problem
+
+    normal = torch.nn.init.normal_
+    plans = Plans.from_json(home / "results" / NAME / FOLDS[0] / "plans.json")
+    layout = expected_weights(plans, CONFIGURATION, **options)
+    assert torch.nn.init.normal_ is normal
+    state = build_network(plans, CONFIGURATION, **options).state_dict()
+    assert layout == {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in state.items()}
+    assert weights_problem(layout, state) is None
+    assert weights_problem(layout, {**state, "extra": torch.zeros(1)}) == "extra: not in the network"
+
+
+def test_a_tuned_postprocessing_json_that_is_invalid_is_one_line_in_predict(
+    home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tuned = home / "results" / NAME / "postprocessing.json"
+    tuned.write_text(json.dumps({"members": [MEMBER], "threshold": "high", "min_lesion_mm3": 0}))
+    assert predict_main(["-d", NAME, "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == f"error: {tuned}: threshold: a number is needed, got 'high'\n"
+
+
+def test_a_trained_checkpoint_that_does_not_fit_its_plans_is_one_line_in_predict(
+    home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = home / "results" / NAME / FOLDS[1] / "checkpoint_final.pth"
+    state = load_checkpoint(path)
+    name = _first_conv(state["network"])
+    state["network"][name] = torch.zeros(2, 1, 3, 3, 3)
+    torch.save(state, path)
+    assert predict_main(["-d", NAME, "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: the weights do not fit the network of ") and err.count("\n") == 1
+    assert f"{name}: shape [2, 1, 3, 3, 3] float32, the network has [" in err
+
+
+def test_an_identical_install_is_checked_again_before_predicting(
+    home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An install written by an earlier autoseg that did not check plans is reused only if it passes the checks."""
+    export_model(tmp_path / "model.zip")
+    bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", BROKEN["mirror axis 7"][0])
+    _other_machine(tmp_path, monkeypatch)
+    with zipfile.ZipFile(bad) as archive:
+        archive.extractall(results_root() / NAME)  # as an unchecking import would have installed it
+    (results_root() / NAME / "manifest.json").unlink()
+    assert predict_main(["-m", str(bad), "-i", str(scans), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert "mirror_axes: each of 0..2 at most once" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- a model file changes no other member
+OTHER_TRAINER = "ZoomInOutTrainer"  # builds the same network from the same plans
+OTHER_MEMBER = f"{CONFIGURATION}/{OTHER_TRAINER}"
+
+
+def _as_other_member(*extra: tuple[str, dict]) -> Callable[[dict[str, bytes], dict], None]:
+    """A change moving the zip's member to ``OTHER_MEMBER`` (as a model trained elsewhere) and adding the JSON
+    ``extra`` entries (name, content)."""
+
+    def change(entries: dict[str, bytes], manifest: dict) -> None:
+        for name in [n for n in entries if n.startswith(f"{MEMBER}/")]:
+            entries[name.replace(MEMBER, OTHER_MEMBER)] = entries.pop(name)
+        manifest["members"] = [OTHER_MEMBER]
+        manifest["folds"] = {OTHER_MEMBER: ["0", "1"]}
+        for name in ("postprocessing.json", "model_selection.json"):  # the exported ones concern MEMBER
+            entries.pop(name, None)
+        entries.update({name: json.dumps(content).encode() for name, content in extra})
+
+    return change
+
+
+def _tuned_for(*members: str, threshold: float = 0.05) -> dict:
+    return {"members": list(members), "threshold": threshold, "min_lesion_mm3": 0.0}
+
+
+def _selection_for(*members: str) -> dict:
+    return {"chosen": {"members": list(members)}, "postprocessing": {"members": list(members)}}
+
+
+PLANTED = {
+    "post-processing for the user's member": (
+        _as_other_member(("postprocessing.json", _tuned_for(MEMBER))),
+        f"postprocessing.json: concerns ['{MEMBER}'], not the members this file brings (['{OTHER_MEMBER}'])",
+    ),
+    "post-processing extending to the user's member": (
+        _as_other_member(("postprocessing.json", _tuned_for(MEMBER, OTHER_MEMBER))),
+        "postprocessing.json: concerns",
+    ),
+    "a member claimed without its weights": (
+        lambda e, m: (
+            _as_other_member(("postprocessing.json", _tuned_for(MEMBER, OTHER_MEMBER)))(e, m),
+            m.update(members=[OTHER_MEMBER, MEMBER], folds={OTHER_MEMBER: ["0", "1"], MEMBER: ["0"]}),
+        ),
+        f"manifest.json: member {MEMBER} has no checkpoint in the zip",
+    ),
+    "model selection of the user's member": (
+        _as_other_member(("model_selection.json", _selection_for(MEMBER))),
+        "model_selection.json: concerns",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANTED))
+def test_a_model_file_cannot_plant_files_for_a_member_it_does_not_bring(
+    case: str, home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A zip of another member with post-processing "tuned" for the user's own trained member: refused in one line
+    naming the entry, nothing installed, and the user's model predicts as before."""
+    change, message = PLANTED[case]
+    predict(scans, tmp_path / "before", NAME, **QUIET)
+    export_model(tmp_path / "model.zip")
+    bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", change)
+    results = home / "results" / NAME
+    before = sorted(p.relative_to(results) for p in results.rglob("*"))
+    assert import_main([str(bad), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
+    predict(scans, tmp_path / "after", NAME, **QUIET)
+    for name, labels in _outputs(tmp_path / "before").items():
+        np.testing.assert_array_equal(_outputs(tmp_path / "after")[name], labels)
+
+
+def test_a_model_file_does_not_replace_the_post_processing_of_other_members(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tuned = home / "results" / NAME / "postprocessing.json"
+    tuned.write_text(json.dumps(_tuned_for(MEMBER, threshold=0.3)))
+    export_model(tmp_path / "model.zip", configurations=[CONFIGURATION], trainers=TRAINER)
+    own = _rewrite(
+        tmp_path / "model.zip",
+        tmp_path / "own.zip",
+        _as_other_member(("postprocessing.json", _tuned_for(OTHER_MEMBER))),
+    )
+    assert import_main([str(own), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"postprocessing.json: would replace {tuned}, which concerns ['{MEMBER}']" in err
+    assert json.loads(tuned.read_text())["threshold"] == 0.3
+    assert not (home / "results" / NAME / OTHER_MEMBER).exists()
+    # without the post-processing, the other member installs beside the user's
+    plain = _rewrite(tmp_path / "model.zip", tmp_path / "plain.zip", _as_other_member())
+    assert import_main([str(plain)]) == 0
+    assert (home / "results" / NAME / OTHER_MEMBER / "fold_0" / "checkpoint_final.pth").is_file()
+    assert json.loads(tuned.read_text())["threshold"] == 0.3
+
+
+# ---------------------------------------------------------------------------- zip bombs and full disks
+def _bomb(entries: dict[str, bytes], manifest: dict) -> None:
+    """fold 0's checkpoint replaced by 64 MiB of zeros: 64 kB compressed, 1000 times as large unpacked."""
+    entries[f"{FOLDS[0]}/checkpoint_final.pth"] = bytes(64 << 20)
+
+
+def _big_tensor(entries: dict[str, bytes], manifest: dict) -> None:
+    """A valid checkpoint holding an extra 8 MiB tensor of noise (incompressible) beside the network."""
+    import io
+
+    name = f"{FOLDS[0]}/checkpoint_final.pth"
+    state = torch.load(io.BytesIO(entries[name]), weights_only=True)
+    state["network"]["payload"] = torch.rand(2 << 20, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    entries[name] = buffer.getvalue()
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if not p.is_dir()] if folder.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_bomb, "compressed bytes unpack to 67,108,864, more than 100 times (weights compress about 1.1 times)"),
+        (_big_tensor, "more than the network its plans describe can hold"),
+    ],
+    ids=["deflate bomb", "valid tensor larger than the network"],
+)
+def test_import_refuses_a_zip_bomb_before_writing_anything(
+    change: Callable,
+    message: str,
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    export_model(tmp_path / "model.zip")
+    with zipfile.ZipFile(tmp_path / "model.zip") as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(entries.pop("manifest.json"))
+    change(entries, manifest)
+    manifest["files"] = {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in entries.items()}
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest))
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    assert bomb.stat().st_size < 9 << 20
+    fresh = _other_machine(tmp_path, monkeypatch)
+    written = []
+    monkeypatch.setattr(
+        "autoseg.model_export.open", lambda p, *a, **k: written.append(p) or open(p, *a, **k), raising=False
+    )
+    assert import_main([str(bomb)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bomb}: {FOLDS[0]}/checkpoint_final.pth: ") and err.count("\n") == 1, err
+    assert message in err and err.endswith("; refused\n"), err
+    assert not [p for p in written if str(p).endswith(".pth")]  # the checkpoint was never extracted
+    assert not _files_under(fresh)
+
+
+def test_import_refuses_sizes_above_the_limits_as_declared(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Declared sizes are checked against the limits before anything is read: a JSON entry above
+    MAX_JSON_BYTES, a manifest that understates an entry's size, and more than the disk has free."""
+    export_model(tmp_path / "model.zip")
+    _other_machine(tmp_path, monkeypatch)
+    monkeypatch.setattr("autoseg.model_export.MAX_JSON_BYTES", 100)
+    with pytest.raises(
+        ModelFileError, match=r"plans.json: unpacks to [\d,]+ bytes, more than a JSON entry may \(100\); refused"
+    ):
+        import_model(tmp_path / "model.zip")
+    monkeypatch.setattr("autoseg.model_export.MAX_JSON_BYTES", 16 << 20)
+    understated = _rewrite(
+        tmp_path / "model.zip",
+        tmp_path / "understated.zip",
+        lambda e, m: m["files"]["dataset.json"].update(bytes=3),
+        relist=False,
+    )
+    with pytest.raises(ModelFileError, match=r"dataset.json: the zip declares [\d,]+ bytes, the manifest 3; refused"):
+        import_model(understated)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(
+        ModelFileError, match=r"unpacks to [\d,]+ bytes, but only 1,000 are free under .*nothing was written"
+    ):
+        import_model(tmp_path / "model.zip")
+    assert not _files_under(results_root())
+
+
+def test_extraction_stops_at_the_declared_size(home: Path, tmp_path: Path) -> None:
+    """Should an entry unpack to more than it declares, extraction stops there (a hard cap, whatever the header)."""
+    from autoseg.model_export import _extract, _ModelFile
+
+    export_model(tmp_path / "model.zip")
+    with zipfile.ZipFile(tmp_path / "model.zip") as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+    manifest["files"]["dataset.json"]["bytes"] = 10
+    staging = tmp_path / "staging"
+    with pytest.raises(ModelFileError, match="dataset.json: unpacks to more than it declares; refused"):
+        _extract(_ModelFile(tmp_path / "model.zip", manifest, ["dataset.json"]), staging, ["dataset.json"])
+    assert (staging / "dataset.json").stat().st_size <= 10
+
+
+def test_a_full_disk_during_import_is_one_line_and_leaves_nothing(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import errno
+
+    export_model(tmp_path / "model.zip")
+    fresh = _other_machine(tmp_path, monkeypatch)
+    real = zipfile.ZipExtFile.read
+
+    def read(self, n: int = -1) -> bytes:
+        if self.name.endswith(".pth"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, n)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
+    monkeypatch.setattr("autoseg.model_export._check_checksum", lambda *args: None)  # reads every entry
+    assert import_main([str(tmp_path / "model.zip")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: no space left on device while writing {results_root() / NAME}\n"
+    assert not _files_under(fresh)
+
+
+# ---------------------------------------------------------------------------- temporaries of killed imports, destination
+def test_a_later_import_removes_what_killed_imports_left_and_keeps_a_live_ones(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import os
+    import time
+
+    from autoseg.model_export import STALE_IMPORT_SECONDS
+
+    model = export_model(tmp_path / "model.zip").path
+    fresh = _other_machine(tmp_path, monkeypatch)
+    root = fresh / "results"
+    folders = {name: root / f".{NAME}.import-{name}" for name in ("killed", "live", "just_made")}
+    for folder in folders.values():
+        (folder / MEMBER / "fold_0").mkdir(parents=True)
+        (folder / MEMBER / "fold_0" / "checkpoint_final.pth").write_bytes(b"partial")
+    old = time.time() - STALE_IMPORT_SECONDS - 5
+    for name in ("killed", "live"):
+        for path in [folders[name], *folders[name].rglob("*")]:
+            os.utime(path, (old, old))
+    unrelated = root / ".notes"
+    unrelated.mkdir()
+    handle = os.open(folders["live"], os.O_RDONLY)  # a running import holds its folder locked
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        assert import_main([str(model)]) == 0
+    finally:
+        os.close(handle)
+    assert not folders["killed"].exists()
+    assert folders["live"].is_dir() and folders["just_made"].is_dir() and unrelated.is_dir()
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [NAME]
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file"])
+def test_import_into_a_results_root_that_is_not_a_folder_is_one_line(
+    kind: str, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    model = export_model(tmp_path / "model.zip").path
+    blocker = tmp_path / "results_file"
+    blocker.write_text("not a folder")
+    root = blocker if kind == "a file" else blocker / "results"
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(root))
+    assert import_main([str(model)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}: cannot install into AUTOSEG_RESULTS={root}: not a writable folder (")
+    assert err.count("\n") == 1 and blocker.read_text() == "not a folder"
+
+
+def test_import_into_a_read_only_results_root_is_one_line(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import os
+
+    model = export_model(tmp_path / "model.zip").path
+    root = tmp_path / "read_only"
+    root.mkdir()
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(root))
+    real = os.access
+    monkeypatch.setattr("os.access", lambda path, mode: False if Path(path) == root else real(path, mode))  # as root
+    assert import_main([str(model)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {model}: cannot install into AUTOSEG_RESULTS={root}: not a writable folder (not writable); "
+        "set AUTOSEG_RESULTS (or AUTOSEG_HOME) to one\n"
+    )
+    assert not list(root.iterdir())

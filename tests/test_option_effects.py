@@ -285,3 +285,26 @@ def test_a_member_of_the_chosen_ensemble_that_is_worse_alone_says_so() -> None:
     )
     alone = _verdict(Pairing("trainer", acute, zoom), scores, [acute])
     assert alone["reason"].startswith("kept: Dice")
+
+
+def test_the_grid_leaves_out_minimum_sizes_that_prediction_would_refuse(tmp_path: Path) -> None:
+    """With 5 mm voxels (125 mm³), 1000 voxels would be 125 ml, above MAX_MIN_LESION_MM3: the grid stops below it,
+    so autoseg_find_best never writes a postprocessing.json that autoseg_predict refuses."""
+    from autoseg.model_selection import MIN_SIZES_VOXELS, _grid_search
+    from autoseg.plans import MAX_MIN_LESION_MM3
+
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:5, 2:5, 2:5] = 1
+    geometry = Geometry(
+        shape=(8, 8, 8), spacing=(5.0, 5.0, 5.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel())
+    )
+    write_image(label, geometry, tmp_path / "case.nii.gz")
+    np.savez_compressed(tmp_path / "case_probabilities.npz", probabilities=label[None].astype(np.float32))
+    grid = _grid_search(
+        [{"case": tmp_path / "case_probabilities.npz"}], ["case"], {"case": tmp_path / "case.nii.gz"}, "dice", False
+    )
+    sizes = sorted({g["min_lesion_voxels"] for g in grid})
+    assert (
+        sizes == [s for s in MIN_SIZES_VOXELS if s <= 800]
+        and max(g["min_lesion_mm3"] for g in grid) <= MAX_MIN_LESION_MM3
+    )

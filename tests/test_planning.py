@@ -162,6 +162,37 @@ def test_edited_plans_are_used_and_invalid_edits_are_named(tiny_atlas: Path, dat
         Plans.from_json(_valid_copy(path)).configuration("2d")
 
 
+def test_plans_out_of_range_are_refused_by_every_reader_with_each_field_named(
+    tiny_atlas: Path, data_roots: Path
+) -> None:
+    """Values that would crash or silently break training and prediction (a stride of 0 used to be a
+    ZeroDivisionError in the reader itself) are each named, whoever reads the plans."""
+    assert plan_main(["-d", "ATLASTiny", "--no-progress"]) == 0
+    path = plans_path(data_roots, "Dataset901_ATLASTiny")
+    plans = json.loads(path.read_text())
+    configuration = plans["configurations"]["3d_resunet"]
+    configuration["target_spacing"] = [float("nan"), 1.0, 1e9]
+    configuration["mirror_axes"] = [0, 7]
+    configuration["network"]["strides"][1] = [2, 0, 2]
+    configuration["network"]["kernel_sizes"][0] = [0, 3, 3]
+    configuration["network"]["features"][-1] = 10**9
+    configuration["postprocessing"] = {"threshold": float("nan"), "min_lesion_mm3": 1e12}
+    path.write_text(json.dumps(plans))
+    with pytest.raises(PlansError) as error:
+        Plans.from_json(path)
+    where = "configurations.3d_resunet"
+    for problem in (
+        f"{where}.target_spacing: needs 3 values in [0.01, 100] mm, got [nan, 1.0, 1000000000.0]",
+        f"{where}.mirror_axes: each of 0..2 at most once",
+        f"{where}.network.strides[1]: must be positive, got [2, 0, 2]",
+        f"{where}.network.kernel_sizes[0]: each edge in 1..7, got [0, 3, 3]",
+        f"{where}.network.features[{len(configuration['network']['features']) - 1}]: must lie in 1..2048",
+        f"{where}.postprocessing.threshold: must lie in (0, 1), got nan",
+        f"{where}.postprocessing.min_lesion_mm3: must lie in [0, 100000] mm³",
+    ):
+        assert problem in str(error.value)
+
+
 def _valid_copy(path: Path) -> Path:
     plans = json.loads(path.read_text())
     plans["configurations"]["3d_resunet"]["patch_size"] = [40, 48, 40]

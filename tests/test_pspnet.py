@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
+from autoseg.errors import AutosegError, InvalidFileError
 from autoseg.inference import predict_slices
 from autoseg.networks import CUDA_OVERHEAD_BYTES, PSPNet
 from autoseg.networks.memory import _RESNET_PARAMETERS, estimate_pspnet_training_memory_bytes
-from autoseg.networks.pspnet import ResNetBackbone
+from autoseg.networks.pspnet import ResNetBackbone, backbone_of
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
 from autoseg.training import TrainingOptions, train
@@ -131,9 +132,29 @@ def test_shape_mismatch_names_the_tensor(tmp_path: Path) -> None:
     _perturbed_backbone_file(tmp_path / "bad.pth", **{"layer2.0.conv1.weight": torch.zeros(128, 64, 1, 1)})
     with pytest.raises(ValueError, match=r"'layer2\.0\.conv1\.weight' has shape \[128, 64, 1, 1\].*\[128, 64, 3, 3\]"):
         _net().load_pretrained(tmp_path / "bad.pth")
-    torch.save(ResNetBackbone("resnet50").state_dict(), tmp_path / "resnet50.pth")
-    with pytest.raises(ValueError, match="has shape"):
-        _net().load_pretrained(tmp_path / "resnet50.pth")  # another backbone
+
+
+@pytest.mark.parametrize(
+    ("plan", "file"), [("resnet50", "resnet18"), ("resnet18", "resnet50"), ("resnet18", "resnet34")]
+)
+def test_a_file_of_another_backbone_says_what_it_holds_and_how_to_plan_for_it(
+    plan: str, file: str, tmp_path: Path
+) -> None:
+    """A ResNet-18 file for a plan with a ResNet-50 backbone (and the other way round): one line naming both, with
+    how to plan for the file's backbone, as an error autoseg's commands print as such (not a traceback)."""
+    state = ResNetBackbone(file).state_dict()
+    torch.save({**state, "fc.weight": torch.zeros(1000, 512 * (4 if file == "resnet50" else 1))}, tmp_path / "t.pth")
+    torch.save({f"backbone.{k}": v for k, v in state.items()}, tmp_path / "autoseg.pth")
+    for name, layout in (("t.pth", "torchvision"), ("autoseg.pth", "autoseg")):
+        with pytest.raises(InvalidFileError) as error:
+            _net(backbone=plan).load_pretrained(tmp_path / name)
+        assert str(error.value) == (
+            f"{tmp_path / name}: holds a {file} backbone ({layout} layout), this PSPNet's is {plan}: set "
+            f"network.backbone of the configuration in plans.json to '{file}' (the CPUPlanner, autoseg_plan -pl "
+            "CPUPlanner, plans resnet18; the DefaultPlanner the largest that fits the memory budget), or make a "
+            f"{plan} file: autoseg_pretrain --backbone {plan}"
+        )
+    assert backbone_of(state) == file and backbone_of({"conv1.weight": state["conv1.weight"]}) is None
 
 
 def test_pickled_files_and_foreign_files_are_refused(tmp_path: Path) -> None:
@@ -308,6 +329,27 @@ def test_trainer_loads_pretrained_backbone_at_the_start_of_a_new_run(ctp_home: P
         "resnet18.pth (torchvision layout): 120 tensors loaded into the backbone, 2 classifier tensors ignored" in log
     )
     assert "training from scratch" not in log
+
+
+def test_a_training_run_given_a_file_of_another_backbone_stops_with_an_error_the_commands_print(
+    ctp_home: Path, tmp_path: Path
+) -> None:
+    """``autoseg_train --pretrained``: the trainer's setup raises the one-line error (an AutosegError, which every
+    command prints as ``error: ...``), before anything is trained."""
+    torch.save(ResNetBackbone("resnet34").state_dict(), tmp_path / "resnet34.pth")
+    folder = next((ctp_home / "preprocessed").iterdir())
+    options = TrainingOptions(num_processes=0, echo=False, pretrained=str(tmp_path / "resnet34.pth"))
+    trainer = get_trainer("PSPNetTrainer")(
+        Plans.from_json(folder / "plans.json"),
+        "2d_pspnet",
+        "full",
+        preprocessed_folder=folder,
+        output_folder=ctp_home / "run",
+        options=options,
+    )
+    with pytest.raises(AutosegError, match=r"resnet34.pth: holds a resnet34 backbone \(torchvision layout\), this "):
+        trainer.setup()
+    assert not list((ctp_home / "run").glob("checkpoint_*"))
 
 
 def test_ce_trainer_weights_lesions_by_the_lesion_fraction_of_its_training_cases(ctp_home: Path) -> None:

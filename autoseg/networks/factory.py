@@ -9,6 +9,10 @@ trainer class of a run folder) passes in here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from autoseg.errors import UsageError
@@ -17,7 +21,18 @@ from autoseg.networks.pspnet import PSPNet
 from autoseg.networks.residual_unet import ResidualUNet
 from autoseg.plans import Plans
 
-__all__ = ["NETWORK_CLASSES", "build_network"]
+__all__ = [
+    "NETWORK_CLASSES",
+    "WeightLayout",
+    "build_network",
+    "expected_weights",
+    "layout_bytes",
+    "weight_mismatches",
+    "weights_problem",
+]
+
+WeightLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+"""A network's state dict without its values: name -> (shape, dtype)."""
 
 #: What :func:`build_network` can build, and the plan architecture each is built from.
 NETWORK_CLASSES = {"ResidualUNet": "ResidualUNet", "AsymmetricResidualUNet": "ResidualUNet", "PSPNet": "PSPNet"}
@@ -78,3 +93,83 @@ def build_network(
         kernel_sizes=network.kernel_sizes,
         deep_supervision=network.deep_supervision and levels > 1,
     )
+
+
+def expected_weights(plans: Plans, configuration: str, **options: object) -> WeightLayout:
+    """Names, shapes and dtypes of the state dict of :func:`build_network` ``(plans, configuration, **options)``,
+    built on the meta device: nothing is allocated, so a plan asking for a huge network costs nothing here.
+
+    Raises:
+        UsageError, ValueError: see :func:`build_network` and the network's own checks.
+    """
+    with torch.device("meta"), _initializers_skipped():
+        network = build_network(plans, configuration, **options)
+    return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in network.state_dict().items()}
+
+
+#: ``torch.nn.init`` functions, no-ops while a network is built on the meta device (:func:`_initializers_skipped`).
+_INITIALIZERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+)
+
+
+@contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """``torch.nn.init``'s initializers as no-ops: a meta tensor has no values to draw, and PyTorch's meta
+    ``normal_`` imports ``torch._dynamo`` the first time (seconds, for nothing). Not thread-safe: the functions are
+    replaced module-wide while the block runs."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALIZERS}
+    try:
+        for name in _INITIALIZERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def layout_bytes(layout: WeightLayout) -> int:
+    """Bytes the tensors of ``layout`` hold."""
+    return sum(
+        int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size() for shape, dtype in layout.values()
+    )
+
+
+def weight_mismatches(expected: WeightLayout, weights: object) -> list[str]:
+    """Where ``weights`` (a state dict) does not fit ``expected`` (:func:`expected_weights`): tensors missing or
+    unexpected, and those of another shape or dtype, one line each (``NAME: shape [..] float32, the network
+    has [..] float32``); empty when they fit."""
+    if not isinstance(weights, dict):
+        return [f"not a state dict but {type(weights).__name__}"]
+    found = [f"{name}: missing" for name in expected if name not in weights]
+    found += [f"{name}: not in the network" for name in weights if name not in expected]
+    for name, value in weights.items():
+        if name not in expected:
+            continue
+        shape, dtype = expected[name]
+        if not isinstance(value, torch.Tensor):
+            found.append(f"{name}: {type(value).__name__}, not a tensor")
+        elif (tuple(value.shape), value.dtype) != (shape, dtype):
+            found.append(
+                f"{name}: shape {list(value.shape)} {str(value.dtype).removeprefix('torch.')}, the network has "
+                f"{list(shape)} {str(dtype).removeprefix('torch.')}"
+            )
+    return found
+
+
+def weights_problem(expected: WeightLayout, weights: object) -> str | None:
+    """The first of :func:`weight_mismatches` with how many more there are (``NAME: ... (and 3 more)``), or None
+    when ``weights`` fit ``expected``."""
+    found = weight_mismatches(expected, weights)
+    if not found:
+        return None
+    return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
+from autoseg.errors import InvalidFileError
 
 #: torchvision's ResNets: block type and blocks per layer.
 RESNET_LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -34,6 +35,12 @@ RESNET_LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
+#: How to plan for a backbone other than the plan's, said when a ``--pretrained`` file holds another one.
+_PLAN_FOR_BACKBONE = (
+    "set network.backbone of the configuration in plans.json to '{theirs}' (the CPUPlanner, autoseg_plan -pl "
+    "CPUPlanner, plans resnet18; the DefaultPlanner the largest that fits the memory budget), or make a {ours} "
+    "file: autoseg_pretrain --backbone {ours}"
+)
 #: Dilation of (layer3, layer4) per output stride.
 _DILATIONS = {8: (2, 4), 16: (1, 2), 32: (1, 1)}
 
@@ -101,6 +108,7 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"output_stride must be one of {sorted(_DILATIONS)}, got {output_stride}")
         kind, depths = RESNET_LAYOUTS[name]
         block = BasicBlock if kind == "basic" else Bottleneck
+        self.name = name
         self.inplanes, self.dilation = 64, 1
         self.conv1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -176,6 +184,22 @@ def _head(in_channels: int, mid_channels: int, num_classes: int, dropout: float)
         nn.Dropout2d(dropout),
         nn.Conv2d(mid_channels, num_classes, 1),
     )
+
+
+def backbone_of(state: Mapping[str, object]) -> str | None:
+    """The ResNet of :data:`RESNET_LAYOUTS` whose layout the names of ``state`` (a torchvision-layout ResNet state
+    dict) follow: bottleneck blocks (``conv3``) or basic ones, and the number of blocks in ``layer1``..``layer4``;
+    None when the names follow none of them (or hold no ``layerN`` at all).
+
+    Example:
+        >>> backbone_of(ResNetBackbone("resnet18").state_dict())
+        'resnet18'
+    """
+    kind = "bottleneck" if any(name.endswith(".conv3.weight") for name in state) else "basic"
+    depths = tuple(
+        len({name.split(".")[1] for name in state if name.startswith(f"layer{layer}.")}) for layer in range(1, 5)
+    )
+    return next((name for name, layout in RESNET_LAYOUTS.items() if layout == (kind, depths)), None)
 
 
 @dataclass
@@ -295,26 +319,35 @@ class PSPNet(nn.Module):
             A :class:`PretrainedReport` (``str()`` of it is a readable summary).
 
         Raises:
-            ValueError: the file holds pickled objects other than tensors, is not a state dict, matches no
-                tensor of the network, or has a tensor whose shape differs from the network's (named).
+            InvalidFileError (a ValueError): the file holds pickled objects other than tensors, is not a state dict,
+                holds another ResNet than this network's backbone (the message says which, and how to plan for
+                it), matches no tensor of the network, or has a tensor whose shape differs from the network's
+                (named).
         """
         path = Path(path)
         state = load_checkpoint(path)  # weights_only=True; pickled payloads are refused with the file's name
         if isinstance(state, dict) and isinstance(state.get("network"), dict):
             state = state["network"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
+            raise InvalidFileError(f"{path}: not a state dict (a mapping of names to tensors)")
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
         if any(k.startswith("backbone.") for k in state):
             report, target = PretrainedReport(str(path), "autoseg"), self
+            backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         else:
             report, target = PretrainedReport(str(path), "torchvision"), self.backbone
             report.ignored = sorted(k for k in state if k.startswith("fc."))
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            state = backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        theirs, ours = backbone_of(backbone), self.backbone.name
+        if theirs is not None and theirs != ours:
+            raise InvalidFileError(
+                f"{path}: holds a {theirs} backbone ({report.layout} layout), this PSPNet's is {ours}: "
+                + _PLAN_FOR_BACKBONE.format(theirs=theirs, ours=ours)
+            )
         own = target.state_dict()
         for name, tensor in state.items():
             if name in own and own[name].shape != tensor.shape:
-                raise ValueError(
+                raise InvalidFileError(
                     f"{path}: tensor '{name}' has shape {list(tensor.shape)}, the {report.layout} "
                     f"target expects {list(own[name].shape)} (another backbone or class count?)"
                 )
@@ -322,7 +355,7 @@ class PSPNet(nn.Module):
         report.unexpected = sorted(k for k in state if k not in own)
         report.missing = sorted(k for k in own if k not in state)
         if not report.loaded:
-            raise ValueError(
+            raise InvalidFileError(
                 f"{path}: no tensor matches the network ({len(state)} in the file, e.g. "
                 f"{sorted(state)[:3]}); expected torchvision ResNet names such as 'conv1.weight'"
             )
