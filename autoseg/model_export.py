@@ -722,8 +722,11 @@ def _network_layout(model: _ModelFile, folder: Path, fold: str) -> WeightLayout:
 def _check_dataset_files(model: _ModelFile, folder: Path, target: Path) -> None:
     """``postprocessing.json`` and ``model_selection.json`` may come only for exactly the zip's members (the
     manifest's, each of which brings its checkpoints), and may not replace an installed one that concerns other
-    members: a model file changes nothing of another member."""
+    members, nor, where there is none, make the zip's members the dataset's default beside members already trained
+    there (``autoseg_predict -d`` predicts with the members these files name): a model file changes nothing of
+    another member."""
     members = sorted(model.manifest["members"])
+    others = [member for member in _trained_members(target) if member not in members]
     for name in (POSTPROCESSING_FILE, SELECTION_FILE):
         if name not in model.entries:
             continue
@@ -734,6 +737,12 @@ def _check_dataset_files(model: _ModelFile, folder: Path, target: Path) -> None:
                 "model file may bring post-processing and model selection only for its own members"
             )
         installed = target / name
+        if not installed.exists() and others:
+            raise ModelFileError(
+                f"{model.path}: {name}: would make {members} the default members of {target.name}, beside its own "
+                f"trained members {others}; refused: import into another AUTOSEG_RESULTS, or run autoseg_find_best "
+                "there first"
+            )
         if installed.is_file() and not _same_file(installed, model.manifest["files"][name]):
             try:
                 others = _members_of(model, installed, name)
@@ -744,6 +753,19 @@ def _check_dataset_files(model: _ModelFile, folder: Path, target: Path) -> None:
                     f"{model.path}: {name}: would replace {installed}, which concerns {others or 'unreadable'} "
                     "(not this file's members); refused: import into another AUTOSEG_RESULTS, or move that file away"
                 )
+
+
+def _trained_members(folder: Path) -> list[str]:
+    """The ``configuration/trainer`` members with at least one checkpoint under a dataset's results ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        f"{configuration.name}/{trainer.name}"
+        for configuration in folder.iterdir()
+        if configuration.is_dir()
+        for trainer in configuration.iterdir()
+        if trainer.is_dir() and any(trainer.glob("fold_*/checkpoint_*.pth"))
+    )
 
 
 def _members_of(model: _ModelFile, path: Path, name: str) -> list[str]:

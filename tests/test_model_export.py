@@ -630,6 +630,14 @@ def test_a_model_file_does_not_replace_the_post_processing_of_other_members(
     assert f"postprocessing.json: would replace {tuned}, which concerns ['{MEMBER}']" in err
     assert json.loads(tuned.read_text())["threshold"] == 0.3
     assert not (home / "results" / NAME / OTHER_MEMBER).exists()
+    # nor, where the user has none, does it make its member the dataset's default beside the user's
+    tuned.unlink()
+    assert import_main([str(own)]) == 1
+    err = capsys.readouterr().err
+    assert f"postprocessing.json: would make ['{OTHER_MEMBER}'] the default members of {NAME}" in err
+    assert f"beside its own trained members ['{MEMBER}']" in err
+    assert not tuned.exists() and not (home / "results" / NAME / OTHER_MEMBER).exists()
+    tuned.write_text(json.dumps(_tuned_for(MEMBER, threshold=0.3)))
     # without the post-processing, the other member installs beside the user's
     plain = _rewrite(tmp_path / "model.zip", tmp_path / "plain.zip", _as_other_member())
     assert import_main([str(plain)]) == 0
@@ -810,7 +818,9 @@ def test_import_into_a_results_root_that_is_not_a_folder_is_one_line(
     monkeypatch.setenv("AUTOSEG_RESULTS", str(root))
     assert import_main([str(model)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {model}: cannot install into AUTOSEG_RESULTS={root}: not a writable folder (")
+    # autoseg.paths names the variable before the import looks at the zip
+    where = "is a file" if kind == "a file" else f"lies below {blocker}, which is a file"
+    assert err.startswith(f"error: AUTOSEG_RESULTS = {root}: {where}, not a folder"), err
     assert err.count("\n") == 1 and blocker.read_text() == "not a folder"
 
 
