@@ -301,7 +301,12 @@ def test_the_grid_leaves_out_minimum_sizes_that_prediction_would_refuse(tmp_path
     write_image(label, geometry, tmp_path / "case.nii.gz")
     np.savez_compressed(tmp_path / "case_probabilities.npz", probabilities=label[None].astype(np.float32))
     grid = _grid_search(
-        [{"case": tmp_path / "case_probabilities.npz"}], ["case"], {"case": tmp_path / "case.nii.gz"}, "dice", False
+        [{"case": tmp_path / "case_probabilities.npz"}],
+        ["case"],
+        {"case": tmp_path / "case.nii.gz"},
+        "dice",
+        False,
+        {"background": 0, "lesion": 1},
     )
     sizes = sorted({g["min_lesion_voxels"] for g in grid})
     assert (
