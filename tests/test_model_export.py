@@ -841,3 +841,33 @@ def test_import_into_a_read_only_results_root_is_one_line(
         "set AUTOSEG_RESULTS (or AUTOSEG_HOME) to one\n"
     )
     assert not list(root.iterdir())
+
+
+# ---------------------------------------------------------------------------- model files from earlier versions
+LEGACY = Path(__file__).parent / "fixtures" / "model_2026_12_07"
+
+
+def test_a_model_file_from_before_the_layout_change_predicts_as_it_did(
+    data_roots: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-file model exported before the package layout (``fixtures/model_2026_12_07/README.md``) installs and
+    predicts what that version predicted: probabilities within 1e-4 (floating-point kernels differ between CPUs in
+    the last bits; on the machine that made the fixture they agree bit for bit), labels equal wherever the
+    probability is not that close to the threshold (0.5)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert (
+        predict_main(
+            ["-m", str(LEGACY / "model.zip"), "-i", str(LEGACY / "scans"), "-o", str(tmp_path), "--save-probabilities"]
+            + ["--device", "cpu", "--no-progress"]
+        )
+        == 0
+    )
+    for case in ("sub-01", "sub-02"):
+        expected, geometry = read_image(LEGACY / "expected" / f"{case}_probabilities.nii.gz", canonical=False)
+        probabilities, written = read_image(tmp_path / f"{case}_probabilities.nii.gz", canonical=False)
+        assert written == geometry
+        np.testing.assert_allclose(probabilities, expected, rtol=0, atol=1e-4)
+        labels = read_image(tmp_path / f"{case}.nii.gz", np.uint8, canonical=False)[0]
+        expected_labels = read_image(LEGACY / "expected" / f"{case}.nii.gz", np.uint8, canonical=False)[0]
+        differ = labels != expected_labels
+        assert expected_labels.any() and not np.any(differ & (np.abs(expected - 0.5) >= 1e-4)), np.count_nonzero(differ)
