@@ -7,7 +7,8 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
    times trainers (``-tr``, one or more); with neither, the configuration/trainer members ``autoseg_find_best``
    chose, else the only trained configuration (or the plans' default) with its only trainer; and the folds
    (``-f``; default every ``fold_<k>`` with the chosen checkpoint);
-2. rebuilds each network from the run folder's ``plans.json`` and its trainer class, and loads the weights;
+2. rebuilds each network from the run folder's ``plans.json`` and the network options its checkpoint recorded
+   (``autoseg.networks.factory.checkpoint_network_options``; no trainer class is needed), and loads the weights;
 3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
    and writes ``OUTPUT/CASE<ending>`` (the labels ``dataset.json`` declared: 0/1, or 0/255, ...; uint8 when every
@@ -85,7 +86,7 @@ from autoseg.labels import values_from_classes
 from autoseg.machine import choose_device, choose_precision
 from autoseg.model_export import InstalledModel, install_for_prediction
 from autoseg.networks import build_network
-from autoseg.networks.factory import expected_weights, weights_problem
+from autoseg.networks.factory import checkpoint_network_options, expected_weights, weights_problem
 from autoseg.paths import (
     PLANS_FILE,
     POSTPROCESSING_FILE,
@@ -98,7 +99,6 @@ from autoseg.paths import (
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities, read_tuned_postprocessing
 from autoseg.preprocessing import preprocess_arrays, restore_probabilities
-from trainers import get_trainer
 
 __all__ = [
     "CASE_ERRORS",
@@ -221,16 +221,18 @@ def load_model(
     Raises:
         ValueError: unknown checkpoint choice, no trained configuration or trainer of that name (the message
             lists what exists), a missing fold, or no fold with the chosen checkpoint.
-        InvalidFileError: a checkpoint's weights do not fit the network its plans describe (names, shapes, dtypes).
+        InvalidFileError: a checkpoint's weights do not fit the network its plans and recorded network options
+            describe (names, shapes, dtypes), or its network options are malformed.
     """
     trainer, fold_folders, checkpoints = trained_member(dataset, configuration, trainer, folds, checkpoint)
     plans = Plans.from_json(fold_folders[0] / PLANS_FILE)
     networks = []
-    options = get_trainer(trainer).network_options()  # e.g. the acute recipe's asymmetric U-Net from the same plan
-    layout = expected_weights(plans, configuration, **options)
     for path in checkpoints:
-        weights = load_checkpoint(path, map_location="cpu").get("network")
-        problem = weights_problem(layout, weights)
+        state = load_checkpoint(path, map_location="cpu")
+        # e.g. the acute recipe's asymmetric U-Net from the same plan, as the run recorded it
+        options = checkpoint_network_options(state, trainer, path)
+        weights = state.get("network")
+        problem = weights_problem(expected_weights(plans, configuration, **options), weights)
         if problem:
             raise InvalidFileError(
                 f"{path}: the weights do not fit the network of {fold_folders[0] / PLANS_FILE}: {problem}"
