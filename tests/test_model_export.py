@@ -97,6 +97,7 @@ def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(
     assert manifest["format"] == MANIFEST_FORMAT and manifest["autoseg_version"] == __version__
     assert manifest["dataset"] == NAME and manifest["members"] == [MEMBER] and manifest["checkpoint"] == "final"
     assert manifest["folds"] == {MEMBER: ["0", "1"]}
+    assert manifest["network_options"] == {fold: {} for fold in FOLDS}  # the plan's own network, as recorded
     assert manifest["files"] == {
         name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in entries.items()
     }
@@ -108,6 +109,7 @@ def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(
         slim = torch.load(tmp_path / "slim.pth", weights_only=True)
         assert "optimizer" not in slim and "rng" not in slim and "history" not in slim
         assert slim["trainer"] == TRAINER and slim["configuration"] == CONFIGURATION
+        assert slim["network_options"] == original["network_options"] == {}
         assert slim["network"].keys() == original["network"].keys()
         assert all(torch.equal(slim["network"][k], original["network"][k]) for k in original["network"])
         assert len(entries[f"{fold}/checkpoint_final.pth"]) < (runs / fold / "checkpoint_final.pth").stat().st_size
@@ -465,6 +467,16 @@ BROKEN = {
     "a weight missing": (
         _edit_weights(lambda w: w.pop(_first_conv(w))),
         ": missing",
+    ),
+    "manifest's network options not the checkpoint's": (
+        lambda e, m: m["network_options"].update({FOLDS[0]: {"network_class": "AsymmetricResidualUNet"}}),
+        f"{FOLDS[0]}/checkpoint_final.pth: builds its network with {{}}, the manifest with "
+        "{'network_class': 'AsymmetricResidualUNet'}; refused",
+    ),
+    "unknown network option": (
+        lambda e, m: m["network_options"].update({FOLDS[0]: {"depth": 3}}),
+        "no network can be built for 3d_resunet with ResidualUNetTrainer (manifest.json: network_options may hold "
+        "only network_class (str), auxiliary_head (bool), found {'depth': 3})",
     ),
 }
 

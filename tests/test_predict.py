@@ -19,13 +19,16 @@ import SimpleITK as sitk
 import torch
 from conftest import HOSTILE_HEADERS
 
+from autoseg.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.commands.common import run
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.predict import parser as predict_parser
+from autoseg.errors import InvalidFileError
 from autoseg.inference import left_right_axis
 from autoseg.io import Geometry, read_image, read_json, write_image, write_json
 from autoseg.model_selection import THRESHOLDS, find_best
+from autoseg.networks import AsymmetricResidualUNet
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
 from autoseg.predict import (
@@ -38,6 +41,8 @@ from autoseg.predict import (
     predict,
     read_case_list,
 )
+from autoseg.training import TrainingOptions
+from trainers import get_trainer
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -940,3 +945,47 @@ def test_commands_set_torch_threads_and_put_them_back(
         assert run(lambda: seen.append(torch.get_num_threads())) == 0
         assert torch.get_num_threads() == before
     assert seen == [2, 1] and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------- networks rebuilt from the run's record
+def _acute_run(home: Path) -> Path:
+    """``checkpoint_final.pth`` of an (untrained) ``AcuteStrokeTrainer`` run on the tiny model's plans, fold full."""
+    plans = Plans.from_json(home / "preprocessed" / NAME / "plans.json")
+    trainer = get_trainer("AcuteStrokeTrainer")(
+        plans,
+        CONFIGURATION,
+        "full",
+        preprocessed_folder=home / "preprocessed" / NAME,
+        output_folder=home / "results" / NAME / CONFIGURATION / "AcuteStrokeTrainer" / "fold_full",
+        options=TrainingOptions(num_processes=0, echo=False, device="cpu", precision="fp32"),
+    )
+    return trainer.setup().save("checkpoint_final.pth")
+
+
+def test_a_checkpoint_records_its_network_options_and_prediction_needs_no_trainer_class(home: Path) -> None:
+    path = _acute_run(home)
+    assert load_checkpoint(path)["network_options"] == {"network_class": "AsymmetricResidualUNet"}
+    # a run folder whose trainer no registry knows is rebuilt from the record alone
+    shutil.copytree(path.parents[1], path.parents[2] / "RenamedTrainer")
+    model = load_model(NAME, CONFIGURATION, "RenamedTrainer", folds=["full"])
+    assert isinstance(model.networks[0], AsymmetricResidualUNet)
+    state = load_checkpoint(path)
+    state["network_options"] = {"network_class": 3}
+    save_checkpoint(state, path)
+    with pytest.raises(InvalidFileError, match=r"checkpoint_final.pth: network_options may hold only network_class"):
+        load_model(NAME, CONFIGURATION, "AcuteStrokeTrainer", folds=["full"])
+
+
+def test_an_acute_stroke_checkpoint_from_before_the_record_predicts_with_the_asymmetric_network(
+    home: Path, tmp_path: Path
+) -> None:
+    path = _acute_run(home)
+    state = load_checkpoint(path)
+    del state["network_options"]  # as every checkpoint written before runs recorded them
+    save_checkpoint(state, path)
+    model = load_model(NAME, CONFIGURATION, "AcuteStrokeTrainer", folds=["full"])
+    assert isinstance(model.networks[0], AsymmetricResidualUNet)
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    choice = ModelChoice(dataset=NAME, trainers="AcuteStrokeTrainer", folds=["full"])
+    summary = predict(source, tmp_path / "out", choice, PredictionOptions(**QUIET, tta="none"))
+    assert len(summary.written) == 1 and not summary.failed
