@@ -37,7 +37,8 @@ class Registry:
         self.kind = kind
         self._classes: dict[str, type] = {}
         self._explicit: set[str] = set()
-        _REGISTRIES[kind] = self
+        if PLUGIN_PACKAGES.get(kind) == package:  # the plugin package's own registry, for plugin_class
+            _REGISTRIES[kind] = self
 
     def register(self, cls: type, explicit: bool = False) -> type:
         """Add ``cls`` under its class name and return it. Without ``explicit`` (the automatic registration of

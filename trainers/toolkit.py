@@ -1,7 +1,6 @@
-"""What the trainers share besides the loop in :mod:`trainers.base`: the
-training length after ``--epochs`` and ``--iters-per-epoch`` (:class:`Budget`), the fold's cases, the pseudo-Dice
-of validation patches, the algorithm settings of a run, and the sliding-window validation of whole cases at the
-end of a fold (:func:`validate_cases`).
+"""What the trainers share besides the loop in :mod:`trainers.base`: the training length after ``--epochs`` and
+``--iters-per-epoch`` (:class:`Budget`), the fold's cases, the pseudo-Dice of validation patches, the algorithm
+settings of a run, and the sliding-window validation of whole cases at the end of a fold (:func:`validate_cases`).
 
 The run flags (``TrainingOptions``) and the fold (``Fold``, ``parse_fold``) are the library's
 (:mod:`autoseg.training_options`): ``autoseg.training`` passes them to a trainer it never imports.
