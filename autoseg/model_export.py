@@ -734,7 +734,7 @@ def _network_layout(model: _ModelFile, folder: Path, fold: str) -> tuple[dict[st
         record = {NETWORK_OPTIONS_KEY: recorded[fold]} if fold in recorded else {}
         options = checkpoint_network_options(record, trainer, MANIFEST_FILE)
         return options, expected_weights(plans, configuration, **options)
-    except (AutosegError, ValueError, KeyError, TypeError) as error:
+    except (AutosegError, ValueError, KeyError) as error:
         raise ModelFileError(
             f"{model.path}: {entry}: no network can be built for {configuration} with {trainer} "
             f"({_one_line(error, folder / entry)}); refused"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ def build_network(
 
 
 def checkpoint_network_options(
-    state: Mapping[str, object], trainer: str, where: object = "checkpoint"
+    state: Mapping[str, object], trainer: str, where: str | Path = "checkpoint"
 ) -> dict[str, str | bool]:
     """The keyword arguments of :func:`build_network` that rebuild the network of a checkpoint: those it recorded
     under :data:`NETWORK_OPTIONS_KEY`, else (a checkpoint from before they were recorded) its ``trainer``'s in
