@@ -5,11 +5,15 @@
 
 ``manifest.json``
     ``format`` (:data:`MANIFEST_FORMAT`), ``autoseg_version``, ``created`` (UTC, ISO 8601), ``dataset``, ``members``
-    (``configuration/trainer``), ``folds`` per member, ``checkpoint`` (``final``, ``best`` or ``snapshots``) and
-    ``files``: the SHA-256 and size in bytes of every other entry.
+    (``configuration/trainer``), ``folds`` per member, ``checkpoint`` (``final``, ``best`` or ``snapshots``),
+    ``network_options`` per fold folder (``CONFIGURATION/TRAINER/fold_K``: the keyword arguments of
+    ``autoseg.networks.build_network`` its network was built with, as its checkpoints record them; a model file from
+    before they were recorded has none, and its trainers' built-in ones apply,
+    ``autoseg.networks.factory.BUILT_IN_NETWORK_OPTIONS``) and ``files``: the SHA-256 and size in bytes of every
+    other entry.
 ``CONFIGURATION/TRAINER/fold_K/plans.json`` and ``checkpoint_*.pth``
     each member fold's plans and the checkpoints prediction uses, re-saved weights-only: the network's state dict
-    and a few plain values (trainer, configuration, fold, epoch), no optimizer state, random generator states or
+    and a few plain values (trainer, configuration, fold, epoch, network options), no optimizer state, random generator states or
     training history.
 ``postprocessing.json``
     when ``autoseg_find_best`` tuned it for exactly the exported members; ``model_selection.json`` when the
@@ -69,7 +73,14 @@ from autoseg.errors import AutosegError, MissingFileError, UsageError
 from autoseg.fingerprint import Fingerprint
 from autoseg.io import atomic_path, check_output_file, read_json, reporting_disk_full
 from autoseg.networks import build_network
-from autoseg.networks.factory import WeightLayout, expected_weights, layout_bytes, weights_problem
+from autoseg.networks.factory import (
+    NETWORK_OPTIONS_KEY,
+    WeightLayout,
+    checkpoint_network_options,
+    expected_weights,
+    layout_bytes,
+    weights_problem,
+)
 from autoseg.paths import (
     CHECKPOINT_CHOICES,
     FINGERPRINT_FILE,
@@ -86,7 +97,6 @@ from autoseg.paths import (
 from autoseg.plans import Plans, PlansError
 from autoseg.postprocessing import MEMBER_PATTERN, read_tuned_postprocessing
 from autoseg.typed_json import to_plain
-from trainers import get_trainer
 
 __all__ = [
     "MANIFEST_FILE",
@@ -197,6 +207,7 @@ def export_model(
     pairs, selected = _export_members(name, configurations, trainers)
     files: dict[str, dict[str, Any]] = {}
     member_folds: dict[str, list[str]] = {}
+    network_options: dict[str, dict[str, str | bool]] = {}
     output = Path(output)
     with (
         atomic_path(output, suffix=".zip") as temporary,
@@ -215,7 +226,8 @@ def export_model(
                 if f"{relative}/plans.json" not in files:
                     add(f"{relative}/plans.json", (path.parent / PLANS_FILE).read_bytes())
                     folds_of_member.append(path.parent.name.removeprefix("fold_"))
-                add(f"{relative}/{path.name}", _weights_only(path, configuration, trainer))
+                data, network_options[relative] = _weights_only(path, configuration, trainer)
+                add(f"{relative}/{path.name}", data)
         members = list(member_folds)
         tuned = folder / POSTPROCESSING_FILE
         if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
@@ -235,6 +247,7 @@ def export_model(
             "members": members,
             "folds": member_folds,
             "checkpoint": checkpoint,
+            NETWORK_OPTIONS_KEY: network_options,
             "files": dict(sorted(files.items())),
         }
         archive.writestr(MANIFEST_FILE, _json_bytes(manifest))  # last: it lists every other entry
@@ -255,21 +268,22 @@ def _export_members(
     return [(c, t) for c in names for t in trainer_names], False
 
 
-def _weights_only(path: Path, configuration: str, trainer: str) -> bytes:
-    """The checkpoint at ``path`` as a weights-only checkpoint's bytes: the network and :data:`_KEPT_KEYS`. Its
-    weights are first loaded into the network prediction will build (``autoseg.networks.build_network`` with the
-    trainer's options), so a model that could not be predicted with is not exported."""
+def _weights_only(path: Path, configuration: str, trainer: str) -> tuple[bytes, dict[str, str | bool]]:
+    """The checkpoint at ``path`` as a weights-only checkpoint's bytes (the network, its network options and
+    :data:`_KEPT_KEYS`) and those options. Its weights are first loaded into the network prediction will build
+    (``autoseg.networks.build_network`` with the options the checkpoint recorded, or its trainer's built-in ones
+    for a run from before they were recorded), so a model that could not be predicted with is not exported."""
     state = load_checkpoint(path)
-    network = build_network(
-        Plans.from_json(path.parent / PLANS_FILE), configuration, **get_trainer(trainer).network_options()
-    )
+    options = checkpoint_network_options(state, trainer, path)
+    network = build_network(Plans.from_json(path.parent / PLANS_FILE), configuration, **options)
     network.load_state_dict(state["network"])
     slim = {key: state[key] for key in _KEPT_KEYS if key in state}
     slim["network"] = state["network"]
+    slim[NETWORK_OPTIONS_KEY] = options
     slim["exported"] = f"weights only, by autoseg {__version__} (autoseg_export): cannot continue training"
     buffer = io.BytesIO()
     torch.save(slim, buffer)
-    return buffer.getvalue()
+    return buffer.getvalue(), options
 
 
 def _json_bytes(data: Any) -> bytes:
@@ -385,6 +399,8 @@ def _read_manifest(path: Path, archive: zipfile.ZipFile) -> dict[str, Any]:
         for key, kind in (("dataset", str), ("members", list), ("folds", dict), ("checkpoint", str), ("files", dict))
         if not isinstance(manifest.get(key), kind)
     ]
+    if not isinstance(manifest.get(NETWORK_OPTIONS_KEY, {}), dict):  # absent from model files before it was recorded
+        problems.append(NETWORK_OPTIONS_KEY)
     if problems:
         raise ModelFileError(f"{path}: {MANIFEST_FILE}: missing or malformed {', '.join(problems)}")
     odd = [m for m in manifest["members"] if not isinstance(m, str) or not MEMBER_PATTERN.match(m)]
@@ -685,8 +701,9 @@ def _check_contents(model: _ModelFile, folder: Path, target: Path, extract: Call
         fold = _FOLD_ENTRY.match(entry).group("fold")
         if fold not in layouts:
             layouts[fold] = _network_layout(model, folder, fold)
+        layout = layouts[fold][1]
         base, per_tensor = CHECKPOINT_OVERHEAD_BYTES
-        limit = layout_bytes(layouts[fold]) + base + per_tensor * len(layouts[fold])
+        limit = layout_bytes(layout) + base + per_tensor * len(layout)
         declared = model.manifest["files"][entry]["bytes"]
         if declared > limit:
             raise ModelFileError(
@@ -696,12 +713,14 @@ def _check_contents(model: _ModelFile, folder: Path, target: Path, extract: Call
     if extract is not None:
         extract(checkpoints)
     for entry in checkpoints:
-        _check_checkpoint(model.path, entry, folder / entry, layouts[_FOLD_ENTRY.match(entry).group("fold")])
+        _check_checkpoint(model.path, entry, folder / entry, *layouts[_FOLD_ENTRY.match(entry).group("fold")])
 
 
-def _network_layout(model: _ModelFile, folder: Path, fold: str) -> WeightLayout:
-    """The weights the network of ``fold``'s plans and trainer holds (names, shapes, dtypes), built on the meta
-    device; refuses invalid plans and a network that cannot be built from them."""
+def _network_layout(model: _ModelFile, folder: Path, fold: str) -> tuple[dict[str, str | bool], WeightLayout]:
+    """The network options of ``fold`` (the manifest's record; for a model file from before it recorded them, the
+    trainer's built-in ones, ``autoseg.networks.factory.checkpoint_network_options``) and the weights the network
+    they and ``fold``'s plans describe holds (names, shapes, dtypes), built on the meta device; refuses invalid
+    plans or options and a network that cannot be built from them."""
     entry = f"{fold}/{PLANS_FILE}"
     configuration, trainer = fold.split("/")[:2]
     try:
@@ -710,8 +729,11 @@ def _network_layout(model: _ModelFile, folder: Path, fold: str) -> WeightLayout:
         raise ModelFileError(
             f"{model.path}: {entry}: invalid plans ({_one_line(error, folder / entry)}); refused"
         ) from None
+    recorded = model.manifest.get(NETWORK_OPTIONS_KEY, {})
     try:
-        return expected_weights(plans, configuration, **get_trainer(trainer).network_options())
+        record = {NETWORK_OPTIONS_KEY: recorded[fold]} if fold in recorded else {}
+        options = checkpoint_network_options(record, trainer, MANIFEST_FILE)
+        return options, expected_weights(plans, configuration, **options)
     except (AutosegError, ValueError, KeyError) as error:
         raise ModelFileError(
             f"{model.path}: {entry}: no network can be built for {configuration} with {trainer} "
@@ -787,9 +809,12 @@ def _members_of(model: _ModelFile, path: Path, name: str) -> list[str]:
     return sorted(chosen)
 
 
-def _check_checkpoint(path: Path, entry: str, extracted: Path, layout: WeightLayout) -> None:
-    """Refuse a checkpoint that holds pickled objects (read with ``weights_only=True``), no network weights, or
-    weights that do not fit the network its plans describe (``layout``: names, shapes, dtypes)."""
+def _check_checkpoint(
+    path: Path, entry: str, extracted: Path, options: dict[str, str | bool], layout: WeightLayout
+) -> None:
+    """Refuse a checkpoint that holds pickled objects (read with ``weights_only=True``), no network weights, network
+    options other than the manifest's ``options`` (prediction builds the network from the checkpoint's), or weights
+    that do not fit the network its plans describe (``layout``: names, shapes, dtypes)."""
     try:
         state = load_checkpoint(extracted)
     except CheckpointError as error:
@@ -797,6 +822,12 @@ def _check_checkpoint(path: Path, entry: str, extracted: Path, layout: WeightLay
     network = state.get("network") if isinstance(state, dict) else None
     if not isinstance(network, dict) or not network or non_plain_values(network):
         raise ModelFileError(f"{path}: {entry}: no network weights (a dict of tensors under 'network'); refused")
+    try:
+        own = checkpoint_network_options(state, entry.split("/")[1], entry)
+    except AutosegError as error:
+        raise ModelFileError(f"{path}: {error}; refused") from None
+    if own != options:
+        raise ModelFileError(f"{path}: {entry}: builds its network with {own}, the manifest with {options}; refused")
     problem = weights_problem(layout, network)
     if problem:
         raise ModelFileError(

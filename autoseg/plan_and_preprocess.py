@@ -24,8 +24,8 @@ from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, SPLITS_FILE, preprocesse
 from autoseg.planning import histeq_twin
 from autoseg.plans import Plans, PlansError, zscore_name
 from autoseg.preprocessing import preprocess_dataset, remove_stale_cases
+from autoseg.registry import plugin_class
 from autoseg.verify import VerificationReport, check_dataset, training_cases
-from planners import get_planner
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def plan_and_preprocess(
         report = check_dataset(dataset, num_processes, progress)
         cases, notes = report.cases, [str(note) for note in report.notes]
     else:
-        planner_class = get_planner(planner)
+        planner_class = plugin_class("planner", planner)
         fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
         notes = list(fingerprint.notes)
         previous = _previous_plans(plans_path, notes)

@@ -7,7 +7,8 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
    times trainers (``-tr``, one or more); with neither, the configuration/trainer members ``autoseg_find_best``
    chose, else the only trained configuration (or the plans' default) with its only trainer; and the folds
    (``-f``; default every ``fold_<k>`` with the chosen checkpoint);
-2. rebuilds each network from the run folder's ``plans.json`` and its trainer class, and loads the weights;
+2. rebuilds each network from the run folder's ``plans.json`` and the network options its checkpoint recorded
+   (``autoseg.networks.factory.checkpoint_network_options``; no trainer class is needed), and loads the weights;
 3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
    and writes ``OUTPUT/CASE<ending>`` (the labels ``dataset.json`` declared: 0/1, or 0/255, ...; uint8 when every
@@ -15,6 +16,10 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
    ``OUTPUT/CASE_probabilities.nii.gz`` (float32 lesion probability). Cases are read in the canonical orientation (``autoseg.io.read_image``) and
    both outputs are written back in channel 0's own orientation with its exact header (``autoseg.io.write_like``:
    for NIfTI both qform and sform as given), so they overlay the input in every viewer.
+
+The call: ``predict(source, output, ModelChoice(...), PredictionOptions(...))``: :class:`ModelChoice` names the
+members (``-d``, ``-c``, ``-tr``, ``-f``, ``-m``), :class:`PredictionOptions` how to predict and what to write (every
+other flag of ``autoseg_predict``, one field each).
 
 Speed: ``tta`` chooses the test-time mirroring (``all``: every flip combination of the configuration's mirror
 axes, 8 forward passes per window for three axes; ``lr``: the left-right flip only, 2; ``none``: 1). On the CPU
@@ -85,7 +90,7 @@ from autoseg.labels import values_from_classes
 from autoseg.machine import choose_device, choose_precision
 from autoseg.model_export import InstalledModel, install_for_prediction
 from autoseg.networks import build_network
-from autoseg.networks.factory import expected_weights, weights_problem
+from autoseg.networks.factory import checkpoint_network_options, expected_weights, weights_problem
 from autoseg.paths import (
     PLANS_FILE,
     POSTPROCESSING_FILE,
@@ -98,7 +103,6 @@ from autoseg.paths import (
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities, read_tuned_postprocessing
 from autoseg.preprocessing import preprocess_arrays, restore_probabilities
-from trainers import get_trainer
 
 __all__ = [
     "CASE_ERRORS",
@@ -107,6 +111,8 @@ __all__ = [
     "CaseFailure",
     "InputCase",
     "Model",
+    "ModelChoice",
+    "PredictionOptions",
     "PredictionSummary",
     "check_outputs",
     "find_input_cases",
@@ -221,16 +227,18 @@ def load_model(
     Raises:
         ValueError: unknown checkpoint choice, no trained configuration or trainer of that name (the message
             lists what exists), a missing fold, or no fold with the chosen checkpoint.
-        InvalidFileError: a checkpoint's weights do not fit the network its plans describe (names, shapes, dtypes).
+        InvalidFileError: a checkpoint's weights do not fit the network its plans and recorded network options
+            describe (names, shapes, dtypes), or its network options are malformed.
     """
     trainer, fold_folders, checkpoints = trained_member(dataset, configuration, trainer, folds, checkpoint)
     plans = Plans.from_json(fold_folders[0] / PLANS_FILE)
     networks = []
-    options = get_trainer(trainer).network_options()  # e.g. the acute recipe's asymmetric U-Net from the same plan
-    layout = expected_weights(plans, configuration, **options)
     for path in checkpoints:
-        weights = load_checkpoint(path, map_location="cpu").get("network")
-        problem = weights_problem(layout, weights)
+        state = load_checkpoint(path, map_location="cpu")
+        # e.g. the acute recipe's asymmetric U-Net from the same plan, as the run recorded it
+        options = checkpoint_network_options(state, trainer, path)
+        weights = state.get("network")
+        problem = weights_problem(expected_weights(plans, configuration, **options), weights)
         if problem:
             raise InvalidFileError(
                 f"{path}: the weights do not fit the network of {fold_folders[0] / PLANS_FILE}: {problem}"
@@ -407,40 +415,34 @@ def _choose_device(device: str) -> tuple[torch.device, torch.dtype | None]:
     return chosen, choose_precision(chosen).autocast_dtype
 
 
-def predict(
-    source: str | Path,
-    output: str | Path,
-    dataset: str | None = None,
-    configurations: Sequence[str] | None = None,
-    folds: Sequence[int | str] | None = None,
-    *,
-    trainer: str | Sequence[str] | None = None,
-    checkpoint: str = "final",
-    step_size: float | None = None,
-    tta: str = "all",
-    use_mirroring: bool = True,
-    save_probabilities: bool = False,
-    postprocessing: bool = True,
-    overwrite: bool = False,
-    num_parts: int = 1,
-    part_id: int = 0,
-    case_list: str | Path | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    model: str | Path | None = None,
-    log: Callable[[str], None] | None = None,
-) -> PredictionSummary:
-    """Segment every case of ``source`` into ``output`` (see the module docstring).
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which trained members :func:`predict` ensembles (``-d``, ``-c``, ``-tr``, ``-f``, ``-m``).
 
     Args:
-        source: folder of images (dataset naming or plain single-channel names) or one image file.
-        output: folder for ``CASE<ending>`` (the declared label values) and ``CASE_probabilities.nii.gz``; created if needed.
         dataset: trained dataset (name, number or folder name); None: the only trained dataset.
         configurations: configurations to ensemble; None: the tuned choice, the only one, or the plans' default.
+        trainers: trainer folder, or several to ensemble across trainers (e.g. a focal and a cross-entropy
+            variant); None: the only one of each configuration.
         folds: folds to ensemble (``0``, ``"full"``); None: every cross-validation fold with the chosen
             checkpoint (``fold_full`` only when there is no other).
-        trainer: trainer folder, or several to ensemble across trainers (e.g. a focal and a cross-entropy
-            variant); None: the only one of each configuration.
+        model_file: a model file from ``autoseg_export``: installed into ``AUTOSEG_RESULTS`` first (or its identical
+            install reused, :func:`autoseg.model_export.install_for_prediction`) and predicted with its own members,
+            folds and checkpoints; ``dataset``, ``configurations``, ``trainers`` and ``folds`` must then be None.
+    """
+
+    dataset: str | None = None
+    configurations: Sequence[str] | None = None
+    trainers: str | Sequence[str] | None = None
+    folds: Sequence[int | str] | None = None
+    model_file: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class PredictionOptions:
+    """How :func:`predict` predicts and what it writes (flags, never written into the plans).
+
+    Args:
         checkpoint: ``final`` (default), ``best`` or ``snapshots``.
         step_size: sliding-window step as a fraction of the patch; None (default): each configuration's
             ``sliding_window_step`` from its plans.
@@ -448,97 +450,136 @@ def predict(
             ``lr`` (only the flip along the image's left-right axis, from its direction matrix; no mirroring, with a
             one-line notice, when the configuration does not mirror that axis) or ``none``.
         use_mirroring: False is the older spelling of ``tta="none"``. Default True.
-        save_probabilities: also write the float32 lesion probability (channel 0; with several labels the
-            maximum over them). Default False.
         postprocessing: remove lesions below the tuned (or planned) minimum size; False keeps every component
             (the threshold still applies). Default True.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show a progress bar over cases.
+        save_probabilities: also write the float32 lesion probability (channel 0; with several labels the
+            maximum over them). Default False.
         overwrite: predict cases whose outputs exist again. Default False: a case whose label file (and, with
             ``save_probabilities``, probability map) exists is complete, because both are written atomically, and
             is skipped; so a killed run re-run with the same arguments predicts only what is missing.
         num_parts, part_id: predict only the ``part_id``-th of ``num_parts`` interleaved parts of the sorted cases
             (after ``case_list``), e.g. one part per job of a cluster array job.
         case_list: text file naming the cases to predict, one identifier per line (:func:`select_cases`); None:
-            every case of ``source``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        progress: show a progress bar over cases.
-        model: a model file from ``autoseg_export``: installed into ``AUTOSEG_RESULTS`` first (or its identical
-            install reused, :func:`autoseg.model_export.install_for_prediction`) and predicted with its own members,
-            folds and checkpoints; ``dataset``, ``configurations``, ``trainer`` and ``folds`` must then be None.
+            every case of the input.
+
+    Raises:
+        UsageError: an unknown ``tta``, or a part that does not exist.
+    """
+
+    checkpoint: str = "final"
+    step_size: float | None = None
+    tta: str = "all"
+    use_mirroring: bool = True
+    postprocessing: bool = True
+    device: str = "auto"
+    progress: bool = True
+    save_probabilities: bool = False
+    overwrite: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    case_list: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.tta not in TTA_CHOICES:
+            raise UsageError(f"unknown --tta '{self.tta}', use one of {list(TTA_CHOICES)}")
+        if self.num_parts < 1:
+            raise UsageError(f"--num-parts must be at least 1, got {self.num_parts}")
+        if not 0 <= self.part_id < self.num_parts:
+            raise UsageError(
+                f"--part-id must lie in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part_id}"
+            )
+
+
+def predict(
+    source: str | Path,
+    output: str | Path,
+    choice: ModelChoice | None = None,
+    options: PredictionOptions | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> PredictionSummary:
+    """Segment every case of ``source`` into ``output`` (see the module docstring).
+
+    Args:
+        source: folder of images (dataset naming or plain single-channel names) or one image file.
+        output: folder for ``CASE<ending>`` (the declared label values) and ``CASE_probabilities.nii.gz``; created if needed.
+        choice: the members to ensemble (:class:`ModelChoice`); None: the only trained dataset's default ones.
+        options: how to predict and what to write (:class:`PredictionOptions`); None: the defaults.
         log: receives each failed case's line (:meth:`CaseFailure.line`) as it happens; None: printed to stderr.
 
     Returns:
         What was written, skipped and failed; also written to :func:`summary_path` in ``output``.
 
+    Example:
+        >>> predict("scans/", "labels/", ModelChoice(dataset="ATLAS", folds=[0]), PredictionOptions(tta="none"))
+
     Raises:
         ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`, :func:`select_cases`;
-            a bad part or ``tta``; ``model`` with members named, or a model file refused
-            (:class:`autoseg.model_export.ModelFileError`); outputs that would overwrite an input or one another
-            (:func:`check_outputs`).
+            a model file with members named, or refused (:class:`autoseg.model_export.ModelFileError`); outputs that
+            would overwrite an input or one another (:func:`check_outputs`).
         OutputPathError: ``output`` (or an output file) is a file where a folder is needed or the reverse, or
             read-only (:func:`autoseg.io.check_output_folder`). Errors of a single case (:data:`CASE_ERRORS`) are reported and skipped instead.
         DiskFullError: the output's disk is full (the case being written is left without outputs).
     """
-    _check_options(tta, num_parts, part_id)
+    choice, options = choice or ModelChoice(), options or PredictionOptions()
     check_output_folder(output)
-    installed = _install_model_file(model, dataset, configurations, trainer, folds, checkpoint) if model else None
-    name = installed.dataset if installed else choose_dataset(dataset)
-    torch_device, autocast_dtype = _choose_device(device)
-    models = _load_members(name, installed, configurations, trainer, folds, checkpoint, torch_device)
+    installed = _install_model_file(choice, options.checkpoint) if choice.model_file else None
+    name = installed.dataset if installed else choose_dataset(choice.dataset)
+    torch_device, autocast_dtype = _choose_device(options.device)
+    models = _load_members(name, installed, choice, options.checkpoint, torch_device)
     inputs = find_input_cases(source, len(models[0].plans.channels))
-    cases = inputs if case_list is None else select_cases(inputs, case_list)
-    check_outputs(inputs, cases, output, save_probabilities, summary_path(output, num_parts, part_id))
-    cases = cases[part_id::num_parts]
+    cases = inputs if options.case_list is None else select_cases(inputs, options.case_list)
+    summary_file = summary_path(output, options.num_parts, options.part_id)
+    check_outputs(inputs, cases, output, options.save_probabilities, summary_file)
+    cases = cases[options.part_id :: options.num_parts]
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
-    if not postprocessing:
+    if not options.postprocessing:
         min_lesion_mm3 = 0.0
     predictors = [
         Predictor(
             model.plans.configuration(model.configuration),
             model.networks,
-            step_size=step_size,
-            tta=tta,
-            use_mirroring=use_mirroring,
+            step_size=options.step_size,
+            tta=options.tta,
+            use_mirroring=options.use_mirroring,
             device=torch_device,
             autocast_dtype=autocast_dtype,
         )
         for model in models
     ]
     summary = PredictionSummary(cases=len(cases))
-    for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
+    for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
         _predict_or_skip(
             case,
-            _outputs(Path(output), case, save_probabilities),
+            _outputs(Path(output), case, options.save_probabilities),
             predictors,
             (threshold, min_lesion_mm3, models[0].plans.labels),
-            overwrite,
+            options.overwrite,
             summary,
             log or _print_to_stderr,
         )
-    summary.path = summary_path(output, num_parts, part_id)
+    summary.path = summary_file
     run = {
         "input": str(source),
-        "list": None if case_list is None else str(case_list),
-        "part": {"id": part_id, "of": num_parts},
+        "list": None if options.case_list is None else str(options.case_list),
+        "part": {"id": options.part_id, "of": options.num_parts},
     }
     write_json({**run, **summary.to_json()}, summary.path)
     return summary
 
 
 def _load_members(
-    dataset: str,
-    installed: InstalledModel | None,
-    configurations: Sequence[str] | None,
-    trainer: str | Sequence[str] | None,
-    folds: Sequence[int | str] | None,
-    checkpoint: str,
-    device: torch.device,
+    dataset: str, installed: InstalledModel | None, choice: ModelChoice, checkpoint: str, device: torch.device
 ) -> list[Model]:
     """The members to ensemble, loaded on ``device``: a model file's own members, folds and checkpoints; else the
-    named configurations times trainers; else what ``autoseg_find_best`` chose; else the default configuration.
+    chosen configurations times trainers; else what ``autoseg_find_best`` chose; else the default configuration.
 
     Raises:
         UsageError: see :func:`load_model`; members that take different numbers of channels.
     """
+    configurations, trainer, folds = choice.configurations, choice.trainers, choice.folds
     pairs = _tuned_members(dataset) if configurations is None and trainer is None else None
     if installed:
         pairs, checkpoint = installed.members, installed.checkpoint
@@ -585,16 +626,6 @@ def _predict_or_skip(
         log(failure.line())
         return
     summary.written.append(targets[0])
-
-
-def _check_options(tta: str, num_parts: int, part_id: int) -> None:
-    """Raises UsageError for an unknown ``tta`` or a part that does not exist."""
-    if tta not in TTA_CHOICES:
-        raise UsageError(f"unknown --tta '{tta}', use one of {list(TTA_CHOICES)}")
-    if num_parts < 1:
-        raise UsageError(f"--num-parts must be at least 1, got {num_parts}")
-    if not 0 <= part_id < num_parts:
-        raise UsageError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
 
 
 def check_outputs(
@@ -714,22 +745,22 @@ def _print_to_stderr(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
-def _install_model_file(
-    model: str | Path,
-    dataset: str | None,
-    configurations: Sequence[str] | None,
-    trainer: str | Sequence[str] | None,
-    folds: Sequence[int | str] | None,
-    checkpoint: str,
-) -> InstalledModel:
-    """``predict(model=...)``: the model file installed (:func:`autoseg.model_export.install_for_prediction`).
+def _install_model_file(choice: ModelChoice, checkpoint: str) -> InstalledModel:
+    """``ModelChoice(model_file=...)``: the model file installed (:func:`autoseg.model_export.install_for_prediction`).
 
     Raises:
         ValueError: members named beside the file, or a ``checkpoint`` other than the default and the file's own.
     """
-
+    model = choice.model_file
     named = [
-        flag for flag, value in (("-d", dataset), ("-c", configurations), ("-tr", trainer), ("-f", folds)) if value
+        flag
+        for flag, value in (
+            ("-d", choice.dataset),
+            ("-c", choice.configurations),
+            ("-tr", choice.trainers),
+            ("-f", choice.folds),
+        )
+        if value
     ]
     if named:
         raise UsageError(f"{model}: a model file brings its own members and folds; leave out {', '.join(named)}")

@@ -32,6 +32,7 @@ from autoseg.networks.pspnet import RESNET_LAYOUTS
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.planning import round_to_multiple
 from autoseg.plans import Configuration, Network, Plans, Schedule, Stage
+from autoseg.registry import plugin_class
 from autoseg.training import TrainingOptions
 
 CONFIGURATION = "2d_pspnet_pretraining"
@@ -149,8 +150,6 @@ def pretrain_backbone(
         DatasetError, PlansError: no such dataset, or not planned.
         ValueError: see :func:`slice_configuration`; ``output`` exists and the run is not continued.
     """
-    from trainers import get_trainer  # the trainers import autoseg modules: resolve them only when training
-
     output = Path(output)
     options = options or TrainingOptions()
     options = replace(
@@ -181,7 +180,7 @@ def pretrain_backbone(
         default_configuration=CONFIGURATION,
         reasons={"default_configuration": derived.reasons["purpose"]},
     )
-    trainer_class = get_trainer("PSPNetTrainer")
+    trainer_class = plugin_class("trainer", "PSPNetTrainer")
     folder = run_folder(raw.name, CONFIGURATION, trainer_class.__name__, "full")
     trainer = trainer_class(
         slice_plans,

@@ -6,6 +6,12 @@ registered explicitly (``register_trainer`` / ``register_planner``, or ``Registr
 explicit=True)``); so a name on the command line resolves only to the package's classes and to classes
 the running program registered itself, never to code it did not choose to load. An unknown name is
 answered with the sorted list of known ones.
+
+The library never imports the plugin packages (``planners``, ``trainers``: they import the library). Where it
+takes a planner or trainer by name (``autoseg.training.train(trainer="ZoomInOutTrainer")``, the plans'
+``schedule.trainer``, ``autoseg.plan_and_preprocess.plan_and_preprocess(planner="CPUPlanner")``), it asks
+:func:`plugin_class`, which imports the kind's package (:data:`PLUGIN_PACKAGES`) by name when first needed and
+looks the name up in the registry that package's base class owns.
 """
 
 from __future__ import annotations
@@ -14,6 +20,13 @@ import importlib
 import pkgutil
 
 from autoseg.errors import UnknownNameError
+
+__all__ = ["PLUGIN_PACKAGES", "Registry", "plugin_class"]
+
+#: The package whose classes each kind of name resolves to.
+PLUGIN_PACKAGES = {"planner": "planners", "trainer": "trainers"}
+#: Kind -> the registry of its package, as the package's base class created it.
+_REGISTRIES: dict[str, Registry] = {}
 
 
 class Registry:
@@ -24,6 +37,8 @@ class Registry:
         self.kind = kind
         self._classes: dict[str, type] = {}
         self._explicit: set[str] = set()
+        if PLUGIN_PACKAGES.get(kind) == package:  # the plugin package's own registry, for plugin_class
+            _REGISTRIES[kind] = self
 
     def register(self, cls: type, explicit: bool = False) -> type:
         """Add ``cls`` under its class name and return it. Without ``explicit`` (the automatic registration of
@@ -64,3 +79,17 @@ class Registry:
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{module.name}")
+
+
+def plugin_class(kind: str, name: str) -> type:
+    """The class called ``name`` of a plugin kind (``"planner"``, ``"trainer"``), its package imported by name.
+
+    Example:
+        >>> plugin_class("trainer", "ZoomInOutTrainer").__module__
+        'trainers.residual_unet'
+
+    Raises:
+        UnknownNameError: unknown name; the message lists the known ones.
+    """
+    importlib.import_module(PLUGIN_PACKAGES[kind])  # its base class creates the kind's registry
+    return _REGISTRIES[kind].get(name)

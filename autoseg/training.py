@@ -18,8 +18,10 @@ fold: ``setup()``, ``fit()`` and the end-of-fold validation. Everything a run wr
 ``.autoseg_run.lock``                  while the run lasts: one run per folder at a time (:mod:`autoseg.run_lock`)
 ===================================== ========================================================================
 
-What the trainers share (the run flags :class:`TrainingOptions`, :class:`Budget`, the fold's cases, the
-validation of whole cases) lives beside them in :mod:`trainers.toolkit`; the device and precision choice in
+The run flags (:class:`TrainingOptions`) and the fold are the library's (:mod:`autoseg.training_options`); what the
+trainers share besides (the run length ``Budget``, the fold's cases, the validation of whole cases) lives beside
+them in ``trainers.toolkit``; the library finds a trainer by name (:func:`autoseg.registry.plugin_class`) and never
+imports the trainers. The device and precision choice in
 :mod:`autoseg.machine`; where a run's folder is in :func:`autoseg.paths.run_folder`.
 """
 
@@ -27,21 +29,43 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from autoseg.compute import TimePromise
 from autoseg.dataloading import case_identifiers
 from autoseg.dataset import find_dataset
-from autoseg.distributed import leave
+from autoseg.distributed import DistributedContext, leave
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.plans import Plans
+from autoseg.registry import plugin_class
 from autoseg.run_lock import check_unlocked, run_lock
 from autoseg.splits import load_or_create_splits, read_subjects
-from trainers import Trainer, get_trainer
-from trainers.toolkit import Fold, TrainingOptions, parse_fold
+from autoseg.training_options import Fold, TrainingOptions, parse_fold
 
-__all__ = ["TrainingOptions", "TrainingResult", "cross_validate", "prepare_run", "train"]
+__all__ = ["TrainingOptions", "TrainingResult", "TrainingRun", "cross_validate", "prepare_run", "train"]
+
+
+class TrainingRun(Protocol):
+    """What :func:`train` asks of the trainer of one fold (``trainers.Trainer``, which the library never imports:
+    it resolves a trainer's name through :func:`autoseg.registry.plugin_class`)."""
+
+    output_folder: Path
+    context: DistributedContext
+    log: Callable[[str], None]
+    promise: TimePromise | None
+    epoch: int
+    best_ema: float
+
+    def setup(self) -> Any: ...
+
+    def fit(self) -> None: ...
+
+    def validate(self) -> dict[str, Any]: ...
+
+    def refuse_overwrite(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +82,7 @@ def train(
     dataset: str,
     configuration: str | None = None,
     fold: Fold = 0,
-    trainer: str | type[Trainer] | None = None,
+    trainer: str | type[TrainingRun] | None = None,
     options: TrainingOptions | None = None,
 ) -> TrainingResult:
     """Train one fold of ``dataset``: ``autoseg_train -d DATASET -c CONFIGURATION -f FOLD -tr TRAINER``.
@@ -111,9 +135,9 @@ def prepare_run(
     dataset: str,
     configuration: str | None = None,
     fold: Fold = 0,
-    trainer: str | type[Trainer] | None = None,
+    trainer: str | type[TrainingRun] | None = None,
     options: TrainingOptions | None = None,
-) -> Trainer:
+) -> TrainingRun:
     """The trainer of one fold, constructed (nothing is written or built yet) after every check that needs no
     training: the dataset, its plans and configuration, the trainer, the fold, that no other process is training
     the fold (:mod:`autoseg.run_lock`) and that the run folder holds no run unless continuing. ``autoseg_train
@@ -127,7 +151,9 @@ def prepare_run(
     preprocessed = preprocessed_folder(raw.name)
     plans = Plans.from_json(preprocessed / PLANS_FILE)
     chosen = plans.configuration(configuration)
-    trainer_class = trainer if isinstance(trainer, type) else get_trainer(trainer or chosen.schedule.trainer)
+    trainer_class = (
+        trainer if isinstance(trainer, type) else plugin_class("trainer", trainer or chosen.schedule.trainer)
+    )
     fold = parse_fold(fold)
     runner = trainer_class(
         plans,
@@ -148,7 +174,7 @@ def prepare_run(
 def cross_validate(
     dataset: str,
     configuration: str | None = None,
-    trainer: str | type[Trainer] | None = None,
+    trainer: str | type[TrainingRun] | None = None,
     options: TrainingOptions | None = None,
 ) -> list[TrainingResult]:
     """Train every fold of ``splits_final.json`` in turn (``autoseg_train -f all``).
@@ -161,7 +187,9 @@ def cross_validate(
     raw = find_dataset(dataset)
     preprocessed = preprocessed_folder(raw.name)
     chosen = Plans.from_json(preprocessed / PLANS_FILE).configuration(configuration)
-    trainer_name = (trainer if isinstance(trainer, type) else get_trainer(trainer or chosen.schedule.trainer)).__name__
+    trainer_name = (
+        trainer if isinstance(trainer, type) else plugin_class("trainer", trainer or chosen.schedule.trainer)
+    ).__name__
     data_folder = preprocessed / chosen.data_identifier
     identifiers = case_identifiers(data_folder)
     splits = load_or_create_splits(preprocessed, identifiers, read_subjects(data_folder, identifiers))

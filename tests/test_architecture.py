@@ -89,5 +89,27 @@ def test_the_import_graph_finds_a_cycle_where_there_is_one() -> None:
 def test_no_module_imports_one_that_imports_it_back() -> None:
     graph = import_graph()
     assert {"autoseg.training", "trainers.base", "autoseg.predict", "autoseg.paths"} <= set(graph)
-    assert "trainers" in graph["autoseg.training"]  # the library interface uses the trainers, never the reverse
+    assert "trainers" in graph["autoseg.commands.train"]  # the commands use the trainers, never the reverse
     assert cycles(graph) == []
+
+
+def test_no_library_module_outside_the_commands_imports_the_planners_or_the_trainers() -> None:
+    """``autoseg.commands`` -> ``planners``, ``trainers`` -> the library: a library module finds a planner or trainer
+    by name (``autoseg.registry.plugin_class``) and never imports their packages, at the top or inside a function
+    (``if TYPE_CHECKING:`` included)."""
+    plugins = ("planners", "trainers")
+    found = []
+    for path in sorted((REPO / "autoseg").rglob("*.py")):
+        if (REPO / "autoseg" / "commands") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found += [
+                f"{path.relative_to(REPO)}:{node.lineno}: {name}" for name in names if name.split(".")[0] in plugins
+            ]
+    assert found == []

@@ -31,7 +31,7 @@ from autoseg.model_export import MANIFEST_FORMAT, ModelFileError, export_model, 
 from autoseg.networks import build_network
 from autoseg.paths import preprocessed_root, raw_root, results_root
 from autoseg.plans import Network, Plans
-from autoseg.predict import predict
+from autoseg.predict import ModelChoice, PredictionOptions, predict
 from trainers import get_trainer
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
@@ -97,6 +97,7 @@ def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(
     assert manifest["format"] == MANIFEST_FORMAT and manifest["autoseg_version"] == __version__
     assert manifest["dataset"] == NAME and manifest["members"] == [MEMBER] and manifest["checkpoint"] == "final"
     assert manifest["folds"] == {MEMBER: ["0", "1"]}
+    assert manifest["network_options"] == {fold: {} for fold in FOLDS}  # the plan's own network, as recorded
     assert manifest["files"] == {
         name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in entries.items()
     }
@@ -108,6 +109,7 @@ def test_export_holds_weights_only_checkpoints_plans_and_a_manifest(
         slim = torch.load(tmp_path / "slim.pth", weights_only=True)
         assert "optimizer" not in slim and "rng" not in slim and "history" not in slim
         assert slim["trainer"] == TRAINER and slim["configuration"] == CONFIGURATION
+        assert slim["network_options"] == original["network_options"] == {}
         assert slim["network"].keys() == original["network"].keys()
         assert all(torch.equal(slim["network"][k], original["network"][k]) for k in original["network"])
         assert len(entries[f"{fold}/checkpoint_final.pth"]) < (runs / fold / "checkpoint_final.pth").stat().st_size
@@ -155,7 +157,7 @@ def test_export_takes_the_members_model_selection_chose(home: Path, tmp_path: Pa
 def test_round_trip_into_an_empty_home_predicts_the_same_labels(
     home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    predict(scans, tmp_path / "original", NAME, **QUIET)
+    predict(scans, tmp_path / "original", ModelChoice(dataset=NAME), PredictionOptions(**QUIET))
     export_model(tmp_path / "model.zip")
     fresh = _other_machine(tmp_path, monkeypatch)
     assert import_main([str(tmp_path / "model.zip")]) == 0
@@ -168,7 +170,7 @@ def test_round_trip_into_an_empty_home_predicts_the_same_labels(
             *(f"results/{NAME}/{fold}/{file}" for fold in FOLDS for file in ("plans.json", "checkpoint_final.pth")),
         ]
     )
-    predict(scans, tmp_path / "imported", NAME, **QUIET)
+    predict(scans, tmp_path / "imported", ModelChoice(dataset=NAME), PredictionOptions(**QUIET))
     original, imported = _outputs(tmp_path / "original"), _outputs(tmp_path / "imported")
     assert original.keys() == imported.keys() and len(original) == 4
     for name in original:
@@ -181,7 +183,7 @@ def test_predict_with_a_model_file_on_a_machine_without_raw_or_preprocessed_data
     home: Path, scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     assert find_best_main(["--metric", "dice", "--no-progress"]) == 0  # tuned post-processing travels along
-    predict(scans, tmp_path / "original", **QUIET)
+    predict(scans, tmp_path / "original", options=PredictionOptions(**QUIET))
     export_model(tmp_path / "model.zip")
     _other_machine(tmp_path, monkeypatch)
     command = [
@@ -466,6 +468,16 @@ BROKEN = {
         _edit_weights(lambda w: w.pop(_first_conv(w))),
         ": missing",
     ),
+    "manifest's network options not the checkpoint's": (
+        lambda e, m: m["network_options"].update({FOLDS[0]: {"network_class": "AsymmetricResidualUNet"}}),
+        f"{FOLDS[0]}/checkpoint_final.pth: builds its network with {{}}, the manifest with "
+        "{'network_class': 'AsymmetricResidualUNet'}; refused",
+    ),
+    "unknown network option": (
+        lambda e, m: m["network_options"].update({FOLDS[0]: {"depth": 3}}),
+        "no network can be built for 3d_resunet with ResidualUNetTrainer (manifest.json: network_options may hold "
+        "only network_class (str), auxiliary_head (bool), found {'depth': 3})",
+    ),
 }
 
 
@@ -600,7 +612,7 @@ def test_a_model_file_cannot_plant_files_for_a_member_it_does_not_bring(
     """A zip of another member with post-processing "tuned" for the user's own trained member: refused in one line
     naming the entry, nothing installed, and the user's model predicts as before."""
     change, message = PLANTED[case]
-    predict(scans, tmp_path / "before", NAME, **QUIET)
+    predict(scans, tmp_path / "before", ModelChoice(dataset=NAME), PredictionOptions(**QUIET))
     export_model(tmp_path / "model.zip")
     bad = _rewrite(tmp_path / "model.zip", tmp_path / "bad.zip", change)
     results = home / "results" / NAME
@@ -609,7 +621,7 @@ def test_a_model_file_cannot_plant_files_for_a_member_it_does_not_bring(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bad}: ") and message in err and err.count("\n") == 1, err
     assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
-    predict(scans, tmp_path / "after", NAME, **QUIET)
+    predict(scans, tmp_path / "after", ModelChoice(dataset=NAME), PredictionOptions(**QUIET))
     for name, labels in _outputs(tmp_path / "before").items():
         np.testing.assert_array_equal(_outputs(tmp_path / "after")[name], labels)
 

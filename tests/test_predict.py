@@ -19,16 +19,30 @@ import SimpleITK as sitk
 import torch
 from conftest import HOSTILE_HEADERS
 
+from autoseg.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.commands.common import run
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.predict import parser as predict_parser
+from autoseg.errors import InvalidFileError
 from autoseg.inference import left_right_axis
 from autoseg.io import Geometry, read_image, read_json, write_image, write_json
 from autoseg.model_selection import THRESHOLDS, find_best
+from autoseg.networks import AsymmetricResidualUNet
 from autoseg.plans import Plans
 from autoseg.postprocessing import postprocess_probabilities
-from autoseg.predict import _choose_device, _ensemble, find_input_cases, load_model, predict, read_case_list
+from autoseg.predict import (
+    ModelChoice,
+    PredictionOptions,
+    _choose_device,
+    _ensemble,
+    find_input_cases,
+    load_model,
+    predict,
+    read_case_list,
+)
+from autoseg.training import TrainingOptions
+from trainers import get_trainer
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -124,7 +138,9 @@ def test_files_that_do_not_form_complete_cases_are_listed_for_a_multi_channel_mo
 
 # ---------------------------------------------------------------------------- prediction
 def test_predict_folder_keeps_the_input_geometry(home: Path, tmp_path: Path) -> None:
-    written = predict(_images(home), tmp_path / "out", **QUIET, save_probabilities=True).written
+    written = predict(
+        _images(home), tmp_path / "out", options=PredictionOptions(**QUIET, save_probabilities=True)
+    ).written
     sources = sorted(_images(home).glob("*_0000.nii.gz"))
     assert [p.name for p in written] == [p.name.replace("_0000", "") for p in sources]
     for source, target in zip(sources, written):
@@ -217,7 +233,7 @@ def test_permuted_and_flipped_copies_of_a_scan_get_the_same_prediction_in_world_
     shutil.copy(source, tmp_path / "in" / "scan.nii.gz")
     for code in codes:
         reoriented_copy(source, tmp_path / "in" / f"scan{code}.nii.gz", code)
-    predict(tmp_path / "in", tmp_path / "out", **QUIET, save_probabilities=True)
+    predict(tmp_path / "in", tmp_path / "out", options=PredictionOptions(**QUIET, save_probabilities=True))
 
     def in_stored_orientation(path: Path) -> np.ndarray:
         return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), stored))
@@ -349,32 +365,44 @@ def test_outputs_with_a_separate_data_file_stay_readable_when_the_run_is_repeate
 
 def test_dataset_choice_without_d(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
-    assert len(predict(source, tmp_path / "a", dataset="961", **QUIET).written) == 1
+    assert len(predict(source, tmp_path / "a", ModelChoice(dataset="961"), PredictionOptions(**QUIET)).written) == 1
     shutil.rmtree(home / "results")
     assert predict_main(["-i", str(source), "-o", str(tmp_path / "b"), "--device", "cpu"]) == 1
     assert "name the dataset with -d: 0 trained datasets" in capsys.readouterr().err
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(home: Path, tmp_path: Path) -> None:
-    first = predict(_images(home), tmp_path, **QUIET, use_mirroring=False).written
+    first = predict(_images(home), tmp_path, options=PredictionOptions(**QUIET, use_mirroring=False)).written
     assert len(first) == 5
     write_image(
         np.full((2, 2, 2), 7, np.uint8),
         Geometry((2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
         first[0],
     )
-    assert predict(_images(home), tmp_path, **QUIET, use_mirroring=False).written == []
+    assert predict(_images(home), tmp_path, options=PredictionOptions(**QUIET, use_mirroring=False)).written == []
     assert read_image(first[0], np.uint8)[0].shape == (2, 2, 2)
-    assert len(predict(_images(home), tmp_path, **QUIET, use_mirroring=False, overwrite=True).written) == 5
+    assert (
+        len(
+            predict(
+                _images(home), tmp_path, options=PredictionOptions(**QUIET, use_mirroring=False, overwrite=True)
+            ).written
+        )
+        == 5
+    )
     assert read_image(first[0], np.uint8)[0].shape != (2, 2, 2)
 
 
 def test_parts_partition_the_cases(home: Path, tmp_path: Path) -> None:
-    parts = [predict(_images(home), tmp_path, **QUIET, use_mirroring=False, num_parts=2, part_id=k) for k in (0, 1)]
+    parts = [
+        predict(
+            _images(home), tmp_path, options=PredictionOptions(**QUIET, use_mirroring=False, num_parts=2, part_id=k)
+        )
+        for k in (0, 1)
+    ]
     names = [{p.name for p in part.written} for part in parts]
     assert names[0] and names[1] and not names[0] & names[1] and len(names[0] | names[1]) == 5
     with pytest.raises(ValueError, match="part-id"):
-        predict(_images(home), tmp_path, **QUIET, num_parts=2, part_id=2)
+        predict(_images(home), tmp_path, options=PredictionOptions(**QUIET, num_parts=2, part_id=2))
 
 
 def test_fold_ensemble_is_the_mean_of_the_folds(home: Path, tmp_path: Path) -> None:
@@ -382,7 +410,7 @@ def test_fold_ensemble_is_the_mean_of_the_folds(home: Path, tmp_path: Path) -> N
     case = source.name.replace("_0000.nii.gz", "")
     probabilities = {}
     for name, folds in (("both", None), ("f0", [0]), ("f1", [1])):
-        predict(source, tmp_path / name, folds=folds, save_probabilities=True, **QUIET)
+        predict(source, tmp_path / name, ModelChoice(folds=folds), PredictionOptions(save_probabilities=True, **QUIET))
         probabilities[name] = read_image(tmp_path / name / f"{case}_probabilities.nii.gz")[0]
     assert not np.allclose(probabilities["f0"], probabilities["f1"])
     np.testing.assert_allclose(probabilities["both"], (probabilities["f0"] + probabilities["f1"]) / 2, atol=1e-6)
@@ -399,7 +427,12 @@ def test_trainer_ensemble_is_the_mean_of_the_trainers(home: Path, tmp_path: Path
         ("f0", [0], [TRAINER]),
         ("f1", [1], [TRAINER]),
     ):
-        predict(source, tmp_path / name, folds=folds, trainer=trainers, save_probabilities=True, **QUIET)
+        predict(
+            source,
+            tmp_path / name,
+            ModelChoice(folds=folds, trainers=trainers),
+            PredictionOptions(save_probabilities=True, **QUIET),
+        )
         probabilities[name] = read_image(tmp_path / name / f"{case}_probabilities.nii.gz")[0]
     np.testing.assert_allclose(probabilities["both"], (probabilities["f0"] + probabilities["f1"]) / 2, atol=1e-6)
 
@@ -407,14 +440,14 @@ def test_trainer_ensemble_is_the_mean_of_the_trainers(home: Path, tmp_path: Path
 def test_postprocessing_file_sets_the_threshold(home: Path, tmp_path: Path) -> None:
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     case = source.name.replace("_0000.nii.gz", "")
-    predict(source, tmp_path / "a", save_probabilities=True, **QUIET)
+    predict(source, tmp_path / "a", options=PredictionOptions(save_probabilities=True, **QUIET))
     probabilities = read_image(tmp_path / "a" / f"{case}_probabilities.nii.gz")[0]
     threshold = float(np.quantile(probabilities[probabilities > 0], 0.5))
     write_json(
         {"members": [f"{CONFIGURATION}/{TRAINER}"], "threshold": threshold, "min_lesion_mm3": 0.0},
         home / "results" / NAME / "postprocessing.json",
     )
-    predict(source, tmp_path / "b", **QUIET)
+    predict(source, tmp_path / "b", options=PredictionOptions(**QUIET))
     labels = read_image(tmp_path / "b" / f"{case}.nii.gz", np.uint8)[0]
     np.testing.assert_array_equal(labels, (probabilities >= threshold).astype(np.uint8))
 
@@ -427,7 +460,7 @@ def test_a_model_of_a_dataset_declared_0_255_writes_masks_of_its_declared_values
     uint16, which uint8 would store as 44), voxel for voxel where the probability reaches the threshold."""
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     case = source.name.replace("_0000.nii.gz", "")
-    predict(source, tmp_path / "a", save_probabilities=True, **QUIET)
+    predict(source, tmp_path / "a", options=PredictionOptions(save_probabilities=True, **QUIET))
     probabilities = read_image(tmp_path / "a" / f"{case}_probabilities.nii.gz")[0]
     threshold = float(np.quantile(probabilities[probabilities > 0], 0.5))  # a mask with both values in it
     write_json(
@@ -437,7 +470,7 @@ def test_a_model_of_a_dataset_declared_0_255_writes_masks_of_its_declared_values
     for plans_path in (home / "results" / NAME / CONFIGURATION / TRAINER).glob("fold_*/plans.json"):
         plans = Plans.from_json(plans_path)
         dataclasses.replace(plans, labels={"background": 0, "lesion": lesion}).to_json(plans_path)
-    predict(source, tmp_path / "b", **QUIET)
+    predict(source, tmp_path / "b", options=PredictionOptions(**QUIET))
     written = tmp_path / "b" / f"{case}.nii.gz"
     assert nibabel.load(written).get_data_dtype() == dtype
     labels = read_image(written, np.float64)[0]
@@ -507,12 +540,17 @@ def test_configuration_ensemble_is_the_mean_on_the_input_grid(home: Path, tmp_pa
     case = source.name.replace("_0000.nii.gz", "")
     probabilities = {}
     for name, configurations in (("both", [CONFIGURATION, other]), ("a", [CONFIGURATION]), ("b", [other])):
-        predict(source, tmp_path / name, configurations=configurations, folds=[0], save_probabilities=True, **QUIET)
+        predict(
+            source,
+            tmp_path / name,
+            ModelChoice(configurations=configurations, folds=[0]),
+            PredictionOptions(save_probabilities=True, **QUIET),
+        )
         probabilities[name] = read_image(tmp_path / name / f"{case}_probabilities.nii.gz")[0]
     assert not np.allclose(probabilities["a"], probabilities["b"])
     np.testing.assert_allclose(probabilities["both"], (probabilities["a"] + probabilities["b"]) / 2, atol=1e-6)
     # without -c (and no postprocessing.json) the plans' default configuration alone predicts
-    predict(source, tmp_path / "c", folds=[0], save_probabilities=True, **QUIET)
+    predict(source, tmp_path / "c", ModelChoice(folds=[0]), PredictionOptions(save_probabilities=True, **QUIET))
     np.testing.assert_array_equal(read_image(tmp_path / "c" / f"{case}_probabilities.nii.gz")[0], probabilities["a"])
 
 
@@ -536,7 +574,7 @@ def test_find_best_writes_postprocessing_that_predict_applies(home: Path, tmp_pa
 
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     case = source.name.replace("_0000.nii.gz", "")
-    predict(source, tmp_path, save_probabilities=True, **QUIET)
+    predict(source, tmp_path, options=PredictionOptions(save_probabilities=True, **QUIET))
     probabilities, geometry = read_image(tmp_path / f"{case}_probabilities.nii.gz")
     expected = postprocess_probabilities(
         probabilities[None], geometry.spacing, tuned["threshold"], tuned["min_lesion_mm3"]
@@ -592,14 +630,14 @@ def test_find_best_compares_trainers_and_predict_uses_the_chosen_members(
     chosen = selection["postprocessing"]["members"]
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     case = source.name.replace("_0000.nii.gz", "")
-    predict(source, tmp_path / "auto", save_probabilities=True, **QUIET)  # neither -c nor -tr: the chosen members
+    predict(
+        source, tmp_path / "auto", options=PredictionOptions(save_probabilities=True, **QUIET)
+    )  # neither -c nor -tr: the chosen members
     predict(
         source,
         tmp_path / "explicit",
-        configurations=[CONFIGURATION],
-        trainer=[member.split("/")[1] for member in chosen],
-        save_probabilities=True,
-        **QUIET,
+        ModelChoice(configurations=[CONFIGURATION], trainers=[member.split("/")[1] for member in chosen]),
+        PredictionOptions(save_probabilities=True, **QUIET),
     )
     for name in (f"{case}_probabilities.nii.gz", f"{case}.nii.gz"):
         np.testing.assert_array_equal(
@@ -645,7 +683,11 @@ def test_a_list_restricts_the_cases_and_its_parts_cover_it(home: Path, tmp_path:
     )
     assert read_case_list(listing) == [(3, cases[3]), (4, f"{cases[0]}_0000.nii.gz"), (5, cases[1]), (6, cases[3])]
     parts = [
-        predict(_images(home), tmp_path / "out", **QUIET, tta="none", case_list=listing, num_parts=2, part_id=k)
+        predict(
+            _images(home),
+            tmp_path / "out",
+            options=PredictionOptions(**QUIET, tta="none", case_list=listing, num_parts=2, part_id=k),
+        )
         for k in (0, 1)
     ]
     # the listed cases in input order, interleaved over the parts: disjoint, and together exactly the list
@@ -690,7 +732,7 @@ def test_an_unknown_name_in_the_list_is_an_error_naming_file_and_line(
     )
     assert f"  {listing}:3: sub-017" in err and not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="no such case list"):
-        predict(_images(home), tmp_path / "out", **QUIET, case_list=tmp_path / "missing.txt")
+        predict(_images(home), tmp_path / "out", options=PredictionOptions(**QUIET, case_list=tmp_path / "missing.txt"))
 
 
 def _bad_cases(folder: Path) -> dict[str, str]:
@@ -780,7 +822,9 @@ def test_a_case_too_large_at_the_plans_spacing_fails_before_resampling(
     geometry = Geometry((16, 16, 16), (100.0, 100.0, 100.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     image = np.random.default_rng(0).random((16, 16, 16), np.float32) + 1
     write_image(image, geometry, tmp_path / "in" / "big.nii.gz")
-    summary = predict(tmp_path / "in", tmp_path / "out", **QUIET, tta="none", log=lambda line: None)
+    summary = predict(
+        tmp_path / "in", tmp_path / "out", options=PredictionOptions(**QUIET, tta="none"), log=lambda line: None
+    )
     assert not summary.written and len(summary.failed) == 1
     problem = summary.failed[0].problem
     assert "resampled from its voxel size [100, 100, 100] mm to the plan's" in problem and "voxels (" in problem
@@ -801,7 +845,7 @@ def test_a_case_that_runs_out_of_memory_fails_alone(
 
     lines: list[str] = []
     monkeypatch.setattr("autoseg.predict._ensemble", hungry)
-    summary = predict(_images(home), tmp_path / "out", **QUIET, tta="none", log=lines.append)
+    summary = predict(_images(home), tmp_path / "out", options=PredictionOptions(**QUIET, tta="none"), log=lines.append)
     assert [f.identifier for f in summary.failed] == [first] and len(summary.written) == 4
     assert lines == [f"case {first} ({_images(home) / f'{first}_0000.nii.gz'}): Unable to allocate 54.7 TiB for an "
                      "array with shape (2, 32767, 32767, 32767)"]  # fmt: skip
@@ -810,7 +854,7 @@ def test_a_case_that_runs_out_of_memory_fails_alone(
 
 def test_a_killed_run_resumes_with_the_cases_it_did_not_finish(home: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
-    first = predict(_images(home), output, **QUIET, tta="none", save_probabilities=True)
+    first = predict(_images(home), output, options=PredictionOptions(**QUIET, tta="none", save_probabilities=True))
     assert len(first.written) == 5 and not first.skipped and not first.failed
     # a kill: one case never written (only a temporary file of its labels left), one killed between its
     # probabilities and its labels, and a temporary file left beside a case that was finished
@@ -821,17 +865,20 @@ def test_a_killed_run_resumes_with_the_cases_it_did_not_finish(home: Path, tmp_p
     (output / f"{b}.nii.gz").unlink()
     (output / f".{c}_probabilities.nii.gz.x7y8z9ab.tmp.nii.gz").write_bytes(b"half")
     untouched = (output / f"{c}.nii.gz").stat().st_mtime_ns
-    again = predict(_images(home), output, **QUIET, tta="none", save_probabilities=True)
+    again = predict(_images(home), output, options=PredictionOptions(**QUIET, tta="none", save_probabilities=True))
     assert [p.name for p in again.written] == [f"{a}.nii.gz", f"{b}.nii.gz"]
     assert again.skipped == _cases(home)[2:] and again.stale_temporaries == 2
     assert not [p.name for p in output.iterdir() if p.name.startswith(".")]
     assert (output / f"{c}.nii.gz").stat().st_mtime_ns == untouched
     # without --save-probabilities the label file is enough; with it, a case without its map is predicted again
-    assert len(predict(_images(home), output, **QUIET, tta="none").skipped) == 5
+    assert len(predict(_images(home), output, options=PredictionOptions(**QUIET, tta="none")).skipped) == 5
     (output / f"{a}_probabilities.nii.gz").unlink()
-    assert [p.name for p in predict(_images(home), output, **QUIET, tta="none", save_probabilities=True).written] == [
-        f"{a}.nii.gz"
-    ]
+    assert [
+        p.name
+        for p in predict(
+            _images(home), output, options=PredictionOptions(**QUIET, tta="none", save_probabilities=True)
+        ).written
+    ] == [f"{a}.nii.gz"]
 
 
 # ---------------------------------------------------------------------------- the CPU fast path
@@ -879,7 +926,7 @@ def test_tta_choices_on_the_command_line(home: Path, tmp_path: Path, capsys: pyt
     assert left_right_axis(read_image(source)[1].direction) == 0
     np.testing.assert_array_equal(probabilities["lr"], probabilities["all"])
     with pytest.raises(ValueError, match="unknown --tta"):
-        predict(source, tmp_path / "x", tta="some", **QUIET)
+        predict(source, tmp_path / "x", options=PredictionOptions(tta="some", **QUIET))
 
 
 def test_cpu_prediction_uses_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -898,3 +945,47 @@ def test_commands_set_torch_threads_and_put_them_back(
         assert run(lambda: seen.append(torch.get_num_threads())) == 0
         assert torch.get_num_threads() == before
     assert seen == [2, 1] and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------- networks rebuilt from the run's record
+def _acute_run(home: Path) -> Path:
+    """``checkpoint_final.pth`` of an (untrained) ``AcuteStrokeTrainer`` run on the tiny model's plans, fold full."""
+    plans = Plans.from_json(home / "preprocessed" / NAME / "plans.json")
+    trainer = get_trainer("AcuteStrokeTrainer")(
+        plans,
+        CONFIGURATION,
+        "full",
+        preprocessed_folder=home / "preprocessed" / NAME,
+        output_folder=home / "results" / NAME / CONFIGURATION / "AcuteStrokeTrainer" / "fold_full",
+        options=TrainingOptions(num_processes=0, echo=False, device="cpu", precision="fp32"),
+    )
+    return trainer.setup().save("checkpoint_final.pth")
+
+
+def test_a_checkpoint_records_its_network_options_and_prediction_needs_no_trainer_class(home: Path) -> None:
+    path = _acute_run(home)
+    assert load_checkpoint(path)["network_options"] == {"network_class": "AsymmetricResidualUNet"}
+    # a run folder whose trainer no registry knows is rebuilt from the record alone
+    shutil.copytree(path.parents[1], path.parents[2] / "RenamedTrainer")
+    model = load_model(NAME, CONFIGURATION, "RenamedTrainer", folds=["full"])
+    assert isinstance(model.networks[0], AsymmetricResidualUNet)
+    state = load_checkpoint(path)
+    state["network_options"] = {"network_class": 3}
+    save_checkpoint(state, path)
+    with pytest.raises(InvalidFileError, match=r"checkpoint_final.pth: network_options may hold only network_class"):
+        load_model(NAME, CONFIGURATION, "AcuteStrokeTrainer", folds=["full"])
+
+
+def test_an_acute_stroke_checkpoint_from_before_the_record_predicts_with_the_asymmetric_network(
+    home: Path, tmp_path: Path
+) -> None:
+    path = _acute_run(home)
+    state = load_checkpoint(path)
+    del state["network_options"]  # as every checkpoint written before runs recorded them
+    save_checkpoint(state, path)
+    model = load_model(NAME, CONFIGURATION, "AcuteStrokeTrainer", folds=["full"])
+    assert isinstance(model.networks[0], AsymmetricResidualUNet)
+    source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
+    choice = ModelChoice(dataset=NAME, trainers="AcuteStrokeTrainer", folds=["full"])
+    summary = predict(source, tmp_path / "out", choice, PredictionOptions(**QUIET, tta="none"))
+    assert len(summary.written) == 1 and not summary.failed

@@ -27,9 +27,12 @@ from autoseg.demo import make_atlas_like
 from autoseg.io import Geometry, read_header, read_json, write_image, write_json
 from autoseg.machine import choose_precision
 from autoseg.machine import cpu_has_fast_bf16 as native_bf16_probe  # imported before conftest fakes it
+from autoseg.networks.factory import BUILT_IN_NETWORK_OPTIONS
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
+from autoseg.registry import plugin_class
 from autoseg.training import TrainingOptions, prepare_run, train
+from planners import get_planner
 from trainers import Trainer, available_trainers, get_trainer, register_trainer
 from trainers.toolkit import Budget, deterministic_algorithms, dice_counts, global_dice
 
@@ -148,6 +151,21 @@ def test_registry_resolves_the_package_trainers_and_those_registered_explicitly(
     assert get_trainer("ZoomInOutTrainer").__module__ == "trainers.residual_unet"
     with pytest.raises(TypeError, match="is not a Trainer subclass"):
         register_trainer(dict)
+
+
+def test_the_library_resolves_planners_and_trainers_by_name_through_the_registry() -> None:
+    assert plugin_class("trainer", "ZoomInOutTrainer") is get_trainer("ZoomInOutTrainer")
+    assert plugin_class("planner", "CPUPlanner") is get_planner("CPUPlanner")
+    with pytest.raises(KeyError, match="unknown trainer 'Fancy'; available: AcuteStrokeTrainer, "):
+        plugin_class("trainer", "Fancy")
+
+
+@pytest.mark.parametrize("name", available_trainers())
+def test_the_librarys_table_of_built_in_network_options_is_each_trainers_own(name: str) -> None:
+    """Checkpoints from before runs recorded their network options are rebuilt from this table: it must say what
+    each trainer's ``network_options()`` says, and name no trainer that does not exist."""
+    assert BUILT_IN_NETWORK_OPTIONS.get(name, {}) == get_trainer(name).network_options()
+    assert set(BUILT_IN_NETWORK_OPTIONS) <= set(available_trainers())
 
 
 @pytest.mark.parametrize("name", available_trainers())

@@ -86,9 +86,14 @@ seconds_per_iteration = sum(steady) / (len(steady) * epoch_iterations)
 consumed = stage.batch_size / seconds_per_iteration
 
 case = sorted((raw_root() / "Dataset011_ATLASHeldOut" / "imagesTr").glob("*_0000.nii.gz"))[0]
-from autoseg.predict import predict
+from autoseg.predict import ModelChoice, PredictionOptions, predict
 start = time.perf_counter()
-predict(case, out / "prediction", "ATLAS", folds=[0], device="cuda", progress=False, overwrite=True)
+predict(
+    case,
+    out / "prediction",
+    ModelChoice(dataset="ATLAS", folds=[0]),
+    PredictionOptions(device="cuda", progress=False, overwrite=True),
+)
 predict_seconds = time.perf_counter() - start
 from autoseg.metrics import dice
 from autoseg.io import read_image

@@ -43,14 +43,14 @@ from autoseg.inference import Predictor
 from autoseg.losses import build_loss
 from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
 from autoseg.networks import build_network
+from autoseg.networks.factory import NETWORK_OPTIONS_KEY
 from autoseg.paths import PLANS_FILE
 from autoseg.plans import Loss, Plans, PlansError, Sampling, Stage
 from autoseg.registry import Registry
 from autoseg.training_log import TrainingLog, empty_history, format_epoch, plot_progress
+from autoseg.training_options import Fold, TrainingOptions
 from trainers.toolkit import (
     Budget,
-    Fold,
-    TrainingOptions,
     deterministic_algorithms,
     dice_counts,
     fold_cases,
@@ -158,8 +158,9 @@ class Trainer:
     @classmethod
     def network_options(cls) -> dict[str, Any]:
         """What this trainer asks :func:`autoseg.networks.build_network` for beyond the plan (another network
-        built from the plan's numbers, an auxiliary head); ``autoseg_predict`` passes the same to rebuild a run's
-        network. Default: nothing (the plan's own network)."""
+        built from the plan's numbers, an auxiliary head): a dict of str to str or bool, written into every
+        checkpoint (``autoseg.networks.factory.NETWORK_OPTIONS_KEY``), from which ``autoseg_predict``, export and
+        import rebuild the run's network. Default: nothing (the plan's own network)."""
         return {}
 
     def build_network(self) -> nn.Module:
@@ -619,6 +620,7 @@ class Trainer:
             "configuration": self.configuration.name,
             "fold": self.fold,
             "network": self.network.state_dict(),
+            NETWORK_OPTIONS_KEY: self.network_options(),  # prediction rebuilds the network from this record
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": {**self.schedule_description(), "last_lr": self.optimizer.param_groups[0]["lr"]},
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler.is_enabled() else {},

@@ -1,10 +1,9 @@
-"""What the trainers share besides the loop in :mod:`trainers.base`: the run flags (:class:`TrainingOptions`), the
-training length after ``--epochs`` and ``--iters-per-epoch`` (:class:`Budget`), the fold's cases, the pseudo-Dice
-of validation patches, the algorithm settings of a run, and the sliding-window validation of whole cases at the
-end of a fold (:func:`validate_cases`).
+"""What the trainers share besides the loop in :mod:`trainers.base`: the training length after ``--epochs`` and
+``--iters-per-epoch`` (:class:`Budget`), the fold's cases, the pseudo-Dice of validation patches, the algorithm
+settings of a run, and the sliding-window validation of whole cases at the end of a fold (:func:`validate_cases`).
 
-``autoseg.training`` (the library behind ``autoseg_train``) and every trainer import from here; this module imports
-neither, so the two never import each other.
+The run flags (``TrainingOptions``) and the fold (``Fold``, ``parse_fold``) are the library's
+(:mod:`autoseg.training_options`): ``autoseg.training`` passes them to a trainer it never imports.
 """
 
 from __future__ import annotations
@@ -27,83 +26,23 @@ from autoseg.inference import Predictor
 from autoseg.io import atomic_path, write_image, write_json, write_like
 from autoseg.labels import classes_from_values, label_classes, read_label_file, values_from_classes
 from autoseg.losses import one_hot_foreground
-from autoseg.machine import PRECISIONS
 from autoseg.metrics import mean_over_labels, score_case
 from autoseg.plans import Schedule
 from autoseg.preprocessing import load_case, restore_probabilities
 from autoseg.splits import SPLITS_FILE, load_or_create_splits, read_subjects
+from autoseg.training_options import Fold
 
 __all__ = [
     "Budget",
-    "Fold",
-    "TrainingOptions",
     "deterministic_algorithms",
     "dice_counts",
     "fold_cases",
     "global_dice",
-    "parse_fold",
     "validate_cases",
 ]
 
-Fold = int | str
-"""A fold index 0..n-1 of ``splits_final.json``, or ``"full"`` (train and validate on every case: a final model
-after cross-validation). ``-f all`` on the command line means every fold in turn (:func:`cross_validate`)."""
-
 #: The metrics of :func:`autoseg.metrics.score_case` that ``validation/summary.json`` gives per case and averages.
 VALIDATION_METRICS = ("dice", "hausdorff95", "lesion_f1")
-
-
-@dataclass(frozen=True)
-class TrainingOptions:
-    """How to run a training (flags, never written into the plans).
-
-    Args:
-        epochs: override the plans' number of epochs (stage start epochs scale with it, see :class:`Budget`).
-        iterations_per_epoch: override the plans' training iterations per epoch.
-        val_iterations: validation batches per epoch for the pseudo-Dice; default a fifth of the training
-            iterations (50 for nnU-Net's 250); 0 switches the per-epoch validation (and checkpoint_best) off.
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (see :func:`choose_precision`), ``fp32``, ``bf16`` or ``fp16``.
-        seed: fixes the network initialization and every batch (with ``num_processes``).
-        num_processes: background processes that make the training batches (0: in the training process); None:
-            the plans' compute-budget choice when the run is on the device it was planned for, else 2.
-        continue_training: resume from ``checkpoint_latest.pth`` (``--continue``); without one (no epoch
-            completed) the run starts afresh and its log says so.
-        pretrained: torchvision-layout ResNet (or autoseg PSPNet) state dict the PSPNet starts from
-            (``--pretrained``); read with ``weights_only=True``; ignored when continuing.
-        validation: predict the fold's validation cases with sliding-window inference at the end.
-        compile: run the network through ``torch.compile``.
-        deterministic: ``torch.use_deterministic_algorithms`` (and no cuDNN benchmarking) during the run.
-        echo: print the log lines as well as writing them to ``log.txt``.
-    """
-
-    epochs: int | None = None
-    iterations_per_epoch: int | None = None
-    val_iterations: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
-    num_processes: int | None = None
-    pretrained: str | None = None
-    continue_training: bool = False
-    validation: bool = True
-    compile: bool = False
-    deterministic: bool = False
-    echo: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "iterations_per_epoch"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"{name} must be at least 1, got {value}")
-        if self.val_iterations is not None and self.val_iterations < 0:
-            raise UsageError(f"val_iterations must be >= 0, got {self.val_iterations}")
-        if self.num_processes is not None and self.num_processes < 0:
-            raise UsageError(f"the number of data processes must be >= 0, got {self.num_processes}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision '{self.precision}', use one of {list(PRECISIONS)}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise UsageError(f"unknown device '{self.device}', use auto, cpu, cuda or cuda:N")
 
 
 def _round_half_up(value: float) -> int:
@@ -238,15 +177,6 @@ def global_dice(counts: torch.Tensor) -> float:
     denominator = 2 * tp + fp + fn
     per_class = torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), torch.nan)
     return float(per_class.nanmean()) if bool((denominator > 0).any()) else math.nan
-
-
-def parse_fold(fold: Fold) -> Fold:
-    """``0``, ``"3"`` -> int; ``"full"`` stays; anything else is a ValueError."""
-    if isinstance(fold, str) and fold != "full":
-        if not fold.lstrip("-").isdigit():
-            raise UsageError(f"fold must be a number, 'all' or 'full', got '{fold}'")
-        fold = int(fold)
-    return fold
 
 
 def fold_cases(

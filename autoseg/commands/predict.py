@@ -6,7 +6,7 @@ import argparse
 
 from autoseg.commands.common import device, fraction, non_negative_int, positive_int, run
 from autoseg.paths import CHECKPOINT_CHOICES
-from autoseg.predict import TTA_CHOICES, predict
+from autoseg.predict import TTA_CHOICES, ModelChoice, PredictionOptions, predict
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,26 +83,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def action() -> int:
-        summary = predict(
-            args.input,
-            args.output,
-            args.dataset,
-            args.configurations,
-            args.folds,
-            trainer=args.trainer,
+        choice = ModelChoice(
+            dataset=args.dataset,
+            configurations=args.configurations,
+            trainers=args.trainer,
+            folds=args.folds,
+            model_file=args.model,
+        )
+        options = PredictionOptions(
             checkpoint=args.checkpoint,
             step_size=args.step_size,
             tta=args.tta,
-            save_probabilities=args.save_probabilities,
             postprocessing=not args.no_postprocessing,
+            device=args.device,
+            progress=not args.no_progress,
+            save_probabilities=args.save_probabilities,
             overwrite=args.overwrite,
             num_parts=args.num_parts,
             part_id=args.part_id,
             case_list=args.case_list,
-            device=args.device,
-            progress=not args.no_progress,
-            model=args.model,
         )
+        summary = predict(args.input, args.output, choice, options)
         print(summary.line())
         return 1 if summary.failed else 0
 

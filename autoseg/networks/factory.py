@@ -3,28 +3,34 @@ training, prediction, export and pre-training alike.
 
 A trainer may build another network from the same numbers (``AcuteStrokeTrainer``: the asymmetric U-Net from a
 ``ResidualUNet`` plan) or add an auxiliary head (``PSPNetTrainer``); it says so through
-``Trainer.network_options()``, which the caller (the trainer itself, or ``autoseg_predict`` after resolving the
-trainer class of a run folder) passes in here.
+``Trainer.network_options()``, which the trainer passes in here and writes into every checkpoint it saves
+(:data:`NETWORK_OPTIONS_KEY`). Prediction, export and import rebuild a run's network from its checkpoint
+(:func:`checkpoint_network_options`), never from the trainer class; a checkpoint from before runs recorded them
+gets the options of its trainer's name in :data:`BUILT_IN_NETWORK_OPTIONS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from autoseg.errors import UsageError
+from autoseg.errors import InvalidFileError, UsageError
 from autoseg.networks.asymmetric_unet import AsymmetricResidualUNet
 from autoseg.networks.pspnet import PSPNet
 from autoseg.networks.residual_unet import ResidualUNet
 from autoseg.plans import Plans
 
 __all__ = [
+    "BUILT_IN_NETWORK_OPTIONS",
     "NETWORK_CLASSES",
+    "NETWORK_OPTIONS_KEY",
     "WeightLayout",
     "build_network",
+    "checkpoint_network_options",
     "expected_weights",
     "layout_bytes",
     "weight_mismatches",
@@ -36,6 +42,20 @@ WeightLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 #: What :func:`build_network` can build, and the plan architecture each is built from.
 NETWORK_CLASSES = {"ResidualUNet": "ResidualUNet", "AsymmetricResidualUNet": "ResidualUNet", "PSPNet": "PSPNet"}
+#: The checkpoint key that holds the keyword arguments of :func:`build_network` the run's network was built with
+#: (its trainer's ``network_options()``): a dict of str to str or bool, ``{}`` for the plan's own network.
+NETWORK_OPTIONS_KEY = "network_options"
+#: The ``network_options()`` of the built-in trainers whose network is not the plan's own, by trainer name: what a
+#: checkpoint written before checkpoints recorded :data:`NETWORK_OPTIONS_KEY` (and a model file exported from one)
+#: was trained with. Every other trainer name gets ``{}``. Fixed: the trainers' own ``network_options()`` must
+#: agree with it (``tests/test_training.py``), and a new trainer records its options in its checkpoints instead.
+BUILT_IN_NETWORK_OPTIONS: dict[str, dict[str, str | bool]] = {
+    "AcuteStrokeTrainer": {"network_class": "AsymmetricResidualUNet"},
+    "PSPNetTrainer": {"auxiliary_head": True},
+    "PSPNetCETrainer": {"auxiliary_head": True},
+}
+#: The keyword arguments of :func:`build_network` a checkpoint may record, and their types.
+_OPTION_TYPES = {"network_class": str, "auxiliary_head": bool}
 
 
 def build_network(
@@ -93,6 +113,37 @@ def build_network(
         kernel_sizes=network.kernel_sizes,
         deep_supervision=network.deep_supervision and levels > 1,
     )
+
+
+def checkpoint_network_options(
+    state: Mapping[str, object], trainer: str, where: str | Path = "checkpoint"
+) -> dict[str, str | bool]:
+    """The keyword arguments of :func:`build_network` that rebuild the network of a checkpoint: those it recorded
+    under :data:`NETWORK_OPTIONS_KEY`, else (a checkpoint from before they were recorded) its ``trainer``'s in
+    :data:`BUILT_IN_NETWORK_OPTIONS`, else none.
+
+    Args:
+        state: the checkpoint (:func:`autoseg.checkpoint.load_checkpoint`), or a model file manifest's record.
+        trainer: the run's trainer name (its folder name), for a checkpoint without a record.
+        where: what the error message names first (the checkpoint's path).
+
+    Example:
+        >>> checkpoint_network_options({"network": {}}, "AcuteStrokeTrainer")
+        {'network_class': 'AsymmetricResidualUNet'}
+
+    Raises:
+        InvalidFileError: the record is not a dict of known options of the right types (the message names
+            ``where`` and says what it holds).
+    """
+    if NETWORK_OPTIONS_KEY not in state:
+        return dict(BUILT_IN_NETWORK_OPTIONS.get(trainer, {}))
+    options = state[NETWORK_OPTIONS_KEY]
+    if not isinstance(options, dict) or not all(
+        isinstance(value, _OPTION_TYPES.get(key, ())) for key, value in options.items()
+    ):
+        allowed = ", ".join(f"{key} ({kind.__name__})" for key, kind in _OPTION_TYPES.items())
+        raise InvalidFileError(f"{where}: {NETWORK_OPTIONS_KEY} may hold only {allowed}, found {options!r}")
+    return dict(options)
 
 
 def expected_weights(plans: Plans, configuration: str, **options: object) -> WeightLayout:
