@@ -10,6 +10,7 @@ import torch
 from autoseg.networks import (
     ADAM_BYTES_PER_PARAMETER,
     CUDA_OVERHEAD_BYTES,
+    AsymmetricResidualUNet,
     ResidualBlock,
     ResidualUNet,
     feature_map_shapes,
@@ -278,3 +279,37 @@ def test_every_demo_plan_builds_its_network_and_runs_its_patch(dataset: str, tin
             with torch.no_grad():
                 out = network(torch.zeros(1, len(plans.channels), *stage.patch_size))
             assert out.shape == (1, 1, *stage.patch_size), configuration.name
+
+
+def test_a_strided_projecting_block_counts_what_autograd_saves() -> None:
+    """A block on its own: what it stores besides its input (counted by whoever made it), its output (which
+    ``saved_activation_bytes`` adds once more, as logits) and the statistics of its three GroupNorms (a mean and a
+    1/std per sample and group, left out as negligible), each 4 bytes in fp32: exactly the count."""
+    block = ResidualBlock(
+        conv_op=torch.nn.Conv3d, in_channels=4, out_channels=8, kernel_size=(3, 3, 1), stride=(2, 2, 1), num_groups=8
+    )
+    x = torch.randn(2, 4, 8, 12, 4)
+    statistics = 3 * 2 * 2 * 8
+    measured = saved_activation_bytes(block, x) - 4 * (x.numel() + 2 * 8 * 4 * 6 * 4 + statistics)
+    assert 4 * 2 * block.stored_activations((8, 12, 4)) == measured
+    assert block.stored_activations((8, 12, 4)) == 5 * 8 * 4 * 6 * 4  # conv1, act1, conv2, skip conv, act2
+
+
+#: Counts the planner used before the networks counted themselves (``networks/memory.py``), so plans do not change:
+#: (network class, arguments, patch) -> (stored activations, forward MACs with and without deep supervision,
+#: training memory in bytes at batch 2 and 4 bytes per activation).
+COUNTS_BEFORE = {
+    "ResidualUNet": (ResidualUNet, ANISOTROPIC_3D, (48, 64, 40), (24096000, 1844551680, 1842708480, 735773328)),
+    "AsymmetricResidualUNet": (AsymmetricResidualUNet, PLANAR_2D, (32, 28), (158592, None, None, 538723616)),
+}
+
+
+@pytest.mark.parametrize("name", COUNTS_BEFORE)
+def test_the_networks_count_as_the_planner_did_before(name: str) -> None:
+    network_class, kwargs, patch, (activations, macs, macs_alone, memory) = COUNTS_BEFORE[name]
+    net = on_meta(network_class, **kwargs)
+    assert net.stored_activations(patch) == activations
+    assert net.training_memory_bytes(patch_size=patch, batch_size=2, bytes_per_activation=4) == memory
+    if macs is not None:
+        assert net.forward_macs(patch) == macs
+        assert on_meta(network_class, deep_supervision=False, **kwargs).forward_macs(patch) == macs_alone

@@ -93,6 +93,14 @@ def test_backbone_has_torchvision_names_and_sizes(name: str) -> None:
     assert 2 * one - two - CUDA_OVERHEAD_BYTES == 16 * net.counted_parameters()  # 16 bytes per parameter
 
 
+@pytest.mark.parametrize("name, memory", [("resnet18", 834_619_264), ("resnet50", 1_441_167_360)])
+def test_memory_estimate_is_the_one_plans_were_made_with(name: str, memory: int) -> None:
+    """Bytes the planner estimated before the network counted itself (``networks/memory.py``), so plans do not
+    change: 100x76 slices (the output stride does not divide them), batch 3, 4 bytes per activation."""
+    net = on_meta(PSPNet, in_channels=5, num_classes=2, backbone=name)
+    assert net.training_memory_bytes(patch_size=(100, 76), batch_size=3, bytes_per_activation=4) == memory
+
+
 # ---------------------------------------------------------------------------- pre-trained weights
 def test_torchvision_state_dict_loads_exactly_into_the_backbone(tmp_path: Path) -> None:
     saved = _perturbed_backbone_file(tmp_path / "resnet18.pth")
