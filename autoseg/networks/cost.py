@@ -6,7 +6,7 @@ pass (``stored_activations(input_size)``), as dynamic-network-architectures' blo
 would build (:func:`on_meta`) instead of a separate model of it. What is shared by those counts lives here.
 
 Units: *elements* are numbers of tensor entries (whatever the dtype); *bytes* appear only where the dtype is
-assumed and said (:func:`training_memory_bytes`). A spatial size is ``(X, Y, Z)`` or ``(X, Y)``, the trailing
+assumed and said (:meth:`CountsItsCost.training_memory_bytes`). A spatial size is ``(X, Y, Z)`` or ``(X, Y)``, the trailing
 axes of a ``(B, C, X, Y, Z)`` or ``(B, C, X, Y)`` tensor, in the array's axis order.
 """
 
