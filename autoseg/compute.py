@@ -9,8 +9,8 @@ well under a minute on two CPU cores and is cached under ``AUTOSEG_HOME/compute_
 again on the same machine reuses it and another CPU, thread count or torch version probes anew.
 
 The cost model (:class:`CostModel`) charges a step ``a * GMAC + b * Mact + c * Mvox + d``: multiply-accumulates
-of the convolutions (:func:`autoseg.networks.count_forward_macs`, from the layer sizes), elements stored for
-backward (:func:`autoseg.networks.count_stored_activations`: the memory-bound normalization and activation work)
+of the convolutions (:meth:`autoseg.networks.ResidualUNet.forward_macs`, from the layer sizes), elements stored for
+backward (:meth:`autoseg.networks.ResidualUNet.stored_activations`: the memory-bound normalization and activation work)
 and input voxels (loss, heads, copies), fitted by non-negative least squares to the probed points, so networks
 between them are interpolated and larger ones extrapolated along the same per-MAC cost. :class:`TrainingEstimate` adds what a run does besides its steps: the
 loader's augmentation (which shares the cores on a CPU), the per-epoch validation batches, per-epoch overhead
@@ -37,7 +37,7 @@ import torch
 
 from autoseg.io import read_json, write_json
 from autoseg.machine import Precision, available_cores, machine_description
-from autoseg.networks import ResidualUNet, count_forward_macs, count_stored_activations
+from autoseg.networks import ResidualUNet, on_meta
 from autoseg.paths import autoseg_home
 
 __all__ = [
@@ -104,11 +104,11 @@ class NetworkShape:
 
     def macs(self, patch: Sequence[int], deep_supervision: bool = True) -> int:
         """Forward multiply-accumulates for one sample of ``patch``."""
-        return count_forward_macs(patch_size=tuple(patch), deep_supervision=deep_supervision, **self.kwargs())
+        return on_meta(ResidualUNet, deep_supervision=deep_supervision, **self.kwargs()).forward_macs(patch)
 
     def activations(self, patch: Sequence[int]) -> int:
         """Elements stored for backward for one training sample of ``patch``."""
-        return count_stored_activations(patch_size=tuple(patch), **self.kwargs())
+        return on_meta(ResidualUNet, **self.kwargs()).stored_activations(patch)
 
     @classmethod
     def isotropic(cls, base: int, edge: int, in_channels: int = 1) -> NetworkShape:
@@ -668,13 +668,7 @@ def pspnet_cost(backbone: str, patch: Sequence[int], batch: int, in_channels: in
     meta device (no memory, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from autoseg.networks import PSPNet
-    from autoseg.networks.memory import (
-        _RESNET_PARAMETERS,
-        ADAM_BYTES_PER_PARAMETER,
-        CUDA_OVERHEAD_BYTES,
-        estimate_pspnet_training_memory_bytes,
-    )
+    from autoseg.networks import ADAM_BYTES_PER_PARAMETER, CUDA_OVERHEAD_BYTES, PSPNet, parameter_count
 
     with torch.device("meta"):
         network = PSPNet(in_channels=in_channels, num_classes=1, backbone=backbone, aux_head=True)
@@ -682,17 +676,10 @@ def pspnet_cost(backbone: str, patch: Sequence[int], batch: int, in_channels: in
         with FlopCounterMode(display=False) as counter:
             network(data)
     gmacs = counter.get_total_flops() / 2e9
-    memory = estimate_pspnet_training_memory_bytes(
-        patch_size=patch,
-        batch_size=batch,
-        in_channels=in_channels,
-        num_classes=1,
-        backbone=backbone,
-        bytes_per_activation=1,
-    )
+    memory = network.training_memory_bytes(patch_size=patch, batch_size=batch, bytes_per_activation=1)
     parameters = sum(p.numel() for p in network.parameters())
     activations = (
-        memory - CUDA_OVERHEAD_BYTES - ADAM_BYTES_PER_PARAMETER * max(parameters, _RESNET_PARAMETERS[backbone])
+        memory - CUDA_OVERHEAD_BYTES - ADAM_BYTES_PER_PARAMETER * max(parameters, parameter_count(network.backbone))
     )
     return gmacs, max(activations, 0) / 1e6
 

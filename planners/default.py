@@ -31,8 +31,7 @@ from autoseg.compute_budget import (
 from autoseg.fingerprint import DatasetAggregate
 from autoseg.inference import sliding_window_positions
 from autoseg.losses import balanced_positive_weight
-from autoseg.networks import Shape
-from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
+from autoseg.networks import PSPNet, ResidualUNet, Shape, on_meta
 from autoseg.planning import (
     MAX_FEATURES_3D,
     SLAB_ANISOTROPY,
@@ -317,16 +316,17 @@ class DefaultPlanner(Planner):
         num_classes = len(self.fingerprint.labels) - 1
 
         def memory_of(patch: tuple[int, ...], topology: Topology, batch: int) -> int:
-            return estimate_training_memory_bytes(
-                patch_size=patch,
-                batch_size=batch,
+            network = on_meta(
+                ResidualUNet,
                 in_channels=in_channels,
                 num_classes=num_classes,
                 features=topology.features,
                 strides=topology.strides,
                 kernel_sizes=topology.kernel_sizes,
                 deep_supervision=deep_supervision,
-                bytes_per_activation=BYTES_PER_ACTIVATION,
+            )
+            return network.training_memory_bytes(
+                patch_size=patch, batch_size=batch, bytes_per_activation=BYTES_PER_ACTIVATION
             )
 
         return memory_of
@@ -938,13 +938,9 @@ class DefaultPlanner(Planner):
         for backbone in self.pspnet_backbones:
 
             def memory_of(batch: int, backbone: str = backbone) -> int:
-                return estimate_pspnet_training_memory_bytes(
-                    patch_size=patch,
-                    batch_size=batch,
-                    in_channels=in_channels,
-                    num_classes=num_classes,
-                    backbone=backbone,
-                    bytes_per_activation=BYTES_PER_ACTIVATION,
+                network = on_meta(PSPNet, in_channels=in_channels, num_classes=num_classes, backbone=backbone)
+                return network.training_memory_bytes(
+                    patch_size=patch, batch_size=batch, bytes_per_activation=BYTES_PER_ACTIVATION
                 )
 
             if memory_of(2) <= budget:

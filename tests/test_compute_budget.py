@@ -22,7 +22,7 @@ from autoseg.compute_budget import BudgetError, BudgetRequest, lay_out_schedule,
 from autoseg.dataset import find_dataset
 from autoseg.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.machine import Precision
-from autoseg.networks import ResidualUNet, count_forward_macs
+from autoseg.networks import ResidualUNet
 from autoseg.plan_and_preprocess import budget_request, plan_and_preprocess
 from autoseg.plans import Plans
 from planners import get_planner
@@ -86,12 +86,7 @@ def test_forward_macs_equal_torch_flop_counter(dimension: int) -> None:
         network = ResidualUNet(in_channels=2, num_classes=1, deep_supervision=deep_supervision, **kwargs)
         with FlopCounterMode(display=False) as counter:
             network(torch.zeros(1, 2, *patch))
-        assert (
-            count_forward_macs(
-                patch_size=patch, in_channels=2, num_classes=1, deep_supervision=deep_supervision, **kwargs
-            )
-            == counter.get_total_flops() // 2
-        )
+        assert network.forward_macs(patch) == counter.get_total_flops() // 2
 
 
 def test_cost_model_recovers_known_coefficients_and_interpolates() -> None:

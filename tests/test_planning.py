@@ -15,8 +15,7 @@ import pytest
 import planners.base as planners_base
 from autoseg.commands.plan import main as plan_main
 from autoseg.dataset import find_dataset
-from autoseg.networks import build_network
-from autoseg.networks.memory import estimate_training_memory_bytes
+from autoseg.networks import ResidualUNet, build_network, on_meta
 from autoseg.paths import preprocessed_root
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.planning import round_to_multiple, target_spacing, unet_topology
@@ -94,15 +93,15 @@ def test_patches_respect_the_memory_budget_and_divisibility(tiny_atlas: Path, bu
     for stage in configuration.schedule.stages:
         assert all(p % s == 0 for p, s in zip(stage.patch_size, network.total_stride))
         assert stage.batch_size >= 2
-    needed = estimate_training_memory_bytes(
-        patch_size=configuration.patch_size,
-        batch_size=configuration.batch_size,
+    needed = on_meta(
+        ResidualUNet,
         in_channels=1,
         num_classes=1,
         features=network.features,
         strides=network.strides,
         kernel_sizes=network.kernel_sizes,
-        bytes_per_activation=4,
+    ).training_memory_bytes(
+        patch_size=configuration.patch_size, batch_size=configuration.batch_size, bytes_per_activation=4
     )
     assert needed <= budget_gb * GIB
     assert configuration.estimated_memory_gb <= budget_gb

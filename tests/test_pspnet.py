@@ -18,8 +18,7 @@ from torch import nn
 from autoseg.checkpoint import load_checkpoint
 from autoseg.errors import AutosegError, InvalidFileError
 from autoseg.inference import predict_slices
-from autoseg.networks import CUDA_OVERHEAD_BYTES, PSPNet
-from autoseg.networks.memory import _RESNET_PARAMETERS, estimate_pspnet_training_memory_bytes
+from autoseg.networks import CUDA_OVERHEAD_BYTES, PSPNet, on_meta
 from autoseg.networks.pspnet import ResNetBackbone, backbone_of
 from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
@@ -27,6 +26,8 @@ from autoseg.training import TrainingOptions, train
 from trainers import get_trainer
 
 CTP = "CTPTiny"
+#: torchvision's ResNets' parameters without the classifier (``fc``).
+TORCHVISION_PARAMETERS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032}
 QUIET = TrainingOptions(num_processes=0, echo=False)
 
 
@@ -83,14 +84,21 @@ def test_backbone_has_torchvision_names_and_sizes(name: str) -> None:
         "layer3.1.bn2.num_batches_tracked",
     } <= keys
     assert ("layer1.0.conv3.weight" in keys) == (name == "resnet50")
-    assert sum(p.numel() for p in backbone.parameters()) == _RESNET_PARAMETERS[name]  # torchvision's counts
-    net = PSPNet(in_channels=5, num_classes=1, backbone=name)
+    assert sum(p.numel() for p in backbone.parameters()) == TORCHVISION_PARAMETERS[name]
+    net = on_meta(PSPNet, in_channels=5, num_classes=1, backbone=name)
     total = sum(p.numel() for p in net.parameters())
-    no_batch = estimate_pspnet_training_memory_bytes(
-        patch_size=(64, 64), batch_size=0, in_channels=5, num_classes=1, backbone=name
-    )
-    modelled = (no_batch - CUDA_OVERHEAD_BYTES) / 16  # the planner's memory model: 16 bytes per parameter
-    assert modelled == pytest.approx(total, rel=1e-3)  # it leaves out only BatchNorm and bias terms of new layers
+    assert net.counted_parameters() == pytest.approx(total, rel=1e-3)  # leaves out BatchNorm and bias of new layers
+    one = net.training_memory_bytes(patch_size=(64, 64), batch_size=1)
+    two = net.training_memory_bytes(patch_size=(64, 64), batch_size=2)
+    assert 2 * one - two - CUDA_OVERHEAD_BYTES == 16 * net.counted_parameters()  # 16 bytes per parameter
+
+
+@pytest.mark.parametrize("name, memory", [("resnet18", 834_619_264), ("resnet50", 1_441_167_360)])
+def test_memory_estimate_is_the_one_plans_were_made_with(name: str, memory: int) -> None:
+    """Bytes the planner estimated before the network counted itself (``networks/memory.py``), so plans do not
+    change: 100x76 slices (the output stride does not divide them), batch 3, 4 bytes per activation."""
+    net = on_meta(PSPNet, in_channels=5, num_classes=2, backbone=name)
+    assert net.training_memory_bytes(patch_size=(100, 76), batch_size=3, bytes_per_activation=4) == memory
 
 
 # ---------------------------------------------------------------------------- pre-trained weights

@@ -17,7 +17,7 @@ Architecture:
 
 Two convolutions per encoder block against one per decoder block, and the decoder's summed (not concatenated) skips,
 put about 75% of the parameters in the encoder for the paper's 4 stages of 32 to 256 features (see
-:func:`autoseg.networks.memory.count_asymmetric_parameters`). Every non-linearity is a per-channel PReLU (as ENet,
+:meth:`AsymmetricResidualUNet.parameter_split`). Every non-linearity is a per-channel PReLU (as ENet,
 which the paper follows). Normalization is GroupNorm rather than the paper's unspecified normalization, because
 autoseg's batches are small (2 patches against the paper's 16), as in :class:`ResidualUNet`; the paper's dropout is
 left out.
@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from autoseg.networks.cost import CountsItsCost, conv_output_size, elements, feature_map_shapes
 from autoseg.networks.residual_unet import Shape, _group_norm, _same_padding, validate_architecture
 
 __all__ = ["AsymmetricResidualUNet", "asymmetric_blocks_per_stage"]
@@ -71,6 +72,12 @@ class _ConvNormPReLU(nn.Sequential):
             nn.PReLU(out_channels, init=PRELU_INIT),
         )
 
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements one sample of spatial ``input_size`` (X, Y[, Z]) leaves stored for backward: the conv's output
+        (kept by GroupNorm), GroupNorm's (kept by PReLU) and PReLU's (kept by the next conv), each
+        ``C_out x output voxels``. The input is counted by whatever made it."""
+        return 3 * elements(self[0].out_channels, conv_output_size(self[0], input_size))
+
 
 class EncoderBlock(nn.Module):
     """Two convolutions with a residual skip: conv-GN-PReLU-conv-GN, plus the input (a 1x1 conv + GN where the width
@@ -94,6 +101,14 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act2(self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x))))) + self.skip(x))
 
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements one sample of spatial ``input_size`` (X, Y[, Z]) leaves stored for backward, as PyTorch saves
+        them (a conv, GroupNorm and PReLU keep their inputs, a sum nothing): conv1's, GN1's, PReLU1's and conv2's
+        outputs, the sum before the last PReLU and that PReLU's output, plus the skip conv's output where it
+        projects, each ``C_out x voxels``. The input is counted by whatever made it."""
+        projects = not isinstance(self.skip, nn.Identity)
+        return (6 + projects) * elements(self.conv1.out_channels, input_size)
+
 
 class Downsample(nn.Module):
     """Max-pooling concatenated with a strided conv (+ GN + PReLU) of the same input (Szegedy et al.).
@@ -115,6 +130,16 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat((self.pool(x), self.conv(x)), dim=1)
+
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements one sample of spatial ``input_size`` (X, Y[, Z]) leaves stored for backward, counted as 4-byte
+        elements: the conv branch's own (its PReLU's output is only read by the concatenation, then freed), the
+        max-pooling's int64 indices (8 bytes: 2 elements each) and the concatenation. The pooling's input is
+        counted by whatever made it."""
+        conv = self.conv[0]
+        size = conv_output_size(conv, input_size)
+        branch = self.conv.stored_activations(input_size) - elements(conv.out_channels, size)
+        return branch + 2 * elements(conv.in_channels, size) + elements(conv.in_channels + conv.out_channels, size)
 
 
 class DecoderStage(nn.Module):
@@ -151,8 +176,14 @@ class DecoderStage(nn.Module):
         x = self.upsample(x) + skip
         return self.act(self.norm(self.conv(x)) + x)
 
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements one sample whose coarse input ``x`` has spatial ``input_size`` leaves stored for backward: the
+        sum with the skip (kept by the conv), the conv's output (kept by GroupNorm), the sum before PReLU and the
+        PReLU's output, each ``C x fine voxels``. The transposed conv's output is only summed, then freed."""
+        return 4 * elements(self.conv.out_channels, conv_output_size(self.upsample, input_size))
 
-class AsymmetricResidualUNet(nn.Module):
+
+class AsymmetricResidualUNet(CountsItsCost, nn.Module):
     """The acute stroke paper's asymmetric residual U-Net (see the module docstring), 2D or 3D.
 
     Args:
@@ -271,10 +302,26 @@ class AsymmetricResidualUNet(nn.Module):
             x = self.decoder[level](x, skips[level])
         return self.head(x)
 
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements (counted as 4-byte elements, not bytes) autograd stores for backward in one training step of one
+        sample of spatial size ``input_size`` (X, Y[, Z]): the input (kept by the first conv), each encoder stage's
+        and decoder level's own count (their ``stored_activations``) and the logits, which the loss keeps.
+        GroupNorm's per-group statistics are left out as negligible.
+
+        Raises:
+            ValueError: if a stride has another number of axes than ``input_size``, or does not divide it.
+        """
+        shapes = feature_map_shapes(patch_size=input_size, strides=self.strides)
+        count = elements(self.in_channels, input_size) + elements(self.head.out_channels, shapes[0])
+        for stage, size_in, size in zip(self.encoder, (tuple(input_size), *shapes), shapes):
+            count += stage[0].stored_activations(size_in) + sum(block.stored_activations(size) for block in stage[1:])
+        return count + sum(decoder.stored_activations(shapes[i + 1]) for i, decoder in enumerate(self.decoder))
+
 
 def _init_weights(module: nn.Module) -> None:
-    """He (Kaiming) normal init for PReLU's initial slope on every (transposed) conv; zero biases."""
-    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    """He (Kaiming) normal init for PReLU's initial slope on every (transposed) conv; zero biases. Nothing on the
+    meta device, where a network is built only to count its cost."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and not module.weight.is_meta:
         nn.init.kaiming_normal_(module.weight, a=PRELU_INIT)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

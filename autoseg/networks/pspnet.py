@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.errors import InvalidFileError
+from autoseg.networks.cost import CountsItsCost, parameter_count
 
 #: torchvision's ResNets: block type and blocks per layer.
 RESNET_LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -45,7 +47,18 @@ _PLAN_FOR_BACKBONE = (
 _DILATIONS = {8: (2, 4), 16: (1, 2), 32: (1, 1)}
 
 
-class BasicBlock(nn.Module):
+class _ResNetBlock(nn.Module):
+    """What :class:`BasicBlock` and :class:`Bottleneck` share: how they count their stored activations."""
+
+    def stored_activations(self, pixels: float) -> float:
+        """Elements one sample leaves stored for backward, modelled as three tensors (output, normalized output,
+        activation) per convolution of the main path: ``3 x (their output channels) x pixels``, ``pixels`` being
+        the block's output resolution (X x Y / stride**2). The projection shortcut is counted by the backbone."""
+        convs = [module for name, module in self.named_children() if name.startswith("conv")]
+        return 3 * sum(conv.out_channels for conv in convs) * pixels
+
+
+class BasicBlock(_ResNetBlock):
     """torchvision's ``BasicBlock`` (two 3x3 convolutions), with dilation allowed."""
 
     expansion = 1
@@ -67,7 +80,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResNetBlock):
     """torchvision's ``Bottleneck`` (1x1, 3x3 with the stride, 1x1 expanding by 4)."""
 
     expansion = 4
@@ -146,6 +159,24 @@ class ResNetBackbone(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         return x, self.layer4(x)
 
+    def stored_activations(self, pixels: float) -> float:
+        """Elements one sample of ``pixels`` (X x Y of the input) leaves stored for backward, as modelled by
+        :meth:`PSPNet.stored_activations`: the stem's conv (three tensors at 1/2 of each axis) and max-pooling's
+        output (at 1/4), each layer's blocks at the layer's resolution, and one projection shortcut per layer
+        (three tensors of the layer's output width). That last term also charges ``layer1`` of the basic ResNets,
+        which has no projection (see :meth:`PSPNet.stored_activations`)."""
+        reduction = self.conv1.stride[0]
+        count = 3 * self.conv1.out_channels * pixels / reduction**2
+        reduction *= self.maxpool.stride
+        count += self.conv1.out_channels * pixels / reduction**2
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            first = layer[0]
+            reduction *= first.downsample[0].stride[0] if first.downsample is not None else 1
+            scale = pixels / reduction**2
+            count += sum(block.stored_activations(scale) for block in layer)
+            count += 3 * first.conv1.out_channels * first.expansion * scale
+        return count
+
 
 class PyramidPooling(nn.Module):
     """Average-pool the features to each ``bins`` x ``bins`` grid, 1x1 conv + BN + ReLU to
@@ -174,6 +205,12 @@ class PyramidPooling(nn.Module):
             [x] + [F.interpolate(branch(x), size, mode="bilinear", align_corners=False) for branch in self.branches],
             dim=1,
         )
+
+    def stored_activations(self, pixels: float) -> float:
+        """Elements one sample of ``pixels`` (h x w of the features) leaves stored for backward, modelled as two
+        tensors each for the concatenation (2F channels) and the branches' upsampled outputs (F channels)."""
+        reduced = sum(branch[1].out_channels for branch in self.branches)
+        return (self.out_channels + reduced) * pixels * 2
 
 
 def _head(in_channels: int, mid_channels: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -237,7 +274,7 @@ class PretrainedReport:
         return "\n".join(lines)
 
 
-class PSPNet(nn.Module):
+class PSPNet(CountsItsCost, nn.Module):
     """Initializer (BatchNorm + learned 1x1 conv C -> 3), dilated ResNet, pyramid pooling, segmentation head.
 
     Args:
@@ -284,6 +321,33 @@ class PSPNet(nn.Module):
             aux = F.interpolate(self.aux_head(middle), size, mode="bilinear", align_corners=False)
             return logits, aux
         return logits
+
+    # ------------------------------------------------------------------ its own cost, for the planner
+    def stored_activations(self, input_size: Sequence[int]) -> float:
+        """Elements (not bytes) one training sample of spatial size ``input_size`` (X, Y) leaves stored for
+        backward, as a model rather than a count of autograd's saved tensors: three tensors per convolution (its
+        output, the normalized output and the activation) of the initializer (its C input and 3 output channels) and
+        of the backbone (:meth:`ResNetBackbone.stored_activations`), the pyramid pooling
+        (:meth:`PyramidPooling.stored_activations`) and the head's 3x3 conv (four tensors, with the dropout) at
+        the output stride, and two tensors of upsampled logits. Resolutions are ``X x Y / stride**2``, fractional
+        where the stride does not divide the patch. The auxiliary head is left out.
+
+        The model over-counts somewhat (e.g. a projection shortcut for ``layer1`` of resnet18/34, which has
+        none); it is kept as it was when it lived apart from the network, so plans do not change.
+        """
+        pixels = float(math.prod(input_size))
+        count = 3 * pixels * (self.in_channels + self.initializer[1].out_channels)
+        count += self.backbone.stored_activations(pixels)
+        features = pixels / self.output_stride**2
+        count += self.pyramid.stored_activations(features)
+        return count + 4 * self.head[0].out_channels * features + 2 * self.num_classes * pixels
+
+    def counted_parameters(self) -> int:
+        """Parameters the memory estimate charges: the backbone's and the weights of the pyramid's and the head's
+        convolutions. The initializer, the BatchNorms and the last bias outside the backbone, and the auxiliary
+        head are left out (about 0.01% of the parameters; kept so plans do not change)."""
+        convs = [branch[1] for branch in self.pyramid.branches] + [self.head[0], self.head[4]]
+        return parameter_count(self.backbone) + sum(conv.weight.numel() for conv in convs)
 
     # ------------------------------------------------------------------ fine-tuning
     def backbone_parameters(self) -> Iterator[nn.Parameter]:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from autoseg.networks.cost import CountsItsCost, conv_macs, conv_output_size, elements, feature_map_shapes
+
 __all__ = [
     "Shape",
     "ResidualBlock",
@@ -55,7 +57,7 @@ def validate_architecture(
     blocks_per_stage: Sequence[int] | None = None,
     num_groups: int = 8,
 ) -> tuple[int, ...]:
-    """Check the numbers that define a :class:`ResidualUNet`; shared by the network and the memory estimate.
+    """Check the numbers that define a :class:`ResidualUNet`; shared by the networks built from these numbers.
 
     Returns:
         ``blocks_per_stage`` as a tuple, the default (:func:`default_blocks_per_stage`) filled in when None.
@@ -140,6 +142,17 @@ class ConvNormAct(nn.Sequential):
             nn.LeakyReLU(LEAKY_RELU_SLOPE, inplace=True),
         )
 
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements one sample of spatial ``input_size`` (X, Y[, Z]) leaves stored for backward: the conv's output
+        (kept by GroupNorm) and the in-place LeakyReLU's output (kept by it and the next conv). The input is counted
+        by whatever made it."""
+        return 2 * elements(self[0].out_channels, conv_output_size(self[0], input_size))
+
+    def forward_macs(self, input_size: Sequence[int]) -> int:
+        """Multiply-accumulates of one sample of spatial ``input_size`` (the conv's; GroupNorm and LeakyReLU are
+        left out)."""
+        return conv_macs(self[0], input_size)
+
 
 class ResidualBlock(nn.Module):
     """conv-GN-LeakyReLU-conv-GN, plus a skip, then LeakyReLU.
@@ -187,6 +200,24 @@ class ResidualBlock(nn.Module):
         residual = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
         return self.act2(residual + self.skip(x))
 
+    @property
+    def projects(self) -> bool:
+        """Whether the skip is a 1x1 conv + GN (True) or the identity."""
+        return not isinstance(self.skip, nn.Identity)
+
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements one sample of spatial ``input_size`` (X, Y[, Z]) leaves stored for backward, as PyTorch saves
+        them (GroupNorm keeps its input, the in-place LeakyReLU its output, a sum nothing): conv1's output, act1's,
+        conv2's, the projecting skip conv's where there is one, and act2's after the sum, each
+        ``out_channels x output voxels``. The input is counted by whatever made it."""
+        output = conv_output_size(self.conv1, input_size)
+        return (4 + self.projects) * elements(self.conv1.out_channels, output)
+
+    def forward_macs(self, input_size: Sequence[int]) -> int:
+        """Multiply-accumulates of one sample of spatial ``input_size``: both convs and the projecting skip conv."""
+        macs = conv_macs(self.conv1, input_size) + conv_macs(self.conv2, conv_output_size(self.conv1, input_size))
+        return macs + (conv_macs(self.skip[0], input_size) if self.projects else 0)
+
 
 class DecoderStage(nn.Module):
     """Transposed conv (kernel = stride), concatenation with the skip, one residual block.
@@ -218,8 +249,21 @@ class DecoderStage(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat((self.upsample(x), skip), dim=1))
 
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements one sample whose coarse input ``x`` has spatial ``input_size`` leaves stored for backward: the
+        concatenation (kept by the block's conv1 and skip conv) and the block's own. The transposed conv's output is
+        only read by the concatenation and freed; its input and the skip are counted where they are made."""
+        fine = conv_output_size(self.upsample, input_size)
+        return elements(self.block.conv1.in_channels, fine) + self.block.stored_activations(fine)
 
-class ResidualUNet(nn.Module):
+    def forward_macs(self, input_size: Sequence[int]) -> int:
+        """Multiply-accumulates of one sample whose coarse input has spatial ``input_size``: the transposed conv
+        and the block."""
+        fine = conv_output_size(self.upsample, input_size)
+        return conv_macs(self.upsample, input_size) + self.block.forward_macs(fine)
+
+
+class ResidualUNet(CountsItsCost, nn.Module):
     """Residual U-Net with GroupNorm for 2D or 3D segmentation, defined by per-stage numbers only.
 
     Args:
@@ -385,10 +429,50 @@ class ResidualUNet(nn.Module):
         if any(size % total != 0 for size, total in zip(spatial, self.total_strides)):
             raise ValueError(f"spatial shape {spatial} must be a multiple of the total strides {self.total_strides}")
 
+    # ------------------------------------------------------------------ its own cost, for the planner
+    def stored_activations(self, input_size: Sequence[int]) -> int:
+        """Elements (not bytes) autograd stores for backward in one training step of one sample of spatial size
+        ``input_size`` (X, Y[, Z]): the input (kept by the first conv), each encoder stage's and decoder level's
+        own count (their ``stored_activations``) and the logits of every head :meth:`forward` computes (all with
+        :attr:`deep_supervision`, else the full-resolution one), which the loss keeps. GroupNorm's per-group
+        mean and 1/std (groups per sample) are left out as negligible.
+
+        Raises:
+            ValueError: if a stride has another number of axes than ``input_size``, or does not divide it.
+        """
+        count, shapes = self._sum_over_blocks("stored_activations", input_size)
+        heads = sum(elements(self.heads[level].out_channels, shapes[level]) for level in self._computed_heads())
+        return elements(self.in_channels, input_size) + count + heads
+
+    def forward_macs(self, input_size: Sequence[int]) -> int:
+        """Multiply-accumulates of one forward pass of one sample of spatial size ``input_size`` (X, Y[, Z]), its
+        convolutions only (normalization, activations and sums are memory-bound and charged through
+        :meth:`stored_activations`); the heads :meth:`forward` computes. A training step costs about three times this.
+
+        Raises:
+            ValueError: as :meth:`stored_activations`.
+        """
+        count, shapes = self._sum_over_blocks("forward_macs", input_size)
+        return count + sum(conv_macs(self.heads[level], shapes[level]) for level in self._computed_heads())
+
+    def _computed_heads(self) -> range:
+        return range(len(self.heads) if self.deep_supervision else 1)
+
+    def _sum_over_blocks(self, counter: str, input_size: Sequence[int]) -> tuple[int, list[Shape]]:
+        """``counter`` (a method name of the blocks) summed over the encoder's and decoder's blocks for one sample,
+        and the spatial shape of each stage."""
+        shapes = feature_map_shapes(patch_size=input_size, strides=self.strides)
+        total = 0
+        for stage, size_in, size in zip(self.encoder, (tuple(input_size), *shapes), shapes):
+            total += getattr(stage[0], counter)(size_in) + sum(getattr(block, counter)(size) for block in stage[1:])
+        total += sum(getattr(decoder, counter)(shapes[level + 1]) for level, decoder in enumerate(self.decoder))
+        return total, shapes
+
 
 def _init_weights(module: nn.Module) -> None:
-    """He (Kaiming) normal init for LeakyReLU(0.01) on every (transposed) conv; zero biases."""
-    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    """He (Kaiming) normal init for LeakyReLU(0.01) on every (transposed) conv; zero biases. Nothing on the meta
+    device, where a network is built only to count its cost (and PyTorch's reference random fill is slow)."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and not module.weight.is_meta:
         nn.init.kaiming_normal_(module.weight, a=LEAKY_RELU_SLOPE)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
