@@ -15,25 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.compute import (
-    CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL,
-    NetworkShape,
-    TrainingEstimate,
-    estimate_training,
-)
-from autoseg.compute_budget import (
-    RungChoice,
-    ScheduleLayout,
-    choose_rung,
-    describe_minutes,
-    stage_shares,
-)
-from autoseg.fingerprint import DatasetAggregate
-from autoseg.inference import sliding_window_positions
-from autoseg.losses import balanced_positive_weight
+from autoseg.infer.inference import sliding_window_positions
 from autoseg.networks import Shape
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
-from autoseg.planning import (
+from autoseg.plan.budget import RungChoice, ScheduleLayout, choose_rung, describe_minutes, stage_shares
+from autoseg.plan.compute import CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL, NetworkShape, TrainingEstimate, estimate_training
+from autoseg.plan.fingerprint import DatasetAggregate
+from autoseg.plan.topology import (
     MAX_FEATURES_3D,
     SLAB_ANISOTROPY,
     SLAB_MAX_SLICES,
@@ -60,7 +48,8 @@ from autoseg.plans import (
     Symmetry,
     input_channels,
 )
-from autoseg.symmetry import qualifies as symmetry_qualifies
+from autoseg.preprocess.symmetry import qualifies as symmetry_qualifies
+from autoseg.train.losses import balanced_positive_weight
 from planners.base import Planner
 
 GIB = 1024**3
@@ -138,7 +127,7 @@ class DefaultPlanner(Planner):
     # -- decisions shared by every configuration ------------------------------------------------
 
     def histeq_variant(self, configuration: Configuration) -> Configuration:
-        """``NAME_histeq`` (:func:`autoseg.planning.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
+        """``NAME_histeq`` (:func:`autoseg.plan.topology.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
         twin = histeq_twin(configuration, self.fingerprint.channels)
         choices = getattr(self, "_budget_choices", {})
         if configuration.name in choices:
@@ -270,7 +259,7 @@ class DefaultPlanner(Planner):
 
     def plan_symmetric(self, thin: bool, spacing, spacing_reason, normalization) -> tuple[list[Configuration], str]:
         """``3d_resunet_sym`` (volumes) or ``2d_pspnet_sym`` (thin slabs, in-plane mirror) when the fingerprint
-        found a mid-sagittal plane in enough cases (``autoseg.symmetry.qualifies``): the plain configuration with
+        found a mid-sagittal plane in enough cases (``autoseg.preprocess.symmetry.qualifies``): the plain configuration with
         every channel's registered mirror appended, budgeted like it. Returns the configurations (none or one) and
         the reason either way."""
         found, in_plane, reason = symmetry_qualifies(self.fingerprint.aggregate.symmetry)
@@ -663,7 +652,7 @@ class DefaultPlanner(Planner):
 
     def estimate_pspnet(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
         """Estimated wall time of one fold of a 2d_pspnet configuration laid out as ``layout``."""
-        from autoseg.compute import pspnet_cost
+        from autoseg.plan.compute import pspnet_cost
 
         in_channels = configuration.input_channels(len(self.fingerprint.channels))
         gmacs, mega_activations = pspnet_cost(

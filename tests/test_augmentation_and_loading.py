@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg.augmentation import (
+from autoseg.api.plan import plan_and_preprocess
+from autoseg.io.files import DamagedArrayError, save_array, write_json
+from autoseg.plans import Configuration
+from autoseg.train.augmentation import (
     FoldAxisIntoChannels,
     UnfoldAxisFromChannels,
     sampling_patch_size,
     spatial_augmentation,
     training_transforms,
 )
-from autoseg.dataloading import case_identifiers, make_loader
-from autoseg.io import DamagedArrayError, save_array, write_json
-from autoseg.plan_and_preprocess import plan_and_preprocess
-from autoseg.plans import Configuration
+from autoseg.train.loading import case_identifiers, make_loader
 
 CONFIGURATIONS = ["3d_resunet", "3d_aniso", "2d_pspnet"]
 

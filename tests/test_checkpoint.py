@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg.checkpoint import (
+from autoseg.io.checkpoints import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
@@ -119,7 +119,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
 
 _WRITER = """
 import sys, torch
-from autoseg.checkpoint import save_checkpoint
+from autoseg.io.checkpoints import save_checkpoint
 path, step = sys.argv[1], 0
 while True:
     step += 1

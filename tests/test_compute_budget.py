@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import autoseg.compute as compute
+import autoseg.plan.compute as compute
+from autoseg.api.plan import budget_request, plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
-from autoseg.compute import ComputeProbe, CostModel, NetworkShape, ProbePoint, TimePromise, load_or_run_probe
-from autoseg.compute_budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
-from autoseg.dataset import find_dataset
-from autoseg.fingerprint import Fingerprint, compute_fingerprint
+from autoseg.data.dataset import find_dataset
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet, count_forward_macs
-from autoseg.plan_and_preprocess import budget_request, plan_and_preprocess
+from autoseg.plan.budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
+from autoseg.plan.compute import ComputeProbe, CostModel, NetworkShape, ProbePoint, TimePromise, load_or_run_probe
+from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.plans import Plans
 from planners import get_planner
 
@@ -267,7 +267,7 @@ def test_command_line_budget_in_minutes_or_hours(
     tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(
-        "autoseg.plan_and_preprocess.load_or_run_probe",
+        "autoseg.api.plan.load_or_run_probe",
         lambda device, precision: (
             dataclasses.replace(fake_probe(20.0), machine={**fake_probe().machine, "precision": precision.name}),
             True,

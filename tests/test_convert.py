@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from autoseg.commands.convert import main as convert_main
-from autoseg.converters import common
-from autoseg.converters.common import binarize
-from autoseg.dataset import find_dataset, new_dataset_folder
-from autoseg.io import DiskFullError, read_image, read_json
+from autoseg.data.converters import common
+from autoseg.data.converters.common import binarize
+from autoseg.data.dataset import find_dataset, new_dataset_folder
+from autoseg.data.verify import verify_dataset
+from autoseg.io.files import DiskFullError, read_json
+from autoseg.io.images import read_image
 from autoseg.paths import raw_root
-from autoseg.verify import verify_dataset
 
 SHAPE = (6, 5, 4)
 ATLAS_SPACE = "space-MNI152NLin2009aSym"

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demonstration datasets (autoseg.demo), on tiny cases so they run in seconds."""
+"""Tests for the synthetic demonstration datasets (autoseg.data.demo), on tiny cases so they run in seconds."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autoseg.dataset import load_dataset
-from autoseg.demo import CTP_CHANNELS, make_atlas_like, make_ctp_like
-from autoseg.io import read_image, read_json
+from autoseg.data.dataset import load_dataset
+from autoseg.data.demo import CTP_CHANNELS, make_atlas_like, make_ctp_like
+from autoseg.io.files import read_json
+from autoseg.io.images import read_image
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-"""Tests of autoseg.evaluation and the autoseg_evaluate command on tiny generated NIfTI folders."""
+"""Tests of autoseg.evaluate.evaluation and the autoseg_evaluate command on tiny generated NIfTI folders."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autoseg import evaluation
 from autoseg.commands import evaluate as evaluate_command
-from autoseg.evaluation import EvaluationError, bootstrap_ci, evaluate_folders, format_summary_table
-from autoseg.io import Geometry, read_image, write_image
+from autoseg.evaluate import evaluation
+from autoseg.evaluate.evaluation import EvaluationError, bootstrap_ci, evaluate_folders, format_summary_table
+from autoseg.evaluate.metrics import evaluate_case
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_image, write_image
 from autoseg.labels import LabelValueWarning
-from autoseg.metrics import evaluate_case
 
 SHAPE = (16, 14, 10)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

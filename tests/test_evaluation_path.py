@@ -1,6 +1,6 @@
 """One evaluation path: end-of-fold validation, ``autoseg_find_best`` and ``autoseg_evaluate`` score a case alike.
 
-All three score with ``autoseg.metrics.score_case`` (each label as ``== label``). These tests run them on the same
+All three score with ``autoseg.evaluate.metrics.score_case`` (each label as ``== label``). These tests run them on the same
 predictions, the session's tiny trained folds (conftest ``tiny_model_home``), and on a two-label version of them
 where the union ``> 0`` and ``== label`` disagree, with the right values recomputed independently with numpy.
 """
@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg.evaluation import evaluate_folders
-from autoseg.inference import Predictor
-from autoseg.io import read_image, read_json, write_image, write_json
-from autoseg.model_selection import find_best
+from autoseg.api.predict import load_model
+from autoseg.api.select import find_best
+from autoseg.evaluate.evaluation import evaluate_folders
+from autoseg.infer.inference import Predictor
+from autoseg.infer.postprocessing import postprocess_probabilities
+from autoseg.io.files import read_json, write_json
+from autoseg.io.images import read_image, write_image
 from autoseg.plans import Plans
-from autoseg.postprocessing import postprocess_probabilities
-from autoseg.predict import load_model
-from autoseg.preprocessing import load_case
+from autoseg.preprocess.preprocessing import load_case
 from trainers.toolkit import validate_cases
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
@@ -153,7 +154,7 @@ def _two_labels(lesion: np.ndarray, axis: int) -> np.ndarray:
 
 
 class _Replay:
-    """A stand-in for :class:`autoseg.inference.Predictor`: hands out the given (K, X', Y', Z') probabilities in turn
+    """A stand-in for :class:`autoseg.infer.inference.Predictor`: hands out the given (K, X', Y', Z') probabilities in turn
     (validate_cases predicts the cases in the order given) and post-processes at ``threshold`` without a minimum."""
 
     def __init__(self, outputs: list[np.ndarray], threshold: float) -> None:

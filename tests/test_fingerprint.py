@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg.dataset import find_dataset
-from autoseg.fingerprint import (
+from autoseg.data.dataset import find_dataset
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import write_image
+from autoseg.plan.fingerprint import (
     FINGERPRINT_VERSION,
     DatasetAggregate,
     Fingerprint,
@@ -22,7 +24,6 @@ from autoseg.fingerprint import (
     lesion_statistics,
     modality_of,
 )
-from autoseg.io import Geometry, write_image
 from planners import get_planner
 
 IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)

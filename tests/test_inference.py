@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.inference import (
+from autoseg.api.plan import plan_and_preprocess
+from autoseg.infer.inference import (
     GAUSSIAN_FLOOR,
     TTA_CHOICES,
     Predictor,
@@ -28,12 +29,12 @@ from autoseg.inference import (
     sliding_window_positions,
     tta_mirror_axes,
 )
-from autoseg.io import Geometry, read_image, write_image
+from autoseg.infer.postprocessing import postprocess_probabilities, remove_small_components
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_image, write_image
 from autoseg.networks import ResidualUNet
-from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Configuration
-from autoseg.postprocessing import postprocess_probabilities, remove_small_components
-from autoseg.preprocessing import preprocess_arrays, restore_probabilities
+from autoseg.preprocess.preprocessing import preprocess_arrays, restore_probabilities
 
 OBLIQUE = tuple(np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, 1.0]]).ravel().tolist())
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

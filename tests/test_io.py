@@ -15,32 +15,27 @@ import pytest
 import SimpleITK as sitk
 from conftest import HOSTILE_HEADERS
 
-from autoseg.checkpoint import load_checkpoint, save_checkpoint
-from autoseg.io import (
-    CANONICAL_ORIENTATION,
-    IMAGE_ENDINGS,
+from autoseg.io.checkpoints import load_checkpoint, save_checkpoint
+from autoseg.io.files import (
     DamagedArrayError,
     DiskFullError,
-    Geometry,
-    GeometryWarning,
-    ImageHeaderError,
-    ImageReadError,
-    Orientation,
     array_damage,
-    canonical_geometry,
+    is_disk_full,
+    load_array,
+    read_json,
+    save_array,
+    write_json,
+)
+from autoseg.io.geometry import CANONICAL_ORIENTATION, Geometry, GeometryWarning, Orientation, canonical_geometry
+from autoseg.io.headers import IMAGE_ENDINGS, ImageHeaderError, ImageReadError, max_voxels
+from autoseg.io.images import (
     companion_files,
     copy_image_file,
     image_files,
-    is_disk_full,
-    load_array,
-    max_voxels,
     read_header,
     read_image,
-    read_json,
     remove_stale_temporaries,
-    save_array,
     write_image,
-    write_json,
     write_like,
 )
 
@@ -106,7 +101,7 @@ def test_the_voxel_limit_comes_from_memory_and_holds_for_every_format(
     geometry = Geometry((64, 64, 64), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     write_image(np.ones((64, 64, 64), np.float32), geometry, tmp_path / "sound.mha")
     assert read_image(tmp_path / "sound.mha")[0].shape == (64, 64, 64)
-    monkeypatch.setattr("autoseg.io.physical_memory_bytes", lambda: 4 << 20)  # 4 MiB / 32 bytes: 131,072 voxels
+    monkeypatch.setattr("autoseg.io.headers.physical_memory_bytes", lambda: 4 << 20)  # 4 MiB / 32 bytes: 131,072 voxels
     assert max_voxels() == 131_072
     with pytest.raises(ImageHeaderError, match="2.62e\\+05 voxels \\(64 x 64 x 64\\), more than the 1.31e\\+05"):
         read_image(tmp_path / "sound.mha")
@@ -217,7 +212,12 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path: Path, m
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     attempts = [
-        ("npy", "autoseg.io._ChecksumWriter.write", half_then_full, lambda: save_array(np.zeros(10**5), paths["npy"])),
+        (
+            "npy",
+            "autoseg.io.files._ChecksumWriter.write",
+            half_then_full,
+            lambda: save_array(np.zeros(10**5), paths["npy"]),
+        ),
         ("json", "pathlib.Path.write_text", _no_space, lambda: write_json({"b": 2}, paths["json"])),
         (
             "image",

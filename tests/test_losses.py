@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoseg.losses import (
+from autoseg.plans import Loss
+from autoseg.train.losses import (
     AuxiliaryLoss,
     BCELoss,
     FocalLoss,
@@ -21,7 +22,6 @@ from autoseg.losses import (
     downsample_target,
     one_hot_foreground,
 )
-from autoseg.plans import Loss
 
 SURE = 60.0  # sigmoid(±60) is 0/1 to float32 precision
 

@@ -1,4 +1,4 @@
-"""Tests of autoseg.metrics: brute-force surface distances, hand-made cases and empty-mask conventions."""
+"""Tests of autoseg.evaluate.metrics: brute-force surface distances, hand-made cases and empty-mask conventions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import cdist
 
-from autoseg import metrics
+from autoseg.evaluate import metrics
 
 ANISOTROPIC = (0.7, 1.3, 3.0)
 

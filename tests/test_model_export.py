@@ -1,4 +1,4 @@
-"""One-file models: ``autoseg_export``, ``autoseg_import`` and ``autoseg_predict -m`` (``autoseg.model_export``).
+"""One-file models: ``autoseg_export``, ``autoseg_import`` and ``autoseg_predict -m`` (``autoseg.api.model_files``).
 
 The session's tiny model (conftest ``tiny_model_home``: folds 0 and 1 of a 3-level U-Net with 4-16 features) is
 copied into each test's data roots; for the other machine ``AUTOSEG_HOME`` then points at an empty folder.
@@ -20,18 +20,19 @@ import pytest
 import torch
 
 from autoseg import __version__
-from autoseg.checkpoint import load_checkpoint
+from autoseg.api.model_files import MANIFEST_FORMAT, ModelFileError, export_model, import_model, summarize_fingerprint
+from autoseg.api.predict import predict
 from autoseg.commands.export import main as export_main
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.import_model import main as import_main
 from autoseg.commands.predict import main as predict_main
-from autoseg.fingerprint import Fingerprint
-from autoseg.io import read_image, read_json
-from autoseg.model_export import MANIFEST_FORMAT, ModelFileError, export_model, import_model, summarize_fingerprint
+from autoseg.io.checkpoints import load_checkpoint
+from autoseg.io.files import read_json
+from autoseg.io.images import read_image
 from autoseg.networks import build_network
 from autoseg.paths import preprocessed_root, raw_root, results_root
+from autoseg.plan.fingerprint import Fingerprint
 from autoseg.plans import Network, Plans
-from autoseg.predict import predict
 from trainers import get_trainer
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
@@ -698,7 +699,7 @@ def test_import_refuses_a_zip_bomb_before_writing_anything(
     fresh = _other_machine(tmp_path, monkeypatch)
     written = []
     monkeypatch.setattr(
-        "autoseg.model_export.open", lambda p, *a, **k: written.append(p) or open(p, *a, **k), raising=False
+        "autoseg.api.model_files.open", lambda p, *a, **k: written.append(p) or open(p, *a, **k), raising=False
     )
     assert import_main([str(bomb)]) == 1
     err = capsys.readouterr().err
@@ -715,12 +716,12 @@ def test_import_refuses_sizes_above_the_limits_as_declared(
     MAX_JSON_BYTES, a manifest that understates an entry's size, and more than the disk has free."""
     export_model(tmp_path / "model.zip")
     _other_machine(tmp_path, monkeypatch)
-    monkeypatch.setattr("autoseg.model_export.MAX_JSON_BYTES", 100)
+    monkeypatch.setattr("autoseg.api.model_files.MAX_JSON_BYTES", 100)
     with pytest.raises(
         ModelFileError, match=r"plans.json: unpacks to [\d,]+ bytes, more than a JSON entry may \(100\); refused"
     ):
         import_model(tmp_path / "model.zip")
-    monkeypatch.setattr("autoseg.model_export.MAX_JSON_BYTES", 16 << 20)
+    monkeypatch.setattr("autoseg.api.model_files.MAX_JSON_BYTES", 16 << 20)
     understated = _rewrite(
         tmp_path / "model.zip",
         tmp_path / "understated.zip",
@@ -739,7 +740,7 @@ def test_import_refuses_sizes_above_the_limits_as_declared(
 
 def test_extraction_stops_at_the_declared_size(home: Path, tmp_path: Path) -> None:
     """Should an entry unpack to more than it declares, extraction stops there (a hard cap, whatever the header)."""
-    from autoseg.model_export import _extract, _ModelFile
+    from autoseg.api.model_files import _extract, _ModelFile
 
     export_model(tmp_path / "model.zip")
     with zipfile.ZipFile(tmp_path / "model.zip") as archive:
@@ -766,7 +767,7 @@ def test_a_full_disk_during_import_is_one_line_and_leaves_nothing(
         return real(self, n)
 
     monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
-    monkeypatch.setattr("autoseg.model_export._check_checksum", lambda *args: None)  # reads every entry
+    monkeypatch.setattr("autoseg.api.model_files._check_checksum", lambda *args: None)  # reads every entry
     assert import_main([str(tmp_path / "model.zip")]) == 1
     err = capsys.readouterr().err
     assert err == f"error: no space left on device while writing {results_root() / NAME}\n"
@@ -781,7 +782,7 @@ def test_a_later_import_removes_what_killed_imports_left_and_keeps_a_live_ones(
     import os
     import time
 
-    from autoseg.model_export import STALE_IMPORT_SECONDS
+    from autoseg.api.model_files import STALE_IMPORT_SECONDS
 
     model = export_model(tmp_path / "model.zip").path
     fresh = _other_machine(tmp_path, monkeypatch)

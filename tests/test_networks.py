@@ -249,7 +249,7 @@ def test_memory_estimate_scales_with_batch_and_precision() -> None:
 @pytest.mark.parametrize("dataset", ["ATLASTiny", "CTPTiny"])
 def test_every_demo_plan_builds_its_network_and_runs_its_patch(dataset: str, tiny_atlas, tiny_ctp) -> None:
     """Parameter count and a forward pass at the planned patch size, for every U-Net configuration planned."""
-    from autoseg.plan_and_preprocess import plan_and_preprocess
+    from autoseg.api.plan import plan_and_preprocess
 
     plans = plan_and_preprocess(dataset, progress=False).plans
     unets = [c for c in plans.configurations.values() if c.network.architecture == "ResidualUNet"]

@@ -1,4 +1,4 @@
-"""``autoseg_find_best`` compares the planned options (``autoseg.option_effects``) on fake cross-validation outputs.
+"""``autoseg_find_best`` compares the planned options (``autoseg.evaluate.option_effects``) on fake cross-validation outputs.
 
 Twelve generated 24³ cases (2 mm) with one or two cube lesions, and the ``validation/CASE_probabilities.npz`` files
 training would leave for four members of one histeq plan: ``3d_resunet/ZoomInOutTrainer`` (the baseline: lesions
@@ -17,12 +17,14 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
+from autoseg.api.select import find_best
 from autoseg.commands.find_best import main as find_best_main
-from autoseg.dataset import load_dataset
-from autoseg.fingerprint import compute_fingerprint
-from autoseg.io import Geometry, read_image, write_image, write_json
-from autoseg.model_selection import find_best
-from autoseg.option_effects import Pairing, describe_options, find_pairings, paired_differences
+from autoseg.data.dataset import load_dataset
+from autoseg.evaluate.option_effects import Pairing, describe_options, find_pairings, paired_differences
+from autoseg.io.files import write_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_image, write_image
+from autoseg.plan.fingerprint import compute_fingerprint
 from autoseg.plans import Plans
 from planners import get_planner
 
@@ -266,7 +268,7 @@ def test_paired_differences_use_the_cases_both_validated_and_skip_missing_distan
 
 def test_a_member_of_the_chosen_ensemble_that_is_worse_alone_says_so() -> None:
     """Kept, since the ensemble uses it, but the reason does not present a loss as a gain."""
-    from autoseg.option_effects import Pairing, _verdict
+    from autoseg.evaluate.option_effects import Pairing, _verdict
 
     def metrics(dice: float) -> dict[str, float]:
         return {"dice": dice, "lesion_f1": dice, "hausdorff95": 1.0}
@@ -290,7 +292,7 @@ def test_a_member_of_the_chosen_ensemble_that_is_worse_alone_says_so() -> None:
 def test_the_grid_leaves_out_minimum_sizes_that_prediction_would_refuse(tmp_path: Path) -> None:
     """With 5 mm voxels (125 mm³), 1000 voxels would be 125 ml, above MAX_MIN_LESION_MM3: the grid stops below it,
     so autoseg_find_best never writes a postprocessing.json that autoseg_predict refuses."""
-    from autoseg.model_selection import MIN_SIZES_VOXELS, _grid_search
+    from autoseg.api.select import MIN_SIZES_VOXELS, _grid_search
     from autoseg.plans import MAX_MIN_LESION_MM3
 
     label = np.zeros((8, 8, 8), np.uint8)

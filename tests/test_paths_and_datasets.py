@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from autoseg.commands.plan import main as plan_main
-from autoseg.dataset import DatasetError, find_dataset, load_dataset
+from autoseg.data.dataset import DatasetError, find_dataset, load_dataset
 from autoseg.errors import UsageError
 from autoseg.paths import preprocessed_root, raw_root, results_root
 

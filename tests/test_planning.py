@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import planners.base as planners_base
+from autoseg.api.plan import plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
-from autoseg.dataset import find_dataset
+from autoseg.data.dataset import find_dataset
 from autoseg.networks import build_network
 from autoseg.networks.memory import estimate_training_memory_bytes
 from autoseg.paths import preprocessed_root
-from autoseg.plan_and_preprocess import plan_and_preprocess
-from autoseg.planning import round_to_multiple, target_spacing, unet_topology
+from autoseg.plan.topology import round_to_multiple, target_spacing, unet_topology
 from autoseg.plans import SCHEMA_VERSION, Configuration, Loss, Plans, PlansError, Stage
 from planners import available_planners, get_planner, register_planner
 from trainers import get_trainer
@@ -217,7 +217,7 @@ def test_unknown_fields_and_wrong_types_are_named(tiny_atlas: Path, data_roots: 
 def atlas_plans_json(tiny_sources: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``plans.json`` of the tiny ATLAS-like data as the default planner writes it (planned only, nothing
     preprocessed)."""
-    from autoseg.fingerprint import compute_fingerprint
+    from autoseg.plan.fingerprint import compute_fingerprint
 
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
     path = tmp_path_factory.mktemp("plans") / "plans.json"
@@ -312,8 +312,8 @@ def _with_batch(configuration: Configuration, batch: int) -> Configuration:
 def test_many_small_lesions_make_patches_choose_a_lesion_first(
     tiny_sources: dict, small_share: float, choice: str
 ) -> None:
-    from autoseg.dataset import find_dataset
-    from autoseg.fingerprint import compute_fingerprint
+    from autoseg.data.dataset import find_dataset
+    from autoseg.plan.fingerprint import compute_fingerprint
 
     fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
     fingerprint = dataclasses.replace(

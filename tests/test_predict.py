@@ -19,16 +19,18 @@ import SimpleITK as sitk
 import torch
 from conftest import HOSTILE_HEADERS
 
+from autoseg.api.predict import _choose_device, _ensemble, find_input_cases, load_model, predict, read_case_list
+from autoseg.api.select import THRESHOLDS, find_best
 from autoseg.commands.common import run
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.predict import parser as predict_parser
-from autoseg.inference import left_right_axis
-from autoseg.io import Geometry, read_image, read_json, write_image, write_json
-from autoseg.model_selection import THRESHOLDS, find_best
+from autoseg.infer.inference import left_right_axis
+from autoseg.infer.postprocessing import postprocess_probabilities
+from autoseg.io.files import read_json, write_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_image, write_image
 from autoseg.plans import Plans
-from autoseg.postprocessing import postprocess_probabilities
-from autoseg.predict import _choose_device, _ensemble, find_input_cases, load_model, predict, read_case_list
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"
@@ -256,7 +258,7 @@ def test_incomplete_cases_for_a_multi_channel_model_on_the_command_line(
     two_channels = dataclasses.replace(
         one_channel, plans=dataclasses.replace(one_channel.plans, channels=("T1", "FLAIR"))
     )
-    monkeypatch.setattr("autoseg.predict.load_model", lambda *args, **kwargs: two_channels)  # a two-channel model
+    monkeypatch.setattr("autoseg.api.predict.load_model", lambda *args, **kwargs: two_channels)  # a two-channel model
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     for name in ("x_0000.nii.gz", "x_0001.nii.gz", "y_0000.nii.gz", "sub_0001.nii.gz"):
         shutil.copy(source, tmp_path / name)
@@ -776,7 +778,7 @@ def test_a_case_too_large_at_the_plans_spacing_fails_before_resampling(
     """A sound header (16³ voxels of 100 mm, the largest size accepted) that at the plan's 3.5 mm would hold 457³
     voxels, more than a machine of 1 GiB takes (3.4e7 voxels): the case fails in one line saying so, before anything
     is resampled."""
-    monkeypatch.setattr("autoseg.io.physical_memory_bytes", lambda: 1 << 30)
+    monkeypatch.setattr("autoseg.io.headers.physical_memory_bytes", lambda: 1 << 30)
     geometry = Geometry((16, 16, 16), (100.0, 100.0, 100.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     image = np.random.default_rng(0).random((16, 16, 16), np.float32) + 1
     write_image(image, geometry, tmp_path / "in" / "big.nii.gz")
@@ -800,7 +802,7 @@ def test_a_case_that_runs_out_of_memory_fails_alone(
         return _ensemble(predictors, images, geometry)
 
     lines: list[str] = []
-    monkeypatch.setattr("autoseg.predict._ensemble", hungry)
+    monkeypatch.setattr("autoseg.api.predict._ensemble", hungry)
     summary = predict(_images(home), tmp_path / "out", **QUIET, tta="none", log=lines.append)
     assert [f.identifier for f in summary.failed] == [first] and len(summary.written) == 4
     assert lines == [f"case {first} ({_images(home) / f'{first}_0000.nii.gz'}): Unable to allocate 54.7 TiB for an "

@@ -13,16 +13,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import autoseg.io
-from autoseg import preprocessing
+import autoseg.io.files
+from autoseg.api.plan import plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
-from autoseg.dataset import find_dataset
-from autoseg.inference import Predictor
-from autoseg.io import Geometry, array_damage, load_array, read_image, read_json, write_image, write_like
+from autoseg.data.dataset import find_dataset
+from autoseg.infer.inference import Predictor
+from autoseg.io.files import array_damage, load_array, read_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_image, write_image, write_like
 from autoseg.paths import preprocessed_folder
-from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Normalization, Plans, Resampling
-from autoseg.preprocessing import (
+from autoseg.preprocess import preprocessing
+from autoseg.preprocess.preprocessing import (
     CASE_PROPERTIES_VERSION,
     CaseProperties,
     CasePropertiesError,
@@ -174,7 +176,7 @@ def test_a_damaged_array_is_not_up_to_date_and_only_its_case_is_redone(tiny_atla
 def test_a_full_disk_while_preprocessing_is_one_line_and_leaves_nothing_broken(
     tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    original, writes = autoseg.io._ChecksumWriter.write, []
+    original, writes = autoseg.io.files._ChecksumWriter.write, []
 
     def fills_up(self: object, data: bytes) -> int:
         writes.append(len(data))
@@ -183,7 +185,7 @@ def test_a_full_disk_while_preprocessing_is_one_line_and_leaves_nothing_broken(
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, data)
 
-    monkeypatch.setattr(autoseg.io._ChecksumWriter, "write", fills_up)
+    monkeypatch.setattr(autoseg.io.files._ChecksumWriter, "write", fills_up)
     assert plan_main(["-d", "ATLASTiny", "-np", "1", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     folder = preprocessed_folder(find_dataset("ATLASTiny").name) / "3d_resunet"
@@ -192,7 +194,7 @@ def test_a_full_disk_while_preprocessing_is_one_line_and_leaves_nothing_broken(
     assert not list(folder.glob(".*tmp*")), "no temporary file left"
     for path in folder.glob("*.npy"):  # whatever is under a final name is whole
         assert array_damage(path) is None, path
-    monkeypatch.setattr(autoseg.io._ChecksumWriter, "write", original)
+    monkeypatch.setattr(autoseg.io.files._ChecksumWriter, "write", original)
     assert plan_main(["-d", "ATLASTiny", "-np", "1", "--no-progress"]) == 0  # space freed: the same command finishes
     assert "3 case(s) (re)computed" in capsys.readouterr().out
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoseg.checkpoint import load_checkpoint
+from autoseg.api.plan import plan_and_preprocess
+from autoseg.api.pretrain import CONFIGURATION, slice_configuration
 from autoseg.commands.pretrain import main as pretrain_main
+from autoseg.io.checkpoints import load_checkpoint
 from autoseg.networks import PSPNet
 from autoseg.networks.pspnet import ResNetBackbone
-from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans
-from autoseg.pretraining import CONFIGURATION, slice_configuration
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

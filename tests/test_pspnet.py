@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.checkpoint import load_checkpoint
+from autoseg.api.plan import plan_and_preprocess
+from autoseg.api.train import TrainingOptions, train
 from autoseg.errors import AutosegError, InvalidFileError
-from autoseg.inference import predict_slices
+from autoseg.infer.inference import predict_slices
+from autoseg.io.checkpoints import load_checkpoint
 from autoseg.networks import CUDA_OVERHEAD_BYTES, PSPNet
 from autoseg.networks.memory import _RESNET_PARAMETERS, estimate_pspnet_training_memory_bytes
 from autoseg.networks.pspnet import ResNetBackbone, backbone_of
-from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
-from autoseg.training import TrainingOptions, train
 from trainers import get_trainer
 
 CTP = "CTPTiny"
@@ -353,8 +353,8 @@ def test_a_training_run_given_a_file_of_another_backbone_stops_with_an_error_the
 
 
 def test_ce_trainer_weights_lesions_by_the_lesion_fraction_of_its_training_cases(ctp_home: Path) -> None:
-    from autoseg.dataloading import case_identifiers
-    from autoseg.splits import load_or_create_splits, read_subjects
+    from autoseg.train.loading import case_identifiers
+    from autoseg.train.splits import load_or_create_splits, read_subjects
 
     folder = next((ctp_home / "preprocessed").iterdir())
     plans = Plans.from_json(folder / "plans.json")
@@ -387,7 +387,7 @@ def test_ce_trainer_weights_lesions_by_the_lesion_fraction_of_its_training_cases
 
 def test_focal_and_cross_entropy_pspnets_ensemble_from_the_command_line(ctp_home: Path, tiny_ctp: Path) -> None:
     from autoseg.commands.predict import main as predict_main
-    from autoseg.io import read_image
+    from autoseg.io.images import read_image
 
     options = dataclasses.replace(QUIET, validation=False, val_iterations=0)
     for trainer in ("PSPNetTrainer", "PSPNetCETrainer"):

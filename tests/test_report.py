@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 
 from autoseg.commands import evaluate as evaluate_command
-from autoseg.evaluation import DISPLAY_NAMES, QUARTILE_METRICS, EvaluationError, format_number
-from autoseg.io import Geometry, read_image, write_image
-from autoseg.report import REPORT_NAME, case_order, load_evaluation, write_report
+from autoseg.evaluate.evaluation import DISPLAY_NAMES, QUARTILE_METRICS, EvaluationError, format_number
+from autoseg.evaluate.report import REPORT_NAME, case_order, load_evaluation, write_report
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_image, write_image
 
 SHAPE = (24, 28, 12)
 GEOMETRY = Geometry(SHAPE, (2.0, 2.0, 3.0), (-20.0, 10.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from autoseg.run_lock import LOCK_FILE, RunLockedError, check_unlocked, run_lock
+from autoseg.train.run_lock import LOCK_FILE, RunLockedError, check_unlocked, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = """
 import sys, time
-from autoseg.run_lock import run_lock
+from autoseg.train.run_lock import run_lock
 with run_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import autoseg.sampling
-from autoseg.dataloading import PatchDataLoader
-from autoseg.io import save_array, write_json
-from autoseg.sampling import PatchSampler, forced_count
+import autoseg.train.sampling
+from autoseg.io.files import save_array, write_json
+from autoseg.train.loading import PatchDataLoader
+from autoseg.train.sampling import PatchSampler, forced_count
 
 
 def coded_volume(shape: tuple[int, int, int]) -> np.ndarray:
@@ -21,7 +21,7 @@ def coded_volume(shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def write_case(folder: Path, identifier: str, shape: tuple[int, int, int], lesion: list[tuple[int, int, int]]) -> None:
-    """A preprocessed case as autoseg.preprocessing writes it, with lesion voxels at ``lesion``."""
+    """A preprocessed case as autoseg.preprocess.preprocessing writes it, with lesion voxels at ``lesion``."""
     seg = np.zeros(shape, np.uint8)
     for voxel in lesion:
         seg[voxel] = 1
@@ -151,13 +151,13 @@ def test_two_dimensional_slices(folder: Path, slice_axis: int) -> None:
 
 def test_reads_through_memory_maps(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = autoseg.sampling.load_array
+    original = autoseg.train.sampling.load_array
 
     def spy(path, mmap=False):
         calls.append((Path(path).name, mmap))
         return original(path, mmap)
 
-    monkeypatch.setattr(autoseg.sampling, "load_array", spy)
+    monkeypatch.setattr(autoseg.train.sampling, "load_array", spy)
     sampler(folder, (8, 8, 8)).sample("big", force_lesion=True)
     assert ("big.npy", True) in calls and ("big_seg.npy", True) in calls
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from autoseg.io import Geometry, read_json, write_json
-from autoseg.preprocessing import CaseProperties
-from autoseg.splits import (
+from autoseg.io.files import read_json, write_json
+from autoseg.io.geometry import Geometry
+from autoseg.preprocess.preprocessing import CaseProperties
+from autoseg.train.splits import (
     SPLITS_FILE,
     SplitsError,
     extend_splits,

@@ -1,4 +1,4 @@
-"""Symmetric-hemisphere channels (``autoseg.symmetry``): the registered mirror, the fingerprint's verdict, the
+"""Symmetric-hemisphere channels (``autoseg.preprocess.symmetry``): the registered mirror, the fingerprint's verdict, the
 symmetric configurations in the plans, and training and prediction with them.
 
 The synthetic head is symmetric about a plane that is tilted and shifted against the image grid by a known amount,
@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from autoseg.api.plan import plan_and_preprocess
+from autoseg.api.predict import find_input_cases, read_case
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.train import main as train_main
-from autoseg.demo import make_atlas_like
-from autoseg.io import Geometry, read_header, read_image, read_json, write_image, write_json
-from autoseg.plan_and_preprocess import plan_and_preprocess
+from autoseg.data.demo import make_atlas_like
+from autoseg.io.files import read_json, write_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_header, read_image, write_image
 from autoseg.plans import Plans, Stage, Symmetry
-from autoseg.predict import find_input_cases, read_case
-from autoseg.preprocessing import load_case, preprocess_arrays
-from autoseg.symmetry import (
+from autoseg.preprocess.preprocessing import load_case, preprocess_arrays
+from autoseg.preprocess.symmetry import (
     MIN_CORRELATION,
     MirrorFit,
     add_mirror_channels,

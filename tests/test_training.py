@@ -21,15 +21,17 @@ import pytest
 import torch
 
 import trainers.base as trainers_base
-from autoseg.checkpoint import load_checkpoint
+from autoseg.api.plan import plan_and_preprocess
+from autoseg.api.train import TrainingOptions, prepare_run, train
 from autoseg.commands.train import main
-from autoseg.demo import make_atlas_like
-from autoseg.io import Geometry, read_header, read_json, write_image, write_json
+from autoseg.data.demo import make_atlas_like
+from autoseg.io.checkpoints import load_checkpoint
+from autoseg.io.files import read_json, write_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_header, write_image
 from autoseg.machine import choose_precision
 from autoseg.machine import cpu_has_fast_bf16 as native_bf16_probe  # imported before conftest fakes it
-from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
-from autoseg.training import TrainingOptions, prepare_run, train
 from trainers import Trainer, available_trainers, get_trainer, register_trainer
 from trainers.toolkit import Budget, deterministic_algorithms, dice_counts, global_dice
 
@@ -764,7 +766,7 @@ def test_a_fold_in_training_is_refused_to_a_second_run_and_a_killed_runs_lock_is
 ) -> None:
     from test_run_lock import hold_lock
 
-    from autoseg.run_lock import LOCK_FILE
+    from autoseg.train.run_lock import LOCK_FILE
 
     folder = home / "results" / FIVE / "3d_resunet" / "ZoomInOutTrainer" / "fold_0"
     holder = hold_lock(folder)  # as autoseg_train holds it while it trains the fold

@@ -10,11 +10,13 @@ import pytest
 import SimpleITK as sitk
 from conftest import HOSTILE_HEADERS
 
+from autoseg.api.plan import plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
-from autoseg.dataset import find_dataset, load_dataset
-from autoseg.io import Geometry, _read_nifti_voxels, read_json, write_image
-from autoseg.plan_and_preprocess import plan_and_preprocess
-from autoseg.verify import VerificationError, check_dataset, verify_dataset
+from autoseg.data.dataset import find_dataset, load_dataset
+from autoseg.data.verify import VerificationError, check_dataset, verify_dataset
+from autoseg.io.files import read_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import _read_nifti_voxels, write_image
 
 SHAPE = (12, 10, 8)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -146,7 +148,9 @@ def test_hostile_headers_are_problems_naming_the_file_found_without_reading_voxe
     for index, (path, words) in enumerate(zip(files, HOSTILE_HEADERS.values())):
         assert any(p.startswith(f"case c{index}: {path}: ") and words in p for p in problems), (words, problems)
     reads = []
-    monkeypatch.setattr("autoseg.io._read_nifti_voxels", lambda path: reads.append(path) or _read_nifti_voxels(path))
+    monkeypatch.setattr(
+        "autoseg.io.images._read_nifti_voxels", lambda path: reads.append(path) or _read_nifti_voxels(path)
+    )
     problems_of(folder)
     assert reads and not set(reads) & set(files)  # the header alone refused them: no voxel of theirs was read
     assert plan_main(["-d", folder.name, "--no-progress"]) == 1
@@ -159,7 +163,7 @@ def test_planning_refuses_a_case_too_large_at_the_target_spacing_before_resampli
     """Sound headers (verification passes), but one case of 16³ voxels of 100 mm among 1 mm cases: at the planned
     ~1 mm it would be 1600 x 1600 x 800 voxels, more than a 1 GiB machine takes; planning fails naming the case in
     one line, before allocating it."""
-    monkeypatch.setattr("autoseg.io.physical_memory_bytes", lambda: 1 << 30)
+    monkeypatch.setattr("autoseg.io.headers.physical_memory_bytes", lambda: 1 << 30)
     folder = make_dataset(data_roots, cases=4, channels=1)
     geometry = Geometry((16, 16, 16), (100.0, 100.0, 100.0), (0.0, 0.0, 0.0), IDENTITY)
     image = folder / "imagesTr" / "c3_0000.nii.gz"

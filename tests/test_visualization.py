@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from autoseg.io import Geometry, write_image
-from autoseg.visualization import figure_png, lesion_slices, overlay_figure, save_overlay
+from autoseg.evaluate.visualization import figure_png, lesion_slices, overlay_figure, save_overlay
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import write_image
 
 
 def test_slices_go_through_the_lesion() -> None:
@@ -52,7 +53,7 @@ def test_importing_leaves_matplotlib_alone() -> None:
     # rcParams["backend"] would itself resolve the backend through pyplot; dict.__getitem__ reads it as set.
     code = (
         "import sys, matplotlib; read = lambda: dict.__getitem__(matplotlib.rcParams, 'backend'); "
-        "before = read(); import autoseg.visualization, autoseg.report; "
+        "before = read(); import autoseg.evaluate.visualization, autoseg.evaluate.report; "
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; assert read() == before, read()"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

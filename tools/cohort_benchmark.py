@@ -37,10 +37,10 @@ BAD_CASE = "case-0499-bad"  # sorts between case-0499 and case-0500: predicted h
 
 def train_tiny_model(home: Path) -> None:
     """Generate the tiny demo dataset under ``home`` and train the tiny model on fold 0 (skipped when trained)."""
-    from autoseg.demo import make_atlas_like
-    from autoseg.plan_and_preprocess import plan_and_preprocess
+    from autoseg.api.plan import plan_and_preprocess
+    from autoseg.api.train import TrainingOptions, train
+    from autoseg.data.demo import make_atlas_like
     from autoseg.plans import Stage
-    from autoseg.training import TrainingOptions, train
 
     if any((home / "results" / NAME).glob("*/*/fold_0/checkpoint_final.pth")):
         return

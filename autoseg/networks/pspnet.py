@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.checkpoint import load_checkpoint
 from autoseg.errors import InvalidFileError
+from autoseg.io.checkpoints import load_checkpoint
 
 #: torchvision's ResNets: block type and blocks per layer.
 RESNET_LAYOUTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
