@@ -23,8 +23,6 @@ from autoseg.plan.compute import CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL, NetworkSha
 from autoseg.plan.fingerprint import DatasetAggregate
 from autoseg.plan.topology import (
     MAX_FEATURES_3D,
-    SLAB_ANISOTROPY,
-    SLAB_MAX_SLICES,
     Topology,
     channel_normalization,
     fit_patch_to_budget,
@@ -35,6 +33,8 @@ from autoseg.plan.topology import (
     unet_topology,
 )
 from autoseg.plans import (
+    SLAB_ANISOTROPY,
+    SLAB_MAX_SLICES,
     ComputeBudget,
     Configuration,
     Loss,

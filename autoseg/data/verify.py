@@ -5,7 +5,7 @@ and all problems are reported together, so a user fixes a dataset in one pass.
 
 Notes are lines of the same form about things that are not errors but change what autoseg does or
 what a user sees: lesion voxels where the image is zero (kept: the crop covers them, see
-``autoseg.plan.fingerprint.crop_box``) and NIfTI files whose qform and sform disagree
+``autoseg.preprocess.preprocessing.crop_box``) and NIfTI files whose qform and sform disagree
 (``autoseg.io.headers.qform_sform_note``).
 
 Files are read in the canonical orientation (``autoseg.io``): an image and its label stored in

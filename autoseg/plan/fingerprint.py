@@ -35,6 +35,7 @@ from autoseg.errors import AutosegError
 from autoseg.io.geometry import CANONICAL_ORIENTATION
 from autoseg.io.typed_json import from_plain, read_typed, to_plain, write_typed
 from autoseg.parallel import map_cases
+from autoseg.preprocess.preprocessing import bounding_box, crop_box
 from autoseg.preprocess.symmetry import assess_case
 from autoseg.preprocess.symmetry import summarize as summarize_symmetry
 
@@ -250,33 +251,6 @@ def fingerprint_case(case: Case, labels: Mapping[str, int], seed: int = 0) -> _C
         "symmetry": assess_case(images, foreground, geometry, bbox, label),  # can a mid-sagittal plane be found?
     }
     return _CaseResult(case.identifier, [], checked.notes, summary, samples, checked.stored_orientation)
-
-
-def crop_box(images: np.ndarray, label: np.ndarray | None) -> list[tuple[int, int]]:
-    """The box preprocessing crops a case to: the image's non-zero region (any channel) and every labelled
-    voxel together, so a lesion traced beyond a skull-stripping mask keeps all its voxels.
-
-    Args:
-        images: (C, X, Y, Z) intensities.
-        label: (X, Y, Z) label map, or None (prediction: the non-zero region alone).
-
-    Returns:
-        Half-open (start, stop) voxel indices per axis (x, y, z).
-    """
-    keep = np.any(images != 0, axis=0)
-    if label is not None:
-        keep = keep | (label > 0)
-    return bounding_box(keep)
-
-
-def bounding_box(mask: np.ndarray) -> list[tuple[int, int]]:
-    """Half-open (start, stop) per axis of the True voxels; the whole array when none is True."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        box.append((int(present[0]), int(present[-1]) + 1) if present.size else (0, mask.shape[axis]))
-    return box
 
 
 def lesion_statistics(

@@ -28,10 +28,6 @@ MAX_FEATURES_2D = 512
 MAX_STAGES = 6
 #: ``autoseg_plan --normalization``: each modality's z-score scheme (default) or histogram equalization.
 NORMALIZATION_OPTIONS = ("zscore", "histeq")
-#: A dataset is a stack of thin slabs when its out-of-plane spacing is this many times the in-plane one...
-SLAB_ANISOTROPY = 3.0
-#: ...or when its scans have at most this many slices along the coarsest axis.
-SLAB_MAX_SLICES = 24
 
 
 @dataclass(frozen=True)

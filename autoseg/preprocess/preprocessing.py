@@ -49,7 +49,6 @@ from autoseg.io.images import read_image
 from autoseg.io.typed_json import read_typed, write_typed
 from autoseg.labels import classes_from_values, label_classes, read_label_file
 from autoseg.parallel import map_cases
-from autoseg.plan.fingerprint import crop_box
 from autoseg.plans import Configuration, Normalization, Resampling
 from autoseg.preprocess.symmetry import SYMMETRY_METHOD, add_mirror_channels, grid_geometry
 
@@ -485,3 +484,30 @@ def _sources(case: Case) -> tuple[tuple[str, int, int], ...]:
 
 def _preprocess_star(argument: tuple[Case, Configuration, Path, Mapping[str, int]]) -> None:
     preprocess_case(*argument)
+
+
+def crop_box(images: np.ndarray, label: np.ndarray | None) -> list[tuple[int, int]]:
+    """The box preprocessing crops a case to: the image's non-zero region (any channel) and every labelled
+    voxel together, so a lesion traced beyond a skull-stripping mask keeps all its voxels.
+
+    Args:
+        images: (C, X, Y, Z) intensities.
+        label: (X, Y, Z) label map, or None (prediction: the non-zero region alone).
+
+    Returns:
+        Half-open (start, stop) voxel indices per axis (x, y, z).
+    """
+    keep = np.any(images != 0, axis=0)
+    if label is not None:
+        keep = keep | (label > 0)
+    return bounding_box(keep)
+
+
+def bounding_box(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open (start, stop) per axis of the True voxels; the whole array when none is True."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        box.append((int(present[0]), int(present[-1]) + 1) if present.size else (0, mask.shape[axis]))
+    return box

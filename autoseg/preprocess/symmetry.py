@@ -49,8 +49,7 @@ from scipy import ndimage
 from autoseg.errors import DataError
 from autoseg.io.geometry import Geometry, left_right_axis
 from autoseg.io.images import array_from_image, image_from_array
-from autoseg.plan.topology import SLAB_ANISOTROPY, SLAB_MAX_SLICES
-from autoseg.plans import PlansError, Symmetry
+from autoseg.plans import SLAB_ANISOTROPY, SLAB_MAX_SLICES, PlansError, Symmetry
 
 #: A mid-sagittal plane is found when the registered mirror correlates with the original at least this much
 #: (Pearson, within the foreground; in the fingerprint the labelled lesions and their mirror images are left out,
