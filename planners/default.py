@@ -19,7 +19,12 @@ from autoseg.infer.inference import sliding_window_positions
 from autoseg.networks import Shape
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
 from autoseg.plan.budget import RungChoice, ScheduleLayout, choose_rung, describe_minutes, stage_shares
-from autoseg.plan.compute import CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL, NetworkShape, TrainingEstimate, estimate_training
+from autoseg.plan.cost_model import (
+    CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL,
+    NetworkShape,
+    TrainingEstimate,
+    estimate_training,
+)
 from autoseg.plan.fingerprint import DatasetAggregate
 from autoseg.plan.topology import (
     MAX_FEATURES_3D,
@@ -652,7 +657,7 @@ class DefaultPlanner(Planner):
 
     def estimate_pspnet(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
         """Estimated wall time of one fold of a 2d_pspnet configuration laid out as ``layout``."""
-        from autoseg.plan.compute import pspnet_cost
+        from autoseg.plan.cost_model import pspnet_cost
 
         in_channels = configuration.input_channels(len(self.fingerprint.channels))
         gmacs, mega_activations = pspnet_cost(

@@ -15,16 +15,18 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import autoseg.plan.compute as compute
+import autoseg.plan.probe as probe
 from autoseg.api.plan import budget_request, plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
 from autoseg.data.dataset import find_dataset
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet, count_forward_macs
 from autoseg.plan.budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
-from autoseg.plan.compute import ComputeProbe, CostModel, NetworkShape, ProbePoint, TimePromise, load_or_run_probe
+from autoseg.plan.cost_model import CostModel, NetworkShape, ProbePoint
 from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
+from autoseg.plan.probe import ComputeProbe, load_or_run_probe
 from autoseg.plans import Plans
+from autoseg.train.time_promise import TimePromise
 from planners import get_planner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,18 +110,18 @@ def test_cost_model_recovers_known_coefficients_and_interpolates() -> None:
 @pytest.fixture
 def quick_probe(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The real probe on tiny networks; returns a list that grows by one per probe run."""
-    monkeypatch.setattr(compute, "CPU_PROBE_NETWORKS", ((4, 16), (4, 24), (8, 16)))
-    monkeypatch.setattr(compute, "PROBE_REPEATS", 1)
-    monkeypatch.setattr(compute, "AUGMENTATION_PROBE_EDGE", 16)
-    monkeypatch.setattr(compute, "AUGMENTATION_PROBE_SAMPLES", 1)
+    monkeypatch.setattr(probe, "CPU_PROBE_NETWORKS", ((4, 16), (4, 24), (8, 16)))
+    monkeypatch.setattr(probe, "PROBE_REPEATS", 1)
+    monkeypatch.setattr(probe, "AUGMENTATION_PROBE_EDGE", 16)
+    monkeypatch.setattr(probe, "AUGMENTATION_PROBE_SAMPLES", 1)
     runs: list[int] = []
-    original = compute.run_probe
+    original = probe.run_probe
 
     def counting(*args, **kwargs):
         runs.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(compute, "run_probe", counting)
+    monkeypatch.setattr(probe, "run_probe", counting)
     return runs
 
 

@@ -41,12 +41,12 @@ from autoseg.io.checkpoints import (
 from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
 from autoseg.networks import build_network
 from autoseg.paths import PLANS_FILE
-from autoseg.plan.compute import TimePromise
 from autoseg.plans import Loss, Plans, PlansError, Sampling, Stage
 from autoseg.registry import Registry
 from autoseg.train.loading import BatchStream, derived_seed, make_loader
 from autoseg.train.log import TrainingLog, empty_history, format_epoch, plot_progress
 from autoseg.train.losses import build_loss
+from autoseg.train.time_promise import TimePromise
 from trainers.toolkit import (
     Budget,
     Fold,

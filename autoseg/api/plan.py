@@ -18,8 +18,8 @@ from autoseg.io.files import check_output_file, check_output_folder
 from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, SPLITS_FILE, preprocessed_folder
 from autoseg.plan.budget import BudgetError, BudgetRequest
-from autoseg.plan.compute import load_or_run_probe
 from autoseg.plan.fingerprint import ChannelFingerprint, compute_fingerprint
+from autoseg.plan.probe import load_or_run_probe
 from autoseg.plan.topology import histeq_twin
 from autoseg.plans import Plans, PlansError, zscore_name
 from autoseg.preprocess.preprocessing import preprocess_dataset, remove_stale_cases
@@ -67,7 +67,7 @@ def plan_and_preprocess(
     used as it is; nothing is re-planned.
 
     With ``budget_minutes`` the plan is fitted to that much training time per fold on ``device`` (``auto``, ``cpu``
-    or ``cuda``): this machine is probed first (``autoseg.plan.compute``, cached under ``AUTOSEG_HOME``), and the
+    or ``cuda``): this machine is probed first (``autoseg.plan.probe``, cached under ``AUTOSEG_HOME``), and the
     planner chooses resolution, width, patch, batch and iterations (``autoseg.plan.budget``).
 
     ``normalization``: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (also a histogram-equalized

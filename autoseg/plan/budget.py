@@ -2,7 +2,7 @@
 
 A planner lists candidate configurations as a *ladder*, cheapest first, each at least as rich as the one before
 in every respect (resolution, network width and depth, patch, batch), and gives a function that estimates the
-wall time of one fold of a candidate trained for ``n`` iterations (``autoseg.plan.compute``). :func:`choose_rung` then
+wall time of one fold of a candidate trained for ``n`` iterations (``autoseg.plan.cost_model``). :func:`choose_rung` then
 picks:
 
 - the richest candidate that still trains :func:`target_iterations` (``B``) iterations within the budget ``B``:
@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from autoseg.errors import AutosegError
-from autoseg.plan.compute import ComputeProbe, TrainingEstimate
+from autoseg.plan.cost_model import TrainingEstimate
+from autoseg.plan.probe import ComputeProbe
 
 __all__ = [
     "MIN_EPOCHS",
@@ -219,7 +220,7 @@ class BudgetRequest:
         minutes: wall time for training one fold, its end-of-fold validation included.
         device: ``cpu`` or ``cuda``.
         precision: the precision training will use there (``autoseg.machine.choose_precision``).
-        probe: this machine's timings (``autoseg.plan.compute.load_or_run_probe``).
+        probe: this machine's timings (``autoseg.plan.probe.load_or_run_probe``).
         probe_cached: whether the probe came from the cache.
     """
 
