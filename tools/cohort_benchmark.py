@@ -5,7 +5,7 @@ Usage (from the repository root; nothing is downloaded):
     PYTHONPATH=$PWD .venv/bin/python tools/cohort_benchmark.py [--out DIR] [--cases 100 1000] [--threads 1]
 
 1. Trains a tiny model once (the tiny ATLAS-like demo at 3.5 mm, a 3-level U-Net with 4-16 features and 32³ windows,
-   one iteration, as ``tests/test_predict.py`` does): a case costs milliseconds of network time, so what is measured
+   one iteration, as ``tests/api/test_predict.py`` does): a case costs milliseconds of network time, so what is measured
    is the per-case machinery (reading, preprocessing, restoring, writing) over many cases.
 2. Writes max(--cases) cases into OUT/cases: copies, in turn, of 20 generated tiny cases (42 x 52 x 45 voxels), plus
    one corrupt file (``case-0499-bad``), the 501st case: among the 1,000, not among the first 100.

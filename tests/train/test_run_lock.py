@@ -13,7 +13,7 @@ import pytest
 
 from autoseg.train.run_lock import LOCK_FILE, RunLockedError, check_unlocked, run_lock
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOLD = """
 import sys, time
 from autoseg.train.run_lock import run_lock

@@ -845,7 +845,7 @@ def test_import_into_a_read_only_results_root_is_one_line(
 
 
 # ---------------------------------------------------------------------------- model files from earlier versions
-LEGACY = Path(__file__).parent / "fixtures" / "model_2026_12_07"
+LEGACY = Path(__file__).parents[1] / "fixtures" / "model_2026_12_07"
 
 
 def test_a_model_file_from_before_the_layout_change_predicts_as_it_did(

@@ -56,7 +56,7 @@ def test_importing_leaves_matplotlib_alone() -> None:
         "before = read(); import autoseg.evaluate.visualization, autoseg.evaluate.report; "
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; assert read() == before, read()"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 def test_palette_png_keeps_the_outline_colours() -> None:
