@@ -597,10 +597,3 @@ def _upgrade(plain: Any) -> Any:
         for name in RETIRED_SCHEDULE_FIELDS if isinstance(schedule, dict) else ():
             schedule.pop(name, None)
     return {**plain, "schema_version": SCHEMA_VERSION}
-
-
-#: A dataset is a stack of thin slabs when its out-of-plane spacing is this many times the in-plane one...
-SLAB_ANISOTROPY = 3.0
-
-#: ...or when its scans have at most this many slices along the coarsest axis.
-SLAB_MAX_SLICES = 24

@@ -38,8 +38,6 @@ from autoseg.plan.topology import (
     unet_topology,
 )
 from autoseg.plans import (
-    SLAB_ANISOTROPY,
-    SLAB_MAX_SLICES,
     ComputeBudget,
     Configuration,
     Loss,
@@ -53,6 +51,7 @@ from autoseg.plans import (
     Symmetry,
     input_channels,
 )
+from autoseg.preprocess.symmetry import SLAB_ANISOTROPY, SLAB_MAX_SLICES
 from autoseg.preprocess.symmetry import qualifies as symmetry_qualifies
 from autoseg.train.losses import balanced_positive_weight
 from planners.base import Planner

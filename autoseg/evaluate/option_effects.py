@@ -27,13 +27,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.evaluate.evaluation import bootstrap_ci
-from autoseg.plans import (
-    Configuration,
-    asymmetric_name,
-    histeq_name,
-    symmetric_name,
-    zscore_name,
-)
+from autoseg.plans import Configuration, asymmetric_name, histeq_name, symmetric_name, zscore_name
 
 __all__ = [
     "ALTERNATIVE_TRAINERS",

@@ -49,7 +49,7 @@ from scipy import ndimage
 from autoseg.errors import DataError
 from autoseg.io.geometry import Geometry, left_right_axis
 from autoseg.io.images import array_from_image, image_from_array
-from autoseg.plans import SLAB_ANISOTROPY, SLAB_MAX_SLICES, PlansError, Symmetry
+from autoseg.plans import PlansError, Symmetry
 
 #: A mid-sagittal plane is found when the registered mirror correlates with the original at least this much
 #: (Pearson, within the foreground; in the fingerprint the labelled lesions and their mirror images are left out,
@@ -80,6 +80,13 @@ SYMMETRY_METHOD = (
     f"euler3d correlation levels {'/'.join(f'{v:g}' for v in LEVELS_MM)} mm, {MAX_SAMPLES} samples, "
     f"seed {SAMPLING_SEED}, {ITERATIONS} iterations, linear"
 )
+
+
+#: A dataset is a stack of thin slabs when its out-of-plane spacing is this many times the in-plane one...
+SLAB_ANISOTROPY = 3.0
+
+#: ...or when its scans have at most this many slices along the coarsest axis.
+SLAB_MAX_SLICES = 24
 
 
 @dataclass(frozen=True)
