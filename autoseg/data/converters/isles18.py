@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from autoseg.data.converters.common import Problems, SourceCase, SourceDataset, required_folder, sorted_naturally
-from autoseg.data.demo import CTP_CHANNELS
+from autoseg.data.demo.ctp import CTP_CHANNELS
 from autoseg.errors import MissingFileError
 
 SUMMARY = "ISLES 2018 (CT perfusion slabs): SRC is the release's top folder holding TRAINING/ (and TESTING/)"
