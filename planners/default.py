@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.infer.inference import sliding_window_positions
+from autoseg.infer.sliding_window import sliding_window_positions
 from autoseg.networks import Shape
 from autoseg.networks.memory import estimate_pspnet_training_memory_bytes, estimate_training_memory_bytes
 from autoseg.plan.budget import RungChoice, ScheduleLayout, choose_rung, describe_minutes, stage_shares

@@ -13,7 +13,8 @@ import torch
 
 from autoseg.api.plan import plan_and_preprocess
 from autoseg.api.train import TrainingOptions, train
-from autoseg.data.demo import make_atlas_like, make_ctp_like
+from autoseg.data.demo.atlas import make_atlas_like
+from autoseg.data.demo.ctp import make_ctp_like
 from autoseg.plans import Plans, Stage
 
 

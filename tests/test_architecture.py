@@ -188,12 +188,12 @@ def test_the_layer_check_finds_an_upward_import() -> None:
         "autoseg.io.images": {"autoseg.errors"},
         "autoseg.preprocess.preprocessing": {"autoseg.io.images", "autoseg.plan.fingerprint"},  # upward
         "autoseg.plan.fingerprint": {"autoseg.preprocess.preprocessing"},
-        "autoseg.infer.inference": {"trainers"},  # the library importing a plugin
+        "autoseg.infer.predictor": {"trainers"},  # the library importing a plugin
         "trainers.base": {"autoseg.train.losses", "autoseg.api.predict"},  # a plugin importing the API
         "autoseg.commands.train": {"trainers", "autoseg.api.train"},
     }
     assert layer_violations(graph) == [
-        "autoseg.infer.inference -> trainers (the library imports a plugin)",
+        "autoseg.infer.predictor -> trainers (the library imports a plugin)",
         "autoseg.preprocess.preprocessing -> autoseg.plan.fingerprint (layer 4 imports layer 9)",
         "trainers.base -> autoseg.api.predict (a plugin imports above autoseg.plan)",
     ]

@@ -23,7 +23,7 @@ import torch
 from autoseg import distributed
 from autoseg.api.plan import plan_and_preprocess
 from autoseg.commands.predict import main as predict_main
-from autoseg.data.demo import make_atlas_like
+from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.io.checkpoints import load_checkpoint
 from autoseg.io.files import read_json
 from autoseg.paths import run_folder

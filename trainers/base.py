@@ -29,7 +29,7 @@ from torch import nn
 from autoseg import distributed
 from autoseg.data.dataset import RawDataset
 from autoseg.errors import ExistingOutputError, UsageError
-from autoseg.infer.inference import Predictor
+from autoseg.infer.predictor import Predictor
 from autoseg.io.checkpoints import (
     CheckpointError,
     capture_rng_state,

@@ -23,7 +23,7 @@ from autoseg.data.dataset import LESION_LABELS
 from autoseg.distributed import DistributedContext, gather_objects
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.evaluate.metrics import mean_over_labels, score_case
-from autoseg.infer.inference import Predictor
+from autoseg.infer.predictor import Predictor
 from autoseg.io.files import atomic_path, write_json
 from autoseg.io.images import write_image, write_like
 from autoseg.labels import classes_from_values, label_classes, read_label_file, values_from_classes

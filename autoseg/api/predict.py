@@ -19,7 +19,7 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
 Speed: ``tta`` chooses the test-time mirroring (``all``: every flip combination of the configuration's mirror
 axes, 8 forward passes per window for three axes; ``lr``: the left-right flip only, 2; ``none``: 1). On the CPU
 the networks run under bf16 autocast where the CPU computes bf16 natively (``autoseg.machine.choose_precision``)
-and in the memory format ``autoseg.infer.inference.inference_memory_format`` chose.
+and in the memory format ``autoseg.infer.sliding_window.inference_memory_format`` chose.
 
 Memory: besides the networks and their activations, a case holds its channels, one float32 probability map per
 label on the input grid (the configurations' maps are summed into it in place) and the label map.
@@ -65,8 +65,9 @@ from tqdm import tqdm
 from autoseg.api.model_files import InstalledModel, install_for_prediction
 from autoseg.data.dataset import CHANNEL_FILE, cases_from_files
 from autoseg.errors import AutosegError, DataError, InvalidFileError, MissingFileError, UsageError
-from autoseg.infer.inference import TTA_CHOICES, Predictor
 from autoseg.infer.postprocessing import postprocess_probabilities, read_tuned_postprocessing
+from autoseg.infer.predictor import Predictor
+from autoseg.infer.sliding_window import TTA_CHOICES
 from autoseg.io.checkpoints import load_checkpoint
 from autoseg.io.files import DiskFullError, OutputPathError, check_output_folder, write_json
 from autoseg.io.geometry import Geometry

@@ -25,10 +25,9 @@ from autoseg.commands.common import run
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.predict import parser as predict_parser
-from autoseg.infer.inference import left_right_axis
 from autoseg.infer.postprocessing import postprocess_probabilities
 from autoseg.io.files import read_json, write_json
-from autoseg.io.geometry import Geometry
+from autoseg.io.geometry import Geometry, left_right_axis
 from autoseg.io.images import read_image, write_image
 from autoseg.plans import Plans
 

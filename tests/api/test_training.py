@@ -24,7 +24,7 @@ import trainers.base as trainers_base
 from autoseg.api.plan import plan_and_preprocess
 from autoseg.api.train import TrainingOptions, prepare_run, train
 from autoseg.commands.train import main
-from autoseg.data.demo import make_atlas_like
+from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.io.checkpoints import load_checkpoint
 from autoseg.io.files import read_json, write_json
 from autoseg.io.geometry import Geometry

@@ -10,7 +10,8 @@ import pytest
 from scipy import ndimage
 
 from autoseg.data.dataset import load_dataset
-from autoseg.data.demo import CTP_CHANNELS, make_atlas_like, make_ctp_like
+from autoseg.data.demo.atlas import make_atlas_like
+from autoseg.data.demo.ctp import CTP_CHANNELS, make_ctp_like
 from autoseg.io.files import read_json
 from autoseg.io.images import read_image
 

@@ -18,8 +18,8 @@ import pytest
 from autoseg.api.predict import load_model
 from autoseg.api.select import find_best
 from autoseg.evaluate.evaluation import evaluate_folders
-from autoseg.infer.inference import Predictor
 from autoseg.infer.postprocessing import postprocess_probabilities
+from autoseg.infer.predictor import Predictor
 from autoseg.io.files import read_json, write_json
 from autoseg.io.images import read_image, write_image
 from autoseg.plans import Plans
@@ -154,7 +154,7 @@ def _two_labels(lesion: np.ndarray, axis: int) -> np.ndarray:
 
 
 class _Replay:
-    """A stand-in for :class:`autoseg.infer.inference.Predictor`: hands out the given (K, X', Y', Z') probabilities in turn
+    """A stand-in for :class:`autoseg.infer.predictor.Predictor`: hands out the given (K, X', Y', Z') probabilities in turn
     (validate_cases predicts the cases in the order given) and post-processes at ``threshold`` without a minimum."""
 
     def __init__(self, outputs: list[np.ndarray], threshold: float) -> None:

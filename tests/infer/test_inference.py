@@ -14,23 +14,21 @@ import torch
 from torch import nn
 
 from autoseg.api.plan import plan_and_preprocess
-from autoseg.infer.inference import (
+from autoseg.infer.postprocessing import postprocess_probabilities, remove_small_components
+from autoseg.infer.predictor import Predictor, ensemble_probabilities
+from autoseg.infer.sliding_window import (
     GAUSSIAN_FLOOR,
     TTA_CHOICES,
-    Predictor,
     accumulation_device,
-    ensemble_probabilities,
     gaussian_importance_map,
     inference_memory_format,
-    left_right_axis,
     mirror_combinations,
     predict_slices,
     predict_sliding_window,
     sliding_window_positions,
     tta_mirror_axes,
 )
-from autoseg.infer.postprocessing import postprocess_probabilities, remove_small_components
-from autoseg.io.geometry import Geometry
+from autoseg.io.geometry import Geometry, left_right_axis
 from autoseg.io.images import read_image, write_image
 from autoseg.networks import ResidualUNet
 from autoseg.plans import Configuration

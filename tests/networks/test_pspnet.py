@@ -18,7 +18,7 @@ from torch import nn
 from autoseg.api.plan import plan_and_preprocess
 from autoseg.api.train import TrainingOptions, train
 from autoseg.errors import AutosegError, InvalidFileError
-from autoseg.infer.inference import predict_slices
+from autoseg.infer.sliding_window import predict_slices
 from autoseg.io.checkpoints import load_checkpoint
 from autoseg.networks import CUDA_OVERHEAD_BYTES, PSPNet
 from autoseg.networks.memory import _RESNET_PARAMETERS, estimate_pspnet_training_memory_bytes

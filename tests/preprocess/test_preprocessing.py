@@ -17,7 +17,7 @@ import autoseg.io.files
 from autoseg.api.plan import plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
 from autoseg.data.dataset import find_dataset
-from autoseg.infer.inference import Predictor
+from autoseg.infer.predictor import Predictor
 from autoseg.io.files import array_damage, load_array, read_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_image, write_image, write_like

@@ -18,7 +18,7 @@ from autoseg.api.plan import plan_and_preprocess
 from autoseg.api.predict import find_input_cases, read_case
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.train import main as train_main
-from autoseg.data.demo import make_atlas_like
+from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.io.files import read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_header, read_image, write_image
