@@ -39,7 +39,7 @@ def train_tiny_model(home: Path) -> None:
     """Generate the tiny demo dataset under ``home`` and train the tiny model on fold 0 (skipped when trained)."""
     from autoseg.api.plan import plan_and_preprocess
     from autoseg.api.train import TrainingOptions, train
-    from autoseg.data.demo import make_atlas_like
+    from autoseg.data.demo.atlas import make_atlas_like
     from autoseg.plans import Stage
 
     if any((home / "results" / NAME).glob("*/*/fold_0/checkpoint_final.pth")):

@@ -32,7 +32,7 @@ from torch import nn
 
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.plans import Loss, Stage
-from autoseg.preprocess.preprocessing import lesion_fraction
+from autoseg.preprocess.cases import lesion_fraction
 from autoseg.train.early_stopping import PLATEAU_FACTOR
 from autoseg.train.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
 from trainers.base import Trainer

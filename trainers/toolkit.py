@@ -29,7 +29,8 @@ from autoseg.io.images import write_image, write_like
 from autoseg.labels import classes_from_values, label_classes, read_label_file, values_from_classes
 from autoseg.machine import PRECISIONS
 from autoseg.plans import Schedule
-from autoseg.preprocess.preprocessing import load_case, restore_probabilities
+from autoseg.preprocess.cases import load_case
+from autoseg.preprocess.preprocessing import restore_probabilities
 from autoseg.train.loading import case_identifiers
 from autoseg.train.losses import one_hot_foreground
 from autoseg.train.splits import SPLITS_FILE, load_or_create_splits, read_subjects

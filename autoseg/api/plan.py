@@ -22,7 +22,8 @@ from autoseg.plan.fingerprint import ChannelFingerprint, compute_fingerprint
 from autoseg.plan.probe import load_or_run_probe
 from autoseg.plan.topology import histeq_twin
 from autoseg.plans import Plans, PlansError, zscore_name
-from autoseg.preprocess.preprocessing import preprocess_dataset, remove_stale_cases
+from autoseg.preprocess.cases import remove_stale_cases
+from autoseg.preprocess.preprocessing import preprocess_dataset
 from autoseg.train import splits
 from autoseg.train.loading import case_identifiers
 from planners import get_planner
@@ -149,7 +150,7 @@ def update_cases(folder: Path, plans: Plans, cases: Sequence[Case]) -> list[str]
     """Compare the training ``cases`` with those preprocessed in the data folders under ``folder``
     (``AUTOSEG_PREPROCESSED/<dataset>``: those of ``plans`` and any other, e.g. of a configuration deleted from
     ``plans.json``), and delete the preprocessed files of cases no longer in the dataset
-    (:func:`autoseg.preprocess.preprocessing.remove_stale_cases`); returns one line for what was added or removed and one
+    (:func:`autoseg.preprocess.cases.remove_stale_cases`); returns one line for what was added or removed and one
     for what was deleted (nothing when the cases are those preprocessed, or nothing was preprocessed yet)."""
     identifiers = {case.identifier for case in cases}
     planned = {folder / c.data_identifier for c in plans.configurations.values()}

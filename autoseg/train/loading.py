@@ -40,7 +40,7 @@ from batchgenerators.transforms.abstract_transforms import AbstractTransform
 
 from autoseg.errors import DataError
 from autoseg.plans import Configuration, Stage
-from autoseg.preprocess.preprocessing import array_files, check_arrays
+from autoseg.preprocess.cases import array_files, check_arrays
 from autoseg.train.augmentation import spatial_augmentation, training_transforms, validation_transforms
 from autoseg.train.sampling import PatchSampler
 

@@ -29,7 +29,7 @@ import numpy as np
 from autoseg.errors import AutosegError, InvalidFileError
 from autoseg.io.files import read_json, write_json
 from autoseg.paths import SPLITS_FILE
-from autoseg.preprocess.preprocessing import CaseProperties
+from autoseg.preprocess.cases import CaseProperties
 
 Splits = list[dict[str, list[str]]]
 """One ``{"train": [...], "val": [...]}`` per fold, identifiers sorted."""

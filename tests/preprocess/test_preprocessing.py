@@ -24,17 +24,19 @@ from autoseg.io.images import read_image, write_image, write_like
 from autoseg.paths import preprocessed_folder
 from autoseg.plans import Normalization, Plans, Resampling
 from autoseg.preprocess import preprocessing
-from autoseg.preprocess.preprocessing import (
+from autoseg.preprocess.cases import (
     CASE_PROPERTIES_VERSION,
     CaseProperties,
     CasePropertiesError,
     array_files,
     load_case,
+    remove_stale_cases,
+)
+from autoseg.preprocess.preprocessing import (
     normalize,
     preprocess_arrays,
     preprocess_dataset,
     preprocessing_key,
-    remove_stale_cases,
     restore_labels,
     restore_probabilities,
 )

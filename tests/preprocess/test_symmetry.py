@@ -23,7 +23,8 @@ from autoseg.io.files import read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_header, read_image, write_image
 from autoseg.plans import Plans, Stage, Symmetry
-from autoseg.preprocess.preprocessing import load_case, preprocess_arrays
+from autoseg.preprocess.cases import load_case
+from autoseg.preprocess.preprocessing import preprocess_arrays
 from autoseg.preprocess.symmetry import (
     MIN_CORRELATION,
     MirrorFit,

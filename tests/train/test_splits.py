@@ -9,7 +9,7 @@ import pytest
 
 from autoseg.io.files import read_json, write_json
 from autoseg.io.geometry import Geometry
-from autoseg.preprocess.preprocessing import CaseProperties
+from autoseg.preprocess.cases import CaseProperties
 from autoseg.train.splits import (
     SPLITS_FILE,
     SplitsError,
