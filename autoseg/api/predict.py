@@ -351,7 +351,7 @@ def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Pa
 
 
 def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
-    """(C, X, Y, Z) float32 channels and their geometry, in the canonical orientation (``autoseg.io``);
+    """(C, X, Y, Z) float32 channels and their geometry, in the canonical orientation (``autoseg.io.images``);
     channels stored in different orientations of the same grid agree.
 
     Raises:

@@ -67,7 +67,7 @@ def slice_configuration(
             are kept).
         backbone: ``resnet18``, ``resnet34`` or ``resnet50``.
         slice_axis: the axis of the (x, y, z) arrays the slices are perpendicular to (2: axial, since every case
-            is preprocessed in the canonical RAS orientation, see ``autoseg.io``).
+            is preprocessed in the canonical RAS orientation, see ``autoseg.io.images``).
         epochs, iterations_per_epoch: the schedule's length.
 
     Raises:

@@ -8,7 +8,7 @@ what a user sees: lesion voxels where the image is zero (kept: the crop covers t
 ``autoseg.preprocess.preprocessing.crop_box``) and NIfTI files whose qform and sform disagree
 (``autoseg.io.headers.qform_sform_note``).
 
-Files are read in the canonical orientation (``autoseg.io``): an image and its label stored in
+Files are read in the canonical orientation (``autoseg.io.images``): an image and its label stored in
 different axis orders of the same grid agree.
 """
 

@@ -234,7 +234,7 @@ def pair_cases(
 def check_geometries(cases: Sequence[CaseFiles]) -> None:
     """Check from the headers alone that every file is 3-D and lies exactly on its reference's grid.
 
-    Grids are compared in the canonical orientation (``autoseg.io``), as the voxels are read: a prediction
+    Grids are compared in the canonical orientation (``autoseg.io.images``), as the voxels are read: a prediction
     stored in another axis order or sign than its reference, covering the same voxels, is accepted and scored
     voxel for voxel in world space.
 

@@ -43,7 +43,7 @@ def read_overlay_arrays(
     radiological display order. The masks are ``== label``, or every non-zero label when ``label`` is None.
 
     The files must cover one grid (``autoseg_predict`` writes predictions on the input's grid), in any stored
-    orientation: they are read in the canonical RAS orientation (``autoseg.io``), so axis 2 runs from foot to head
+    orientation: they are read in the canonical RAS orientation (``autoseg.io.images``), so axis 2 runs from foot to head
     and the slices are axial whatever the files store. x is then reversed ([::-1]: canonical x runs towards the
     patient's right; radiological viewers show the patient's right on the left of the picture, anterior up).
 
