@@ -29,7 +29,9 @@ TINY_MODEL = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains
 
 
 def _modules() -> list[str]:
-    names = [f"autoseg.{m.name}" for m in pkgutil.walk_packages(autoseg.__path__) if not m.ispkg]
+    # The prefix makes walk_packages import autoseg's subpackages by their full names (without it, "api" could be
+    # found elsewhere on sys.path, e.g. tests/api).
+    names = [m.name for m in pkgutil.walk_packages(autoseg.__path__, prefix="autoseg.") if not m.ispkg]
     return names + [
         f"{package}.{m.name}"
         for package in ("planners", "trainers")
