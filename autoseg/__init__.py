@@ -1,9 +1,9 @@
 """autoseg: a self-configuring pipeline for stroke lesion segmentation.
 
-Stages, each in one module, each handing the next a file:
-
-``dataset`` (raw folder) -> ``verify`` -> ``fingerprint`` (fingerprint.json) ->
-``planners`` (plans.json) -> ``preprocessing`` (arrays + properties) -> training -> inference.
+Packages by stage, in the order data flows, each handing the next a file (the map, with what each may import:
+documentation/overview.md): ``data`` (raw folder, verification) -> ``plan`` (fingerprint.json, plans.json, with the
+``planners``) -> ``preprocess`` (arrays + properties) -> ``train`` (with the ``trainers``) -> ``infer`` ->
+``evaluate``; ``io`` reads and writes files for all of them, ``api`` is what each command calls.
 """
 
 #: The one version of autoseg (setup.py reads it; model files record it).

@@ -6,7 +6,7 @@ with 1. Any other exception is a bug in autoseg (or in a trainer a user wrote) a
 
 Each class also derives from the built-in exception it refines (``ValueError``, ``KeyError``, ...), so code that
 catches the built-in one keeps working. Errors of one stage live beside it (``DatasetError`` in
-``autoseg.dataset``, ``PlansError`` in ``autoseg.plans``, ``DiskFullError`` in ``autoseg.io``, ...); the ones
+``autoseg.data.dataset``, ``PlansError`` in ``autoseg.plans``, ``DiskFullError`` in ``autoseg.io.files``, ...); the ones
 here are shared by every stage.
 """
 

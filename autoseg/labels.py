@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError
-from autoseg.io import Geometry, read_image
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import read_image
 
 __all__ = [
     "INTEGER_TOLERANCE",

@@ -2,7 +2,7 @@
 
 One place answers "what is this computer and how should torch use it": the commands call
 :func:`configure_threads` once, trainers and predictors call :func:`choose_device` and :func:`choose_precision`,
-and the compute-budget probe (``autoseg.compute``) keys its cache on :func:`machine_description`.
+and the compute-budget probe (``autoseg.plan.probe``) keys its cache on :func:`machine_description`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import, so tests and scripts can change them.
 
 Under them::
 
-    AUTOSEG_RAW/DatasetNNN_NAME/                      dataset.json, imagesTr/, labelsTr/   (autoseg.dataset)
+    AUTOSEG_RAW/DatasetNNN_NAME/                      dataset.json, imagesTr/, labelsTr/   (autoseg.data.dataset)
     AUTOSEG_PREPROCESSED/DatasetNNN_NAME/             preprocessed_folder(): fingerprint.json, plans.json,
         splits_final.json, <data_identifier>/CASE.npy ...
     AUTOSEG_RESULTS/DatasetNNN_NAME/                  postprocessing.json, model_selection.json (autoseg_find_best)
@@ -26,14 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from autoseg.errors import UsageError
-from autoseg.io import read_json
+from autoseg.io.files import read_json
 from autoseg.plans import Plans, PlansError
 
 #: ``DatasetNNN_NAME``: a dataset folder's name, number and short name (nnU-Net v2's convention).
 DATASET_FOLDER = re.compile(r"^Dataset(\d{3})_(.+)$")
 FINGERPRINT_FILE = "fingerprint.json"
 PLANS_FILE = "plans.json"
-#: The cross-validation folds, beside the plans (``autoseg.splits``).
+#: The cross-validation folds, beside the plans (``autoseg.train.splits``).
 SPLITS_FILE = "splits_final.json"
 #: Written by ``autoseg_find_best`` beside the configuration folders of a dataset.
 POSTPROCESSING_FILE = "postprocessing.json"

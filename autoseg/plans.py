@@ -3,7 +3,7 @@
 Every configuration carries ``reasons``: one short sentence per decision, keyed by field name.
 A user may edit ``plans.json`` (a patch size, a batch size); ``Plans.from_json`` re-validates it and
 reports every invalid edit with the field it concerns. A configuration's ``patch_size`` and ``batch_size`` must equal
-its last stage's (inference reads the former, training the latter). Reading and writing is ``autoseg.typed_json``'s,
+its last stage's (inference reads the former, training the latter). Reading and writing is ``autoseg.io.typed_json``'s,
 shared with ``fingerprint.json`` and ``CASE.json``; every dataclass takes keyword arguments only.
 
 Shapes and spacings are in (x, y, z) order, spacing in mm. For 2-D configurations ``patch_size``
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from autoseg.errors import AutosegError
+from autoseg.io.typed_json import read_typed, write_typed
 from autoseg.labels import declared_label_problems
-from autoseg.typed_json import read_typed, write_typed
 
 #: 2: ``schedule.optimizer`` and ``schedule.lr_schedule`` are gone (the trainer class decides both); version 1
 #: plans are read with them dropped (:func:`_upgrade`).
@@ -91,7 +91,7 @@ class Normalization:
     subtract ``mean`` and divide by ``std`` (dataset foreground statistics; CT, perfusion maps).
     ``histogram_equalization``: equalize the case's own histogram within its foreground (brain) mask, so the
     foreground becomes uniformly distributed, scaled to zero mean and unit standard deviation (Bhavnani et al.,
-    paper 002; see ``autoseg.preprocessing.equalize_histogram``).
+    paper 002; see ``autoseg.preprocess.preprocessing.equalize_histogram``).
     """
 
     channel: str
@@ -149,7 +149,7 @@ class Loss:
     """Loss terms and weights: ``dice_bce`` = dice_weight·soft Dice + bce_weight·BCE, plus
     focal_weight·focal(γ, α) for ``dice_bce_focal``; ``focal`` alone; ``weighted_ce`` with
     ``positive_weight`` on lesion voxels; any of them plus lesion_dice_weight·lesion-wise Dice (every lesion
-    counted equally, see ``autoseg.losses.LesionWiseDiceLoss``)."""
+    counted equally, see ``autoseg.train.losses.LesionWiseDiceLoss``)."""
 
     name: str
     dice_weight: float = 1.0
@@ -209,7 +209,7 @@ class Schedule:
 
 @dataclass(frozen=True, kw_only=True)
 class Symmetry:
-    """Symmetric-hemisphere channels (``autoseg.symmetry``; the acute stroke paper's symmetric modality
+    """Symmetric-hemisphere channels (``autoseg.preprocess.symmetry``; the acute stroke paper's symmetric modality
     augmentation): after preprocessing, every channel is flipped across the mid-sagittal plane, the flip rigidly
     registered onto the original and appended; the network sees ``channels_per_input`` times the plans' channels.
 

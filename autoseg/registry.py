@@ -8,8 +8,8 @@ the running program registered itself, never to code it did not choose to load. 
 answered with the sorted list of known ones.
 
 The library never imports the plugin packages (``planners``, ``trainers``: they import the library). Where it
-takes a planner or trainer by name (``autoseg.training.train(trainer="ZoomInOutTrainer")``, the plans'
-``schedule.trainer``, ``autoseg.plan_and_preprocess.plan_and_preprocess(planner="CPUPlanner")``), it asks
+takes a planner or trainer by name (``autoseg.api.train.train(trainer="ZoomInOutTrainer")``, the plans'
+``schedule.trainer``, ``autoseg.api.plan.plan_and_preprocess(planner="CPUPlanner")``), it asks
 :func:`plugin_class`, which imports the kind's package (:data:`PLUGIN_PACKAGES`) by name when first needed and
 looks the name up in the registry that package's base class owns.
 """

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from autoseg.compute_budget import BudgetRequest
 from autoseg.errors import UsageError
-from autoseg.fingerprint import Fingerprint
-from autoseg.planning import NORMALIZATION_OPTIONS
+from autoseg.plan.budget import BudgetRequest
+from autoseg.plan.fingerprint import Fingerprint
+from autoseg.plan.topology import NORMALIZATION_OPTIONS
 from autoseg.plans import Plans
 from autoseg.registry import Registry
 
@@ -15,7 +15,7 @@ _REGISTRY = Registry("planners", "planner")
 
 
 class Planner:
-    """Turns a fingerprint (``autoseg.fingerprint.compute_fingerprint``) into ``Plans``.
+    """Turns a fingerprint (``autoseg.plan.fingerprint.compute_fingerprint``) into ``Plans``.
 
     Subclasses register themselves by class name. The constructor only stores its arguments;
     ``plan()`` does the work and has no side effects (nothing is written).
@@ -27,7 +27,7 @@ class Planner:
             chooses resolution, width, patch and iterations so one fold fits it. None: plan for memory only.
         normalization: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (histogram equalization
             of every channel; its configurations get their own data folders), see
-            ``autoseg.planning.NORMALIZATION_OPTIONS``.
+            ``autoseg.plan.topology.NORMALIZATION_OPTIONS``.
 
     Raises:
         ValueError: an unknown ``normalization``.
@@ -65,7 +65,7 @@ def available_planners() -> list[str]:
 
 def register_planner(cls: type[Planner]) -> type[Planner]:
     """Make a planner defined outside the ``planners`` package (a script, a notebook) available by name, e.g. to
-    ``autoseg.plan_and_preprocess.plan_and_preprocess(..., planner="MyPlanner")``; usable as a class decorator.
+    ``autoseg.api.plan.plan_and_preprocess(..., planner="MyPlanner")``; usable as a class decorator.
     Planners in the package register themselves."""
     if not (isinstance(cls, type) and issubclass(cls, Planner)):
         raise TypeError(f"{cls!r} is not a Planner subclass")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoseg.fingerprint import DatasetAggregate
+from autoseg.plan.fingerprint import DatasetAggregate
 from planners.default import DefaultPlanner
 
 #: No axis finer than this (mm): 8x fewer voxels than 1 mm data, which makes CPU training practical.

@@ -15,27 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.compute import (
+from autoseg.infer.sliding_window import sliding_window_positions
+from autoseg.networks import PSPNet, ResidualUNet, Shape, on_meta
+from autoseg.plan.budget import RungChoice, ScheduleLayout, choose_rung, describe_minutes, stage_shares
+from autoseg.plan.cost_model import (
     CASE_OVERHEAD_SECONDS_PER_MEGAVOXEL,
     NetworkShape,
     TrainingEstimate,
     estimate_training,
 )
-from autoseg.compute_budget import (
-    RungChoice,
-    ScheduleLayout,
-    choose_rung,
-    describe_minutes,
-    stage_shares,
-)
-from autoseg.fingerprint import DatasetAggregate
-from autoseg.inference import sliding_window_positions
-from autoseg.losses import balanced_positive_weight
-from autoseg.networks import PSPNet, ResidualUNet, Shape, on_meta
-from autoseg.planning import (
+from autoseg.plan.fingerprint import DatasetAggregate
+from autoseg.plan.topology import (
     MAX_FEATURES_3D,
-    SLAB_ANISOTROPY,
-    SLAB_MAX_SLICES,
     Topology,
     channel_normalization,
     fit_patch_to_budget,
@@ -59,7 +50,9 @@ from autoseg.plans import (
     Symmetry,
     input_channels,
 )
-from autoseg.symmetry import qualifies as symmetry_qualifies
+from autoseg.preprocess.symmetry import SLAB_ANISOTROPY, SLAB_MAX_SLICES
+from autoseg.preprocess.symmetry import qualifies as symmetry_qualifies
+from autoseg.train.losses import balanced_positive_weight
 from planners.base import Planner
 
 GIB = 1024**3
@@ -137,7 +130,7 @@ class DefaultPlanner(Planner):
     # -- decisions shared by every configuration ------------------------------------------------
 
     def histeq_variant(self, configuration: Configuration) -> Configuration:
-        """``NAME_histeq`` (:func:`autoseg.planning.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
+        """``NAME_histeq`` (:func:`autoseg.plan.topology.histeq_twin`), sharing the compute-budget estimate of ``NAME``."""
         twin = histeq_twin(configuration, self.fingerprint.channels)
         choices = getattr(self, "_budget_choices", {})
         if configuration.name in choices:
@@ -269,7 +262,7 @@ class DefaultPlanner(Planner):
 
     def plan_symmetric(self, thin: bool, spacing, spacing_reason, normalization) -> tuple[list[Configuration], str]:
         """``3d_resunet_sym`` (volumes) or ``2d_pspnet_sym`` (thin slabs, in-plane mirror) when the fingerprint
-        found a mid-sagittal plane in enough cases (``autoseg.symmetry.qualifies``): the plain configuration with
+        found a mid-sagittal plane in enough cases (``autoseg.preprocess.symmetry.qualifies``): the plain configuration with
         every channel's registered mirror appended, budgeted like it. Returns the configurations (none or one) and
         the reason either way."""
         found, in_plane, reason = symmetry_qualifies(self.fingerprint.aggregate.symmetry)
@@ -663,7 +656,7 @@ class DefaultPlanner(Planner):
 
     def estimate_pspnet(self, configuration: Configuration, layout: ScheduleLayout) -> TrainingEstimate:
         """Estimated wall time of one fold of a 2d_pspnet configuration laid out as ``layout``."""
-        from autoseg.compute import pspnet_cost
+        from autoseg.plan.cost_model import pspnet_cost
 
         in_channels = configuration.input_channels(len(self.fingerprint.channels))
         gmacs, mega_activations = pspnet_cost(

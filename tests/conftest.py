@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoseg.demo import make_atlas_like, make_ctp_like
-from autoseg.plan_and_preprocess import plan_and_preprocess
+from autoseg.api.plan import plan_and_preprocess
+from autoseg.api.train import TrainingOptions, train
+from autoseg.data.demo.atlas import make_atlas_like
+from autoseg.data.demo.ctp import make_ctp_like
 from autoseg.plans import Plans, Stage
-from autoseg.training import TrainingOptions, train
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import sys
 import torch
 
 from autoseg import distributed
-from autoseg.dataloading import make_loader
-from autoseg.dataset import find_dataset
+from autoseg.api.train import TrainingOptions
+from autoseg.data.dataset import find_dataset
 from autoseg.paths import preprocessed_folder, run_folder
 from autoseg.plans import Plans
-from autoseg.training import TrainingOptions
+from autoseg.train.loading import make_loader
 from trainers import get_trainer
 
 

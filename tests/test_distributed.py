@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from autoseg import distributed
-from autoseg.checkpoint import load_checkpoint
+from autoseg.api.plan import plan_and_preprocess
 from autoseg.commands.predict import main as predict_main
-from autoseg.demo import make_atlas_like
-from autoseg.io import read_json
+from autoseg.data.demo.atlas import make_atlas_like
+from autoseg.io.checkpoints import load_checkpoint
+from autoseg.io.files import read_json
 from autoseg.paths import run_folder
-from autoseg.plan_and_preprocess import plan_and_preprocess
 from autoseg.plans import Plans, Stage
 
 REPO = Path(__file__).resolve().parents[1]

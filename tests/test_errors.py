@@ -21,13 +21,17 @@ from autoseg.commands.plan import main as plan_main
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.train import main as train_main
 from autoseg.errors import AutosegError, UnknownNameError, UsageError
-from autoseg.io import Geometry, read_json, write_image
+from autoseg.io.files import read_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.images import write_image
 
 TINY_MODEL = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains
 
 
 def _modules() -> list[str]:
-    names = [f"autoseg.{m.name}" for m in pkgutil.walk_packages(autoseg.__path__) if not m.ispkg]
+    # The prefix makes walk_packages import autoseg's subpackages by their full names (without it, "api" could be
+    # found elsewhere on sys.path, e.g. tests/api).
+    names = [m.name for m in pkgutil.walk_packages(autoseg.__path__, prefix="autoseg.") if not m.ispkg]
     return names + [
         f"{package}.{m.name}"
         for package in ("planners", "trainers")
@@ -69,7 +73,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("a bug, not the user's input")
 
-    monkeypatch.setattr("autoseg.training.find_dataset", broken)
+    monkeypatch.setattr("autoseg.api.train.find_dataset", broken)
     with pytest.raises(ValueError, match="a bug"):  # not turned into 'error: ...' and exit 1
         train_main(["-d", "ATLAS", "-f", "0"])
 

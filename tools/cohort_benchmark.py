@@ -5,7 +5,7 @@ Usage (from the repository root; nothing is downloaded):
     PYTHONPATH=$PWD .venv/bin/python tools/cohort_benchmark.py [--out DIR] [--cases 100 1000] [--threads 1]
 
 1. Trains a tiny model once (the tiny ATLAS-like demo at 3.5 mm, a 3-level U-Net with 4-16 features and 32³ windows,
-   one iteration, as ``tests/test_predict.py`` does): a case costs milliseconds of network time, so what is measured
+   one iteration, as ``tests/api/test_predict.py`` does): a case costs milliseconds of network time, so what is measured
    is the per-case machinery (reading, preprocessing, restoring, writing) over many cases.
 2. Writes max(--cases) cases into OUT/cases: copies, in turn, of 20 generated tiny cases (42 x 52 x 45 voxels), plus
    one corrupt file (``case-0499-bad``), the 501st case: among the 1,000, not among the first 100.
@@ -37,10 +37,10 @@ BAD_CASE = "case-0499-bad"  # sorts between case-0499 and case-0500: predicted h
 
 def train_tiny_model(home: Path) -> None:
     """Generate the tiny demo dataset under ``home`` and train the tiny model on fold 0 (skipped when trained)."""
-    from autoseg.demo import make_atlas_like
-    from autoseg.plan_and_preprocess import plan_and_preprocess
+    from autoseg.api.plan import plan_and_preprocess
+    from autoseg.api.train import TrainingOptions, train
+    from autoseg.data.demo.atlas import make_atlas_like
     from autoseg.plans import Stage
-    from autoseg.training import TrainingOptions, train
 
     if any((home / "results" / NAME).glob("*/*/fold_0/checkpoint_final.pth")):
         return

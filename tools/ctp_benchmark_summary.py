@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.io import atomic_path, read_image, write_json
-from autoseg.metrics import dice
+from autoseg.evaluate.metrics import dice
+from autoseg.infer.postprocessing import postprocess_probabilities
+from autoseg.io.files import atomic_path, write_json
+from autoseg.io.images import read_image
 from autoseg.plans import Plans
-from autoseg.postprocessing import postprocess_probabilities
 
 DATASET = "Dataset003_CTP"
 #: (column title, variant folder, configuration, trainer)

@@ -59,7 +59,7 @@ case="${first%.nii.gz}"
 "$bin/python" -c "
 import sys
 from pathlib import Path
-from autoseg.visualization import save_overlay
+from autoseg.evaluate.visualization import save_overlay
 raw, out, case = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 path = save_overlay(raw / 'imagesTr' / f'{case}_0000.nii.gz', raw / 'labelsTr' / f'{case}.nii.gz',
                     out / 'predictions' / f'{case}.nii.gz', out / 'overlay.png')

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from autoseg.dataloading import case_identifiers, make_loader
+from autoseg.train.loading import case_identifiers, make_loader
 from autoseg.plans import Plans
 from autoseg.paths import preprocessed_root, raw_root, results_root
 
@@ -86,7 +86,7 @@ seconds_per_iteration = sum(steady) / (len(steady) * epoch_iterations)
 consumed = stage.batch_size / seconds_per_iteration
 
 case = sorted((raw_root() / "Dataset011_ATLASHeldOut" / "imagesTr").glob("*_0000.nii.gz"))[0]
-from autoseg.predict import ModelChoice, PredictionOptions, predict
+from autoseg.api.predict import ModelChoice, PredictionOptions, predict
 start = time.perf_counter()
 predict(
     case,
@@ -95,8 +95,8 @@ predict(
     PredictionOptions(device="cuda", progress=False, overwrite=True),
 )
 predict_seconds = time.perf_counter() - start
-from autoseg.metrics import dice
-from autoseg.io import read_image
+from autoseg.evaluate.metrics import dice
+from autoseg.io.images import read_image
 reference, _ = read_image(raw_root() / "Dataset011_ATLASHeldOut" / "labelsTr" / case.name.replace("_0000", ""))
 predicted, _ = read_image(out / "prediction" / case.name.replace("_0000", ""))
 budget = plans.compute_budget

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Headless Chromium and ChromeDriver from the system packages, for the results page's browser test
-# (tests/test_report.py), installed quietly where either is missing. A failed install is only a warning: that
+# (tests/evaluate/test_report.py), installed quietly where either is missing. A failed install is only a warning: that
 # one test then skips and says why.
 set -uo pipefail
 [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && exit 0

@@ -37,7 +37,7 @@ rm -rf "$out/input" "$out/reference"
 read -r dataset case_id < <("$bin/python" - "$dataset" "$case_id" "$out" <<'PY'
 import sys
 from pathlib import Path
-from autoseg.io import split_ending
+from autoseg.io.images import split_ending
 from autoseg.paths import raw_root
 from autoseg.paths import choose_dataset
 

@@ -27,7 +27,10 @@ import torch
 from torch import nn
 
 from autoseg import distributed
-from autoseg.checkpoint import (
+from autoseg.data.dataset import RawDataset
+from autoseg.errors import ExistingOutputError, UsageError
+from autoseg.infer.predictor import Predictor
+from autoseg.io.checkpoints import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
@@ -35,20 +38,17 @@ from autoseg.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from autoseg.compute import TimePromise
-from autoseg.dataloading import BatchStream, derived_seed, make_loader
-from autoseg.dataset import RawDataset
-from autoseg.errors import ExistingOutputError, UsageError
-from autoseg.inference import Predictor
-from autoseg.losses import build_loss
 from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY
 from autoseg.paths import PLANS_FILE
 from autoseg.plans import Loss, Plans, PlansError, Sampling, Stage
 from autoseg.registry import Registry
-from autoseg.training_log import TrainingLog, empty_history, format_epoch, plot_progress
-from autoseg.training_options import Fold, TrainingOptions
+from autoseg.train.loading import BatchStream, derived_seed, make_loader
+from autoseg.train.log import TrainingLog, empty_history, format_epoch, plot_progress
+from autoseg.train.losses import build_loss
+from autoseg.train.options import Fold, TrainingOptions
+from autoseg.train.time_promise import TimePromise
 from trainers.toolkit import (
     Budget,
     deterministic_algorithms,
@@ -760,7 +760,7 @@ def available_trainers() -> list[str]:
 
 def register_trainer(cls: type[Trainer]) -> type[Trainer]:
     """Make a trainer defined outside the ``trainers`` package (a script, a notebook) available by name, e.g. to
-    ``autoseg.training.train(..., trainer="MyTrainer")``; usable as a class decorator. Trainers in the package
+    ``autoseg.api.train.train(..., trainer="MyTrainer")``; usable as a class decorator. Trainers in the package
     register themselves."""
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
         raise TypeError(f"{cls!r} is not a Trainer subclass")

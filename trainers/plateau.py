@@ -1,7 +1,7 @@
 """``PlateauStopping``: what a trainer adds to reduce its learning rate on a validation plateau and stop early.
 
 A mixin placed before the trainer base class (``class PSPNetTrainer(PlateauStopping, Trainer)``); the counting
-itself is ``autoseg.early_stopping``. Both patiences come from the plans' schedule
+itself is ``autoseg.train.early_stopping``. Both patiences come from the plans' schedule
 (``plateau_patience_epochs``, ``early_stopping_patience_epochs``), scaled with a shortened run (``--epochs``) like the
 stage starts, and count the moving-average validation pseudo-Dice (the one ``checkpoint_best.pth`` follows). The
 counters restart with each stage and are stored in the checkpoint, so ``--continue`` resumes them.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoseg.early_stopping import PLATEAU_FACTOR, fresh_plateau, scaled_patience, update_plateau
+from autoseg.train.early_stopping import PLATEAU_FACTOR, fresh_plateau, scaled_patience, update_plateau
 
 
 class PlateauStopping:
@@ -49,7 +49,7 @@ class PlateauStopping:
             self.log(message)
 
     def update_plateau(self, dice: float, epoch: int) -> list[str]:
-        """Count an epoch with validation score ``dice`` (see ``autoseg.early_stopping.update_plateau``); returns
+        """Count an epoch with validation score ``dice`` (see ``autoseg.train.early_stopping.update_plateau``); returns
         the log lines."""
         stop = self.patience("early_stopping_patience_epochs")
         reduced, stopped = update_plateau(self.plateau, dice, self.patience("plateau_patience_epochs"), stop)

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoseg.early_stopping import PLATEAU_FACTOR
 from autoseg.errors import DataError, MissingFileError, UsageError
-from autoseg.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
 from autoseg.plans import Loss, Stage
-from autoseg.preprocessing import lesion_fraction
+from autoseg.preprocess.cases import lesion_fraction
+from autoseg.train.early_stopping import PLATEAU_FACTOR
+from autoseg.train.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
 from trainers.base import Trainer
 from trainers.plateau import PlateauStopping
 
@@ -131,7 +131,7 @@ class PSPNetTrainer(PlateauStopping, Trainer):
 
 class PSPNetCETrainer(PSPNetTrainer):
     """``PSPNetTrainer`` with class-weighted cross entropy: lesion voxels weighted by ``(1 − f) / f``, ``f`` the
-    lesion fraction of the fold's training cases (``autoseg.losses.balanced_positive_weight``)."""
+    lesion fraction of the fold's training cases (``autoseg.train.losses.balanced_positive_weight``)."""
 
     def loss_spec(self) -> Loss:
         fraction = lesion_fraction(self.data_folder, self.train_cases)

@@ -3,7 +3,7 @@
 settings of a run, and the sliding-window validation of whole cases at the end of a fold (:func:`validate_cases`).
 
 The run flags (``TrainingOptions``) and the fold (``Fold``, ``parse_fold``) are the library's
-(:mod:`autoseg.training_options`): ``autoseg.training`` passes them to a trainer it never imports.
+(:mod:`autoseg.train.options`): ``autoseg.api.train`` passes them to a trainer it never imports.
 """
 
 from __future__ import annotations
@@ -18,19 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoseg.dataloading import case_identifiers
-from autoseg.dataset import LESION_LABELS
+from autoseg.data.dataset import LESION_LABELS
 from autoseg.distributed import DistributedContext, gather_objects
 from autoseg.errors import DataError, MissingFileError, UsageError
-from autoseg.inference import Predictor
-from autoseg.io import atomic_path, write_image, write_json, write_like
+from autoseg.evaluate.metrics import mean_over_labels, score_case
+from autoseg.infer.predictor import Predictor
+from autoseg.io.files import atomic_path, write_json
+from autoseg.io.images import write_image, write_like
 from autoseg.labels import classes_from_values, label_classes, read_label_file, values_from_classes
-from autoseg.losses import one_hot_foreground
-from autoseg.metrics import mean_over_labels, score_case
 from autoseg.plans import Schedule
-from autoseg.preprocessing import load_case, restore_probabilities
-from autoseg.splits import SPLITS_FILE, load_or_create_splits, read_subjects
-from autoseg.training_options import Fold
+from autoseg.preprocess.cases import load_case
+from autoseg.preprocess.preprocessing import restore_probabilities
+from autoseg.train.loading import case_identifiers
+from autoseg.train.losses import one_hot_foreground
+from autoseg.train.options import Fold
+from autoseg.train.splits import SPLITS_FILE, load_or_create_splits, read_subjects
 
 __all__ = [
     "Budget",
@@ -41,7 +43,7 @@ __all__ = [
     "validate_cases",
 ]
 
-#: The metrics of :func:`autoseg.metrics.score_case` that ``validation/summary.json`` gives per case and averages.
+#: The metrics of :func:`autoseg.evaluate.metrics.score_case` that ``validation/summary.json`` gives per case and averages.
 VALIDATION_METRICS = ("dice", "hausdorff95", "lesion_f1")
 
 
@@ -184,7 +186,7 @@ def fold_cases(
 ) -> tuple[list[str], list[str]]:
     """Training and validation cases of ``fold``; ``full`` trains and validates on every case.
 
-    The 5-fold split is made once, subject-grouped, and kept in ``splits_final.json`` (``autoseg.splits``). It
+    The 5-fold split is made once, subject-grouped, and kept in ``splits_final.json`` (``autoseg.train.splits``). It
     must hold the preprocessed cases, no more and no fewer; so must the raw dataset (``raw_cases``, when given):
     a dataset that changed since it was preprocessed or split is refused here, before any training, rather than
     when the fold's validation meets a case that is gone.
@@ -246,14 +248,14 @@ def validate_cases(
     labels: Mapping[str, int] = LESION_LABELS,
 ) -> dict[str, Any]:
     """Predict whole preprocessed cases, restore them to the original grid, post-process, write them as NIfTI and
-    score them against the raw labels with :func:`autoseg.metrics.score_case`, as ``autoseg_evaluate`` and
+    score them against the raw labels with :func:`autoseg.evaluate.metrics.score_case`, as ``autoseg_evaluate`` and
     ``autoseg_find_best`` do: class ``k`` (channel ``k - 1``, the ``k``-th declared non-zero label value,
     ``autoseg.labels``) on ``prediction == k`` against ``reference == k``, the reference read as classes.
     The probabilities are rounded to float16 before post-processing, as ``CASE_probabilities.npz`` keeps them, so
     ``autoseg_find_best`` at the same post-processing makes the same labels and scores.
 
     Preprocessed cases, their restored probabilities and the references are all in the canonical orientation
-    (``autoseg.io.read_image``), so they are compared voxel for voxel; ``CASE_probabilities.npz`` stays in it.
+    (``autoseg.io.images.read_image``), so they are compared voxel for voxel; ``CASE_probabilities.npz`` stays in it.
 
     Args:
         predictor: the trained network(s) and configuration (sliding window, mirroring, post-processing).
@@ -263,7 +265,7 @@ def validate_cases(
         output_folder: where ``CASE.nii.gz`` and ``summary.json`` go.
         about: written at the top of the summary (e.g. trainer, configuration, fold, epochs).
         images: case -> raw channel-0 image: ``CASE.nii.gz`` is written in its orientation with its header
-            (``autoseg.io.write_like``); None or a case not listed: written on the canonical grid as it is.
+            (``autoseg.io.images.write_like``); None or a case not listed: written on the canonical grid as it is.
         context: in a distributed run, rank r predicts cases r, r + W, ... and the metrics of every rank are
             gathered; rank 0 writes ``summary.json`` and every rank returns the whole summary.
         labels: the dataset's declared labels (``dataset.json``, the plans' ``labels``): ``CASE.nii.gz`` holds these
@@ -321,7 +323,7 @@ def _save_probabilities(probabilities: np.ndarray, path: Path) -> None:
 
 
 def _summary_entry(scores: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """A case of ``summary.json`` from :func:`autoseg.metrics.score_case`: :data:`VALIDATION_METRICS` (the mean over
+    """A case of ``summary.json`` from :func:`autoseg.evaluate.metrics.score_case`: :data:`VALIDATION_METRICS` (the mean over
     labels when there are several, each label's under ``labels``) and the voxel counts (summed over labels)."""
 
     def entry(metrics: dict[str, float]) -> dict[str, Any]:

@@ -20,13 +20,13 @@ import torch
 
 from autoseg import distributed
 from autoseg.errors import AutosegError
-from autoseg.io import GeometryWarning
+from autoseg.io.geometry import GeometryWarning
 from autoseg.labels import LabelValueWarning
 from autoseg.machine import check_device_name, configure_threads
 
 #: Errors that mean "the input is wrong" or "the disk is full", reported as one line without a traceback: every
 #: :class:`autoseg.errors.AutosegError` (``DatasetError``, ``PlansError``, ``ImageReadError``, ``DiskFullError``, ...).
-#: A full disk is recognized where files are written (``autoseg.io.atomic_path``), whichever library wrote them,
+#: A full disk is recognized where files are written (``autoseg.io.files.atomic_path``), whichever library wrote them,
 #: and reported as ``error: no space left on device while writing PATH``. Anything else is a bug: its traceback
 #: is shown.
 USER_ERRORS = (AutosegError,)

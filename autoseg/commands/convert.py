@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from autoseg.commands.common import int_range, run
-from autoseg.converters import CONVERTERS, convert
+from autoseg.data.converters import CONVERTERS, convert
 
 
 def parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from autoseg.commands.common import positive_int, refuse_unused, run, seed
-from autoseg.dataset import staged_dataset
-from autoseg.demo import make_atlas_like, make_ctp_like
+from autoseg.data.dataset import staged_dataset
+from autoseg.data.demo.atlas import make_atlas_like
+from autoseg.data.demo.ctp import make_ctp_like
 from autoseg.paths import raw_folder
 
 #: Default dataset folder per kind and resolution.

@@ -1,7 +1,7 @@
 """``autoseg_evaluate``: evaluate a folder of predictions against a folder of references.
 
-Argument parsing only; the work is :func:`autoseg.evaluation.evaluate_folders` and, with ``--report``,
-:func:`autoseg.report.write_report`. Example::
+Argument parsing only; the work is :func:`autoseg.evaluate.evaluation.evaluate_folders` and, with ``--report``,
+:func:`autoseg.evaluate.report.write_report`. Example::
 
     autoseg_evaluate -ref labelsTs -pred predictions -o predictions/evaluation -np 8 --report --images imagesTs
 """
@@ -12,9 +12,9 @@ import argparse
 from pathlib import Path
 
 from autoseg.commands.common import non_negative_int, positive_int, run, seed
-from autoseg.evaluation import OUTPUT_NAMES, evaluate_folders, format_summary_table
-from autoseg.io import check_output_file, check_output_folder
-from autoseg.report import REPORT_NAME, find_case_images, write_report
+from autoseg.evaluate.evaluation import OUTPUT_NAMES, evaluate_folders, format_summary_table
+from autoseg.evaluate.report import REPORT_NAME, find_case_images, write_report
+from autoseg.io.files import check_output_file, check_output_folder
 
 PROGRAM = "autoseg_evaluate"
 

@@ -1,11 +1,11 @@
-"""``autoseg_export``: write trained models into one zip file (see ``autoseg.model_export``)."""
+"""``autoseg_export``: write trained models into one zip file (see ``autoseg.api.model_files``)."""
 
 from __future__ import annotations
 
 import argparse
 
+from autoseg.api.model_files import export_model
 from autoseg.commands.common import run
-from autoseg.model_export import export_model
 from autoseg.paths import CHECKPOINT_CHOICES
 
 

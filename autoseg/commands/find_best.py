@@ -1,13 +1,13 @@
 """``autoseg_find_best``: choose configurations and tune post-processing on the cross-validation
-(see ``autoseg.model_selection``)."""
+(see ``autoseg.api.select``)."""
 
 from __future__ import annotations
 
 import argparse
 
+from autoseg.api.select import METRICS, find_best
 from autoseg.commands.common import run
-from autoseg.model_selection import METRICS, find_best
-from autoseg.option_effects import OPTION_METRICS, describe_difference
+from autoseg.evaluate.option_effects import OPTION_METRICS, describe_difference
 
 
 def parser() -> argparse.ArgumentParser:

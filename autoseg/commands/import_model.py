@@ -1,12 +1,12 @@
 """``autoseg_import``: check a model file from ``autoseg_export`` and install it into ``AUTOSEG_RESULTS``
-(see ``autoseg.model_export``)."""
+(see ``autoseg.api.model_files``)."""
 
 from __future__ import annotations
 
 import argparse
 
+from autoseg.api.model_files import import_model
 from autoseg.commands.common import run
-from autoseg.model_export import import_model
 
 
 def parser() -> argparse.ArgumentParser:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from autoseg.api.plan import plan_and_preprocess, verify
 from autoseg.commands.common import positive_finite_float, positive_int, refuse_unused, run
 from autoseg.errors import UsageError
-from autoseg.plan_and_preprocess import plan_and_preprocess, verify
-from autoseg.planning import NORMALIZATION_OPTIONS
-from autoseg.splits import RESPLIT_OPTIONS
+from autoseg.plan.topology import NORMALIZATION_OPTIONS
+from autoseg.train.splits import RESPLIT_OPTIONS
 from planners import available_planners
 
 

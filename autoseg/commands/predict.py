@@ -1,12 +1,12 @@
-"""``autoseg_predict``: segment new scans with trained models (see ``autoseg.predict``)."""
+"""``autoseg_predict``: segment new scans with trained models (see ``autoseg.api.predict``)."""
 
 from __future__ import annotations
 
 import argparse
 
+from autoseg.api.predict import TTA_CHOICES, ModelChoice, PredictionOptions, predict
 from autoseg.commands.common import device, fraction, non_negative_int, positive_int, run
 from autoseg.paths import CHECKPOINT_CHOICES
-from autoseg.predict import TTA_CHOICES, ModelChoice, PredictionOptions, predict
 
 
 def parser() -> argparse.ArgumentParser:

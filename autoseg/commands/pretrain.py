@@ -1,14 +1,14 @@
-"""``autoseg_pretrain``: pre-train a PSPNet backbone on the slices of a planned dataset (``autoseg.pretraining``)."""
+"""``autoseg_pretrain``: pre-train a PSPNet backbone on the slices of a planned dataset (``autoseg.api.pretrain``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from autoseg.api.pretrain import pretrain_backbone
+from autoseg.api.train import TrainingOptions
 from autoseg.commands.common import device, non_negative_int, positive_int, run, seed
 from autoseg.networks.pspnet import RESNET_LAYOUTS
-from autoseg.pretraining import pretrain_backbone
-from autoseg.training import TrainingOptions
 
 
 def parser() -> argparse.ArgumentParser:

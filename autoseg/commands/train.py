@@ -1,4 +1,4 @@
-"""``autoseg_train``: train one fold of a planned dataset (see ``autoseg.training``)."""
+"""``autoseg_train``: train one fold of a planned dataset (see ``autoseg.api.train``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import torch
 
 from autoseg import distributed
+from autoseg.api.train import TrainingOptions, cross_validate, prepare_run, train
 from autoseg.commands.common import device, non_negative_int, positive_int, run, seed
 from autoseg.machine import PRECISIONS
-from autoseg.training import TrainingOptions, cross_validate, prepare_run, train
 from trainers import Trainer, get_trainer
 
 

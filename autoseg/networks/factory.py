@@ -123,7 +123,7 @@ def checkpoint_network_options(
     :data:`BUILT_IN_NETWORK_OPTIONS`, else none.
 
     Args:
-        state: the checkpoint (:func:`autoseg.checkpoint.load_checkpoint`), or a model file manifest's record.
+        state: the checkpoint (:func:`autoseg.io.checkpoints.load_checkpoint`), or a model file manifest's record.
         trainer: the run's trainer name (its folder name), for a checkpoint without a record.
         where: what the error message names first (the checkpoint's path).
 

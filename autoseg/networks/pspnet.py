@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.checkpoint import load_checkpoint
 from autoseg.errors import InvalidFileError
+from autoseg.io.checkpoints import load_checkpoint
 from autoseg.networks.cost import CountsItsCost, parameter_count
 
 #: torchvision's ResNets: block type and blocks per layer.

@@ -1,0 +1,787 @@
+"""``autoseg_predict`` as a library: segment new scans with trained models.
+
+A model is ``AUTOSEG_RESULTS/<dataset>/<configuration>/<trainer>/fold_<k>/`` as training leaves it: the
+plans the run was trained with (``plans.json``) and its checkpoints. :func:`predict`:
+
+1. chooses the dataset (``-d``; when omitted, the only trained dataset), the members: configurations (``-c``)
+   times trainers (``-tr``, one or more); with neither, the configuration/trainer members ``autoseg_find_best``
+   chose, else the only trained configuration (or the plans' default) with its only trainer; and the folds
+   (``-f``; default every ``fold_<k>`` with the chosen checkpoint);
+2. rebuilds each network from the run folder's ``plans.json`` and the network options its checkpoint recorded
+   (``autoseg.networks.factory.checkpoint_network_options``; no trainer class is needed), and loads the weights;
+3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
+   checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
+   and writes ``OUTPUT/CASE<ending>`` (the labels ``dataset.json`` declared: 0/1, or 0/255, ...; uint8 when every
+   declared value fits, else the smallest integer type that holds them, ``autoseg.labels``) and, when asked,
+   ``OUTPUT/CASE_probabilities.nii.gz`` (float32 lesion probability). Cases are read in the canonical orientation (``autoseg.io.images.read_image``) and
+   both outputs are written back in channel 0's own orientation with its exact header (``autoseg.io.images.write_like``:
+   for NIfTI both qform and sform as given), so they overlay the input in every viewer.
+
+The call: ``predict(source, output, ModelChoice(...), PredictionOptions(...))``: :class:`ModelChoice` names the
+members (``-d``, ``-c``, ``-tr``, ``-f``, ``-m``), :class:`PredictionOptions` how to predict and what to write (every
+other flag of ``autoseg_predict``, one field each).
+
+Speed: ``tta`` chooses the test-time mirroring (``all``: every flip combination of the configuration's mirror
+axes, 8 forward passes per window for three axes; ``lr``: the left-right flip only, 2; ``none``: 1). On the CPU
+the networks run under bf16 autocast where the CPU computes bf16 natively (``autoseg.machine.choose_precision``)
+and in the memory format ``autoseg.infer.sliding_window.inference_memory_format`` chose.
+
+Memory: besides the networks and their activations, a case holds its channels, one float32 probability map per
+label on the input grid (the configurations' maps are summed into it in place) and the label map.
+
+Post-processing (threshold, minimum lesion size) comes from ``AUTOSEG_RESULTS/<dataset>/postprocessing.json``
+when it was tuned for exactly the members being ensembled, else from the first configuration's plans.
+
+Inputs: a folder of image files, or a single file, named by one rule (:func:`autoseg.data.dataset.cases_from_files`,
+``documentation/dataset_format.md``): for a one-channel model every file is one case, named without its ending and
+without a final ``_0000``; for a model with C channels the files form complete cases ``CASE_0000`` ...
+``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected.
+
+Outputs never overwrite inputs: before anything is written, :func:`check_outputs` refuses a run whose outputs (the
+data file of a ``.mhd``/``.nhdr`` label file and the summary included) would be an input file (``-i DIR -o DIR``
+with plain-named scans) or would be the same file for two cases (``a``'s probability map is ``a_probabilities``'s
+label file).
+
+Cohorts: ``case_list`` (``--list FILE``) restricts the cases to those a text file names (:func:`read_case_list`),
+and ``num_parts``/``part_id`` split them into interleaved parts, one per process or array job. Every output is
+written under a temporary name and renamed, so a case whose outputs exist is complete and a re-run skips it; the
+temporary files a killed run left behind are removed as their case comes up. A case that cannot be read or
+predicted (:data:`CASE_ERRORS`: unreadable or truncated file, not 3-D, a header autoseg refuses
+(``autoseg.io.headers.check_header``), NaN/Inf voxels, channels on different grids, an empty image, not enough memory) is
+reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
+wrote, skipped and what failed to ``OUTPUT/prediction_summary.json`` (``prediction_summary_part{i}of{K}.json`` for
+part i of K) and returns it as a :class:`PredictionSummary`. Nothing of a case is kept once it is written, so
+memory stays flat over any number of cases (``documentation/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from autoseg.api.model_files import InstalledModel, install_for_prediction
+from autoseg.data.dataset import CHANNEL_FILE, cases_from_files
+from autoseg.errors import AutosegError, DataError, InvalidFileError, MissingFileError, UsageError
+from autoseg.infer.postprocessing import postprocess_probabilities, read_tuned_postprocessing
+from autoseg.infer.predictor import Predictor
+from autoseg.infer.sliding_window import TTA_CHOICES
+from autoseg.io.checkpoints import load_checkpoint
+from autoseg.io.files import DiskFullError, OutputPathError, check_output_folder, write_json
+from autoseg.io.geometry import Geometry
+from autoseg.io.headers import IMAGE_ENDINGS, split_ending
+from autoseg.io.images import (
+    companion_files,
+    count_non_finite,
+    image_files,
+    read_image,
+    remove_stale_temporaries,
+    write_like,
+)
+from autoseg.labels import values_from_classes
+from autoseg.machine import choose_device, choose_precision
+from autoseg.networks import build_network
+from autoseg.networks.factory import checkpoint_network_options, expected_weights, weights_problem
+from autoseg.paths import (
+    PLANS_FILE,
+    POSTPROCESSING_FILE,
+    choose_dataset,
+    default_configurations,
+    results_folder,
+    trained_member,
+    trainer_folder,
+)
+from autoseg.plans import Plans
+from autoseg.preprocess.preprocessing import preprocess_arrays, restore_probabilities
+
+__all__ = [
+    "CASE_ERRORS",
+    "SUMMARY_FILE",
+    "TTA_CHOICES",
+    "CaseFailure",
+    "InputCase",
+    "Model",
+    "ModelChoice",
+    "PredictionOptions",
+    "PredictionSummary",
+    "check_outputs",
+    "find_input_cases",
+    "load_model",
+    "predict",
+    "read_case_list",
+    "select_cases",
+    "summary_path",
+]
+
+#: Written by :func:`predict` into the output folder (``prediction_summary_part{i}of{K}.json`` for part i of K).
+SUMMARY_FILE = "prediction_summary.json"
+#: Errors that fail one case and not the run: every user-facing error (:class:`AutosegError`: the input cannot be
+#: read (:class:`ImageReadError`, also for a file that is not 3-D), its header declares what autoseg does not read
+#: (:class:`autoseg.io.headers.ImageHeaderError`: too many voxels for this machine, more voxel bytes than the file holds, a
+#: voxel size outside 0.001-100 mm), or it is not what a model takes (:class:`DataError`: NaN/Inf voxels, channels
+#: on different grids, an empty image, too many voxels at the plan's spacing)), a file that went missing or cannot
+#: be read (``OSError``) and a case that needs more memory than there is (``MemoryError``: the case's arrays are
+#: freed with it, so the next case starts afresh). A full disk (:class:`DiskFullError`) ends the run, and anything
+#: else (a bug) surfaces with its traceback.
+CASE_ERRORS = (AutosegError, OSError, MemoryError)
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One case to predict: its identifier, channel files in channel order, and the ending of its output."""
+
+    identifier: str
+    images: tuple[Path, ...]
+    ending: str
+
+
+@dataclass(frozen=True)
+class CaseFailure:
+    """A case that could not be predicted: its identifier, the file at fault (else all its channel files) and the
+    problem, in one line."""
+
+    identifier: str
+    files: tuple[str, ...]
+    problem: str
+
+    def line(self) -> str:
+        """``case ID (FILES): PROBLEM``, the line printed when the case fails."""
+        return f"case {self.identifier} ({', '.join(self.files)}): {self.problem}"
+
+
+@dataclass
+class PredictionSummary:
+    """What one :func:`predict` call did with the cases of its part, in input order.
+
+    Attributes:
+        written: label files written by this call.
+        skipped: identifiers of cases whose outputs were already complete (see ``overwrite``).
+        failed: the cases that could not be predicted and why.
+        cases: number of cases in this part (after ``case_list``).
+        stale_temporaries: temporary files of a killed run that were removed.
+        path: the JSON file this summary was written to (None before it is written).
+    """
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[CaseFailure] = field(default_factory=list)
+    cases: int = 0
+    stale_temporaries: int = 0
+    path: Path | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The summary as written to ``prediction_summary*.json``: counts, then case identifiers per outcome."""
+        return {
+            "cases": self.cases,
+            "counts": {"written": len(self.written), "skipped": len(self.skipped), "failed": len(self.failed)},
+            "written": [split_ending(path)[0] for path in self.written],
+            "skipped": list(self.skipped),
+            "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in self.failed],
+            "stale_temporaries_removed": self.stale_temporaries,
+        }
+
+    def line(self, shown: int = 10) -> str:
+        """One line: how many cases were written, skipped (already done) and failed, naming up to ``shown`` of
+        the failed ones, and where the summary file is."""
+        text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
+        if self.failed:
+            names = ", ".join(f.identifier for f in self.failed[:shown])
+            more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
+            text += f", {len(self.failed)} failed: {names}{more}"
+        else:
+            text += ", 0 failed"
+        return f"{text}; summary: {self.path}" if self.path else text
+
+
+@dataclass
+class Model:
+    """The trained members of one configuration: plans, configuration name, trainer, checkpoint files, networks."""
+
+    plans: Plans
+    configuration: str
+    trainer: str
+    checkpoints: list[Path]
+    networks: list[nn.Module]
+
+
+def load_model(
+    dataset: str,
+    configuration: str,
+    trainer: str | None = None,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "final",
+    device: torch.device | str = "cpu",
+) -> Model:
+    """Rebuild and load the networks of one configuration (every fold or ``folds``) on ``device``.
+
+    Raises:
+        ValueError: unknown checkpoint choice, no trained configuration or trainer of that name (the message
+            lists what exists), a missing fold, or no fold with the chosen checkpoint.
+        InvalidFileError: a checkpoint's weights do not fit the network its plans and recorded network options
+            describe (names, shapes, dtypes), or its network options are malformed.
+    """
+    trainer, fold_folders, checkpoints = trained_member(dataset, configuration, trainer, folds, checkpoint)
+    plans = Plans.from_json(fold_folders[0] / PLANS_FILE)
+    networks = []
+    for path in checkpoints:
+        state = load_checkpoint(path, map_location="cpu")
+        # e.g. the acute recipe's asymmetric U-Net from the same plan, as the run recorded it
+        options = checkpoint_network_options(state, trainer, path)
+        weights = state.get("network")
+        problem = weights_problem(expected_weights(plans, configuration, **options), weights)
+        if problem:
+            raise InvalidFileError(
+                f"{path}: the weights do not fit the network of {fold_folders[0] / PLANS_FILE}: {problem}"
+            )
+        network = build_network(plans, configuration, **options)
+        network.load_state_dict(weights)
+        networks.append(network.to(device).eval())
+    return Model(plans, configuration, trainer, checkpoints, networks)
+
+
+def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
+    """The cases in a folder or file, sorted by identifier, by the naming rule of
+    :func:`autoseg.data.dataset.cases_from_files`: for a one-channel model every file is one case (``CASE_0000.nii.gz``
+    is case ``CASE``, ``sub_0001.nii.gz`` case ``sub_0001``); for C > 1 channels the files must form complete
+    cases ``CASE_0000`` ... ``CASE_{C-1}``. A single ``CASE_XXXX`` file given to a multi-channel model takes its
+    sibling channel files with it.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist or holds no image files.
+        ValueError: files that break the naming rule; the message lists each with the names expected.
+    """
+    source = Path(source)
+    if source.is_file():
+        match = CHANNEL_FILE.match(split_ending(source)[0])
+        files = [source]
+        if num_channels > 1 and match:
+            files = [
+                p
+                for p in _image_files(source.parent)
+                if (m := CHANNEL_FILE.match(split_ending(p)[0])) and m.group(1) == match.group(1)
+            ]
+    elif source.is_dir():
+        files = _image_files(source)
+        if not files:
+            raise MissingFileError(f"{source}: no image files ({', '.join(IMAGE_ENDINGS)})")
+    else:
+        raise MissingFileError(f"{source}: no such file or folder")
+    try:
+        grouped = cases_from_files(files, num_channels)
+    except UsageError as error:
+        raise UsageError(f"{source}: {error}") from None
+    return [InputCase(case, paths, split_ending(paths[0])[1]) for case, paths in grouped]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The visible image files of ``folder`` (endings in ``IMAGE_ENDINGS``), sorted."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and split_ending(p)[1].lower() in IMAGE_ENDINGS
+    )
+
+
+def read_case_list(path: str | Path) -> list[tuple[int, str]]:
+    """The case identifiers a ``--list`` file names, with their line numbers (1-based), in file order.
+
+    One identifier per line; surrounding spaces, blank lines and ``#`` comments (whole lines or the rest of a line)
+    are ignored. A line may also hold a file name of the case (``CASE_0000.nii.gz``), as ``ls`` prints it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not text (UTF-8); the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such case list (--list)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidFileError(
+            f"{path}: not a text file of case names ({error.reason} at byte {error.start})"
+        ) from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.split("#", 1)[0].strip()
+        if name:
+            entries.append((number, name))
+    return entries
+
+
+def select_cases(cases: Sequence[InputCase], case_list: str | Path) -> list[InputCase]:
+    """The ``cases`` (in their order) that the ``--list`` file ``case_list`` names (:func:`read_case_list`) by
+    identifier or by one of their file names; a case listed twice is predicted once.
+
+    Raises:
+        ValueError: the list names a case that is not among ``cases`` (each such line as ``FILE:LINE: NAME``, with a
+            few of the cases there are), or names none at all.
+    """
+    by_name: dict[str, InputCase] = {}
+    for case in cases:
+        by_name.update({path.name: case for path in case.images})
+    by_name.update({case.identifier: case for case in cases})
+    entries = read_case_list(case_list)
+    unknown = [f"  {case_list}:{number}: {name}" for number, name in entries if name not in by_name]
+    if unknown:
+        examples = ", ".join(case.identifier for case in cases[:3]) + (", ..." if len(cases) > 3 else "")
+        shown = unknown[:10] + ([f"  ... and {len(unknown) - 10} more"] if len(unknown) > 10 else [])
+        raise UsageError(
+            "\n".join(
+                [
+                    f"{case_list}: {len(unknown)} listed case(s) not among the {len(cases)} input "
+                    f"case(s) ({examples}):",
+                    *shown,
+                ]
+            )
+        )
+    if not entries:
+        raise UsageError(f"{case_list}: names no case (one identifier per line; # starts a comment)")
+    chosen = {by_name[name].identifier for _, name in entries}
+    return [case for case in cases if case.identifier in chosen]
+
+
+def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Path:
+    """Where :func:`predict` writes its summary: ``OUTPUT/prediction_summary.json``, or
+    ``OUTPUT/prediction_summary_part{part_id}of{num_parts}.json`` when the cases are split, so that parts running at
+    the same time each keep their own."""
+    if num_parts == 1:
+        return Path(output) / SUMMARY_FILE
+    stem, ending = SUMMARY_FILE.rsplit(".", 1)
+    return Path(output) / f"{stem}_part{part_id}of{num_parts}.{ending}"
+
+
+def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
+    """(C, X, Y, Z) float32 channels and their geometry, in the canonical orientation (``autoseg.io.images``);
+    channels stored in different orientations of the same grid agree.
+
+    Raises:
+        ImageReadError: a file cannot be read or is not a 3-D single-channel image, or (``ImageHeaderError``)
+            its header declares what autoseg does not read (``autoseg.io.headers.check_header``), before its voxels are read.
+        ValueError: channels on different grids, or NaN/Inf voxels (the message names the file and the problem).
+    """
+    arrays, geometry = [], None
+    for path in case.images:
+        array, this = read_image(path)
+        if geometry is not None and geometry.differences(this):
+            raise DataError(
+                f"case {case.identifier}: {path.name} lies on another grid than {case.images[0].name}: "
+                f"{'; '.join(geometry.differences(this))}"
+            )
+        non_finite = count_non_finite(array)
+        if non_finite:
+            raise DataError(f"{path}: {non_finite} NaN/Inf voxel(s)")
+        geometry = geometry or this
+        arrays.append(array)
+    return np.stack(arrays), geometry
+
+
+def _tuned_members(dataset: str) -> list[tuple[str, str | None]] | None:
+    """The (configuration, trainer) members ``autoseg_find_best`` chose, when they are all trained; else None."""
+    path = results_folder(dataset) / POSTPROCESSING_FILE
+    if not path.is_file():
+        return None
+    pairs = [tuple(member.split("/", 1)) for member in read_tuned_postprocessing(path).members]
+    trained = all((trainer_folder(dataset, c, t)).is_dir() for c, t in pairs)
+    return pairs if trained else None
+
+
+def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float, str]:
+    """Threshold, minimum lesion size in mm³ and where they come from: ``postprocessing.json`` when it was tuned
+    for exactly these members (configuration/trainer pairs), else the plans of the first model."""
+    path = results_folder(dataset) / POSTPROCESSING_FILE
+    members = sorted(f"{model.configuration}/{model.trainer}" for model in models)
+    if path.is_file():
+        tuned = read_tuned_postprocessing(path)
+        if sorted(tuned.members) == members:
+            return tuned.settings.threshold, tuned.settings.min_lesion_mm3, str(path)
+    settings = models[0].plans.configuration(models[0].configuration).postprocessing
+    return settings.threshold, settings.min_lesion_mm3, f"plans of {models[0].configuration}"
+
+
+def _choose_device(device: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device and its autocast dtype: bf16/fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
+    chosen, _ = choose_device(device)
+    return chosen, choose_precision(chosen).autocast_dtype
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which trained members :func:`predict` ensembles (``-d``, ``-c``, ``-tr``, ``-f``, ``-m``).
+
+    Args:
+        dataset: trained dataset (name, number or folder name); None: the only trained dataset.
+        configurations: configurations to ensemble; None: the tuned choice, the only one, or the plans' default.
+        trainers: trainer folder, or several to ensemble across trainers (e.g. a focal and a cross-entropy
+            variant); None: the only one of each configuration.
+        folds: folds to ensemble (``0``, ``"full"``); None: every cross-validation fold with the chosen
+            checkpoint (``fold_full`` only when there is no other).
+        model_file: a model file from ``autoseg_export``: installed into ``AUTOSEG_RESULTS`` first (or its identical
+            install reused, :func:`autoseg.api.model_files.install_for_prediction`) and predicted with its own members,
+            folds and checkpoints; ``dataset``, ``configurations``, ``trainers`` and ``folds`` must then be None.
+    """
+
+    dataset: str | None = None
+    configurations: Sequence[str] | None = None
+    trainers: str | Sequence[str] | None = None
+    folds: Sequence[int | str] | None = None
+    model_file: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class PredictionOptions:
+    """How :func:`predict` predicts and what it writes (flags, never written into the plans).
+
+    Args:
+        checkpoint: ``final`` (default), ``best`` or ``snapshots``.
+        step_size: sliding-window step as a fraction of the patch; None (default): each configuration's
+            ``sliding_window_step`` from its plans.
+        tta: test-time mirroring: ``all`` (default; every flip combination of the configuration's mirror axes),
+            ``lr`` (only the flip along the image's left-right axis, from its direction matrix; no mirroring, with a
+            one-line notice, when the configuration does not mirror that axis) or ``none``.
+        use_mirroring: False is the older spelling of ``tta="none"``. Default True.
+        postprocessing: remove lesions below the tuned (or planned) minimum size; False keeps every component
+            (the threshold still applies). Default True.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show a progress bar over cases.
+        save_probabilities: also write the float32 lesion probability (channel 0; with several labels the
+            maximum over them). Default False.
+        overwrite: predict cases whose outputs exist again. Default False: a case whose label file (and, with
+            ``save_probabilities``, probability map) exists is complete, because both are written atomically, and
+            is skipped; so a killed run re-run with the same arguments predicts only what is missing.
+        num_parts, part_id: predict only the ``part_id``-th of ``num_parts`` interleaved parts of the sorted cases
+            (after ``case_list``), e.g. one part per job of a cluster array job.
+        case_list: text file naming the cases to predict, one identifier per line (:func:`select_cases`); None:
+            every case of the input.
+
+    Raises:
+        UsageError: an unknown ``tta``, or a part that does not exist.
+    """
+
+    checkpoint: str = "final"
+    step_size: float | None = None
+    tta: str = "all"
+    use_mirroring: bool = True
+    postprocessing: bool = True
+    device: str = "auto"
+    progress: bool = True
+    save_probabilities: bool = False
+    overwrite: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    case_list: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.tta not in TTA_CHOICES:
+            raise UsageError(f"unknown --tta '{self.tta}', use one of {list(TTA_CHOICES)}")
+        if self.num_parts < 1:
+            raise UsageError(f"--num-parts must be at least 1, got {self.num_parts}")
+        if not 0 <= self.part_id < self.num_parts:
+            raise UsageError(
+                f"--part-id must lie in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part_id}"
+            )
+
+
+def predict(
+    source: str | Path,
+    output: str | Path,
+    choice: ModelChoice | None = None,
+    options: PredictionOptions | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> PredictionSummary:
+    """Segment every case of ``source`` into ``output`` (see the module docstring).
+
+    Args:
+        source: folder of images (dataset naming or plain single-channel names) or one image file.
+        output: folder for ``CASE<ending>`` (the declared label values) and ``CASE_probabilities.nii.gz``; created if needed.
+        choice: the members to ensemble (:class:`ModelChoice`); None: the only trained dataset's default ones.
+        options: how to predict and what to write (:class:`PredictionOptions`); None: the defaults.
+        log: receives each failed case's line (:meth:`CaseFailure.line`) as it happens; None: printed to stderr.
+
+    Returns:
+        What was written, skipped and failed; also written to :func:`summary_path` in ``output``.
+
+    Example:
+        >>> predict("scans/", "labels/", ModelChoice(dataset="ATLAS", folds=[0]), PredictionOptions(tta="none"))
+
+    Raises:
+        ValueError: see :func:`choose_dataset`, :func:`load_model`, :func:`find_input_cases`, :func:`select_cases`;
+            a model file with members named, or refused (:class:`autoseg.api.model_files.ModelFileError`); outputs that
+            would overwrite an input or one another (:func:`check_outputs`).
+        OutputPathError: ``output`` (or an output file) is a file where a folder is needed or the reverse, or
+            read-only (:func:`autoseg.io.files.check_output_folder`). Errors of a single case (:data:`CASE_ERRORS`) are reported and skipped instead.
+        DiskFullError: the output's disk is full (the case being written is left without outputs).
+    """
+    choice, options = choice or ModelChoice(), options or PredictionOptions()
+    check_output_folder(output)
+    installed = _install_model_file(choice, options.checkpoint) if choice.model_file else None
+    name = installed.dataset if installed else choose_dataset(choice.dataset)
+    torch_device, autocast_dtype = _choose_device(options.device)
+    models = _load_members(name, installed, choice, options.checkpoint, torch_device)
+    inputs = find_input_cases(source, len(models[0].plans.channels))
+    cases = inputs if options.case_list is None else select_cases(inputs, options.case_list)
+    summary_file = summary_path(output, options.num_parts, options.part_id)
+    check_outputs(inputs, cases, output, options.save_probabilities, summary_file)
+    cases = cases[options.part_id :: options.num_parts]
+    threshold, min_lesion_mm3, _ = _postprocessing(name, models)
+    if not options.postprocessing:
+        min_lesion_mm3 = 0.0
+    predictors = [
+        Predictor(
+            model.plans.configuration(model.configuration),
+            model.networks,
+            step_size=options.step_size,
+            tta=options.tta,
+            use_mirroring=options.use_mirroring,
+            device=torch_device,
+            autocast_dtype=autocast_dtype,
+        )
+        for model in models
+    ]
+    summary = PredictionSummary(cases=len(cases))
+    for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
+        _predict_or_skip(
+            case,
+            _outputs(Path(output), case, options.save_probabilities),
+            predictors,
+            (threshold, min_lesion_mm3, models[0].plans.labels),
+            options.overwrite,
+            summary,
+            log or _print_to_stderr,
+        )
+    summary.path = summary_file
+    run = {
+        "input": str(source),
+        "list": None if options.case_list is None else str(options.case_list),
+        "part": {"id": options.part_id, "of": options.num_parts},
+    }
+    write_json({**run, **summary.to_json()}, summary.path)
+    return summary
+
+
+def _load_members(
+    dataset: str, installed: InstalledModel | None, choice: ModelChoice, checkpoint: str, device: torch.device
+) -> list[Model]:
+    """The members to ensemble, loaded on ``device``: a model file's own members, folds and checkpoints; else the
+    chosen configurations times trainers; else what ``autoseg_find_best`` chose; else the default configuration.
+
+    Raises:
+        UsageError: see :func:`load_model`; members that take different numbers of channels.
+    """
+    configurations, trainer, folds = choice.configurations, choice.trainers, choice.folds
+    pairs = _tuned_members(dataset) if configurations is None and trainer is None else None
+    if installed:
+        pairs, checkpoint = installed.members, installed.checkpoint
+    if pairs is None:
+        names = list(configurations or default_configurations(dataset))
+        trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
+        pairs = [(c, t) for c in names for t in trainers]
+    member_folds = installed.folds if installed else {}
+    models = [load_model(dataset, c, t, member_folds.get((c, t), folds), checkpoint, device) for c, t in pairs]
+    channels = {len(model.plans.channels) for model in models}
+    if len(channels) != 1:
+        names = list(dict.fromkeys(c for c, _ in pairs))
+        raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
+    return models
+
+
+def _predict_or_skip(
+    case: InputCase,
+    targets: tuple[Path, ...],
+    predictors: Sequence[Predictor],
+    postprocessing: tuple[float, float, Mapping[str, int]],
+    overwrite: bool,
+    summary: PredictionSummary,
+    log: Callable[[str], None],
+) -> None:
+    """Predict one case into ``targets`` and note it in ``summary`` as written, skipped (its outputs exist: they are
+    written atomically, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one line); its stale
+    temporaries from a killed run are removed first.
+
+    Raises:
+        DiskFullError: the disk is full (the run ends).
+    """
+    summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets)
+    if not overwrite and all(path.exists() for path in targets):
+        summary.skipped.append(case.identifier)
+        return
+    try:
+        _predict_case(case, targets, predictors, *postprocessing)
+    except DiskFullError:
+        raise
+    except CASE_ERRORS as error:
+        failure = _failure(case, error)
+        summary.failed.append(failure)
+        log(failure.line())
+        return
+    summary.written.append(targets[0])
+
+
+def check_outputs(
+    inputs: Sequence[InputCase],
+    cases: Sequence[InputCase],
+    output: str | Path,
+    save_probabilities: bool,
+    summary: str | Path,
+) -> None:
+    """Refuse, before anything is written, a run whose outputs would overwrite an input or one another.
+
+    Every file the run may write (each case's label file, its probability map with ``save_probabilities``, the data
+    file a ``.mhd``/``.nhdr`` header names beside it (:func:`autoseg.io.images.image_files`), and the ``summary`` file) is
+    compared with every input file (the channel files of all ``inputs`` and the data files their headers name) by
+    resolved path (symbolic links and ``..`` followed) and, where it exists, by inode (hard links); and with every
+    other output by resolved path. So ``-i DIR -o DIR`` with plain-named scans (``scan.nii.gz`` is case ``scan``,
+    whose labels would be ``scan.nii.gz``) is refused, whether or not ``overwrite`` is set, and an input is never
+    taken for a finished output.
+
+    Args:
+        inputs: every case of the input (before ``--list`` and parts): none of their files may be written.
+        cases: the cases to predict in this run, all parts together (parts share the output folder).
+        output: the output folder.
+        save_probabilities: whether probability maps are written.
+        summary: this part's summary file (:func:`summary_path`).
+
+    Raises:
+        UsageError: one line naming the output and the input it would overwrite, or the two cases (and which of
+            their outputs) that would write the same file.
+        OutputPathError: an output is a folder.
+    """
+    protected: dict[str, Path] = {}
+    inodes: dict[tuple[int, int], Path] = {}
+    for case in inputs:
+        for image in case.images:
+            for file in (image, *companion_files(image)):
+                protected.setdefault(os.path.realpath(file), file)
+                if (key := _inode(file)) is not None:
+                    inodes.setdefault(key, file)
+    planned = [
+        (f"case {case.identifier}'s {kind}", path)
+        for case in cases
+        for kind, target in zip(("labels", "probability map"), _outputs(Path(output), case, save_probabilities))
+        for path in image_files(target)
+    ]
+    written: dict[str, tuple[str, Path]] = {}
+    for owner, path in [*planned, ("the prediction summary", Path(summary))]:
+        if path.is_dir():
+            raise OutputPathError(f"output {path} ({owner}): is a folder, not a file")
+        real = os.path.realpath(path)
+        source = protected.get(real) or inodes.get(_inode(path) or (-1, -1))
+        if source is not None:
+            raise UsageError(
+                f"output {path} ({owner}) would overwrite the input {source}; write the predictions to another "
+                "folder (-o)"
+            )
+        if real in written:
+            other, first = written[real]
+            raise UsageError(
+                f"{other} and {owner} would both be written to {first}; rename one of the cases or predict them "
+                "into separate folders"
+            )
+        written[real] = (owner, path)
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, else None."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _outputs(output: Path, case: InputCase, save_probabilities: bool) -> tuple[Path, ...]:
+    """The files a case's prediction writes: the label file first, then the probability map when asked for."""
+    labels = output / f"{case.identifier}{case.ending}"
+    return (labels, output / f"{case.identifier}_probabilities.nii.gz") if save_probabilities else (labels,)
+
+
+def _predict_case(
+    case: InputCase,
+    targets: Sequence[Path],
+    predictors: Sequence[Predictor],
+    threshold: float,
+    min_lesion_mm3: float,
+    labels: Mapping[str, int],
+) -> None:
+    """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
+    before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
+    kept afterwards. The label file holds the declared values of the plans' ``labels`` (``dataset.json``'s), in the
+    smallest integer type that holds them all (``autoseg.labels.values_from_classes``)."""
+    images, geometry = read_case(case)
+    probabilities = _ensemble(predictors, images, geometry)
+    del images
+    classes = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
+    if len(targets) > 1:
+        lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
+        write_like(lesion, geometry, targets[1], case.images[0])
+    del probabilities
+    write_like(values_from_classes(classes, labels), geometry, targets[0], case.images[0])
+
+
+def _failure(case: InputCase, error: Exception) -> CaseFailure:
+    """The failed case with the error's message on one line: a message that starts with one of the case's files
+    (``PATH: problem``, as :class:`ImageReadError` says it) blames that file, any other the whole case."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    for path in case.images:
+        if message.startswith(f"{path}: "):
+            return CaseFailure(case.identifier, (str(path),), message.removeprefix(f"{path}: "))
+    files = tuple(str(path) for path in case.images)
+    return CaseFailure(case.identifier, files, message.removeprefix(f"case {case.identifier}: "))
+
+
+def _print_to_stderr(line: str) -> None:
+    """Print a line to stderr without breaking a progress bar."""
+    tqdm.write(line, file=sys.stderr)
+
+
+def _install_model_file(choice: ModelChoice, checkpoint: str) -> InstalledModel:
+    """``ModelChoice(model_file=...)``: the model file installed (:func:`autoseg.api.model_files.install_for_prediction`).
+
+    Raises:
+        ValueError: members named beside the file, or a ``checkpoint`` other than the default and the file's own.
+    """
+    model = choice.model_file
+    named = [
+        flag
+        for flag, value in (
+            ("-d", choice.dataset),
+            ("-c", choice.configurations),
+            ("-tr", choice.trainers),
+            ("-f", choice.folds),
+        )
+        if value
+    ]
+    if named:
+        raise UsageError(f"{model}: a model file brings its own members and folds; leave out {', '.join(named)}")
+    installed = install_for_prediction(model)
+    if checkpoint not in ("final", installed.checkpoint):
+        raise UsageError(f"{model}: holds {installed.checkpoint} checkpoints, not {checkpoint}")
+    return installed
+
+
+def _ensemble(predictors: Sequence[Predictor], images: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Mean over configurations of their (K, X, Y, Z) float32 probabilities on the input grid, summed in place
+    (one full-size map at a time besides the one being restored)."""
+    total: np.ndarray | None = None
+    for predictor in predictors:
+        data, _, properties = preprocess_arrays(images, None, geometry, predictor.configuration)
+        probabilities = predictor.predict_preprocessed(data, geometry.direction)
+        del data
+        restored = restore_probabilities(probabilities, properties)
+        del probabilities
+        if total is None:
+            total = restored
+        else:
+            total += restored  # every member is restored to the same input grid
+        del restored
+    if len(predictors) > 1:
+        total /= len(predictors)
+    return total

@@ -1,0 +1,347 @@
+"""Compute-budget planning: FLOP counts, the cost model, the probe and its cache, the ladder of candidates, the
+plans' record of the estimate, and the training's check of it.
+
+Every plan here uses a *fake* probe with fixed coefficients (those of a 2-core CPU), so the decisions do not depend
+on the machine running the suite; only the cache test runs the real probe, on tiny networks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import autoseg.plan.probe as probe
+from autoseg.api.plan import budget_request, plan_and_preprocess
+from autoseg.commands.plan import main as plan_main
+from autoseg.data.dataset import find_dataset
+from autoseg.machine import Precision
+from autoseg.networks import ResidualUNet
+from autoseg.plan.budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
+from autoseg.plan.cost_model import CostModel, NetworkShape, ProbePoint
+from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
+from autoseg.plan.probe import ComputeProbe, load_or_run_probe
+from autoseg.plans import Plans
+from autoseg.train.time_promise import TimePromise
+from planners import get_planner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FP32 = Precision("fp32", None, False, "test")
+
+
+def fake_probe(speed: float = 1.0) -> ComputeProbe:
+    """A probe with the coefficients measured on a 2-core CPU (bf16), ``speed`` times faster."""
+    point = ProbePoint((8, 16, 32, 64), (32, 32, 32), 2, 1.3, 9.8, 0.09 / speed, 0.02 / speed)
+    return ComputeProbe(
+        machine={"device": "cpu", "model": "test CPU", "threads": 2, "torch": torch.__version__, "precision": "fp32"},
+        created="2026-11-30T00:00:00+00:00",
+        probe_seconds=20.0,
+        memory_format="contiguous",
+        memory_format_seconds={"contiguous": 0.45, "channels_last_3d": 0.52},
+        augmentation_seconds_per_megavoxel=0.25 / speed,
+        points=(point,),
+        training=CostModel(0.0159 / speed, 0.0, 0.85 / speed, 0.0167 / speed),
+        inference=CostModel(0.0029 / speed, 0.0012 / speed, 0.0, 0.004 / speed),
+    )
+
+
+def budget(minutes: float, speed: float = 1.0) -> BudgetRequest:
+    return BudgetRequest(minutes, "cpu", "fp32", fake_probe(speed), True)
+
+
+@pytest.fixture(scope="module")
+def atlas_1mm_fingerprint(tiny_sources: dict[str, Path]) -> Fingerprint:
+    """The tiny ATLAS-like fingerprint with the sizes of 20 whole-brain 1 mm T1w scans (197x233x189)."""
+    fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
+    aggregate = dataclasses.replace(
+        fingerprint.aggregate,
+        num_cases=20,
+        median_spacing=(1.0, 1.0, 1.0),
+        spacing_percentile_10=(1.0, 1.0, 1.0),
+        median_shape=(197.0, 233.0, 189.0),
+        median_cropped_shape=(150.0, 184.0, 158.0),
+        median_cropped_size_mm=(150.0, 184.0, 158.0),
+        anisotropy_ratio=1.0,
+    )
+    return dataclasses.replace(fingerprint, aggregate=aggregate)
+
+
+# ---------------------------------------------------------------------------- FLOPs and the cost model
+@pytest.mark.parametrize("dimension", [2, 3])
+def test_forward_macs_equal_torch_flop_counter(dimension: int) -> None:
+    if dimension == 3:
+        kwargs = dict(
+            features=(8, 16, 32, 32),
+            strides=((1, 1, 1), (2, 2, 2), (2, 2, 1), (2, 2, 2)),
+            kernel_sizes=((3, 3, 3), (3, 3, 3), (3, 3, 1), (3, 3, 3)),
+        )
+        patch = (32, 24, 16)
+    else:
+        kwargs = dict(features=(8, 16, 32), strides=((1, 1), (2, 2), (2, 2)), kernel_sizes=((3, 3),) * 3)
+        patch = (40, 24)
+    for deep_supervision in (True, False):
+        network = ResidualUNet(in_channels=2, num_classes=1, deep_supervision=deep_supervision, **kwargs)
+        with FlopCounterMode(display=False) as counter:
+            network(torch.zeros(1, 2, *patch))
+        assert network.forward_macs(patch) == counter.get_total_flops() // 2
+
+
+def test_cost_model_recovers_known_coefficients_and_interpolates() -> None:
+    truth = CostModel(0.01, 0.002, 0.3, 0.05)
+    gmacs, activations, voxels = [1.0, 5.0, 20.0, 8.0, 3.0], [10.0, 40.0, 90.0, 100.0, 5.0], [0.1, 0.5, 0.4, 2.0, 1.0]
+    seconds = [truth.seconds(g, a, v) for g, a, v in zip(gmacs, activations, voxels)]
+    fitted = CostModel.fit(gmacs, activations, voxels, seconds)
+    assert tuple(fitted.__dict__.values()) == pytest.approx(tuple(truth.__dict__.values()), rel=1e-6)
+    assert fitted.seconds(10.0, 50.0, 1.0) == pytest.approx(truth.seconds(10.0, 50.0, 1.0))  # between probed points
+    assert min(CostModel.fit([1, 2, 3], [1, 2, 3], [1, 2, 3], [3.0, 2.0, 1.0]).__dict__.values()) >= 0
+
+
+# ---------------------------------------------------------------------------- the probe and its cache
+@pytest.fixture
+def quick_probe(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The real probe on tiny networks; returns a list that grows by one per probe run."""
+    monkeypatch.setattr(probe, "CPU_PROBE_NETWORKS", ((4, 16), (4, 24), (8, 16)))
+    monkeypatch.setattr(probe, "PROBE_REPEATS", 1)
+    monkeypatch.setattr(probe, "AUGMENTATION_PROBE_EDGE", 16)
+    monkeypatch.setattr(probe, "AUGMENTATION_PROBE_SAMPLES", 1)
+    runs: list[int] = []
+    original = probe.run_probe
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "run_probe", counting)
+    return runs
+
+
+def test_probe_is_cached_per_machine_and_reprobed_when_machine_or_torch_changes(
+    quick_probe: list[int], data_roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = torch.device("cpu")
+    first, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert not cached and len(quick_probe) == 1
+    assert first.machine["threads"] == torch.get_num_threads() and first.machine["torch"] == torch.__version__
+    assert all(p.train_seconds > 0 and p.inference_seconds > 0 for p in first.points)
+    assert first.memory_format in ("contiguous", "channels_last_3d")
+    files = list((data_roots / "compute_probes").glob("probe_*.json"))
+    assert len(files) == 1
+    again, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert cached and len(quick_probe) == 1 and again == first
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # a torch upgrade
+    _, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert not cached and len(quick_probe) == 2
+    monkeypatch.setattr("autoseg.machine.cpu_model", lambda: "another CPU")  # another machine
+    _, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert not cached and len(quick_probe) == 3
+    files = sorted((data_roots / "compute_probes").glob("probe_*.json"))
+    assert len(files) == 3
+    files[0].write_text("{ not json")  # a damaged cache file is probed again, not trusted
+    monkeypatch.undo()
+
+
+# ---------------------------------------------------------------------------- planning to a budget
+def _plan(fingerprint: dict, minutes: float, planner: str = "DefaultPlanner", speed: float = 1.0) -> Plans:
+    return get_planner(planner)(fingerprint, compute=budget(minutes, speed)).plan()
+
+
+def test_a_smaller_budget_never_plans_a_larger_network_patch_or_iteration_count(atlas_1mm_fingerprint: dict) -> None:
+    seen, previous = [], None
+    for minutes in (5, 8, 12, 15, 20, 30, 45, 60, 90, 120, 240, 480, 960, 2880, 10080, 40320):
+        plans = _plan(atlas_1mm_fingerprint, minutes, speed=4.0)
+        configuration, record = plans.configuration(), plans.compute_budget
+        assert record.estimated_minutes <= minutes * 1.001, (minutes, record.estimated_minutes)
+        features = configuration.network.features
+        current = (
+            configuration.target_spacing,
+            features,
+            configuration.patch_size,
+            configuration.batch_size,
+            record.iterations,
+        )
+        if previous is not None:
+            spacing, old_features, patch, batch, iterations = previous
+            assert all(a <= b for a, b in zip(configuration.target_spacing, spacing)), (minutes, current, previous)
+            assert features[0] >= old_features[0] and len(features) >= len(old_features), (minutes, current, previous)
+            assert all(a >= b for a, b in zip(configuration.patch_size, patch)), (minutes, current, previous)
+            assert configuration.batch_size >= batch and record.iterations >= iterations, (minutes, current, previous)
+        previous = current
+        seen.append(current)
+    assert {s[0] for s in seen} == {(2.0, 2.0, 2.0), (1.0, 1.0, 1.0)}, "the budget trades resolution"
+    assert len({(s[1][0], s[2]) for s in seen}) >= 4, "and width and patch"
+    unlimited = get_planner("DefaultPlanner")(atlas_1mm_fingerprint).plan().configuration()
+    richest = _plan(atlas_1mm_fingerprint, 40320, speed=4.0).configuration()
+    assert (richest.network, richest.patch_size, richest.batch_size, richest.target_spacing) == (
+        unlimited.network,
+        unlimited.patch_size,
+        unlimited.batch_size,
+        unlimited.target_spacing,
+    )
+    assert richest.data_identifier == unlimited.data_identifier == "3d_resunet"
+    cheap = _plan(atlas_1mm_fingerprint, 8, speed=4.0).configuration()
+    assert cheap.data_identifier == "3d_resunet_2x2x2mm", "a lowered resolution gets its own data folder"
+
+
+def test_the_budget_is_laid_out_as_a_complete_schedule_and_recorded_with_its_reasons(
+    atlas_1mm_fingerprint: dict, tmp_path: Path
+) -> None:
+    plans = _plan(atlas_1mm_fingerprint, 20, speed=4.0)
+    plans.to_json(tmp_path / "plans.json")
+    plans = Plans.from_json(tmp_path / "plans.json")  # survives the JSON round trip
+    configuration, record = plans.configuration(), plans.compute_budget
+    schedule = configuration.schedule
+    assert (record.device, record.minutes, record.precision, record.configuration) == ("cpu", 20, "fp32", "3d_resunet")
+    assert record.iterations == schedule.epochs * schedule.iterations_per_epoch >= target_iterations(20)
+    estimate = record.estimates["3d_resunet"]
+    assert (
+        record.estimated_minutes
+        == estimate["estimated_minutes"]
+        == pytest.approx(sum(estimate["minutes"].values()), abs=0.02)
+    )
+    assert estimate["minutes"]["final_validation"] > 0, "the end-of-fold validation counts towards the budget"
+    assert record.seconds_per_iteration == pytest.approx(
+        estimate["network_seconds_per_iteration"] + estimate["loader_seconds_per_iteration"], abs=1e-3
+    )
+    assert record.probe["machine"]["model"] == "test CPU" and "cached probe of test CPU" in record.reasons["probe"]
+    reason = configuration.reasons["compute_budget"]
+    assert "would allow only" in reason and "iterations" in reason and "20-minute budget" in reason
+    # every stage starts inside the run; zoom-out takes the last eighth; validation every epoch
+    starts = [stage.start_epoch for stage in schedule.stages]
+    assert starts[0] == 0 and all(0 < s < schedule.epochs for s in starts[1:])
+    if len(starts) == 2:
+        assert starts[1] == round(schedule.epochs * 7 / 8)
+    assert 1 <= schedule.val_iterations_per_epoch <= schedule.iterations_per_epoch
+    assert "laid out over the budget" in configuration.reasons["schedule"]
+    # the symmetric configuration (the tiny brains are symmetric) is fitted to the same budget, with its 2 channels
+    symmetric = plans.configuration("3d_resunet_sym")
+    assert (
+        record.estimates["3d_resunet_sym"]["estimated_minutes"] <= 20
+        and "would allow only" in symmetric.reasons["compute_budget"]
+        and "laid out over the budget" in symmetric.reasons["schedule"]
+    )
+    assert (
+        symmetric.schedule.epochs * symmetric.schedule.iterations_per_epoch
+        == record.estimates["3d_resunet_sym"]["iterations"]
+        >= target_iterations(20)
+    )
+
+
+def test_without_a_budget_the_plans_are_todays(atlas_1mm_fingerprint: dict) -> None:
+    plans = get_planner("DefaultPlanner")(atlas_1mm_fingerprint).plan()
+    assert plans.compute_budget is None
+    schedule = plans.configuration().schedule
+    assert (schedule.epochs, schedule.iterations_per_epoch, schedule.val_iterations_per_epoch) == (1000, 250, None)
+
+
+def test_a_budget_too_small_for_a_useful_run_is_a_clear_error(atlas_1mm_fingerprint: dict) -> None:
+    with pytest.raises(
+        BudgetError,
+        match=r"budget of 0.2 minutes is too small: the cheapest plan needs about "
+        r"[0-9.]+ minutes for 100 iterations",
+    ):
+        _plan(atlas_1mm_fingerprint, 0.2)
+    with pytest.raises(BudgetError, match="positive number of minutes"):
+        budget(0)
+
+
+def test_schedule_layout_keeps_epochs_about_a_minute_and_never_exceeds_the_iterations() -> None:
+    for iterations, seconds in ((100, 0.5), (1000, 0.43), (5000, 2.0), (250_000, 0.2), (733, 0.05)):
+        layout = lay_out_schedule(iterations, seconds)
+        assert layout.iterations <= iterations and layout.iterations >= iterations - layout.iterations_per_epoch
+        assert layout.epochs >= 8 or iterations < 80
+        assert 1 <= layout.val_iterations <= layout.iterations_per_epoch
+    assert lay_out_schedule(250_000, 0.2).iterations_per_epoch == 250  # nnU-Net's epoch at most
+    assert lay_out_schedule(1000, 0.5).iterations_per_epoch == 120  # a minute per epoch
+    assert target_iterations(15) == 2000 and target_iterations(60) == 4000
+
+
+def test_command_line_budget_in_minutes_or_hours(
+    tiny_atlas: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(
+        "autoseg.api.plan.load_or_run_probe",
+        lambda device, precision: (
+            dataclasses.replace(fake_probe(20.0), machine={**fake_probe().machine, "precision": precision.name}),
+            True,
+        ),
+    )
+    assert plan_main(["-d", "ATLASTiny", "--budget-minutes", "3", "--device", "cpu", "--no-progress", "-np", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "compute budget: 3 min per fold on cpu (fp32); estimated" in out
+    record = Plans.from_json(tiny_atlas.parent.parent / "preprocessed" / tiny_atlas.name / "plans.json").compute_budget
+    assert record.minutes == 3 and record.estimated_minutes <= 3
+    assert plan_main(["-d", "ATLASTiny", "--budget-hours", "0.05", "--no-progress", "-np", "1"]) == 0
+    assert "compute budget: 3 min per fold" in capsys.readouterr().out
+    for minutes in ("-1", "0", "inf", "nan"):
+        with pytest.raises(SystemExit) as stopped:
+            plan_main(["-d", "ATLASTiny", "--budget-minutes", minutes, "--no-progress"])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert (
+            error
+            == f"autoseg_plan: error: argument --budget-minutes: must be a positive finite number, got '{minutes}'"
+        )
+    for minutes in (-1.0, 0.0, math.inf, math.nan):
+        with pytest.raises(BudgetError, match="positive finite number of minutes"):
+            budget_request(minutes)
+    assert plan_and_preprocess("ATLASTiny", progress=False).plans.compute_budget is None
+
+
+# ---------------------------------------------------------------------------- keeping the promise
+def test_time_check_names_the_cause_of_an_overrun() -> None:
+    promise = TimePromise(
+        network_seconds=0.4,
+        loader_seconds=0.05,
+        validation_batch_seconds=0.1,
+        overhead_seconds=2.0,
+        final_validation_seconds=30.0,
+        epochs=10,
+        iterations_per_epoch=100,
+        val_iterations=10,
+    )
+    assert promise.epoch_seconds == pytest.approx(100 * 0.45 + 10 * 0.1 + 2.0)
+    assert promise.total_seconds == pytest.approx(10 * promise.epoch_seconds + 30.0)
+    ok, line = promise.check("training", 480.0, 480.0 * 1.2, step_seconds=400.0, steps=1000)
+    assert ok and "(-17%)" in line
+    ok, line = promise.check("training", 700.0, 480.0, loader_wait=250.0, step_seconds=400.0, steps=1000)
+    assert not ok and line.startswith("WARNING") and "the loader kept the network waiting" in line
+    ok, line = promise.check("training", 900.0, 480.0, loader_wait=5.0, step_seconds=800.0, steps=1000)
+    assert not ok and "network steps took 0.80 s instead of 0.40 s: other load on the machine" in line
+    ok, line = promise.check("validation", 60.0, 30.0)
+    assert not ok and "validation, checkpoints or plotting" in line
+
+
+def test_estimate_of_a_planned_network_matches_the_probe_at_a_probed_point() -> None:
+    probe = fake_probe()
+    shape = NetworkShape.isotropic(8, 32)
+    point = probe.points[0]
+    assert shape.features == point.features
+    seconds = probe.step_seconds(shape, point.patch, point.batch)
+    assert seconds == pytest.approx(
+        probe.training.seconds(point.gmacs, point.mega_activations, 2 * 32**3 / 1e6), rel=0.02
+    )
+    assert math.isclose(point.gmacs, 2 * shape.macs(point.patch) / 1e9, rel_tol=0.05)
+
+
+def test_thin_slabs_get_both_configurations_fitted_to_the_budget(tiny_sources: dict[str, Path]) -> None:
+    fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["ctp"])), progress=False)
+    plans = get_planner("CPUPlanner")(fingerprint, compute=budget(10)).plan()
+    # the CT head is symmetric, so the in-plane symmetric PSPNet is planned and budgeted too
+    assert set(plans.compute_budget.estimates) == {"2d_pspnet", "3d_aniso", "2d_pspnet_sym"}
+    assert plans.compute_budget.configuration == "2d_pspnet"
+    for name, estimate in plans.compute_budget.estimates.items():
+        schedule = plans.configuration(name).schedule
+        assert (
+            estimate["estimated_minutes"] <= 10
+            and estimate["iterations"] == schedule.epochs * schedule.iterations_per_epoch
+        ), name
+        assert "compute_budget" in plans.configuration(name).reasons
+    pspnet = plans.configuration("2d_pspnet").schedule
+    assert 0 < pspnet.stages[1].start_epoch < pspnet.epochs  # the frozen-backbone phase stays first
+    assert pspnet.early_stopping_patience_epochs <= pspnet.epochs
+    assert all(stride[2] == 1 for stride in plans.configuration("3d_aniso").network.strides)
