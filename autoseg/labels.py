@@ -78,8 +78,8 @@ def declared_label_problems(labels: Mapping[str, object]) -> list[str]:
     """What keeps ``dataset.json``'s ``labels`` from being used, one phrase each; empty when they can be.
 
     Labels must map names to integers (not booleans), with background 0, at least one other label, no value twice,
-    at most :data:`MAX_CLASSES` non-zero values, and every value within int32 (the widest type a label map is
-    written in).
+    at most :data:`MAX_CLASSES` non-zero values, and every value from 0 to the int32 maximum (the widest type a label
+    map is written in; negative values are refused, as nnU-Net refuses them).
     """
     values = list(labels.values())
     wrong = [f"{name!r}: {value!r}" for name, value in labels.items() if type(value) is not int]
@@ -92,9 +92,9 @@ def declared_label_problems(labels: Mapping[str, object]) -> list[str]:
     if repeated:
         problems.append(f"label value(s) {repeated} declared under more than one name")
     info = np.iinfo(np.int32)
-    outside = [value for value in values if not info.min <= value <= info.max]
+    outside = [value for value in values if not 0 <= value <= info.max]
     if outside:
-        problems.append(f"label value(s) {outside} outside {info.min}..{info.max}")
+        problems.append(f"label value(s) {outside} outside 0..{info.max} (label values are never negative)")
     if len(set(values) - {0}) > MAX_CLASSES:
         problems.append(f"{len(set(values) - {0})} non-zero labels; at most {MAX_CLASSES} are supported")
     return problems

@@ -106,6 +106,10 @@ HOSTILE_HEADERS = {
     "metre_voxel": "[1e+09, 1e+09, 1e+09] mm in the header lies outside",
     "negative_pixdim": "[-1, 1, 1] mm in the header: every voxel size must be a positive number",
     "micrometre_voxel": "[1e-06, 1e-06, 1e-06] mm in the header lies outside",
+    # SimpleITK reads a NaN, infinite or zero pixdim as 1 mm: only the NIfTI header itself tells
+    "nan_pixdim": "voxel size (pixdim) nan, 1, 1 in the NIfTI header: every voxel size must be a positive number",
+    "zero_pixdim": "voxel size (pixdim) 1, 0, 1 in the NIfTI header: every voxel size must be a positive number",
+    "inf_pixdim": "voxel size (pixdim) 1, 1, inf in the NIfTI header: every voxel size must be a positive number",
 }
 
 
@@ -120,7 +124,14 @@ def _write_hostile_image(path: Path, kind: str) -> Path:
     import numpy as np
 
     shape = {"huge": (32767,) * 3, "cut_short": (200,) * 3}.get(kind, (8, 8, 8))
-    pixdim = {"metre_voxel": (1e9,) * 3, "negative_pixdim": (-1.0, 1.0, 1.0), "micrometre_voxel": (1e-6,) * 3}
+    pixdim = {
+        "metre_voxel": (1e9,) * 3,
+        "negative_pixdim": (-1.0, 1.0, 1.0),
+        "micrometre_voxel": (1e-6,) * 3,
+        "nan_pixdim": (float("nan"), 1.0, 1.0),
+        "zero_pixdim": (1.0, 0.0, 1.0),
+        "inf_pixdim": (1.0, 1.0, float("inf")),
+    }
     header = nibabel.Nifti1Header()
     header.set_data_shape(shape)
     header.set_data_dtype(np.float32)

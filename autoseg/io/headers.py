@@ -121,11 +121,13 @@ def check_header(path: str | Path, geometry: Geometry, components: int = 1) -> N
     if too_many:
         raise ImageHeaderError(f"{path}: the header declares {too_many}")
     if _is_nifti(path):
-        _check_nifti_size(Path(path), geometry.shape, components)
+        _check_nifti_header(Path(path), geometry.shape, components)
 
 
-def _check_nifti_size(path: Path, shape: Sequence[int], components: int) -> None:
-    """Refuse a NIfTI file that cannot hold the voxels its header declares, or a ``.nii.gz`` that is not gzip."""
+def _check_nifti_header(path: Path, shape: Sequence[int], components: int) -> None:
+    """Refuse a NIfTI file whose pixdim gives a spatial axis a NaN, infinite or zero voxel size (SimpleITK reads
+    such an axis as 1 mm, or takes the sform's instead: either way the header is broken), that cannot hold the
+    voxels its header declares, or a ``.nii.gz`` that is not gzip."""
     import nibabel
 
     size = path.stat().st_size
@@ -140,6 +142,14 @@ def _check_nifti_size(path: Path, shape: Sequence[int], components: int) -> None
         itemsize = int(header.get_data_dtype().itemsize)
     except (EOFError, OSError, ValueError, zlib.error, nibabel.filebasedimages.ImageFileError) as error:
         raise ImageHeaderError(f"{path}: unreadable NIfTI header ({error})") from None
+    with nibabel.openers.ImageOpener(str(path)) as handle:  # as stored: nibabel.load sets a zero pixdim to 1
+        stored = type(header).from_fileobj(handle, check=False)
+    pixdim = [float(v) for v in stored["pixdim"][1:4]]
+    if not all(np.isfinite(pixdim)) or 0.0 in pixdim:
+        raise ImageHeaderError(
+            f"{path}: voxel size (pixdim) {', '.join(f'{v:g}' for v in pixdim)} in the NIfTI header: every voxel "
+            "size must be a positive number; fix the header's pixdim"
+        )
     declared = offset + int(np.prod([int(n) for n in shape], dtype=object)) * components * itemsize
     if not compressed and size < declared:
         raise ImageHeaderError(

@@ -12,7 +12,7 @@ from conftest import HOSTILE_HEADERS
 
 from autoseg.api.plan import plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
-from autoseg.data.dataset import find_dataset, load_dataset
+from autoseg.data.dataset import DatasetError, find_dataset, load_dataset
 from autoseg.data.verify import VerificationError, check_dataset, verify_dataset
 from autoseg.io.files import read_json
 from autoseg.io.geometry import Geometry
@@ -362,3 +362,12 @@ def test_almost_integer_label_values_are_rounded_with_a_note(data_roots: Path) -
     ]
     rewrite(label, np.where(array > 0, 0.6, 0).astype(np.float32))
     assert problems_of(folder) == [f"case c1: {label}: label values 0.6 are not integers"]
+
+
+def test_a_negative_declared_label_is_refused_for_what_it_is(data_roots: Path) -> None:
+    """``"lesion": -5`` with int16 label files holding -5: dataset.json's labels are refused as negative, once, not
+    each label file as holding values "not in" the very labels it declares."""
+    folder = make_dataset(data_roots)
+    _relabel(folder, {"background": 0, "lesion": -5}, -5, np.int16)
+    with pytest.raises(DatasetError, match=r"label value\(s\) \[-5\] outside 0\.\.2147483647 \(label values are never"):
+        load_dataset(folder)
