@@ -141,7 +141,7 @@ def plan_and_preprocess(
     if resplit is not None:
         changes.append(splits.resplit(folder, identifiers, subjects, resplit))
     elif (folder / SPLITS_FILE).is_file():
-        problem = splits.splits_problem(folder / SPLITS_FILE, identifiers)
+        problem = splits.splits_problem(folder / SPLITS_FILE, identifiers, subjects)
         changes += [problem] if problem else []
     return PlanResult(plans, plans_path, fingerprint_path, done, notes, changes)
 

@@ -186,13 +186,13 @@ def load_or_create_splits(
 
     Raises:
         ValueError: too few cases or subjects for ``num_folds`` (new file).
-        SplitsError: the existing file is malformed, names unknown cases, leaves cases out of every fold, or puts
-            a case in a fold's train and val, or in two folds' val; the message names the file, the problem and
-            how to re-split (:func:`resplit_hint`).
+        SplitsError: the existing file is malformed, names unknown cases, leaves cases out of every fold, puts
+            a case in a fold's train and val, or in two folds' val, or a subject's cases in several folds' val; the
+            message names the file, the problem and how to re-split (:func:`resplit_hint`).
     """
     path = Path(preprocessed_dataset_folder) / SPLITS_FILE
     if path.is_file():
-        problem = splits_problem(path, identifiers)
+        problem = splits_problem(path, identifiers, subjects)
         if problem:
             raise SplitsError(problem)
         splits = read_json(path)
@@ -202,10 +202,12 @@ def load_or_create_splits(
     return splits
 
 
-def splits_problem(path: Path, identifiers: Sequence[str]) -> str | None:
-    """One line naming the splits file ``path``, what is wrong with it given the cases ``identifiers``
-    (:func:`split_problems`, or invalid JSON) and what to do: re-split (:func:`resplit_hint`) when only its cases
-    are out of date, else fix the file or make new splits; None when nothing is wrong."""
+def splits_problem(path: Path, identifiers: Sequence[str], subjects: dict[str, str] | None = None) -> str | None:
+    """One line naming the splits file ``path``, what is wrong with it given the cases ``identifiers`` and their
+    ``subjects`` (:func:`split_problems`, :func:`subject_problems`, or invalid JSON) and what to do: re-split
+    (:func:`resplit_hint`) when only its cases are out of date, new splits when a subject's cases lie in several
+    folds (``dataset.json``'s ``subjects`` changed), else fix the file or make new splits; None when nothing is
+    wrong."""
     dataset = Path(path).parent.name
     try:
         splits = read_json(path)
@@ -213,6 +215,14 @@ def splits_problem(path: Path, identifiers: Sequence[str]) -> str | None:
         splits, problems = None, [str(error).removeprefix(f"{path}: ")]
     else:
         problems = split_problems(splits, identifiers)
+        if not problems and subjects:
+            problems = subject_problems(splits, subjects)
+            if problems:
+                return (
+                    f"{path}: {'; '.join(problems)}. Training refuses these splits: a subject's cases must share a "
+                    f"fold (dataset.json's subjects changed since the splits were made); make new splits with "
+                    f"autoseg_plan -d {dataset} --resplit fresh"
+                )
     if not problems:
         return None
     if _well_formed(splits) and len(stale_problems(splits, identifiers)) == len(problems):
@@ -301,6 +311,22 @@ def stale_problems(splits: Splits, identifiers: Sequence[str]) -> list[str]:
     return [
         *([f"names cases that are not preprocessed: {_listing(unknown)}"] if unknown else []),
         *([f"leaves out cases that are in no fold: {_listing(left_out)}"] if left_out else []),
+    ]
+
+
+def subject_problems(splits: Splits, subjects: dict[str, str]) -> list[str]:
+    """Subjects (``subjects``: case -> subject) whose cases well-formed ``splits`` validate in more than one fold,
+    one phrase each naming the subject, its folds and cases; empty if every subject's cases share a fold."""
+    folds: dict[str, dict[int, list[str]]] = {}
+    for index, fold in enumerate(splits):
+        for case in fold["val"]:
+            if case in subjects:
+                folds.setdefault(subjects[case], {}).setdefault(index, []).append(case)
+    return [
+        f"subject {subject}'s cases are validated in folds {', '.join(map(str, sorted(where)))} "
+        f"({_listing(sorted(case for cases in where.values() for case in cases))})"
+        for subject, where in sorted(folds.items())
+        if len(where) > 1
     ]
 
 

@@ -18,6 +18,7 @@ from autoseg.train.splits import (
     make_splits,
     read_subjects,
     resplit,
+    splits_problem,
 )
 
 # 23 cases of 17 subjects: the last 9 cases belong to 3 subjects (e.g. several CTP slabs of one patient).
@@ -118,6 +119,26 @@ def test_splits_that_leave_a_case_out_are_refused_with_the_resplit_options(tmp_p
         load_or_create_splits(folder, CASES, SUBJECTS)
     message = str(error.value)
     assert "autoseg_plan -d Dataset001_X --resplit keep" in message and "--resplit fresh" in message
+
+
+def test_splits_that_put_one_subjects_cases_in_two_folds_are_refused_with_a_fresh_split(tmp_path: Path) -> None:
+    """dataset.json's subjects changed after the splits were made: two cases validated in different folds now belong
+    to one subject, which would sit on both sides of a fold."""
+    folder = tmp_path / "Dataset001_X"
+    folder.mkdir()
+    splits = make_splits(CASES, SUBJECTS)
+    write_json(splits, folder / SPLITS_FILE)
+    first, second = sorted([splits[0]["val"][0], splits[1]["val"][0]])
+    joined = {**SUBJECTS, first: "S1", second: "S1"}
+    with pytest.raises(
+        SplitsError, match=rf"subject S1's cases are validated in folds 0, 1 \(\['{first}', '{second}'\]\)"
+    ):
+        load_or_create_splits(folder, CASES, joined)
+    assert splits_problem(folder / SPLITS_FILE, CASES, joined).endswith(
+        "make new splits with autoseg_plan -d Dataset001_X --resplit fresh"
+    )
+    assert splits_problem(folder / SPLITS_FILE, CASES, SUBJECTS) is None  # as they were made: sound
+    assert load_or_create_splits(folder, CASES, SUBJECTS) == splits
 
 
 def test_extend_keeps_every_case_in_its_fold_and_puts_new_cases_beside_their_subject() -> None:
