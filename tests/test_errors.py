@@ -187,6 +187,27 @@ def test_export_refuses_a_zip_path_it_cannot_write_in_one_line(
         assert _refused(export_main, ["-o", str(output)], tmp_path, capsys) == message
 
 
+def test_train_pretrain_and_demo_refuse_a_read_only_output_before_any_work_in_one_line(
+    trained_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A read-only AUTOSEG_RESULTS (train), -o folder (pretrain: before ten epochs of training, not after) and
+    AUTOSEG_RAW (demo): one line each, nothing written."""
+    from autoseg.commands.demo import main as demo_main
+    from autoseg.commands.pretrain import main as pretrain_main
+
+    read_only = _read_only(tmp_path / "read_only", monkeypatch)
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(read_only))
+    run = read_only / TINY_MODEL / "3d_resunet" / "ResidualUNetTrainer" / "fold_0"
+    arguments = ["-d", TINY_MODEL, "-f", "0", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "1"]
+    assert _refused(train_main, arguments, tmp_path, capsys) == f"run folder {run}: {read_only} is read-only"
+    arguments = ["-d", TINY_MODEL, "-o", str(read_only / "r.pth"), "--backbone", "resnet18", "--device", "cpu"]
+    message = f"backbone file {read_only / 'r.pth'}: {read_only} is read-only"
+    assert _refused(pretrain_main, arguments, tmp_path, capsys) == message
+    monkeypatch.setenv("AUTOSEG_RAW", str(read_only))
+    message = f"dataset folder {read_only}: is read-only"
+    assert _refused(demo_main, ["atlas", "--tiny"], tmp_path, capsys) == message
+
+
 def test_plan_refuses_preprocessed_folders_it_cannot_write_in_one_line(
     tiny_atlas: Path, data_roots: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -29,6 +29,7 @@ from autoseg.api.train import TrainingOptions
 from autoseg.data.dataset import find_dataset
 from autoseg.errors import ExistingOutputError, UsageError
 from autoseg.io.checkpoints import save_checkpoint
+from autoseg.io.files import check_output_file
 from autoseg.networks.pspnet import RESNET_LAYOUTS
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.plan.topology import round_to_multiple
@@ -161,6 +162,7 @@ def pretrain_backbone(
     )
     if output.exists() and not options.continue_training:
         raise ExistingOutputError(f"{output} exists; choose another output file or delete it")
+    check_output_file(output, "backbone file")  # before the training, not after it
     raw = find_dataset(dataset)
     preprocessed = preprocessed_folder(raw.name)
     plans = Plans.from_json(preprocessed / PLANS_FILE)

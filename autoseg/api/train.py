@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from autoseg.data.dataset import find_dataset
 from autoseg.distributed import DistributedContext, leave
+from autoseg.io.files import check_output_folder
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.plans import Plans
 from autoseg.registry import plugin_class
@@ -165,6 +166,7 @@ def prepare_run(
         raw_dataset=raw,
     )
     if runner.context.is_main:
+        check_output_folder(runner.output_folder, "run folder")  # AUTOSEG_RESULTS read-only: one line, not a traceback
         check_unlocked(runner.output_folder)  # a fold in training is named as such, with or without --continue
     if not options.continue_training:
         runner.refuse_overwrite()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoseg.errors import AutosegError, ExistingOutputError, UsageError
-from autoseg.io.files import read_json, write_json
+from autoseg.io.files import check_output_folder, read_json, write_json
 from autoseg.io.headers import split_ending
 from autoseg.labels import declared_label_problems
 from autoseg.paths import DATASET_FOLDER, matches_dataset_name, raw_root
@@ -349,9 +349,11 @@ def staged_dataset(target: Path, overwrite: bool = False) -> Iterator[Path]:
 
     Raises:
         FileExistsError: ``target`` exists and ``overwrite`` is not set (checked before and after building).
+        OutputPathError: ``target``'s folder is a file or read-only (checked first).
     """
     if target.exists() and not overwrite:
         raise ExistingOutputError(f"{target} exists; pass --overwrite to replace it")
+    check_output_folder(target.parent, "dataset folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
         folder = Path(scratch) / target.name
