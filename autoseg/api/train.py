@@ -36,9 +36,10 @@ from typing import Any, Protocol
 
 from autoseg.data.dataset import find_dataset
 from autoseg.distributed import DistributedContext, leave
+from autoseg.errors import MissingFileError, UsageError
 from autoseg.io.files import check_output_folder
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
-from autoseg.plans import Plans
+from autoseg.plans import Configuration, Plans
 from autoseg.registry import plugin_class
 from autoseg.train.loading import case_identifiers
 from autoseg.train.options import Fold, TrainingOptions, parse_fold
@@ -156,6 +157,7 @@ def prepare_run(
         trainer if isinstance(trainer, type) else plugin_class("trainer", trainer or chosen.schedule.trainer)
     )
     fold = parse_fold(fold)
+    _check_pretrained(options.pretrained, chosen)
     runner = trainer_class(
         plans,
         chosen.name,
@@ -171,6 +173,21 @@ def prepare_run(
     if not options.continue_training:
         runner.refuse_overwrite()
     return runner
+
+
+def _check_pretrained(path: str | None, configuration: Configuration) -> None:
+    """``--pretrained`` starts a PSPNet's backbone: refuse it for another network, or a file that is not there,
+    before anything is trained (rather than ignoring it, or failing after the first stage)."""
+    if path is None:
+        return
+    architecture = configuration.network.architecture
+    if architecture != "PSPNet":
+        raise UsageError(
+            f"--pretrained {path}: configuration '{configuration.name}' trains a {architecture}, and --pretrained "
+            "starts a PSPNet's ResNet backbone; leave it out, or train a 2d_pspnet configuration"
+        )
+    if not Path(path).is_file():
+        raise MissingFileError(f"--pretrained {path}: no such file")
 
 
 def cross_validate(

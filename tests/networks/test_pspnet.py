@@ -360,6 +360,23 @@ def test_a_training_run_given_a_file_of_another_backbone_stops_with_an_error_the
     assert not list((ctp_home / "run").glob("checkpoint_*"))
 
 
+def test_pretrained_weights_for_a_network_without_a_backbone_or_missing_are_refused_before_training(
+    ctp_home: Path, tmp_path: Path
+) -> None:
+    """``--pretrained`` with the 3d_aniso U-Net was silently ignored; a missing file was found only by the trainer.
+    Both are one line from the library before any run folder exists."""
+    from autoseg.api.train import prepare_run
+
+    torch.save(ResNetBackbone("resnet18").state_dict(), tmp_path / "resnet18.pth")
+    options = TrainingOptions(num_processes=0, echo=False, pretrained=str(tmp_path / "resnet18.pth"))
+    with pytest.raises(AutosegError, match=r"configuration '3d_aniso' trains a ResidualUNet, and --pretrained starts"):
+        prepare_run(CTP, "3d_aniso", 0, None, options)
+    missing = dataclasses.replace(options, pretrained=str(tmp_path / "none.pth"))
+    with pytest.raises(AutosegError, match=r"none.pth: no such file"):
+        prepare_run(CTP, "2d_pspnet", 0, None, missing)
+    assert not (ctp_home / "results").exists()
+
+
 def test_ce_trainer_weights_lesions_by_the_lesion_fraction_of_its_training_cases(ctp_home: Path) -> None:
     from autoseg.train.loading import case_identifiers
     from autoseg.train.splits import load_or_create_splits, read_subjects
