@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 from autoseg.api.plan import plan_and_preprocess
-from autoseg.api.predict import find_input_cases, read_case
+from autoseg.api.predict_inputs import find_input_cases, read_case
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.train import main as train_main
 from autoseg.data.demo.atlas import make_atlas_like
