@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from autoseg.api.plan import plan_and_preprocess
 from autoseg.api.train import TrainingOptions, train
 from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.data.demo.ctp import make_ctp_like
-from autoseg.plans import Plans, Stage
+from autoseg.plans import Configuration, Plans, Stage
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,59 @@ TINY_MODEL = "Dataset961_ATLASPredict"
 TINY_MODEL_TRAINER = "ResidualUNetTrainer"
 
 
+@contextmanager
+def home_environment(home: Path) -> Iterator[None]:
+    """``AUTOSEG_HOME`` set to ``home`` and ``AUTOSEG_RAW``/``_PREPROCESSED``/``_RESULTS`` unset while it lasts: for
+    fixtures wider than a test, which cannot use ``monkeypatch`` (:func:`data_roots` does it per test)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOSEG_HOME", str(home))
+        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
+            patch.delenv(variable, raising=False)
+        yield
+
+
+def tiny_configuration(
+    configuration: Configuration,
+    features: Sequence[int],
+    patch_size: Sequence[int],
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    iterations_per_epoch: int = 1,
+    trainer: str = "ResidualUNetTrainer",
+    mirror_axes: Sequence[int] | None = None,
+    deep_supervision: bool | None = None,
+) -> Configuration:
+    """``configuration`` made small enough to train in seconds: a U-Net of ``features`` per level (3³ kernels, stride
+    1 then 2 per level), one stage of ``patch_size`` cubes in batches of ``batch_size`` at lr 1e-2 without restarts;
+    ``mirror_axes`` and ``deep_supervision`` as given, else as planned."""
+    levels = len(features)
+    network = dataclasses.replace(
+        configuration.network,
+        features=tuple(features),
+        strides=((1, 1, 1),) + ((2, 2, 2),) * (levels - 1),
+        kernel_sizes=((3, 3, 3),) * levels,
+        **({} if deep_supervision is None else {"deep_supervision": deep_supervision}),
+    )
+    stage = Stage(name="full", start_epoch=0, patch_size=tuple(patch_size), batch_size=batch_size, learning_rate=1e-2)
+    schedule = dataclasses.replace(
+        configuration.schedule,
+        trainer=trainer,
+        epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+        restart_period_epochs=None,
+        stages=(stage,),
+    )
+    return dataclasses.replace(
+        configuration,
+        network=network,
+        patch_size=tuple(patch_size),
+        batch_size=batch_size,
+        schedule=schedule,
+        **({} if mirror_axes is None else {"mirror_axes": tuple(mirror_axes)}),
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A home with a tiny model trained once per session: a 5-case tiny ATLAS-like dataset ``TINY_MODEL``, planned,
@@ -167,32 +221,13 @@ def tiny_model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("tiny_model_home")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors gain nothing from threads (see one_torch_thread)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AUTOSEG_HOME", str(home))
-        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
-            patch.delenv(variable, raising=False)
+    with home_environment(home):
         make_atlas_like(home / "raw" / TINY_MODEL, num_cases=5, seed=0, tiny=True, progress=False)
         plans = plan_and_preprocess(TINY_MODEL, progress=False).plans
         path = home / "preprocessed" / TINY_MODEL / "plans.json"
-        configuration = plans.configuration()
-        features = (4, 8, 16)
-        network = dataclasses.replace(
-            configuration.network,
-            features=features,
-            strides=((1, 1, 1),) + ((2, 2, 2),) * 2,
-            kernel_sizes=((3, 3, 3),) * 3,
-        )
-        schedule = dataclasses.replace(
-            configuration.schedule,
-            trainer=TINY_MODEL_TRAINER,
-            epochs=1,
-            iterations_per_epoch=1,
-            restart_period_epochs=None,
-            stages=(Stage(name="full", start_epoch=0, patch_size=(32, 32, 32), batch_size=1, learning_rate=1e-2),),
-        )
         # 32³ windows and mirroring along one axis keep a prediction to a few dozen forward passes.
-        configuration = dataclasses.replace(
-            configuration, network=network, patch_size=(32, 32, 32), batch_size=1, schedule=schedule, mirror_axes=(0,)
+        configuration = tiny_configuration(
+            plans.configuration(), (4, 8, 16), (32, 32, 32), 1, trainer=TINY_MODEL_TRAINER, mirror_axes=(0,)
         )
         dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(path)
         Plans.from_json(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import home_environment, tiny_configuration
 
 from autoseg import distributed
 from autoseg.api.plan import plan_and_preprocess
@@ -27,7 +28,7 @@ from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.io.checkpoints import load_checkpoint
 from autoseg.io.files import read_json
 from autoseg.paths import run_folder
-from autoseg.plans import Plans, Stage
+from autoseg.plans import Plans
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "Dataset961_ATLASParallel"
@@ -40,32 +41,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """5 tiny ATLAS-like cases planned with a 4-8-16-32 network, 16³ patches, batch 3, 5 epochs of 6 iterations."""
     home = tmp_path_factory.mktemp("distributed_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AUTOSEG_HOME", str(home))
-        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
-            patch.delenv(variable, raising=False)
+    with home_environment(home):
         make_atlas_like(home / "raw" / DATASET, num_cases=5, seed=0, tiny=True, progress=False)
         plans = plan_and_preprocess(DATASET, progress=False).plans
-    configuration = plans.configuration()
     # 4 levels, as planned networks have: the coarsest deep-supervision head has loss weight 0, so its parameters
     # get no gradient, which DDP must be told about
-    network = dataclasses.replace(
-        configuration.network,
-        features=(4, 8, 16, 32),
-        kernel_sizes=((3, 3, 3),) * 4,
-        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
-        deep_supervision=True,
-    )
-    schedule = dataclasses.replace(
-        configuration.schedule,
-        trainer="ResidualUNetTrainer",
-        epochs=5,
-        iterations_per_epoch=6,
-        restart_period_epochs=None,
-        stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=3, learning_rate=1e-2),),
-    )
-    configuration = dataclasses.replace(
-        configuration, network=network, patch_size=(16, 16, 16), batch_size=3, schedule=schedule
+    configuration = tiny_configuration(
+        plans.configuration(), (4, 8, 16, 32), (16, 16, 16), 3, epochs=5, iterations_per_epoch=6, deep_supervision=True
     )
     path = home / "preprocessed" / DATASET / "plans.json"
     dataclasses.replace(plans, configurations={configuration.name: configuration}).to_json(path)

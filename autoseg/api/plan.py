@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoseg.data.dataset import Case, find_dataset
+from autoseg.data.dataset import Case, RawDataset, find_dataset
 from autoseg.data.verify import VerificationReport, check_dataset, training_cases
 from autoseg.io.files import check_output_file, check_output_folder
 from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, SPLITS_FILE, preprocessed_folder
 from autoseg.plan.budget import BudgetError, BudgetRequest
-from autoseg.plan.fingerprint import ChannelFingerprint, compute_fingerprint
+from autoseg.plan.fingerprint import ChannelFingerprint, Fingerprint, compute_fingerprint
 from autoseg.plan.probe import load_or_run_probe
 from autoseg.plan.topology import histeq_twin
 from autoseg.plans import Plans, PlansError, zscore_name
@@ -107,20 +107,16 @@ def plan_and_preprocess(
         report = check_dataset(dataset, num_processes, progress)
         cases, notes = report.cases, [str(note) for note in report.notes]
     else:
-        planner_class = plugin_class("planner", planner)
-        fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
-        notes = list(fingerprint.notes)
-        previous = _previous_plans(plans_path, notes)
-        if normalization == "histeq" and previous is not None:
-            plans = add_histeq_twins(previous, fingerprint.channels)
-            notes.append(
-                f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
-                "they are (run autoseg_plan without --normalization histeq to re-plan them)"
-            )
-        else:
-            compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
-            plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
-            plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
+        fingerprint, plans, notes = _fingerprint_and_plan(
+            dataset,
+            plans_path,
+            planner,
+            memory_budget_gb,
+            (budget_minutes, device),
+            normalization,
+            num_processes,
+            progress,
+        )
     chosen = [plans.configuration(name) for name in configurations or list(plans.configurations)]
     for configuration in chosen:  # before anything is written
         check_output_folder(folder / configuration.data_identifier, "preprocessed folder")
@@ -137,13 +133,50 @@ def plan_and_preprocess(
         done[configuration.data_identifier] = preprocess_dataset(
             cases, configuration, target, num_processes, progress, labels=dataset.labels
         )
+    changes += _splits_changes(folder, cases, resplit)
+    return PlanResult(plans, plans_path, fingerprint_path, done, notes, changes)
+
+
+def _fingerprint_and_plan(
+    dataset: RawDataset,
+    plans_path: Path,
+    planner: str,
+    memory_budget_gb: float | None,
+    compute_budget: tuple[float | None, str],
+    normalization: str,
+    num_processes: int,
+    progress: bool,
+) -> tuple[Fingerprint, Plans, list[str]]:
+    """Verify and fingerprint ``dataset`` (a dataset that fails stops here, before anything is written), then plan
+    it with ``planner`` (fitted to ``compute_budget``: minutes per fold and the device, when minutes are given), or,
+    for ``histeq`` with an existing ``plans_path``, add the histogram-equalized twins to it. Nothing is written.
+    Returns the fingerprint, the plans and the notes to print."""
+    planner_class = plugin_class("planner", planner)
+    fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
+    notes = list(fingerprint.notes)
+    previous = _previous_plans(plans_path, notes)
+    if normalization == "histeq" and previous is not None:
+        notes.append(
+            f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
+            "they are (run autoseg_plan without --normalization histeq to re-plan them)"
+        )
+        return fingerprint, add_histeq_twins(previous, fingerprint.channels), notes
+    budget_minutes, device = compute_budget
+    compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
+    plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
+    return fingerprint, plans if previous is None else keep_unplanned(previous, plans, normalization), notes
+
+
+def _splits_changes(folder: Path, cases: Sequence[Case], resplit: str | None) -> list[str]:
+    """``splits_final.json`` re-split as ``resplit`` asks (its line), else what no longer fits the dataset's
+    ``cases`` in it (a line, for training refuses it), else nothing."""
     identifiers, subjects = [case.identifier for case in cases], {case.identifier: case.subject for case in cases}
     if resplit is not None:
-        changes.append(splits.resplit(folder, identifiers, subjects, resplit))
-    elif (folder / SPLITS_FILE).is_file():
+        return [splits.resplit(folder, identifiers, subjects, resplit)]
+    if (folder / SPLITS_FILE).is_file():
         problem = splits.splits_problem(folder / SPLITS_FILE, identifiers, subjects)
-        changes += [problem] if problem else []
-    return PlanResult(plans, plans_path, fingerprint_path, done, notes, changes)
+        return [problem] if problem else []
+    return []
 
 
 def update_cases(folder: Path, plans: Plans, cases: Sequence[Case]) -> list[str]:

@@ -56,10 +56,9 @@ memory stays flat over any number of cases (``documentation/benchmarks.md``).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,23 +67,24 @@ from torch import nn
 from tqdm import tqdm
 
 from autoseg.api.model_files import InstalledModel, install_for_prediction
-from autoseg.data.dataset import CHANNEL_FILE, cases_from_files
-from autoseg.errors import AutosegError, DataError, InvalidFileError, MissingFileError, UsageError
+from autoseg.api.predict_inputs import InputCase, find_input_cases, read_case, read_case_list, select_cases
+from autoseg.api.predict_outputs import (
+    SUMMARY_FILE,
+    CaseFailure,
+    PredictionSummary,
+    case_failure,
+    check_outputs,
+    output_files,
+    summary_path,
+)
+from autoseg.errors import AutosegError, InvalidFileError, UsageError
 from autoseg.infer.postprocessing import postprocess_probabilities, read_tuned_postprocessing
 from autoseg.infer.predictor import Predictor
 from autoseg.infer.sliding_window import TTA_CHOICES
 from autoseg.io.checkpoints import load_checkpoint
-from autoseg.io.files import DiskFullError, OutputPathError, check_output_folder, write_json
+from autoseg.io.files import DiskFullError, check_output_folder, write_json
 from autoseg.io.geometry import Geometry
-from autoseg.io.headers import IMAGE_ENDINGS, split_ending
-from autoseg.io.images import (
-    companion_files,
-    count_non_finite,
-    image_files,
-    read_image,
-    remove_stale_temporaries,
-    write_like,
-)
+from autoseg.io.images import remove_stale_temporaries, write_like
 from autoseg.labels import values_from_classes
 from autoseg.machine import choose_device, choose_precision
 from autoseg.networks import build_network
@@ -120,8 +120,6 @@ __all__ = [
     "summary_path",
 ]
 
-#: Written by :func:`predict` into the output folder (``prediction_summary_part{i}of{K}.json`` for part i of K).
-SUMMARY_FILE = "prediction_summary.json"
 #: Errors that fail one case and not the run: every user-facing error (:class:`AutosegError`: the input cannot be
 #: read (:class:`ImageReadError`, also for a file that is not 3-D), its header declares what autoseg does not read
 #: (:class:`autoseg.io.headers.ImageHeaderError`: too many voxels for this machine, more voxel bytes than the file holds, a
@@ -131,73 +129,6 @@ SUMMARY_FILE = "prediction_summary.json"
 #: freed with it, so the next case starts afresh). A full disk (:class:`DiskFullError`) ends the run, and anything
 #: else (a bug) surfaces with its traceback.
 CASE_ERRORS = (AutosegError, OSError, MemoryError)
-
-
-@dataclass(frozen=True)
-class InputCase:
-    """One case to predict: its identifier, channel files in channel order, and the ending of its output."""
-
-    identifier: str
-    images: tuple[Path, ...]
-    ending: str
-
-
-@dataclass(frozen=True)
-class CaseFailure:
-    """A case that could not be predicted: its identifier, the file at fault (else all its channel files) and the
-    problem, in one line."""
-
-    identifier: str
-    files: tuple[str, ...]
-    problem: str
-
-    def line(self) -> str:
-        """``case ID (FILES): PROBLEM``, the line printed when the case fails."""
-        return f"case {self.identifier} ({', '.join(self.files)}): {self.problem}"
-
-
-@dataclass
-class PredictionSummary:
-    """What one :func:`predict` call did with the cases of its part, in input order.
-
-    Attributes:
-        written: label files written by this call.
-        skipped: identifiers of cases whose outputs were already complete (see ``overwrite``).
-        failed: the cases that could not be predicted and why.
-        cases: number of cases in this part (after ``case_list``).
-        stale_temporaries: temporary files of a killed run that were removed.
-        path: the JSON file this summary was written to (None before it is written).
-    """
-
-    written: list[Path] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[CaseFailure] = field(default_factory=list)
-    cases: int = 0
-    stale_temporaries: int = 0
-    path: Path | None = None
-
-    def to_json(self) -> dict[str, object]:
-        """The summary as written to ``prediction_summary*.json``: counts, then case identifiers per outcome."""
-        return {
-            "cases": self.cases,
-            "counts": {"written": len(self.written), "skipped": len(self.skipped), "failed": len(self.failed)},
-            "written": [split_ending(path)[0] for path in self.written],
-            "skipped": list(self.skipped),
-            "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in self.failed],
-            "stale_temporaries_removed": self.stale_temporaries,
-        }
-
-    def line(self, shown: int = 10) -> str:
-        """One line: how many cases were written, skipped (already done) and failed, naming up to ``shown`` of
-        the failed ones, and where the summary file is."""
-        text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
-        if self.failed:
-            names = ", ".join(f.identifier for f in self.failed[:shown])
-            more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
-            text += f", {len(self.failed)} failed: {names}{more}"
-        else:
-            text += ", 0 failed"
-        return f"{text}; summary: {self.path}" if self.path else text
 
 
 @dataclass
@@ -244,143 +175,6 @@ def load_model(
         network.load_state_dict(weights)
         networks.append(network.to(device).eval())
     return Model(plans, configuration, trainer, checkpoints, networks)
-
-
-def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
-    """The cases in a folder or file, sorted by identifier, by the naming rule of
-    :func:`autoseg.data.dataset.cases_from_files`: for a one-channel model every file is one case (``CASE_0000.nii.gz``
-    is case ``CASE``, ``sub_0001.nii.gz`` case ``sub_0001``); for C > 1 channels the files must form complete
-    cases ``CASE_0000`` ... ``CASE_{C-1}``. A single ``CASE_XXXX`` file given to a multi-channel model takes its
-    sibling channel files with it.
-
-    Raises:
-        FileNotFoundError: ``source`` does not exist or holds no image files.
-        ValueError: files that break the naming rule; the message lists each with the names expected.
-    """
-    source = Path(source)
-    if source.is_file():
-        match = CHANNEL_FILE.match(split_ending(source)[0])
-        files = [source]
-        if num_channels > 1 and match:
-            files = [
-                p
-                for p in _image_files(source.parent)
-                if (m := CHANNEL_FILE.match(split_ending(p)[0])) and m.group(1) == match.group(1)
-            ]
-    elif source.is_dir():
-        files = _image_files(source)
-        if not files:
-            raise MissingFileError(f"{source}: no image files ({', '.join(IMAGE_ENDINGS)})")
-    else:
-        raise MissingFileError(f"{source}: no such file or folder")
-    try:
-        grouped = cases_from_files(files, num_channels)
-    except UsageError as error:
-        raise UsageError(f"{source}: {error}") from None
-    return [InputCase(case, paths, split_ending(paths[0])[1]) for case, paths in grouped]
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """The visible image files of ``folder`` (endings in ``IMAGE_ENDINGS``), sorted."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and split_ending(p)[1].lower() in IMAGE_ENDINGS
-    )
-
-
-def read_case_list(path: str | Path) -> list[tuple[int, str]]:
-    """The case identifiers a ``--list`` file names, with their line numbers (1-based), in file order.
-
-    One identifier per line; surrounding spaces, blank lines and ``#`` comments (whole lines or the rest of a line)
-    are ignored. A line may also hold a file name of the case (``CASE_0000.nii.gz``), as ``ls`` prints it.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not text (UTF-8); the message names it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such case list (--list)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise InvalidFileError(
-            f"{path}: not a text file of case names ({error.reason} at byte {error.start})"
-        ) from None
-    entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        name = line.split("#", 1)[0].strip()
-        if name:
-            entries.append((number, name))
-    return entries
-
-
-def select_cases(cases: Sequence[InputCase], case_list: str | Path) -> list[InputCase]:
-    """The ``cases`` (in their order) that the ``--list`` file ``case_list`` names (:func:`read_case_list`) by
-    identifier or by one of their file names; a case listed twice is predicted once.
-
-    Raises:
-        ValueError: the list names a case that is not among ``cases`` (each such line as ``FILE:LINE: NAME``, with a
-            few of the cases there are), or names none at all.
-    """
-    by_name: dict[str, InputCase] = {}
-    for case in cases:
-        by_name.update({path.name: case for path in case.images})
-    by_name.update({case.identifier: case for case in cases})
-    entries = read_case_list(case_list)
-    unknown = [f"  {case_list}:{number}: {name}" for number, name in entries if name not in by_name]
-    if unknown:
-        examples = ", ".join(case.identifier for case in cases[:3]) + (", ..." if len(cases) > 3 else "")
-        shown = unknown[:10] + ([f"  ... and {len(unknown) - 10} more"] if len(unknown) > 10 else [])
-        raise UsageError(
-            "\n".join(
-                [
-                    f"{case_list}: {len(unknown)} listed case(s) not among the {len(cases)} input "
-                    f"case(s) ({examples}):",
-                    *shown,
-                ]
-            )
-        )
-    if not entries:
-        raise UsageError(f"{case_list}: names no case (one identifier per line; # starts a comment)")
-    chosen = {by_name[name].identifier for _, name in entries}
-    return [case for case in cases if case.identifier in chosen]
-
-
-def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Path:
-    """Where :func:`predict` writes its summary: ``OUTPUT/prediction_summary.json``, or
-    ``OUTPUT/prediction_summary_part{part_id}of{num_parts}.json`` when the cases are split, so that parts running at
-    the same time each keep their own."""
-    if num_parts == 1:
-        return Path(output) / SUMMARY_FILE
-    stem, ending = SUMMARY_FILE.rsplit(".", 1)
-    return Path(output) / f"{stem}_part{part_id}of{num_parts}.{ending}"
-
-
-def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
-    """(C, X, Y, Z) float32 channels and their geometry, in the canonical orientation (``autoseg.io.images``);
-    channels stored in different orientations of the same grid agree.
-
-    Raises:
-        ImageReadError: a file cannot be read or is not a 3-D single-channel image, or (``ImageHeaderError``)
-            its header declares what autoseg does not read (``autoseg.io.headers.check_header``), before its voxels are read.
-        ValueError: channels on different grids, or NaN/Inf voxels (the message names the file and the problem).
-    """
-    arrays, geometry = [], None
-    for path in case.images:
-        array, this = read_image(path)
-        if geometry is not None and geometry.differences(this):
-            raise DataError(
-                f"case {case.identifier}: {path.name} lies on another grid than {case.images[0].name}: "
-                f"{'; '.join(geometry.differences(this))}"
-            )
-        non_finite = count_non_finite(array)
-        if non_finite:
-            raise DataError(f"{path}: {non_finite} NaN/Inf voxel(s)")
-        geometry = geometry or this
-        arrays.append(array)
-    return np.stack(arrays), geometry
 
 
 def _tuned_members(dataset: str) -> list[tuple[str, str | None]] | None:
@@ -550,7 +344,7 @@ def predict(
     for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
         _predict_or_skip(
             case,
-            _outputs(Path(output), case, options.save_probabilities),
+            output_files(Path(output), case, options.save_probabilities),
             predictors,
             (threshold, min_lesion_mm3, models[0].plans.labels),
             options.overwrite,
@@ -618,89 +412,11 @@ def _predict_or_skip(
     except DiskFullError:
         raise
     except CASE_ERRORS as error:
-        failure = _failure(case, error)
+        failure = case_failure(case, error)
         summary.failed.append(failure)
         log(failure.line())
         return
     summary.written.append(targets[0])
-
-
-def check_outputs(
-    inputs: Sequence[InputCase],
-    cases: Sequence[InputCase],
-    output: str | Path,
-    save_probabilities: bool,
-    summary: str | Path,
-) -> None:
-    """Refuse, before anything is written, a run whose outputs would overwrite an input or one another.
-
-    Every file the run may write (each case's label file, its probability map with ``save_probabilities``, the data
-    file a ``.mhd``/``.nhdr`` header names beside it (:func:`autoseg.io.images.image_files`), and the ``summary`` file) is
-    compared with every input file (the channel files of all ``inputs`` and the data files their headers name) by
-    resolved path (symbolic links and ``..`` followed) and, where it exists, by inode (hard links); and with every
-    other output by resolved path. So ``-i DIR -o DIR`` with plain-named scans (``scan.nii.gz`` is case ``scan``,
-    whose labels would be ``scan.nii.gz``) is refused, whether or not ``overwrite`` is set, and an input is never
-    taken for a finished output.
-
-    Args:
-        inputs: every case of the input (before ``--list`` and parts): none of their files may be written.
-        cases: the cases to predict in this run, all parts together (parts share the output folder).
-        output: the output folder.
-        save_probabilities: whether probability maps are written.
-        summary: this part's summary file (:func:`summary_path`).
-
-    Raises:
-        UsageError: one line naming the output and the input it would overwrite, or the two cases (and which of
-            their outputs) that would write the same file.
-        OutputPathError: an output is a folder.
-    """
-    protected: dict[str, Path] = {}
-    inodes: dict[tuple[int, int], Path] = {}
-    for case in inputs:
-        for image in case.images:
-            for file in (image, *companion_files(image)):
-                protected.setdefault(os.path.realpath(file), file)
-                if (key := _inode(file)) is not None:
-                    inodes.setdefault(key, file)
-    planned = [
-        (f"case {case.identifier}'s {kind}", path)
-        for case in cases
-        for kind, target in zip(("labels", "probability map"), _outputs(Path(output), case, save_probabilities))
-        for path in image_files(target)
-    ]
-    written: dict[str, tuple[str, Path]] = {}
-    for owner, path in [*planned, ("the prediction summary", Path(summary))]:
-        if path.is_dir():
-            raise OutputPathError(f"output {path} ({owner}): is a folder, not a file")
-        real = os.path.realpath(path)
-        source = protected.get(real) or inodes.get(_inode(path) or (-1, -1))
-        if source is not None:
-            raise UsageError(
-                f"output {path} ({owner}) would overwrite the input {source}; write the predictions to another "
-                "folder (-o)"
-            )
-        if real in written:
-            other, first = written[real]
-            raise UsageError(
-                f"{other} and {owner} would both be written to {first}; rename one of the cases or predict them "
-                "into separate folders"
-            )
-        written[real] = (owner, path)
-
-
-def _inode(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of an existing file, else None."""
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino
-
-
-def _outputs(output: Path, case: InputCase, save_probabilities: bool) -> tuple[Path, ...]:
-    """The files a case's prediction writes: the label file first, then the probability map when asked for."""
-    labels = output / f"{case.identifier}{case.ending}"
-    return (labels, output / f"{case.identifier}_probabilities.nii.gz") if save_probabilities else (labels,)
 
 
 def _predict_case(
@@ -724,17 +440,6 @@ def _predict_case(
         write_like(lesion, geometry, targets[1], case.images[0])
     del probabilities
     write_like(values_from_classes(classes, labels), geometry, targets[0], case.images[0])
-
-
-def _failure(case: InputCase, error: Exception) -> CaseFailure:
-    """The failed case with the error's message on one line: a message that starts with one of the case's files
-    (``PATH: problem``, as :class:`ImageReadError` says it) blames that file, any other the whole case."""
-    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    for path in case.images:
-        if message.startswith(f"{path}: "):
-            return CaseFailure(case.identifier, (str(path),), message.removeprefix(f"{path}: "))
-    files = tuple(str(path) for path in case.images)
-    return CaseFailure(case.identifier, files, message.removeprefix(f"case {case.identifier}: "))
 
 
 def _print_to_stderr(line: str) -> None:

@@ -184,16 +184,7 @@ def find_best(
     name = choose_dataset(dataset)
     names = list(configurations or trained_configurations(name))
     members = _members(name, names, [trainers] if isinstance(trainers, str) else trainers)
-    found = {member: _validation_files(name, member) for member in members}
-    empty = [member_name(m) for m, files in found.items() if not files]
-    if empty:
-        raise MissingFileError(
-            f"{name}: no validation probabilities (validation/CASE_probabilities.npz) for {empty}; "
-            "run the end-of-fold validation of every fold (autoseg_train without --no-validation)"
-        )
-    cases = sorted(set.intersection(*(set(files) for files in found.values())))
-    if not cases:
-        raise DataError(f"{name}: no case was validated by every member of {[member_name(m) for m in members]}")
+    found, cases = _validated_cases(name, members)
     raw = find_dataset(name)
     references = {case.identifier: case.label for case in raw.cases()}
     first = members[0]
@@ -208,15 +199,7 @@ def find_best(
     best_combo = max(subsets, key=lambda combo: (float(np.mean(dice_values[combo])), -len(combo)))
     best = ranked[subsets.index(best_combo)]
     grid = _grid_search([found[m] for m in best_combo], cases, references, metric, progress, raw.labels)
-    chosen = max(grid, key=lambda g: (g["score"], -abs(g["threshold"] - 0.5), -g["min_lesion_voxels"]))
-    postprocessing = {
-        **describe_members(best_combo),
-        "threshold": chosen["threshold"],
-        "min_lesion_mm3": chosen["min_lesion_mm3"],
-        "min_lesion_voxels": chosen["min_lesion_voxels"],
-        "metric": metric,
-        "score": chosen["score"],
-    }
+    postprocessing = _best_postprocessing(best_combo, grid, metric)
     selection = {
         "dataset": name,
         "cases": len(cases),
@@ -235,6 +218,41 @@ def find_best(
     write_json(selection, results_folder(name) / SELECTION_FILE)
     write_json(postprocessing, results_folder(name) / POSTPROCESSING_FILE)
     return selection
+
+
+def _validated_cases(dataset: str, members: Sequence[Member]) -> tuple[dict[Member, dict[str, Path]], list[str]]:
+    """Each member's validation probabilities (case -> ``CASE_probabilities.npz``) and the sorted cases every member
+    validated.
+
+    Raises:
+        MissingFileError: a member without validation probabilities.
+        DataError: no case that every member validated.
+    """
+    found = {member: _validation_files(dataset, member) for member in members}
+    empty = [member_name(m) for m, files in found.items() if not files]
+    if empty:
+        raise MissingFileError(
+            f"{dataset}: no validation probabilities (validation/CASE_probabilities.npz) for {empty}; "
+            "run the end-of-fold validation of every fold (autoseg_train without --no-validation)"
+        )
+    cases = sorted(set.intersection(*(set(files) for files in found.values())))
+    if not cases:
+        raise DataError(f"{dataset}: no case was validated by every member of {[member_name(m) for m in members]}")
+    return found, cases
+
+
+def _best_postprocessing(members: tuple[Member, ...], grid: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """``postprocessing.json`` for ``members``: the grid point with the best score (ties: the threshold nearest 0.5,
+    then the smaller minimum lesion size)."""
+    chosen = max(grid, key=lambda g: (g["score"], -abs(g["threshold"] - 0.5), -g["min_lesion_voxels"]))
+    return {
+        **describe_members(members),
+        "threshold": chosen["threshold"],
+        "min_lesion_mm3": chosen["min_lesion_mm3"],
+        "min_lesion_voxels": chosen["min_lesion_voxels"],
+        "metric": metric,
+        "score": chosen["score"],
+    }
 
 
 def _score_members(

@@ -711,7 +711,7 @@ def test_import_refuses_a_zip_bomb_before_writing_anything(
     fresh = _other_machine(tmp_path, monkeypatch)
     written = []
     monkeypatch.setattr(
-        "autoseg.api.model_files.open", lambda p, *a, **k: written.append(p) or open(p, *a, **k), raising=False
+        "autoseg.api.model_files.install.open", lambda p, *a, **k: written.append(p) or open(p, *a, **k), raising=False
     )
     assert import_main([str(bomb)]) == 1
     err = capsys.readouterr().err
@@ -728,12 +728,12 @@ def test_import_refuses_sizes_above_the_limits_as_declared(
     MAX_JSON_BYTES, a manifest that understates an entry's size, and more than the disk has free."""
     export_model(tmp_path / "model.zip")
     _other_machine(tmp_path, monkeypatch)
-    monkeypatch.setattr("autoseg.api.model_files.MAX_JSON_BYTES", 100)
+    monkeypatch.setattr("autoseg.api.model_files.archive.MAX_JSON_BYTES", 100)
     with pytest.raises(
         ModelFileError, match=r"plans.json: unpacks to [\d,]+ bytes, more than a JSON entry may \(100\); refused"
     ):
         import_model(tmp_path / "model.zip")
-    monkeypatch.setattr("autoseg.api.model_files.MAX_JSON_BYTES", 16 << 20)
+    monkeypatch.setattr("autoseg.api.model_files.archive.MAX_JSON_BYTES", 16 << 20)
     understated = _rewrite(
         tmp_path / "model.zip",
         tmp_path / "understated.zip",
@@ -752,7 +752,8 @@ def test_import_refuses_sizes_above_the_limits_as_declared(
 
 def test_extraction_stops_at_the_declared_size(home: Path, tmp_path: Path) -> None:
     """Should an entry unpack to more than it declares, extraction stops there (a hard cap, whatever the header)."""
-    from autoseg.api.model_files import _extract, _ModelFile
+    from autoseg.api.model_files.install import _extract
+    from autoseg.api.model_files.layout import ModelFile
 
     export_model(tmp_path / "model.zip")
     with zipfile.ZipFile(tmp_path / "model.zip") as archive:
@@ -760,7 +761,7 @@ def test_extraction_stops_at_the_declared_size(home: Path, tmp_path: Path) -> No
     manifest["files"]["dataset.json"]["bytes"] = 10
     staging = tmp_path / "staging"
     with pytest.raises(ModelFileError, match="dataset.json: unpacks to more than it declares; refused"):
-        _extract(_ModelFile(tmp_path / "model.zip", manifest, ["dataset.json"]), staging, ["dataset.json"])
+        _extract(ModelFile(tmp_path / "model.zip", manifest, ["dataset.json"]), staging, ["dataset.json"])
     assert (staging / "dataset.json").stat().st_size <= 10
 
 
@@ -779,7 +780,7 @@ def test_a_full_disk_during_import_is_one_line_and_leaves_nothing(
         return real(self, n)
 
     monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
-    monkeypatch.setattr("autoseg.api.model_files._check_checksum", lambda *args: None)  # reads every entry
+    monkeypatch.setattr("autoseg.api.model_files.archive._check_checksum", lambda *args: None)  # reads every entry
     assert import_main([str(tmp_path / "model.zip")]) == 1
     err = capsys.readouterr().err
     assert err == f"error: no space left on device while writing {results_root() / NAME}\n"

@@ -24,11 +24,10 @@ from autoseg.api.predict import (
     PredictionOptions,
     _choose_device,
     _ensemble,
-    find_input_cases,
     load_model,
     predict,
-    read_case_list,
 )
+from autoseg.api.predict_inputs import find_input_cases, read_case_list
 from autoseg.api.select import THRESHOLDS, find_best
 from autoseg.api.train import TrainingOptions
 from autoseg.commands.common import run

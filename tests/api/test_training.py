@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import home_environment
 
 import trainers.base as trainers_base
 from autoseg.api.plan import plan_and_preprocess
@@ -84,10 +85,7 @@ def _write_sphere_dataset(folder: Path) -> None:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A home with both datasets planned, preprocessed and given tiny networks; copied by each test."""
     home = tmp_path_factory.mktemp("training_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AUTOSEG_HOME", str(home))
-        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
-            patch.delenv(variable, raising=False)
+    with home_environment(home):
         make_atlas_like(home / "raw" / FIVE, num_cases=5, seed=0, tiny=True, progress=False)
         _write_sphere_dataset(home / "raw" / SPHERE)
         five, sphere = (plan_and_preprocess(name, progress=False).plans for name in (FIVE, SPHERE))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import home_environment
 from torch import nn
 
 from autoseg.api.plan import plan_and_preprocess
@@ -99,10 +100,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def atlas_configuration(tiny_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Configuration:
     """The tiny ATLAS-like demo's default configuration, planned once for this module."""
     home = tmp_path_factory.mktemp("inference_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AUTOSEG_HOME", str(home))
-        for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
-            patch.delenv(variable, raising=False)
+    with home_environment(home):
         shutil.copytree(tiny_sources["atlas"], home / "raw" / tiny_sources["atlas"].name)
         return plan_and_preprocess("ATLASTiny", progress=False).plans.configuration()
 

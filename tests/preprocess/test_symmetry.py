@@ -12,17 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_configuration
 from scipy import ndimage
 
 from autoseg.api.plan import plan_and_preprocess
-from autoseg.api.predict import find_input_cases, read_case
+from autoseg.api.predict_inputs import find_input_cases, read_case
 from autoseg.commands.predict import main as predict_main
 from autoseg.commands.train import main as train_main
 from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.io.files import read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_header, read_image, write_image
-from autoseg.plans import Plans, Stage, Symmetry
+from autoseg.plans import Plans, Symmetry
 from autoseg.preprocess.cases import load_case
 from autoseg.preprocess.preprocessing import preprocess_arrays
 from autoseg.preprocess.symmetry import (
@@ -262,20 +263,8 @@ def test_train_and_predict_with_3d_resunet_sym_write_masks_in_the_input_geometry
     plan_and_preprocess("ATLASSym", progress=False, configurations=["3d_resunet_sym"])
     path = data_roots / "preprocessed" / raw.name / "plans.json"
     plans = Plans.from_json(path)
-    configuration = plans.configuration("3d_resunet_sym")
-    network = dataclasses.replace(
-        configuration.network, features=(4, 8), strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 2
-    )
-    schedule = dataclasses.replace(
-        configuration.schedule,
-        trainer="ResidualUNetTrainer",
-        epochs=1,
-        iterations_per_epoch=2,
-        restart_period_epochs=None,
-        stages=(Stage(name="full", start_epoch=0, patch_size=(16, 16, 16), batch_size=2, learning_rate=1e-2),),
-    )
-    configuration = dataclasses.replace(
-        configuration, network=network, patch_size=(16, 16, 16), batch_size=2, schedule=schedule, mirror_axes=(0,)
+    configuration = tiny_configuration(
+        plans.configuration("3d_resunet_sym"), (4, 8), (16, 16, 16), 2, iterations_per_epoch=2, mirror_axes=(0,)
     )
     dataclasses.replace(plans, configurations={**plans.configurations, configuration.name: configuration}).to_json(path)
     assert (

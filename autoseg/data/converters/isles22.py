@@ -10,8 +10,9 @@ Some copies keep the subject folders at the top instead of under ``rawdata/``; b
 
 FLAIR is left out. It lies on its own grid (other voxel size, field of view and often orientation) and is not
 registered to DWI in the release. autoseg has no code that moves a channel onto another channel's grid:
-prediction refuses channels on different grids rather than resampling them (``autoseg.api.predict.read_case``), and
-its resampling (``autoseg.preprocess.preprocessing``) only changes the voxel size of one grid. Resampling FLAIR here
+prediction refuses channels on different grids rather than resampling them
+(``autoseg.api.predict_inputs.read_case``), and its resampling (``autoseg.preprocess.preprocessing``) only changes
+the voxel size of one grid. Resampling FLAIR here
 would need new code that prediction would not share, so a model trained on it could not be given new scans
 as acquired; and a header-only resampling assumes the patient did not move between the sequences.
 """

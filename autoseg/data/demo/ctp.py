@@ -142,6 +142,37 @@ def _ctp_scan(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, Geometry]:
     """One slab of ``count`` 5 mm slices from ``z_start`` (mm), ``in_plane`` x ``in_plane`` pixels."""
     origin_xy = -(in_plane - 1) / 2 * pixel_mm
+    x, y, z = _slab_coordinates(head, in_plane, pixel_mm, origin_xy, z_start, count)
+    codes, through_skull = _head_tissue(head, x, y, z)
+    core, severity = _stroke_fields(stroke, x, y, z)
+    brain = codes >= 3
+    core &= codes >= 4
+    severity = np.where(codes >= 4, severity, 0)
+    hu, cbf, cbv, tmax = _tissue_values(head, stroke, (x, y, z), codes, through_skull, core, severity)
+
+    def thick(volume: np.ndarray) -> np.ndarray:
+        return volume.reshape(in_plane, in_plane, count, _SUBSLICES).mean(axis=3, dtype=np.float32)
+
+    brain_fraction = thick(brain.astype(np.float32))
+    inside = brain_fraction > 0.5
+    label = (thick(core.astype(np.float32)) >= 0.5) & inside
+    cbf, cbv, tmax, hu = thick(cbf), thick(cbv), thick(tmax), thick(hu)
+    mtt = np.where(inside, 60.0 * cbv / np.maximum(cbf, 1.0), 0)  # central volume theorem: MTT = CBV / CBF
+    maps = _scanner_maps(rng, pixel_mm, inside, hu, {"CBF": cbf, "CBV": cbv, "MTT": mtt, "Tmax": tmax})
+    geometry = Geometry(
+        shape=(in_plane, in_plane, count),
+        spacing=(float(pixel_mm), float(pixel_mm), _SLICE_MM),
+        origin=(float(origin_xy), float(origin_xy), float(z_start)),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    )
+    return maps, label.astype(np.uint8), geometry
+
+
+def _slab_coordinates(
+    head: _Head, in_plane: int, pixel_mm: float, origin_xy: float, z_start: float, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Head coordinates (mm) of every pixel and sub-slice of the slab: x and y (in_plane, in_plane, 1), turned by
+    the head's angle about its shifted centre; z (1, 1, count * sub-slices), each 5 mm slice sampled thin."""
     world = (origin_xy + np.arange(in_plane) * pixel_mm).astype(np.float32)
     wx, wy = world[:, None] - float(head.shift_mm[0]), world[None, :] - float(head.shift_mm[1])
     cosine, sine = math.cos(head.angle), math.sin(head.angle)
@@ -149,13 +180,20 @@ def _ctp_scan(
     y = (-sine * wx + cosine * wy)[:, :, None]
     offsets = (np.arange(_SUBSLICES) - (_SUBSLICES - 1) / 2) * _SLICE_MM / _SUBSLICES
     z = (z_start + np.arange(count)[:, None] * _SLICE_MM + offsets[None, :]).ravel().astype(np.float32)[None, None, :]
+    return x, y, z
 
-    codes, through_skull = _head_tissue(head, x, y, z)
-    core, severity = _stroke_fields(stroke, x, y, z)
-    brain = codes >= 3
-    core &= codes >= 4
-    severity = np.where(codes >= 4, severity, 0)
 
+def _tissue_values(
+    head: _Head,
+    stroke: _Stroke,
+    xyz: tuple[np.ndarray, np.ndarray, np.ndarray],
+    codes: np.ndarray,
+    through_skull: np.ndarray,
+    core: np.ndarray,
+    severity: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Noise-free CT (HU), CBF, CBV and Tmax on the thin sub-slices, from the tissue ``codes`` and the stroke's
+    core and penumbra ``severity``."""
     hu = np.zeros(codes.shape, np.float32)
     cbf = np.zeros(codes.shape, np.float32)
     cbv = np.zeros(codes.shape, np.float32)
@@ -167,7 +205,7 @@ def _ctp_scan(
             cbv[where] = head.cbv[name]
     bone = codes == 2
     hu[bone] = 1600 - 900 * np.sin(np.pi * through_skull[bone])  # dense tables, lighter diploe between
-    tmax = np.where(brain, head.tmax_base + 0.4 * (1 + head.tmax_waves(x, y, z)) + 0.4 * (codes == 5), 0)
+    tmax = np.where(codes >= 3, head.tmax_base + 0.4 * (1 + head.tmax_waves(*xyz)) + 0.4 * (codes == 5), 0)
     # Penumbra: CBF mildly down, CBV kept up by autoregulation, Tmax delayed; the core: all collapsed.
     cbf *= 1 - 0.35 * severity
     cbv *= 1 + 0.1 * severity
@@ -176,16 +214,15 @@ def _ctp_scan(
     cbv = np.where(core, cbv * stroke.core_cbv, cbv)
     tmax = np.where(core, stroke.core_tmax, tmax)
     hu -= core * stroke.ct_drop_hu
+    return hu, cbf, cbv, tmax
 
-    def thick(volume: np.ndarray) -> np.ndarray:
-        return volume.reshape(in_plane, in_plane, count, _SUBSLICES).mean(axis=3, dtype=np.float32)
 
-    brain_fraction = thick(brain.astype(np.float32))
-    inside = brain_fraction > 0.5
-    label = (thick(core.astype(np.float32)) >= 0.5) & inside
-    cbf, cbv, tmax, hu = thick(cbf), thick(cbv), thick(tmax), thick(hu)
-    mtt = np.where(inside, 60.0 * cbv / np.maximum(cbf, 1.0), 0)  # central volume theorem: MTT = CBV / CBF
-
+def _scanner_maps(
+    rng: np.random.Generator, pixel_mm: float, inside: np.ndarray, hu: np.ndarray, perfusion: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The five float32 channels as a scanner would give them: CT blurred with noise, and each perfusion map
+    (``CBF``, ``CBV``, ``MTT``, ``Tmax`` of the 5 mm slices) with this scan's gain, noise and smoothing, zero
+    outside the brain (``inside``)."""
     blur = (0.6 / pixel_mm, 0.6 / pixel_mm, 0)  # scanner point spread, in plane only: slices are thick
     noise_hu = rng.uniform(3.0, 6.0)
     ct = (
@@ -196,20 +233,14 @@ def _ctp_scan(
     gain = rng.uniform(0.85, 1.15)  # arterial-input and deconvolution differences between scans
     smoothing = rng.uniform(0.6, 1.2) / pixel_mm
     for name, values, relative, absolute, upper in (
-        ("CBF", cbf * gain, 0.12, 1.0, 150.0),
-        ("CBV", cbv, 0.12, 0.1, 12.0),
-        ("MTT", np.minimum(mtt, 20.0), 0.1, 0.3, 24.0),
-        ("Tmax", tmax, 0.1, 0.4, 30.0),
+        ("CBF", perfusion["CBF"] * gain, 0.12, 1.0, 150.0),
+        ("CBV", perfusion["CBV"], 0.12, 0.1, 12.0),
+        ("MTT", np.minimum(perfusion["MTT"], 20.0), 0.1, 0.3, 24.0),
+        ("Tmax", perfusion["Tmax"], 0.1, 0.4, 30.0),
     ):
         noisy = values * np.exp(relative * rng.standard_normal(values.shape, dtype=np.float32))
         noisy = noisy + absolute * rng.standard_normal(values.shape, dtype=np.float32)
         noisy = ndimage.gaussian_filter(noisy, (smoothing, smoothing, 0))
         # Inside the brain a map never reads exactly zero, so "nonzero" marks the brain as in real maps.
         maps[name] = np.where(inside, np.clip(noisy, 0.01, upper), 0).astype(np.float32)
-    geometry = Geometry(
-        shape=(in_plane, in_plane, count),
-        spacing=(float(pixel_mm), float(pixel_mm), _SLICE_MM),
-        origin=(float(origin_xy), float(origin_xy), float(z_start)),
-        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
-    )
-    return maps, label.astype(np.uint8), geometry
+    return maps

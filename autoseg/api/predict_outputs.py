@@ -1,0 +1,187 @@
+"""What :func:`autoseg.api.predict.predict` writes and reports: each case's output files, the check that they never
+overwrite an input or one another (:func:`check_outputs`), a failed case's line, and the run's summary file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoseg.api.predict_inputs import InputCase
+from autoseg.errors import UsageError
+from autoseg.io.files import OutputPathError
+from autoseg.io.headers import split_ending
+from autoseg.io.images import companion_files, image_files
+
+__all__ = [
+    "SUMMARY_FILE",
+    "CaseFailure",
+    "PredictionSummary",
+    "case_failure",
+    "check_outputs",
+    "output_files",
+    "summary_path",
+]
+
+
+#: Written by :func:`autoseg.api.predict.predict` into the output folder (``prediction_summary_part{i}of{K}.json``
+#: for part i of K).
+SUMMARY_FILE = "prediction_summary.json"
+
+
+@dataclass(frozen=True)
+class CaseFailure:
+    """A case that could not be predicted: its identifier, the file at fault (else all its channel files) and the
+    problem, in one line."""
+
+    identifier: str
+    files: tuple[str, ...]
+    problem: str
+
+    def line(self) -> str:
+        """``case ID (FILES): PROBLEM``, the line printed when the case fails."""
+        return f"case {self.identifier} ({', '.join(self.files)}): {self.problem}"
+
+
+@dataclass
+class PredictionSummary:
+    """What one :func:`autoseg.api.predict.predict` call did with the cases of its part, in input order.
+
+    Attributes:
+        written: label files written by this call.
+        skipped: identifiers of cases whose outputs were already complete (see ``overwrite``).
+        failed: the cases that could not be predicted and why.
+        cases: number of cases in this part (after ``case_list``).
+        stale_temporaries: temporary files of a killed run that were removed.
+        path: the JSON file this summary was written to (None before it is written).
+    """
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[CaseFailure] = field(default_factory=list)
+    cases: int = 0
+    stale_temporaries: int = 0
+    path: Path | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The summary as written to ``prediction_summary*.json``: counts, then case identifiers per outcome."""
+        return {
+            "cases": self.cases,
+            "counts": {"written": len(self.written), "skipped": len(self.skipped), "failed": len(self.failed)},
+            "written": [split_ending(path)[0] for path in self.written],
+            "skipped": list(self.skipped),
+            "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in self.failed],
+            "stale_temporaries_removed": self.stale_temporaries,
+        }
+
+    def line(self, shown: int = 10) -> str:
+        """One line: how many cases were written, skipped (already done) and failed, naming up to ``shown`` of
+        the failed ones, and where the summary file is."""
+        text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
+        if self.failed:
+            names = ", ".join(f.identifier for f in self.failed[:shown])
+            more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
+            text += f", {len(self.failed)} failed: {names}{more}"
+        else:
+            text += ", 0 failed"
+        return f"{text}; summary: {self.path}" if self.path else text
+
+
+def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Path:
+    """Where :func:`autoseg.api.predict.predict` writes its summary: ``OUTPUT/prediction_summary.json``, or
+    ``OUTPUT/prediction_summary_part{part_id}of{num_parts}.json`` when the cases are split, so that parts running at
+    the same time each keep their own."""
+    if num_parts == 1:
+        return Path(output) / SUMMARY_FILE
+    stem, ending = SUMMARY_FILE.rsplit(".", 1)
+    return Path(output) / f"{stem}_part{part_id}of{num_parts}.{ending}"
+
+
+def check_outputs(
+    inputs: Sequence[InputCase],
+    cases: Sequence[InputCase],
+    output: str | Path,
+    save_probabilities: bool,
+    summary: str | Path,
+) -> None:
+    """Refuse, before anything is written, a run whose outputs would overwrite an input or one another.
+
+    Every file the run may write (each case's label file, its probability map with ``save_probabilities``, the data
+    file a ``.mhd``/``.nhdr`` header names beside it (:func:`autoseg.io.images.image_files`), and the ``summary`` file) is
+    compared with every input file (the channel files of all ``inputs`` and the data files their headers name) by
+    resolved path (symbolic links and ``..`` followed) and, where it exists, by inode (hard links); and with every
+    other output by resolved path. So ``-i DIR -o DIR`` with plain-named scans (``scan.nii.gz`` is case ``scan``,
+    whose labels would be ``scan.nii.gz``) is refused, whether or not ``overwrite`` is set, and an input is never
+    taken for a finished output.
+
+    Args:
+        inputs: every case of the input (before ``--list`` and parts): none of their files may be written.
+        cases: the cases to predict in this run, all parts together (parts share the output folder).
+        output: the output folder.
+        save_probabilities: whether probability maps are written.
+        summary: this part's summary file (:func:`summary_path`).
+
+    Raises:
+        UsageError: one line naming the output and the input it would overwrite, or the two cases (and which of
+            their outputs) that would write the same file.
+        OutputPathError: an output is a folder.
+    """
+    protected: dict[str, Path] = {}
+    inodes: dict[tuple[int, int], Path] = {}
+    for case in inputs:
+        for image in case.images:
+            for file in (image, *companion_files(image)):
+                protected.setdefault(os.path.realpath(file), file)
+                if (key := _inode(file)) is not None:
+                    inodes.setdefault(key, file)
+    planned = [
+        (f"case {case.identifier}'s {kind}", path)
+        for case in cases
+        for kind, target in zip(("labels", "probability map"), output_files(Path(output), case, save_probabilities))
+        for path in image_files(target)
+    ]
+    written: dict[str, tuple[str, Path]] = {}
+    for owner, path in [*planned, ("the prediction summary", Path(summary))]:
+        if path.is_dir():
+            raise OutputPathError(f"output {path} ({owner}): is a folder, not a file")
+        real = os.path.realpath(path)
+        source = protected.get(real) or inodes.get(_inode(path) or (-1, -1))
+        if source is not None:
+            raise UsageError(
+                f"output {path} ({owner}) would overwrite the input {source}; write the predictions to another "
+                "folder (-o)"
+            )
+        if real in written:
+            other, first = written[real]
+            raise UsageError(
+                f"{other} and {owner} would both be written to {first}; rename one of the cases or predict them "
+                "into separate folders"
+            )
+        written[real] = (owner, path)
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, else None."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def output_files(output: Path, case: InputCase, save_probabilities: bool) -> tuple[Path, ...]:
+    """The files a case's prediction writes: the label file first, then the probability map when asked for."""
+    labels = output / f"{case.identifier}{case.ending}"
+    return (labels, output / f"{case.identifier}_probabilities.nii.gz") if save_probabilities else (labels,)
+
+
+def case_failure(case: InputCase, error: Exception) -> CaseFailure:
+    """The failed case with the error's message on one line: a message that starts with one of the case's files
+    (``PATH: problem``, as :class:`ImageReadError` says it) blames that file, any other the whole case."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    for path in case.images:
+        if message.startswith(f"{path}: "):
+            return CaseFailure(case.identifier, (str(path),), message.removeprefix(f"{path}: "))
+    files = tuple(str(path) for path in case.images)
+    return CaseFailure(case.identifier, files, message.removeprefix(f"case {case.identifier}: "))
