@@ -111,9 +111,11 @@ def check_outputs(
     file a ``.mhd``/``.nhdr`` header names beside it (:func:`autoseg.io.images.image_files`), and the ``summary`` file) is
     compared with every input file (the channel files of all ``inputs`` and the data files their headers name) by
     resolved path (symbolic links and ``..`` followed) and, where it exists, by inode (hard links); and with every
-    other output by resolved path. So ``-i DIR -o DIR`` with plain-named scans (``scan.nii.gz`` is case ``scan``,
-    whose labels would be ``scan.nii.gz``) is refused, whether or not ``overwrite`` is set, and an input is never
-    taken for a finished output.
+    output of this run and with the label file of every other input case (other ``--list`` runs and parts share the
+    folder) by resolved path. So ``-i DIR -o DIR`` with plain-named scans (``scan.nii.gz`` is case ``scan``, whose
+    labels would be ``scan.nii.gz``) is refused, whether or not ``overwrite`` is set, and an input is never taken
+    for a finished output; and so is predicting case ``a`` with probability maps beside a case ``a_probabilities``,
+    whether or not this run predicts that case too.
 
     Args:
         inputs: every case of the input (before ``--list`` and parts): none of their files may be written.
@@ -135,13 +137,7 @@ def check_outputs(
                 protected.setdefault(os.path.realpath(file), file)
                 if (key := _inode(file)) is not None:
                     inodes.setdefault(key, file)
-    planned = [
-        (f"case {case.identifier}'s {kind}", path)
-        for case in cases
-        for kind, target in zip(("labels", "probability map"), output_files(Path(output), case, save_probabilities))
-        for path in image_files(target)
-    ]
-    written: dict[str, tuple[str, Path]] = {}
+    planned = _planned_outputs(cases, Path(output), save_probabilities)
     for owner, path in [*planned, ("the prediction summary", Path(summary))]:
         if path.is_dir():
             raise OutputPathError(f"output {path} ({owner}): is a folder, not a file")
@@ -152,6 +148,14 @@ def check_outputs(
                 f"output {path} ({owner}) would overwrite the input {source}; write the predictions to another "
                 "folder (-o)"
             )
+    # Other runs (--list, parts) write into the same folder: besides this run's own outputs, every input case's label
+    # file is reserved for it (a run with probability maps is refused where one would be another case's labels, so
+    # no run ever finds another case's probability map under its own label file's name).
+    written: dict[str, tuple[str, Path]] = {}
+    this_run = {case.identifier for case in cases}
+    others = [case for case in inputs if case.identifier not in this_run]
+    for owner, path in [*planned, *(item for item in _planned_outputs(others, Path(output), False))]:
+        real = os.path.realpath(path)
         if real in written:
             other, first = written[real]
             raise UsageError(
@@ -159,6 +163,16 @@ def check_outputs(
                 "into separate folders"
             )
         written[real] = (owner, path)
+
+
+def _planned_outputs(cases: Sequence[InputCase], output: Path, save_probabilities: bool) -> list[tuple[str, Path]]:
+    """(whose output, path) of every file predicting ``cases`` into ``output`` writes."""
+    return [
+        (f"case {case.identifier}'s {kind}", path)
+        for case in cases
+        for kind, target in zip(("labels", "probability map"), output_files(output, case, save_probabilities))
+        for path in image_files(target)
+    ]
 
 
 def _inode(path: Path) -> tuple[int, int] | None:

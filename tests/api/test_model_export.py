@@ -606,6 +606,27 @@ PLANTED = {
 }
 
 
+def _as_a_third_fold_of_the_users_member(entries: dict[str, bytes], manifest: dict) -> None:
+    """The zip brings only a ``fold_2`` of the user's own member, with post-processing "tuned" for that member."""
+    for name in [n for n in entries if n.startswith(f"{MEMBER}/fold_1/")]:
+        entries.pop(name)
+    for name in [n for n in entries if n.startswith(f"{MEMBER}/fold_0/")]:
+        entries[name.replace("fold_0", "fold_2")] = entries.pop(name)
+    manifest["folds"] = {MEMBER: ["2"]}
+    options = manifest.get("network_options", {})
+    manifest["network_options"] = {
+        key.replace("fold_0", "fold_2"): value for key, value in options.items() if "fold_1" not in key
+    }
+    entries.pop("model_selection.json", None)
+    entries["postprocessing.json"] = json.dumps(_tuned_for(MEMBER, threshold=0.01)).encode()
+
+
+PLANTED["a fold added to the user's member"] = (
+    _as_a_third_fold_of_the_users_member,
+    f"would add fold_2 to {MEMBER} of {NAME}, which has fold_0, fold_1 of its own; refused",
+)
+
+
 @pytest.mark.parametrize("case", list(PLANTED))
 def test_a_model_file_cannot_plant_files_for_a_member_it_does_not_bring(
     case: str, home: Path, scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture

@@ -338,6 +338,14 @@ def test_outputs_of_two_cases_that_would_be_the_same_file_are_refused_before_pre
     assert not output.exists()
     assert predict_main(arguments) == 0  # without probability maps the names are distinct
     assert sorted(p.name for p in output.iterdir()) == ["a.nii.gz", "a_probabilities.nii.gz", "prediction_summary.json"]
+    capsys.readouterr()
+    # two --list runs into one folder: the one with probability maps is refused, whichever runs second
+    written = (output / "a_probabilities.nii.gz").read_bytes()
+    (tmp_path / "only_a.txt").write_text("a\n")
+    listed = [*arguments, "--list", str(tmp_path / "only_a.txt"), "--save-probabilities", "--overwrite"]
+    assert predict_main(listed) == 1
+    assert "case a's probability map and case a_probabilities's labels would both be written" in capsys.readouterr().err
+    assert (output / "a_probabilities.nii.gz").read_bytes() == written
 
 
 @pytest.mark.parametrize("ending", [".mhd", ".nhdr"])

@@ -39,6 +39,8 @@ def check_contents(model: ModelFile, folder: Path, target: Path, extract: Callab
     checkpoints = [entry for entry in model.entries if entry.endswith(".pth")]
     if extract is not None:
         extract([entry for entry in model.entries if entry not in checkpoints])
+    if Path(folder) != Path(target):  # an identical install is checked where it lies
+        _check_members_not_extended(model, target)
     _check_dataset_files(model, folder, target)
     layouts = {}
     for entry in checkpoints:
@@ -83,6 +85,25 @@ def _network_layout(model: ModelFile, folder: Path, fold: str) -> tuple[dict[str
             f"{model.path}: {entry}: no network can be built for {configuration} with {trainer} "
             f"({_one_line(error, folder / entry)}); refused"
         ) from None
+
+
+def _check_members_not_extended(model: ModelFile, target: Path) -> None:
+    """A zip's member (configuration/trainer) already under ``target`` (the dataset's results folder) with folds the
+    zip does not bring would be extended by the zip's folds, and ``autoseg_predict`` would ensemble them with the
+    user's own: refused, naming the member and its folds. The same folds may be replaced (``--overwrite``)."""
+    brought: dict[str, set[str]] = {}
+    for entry in model.entries:
+        if match := FOLD_ENTRY.match(entry):
+            brought.setdefault(match.group("member"), set()).add(match.group("fold").rsplit("/", 1)[1])
+    for member, folds in sorted(brought.items()):
+        installed = {fold.name for fold in (target / member).glob("fold_*") if any(fold.glob("checkpoint_*.pth"))}
+        own = sorted(installed - folds)
+        if own:
+            raise ModelFileError(
+                f"{model.path}: would add {', '.join(sorted(folds))} to {member} of {target.name}, which has "
+                f"{', '.join(own)} of its own; refused: a model file does not extend a member trained or installed "
+                "here (import into another AUTOSEG_RESULTS, or export all of the member's folds in one file)"
+            )
 
 
 def _check_dataset_files(model: ModelFile, folder: Path, target: Path) -> None:
