@@ -1,4 +1,5 @@
-"""What a training run reports: ``log.txt`` (one line per epoch) and ``progress.png``, from one history.
+"""What a training run reports: ``log.txt`` (its header, :func:`run_header`; one line per epoch, :func:`format_epoch`;
+the measured times, :func:`epoch_time_line`) and ``progress.png`` (:func:`plot_progress`), from one history.
 
 The history is a dict of plain lists, one entry per finished epoch, so it goes into every checkpoint as it is
 and a resumed run continues its curves:

@@ -1,4 +1,4 @@
-"""Training: trainer registry, budgets and schedules, the loop end to end (overfitting, exact resume, zoom-in&out
+"""Training: trainer registry, run lengths and schedules, the loop end to end (overfitting, exact resume, zoom-in&out
 stage switch), the run folder's files, end-of-fold validation and the command line's errors.
 
 Networks and patches are tiny (the plans are edited as a user would edit ``plans.json``) and everything runs on
@@ -211,7 +211,7 @@ def test_every_trainer_takes_a_training_step_on_a_plan_it_suits(name: str, home:
     assert any(not torch.equal(before[key], value) for key, value in runner.network.state_dict().items())
 
 
-# ---------------------------------------------------------------------------- budgets, schedules, precision
+# ---------------------------------------------------------------------------- run lengths, schedules, precision
 def test_epoch_overrides_scale_stage_starts_and_restart_period(home: Path) -> None:
     schedule = dataclasses.replace(
         Plans.from_json(home / "preprocessed" / FIVE / "plans.json").configuration().schedule,
@@ -482,12 +482,12 @@ def test_command_line_run_validates_the_fold_on_the_original_grid(home: Path, ca
         assert predicted.differences(reference) == []
     assert "epoch 2/2 [zoom_out]" in capsys.readouterr().out  # --epochs 2: stage 2 from epoch round(2·2/4) = 1
 
-    # Continuing a finished run trains nothing; a different budget, or a fresh start over the run, is refused.
+    # Continuing a finished run trains nothing; a different run length, or a fresh start over the run, is refused.
     final = (folder / "checkpoint_final.pth").stat().st_mtime_ns
     assert main([*arguments[:4], "--continue", "--no-validation", "-np", "0"]) == 0  # the run's own --epochs 2
     assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == final
-    budgets = [line for line in (folder / "log.txt").read_text().splitlines() if "budget:" in line]
-    assert len(budgets) == 2 and "budget: 2 epochs x 2 iterations (plans: 4 x 3)" in budgets[-1]
+    lengths = [line for line in (folder / "log.txt").read_text().splitlines() if "budget:" in line]  # run length
+    assert len(lengths) == 2 and "budget: 2 epochs x 2 iterations (plans: 4 x 3)" in lengths[-1]
     capsys.readouterr()
     assert main([*arguments[:4], "--epochs", "3", "--continue", "--no-validation", "-np", "0"]) == 1
     assert "continue it with the same --epochs" in capsys.readouterr().err
