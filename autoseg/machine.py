@@ -2,14 +2,17 @@
 
 One place answers "what is this computer and how should torch use it": the commands call
 :func:`configure_threads` once, trainers and predictors call :func:`choose_device` and :func:`choose_precision`,
-and the compute-budget probe (``autoseg.plan.probe``) keys its cache on :func:`machine_description`.
+and the compute-budget probe (``autoseg.plan.probe``) keys its cache on :func:`machine_description`;
+:func:`deterministic_algorithms` sets (and restores) torch's algorithm choice for a block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -204,3 +207,23 @@ def choose_precision(device: torch.device, requested: str = "auto") -> Precision
         f"CPU capability {capability} has no native bf16 (AVX512-BF16 or AMX): "
         "bf16 autocast would be far slower than float32",
     )
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, cudnn_benchmark: bool = False) -> Iterator[None]:
+    """Within the block: ``torch.use_deterministic_algorithms(True, warn_only=True)`` when ``enabled``, and cuDNN's
+    autotuner (``cudnn.benchmark``) on when ``cudnn_benchmark`` and not ``enabled``; the previous settings come
+    back afterwards, so a run leaves the process as it found it."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]

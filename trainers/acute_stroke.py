@@ -20,13 +20,14 @@
     - early stopping: training ends after ``schedule.early_stopping_patience_epochs`` epochs without a better
       moving-average validation pseudo-Dice (scaled with ``--epochs``); where the plans give none, a tenth of the
       run's epochs, at least the paper's 8 (its epochs were passes over some 10,000 patches per case, far longer
-      than autoseg's); counters as in ``trainers.plateau.PlateauStopping`` (stored in checkpoints);
+      than autoseg's); counted by ``autoseg.train.early_stopping.PlateauStopping``, a handler attached to the loop (its
+      counters stored in checkpoints);
     - dense-overlap inference: the end-of-fold validation and ``autoseg_predict`` use the plans'
       ``sliding_window_step`` (the paper steps 4x4x1 voxels on 24x24x16 patches, about a sixth of a patch; lower
       the plans' value for that density).
 
     The plans' compute-budget time estimate describes the residual U-Net the plan was fitted with, not this
-    network, so the trainer logs that it skips the time check.
+    network, so the trainer skips the time check (``TrainerSettings.time_check``) and logs that it does.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from torch import nn
 
 from autoseg.errors import UsageError
 from autoseg.plans import Loss, Sampling, Stage
-from trainers.base import Trainer, TrainerSettings, describe_loss
-from trainers.plateau import PlateauStopping
+from autoseg.train.early_stopping import PlateauStopping
+from autoseg.train.losses import describe_loss
+from trainers.base import Trainer, TrainerSettings
 
 #: Adadelta's rate: a scale on its own adaptive step, 1 as Zeiler proposed (no rate to tune, the paper's reason).
 ADADELTA_LR = 1.0
@@ -56,7 +58,13 @@ PATIENCE_SHARE = 0.1
 PAPER_PATIENCE_EPOCHS = 8
 
 
-class AcuteStrokeTrainer(PlateauStopping, Trainer):
+def paper_patience(epochs: int) -> int:
+    """Early-stopping patience of a run of ``epochs`` where the plans set none: a tenth of the epochs, at least the
+    paper's 8."""
+    return max(PAPER_PATIENCE_EPOCHS, round(PATIENCE_SHARE * epochs))
+
+
+class AcuteStrokeTrainer(Trainer):
     """Asymmetric residual U-Net, focal loss, Adadelta, balanced sampling, early stopping (see the module docstring).
 
     Raises (from :meth:`build_network`):
@@ -64,7 +72,12 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
             pre-trained backbone.
     """
 
-    settings = TrainerSettings(weight_decay=0.0)
+    settings = TrainerSettings(weight_decay=0.0, time_check=False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plateau = PlateauStopping(self.configuration.schedule, default_stop_patience=paper_patience)
+        self.handlers.append(self.plateau)
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -115,7 +128,7 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
 
     def learning_rate(self, epoch: int, iteration: int) -> float:
         """Adadelta's rate 1 in every stage (÷10 per plateau reduction where the plans set a plateau patience)."""
-        return ADADELTA_LR * self.plateau_factor()
+        return ADADELTA_LR * self.plateau.factor
 
     def schedule_description(self) -> dict[str, Any]:
         return {
@@ -123,20 +136,8 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
             "optimizer": "adadelta",
             "learning_rate": ADADELTA_LR,
             "rho": ADADELTA_RHO,
-            "early_stopping_epochs": self.patience("early_stopping_patience_epochs"),
+            "early_stopping_epochs": self.plateau.patience("early_stopping_patience_epochs", self.run_length.epochs),
         }
-
-    def patience(self, name: str) -> int | None:
-        """The plans' patience scaled to the run; early stopping falls back to a tenth of the run's epochs, at least
-        8, where the plans set none."""
-        planned = super().patience(name)
-        if planned is not None or name != "early_stopping_patience_epochs":
-            return planned
-        return max(PAPER_PATIENCE_EPOCHS, round(PATIENCE_SHARE * self.budget.epochs))
-
-    def time_promise(self) -> None:
-        """None: the plans' time estimate is for the residual U-Net they were fitted with (see :meth:`setup`)."""
-        return None
 
     def setup(self) -> AcuteStrokeTrainer:
         super().setup()
@@ -146,7 +147,8 @@ class AcuteStrokeTrainer(PlateauStopping, Trainer):
             f"{split[1]:,} decoder parameters, {split[0] / sum(split):.0%} in the encoder); loss "
             f"{describe_loss(self.loss_settings)}; Adadelta; {BALANCED_SHARE:.0%} of each batch lesion-centred "
             f"(offset up to {self.sampling_spec().max_offset_fraction:g} of a patch); early stopping after "
-            f"{self.patience('early_stopping_patience_epochs')} epochs without gain; inference windows at most "
+            f"{self.plateau.patience('early_stopping_patience_epochs', self.run_length.epochs)} epochs without gain; "
+            "inference windows at most "
             f"{self.configuration.sliding_window_step:g} of a patch apart (plans' sliding_window_step)"
         )
         budget = self.plans.compute_budget

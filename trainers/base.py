@@ -3,20 +3,22 @@
 A trainer subclass changes only what differs (network, optimizer, learning-rate schedule, ...) by overriding the
 hooks :meth:`Trainer.build_network`, :meth:`Trainer.build_optimizer`, :meth:`Trainer.learning_rate` and, when
 needed, :meth:`Trainer.build_loss`, :meth:`Trainer.loss_spec`, :meth:`Trainer.sampling_spec` or its
-:class:`TrainerSettings`. Data loading, logging, checkpoints, device and
-precision live in ``autoseg`` modules the loop calls.
+:class:`TrainerSettings`; behaviour that cuts across trainers (early stopping) is a handler attached to the loop
+(``self.handlers``, :mod:`autoseg.train.events`). The loop calls ``autoseg.train`` modules for the rest: the run
+length (:mod:`~autoseg.train.run_length`), checkpoints and the run folder (:mod:`~autoseg.train.checkpointing`),
+the log and progress plot (:mod:`~autoseg.train.log`), validation (:mod:`~autoseg.train.validation`), and what the
+plans' compute budget chose for this machine (:mod:`~autoseg.train.resources`).
 
 The loop, per epoch: enter the epoch's stage (a new stage starts a fresh optimizer at the stage's learning rate
 from the current weights), train ``iterations_per_epoch`` batches from a loader seeded by (seed, epoch), measure
-the pseudo-Dice on ``val_iterations`` validation batches, log, plot, and write ``checkpoint_latest.pth`` (plus
-``checkpoint_best.pth`` and snapshots when due). Because batches depend only on (seed, epoch) and a checkpoint
-holds every other state (weights, optimizer, grad scaler, random generators), a resumed run continues exactly as
-the uninterrupted one would have.
+the pseudo-Dice on ``val_iterations`` validation batches, tell the handlers, log, plot, and write
+``checkpoint_latest.pth`` (plus ``checkpoint_best.pth`` and snapshots when due). Because batches depend only on
+(seed, epoch) and a checkpoint holds every other state (weights, optimizer, grad scaler, random generators, the
+handlers'), a resumed run continues exactly as the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -28,40 +30,43 @@ from torch import nn
 
 from autoseg import distributed
 from autoseg.data.dataset import RawDataset
-from autoseg.errors import ExistingOutputError, UsageError
+from autoseg.errors import UsageError
 from autoseg.infer.predictor import Predictor
-from autoseg.io.checkpoints import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    remove_stale_temporaries,
-    restore_rng_state,
-    save_checkpoint,
-)
-from autoseg.machine import available_cores, choose_device, choose_precision, configure_threads
+from autoseg.io.checkpoints import capture_rng_state
+from autoseg.machine import choose_device, choose_precision, deterministic_algorithms
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY
-from autoseg.paths import PLANS_FILE
-from autoseg.plans import Loss, Plans, PlansError, Sampling, Stage
+from autoseg.plans import Loss, Plans, Sampling, Stage
 from autoseg.registry import Registry
+from autoseg.train import resources
+from autoseg.train.checkpointing import (
+    CHECKPOINT_FORMAT,
+    prepare_output_folder,
+    read_run_checkpoint,
+    restore_run_rng,
+    resume_point,
+    save_run_checkpoint,
+)
+from autoseg.train.events import EpochHandler
 from autoseg.train.loading import BatchStream, derived_seed, make_loader
-from autoseg.train.log import TrainingLog, empty_history, format_epoch, plot_progress
+from autoseg.train.log import (
+    TrainingLog,
+    check_training_time,
+    data_parallel_line,
+    empty_history,
+    epoch_time_line,
+    format_epoch,
+    plot_progress,
+    run_header,
+)
 from autoseg.train.losses import build_loss
 from autoseg.train.options import Fold, TrainingOptions
+from autoseg.train.run_length import RunLength
+from autoseg.train.splits import fold_cases
 from autoseg.train.time_promise import TimePromise
-from trainers.toolkit import (
-    Budget,
-    deterministic_algorithms,
-    dice_counts,
-    fold_cases,
-    global_dice,
-    validate_cases,
-)
+from autoseg.train.validation import dice_counts, global_dice, moving_average, validate_cases
 
 _REGISTRY = Registry("trainers", "trainer")
-CHECKPOINT_FORMAT = 1
-#: Augmentation processes when neither ``-np`` nor the plans' compute budget says.
-DEFAULT_DATA_PROCESSES = 2
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class TrainerSettings:
         grad_clip_norm: gradients are clipped to this global norm; None: no clipping. Default 12 (nnU-Net).
         ema_alpha: weight of the old value in the moving average of the validation pseudo-Dice. Default 0.9.
         snapshot_fractions: keep ``checkpoint_snapshot_EPOCH.pth`` after these fractions of the last stage.
+        time_check: check the run against the plans' time estimate (``autoseg.train.resources.time_promise``);
+            False for a trainer whose network is not the one the estimate was made for. Default True.
     """
 
     momentum: float = 0.99
@@ -83,15 +90,16 @@ class TrainerSettings:
     grad_clip_norm: float | None = 12.0
     ema_alpha: float = 0.9
     snapshot_fractions: tuple[float, ...] = ()
+    time_check: bool = True
 
 
 class Trainer:
     """Trains one fold of one configuration. Subclasses register themselves under their class name.
 
-    The constructor only stores its arguments; :meth:`setup` picks the device, builds network, loss and optimizer,
-    prepares the output folder and (with ``options.continue_training``) loads the latest checkpoint, or starts
-    afresh, saying so in the log, when no epoch completed;
-    :meth:`fit` trains; :meth:`validate` predicts the fold's validation cases.
+    The constructor only stores its arguments (a subclass attaches its handlers there); :meth:`setup` picks the
+    device, builds network, loss and optimizer, prepares the output folder and (with ``options.continue_training``)
+    loads the latest checkpoint, or starts afresh, saying so in the log, when no epoch completed; :meth:`fit` trains;
+    :meth:`validate` predicts the fold's validation cases.
 
     Args:
         plans: the dataset's plans.
@@ -128,7 +136,7 @@ class Trainer:
         self.output_folder = Path(output_folder)
         self.options = options or TrainingOptions()
         self.raw_dataset = raw_dataset
-        self.budget = Budget.from_schedule(
+        self.run_length = RunLength.from_schedule(
             self.configuration.schedule,
             self.options.epochs,
             self.options.iterations_per_epoch,
@@ -137,6 +145,7 @@ class Trainer:
         self.seed = self.options.seed
         self.context = distributed.current()  # torchrun's rank and world size; one process by default
         self.log = TrainingLog(self.output_folder / "log.txt", echo=self.options.echo, enabled=self.context.is_main)
+        self.handlers: list[EpochHandler] = []  # called at every stage start and epoch end, in this order
         self.epoch = 0  # epochs finished
         self.stage_index = 0
         self.history = empty_history()
@@ -151,7 +160,7 @@ class Trainer:
         self.loss_settings: Loss = self.configuration.loss
         self.memory_format = torch.contiguous_format
         self.promise: TimePromise | None = None
-        self.num_processes, self.num_processes_reason = DEFAULT_DATA_PROCESSES, "default"
+        self.num_processes, self.num_processes_reason = resources.DEFAULT_DATA_PROCESSES, "default"
         self.timing = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0}  # this epoch's, reset by fit()
 
     # ------------------------------------------------------------------ hooks
@@ -182,11 +191,6 @@ class Trainer:
         """The learning-rate schedule as a plain dict (logged and stored in checkpoints)."""
         return {"name": "custom"}
 
-    def should_stop(self) -> bool:
-        """True to end training before the budget's last epoch (early stopping); asked before every epoch, so a
-        run continued after it stopped ends at once. Default: never."""
-        return False
-
     def loss_spec(self) -> Loss:
         """The loss to train with (read once, by :meth:`setup`, into ``self.loss_settings``): the plans'."""
         return self.configuration.loss
@@ -207,19 +211,8 @@ class Trainer:
         return levels if network.deep_supervision and levels > 1 else 1
 
     @property
-    def num_classes(self) -> int:
-        """K: foreground labels of the plans (one sigmoid output each)."""
-        return sum(1 for value in self.plans.labels.values() if value != 0)
-
-    @property
     def stage(self) -> Stage:
         return self.configuration.schedule.stages[self.stage_index]
-
-    def snapshot_epochs(self) -> list[int]:
-        """Epoch counts after which a snapshot is kept: ``settings.snapshot_fractions`` of the last stage."""
-        start = self.budget.stage_starts[-1]
-        length = self.budget.epochs - start
-        return sorted({start + max(1, math.floor(length * f + 0.5)) for f in self.settings.snapshot_fractions})
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
@@ -228,220 +221,98 @@ class Trainer:
         self.device = self.context.device(self.device)
         backend = distributed.join(self.context, self.device)
         self.precision = choose_precision(self.device, self.options.precision)
-        self.num_processes, self.num_processes_reason = self.choose_num_processes()
-        self._configure_cpu_threads()
+        self.num_processes, self.num_processes_reason = resources.data_processes(
+            self.options.num_processes, self.plans, self.device
+        )
+        resources.configure_cpu_threads(self.device, self.context, self.num_processes, self.options.num_processes)
         # Before anything is written: a dataset that changed since its splits were made is refused here.
         raw_cases = None if self.raw_dataset is None else [case.identifier for case in self.raw_dataset.cases()]
         self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold, raw_cases)
-        resumed, afresh = None, None
-        if self.options.continue_training:
-            path = self._checkpoint_to_continue()
-            if path is None:
-                afresh = (
-                    f"--continue: no epoch completed yet (no checkpoint_latest.pth in {self.output_folder}); "
-                    "starting afresh"
-                )
-                stale = [p.name for p in self._remove_incomplete_run()] if self.context.is_main else []
-                afresh += f" (removed {', '.join(stale)} of the run that stopped)" if stale else ""
-            else:
-                resumed = self.read_checkpoint(path)
-        else:
-            self.refuse_overwrite()
+        path, afresh = resume_point(self.output_folder, self.options.continue_training, self.context.is_main)
+        resumed = None
+        if path is not None:
+            resumed, self.run_length, self.seed = read_run_checkpoint(
+                path, type(self).__name__, self.configuration.name, self.options, self.device
+            )
         torch.manual_seed(self.seed)
-        self.memory_format, format_reason = self.choose_memory_format()
+        self.memory_format, format_reason = resources.memory_format(
+            self.plans, self.configuration, self.device, self.precision
+        )
         self.network = self.build_network().to(self.device, memory_format=self.memory_format)
-        normalization = self._wrap_for_data_parallel()
+        self.model, normalization = self.network, ""
+        if self.context.enabled:
+            self.model, normalization = distributed.wrap_network(self.network, self.device)
+            self.network = self.model.module  # SyncBatchNorm layers, where converted; checkpoints save this
         self.model = torch.compile(self.model) if self.options.compile else self.model
         self.loss_settings = self.loss_spec()
         self.loss = self.build_loss()
-        self.stage_index = self.budget.stage_at(0)
+        self.stage_index = self.run_length.stage_at(0)
         self.optimizer = self.build_optimizer(self.stage)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         if self.context.is_main:
-            self._prepare_output_folder(resumed is not None)
+            prepare_output_folder(self.output_folder, self.plans, self.configuration, resumed is not None)
+            self.log.start(append=resumed is not None)
         distributed.barrier()  # the output folder exists before any rank writes validation files into it
         if afresh is not None:
             self.log(afresh)
-        self._log_header(device_reason, continued=resumed is not None)
-        if self.context.enabled:
-            self._log_data_parallel(backend, normalization)
-        self.log(
-            f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
-            f" ({format_reason})"
-        )
-        self.promise = self.time_promise()
-        if self.promise is not None and self.context.enabled:
-            self.log("time estimate: the plans' compute budget was measured for one process; not checked here")
-            self.promise = None
-        if self.promise is not None:
-            p = self.promise
-            self.log(
-                f"time estimate (plans' compute budget): {p.training_seconds / 60:.1f} min of training "
-                f"({p.epoch_seconds:.1f} s per epoch: {p.network_seconds + p.loader_seconds:.2f} s per iteration) + "
-                f"{p.final_validation_seconds / 60:.1f} min of final validation = {p.total_seconds / 60:.1f} min "
-                f"of a {self.plans.compute_budget.minutes:g}-minute budget"
-            )
+        self._log_start(device_reason, resumed is not None, backend, normalization, format_reason)
         if resumed is not None:
             self.restore(resumed)
         return self
 
-    def _configure_cpu_threads(self) -> None:
-        """On the CPU, torch's threads: this node's cores shared by its ranks, minus the augmentation processes
-        when the plans' compute budget chose them."""
-        if self.device.type != "cpu":
-            return
-        cores = available_cores() // self.context.local_world_size
-        if self.num_processes and self.options.num_processes is None:
-            configure_threads(max(1, cores - self.num_processes))  # the loader has the other cores
-        elif self.context.enabled:
-            configure_threads(max(1, cores))  # the ranks share the cores
-
-    def _wrap_for_data_parallel(self) -> str:
-        """``self.model``: the network, in DistributedDataParallel when this is one rank of several; returns what
-        was done to its normalization (empty for one process)."""
-        self.model = self.network
-        if not self.context.enabled:
-            return ""
-        self.model, normalization = distributed.wrap_network(self.network, self.device)
-        self.network = self.model.module  # SyncBatchNorm layers, where converted; checkpoints save this
-        return normalization
-
-    def _log_data_parallel(self, backend: str, normalization: str) -> None:
-        shares = ", ".join(
-            f"{s.name} {s.batch_size} = "
-            + " + ".join(
-                str(distributed.split_batch(s.batch_size, replace(self.context, rank=r)))
-                for r in range(self.context.world_size)
-            )
-            for s in self.configuration.schedule.stages
-        )
+    def _log_start(
+        self, device_reason: str, continued: bool, backend: str, normalization: str, format_reason: str
+    ) -> None:
+        """The log's header, the distributed and memory-format lines, and the time estimate (``self.promise``)."""
         self.log(
-            f"distributed: world size {self.context.world_size} ({backend}, DistributedDataParallel); "
-            f"global batch per stage split over the ranks: {shares}; {normalization}; each rank draws its own "
-            "patches (seed, epoch, rank); only rank 0 writes"
-        )
-
-    def choose_memory_format(self) -> tuple[torch.memory_format, str]:
-        """``channels_last_3d`` when the plans' compute-budget probe found it faster for training on this kind of
-        device and precision (3-D networks only), else contiguous."""
-        budget = self.plans.compute_budget
-        if self.configuration.dimension != 3:
-            return torch.contiguous_format, "2-D network"
-        if budget is None:
-            return torch.contiguous_format, "no compute-budget probe in the plans"
-        if budget.device != self.device.type or budget.precision != self.precision.name:
-            return torch.contiguous_format, (
-                f"the plans were probed on {budget.device} in {budget.precision}, this "
-                f"run is on {self.device.type} in {self.precision.name}"
+            run_header(
+                trainer=type(self).__name__,
+                dataset=self.plans.dataset,
+                configuration=self.configuration,
+                fold=self.fold,
+                continued=continued,
+                device=self.device,
+                device_reason=device_reason,
+                world_size=self.context.world_size,
+                precision=self.precision,
+                seed=self.seed,
+                data_processes=(self.num_processes, self.num_processes_reason),
+                options=self.options,
+                run_length=self.run_length,
+                schedule=self.schedule_description(),
+                loss=self.loss_settings,
+                network=self.network,
+                cases=(len(self.train_cases), len(self.val_cases)),
             )
-        chosen = torch.channels_last_3d if budget.memory_format == "channels_last_3d" else torch.contiguous_format
-        return chosen, f"faster in the compute-budget probe ({budget.probe.get('created', 'date unknown')})"
-
-    def choose_num_processes(self) -> tuple[int, str]:
-        """Background augmentation processes: ``-np`` when given, else the plans' compute-budget choice for this
-        device, else 2."""
-        if self.options.num_processes is not None:
-            return self.options.num_processes, "requested"
-        budget = self.plans.compute_budget
-        if budget is not None and budget.device == self.device.type:
-            return budget.data_processes, "the plans' compute budget: " + budget.reasons.get("data_processes", "")
-        return DEFAULT_DATA_PROCESSES, "default"
-
-    def time_promise(self) -> TimePromise | None:
-        """The plans' time estimate for this run (rescaled to its epochs and iterations), when the plans were
-        fitted to a compute budget on this kind of device and precision."""
-        budget = self.plans.compute_budget
-        estimate = budget.estimates.get(self.configuration.name) if budget is not None else None
-        if estimate is None or budget.device != self.device.type or budget.precision != self.precision.name:
-            return None
-        return TimePromise.from_estimate(
-            estimate, self.budget.epochs, self.budget.iterations_per_epoch, self.budget.val_iterations
         )
-
-    def _checkpoint_to_continue(self) -> Path | None:
-        """The checkpoint of the last completed epoch (``checkpoint_latest.pth``, else ``checkpoint_final.pth``);
-        None when no epoch completed (a run stopped, e.g. by a full disk, before its first latest checkpoint: a
-        ``checkpoint_best.pth`` written just before does not count)."""
-        for name in ("checkpoint_latest.pth", "checkpoint_final.pth"):
-            if (self.output_folder / name).is_file():
-                return self.output_folder / name
-        return None
-
-    def _remove_incomplete_run(self) -> list[Path]:
-        """Delete ``checkpoint_best.pth`` and snapshots of a run that completed no epoch (they were written just
-        before its first ``checkpoint_latest.pth`` failed); returns what was removed."""
-        found = [self.output_folder / "checkpoint_best.pth", *self.output_folder.glob("checkpoint_snapshot_*.pth")]
-        removed = [path for path in found if path.is_file()]
-        for path in removed:
-            path.unlink()
-        return removed
-
-    def refuse_overwrite(self) -> None:
-        """A new run never silently replaces one that has checkpoints (a forgotten ``--continue`` would)."""
-        found = [
-            name for name in ("checkpoint_latest.pth", "checkpoint_final.pth") if (self.output_folder / name).is_file()
-        ]
-        if found:
-            raise ExistingOutputError(
-                f"{self.output_folder} already holds a run ({found[0]}); resume it with --continue, "
-                "or delete the folder to start anew"
-            )
-
-    def _prepare_output_folder(self, resuming: bool) -> None:
-        self.output_folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.output_folder)
-        copy = self.output_folder / PLANS_FILE
-        if resuming and copy.is_file():
-            before = Plans.from_json(copy).configurations.get(self.configuration.name)
-            if before is None or replace(before, reasons={}) != replace(self.configuration, reasons={}):
-                raise PlansError(
-                    f"{copy}: configuration '{self.configuration.name}' of the plans changed since this "
-                    "run started; start a new run (without --continue) or restore the plans"
-                )
-        else:
-            self.plans.to_json(copy)
-        self.log.start(append=resuming)
-
-    def _log_header(self, device_reason: str, continued: bool = False) -> None:
-        c, b = self.configuration, self.budget
-        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
-        stages = "; ".join(
-            f"{s.name} from epoch {start + 1} (patch {list(s.patch_size)}, batch {s.batch_size}, "
-            f"lr {s.learning_rate:g})"
-            for s, start in zip(c.schedule.stages, b.stage_starts)
-        )
-        parameters = sum(p.numel() for p in self.network.parameters())
+        if self.context.enabled:
+            self.log(data_parallel_line(self.context, self.configuration, backend, normalization))
         self.log(
-            "\n".join(
-                [
-                    f"autoseg training: trainer {type(self).__name__}, configuration {c.name}, fold {self.fold}, "
-                    f"dataset {self.plans.dataset}" + (" (continued)" if continued else ""),
-                    f"device: {self.device} ({device_reason}){threads}; world size {self.context.world_size}",
-                    f"precision: {self.precision.name} ({self.precision.reason})",
-                    f"seed: {self.seed}; data processes: {self.num_processes} ({self.num_processes_reason}); "
-                    "deterministic algorithms: "
-                    f"{'on' if self.options.deterministic else 'off'}; torch.compile: {'on' if self.options.compile else 'off'}",
-                    f"budget: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
-                    f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch",
-                    f"stages: {stages}",
-                    "optimizer and learning-rate schedule: "
-                    + ", ".join(f"{key} {value}" for key, value in self.schedule_description().items()),
-                    f"loss: {describe_loss(self.loss_settings)}; network: {type(self.network).__name__}, {parameters:,} parameters",
-                    f"cases: {len(self.train_cases)} training, {len(self.val_cases)} validation (fold {self.fold})",
-                ]
-            )
+            f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
+            f" ({format_reason})"
         )
+        self.promise = None
+        if self.settings.time_check:
+            self.promise = resources.time_promise(
+                self.plans, self.configuration, self.device, self.precision, self.run_length
+            )
+        if self.promise is not None and self.context.enabled:
+            self.log("time estimate: the plans' compute budget was measured for one process; not checked here")
+            self.promise = None
+        if self.promise is not None:
+            self.log(self.promise.describe(self.plans.compute_budget.minutes))
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
-        """Train from epoch ``self.epoch`` to the end of the budget; then write ``checkpoint_final.pth``."""
+        """Train from epoch ``self.epoch`` to the end of the run length, or until a handler asks to stop; then
+        write ``checkpoint_final.pth``."""
         if self.network is None:
             raise RuntimeError("call setup() before fit()")
         first = self.epoch
         totals = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0, "seconds": 0.0, "estimated": 0.0}
-        with self.algorithms():
-            for epoch in range(self.epoch, self.budget.epochs):
-                if self.should_stop():
+        with deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda"):
+            for epoch in range(self.epoch, self.run_length.epochs):
+                if any(handler.stop_requested() for handler in self.handlers):
                     break
                 self.enter_stage(epoch)
                 start = time.perf_counter()
@@ -459,20 +330,11 @@ class Trainer:
                 for key in ("loader_wait", "steps", "iterations"):
                     totals[key] += self.timing[key]
                 totals["seconds"] += time.perf_counter() - start
-                if self.promise is not None:
-                    totals["estimated"] += self.promise.stage_epoch_seconds(self.stage_index)
-                self._log_epoch_time(time.perf_counter() - start)
+                estimated = None if self.promise is None else self.promise.stage_epoch_seconds(self.stage_index)
+                totals["estimated"] += estimated or 0.0
+                self.log(epoch_time_line(time.perf_counter() - start, self.timing, estimated))
         if self.promise is not None and totals["iterations"]:
-            epochs = self.epoch - first
-            _, line = self.promise.check(
-                f"training time of {epochs} epochs",
-                totals["seconds"],
-                totals["estimated"],
-                loader_wait=totals["loader_wait"],
-                step_seconds=totals["steps"],
-                steps=totals["iterations"],
-            )
-            self.log(line)
+            self.log(check_training_time(self.promise, self.epoch - first, totals))
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
             self.save("checkpoint_final.pth")
             best = (
@@ -482,22 +344,10 @@ class Trainer:
             )
             self.log(f"training finished after {self.epoch} epochs; {best}")
 
-    def algorithms(self) -> contextlib.AbstractContextManager[None]:
-        """The block's algorithm settings: deterministic ones with ``--deterministic``; on CUDA otherwise cuDNN's
-        autotuner, since patch sizes are fixed (restored afterwards)."""
-        return deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda")
-
-    def _log_epoch_time(self, seconds: float) -> None:
-        """Measured vs estimated time of the epoch just finished, with the loader's wait and the steps' time."""
-        t = self.timing
-        parts = [f"time: epoch {seconds:.1f} s", f"steps {t['steps']:.1f} s", f"loader wait {t['loader_wait']:.1f} s"]
-        if self.promise is not None:
-            parts.insert(1, f"estimated {self.promise.stage_epoch_seconds(self.stage_index):.1f} s")
-        self.log(", ".join(parts))
-
     def enter_stage(self, epoch: int) -> None:
-        """Switch to the stage of ``epoch``: a fresh optimizer at that stage's learning rate, same weights."""
-        index = self.budget.stage_at(epoch)
+        """Switch to the stage of ``epoch``: a fresh optimizer at that stage's learning rate, same weights; the
+        handlers hear that a stage started."""
+        index = self.run_length.stage_at(epoch)
         if index == self.stage_index:
             return
         self.stage_index = index
@@ -507,6 +357,8 @@ class Trainer:
             f"stage {s.name} starts at epoch {epoch + 1}: patch {list(s.patch_size)}, batch {s.batch_size}, "
             f"lr {s.learning_rate:g}, continuing from the current weights"
         )
+        for handler in self.handlers:
+            handler.stage_started()
 
     def loader(self, epoch: int, train: bool) -> BatchStream:
         """Batches of ``epoch``, seeded by (seed, epoch) alone; validation batches are made in this process.
@@ -532,7 +384,7 @@ class Trainer:
         self.model.train()
         losses, first_rate = [], self.learning_rate(epoch, 0)
         with self.loader(epoch, train=True) as batches:
-            for iteration in range(self.budget.iterations_per_epoch):
+            for iteration in range(self.run_length.iterations_per_epoch):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, iteration)
                 waited = time.perf_counter()
@@ -566,12 +418,13 @@ class Trainer:
     @torch.no_grad()
     def validate_epoch(self, epoch: int) -> tuple[float, float]:
         """Mean loss and pseudo-Dice (global Dice of TP/FP/FN summed over all batches) of validation patches."""
-        if self.budget.val_iterations == 0:
+        if self.run_length.val_iterations == 0:
             return math.nan, math.nan
         self.model.eval()
-        losses, counts = [], torch.zeros((3, self.num_classes), dtype=torch.long)
+        classes = sum(1 for value in self.plans.labels.values() if value != 0)  # K: one sigmoid output each
+        losses, counts = [], torch.zeros((3, classes), dtype=torch.long)
         with self.loader(epoch, train=False) as batches:
-            for _ in range(self.budget.val_iterations):
+            for _ in range(self.run_length.val_iterations):
                 batch = next(batches)
                 data = batch["data"].to(self.device, non_blocking=True)
                 target = batch["seg"].to(self.device, non_blocking=True)
@@ -587,33 +440,34 @@ class Trainer:
         return float(total[0] / total[1]), global_dice(distributed.sum_(counts))
 
     def end_epoch(self, epoch: int, **record: float) -> None:
-        """Record, log and plot the epoch; write the latest (and, when due, best and snapshot) checkpoints."""
-        ema = self.moving_average(record["pseudo_dice"])
+        """Tell the handlers, record, log and plot the epoch; write the latest (and, when due, best and snapshot)
+        checkpoints; then log what the handlers said."""
+        previous = self.history["ema_pseudo_dice"][-1] if self.history["ema_pseudo_dice"] else math.nan
+        ema = moving_average(previous, record["pseudo_dice"], self.settings.ema_alpha)
+        said = [line for handler in self.handlers for line in handler.epoch_completed(self, epoch, ema)]
         for key, value in {"epoch": epoch, "stage": self.stage.name, **record, "ema_pseudo_dice": ema}.items():
             self.history[key].append(value)
         self.epoch = epoch + 1
-        self.log(format_epoch(self.history, -1, self.budget.epochs))
+        self.log(format_epoch(self.history, -1, self.run_length.epochs))
         if self.context.is_main:
-            plot_progress(self.history, self.output_folder / "progress.png", [s for s in self.budget.stage_starts if s])
+            stage_starts = [s for s in self.run_length.stage_starts if s]
+            plot_progress(self.history, self.output_folder / "progress.png", stage_starts)
         # The latest checkpoint goes last: a run killed before it repeats this epoch, and with it these files.
         if not math.isnan(ema) and ema > self.best_ema:
             self.best_ema = ema
             self.save("checkpoint_best.pth")
             self.log(f"new best moving-average pseudo-Dice {ema:.4f}: checkpoint_best.pth")
-        if self.epoch in self.snapshot_epochs():
+        if self.epoch in self.run_length.snapshot_epochs(self.settings.snapshot_fractions):
             self.save(f"checkpoint_snapshot_{self.epoch}.pth")
             self.log(f"snapshot kept: checkpoint_snapshot_{self.epoch}.pth")
         self.save("checkpoint_latest.pth")
-
-    def moving_average(self, dice: float) -> float:
-        """The moving-average pseudo-Dice once ``dice`` (NaN: no validation) joins the history's."""
-        previous = self.history["ema_pseudo_dice"][-1] if self.history["ema_pseudo_dice"] else math.nan
-        alpha = self.settings.ema_alpha
-        return previous if math.isnan(dice) else dice if math.isnan(previous) else alpha * previous + (1 - alpha) * dice
+        for line in said:
+            self.log(line)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly, as tensors and plain values."""
+        """Everything needed to continue exactly, as tensors and plain values (``autoseg.train.checkpointing``);
+        each handler's state under its key."""
         return {
             "format": CHECKPOINT_FORMAT,
             "trainer": type(self).__name__,
@@ -626,51 +480,23 @@ class Trainer:
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler.is_enabled() else {},
             "epoch": self.epoch,
             "stage": self.stage_index,
-            "budget": self.budget.to_plain(),
+            "budget": self.run_length.to_plain(),  # the key checkpoints have always used for the run length
             "history": self.history,
             "best_ema_pseudo_dice": self.best_ema,
             "seed": self.seed,
             "rng": capture_rng_state(),
             "world_size": self.context.world_size,
+            **{handler.key: handler.state_dict() for handler in self.handlers},
         }
 
     def save(self, name: str) -> Path:
-        """Write :meth:`checkpoint_state` to ``output_folder / name`` atomically. In a distributed run every
-        rank calls this (their random generator states are gathered into ``rng_ranks``) and rank 0 writes."""
-        path = self.output_folder / name
-        state = self.checkpoint_state()
-        if self.context.enabled:
-            state["rng_ranks"] = distributed.gather_objects(state["rng"])
-        if self.context.is_main:
-            save_checkpoint(state, path)
-        return path
-
-    def read_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Read a checkpoint of this trainer and configuration to continue from, and adopt its budget and seed
-        (stage boundaries and batches stay those of the run that wrote it)."""
-        state = load_checkpoint(path, map_location=self.device or "cpu")
-        if state.get("trainer") != type(self).__name__ or state.get("configuration") != self.configuration.name:
-            raise CheckpointError(
-                f"{path}: written by {state.get('trainer')} for configuration "
-                f"{state.get('configuration')}, not {type(self).__name__} for {self.configuration.name}"
-            )
-        saved, o = Budget.from_plain(state["budget"]), self.options
-        if (o.epochs or saved.epochs) != saved.epochs or (
-            o.iterations_per_epoch or saved.iterations_per_epoch
-        ) != saved.iterations_per_epoch:
-            raise UsageError(
-                f"{path}: this run trains {saved.epochs} epochs x {saved.iterations_per_epoch} "
-                "iterations; continue it with the same --epochs/--iters-per-epoch (or leave them out)"
-            )
-        self.budget = replace(
-            saved, val_iterations=saved.val_iterations if o.val_iterations is None else o.val_iterations
-        )
-        self.seed = int(state["seed"])
-        return {**state, "path": str(path)}
+        """Write :meth:`checkpoint_state` to ``output_folder / name`` atomically (every rank calls this; rank 0
+        writes: ``autoseg.train.checkpointing.save_run_checkpoint``)."""
+        return save_run_checkpoint(self.checkpoint_state(), self.output_folder / name, self.context)
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Put a checkpoint's weights, optimizer, grad scaler, epoch, stage, history and random generator states
-        into this set-up trainer."""
+        """Put a checkpoint's weights, optimizer, grad scaler, epoch, stage, history, handler and random generator
+        states into this set-up trainer."""
         self.network.load_state_dict(state["network"])
         self.epoch, self.stage_index = int(state["epoch"]), int(state["stage"])
         self.optimizer = self.build_optimizer(self.stage)
@@ -679,17 +505,15 @@ class Trainer:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.history = {key: list(values) for key, values in state["history"].items()}
         self.best_ema = float(state["best_ema_pseudo_dice"])
-        ranks = state.get("rng_ranks") or [state["rng"]]
-        if len(ranks) != self.context.world_size:
-            self.log(
-                f"continuing with {self.context.world_size} process(es) a run saved by {len(ranks)}: the weights "
-                "and schedule continue, the batches differ from an uninterrupted run"
-            )
-        restore_rng_state(ranks[self.context.rank] if self.context.rank < len(ranks) else ranks[0])
+        message = restore_run_rng(state, self.context)
+        if message is not None:
+            self.log(message)
         self.log(
             f"continuing from {Path(state['path']).name} after epoch {self.epoch} (stage {self.stage.name}, "
             f"seed {self.seed})"
         )
+        for handler in self.handlers:
+            handler.load_state_dict(state.get(handler.key, {}))
 
     # ------------------------------------------------------------------ end of fold
     def validate(self) -> dict[str, Any]:
@@ -713,7 +537,7 @@ class Trainer:
             "postprocessing": dict(vars(self.configuration.postprocessing)),
         }
         start = time.perf_counter()
-        with self.algorithms():
+        with deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda"):
             summary = validate_cases(
                 predictor,
                 self.data_folder,
@@ -736,21 +560,6 @@ class Trainer:
             f"{summary['mean']['hausdorff95']:.2f} mm over {len(self.val_cases)} case(s): validation/summary.json"
         )
         return summary
-
-
-def describe_loss(loss: Loss) -> str:
-    """One line naming a loss and its non-zero terms, e.g. ``weighted_ce (lesion weight 19.3)`` or
-    ``dice_bce (Dice 1 + BCE 1 + lesion-wise Dice 1)``."""
-    lesion_wise = f" + lesion-wise Dice {loss.lesion_dice_weight:g}" if loss.lesion_dice_weight else ""
-    if loss.name == "weighted_ce":
-        return f"weighted_ce (lesion weight {loss.positive_weight:.3g}{lesion_wise})"
-    terms = [
-        f"{name} {weight:g}"
-        for name, weight in (("Dice", loss.dice_weight), ("BCE", loss.bce_weight), ("focal", loss.focal_weight))
-        if weight
-    ]
-    focal = f", focal γ={loss.focal_gamma:g} α={loss.focal_alpha:g}" if loss.focal_weight else ""
-    return f"{loss.name} ({' + '.join(terms)}{lesion_wise}{focal})"
 
 
 def available_trainers() -> list[str]:

@@ -6,9 +6,10 @@
     with ``all`` trains everything (1e-4). RMSProp. The learning rate drops ÷10 whenever the moving-average
     validation pseudo-Dice (the one ``checkpoint_best.pth`` follows) has not improved for
     ``plateau_patience_epochs``, and training stops after ``early_stopping_patience_epochs`` without improvement.
-    Both patiences scale with a shortened run (``--epochs``) like the stage starts do (``Budget``), at least 1
+    Both patiences scale with a shortened run (``--epochs``) like the stage starts do (``RunLength``), at least 1
     epoch, and count only once the validation pseudo-Dice has left 0; both counters restart with each stage, and are
-    stored in the checkpoint so ``--continue`` resumes them (``trainers.plateau.PlateauStopping``).
+    stored in the checkpoint so ``--continue`` resumes them (``autoseg.train.early_stopping.PlateauStopping``, a
+    handler the trainer attaches to its loop as ``self.plateau``).
 
 The network carries PSPNet's auxiliary head on ``layer3``; its loss joins the main one with weight
 ``auxiliary_loss_weight`` (0.4, as in PSPNet) while training, and prediction uses the main head only.
@@ -33,15 +34,14 @@ from torch import nn
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.plans import Loss, Stage
 from autoseg.preprocess.cases import lesion_fraction
-from autoseg.train.early_stopping import PLATEAU_FACTOR
+from autoseg.train.early_stopping import PLATEAU_FACTOR, PlateauStopping
 from autoseg.train.losses import AuxiliaryLoss, balanced_positive_weight, build_loss
 from trainers.base import Trainer
-from trainers.plateau import PlateauStopping
 
 TRAINABLE = ("all", "new_layers")
 
 
-class PSPNetTrainer(PlateauStopping, Trainer):
+class PSPNetTrainer(Trainer):
     """PSPNet, RMSProp, frozen-backbone then full fine-tuning, lr ÷10 on a Dice plateau, early stopping."""
 
     #: Weight of the auxiliary head's loss (PSPNet: 0.4); 0 builds the network without the auxiliary head.
@@ -50,6 +50,8 @@ class PSPNetTrainer(PlateauStopping, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._weights_note = ""
+        self.plateau = PlateauStopping(self.configuration.schedule)
+        self.handlers.append(self.plateau)
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -116,16 +118,16 @@ class PSPNetTrainer(PlateauStopping, Trainer):
 
     def learning_rate(self, epoch: int, iteration: int) -> float:
         """The stage's learning rate divided by 10 per plateau reduction so far in the stage."""
-        stage = self.configuration.schedule.stages[self.budget.stage_at(epoch)]
-        return stage.learning_rate * self.plateau_factor()
+        stage = self.configuration.schedule.stages[self.run_length.stage_at(epoch)]
+        return stage.learning_rate * self.plateau.factor
 
     def schedule_description(self) -> dict[str, Any]:
         return {
             "name": "plateau",
             "optimizer": "rmsprop",
             "factor": PLATEAU_FACTOR,
-            "patience_epochs": self.patience("plateau_patience_epochs"),
-            "early_stopping_epochs": self.patience("early_stopping_patience_epochs"),
+            "patience_epochs": self.plateau.patience("plateau_patience_epochs", self.run_length.epochs),
+            "early_stopping_epochs": self.plateau.patience("early_stopping_patience_epochs", self.run_length.epochs),
         }
 
 

@@ -53,8 +53,8 @@ class ResidualUNetTrainer(Trainer):
 
     def learning_rate(self, epoch: int, iteration: int) -> float:
         """``lr_stage · (1 − (epoch − start) / (end − start))^0.9``, constant within an epoch (nnU-Net)."""
-        index = self.budget.stage_at(epoch)
-        start, end = self.budget.stage_starts[index], self.budget.stage_end(index)
+        index = self.run_length.stage_at(epoch)
+        start, end = self.run_length.stage_starts[index], self.run_length.stage_end(index)
         progress = (epoch - start) / (end - start)
         return self.configuration.schedule.stages[index].learning_rate * (1 - progress) ** self.settings.poly_exponent
 
@@ -76,15 +76,15 @@ class ZoomInOutTrainer(ResidualUNetTrainer):
         """SGDR within each stage: ``lr_stage · (1 + cos(π · t / T)) / 2`` with ``t`` the epochs (fractional, per
         iteration) since the stage began or the last restart and ``T`` the restart period (the stage's length
         when the plans give none)."""
-        index = self.budget.stage_at(epoch)
-        start, end = self.budget.stage_starts[index], self.budget.stage_end(index)
-        period = self.budget.restart_period_epochs or (end - start)
-        elapsed = (epoch - start + iteration / self.budget.iterations_per_epoch) % period
+        index = self.run_length.stage_at(epoch)
+        start, end = self.run_length.stage_starts[index], self.run_length.stage_end(index)
+        period = self.run_length.restart_period_epochs or (end - start)
+        elapsed = (epoch - start + iteration / self.run_length.iterations_per_epoch) % period
         return self.configuration.schedule.stages[index].learning_rate * (1 + math.cos(math.pi * elapsed / period)) / 2
 
     def schedule_description(self) -> dict[str, Any]:
         return {
             "name": "cosine_warm_restarts",
-            "restart_period_epochs": self.budget.restart_period_epochs,
+            "restart_period_epochs": self.run_length.restart_period_epochs,
             "optimizer": "adam",
         }

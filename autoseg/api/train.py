@@ -19,9 +19,10 @@ fold: ``setup()``, ``fit()`` and the end-of-fold validation. Everything a run wr
 ===================================== ========================================================================
 
 The run flags (:class:`TrainingOptions`) and the fold are the library's (:mod:`autoseg.train.options`); what the
-trainers share besides (the run length ``Budget``, the fold's cases, the validation of whole cases) lives beside
-them in ``trainers.toolkit``; the library finds a trainer by name (:func:`autoseg.registry.plugin_class`) and never
-imports the trainers. The device and precision choice in
+trainers' loop calls lives beside them in :mod:`autoseg.train` (the run length, :mod:`~autoseg.train.run_length`;
+the fold's cases, :func:`autoseg.train.splits.fold_cases`; checkpoints, :mod:`~autoseg.train.checkpointing`; the
+validation of whole cases, :mod:`~autoseg.train.validation`); the library finds a trainer by name
+(:func:`autoseg.registry.plugin_class`) and never imports the trainers. The device and precision choice in
 :mod:`autoseg.machine`; where a run's folder is in :func:`autoseg.paths.run_folder`.
 """
 
@@ -41,6 +42,7 @@ from autoseg.io.files import check_output_folder
 from autoseg.paths import PLANS_FILE, preprocessed_folder, run_folder
 from autoseg.plans import Configuration, Plans
 from autoseg.registry import plugin_class
+from autoseg.train.checkpointing import refuse_overwrite
 from autoseg.train.loading import case_identifiers
 from autoseg.train.options import Fold, TrainingOptions, parse_fold
 from autoseg.train.run_lock import check_unlocked, run_lock
@@ -66,8 +68,6 @@ class TrainingRun(Protocol):
     def fit(self) -> None: ...
 
     def validate(self) -> dict[str, Any]: ...
-
-    def refuse_overwrite(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def prepare_run(
         check_output_folder(runner.output_folder, "run folder")  # AUTOSEG_RESULTS read-only: one line, not a traceback
         check_unlocked(runner.output_folder)  # a fold in training is named as such, with or without --continue
     if not options.continue_training:
-        runner.refuse_overwrite()
+        refuse_overwrite(runner.output_folder)
     return runner
 
 

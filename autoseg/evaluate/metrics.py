@@ -280,7 +280,7 @@ def score_case(
     *,
     overlap_only: bool = False,
 ) -> dict[int, dict[str, float]]:
-    """Score one case, label by label: the one function end-of-fold validation (``trainers.toolkit.validate_cases``),
+    """Score one case, label by label: the one function end-of-fold validation (``autoseg.train.validation.validate_cases``),
     ``autoseg_find_best`` (``autoseg.api.select``) and ``autoseg_evaluate`` (``autoseg.evaluate.evaluation``) score with.
 
     Each label is scored on the masks ``prediction == label`` and ``reference == label`` (never ``> 0``: with

@@ -1,4 +1,5 @@
-"""What a training run reports: ``log.txt`` (one line per epoch) and ``progress.png``, from one history.
+"""What a training run reports: ``log.txt`` (its header, :func:`run_header`; one line per epoch, :func:`format_epoch`;
+the measured times, :func:`epoch_time_line`) and ``progress.png`` (:func:`plot_progress`), from one history.
 
 The history is a dict of plain lists, one entry per finished epoch, so it goes into every checkpoint as it is
 and a resumed run continues its curves:
@@ -21,11 +22,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import torch
 from matplotlib.figure import Figure
+from torch import nn
 
+from autoseg import distributed
 from autoseg.io.files import atomic_path, reporting_disk_full
+from autoseg.machine import Precision
+from autoseg.plans import Configuration, Loss
+from autoseg.train.losses import describe_loss
+from autoseg.train.options import TrainingOptions
+from autoseg.train.run_length import RunLength
+from autoseg.train.time_promise import TimePromise
 
 HISTORY_KEYS = (
     "epoch",
@@ -131,3 +143,97 @@ def plot_progress(history: History, path: str | Path, stage_starts: Sequence[int
         axis.legend(loc="best", fontsize="small")
     with atomic_path(Path(path), suffix=".png") as temporary:
         figure.savefig(temporary, format="png", dpi=80)
+
+
+def run_header(
+    *,
+    trainer: str,
+    dataset: str,
+    configuration: Configuration,
+    fold: object,
+    continued: bool,
+    device: torch.device,
+    device_reason: str,
+    world_size: int,
+    precision: Precision,
+    seed: int,
+    data_processes: tuple[int, str],
+    options: TrainingOptions,
+    run_length: RunLength,
+    schedule: dict[str, Any],
+    loss: Loss,
+    network: nn.Module,
+    cases: tuple[int, int],
+) -> str:
+    """The lines that open a run's log: trainer, device, precision, seed, run length, stages, optimizer and
+    schedule (``schedule``: the trainer's description), loss, network and the fold's (training, validation) case
+    counts."""
+    c, b = configuration, run_length
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    stages = "; ".join(
+        f"{s.name} from epoch {start + 1} (patch {list(s.patch_size)}, batch {s.batch_size}, lr {s.learning_rate:g})"
+        for s, start in zip(c.schedule.stages, b.stage_starts)
+    )
+    parameters = sum(p.numel() for p in network.parameters())
+    return "\n".join(
+        [
+            f"autoseg training: trainer {trainer}, configuration {c.name}, fold {fold}, dataset {dataset}"
+            + (" (continued)" if continued else ""),
+            f"device: {device} ({device_reason}){threads}; world size {world_size}",
+            f"precision: {precision.name} ({precision.reason})",
+            f"seed: {seed}; data processes: {data_processes[0]} ({data_processes[1]}); deterministic algorithms: "
+            f"{'on' if options.deterministic else 'off'}; torch.compile: {'on' if options.compile else 'off'}",
+            # "budget" names the run length in this line as in the logs of earlier runs.
+            f"budget: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
+            f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch",
+            f"stages: {stages}",
+            "optimizer and learning-rate schedule: " + ", ".join(f"{key} {value}" for key, value in schedule.items()),
+            f"loss: {describe_loss(loss)}; network: {type(network).__name__}, {parameters:,} parameters",
+            f"cases: {cases[0]} training, {cases[1]} validation (fold {fold})",
+        ]
+    )
+
+
+def data_parallel_line(
+    context: distributed.DistributedContext, configuration: Configuration, backend: str, normalization: str
+) -> str:
+    """The log line of a distributed run: world size, backend, each stage's global batch split over the ranks,
+    what was done to the normalization layers."""
+    shares = ", ".join(
+        f"{s.name} {s.batch_size} = "
+        + " + ".join(
+            str(distributed.split_batch(s.batch_size, replace(context, rank=r))) for r in range(context.world_size)
+        )
+        for s in configuration.schedule.stages
+    )
+    return (
+        f"distributed: world size {context.world_size} ({backend}, DistributedDataParallel); "
+        f"global batch per stage split over the ranks: {shares}; {normalization}; each rank draws its own "
+        "patches (seed, epoch, rank); only rank 0 writes"
+    )
+
+
+def epoch_time_line(seconds: float, timing: dict[str, float], estimated: float | None = None) -> str:
+    """Measured (and ``estimated``, when the plans promised a time) seconds of an epoch, with the loader's wait
+    and the steps' time (``timing``: ``loader_wait``, ``steps``)."""
+    parts = [
+        f"time: epoch {seconds:.1f} s",
+        f"steps {timing['steps']:.1f} s",
+        f"loader wait {timing['loader_wait']:.1f} s",
+    ]
+    if estimated is not None:
+        parts.insert(1, f"estimated {estimated:.1f} s")
+    return ", ".join(parts)
+
+
+def check_training_time(promise: TimePromise, epochs: int, totals: dict[str, float]) -> str:
+    """The log line comparing the measured training time of ``epochs`` epochs (``totals``: ``seconds``,
+    ``estimated``, ``loader_wait``, ``steps``, ``iterations``) with the promise."""
+    return promise.check(
+        f"training time of {epochs} epochs",
+        totals["seconds"],
+        totals["estimated"],
+        loader_wait=totals["loader_wait"],
+        step_seconds=totals["steps"],
+        steps=totals["iterations"],
+    )[1]

@@ -346,3 +346,18 @@ def build_loss(loss: Loss, deep_supervision_levels: int = 1) -> nn.Module:
     terms.append((loss.lesion_dice_weight, LesionWiseDiceLoss()))
     compound = CompoundLoss([(weight, term) for weight, term in terms if weight])
     return DeepSupervisionLoss(compound, deep_supervision_levels) if deep_supervision_levels > 1 else compound
+
+
+def describe_loss(loss: Loss) -> str:
+    """One line naming a loss and its non-zero terms, e.g. ``weighted_ce (lesion weight 19.3)`` or
+    ``dice_bce (Dice 1 + BCE 1 + lesion-wise Dice 1)``."""
+    lesion_wise = f" + lesion-wise Dice {loss.lesion_dice_weight:g}" if loss.lesion_dice_weight else ""
+    if loss.name == "weighted_ce":
+        return f"weighted_ce (lesion weight {loss.positive_weight:.3g}{lesion_wise})"
+    terms = [
+        f"{name} {weight:g}"
+        for name, weight in (("Dice", loss.dice_weight), ("BCE", loss.bce_weight), ("focal", loss.focal_weight))
+        if weight
+    ]
+    focal = f", focal γ={loss.focal_gamma:g} α={loss.focal_alpha:g}" if loss.focal_weight else ""
+    return f"{loss.name} ({' + '.join(terms)}{lesion_wise}{focal})"

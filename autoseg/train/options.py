@@ -21,7 +21,7 @@ class TrainingOptions:
     """How to run a training (flags, never written into the plans).
 
     Args:
-        epochs: override the plans' number of epochs (stage start epochs scale with it, ``trainers.toolkit.Budget``).
+        epochs: override the plans' number of epochs (stage start epochs scale with it, ``autoseg.train.run_length.RunLength``).
         iterations_per_epoch: override the plans' training iterations per epoch.
         val_iterations: validation batches per epoch for the pseudo-Dice; default a fifth of the training
             iterations (50 for nnU-Net's 250); 0 switches the per-epoch validation (and checkpoint_best) off.

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import AutosegError, InvalidFileError
+from autoseg.errors import AutosegError, DataError, InvalidFileError, MissingFileError, UsageError
 from autoseg.io.files import read_json, write_json
 from autoseg.paths import SPLITS_FILE
 from autoseg.preprocess.cases import CaseProperties
+from autoseg.train.loading import case_identifiers
+from autoseg.train.options import Fold
 
 Splits = list[dict[str, list[str]]]
 """One ``{"train": [...], "val": [...]}`` per fold, identifiers sorted."""
@@ -370,3 +372,58 @@ def _structure_problems(splits: object) -> list[str]:
 def read_subjects(folder: Path, identifiers: Sequence[str]) -> dict[str, str]:
     """Case -> subject from the preprocessed ``CASE.json`` files in ``folder`` (the case itself if absent)."""
     return {case: CaseProperties.from_json(Path(folder) / f"{case}.json").subject or case for case in identifiers}
+
+
+def fold_cases(
+    preprocessed_dataset_folder: Path, data_folder: Path, fold: Fold, raw_cases: Sequence[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Training and validation cases of ``fold``; ``full`` trains and validates on every case.
+
+    The 5-fold split is made once, subject-grouped, and kept in ``splits_final.json`` (``autoseg.train.splits``). It
+    must hold the preprocessed cases, no more and no fewer; so must the raw dataset (``raw_cases``, when given):
+    a dataset that changed since it was preprocessed or split is refused here, before any training, rather than
+    when the fold's validation meets a case that is gone.
+
+    Raises:
+        MissingFileError: no preprocessed cases.
+        DataError: the preprocessed cases differ from ``raw_cases`` (the message names them and says to re-run
+            ``autoseg_plan``).
+        SplitsError: ``splits_final.json`` is malformed, or names a case that is not preprocessed or leaves one
+            out (the message says how to re-split: ``autoseg_plan --resplit keep`` or ``fresh``).
+        UsageError: too few cases for 5 folds (new splits), or a fold out of range.
+    """
+    identifiers = case_identifiers(data_folder)
+    if not identifiers:
+        raise MissingFileError(
+            f"{data_folder}: no preprocessed cases; run autoseg_plan (or autoseg_plan --preprocess-only) "
+            "for this dataset and configuration first"
+        )
+    if raw_cases is not None and set(raw_cases) != set(identifiers):
+        added, removed = sorted(set(raw_cases) - set(identifiers)), sorted(set(identifiers) - set(raw_cases))
+        raise DataError(
+            f"{data_folder}: the raw dataset changed since it was preprocessed ("
+            + ", ".join(
+                [
+                    *([f"new, not preprocessed: {added[:5]}"] if added else []),
+                    *([f"preprocessed, no longer in the raw dataset: {removed[:5]}"] if removed else []),
+                ]
+            )
+            + f"); re-run autoseg_plan -d {preprocessed_dataset_folder.name} first"
+        )
+    if fold == "full":
+        return identifiers, identifiers
+    path = preprocessed_dataset_folder / SPLITS_FILE
+    try:
+        splits = load_or_create_splits(
+            preprocessed_dataset_folder, identifiers, read_subjects(data_folder, identifiers)
+        )
+    except ValueError as error:
+        if path.is_file():  # an existing file's problems: its message says what to do
+            raise
+        raise UsageError(f"{error}; or write {path} by hand, or train with -f full") from None
+    if not isinstance(fold, int) or not 0 <= fold < len(splits):
+        raise UsageError(
+            f"fold {fold} is out of range: {path} has {len(splits)} folds (0-{len(splits) - 1}); "
+            "or use -f all / -f full"
+        )
+    return splits[fold]["train"], splits[fold]["val"]

@@ -86,6 +86,15 @@ class TimePromise:
             stage_seconds_per_iteration=tuple(estimate.get("stage_seconds_per_iteration", ())),
         )
 
+    def describe(self, budget_minutes: float) -> str:
+        """One line for the log: the estimated training and final validation time of a ``budget_minutes`` budget."""
+        return (
+            f"time estimate (plans' compute budget): {self.training_seconds / 60:.1f} min of training "
+            f"({self.epoch_seconds:.1f} s per epoch: {self.network_seconds + self.loader_seconds:.2f} s per "
+            f"iteration) + {self.final_validation_seconds / 60:.1f} min of final validation = "
+            f"{self.total_seconds / 60:.1f} min of a {budget_minutes:g}-minute budget"
+        )
+
     def check(
         self,
         what: str,

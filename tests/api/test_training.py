@@ -1,4 +1,4 @@
-"""Training: trainer registry, budgets and schedules, the loop end to end (overfitting, exact resume, zoom-in&out
+"""Training: trainer registry, run lengths and schedules, the loop end to end (overfitting, exact resume, zoom-in&out
 stage switch), the run folder's files, end-of-fold validation and the command line's errors.
 
 Networks and patches are tiny (the plans are edited as a user would edit ``plans.json``) and everything runs on
@@ -30,14 +30,16 @@ from autoseg.io.checkpoints import load_checkpoint
 from autoseg.io.files import read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_header, write_image
-from autoseg.machine import choose_precision
+from autoseg.machine import choose_precision, deterministic_algorithms
 from autoseg.machine import cpu_has_fast_bf16 as native_bf16_probe  # imported before conftest fakes it
 from autoseg.networks.factory import BUILT_IN_NETWORK_OPTIONS
 from autoseg.plans import Plans, Stage
 from autoseg.registry import plugin_class
+from autoseg.train.events import EpochHandler
+from autoseg.train.run_length import RunLength
+from autoseg.train.validation import dice_counts, global_dice
 from planners import get_planner
 from trainers import Trainer, available_trainers, get_trainer, register_trainer
-from trainers.toolkit import Budget, deterministic_algorithms, dice_counts, global_dice
 
 FIVE = "Dataset951_ATLASFive"  # 5 tiny ATLAS-like cases: enough for a 5-fold split
 SPHERE = "Dataset952_Sphere"  # 1 case: a bright sphere in noise
@@ -207,7 +209,7 @@ def test_every_trainer_takes_a_training_step_on_a_plan_it_suits(name: str, home:
     assert any(not torch.equal(before[key], value) for key, value in runner.network.state_dict().items())
 
 
-# ---------------------------------------------------------------------------- budgets, schedules, precision
+# ---------------------------------------------------------------------------- run lengths, schedules, precision
 def test_epoch_overrides_scale_stage_starts_and_restart_period(home: Path) -> None:
     schedule = dataclasses.replace(
         Plans.from_json(home / "preprocessed" / FIVE / "plans.json").configuration().schedule,
@@ -219,13 +221,13 @@ def test_epoch_overrides_scale_stage_starts_and_restart_period(home: Path) -> No
             Stage(name="zoom_out", start_epoch=875, patch_size=(24,) * 3, batch_size=2, learning_rate=1e-4),
         ),
     )
-    plan = Budget.from_schedule(schedule)
+    plan = RunLength.from_schedule(schedule)
     assert (plan.stage_starts, plan.restart_period_epochs, plan.val_iterations) == ((0, 875), 50, 50)
-    short = Budget.from_schedule(schedule, epochs=8, iterations_per_epoch=5, val_iterations=2)
+    short = RunLength.from_schedule(schedule, epochs=8, iterations_per_epoch=5, val_iterations=2)
     assert (short.epochs, short.iterations_per_epoch, short.val_iterations) == (8, 5, 2)
     assert short.stage_starts == (0, 7) and short.restart_period_epochs == 1  # 875·8/1000 = 7; 50·8/1000 -> 1
-    assert Budget.from_schedule(schedule, epochs=4).stage_starts == (0, 3)  # 3.5 rounds up to 4, kept < 4
-    squeezed = Budget.from_schedule(schedule, epochs=1)
+    assert RunLength.from_schedule(schedule, epochs=4).stage_starts == (0, 3)  # 3.5 rounds up to 4, kept < 4
+    squeezed = RunLength.from_schedule(schedule, epochs=1)
     assert squeezed.stage_starts == (0, 0) and squeezed.stage_at(0) == 1  # stage 1 gets no epoch at all
     assert [plan.stage_at(e) for e in (0, 874, 875, 999)] == [0, 0, 1, 1]
 
@@ -236,10 +238,14 @@ def test_poly_and_cosine_warm_restart_schedules(home: Path) -> None:
     zoom = get_trainer("ZoomInOutTrainer")(
         plans, "3d_resunet", 0, **folders, options=TrainingOptions(epochs=400, iterations_per_epoch=10)
     )
-    assert zoom.budget.stage_starts == (0, 200) and zoom.budget.restart_period_epochs == 200
+    assert zoom.run_length.stage_starts == (0, 200) and zoom.run_length.restart_period_epochs == 200
     assert zoom.learning_rate(100, 0) == pytest.approx(0.5e-3)  # half a period: half the rate
     assert zoom.learning_rate(199, 9) < 1e-6 < zoom.learning_rate(200, 0) == pytest.approx(1e-4)
-    assert zoom.snapshot_epochs() == [267, 333, 400]  # 1/3, 2/3 and the end of stage 2
+    assert zoom.run_length.snapshot_epochs(zoom.settings.snapshot_fractions) == [
+        267,
+        333,
+        400,
+    ]  # 1/3, 2/3 and the end of stage 2
     poly = get_trainer("ResidualUNetTrainer")(
         plans, "3d_resunet", 0, **folders, options=TrainingOptions(epochs=400, iterations_per_epoch=10)
     )
@@ -398,6 +404,53 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
         assert a["plateau"] == b["plateau"] and isinstance(b["optimizer"]["state"][0]["acc_delta"], torch.Tensor)
 
 
+class _StopAfter(EpochHandler):
+    """A handler that records the events it hears and asks the loop to stop after ``epochs`` epochs."""
+
+    key = "stop_after"
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs, self.heard = epochs, []
+
+    def stage_started(self) -> None:
+        self.heard.append("stage")
+
+    def epoch_completed(self, loop, epoch: int, score: float) -> list[str]:
+        self.heard.append(epoch)
+        return [f"handler heard epoch {epoch + 1} of {loop.run_length.epochs}"]
+
+    def stop_requested(self) -> bool:
+        return sum(isinstance(event, int) for event in self.heard) >= self.epochs
+
+    def state_dict(self) -> dict:
+        return {"heard": list(self.heard)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.heard = list(state.get("heard", []))
+
+
+def test_a_handler_attached_to_the_loop_stops_it_and_continues_from_the_checkpoint(home: Path) -> None:
+    options = dataclasses.replace(QUIET, validation=False, val_iterations=1)
+    runner = prepare_run("ATLASFive", fold=0, options=options)  # the plans' ZoomInOutTrainer: no handler of its own
+    handler = _StopAfter(3)
+    runner.handlers.append(handler)
+    runner.setup().fit()
+    assert runner.epoch == 3 and handler.heard == [0, 1, "stage", 2]  # the zoom-out stage starts at epoch 2
+    final = load_checkpoint(runner.output_folder / "checkpoint_final.pth")
+    assert final["stop_after"] == {"heard": [0, 1, "stage", 2]} and final["epoch"] == 3
+    lines = (runner.output_folder / "log.txt").read_text().splitlines()
+    said = next(i for i, line in enumerate(lines) if "handler heard epoch 3 of 4" in line)
+    assert "epoch 3/4 [zoom_out]" in next(line for line in reversed(lines[:said]) if "train_loss" in line)
+
+    continued = prepare_run("ATLASFive", fold=0, options=dataclasses.replace(options, continue_training=True))
+    again = _StopAfter(3)
+    continued.handlers.append(again)
+    continued.setup()
+    assert again.heard == [0, 1, "stage", 2]  # from checkpoint_final.pth
+    continued.fit()  # the handler still asks to stop: no further epoch
+    assert continued.epoch == 3
+
+
 def test_command_line_run_validates_the_fold_on_the_original_grid(home: Path, capsys: pytest.CaptureFixture) -> None:
     arguments = [
         "-d",
@@ -427,12 +480,12 @@ def test_command_line_run_validates_the_fold_on_the_original_grid(home: Path, ca
         assert predicted.differences(reference) == []
     assert "epoch 2/2 [zoom_out]" in capsys.readouterr().out  # --epochs 2: stage 2 from epoch round(2·2/4) = 1
 
-    # Continuing a finished run trains nothing; a different budget, or a fresh start over the run, is refused.
+    # Continuing a finished run trains nothing; a different run length, or a fresh start over the run, is refused.
     final = (folder / "checkpoint_final.pth").stat().st_mtime_ns
     assert main([*arguments[:4], "--continue", "--no-validation", "-np", "0"]) == 0  # the run's own --epochs 2
     assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == final
-    budgets = [line for line in (folder / "log.txt").read_text().splitlines() if "budget:" in line]
-    assert len(budgets) == 2 and "budget: 2 epochs x 2 iterations (plans: 4 x 3)" in budgets[-1]
+    lengths = [line for line in (folder / "log.txt").read_text().splitlines() if "budget:" in line]  # run length
+    assert len(lengths) == 2 and "budget: 2 epochs x 2 iterations (plans: 4 x 3)" in lengths[-1]
     capsys.readouterr()
     assert main([*arguments[:4], "--epochs", "3", "--continue", "--no-validation", "-np", "0"]) == 1
     assert "continue it with the same --epochs" in capsys.readouterr().err
@@ -680,14 +733,16 @@ def test_acute_stroke_trainer_builds_the_paper_recipe_from_the_plans_numbers(hom
     )
     with trainer.loader(0, train=True) as batches:  # balanced: one of the two patches is centred on lesion
         assert all(batch["seg"][-1].any() for batch in (next(batches) for _ in range(3)))
-    assert trainer.patience("early_stopping_patience_epochs") == 10  # none planned: a tenth of 100 epochs, >= 8
+    assert (
+        trainer.plateau.patience("early_stopping_patience_epochs", trainer.run_length.epochs) == 10
+    )  # none planned: a tenth of 100 epochs, >= 8
     assert trainer.promise is None
     log = (trainer.output_folder / "log.txt").read_text()
     assert "time check skipped" in log and "acute stroke recipe: AsymmetricResidualUNet" in log
     assert "time estimate (plans' compute budget)" not in log
     for epoch, dice in enumerate([0.5] + [0.4] * 10):
-        trainer.update_plateau(dice, epoch)
-        assert trainer.should_stop() == (epoch == 10) and trainer.learning_rate(epoch, 0) == 1.0
+        trainer.plateau.epoch_completed(trainer, epoch, dice)
+        assert trainer.plateau.stop_requested() == (epoch == 10) and trainer.learning_rate(epoch, 0) == 1.0
 
     pspnet = dataclasses.replace(
         configuration,

@@ -24,7 +24,7 @@ from autoseg.io.files import read_json, write_json
 from autoseg.io.images import read_image, write_image
 from autoseg.plans import Plans
 from autoseg.preprocess.cases import load_case
-from trainers.toolkit import validate_cases
+from autoseg.train.validation import validate_cases
 
 NAME = "Dataset961_ATLASPredict"  # what conftest's tiny_model_home trains, with TRAINER
 TRAINER = "ResidualUNetTrainer"

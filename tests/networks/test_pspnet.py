@@ -271,29 +271,35 @@ def test_phase_one_trains_only_new_layers_and_phase_two_everything(ctp_home: Pat
     changed = [k for k, v in network.backbone.state_dict().items() if not torch.equal(v, backbone[k])]
     assert "conv1.weight" in changed and "bn1.running_mean" in changed
     assert "training from scratch" in (trainer.output_folder / "log.txt").read_text()
-    trainer.plateau["stopped"] = True  # early stopping: fit() trains no further epoch and writes the final checkpoint
+    trainer.plateau.counters["stopped"] = (
+        True  # early stopping: fit() trains no further epoch and writes the final checkpoint
+    )
     trainer.fit()
     assert trainer.epoch == 0 and (trainer.output_folder / "checkpoint_final.pth").is_file()
 
 
 def test_plateau_divides_the_rate_and_early_stopping_ends_the_run(ctp_home: Path) -> None:
+    def patiences(trainer) -> tuple[int | None, int | None]:
+        names = ("plateau_patience_epochs", "early_stopping_patience_epochs")
+        return tuple(trainer.plateau.patience(name, trainer.run_length.epochs) for name in names)
+
     longer = _trainer(ctp_home, epochs=7)  # patiences scale with the run like the stage starts: 2·7/3, 5·7/3
-    assert (longer.patience("plateau_patience_epochs"), longer.patience("early_stopping_patience_epochs")) == (5, 12)
+    assert patiences(longer) == (5, 12)
     trainer = _trainer(ctp_home)
-    assert trainer.patience("plateau_patience_epochs") == 2 and trainer.patience("early_stopping_patience_epochs") == 5
+    assert patiences(trainer) == (2, 5)
     rates = []
     for epoch, dice in enumerate([0.5, 0.6, 0.6, 0.55, 0.6, math.nan, 0.6, 0.59]):
-        trainer.update_plateau(dice, epoch)
+        trainer.plateau.epoch_completed(trainer, epoch, dice)
         rates.append(trainer.learning_rate(0, 0) / 1e-2)  # epoch 0: the new_layers stage at 1e-2
-        assert trainer.should_stop() == (epoch == 7)
+        assert trainer.plateau.stop_requested() == (epoch == 7)
     assert rates == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01])  # NaN (no validation) is not counted
 
     waiting = _trainer(ctp_home)
     for epoch in range(12):  # no lesion found yet: not a plateau, whatever the patience
-        waiting.update_plateau(0.0, epoch)
-    assert waiting.learning_rate(0, 0) == pytest.approx(1e-2) and not waiting.should_stop()
+        waiting.plateau.epoch_completed(waiting, epoch, 0.0)
+    assert waiting.learning_rate(0, 0) == pytest.approx(1e-2) and not waiting.plateau.stop_requested()
     for epoch, dice in enumerate([0.1, 0.1, 0.1], start=12):
-        waiting.update_plateau(dice, epoch)
+        waiting.plateau.epoch_completed(waiting, epoch, dice)
     assert waiting.learning_rate(0, 0) == pytest.approx(1e-3)  # counted from the first lesion found
 
 
@@ -308,7 +314,7 @@ def test_tiny_ctp_run_end_to_end_resumes_and_predicts_slabs(ctp_home: Path) -> N
     log = (result.output_folder / "log.txt").read_text()
     assert "stage all_layers starts at epoch 2" in log and "training from scratch" in log
     resumed = _trainer(ctp_home, result.output_folder, continue_training=True, val_iterations=1).setup()
-    assert resumed.plateau == latest["plateau"] and not resumed.network.backbone_frozen
+    assert resumed.plateau.counters == latest["plateau"] and not resumed.network.backbone_frozen
 
     network = resumed.network.eval()
     for slices in (2, 20):

@@ -274,7 +274,7 @@ def test_lesion_wise_dice_is_added_by_its_weight_and_ignores_lesion_free_batches
 
 
 def test_the_log_names_every_term_of_the_loss() -> None:
-    from trainers.base import describe_loss
+    from autoseg.train.losses import describe_loss
 
     assert (
         describe_loss(Loss(name="dice_bce", lesion_dice_weight=1.0)) == "dice_bce (Dice 1 + BCE 1 + lesion-wise Dice 1)"

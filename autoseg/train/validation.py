@@ -1,17 +1,15 @@
-"""What the trainers share besides the loop in :mod:`trainers.base`: the training length after ``--epochs`` and
-``--iters-per-epoch`` (:class:`Budget`), the fold's cases, the pseudo-Dice of validation patches, the algorithm
-settings of a run, and the sliding-window validation of whole cases at the end of a fold (:func:`validate_cases`).
+"""Validation while training and at the end of a fold.
 
-The run flags (``TrainingOptions``) and the fold (``Fold``, ``parse_fold``) are the library's
-(:mod:`autoseg.train.options`): ``autoseg.api.train`` passes them to a trainer it never imports.
+Per epoch, the pseudo-Dice of validation patches: TP, FP and FN voxels summed over all batches
+(:func:`dice_counts`, :func:`global_dice`) and its moving average (:func:`moving_average`), which picks
+``checkpoint_best.pth``. At the end of a fold, the sliding-window prediction of whole validation cases, scored
+against the raw labels into ``validation/summary.json`` (:func:`validate_cases`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,135 +18,18 @@ import torch
 
 from autoseg.data.dataset import LESION_LABELS
 from autoseg.distributed import DistributedContext, gather_objects
-from autoseg.errors import DataError, MissingFileError, UsageError
+from autoseg.errors import DataError
 from autoseg.evaluate.metrics import mean_over_labels, score_case
 from autoseg.infer.predictor import Predictor
 from autoseg.io.files import atomic_path, write_json
 from autoseg.io.images import write_image, write_like
 from autoseg.labels import classes_from_values, label_classes, read_label_file, values_from_classes
-from autoseg.plans import Schedule
 from autoseg.preprocess.cases import load_case
 from autoseg.preprocess.preprocessing import restore_probabilities
-from autoseg.train.loading import case_identifiers
 from autoseg.train.losses import one_hot_foreground
-from autoseg.train.options import Fold
-from autoseg.train.splits import SPLITS_FILE, load_or_create_splits, read_subjects
-
-__all__ = [
-    "Budget",
-    "deterministic_algorithms",
-    "dice_counts",
-    "fold_cases",
-    "global_dice",
-    "validate_cases",
-]
 
 #: The metrics of :func:`autoseg.evaluate.metrics.score_case` that ``validation/summary.json`` gives per case and averages.
 VALIDATION_METRICS = ("dice", "hausdorff95", "lesion_f1")
-
-
-def _round_half_up(value: float) -> int:
-    return int(math.floor(value + 0.5))
-
-
-def _default_val_iterations(schedule: Schedule, iterations_per_epoch: int) -> int:
-    """The plans' validation batches per epoch when set and the iterations per epoch are the plans', else a fifth
-    of the iterations per epoch (nnU-Net's 50 for 250)."""
-    if schedule.val_iterations_per_epoch is not None and iterations_per_epoch == schedule.iterations_per_epoch:
-        return schedule.val_iterations_per_epoch
-    return max(1, _round_half_up(iterations_per_epoch / 5))
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How long a run trains: the plans' schedule, possibly shortened with ``--epochs``/``--iters-per-epoch``.
-
-    With ``epochs`` other than the plans', every stage start epoch becomes ``start · epochs / plan_epochs``
-    rounded (half up) and kept below ``epochs``, and the warm-restart period scales the same way (at least 1
-    epoch). A stage squeezed to no epochs is skipped (the later stage starting at the same epoch wins).
-
-    Attributes:
-        epochs: epochs of the run.
-        iterations_per_epoch: training iterations per epoch.
-        val_iterations: validation batches per epoch (0: none).
-        stage_starts: first epoch (0-based) of each stage of ``schedule.stages``.
-        restart_period_epochs: cosine warm-restart period in epochs, if the plans give one.
-    """
-
-    epochs: int
-    iterations_per_epoch: int
-    val_iterations: int
-    stage_starts: tuple[int, ...]
-    restart_period_epochs: int | None = None
-
-    @classmethod
-    def from_schedule(
-        cls,
-        schedule: Schedule,
-        epochs: int | None = None,
-        iterations_per_epoch: int | None = None,
-        val_iterations: int | None = None,
-    ) -> Budget:
-        """The budget of ``schedule`` with the given overrides (None keeps the plans' value).
-
-        Example:
-            >>> Budget.from_schedule(schedule, epochs=4).stage_starts  # plans: 1000 epochs, stages at 0 and 875
-            (0, 3)
-        """
-        new = epochs or schedule.epochs
-        scale = new / schedule.epochs
-        starts = tuple(min(_round_half_up(stage.start_epoch * scale), new - 1) for stage in schedule.stages)
-        period = schedule.restart_period_epochs
-        iterations = iterations_per_epoch or schedule.iterations_per_epoch
-        return cls(
-            epochs=new,
-            iterations_per_epoch=iterations,
-            val_iterations=_default_val_iterations(schedule, iterations) if val_iterations is None else val_iterations,
-            stage_starts=starts,
-            restart_period_epochs=None if period is None else max(1, _round_half_up(period * scale)),
-        )
-
-    def stage_at(self, epoch: int) -> int:
-        """Index of the stage that trains ``epoch`` (0-based): the last one starting at or before it."""
-        return max(index for index, start in enumerate(self.stage_starts) if start <= epoch)
-
-    def stage_end(self, index: int) -> int:
-        """The epoch after the last one of stage ``index`` (the next stage's start, or ``epochs``)."""
-        later = [start for start in self.stage_starts[index + 1 :] if start > self.stage_starts[index]]
-        return min(later, default=self.epochs)
-
-    def to_plain(self) -> dict[str, Any]:
-        return {
-            "epochs": self.epochs,
-            "iterations_per_epoch": self.iterations_per_epoch,
-            "val_iterations": self.val_iterations,
-            "stage_starts": list(self.stage_starts),
-            "restart_period_epochs": self.restart_period_epochs,
-        }
-
-    @classmethod
-    def from_plain(cls, plain: dict[str, Any]) -> Budget:
-        return cls(**{**plain, "stage_starts": tuple(plain["stage_starts"])})
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool, cudnn_benchmark: bool = False) -> Iterator[None]:
-    """Within the block: ``torch.use_deterministic_algorithms(True, warn_only=True)`` when ``enabled``, and cuDNN's
-    autotuner (``cudnn.benchmark``) on when ``cudnn_benchmark`` and not ``enabled``; the previous settings come
-    back afterwards, so a run leaves the process as it found it."""
-    previous = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-    )
-    if enabled:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = cudnn_benchmark and not enabled
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark = previous[2]
 
 
 def dice_counts(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -181,59 +62,10 @@ def global_dice(counts: torch.Tensor) -> float:
     return float(per_class.nanmean()) if bool((denominator > 0).any()) else math.nan
 
 
-def fold_cases(
-    preprocessed_dataset_folder: Path, data_folder: Path, fold: Fold, raw_cases: Sequence[str] | None = None
-) -> tuple[list[str], list[str]]:
-    """Training and validation cases of ``fold``; ``full`` trains and validates on every case.
-
-    The 5-fold split is made once, subject-grouped, and kept in ``splits_final.json`` (``autoseg.train.splits``). It
-    must hold the preprocessed cases, no more and no fewer; so must the raw dataset (``raw_cases``, when given):
-    a dataset that changed since it was preprocessed or split is refused here, before any training, rather than
-    when the fold's validation meets a case that is gone.
-
-    Raises:
-        MissingFileError: no preprocessed cases.
-        DataError: the preprocessed cases differ from ``raw_cases`` (the message names them and says to re-run
-            ``autoseg_plan``).
-        SplitsError: ``splits_final.json`` is malformed, or names a case that is not preprocessed or leaves one
-            out (the message says how to re-split: ``autoseg_plan --resplit keep`` or ``fresh``).
-        UsageError: too few cases for 5 folds (new splits), or a fold out of range.
-    """
-    identifiers = case_identifiers(data_folder)
-    if not identifiers:
-        raise MissingFileError(
-            f"{data_folder}: no preprocessed cases; run autoseg_plan (or autoseg_plan --preprocess-only) "
-            "for this dataset and configuration first"
-        )
-    if raw_cases is not None and set(raw_cases) != set(identifiers):
-        added, removed = sorted(set(raw_cases) - set(identifiers)), sorted(set(identifiers) - set(raw_cases))
-        raise DataError(
-            f"{data_folder}: the raw dataset changed since it was preprocessed ("
-            + ", ".join(
-                [
-                    *([f"new, not preprocessed: {added[:5]}"] if added else []),
-                    *([f"preprocessed, no longer in the raw dataset: {removed[:5]}"] if removed else []),
-                ]
-            )
-            + f"); re-run autoseg_plan -d {preprocessed_dataset_folder.name} first"
-        )
-    if fold == "full":
-        return identifiers, identifiers
-    path = preprocessed_dataset_folder / SPLITS_FILE
-    try:
-        splits = load_or_create_splits(
-            preprocessed_dataset_folder, identifiers, read_subjects(data_folder, identifiers)
-        )
-    except ValueError as error:
-        if path.is_file():  # an existing file's problems: its message says what to do
-            raise
-        raise UsageError(f"{error}; or write {path} by hand, or train with -f full") from None
-    if not isinstance(fold, int) or not 0 <= fold < len(splits):
-        raise UsageError(
-            f"fold {fold} is out of range: {path} has {len(splits)} folds (0-{len(splits) - 1}); "
-            "or use -f all / -f full"
-        )
-    return splits[fold]["train"], splits[fold]["val"]
+def moving_average(previous: float, dice: float, alpha: float) -> float:
+    """The moving-average pseudo-Dice once the epoch's ``dice`` joins: ``alpha·previous + (1 − alpha)·dice``;
+    ``previous`` when ``dice`` is NaN (no validation), ``dice`` when ``previous`` is NaN (the first score)."""
+    return previous if math.isnan(dice) else dice if math.isnan(previous) else alpha * previous + (1 - alpha) * dice
 
 
 def validate_cases(
