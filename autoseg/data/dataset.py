@@ -26,8 +26,11 @@ Files to predict (:func:`cases_from_files`) follow one rule, whatever digits a p
 
 from __future__ import annotations
 
+import glob
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -342,6 +345,19 @@ def new_dataset_folder(name: str, number: int | None = None, overwrite: bool = F
     return target
 
 
+#: A staging folder unchanged for this long was left by a killed run (a live one writes cases every few seconds).
+STALE_STAGE_SECONDS = 60.0
+
+
+def _remove_stale_stages(target: Path) -> None:
+    """Delete the staging folders (``.NAME.XXXXXXXX`` beside ``target``) that killed runs left, unchanged for
+    :data:`STALE_STAGE_SECONDS`."""
+    now = time.time()
+    for stage in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if stage.is_dir() and not stage.is_symlink() and now - stage.stat().st_mtime > STALE_STAGE_SECONDS:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextmanager
 def staged_dataset(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty hidden folder beside ``target`` to build a dataset in; on success it replaces
@@ -355,6 +371,7 @@ def staged_dataset(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise ExistingOutputError(f"{target} exists; pass --overwrite to replace it")
     check_output_folder(target.parent, "dataset folder")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_stages(target)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
         folder = Path(scratch) / target.name
         folder.mkdir()

@@ -130,9 +130,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary checkpoint files a killed process left in ``folder``; returns what was removed."""
+    """Delete the temporary files a killed process left in a run ``folder`` while writing atomically (checkpoints,
+    and the plot and plans beside them: ``.NAME.XXXXXXXX.tmp.SUFFIX``); returns what was removed. Call it only
+    where no other process writes into ``folder`` (a run folder under its lock)."""
     removed = []
-    for temporary in Path(folder).glob(".*.pth.*.tmp.pth"):
+    for temporary in Path(folder).glob(".*.*.tmp.*"):
+        if not temporary.is_file():
+            continue
         temporary.unlink(missing_ok=True)
         removed.append(temporary)
     return removed

@@ -906,3 +906,10 @@ def test_a_model_file_from_before_the_layout_change_predicts_as_it_did(
         expected_labels = read_image(LEGACY / "expected" / f"{case}.nii.gz", np.uint8, canonical=False)[0]
         differ = labels != expected_labels
         assert expected_labels.any() and not np.any(differ & (np.abs(expected - 0.5) >= 1e-4)), np.count_nonzero(differ)
+
+
+def test_an_export_clears_what_a_killed_export_of_the_same_file_left(home: Path, tmp_path: Path) -> None:
+    left = tmp_path / ".model.zip.6nm7_w93.tmp.zip"
+    left.write_bytes(b"half a zip")
+    export_model(tmp_path / "model.zip")
+    assert not left.exists() and zipfile.is_zipfile(tmp_path / "model.zip")

@@ -371,3 +371,32 @@ def test_agreeing_qform_and_sform_are_not_warned_about(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", GeometryWarning)
         read_image(tmp_path / "fine.nii.gz")
+
+
+def test_what_killed_writers_left_is_cleared_on_the_next_run(tmp_path: Path) -> None:
+    """Hidden temporaries of a killed run: those of a run folder (plot, plans, checkpoints) go, its lock and other
+    hidden files stay; a dataset's staging folder goes once it is a minute old, a live one stays."""
+    import os
+    import time
+
+    from autoseg.data.dataset import STALE_STAGE_SECONDS, staged_dataset
+    from autoseg.io.checkpoints import remove_stale_temporaries
+
+    run = tmp_path / "fold_0"
+    run.mkdir()
+    left = [".progress.png.w39dowj0.tmp.png", ".checkpoint_latest.pth.ab12cd34.tmp.pth", ".plans.json.x1.tmp.json"]
+    kept = [".autoseg_run.lock", ".hidden_notes", "progress.png"]
+    for name in left + kept:
+        (run / name).write_text("x")
+    assert sorted(p.name for p in remove_stale_temporaries(run)) == sorted(left)
+    assert sorted(p.name for p in run.iterdir()) == sorted(kept)
+
+    raw = tmp_path / "raw"
+    stale, live = raw / ".Dataset001_X.o73jg75y", raw / ".Dataset001_X.k2j4h5g6"
+    for folder in (stale, live):
+        (folder / "Dataset001_X").mkdir(parents=True)
+    old = time.time() - STALE_STAGE_SECONDS - 5
+    os.utime(stale, (old, old))
+    with staged_dataset(raw / "Dataset001_X") as folder:
+        (folder / "dataset.json").write_text("{}")
+    assert not stale.exists() and live.is_dir() and (raw / "Dataset001_X" / "dataset.json").is_file()

@@ -25,6 +25,7 @@ from autoseg.api.model_files.layout import (
 from autoseg.errors import UsageError
 from autoseg.io.checkpoints import load_checkpoint
 from autoseg.io.files import atomic_path, check_output_file, read_json
+from autoseg.io.images import remove_stale_temporaries
 from autoseg.io.typed_json import to_plain
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY, checkpoint_network_options
@@ -85,6 +86,7 @@ def export_model(
     name = choose_dataset(dataset)
     pairs, selected = _export_members(name, configurations, trainers)
     output = Path(output)
+    remove_stale_temporaries(output)  # what a killed export of this file left beside it
     with (
         atomic_path(output, suffix=".zip") as temporary,
         zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive,
