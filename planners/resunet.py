@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoseg.networks import ResidualUNet, on_meta
-from autoseg.plan.topology import Topology, fit_patch_to_budget, largest_batch, round_to_multiple, unet_topology
+from autoseg.plan.topology import Topology, fit_patch_to_memory_budget, largest_batch, round_to_multiple, unet_topology
 from autoseg.plans import Configuration, Network, Schedule, Stage, Symmetry, input_channels
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def fit_unet_patch(
     the memory budget (up to ``full``), else ``patch`` rounded up to a multiple of its topology's total stride."""
     if patch is None:
         memory_budget = planner.memory_budget_gb * GIB
-        return fit_patch_to_budget(
+        return fit_patch_to_memory_budget(
             full, spacing, memory_of, memory_budget, 2, never_downsample=never_downsample, widths=widths
         )
     topology = unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
