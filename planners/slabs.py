@@ -6,6 +6,7 @@ Functions that take the planner whose decisions they read, as in :mod:`planners.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 #: PSPNet backbones to try, largest first: the first that fits the memory budget at batch 2 is planned.
 PSPNET_BACKBONES = ("resnet50", "resnet34", "resnet18")
+#: The CTP paper's best loss: focal with γ=1 (α=0.75 for lesion); its ``positive_weight`` comes from the data.
+PSPNET_LOSS = Loss(name="focal", dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=1.0, focal_alpha=0.75)
 
 
 def plan_aniso(
@@ -147,15 +150,7 @@ def _pspnet_loss(planner: DefaultPlanner) -> tuple[Loss, str]:
     """Focal loss with γ=1 (the CTP paper's best), with the lesion weight a weighted cross entropy would use."""
     fraction = float(planner.fingerprint.aggregate.median_lesion_fraction_of_foreground)
     lesion_weight = round(balanced_positive_weight(fraction), 3) if 0 < fraction < 1 else 1.0
-    loss = Loss(
-        name="focal",
-        dice_weight=0.0,
-        bce_weight=0.0,
-        focal_weight=1.0,
-        focal_gamma=1.0,
-        focal_alpha=0.75,
-        positive_weight=lesion_weight,
-    )
+    loss = dataclasses.replace(PSPNET_LOSS, positive_weight=lesion_weight)
     return loss, (
         "focal loss with γ=1 (the CTP paper's best, 0.54 vs 0.49 Dice for cross entropy); "
         f"positive_weight {lesion_weight:g} = (1 - f) / f for the median lesion fraction f = {fraction:.5f} "
