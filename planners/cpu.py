@@ -11,7 +11,7 @@ CPU_MIN_SPACING_MM = 2.0
 
 class CPUPlanner(DefaultPlanner):
     """``DefaultPlanner`` for a CPU: spacing at least 2 mm, half the network width (16 to 256 features,
-    about a quarter of the operations), a 2 GB activation budget (fast iterations on a few cores) and
+    about a quarter of the operations), a 2 GB memory budget (fast iterations on a few cores) and
     200 epochs of 50 iterations (PSPNet: a ResNet18 backbone, 100 epochs). Predictions are still written on the input grid."""
 
     default_memory_budget_gb = 2.0

@@ -336,3 +336,12 @@ def test_the_library_refuses_an_unknown_device_in_one_line() -> None:
 
     with pytest.raises(UsageError, match="--device tpu: not a device autoseg runs on; use auto, cpu, cuda or cuda:N"):
         choose_device("tpu")
+
+
+def test_a_memory_budget_too_small_for_any_network_is_one_line_and_writes_nothing(
+    tiny_atlas: Path, data_roots: Path, capsys: pytest.CaptureFixture
+) -> None:
+    arguments = ["-d", tiny_atlas.name, "-np", "1", "--no-progress", "--gpu-memory-gb", "0.5"]
+    message = _refused(plan_main, arguments, data_roots, capsys)
+    assert message.startswith("a memory budget of 0.5 GB cannot hold 2 patches of even the smallest U-Net")
+    assert message.endswith("give more memory (--gpu-memory-gb)")

@@ -480,7 +480,7 @@ class Trainer:
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler.is_enabled() else {},
             "epoch": self.epoch,
             "stage": self.stage_index,
-            "budget": self.run_length.to_plain(),  # the key checkpoints have always used for the run length
+            "run_length": self.run_length.to_plain(),
             "history": self.history,
             "best_ema_pseudo_dice": self.best_ema,
             "seed": self.seed,

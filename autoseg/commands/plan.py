@@ -29,16 +29,18 @@ def parser() -> argparse.ArgumentParser:
         type=positive_finite_float,
         help="memory budget that patch and batch sizes are fitted to (default: the planner's, 8 GB for DefaultPlanner)",
     )
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument(
+    compute_budget = p.add_mutually_exclusive_group()
+    compute_budget.add_argument(
         "--budget-minutes",
         type=positive_finite_float,
         metavar="M",
-        help="fit the plan to M minutes of training per fold (validation included) on --device: "
+        help="compute budget: fit the plan to M minutes of training per fold (validation included) on --device: "
         "resolution, network, patch, batch and iterations are chosen from a timed probe of "
         "this machine (cached under AUTOSEG_HOME/compute_probes)",
     )
-    budget.add_argument("--budget-hours", type=positive_finite_float, metavar="H", help="the same budget in hours")
+    compute_budget.add_argument(
+        "--budget-hours", type=positive_finite_float, metavar="H", help="the same compute budget in hours"
+    )
     p.add_argument(
         "--device",
         default="auto",
@@ -120,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{list(configuration.patch_size)}, batch {configuration.batch_size}, "
                 f"{configuration.network.architecture}, trainer {configuration.schedule.trainer}"
             )
-        budget = result.plans.compute_budget
-        if budget is not None:
+        compute_budget = result.plans.compute_budget
+        if compute_budget is not None:
             print(
-                f"compute budget: {budget.minutes:g} min per fold on {budget.device} ({budget.precision}); "
-                f"estimated {budget.estimated_minutes:.1f} min: {budget.iterations} iterations at "
-                f"{budget.seconds_per_iteration:.2f} s plus validation"
+                f"compute budget: {compute_budget.minutes:g} min per fold on {compute_budget.device} "
+                f"({compute_budget.precision}); estimated {compute_budget.estimated_minutes:.1f} min: "
+                f"{compute_budget.iterations} iterations at {compute_budget.seconds_per_iteration:.2f} s plus validation"
             )
-            for name, reason in budget.reasons.items():
+            for name, reason in compute_budget.reasons.items():
                 print(f"  {name}: {reason}")
         for identifier, cases in result.preprocessed.items():
             print(f"preprocessed {identifier}: {len(cases)} case(s) (re)computed; any others were up to date")

@@ -37,7 +37,7 @@ ADAM_BYTES_PER_PARAMETER = 16
 
 CUDA_OVERHEAD_BYTES = 512 * 2**20
 """Fixed 0.5 GiB for what scales with neither patch nor batch: the CUDA context and kernels, cuDNN
-workspaces and allocator fragmentation. A rough figure; measure on the target GPU if the budget is tight."""
+workspaces and allocator fragmentation. A rough figure; measure on the target GPU if the memory budget is tight."""
 
 Network = TypeVar("Network", bound=nn.Module)
 

@@ -87,16 +87,16 @@ def round_to_multiple(patch: tuple[float, ...], divisor: tuple[int, ...], mode: 
     return tuple(int(max(step, rounding(edge / step) * step)) for edge, step in zip(patch, divisor))
 
 
-def fit_patch_to_budget(
+def fit_patch_to_memory_budget(
     start: tuple[int, ...],
     spacing: tuple[float, ...],
     memory_of: Callable[[tuple[int, ...], Topology, int], int],
-    budget_bytes: float,
+    memory_budget_bytes: float,
     batch_size: int = 2,
     never_downsample: tuple[int, ...] = (),
     widths: tuple[int, int] = (BASE_FEATURES, MAX_FEATURES_3D),
 ) -> tuple[tuple[int, ...], Topology, int]:
-    """Shrink ``start`` until ``batch_size`` patches fit ``budget_bytes``.
+    """Shrink ``start`` until the training memory of ``batch_size`` patches fits ``memory_budget_bytes`` (the memory budget).
 
     Each step shortens the edge that is longest in mm (keeping the patch close to isotropic in
     world space) by that axis's total stride, then re-derives the topology and rounds every edge up
@@ -106,14 +106,23 @@ def fit_patch_to_budget(
 
     Returns:
         (patch size in voxels, topology, estimated bytes at ``batch_size``).
+
+    Raises:
+        UsageError: the memory budget is too small for a U-Net of two resolution stages (one line, with the fix).
     """
     patch = tuple(int(v) for v in start)
     for _ in range(10_000):
         topology = unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
         patch = round_to_multiple(patch, topology.total_stride)
         topology = unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
+        if len(topology.features) < 2:
+            raise UsageError(
+                f"a memory budget of {memory_budget_bytes / 2**30:g} GB cannot hold {batch_size} patches of even the "
+                f"smallest U-Net autoseg plans (two resolution stages, patch {'x'.join(map(str, patch))} shrunk "
+                "below); give more memory (--gpu-memory-gb)"
+            )
         needed = memory_of(patch, topology, batch_size)
-        if needed <= budget_bytes or all(p <= s for p, s in zip(patch, topology.total_stride)):
+        if needed <= memory_budget_bytes or all(p <= s for p, s in zip(patch, topology.total_stride)):
             return patch, topology, needed
         extent = np.array(patch) * np.array(spacing)
         extent[[a for a in range(len(patch)) if patch[a] <= topology.total_stride[a]]] = -1
@@ -123,10 +132,10 @@ def fit_patch_to_budget(
 
 
 def largest_batch(
-    per_sample_bytes: float, fixed_bytes: float, budget_bytes: float, minimum: int = 2, maximum: int = 64
+    per_sample_bytes: float, fixed_bytes: float, memory_budget_bytes: float, minimum: int = 2, maximum: int = 64
 ) -> int:
-    """Most samples that fit ``budget_bytes`` given the per-sample and fixed costs, within [minimum, maximum]."""
-    fits = int((budget_bytes - fixed_bytes) // max(per_sample_bytes, 1.0))
+    """Most samples that fit ``memory_budget_bytes`` given the per-sample and fixed costs, within [minimum, maximum]."""
+    fits = int((memory_budget_bytes - fixed_bytes) // max(per_sample_bytes, 1.0))
     return int(min(maximum, max(minimum, fits)))
 
 

@@ -3,7 +3,7 @@ continue from, writing one, and the random generator states of every rank.
 
 A checkpoint (``checkpoint_latest.pth`` after every epoch, ``checkpoint_best.pth``, ``checkpoint_final.pth``,
 snapshots) holds tensors and plain values only (``autoseg.io.checkpoints``): the network's and optimizer's state,
-the grad scaler's, the epoch and stage, the run length (under ``budget``), the history, the seed and the random
+the grad scaler's, the epoch and stage, the run length (under ``run_length``; ``budget`` in older ones), the history, the seed and the random
 generator states (``rng``; ``rng_ranks``, one per rank, in a distributed run), and the state of every handler
 attached to the loop under its key (``plateau``). Because batches depend only on (seed, epoch), a run continued
 from it goes on exactly as the uninterrupted one would have.
@@ -107,7 +107,8 @@ def read_run_checkpoint(
             f"{path}: written by {state.get('trainer')} for configuration "
             f"{state.get('configuration')}, not {trainer} for {configuration}"
         )
-    saved, o = RunLength.from_plain(state["budget"]), options
+    # checkpoints written before the run length had its own name keep it under "budget"
+    saved, o = RunLength.from_plain(state["run_length"] if "run_length" in state else state["budget"]), options
     if (o.epochs or saved.epochs) != saved.epochs or (
         o.iterations_per_epoch or saved.iterations_per_epoch
     ) != saved.iterations_per_epoch:

@@ -183,8 +183,7 @@ def run_header(
             f"precision: {precision.name} ({precision.reason})",
             f"seed: {seed}; data processes: {data_processes[0]} ({data_processes[1]}); deterministic algorithms: "
             f"{'on' if options.deterministic else 'off'}; torch.compile: {'on' if options.compile else 'off'}",
-            # "budget" names the run length in this line as in the logs of earlier runs.
-            f"budget: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
+            f"run length: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
             f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch",
             f"stages: {stages}",
             "optimizer and learning-rate schedule: " + ", ".join(f"{key} {value}" for key, value in schedule.items()),

@@ -36,7 +36,8 @@ class RunLength:
     rounded (half up) and kept below ``epochs``, and the warm-restart period scales the same way (at least 1
     epoch). A stage squeezed to no epochs is skipped (the later stage starting at the same epoch wins).
 
-    Checkpoints keep it under their ``budget`` key (:meth:`to_plain`), the name it had when they were first written.
+    Checkpoints keep it under their ``run_length`` key (:meth:`to_plain`); those written before it had its own name,
+    under ``budget``, still continue.
 
     Attributes:
         epochs: epochs of the run.

@@ -484,8 +484,8 @@ def test_command_line_run_validates_the_fold_on_the_original_grid(home: Path, ca
     final = (folder / "checkpoint_final.pth").stat().st_mtime_ns
     assert main([*arguments[:4], "--continue", "--no-validation", "-np", "0"]) == 0  # the run's own --epochs 2
     assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == final
-    lengths = [line for line in (folder / "log.txt").read_text().splitlines() if "budget:" in line]  # run length
-    assert len(lengths) == 2 and "budget: 2 epochs x 2 iterations (plans: 4 x 3)" in lengths[-1]
+    lengths = [line for line in (folder / "log.txt").read_text().splitlines() if "run length:" in line]
+    assert len(lengths) == 2 and "run length: 2 epochs x 2 iterations (plans: 4 x 3)" in lengths[-1]
     capsys.readouterr()
     assert main([*arguments[:4], "--epochs", "3", "--continue", "--no-validation", "-np", "0"]) == 1
     assert "continue it with the same --epochs" in capsys.readouterr().err

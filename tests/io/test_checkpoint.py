@@ -37,7 +37,7 @@ def _state() -> dict:
         "epoch": 3,
         "stage": 1,
         "history": {"train_loss": [0.5, float("nan")], "stage": ["zoom_in", "zoom_out"]},
-        "budget": {"stage_starts": [0, 2], "restart_period_epochs": None},
+        "run_length": {"stage_starts": [0, 2], "restart_period_epochs": None},
         "rng": capture_rng_state(),
     }
 
