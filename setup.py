@@ -36,6 +36,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "pillow>=9",  # palette PNGs of the results page; comes with matplotlib
+        "pybids>=0.16",  # autoseg_predict --bids: BIDS datasets in, BIDS derivatives out
     ],
     extras_require={"test": ["pytest>=7", "ruff==0.17.6", "selenium>=4.11"]},  # selenium: the results page in Chromium
     entry_points={
