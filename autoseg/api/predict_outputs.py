@@ -21,6 +21,7 @@ __all__ = [
     "case_failure",
     "check_outputs",
     "output_files",
+    "part_file",
     "summary_path",
 ]
 
@@ -92,9 +93,15 @@ def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Pa
     """Where :func:`autoseg.api.predict.predict` writes its summary: ``OUTPUT/prediction_summary.json``, or
     ``OUTPUT/prediction_summary_part{part_id}of{num_parts}.json`` when the cases are split, so that parts running at
     the same time each keep their own."""
+    return part_file(output, SUMMARY_FILE, num_parts, part_id)
+
+
+def part_file(output: str | Path, name: str, num_parts: int = 1, part_id: int = 0) -> Path:
+    """``OUTPUT/name`` for a whole run, ``OUTPUT/STEM_part{part_id}of{num_parts}.ENDING`` for one of its parts (a file
+    of the run that every part writes for its own cases: the summary, the review page)."""
     if num_parts == 1:
-        return Path(output) / SUMMARY_FILE
-    stem, ending = SUMMARY_FILE.rsplit(".", 1)
+        return Path(output) / name
+    stem, ending = name.rsplit(".", 1)
     return Path(output) / f"{stem}_part{part_id}of{num_parts}.{ending}"
 
 
