@@ -91,9 +91,9 @@ from autoseg.infer.quality import (
     QCCalibration,
     QualityComponents,
     TrainingVolumes,
+    assess,
     predictive_entropy,
     qc_score,
-    volume_plausibility,
 )
 from autoseg.infer.sliding_window import TTA_CHOICES
 from autoseg.io.checkpoints import load_checkpoint
@@ -430,23 +430,26 @@ class _CaseSettings:
 
 def _quality_references(dataset: str, models: Sequence[Model]) -> tuple[QCCalibration | None, TrainingVolumes | None]:
     """The QC calibration ``autoseg_find_best`` wrote for exactly these members (configuration/trainer pairs), and
-    the training cases' lesion volumes: from the fingerprint summary a model file brought, else the dataset's
-    ``fingerprint.json``; None for what is not there."""
-    folder = results_folder(dataset)
+    the training cases' lesion volumes (:func:`training_volumes`); None for what is not there."""
     calibration = None
-    path = folder / QC_CALIBRATION_FILE
+    path = results_folder(dataset) / QC_CALIBRATION_FILE
     if path.is_file():
         found = QCCalibration.from_json(read_json(path), str(path))
         if sorted(found.members) == sorted(f"{m.configuration}/{m.trainer}" for m in models):
             calibration = found
-    training = None
-    for source in (folder / FINGERPRINT_SUMMARY_FILE, preprocessed_folder(dataset) / FINGERPRINT_FILE):
+    return calibration, training_volumes(dataset)
+
+
+def training_volumes(dataset: str) -> TrainingVolumes | None:
+    """The training cases' lesion volumes of a trained dataset: from the fingerprint summary a model file brought
+    (``AUTOSEG_RESULTS/<dataset>/fingerprint_summary.json``), else the dataset's ``fingerprint.json``; None when
+    neither exists or holds lesion volumes."""
+    for source in (results_folder(dataset) / FINGERPRINT_SUMMARY_FILE, preprocessed_folder(dataset) / FINGERPRINT_FILE):
         if source.is_file():
             found = read_json(source)
             aggregate = found.get("aggregate") if isinstance(found, dict) else None
-            training = TrainingVolumes.from_aggregate(aggregate) if isinstance(aggregate, dict) else None
-            break
-    return calibration, training
+            return TrainingVolumes.from_aggregate(aggregate) if isinstance(aggregate, dict) else None
+    return None
 
 
 def _predict_or_skip(
@@ -523,18 +526,17 @@ def _predict_case(
         write_like(entropy, geometry, targets.uncertainty, case.images[0])
     write_like(values_from_classes(classes, settings.labels), geometry, targets.labels, case.images[0])
     lesions = lesion_report(classes, geometry, case.images[0], settings.labels, lesion, midline)
-    inside = classes > 0
-    components = QualityComponents(
-        member_agreement=agreement.member_agreement(),
-        mirroring_agreement=agreement.mirroring_agreement(),
-        confidence=float(1.0 - entropy[inside].mean()) if inside.any() else None,
-        volume_plausibility=None
-        if settings.training is None
-        else volume_plausibility(lesions.total_volume_ml, settings.training),
-        members=agreement.members,
-        mirrorings=agreement.mirrorings,
+    components = assess(
+        classes > 0,
+        entropy,
+        lesions.voxel_volume_ml,
+        settings.training,
+        agreement.member_agreement(),
+        agreement.mirroring_agreement(),
+        agreement.members,
+        agreement.mirrorings,
     )
-    del lesion, entropy, classes, inside
+    del lesion, entropy, classes
     report = {
         "case": case.identifier,
         "files": [str(path.resolve()) for path in case.images],

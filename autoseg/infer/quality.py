@@ -56,6 +56,7 @@ __all__ = [
     "QCCalibration",
     "QualityComponents",
     "TrainingVolumes",
+    "assess",
     "auroc",
     "pairwise_dice",
     "predictive_entropy",
@@ -214,6 +215,36 @@ class QualityComponents:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def assess(
+    mask: np.ndarray,
+    entropy: np.ndarray,
+    voxel_volume_ml: float,
+    training: TrainingVolumes | None,
+    member_agreement: float | None = None,
+    mirroring_agreement: float | None = None,
+    members: int = 1,
+    mirrorings: int = 1,
+) -> QualityComponents:
+    """The QC components of one case from its final lesion mask and the entropy of its mean lesion probability.
+
+    Args:
+        mask: (X, Y, Z) boolean lesion mask as written (after post-processing), on the input grid.
+        entropy: (X, Y, Z) :func:`predictive_entropy` of the mean lesion probability, same grid.
+        voxel_volume_ml: the grid's voxel volume in ml.
+        training: the training cases' lesion volumes, or None when unknown.
+        member_agreement, mirroring_agreement, members, mirrorings: from an :class:`AgreementCounter`.
+    """
+    inside = np.count_nonzero(mask)
+    return QualityComponents(
+        member_agreement=member_agreement,
+        mirroring_agreement=mirroring_agreement,
+        confidence=float(1.0 - entropy[mask].mean()) if inside else None,
+        volume_plausibility=None if training is None else volume_plausibility(inside * voxel_volume_ml, training),
+        members=members,
+        mirrorings=mirrorings,
+    )
 
 
 def qc_score(components: QualityComponents) -> float:

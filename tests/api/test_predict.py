@@ -1083,3 +1083,38 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def test_find_best_calibrates_the_qc_score_on_the_cross_validation_and_a_model_file_carries_it(
+    home: Path, tmp_path: Path
+) -> None:
+    """The calibration's points are the QC scores of the validated cases, recomputed here from the validation files,
+    the raw labels and the fingerprint; prediction from an exported model uses it."""
+    from autoseg.api.model_files import export_model
+
+    assert find_best_main(["--metric", "dice", "--no-progress"]) == 0
+    results = home / "results" / NAME
+    calibration, tuned = read_json(results / "qc_calibration.json"), read_json(results / "postprocessing.json")
+    assert calibration["members"] == tuned["members"] and calibration["cases"] == 2
+    assert read_json(results / "model_selection.json")["qc_calibration"] == calibration
+    volumes = read_json(home / "preprocessed" / NAME / "fingerprint.json")["aggregate"]["case_lesion_volumes_mm3"]
+    expected = []
+    for path in sorted((results / CONFIGURATION / TRAINER).glob("fold_*/validation/*_probabilities.npz")):
+        case = path.name.removesuffix("_probabilities.npz")
+        p = np.load(path)["probabilities"][0].astype(np.float64)
+        geometry = read_image(path.parent / f"{case}.nii.gz")[1]
+        mask = postprocess_probabilities(p[None], geometry.spacing, tuned["threshold"], tuned["min_lesion_mm3"]) > 0
+        q = np.clip(p[mask], 1e-12, 1 - 1e-12)
+        confidence = 1 - np.mean(-(q * np.log2(q) + (1 - q) * np.log2(1 - q))) if mask.any() else None
+        mirroring = read_json(path.parent / "summary.json")["cases"][case]["qc"]["mirroring_agreement"]
+        volume = mask.sum() * geometry.voxel_volume_mm3
+        plausible = min(1.0, volume / volumes["min"], volumes["max"] / volume)
+        parts = [v for v in (mirroring, confidence) if v is not None]
+        expected.append(np.mean(parts) * plausible)
+    assert calibration["scores"] == pytest.approx(sorted(set(expected)))
+
+    model = export_model(tmp_path / "model.zip", NAME).path
+    shutil.rmtree(home / "results")
+    summary = predict(_images(home), tmp_path / "out", ModelChoice(model_file=model), PredictionOptions(**QUIET))
+    qc = read_json(tmp_path / "out" / f"{next(iter(summary.per_case))}_lesions.json")["qc"]
+    assert qc["calibrated"] and qc["threshold"] == calibration["threshold"]
