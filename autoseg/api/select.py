@@ -19,9 +19,13 @@ probabilities on the original grid), and the raw dataset's labels. :func:`find_b
    ``3d_resunet``, ``NAME_histeq`` against ``NAME``, another trainer against the planned one): paired differences in
    Dice, lesion-wise F1 and HD95 on the cases both validated, with paired bootstrap 95% CIs, and whether it was
    kept or dropped and why; options not trained are listed with the commands that would train them;
-4. writes ``AUTOSEG_RESULTS/<dataset>/model_selection.json`` (every candidate's numbers, the options, the grid, the
-   choice) and ``postprocessing.json`` (members, threshold, minimum size), which ``autoseg_predict`` applies when it
-   ensembles those members, and whose members it predicts with when given neither ``-c`` nor ``-tr``.
+4. calibrates the QC score (``autoseg.infer.quality``) of the chosen members on their cross-validation cases, where
+   the true Dice is known: the expected Dice given the score and the review threshold that best separates cases
+   with Dice below 0.5 (:func:`_calibrate_qc`);
+5. writes ``AUTOSEG_RESULTS/<dataset>/model_selection.json`` (every candidate's numbers, the options, the grid, the
+   choice, the calibration), ``postprocessing.json`` (members, threshold, minimum size), which ``autoseg_predict``
+   applies when it ensembles those members, and whose members it predicts with when given neither ``-c`` nor
+   ``-tr``, and ``qc_calibration.json``, which it judges their predictions by; a model file carries both.
 
 Per-case scores: every case is scored by :func:`autoseg.evaluate.metrics.score_case`, the function end-of-fold validation and
 ``autoseg_evaluate`` score with, label by label (``prediction == k`` against ``reference == k``) and averaged over the
@@ -41,18 +45,21 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from autoseg.api.predict import training_volumes
 from autoseg.data.dataset import find_dataset
 from autoseg.errors import DataError, MissingFileError, UsageError
 from autoseg.evaluate.metrics import mean_over_labels, score_case
 from autoseg.evaluate.option_effects import BOOTSTRAP, describe_options, find_pairings
 from autoseg.infer.postprocessing import postprocess_probabilities, remove_small_components
-from autoseg.io.files import write_json
+from autoseg.infer.quality import QCCalibration, assess, pairwise_dice, predictive_entropy, qc_score
+from autoseg.io.files import read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_header
 from autoseg.labels import classes_from_values, read_label_file
 from autoseg.paths import (
     PLANS_FILE,
     POSTPROCESSING_FILE,
+    QC_CALIBRATION_FILE,
     SELECTION_FILE,
     choose_dataset,
     configuration_folder,
@@ -200,6 +207,7 @@ def find_best(
     best = ranked[subsets.index(best_combo)]
     grid = _grid_search([found[m] for m in best_combo], cases, references, metric, progress, raw.labels)
     postprocessing = _best_postprocessing(best_combo, grid, metric)
+    calibration = _calibrate_qc(name, best_combo, found, cases, references, postprocessing, raw.labels, progress)
     selection = {
         "dataset": name,
         "cases": len(cases),
@@ -209,6 +217,7 @@ def find_best(
         "postprocessing": postprocessing,
         "grid": grid,
         "options": _options(name, members, scores, best_combo),
+        "qc_calibration": calibration.to_json() if calibration else "not calibrated: fewer than two cases with a Dice",
         "option_comparison": {
             **BOOTSTRAP,
             "threshold": default.threshold,
@@ -217,7 +226,62 @@ def find_best(
     }
     write_json(selection, results_folder(name) / SELECTION_FILE)
     write_json(postprocessing, results_folder(name) / POSTPROCESSING_FILE)
+    if calibration:
+        write_json(calibration.to_json(), results_folder(name) / QC_CALIBRATION_FILE)
+    else:
+        (results_folder(name) / QC_CALIBRATION_FILE).unlink(missing_ok=True)  # it would be another choice's
     return selection
+
+
+def _calibrate_qc(
+    dataset: str,
+    members: tuple[Member, ...],
+    found: dict[Member, dict[str, Path]],
+    cases: Sequence[str],
+    references: dict[str, Path],
+    postprocessing: Mapping[str, Any],
+    declared: Mapping[str, int],
+    progress: bool,
+) -> QCCalibration | None:
+    """The QC score of every cross-validation case of the chosen ensemble, as ``autoseg_predict`` computes it (see
+    ``autoseg.infer.quality``), against its true Dice at the chosen post-processing, fitted into a
+    :class:`QCCalibration`. The mirrorings' agreement comes from each fold's ``validation/summary.json`` (at the
+    plans' threshold; absent for validations from before it was recorded), the members' agreement from their
+    validation probabilities when the ensemble has several members (each case is validated by one fold of each).
+    None when fewer than two cases have a Dice (both masks empty leaves it undefined)."""
+    training = training_volumes(dataset)
+    threshold, min_mm3 = postprocessing["threshold"], postprocessing["min_lesion_mm3"]
+    summaries: dict[Path, dict[str, Any]] = {}
+    scores, dice_values = [], []
+    for case in tqdm(cases, desc="calibrate QC", disable=not progress):
+        reference, geometry = _reference_classes(references[case], declared)
+        loaded = [_load(found[member][case]) for member in members]
+        mean = np.mean(loaded, axis=0) if len(loaded) > 1 else loaded[0]
+        labels = postprocess_probabilities(mean, geometry.spacing, threshold, min_mm3)
+        scored = score_case(labels, reference, geometry.spacing, _labels_of(mean), overlap_only=True)
+        mirroring = []
+        for member in members:
+            summary_file = found[member][case].parent / "summary.json"
+            if summary_file not in summaries:
+                summaries[summary_file] = read_json(summary_file) if summary_file.is_file() else {}
+            value = summaries[summary_file].get("cases", {}).get(case, {}).get("qc", {}).get("mirroring_agreement")
+            if value is not None:
+                mirroring.append(float(value))
+        components = assess(
+            labels > 0,
+            predictive_entropy(mean.max(axis=0)),
+            geometry.voxel_volume_mm3 / 1000,
+            training,
+            pairwise_dice([p.max(axis=0) >= threshold for p in loaded]),
+            float(np.mean(mirroring)) if mirroring else None,
+            members=len(members),
+        )
+        scores.append(qc_score(components))
+        dice_values.append(mean_over_labels(scored)["dice"])
+    try:
+        return QCCalibration.fit([member_name(m) for m in members], scores, dice_values)
+    except ValueError:
+        return None
 
 
 def _validated_cases(dataset: str, members: Sequence[Member]) -> tuple[dict[Member, dict[str, Path]], list[str]]:
