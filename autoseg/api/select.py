@@ -16,8 +16,9 @@ probabilities on the original grid), and the raw dataset's labels. :func:`find_b
    (:func:`autoseg.evaluate.metrics.dice_hausdorff_score`), or the Dice with ``metric="dice"``; a tie keeps the setting
    nearer the default (0.5, no minimum). Under a challenge's protocol (``protocol="isles22"`` or ``"atlas2"``,
    :mod:`autoseg.evaluate.protocols`) every grid point is scored with that challenge's four metrics, and the default
-   ``metric="mean_rank"`` ranks the grid points as the challenges rank teams (atlas.grand-challenge.org/Evaluation:
-   "the overall rank is the mean rank across the metrics"): the points are ranked on the mean over cases of each
+   ``metric="mean_rank"`` ranks the grid points as the MICCAI 2022 challenges ranked teams
+   (atlas.grand-challenge.org/Evaluation, "ISLES'22/ATLAS/MICCAI Score": "The overall rank is the mean rank across
+   the metrics"): the points are ranked on the mean over cases of each
    metric (Dice and lesion F1 higher is better, volume and lesion count difference lower; ties share their mean
    rank), and the lowest mean of the four ranks wins; ``metric="dice"`` or ``"lesion_f1"`` maximizes that mean alone;
 3. says what each option changed against its baseline (``autoseg.evaluate.option_effects``: ``3d_resunet_sym`` against
@@ -436,7 +437,8 @@ def _grid_search(
 
 
 def rank_grid(means: Sequence[Mapping[str, float]]) -> list[float]:
-    """The mean rank of each grid point over its metrics, as the ISLES 2022 / ATLAS R2.0 challenges rank teams.
+    """The mean rank of each grid point over its metrics, as the MICCAI 2022 ISLES / ATLAS challenges ranked teams
+    (atlas.grand-challenge.org/Evaluation: "The overall rank is the mean rank across the metrics").
 
     Each metric ranks the points by their mean over cases, 1 the best (:data:`autoseg.evaluate.protocols.HIGHER_IS_BETTER`
     says which way); equal means share the mean of their ranks (``scipy.stats.rankdata(method="average")``). A point's

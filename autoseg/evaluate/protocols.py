@@ -41,9 +41,9 @@ Sources (read 2026-12; each protocol's ``sources`` names them, and ``summary.jso
   ("Volume Difference ... Measured in voxels"). The non-batchwise ``volume_difference`` of that file compares the
   prediction with itself (always 0); the evaluation calls the batchwise one, which this protocol reproduces.
 
-Both challenges rank teams by the mean rank over their four metrics (atlas.grand-challenge.org/Evaluation, "The
-overall rank is the mean rank across the metrics"); ``autoseg_find_best --protocol`` ranks post-processing settings
-that way (``autoseg.api.select``).
+The MICCAI 2022 challenges ranked teams by the mean rank over these metrics (atlas.grand-challenge.org/Evaluation,
+"ISLES'22/ATLAS/MICCAI Score": "The overall rank is the mean rank across the metrics"); ``autoseg_find_best
+--protocol`` ranks post-processing settings that way (``autoseg.api.select``).
 """
 
 from __future__ import annotations
