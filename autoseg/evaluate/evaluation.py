@@ -466,8 +466,13 @@ def format_summary_table(result: EvaluationResult) -> str:
         f"micro-Dice (all voxels pooled): {format_number(summary['micro_dice'], 4)}   cases: {summary['num_cases']}"
         f" (empty reference: {summary['num_empty_reference']}, empty prediction: {summary['num_empty_prediction']})"
     )
-    protocol = get_protocol(summary.get("protocol", {}).get("name", DEFAULT_PROTOCOL))
-    return "\n".join([f"protocol: {protocol.describe()}", lines[0], rule, *lines[1:], rule, footer])
+    return "\n".join([f"protocol: {evaluation_protocol(summary).describe()}", lines[0], rule, *lines[1:], rule, footer])
+
+
+def evaluation_protocol(summary: dict[str, Any]) -> Protocol:
+    """The protocol an evaluation was made with: ``summary.json``'s ``protocol`` (autoseg's for files written
+    before protocols were recorded)."""
+    return get_protocol(summary.get("protocol", {}).get("name", DEFAULT_PROTOCOL))
 
 
 def require_all(references: dict[str, Path], found: dict[str, Path], kind: str, folder: str | Path) -> None:

@@ -41,13 +41,14 @@ from autoseg.evaluate.evaluation import (
     CaseFiles,
     EvaluationError,
     check_geometries,
+    evaluation_protocol,
     find_images,
     format_number,
     pair_cases,
     quartile_metrics,
     require_all,
 )
-from autoseg.evaluate.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
+from autoseg.evaluate.protocols import Protocol
 from autoseg.evaluate.visualization import figure_png, overlay_figure, read_overlay_arrays
 from autoseg.io.files import atomic_path, check_output_file, read_json
 from autoseg.io.headers import ImageReadError
@@ -182,11 +183,6 @@ def write_report(
     with atomic_path(output, suffix=".html") as temporary:
         temporary.write_text(page, encoding="utf-8")
     return output
-
-
-def evaluation_protocol(summary: Mapping[str, Any]) -> Protocol:
-    """The protocol an evaluation was made with (``summary.json``'s ``protocol``; autoseg's for older files)."""
-    return get_protocol(summary.get("protocol", {}).get("name", DEFAULT_PROTOCOL))
 
 
 def case_columns(protocol: Protocol) -> dict[str, tuple[str, int]]:
