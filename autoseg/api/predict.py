@@ -35,7 +35,13 @@ when it was tuned for exactly the members being ensembled, else from the first c
 Inputs: a folder of image files, or a single file, named by one rule (:func:`autoseg.data.dataset.cases_from_files`,
 ``documentation/dataset_format.md``): for a one-channel model every file is one case, named without its ending and
 without a final ``_0000``; for a model with C channels the files form complete cases ``CASE_0000`` ...
-``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected.
+``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected. Files
+that form a multi-channel set (``X_0000``, ``X_0001``, ...) given to a one-channel model are refused unless
+``one_case_per_file`` says they are separate scans.
+
+Input checks (``autoseg.api.input_checks``): before it is predicted, each case is compared with the model's training
+ranges (spacing, size, orientation, foreground intensities per channel, channel names); a case outside them is
+predicted all the same, with one line per measure, and its warnings go into the summary (``input_warnings``).
 
 Outputs never overwrite inputs: before anything is written, :func:`check_outputs` refuses a run whose outputs (the
 data file of a ``.mhd``/``.nhdr`` label file and the summary included) would be an input file (``-i DIR -o DIR``
@@ -66,6 +72,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autoseg.api.input_checks import InputChecks
 from autoseg.api.model_files import InstalledModel, install_for_prediction
 from autoseg.api.predict_inputs import InputCase, find_input_cases, read_case, read_case_list, select_cases
 from autoseg.api.predict_outputs import (
@@ -254,6 +261,9 @@ class PredictionOptions:
             (after ``case_list``), e.g. one part per job of a cluster array job.
         case_list: text file naming the cases to predict, one identifier per line (:func:`select_cases`); None:
             every case of the input.
+        one_case_per_file: every input file is a separate scan, also files named like the channels of one case
+            (``X_0000``, ``X_0001``, ...), which a one-channel model otherwise refuses (:func:`find_input_cases`).
+            Default False.
 
     Raises:
         UsageError: an unknown ``tta``, or a part that does not exist.
@@ -271,6 +281,7 @@ class PredictionOptions:
     num_parts: int = 1
     part_id: int = 0
     case_list: str | Path | None = None
+    one_case_per_file: bool = False
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_CHOICES:
@@ -320,7 +331,10 @@ def predict(
     name = installed.dataset if installed else choose_dataset(choice.dataset)
     torch_device, autocast_dtype = _choose_device(options.device)
     models = _load_members(name, installed, choice, options.checkpoint, torch_device)
-    inputs = find_input_cases(source, len(models[0].plans.channels))
+    channels = models[0].plans.channels
+    inputs = find_input_cases(
+        source, len(channels), one_case_per_file=options.one_case_per_file, channel_names=channels
+    )
     cases = inputs if options.case_list is None else select_cases(inputs, options.case_list)
     summary_file = summary_path(output, options.num_parts, options.part_id)
     check_outputs(inputs, cases, output, options.save_probabilities, summary_file)
@@ -340,7 +354,8 @@ def predict(
         )
         for model in models
     ]
-    summary = PredictionSummary(cases=len(cases))
+    checks = InputChecks.load(name, channels, log or _print_to_stderr)  # compared with the training cases, per case
+    summary = PredictionSummary(cases=len(cases), input_warnings=checks.warnings, input_checks=checks.to_json())
     for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
         _predict_or_skip(
             case,
@@ -350,6 +365,7 @@ def predict(
             options.overwrite,
             summary,
             log or _print_to_stderr,
+            checks,
         )
     summary.path = summary_file
     run = {
@@ -395,6 +411,7 @@ def _predict_or_skip(
     overwrite: bool,
     summary: PredictionSummary,
     log: Callable[[str], None],
+    checks: InputChecks,
 ) -> None:
     """Predict one case into ``targets`` and note it in ``summary`` as written, skipped (its outputs exist: they are
     written atomically, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one line); its stale
@@ -408,7 +425,7 @@ def _predict_or_skip(
         summary.skipped.append(case.identifier)
         return
     try:
-        _predict_case(case, targets, predictors, *postprocessing)
+        _predict_case(case, targets, predictors, *postprocessing, checks)
     except DiskFullError:
         raise
     except CASE_ERRORS as error:
@@ -426,12 +443,15 @@ def _predict_case(
     threshold: float,
     min_lesion_mm3: float,
     labels: Mapping[str, int],
+    checks: InputChecks,
 ) -> None:
-    """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
+    """Read, check against the training ranges (``checks``: warnings logged and recorded; the case is predicted all
+    the same), predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
     before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
     kept afterwards. The label file holds the declared values of the plans' ``labels`` (``dataset.json``'s), in the
     smallest integer type that holds them all (``autoseg.labels.values_from_classes``)."""
     images, geometry = read_case(case)
+    checks.check(case, images, geometry)
     probabilities = _ensemble(predictors, images, geometry)
     del images
     classes = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)

@@ -55,6 +55,10 @@ class PredictionSummary:
         cases: number of cases in this part (after ``case_list``).
         stale_temporaries: temporary files of a killed run that were removed.
         path: the JSON file this summary was written to (None before it is written).
+        input_warnings: case -> its input-check warnings (``autoseg.api.input_checks``), for every case checked
+            against the training ranges (an empty list: within every range).
+        input_checks: what the cases were checked against: ``against`` (the file of the training ranges) and
+            ``note`` (why nothing was checked), each None when it does not apply; None: not recorded.
     """
 
     written: list[Path] = field(default_factory=list)
@@ -63,29 +67,50 @@ class PredictionSummary:
     cases: int = 0
     stale_temporaries: int = 0
     path: Path | None = None
+    input_warnings: dict[str, list[str]] = field(default_factory=dict)
+    input_checks: dict[str, object] | None = None
+
+    @property
+    def warned(self) -> list[str]:
+        """The cases with at least one input warning, in the order they were checked."""
+        return [case for case, lines in self.input_warnings.items() if lines]
 
     def to_json(self) -> dict[str, object]:
-        """The summary as written to ``prediction_summary*.json``: counts, then case identifiers per outcome."""
+        """The summary as written to ``prediction_summary*.json``: counts (``input_warnings``: cases with at least one
+        input warning), then case identifiers per outcome, what the inputs were checked against and each checked
+        case's input warnings."""
         return {
             "cases": self.cases,
-            "counts": {"written": len(self.written), "skipped": len(self.skipped), "failed": len(self.failed)},
+            "counts": {
+                "written": len(self.written),
+                "skipped": len(self.skipped),
+                "failed": len(self.failed),
+                "input_warnings": len(self.warned),
+            },
             "written": [split_ending(path)[0] for path in self.written],
             "skipped": list(self.skipped),
             "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in self.failed],
             "stale_temporaries_removed": self.stale_temporaries,
+            "input_checks": self.input_checks,
+            "input_warnings": {case: list(lines) for case, lines in self.input_warnings.items()},
         }
 
     def line(self, shown: int = 10) -> str:
-        """One line: how many cases were written, skipped (already done) and failed, naming up to ``shown`` of
-        the failed ones, and where the summary file is."""
+        """One line: how many cases were written, skipped (already done) and failed, and how many had input warnings,
+        naming up to ``shown`` of the failed and of the warned ones, and where the summary file is."""
         text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
-        if self.failed:
-            names = ", ".join(f.identifier for f in self.failed[:shown])
-            more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
-            text += f", {len(self.failed)} failed: {names}{more}"
-        else:
-            text += ", 0 failed"
+        text += f", {_count_and_names([f.identifier for f in self.failed], 'failed', shown)}"
+        if self.warned:
+            text += f", {_count_and_names(self.warned, 'with input warnings', shown)}"
         return f"{text}; summary: {self.path}" if self.path else text
+
+
+def _count_and_names(cases: Sequence[str], what: str, shown: int) -> str:
+    """``3 failed: a, b, c`` (up to ``shown`` names, then ``and N more``), or ``0 failed``."""
+    if not cases:
+        return f"0 {what}"
+    more = f" and {len(cases) - shown} more" if len(cases) > shown else ""
+    return f"{len(cases)} {what}: {', '.join(cases[:shown])}{more}"
 
 
 def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Path:
