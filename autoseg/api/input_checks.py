@@ -16,7 +16,7 @@ spacing (mm, per axis)              on any axis below the training minimum / :da
                                     maximum × :data:`RATIO_TOLERANCE` (1.5)
 size (voxels, per axis)             the same rule
 orientation                         obliqueness (``autoseg.io.geometry.obliqueness_degrees``) more than
-                                    :data:`OBLIQUE_TOLERANCE_DEGREES` (5°) above the training maximum
+                                    :data:`OBLIQUE_TOLERANCE_DEGREES` (5 degrees) above the training maximum
 foreground intensity, per channel   its 0.5th, 50th or 99.5th percentile beyond the training (min, max) of that
                                     percentile by more than :data:`INTENSITY_TOLERANCE` (0.5) × the channel's typical
                                     foreground width (the training cases' median 99.5th minus 0.5th percentile)
@@ -185,7 +185,9 @@ def check_case(
     oblique = obliqueness_degrees(geometry.direction)
     if oblique > ranges.obliqueness_degrees[1] + OBLIQUE_TOLERANCE_DEGREES:
         low, high = ranges.obliqueness_degrees
-        lines.append(f"orientation outside the training range: oblique by {oblique:.1f}° vs [{low:.1f}°, {high:.1f}°]")
+        lines.append(
+            f"orientation outside the training range: oblique by {oblique:.1f} vs [{low:.1f}, {high:.1f}] degrees"
+        )
     foreground = foreground_mask(images)
     if foreground.any():
         for index, (channel, trained) in enumerate(zip(images, ranges.channels)):
