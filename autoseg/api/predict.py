@@ -35,7 +35,13 @@ when it was tuned for exactly the members being ensembled, else from the first c
 Inputs: a folder of image files, or a single file, named by one rule (:func:`autoseg.data.dataset.cases_from_files`,
 ``documentation/dataset_format.md``): for a one-channel model every file is one case, named without its ending and
 without a final ``_0000``; for a model with C channels the files form complete cases ``CASE_0000`` ...
-``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected.
+``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected. Files
+that form a multi-channel set (``X_0000``, ``X_0001``, ...) given to a one-channel model are refused unless
+``one_case_per_file`` says they are separate scans.
+
+Input checks (``autoseg.api.input_checks``): before it is predicted, each case is compared with the model's training
+ranges (spacing, size, orientation, foreground intensities per channel, channel names); a case outside them is
+predicted all the same, with one line per measure, and its warnings go into the summary (``input_warnings``).
 
 Outputs never overwrite inputs: before anything is written, :func:`check_outputs` refuses a run whose outputs (the
 data file of a ``.mhd``/``.nhdr`` label file and the summary included) would be an input file (``-i DIR -o DIR``
@@ -60,29 +66,44 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from autoseg.api.input_checks import InputChecks, TrainingReference
 from autoseg.api.model_files import InstalledModel, install_for_prediction
 from autoseg.api.predict_inputs import InputCase, find_input_cases, read_case, read_case_list, select_cases
 from autoseg.api.predict_outputs import (
     SUMMARY_FILE,
     CaseFailure,
+    CaseOutputs,
     PredictionSummary,
     case_failure,
     check_outputs,
     output_files,
     summary_path,
+    write_lesion_tables,
 )
 from autoseg.errors import AutosegError, InvalidFileError, UsageError
+from autoseg.infer.lesions import head_midline, lesion_report, symmetry_midline
 from autoseg.infer.postprocessing import postprocess_probabilities, read_tuned_postprocessing
 from autoseg.infer.predictor import Predictor
+from autoseg.infer.quality import (
+    DEFAULT_REVIEW_THRESHOLD,
+    AgreementCounter,
+    QCCalibration,
+    QualityComponents,
+    TrainingVolumes,
+    assess,
+    predictive_entropy,
+    qc_score,
+)
 from autoseg.infer.sliding_window import TTA_CHOICES
 from autoseg.io.checkpoints import load_checkpoint
-from autoseg.io.files import DiskFullError, check_output_folder, write_json
+from autoseg.io.files import DiskFullError, check_output_folder, read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import remove_stale_temporaries, write_like
 from autoseg.labels import values_from_classes
@@ -92,6 +113,7 @@ from autoseg.networks.factory import checkpoint_network_options, expected_weight
 from autoseg.paths import (
     PLANS_FILE,
     POSTPROCESSING_FILE,
+    QC_CALIBRATION_FILE,
     choose_dataset,
     default_configurations,
     results_folder,
@@ -247,6 +269,8 @@ class PredictionOptions:
         progress: show a progress bar over cases.
         save_probabilities: also write the float32 lesion probability (channel 0; with several labels the
             maximum over them). Default False.
+        save_uncertainty: also write ``CASE_uncertainty.nii.gz``, the float32 predictive entropy in bits of the
+            ensemble's mean lesion probability (``autoseg.infer.quality``). Default False.
         overwrite: predict cases whose outputs exist again. Default False: a case whose label file (and, with
             ``save_probabilities``, probability map) exists is complete, because both are written atomically, and
             is skipped; so a killed run re-run with the same arguments predicts only what is missing.
@@ -254,6 +278,9 @@ class PredictionOptions:
             (after ``case_list``), e.g. one part per job of a cluster array job.
         case_list: text file naming the cases to predict, one identifier per line (:func:`select_cases`); None:
             every case of the input.
+        one_case_per_file: every input file is a separate scan, also files named like the channels of one case
+            (``X_0000``, ``X_0001``, ...), which a one-channel model otherwise refuses (:func:`find_input_cases`).
+            Default False.
 
     Raises:
         UsageError: an unknown ``tta``, or a part that does not exist.
@@ -267,10 +294,12 @@ class PredictionOptions:
     device: str = "auto"
     progress: bool = True
     save_probabilities: bool = False
+    save_uncertainty: bool = False
     overwrite: bool = False
     num_parts: int = 1
     part_id: int = 0
     case_list: str | Path | None = None
+    one_case_per_file: bool = False
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_CHOICES:
@@ -320,14 +349,19 @@ def predict(
     name = installed.dataset if installed else choose_dataset(choice.dataset)
     torch_device, autocast_dtype = _choose_device(options.device)
     models = _load_members(name, installed, choice, options.checkpoint, torch_device)
-    inputs = find_input_cases(source, len(models[0].plans.channels))
+    channels = models[0].plans.channels
+    inputs = find_input_cases(
+        source, len(channels), one_case_per_file=options.one_case_per_file, channel_names=channels
+    )
     cases = inputs if options.case_list is None else select_cases(inputs, options.case_list)
     summary_file = summary_path(output, options.num_parts, options.part_id)
-    check_outputs(inputs, cases, output, options.save_probabilities, summary_file)
+    check_outputs(inputs, cases, output, options.save_probabilities, summary_file, options.save_uncertainty)
     cases = cases[options.part_id :: options.num_parts]
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not options.postprocessing:
         min_lesion_mm3 = 0.0
+    checks = InputChecks.load(name, channels, log or _print_to_stderr)  # compared with the training cases, per case
+    settings = _CaseSettings(threshold, min_lesion_mm3, models[0].plans.labels, _calibration(name, models), checks)
     predictors = [
         Predictor(
             model.plans.configuration(model.configuration),
@@ -340,17 +374,19 @@ def predict(
         )
         for model in models
     ]
-    summary = PredictionSummary(cases=len(cases))
+    summary = PredictionSummary(cases=len(cases), input_checks=checks.to_json())
     for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
         _predict_or_skip(
             case,
-            output_files(Path(output), case, options.save_probabilities),
+            output_files(Path(output), case, options.save_probabilities, options.save_uncertainty),
             predictors,
-            (threshold, min_lesion_mm3, models[0].plans.labels),
+            settings,
             options.overwrite,
             summary,
             log or _print_to_stderr,
         )
+    reports = [output_files(Path(output), case, False).report for case in cases if case.identifier in summary.per_case]
+    write_lesion_tables(reports, Path(output), options.num_parts, options.part_id)
     summary.path = summary_file
     run = {
         "input": str(source),
@@ -387,28 +423,68 @@ def _load_members(
     return models
 
 
+@dataclass(frozen=True)
+class _CaseSettings:
+    """What every case of a run is checked, post-processed and judged by: threshold, minimum lesion size (mm³), the
+    declared labels, the QC calibration of exactly the members predicted (None: :data:`DEFAULT_REVIEW_THRESHOLD`) and
+    the input checks, whose training ranges also hold the training cases' lesion volumes."""
+
+    threshold: float
+    min_lesion_mm3: float
+    labels: Mapping[str, int]
+    calibration: QCCalibration | None
+    checks: InputChecks
+
+    @property
+    def review_threshold(self) -> float:
+        return DEFAULT_REVIEW_THRESHOLD if self.calibration is None else self.calibration.threshold
+
+    @property
+    def training(self) -> TrainingVolumes | None:
+        return training_volumes(self.checks.reference)
+
+
+def training_volumes(reference: TrainingReference) -> TrainingVolumes | None:
+    """The training cases' lesion volumes from what a model knows of them (``autoseg.api.input_checks``); None
+    without training ranges."""
+    ranges = reference.ranges
+    return None if ranges is None else TrainingVolumes.from_ranges(ranges.lesion_count, ranges.lesion_volume_ml)
+
+
+def _calibration(dataset: str, models: Sequence[Model]) -> QCCalibration | None:
+    """The QC calibration ``autoseg_find_best`` wrote for exactly these members (configuration/trainer pairs), else
+    None."""
+    path = results_folder(dataset) / QC_CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    found = QCCalibration.from_json(read_json(path), str(path))
+    members = sorted(f"{m.configuration}/{m.trainer}" for m in models)
+    return found if sorted(found.members) == members else None
+
+
 def _predict_or_skip(
     case: InputCase,
-    targets: tuple[Path, ...],
+    targets: CaseOutputs,
     predictors: Sequence[Predictor],
-    postprocessing: tuple[float, float, Mapping[str, int]],
+    settings: _CaseSettings,
     overwrite: bool,
     summary: PredictionSummary,
     log: Callable[[str], None],
 ) -> None:
     """Predict one case into ``targets`` and note it in ``summary`` as written, skipped (its outputs exist: they are
-    written atomically, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one line); its stale
-    temporaries from a killed run are removed first.
+    written atomically, the lesion report last, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one
+    line); its stale temporaries from a killed run are removed first.
 
     Raises:
         DiskFullError: the disk is full (the run ends).
     """
-    summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets)
-    if not overwrite and all(path.exists() for path in targets):
+    summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets.paths())
+    if not overwrite and all(path.exists() for path in targets.paths()):
         summary.skipped.append(case.identifier)
+        summary.per_case[case.identifier] = _case_entry(read_json(targets.report))
         return
     try:
-        _predict_case(case, targets, predictors, *postprocessing)
+        report = _predict_case(case, targets, predictors, settings)
     except DiskFullError:
         raise
     except CASE_ERRORS as error:
@@ -416,30 +492,108 @@ def _predict_or_skip(
         summary.failed.append(failure)
         log(failure.line())
         return
-    summary.written.append(targets[0])
+    summary.written.append(targets.labels)
+    summary.per_case[case.identifier] = _case_entry(report)
+
+
+def _case_entry(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A case's entry in ``prediction_summary.json``'s ``per_case``, from its lesion report."""
+    qc = report.get("qc", {})
+    return {
+        "lesion_count": report.get("lesion_count"),
+        "total_volume_ml": report.get("total_volume_ml"),
+        "qc_score": qc.get("score"),
+        "review": qc.get("review"),
+        "review_reasons": qc.get("reasons", []),
+        "input_warnings": report.get("input_warnings", []),
+    }
 
 
 def _predict_case(
     case: InputCase,
-    targets: Sequence[Path],
+    targets: CaseOutputs,
     predictors: Sequence[Predictor],
-    threshold: float,
-    min_lesion_mm3: float,
-    labels: Mapping[str, int],
-) -> None:
-    """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
-    before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
-    kept afterwards. The label file holds the declared values of the plans' ``labels`` (``dataset.json``'s), in the
-    smallest integer type that holds them all (``autoseg.labels.values_from_classes``)."""
+    settings: _CaseSettings,
+) -> dict[str, Any]:
+    """Read, predict, post-process, judge and write one case; returns its lesion report.
+
+    The maps asked for are written first, then the labels, then the lesion report (``CASE_lesions.json``), so an
+    existing report means the case is complete. Nothing of the case is kept afterwards. The label file holds the
+    declared values of the plans' ``labels`` (``dataset.json``'s), in the smallest integer type that holds them all
+    (``autoseg.labels.values_from_classes``)."""
     images, geometry = read_case(case)
-    probabilities = _ensemble(predictors, images, geometry)
+    warnings = settings.checks.check(case, images, geometry)
+    agreement = AgreementCounter(settings.threshold)
+    probabilities, mirror_fit = _ensemble(predictors, images, geometry, agreement)
+    midline = symmetry_midline(mirror_fit) or head_midline(images[0], geometry)
     del images
-    classes = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
-    if len(targets) > 1:
-        lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
-        write_like(lesion, geometry, targets[1], case.images[0])
+    classes = postprocess_probabilities(probabilities, geometry.spacing, settings.threshold, settings.min_lesion_mm3)
+    lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
     del probabilities
-    write_like(values_from_classes(classes, labels), geometry, targets[0], case.images[0])
+    entropy = predictive_entropy(lesion)
+    if targets.probabilities is not None:
+        write_like(lesion, geometry, targets.probabilities, case.images[0])
+    if targets.uncertainty is not None:
+        write_like(entropy, geometry, targets.uncertainty, case.images[0])
+    write_like(values_from_classes(classes, settings.labels), geometry, targets.labels, case.images[0])
+    lesions = lesion_report(classes, geometry, case.images[0], settings.labels, lesion, midline)
+    components = assess(
+        classes > 0,
+        entropy,
+        lesions.voxel_volume_ml,
+        settings.training,
+        agreement.member_agreement(),
+        agreement.mirroring_agreement(),
+        agreement.members,
+        agreement.mirrorings,
+    )
+    del lesion, entropy, classes
+    report = {
+        "case": case.identifier,
+        "files": [str(path.resolve()) for path in case.images],
+        "mask": targets.labels.name,
+        "probabilities": None if targets.probabilities is None else targets.probabilities.name,
+        "uncertainty": None if targets.uncertainty is None else targets.uncertainty.name,
+        **lesions.to_json(),
+        "qc": _judge(components, lesions.total_volume_ml, lesions.lesion_count, warnings, settings),
+        "input_warnings": warnings,
+    }
+    write_json(report, targets.report)
+    return report
+
+
+def _judge(
+    components: QualityComponents, total_ml: float, count: int, warnings: Sequence[str], settings: _CaseSettings
+) -> dict[str, Any]:
+    """The ``qc`` entry of a lesion report: score, review flag and its reasons, the components, the threshold and
+    where it came from, and the expected Dice when calibrated."""
+    score = qc_score(components)
+    threshold = settings.review_threshold
+    reasons = []
+    if score < threshold:
+        origin = (
+            f"calibrated on {settings.calibration.cases} cross-validation cases"
+            if settings.calibration
+            else "uncalibrated default; run autoseg_find_best to calibrate"
+        )
+        reasons.append(f"QC score {score:.2f} below the review threshold {threshold:.2f} ({origin})")
+    training = settings.training
+    if training is not None and components.volume_plausibility is not None and components.volume_plausibility < 1:
+        if count == 0:
+            reasons.append("no lesion found, but every training case had one")
+        else:
+            reasons.append(f"total lesion volume {total_ml:.3g} ml outside the training range {training.describe()}")
+    if warnings:
+        reasons.append(f"input outside the training range ({len(warnings)} measure(s), see input_warnings)")
+    return {
+        "score": score,
+        "review": bool(reasons),
+        "reasons": reasons,
+        "components": components.to_json(),
+        "threshold": threshold,
+        "calibrated": settings.calibration is not None,
+        "expected_dice": None if settings.calibration is None else settings.calibration.expected(score),
+    }
 
 
 def _print_to_stderr(line: str) -> None:
@@ -472,16 +626,22 @@ def _install_model_file(choice: ModelChoice, checkpoint: str) -> InstalledModel:
     return installed
 
 
-def _ensemble(predictors: Sequence[Predictor], images: np.ndarray, geometry: Geometry) -> np.ndarray:
+def _ensemble(
+    predictors: Sequence[Predictor], images: np.ndarray, geometry: Geometry, agreement: AgreementCounter
+) -> tuple[np.ndarray, Any]:
     """Mean over configurations of their (K, X, Y, Z) float32 probabilities on the input grid, summed in place
-    (one full-size map at a time besides the one being restored)."""
+    (one full-size map at a time besides the one being restored), and the first symmetry fit found (or None).
+    ``agreement`` receives every member's views and every configuration's restored lesion probability."""
     total: np.ndarray | None = None
+    mirror_fit = None
     for predictor in predictors:
         data, _, properties = preprocess_arrays(images, None, geometry, predictor.configuration)
-        probabilities = predictor.predict_preprocessed(data, geometry.direction)
+        probabilities = predictor.predict_preprocessed(data, geometry.direction, agreement)
         del data
         restored = restore_probabilities(probabilities, properties)
         del probabilities
+        mirror_fit = mirror_fit or properties.symmetry
+        agreement.end_configuration(restored.max(axis=0) if len(predictors) > 1 else None)
         if total is None:
             total = restored
         else:
@@ -489,4 +649,4 @@ def _ensemble(predictors: Sequence[Predictor], images: np.ndarray, geometry: Geo
         del restored
     if len(predictors) > 1:
         total /= len(predictors)
-    return total
+    return total, mirror_fit

@@ -41,7 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.api.predict_outputs import SUMMARY_FILE, part_file
+from autoseg.api.predict_outputs import (
+    LESION_REPORT_ENDING,
+    LESION_TABLE_FILE,
+    LESIONS_FILE,
+    SUMMARY_FILE,
+    summary_path,
+)
 from autoseg.errors import DataError, InvalidFileError, MissingFileError
 from autoseg.evaluate.evaluation import format_number
 from autoseg.evaluate.page import (
@@ -71,8 +77,6 @@ from autoseg.labels import read_label_file
 from autoseg.parallel import map_cases
 
 __all__ = [
-    "LESION_REPORT_SUFFIX",
-    "RUN_TABLES",
     "UNCERTAINTY_RANGE",
     "CaseReview",
     "Overlay",
@@ -86,11 +90,9 @@ __all__ = [
     "write_review_page",
 ]
 
-#: A case's lesion report, ``OUTPUT/CASE_lesions.json``, beside its label file.
-LESION_REPORT_SUFFIX = "_lesions.json"
-#: The run's lesion tables beside the summary, linked from the page when present.
-RUN_TABLES = ("lesions.csv", "lesion_table.csv")
-#: The uncertainty values at the two ends of the colour map (the same on every case, so cases compare by colour).
+#: The uncertainty values at the two ends of the colour map: the whole range of the map ``--save-uncertainty`` writes,
+#: the binary entropy in bits of the lesion probability (``autoseg.infer.quality.predictive_entropy``); the same on
+#: every case, so cases compare by colour.
 UNCERTAINTY_RANGE = (0.0, 1.0)
 #: Lesions listed on a case's card (all of them are in lesion_table.csv).
 LISTED_LESIONS = 5
@@ -165,7 +167,7 @@ class ReviewRun:
 def review_page_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Path:
     """Where the review page of a run (or of part ``part_id`` of ``num_parts``) goes: ``OUTPUT/report.html``, or
     ``OUTPUT/report_part{i}of{K}.html`` beside that part's summary, so parts running at once never share a page."""
-    return part_file(output, REPORT_NAME, num_parts, part_id)
+    return summary_path(output, num_parts, part_id, REPORT_NAME)
 
 
 def load_run(output_dir: str | Path, summary_file: str | Path | None = None) -> ReviewRun:
@@ -185,7 +187,7 @@ def load_run(output_dir: str | Path, summary_file: str | Path | None = None) -> 
         raise MissingFileError(f"{summary_file} not found: run autoseg_predict with -o {output_dir} first")
     summary = read_json(summary_file)
     names = [*_field(summary, "written", list, summary_file), *_field(summary, "skipped", list, summary_file)]
-    cases = tuple(read_case_review(output_dir / f"{name}{LESION_REPORT_SUFFIX}", output_dir) for name in names)
+    cases = tuple(read_case_review(output_dir / f"{name}{LESION_REPORT_ENDING}", output_dir) for name in names)
     return ReviewRun(output_dir, summary_file, summary, cases, tuple(_field(summary, "failed", list, summary_file)))
 
 
@@ -357,7 +359,7 @@ def draw_overlay(
         titles,
         heat=heat,
         heat_range=UNCERTAINTY_RANGE,
-        heat_label="uncertainty",
+        heat_label="uncertainty (entropy, bits)",
         panel_inches=OVERLAY_PANEL_INCHES,
     )
     colourmap = UNCERTAINTY_COLOURMAP if heat is not None else None
@@ -407,7 +409,9 @@ def render_review_page(
     if int(part.get("of", 1)) > 1:
         rows.append(("Part", f"{int(part.get('id', 0)) + 1} of {part['of']} (part id {part.get('id')})"))
     rows += [("Cases", len(order)), ("Made", stamp)]
-    links = [run.summary_file, *(run.output_dir / name for name in RUN_TABLES if (run.output_dir / name).is_file())]
+    tables = [summary_path(run.output_dir, int(part.get("of", 1)), int(part.get("id", 0)), name)
+              for name in (LESIONS_FILE, LESION_TABLE_FILE)]  # fmt: skip
+    links = [run.summary_file, *(path for path in tables if path.is_file())]
     body = [
         f"<header><h1>{escape(title)}</h1>",
         definitions(rows, "inputs"),
@@ -455,8 +459,8 @@ def _conventions(cases: Sequence[CaseReview], convention: str) -> str:
         ("Slices", f"axial, {convention} convention: the patient's right on the {side} of the picture, anterior up; "
                    "through the centroids of the largest lesions (the central slice of an empty prediction)"),
         ("Outline", f"the predicted lesion ({PREDICTION_COLOUR}) over channel 0 of the input"),
-        ("Uncertainty", f"second row where saved (--save-uncertainty): {UNCERTAINTY_COLOURMAP} colour map, "
-                        f"{lo:g} (dark blue) to {hi:g} (yellow)"),
+        ("Uncertainty", f"second row where saved (--save-uncertainty): the entropy of the lesion probability in bits, "
+                        f"{UNCERTAINTY_COLOURMAP} colour map from {lo:g} (dark blue: certain) to {hi:g} (yellow: p = 0.5)"),
         ("QC score", "0 to 1, lower is more likely wrong; a case is flagged for review below its threshold or for "
                      "a reason listed on its card"),
     ]  # fmt: skip

@@ -16,7 +16,8 @@ def parser() -> argparse.ArgumentParser:
         prog="autoseg_predict",
         description="Segment a folder of scans or one file with trained models; writes OUTPUT/CASE<ending> uint8 "
         "labels in the input's geometry. Names: for a one-channel model every file is one case (a final "
-        "_0000 is dropped from its name); for C channels the files form complete cases CASE_0000 ... "
+        "_0000 is dropped from its name; files X_0000, X_0001, ... are one multi-channel case and refused unless "
+        "--one-case-per-file); for C channels the files form complete cases CASE_0000 ... "
         "CASE_{C-1} (documentation/dataset_format.md).",
     )
     p.add_argument("-i", "--input", required=True, help="folder of images, or one image file")
@@ -64,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
+    p.add_argument(
+        "--save-uncertainty",
+        action="store_true",
+        help="also write CASE_uncertainty.nii.gz: the predictive entropy (bits, 0-1) of the ensemble's mean "
+        "probability over members and mirrorings",
+    )
     p.add_argument("--no-postprocessing", action="store_true", help="keep lesions of every size")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
     p.add_argument("--num-parts", type=positive_int, default=1, help="split the sorted cases into this many parts (1)")
@@ -74,6 +81,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="text file of case identifiers to predict, one per line (# comments and blank lines "
         "ignored); split by --num-parts like all cases",
+    )
+    p.add_argument(
+        "--one-case-per-file",
+        action="store_true",
+        help="every file is a separate scan, also files named like the channels of one case (X_0000, X_0001, ...), "
+        "which a one-channel model otherwise refuses",
     )
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -106,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=not args.no_progress,
             save_probabilities=args.save_probabilities,
+            save_uncertainty=args.save_uncertainty,
             overwrite=args.overwrite,
             num_parts=args.num_parts,
             part_id=args.part_id,
             case_list=args.case_list,
+            one_case_per_file=args.one_case_per_file,
         )
         page = review_page_path(args.output, args.num_parts, args.part_id) if args.report else None
         if page is not None:  # refused before anything is predicted

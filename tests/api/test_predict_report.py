@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+import nibabel
 import numpy as np
 import PIL.Image
 import pytest
@@ -23,8 +24,8 @@ import SimpleITK as sitk
 from matplotlib import colormaps
 from scipy import ndimage
 
+from autoseg.api.predict_outputs import LESION_REPORT_ENDING, write_lesion_tables
 from autoseg.api.predict_report import (
-    LESION_REPORT_SUFFIX,
     draw_overlay,
     load_run,
     review_page_path,
@@ -87,7 +88,7 @@ def _lesions_of(mask_path: Path) -> list[dict[str, Any]]:
         centre = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in ndimage.center_of_mass(component)])
         where = np.argwhere(component)
         lesions.append({
-            "voxels": int(component.sum()), "volume_ml": float(component.sum()) * voxel_ml,
+            "label": 1, "voxels": int(component.sum()), "volume_ml": float(component.sum()) * voxel_ml,
             "centroid_ras_mm": [-centre[0], -centre[1], centre[2]], "centroid_lps_mm": list(centre),
             "bounding_box": {"start": where.min(axis=0).tolist(), "stop": (where.max(axis=0) + 1).tolist()},
             "hemisphere": "left" if centre[0] > 0 else "right", "mean_probability": 0.8, "max_probability": 0.97,
@@ -103,7 +104,7 @@ def _write_run(root: Path, cases: dict[str, dict[str, Any]] = CASES) -> Path:
     x, y, z = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
     head = ((x - 15.5) / 14) ** 2 + ((y - 17.5) / 16) ** 2 + ((z - 9.5) / 9) ** 2 < 1
     rng = np.random.default_rng(0)
-    rows, summary_cases = [], {}
+    per_case = {}
     for case, spec in cases.items():
         mask = np.zeros(SHAPE, np.uint8)
         for centre, radius in spec["balls"]:
@@ -130,22 +131,20 @@ def _write_run(root: Path, cases: dict[str, dict[str, Any]] = CASES) -> Path:
                    "calibrated": False},
             "input_warnings": spec["warnings"],
         }  # fmt: skip
-        (output / f"{case}{LESION_REPORT_SUFFIX}").write_text(json.dumps(report), encoding="utf-8")
-        summary_cases[case] = {"lesion_count": len(lesions), "total_volume_ml": report["total_volume_ml"],
-                               "qc_score": score, "review": review, "input_warnings": spec["warnings"]}  # fmt: skip
-        rows.append(f"{case},{len(lesions)},{report['total_volume_ml']},{score},{review},{len(spec['warnings'])}")
+        (output / f"{case}{LESION_REPORT_ENDING}").write_text(json.dumps(report), encoding="utf-8")
+        per_case[case] = {"lesion_count": len(lesions), "total_volume_ml": report["total_volume_ml"],
+                          "qc_score": score, "review": review, "input_warnings": spec["warnings"]}  # fmt: skip
     names = list(cases)
     summary = {
-        "input": str(inputs), "list": None, "part": {"id": 0, "of": 1}, "cases": summary_cases,
+        "input": str(inputs), "list": None, "part": {"id": 0, "of": 1}, "cases": len(names) + 1,
         "counts": {"written": len(names) - 1, "skipped": 1, "failed": 1,
                    "review": sum(spec["qc"][1] for spec in cases.values()),
                    "input_warnings": sum(bool(spec["warnings"]) for spec in cases.values())},
         "written": names[:-1], "skipped": names[-1:], "failed": [FAILED], "stale_temporaries_removed": 0,
+        "input_checks": {"against": "fingerprint.json"}, "per_case": per_case,
     }  # fmt: skip
     (output / "prediction_summary.json").write_text(json.dumps(summary), encoding="utf-8")
-    (output / "lesions.csv").write_text("case,lesion_count,total_volume_ml,qc_score,review,input_warnings\n"
-                                        + "\n".join(rows) + "\n", encoding="utf-8")  # fmt: skip
-    (output / "lesion_table.csv").write_text("case,index,volume_ml\n", encoding="utf-8")
+    write_lesion_tables([output / f"{case}{LESION_REPORT_ENDING}" for case in names], output)
     return output
 
 
@@ -224,7 +223,7 @@ def test_cases_flagged_first_then_by_qc_score_with_their_numbers(run: Path) -> N
     assert [card["data-case"] for card in parsed.cards] == EXPECTED_ORDER
     assert parsed.index == [f"#case-{rank}" for rank in range(1, len(CASES) + 1)]
     for card in parsed.cards:
-        report = json.loads((run / f"{card['data-case']}{LESION_REPORT_SUFFIX}").read_text())
+        report = json.loads((run / f"{card['data-case']}{LESION_REPORT_ENDING}").read_text())
         spec = CASES[card["data-case"]]
         assert card["data-review"] == str(spec["qc"][1]).lower()
         assert float(card["data-qc-score"]) == spec["qc"][0]
@@ -287,7 +286,7 @@ def test_page_is_self_contained_and_its_links_resolve(run: Path) -> None:
 def test_a_reoriented_case_gets_the_same_overlay_as_its_canonical_copy(run: Path, tmp_path: Path) -> None:
     """The ``warned`` case is stored as ASL (sagittal): read in the canonical orientation, its overlay equals the one
     of a RAS-stored copy of the same files, pixel for pixel."""
-    report = json.loads((run / f"warned{LESION_REPORT_SUFFIX}").read_text())
+    report = json.loads((run / f"warned{LESION_REPORT_ENDING}").read_text())
     copies = []
     for source in (Path(report["files"][0]), run / "warned.nii.gz"):
         target = tmp_path / source.name
@@ -305,7 +304,7 @@ def test_a_reoriented_case_gets_the_same_overlay_as_its_canonical_copy(run: Path
 def test_a_left_lesion_is_drawn_on_the_side_the_convention_says(run: Path, convention: str, side: str) -> None:
     """The ``unflagged`` case's lesion lies in the patient's left hemisphere (LPS x > 0): radiological shows it on the
     right of the picture, neurological on the left."""
-    report = json.loads((run / f"unflagged{LESION_REPORT_SUFFIX}").read_text())
+    report = json.loads((run / f"unflagged{LESION_REPORT_ENDING}").read_text())
     assert report["lesions"][0]["centroid_lps_mm"][0] > 5
     overlay = draw_overlay((Path(report["files"][0]), run / "unflagged.nii.gz", None, report["lesions"]), convention)
     pixels = np.asarray(PIL.Image.open(io.BytesIO(overlay.png)).convert("RGB")).astype(int)
@@ -323,10 +322,20 @@ def test_a_run_without_uncertainty_and_a_part_page(tmp_path: Path) -> None:
     part = output / "prediction_summary_part1of2.json"
     part.write_text(json.dumps({**summary, "part": {"id": 1, "of": 2}, "written": ["empty"], "skipped": [],
                                 "failed": []}), encoding="utf-8")  # fmt: skip
+    write_lesion_tables([output / f"empty{LESION_REPORT_ENDING}"], output, 2, 1)
     page = write_review_page(output, part)
     assert page == review_page_path(output, 2, 1) == output / "report_part1of2.html"
     parsed = _parse(page)
     assert [card["data-case"] for card in parsed.cards] == ["empty"] and parsed.failed == []
+    links = [link for link in parsed.links if not link.startswith("#")]
+    assert sorted(links) == sorted(
+        [
+            "prediction_summary_part1of2.json",
+            "lesions_part1of2.csv",
+            "lesion_table_part1of2.csv",
+            "empty.nii.gz",
+        ]
+    )
     assert "2 of 2 (part id 1)" in page.read_text(encoding="utf-8")
     page = write_review_page(output, convention="neurological")
     parsed = _parse(page)
@@ -336,18 +345,18 @@ def test_a_run_without_uncertainty_and_a_part_page(tmp_path: Path) -> None:
 
 
 def _drop_report(output: Path) -> None:
-    (output / f"warned{LESION_REPORT_SUFFIX}").unlink()
+    (output / f"warned{LESION_REPORT_ENDING}").unlink()
 
 
 def _break_report(output: Path) -> None:
-    path = output / f"flagged{LESION_REPORT_SUFFIX}"
+    path = output / f"flagged{LESION_REPORT_ENDING}"
     report = json.loads(path.read_text())
     del report["qc"]["review"]
     path.write_text(json.dumps(report))
 
 
 def _move_input(output: Path) -> None:
-    report = json.loads((output / f"empty{LESION_REPORT_SUFFIX}").read_text())
+    report = json.loads((output / f"empty{LESION_REPORT_ENDING}").read_text())
     Path(report["files"][0]).unlink()
 
 
@@ -417,3 +426,45 @@ def test_page_in_headless_chromium(run: Path, chromium: WebDriver) -> None:
         urlparse(link).scheme == "file" and Path(unquote(urlparse(link).path)).is_file() for link in links
     )
     assert chromium.title.startswith("Prediction review: ")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_autoseg_predict_report_end_to_end(
+    trained_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``autoseg_predict --report --save-uncertainty`` with the session's tiny model: the page lists every case in the
+    order its lesion reports give, with their numbers (the volume an independent count on the mask), overlays with an
+    uncertainty row through slices holding the lesion; a re-run that skips every case writes the same cases again."""
+    images = trained_home / "raw" / "Dataset961_ATLASPredict" / "imagesTr"
+    output = tmp_path / "out"
+    argv = ["-i", str(images), "-o", str(output), "--save-uncertainty", "--report", "--tta", "none", "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+    assert predict_command.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"review page: {output / 'report.html'}"
+    summary = json.loads((output / "prediction_summary.json").read_text())
+    reports = {case: json.loads((output / f"{case}{LESION_REPORT_ENDING}").read_text()) for case in summary["per_case"]}
+    assert len(reports) == 5
+    expected = sorted(reports, key=lambda c: (not reports[c]["qc"]["review"], reports[c]["qc"]["score"], c))
+    parsed = _parse(output / "report.html")
+    assert [card["data-case"] for card in parsed.cards] == expected
+    for card in parsed.cards:
+        case = card["data-case"]
+        report = reports[case]
+        mask = nibabel.load(output / f"{case}.nii.gz")
+        voxel_ml = float(np.prod(nibabel.load(images / f"{case}_0000.nii.gz").header.get_zooms())) / 1000
+        assert float(card["data-volume-ml"]) == pytest.approx(np.count_nonzero(mask.get_fdata()) * voxel_ml)
+        assert int(card["data-lesions"]) == report["lesion_count"]
+        assert card["data-review"] == str(report["qc"]["review"]).lower()
+        assert float(card["data-qc-score"]) == report["qc"]["score"]
+        assert all(reason in card["text"] for reason in report["qc"]["reasons"])
+        picture, slices = _png(card["img"]["src"]), [int(z) for z in card["img"]["data-slices"].split()]
+        assert picture.height / picture.width == pytest.approx(1.19 * 2 / len(slices), rel=0.25)  # uncertainty row
+        canonical = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(output / f"{case}.nii.gz")), "RAS"))
+        canonical = canonical.transpose(2, 1, 0) > 0
+        if report["lesion_count"]:
+            assert all(canonical[:, :, z].any() for z in slices)
+        else:
+            assert slices == [canonical.shape[2] // 2]
+    assert predict_command.main(argv) == 0  # every case skipped: the page still shows them all
+    assert sorted(card["data-case"] for card in _parse(output / "report.html").cards) == sorted(reports)

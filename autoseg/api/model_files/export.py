@@ -34,6 +34,7 @@ from autoseg.paths import (
     FINGERPRINT_FILE,
     PLANS_FILE,
     POSTPROCESSING_FILE,
+    QC_CALIBRATION_FILE,
     SELECTION_FILE,
     choose_dataset,
     default_configurations,
@@ -42,7 +43,7 @@ from autoseg.paths import (
     results_folder,
     trained_member,
 )
-from autoseg.plan.fingerprint import Fingerprint
+from autoseg.plan.fingerprint import Fingerprint, training_ranges
 from autoseg.plans import Plans
 
 __all__ = ["ExportedModel", "export_model", "summarize_fingerprint"]
@@ -147,12 +148,13 @@ def _add_members(
 
 
 def _add_dataset_files(entries: _Entries, dataset: str, members: list[str], selected: bool) -> None:
-    """Add the top-level files: the post-processing tuned for exactly ``members``, the model selection when the
-    members came from it, the fingerprint summary when there is one, and ``dataset.json``."""
+    """Add the top-level files: the post-processing and the QC calibration tuned for exactly ``members``, the model
+    selection when the members came from it, the fingerprint summary when there is one, and ``dataset.json``."""
     folder = results_folder(dataset)
-    tuned = folder / POSTPROCESSING_FILE
-    if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
-        entries.add(POSTPROCESSING_FILE, tuned.read_bytes())
+    for name in (POSTPROCESSING_FILE, QC_CALIBRATION_FILE):
+        tuned = folder / name
+        if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
+            entries.add(name, tuned.read_bytes())
     if selected:
         entries.add(SELECTION_FILE, (folder / SELECTION_FILE).read_bytes())
     summary = _fingerprint_summary(dataset)
@@ -198,8 +200,11 @@ def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
     """The dataset-wide parts of a ``fingerprint.json`` the planner uses, without anything per case.
 
     Kept: ``dataset``, ``channels`` (name, modality, foreground intensity statistics), ``labels`` and ``aggregate``
-    (case count, median spacing and shapes, anisotropy, lesion statistics, orientations, symmetry counts). Left
-    out: ``cases``, ``subjects`` and ``notes``, and the case names inside the aggregate (``lesion_free_cases``,
+    (case count, median spacing and shapes, anisotropy, lesion statistics, orientations, symmetry counts). Added:
+    ``training_ranges``, the (min, max) over the training cases of spacing, shape, obliqueness, foreground
+    intensity percentiles per channel, lesion count and lesion volume (``autoseg.plan.fingerprint.training_ranges``),
+    which ``autoseg_predict`` compares each new case with (``autoseg.api.input_checks``). Left out: ``cases``,
+    ``subjects`` and ``notes``, and the case names inside the aggregate (``lesion_free_cases``,
     ``symmetry.not_found``), which become counts.
     """
     aggregate = to_plain(fingerprint.aggregate)
@@ -211,6 +216,7 @@ def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
         "channels": to_plain(fingerprint.channels),
         "labels": dict(fingerprint.labels),
         "aggregate": aggregate,
+        "training_ranges": to_plain(training_ranges(fingerprint)),
         "left_out": "per-case figures, case and subject names and notes (they can identify patients)",
     }
 
