@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -97,6 +99,38 @@ def _reoriented_copy(source: Path, target: Path, orientation: str) -> Path:
 def reoriented_copy() -> Callable[[Path, Path, str], Path]:
     """``reoriented_copy(source, target, orientation)``: see :func:`_reoriented_copy`."""
     return _reoriented_copy
+
+
+#: The system's Chromium and its ChromeDriver (tools/install_browser.sh installs both), for the pages' browser tests.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    """Headless Chromium driven by the system's chromedriver (never Selenium Manager's downloads), with the browser's
+    console log kept; a skip, saying why, where selenium, Chromium or ChromeDriver is missing. Quit afterwards."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    for program in (CHROMIUM, CHROMEDRIVER):
+        if not program.exists():
+            pytest.skip(f"{program} is missing (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="autoseg_chromium_")
+    # The background-networking flags keep Chromium from dialling out, which a closed network refuses loudly.
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1300,1000", f"--user-data-dir={profile}"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 #: Hostile NIfTI headers (:func:`_write_hostile_image`), each with words of the one line that refuses it.

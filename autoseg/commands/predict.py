@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from autoseg.api.predict import TTA_CHOICES, ModelChoice, PredictionOptions, predict
+from autoseg.api.predict_report import review_page_path, write_review_page
 from autoseg.commands.common import device, fraction, non_negative_int, positive_int, run
+from autoseg.io.files import check_output_file
 from autoseg.paths import CHECKPOINT_CHOICES
 
 
@@ -88,6 +90,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write OUTPUT/report.html (a part: report_part{i}of{K}.html), one self-contained review page: "
+        "cases flagged for review first, volumes, QC scores, input warnings, overlays",
+    )
     return p
 
 
@@ -118,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             case_list=args.case_list,
             one_case_per_file=args.one_case_per_file,
         )
+        page = review_page_path(args.output, args.num_parts, args.part_id) if args.report else None
+        if page is not None:  # refused before anything is predicted
+            check_output_file(page, "review page (--report)")
         summary = predict(args.input, args.output, choice, options)
         print(summary.line())
+        if page is not None:
+            print(f"review page: {write_review_page(args.output, summary.path, page, progress=not args.no_progress)}")
         return 1 if summary.failed else 0
 
     return run(action)

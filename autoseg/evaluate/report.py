@@ -12,25 +12,22 @@ one page (``report.html`` beside them by default) with:
   through the lesion, reference outline green and prediction red (``autoseg.evaluate.visualization``);
 - relative links to per_case.csv, summary.json, quartiles.csv and dice_vs_volume.png.
 
-Self-contained: CSS is inline and every picture is a base64 PNG data URI, so the page needs no network, no script
-and no other file to be viewed (the links to the CSV/JSON files are the only references, and relative). A
-Content-Security-Policy forbids the page anything else. Overlays are small (3 slices, palette PNG, 20-60 kB a case), so
-a cohort of a few hundred cases stays a page of some megabytes.
+Self-contained (``autoseg.evaluate.page``, shared with the review page of ``autoseg_predict --report``): CSS is inline
+and every picture is a base64 PNG data URI, so the page needs no network, no script and no other file to be viewed (the
+links to the CSV/JSON files are the only references, and relative). A Content-Security-Policy forbids the page anything
+else. Overlays are small (3 slices, palette PNG, 20-60 kB a case), so a cohort of a few hundred cases stays a page of
+some megabytes.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pandas as pd
 
@@ -48,9 +45,20 @@ from autoseg.evaluate.evaluation import (
     quartile_metrics,
     require_all,
 )
+from autoseg.evaluate.page import (
+    data_uri,
+    definitions,
+    document,
+    escape,
+    relative_link,
+    table,
+    tiles,
+    timestamp,
+    write_page,
+)
 from autoseg.evaluate.protocols import Protocol
 from autoseg.evaluate.visualization import figure_png, overlay_figure, read_overlay_arrays
-from autoseg.io.files import atomic_path, check_output_file, read_json
+from autoseg.io.files import check_output_file, read_json
 from autoseg.io.headers import ImageReadError
 from autoseg.labels import LabelError
 from autoseg.parallel import map_cases
@@ -69,7 +77,6 @@ _CASE_COLUMNS: dict[str, tuple[str, int]] = {
     "dice": ("Dice", 3), "lesion_f1": ("Lesion F1", 3), "hausdorff95": ("HD95 (mm)", 1),
     "sensitivity": ("Sensitivity", 3), "precision": ("Precision", 3),
 }  # fmt: skip
-_CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 @dataclass(frozen=True)
@@ -180,9 +187,7 @@ def write_report(
     label = None if recorded.get("binarize") else int(recorded.get("label", 1))  # None: every non-zero voxel
     overlays = map_cases(partial(_overlay_png, label=label), jobs, num_workers, progress, "drawing overlays")
     page = render_report(inputs, dict(zip(order, overlays)), output.parent, images_given=images is not None)
-    with atomic_path(output, suffix=".html") as temporary:
-        temporary.write_text(page, encoding="utf-8")
-    return output
+    return write_page(page, output)
 
 
 def case_columns(protocol: Protocol) -> dict[str, tuple[str, int]]:
@@ -213,25 +218,25 @@ def render_report(
     summary = inputs.summary
     recorded = summary.get("inputs", {})
     protocol = evaluation_protocol(summary)
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M %Z").strip()
+    stamp = timestamp(now)
     order = case_order(inputs.per_case)
-    links = {name: _relative_link(inputs.evaluation_dir / name, page_dir) for name in OUTPUT_NAMES.values()}
+    links = {name: relative_link(inputs.evaluation_dir / name, page_dir) for name in OUTPUT_NAMES.values()}
     title = f"Evaluation: {_short(recorded.get('prediction_dir'))} against {_short(recorded.get('reference_dir'))}"
     background = (
         "the image (channel 0) behind them" if images_given
         else "no image behind them (autoseg_evaluate was run without <code>--images</code>): a black background"
     )  # fmt: skip
     body = [
-        f"<header><h1>{_text(title)}</h1>",
+        f"<header><h1>{escape(title)}</h1>",
         _inputs_list(recorded, protocol, len(order), stamp),
         "<nav>" + " · ".join(f'<a href="#{anchor}">{label}</a>' for anchor, label in
                              (("metrics", "Metrics"), ("quartiles", "Lesion size"), ("volume", "Dice vs volume"),
                               ("cases", "Cases"), ("files", "Files"))) + "</nav></header>",  # fmt: skip
         _headline(summary),
         '<section id="metrics"><h2>Metrics</h2>',
-        f"<p>The metrics of the {_text(protocol.name)} protocol ({_text(protocol.title)}). Mean over cases with "
+        f"<p>The metrics of the {escape(protocol.name)} protocol ({escape(protocol.title)}). Mean over cases with "
         "the seeded percentile-bootstrap 95% confidence interval of the mean "
-        f"({_text(recorded.get('num_bootstrap', '?'))} resamples). Undefined values (NaN: an empty mask, see "
+        f"({escape(recorded.get('num_bootstrap', '?'))} resamples). Undefined values (NaN: an empty mask, see "
         "documentation/evaluation.md) are left out and counted.</p>",
         _metric_table(summary), "</section>",
         '<section id="quartiles"><h2>By lesion size</h2>',
@@ -239,7 +244,7 @@ def render_report(
         _quartile_table(summary, protocol), "</section>",
         '<section id="volume"><h2>Dice against lesion volume</h2>',
         _fit_text(summary.get("dice_vs_volume", {})),
-        f'<img class="plot" src="{_data_uri(inputs.plot_png)}" alt="Dice against reference lesion volume">',
+        f'<img class="plot" src="{data_uri(inputs.plot_png)}" alt="Dice against reference lesion volume">',
         "</section>",
         f'<section id="cases"><h2>Cases, worst Dice first ({len(order)})</h2>',
         f'<p>Axial slices through the reference lesion: <span class="ref">reference</span> and '
@@ -248,15 +253,9 @@ def render_report(
         '<div class="cards">', *(_case_card(rank, case, inputs.per_case.loc[case], overlays[case], protocol)
                                   for rank, case in enumerate(order, start=1)), "</div></section>",
         '<section id="files"><h2>Files</h2><ul>',
-        *(f'<li><a href="{href}">{_text(name)}</a></li>' for name, href in links.items()), "</ul></section>",
+        *(f'<li><a href="{href}">{escape(name)}</a></li>' for name, href in links.items()), "</ul></section>",
     ]  # fmt: skip
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CONTENT_SECURITY_POLICY}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_text(title)}</title><style>{_STYLE}</style></head><body><main>",
-        *body, f"<footer>autoseg · {stamp}</footer></main></body></html>", "",
-    ])  # fmt: skip
+    return document(title, body, stamp)
 
 
 def _inputs_list(recorded: Mapping[str, Any], protocol: Protocol, num_cases: int, stamp: str) -> str:
@@ -270,38 +269,36 @@ def _inputs_list(recorded: Mapping[str, Any], protocol: Protocol, num_cases: int
         ("Cases", num_cases),
         ("Made", stamp),
     ]
-    return '<dl class="inputs">' + "".join(f"<dt>{name}</dt><dd>{_text(value)}</dd>" for name, value in rows) + "</dl>"
+    return definitions(rows, "inputs")
 
 
 def _headline(summary: Mapping[str, Any]) -> str:
     """The three numbers people ask for first, as tiles."""
     metrics = summary.get("metrics", {})
-    tiles = []
+    items = []
     for name in ("dice", "lesion_f1", "hausdorff95"):
         if name in metrics:
             title, digits = DISPLAY_NAMES.get(name, (name, 4))
             stats = metrics[name]
             digits = min(digits, 3)
-            tiles.append((title, format_number(stats["mean"], digits),
+            items.append((title, format_number(stats["mean"], digits),
                           f"95% CI {_interval(stats['ci_low'], stats['ci_high'], digits)}"))  # fmt: skip
-    tiles.append(("micro-Dice", format_number(summary.get("micro_dice"), 3), "all voxels pooled"))
-    return '<div class="tiles">' + "".join(
-        f'<div class="tile"><div class="label">{_text(label)}</div><div class="value">{value}</div>'
-        f'<div class="note">{_text(note)}</div></div>' for label, value, note in tiles) + "</div>"  # fmt: skip
+    items.append(("micro-Dice", format_number(summary.get("micro_dice"), 3), "all voxels pooled"))
+    return tiles(items)
 
 
 def _metric_table(summary: Mapping[str, Any]) -> str:
     rows = []
     for name, stats in summary.get("metrics", {}).items():
         title, digits = DISPLAY_NAMES.get(name, (name, 4))
-        rows.append(f'<tr data-metric="{_text(name)}"><th scope="row">{_text(title)}</th>'
+        rows.append(f'<tr data-metric="{escape(name)}"><th scope="row">{escape(title)}</th>'
                     f"<td>{format_number(stats['mean'], digits)}</td>"
                     f'<td class="ci">{_interval(stats["ci_low"], stats["ci_high"], digits)}</td>'
                     f"<td>{format_number(stats['median'], digits)}</td><td>{format_number(stats['std'], digits)}</td>"
                     f"<td>{stats['n']}</td><td>{stats['n_nan']}</td></tr>")  # fmt: skip
     rows.append(f'<tr class="extra"><th scope="row">micro-Dice (pooled)</th>'
                 f'<td>{format_number(summary.get("micro_dice"), 4)}</td><td colspan="5"></td></tr>')  # fmt: skip
-    return _table("metrics", ("Metric", "Mean", "95% CI of mean", "Median", "SD", "n", "NaN"), rows)
+    return table("metrics", ("Metric", "Mean", "95% CI of mean", "Median", "SD", "n", "NaN"), rows)
 
 
 def _quartile_table(summary: Mapping[str, Any], protocol: Protocol) -> str:
@@ -309,14 +306,14 @@ def _quartile_table(summary: Mapping[str, Any], protocol: Protocol) -> str:
     header = ["Quartile", "Cases", "Volume (mm³)"] + [DISPLAY_NAMES.get(m, (m, 4))[0] for m in metrics]
     rows = []
     for row in summary.get("quartiles", []):
-        cells = [f'<th scope="row">{_text(row["quartile"])}</th>', f"<td>{row['num_cases']}</td>",
+        cells = [f'<th scope="row">{escape(row["quartile"])}</th>', f"<td>{row['num_cases']}</td>",
                  f"<td>{_volume_range(row['volume_min_mm3'], row['volume_max_mm3'])}</td>"]  # fmt: skip
         for metric in metrics:
             digits = min(DISPLAY_NAMES.get(metric, (metric, 4))[1], 3)
             interval = _interval(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"], digits)
             cells.append(f'<td>{format_number(row[f"{metric}_mean"], digits)}<div class="ci">{interval}</div></td>')
-        rows.append(f'<tr data-quartile="{_text(row["quartile"])}">{"".join(cells)}</tr>')
-    return _table("quartiles", header, rows)
+        rows.append(f'<tr data-quartile="{escape(row["quartile"])}">{"".join(cells)}</tr>')
+    return table("quartiles", header, rows)
 
 
 def _fit_text(fit: Mapping[str, Any]) -> str:
@@ -336,17 +333,10 @@ def _case_index(per_case: pd.DataFrame, order: Sequence[str], protocol: Protocol
     for rank, case in enumerate(order, start=1):
         row = per_case.loc[case]
         cells = "".join(f"<td>{format_number(row.get(c, math.nan), d)}</td>" for c, (_, d) in columns.items())
-        rows.append(f'<tr><td>{rank}</td><th scope="row"><a href="#case-{rank}">{_text(case)}</a></th>'
+        rows.append(f'<tr><td>{rank}</td><th scope="row"><a href="#case-{rank}">{escape(case)}</a></th>'
                     f"<td>{_volume(row['volume_reference_mm3'])}</td><td>{_volume(row['volume_prediction_mm3'])}</td>"
                     f"{cells}</tr>")  # fmt: skip
-    return _table("index", header, rows)
-
-
-def _table(css_class: str, header: Sequence[str], rows: Sequence[str]) -> str:
-    """A table with one header row and the given ``<tr>`` rows, scrolling sideways where the page is too narrow."""
-    head = "".join(f"<th>{_text(cell)}</th>" for cell in header)
-    return (f'<div class="scroll"><table class="{css_class}"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')  # fmt: skip
+    return table("index", header, rows)
 
 
 def _case_card(rank: int, case: str, row: pd.Series, overlay: bytes, protocol: Protocol) -> str:
@@ -370,12 +360,11 @@ def _case_card(rank: int, case: str, row: pd.Series, overlay: bytes, protocol: P
         ]  # fmt: skip
     if "max_dice" in row.index:
         facts.insert(0, ("max Dice (mDSC)", format_number(row["max_dice"], 3)))
-    items = "".join(f"<dt>{name}</dt><dd>{_text(value)}</dd>" for name, value in facts)
-    name = _text(case)
-    return (f'<article class="case" id="case-{rank}" data-case="{name}" data-dice="{_text(repr(dice))}">'
+    name = escape(case)
+    return (f'<article class="case" id="case-{rank}" data-case="{name}" data-dice="{escape(repr(dice))}">'
             f'<h3><span class="rank">{rank}</span> {name} <span class="badge {_grade(dice)}">Dice '
-            f"{format_number(dice, 3)}</span></h3><dl>{items}</dl>"
-            f'<img src="{_data_uri(overlay)}" alt="overlay of {name}"></article>')  # fmt: skip
+            f"{format_number(dice, 3)}</span></h3>{definitions(facts)}"
+            f'<img src="{data_uri(overlay)}" alt="overlay of {name}"></article>')  # fmt: skip
 
 
 def _overlay_png(job: tuple[Path | None, Path, Path], label: int | None) -> bytes:
@@ -389,21 +378,9 @@ def _overlay_png(job: tuple[Path | None, Path, Path], label: int | None) -> byte
     return figure_png(figure, dpi=OVERLAY_DPI, grey_levels=OVERLAY_GREY_LEVELS)
 
 
-def _relative_link(target: Path, page_dir: Path) -> str:
-    return quote(Path(os.path.relpath(target.resolve(), page_dir.resolve())).as_posix())
-
-
 def _short(folder: str | None) -> str:
     """The last two parts of a folder's path (``Dataset012_X/labelsTr``), which name it well enough for a title."""
     return "?" if folder is None else "/".join(Path(folder).parts[-2:])
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _text(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _interval(low: float | None, high: float | None, digits: int) -> str:
@@ -429,41 +406,3 @@ def _volume_range(low: float | None, high: float | None) -> str:
 def _grade(dice: float) -> str:
     """CSS class of a Dice badge: poor below 0.5, fair below 0.7, good from 0.7 (NaN counts as poor)."""
     return "good" if dice >= 0.7 else "fair" if dice >= 0.5 else "poor"
-
-
-_STYLE = """
-:root { --ink: #1d2330; --muted: #5b6475; --line: #dfe3ea; --panel: #f6f7f9; --accent: #2458a6; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink);
-       background: #fff; }
-main { max-width: 1280px; margin: 0 auto; padding: 24px 28px 40px; }
-h1 { font-size: 26px; margin: 0 0 8px; } h2 { font-size: 20px; margin: 34px 0 8px; border-bottom: 2px solid var(--line);
-   padding-bottom: 4px; } h3 { font-size: 15px; margin: 0 0 6px; display: flex; gap: 8px; align-items: center; }
-a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
-code { background: var(--panel); padding: 0 4px; border-radius: 3px; }
-dl.inputs { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 8px 0; color: var(--muted); }
-dl.inputs dt { font-weight: 600; } dl.inputs dd { margin: 0; font-family: ui-monospace, monospace; font-size: 13px;
-   overflow-wrap: anywhere; }
-nav { margin-top: 10px; font-weight: 600; }
-.tiles { display: grid; grid-template-columns: repeat(auto-fit, minmax(190px, 1fr)); gap: 12px; margin: 22px 0 0; }
-.tile { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; }
-.tile .label { color: var(--muted); font-size: 13px; } .tile .value { font-size: 28px; font-weight: 700; }
-.tile .note { color: var(--muted); font-size: 12px; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-variant-numeric: tabular-nums; font-size: 14px; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
-thead th { background: var(--panel); font-weight: 600; position: sticky; top: 0; }
-tbody th { text-align: left; font-weight: 500; } tbody tr:hover { background: #f0f4fb; }
-.ci { color: var(--muted); font-size: 12px; white-space: nowrap; } tr.extra th { font-style: italic; }
-img.plot { max-width: 560px; width: 100%; border: 1px solid var(--line); border-radius: 6px; }
-.ref { color: #0a8a0a; font-weight: 700; } .pred { color: #d01010; font-weight: 700; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: 14px; margin-top: 16px; }
-.case { border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; background: #fff; }
-.case dl { display: grid; grid-template-columns: max-content 1fr; gap: 0 10px; margin: 0 0 8px; font-size: 13px; }
-.case dt { color: var(--muted); } .case dd { margin: 0; font-variant-numeric: tabular-nums; }
-.case img { display: block; max-width: 100%; height: auto; margin: 0 auto; border-radius: 4px; }
-.rank { color: var(--muted); font-weight: 400; }
-.badge { margin-left: auto; border-radius: 10px; padding: 1px 9px; font-size: 13px; color: #fff; white-space: nowrap; }
-.badge.good { background: #2e8540; } .badge.fair { background: #c98a00; } .badge.poor { background: #c0392b; }
-footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
-"""

@@ -64,6 +64,13 @@ class Geometry:
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing))
 
+    def continuous_index(self, point: Sequence[float]) -> np.ndarray:
+        """The voxel coordinates (x, y, z; voxel centres at integers) of a world point given in mm in SimpleITK's
+        LPS coordinates, as ``SimpleITK.Image.TransformPhysicalPointToContinuousIndex``; shape (3,), float64.
+        A point in RAS coordinates (nibabel, FSL, MNI) is the same point with x and y negated."""
+        matrix = np.asarray(self.direction, dtype=np.float64).reshape(3, 3) * np.asarray(self.spacing)
+        return np.linalg.solve(matrix, np.asarray(point, dtype=np.float64) - np.asarray(self.origin))
+
 
 def _round(values: np.ndarray) -> list[float]:
     return [round(float(v), 4) for v in values]

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -21,12 +20,13 @@ from autoseg.evaluate.report import REPORT_NAME, case_order, load_evaluation, wr
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import read_image, write_image
 
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
 SHAPE = (24, 28, 12)
 GEOMETRY = Geometry(SHAPE, (2.0, 2.0, 3.0), (-20.0, 10.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 #: Case -> (lesion radius in voxels, shift of the prediction along x; None: empty prediction).
 CASES = {"sub_a": (2, None), "sub_b": (3, 2), "sub_c": (4, 0), "sub_d": (5, 1), "sub_e": (3, 3)}
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 def _write_cases(root: Path) -> dict[str, Path]:
@@ -228,55 +228,29 @@ def test_a_failure_while_drawing_leaves_no_page(tmp_path: Path) -> None:
     assert sorted(p.name for p in folders["out"].iterdir()) == ["dice_vs_volume.png", "per_case.csv", "quartiles.csv"]
 
 
-def _browser_or_skip():
-    """Headless Chromium driven by the system's chromedriver (never Selenium Manager's downloads), or a skip."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    for program in (CHROMIUM, CHROMEDRIVER):
-        if not program.exists():
-            pytest.skip(f"{program} is missing (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="autoseg_chromium_")
-    # The background-networking flags keep Chromium from dialling out, which a closed network refuses loudly.
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1300,1000", f"--user-data-dir={profile}"):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    return driver, profile
-
-
-def test_page_in_headless_chromium(evaluated: dict[str, Path]) -> None:
+def test_page_in_headless_chromium(evaluated: dict[str, Path], chromium: WebDriver) -> None:
     page = (evaluated["out"] / REPORT_NAME).resolve()
-    driver, profile = _browser_or_skip()
-    try:
-        driver.get(page.as_uri())
-        severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        assert severe == []
-        cards = driver.execute_script(
-            "return [...document.querySelectorAll('article.case')].map(card => ({"
-            " case: card.dataset.case, dice: parseFloat(card.dataset.dice),"
-            " width: card.querySelector('img').naturalWidth, complete: card.querySelector('img').complete,"
-            " visible: card.getBoundingClientRect().height > 0}))"
-        )
-        per_case = pd.read_csv(evaluated["out"] / "per_case.csv", index_col="case")
-        assert [card["case"] for card in cards] == case_order(per_case)
-        assert all(card["complete"] and card["width"] > 0 and card["visible"] for card in cards)
-        dice = [card["dice"] for card in cards]
-        assert dice == sorted(dice)
-        assert driver.execute_script("return document.querySelector('img.plot').naturalWidth") > 0
-        links = driver.execute_script(
-            "return [...document.querySelectorAll('a[href]')].map(a => a.href).filter(h => !h.includes('#'))"
-        )
-        assert len(links) == 4
-        for link in links:
-            parsed = urlparse(link)
-            assert parsed.scheme == "file" and Path(unquote(parsed.path)).is_file(), link
-        assert not re.search(r"https?:", driver.page_source, re.IGNORECASE)
-        assert driver.title.startswith("Evaluation: ")
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+    chromium.get(page.as_uri())
+    severe = [entry for entry in chromium.get_log("browser") if entry["level"] == "SEVERE"]
+    assert severe == []
+    cards = chromium.execute_script(
+        "return [...document.querySelectorAll('article.case')].map(card => ({"
+        " case: card.dataset.case, dice: parseFloat(card.dataset.dice),"
+        " width: card.querySelector('img').naturalWidth, complete: card.querySelector('img').complete,"
+        " visible: card.getBoundingClientRect().height > 0}))"
+    )
+    per_case = pd.read_csv(evaluated["out"] / "per_case.csv", index_col="case")
+    assert [card["case"] for card in cards] == case_order(per_case)
+    assert all(card["complete"] and card["width"] > 0 and card["visible"] for card in cards)
+    dice = [card["dice"] for card in cards]
+    assert dice == sorted(dice)
+    assert chromium.execute_script("return document.querySelector('img.plot').naturalWidth") > 0
+    links = chromium.execute_script(
+        "return [...document.querySelectorAll('a[href]')].map(a => a.href).filter(h => !h.includes('#'))"
+    )
+    assert len(links) == 4
+    for link in links:
+        parsed = urlparse(link)
+        assert parsed.scheme == "file" and Path(unquote(parsed.path)).is_file(), link
+    assert not re.search(r"https?:", chromium.page_source, re.IGNORECASE)
+    assert chromium.title.startswith("Evaluation: ")

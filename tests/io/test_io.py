@@ -303,6 +303,28 @@ def test_reorientation_is_simpleitk_dicomorient(direction: tuple[float, ...]) ->
     assert np.array_equal(orientation.from_canonical(canonical[None])[0], array)  # leading channel axes
 
 
+@pytest.mark.parametrize("direction", [_signed_permutations()[13], OBLIQUE])
+def test_continuous_index_is_simpleitks_in_stored_and_canonical_geometry(direction: tuple[float, ...]) -> None:
+    """A world point's voxel coordinates are SimpleITK's, and the stored and canonical geometries name the same voxel
+    (the canonical index is the stored one permuted and flipped)."""
+    geometry = Geometry((4, 5, 6), (0.5, 1.0, 3.0), (10.0, -4.0, 7.0), direction)
+    image = sitk.Image(list(geometry.shape), sitk.sitkUInt8)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    orientation = Orientation.of(direction)
+    canonical = orientation.canonical_geometry(geometry)
+    for index in ((0, 0, 0), (3, 1, 5), (1.5, 2.25, 0.5)):
+        point = image.TransformContinuousIndexToPhysicalPoint(index)
+        assert np.allclose(geometry.continuous_index(point), index, atol=1e-9)
+    for index in ((0, 0, 0), (3, 1, 5), (2, 4, 1)):
+        stored = np.zeros(geometry.shape, bool)
+        stored[index] = True
+        found = np.round(canonical.continuous_index(image.TransformIndexToPhysicalPoint(index))).astype(int)
+        assert np.allclose(canonical.continuous_index(image.TransformIndexToPhysicalPoint(index)), found, atol=1e-9)
+        assert orientation.to_canonical(stored)[tuple(found)]
+
+
 @pytest.mark.parametrize("tilt", [0.0, 3.0, 20.0, 45.0])
 def test_obliqueness_is_the_tilt_of_a_rotated_grid_whatever_its_axis_order(tilt: float) -> None:
     """A grid rotated by ``tilt`` degrees about one world axis, then stored with its axes in any order and sign, is
