@@ -62,6 +62,7 @@ __all__ = [
     "BidsSelection",
     "BidsSummary",
     "NotPredicted",
+    "bids_layout",
     "channel_suffixes",
     "find_bids_cases",
     "parse_filter",
@@ -285,7 +286,7 @@ class NotPredicted:
 
 
 def find_bids_cases(
-    root: str | Path, channels: Sequence[str], selection: BidsSelection | None = None
+    root: str | Path, channels: Sequence[str], selection: BidsSelection | None = None, *, layout: Any = None
 ) -> tuple[list[BidsCase], list[NotPredicted]]:
     """The cases of a BIDS dataset for a model with ``channels``, and the subjects (sessions) that give none.
 
@@ -296,6 +297,12 @@ def find_bids_cases(
     channel, the suffixes looked for and the files left out as not valid BIDS; a subject with no image at all, or
     not in the dataset, is reported too.
 
+    Args:
+        root: the BIDS dataset.
+        channels: the model's channel names, in channel order.
+        selection: subjects, filters, validation; None: every subject, no filter, validated.
+        layout: pybids' index of ``root`` when already made (:func:`bids_layout`); None: made here.
+
     Raises:
         BidsDatasetError: ``root`` is not a BIDS dataset (no or invalid ``dataset_description.json``).
         MissingFileError: ``root`` does not exist.
@@ -303,7 +310,7 @@ def find_bids_cases(
     """
     selection = selection or BidsSelection()
     root = Path(root)
-    layout = _layout(root, selection.validate)
+    layout = layout if layout is not None else bids_layout(root, selection.validate)
     aliases = _entity_names(layout)
     common, own = selection.channel_queries(channels)
     common = _resolve_filters(common, aliases, "--bids-filter")
@@ -325,12 +332,16 @@ def find_bids_cases(
     return _unique_names(cases, problems)
 
 
-def _layout(root: Path, validate: bool) -> Any:
-    """pybids' index of ``root``.
+def bids_layout(root: str | Path, validate: bool = True) -> Any:
+    """pybids' index of the BIDS dataset ``root`` (``bids.BIDSLayout``; with ``validate``, files whose names are
+    not valid BIDS are left out).
 
     Raises:
-        MissingFileError, BidsDatasetError: see :func:`find_bids_cases`.
+        MissingFileError: ``root`` does not exist.
+        BidsDatasetError: no ``dataset_description.json``, or one pybids refuses (not JSON, no ``BIDSVersion``);
+            one line naming ``root``.
     """
+    root = Path(root)
     from bids import BIDSLayout
     from bids.exceptions import BIDSValidationError
 
@@ -411,7 +422,8 @@ def _subject_cases(
             found[channel] = _channel_images(layout, channel, query, per_channel.get(channel, {}))
         absent = [channel for channel in channels if not found[channel]]
         if absent:
-            problems.append(NotPredicted(subject, session, _missing_line(absent, per_channel, images, left_out)))
+            here = [image for image in images if image.get_entities().get("session") == session]
+            problems.append(NotPredicted(subject, session, _missing_line(absent, per_channel, here, left_out)))
         elif len(channels) == 1:
             cases += [_case(root, subject, session, (image,)) for image in found[channels[0]]]
         elif any(len(found[channel]) > 1 for channel in channels):
@@ -443,15 +455,15 @@ def _channel_images(layout: Any, channel: str, query: Mapping[str, Any], own: Ma
 def _missing_line(
     absent: Sequence[str], per_channel: Mapping[str, Mapping[str, Any]], images: Sequence[Any], left_out: list[str]
 ) -> str:
-    """Why a session gives no case: the channels without an image, the suffixes looked for, what the subject has,
-    and its files that were left out as not valid BIDS."""
+    """Why a session gives no case: the channels without an image, the suffixes looked for, the suffixes of the
+    session's ``images``, and the subject's files that were left out as not valid BIDS."""
     wanted = []
     for channel in absent:
         suffixes = per_channel.get(channel, {}).get("suffix") or channel_suffixes(channel)
         suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
         wanted.append(f"{channel} ({' or '.join(f'*_{s}.nii[.gz]' for s in suffixes)})")
     has = sorted({image.get_entities().get("suffix", "?") for image in images})
-    line = f"no image for channel {', '.join(wanted)}; the subject has {', '.join(has)}"
+    line = f"no image for channel {', '.join(wanted)}; there: {', '.join(has)}"
     if left_out:
         shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
         line += f"; left out as not valid BIDS: {shown} (--skip-bids-validation reads them)"
@@ -585,8 +597,10 @@ def predict_bids(
             f"-o {output}: is the BIDS dataset itself; write the derivatives elsewhere, e.g. "
             f"{root / 'derivatives' / 'autoseg'}"
         )
+    selection = selection or BidsSelection()
+    layout = bids_layout(root, selection.validate)  # before the model is installed: a wrong folder fails at once
     model = describe_model(choice, options.checkpoint)
-    cases, not_predicted = find_bids_cases(root, model.channels, selection)
+    cases, not_predicted = find_bids_cases(root, model.channels, selection, layout=layout)
     description = _description(root, model)
     model_json = _model_json(model)
     _check_description(output / "dataset_description.json", description, options.overwrite)
@@ -605,7 +619,7 @@ def predict_bids(
     _write_tables(output)
     _write_bidsignore(output)
     summary.path = output / SUMMARY_FILE
-    write_json(_summary_json(root, selection or BidsSelection(), model_json, summary), summary.path)
+    write_json(_summary_json(root, selection, model_json, summary), summary.path)
     return summary
 
 
