@@ -516,7 +516,7 @@ def test_staged_links_form_the_cases_predict_reads_in_channel_order(
             root / "sub-a/dwi/sub-a_ADC.nii.gz",
         ]
         labels = np.zeros((4, 5, 6), np.uint8)
-        labels[1, 2, 3] = 1
+        labels[1, 2, 3] = 255  # a model whose dataset declared its lesion as 255
         write_image(labels, geometry, Path(output) / f"{case.identifier}.nii.gz")
         return PredictionSummary(written=[Path(output) / f"{case.identifier}.nii.gz"], cases=1)
 
@@ -525,6 +525,11 @@ def test_staged_links_form_the_cases_predict_reads_in_channel_order(
     assert [p.relative_to(tmp_path / "out").as_posix() for p in summary.written] == [
         "sub-a/dwi/sub-a_space-orig_desc-lesion_mask.nii.gz"
     ]
+    mask = nibabel.load(str(tmp_path / "out/sub-a/dwi/sub-a_space-orig_desc-lesion_mask.nii.gz"))
+    expected = np.zeros((4, 5, 6), np.uint8)
+    expected[1, 2, 3] = 1  # BIDS masks are binary
+    np.testing.assert_array_equal(np.asanyarray(mask.dataobj), expected)
+    assert _header_fields(Path(mask.get_filename())) == _header_fields(root / "sub-a/dwi/sub-a_dwi.nii.gz")
     sidecar = json.loads((tmp_path / "out/sub-a/dwi/sub-a_space-orig_desc-lesion_mask.json").read_text())
     assert sidecar["Sources"] == ["bids:raw:sub-a/dwi/sub-a_dwi.nii.gz", "bids:raw:sub-a/dwi/sub-a_ADC.nii.gz"]
     assert sidecar["Model"]["Channels"] == {
