@@ -410,8 +410,8 @@ def _subject_cases(
 
     images = layout.get(subject=subject, extension=list(NIFTI_EXTENSIONS), **common)
     sessions = sorted({image.get_entities().get("session") for image in images}, key=lambda s: s or "")
-    left_out = _not_valid_bids(root, layout, subject)
     if not images:
+        left_out = _not_valid_bids(root, layout, subject)  # only looked for when a line will name them
         hint = f"; left out as not valid BIDS: {', '.join(left_out)}" if left_out else ""
         return [], [NotPredicted(subject, None, f"no NIfTI image{' matches the filters' if common else ''}{hint}")]
     cases, problems = [], []
@@ -423,7 +423,8 @@ def _subject_cases(
         absent = [channel for channel in channels if not found[channel]]
         if absent:
             here = [image for image in images if image.get_entities().get("session") == session]
-            problems.append(NotPredicted(subject, session, _missing_line(absent, per_channel, here, left_out)))
+            line = _missing_line(absent, per_channel, here, _not_valid_bids(root, layout, subject))
+            problems.append(NotPredicted(subject, session, line))
         elif len(channels) == 1:
             cases += [_case(root, subject, session, (image,)) for image in found[channels[0]]]
         elif any(len(found[channel]) > 1 for channel in channels):
