@@ -38,6 +38,9 @@ SPLITS_FILE = "splits_final.json"
 #: Written by ``autoseg_find_best`` beside the configuration folders of a dataset.
 POSTPROCESSING_FILE = "postprocessing.json"
 SELECTION_FILE = "model_selection.json"
+#: Written by ``autoseg_find_best`` beside them: how the QC score relates to Dice for the chosen members
+#: (``autoseg.infer.quality.QCCalibration``).
+QC_CALIBRATION_FILE = "qc_calibration.json"
 #: ``--checkpoint`` values: ``checkpoint_best.pth``, ``checkpoint_final.pth``, or every snapshot plus final.
 CHECKPOINT_CHOICES = ("best", "final", "snapshots")
 

@@ -60,6 +60,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,22 +68,36 @@ from torch import nn
 from tqdm import tqdm
 
 from autoseg.api.model_files import InstalledModel, install_for_prediction
+from autoseg.api.model_files.layout import FINGERPRINT_SUMMARY_FILE
 from autoseg.api.predict_inputs import InputCase, find_input_cases, read_case, read_case_list, select_cases
 from autoseg.api.predict_outputs import (
     SUMMARY_FILE,
     CaseFailure,
+    CaseOutputs,
     PredictionSummary,
     case_failure,
     check_outputs,
     output_files,
     summary_path,
+    write_lesion_tables,
 )
 from autoseg.errors import AutosegError, InvalidFileError, UsageError
+from autoseg.infer.lesions import head_midline, lesion_report, symmetry_midline
 from autoseg.infer.postprocessing import postprocess_probabilities, read_tuned_postprocessing
 from autoseg.infer.predictor import Predictor
+from autoseg.infer.quality import (
+    DEFAULT_REVIEW_THRESHOLD,
+    AgreementCounter,
+    QCCalibration,
+    QualityComponents,
+    TrainingVolumes,
+    assess,
+    predictive_entropy,
+    qc_score,
+)
 from autoseg.infer.sliding_window import TTA_CHOICES
 from autoseg.io.checkpoints import load_checkpoint
-from autoseg.io.files import DiskFullError, check_output_folder, write_json
+from autoseg.io.files import DiskFullError, check_output_folder, read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import remove_stale_temporaries, write_like
 from autoseg.labels import values_from_classes
@@ -90,10 +105,13 @@ from autoseg.machine import choose_device, choose_precision
 from autoseg.networks import build_network
 from autoseg.networks.factory import checkpoint_network_options, expected_weights, weights_problem
 from autoseg.paths import (
+    FINGERPRINT_FILE,
     PLANS_FILE,
     POSTPROCESSING_FILE,
+    QC_CALIBRATION_FILE,
     choose_dataset,
     default_configurations,
+    preprocessed_folder,
     results_folder,
     trained_member,
     trainer_folder,
@@ -249,6 +267,8 @@ class PredictionOptions:
         progress: show a progress bar over cases.
         save_probabilities: also write the float32 lesion probability (channel 0; with several labels the
             maximum over them). Default False.
+        save_uncertainty: also write ``CASE_uncertainty.nii.gz``, the float32 predictive entropy in bits of the
+            ensemble's mean lesion probability (``autoseg.infer.quality``). Default False.
         overwrite: predict cases whose outputs exist again. Default False: a case whose label file (and, with
             ``save_probabilities``, probability map) exists is complete, because both are written atomically, and
             is skipped; so a killed run re-run with the same arguments predicts only what is missing.
@@ -269,6 +289,7 @@ class PredictionOptions:
     device: str = "auto"
     progress: bool = True
     save_probabilities: bool = False
+    save_uncertainty: bool = False
     overwrite: bool = False
     num_parts: int = 1
     part_id: int = 0
@@ -325,11 +346,12 @@ def predict(
     inputs = find_input_cases(source, len(models[0].plans.channels))
     cases = inputs if options.case_list is None else select_cases(inputs, options.case_list)
     summary_file = summary_path(output, options.num_parts, options.part_id)
-    check_outputs(inputs, cases, output, options.save_probabilities, summary_file)
+    check_outputs(inputs, cases, output, options.save_probabilities, summary_file, options.save_uncertainty)
     cases = cases[options.part_id :: options.num_parts]
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not options.postprocessing:
         min_lesion_mm3 = 0.0
+    settings = _CaseSettings(threshold, min_lesion_mm3, models[0].plans.labels, *_quality_references(name, models))
     predictors = [
         Predictor(
             model.plans.configuration(model.configuration),
@@ -346,13 +368,15 @@ def predict(
     for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
         _predict_or_skip(
             case,
-            output_files(Path(output), case, options.save_probabilities),
+            output_files(Path(output), case, options.save_probabilities, options.save_uncertainty),
             predictors,
-            (threshold, min_lesion_mm3, models[0].plans.labels),
+            settings,
             options.overwrite,
             summary,
             log or _print_to_stderr,
         )
+    reports = [output_files(Path(output), case, False).report for case in cases if case.identifier in summary.per_case]
+    write_lesion_tables(reports, Path(output), options.num_parts, options.part_id)
     summary.path = summary_file
     run = {
         "input": str(source),
@@ -447,28 +471,70 @@ def describe_model(choice: ModelChoice | None = None, checkpoint: str = "final")
     )
 
 
+@dataclass(frozen=True)
+class _CaseSettings:
+    """What every case of a run is post-processed and judged by: threshold, minimum lesion size (mm³), the declared
+    labels, the QC calibration of exactly the members predicted (None: :data:`DEFAULT_REVIEW_THRESHOLD`) and the
+    training cases' lesion volumes (None: unknown)."""
+
+    threshold: float
+    min_lesion_mm3: float
+    labels: Mapping[str, int]
+    calibration: QCCalibration | None
+    training: TrainingVolumes | None
+
+    @property
+    def review_threshold(self) -> float:
+        return DEFAULT_REVIEW_THRESHOLD if self.calibration is None else self.calibration.threshold
+
+
+def _quality_references(dataset: str, models: Sequence[Model]) -> tuple[QCCalibration | None, TrainingVolumes | None]:
+    """The QC calibration ``autoseg_find_best`` wrote for exactly these members (configuration/trainer pairs), and
+    the training cases' lesion volumes (:func:`training_volumes`); None for what is not there."""
+    calibration = None
+    path = results_folder(dataset) / QC_CALIBRATION_FILE
+    if path.is_file():
+        found = QCCalibration.from_json(read_json(path), str(path))
+        if sorted(found.members) == sorted(f"{m.configuration}/{m.trainer}" for m in models):
+            calibration = found
+    return calibration, training_volumes(dataset)
+
+
+def training_volumes(dataset: str) -> TrainingVolumes | None:
+    """The training cases' lesion volumes of a trained dataset: from the fingerprint summary a model file brought
+    (``AUTOSEG_RESULTS/<dataset>/fingerprint_summary.json``), else the dataset's ``fingerprint.json``; None when
+    neither exists or holds lesion volumes."""
+    for source in (results_folder(dataset) / FINGERPRINT_SUMMARY_FILE, preprocessed_folder(dataset) / FINGERPRINT_FILE):
+        if source.is_file():
+            found = read_json(source)
+            aggregate = found.get("aggregate") if isinstance(found, dict) else None
+            return TrainingVolumes.from_aggregate(aggregate) if isinstance(aggregate, dict) else None
+    return None
+
+
 def _predict_or_skip(
     case: InputCase,
-    targets: tuple[Path, ...],
+    targets: CaseOutputs,
     predictors: Sequence[Predictor],
-    postprocessing: tuple[float, float, Mapping[str, int]],
+    settings: _CaseSettings,
     overwrite: bool,
     summary: PredictionSummary,
     log: Callable[[str], None],
 ) -> None:
     """Predict one case into ``targets`` and note it in ``summary`` as written, skipped (its outputs exist: they are
-    written atomically, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one line); its stale
-    temporaries from a killed run are removed first.
+    written atomically, the lesion report last, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one
+    line); its stale temporaries from a killed run are removed first.
 
     Raises:
         DiskFullError: the disk is full (the run ends).
     """
-    summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets)
-    if not overwrite and all(path.exists() for path in targets):
+    summary.stale_temporaries += sum(len(remove_stale_temporaries(path)) for path in targets.paths())
+    if not overwrite and all(path.exists() for path in targets.paths()):
         summary.skipped.append(case.identifier)
+        summary.per_case[case.identifier] = _case_entry(read_json(targets.report))
         return
     try:
-        _predict_case(case, targets, predictors, *postprocessing)
+        report = _predict_case(case, targets, predictors, settings)
     except DiskFullError:
         raise
     except CASE_ERRORS as error:
@@ -476,30 +542,103 @@ def _predict_or_skip(
         summary.failed.append(failure)
         log(failure.line())
         return
-    summary.written.append(targets[0])
+    summary.written.append(targets.labels)
+    summary.per_case[case.identifier] = _case_entry(report)
+
+
+def _case_entry(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A case's entry in ``prediction_summary.json``'s ``per_case``, from its lesion report."""
+    qc = report.get("qc", {})
+    return {
+        "lesion_count": report.get("lesion_count"),
+        "total_volume_ml": report.get("total_volume_ml"),
+        "qc_score": qc.get("score"),
+        "review": qc.get("review"),
+        "review_reasons": qc.get("reasons", []),
+        "input_warnings": report.get("input_warnings", []),
+    }
 
 
 def _predict_case(
     case: InputCase,
-    targets: Sequence[Path],
+    targets: CaseOutputs,
     predictors: Sequence[Predictor],
-    threshold: float,
-    min_lesion_mm3: float,
-    labels: Mapping[str, int],
-) -> None:
-    """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
-    before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
-    kept afterwards. The label file holds the declared values of the plans' ``labels`` (``dataset.json``'s), in the
-    smallest integer type that holds them all (``autoseg.labels.values_from_classes``)."""
+    settings: _CaseSettings,
+) -> dict[str, Any]:
+    """Read, predict, post-process, judge and write one case; returns its lesion report.
+
+    The maps asked for are written first, then the labels, then the lesion report (``CASE_lesions.json``), so an
+    existing report means the case is complete. Nothing of the case is kept afterwards. The label file holds the
+    declared values of the plans' ``labels`` (``dataset.json``'s), in the smallest integer type that holds them all
+    (``autoseg.labels.values_from_classes``)."""
     images, geometry = read_case(case)
-    probabilities = _ensemble(predictors, images, geometry)
+    agreement = AgreementCounter(settings.threshold)
+    probabilities, mirror_fit = _ensemble(predictors, images, geometry, agreement)
+    midline = symmetry_midline(mirror_fit) or head_midline(images[0], geometry)
     del images
-    classes = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)
-    if len(targets) > 1:
-        lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
-        write_like(lesion, geometry, targets[1], case.images[0])
+    classes = postprocess_probabilities(probabilities, geometry.spacing, settings.threshold, settings.min_lesion_mm3)
+    lesion = probabilities[0] if len(probabilities) == 1 else probabilities.max(axis=0)
     del probabilities
-    write_like(values_from_classes(classes, labels), geometry, targets[0], case.images[0])
+    entropy = predictive_entropy(lesion)
+    if targets.probabilities is not None:
+        write_like(lesion, geometry, targets.probabilities, case.images[0])
+    if targets.uncertainty is not None:
+        write_like(entropy, geometry, targets.uncertainty, case.images[0])
+    write_like(values_from_classes(classes, settings.labels), geometry, targets.labels, case.images[0])
+    lesions = lesion_report(classes, geometry, case.images[0], settings.labels, lesion, midline)
+    components = assess(
+        classes > 0,
+        entropy,
+        lesions.voxel_volume_ml,
+        settings.training,
+        agreement.member_agreement(),
+        agreement.mirroring_agreement(),
+        agreement.members,
+        agreement.mirrorings,
+    )
+    del lesion, entropy, classes
+    report = {
+        "case": case.identifier,
+        "files": [str(path.resolve()) for path in case.images],
+        "mask": targets.labels.name,
+        "probabilities": None if targets.probabilities is None else targets.probabilities.name,
+        "uncertainty": None if targets.uncertainty is None else targets.uncertainty.name,
+        **lesions.to_json(),
+        "qc": _judge(components, lesions.total_volume_ml, lesions.lesion_count, settings),
+        "input_warnings": [],
+    }
+    write_json(report, targets.report)
+    return report
+
+
+def _judge(components: QualityComponents, total_ml: float, count: int, settings: _CaseSettings) -> dict[str, Any]:
+    """The ``qc`` entry of a lesion report: score, review flag and its reasons, the components, the threshold and
+    where it came from, and the expected Dice when calibrated."""
+    score = qc_score(components)
+    threshold = settings.review_threshold
+    reasons = []
+    if score < threshold:
+        origin = (
+            f"calibrated on {settings.calibration.cases} cross-validation cases"
+            if settings.calibration
+            else "uncalibrated default; run autoseg_find_best to calibrate"
+        )
+        reasons.append(f"QC score {score:.2f} below the review threshold {threshold:.2f} ({origin})")
+    training = settings.training
+    if training is not None and components.volume_plausibility is not None and components.volume_plausibility < 1:
+        if count == 0:
+            reasons.append("no lesion found, but every training case had one")
+        else:
+            reasons.append(f"total lesion volume {total_ml:.3g} ml outside the training range {training.describe()}")
+    return {
+        "score": score,
+        "review": bool(reasons),
+        "reasons": reasons,
+        "components": components.to_json(),
+        "threshold": threshold,
+        "calibrated": settings.calibration is not None,
+        "expected_dice": None if settings.calibration is None else settings.calibration.expected(score),
+    }
 
 
 def _print_to_stderr(line: str) -> None:
@@ -532,16 +671,22 @@ def _install_model_file(choice: ModelChoice, checkpoint: str) -> InstalledModel:
     return installed
 
 
-def _ensemble(predictors: Sequence[Predictor], images: np.ndarray, geometry: Geometry) -> np.ndarray:
+def _ensemble(
+    predictors: Sequence[Predictor], images: np.ndarray, geometry: Geometry, agreement: AgreementCounter
+) -> tuple[np.ndarray, Any]:
     """Mean over configurations of their (K, X, Y, Z) float32 probabilities on the input grid, summed in place
-    (one full-size map at a time besides the one being restored)."""
+    (one full-size map at a time besides the one being restored), and the first symmetry fit found (or None).
+    ``agreement`` receives every member's views and every configuration's restored lesion probability."""
     total: np.ndarray | None = None
+    mirror_fit = None
     for predictor in predictors:
         data, _, properties = preprocess_arrays(images, None, geometry, predictor.configuration)
-        probabilities = predictor.predict_preprocessed(data, geometry.direction)
+        probabilities = predictor.predict_preprocessed(data, geometry.direction, agreement)
         del data
         restored = restore_probabilities(probabilities, properties)
         del probabilities
+        mirror_fit = mirror_fit or properties.symmetry
+        agreement.end_configuration(restored.max(axis=0) if len(predictors) > 1 else None)
         if total is None:
             total = restored
         else:
@@ -549,4 +694,4 @@ def _ensemble(predictors: Sequence[Predictor], images: np.ndarray, geometry: Geo
         del restored
     if len(predictors) > 1:
         total /= len(predictors)
-    return total
+    return total, mirror_fit

@@ -1,8 +1,11 @@
 """What :func:`autoseg.api.predict.predict` writes and reports: each case's output files, the check that they never
-overwrite an input or one another (:func:`check_outputs`), a failed case's line, and the run's summary file."""
+overwrite an input or one another (:func:`check_outputs`), a failed case's line, the run's summary file and its
+lesion tables (:func:`write_lesion_tables`)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,24 +13,53 @@ from pathlib import Path
 
 from autoseg.api.predict_inputs import InputCase
 from autoseg.errors import UsageError
-from autoseg.io.files import OutputPathError
+from autoseg.io.files import OutputPathError, atomic_path, read_json
 from autoseg.io.headers import split_ending
 from autoseg.io.images import companion_files, image_files
 
 __all__ = [
+    "LESION_REPORT_ENDING",
     "SUMMARY_FILE",
     "CaseFailure",
+    "CaseOutputs",
     "PredictionSummary",
     "case_failure",
     "check_outputs",
     "output_files",
     "summary_path",
+    "write_lesion_tables",
 ]
 
 
 #: Written by :func:`autoseg.api.predict.predict` into the output folder (``prediction_summary_part{i}of{K}.json``
 #: for part i of K).
 SUMMARY_FILE = "prediction_summary.json"
+
+#: Each case's lesion report, ``OUTPUT/CASE_lesions.json`` (``autoseg.infer.lesions``, ``autoseg.infer.quality``).
+LESION_REPORT_ENDING = "_lesions.json"
+
+#: The run's tables, one row per case and one row per lesion (``_part{i}of{K}`` before ``.csv`` for part i of K).
+LESIONS_FILE = "lesions.csv"
+LESION_TABLE_FILE = "lesion_table.csv"
+
+
+@dataclass(frozen=True)
+class CaseOutputs:
+    """The files one case's prediction writes, in the order they are written: the probability and uncertainty maps
+    when asked for, the label file, and the lesion report last, so an existing report means the case is complete."""
+
+    labels: Path
+    report: Path
+    probabilities: Path | None = None
+    uncertainty: Path | None = None
+
+    def named(self) -> list[tuple[str, Path]]:
+        """(what, path) of every file, in writing order."""
+        kinds = [("probability map", self.probabilities), ("uncertainty map", self.uncertainty)]
+        return [*((k, p) for k, p in kinds if p is not None), ("labels", self.labels), ("lesion report", self.report)]
+
+    def paths(self) -> list[Path]:
+        return [path for _, path in self.named()]
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,8 @@ class PredictionSummary:
         cases: number of cases in this part (after ``case_list``).
         stale_temporaries: temporary files of a killed run that were removed.
         path: the JSON file this summary was written to (None before it is written).
+        per_case: written and skipped cases -> ``lesion_count``, ``total_volume_ml``, ``qc_score``, ``review``,
+            ``review_reasons`` and ``input_warnings``, from their lesion reports.
     """
 
     written: list[Path] = field(default_factory=list)
@@ -63,16 +97,28 @@ class PredictionSummary:
     cases: int = 0
     stale_temporaries: int = 0
     path: Path | None = None
+    per_case: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> list[str]:
+        """Cases flagged for review, in input order."""
+        return [case for case, entry in self.per_case.items() if entry.get("review")]
 
     def to_json(self) -> dict[str, object]:
         """The summary as written to ``prediction_summary*.json``: counts, then case identifiers per outcome."""
         return {
             "cases": self.cases,
-            "counts": {"written": len(self.written), "skipped": len(self.skipped), "failed": len(self.failed)},
+            "counts": {
+                "written": len(self.written),
+                "skipped": len(self.skipped),
+                "failed": len(self.failed),
+                "review": len(self.flagged),
+            },
             "written": [split_ending(path)[0] for path in self.written],
             "skipped": list(self.skipped),
             "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in self.failed],
             "stale_temporaries_removed": self.stale_temporaries,
+            "per_case": self.per_case,
         }
 
     def line(self, shown: int = 10) -> str:
@@ -85,17 +131,94 @@ class PredictionSummary:
             text += f", {len(self.failed)} failed: {names}{more}"
         else:
             text += ", 0 failed"
+        flagged = self.flagged
+        if flagged:
+            more = f" and {len(flagged) - shown} more" if len(flagged) > shown else ""
+            text += f"; {len(flagged)} flagged for review: {', '.join(flagged[:shown])}{more}"
+        else:
+            text += "; 0 flagged for review"
         return f"{text}; summary: {self.path}" if self.path else text
 
 
-def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0) -> Path:
-    """Where :func:`autoseg.api.predict.predict` writes its summary: ``OUTPUT/prediction_summary.json``, or
-    ``OUTPUT/prediction_summary_part{part_id}of{num_parts}.json`` when the cases are split, so that parts running at
-    the same time each keep their own."""
+def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0, name: str = SUMMARY_FILE) -> Path:
+    """Where :func:`autoseg.api.predict.predict` writes its summary (or, with ``name``, another run-level file such as
+    :data:`LESIONS_FILE`): ``OUTPUT/prediction_summary.json``, or ``OUTPUT/prediction_summary_part{part_id}of{num_parts}.json``
+    when the cases are split, so that parts running at the same time each keep their own."""
     if num_parts == 1:
-        return Path(output) / SUMMARY_FILE
-    stem, ending = SUMMARY_FILE.rsplit(".", 1)
+        return Path(output) / name
+    stem, ending = name.rsplit(".", 1)
     return Path(output) / f"{stem}_part{part_id}of{num_parts}.{ending}"
+
+
+#: Columns of :data:`LESIONS_FILE` (one row per case) and :data:`LESION_TABLE_FILE` (one row per lesion).
+CASE_COLUMNS = ("case", "lesion_count", "total_volume_ml", "qc_score", "review", "review_reasons", "input_warnings")
+LESION_COLUMNS = (
+    "case",
+    "lesion",
+    "label",
+    "voxels",
+    "volume_ml",
+    "hemisphere",
+    "centroid_ras_x_mm",
+    "centroid_ras_y_mm",
+    "centroid_ras_z_mm",
+    "bbox_start",
+    "bbox_stop",
+    "mean_probability",
+    "max_probability",
+)
+
+
+def write_lesion_tables(reports: Sequence[Path], output: Path, num_parts: int = 1, part_id: int = 0) -> list[Path]:
+    """Write the run's :data:`LESIONS_FILE` (one row per case) and :data:`LESION_TABLE_FILE` (one row per lesion) from
+    the cases' lesion reports (``CASE_lesions.json``, in the order given), atomically; for part ``part_id`` of
+    ``num_parts`` named as :func:`summary_path` names the summary. Lists (review reasons, input warnings) are joined
+    with ``; ``; bounding boxes are written ``i j k``. Returns the two paths."""
+    cases, lesions = [], []
+    for path in reports:
+        report = read_json(path)
+        qc = report.get("qc", {})
+        cases.append(
+            {
+                "case": report["case"],
+                "lesion_count": report["lesion_count"],
+                "total_volume_ml": report["total_volume_ml"],
+                "qc_score": qc.get("score"),
+                "review": qc.get("review"),
+                "review_reasons": "; ".join(qc.get("reasons", [])),
+                "input_warnings": "; ".join(report.get("input_warnings", [])),
+            }
+        )
+        for lesion in report["lesions"]:
+            ras = lesion["centroid_ras_mm"]
+            lesions.append(
+                {
+                    "case": report["case"],
+                    "lesion": lesion["index"],
+                    "label": lesion["label"],
+                    "voxels": lesion["voxels"],
+                    "volume_ml": lesion["volume_ml"],
+                    "hemisphere": lesion["hemisphere"],
+                    "centroid_ras_x_mm": ras[0],
+                    "centroid_ras_y_mm": ras[1],
+                    "centroid_ras_z_mm": ras[2],
+                    "bbox_start": " ".join(str(v) for v in lesion["bounding_box"]["start"]),
+                    "bbox_stop": " ".join(str(v) for v in lesion["bounding_box"]["stop"]),
+                    "mean_probability": lesion["mean_probability"],
+                    "max_probability": lesion["max_probability"],
+                }
+            )
+    written = []
+    for name, columns, rows in ((LESIONS_FILE, CASE_COLUMNS, cases), (LESION_TABLE_FILE, LESION_COLUMNS, lesions)):
+        path = summary_path(output, num_parts, part_id, name)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_path(path, suffix=".csv") as temporary:
+            Path(temporary).write_text(buffer.getvalue(), encoding="utf-8")
+        written.append(path)
+    return written
 
 
 def check_outputs(
@@ -104,10 +227,12 @@ def check_outputs(
     output: str | Path,
     save_probabilities: bool,
     summary: str | Path,
+    save_uncertainty: bool = False,
 ) -> None:
     """Refuse, before anything is written, a run whose outputs would overwrite an input or one another.
 
-    Every file the run may write (each case's label file, its probability map with ``save_probabilities``, the data
+    Every file the run may write (each case's label file and lesion report, its probability map with
+    ``save_probabilities`` and uncertainty map with ``save_uncertainty``, the data
     file a ``.mhd``/``.nhdr`` header names beside it (:func:`autoseg.io.images.image_files`), and the ``summary`` file) is
     compared with every input file (the channel files of all ``inputs`` and the data files their headers name) by
     resolved path (symbolic links and ``..`` followed) and, where it exists, by inode (hard links); and with every
@@ -122,6 +247,7 @@ def check_outputs(
         cases: the cases to predict in this run, all parts together (parts share the output folder).
         output: the output folder.
         save_probabilities: whether probability maps are written.
+        save_uncertainty: whether uncertainty maps are written.
         summary: this part's summary file (:func:`summary_path`).
 
     Raises:
@@ -137,7 +263,7 @@ def check_outputs(
                 protected.setdefault(os.path.realpath(file), file)
                 if (key := _inode(file)) is not None:
                     inodes.setdefault(key, file)
-    planned = _planned_outputs(cases, Path(output), save_probabilities)
+    planned = _planned_outputs(cases, Path(output), save_probabilities, save_uncertainty)
     for owner, path in [*planned, ("the prediction summary", Path(summary))]:
         if path.is_dir():
             raise OutputPathError(f"output {path} ({owner}): is a folder, not a file")
@@ -165,12 +291,14 @@ def check_outputs(
         written[real] = (owner, path)
 
 
-def _planned_outputs(cases: Sequence[InputCase], output: Path, save_probabilities: bool) -> list[tuple[str, Path]]:
+def _planned_outputs(
+    cases: Sequence[InputCase], output: Path, save_probabilities: bool, save_uncertainty: bool = False
+) -> list[tuple[str, Path]]:
     """(whose output, path) of every file predicting ``cases`` into ``output`` writes."""
     return [
         (f"case {case.identifier}'s {kind}", path)
         for case in cases
-        for kind, target in zip(("labels", "probability map"), output_files(output, case, save_probabilities))
+        for kind, target in output_files(output, case, save_probabilities, save_uncertainty).named()
         for path in image_files(target)
     ]
 
@@ -184,10 +312,18 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
-def output_files(output: Path, case: InputCase, save_probabilities: bool) -> tuple[Path, ...]:
-    """The files a case's prediction writes: the label file first, then the probability map when asked for."""
-    labels = output / f"{case.identifier}{case.ending}"
-    return (labels, output / f"{case.identifier}_probabilities.nii.gz") if save_probabilities else (labels,)
+def output_files(
+    output: Path, case: InputCase, save_probabilities: bool, save_uncertainty: bool = False
+) -> CaseOutputs:
+    """The files a case's prediction writes (:class:`CaseOutputs`): ``CASE<ending>``, ``CASE_lesions.json`` and, when
+    asked for, ``CASE_probabilities.nii.gz`` and ``CASE_uncertainty.nii.gz``."""
+    name = case.identifier
+    return CaseOutputs(
+        labels=output / f"{name}{case.ending}",
+        report=output / f"{name}{LESION_REPORT_ENDING}",
+        probabilities=output / f"{name}_probabilities.nii.gz" if save_probabilities else None,
+        uncertainty=output / f"{name}_uncertainty.nii.gz" if save_uncertainty else None,
+    )
 
 
 def case_failure(case: InputCase, error: Exception) -> CaseFailure:

@@ -4,6 +4,7 @@ Argument parsing only; the work is :func:`autoseg.evaluate.evaluation.evaluate_f
 :func:`autoseg.evaluate.report.write_report`. Example::
 
     autoseg_evaluate -ref labelsTs -pred predictions -o predictions/evaluation -np 8 --report --images imagesTs
+    autoseg_evaluate -ref labelsTs -pred predictions -o predictions/atlas2 --protocol atlas2   # ATLAS R2.0's scorer
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from autoseg.commands.common import non_negative_int, positive_int, run, seed
 from autoseg.evaluate.evaluation import OUTPUT_NAMES, evaluate_folders, format_summary_table
+from autoseg.evaluate.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from autoseg.evaluate.report import REPORT_NAME, find_case_images, write_report
 from autoseg.io.files import check_output_file, check_output_folder
 
@@ -46,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         "then not used",
     )
     parser.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default=DEFAULT_PROTOCOL,
+        help="which evaluation to reproduce: autoseg (default: autoseg's metrics, 26-connected lesions, volumes in "
+        "mm³), isles22 (the ISLES 2022 challenge's code: Dice, |volume diff.| in ml, |lesion count diff.|, lesion F1, "
+        "26-connected lesions) or atlas2 (the ATLAS R2.0 challenge's code: the same metrics with 6-connected lesions "
+        "and the volume difference in voxels); see documentation/evaluation.md",
+    )
+    parser.add_argument(
         "--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)"
     )
     parser.add_argument("--seed", type=seed, default=0, help="seed of the bootstrap (default 0)")
@@ -71,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images is not None and not args.report:
         parser.error("--images is only used with --report")
+    if args.probabilities is not None and PROTOCOLS[args.protocol].is_challenge:
+        parser.error(
+            f"--probabilities adds mDSC, which is no metric of the {args.protocol} protocol; use --protocol autoseg"
+        )
 
     def action() -> int:
         if args.report:  # fail before anything is written
@@ -85,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             probabilities_dir=args.probabilities,
             label=args.label,
             binarize=args.binarize,
+            protocol=args.protocol,
             num_bootstrap=args.bootstrap,
             seed=args.seed,
             num_workers=args.num_workers,

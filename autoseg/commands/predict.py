@@ -63,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
+    p.add_argument(
+        "--save-uncertainty",
+        action="store_true",
+        help="also write CASE_uncertainty.nii.gz: the predictive entropy (bits, 0-1) of the ensemble's mean "
+        "probability over members and mirrorings",
+    )
     p.add_argument("--no-postprocessing", action="store_true", help="keep lesions of every size")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
     p.add_argument("--num-parts", type=positive_int, default=1, help="split the sorted cases into this many parts (1)")
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=not args.no_progress,
             save_probabilities=args.save_probabilities,
+            save_uncertainty=args.save_uncertainty,
             overwrite=args.overwrite,
             num_parts=args.num_parts,
             part_id=args.part_id,

@@ -10,13 +10,20 @@ Folder layout, matched by case name (the file name without its image ending; end
 Outputs in ``output_dir`` (each written atomically, and only after every case was evaluated, so an
 error leaves nothing behind):
 
-    per_case.csv          one row per case, the metrics of :func:`autoseg.evaluate.metrics.score_case` for ``label``
-    summary.json          per metric: mean, std, median, bootstrap 95% CI of the mean, n, NaN count;
+    per_case.csv          one row per case: the protocol's name and lesion connectivity (columns ``protocol``,
+                          ``lesion_connectivity``), then the metrics of :func:`autoseg.evaluate.metrics.score_case`
+                          for ``label`` under that protocol
+    summary.json          the protocol (``protocol``: name, connectivity, volume unit, empty-mask values, sources);
+                          per metric of the protocol: mean, std, median, bootstrap 95% CI of the mean, n, NaN count;
                           micro-Dice; Dice-vs-volume fit; the lesion-size quartile table. NaN -> null.
     quartiles.csv         cases split into four equal-count groups by reference lesion volume (mm^3)
     dice_vs_volume.png    Dice against reference lesion volume (log scale) with a linear fit in log10
 
 ``autoseg_evaluate --report`` then writes ``report.html`` from these files (:mod:`autoseg.evaluate.report`).
+
+The protocol (``autoseg.evaluate.protocols``) decides the metrics: ``autoseg`` (default) autoseg's own, ``isles22`` and
+``atlas2`` those of the two challenges' published evaluation code (Dice, volume difference in ml or voxels, lesion
+count difference and lesion F1 with 26- or 6-connected lesions), whose means can stand beside their tables.
 
 Label maps are read as integers (``autoseg.labels.read_label_file``): values within 0.001 of an integer (a float
 mask from a resampling tool holds 0.99999994 for 1) are rounded, with one warning naming the file
@@ -44,8 +51,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from autoseg.errors import AutosegError
+from autoseg.errors import AutosegError, UsageError
 from autoseg.evaluate.metrics import dice_from_counts, score_case
+from autoseg.evaluate.protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, get_protocol
 from autoseg.io.files import atomic_path, check_output_file, check_output_folder, write_json
 from autoseg.io.geometry import Geometry, canonical_geometry
 from autoseg.io.headers import IMAGE_ENDINGS, ImageReadError, split_ending
@@ -53,12 +61,11 @@ from autoseg.io.images import read_header, read_image
 from autoseg.labels import LabelError, LabelValueWarning, format_values, read_label_file
 from autoseg.parallel import map_cases
 
-#: Metrics summarised in summary.json and the terminal table, in display order.
-SUMMARY_METRICS: tuple[str, ...] = (
-    "dice", "max_dice", "sensitivity", "precision", "hausdorff", "hausdorff95", "assd", "dice_hd_score",
-    "volume_difference_mm3", "relative_volume_difference", "lesion_f1", "lesion_count_difference",
-)  # fmt: skip
-#: Metrics of the lesion-size quartile table (Table 4 of Tomita et al. plus HD95 and lesion F1).
+#: Metrics summarised in summary.json and the terminal table under the autoseg protocol, in display order (a
+#: challenge's protocol summarises its own, ``Protocol.metrics``).
+SUMMARY_METRICS: tuple[str, ...] = PROTOCOLS[DEFAULT_PROTOCOL].metrics
+#: Metrics of the lesion-size quartile table under the autoseg protocol (Table 4 of Tomita et al. plus HD95 and
+#: lesion F1); a challenge's protocol shows its own metrics there (:func:`quartile_metrics`).
 QUARTILE_METRICS: tuple[str, ...] = (
     "dice", "hausdorff", "hausdorff95", "assd", "sensitivity", "precision", "lesion_f1",
 )  # fmt: skip
@@ -79,6 +86,7 @@ DISPLAY_NAMES: dict[str, tuple[str, int]] = {
     "precision": ("Precision (PPV)", 4), "hausdorff": ("HD (mm)", 2), "hausdorff95": ("HD95 (mm)", 2),
     "assd": ("ASSD (mm)", 2), "dice_hd_score": ("Dice/HD score", 4),
     "volume_difference_mm3": ("|Volume diff.| (mm3)", 1), "relative_volume_difference": ("Relative volume diff.", 4),
+    "volume_difference_ml": ("|Volume diff.| (ml)", 4), "volume_difference_voxels": ("|Volume diff.| (voxels)", 1),
     "lesion_f1": ("Lesion F1", 4), "lesion_count_difference": ("|Lesion count diff.|", 2),
 }  # fmt: skip
 _CONFIDENCE = 0.95
@@ -130,6 +138,7 @@ def evaluate_folders(
     num_workers: int = 1,
     progress: bool = True,
     binarize: bool = False,
+    protocol: str | Protocol = DEFAULT_PROTOCOL,
 ) -> EvaluationResult:
     """Evaluate every reference case against the prediction of the same name.
 
@@ -145,6 +154,8 @@ def evaluate_folders(
         num_workers: processes evaluating cases in parallel (1: in this process). Rows come back in
             case order either way, so results do not depend on it.
         progress: show a progress bar over cases (tqdm, on stderr).
+        protocol: ``autoseg`` (default: autoseg's own metrics), ``isles22`` or ``atlas2`` (the challenge's published
+            evaluation, :mod:`autoseg.evaluate.protocols`).
 
     Returns:
         An :class:`EvaluationResult`.
@@ -157,32 +168,47 @@ def evaluate_folders(
             Checked before any output is written.
         OutputPathError: ``output_dir`` is a file or read-only, or one of its output files is a folder
             (checked first).
+        UnknownNameError: an unknown protocol.
+        UsageError: probability maps with a challenge's protocol, which has no mDSC (checked first).
     """
+    protocol = get_protocol(protocol)
+    if probabilities_dir is not None and protocol.is_challenge:
+        raise UsageError(
+            f"probability maps ({probabilities_dir}) add mDSC, which is no metric of the {protocol.name} protocol; "
+            "score them with the autoseg protocol"
+        )
     if output_dir is not None:
         check_output_folder(output_dir)
         for name in OUTPUT_NAMES.values():
             check_output_file(Path(output_dir) / name)
     cases = pair_cases(reference_dir, prediction_dir, probabilities_dir)
     check_geometries(cases)
-    rows = map_cases(partial(_evaluate_one, label=label, binarize=binarize), cases, num_workers, progress, "evaluating")
+    score = partial(_evaluate_one, label=label, binarize=binarize, protocol=protocol)
+    rows = map_cases(score, cases, num_workers, progress, "evaluating")
     for note in (note for row in rows for note in row.pop("notes")):
         warnings.warn(note, LabelValueWarning, stacklevel=2)
     per_case = pd.DataFrame(rows).set_index("case")
     for column in _COUNT_COLUMNS:
-        per_case[column] = per_case[column].astype(np.int64)
-    quartiles = quartile_table(per_case, num_bootstrap, seed)
+        if column in per_case:
+            per_case[column] = per_case[column].astype(np.int64)
+    # Every row says what produced it, so a CSV read on its own cannot be set beside the wrong table.
+    per_case.insert(0, "protocol", protocol.name)
+    per_case.insert(1, "lesion_connectivity", protocol.lesion_connectivity)
+    quartiles = quartile_table(per_case, num_bootstrap, seed, protocol)
     summary = {
+        "protocol": protocol.to_json(),
         "inputs": {
             "reference_dir": str(reference_dir),
             "prediction_dir": str(prediction_dir),
             "probabilities_dir": None if probabilities_dir is None else str(probabilities_dir),
             "label": label,
             "binarize": binarize,
+            "protocol": protocol.name,
             "num_bootstrap": num_bootstrap,
             "seed": seed,
             "confidence": _CONFIDENCE,
         },
-        **summarize(per_case, num_bootstrap, seed),
+        **summarize(per_case, num_bootstrap, seed, protocol),
         "quartiles": quartiles.to_dict(orient="records"),
     }
     output_files = {} if output_dir is None else write_outputs(per_case, summary, quartiles, Path(output_dir))
@@ -295,27 +321,40 @@ def summarize_values(values: Sequence[float] | pd.Series, num_bootstrap: int = 1
     }
 
 
-def summarize(per_case: pd.DataFrame, num_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Data-set summary of a per-case table: statistics per metric, micro-Dice, Dice-vs-volume fit."""
+def summarize(
+    per_case: pd.DataFrame, num_bootstrap: int = 1000, seed: int = 0, protocol: str | Protocol = DEFAULT_PROTOCOL
+) -> dict[str, Any]:
+    """Data-set summary of a per-case table: statistics per metric of ``protocol`` (those in the table), micro-Dice,
+    Dice-vs-volume fit."""
+    metrics = get_protocol(protocol).metrics
     totals = per_case[["tp_voxels", "fp_voxels", "fn_voxels"]].sum()
     return {
         "num_cases": len(per_case),
         "num_empty_reference": int((per_case["volume_reference_mm3"] == 0).sum()),
         "num_empty_prediction": int((per_case["volume_prediction_mm3"] == 0).sum()),
         "metrics": {
-            name: summarize_values(per_case[name], num_bootstrap, seed) for name in SUMMARY_METRICS if name in per_case
+            name: summarize_values(per_case[name], num_bootstrap, seed) for name in metrics if name in per_case
         },
         "micro_dice": dice_from_counts(int(totals["tp_voxels"]), int(totals["fp_voxels"]), int(totals["fn_voxels"])),
         "dice_vs_volume": fit_dice_vs_volume(per_case),
     }
 
 
-def quartile_table(per_case: pd.DataFrame, num_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+def quartile_metrics(protocol: str | Protocol = DEFAULT_PROTOCOL) -> tuple[str, ...]:
+    """The metrics of the lesion-size quartile table: :data:`QUARTILE_METRICS` under the autoseg protocol, a
+    challenge protocol's own metrics under it."""
+    protocol = get_protocol(protocol)
+    return protocol.metrics if protocol.is_challenge else QUARTILE_METRICS
+
+
+def quartile_table(
+    per_case: pd.DataFrame, num_bootstrap: int = 1000, seed: int = 0, protocol: str | Protocol = DEFAULT_PROTOCOL
+) -> pd.DataFrame:
     """Metrics per lesion-size quartile, as Table 4 of Tomita et al. (chronic stroke, ATLAS).
 
     Cases are ranked by reference lesion volume (ties by case name) and split into four groups of
-    (nearly) equal count; each row gives the group's volume range in mm^3 and, per metric in
-    :data:`QUARTILE_METRICS`, the mean and its bootstrap 95% CI. With fewer than four cases some
+    (nearly) equal count; each row gives the group's volume range in mm^3 and, per metric of
+    :func:`quartile_metrics`, the mean and its bootstrap 95% CI. With fewer than four cases some
     groups are empty (NaN).
     """
     ranked = per_case.sort_index().sort_values("volume_reference_mm3", kind="mergesort")
@@ -329,7 +368,7 @@ def quartile_table(per_case: pd.DataFrame, num_bootstrap: int = 1000, seed: int 
             "volume_min_mm3": float(volumes.min()) if len(group) else math.nan,
             "volume_max_mm3": float(volumes.max()) if len(group) else math.nan,
         }
-        for metric in QUARTILE_METRICS:
+        for metric in quartile_metrics(protocol):
             stats = summarize_values(group[metric], num_bootstrap, seed)
             for statistic in ("mean", "ci_low", "ci_high"):
                 row[f"{metric}_{statistic}"] = stats[statistic]
@@ -407,7 +446,8 @@ def plot_dice_vs_volume(per_case: pd.DataFrame, fit: dict[str, float]) -> Figure
 
 
 def format_summary_table(result: EvaluationResult) -> str:
-    """Plain-text table for the terminal: metric, mean, median, 95% CI of the mean, n and NaN count."""
+    """Plain-text table for the terminal: the protocol's line, then metric, mean, median, 95% CI of the mean, n and
+    NaN count."""
     header = ("Metric", "Mean", "Median", "95% CI of mean", "n", "NaN")
     rows = []
     for name, stats in result.summary["metrics"].items():
@@ -426,7 +466,13 @@ def format_summary_table(result: EvaluationResult) -> str:
         f"micro-Dice (all voxels pooled): {format_number(summary['micro_dice'], 4)}   cases: {summary['num_cases']}"
         f" (empty reference: {summary['num_empty_reference']}, empty prediction: {summary['num_empty_prediction']})"
     )
-    return "\n".join([lines[0], rule, *lines[1:], rule, footer])
+    return "\n".join([f"protocol: {evaluation_protocol(summary).describe()}", lines[0], rule, *lines[1:], rule, footer])
+
+
+def evaluation_protocol(summary: dict[str, Any]) -> Protocol:
+    """The protocol an evaluation was made with: ``summary.json``'s ``protocol`` (autoseg's for files written
+    before protocols were recorded)."""
+    return get_protocol(summary.get("protocol", {}).get("name", DEFAULT_PROTOCOL))
 
 
 def require_all(references: dict[str, Path], found: dict[str, Path], kind: str, folder: str | Path) -> None:
@@ -451,10 +497,12 @@ def _header(path: Path) -> Geometry:
     return canonical_geometry(geometry)
 
 
-def _evaluate_one(files: CaseFiles, label: int, binarize: bool = False) -> dict[str, Any]:
+def _evaluate_one(
+    files: CaseFiles, label: int, binarize: bool = False, protocol: Protocol = PROTOCOLS[DEFAULT_PROTOCOL]
+) -> dict[str, Any]:
     """Read one case and score ``label`` (with ``binarize``: every non-zero voxel) with
-    :func:`autoseg.evaluate.metrics.score_case` (as validation and find_best do); the row holds the case's rounding notes
-    under ``notes``."""
+    :func:`autoseg.evaluate.metrics.score_case` under ``protocol`` (as validation and find_best do); the row holds the
+    case's rounding notes under ``notes``."""
     try:
         reference = read_label_file(files.reference)
         prediction = read_label_file(files.prediction)
@@ -475,7 +523,7 @@ def _evaluate_one(files: CaseFiles, label: int, binarize: bool = False) -> dict[
             )
         masks.append(found.array == label)
     probabilities = None if probabilities is None else probabilities[None]
-    metrics = score_case(masks[1], masks[0], reference.geometry.spacing, (1,), probabilities)[1]
+    metrics = score_case(masks[1], masks[0], reference.geometry.spacing, (1,), probabilities, protocol=protocol)[1]
     notes = [found.note for found in (reference, prediction) if found.note is not None]
     return {"case": files.case, **metrics, "notes": notes}
 

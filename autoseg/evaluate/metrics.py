@@ -7,10 +7,11 @@ order as the array, so anisotropic voxels give correct distances and volumes.
 One case is scored by :func:`score_case` wherever the pipeline scores one: end-of-fold validation
 (``validation/summary.json``), ``autoseg_find_best`` and ``autoseg_evaluate``. It takes the two label
 maps and the labels to score, and scores each label on ``prediction == label`` against
-``reference == label`` with :func:`evaluate_case`; :func:`mean_over_labels` makes one value per
-metric of several labels.
+``reference == label`` with :func:`evaluate_case` (autoseg's own metrics, below) or, for a challenge's protocol
+(``autoseg.evaluate.protocols``: ``isles22``, ``atlas2``), with :func:`challenge_case`; :func:`mean_over_labels`
+makes one value per metric of several labels.
 
-Definitions:
+Definitions (autoseg's own protocol):
     * Overlap: with TP, FP, FN voxel counts, Dice = 2TP / (2TP + FP + FN), sensitivity (TPR) =
       TP / (TP + FN), precision (PPV) = TP / (TP + FP).
     * Surface voxels: the mask minus its binary erosion with the full 3x3x3 (3x3 in 2-D) structuring
@@ -21,16 +22,22 @@ Definitions:
       ``sampling=spacing``), in both directions.
     * HD: the largest of all those distances (both directions).
     * HD95: the 95th percentile (numpy's linear interpolation) of the *pooled* distances of both
-      directions; this is MedPy's ``hd95``, which ISLES 2015 used. MONAI and DeepMind's
-      ``surface-distance`` instead take the larger of the two directed 95th percentiles, which is
-      never smaller than the pooled value.
-    * ASSD: the mean of the two directed mean surface distances, MedPy's ``assd`` (again ISLES 2015).
-      The pooled mean (Heimann et al. 2009) weights the direction with more surface voxels more.
-    * Lesions: connected components with 26-connectivity in 3-D (8 in 2-D), as the ISLES 2022 and
-      ATLAS R2.0 evaluation code does (``cc3d``). A reference lesion is detected (TP) if it overlaps
-      any predicted voxel, otherwise it is missed (FN); a predicted component overlapping no
-      reference voxel is a false positive (FP). Lesion F1 = 2TP / (2TP + FP + FN). The lesion-count
-      difference is |number of predicted components - number of reference lesions|.
+      directions. MedPy's ``hd95`` computes the same with ``connectivity=3``; its default ``connectivity=1`` erodes
+      with the 6-neighbour cross, so its surfaces hold fewer voxels and its values differ. MONAI and DeepMind's
+      ``surface-distance`` take the larger of the two directed 95th percentiles instead, on surfaces of their own
+      (``surface-distance``: surface elements on the voxel-corner grid weighted by their area, a percentile without
+      interpolation); their HD95 can be larger or smaller than this one.
+    * ASSD: the mean of the two directed mean surface distances, as MedPy's ``assd`` up to 0.4.0 computes it (with
+      ``connectivity=3``; ``numpy.mean((asd(A, B), asd(B, A)))``). MedPy 0.5.0 and 0.5.1 take the mean of the two
+      distance arrays themselves (the same where both surfaces have equal voxel counts, an error with NumPy >= 1.24
+      otherwise), and 0.5.2 pools them: the mean over all distances of both directions (Heimann et al. 2009), which
+      weights the direction with more surface voxels more.
+    * Lesions: connected components with 26-connectivity in 3-D (8 in 2-D), as the ISLES 2022 evaluation code
+      counts them (``cc3d``, ``connectivity=26``). The ATLAS R2.0 code counts 6-connected components
+      (``scipy.ndimage.label``'s default structure); ``score_case(..., protocol="atlas2")`` reproduces it. A
+      reference lesion is detected (TP) if it overlaps any predicted voxel, otherwise it is missed (FN); a
+      predicted component overlapping no reference voxel is a false positive (FP). Lesion F1 = 2TP / (2TP + FP +
+      FN). The lesion-count difference is |number of predicted components - number of reference lesions|.
     * mDSC: the largest Dice over binarizations ``probabilities >= t`` for the given thresholds.
     * micro-Dice: Dice of the TP, FP, FN voxel counts summed over all cases of a data set.
 
@@ -60,6 +67,8 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from autoseg.evaluate.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
+
 #: A binary mask, shape (X, Y, Z) or (X, Y); non-zero is foreground.
 Mask = np.ndarray
 #: Voxel size in mm per axis, same order as the array axes.
@@ -67,6 +76,8 @@ Spacing = Sequence[float]
 
 #: Thresholds tried for mDSC when none are given: 0.05, 0.10, ..., 0.95.
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))
+#: The connectivities of lesion components cc3d offers, by the number of axes; the last is the full neighbourhood.
+LESION_CONNECTIVITIES: dict[int, tuple[int, ...]] = {2: (4, 8), 3: (6, 18, 26)}
 #: HD normaliser of the combined Dice/HD score: 200 voxels in Clerigues et al., on 1 mm isotropic ISLES 2015 data.
 DEFAULT_HD_MAX_MM = 200.0
 
@@ -193,14 +204,25 @@ def assd(prediction: Mask, reference: Mask, spacing: Spacing) -> float:
     return _distance_metrics(*_validated(prediction, reference, spacing))["assd"]
 
 
-def lesion_wise(prediction: Mask, reference: Mask) -> LesionCounts:
-    """Lesion-wise detection with 26-connected (8 in 2-D) components, as in ISLES 2022 / ATLAS R2.0.
+def lesion_wise(prediction: Mask, reference: Mask, connectivity: int | None = None) -> LesionCounts:
+    """Lesion-wise detection on connected components.
 
     A reference lesion overlapping any predicted voxel is a TP, otherwise an FN; a predicted component
     overlapping no reference voxel is an FP. F1 = 2TP / (2TP + FP + FN), 1 when both masks are empty.
+
+    Args:
+        prediction, reference: binary masks of equal shape, (X, Y, Z) or (X, Y).
+        connectivity: neighbours joining voxels into one lesion: 6, 18 or 26 in 3-D, 4 or 8 in 2-D; None (default)
+            the full neighbourhood, 26 (8), as ISLES 2022 counts lesions. ATLAS R2.0 counts 6-connected ones.
+
+    Raises:
+        ValueError: shapes differ, the masks are not 2-D or 3-D, or ``connectivity`` does not fit their dimension.
     """
     pred, ref = _as_masks(prediction, reference)
-    connectivity = 26 if ref.ndim == 3 else 8
+    allowed = LESION_CONNECTIVITIES[ref.ndim]
+    connectivity = allowed[-1] if connectivity is None else connectivity
+    if connectivity not in allowed:
+        raise ValueError(f"connectivity {connectivity} does not fit {ref.ndim}-D masks; use one of {list(allowed)}")
     ref_labels, num_ref = cc3d.connected_components(ref, connectivity=connectivity, return_N=True)
     pred_labels, num_pred = cc3d.connected_components(pred, connectivity=connectivity, return_N=True)
     overlap = pred & ref
@@ -279,12 +301,14 @@ def score_case(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     *,
     overlap_only: bool = False,
+    protocol: str | Protocol = DEFAULT_PROTOCOL,
 ) -> dict[int, dict[str, float]]:
     """Score one case, label by label: the one function end-of-fold validation (``autoseg.train.validation.validate_cases``),
     ``autoseg_find_best`` (``autoseg.api.select``) and ``autoseg_evaluate`` (``autoseg.evaluate.evaluation``) score with.
 
     Each label is scored on the masks ``prediction == label`` and ``reference == label`` (never ``> 0``: with
-    several labels the union would credit a voxel given the wrong label), with :func:`evaluate_case`.
+    several labels the union would credit a voxel given the wrong label), with :func:`evaluate_case` under the
+    ``autoseg`` protocol and with :func:`challenge_case` under ``isles22`` or ``atlas2``.
 
     Args:
         prediction: predicted label map, shape (X, Y, Z) or (X, Y); 0 is background.
@@ -296,13 +320,17 @@ def score_case(
         thresholds: thresholds for ``max_dice``.
         overlap_only: only the metrics of the voxel counts (Dice, sensitivity, precision, volumes, counts), without
             the surface distances and lesion components, which cost most of the time.
+        protocol: ``autoseg`` (default), ``isles22`` or ``atlas2``, or a :class:`autoseg.evaluate.protocols.Protocol`.
 
     Returns:
-        Label -> the metrics of :func:`evaluate_case` (see :func:`mean_over_labels` for one value per case).
+        Label -> the metrics of :func:`evaluate_case` or :func:`challenge_case` (see :func:`mean_over_labels` for one
+        value per case).
 
     Raises:
-        ValueError: shapes differ, the array is not 2-D or 3-D, ``spacing`` does not fit, no label is given, or
-            ``probabilities`` has not one channel per label.
+        ValueError: shapes differ, the array is not 2-D or 3-D (3-D for a challenge's protocol), ``spacing`` does not
+            fit, no label is given, ``probabilities`` has not one channel per label, or probabilities are given to a
+            challenge's protocol (mDSC is no metric of theirs).
+        UnknownNameError: an unknown protocol name.
 
     Example:
         >>> reference = np.zeros((4, 4, 4), np.uint8); reference[:2] = 1; reference[2:] = 2
@@ -313,9 +341,17 @@ def score_case(
     labels = [int(label) for label in labels]
     if not labels:
         raise ValueError("at least one label to score is needed")
+    protocol = get_protocol(protocol)
     prediction, reference = np.asarray(prediction), np.asarray(reference)
     if probabilities is not None and len(probabilities) != len(labels):
         raise ValueError(f"probabilities need one channel per label {labels}, got {len(probabilities)}")
+    if protocol.is_challenge:
+        if probabilities is not None:
+            raise ValueError(f"the {protocol.name} protocol has no mDSC: score probabilities with the autoseg protocol")
+        return {
+            label: challenge_case(prediction == label, reference == label, spacing, protocol, overlap_only=overlap_only)
+            for label in labels
+        }
     return {
         label: evaluate_case(
             prediction == label,
@@ -406,6 +442,69 @@ def evaluate_case(
             lesion_count_difference=lesions.count_difference,
         )
     result.update(tp_voxels=tp, fp_voxels=fp, fn_voxels=fn)
+    return {name: float(value) for name, value in result.items()}
+
+
+def challenge_case(
+    prediction: Mask, reference: Mask, spacing: Spacing, protocol: str | Protocol, *, overlap_only: bool = False
+) -> dict[str, float]:
+    """The metrics of a challenge's protocol (``isles22`` or ``atlas2``) for one binary mask pair, as its published
+    evaluation code computes them (sources in :mod:`autoseg.evaluate.protocols`).
+
+    Both count lesions as connected components with the protocol's connectivity (``isles22`` 26, ``atlas2`` 6) and
+    match them as :func:`lesion_wise` does; a predicted voxel on a reference lesion finds it.
+
+    Args:
+        prediction: binary mask, shape (X, Y, Z).
+        reference: binary mask, same shape.
+        spacing: voxel size in mm per axis, same axis order; the voxel volume is their product (mm³), 1/1000 of it
+            in ml (ISLES 2022 divides |det(affine[:3, :3])| by 1000, the same for any grid with orthogonal axes).
+        protocol: ``isles22`` or ``atlas2`` (or its :class:`autoseg.evaluate.protocols.Protocol`).
+        overlap_only: leave out the lesion_* metrics (the connected components).
+
+    Returns:
+        Metric name -> value (counts as floats): ``dice`` (both empty: 1), the volume difference
+        ``volume_difference_ml`` (isles22: |V_P - V_R| in ml) or ``volume_difference_voxels`` (atlas2: |N_P - N_R|
+        in voxels), ``lesion_count_difference`` (|components of P - components of R|), ``lesion_f1`` (both empty:
+        1; exactly one empty: 0), ``lesion_tp``, ``lesion_fp``, ``lesion_fn``; and what the report and the summary
+        need beside them: ``volume_reference_mm3``, ``volume_prediction_mm3``, ``tp_voxels``, ``fp_voxels``,
+        ``fn_voxels``.
+
+    Raises:
+        ValueError: the protocol is autoseg's own (use :func:`evaluate_case`), the masks are not 3-D or differ in
+            shape, or ``spacing`` does not fit.
+    """
+    protocol = get_protocol(protocol)
+    if not protocol.is_challenge:
+        raise ValueError(f"{protocol.name} is no challenge protocol; evaluate_case scores it")
+    pred, ref, spacing = _validated(prediction, reference, spacing)
+    if pred.ndim != 3:
+        raise ValueError(f"the {protocol.name} protocol scores 3-D masks, got {pred.ndim}-D with shape {pred.shape}")
+    pred, ref = _crop_to_union(pred, ref)  # a one-voxel margin keeps every component as it is
+    tp, fp, fn = _confusion_counts(pred, ref)
+    voxel_mm3 = float(np.prod(spacing))
+    difference_voxels = abs((tp + fp) - (tp + fn))
+    volume = {"ml": difference_voxels * voxel_mm3 / 1000.0, "voxels": float(difference_voxels)}
+    result: dict[str, float] = {
+        "dice": dice_from_counts(tp, fp, fn),
+        protocol.volume_metric: volume[protocol.volume_unit],
+    }
+    if not overlap_only:
+        lesions = lesion_wise(pred, ref, protocol.lesion_connectivity)
+        result.update(
+            lesion_count_difference=lesions.count_difference,
+            lesion_f1=lesions.f1,
+            lesion_tp=lesions.tp,
+            lesion_fp=lesions.fp,
+            lesion_fn=lesions.fn,
+        )
+    result.update(
+        volume_reference_mm3=(tp + fn) * voxel_mm3,
+        volume_prediction_mm3=(tp + fp) * voxel_mm3,
+        tp_voxels=tp,
+        fp_voxels=fp,
+        fn_voxels=fn,
+    )
     return {name: float(value) for name, value in result.items()}
 
 

@@ -12,7 +12,9 @@ Pairs are found from the configuration names (``autoseg.plans``: ``BASE[_sym][_h
 under ``AUTOSEG_RESULTS/<dataset>/``. A pair is listed when at least one side was trained; for each,
 :func:`describe_options` gives a verdict: ``kept`` (the candidate is among the members find_best chose) or
 ``dropped``, with the paired differences candidate − baseline in Dice, lesion-wise F1 and HD95 on the cases both
-validated (each with a paired bootstrap 95% CI over cases, :func:`autoseg.evaluate.evaluation.bootstrap_ci`, fixed seed);
+validated (under a challenge's protocol its metrics instead: Dice, lesion F1, volume difference and lesion count
+difference, :func:`option_metrics`; each with a paired bootstrap 95% CI over cases,
+:func:`autoseg.evaluate.evaluation.bootstrap_ci`, fixed seed);
 ``not trained`` or ``not planned`` with the commands that would make the comparison possible; ``left out`` when
 both sides exist but ``-c``/``-tr`` excluded one.
 """
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.evaluate.evaluation import bootstrap_ci
+from autoseg.evaluate.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
 from autoseg.plans import Configuration, asymmetric_name, histeq_name, symmetric_name, zscore_name
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "Pairing",
     "describe_options",
     "find_pairings",
+    "option_metrics",
     "paired_differences",
 ]
 
@@ -46,8 +50,16 @@ Member = tuple[str, str]
 
 #: Every verdict, in the order the options are listed.
 VERDICTS = ("kept", "dropped", "not comparable", "left out", "not trained", "not planned")
-#: Metrics compared per option: name -> (label, unit, decimals).
+#: Metrics compared per option under the autoseg protocol: name -> (label, unit, decimals).
 OPTION_METRICS = {"dice": ("Dice", "", 3), "lesion_f1": ("lesion F1", "", 3), "hausdorff95": ("HD95", " mm", 1)}
+#: How the metrics of the challenges' protocols are printed: name -> (label, unit, decimals).
+_CHALLENGE_METRICS = {
+    "dice": ("Dice", "", 3),
+    "lesion_f1": ("lesion F1", "", 3),
+    "volume_difference_ml": ("|volume diff.|", " ml", 3),
+    "volume_difference_voxels": ("|volume diff.|", " voxels", 1),
+    "lesion_count_difference": ("|lesion count diff.|", "", 2),
+}
 #: The paired bootstrap of every option: resamples of the cases, seed, coverage.
 BOOTSTRAP = {"resamples": 1000, "seed": 0, "confidence": 0.95}
 #: Configurations the planner can give symmetric channels (``autoseg.preprocess.symmetry``).
@@ -133,14 +145,27 @@ def _variant_pairings(
     return [Pairing(option, (candidate, t), (baseline, t)) for t in trainers]
 
 
+def option_metrics(protocol: str | Protocol = DEFAULT_PROTOCOL) -> dict[str, tuple[str, str, int]]:
+    """The metrics an option is compared on: :data:`OPTION_METRICS` under the autoseg protocol, a challenge
+    protocol's own metrics under it (name -> (label, unit, decimals))."""
+    protocol = get_protocol(protocol)
+    if not protocol.is_challenge:
+        return dict(OPTION_METRICS)
+    return {name: _CHALLENGE_METRICS[name] for name in protocol.metrics}
+
+
 def paired_differences(
-    candidate: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]]
+    candidate: Mapping[str, Mapping[str, float]],
+    baseline: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str] = tuple(OPTION_METRICS),
 ) -> dict[str, Any]:
-    """Candidate − baseline on the cases both validated, per metric of :data:`OPTION_METRICS`.
+    """Candidate − baseline on the cases both validated, per metric of ``metrics`` (default :data:`OPTION_METRICS`;
+    :func:`option_metrics` for a protocol).
 
     Args:
         candidate, baseline: case -> its metrics (:func:`autoseg.evaluate.metrics.score_case`, one value per metric by
             :func:`autoseg.evaluate.metrics.mean_over_labels`).
+        metrics: the metrics to compare; each must be among every case's.
 
     Returns:
         ``cases`` (validated by both) and per metric ``mean`` of the differences, ``ci95`` (paired percentile
@@ -149,7 +174,7 @@ def paired_differences(
     """
     cases = sorted(set(candidate) & set(baseline))
     result: dict[str, Any] = {"cases": len(cases)}
-    for metric in OPTION_METRICS:
+    for metric in metrics:
         differences = np.array([candidate[c][metric] - baseline[c][metric] for c in cases], np.float64)
         finite = differences[np.isfinite(differences)]
         low, high = bootstrap_ci(finite, BOOTSTRAP["resamples"], BOOTSTRAP["seed"], BOOTSTRAP["confidence"])
@@ -167,7 +192,7 @@ def _signed(value: float, decimals: int) -> str:
 
 def describe_difference(metric: str, difference: Mapping[str, Any]) -> str:
     """E.g. ``Dice −0.030 [−0.080, +0.020]``, or ``HD95 n/a`` without a finite pair."""
-    label, unit, decimals = OPTION_METRICS[metric]
+    label, unit, decimals = {**_CHALLENGE_METRICS, **OPTION_METRICS}[metric]
     if difference["mean"] is None:
         return f"{label} n/a"
     low, high = difference["ci95"]
@@ -183,6 +208,7 @@ def describe_options(
     compared: Sequence[Member],
     scores: Mapping[Member, Mapping[str, Mapping[str, float]]],
     chosen: Sequence[Member],
+    metrics: Sequence[str] = tuple(OPTION_METRICS),
 ) -> list[dict[str, Any]]:
     """The ``options`` of ``model_selection.json``: one entry per pairing (see the module docstring).
 
@@ -197,6 +223,7 @@ def describe_options(
         compared: members find_best compared (``-c``/``-tr`` may leave some out).
         scores: member -> case -> its metrics (as for :func:`paired_differences`), for the compared members.
         chosen: the members find_best chose.
+        metrics: the metrics the differences are given in (:func:`option_metrics` of the protocol).
     """
     entries = []
     for pairing in pairings:
@@ -222,7 +249,7 @@ def describe_options(
         elif not all(m in compared for m in (pairing.candidate, pairing.baseline)):
             entry.update(verdict="left out", reason="left out: not among the members compared (-c/-tr)")
         else:
-            entry.update(_verdict(pairing, scores, chosen))
+            entry.update(_verdict(pairing, scores, chosen, metrics))
         entries.append(entry)
     return sorted(entries, key=lambda e: VERDICTS.index(e["verdict"]))  # what was compared first
 
@@ -233,9 +260,12 @@ def _commands(dataset: str, members: Sequence[Member], plan: bool = False) -> li
 
 
 def _verdict(
-    pairing: Pairing, scores: Mapping[Member, Mapping[str, Mapping[str, float]]], chosen: Sequence[Member]
+    pairing: Pairing,
+    scores: Mapping[Member, Mapping[str, Mapping[str, float]]],
+    chosen: Sequence[Member],
+    metrics: Sequence[str] = tuple(OPTION_METRICS),
 ) -> dict[str, Any]:
-    differences = paired_differences(scores[pairing.candidate], scores[pairing.baseline])
+    differences = paired_differences(scores[pairing.candidate], scores[pairing.baseline], metrics)
     cases = differences["cases"]
     if not cases:
         return {

@@ -3,7 +3,8 @@
 ``write_report`` reads the files an evaluation wrote (``autoseg.evaluate.evaluation.OUTPUT_NAMES``) and writes, atomically,
 one page (``report.html`` beside them by default) with:
 
-- the inputs (reference and prediction folders, lesion label) and the time the page was made;
+- the inputs (reference and prediction folders, lesion label), the evaluation protocol (its lesion connectivity,
+  volume unit, empty-mask values and sources, ``autoseg.evaluate.protocols``) and the time the page was made;
 - the metric table: mean, bootstrap 95% CI of the mean, median, SD, n and NaN count per metric (summary.json);
 - the lesion-size quartile table (summary.json, as quartiles.csv);
 - the Dice-against-lesion-volume plot (dice_vs_volume.png) and its fit;
@@ -37,15 +38,17 @@ from autoseg.data.dataset import cases_from_files
 from autoseg.evaluate.evaluation import (
     DISPLAY_NAMES,
     OUTPUT_NAMES,
-    QUARTILE_METRICS,
     CaseFiles,
     EvaluationError,
     check_geometries,
+    evaluation_protocol,
     find_images,
     format_number,
     pair_cases,
+    quartile_metrics,
     require_all,
 )
+from autoseg.evaluate.protocols import Protocol
 from autoseg.evaluate.visualization import figure_png, overlay_figure, read_overlay_arrays
 from autoseg.io.files import atomic_path, check_output_file, read_json
 from autoseg.io.headers import ImageReadError
@@ -60,7 +63,8 @@ OVERLAY_SLICES = 3
 OVERLAY_PANEL_INCHES = 2.2
 OVERLAY_DPI = 90
 OVERLAY_GREY_LEVELS = 64
-#: Columns of the case index table and the case cards: per-case column -> (title, decimals).
+#: Columns of the case index table under the autoseg protocol: per-case column -> (title, decimals). A challenge's
+#: protocol shows its own metrics there (:func:`case_columns`).
 _CASE_COLUMNS: dict[str, tuple[str, int]] = {
     "dice": ("Dice", 3), "lesion_f1": ("Lesion F1", 3), "hausdorff95": ("HD95 (mm)", 1),
     "sensitivity": ("Sensitivity", 3), "precision": ("Precision", 3),
@@ -181,6 +185,13 @@ def write_report(
     return output
 
 
+def case_columns(protocol: Protocol) -> dict[str, tuple[str, int]]:
+    """The metrics of the case index table: per-case column -> (title, decimals)."""
+    if not protocol.is_challenge:
+        return _CASE_COLUMNS
+    return {name: (DISPLAY_NAMES[name][0], min(DISPLAY_NAMES[name][1], 3)) for name in protocol.metrics}
+
+
 def case_order(per_case: pd.DataFrame) -> list[str]:
     """Case names, worst Dice first (NaN first of all), ties by name."""
     ranked = per_case.sort_index().sort_values("dice", kind="mergesort", na_position="first")
@@ -201,6 +212,7 @@ def render_report(
     """
     summary = inputs.summary
     recorded = summary.get("inputs", {})
+    protocol = evaluation_protocol(summary)
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M %Z").strip()
     order = case_order(inputs.per_case)
     links = {name: _relative_link(inputs.evaluation_dir / name, page_dir) for name in OUTPUT_NAMES.values()}
@@ -211,19 +223,20 @@ def render_report(
     )  # fmt: skip
     body = [
         f"<header><h1>{_text(title)}</h1>",
-        _inputs_list(recorded, len(order), stamp),
+        _inputs_list(recorded, protocol, len(order), stamp),
         "<nav>" + " · ".join(f'<a href="#{anchor}">{label}</a>' for anchor, label in
                              (("metrics", "Metrics"), ("quartiles", "Lesion size"), ("volume", "Dice vs volume"),
                               ("cases", "Cases"), ("files", "Files"))) + "</nav></header>",  # fmt: skip
         _headline(summary),
         '<section id="metrics"><h2>Metrics</h2>',
-        "<p>Mean over cases with the seeded percentile-bootstrap 95% confidence interval of the mean "
+        f"<p>The metrics of the {_text(protocol.name)} protocol ({_text(protocol.title)}). Mean over cases with "
+        "the seeded percentile-bootstrap 95% confidence interval of the mean "
         f"({_text(recorded.get('num_bootstrap', '?'))} resamples). Undefined values (NaN: an empty mask, see "
         "documentation/evaluation.md) are left out and counted.</p>",
         _metric_table(summary), "</section>",
         '<section id="quartiles"><h2>By lesion size</h2>',
         "<p>Cases in four equal-count groups by reference lesion volume; mean and 95% CI per group.</p>",
-        _quartile_table(summary), "</section>",
+        _quartile_table(summary, protocol), "</section>",
         '<section id="volume"><h2>Dice against lesion volume</h2>',
         _fit_text(summary.get("dice_vs_volume", {})),
         f'<img class="plot" src="{_data_uri(inputs.plot_png)}" alt="Dice against reference lesion volume">',
@@ -231,8 +244,8 @@ def render_report(
         f'<section id="cases"><h2>Cases, worst Dice first ({len(order)})</h2>',
         f'<p>Axial slices through the reference lesion: <span class="ref">reference</span> and '
         f'<span class="pred">prediction</span> outlines, {background}. Patient right on the left.</p>',
-        _case_index(inputs.per_case, order),
-        '<div class="cards">', *(_case_card(rank, case, inputs.per_case.loc[case], overlays[case])
+        _case_index(inputs.per_case, order, protocol),
+        '<div class="cards">', *(_case_card(rank, case, inputs.per_case.loc[case], overlays[case], protocol)
                                   for rank, case in enumerate(order, start=1)), "</div></section>",
         '<section id="files"><h2>Files</h2><ul>',
         *(f'<li><a href="{href}">{_text(name)}</a></li>' for name, href in links.items()), "</ul></section>",
@@ -246,12 +259,14 @@ def render_report(
     ])  # fmt: skip
 
 
-def _inputs_list(recorded: Mapping[str, Any], num_cases: int, stamp: str) -> str:
+def _inputs_list(recorded: Mapping[str, Any], protocol: Protocol, num_cases: int, stamp: str) -> str:
     rows = [("Predictions", recorded.get("prediction_dir")), ("References", recorded.get("reference_dir"))]
     if recorded.get("probabilities_dir"):
         rows.append(("Probabilities", recorded["probabilities_dir"]))
     rows += [
         ("Lesion label", "any non-zero value (--binarize)" if recorded.get("binarize") else recorded.get("label")),
+        ("Protocol", protocol.describe()),
+        ("Protocol sources", "; ".join(protocol.sources)),
         ("Cases", num_cases),
         ("Made", stamp),
     ]
@@ -289,13 +304,14 @@ def _metric_table(summary: Mapping[str, Any]) -> str:
     return _table("metrics", ("Metric", "Mean", "95% CI of mean", "Median", "SD", "n", "NaN"), rows)
 
 
-def _quartile_table(summary: Mapping[str, Any]) -> str:
-    header = ["Quartile", "Cases", "Volume (mm³)"] + [DISPLAY_NAMES.get(m, (m, 4))[0] for m in QUARTILE_METRICS]
+def _quartile_table(summary: Mapping[str, Any], protocol: Protocol) -> str:
+    metrics = quartile_metrics(protocol)
+    header = ["Quartile", "Cases", "Volume (mm³)"] + [DISPLAY_NAMES.get(m, (m, 4))[0] for m in metrics]
     rows = []
     for row in summary.get("quartiles", []):
         cells = [f'<th scope="row">{_text(row["quartile"])}</th>', f"<td>{row['num_cases']}</td>",
                  f"<td>{_volume_range(row['volume_min_mm3'], row['volume_max_mm3'])}</td>"]  # fmt: skip
-        for metric in QUARTILE_METRICS:
+        for metric in metrics:
             digits = min(DISPLAY_NAMES.get(metric, (metric, 4))[1], 3)
             interval = _interval(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"], digits)
             cells.append(f'<td>{format_number(row[f"{metric}_mean"], digits)}<div class="ci">{interval}</div></td>')
@@ -312,13 +328,14 @@ def _fit_text(fit: Mapping[str, Any]) -> str:
             f"R² = {format_number(fit.get('r2'), 2)}.</p>")  # fmt: skip
 
 
-def _case_index(per_case: pd.DataFrame, order: Sequence[str]) -> str:
+def _case_index(per_case: pd.DataFrame, order: Sequence[str], protocol: Protocol) -> str:
     """One row per case, linked to its card: the whole cohort at a glance."""
-    header = ["#", "Case", "Reference volume", "Predicted volume", *(title for title, _ in _CASE_COLUMNS.values())]
+    columns = case_columns(protocol)
+    header = ["#", "Case", "Reference volume", "Predicted volume", *(title for title, _ in columns.values())]
     rows = []
     for rank, case in enumerate(order, start=1):
         row = per_case.loc[case]
-        cells = "".join(f"<td>{format_number(row.get(c, math.nan), d)}</td>" for c, (_, d) in _CASE_COLUMNS.items())
+        cells = "".join(f"<td>{format_number(row.get(c, math.nan), d)}</td>" for c, (_, d) in columns.items())
         rows.append(f'<tr><td>{rank}</td><th scope="row"><a href="#case-{rank}">{_text(case)}</a></th>'
                     f"<td>{_volume(row['volume_reference_mm3'])}</td><td>{_volume(row['volume_prediction_mm3'])}</td>"
                     f"{cells}</tr>")  # fmt: skip
@@ -332,16 +349,25 @@ def _table(css_class: str, header: Sequence[str], rows: Sequence[str]) -> str:
             f'<tbody>{"".join(rows)}</tbody></table></div>')  # fmt: skip
 
 
-def _case_card(rank: int, case: str, row: pd.Series, overlay: bytes) -> str:
+def _case_card(rank: int, case: str, row: pd.Series, overlay: bytes, protocol: Protocol) -> str:
     dice = float(row["dice"])
     facts = [
         ("Reference lesion", _volume(row["volume_reference_mm3"])),
         ("Predicted lesion", _volume(row["volume_prediction_mm3"])),
         ("Lesion F1", f"{format_number(row['lesion_f1'], 3)} (found {int(row['lesion_tp'])}, missed "
-                      f"{int(row['lesion_fn'])}, false {int(row['lesion_fp'])})"),
-        ("HD95", _millimetres(row["hausdorff95"])),
-        ("Sensitivity / precision", f"{format_number(row['sensitivity'], 3)} / {format_number(row['precision'], 3)}"),
+                      f"{int(row['lesion_fn'])}, false {int(row['lesion_fp'])}; "
+                      f"{protocol.lesion_connectivity}-connected)"),
     ]  # fmt: skip
+    if protocol.is_challenge:
+        facts += [
+            (DISPLAY_NAMES[name][0], format_number(row[name], 3))
+            for name in (protocol.volume_metric, "lesion_count_difference")
+        ]
+    else:
+        facts += [
+            ("HD95", _millimetres(row["hausdorff95"])),
+            ("Sensitivity / precision", f"{format_number(row['sensitivity'], 3)} / {format_number(row['precision'], 3)}"),
+        ]  # fmt: skip
     if "max_dice" in row.index:
         facts.insert(0, ("max Dice (mDSC)", format_number(row["max_dice"], 3)))
     items = "".join(f"<dt>{name}</dt><dd>{_text(value)}</dd>" for name, value in facts)

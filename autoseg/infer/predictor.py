@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from autoseg.errors import UsageError
 from autoseg.infer.postprocessing import postprocess_probabilities
+from autoseg.infer.quality import AgreementCounter
 from autoseg.infer.sliding_window import (
     TTA_CHOICES,
     _as_tensor,
@@ -120,13 +121,19 @@ class Predictor:
         )
 
     def predict_preprocessed(
-        self, data: np.ndarray | torch.Tensor, direction: Sequence[float] | None = None
+        self,
+        data: np.ndarray | torch.Tensor,
+        direction: Sequence[float] | None = None,
+        agreement: AgreementCounter | None = None,
     ) -> np.ndarray:
         """Mean probabilities of all networks for one preprocessed case.
 
         Args:
             data: (C, X', Y', Z') as ``preprocess_arrays`` returns it (target spacing, cropped).
             direction: the raw image's direction matrix; needed only with ``tta="lr"``.
+            agreement: receives every network's views (its mirrorings' lesion probabilities,
+                ``autoseg.infer.quality``), so the members' and mirrorings' agreement can be measured; None: not
+                measured (no extra memory).
 
         Returns:
             (K, X', Y', Z') float32 probabilities.
@@ -138,7 +145,11 @@ class Predictor:
         volume = _as_tensor(data)
         total: torch.Tensor | None = None
         for network in self.networks:
-            probabilities = self._predict_one(network, volume, mirror_axes)
+            probabilities = self._predict_one(network, volume, mirror_axes, agreement is not None)
+            if agreement is not None:
+                probabilities, views = probabilities
+                agreement.add_member(views)
+                del views
             total = probabilities if total is None else total.add_(probabilities)
         if len(self.networks) > 1:
             total.div_(len(self.networks))
@@ -191,7 +202,9 @@ class Predictor:
             min_lesion_mm3=settings.min_lesion_mm3 if min_lesion_mm3 is None else min_lesion_mm3,
         )
 
-    def _predict_one(self, network: nn.Module, volume: torch.Tensor, mirror_axes: tuple[int, ...]) -> torch.Tensor:
+    def _predict_one(
+        self, network: nn.Module, volume: torch.Tensor, mirror_axes: tuple[int, ...], views: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         configuration = self.configuration
         if configuration.dimension == 2:
             return predict_slices(
@@ -201,6 +214,7 @@ class Predictor:
                 configuration.slice_axis,
                 mirror_axes=mirror_axes,
                 batch_size=self.batch_size,
+                views=views,
                 **self.options,
             )
         return predict_sliding_window(
@@ -209,5 +223,6 @@ class Predictor:
             configuration.patch_size,
             mirror_axes=mirror_axes,
             batch_size=self.batch_size,
+            views=views,
             **self.options,
         )

@@ -21,6 +21,9 @@ nnU-Net v2's predictor:
   fastest for its precision (channels-last), under bf16 autocast where the caller asks for it.
 - **Skipping**: a window whose input is entirely 0 lies outside the non-zero region (preprocessing sets
   everything outside the brain to exactly 0 for MRI) and is not run at all.
+- **Views** (``views=True``): besides the mean, the Gaussian-weighted lesion probability of every mirroring on its
+  own, ``(F, X, Y, Z)`` for ``F`` flip combinations (the maximum over the K channels), from the same forward passes;
+  ``autoseg.infer.quality`` measures how much they agree. They cost ``F`` more float32 volumes of memory.
 - **2-D configurations** run the 2-D network on every slice along ``slice_axis``, each slice tiled in
   plane the same way (:func:`predict_slices`).
 
@@ -252,6 +255,7 @@ class _Run:
     progress: bool
     squeeze_first_axis: bool  # 2-D: windows are (1, a, b) and the network sees (a, b)
     memory_format: torch.memory_format = torch.contiguous_format  # of a 3-D network and its (B, C, X, Y, Z) windows
+    views: bool = False  # also accumulate every mirroring's lesion probability on its own
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -277,7 +281,8 @@ def predict_sliding_window(
     accumulate_on_cpu: bool | None = None,
     progress: bool = False,
     memory_format: torch.memory_format | None = None,
-) -> torch.Tensor:
+    views: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Probabilities of a 3-D network for a whole preprocessed volume.
 
     The network is put in eval mode with deep supervision off for the call and restored afterwards.
@@ -301,9 +306,11 @@ def predict_sliding_window(
         progress: show a progress bar over windows. Default False.
         memory_format: of the network and its input windows while predicting (the network's own is restored
             afterwards); None (default): :func:`inference_memory_format` for ``device`` and ``autocast_dtype``.
+        views: also return every mirroring's lesion probability (see the module docstring). Default False.
 
     Returns:
-        (K, X, Y, Z) float32 probabilities on the CPU.
+        (K, X, Y, Z) float32 probabilities on the CPU; with ``views`` also the (F, X, Y, Z) float32 lesion
+        probability of each of the F mirror combinations (:func:`mirror_combinations` order).
 
     Raises:
         ValueError: ``data`` is not 4-D, the patch has not 3 entries, or an invalid step size or mirror axis.
@@ -332,6 +339,7 @@ def predict_sliding_window(
         progress=progress,
         squeeze_first_axis=False,
         memory_format=memory_format or inference_memory_format(device, autocast_dtype),
+        views=views,
     )
     return _predict_volume(network, volume, tuple(int(p) for p in patch_size), run)
 
@@ -350,7 +358,8 @@ def predict_slices(
     skip_empty: bool = True,
     accumulate_on_cpu: bool | None = None,
     progress: bool = False,
-) -> torch.Tensor:
+    views: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Probabilities of a 2-D network, run on every slice of a volume along ``slice_axis``.
 
     Each slice is tiled in plane like :func:`predict_sliding_window` (padded when smaller than the patch);
@@ -363,11 +372,11 @@ def predict_slices(
         slice_axis: 0, 1 or 2 (X, Y, Z): the axis the slices are taken along.
         mirror_axes: in-plane axes (0 or 1, the slice's own axes) to mirror over. Default ().
         batch_size: windows (slices) per forward pass. Default 8.
-        step_size, device, autocast_dtype, skip_empty, accumulate_on_cpu, progress: as for
+        step_size, device, autocast_dtype, skip_empty, accumulate_on_cpu, progress, views: as for
             :func:`predict_sliding_window`.
 
     Returns:
-        (K, X, Y, Z) float32 probabilities on the CPU.
+        (K, X, Y, Z) float32 probabilities on the CPU; with ``views`` also (F, X, Y, Z) per mirroring.
 
     Raises:
         ValueError: ``data`` is not 4-D, ``slice_axis`` not 0-2, the patch has not 2 entries, or an invalid
@@ -390,10 +399,14 @@ def predict_slices(
         accumulate_on_cpu=accumulate_on_cpu,
         progress=progress,
         squeeze_first_axis=True,
+        views=views,
     )
     slices_first = volume.movedim(slice_axis + 1, 1)  # (C, S, a, b), in-plane axes keep their order
     window = (1, *(int(p) for p in patch_size_2d))
-    return _predict_volume(network, slices_first, window, run).movedim(1, slice_axis + 1).contiguous()
+    result = _predict_volume(network, slices_first, window, run)
+    if views:
+        return tuple(r.movedim(1, slice_axis + 1).contiguous() for r in result)
+    return result.movedim(1, slice_axis + 1).contiguous()
 
 
 def _check_axes(mirror_axes: Sequence[int], dimension: int) -> None:
@@ -403,8 +416,10 @@ def _check_axes(mirror_axes: Sequence[int], dimension: int) -> None:
         )
 
 
-def _predict_volume(network: nn.Module, volume: torch.Tensor, window: Shape, run: _Run) -> torch.Tensor:
-    """(C, *S) -> (K, *S): pad to the window, predict (retrying with the sums on the CPU on a GPU
+def _predict_volume(
+    network: nn.Module, volume: torch.Tensor, window: Shape, run: _Run
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(C, *S) -> (K, *S) (and (F, *S) with ``run.views``): pad to the window, predict (retrying with the sums on the CPU on a GPU
     out-of-memory error when their place was chosen automatically), crop the padding away."""
     padded, inner = _pad_to(volume, window)
     with _inference_state(network, run.memory_format):
@@ -419,15 +434,20 @@ def _predict_volume(network: nn.Module, volume: torch.Tensor, window: Shape, run
             probabilities = _accumulate(network, padded, window, dataclasses.replace(run, accumulate_on_cpu=True))
     # The sums are ordinary tensors (only the forward passes run in inference mode), so callers may change the
     # result in place; without padding it is returned without a copy.
+    if run.views:
+        return tuple(part[(slice(None), *inner)].to("cpu").contiguous() for part in probabilities)
     return probabilities[(slice(None), *inner)].to("cpu").contiguous()
 
 
 @torch.no_grad()
-def _accumulate(network: nn.Module, volume: torch.Tensor, window: Shape, run: _Run) -> torch.Tensor:
-    """Gaussian-weighted mean of the window probabilities over a volume at least as large as the window.
+def _accumulate(
+    network: nn.Module, volume: torch.Tensor, window: Shape, run: _Run
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian-weighted mean of the window probabilities over a volume at least as large as the window (and,
+    with ``run.views``, of each mirroring's lesion probability).
 
-    Memory: the sums are the only full-size tensors, K + 1 float32 volumes (probabilities and weights); the mean
-    is computed in place in the probability sums.
+    Memory: the sums are the only full-size tensors, K + 1 float32 volumes (probabilities and weights), F more with
+    ``run.views``; the means are computed in place in the sums.
     """
     positions = sliding_window_positions(volume.shape[1:], window, run.step_size)
     if run.skip_empty:
@@ -439,14 +459,15 @@ def _accumulate(network: nn.Module, volume: torch.Tensor, window: Shape, run: _R
         for start in range(0, len(positions), run.batch_size):
             chunk = positions[start : start + run.batch_size]
             batch = torch.stack([volume[(slice(None), *p)] for p in chunk]).to(run.device, non_blocking=True)
-            probabilities = _predict_batch(network, batch, flips, run)
+            probabilities, views = _predict_batch(network, batch, flips, run)
             if sums is None:
-                sums = _Sums.allocate(probabilities.shape[1], volume.shape[1:], gaussian, run)
-            sums.add(chunk, probabilities)
+                sums = _Sums.allocate(probabilities.shape[1], volume.shape[1:], gaussian, run, len(flips))
+            sums.add(chunk, probabilities, views)
             bar.update(len(chunk))
     if sums is None:  # every window was empty
         num_classes = _num_classes(network, volume, window, run)
-        return torch.zeros((num_classes, *volume.shape[1:]), dtype=torch.float32)
+        empty = torch.zeros((num_classes, *volume.shape[1:]), dtype=torch.float32)
+        return (empty, torch.zeros((len(flips), *volume.shape[1:]), dtype=torch.float32)) if run.views else empty
     return sums.mean()
 
 
@@ -458,51 +479,65 @@ class _Sums:
     memory of the whole inference path with it).
     """
 
-    def __init__(self, probabilities: torch.Tensor, weights: torch.Tensor, gaussian: torch.Tensor) -> None:
+    def __init__(
+        self,
+        probabilities: torch.Tensor,
+        weights: torch.Tensor,
+        gaussian: torch.Tensor,
+        views: torch.Tensor | None = None,
+    ) -> None:
         self.probabilities = probabilities
         self.weights = weights
         self.gaussian = gaussian
+        self.views = views
 
     @classmethod
-    def allocate(cls, num_classes: int, shape: Sequence[int], gaussian: torch.Tensor, run: _Run) -> _Sums:
-        num_bytes = 4 * (num_classes + 1) * math.prod(shape)
-        where = accumulation_device(run.accumulate_on_cpu, run.device, num_bytes)
-        if where.type == "cpu":
-            return cls(
-                torch.from_numpy(np.zeros((num_classes, *shape), np.float32)),
-                torch.from_numpy(np.zeros(tuple(shape), np.float32)),
-                gaussian,
-            )
-        return cls(
-            torch.zeros((num_classes, *shape), dtype=torch.float32, device=where),
-            torch.zeros(tuple(shape), dtype=torch.float32, device=where),
-            gaussian.to(where),
-        )
+    def allocate(
+        cls, num_classes: int, shape: Sequence[int], gaussian: torch.Tensor, run: _Run, num_views: int
+    ) -> _Sums:
+        planes = [num_classes, 1] + ([num_views] if run.views else [])
+        where = accumulation_device(run.accumulate_on_cpu, run.device, 4 * sum(planes) * math.prod(shape))
 
-    def add(self, windows: Sequence[Window], probabilities: torch.Tensor) -> None:
+        def zeros(*size: int) -> torch.Tensor:
+            if where.type == "cpu":
+                return torch.from_numpy(np.zeros(size, np.float32))
+            return torch.zeros(size, dtype=torch.float32, device=where)
+
+        views = zeros(num_views, *shape) if run.views else None
+        return cls(zeros(num_classes, *shape), zeros(*shape), gaussian.to(where), views)
+
+    def add(self, windows: Sequence[Window], probabilities: torch.Tensor, views: torch.Tensor | None) -> None:
         probabilities = probabilities.to(self.weights.device)
-        for window, prediction in zip(windows, probabilities):
+        for index, (window, prediction) in enumerate(zip(windows, probabilities)):
             self.probabilities[(slice(None), *window)].addcmul_(prediction, self.gaussian)
             self.weights[window] += self.gaussian
+            if self.views is not None:
+                self.views[(slice(None), *window)].addcmul_(views[index].to(self.weights.device), self.gaussian)
 
-    def mean(self) -> torch.Tensor:
+    def mean(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # Where no window was run both sums are 0, and 0 / floor stays 0.
-        return self.probabilities.div_(self.weights.clamp_min_(GAUSSIAN_FLOOR))
+        weights = self.weights.clamp_min_(GAUSSIAN_FLOOR)
+        mean = self.probabilities.div_(weights)
+        return mean if self.views is None else (mean, self.views.div_(weights))
 
 
 @torch.inference_mode()
 def _predict_batch(
     network: nn.Module, batch: torch.Tensor, flips: Sequence[tuple[int, ...]], run: _Run
-) -> torch.Tensor:
-    """(B, C, *window) -> (B, K, *window) float32 probabilities, averaged over the mirror ``flips``: one forward
-    pass per flip."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, C, *window) -> (B, K, *window) float32 probabilities, averaged over the mirror ``flips`` (one forward
+    pass per flip), and with ``run.views`` the (B, F, *window) lesion probability (maximum over K) of each flip."""
     total: torch.Tensor | None = None
+    views = []
     for dims in flips:
         flipped = batch.flip(dims) if dims else batch
         probabilities = torch.sigmoid(_forward(network, flipped, run).float())
         probabilities = probabilities.flip(dims) if dims else probabilities
+        if run.views:
+            views.append(probabilities.amax(dim=1))
         total = probabilities if total is None else total.add_(probabilities)
-    return total.div_(len(flips)) if len(flips) > 1 else total
+    mean = total.div_(len(flips)) if len(flips) > 1 else total
+    return mean, torch.stack(views, dim=1) if run.views else None
 
 
 def _forward(network: nn.Module, batch: torch.Tensor, run: _Run) -> torch.Tensor:

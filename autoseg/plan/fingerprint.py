@@ -5,7 +5,8 @@ is reported in full and no ``fingerprint.json`` is written.
 
 Intensity statistics are taken over the *foreground*: the non-zero region of the case (the brain in
 skull-stripped MRI, the head in CT, the perfused brain in perfusion maps). Lesion statistics use
-26-connected components, as ATLAS R2.0 and ISLES 2022 count lesions.
+26-connected components, as autoseg's metrics and the ISLES 2022 evaluation count lesions (the ATLAS R2.0 code counts
+6-connected ones, ``autoseg.evaluate.protocols``).
 
 ``fingerprint.json`` is a :class:`Fingerprint`, read and written by ``autoseg.io.typed_json`` like the plans: an
 unknown field or a wrong type is named, and a file of another ``schema_version`` is refused (re-run autoseg_plan).

@@ -21,6 +21,7 @@ from autoseg.distributed import DistributedContext, gather_objects
 from autoseg.errors import DataError
 from autoseg.evaluate.metrics import mean_over_labels, score_case
 from autoseg.infer.predictor import Predictor
+from autoseg.infer.quality import AgreementCounter
 from autoseg.io.files import atomic_path, write_json
 from autoseg.io.images import write_image, write_like
 from autoseg.labels import classes_from_values, label_classes, read_label_file, values_from_classes
@@ -104,8 +105,9 @@ def validate_cases(
             values, and the per-label scores are keyed by them.
 
     Returns:
-        The summary: ``cases`` (case -> ``dice``, ``hausdorff95`` in mm, ``lesion_f1``, ``reference_voxels`` and
-        ``predicted_voxels``; with several labels the metrics are the mean over labels (NaN left out), the counts
+        The summary: ``cases`` (case -> ``dice``, ``hausdorff95`` in mm, ``lesion_f1``, ``reference_voxels``,
+        ``predicted_voxels`` and ``qc``, the agreement between the networks' mirrorings and between the networks at
+        the plans' threshold (``autoseg.infer.quality``), which ``autoseg_find_best`` calibrates the QC score with; with several labels the metrics are the mean over labels (NaN left out), the counts
         the sums, and each label's own under ``labels``), ``mean`` of each metric over cases (NaN values left out)
         and ``nan_count``. NaN is written as null.
 
@@ -120,8 +122,9 @@ def validate_cases(
             raise DataError(f"validation case {case} has no label file in the raw dataset")
         data, _, properties = load_case(data_folder, case, mmap=True)
         geometry = properties.geometry
+        agreement = AgreementCounter(predictor.configuration.postprocessing.threshold)
         # Rounded as CASE_probabilities.npz stores them, so autoseg_find_best remakes these labels exactly.
-        probabilities = restore_probabilities(predictor.predict_preprocessed(data), properties)
+        probabilities = restore_probabilities(predictor.predict_preprocessed(data, agreement=agreement), properties)
         probabilities = probabilities.astype(np.float16).astype(np.float32)
         classes = predictor.postprocess(probabilities, geometry.spacing)
         written = values_from_classes(classes, labels)
@@ -137,6 +140,14 @@ def validate_cases(
         reference = classes_from_values(found.array, labels, references[case])
         scores = score_case(classes, reference, found.geometry.spacing, range(1, len(probabilities) + 1))
         per_case[case] = _summary_entry({values[k]: metrics for k, metrics in scores.items()})
+        # what only the prediction itself can measure, for autoseg_find_best's QC calibration
+        per_case[case]["qc"] = {
+            "mirroring_agreement": agreement.mirroring_agreement(),
+            "member_agreement": agreement.member_agreement(),
+            "mirrorings": agreement.mirrorings,
+            "members": agreement.members,
+            "threshold": agreement.threshold,
+        }
     if context.enabled:
         gathered = {case: metrics for part in gather_objects(per_case) for case, metrics in part.items()}
         per_case = {case: gathered[case] for case in cases}

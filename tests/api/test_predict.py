@@ -337,7 +337,15 @@ def test_outputs_of_two_cases_that_would_be_the_same_file_are_refused_before_pre
     )
     assert not output.exists()
     assert predict_main(arguments) == 0  # without probability maps the names are distinct
-    assert sorted(p.name for p in output.iterdir()) == ["a.nii.gz", "a_probabilities.nii.gz", "prediction_summary.json"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        "a.nii.gz",
+        "a_lesions.json",
+        "a_probabilities.nii.gz",
+        "a_probabilities_lesions.json",
+        "lesion_table.csv",
+        "lesions.csv",
+        "prediction_summary.json",
+    ]
     capsys.readouterr()
     # two --list runs into one folder: the one with probability maps is refused, whichever runs second
     written = (output / "a_probabilities.nii.gz").read_bytes()
@@ -360,7 +368,8 @@ def test_outputs_with_a_separate_data_file_stay_readable_when_the_run_is_repeate
     arguments = ["-i", str(tmp_path / "in"), "-o", str(output), "--device", "cpu", "--no-progress", "--no-tta"]
     assert predict_main([*arguments, "--save-probabilities"]) == 0
     data = "scan.zraw" if ending == ".mhd" else "scan.raw.gz"
-    expected = [data, f"scan{ending}", "scan_probabilities.nii.gz", "prediction_summary.json"]
+    expected = [data, f"scan{ending}", "scan_probabilities.nii.gz", "prediction_summary.json", "scan_lesions.json"]
+    expected += ["lesions.csv", "lesion_table.csv"]
     assert sorted(p.name for p in output.iterdir()) == sorted(expected)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output / f"scan{ending}")))
     assert read_json(output / "prediction_summary.json")["counts"]["written"] == 1
@@ -774,18 +783,18 @@ def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(
     good = _cases(home)
     assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in good]
     summary = read_json(output / "prediction_summary.json")
-    assert summary["counts"] == {"written": 5, "skipped": 0, "failed": 3} and summary["written"] == good
+    assert summary["counts"] == {"written": 5, "skipped": 0, "failed": 3, "review": 5} and summary["written"] == good
     assert [(f["case"], f["files"]) for f in summary["failed"]] == [
         (case, [str(source / f"{case}_0000.nii.gz")]) for case in sorted(bad)
     ]
     assert (
-        out == f"wrote 5 prediction(s), skipped 0 already done, 3 failed: {', '.join(sorted(bad))}; summary: "
-        f"{output / 'prediction_summary.json'}\n"
+        out == f"wrote 5 prediction(s), skipped 0 already done, 3 failed: {', '.join(sorted(bad))}; 5 flagged for "
+        f"review: {', '.join(good)}; summary: {output / 'prediction_summary.json'}\n"
     )
     # the same command again: the good cases are done, the bad ones fail again
     assert predict_main(arguments) == 1
     summary = read_json(output / "prediction_summary.json")
-    assert summary["counts"] == {"written": 0, "skipped": 5, "failed": 3} and summary["skipped"] == good
+    assert summary["counts"] == {"written": 0, "skipped": 5, "failed": 3, "review": 5} and summary["skipped"] == good
 
 
 def test_hostile_headers_fail_alone_before_any_voxel_is_allocated_and_the_cohort_goes_on(
@@ -815,7 +824,10 @@ def test_hostile_headers_fail_alone_before_any_voxel_is_allocated_and_the_cohort
     good = _cases(home)
     assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in good]
     summary = read_json(output / "prediction_summary.json")
-    assert summary["counts"] == {"written": 5, "skipped": 0, "failed": len(bad)} and summary["written"] == good
+    assert (
+        summary["counts"] == {"written": 5, "skipped": 0, "failed": len(bad), "review": 5}
+        and summary["written"] == good
+    )
     assert [f["case"] for f in summary["failed"]] == sorted(bad)
     assert out.startswith(f"wrote 5 prediction(s), skipped 0 already done, {len(bad)} failed: ")
 
@@ -845,11 +857,11 @@ def test_a_case_that_runs_out_of_memory_fails_alone(
     line; the next cases are predicted and the summary is written."""
     first, calls = _cases(home)[0], []
 
-    def hungry(predictors, images, geometry):  # the first case (in sorted order) asks for too much
+    def hungry(predictors, images, geometry, agreement):  # the first case (in sorted order) asks for too much
         calls.append(1)
         if len(calls) == 1:
             raise MemoryError("Unable to allocate 54.7 TiB for an array with shape (2, 32767, 32767, 32767)")
-        return _ensemble(predictors, images, geometry)
+        return _ensemble(predictors, images, geometry, agreement)
 
     lines: list[str] = []
     monkeypatch.setattr("autoseg.api.predict._ensemble", hungry)
@@ -997,3 +1009,112 @@ def test_an_acute_stroke_checkpoint_from_before_the_record_predicts_with_the_asy
     choice = ModelChoice(dataset=NAME, trainers="AcuteStrokeTrainer", folds=["full"])
     summary = predict(source, tmp_path / "out", choice, PredictionOptions(**QUIET, tta="none"))
     assert len(summary.written) == 1 and not summary.failed
+
+
+# ---------------------------------------------------------------------------- lesion reports and QC
+def test_every_case_gets_a_lesion_report_a_qc_score_and_tables_that_match_its_written_files(
+    home: Path, tmp_path: Path
+) -> None:
+    """Volumes are the written mask's voxels times the input's voxel volume; the uncertainty map is the entropy of
+    the written probabilities in the input's header; the run's tables and summary repeat the reports."""
+    output = tmp_path / "out"
+    options = PredictionOptions(**QUIET, save_probabilities=True, save_uncertainty=True)
+    summary = predict(_images(home), output, options=options)
+    cases = sorted(summary.per_case)
+    assert cases == sorted(c.identifier for c in find_input_cases(_images(home), 1)) and len(cases) == 5
+    rows = {row["case"]: row for row in _csv(output / "lesions.csv")}
+    table = _csv(output / "lesion_table.csv")
+    for case in cases:
+        report = read_json(output / f"{case}_lesions.json")
+        mask = nibabel.load(output / f"{case}.nii.gz")
+        source = nibabel.load(_images(home) / f"{case}_0000.nii.gz")
+        voxel_ml = float(np.prod(source.header.get_zooms())) / 1000
+        assert report["total_volume_ml"] == pytest.approx(np.count_nonzero(mask.get_fdata()) * voxel_ml)
+        assert sum(lesion["volume_ml"] for lesion in report["lesions"]) == pytest.approx(report["total_volume_ml"])
+        probabilities = nibabel.load(output / f"{case}_probabilities.nii.gz").get_fdata()
+        uncertainty = nibabel.load(output / f"{case}_uncertainty.nii.gz")
+        assert np.array_equal(uncertainty.affine, source.affine) and uncertainty.shape == source.shape
+        p = np.clip(probabilities, 1e-12, 1 - 1e-12)
+        entropy = np.where((probabilities <= 0) | (probabilities >= 1), 0, -(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
+        assert np.allclose(uncertainty.get_fdata(), entropy, atol=1e-5)
+        qc = report["qc"]
+        assert 0 <= qc["score"] <= 1 and qc["review"] == bool(qc["reasons"]) and not qc["calibrated"]
+        assert (qc["score"] < qc["threshold"]) == any("QC score" in r for r in qc["reasons"])
+        plans = Plans.from_json(home / "results" / NAME / CONFIGURATION / TRAINER / "fold_0" / "plans.json")
+        mirrorings = 2 ** len(plans.configuration(CONFIGURATION).mirror_axes)
+        assert qc["components"]["mirrorings"] == mirrorings > 1 and qc["components"]["members"] == 2  # folds 0, 1
+        assert summary.per_case[case]["qc_score"] == qc["score"]
+        assert float(rows[case]["total_volume_ml"]) == pytest.approx(report["total_volume_ml"])
+        assert int(rows[case]["lesion_count"]) == report["lesion_count"]
+        assert len([r for r in table if r["case"] == case]) == report["lesion_count"]
+    written = read_json(output / "prediction_summary.json")
+    assert written["counts"]["review"] == sum(entry["review"] for entry in written["per_case"].values())
+    assert f"{written['counts']['review']} flagged for review" in summary.line()
+
+
+def test_the_calibration_find_best_wrote_for_these_members_sets_the_review_threshold(
+    home: Path, tmp_path: Path
+) -> None:
+    calibration = {
+        "members": [f"{CONFIGURATION}/{TRAINER}"],
+        "threshold": 0.0,
+        "scores": [0.0, 1.0],
+        "expected_dice": [0.2, 0.9],
+        "cases": 5,
+        "failures": 1,
+        "spearman": 0.7,
+        "auroc": None,
+        "rule": "test",
+    }
+    write_json(calibration, home / "results" / NAME / "qc_calibration.json")
+    summary = predict(_images(home), tmp_path / "out", options=PredictionOptions(**QUIET, tta="none"))
+    for case in summary.per_case:
+        qc = read_json(tmp_path / "out" / f"{case}_lesions.json")["qc"]
+        assert qc["calibrated"] and qc["threshold"] == 0.0
+        assert not any("QC score" in reason for reason in qc["reasons"])
+        assert qc["expected_dice"] == pytest.approx(0.2 + 0.7 * qc["score"])
+    write_json({**calibration, "members": ["other/Trainer"]}, home / "results" / NAME / "qc_calibration.json")
+    summary = predict(_images(home), tmp_path / "out2", options=PredictionOptions(**QUIET, tta="none"))
+    assert not read_json(tmp_path / "out2" / f"{next(iter(summary.per_case))}_lesions.json")["qc"]["calibrated"]
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_find_best_calibrates_the_qc_score_on_the_cross_validation_and_a_model_file_carries_it(
+    home: Path, tmp_path: Path
+) -> None:
+    """The calibration's points are the QC scores of the validated cases, recomputed here from the validation files,
+    the raw labels and the fingerprint; prediction from an exported model uses it."""
+    from autoseg.api.model_files import export_model
+
+    assert find_best_main(["--metric", "dice", "--no-progress"]) == 0
+    results = home / "results" / NAME
+    calibration, tuned = read_json(results / "qc_calibration.json"), read_json(results / "postprocessing.json")
+    assert calibration["members"] == tuned["members"] and calibration["cases"] == 2
+    assert read_json(results / "model_selection.json")["qc_calibration"] == calibration
+    volumes = read_json(home / "preprocessed" / NAME / "fingerprint.json")["aggregate"]["case_lesion_volumes_mm3"]
+    expected = []
+    for path in sorted((results / CONFIGURATION / TRAINER).glob("fold_*/validation/*_probabilities.npz")):
+        case = path.name.removesuffix("_probabilities.npz")
+        p = np.load(path)["probabilities"][0].astype(np.float64)
+        geometry = read_image(path.parent / f"{case}.nii.gz")[1]
+        mask = postprocess_probabilities(p[None], geometry.spacing, tuned["threshold"], tuned["min_lesion_mm3"]) > 0
+        q = np.clip(p[mask], 1e-12, 1 - 1e-12)
+        confidence = 1 - np.mean(-(q * np.log2(q) + (1 - q) * np.log2(1 - q))) if mask.any() else None
+        mirroring = read_json(path.parent / "summary.json")["cases"][case]["qc"]["mirroring_agreement"]
+        volume = mask.sum() * geometry.voxel_volume_mm3
+        plausible = min(1.0, volume / volumes["min"], volumes["max"] / volume)
+        parts = [v for v in (mirroring, confidence) if v is not None]
+        expected.append(np.mean(parts) * plausible)
+    assert calibration["scores"] == pytest.approx(sorted(set(expected)))
+
+    model = export_model(tmp_path / "model.zip", NAME).path
+    shutil.rmtree(home / "results")
+    summary = predict(_images(home), tmp_path / "out", ModelChoice(model_file=model), PredictionOptions(**QUIET))
+    qc = read_json(tmp_path / "out" / f"{next(iter(summary.per_case))}_lesions.json")["qc"]
+    assert qc["calibrated"] and qc["threshold"] == calibration["threshold"]

@@ -81,7 +81,9 @@ def test_evaluate_folders_end_to_end(folders: dict[str, Path]) -> None:
         prediction, _ = read_image(prediction_path)
         probabilities, _ = read_image(folders["prob"] / f"{case}.nii.gz")
         expected = evaluate_case(prediction == 1, reference == 1, geometry.spacing, probabilities)
-        assert set(expected) == set(table.columns)
+        assert list(table.columns[:2]) == ["protocol", "lesion_connectivity"]  # what produced the row
+        assert set(expected) == set(table.columns[2:])
+        assert (table.loc[case, "protocol"], table.loc[case, "lesion_connectivity"]) == ("autoseg", 26)
         np.testing.assert_allclose(table.loc[case, list(expected)].to_numpy(float), list(expected.values()), rtol=1e-12)
     summary = json.loads((folders["out"] / "summary.json").read_text(), parse_constant=_reject_nan)
     assert summary["num_cases"] == len(CASES) and summary["num_empty_prediction"] == 1
@@ -222,7 +224,8 @@ def test_missing_folder_is_an_error(tmp_path: Path) -> None:
 
 def test_format_summary_table(folders: dict[str, Path]) -> None:
     text = format_summary_table(evaluate_folders(folders["ref"], folders["pred"], num_bootstrap=50))
-    lines = text.splitlines()
+    protocol, *lines = text.splitlines()
+    assert protocol.startswith("protocol: autoseg (") and "lesions 26-connected, volume difference in mm³" in protocol
     assert lines[0].split()[:3] == ["Metric", "Mean", "Median"]
     assert any(line.startswith("Dice ") for line in lines) and any("HD95 (mm)" in line for line in lines)
     assert "micro-Dice" in lines[-1]

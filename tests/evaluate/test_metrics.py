@@ -93,6 +93,21 @@ def test_distances_match_brute_force_2d(seed: int) -> None:
         assert getattr(metrics, name)(prediction, reference, (0.8, 2.5)) == pytest.approx(value, abs=1e-6)
 
 
+def test_pooled_hd95_can_exceed_the_larger_directed_95th_percentile() -> None:
+    """Why the docstring no longer says the directed variant (MONAI, surface-distance) is never smaller: two voxels
+    each, distances 1 and 3 in both directions. Directed: 1 + 0.95 * 2 = 2.9 each way; pooled [1, 1, 3, 3]: 3."""
+    prediction, reference = np.zeros((5, 5, 12), bool), np.zeros((5, 5, 12), bool)
+    prediction[2, 2, 2] = prediction[2, 2, 6] = True
+    reference[2, 3, 2] = reference[2, 2, 9] = True
+    forward, backward = metrics.surface_distances(prediction, reference, (1, 1, 1))
+    assert sorted(forward) == sorted(backward) == [1.0, 3.0]
+    directed = max(np.percentile(forward, 95), np.percentile(backward, 95))
+    assert directed == pytest.approx(2.9)
+    pooled = metrics.hausdorff95(prediction, reference, (1, 1, 1))
+    assert pooled == pytest.approx(3.0) and pooled > directed
+    assert brute_distances(prediction, reference, (1, 1, 1))["hausdorff95"] == pytest.approx(3.0)
+
+
 def test_surface_matches_definition() -> None:
     mask = random_blob(np.random.default_rng(7), (12, 10, 8), 0.3)
     np.testing.assert_array_equal(metrics.surface_voxels(mask), brute_surface(mask))

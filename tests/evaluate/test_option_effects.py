@@ -10,6 +10,7 @@ shifted by one voxel), ``3d_resunet_sym/ZoomInOutTrainer`` (clearly better: the 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from scipy.spatial.distance import cdist
 from autoseg.api.select import find_best
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.data.dataset import load_dataset
+from autoseg.errors import UsageError
 from autoseg.evaluate.option_effects import Pairing, describe_options, find_pairings, paired_differences
 from autoseg.io.files import write_json
 from autoseg.io.geometry import Geometry
@@ -315,3 +317,101 @@ def test_the_grid_leaves_out_minimum_sizes_that_prediction_would_refuse(tmp_path
         sizes == [s for s in MIN_SIZES_VOXELS if s <= 800]
         and max(g["min_lesion_mm3"] for g in grid) <= MAX_MIN_LESION_MM3
     )
+
+
+# ---------------------------------------------------------------------------- the challenges' protocols
+def _atlas2_metrics(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """The ATLAS R2.0 scorer re-derived (6-connected lesions: scipy's default structure; volume in voxels)."""
+    predicted, found = (ndimage.label(m)[0] for m in (prediction, reference))
+    tp = len(set(np.unique(found[prediction & reference])) - {0})
+    fp = predicted.max() - len(set(np.unique(predicted[prediction & reference])) - {0})
+    fn = found.max() - tp
+    return {
+        "dice": 2 * (prediction & reference).sum() / (prediction.sum() + reference.sum()),
+        "volume_difference_voxels": abs(int(prediction.sum()) - int(reference.sum())),
+        "lesion_count_difference": abs(int(predicted.max()) - int(found.max())),
+        "lesion_f1": tp / (tp + (fp + fn) / 2),
+    }
+
+
+def _without_small_lesions(mask: np.ndarray, voxels: int) -> np.ndarray:
+    """Post-processing's minimum size, re-derived: 26-connected components of fewer voxels removed."""
+    components, count = ndimage.label(mask, np.ones((3, 3, 3)))
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    return mask & (sizes[components] >= voxels)
+
+
+def test_find_best_under_the_atlas2_protocol_ranks_the_grid_by_the_challenges_mean_rank(
+    selection_home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    metrics = ["dice", "volume_difference_voxels", "lesion_count_difference", "lesion_f1"]
+    assert find_best_main(["--protocol", "atlas2", "-c", "3d_resunet", "-tr", ZOOM, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    selection = json.loads((selection_home / "results" / NAME / "model_selection.json").read_text())
+    postprocessing = json.loads((selection_home / "results" / NAME / "postprocessing.json").read_text())
+    assert selection["protocol"]["name"] == "atlas2" and selection["protocol"]["lesion_connectivity"] == 6
+    assert selection["metric"] == postprocessing["metric"] == "mean_rank" and postprocessing["protocol"] == "atlas2"
+    assert printed.startswith("protocol: atlas2 (ATLAS R2.0 grand challenge evaluation): lesions 6-connected")
+
+    # the grid's means, re-derived at two points: the member's masks (baseline: lesions shifted by one voxel)
+    # as they are, and without lesions under 10 voxels (which drops the small 2x2x2 lesions)
+    points = {(g["threshold"], g["min_lesion_voxels"]): g for g in selection["grid"]}
+    for size in (0, 10):
+        values = {name: [] for name in metrics}
+        for case in CASES:
+            reference = read_image(selection_home / "raw" / NAME / "labelsTr" / f"{case}.nii.gz", np.uint8)[0] > 0
+            member = _members_outputs(reference.astype(np.uint8))[("3d_resunet", ZOOM)] >= 0.5
+            for name, value in _atlas2_metrics(_without_small_lesions(member, size), reference).items():
+                values[name].append(value)
+        expected = {name: float(np.mean(found)) for name, found in values.items()}
+        assert points[(0.5, size)]["means"] == pytest.approx(expected, abs=1e-9)
+    assert points[(0.5, 10)]["means"]["lesion_f1"] < points[(0.5, 0)]["means"]["lesion_f1"]
+
+    # the mean rank of every point, re-derived: rank = 1 + points strictly better + half the other tied points
+    grid = selection["grid"]
+    for point in grid:
+        ranks = []
+        for name in metrics:
+            sign = 1 if name in ("dice", "lesion_f1") else -1
+            mine = sign * point["means"][name]
+            better = sum(sign * other["means"][name] > mine for other in grid)
+            tied = sum(sign * other["means"][name] == mine for other in grid) - 1
+            ranks.append(1 + better + tied / 2)
+        assert point["score"] == pytest.approx(np.mean(ranks))
+    best = min(g["score"] for g in grid)
+    # every threshold gives the same masks, so the tie goes to 0.5; removing lesions only loses
+    assert postprocessing["score"] == best
+    assert (postprocessing["threshold"], postprocessing["min_lesion_voxels"]) == (0.5, 0)
+    assert f"mean_rank {best:.4f}" in printed and "its means: dice " in printed
+
+
+def test_find_best_option_differences_use_the_protocols_metrics(selection_home: Path) -> None:
+    selection = find_best(metric="dice", progress=False, protocol="atlas2")
+    options = {(o["option"], o["candidate"]): o for o in selection["options"]}
+    histeq = options[("histogram equalization", f"3d_resunet_histeq/{ZOOM}")]
+    differences = histeq["differences"]
+    assert [name for name in differences if name != "cases"] == [
+        "dice",
+        "volume_difference_voxels",
+        "lesion_count_difference",
+        "lesion_f1",
+    ]
+    expected = {name: [] for name in differences if name != "cases"}
+    for case in CASES:
+        reference = read_image(selection_home / "raw" / NAME / "labelsTr" / f"{case}.nii.gz", np.uint8)[0] > 0
+        outputs = _members_outputs(reference.astype(np.uint8))
+        candidate, baseline = (
+            _atlas2_metrics(outputs[m] >= 0.5, reference) for m in (("3d_resunet_histeq", ZOOM), ("3d_resunet", ZOOM))
+        )
+        for name in expected:
+            expected[name].append(candidate[name] - baseline[name])
+    for name, values in expected.items():
+        assert differences[name]["mean"] == pytest.approx(np.mean(values), abs=1e-9)
+    assert differences["lesion_count_difference"]["mean"] > 0  # the false positive adds a lesion
+
+
+def test_find_best_refuses_a_metric_the_protocol_has_not(selection_home: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(UsageError, match="metric 'dice_hausdorff' is not one of the isles22 protocol's: mean_rank"):
+        find_best(metric="dice_hausdorff", progress=False, protocol="isles22")
+    assert find_best_main(["--protocol", "autoseg", "--metric", "mean_rank", "--no-progress"]) == 1
+    assert "metric 'mean_rank' is not one of the autoseg protocol's: dice_hausdorff, dice" in capsys.readouterr().err

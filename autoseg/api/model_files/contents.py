@@ -10,6 +10,7 @@ from pathlib import Path
 from autoseg.api.model_files.layout import FOLD_ENTRY, MANIFEST_FILE, ModelFile, ModelFileError, same_file
 from autoseg.errors import AutosegError
 from autoseg.infer.postprocessing import read_tuned_postprocessing
+from autoseg.infer.quality import QCCalibration
 from autoseg.io.checkpoints import CheckpointError, load_checkpoint, non_plain_values
 from autoseg.io.files import read_json
 from autoseg.networks.factory import (
@@ -20,7 +21,7 @@ from autoseg.networks.factory import (
     layout_bytes,
     weights_problem,
 )
-from autoseg.paths import PLANS_FILE, POSTPROCESSING_FILE, SELECTION_FILE
+from autoseg.paths import PLANS_FILE, POSTPROCESSING_FILE, QC_CALIBRATION_FILE, SELECTION_FILE
 from autoseg.plans import Plans, PlansError
 
 __all__ = ["CHECKPOINT_OVERHEAD_BYTES", "check_contents"]
@@ -107,14 +108,14 @@ def _check_members_not_extended(model: ModelFile, target: Path) -> None:
 
 
 def _check_dataset_files(model: ModelFile, folder: Path, target: Path) -> None:
-    """``postprocessing.json`` and ``model_selection.json`` may come only for exactly the zip's members (the
+    """``postprocessing.json``, ``qc_calibration.json`` and ``model_selection.json`` may come only for exactly the zip's members (the
     manifest's, each of which brings its checkpoints), and may not replace an installed one that concerns other
     members, nor, where there is none, make the zip's members the dataset's default beside members already trained
     there (``autoseg_predict -d`` predicts with the members these files name): a model file changes nothing of
     another member."""
     members = sorted(model.manifest["members"])
     others = [member for member in _trained_members(target) if member not in members]
-    for name in (POSTPROCESSING_FILE, SELECTION_FILE):
+    for name in (POSTPROCESSING_FILE, QC_CALIBRATION_FILE, SELECTION_FILE):
         if name not in model.entries:
             continue
         theirs = _members_of(model, folder / name, name)
@@ -156,11 +157,13 @@ def _trained_members(folder: Path) -> list[str]:
 
 
 def _members_of(model: ModelFile, path: Path, name: str) -> list[str]:
-    """The sorted members a ``postprocessing.json`` or ``model_selection.json`` concerns (for the latter its chosen
-    members, which must be those of its own post-processing)."""
+    """The sorted members a ``postprocessing.json``, ``qc_calibration.json`` or ``model_selection.json`` concerns (for
+    the last its chosen members, which must be those of its own post-processing)."""
     try:
         if name == POSTPROCESSING_FILE:
             return sorted(read_tuned_postprocessing(path).members)
+        if name == QC_CALIBRATION_FILE:
+            return sorted(QCCalibration.from_json(read_json(path), str(path)).members)
         selection = read_json(path)
         chosen = selection.get("chosen", {}).get("members") if isinstance(selection, dict) else None
         tuned = selection.get("postprocessing", {}).get("members") if isinstance(selection, dict) else None

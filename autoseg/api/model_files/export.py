@@ -34,6 +34,7 @@ from autoseg.paths import (
     FINGERPRINT_FILE,
     PLANS_FILE,
     POSTPROCESSING_FILE,
+    QC_CALIBRATION_FILE,
     SELECTION_FILE,
     choose_dataset,
     default_configurations,
@@ -147,12 +148,13 @@ def _add_members(
 
 
 def _add_dataset_files(entries: _Entries, dataset: str, members: list[str], selected: bool) -> None:
-    """Add the top-level files: the post-processing tuned for exactly ``members``, the model selection when the
-    members came from it, the fingerprint summary when there is one, and ``dataset.json``."""
+    """Add the top-level files: the post-processing and the QC calibration tuned for exactly ``members``, the model
+    selection when the members came from it, the fingerprint summary when there is one, and ``dataset.json``."""
     folder = results_folder(dataset)
-    tuned = folder / POSTPROCESSING_FILE
-    if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
-        entries.add(POSTPROCESSING_FILE, tuned.read_bytes())
+    for name in (POSTPROCESSING_FILE, QC_CALIBRATION_FILE):
+        tuned = folder / name
+        if tuned.is_file() and sorted(read_json(tuned).get("members", [])) == sorted(members):
+            entries.add(name, tuned.read_bytes())
     if selected:
         entries.add(SELECTION_FILE, (folder / SELECTION_FILE).read_bytes())
     summary = _fingerprint_summary(dataset)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.errors import AutosegError
-from autoseg.paths import POSTPROCESSING_FILE, SELECTION_FILE
+from autoseg.paths import POSTPROCESSING_FILE, QC_CALIBRATION_FILE, SELECTION_FILE
 
 #: The manifest's entry name, at the root of the zip.
 MANIFEST_FILE = "manifest.json"
@@ -20,7 +20,7 @@ MANIFEST_FORMAT = 1
 FINGERPRINT_SUMMARY_FILE = "fingerprint_summary.json"
 DATASET_FILE = "dataset.json"
 #: Entries a model file may hold at its root, besides the manifest.
-TOP_LEVEL_FILES = (POSTPROCESSING_FILE, SELECTION_FILE, FINGERPRINT_SUMMARY_FILE, DATASET_FILE)
+TOP_LEVEL_FILES = (POSTPROCESSING_FILE, SELECTION_FILE, QC_CALIBRATION_FILE, FINGERPRINT_SUMMARY_FILE, DATASET_FILE)
 #: ``CONFIGURATION/TRAINER/fold_K/plans.json`` or ``.../checkpoint_NAME.pth``: the only other entries.
 FOLD_ENTRY = re.compile(r"^(?P<fold>(?P<member>[\w.-]+/[\w.-]+)/fold_\w+)/(plans\.json|checkpoint_\w+\.pth)$")
 
