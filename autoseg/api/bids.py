@@ -49,6 +49,8 @@ import pandas as pd
 
 import autoseg
 from autoseg.api.predict import ModelChoice, ModelDescription, PredictionOptions, describe_model, predict
+from autoseg.api.predict_inputs import InputCase
+from autoseg.api.predict_outputs import output_files, report_rows
 from autoseg.errors import AutosegError, ExistingOutputError, InvalidFileError, MissingFileError, UsageError
 from autoseg.io.files import atomic_path, check_output_folder, read_json, write_json
 from autoseg.io.headers import split_ending
@@ -98,6 +100,8 @@ SOURCE_LINK = "raw"
 #: Entities of every mask and of every probability map (``space-orig``: on the source image's own grid).
 MASK_ENTITIES = "space-orig_desc-lesion_mask"
 PROBSEG_ENTITIES = "space-orig_label-L_probseg"
+#: BIDS has no suffix for an uncertainty map: it keeps the entities of its mask, and ``.bidsignore`` lists it.
+UNCERTAINTY_ENTITIES = "space-orig_desc-lesion_uncertainty"
 #: Run-level files of the derivatives dataset (besides ``dataset_description.json``).
 CASE_TABLE, LESION_TABLE, SUMMARY_FILE = "lesions.tsv", "lesion_table.tsv", "prediction_summary.json"
 #: Hidden folder of the output where the inputs are staged and ``predict`` writes; removed after a run that ends
@@ -269,6 +273,10 @@ class BidsCase:
     def probseg(self, output: Path) -> Path:
         """The lesion probability map's path in ``output``."""
         return self.folder(output) / f"{self.identifier}_{PROBSEG_ENTITIES}.nii.gz"
+
+    def uncertainty(self, output: Path) -> Path:
+        """The uncertainty map's path in ``output`` (:data:`UNCERTAINTY_ENTITIES`)."""
+        return self.folder(output) / f"{self.identifier}_{UNCERTAINTY_ENTITIES}.nii.gz"
 
 
 @dataclass(frozen=True)
@@ -610,7 +618,7 @@ def predict_bids(
         log(problem.line())
     to_predict = []
     for case in cases:
-        if options.overwrite or not _complete(case, output, options.save_probabilities):
+        if options.overwrite or not _complete(case, output, options):
             to_predict.append(case)
         else:
             summary.skipped.append(case.mask(output))
@@ -624,9 +632,11 @@ def predict_bids(
     return summary
 
 
-def _complete(case: BidsCase, output: Path, save_probabilities: bool) -> bool:
-    """Whether a case's derivatives exist: the sidecar is written last, so with it the mask (and map) are whole."""
-    needed = [case.mask(output), case.sidecar(output)] + ([case.probseg(output)] if save_probabilities else [])
+def _complete(case: BidsCase, output: Path, options: PredictionOptions) -> bool:
+    """Whether a case's derivatives exist: the sidecar is written last, so with it the mask (and maps) are whole."""
+    needed = [case.mask(output), case.sidecar(output)]
+    needed += [case.probseg(output)] if options.save_probabilities else []
+    needed += [case.uncertainty(output)] if options.save_uncertainty else []
     return all(path.is_file() for path in needed)
 
 
@@ -668,25 +678,29 @@ def _predict_staged(
     predicted = {split_ending(path)[0] for path in result.written} | set(result.skipped)
     for case in cases:
         if case.identifier in predicted:
-            _write_derivatives(case, predictions, output, model, options.save_probabilities)
+            _write_derivatives(case, predictions, output, model, options)
             summary.written.append(case.mask(output))
     shutil.rmtree(staging)
 
 
 def _write_derivatives(
-    case: BidsCase, predictions: Path, output: Path, model: Mapping[str, Any], save_probabilities: bool
+    case: BidsCase, predictions: Path, output: Path, model: Mapping[str, Any], options: PredictionOptions
 ) -> None:
-    """Write one case's mask (binary, the first channel's header), probability map and sidecar (last) from what
-    :func:`predict` wrote under ``predictions``."""
-    ending = split_ending(case.sources[0])[1]
-    labels, geometry = read_image(predictions / f"{case.identifier}{ending}")
+    """Write one case's mask (binary, the first channel's header), probability and uncertainty maps and sidecar
+    (last) from what :func:`predict` wrote under ``predictions`` (:func:`autoseg.api.predict_outputs.output_files`)."""
+    staged = InputCase(case.identifier, case.sources, split_ending(case.sources[0])[1])
+    predicted = output_files(predictions, staged, options.save_probabilities, options.save_uncertainty)
+    labels, geometry = read_image(predicted.labels)
     write_like((labels != 0).astype(np.uint8), geometry, case.mask(output), case.sources[0])  # 0: background
-    if save_probabilities:
-        probabilities = predictions / f"{case.identifier}_probabilities.nii.gz"
-        os.replace(probabilities, case.probseg(output))  # written by predict with the first channel's header
-    report_path = predictions / f"{case.identifier}_lesions.json"
-    report = read_json(report_path) if report_path.is_file() else None
-    write_json(_sidecar(case, model, report), case.sidecar(output))
+    # the maps are written by predict with the first channel's header already
+    if predicted.probabilities is not None:
+        os.replace(predicted.probabilities, case.probseg(output))
+    if predicted.uncertainty is not None:
+        os.replace(predicted.uncertainty, case.uncertainty(output))
+    sidecar = _sidecar(case, model, read_json(predicted.report))
+    if predicted.uncertainty is not None:
+        sidecar["UncertaintyMap"] = case.uncertainty(output).name
+    write_json(sidecar, case.sidecar(output))
 
 
 def _uri(relative: str) -> str:
@@ -694,10 +708,24 @@ def _uri(relative: str) -> str:
     return f"bids:{SOURCE_LINK}:{relative}"
 
 
-def _sidecar(case: BidsCase, model: Mapping[str, Any], report: Mapping[str, Any] | None) -> dict[str, Any]:
+#: The keys of a lesion report (``CASE_lesions.json``, ``autoseg.infer.lesions``) kept in each mask's sidecar, and
+#: their names there; its file names (``case``, ``files``, ``mask``, ...) name the staged files and are left out.
+REPORT_KEYS = {
+    "lesion_count": "LesionCount",
+    "total_volume_ml": "LesionVolumeMl",
+    "voxel_volume_ml": "VoxelVolumeMl",
+    "qc": "QC",
+    "input_warnings": "InputWarnings",
+    "midline": "Midline",
+    "conventions": "Conventions",
+    "lesions": "Lesions",
+}
+
+
+def _sidecar(case: BidsCase, model: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
     """The mask's JSON sidecar: BIDS's mask fields (``Type``, ``Sources``, ``SpatialReference``), the model, and
-    the lesion report of :func:`predict` (volume in ml, lesions, QC)."""
-    sidecar: dict[str, Any] = {
+    the lesion report of :func:`predict` (:data:`REPORT_KEYS`: volume in ml, lesions, QC)."""
+    return {
         "Type": "Lesion",
         "Description": "Lesion mask predicted by autoseg: 1 inside a lesion (any non-background label of the "
         "model), 0 outside, on the grid and with the header of its first source image.",
@@ -705,20 +733,8 @@ def _sidecar(case: BidsCase, model: Mapping[str, Any], report: Mapping[str, Any]
         "SpatialReference": _uri(case.relative[0]),
         "Manual": False,
         "Model": {**model, "Channels": {name: _uri(path) for name, path in zip(model["Channels"], case.relative)}},
+        **{name: report[key] for key, name in REPORT_KEYS.items() if key in report},
     }
-    if report is not None:
-        sidecar.update(
-            {
-                "LesionCount": report["lesion_count"],
-                "LesionVolumeMl": report["total_volume_ml"],
-                "VoxelVolumeMl": report["voxel_volume_ml"],
-                "QC": report["qc"],
-                "InputWarnings": report.get("input_warnings", []),
-                "Conventions": report["conventions"],
-                "Lesions": report["lesions"],
-            }
-        )
-    return sidecar
 
 
 def _model_json(model: ModelDescription) -> dict[str, Any]:
@@ -793,35 +809,50 @@ def _check_description(path: Path, description: Mapping[str, Any], overwrite: bo
             )
 
 
-#: The per-mask table's columns (``lesions.tsv``) and their descriptions (``lesions.json``).
-CASE_COLUMNS = {
+#: What locates a row of the BIDS tables, before the columns of ``lesions.csv`` and ``lesion_table.csv``
+#: (:data:`autoseg.api.predict_outputs.CASE_COLUMNS`, ``LESION_COLUMNS``, without ``case``).
+_ROW_KEYS = {
     "participant_id": {"Description": "Subject label, sub-<label>."},
     "session_id": {"Description": "Session label, ses-<label>; n/a without sessions."},
     "mask": {"Description": "The lesion mask, relative to this dataset."},
+}
+#: The columns of ``lesions.tsv`` (one row per mask) and their descriptions (``lesions.json``).
+CASE_TABLE_COLUMNS = {
+    **_ROW_KEYS,
     "lesion_count": {"Description": "Number of lesions: 26-connected components of the mask."},
     "total_volume_ml": {"Description": "Volume of the mask: voxels x the source's voxel volume.", "Units": "mL"},
-    "qc_score": {"Description": "Quality-control score of the prediction (0-1; higher is more reliable)."},
-    "review": {
-        "Description": "Whether the QC score flags the case for review.",
-        "Levels": {"true": "check this mask", "false": "not flagged"},
+    "qc_score": {
+        "Description": "Quality-control score of the prediction, 0-1, higher is more reliable "
+        "(documentation/quality_control.md)."
     },
-    "input_warnings": {"Description": "Number of input checks against the training data that warned."},
+    "review": {
+        "Description": "Whether the case is flagged for review.",
+        "Levels": {"True": "check the mask", "False": "not flagged"},
+    },
+    "review_reasons": {"Description": "Why the case is flagged, '; '-separated."},
+    "input_warnings": {"Description": "Input checks against the training data that warned, '; '-separated."},
 }
-#: The per-lesion table's columns (``lesion_table.tsv``) and their descriptions (``lesion_table.json``).
-LESION_COLUMNS = {
-    "participant_id": CASE_COLUMNS["participant_id"],
-    "session_id": CASE_COLUMNS["session_id"],
-    "mask": CASE_COLUMNS["mask"],
+#: The columns of ``lesion_table.tsv`` (one row per lesion) and their descriptions (``lesion_table.json``).
+LESION_TABLE_COLUMNS = {
+    **_ROW_KEYS,
     "lesion": {"Description": "Lesion index in the mask, 1 the largest."},
+    "label": {"Description": "The model's declared label value most of the lesion's voxels carry."},
     "voxels": {"Description": "Voxels of the lesion."},
     "volume_ml": {"Description": "Volume of the lesion: voxels x the source's voxel volume.", "Units": "mL"},
-    "centroid_ras_x": {
-        "Description": "Centroid, world x (RAS: towards the subject's right is negative).",
-        "Units": "mm",
+    "hemisphere": {
+        "Description": "The patient's side of the mid-sagittal plane holding at least 90% of the lesion.",
+        "Levels": {"left": "left", "right": "right", "midline": "across the midline", "unknown": "no midline found"},
     },
-    "centroid_ras_y": {"Description": "Centroid, world y (RAS: anterior positive).", "Units": "mm"},
-    "centroid_ras_z": {"Description": "Centroid, world z (RAS: superior positive).", "Units": "mm"},
-    "hemisphere": {"Description": "Side of the centroid.", "Levels": {"left": "", "right": "", "midline": ""}},
+    **{
+        f"centroid_ras_{axis}_mm": {
+            "Description": f"Centroid, world {axis} (RAS: x left to right, y posterior to "
+            "anterior, z inferior to superior).",
+            "Units": "mm",
+        }
+        for axis in "xyz"
+    },
+    "bbox_start": {"Description": "Bounding box start, voxel indices i j k of the mask (inclusive)."},
+    "bbox_stop": {"Description": "Bounding box stop, voxel indices i j k of the mask (exclusive)."},
     "mean_probability": {"Description": "Mean lesion probability inside the lesion."},
     "max_probability": {"Description": "Largest lesion probability inside the lesion."},
 }
@@ -829,55 +860,39 @@ LESION_COLUMNS = {
 
 def _write_tables(output: Path) -> None:
     """``lesions.tsv`` (one row per mask) and ``lesion_table.tsv`` (one row per lesion) of every mask sidecar in
-    ``output``, with their JSON column descriptions; ``n/a`` where a value is missing (BIDS tabular files)."""
+    ``output`` (the rows of ``lesions.csv`` and ``lesion_table.csv``, :func:`autoseg.api.predict_outputs.report_rows`,
+    located by subject, session and mask), with their JSON column descriptions; ``n/a`` where a value is missing
+    (BIDS tabular files)."""
     from bids.layout import parse_file_entities
 
     cases, lesions = [], []
     for sidecar in sorted(output.glob(f"sub-*/**/*_{MASK_ENTITIES}.json")):
         data = read_json(sidecar)
         entities = parse_file_entities(sidecar.as_posix())
-        mask = sidecar.relative_to(output).as_posix().removesuffix(".json") + ".nii.gz"
         keys = {
             "participant_id": f"sub-{entities['subject']}",
             "session_id": f"ses-{entities['session']}" if "session" in entities else None,
-            "mask": mask,
+            "mask": sidecar.relative_to(output).as_posix().removesuffix(".json") + ".nii.gz",
         }
-        qc = data.get("QC") or {}
-        cases.append(
-            {
-                **keys,
-                "lesion_count": data.get("LesionCount"),
-                "total_volume_ml": data.get("LesionVolumeMl"),
-                "qc_score": qc.get("score"),
-                "review": None if "review" not in qc else str(bool(qc["review"])).lower(),
-                "input_warnings": len(data.get("InputWarnings", [])) if "InputWarnings" in data else None,
-            }
-        )
-        for lesion in data.get("Lesions", []):
-            centroid = lesion.get("centroid_ras_mm") or [None] * 3
-            lesions.append(
-                {
-                    **keys,
-                    "lesion": lesion.get("index"),
-                    "voxels": lesion.get("voxels"),
-                    "volume_ml": lesion.get("volume_ml"),
-                    **{f"centroid_ras_{axis}": value for axis, value in zip("xyz", centroid)},
-                    "hemisphere": lesion.get("hemisphere"),
-                    "mean_probability": lesion.get("mean_probability"),
-                    "max_probability": lesion.get("max_probability"),
-                }
-            )
-    for name, rows, columns in ((CASE_TABLE, cases, CASE_COLUMNS), (LESION_TABLE, lesions, LESION_COLUMNS)):
+        report = {key: data[name] for key, name in REPORT_KEYS.items() if name in data}
+        case, rows = report_rows({**report, "case": None})
+        cases.append({**keys, **case})
+        lesions += [{**keys, **row} for row in rows]
+    for name, rows, columns in (
+        (CASE_TABLE, cases, CASE_TABLE_COLUMNS),
+        (LESION_TABLE, lesions, LESION_TABLE_COLUMNS),
+    ):
         with atomic_path(output / name, suffix=".tsv") as temporary:
             pd.DataFrame(rows, columns=list(columns)).to_csv(temporary, sep="\t", index=False, na_rep="n/a")
         write_json(columns, output / name.replace(".tsv", ".json"))
 
 
 def _write_bidsignore(output: Path) -> None:
-    """``.bidsignore``: the run's summary, which is no BIDS file, for the BIDS validator."""
+    """``.bidsignore``: the run's summary, the staging folder and the uncertainty maps, which are no BIDS files, for
+    the BIDS validator."""
     path = output / ".bidsignore"
     with atomic_path(path, suffix=".txt") as temporary:
-        temporary.write_text(f"{SUMMARY_FILE}\n{STAGING}/\n", encoding="utf-8")
+        temporary.write_text(f"{SUMMARY_FILE}\n{STAGING}/\n*_{UNCERTAINTY_ENTITIES}.nii.gz\n", encoding="utf-8")
 
 
 def _summary_json(

@@ -22,6 +22,8 @@ import pytest
 
 import autoseg
 from autoseg.api.bids import (
+    CASE_TABLE_COLUMNS,
+    LESION_TABLE_COLUMNS,
     BidsDatasetError,
     BidsSelection,
     channel_suffixes,
@@ -32,8 +34,11 @@ from autoseg.api.bids import (
     read_filter_file,
 )
 from autoseg.api.predict import ModelChoice, PredictionOptions
+from autoseg.api.predict_outputs import CASE_COLUMNS, LESION_COLUMNS
 from autoseg.commands.predict import main as predict_main
 from autoseg.errors import InvalidFileError, UsageError
+from autoseg.infer.lesions import lesion_report
+from autoseg.io.files import write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import write_image
 
@@ -366,13 +371,26 @@ def test_predict_a_bids_dataset_into_a_derivatives_dataset(
     assert {f.get_entities().get("session") for f in found} == {None, "1", "2"}
     assert all(f.get_metadata()["Type"] == "Lesion" for f in found)
 
+    # volumes: an independent count on the written mask times the source's voxel volume
     cases = pd.read_csv(out / "lesions.tsv", sep="\t", keep_default_na=False)
+    lesions = pd.read_csv(out / "lesion_table.tsv", sep="\t", keep_default_na=False)
     assert cases[["participant_id", "session_id", "mask"]].values.tolist() == [
         ["sub-01", "n/a", list(EXPECTED_MASKS)[0]],
         ["sub-02", "ses-1", list(EXPECTED_MASKS)[1]],
         ["sub-02", "ses-2", list(EXPECTED_MASKS)[2]],
     ]
-    assert set(json.loads((out / "lesions.json").read_text())) == set(cases.columns)
+    for row, (mask, source) in zip(cases.itertuples(), EXPECTED_MASKS.items()):
+        voxels = np.count_nonzero(np.asanyarray(nibabel.load(str(out / mask)).dataobj))
+        expected_ml = voxels * np.prod(nibabel.load(str(bids_root / source)).header.get_zooms()[:3]) / 1000
+        sidecar = json.loads((out / mask.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["LesionVolumeMl"] == pytest.approx(expected_ml, rel=1e-6) and voxels > 0
+        assert row.total_volume_ml == pytest.approx(expected_ml, rel=1e-6)
+        assert row.lesion_count == sidecar["LesionCount"] == len(sidecar["Lesions"]) == (lesions["mask"] == mask).sum()
+        assert lesions[lesions["mask"] == mask]["voxels"].sum() == voxels
+        assert 0 <= row.qc_score <= 1 and row.qc_score == sidecar["QC"]["score"]
+        assert str(row.review) == str(sidecar["QC"]["review"])
+    assert list(json.loads((out / "lesions.json").read_text())) == list(cases.columns)
+    assert list(json.loads((out / "lesion_table.json").read_text())) == list(lesions.columns)
     summary = json.loads((out / "prediction_summary.json").read_text())
     assert summary["counts"] == {"written": 3, "skipped": 0, "failed": 0, "not_predicted": 1}
     assert summary["not_predicted"][0]["participant_id"] == "sub-03"
@@ -389,6 +407,7 @@ def test_participant_labels_select_subjects_and_nothing_predicted_exits_1(
 ) -> None:
     out = tmp_path / "out"
     args = ["-m", str(MODEL), "--bids", str(bids_root), "-o", str(out), *QUIET, "--save-probabilities"]
+    args += ["--save-uncertainty"]
     assert predict_main([*args, "--participant-label", "sub-02", "--bids-filter", "session=1"]) == 0
     assert capsys.readouterr().out.startswith("wrote 1 mask(s)")
     probabilities = out / "sub-02/ses-1/anat/sub-02_ses-1_space-orig_label-L_probseg.nii.gz"
@@ -399,6 +418,14 @@ def test_participant_labels_select_subjects_and_nothing_predicted_exits_1(
         nibabel.load(str(out / "sub-02/ses-1/anat/sub-02_ses-1_space-orig_desc-lesion_mask.nii.gz")).dataobj
     )
     assert probability.min() >= 0 and probability.max() <= 1 and mask.any()
+    uncertainty = out / "sub-02/ses-1/anat/sub-02_ses-1_space-orig_desc-lesion_uncertainty.nii.gz"
+    assert _header_fields(uncertainty) == _header_fields(source)
+    entropy = np.asanyarray(nibabel.load(str(uncertainty)).dataobj)
+    p = probability.astype(np.float64).clip(1e-12, 1 - 1e-12)
+    np.testing.assert_allclose(entropy, -p * np.log2(p) - (1 - p) * np.log2(1 - p), atol=1e-4)
+    sidecar = json.loads((out / "sub-02/ses-1/anat/sub-02_ses-1_space-orig_desc-lesion_mask.json").read_text())
+    assert sidecar["UncertaintyMap"] == uncertainty.name
+    assert "*_space-orig_desc-lesion_uncertainty.nii.gz" in (out / ".bidsignore").read_text().splitlines()
     assert sorted(p.name for p in out.glob("sub-*")) == ["sub-02"]
 
     # a subject without the model's channel alone: nothing to predict, exit code 1
@@ -515,9 +542,13 @@ def test_staged_links_form_the_cases_predict_reads_in_channel_order(
             root / "sub-a/dwi/sub-a_dwi.nii.gz",
             root / "sub-a/dwi/sub-a_ADC.nii.gz",
         ]
-        labels = np.zeros((4, 5, 6), np.uint8)
-        labels[1, 2, 3] = 255  # a model whose dataset declared its lesion as 255
-        write_image(labels, geometry, Path(output) / f"{case.identifier}.nii.gz")
+        classes = np.zeros((4, 5, 6), np.uint8)
+        classes[1, 2, 3] = 1
+        write_image(classes * 255, geometry, Path(output) / f"{case.identifier}.nii.gz")  # declared 0/255
+        report = lesion_report(classes, geometry, case.images[0], {"background": 0, "lesion": 255}).to_json()
+        write_json(
+            {**report, "case": case.identifier, "qc": {"score": 0.5, "review": True}}, output / "sub-a_lesions.json"
+        )
         return PredictionSummary(written=[Path(output) / f"{case.identifier}.nii.gz"], cases=1)
 
     monkeypatch.setattr(bids_module, "predict", stand_in)
@@ -532,7 +563,15 @@ def test_staged_links_form_the_cases_predict_reads_in_channel_order(
     assert _header_fields(Path(mask.get_filename())) == _header_fields(root / "sub-a/dwi/sub-a_dwi.nii.gz")
     sidecar = json.loads((tmp_path / "out/sub-a/dwi/sub-a_space-orig_desc-lesion_mask.json").read_text())
     assert sidecar["Sources"] == ["bids:raw:sub-a/dwi/sub-a_dwi.nii.gz", "bids:raw:sub-a/dwi/sub-a_ADC.nii.gz"]
+    assert sidecar["LesionCount"] == 1 and sidecar["LesionVolumeMl"] == pytest.approx(0.006)  # 1 x 2 x 3 mm³
+    assert sidecar["Lesions"][0]["label"] == 255 and sidecar["QC"] == {"score": 0.5, "review": True}
     assert sidecar["Model"]["Channels"] == {
         "DWI": "bids:raw:sub-a/dwi/sub-a_dwi.nii.gz",
         "ADC": "bids:raw:sub-a/dwi/sub-a_ADC.nii.gz",
     }
+
+
+def test_the_bids_tables_have_the_columns_of_the_lesion_tables_located_by_subject_session_and_mask() -> None:
+    located = ["participant_id", "session_id", "mask"]
+    assert list(CASE_TABLE_COLUMNS) == located + list(CASE_COLUMNS)[1:]
+    assert list(LESION_TABLE_COLUMNS) == located + list(LESION_COLUMNS)[1:]
