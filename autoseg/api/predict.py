@@ -35,7 +35,13 @@ when it was tuned for exactly the members being ensembled, else from the first c
 Inputs: a folder of image files, or a single file, named by one rule (:func:`autoseg.data.dataset.cases_from_files`,
 ``documentation/dataset_format.md``): for a one-channel model every file is one case, named without its ending and
 without a final ``_0000``; for a model with C channels the files form complete cases ``CASE_0000`` ...
-``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected.
+``CASE_{C-1}``, and any other file set is an error that lists the offending files and the names expected. Files
+that form a multi-channel set (``X_0000``, ``X_0001``, ...) given to a one-channel model are refused unless
+``one_case_per_file`` says they are separate scans.
+
+Input checks (``autoseg.api.input_checks``): before it is predicted, each case is compared with the model's training
+ranges (spacing, size, orientation, foreground intensities per channel, channel names); a case outside them is
+predicted all the same, with one line per measure, and its warnings go into the summary (``input_warnings``).
 
 Outputs never overwrite inputs: before anything is written, :func:`check_outputs` refuses a run whose outputs (the
 data file of a ``.mhd``/``.nhdr`` label file and the summary included) would be an input file (``-i DIR -o DIR``
@@ -67,8 +73,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autoseg.api.input_checks import InputChecks, TrainingReference
 from autoseg.api.model_files import InstalledModel, install_for_prediction
-from autoseg.api.model_files.layout import FINGERPRINT_SUMMARY_FILE
 from autoseg.api.predict_inputs import InputCase, find_input_cases, read_case, read_case_list, select_cases
 from autoseg.api.predict_outputs import (
     SUMMARY_FILE,
@@ -105,13 +111,11 @@ from autoseg.machine import choose_device, choose_precision
 from autoseg.networks import build_network
 from autoseg.networks.factory import checkpoint_network_options, expected_weights, weights_problem
 from autoseg.paths import (
-    FINGERPRINT_FILE,
     PLANS_FILE,
     POSTPROCESSING_FILE,
     QC_CALIBRATION_FILE,
     choose_dataset,
     default_configurations,
-    preprocessed_folder,
     results_folder,
     trained_member,
     trainer_folder,
@@ -276,6 +280,9 @@ class PredictionOptions:
             (after ``case_list``), e.g. one part per job of a cluster array job.
         case_list: text file naming the cases to predict, one identifier per line (:func:`select_cases`); None:
             every case of the input.
+        one_case_per_file: every input file is a separate scan, also files named like the channels of one case
+            (``X_0000``, ``X_0001``, ...), which a one-channel model otherwise refuses (:func:`find_input_cases`).
+            Default False.
 
     Raises:
         UsageError: an unknown ``tta``, or a part that does not exist.
@@ -294,6 +301,7 @@ class PredictionOptions:
     num_parts: int = 1
     part_id: int = 0
     case_list: str | Path | None = None
+    one_case_per_file: bool = False
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_CHOICES:
@@ -343,7 +351,10 @@ def predict(
     name = installed.dataset if installed else choose_dataset(choice.dataset)
     torch_device, autocast_dtype = _choose_device(options.device)
     models = _load_members(name, installed, choice, options.checkpoint, torch_device)
-    inputs = find_input_cases(source, len(models[0].plans.channels))
+    channels = models[0].plans.channels
+    inputs = find_input_cases(
+        source, len(channels), one_case_per_file=options.one_case_per_file, channel_names=channels
+    )
     cases = inputs if options.case_list is None else select_cases(inputs, options.case_list)
     summary_file = summary_path(output, options.num_parts, options.part_id)
     check_outputs(inputs, cases, output, options.save_probabilities, summary_file, options.save_uncertainty)
@@ -351,7 +362,8 @@ def predict(
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not options.postprocessing:
         min_lesion_mm3 = 0.0
-    settings = _CaseSettings(threshold, min_lesion_mm3, models[0].plans.labels, *_quality_references(name, models))
+    checks = InputChecks.load(name, channels, log or _print_to_stderr)  # compared with the training cases, per case
+    settings = _CaseSettings(threshold, min_lesion_mm3, models[0].plans.labels, _calibration(name, models), checks)
     predictors = [
         Predictor(
             model.plans.configuration(model.configuration),
@@ -364,7 +376,7 @@ def predict(
         )
         for model in models
     ]
-    summary = PredictionSummary(cases=len(cases))
+    summary = PredictionSummary(cases=len(cases), input_checks=checks.to_json())
     for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
         _predict_or_skip(
             case,
@@ -473,43 +485,41 @@ def describe_model(choice: ModelChoice | None = None, checkpoint: str = "final")
 
 @dataclass(frozen=True)
 class _CaseSettings:
-    """What every case of a run is post-processed and judged by: threshold, minimum lesion size (mm³), the declared
-    labels, the QC calibration of exactly the members predicted (None: :data:`DEFAULT_REVIEW_THRESHOLD`) and the
-    training cases' lesion volumes (None: unknown)."""
+    """What every case of a run is checked, post-processed and judged by: threshold, minimum lesion size (mm³), the
+    declared labels, the QC calibration of exactly the members predicted (None: :data:`DEFAULT_REVIEW_THRESHOLD`) and
+    the input checks, whose training ranges also hold the training cases' lesion volumes."""
 
     threshold: float
     min_lesion_mm3: float
     labels: Mapping[str, int]
     calibration: QCCalibration | None
-    training: TrainingVolumes | None
+    checks: InputChecks
 
     @property
     def review_threshold(self) -> float:
         return DEFAULT_REVIEW_THRESHOLD if self.calibration is None else self.calibration.threshold
 
+    @property
+    def training(self) -> TrainingVolumes | None:
+        return training_volumes(self.checks.reference)
 
-def _quality_references(dataset: str, models: Sequence[Model]) -> tuple[QCCalibration | None, TrainingVolumes | None]:
-    """The QC calibration ``autoseg_find_best`` wrote for exactly these members (configuration/trainer pairs), and
-    the training cases' lesion volumes (:func:`training_volumes`); None for what is not there."""
-    calibration = None
+
+def training_volumes(reference: TrainingReference) -> TrainingVolumes | None:
+    """The training cases' lesion volumes from what a model knows of them (``autoseg.api.input_checks``); None
+    without training ranges."""
+    ranges = reference.ranges
+    return None if ranges is None else TrainingVolumes.from_ranges(ranges.lesion_count, ranges.lesion_volume_ml)
+
+
+def _calibration(dataset: str, models: Sequence[Model]) -> QCCalibration | None:
+    """The QC calibration ``autoseg_find_best`` wrote for exactly these members (configuration/trainer pairs), else
+    None."""
     path = results_folder(dataset) / QC_CALIBRATION_FILE
-    if path.is_file():
-        found = QCCalibration.from_json(read_json(path), str(path))
-        if sorted(found.members) == sorted(f"{m.configuration}/{m.trainer}" for m in models):
-            calibration = found
-    return calibration, training_volumes(dataset)
-
-
-def training_volumes(dataset: str) -> TrainingVolumes | None:
-    """The training cases' lesion volumes of a trained dataset: from the fingerprint summary a model file brought
-    (``AUTOSEG_RESULTS/<dataset>/fingerprint_summary.json``), else the dataset's ``fingerprint.json``; None when
-    neither exists or holds lesion volumes."""
-    for source in (results_folder(dataset) / FINGERPRINT_SUMMARY_FILE, preprocessed_folder(dataset) / FINGERPRINT_FILE):
-        if source.is_file():
-            found = read_json(source)
-            aggregate = found.get("aggregate") if isinstance(found, dict) else None
-            return TrainingVolumes.from_aggregate(aggregate) if isinstance(aggregate, dict) else None
-    return None
+    if not path.is_file():
+        return None
+    found = QCCalibration.from_json(read_json(path), str(path))
+    members = sorted(f"{m.configuration}/{m.trainer}" for m in models)
+    return found if sorted(found.members) == members else None
 
 
 def _predict_or_skip(
@@ -572,6 +582,7 @@ def _predict_case(
     declared values of the plans' ``labels`` (``dataset.json``'s), in the smallest integer type that holds them all
     (``autoseg.labels.values_from_classes``)."""
     images, geometry = read_case(case)
+    warnings = settings.checks.check(case, images, geometry)
     agreement = AgreementCounter(settings.threshold)
     probabilities, mirror_fit = _ensemble(predictors, images, geometry, agreement)
     midline = symmetry_midline(mirror_fit) or head_midline(images[0], geometry)
@@ -604,14 +615,16 @@ def _predict_case(
         "probabilities": None if targets.probabilities is None else targets.probabilities.name,
         "uncertainty": None if targets.uncertainty is None else targets.uncertainty.name,
         **lesions.to_json(),
-        "qc": _judge(components, lesions.total_volume_ml, lesions.lesion_count, settings),
-        "input_warnings": [],
+        "qc": _judge(components, lesions.total_volume_ml, lesions.lesion_count, warnings, settings),
+        "input_warnings": warnings,
     }
     write_json(report, targets.report)
     return report
 
 
-def _judge(components: QualityComponents, total_ml: float, count: int, settings: _CaseSettings) -> dict[str, Any]:
+def _judge(
+    components: QualityComponents, total_ml: float, count: int, warnings: Sequence[str], settings: _CaseSettings
+) -> dict[str, Any]:
     """The ``qc`` entry of a lesion report: score, review flag and its reasons, the components, the threshold and
     where it came from, and the expected Dice when calibrated."""
     score = qc_score(components)
@@ -630,6 +643,8 @@ def _judge(components: QualityComponents, total_ml: float, count: int, settings:
             reasons.append("no lesion found, but every training case had one")
         else:
             reasons.append(f"total lesion volume {total_ml:.3g} ml outside the training range {training.describe()}")
+    if warnings:
+        reasons.append(f"input outside the training range ({len(warnings)} measure(s), see input_warnings)")
     return {
         "score": score,
         "review": bool(reasons),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.data.dataset import CHANNEL_FILE, cases_from_files
+from autoseg.data.dataset import CHANNEL_FILE, cases_from_files, channel_sets
 from autoseg.errors import DataError, InvalidFileError, MissingFileError, UsageError
 from autoseg.io.geometry import Geometry
 from autoseg.io.headers import IMAGE_ENDINGS, split_ending
@@ -27,18 +27,44 @@ class InputCase:
     ending: str
 
 
-def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
+def find_input_cases(
+    source: str | Path,
+    num_channels: int,
+    *,
+    one_case_per_file: bool = False,
+    channel_names: Sequence[str] | None = None,
+) -> list[InputCase]:
     """The cases in a folder or file, sorted by identifier, by the naming rule of
     :func:`autoseg.data.dataset.cases_from_files`: for a one-channel model every file is one case (``CASE_0000.nii.gz``
     is case ``CASE``, ``sub_0001.nii.gz`` case ``sub_0001``); for C > 1 channels the files must form complete
     cases ``CASE_0000`` ... ``CASE_{C-1}``. A single ``CASE_XXXX`` file given to a multi-channel model takes its
     sibling channel files with it.
 
+    Files of a folder that form a multi-channel set (``X_0000``, ``X_0001``, ...:
+    :func:`autoseg.data.dataset.channel_sets`, e.g. the five channels of a CT perfusion case) are the channels of one
+    case, so a one-channel model refuses them rather than predict each channel as a scan, unless
+    ``one_case_per_file`` says they are separate scans. A single file is always one scan.
+
+    Args:
+        source: a folder of image files, or one image file.
+        num_channels: C, the channels the model takes.
+        one_case_per_file: every file is a scan of its own, also files named like the channels of one case
+            (``--one-case-per-file``); only for a one-channel model.
+        channel_names: the model's channel names, for the messages (default: their numbers).
+
     Raises:
         FileNotFoundError: ``source`` does not exist or holds no image files.
-        ValueError: files that break the naming rule; the message lists each with the names expected.
+        ValueError: files that break the naming rule (the message lists each with the names expected); a
+            multi-channel set given to a one-channel model (one line naming the set and the model's channel), or
+            ``one_case_per_file`` with a multi-channel model.
     """
     source = Path(source)
+    names = list(channel_names) if channel_names is not None else [str(c) for c in range(num_channels)]
+    if one_case_per_file and num_channels > 1:
+        raise UsageError(
+            f"--one-case-per-file is for a one-channel model; this model takes {num_channels} channels "
+            f"({', '.join(names)}), one file each: CASE_0000 ... CASE_{num_channels - 1:04d}"
+        )
     if source.is_file():
         match = CHANNEL_FILE.match(split_ending(source)[0])
         files = [source]
@@ -52,6 +78,8 @@ def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
         files = _image_files(source)
         if not files:
             raise MissingFileError(f"{source}: no image files ({', '.join(IMAGE_ENDINGS)})")
+        if num_channels == 1 and not one_case_per_file and (sets := channel_sets(files)):
+            raise UsageError(f"{source}: {_channel_sets_problem(sets, names)}")
     else:
         raise MissingFileError(f"{source}: no such file or folder")
     try:
@@ -59,6 +87,19 @@ def find_input_cases(source: str | Path, num_channels: int) -> list[InputCase]:
     except UsageError as error:
         raise UsageError(f"{source}: {error}") from None
     return [InputCase(case, paths, split_ending(paths[0])[1]) for case, paths in grouped]
+
+
+def _channel_sets_problem(sets: Sequence[tuple[str, tuple[Path, ...]]], channel_names: Sequence[str]) -> str:
+    """One line: the first multi-channel set (its files and count), how many more there are, and the model's
+    channel."""
+    name, files = sets[0]
+    shown = " ... ".join(p.name for p in (files if len(files) <= 2 else (files[0], files[-1])))
+    more = f" (and {len(sets) - 1} more such set(s): {', '.join(n for n, _ in sets[1:4])}{', ...' if len(sets) > 4 else ''})"
+    return (
+        f"{shown} form one case of {len(files)} channels ({name}){more if len(sets) > 1 else ''}, but the model "
+        f"takes 1 channel ({channel_names[0]}); predict them with a {len(files)}-channel model, or add "
+        "--one-case-per-file if every file is a separate scan"
+    )
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -90,7 +90,10 @@ class PredictionSummary:
         stale_temporaries: temporary files of a killed run that were removed.
         path: the JSON file this summary was written to (None before it is written).
         per_case: written and skipped cases -> ``lesion_count``, ``total_volume_ml``, ``qc_score``, ``review``,
-            ``review_reasons`` and ``input_warnings``, from their lesion reports.
+            ``review_reasons`` and ``input_warnings`` (``autoseg.api.input_checks``; an empty list: within every
+            training range, or not checked), from their lesion reports.
+        input_checks: what the cases were checked against: ``against`` (the file of the training ranges) and
+            ``note`` (why nothing was checked), each None when it does not apply; None: not recorded.
     """
 
     written: list[Path] = field(default_factory=list)
@@ -100,46 +103,57 @@ class PredictionSummary:
     stale_temporaries: int = 0
     path: Path | None = None
     per_case: dict[str, dict] = field(default_factory=dict)
+    input_checks: dict[str, object] | None = None
 
     @property
     def flagged(self) -> list[str]:
         """Cases flagged for review, in input order."""
         return [case for case, entry in self.per_case.items() if entry.get("review")]
 
+    @property
+    def warned(self) -> list[str]:
+        """Cases with at least one input warning, in input order."""
+        return [case for case, entry in self.per_case.items() if entry.get("input_warnings")]
+
     def to_json(self) -> dict[str, object]:
-        """The summary as written to ``prediction_summary*.json``: counts, then case identifiers per outcome."""
+        """The summary as written to ``prediction_summary*.json``: counts (``input_warnings``: cases with at least one
+        input warning; ``review``: cases flagged for review), then case identifiers per outcome, what the inputs were
+        checked against, and per written or skipped case its lesion count, volume, QC score, review flag and input
+        warnings."""
         return {
             "cases": self.cases,
             "counts": {
                 "written": len(self.written),
                 "skipped": len(self.skipped),
                 "failed": len(self.failed),
+                "input_warnings": len(self.warned),
                 "review": len(self.flagged),
             },
             "written": [split_ending(path)[0] for path in self.written],
             "skipped": list(self.skipped),
             "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in self.failed],
             "stale_temporaries_removed": self.stale_temporaries,
+            "input_checks": self.input_checks,
             "per_case": self.per_case,
         }
 
     def line(self, shown: int = 10) -> str:
-        """One line: how many cases were written, skipped (already done) and failed, naming up to ``shown`` of
-        the failed ones, and where the summary file is."""
+        """One line: how many cases were written, skipped (already done) and failed, how many had input warnings and
+        how many are flagged for review, naming up to ``shown`` of each, and where the summary file is."""
         text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
-        if self.failed:
-            names = ", ".join(f.identifier for f in self.failed[:shown])
-            more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
-            text += f", {len(self.failed)} failed: {names}{more}"
-        else:
-            text += ", 0 failed"
-        flagged = self.flagged
-        if flagged:
-            more = f" and {len(flagged) - shown} more" if len(flagged) > shown else ""
-            text += f"; {len(flagged)} flagged for review: {', '.join(flagged[:shown])}{more}"
-        else:
-            text += "; 0 flagged for review"
+        text += f", {_count_and_names([f.identifier for f in self.failed], 'failed', shown)}"
+        if self.warned:
+            text += f", {_count_and_names(self.warned, 'with input warnings', shown)}"
+        text += f"; {_count_and_names(self.flagged, 'flagged for review', shown)}"
         return f"{text}; summary: {self.path}" if self.path else text
+
+
+def _count_and_names(cases: Sequence[str], what: str, shown: int) -> str:
+    """``3 failed: a, b, c`` (up to ``shown`` names, then ``and N more``), or ``0 failed``."""
+    if not cases:
+        return f"0 {what}"
+    more = f" and {len(cases) - shown} more" if len(cases) > shown else ""
+    return f"{len(cases)} {what}: {', '.join(cases[:shown])}{more}"
 
 
 def summary_path(output: str | Path, num_parts: int = 1, part_id: int = 0, name: str = SUMMARY_FILE) -> Path:

@@ -56,6 +56,7 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm import tqdm
 
+from autoseg.api.input_checks import load_training_ranges
 from autoseg.api.predict import training_volumes
 from autoseg.data.dataset import find_dataset
 from autoseg.errors import DataError, MissingFileError, UsageError
@@ -294,7 +295,7 @@ def _calibrate_qc(
     plans' threshold; absent for validations from before it was recorded), the members' agreement from their
     validation probabilities when the ensemble has several members (each case is validated by one fold of each).
     None when fewer than two cases have a Dice (both masks empty leaves it undefined)."""
-    training = training_volumes(dataset)
+    training = training_volumes(load_training_ranges(dataset))
     threshold, min_mm3 = postprocessing["threshold"], postprocessing["min_lesion_mm3"]
     summaries: dict[Path, dict[str, Any]] = {}
     scores, dice_values = [], []

@@ -15,7 +15,8 @@ def parser() -> argparse.ArgumentParser:
         prog="autoseg_predict",
         description="Segment a folder of scans or one file with trained models; writes OUTPUT/CASE<ending> uint8 "
         "labels in the input's geometry. Names: for a one-channel model every file is one case (a final "
-        "_0000 is dropped from its name); for C channels the files form complete cases CASE_0000 ... "
+        "_0000 is dropped from its name; files X_0000, X_0001, ... are one multi-channel case and refused unless "
+        "--one-case-per-file); for C channels the files form complete cases CASE_0000 ... "
         "CASE_{C-1} (documentation/dataset_format.md).",
     )
     p.add_argument("-i", "--input", help="folder of images, or one image file (or --bids)")
@@ -80,6 +81,12 @@ def parser() -> argparse.ArgumentParser:
         help="text file of case identifiers to predict, one per line (# comments and blank lines "
         "ignored); split by --num-parts like all cases",
     )
+    p.add_argument(
+        "--one-case-per-file",
+        action="store_true",
+        help="every file is a separate scan, also files named like the channels of one case (X_0000, X_0001, ...), "
+        "which a one-channel model otherwise refuses",
+    )
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_bids_arguments(p)
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             num_parts=args.num_parts,
             part_id=args.part_id,
             case_list=args.case_list,
+            one_case_per_file=args.one_case_per_file,
         )
         if args.bids:
             return _predict_bids(args, choice, options)

@@ -19,7 +19,10 @@ place and renamed into it at the end (:func:`staged_dataset`), so a dataset fold
 Files to predict (:func:`cases_from_files`) follow one rule, whatever digits a plain name ends in:
 
 - one-channel model: every file is one case, named by the file without its ending, and without a final
-  ``_0000`` if it has one (``CASE_0000.nii.gz`` -> ``CASE``; ``sub_0001.nii.gz`` -> ``sub_0001``);
+  ``_0000`` if it has one (``CASE_0000.nii.gz`` -> ``CASE``; ``sub_0001.nii.gz`` -> ``sub_0001``); files that form
+  a multi-channel set (``X_0000``, ``X_0001``, ...: :func:`channel_sets`) are the channels of one case, not scans,
+  and prediction refuses them unless told they are separate scans (``--one-case-per-file``,
+  ``autoseg.api.predict_inputs.find_input_cases``);
 - model with C > 1 channels: the files must form complete cases ``CASE_0000`` ... ``CASE_{C-1}``, one file
   per channel; anything else is an error listing the offending files and the names expected.
 """
@@ -121,6 +124,27 @@ def cases_from_files(files: Sequence[Path], num_channels: int) -> list[tuple[str
             f"channel(s) ({rule}):\n" + "\n".join(f"  {problem}" for problem in problems)
         )
     return cases
+
+
+def channel_sets(files: Sequence[Path]) -> list[tuple[str, tuple[Path, ...]]]:
+    """The multi-channel sets among ``files``: every name ``X`` for which both ``X_0000`` and ``X_0001`` are there
+    (channels 0 … k, k ≥ 1, as a multi-channel case is named), with all of its ``X_XXXX`` files in channel order;
+    sorted by ``X``. A lone ``X_0000`` or ``sub_0001`` is no set.
+
+    Example:
+        >>> channel_sets([Path("ctp_0000.nii.gz"), Path("ctp_0001.nii.gz"), Path("sub_0001.nii.gz")])
+        [("ctp", (Path("ctp_0000.nii.gz"), Path("ctp_0001.nii.gz")))]
+    """
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(files):
+        match = CHANNEL_FILE.match(split_ending(path)[0])
+        if match:
+            groups.setdefault(match.group(1), []).append((int(match.group(2)), path))
+    return [
+        (name, tuple(path for _, path in sorted(members)))
+        for name, members in sorted(groups.items())
+        if {0, 1} <= {channel for channel, _ in members}
+    ]
 
 
 class DatasetError(AutosegError, RuntimeError):

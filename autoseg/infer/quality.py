@@ -18,7 +18,7 @@ computes anyway, so it is written on the input's grid at no extra cost.
 **QC score** (:func:`qc_score`), in [0, 1], higher is better: the mean of the agreement and confidence components
 that are available (``member_agreement``; ``mirroring_agreement``; ``confidence`` = 1 − the mean predictive entropy
 over the predicted lesion's voxels), times ``volume_plausibility``: 1 when the total predicted volume lies within
-the training cases' range (``aggregate.case_lesion_volumes_mm3`` of the training fingerprint), else the ratio of the
+the training cases' range (``lesion_volume_ml`` of the training ranges, ``autoseg.api.input_checks``), else the ratio of the
 volume to the nearest end of that range (below 1, e.g. 0.1 for a tenth of the smallest training volume); an empty
 prediction scores 0 when every training case had a lesion and 1 otherwise. Without a training range the factor is
 left out.
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,22 +169,17 @@ class AgreementCounter:
 
 @dataclass(frozen=True)
 class TrainingVolumes:
-    """The training cases' total lesion volumes (ml, per case) and whether any training case had no lesion."""
+    """The range of the training cases' total lesion volumes (ml, per case) and whether a training case had none."""
 
     min_ml: float
     max_ml: float
-    lesion_free_cases: int
+    lesion_free_cases: bool
 
     @classmethod
-    def from_aggregate(cls, aggregate: Mapping[str, Any]) -> TrainingVolumes | None:
-        """From a fingerprint's ``aggregate`` (``fingerprint.json`` or a model's ``fingerprint_summary.json``);
-        None when it holds no lesion volumes."""
-        volumes = aggregate.get("case_lesion_volumes_mm3") or {}
-        if not volumes.get("count") or "min" not in volumes:
-            return None
-        return cls(
-            float(volumes["min"]) / 1000, float(volumes["max"]) / 1000, int(aggregate.get("cases_without_lesion", 0))
-        )
+    def from_ranges(cls, lesion_count: Sequence[int], lesion_volume_ml: Sequence[float]) -> TrainingVolumes:
+        """From the (min, max) lesion count and total lesion volume (ml) per training case
+        (``autoseg.plan.fingerprint.TrainingRanges``); a minimum count of 0 means a training case had no lesion."""
+        return cls(float(lesion_volume_ml[0]), float(lesion_volume_ml[1]), int(lesion_count[0]) == 0)
 
     def describe(self) -> str:
         return f"{self.min_ml:.3g}-{self.max_ml:.3g} ml"
@@ -195,7 +190,7 @@ def volume_plausibility(total_ml: float, training: TrainingVolumes) -> float:
     docstring); an empty prediction: 1 when a training case had no lesion, else 0."""
     if total_ml <= 0:
         return 1.0 if training.lesion_free_cases else 0.0
-    if total_ml < training.min_ml:
+    if total_ml < training.min_ml:  # min_ml > 0 here: with a lesion-free training case it is 0
         return total_ml / training.min_ml
     if total_ml > training.max_ml:
         return training.max_ml / total_ml

@@ -164,6 +164,22 @@ def left_right_axis(direction: Sequence[float]) -> int:
     return int(np.argmax(np.abs(matrix[0])))
 
 
+def obliqueness_degrees(direction: Sequence[float]) -> float:
+    """How oblique a grid is: the largest angle, in degrees, between an array axis and the world axis nearest to it.
+
+    ``direction`` is the 3x3 direction matrix, row-major as SimpleITK gives it (column ``j``: the world direction of
+    array axis ``j``). 0 for a grid whose axes run along the scanner's (any permutation or flip: reorienting does not
+    change it); a slab tilted by 20° about one axis gives 20.
+
+    Example:
+        >>> obliqueness_degrees((1, 0, 0, 0, 1, 0, 0, 0, 1))
+        0.0
+    """
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    nearest = np.abs(matrix).max(axis=0)  # per array axis: its cosine with the nearest world axis
+    return float(np.degrees(np.arccos(np.clip(nearest.min(), 0.0, 1.0))))
+
+
 def canonical_geometry(geometry: Geometry) -> Geometry:
     """``geometry`` (as stored) brought to ``CANONICAL_ORIENTATION``: what :func:`read_image` returns for it."""
     return Orientation.of(geometry.direction).canonical_geometry(geometry)

@@ -33,7 +33,7 @@ from autoseg.data.verify import (
     unmatched_label_files,
 )
 from autoseg.errors import AutosegError
-from autoseg.io.geometry import CANONICAL_ORIENTATION
+from autoseg.io.geometry import CANONICAL_ORIENTATION, obliqueness_degrees
 from autoseg.io.typed_json import from_plain, read_typed, to_plain, write_typed
 from autoseg.parallel import map_cases
 from autoseg.preprocess.preprocessing import bounding_box, crop_box
@@ -164,6 +164,82 @@ class Fingerprint:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChannelRange:
+    """One channel's foreground intensities over the training cases (each case's non-zero region, as in
+    ``cases.<case>.intensity``): ``(min, max)`` over the cases of each case's 0.5th, 50th and 99.5th percentile, and
+    ``typical_width``, the median over the cases of their 99.5th minus 0.5th percentile (the intensity units of the
+    files)."""
+
+    name: str
+    p00_5: tuple[float, float]
+    p50: tuple[float, float]
+    p99_5: tuple[float, float]
+    typical_width: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingRanges:
+    """What the training cases spanned, as ``(min, max)`` over the cases, measured in the canonical orientation as
+    the fingerprint measures them; ranges only, no case's own figures beyond the extremes, no case names (a model
+    file carries them in ``fingerprint_summary.json``, ``training_ranges``).
+
+    Attributes:
+        num_cases: training cases the ranges are taken over.
+        spacing_mm: per axis (x, y, z), voxel size in mm.
+        shape: per axis (x, y, z), voxels.
+        obliqueness_degrees: the largest angle between an image axis and the nearest scanner axis
+            (``autoseg.io.geometry.obliqueness_degrees``); 0 for a grid along the scanner's axes.
+        channels: per channel, in channel order, its foreground intensity percentiles (:class:`ChannelRange`).
+        lesion_count: 26-connected lesions per case (cases without a lesion count as 0).
+        lesion_volume_ml: total lesion volume per case in ml (voxels × voxel volume in mm³ / 1000; 0 without a
+            lesion).
+    """
+
+    num_cases: int
+    spacing_mm: tuple[tuple[float, float], ...]
+    shape: tuple[tuple[int, int], ...]
+    obliqueness_degrees: tuple[float, float]
+    channels: tuple[ChannelRange, ...]
+    lesion_count: tuple[int, int]
+    lesion_volume_ml: tuple[float, float]
+
+
+def training_ranges(fingerprint: Fingerprint) -> TrainingRanges:
+    """The :class:`TrainingRanges` of a fingerprint's cases, from their per-case figures (``cases``).
+
+    Example:
+        >>> training_ranges(Fingerprint.from_json("fingerprint.json")).spacing_mm
+        ((1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+    """
+    cases = list(fingerprint.cases.values())
+    spacings = np.array([case.spacing for case in cases], dtype=np.float64)
+    shapes = np.array([case.shape for case in cases], dtype=np.int64)
+    oblique = [obliqueness_degrees(case.direction) for case in cases]
+    channels = []
+    for index, channel in enumerate(fingerprint.channels):
+        statistics = [case.intensity[index] for case in cases]
+        percentiles = {key: [getattr(s, key) for s in statistics] for key in ("p00_5", "p50", "p99_5")}
+        channels.append(
+            ChannelRange(
+                name=channel.name,
+                **{key: (float(min(values)), float(max(values))) for key, values in percentiles.items()},
+                typical_width=float(np.median([s.p99_5 - s.p00_5 for s in statistics])),
+            )
+        )
+    counts = [case.lesion_components for case in cases]
+    volumes = [(case.lesion_volume_mm3 or 0.0) / 1000.0 for case in cases]
+    return TrainingRanges(
+        num_cases=len(cases),
+        spacing_mm=tuple((float(lo), float(hi)) for lo, hi in zip(spacings.min(axis=0), spacings.max(axis=0))),
+        shape=tuple((int(lo), int(hi)) for lo, hi in zip(shapes.min(axis=0), shapes.max(axis=0))),
+        obliqueness_degrees=(min(oblique), max(oblique)),
+        channels=tuple(channels),
+        lesion_count=(min(counts), max(counts)),
+        lesion_volume_ml=(min(volumes), max(volumes)),
+    )
+
+
 def modality_of(channel_name: str) -> str:
     """``"CT"``, ``"perfusion"`` or ``"MRI"`` from a channel name such as ``CT``, ``Tmax`` or ``T1``."""
     name = channel_name.strip().lower().replace("-", "").replace("_", "")
@@ -231,14 +307,14 @@ def fingerprint_case(case: Case, labels: Mapping[str, int], seed: int = 0) -> _C
     if checked.problems:
         return _CaseResult(case.identifier, checked.problems, checked.notes)
     images, label, geometry = checked.images, checked.label, checked.geometry
-    foreground = np.any(images != 0, axis=0)
+    foreground = foreground_mask(images)
     bbox = bounding_box(foreground)
     crop = crop_box(images, label)
     rng = np.random.default_rng(seed)
     samples, intensity = [], []
     for channel in images:
         values = channel[foreground]
-        intensity.append(_intensity_statistics(values))
+        intensity.append(intensity_statistics(values))
         take = min(SAMPLES_PER_CASE, values.size)
         samples.append(rng.choice(values, take, replace=False) if take else values)
     summary = {
@@ -307,7 +383,15 @@ def _hemisphere(components: np.ndarray, count: int, foreground: np.ndarray, dire
     return sides.pop() if len(sides) == 1 else "bilateral"
 
 
-def _intensity_statistics(values: np.ndarray) -> dict[str, float]:
+def foreground_mask(images: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) bool: the foreground of (C, X, Y, Z) ``images``, the voxels where any channel is non-zero (the
+    region whose intensities the fingerprint describes)."""
+    return np.any(images != 0, axis=0)
+
+
+def intensity_statistics(values: np.ndarray) -> dict[str, float]:
+    """``mean``, ``std`` and the 0.5/50/99.5 percentiles (``p00_5``, ``p50``, ``p99_5``) of ``values`` (any shape;
+    the foreground voxels of one channel); all 0 when there are none."""
     if values.size == 0:
         return {"mean": 0.0, "std": 0.0, "p00_5": 0.0, "p50": 0.0, "p99_5": 0.0}
     low, median, high = np.percentile(values, [0.5, 50.0, 99.5])
@@ -322,7 +406,7 @@ def _intensity_statistics(values: np.ndarray) -> dict[str, float]:
 
 def _global_intensities(samples: list[np.ndarray]) -> dict[str, dict[str, float]]:
     """Dataset-wide foreground statistics of one channel from the per-case samples."""
-    return {"foreground": _intensity_statistics(np.concatenate(samples))}
+    return {"foreground": intensity_statistics(np.concatenate(samples))}
 
 
 def _aggregate(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -883,12 +883,13 @@ LEGACY = Path(__file__).parents[1] / "fixtures" / "model_2026_12_07"
 
 
 def test_a_model_file_from_before_the_layout_change_predicts_as_it_did(
-    data_roots: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_roots: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """A one-file model exported before the package layout (``fixtures/model_2026_12_07/README.md``) installs and
     predicts what that version predicted: probabilities within 1e-4 (floating-point kernels differ between CPUs in
     the last bits; on the machine that made the fixture they agree bit for bit), labels equal wherever the
-    probability is not that close to the threshold (0.5)."""
+    probability is not that close to the threshold (0.5). Its fingerprint summary holds no training ranges: one
+    note, and no input checks."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert (
         predict_main(
@@ -897,6 +898,15 @@ def test_a_model_file_from_before_the_layout_change_predicts_as_it_did(
         )
         == 0
     )
+    note = (
+        f"input checks skipped: {data_roots / 'results' / 'Dataset962_ATLASLegacy' / 'fingerprint_summary.json'}: "
+        "no training ranges (a model file exported before they were recorded)"
+    )
+    assert capsys.readouterr().err.splitlines() == [note]
+    summary = read_json(tmp_path / "prediction_summary.json")
+    assert summary["input_checks"]["note"] == note.removeprefix("input checks skipped: ")
+    assert summary["counts"]["input_warnings"] == 0
+    assert all(entry["input_warnings"] == [] for entry in summary["per_case"].values())
     for case in ("sub-01", "sub-02"):
         expected, geometry = read_image(LEGACY / "expected" / f"{case}_probabilities.nii.gz", canonical=False)
         probabilities, written = read_image(tmp_path / f"{case}_probabilities.nii.gz", canonical=False)

@@ -85,8 +85,14 @@ def test_input_folder_in_dataset_naming_and_plain_names(tmp_path: Path) -> None:
     cases = find_input_cases(tmp_path / "named", 2)
     assert [c.identifier for c in cases] == ["a", "b"]
     assert [p.name for p in cases[0].images] == ["a_0000.nii.gz", "a_0001.nii.gz"]
-    # one channel: every file is one case, a final _0000 dropped from its name
-    assert [c.identifier for c in find_input_cases(tmp_path / "named", 1)] == ["a", "a_0001", "b", "b_0001"]
+    # one channel: such sets are refused (tests/api/test_input_checks.py); as separate scans, every file is one case,
+    # a final _0000 dropped from its name
+    assert [c.identifier for c in find_input_cases(tmp_path / "named", 1, one_case_per_file=True)] == [
+        "a",
+        "a_0001",
+        "b",
+        "b_0001",
+    ]
     with pytest.raises(ValueError, match="4 file\\(s\\) break the naming rule for a model with 3 channel") as error:
         find_input_cases(tmp_path / "named", 3)
     assert "a_0000.nii.gz: case a is incomplete: expected a_0000.nii.gz, a_0001.nii.gz, a_0002.nii.gz" in str(
@@ -783,7 +789,10 @@ def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(
     good = _cases(home)
     assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in good]
     summary = read_json(output / "prediction_summary.json")
-    assert summary["counts"] == {"written": 5, "skipped": 0, "failed": 3, "review": 5} and summary["written"] == good
+    assert (
+        summary["counts"] == {"written": 5, "skipped": 0, "failed": 3, "input_warnings": 0, "review": 5}
+        and summary["written"] == good
+    )
     assert [(f["case"], f["files"]) for f in summary["failed"]] == [
         (case, [str(source / f"{case}_0000.nii.gz")]) for case in sorted(bad)
     ]
@@ -794,7 +803,10 @@ def test_bad_cases_are_reported_and_skipped_and_the_summary_lists_every_case(
     # the same command again: the good cases are done, the bad ones fail again
     assert predict_main(arguments) == 1
     summary = read_json(output / "prediction_summary.json")
-    assert summary["counts"] == {"written": 0, "skipped": 5, "failed": 3, "review": 5} and summary["skipped"] == good
+    assert (
+        summary["counts"] == {"written": 0, "skipped": 5, "failed": 3, "input_warnings": 0, "review": 5}
+        and summary["skipped"] == good
+    )
 
 
 def test_hostile_headers_fail_alone_before_any_voxel_is_allocated_and_the_cohort_goes_on(
@@ -825,7 +837,7 @@ def test_hostile_headers_fail_alone_before_any_voxel_is_allocated_and_the_cohort
     assert sorted(p.name for p in output.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in good]
     summary = read_json(output / "prediction_summary.json")
     assert (
-        summary["counts"] == {"written": 5, "skipped": 0, "failed": len(bad), "review": 5}
+        summary["counts"] == {"written": 5, "skipped": 0, "failed": len(bad), "input_warnings": 0, "review": 5}
         and summary["written"] == good
     )
     assert [f["case"] for f in summary["failed"]] == sorted(bad)

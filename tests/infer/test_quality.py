@@ -66,18 +66,17 @@ def test_agreement_pairs_members_within_and_between_configurations() -> None:
 
 
 def test_the_score_is_the_mean_of_what_is_known_times_the_volume_plausibility() -> None:
-    training = TrainingVolumes(min_ml=2.0, max_ml=50.0, lesion_free_cases=0)
+    training = TrainingVolumes(min_ml=2.0, max_ml=50.0, lesion_free_cases=False)
     assert volume_plausibility(10.0, training) == 1.0
     assert volume_plausibility(0.5, training) == pytest.approx(0.25)
     assert volume_plausibility(100.0, training) == pytest.approx(0.5)
     assert volume_plausibility(0.0, training) == 0.0
-    assert volume_plausibility(0.0, TrainingVolumes(2.0, 50.0, lesion_free_cases=3)) == 1.0
+    assert volume_plausibility(0.0, TrainingVolumes(2.0, 50.0, lesion_free_cases=True)) == 1.0
     parts = QualityComponents(0.8, None, 0.6, 0.5)
     assert qc_score(parts) == pytest.approx(0.35)
     assert qc_score(QualityComponents(None, None, None, None)) == 1.0
-    aggregate = {"case_lesion_volumes_mm3": {"count": 4, "min": 1500.0, "max": 90000.0}, "cases_without_lesion": 1}
-    assert TrainingVolumes.from_aggregate(aggregate) == TrainingVolumes(1.5, 90.0, 1)
-    assert TrainingVolumes.from_aggregate({"case_lesion_volumes_mm3": {"count": 0}}) is None
+    assert TrainingVolumes.from_ranges((0, 3), (0.0, 90.0)) == TrainingVolumes(0.0, 90.0, True)
+    assert TrainingVolumes.from_ranges((1, 3), (1.5, 90.0)) == TrainingVolumes(1.5, 90.0, False)
 
 
 def test_auroc_is_the_mann_whitney_probability() -> None:

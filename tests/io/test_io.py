@@ -26,7 +26,14 @@ from autoseg.io.files import (
     save_array,
     write_json,
 )
-from autoseg.io.geometry import CANONICAL_ORIENTATION, Geometry, GeometryWarning, Orientation, canonical_geometry
+from autoseg.io.geometry import (
+    CANONICAL_ORIENTATION,
+    Geometry,
+    GeometryWarning,
+    Orientation,
+    canonical_geometry,
+    obliqueness_degrees,
+)
 from autoseg.io.headers import IMAGE_ENDINGS, ImageHeaderError, ImageReadError, max_voxels
 from autoseg.io.images import (
     companion_files,
@@ -294,6 +301,17 @@ def test_reorientation_is_simpleitk_dicomorient(direction: tuple[float, ...]) ->
     assert orientation.canonical_geometry(geometry).differences(reference, 1e-9) == []
     assert np.array_equal(orientation.from_canonical(canonical), array)
     assert np.array_equal(orientation.from_canonical(canonical[None])[0], array)  # leading channel axes
+
+
+@pytest.mark.parametrize("tilt", [0.0, 3.0, 20.0, 45.0])
+def test_obliqueness_is_the_tilt_of_a_rotated_grid_whatever_its_axis_order(tilt: float) -> None:
+    """A grid rotated by ``tilt`` degrees about one world axis, then stored with its axes in any order and sign, is
+    ``tilt`` degrees oblique (the angle between the rotated axes and their nearest world axes)."""
+    angle = np.radians(tilt)
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    for permutation in _signed_permutations():
+        direction = rotation @ np.asarray(permutation).reshape(3, 3)
+        assert obliqueness_degrees(tuple(direction.ravel())) == pytest.approx(tilt, abs=1e-6)
 
 
 @pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".mha", ".nrrd"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from autoseg.data.dataset import find_dataset
 from autoseg.io.geometry import Geometry
@@ -23,6 +24,7 @@ from autoseg.plan.fingerprint import (
     compute_fingerprint,
     lesion_statistics,
     modality_of,
+    training_ranges,
 )
 from planners import get_planner
 
@@ -73,6 +75,38 @@ def test_fingerprint_of_the_ctp_demo(tiny_ctp: Path) -> None:
         assert 0 < case.lesion_fraction_of_foreground < 1
         assert all(lo < hi for lo, hi in case.nonzero_bbox)
         assert case.intensity[1].p00_5 <= case.intensity[1].p50 <= case.intensity[1].p99_5
+
+
+def test_training_ranges_of_the_ctp_demo_are_those_of_its_images_read_directly(tiny_ctp: Path) -> None:
+    """Each range is the (min, max) over the cases of what SimpleITK, numpy and scipy find in the files themselves:
+    the canonical (RAS) grid, the percentiles of each channel where any channel is non-zero, 26-connected lesions."""
+    dataset = find_dataset("CTPTiny")
+    ranges = training_ranges(compute_fingerprint(dataset, progress=False))
+    spacings, sizes, percentiles, counts, volumes = [], [], [], [], []
+    for case in dataset.cases():
+        images = [sitk.DICOMOrient(sitk.ReadImage(str(path)), "RAS") for path in case.images]
+        spacings.append(images[0].GetSpacing())
+        sizes.append(images[0].GetSize())
+        arrays = np.stack([sitk.GetArrayFromImage(image) for image in images])
+        foreground = np.any(arrays != 0, axis=0)
+        percentiles.append([np.percentile(array[foreground], [0.5, 50, 99.5]) for array in arrays])
+        lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))) > 0
+        counts.append(ndimage.label(lesion, structure=np.ones((3, 3, 3)))[1])
+        volumes.append(lesion.sum() * np.prod(images[0].GetSpacing()) / 1000.0)
+    spacings, sizes, percentiles = np.array(spacings), np.array(sizes), np.array(percentiles)  # (cases, C, 3)
+    assert ranges.num_cases == len(dataset.cases()) == 5  # 4 subjects, one scanned twice
+    assert np.allclose(ranges.spacing_mm, np.stack([spacings.min(axis=0), spacings.max(axis=0)], axis=1))
+    assert ranges.shape == tuple(zip(sizes.min(axis=0).tolist(), sizes.max(axis=0).tolist()))
+    assert ranges.obliqueness_degrees == (0.0, 0.0)
+    assert [c.name for c in ranges.channels] == ["CT", "CBF", "CBV", "MTT", "Tmax"]
+    for index, channel in enumerate(ranges.channels):
+        for column, key in enumerate(("p00_5", "p50", "p99_5")):
+            values = percentiles[:, index, column]
+            assert getattr(channel, key) == pytest.approx((values.min(), values.max()), rel=1e-5), (index, key)
+        width = np.median(percentiles[:, index, 2] - percentiles[:, index, 0])
+        assert channel.typical_width == pytest.approx(width, rel=1e-5)
+    assert ranges.lesion_count == (min(counts), max(counts)) and min(counts) >= 1
+    assert ranges.lesion_volume_ml == pytest.approx((min(volumes), max(volumes)))
 
 
 def _thick_slice_dataset(root: Path, permuted: list[bool]) -> Path:

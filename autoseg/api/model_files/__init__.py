@@ -20,8 +20,9 @@
     members came from it.
 ``fingerprint_summary.json``
     the dataset-wide figures the planner read from ``fingerprint.json`` (channels and intensity statistics, labels,
-    the aggregate of spacings, shapes, lesions and symmetry); nothing per case: case names and per-case figures
-    can identify patients.
+    the aggregate of spacings, shapes, lesions and symmetry) and ``training_ranges``, the (min, max) over the
+    training cases that ``autoseg_predict`` checks new cases against (``autoseg.api.input_checks``); nothing per
+    case: case names and per-case figures can identify patients.
 ``dataset.json``
     channel names, labels and the file ending: what a user needs to name the scans to predict.
 

@@ -43,7 +43,7 @@ from autoseg.paths import (
     results_folder,
     trained_member,
 )
-from autoseg.plan.fingerprint import Fingerprint
+from autoseg.plan.fingerprint import Fingerprint, training_ranges
 from autoseg.plans import Plans
 
 __all__ = ["ExportedModel", "export_model", "summarize_fingerprint"]
@@ -200,8 +200,11 @@ def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
     """The dataset-wide parts of a ``fingerprint.json`` the planner uses, without anything per case.
 
     Kept: ``dataset``, ``channels`` (name, modality, foreground intensity statistics), ``labels`` and ``aggregate``
-    (case count, median spacing and shapes, anisotropy, lesion statistics, orientations, symmetry counts). Left
-    out: ``cases``, ``subjects`` and ``notes``, and the case names inside the aggregate (``lesion_free_cases``,
+    (case count, median spacing and shapes, anisotropy, lesion statistics, orientations, symmetry counts). Added:
+    ``training_ranges``, the (min, max) over the training cases of spacing, shape, obliqueness, foreground
+    intensity percentiles per channel, lesion count and lesion volume (``autoseg.plan.fingerprint.training_ranges``),
+    which ``autoseg_predict`` compares each new case with (``autoseg.api.input_checks``). Left out: ``cases``,
+    ``subjects`` and ``notes``, and the case names inside the aggregate (``lesion_free_cases``,
     ``symmetry.not_found``), which become counts.
     """
     aggregate = to_plain(fingerprint.aggregate)
@@ -213,6 +216,7 @@ def summarize_fingerprint(fingerprint: Fingerprint) -> dict[str, Any]:
         "channels": to_plain(fingerprint.channels),
         "labels": dict(fingerprint.labels),
         "aggregate": aggregate,
+        "training_ranges": to_plain(training_ranges(fingerprint)),
         "left_out": "per-case figures, case and subject names and notes (they can identify patients)",
     }
 
