@@ -50,7 +50,7 @@ import pandas as pd
 import autoseg
 from autoseg.api.predict import ModelChoice, ModelDescription, PredictionOptions, describe_model, predict
 from autoseg.api.predict_inputs import InputCase
-from autoseg.api.predict_outputs import output_files, report_rows
+from autoseg.api.predict_outputs import CaseFailure, count_and_names, output_files, report_rows
 from autoseg.errors import AutosegError, ExistingOutputError, InvalidFileError, MissingFileError, UsageError
 from autoseg.io.files import atomic_path, check_output_folder, read_json, write_json
 from autoseg.io.headers import split_ending
@@ -539,15 +539,18 @@ class BidsSummary:
     Attributes:
         written: masks written by this run.
         skipped: masks that were complete already (mask and sidecar exist; see ``overwrite``).
-        failed: lines of the cases that could not be read or predicted (the file and the problem).
+        failed: the cases that could not be read or predicted, naming their BIDS files.
         not_predicted: the subjects (sessions) that gave no case, and why.
+        per_case: written and skipped cases (their mask's name before ``_space-orig...``) -> ``review`` and
+            ``input_warnings``, from their sidecars.
         path: the summary file (``OUTPUT/prediction_summary.json``).
     """
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    failed: list[CaseFailure] = field(default_factory=list)
     not_predicted: list[NotPredicted] = field(default_factory=list)
+    per_case: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
 
     @property
@@ -555,12 +558,26 @@ class BidsSummary:
         """No mask was written or found complete: the run predicted nothing (exit code 1)."""
         return not self.written and not self.skipped
 
-    def line(self) -> str:
-        """One line: masks written, skipped, failed and subjects not predicted, and where the summary is."""
-        text = (
-            f"wrote {len(self.written)} mask(s), skipped {len(self.skipped)} already done, {len(self.failed)} failed, "
-            f"{len(self.not_predicted)} subject(s)/session(s) not predicted"
-        )
+    def note(self, case: BidsCase, sidecar: Mapping[str, Any]) -> None:
+        """Record a written or skipped case's review flag and input warnings from its mask's sidecar."""
+        qc = sidecar.get("QC") or {}
+        self.per_case[case.identifier] = {
+            "review": bool(qc.get("review")),
+            "input_warnings": list(sidecar.get("InputWarnings", [])),
+        }
+
+    def line(self, shown: int = 10) -> str:
+        """One line: masks written, skipped, failed, with input warnings, flagged for review, and subjects (sessions)
+        not predicted, naming up to ``shown`` of each, and where the summary is."""
+        flagged = [case for case, entry in self.per_case.items() if entry["review"]]
+        warned = [case for case, entry in self.per_case.items() if entry["input_warnings"]]
+        missing = [problem.line().split(":", 1)[0] for problem in self.not_predicted]
+        text = f"wrote {len(self.written)} mask(s), skipped {len(self.skipped)} already done"
+        text += f", {count_and_names([failure.identifier for failure in self.failed], 'failed', shown)}"
+        if warned:
+            text += f", {count_and_names(warned, 'with input warnings', shown)}"
+        text += f"; {count_and_names(flagged, 'flagged for review', shown)}"
+        text += f"; {count_and_names(missing, 'subject(s)/session(s) not predicted', shown)}"
         return f"{text}; summary: {self.path}" if self.path else text
 
 
@@ -622,6 +639,7 @@ def predict_bids(
             to_predict.append(case)
         else:
             summary.skipped.append(case.mask(output))
+            summary.note(case, read_json(case.sidecar(output)))
     write_json(description, output / "dataset_description.json")
     if to_predict:
         _predict_staged(to_predict, output, choice, options, model_json, summary, log)
@@ -668,26 +686,27 @@ def _predict_staged(
             line = line.replace(link, source)
         return line
 
-    def log_failure(line: str) -> None:
-        summary.failed.append(source_names(line))
-        log(summary.failed[-1])
-
     predict_options = dataclasses.replace(options, case_list=None, num_parts=1, part_id=0)
-    result = predict(inputs, predictions, choice, predict_options, log=log_failure)
+    result = predict(inputs, predictions, choice, predict_options, log=lambda line: log(source_names(line)))
+    summary.failed += [
+        CaseFailure(f.identifier, tuple(source_names(file) for file in f.files), source_names(f.problem))
+        for f in result.failed
+    ]
     # predicted now, or by an interrupted run whose predictions were found complete in the staging folder
     predicted = {split_ending(path)[0] for path in result.written} | set(result.skipped)
     for case in cases:
         if case.identifier in predicted:
-            _write_derivatives(case, predictions, output, model, options)
+            summary.note(case, _write_derivatives(case, predictions, output, model, options))
             summary.written.append(case.mask(output))
     shutil.rmtree(staging)
 
 
 def _write_derivatives(
     case: BidsCase, predictions: Path, output: Path, model: Mapping[str, Any], options: PredictionOptions
-) -> None:
+) -> dict[str, Any]:
     """Write one case's mask (binary, the first channel's header), probability and uncertainty maps and sidecar
-    (last) from what :func:`predict` wrote under ``predictions`` (:func:`autoseg.api.predict_outputs.output_files`)."""
+    (last) from what :func:`predict` wrote under ``predictions`` (:func:`autoseg.api.predict_outputs.output_files`);
+    returns the sidecar."""
     staged = InputCase(case.identifier, case.sources, split_ending(case.sources[0])[1])
     predicted = output_files(predictions, staged, options.save_probabilities, options.save_uncertainty)
     labels, geometry = read_image(predicted.labels)
@@ -701,6 +720,7 @@ def _write_derivatives(
     if predicted.uncertainty is not None:
         sidecar["UncertaintyMap"] = case.uncertainty(output).name
     write_json(sidecar, case.sidecar(output))
+    return sidecar
 
 
 def _uri(relative: str) -> str:
@@ -913,10 +933,12 @@ def _summary_json(
             "skipped": len(summary.skipped),
             "failed": len(summary.failed),
             "not_predicted": len(summary.not_predicted),
+            "input_warnings": sum(bool(entry["input_warnings"]) for entry in summary.per_case.values()),
+            "review": sum(entry["review"] for entry in summary.per_case.values()),
         },
         "written": [path.relative_to(output).as_posix() for path in summary.written],
         "skipped": [path.relative_to(output).as_posix() for path in summary.skipped],
-        "failed": list(summary.failed),
+        "failed": [{"case": f.identifier, "files": list(f.files), "problem": f.problem} for f in summary.failed],
         "not_predicted": [
             {
                 "participant_id": f"sub-{p.subject}",
@@ -925,6 +947,7 @@ def _summary_json(
             }
             for p in summary.not_predicted
         ],
+        "per_case": summary.per_case,
     }
 
 

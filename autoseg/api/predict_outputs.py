@@ -26,6 +26,7 @@ __all__ = [
     "PredictionSummary",
     "case_failure",
     "check_outputs",
+    "count_and_names",
     "output_files",
     "report_rows",
     "summary_path",
@@ -141,14 +142,14 @@ class PredictionSummary:
         """One line: how many cases were written, skipped (already done) and failed, how many had input warnings and
         how many are flagged for review, naming up to ``shown`` of each, and where the summary file is."""
         text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
-        text += f", {_count_and_names([f.identifier for f in self.failed], 'failed', shown)}"
+        text += f", {count_and_names([f.identifier for f in self.failed], 'failed', shown)}"
         if self.warned:
-            text += f", {_count_and_names(self.warned, 'with input warnings', shown)}"
-        text += f"; {_count_and_names(self.flagged, 'flagged for review', shown)}"
+            text += f", {count_and_names(self.warned, 'with input warnings', shown)}"
+        text += f"; {count_and_names(self.flagged, 'flagged for review', shown)}"
         return f"{text}; summary: {self.path}" if self.path else text
 
 
-def _count_and_names(cases: Sequence[str], what: str, shown: int) -> str:
+def count_and_names(cases: Sequence[str], what: str, shown: int) -> str:
     """``3 failed: a, b, c`` (up to ``shown`` names, then ``and N more``), or ``0 failed``."""
     if not cases:
         return f"0 {what}"

@@ -312,10 +312,9 @@ def test_predict_a_bids_dataset_into_a_derivatives_dataset(
     out = bids_root / "derivatives" / "autoseg"
     assert predict_main(["-m", str(MODEL), "--bids", str(bids_root), "-o", str(out), *QUIET]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == (
-        "wrote 3 mask(s), skipped 0 already done, 0 failed, 1 subject(s)/session(s) not predicted; "
-        f"summary: {out / 'prediction_summary.json'}"
-    )
+    line = captured.out.strip()
+    assert line.startswith("wrote 3 mask(s), skipped 0 already done, 0 failed; ")
+    assert line.endswith(f"; 1 subject(s)/session(s) not predicted: sub-03; summary: {out / 'prediction_summary.json'}")
     assert "sub-03: not predicted: no image for channel T1 (*_T1w.nii[.gz]); there: FLAIR" in captured.err
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     sidecars = [name.replace(".nii.gz", ".json") for name in EXPECTED_MASKS]
@@ -392,7 +391,15 @@ def test_predict_a_bids_dataset_into_a_derivatives_dataset(
     assert list(json.loads((out / "lesions.json").read_text())) == list(cases.columns)
     assert list(json.loads((out / "lesion_table.json").read_text())) == list(lesions.columns)
     summary = json.loads((out / "prediction_summary.json").read_text())
-    assert summary["counts"] == {"written": 3, "skipped": 0, "failed": 0, "not_predicted": 1}
+    counts = summary["counts"]
+    assert {key: counts[key] for key in ("written", "skipped", "failed", "not_predicted")} == {
+        "written": 3,
+        "skipped": 0,
+        "failed": 0,
+        "not_predicted": 1,
+    }
+    reviewed = {Path(mask).name.split("_space-")[0] for mask in cases[cases["review"].astype(str) == "True"]["mask"]}
+    assert counts["review"] == len(reviewed) and {c for c, e in summary["per_case"].items() if e["review"]} == reviewed
     assert summary["not_predicted"][0]["participant_id"] == "sub-03"
 
     # the same command again: every mask is complete and kept as it is
@@ -431,7 +438,10 @@ def test_participant_labels_select_subjects_and_nothing_predicted_exits_1(
     # a subject without the model's channel alone: nothing to predict, exit code 1
     assert predict_main([*args, "--participant-label", "03"]) == 1
     captured = capsys.readouterr()
-    assert captured.out.startswith("wrote 0 mask(s), skipped 0 already done, 0 failed, 1 subject(s)")
+    assert captured.out.startswith(
+        "wrote 0 mask(s), skipped 0 already done, 0 failed; 0 flagged for review; "
+        "1 subject(s)/session(s) not predicted: sub-03;"
+    )
     assert captured.err.startswith("sub-03: not predicted:")
 
 
@@ -443,12 +453,14 @@ def test_a_case_that_fails_is_named_by_its_bids_file_and_the_rest_are_predicted(
     out = tmp_path / "out"
     assert predict_main(["-m", str(MODEL), "--bids", str(bids_root), "-o", str(out), *QUIET]) == 0
     captured = capsys.readouterr()
-    assert "wrote 2 mask(s), skipped 0 already done, 1 failed" in captured.out
+    assert captured.out.startswith("wrote 2 mask(s), skipped 0 already done, 1 failed: sub-01;")
     failed = [line for line in captured.err.splitlines() if line.startswith("case sub-01 ")]
     assert len(failed) == 1 and failed[0].startswith(f"case sub-01 ({broken}): ")
     assert ".autoseg_staging" not in captured.err
     assert not (out / "sub-01").exists()
-    assert json.loads((out / "prediction_summary.json").read_text())["failed"] == failed
+    (recorded,) = json.loads((out / "prediction_summary.json").read_text())["failed"]
+    assert recorded["case"] == "sub-01" and recorded["files"] == [str(broken)]
+    assert failed[0] == f"case sub-01 ({broken}): {recorded['problem']}"
 
 
 def test_an_interrupted_run_continues_with_the_same_command(
