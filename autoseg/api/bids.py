@@ -319,6 +319,7 @@ def find_bids_cases(
     selection = selection or BidsSelection()
     root = Path(root)
     layout = layout if layout is not None else bids_layout(root, selection.validate)
+    root = Path(layout.root)  # absolute, as pybids gives the files' paths
     aliases = _entity_names(layout)
     common, own = selection.channel_queries(channels)
     common = _resolve_filters(common, aliases, "--bids-filter")
@@ -392,7 +393,7 @@ def _resolve_filters(filters: Mapping[str, Any], names: Mapping[str, str], where
         if names.get(key) == "subject":
             raise UsageError(f"{where}: select subjects with --participant-label, not a filter on '{key}'")
         if key not in names:
-            known = ", ".join(sorted(k for k in names if k not in ("extension", "scans", "fmap")))
+            known = ", ".join(sorted(k for k, v in names.items() if v not in ("subject", "extension", "scans", "fmap")))
             raise UsageError(f"{where}: unknown BIDS entity '{key}'; known: {known}")
         resolved[names[key]] = Query.NONE if value is None else Query.ANY if value == "*" else value
     return resolved
@@ -600,7 +601,8 @@ def predict_bids(
             used (select with ``selection``). ``overwrite`` predicts complete cases again and replaces a
             ``dataset_description.json`` of another model.
         selection: subjects, filters and validation (:class:`BidsSelection`).
-        log: receives each line about a subject not predicted or a case that failed; None: printed to stderr.
+        log: receives each line about a subject not predicted, and :func:`predict`'s lines (a failed case, input
+            checks) with the staged names replaced by the BIDS files; None: printed to stderr.
 
     Returns:
         What was written, skipped, failed and not predicted; also in ``OUTPUT/prediction_summary.json``.

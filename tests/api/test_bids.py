@@ -116,7 +116,9 @@ def test_a_filter_file_holds_filters_for_every_channel_and_per_channel(tmp_path:
 
 
 # ---------------------------------------------------------------------------- which images make a case
-def test_cases_by_subject_and_session_and_the_subjects_that_give_none(tmp_path: Path) -> None:
+def test_cases_by_subject_and_session_and_the_subjects_that_give_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = _dataset(
         tmp_path / "ds",
         {
@@ -149,6 +151,8 @@ def test_cases_by_subject_and_session_and_the_subjects_that_give_none(tmp_path: 
         "valid BIDS: sub-03/anat/sub-03_T1.nii.gz (--skip-bids-validation reads them)",
         "sub-04: not predicted: no NIfTI image; left out as not valid BIDS: sub-04/anat/T1w.nii.gz",
     ]
+    monkeypatch.chdir(tmp_path)  # a relative path to the dataset names the same files
+    assert _relative(find_bids_cases("ds", ["T1"])[0], root) == _relative(cases, root)
     cases, missing = find_bids_cases(root, ["T1"], BidsSelection(participants=("03", "99")))
     assert cases == [] and [p.line().split(":")[0] for p in missing] == ["sub-03", "sub-99"]
     assert missing[1].problem == f"no folder sub-99 in {root} (subjects: 01, 02, 03, 04)"
