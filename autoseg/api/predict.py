@@ -131,9 +131,11 @@ __all__ = [
     "InputCase",
     "Model",
     "ModelChoice",
+    "ModelDescription",
     "PredictionOptions",
     "PredictionSummary",
     "check_outputs",
+    "describe_model",
     "find_input_cases",
     "load_model",
     "predict",
@@ -406,6 +408,21 @@ def _load_members(
     Raises:
         UsageError: see :func:`load_model`; members that take different numbers of channels.
     """
+    members, checkpoint = _members(dataset, installed, choice, checkpoint)
+    models = [load_model(dataset, c, t, folds, checkpoint, device) for c, t, folds in members]
+    channels = {len(model.plans.channels) for model in models}
+    if len(channels) != 1:
+        names = list(dict.fromkeys(c for c, _, _ in members))
+        raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
+    return models
+
+
+def _members(
+    dataset: str, installed: InstalledModel | None, choice: ModelChoice, checkpoint: str
+) -> tuple[list[tuple[str, str | None, Sequence[int | str] | None]], str]:
+    """(configuration, trainer, folds) of each member to ensemble and the checkpoint choice: a model file's own;
+    else the chosen configurations times trainers; else what ``autoseg_find_best`` chose; else the default
+    configuration (a trainer or folds of None: the only trainer, every fold)."""
     configurations, trainer, folds = choice.configurations, choice.trainers, choice.folds
     pairs = _tuned_members(dataset) if configurations is None and trainer is None else None
     if installed:
@@ -415,12 +432,55 @@ def _load_members(
         trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
         pairs = [(c, t) for c in names for t in trainers]
     member_folds = installed.folds if installed else {}
-    models = [load_model(dataset, c, t, member_folds.get((c, t), folds), checkpoint, device) for c, t in pairs]
-    channels = {len(model.plans.channels) for model in models}
-    if len(channels) != 1:
-        names = list(dict.fromkeys(c for c, _ in pairs))
-        raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
-    return models
+    return [(c, t, member_folds.get((c, t), folds)) for c, t in pairs], checkpoint
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What :func:`predict` would predict with, read from the run folders without loading any weights.
+
+    Attributes:
+        dataset: the trained dataset's folder name.
+        members: ``configuration/trainer`` of each member, in ensembling order.
+        folds: each member's fold folders (``fold_0``, ``fold_full``), by member.
+        checkpoint: ``final``, ``best`` or ``snapshots``.
+        channels: the channel names the first member's plans declare (``dataset.json``'s), in channel order.
+        labels: the declared labels, name -> value (0 background).
+        model_file: the model file given (``-m``), else None.
+    """
+
+    dataset: str
+    members: tuple[str, ...]
+    folds: dict[str, tuple[str, ...]]
+    checkpoint: str
+    channels: tuple[str, ...]
+    labels: dict[str, int]
+    model_file: str | None = None
+
+
+def describe_model(choice: ModelChoice | None = None, checkpoint: str = "final") -> ModelDescription:
+    """The members, folds, channels and labels :func:`predict` would use for ``choice``, from the plans of the run
+    folders (no checkpoint is loaded); a model file is installed first, as :func:`predict` does.
+
+    Raises:
+        ValueError, ModelFileError: as :func:`predict` for the same ``choice`` (see :func:`choose_dataset`,
+            :func:`autoseg.paths.trained_member`, :func:`autoseg.api.model_files.install_for_prediction`).
+    """
+    choice = choice or ModelChoice()
+    installed = _install_model_file(choice, checkpoint) if choice.model_file else None
+    name = installed.dataset if installed else choose_dataset(choice.dataset)
+    members, checkpoint = _members(name, installed, choice, checkpoint)
+    described, folds, plans = [], {}, None
+    for configuration, trainer, member_folds in members:
+        trainer, fold_folders, _ = trained_member(name, configuration, trainer, member_folds, checkpoint)
+        member = f"{configuration}/{trainer}"
+        described.append(member)
+        folds[member] = tuple(folder.name for folder in fold_folders)
+        plans = plans or Plans.from_json(fold_folders[0] / PLANS_FILE)
+    model_file = None if choice.model_file is None else str(choice.model_file)
+    return ModelDescription(
+        name, tuple(described), folds, checkpoint, tuple(plans.channels), dict(plans.labels), model_file
+    )
 
 
 @dataclass(frozen=True)

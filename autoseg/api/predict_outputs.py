@@ -7,9 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autoseg.api.predict_inputs import InputCase
 from autoseg.errors import UsageError
@@ -25,7 +26,9 @@ __all__ = [
     "PredictionSummary",
     "case_failure",
     "check_outputs",
+    "count_and_names",
     "output_files",
+    "report_rows",
     "summary_path",
     "write_lesion_tables",
 ]
@@ -139,14 +142,14 @@ class PredictionSummary:
         """One line: how many cases were written, skipped (already done) and failed, how many had input warnings and
         how many are flagged for review, naming up to ``shown`` of each, and where the summary file is."""
         text = f"wrote {len(self.written)} prediction(s), skipped {len(self.skipped)} already done"
-        text += f", {_count_and_names([f.identifier for f in self.failed], 'failed', shown)}"
+        text += f", {count_and_names([f.identifier for f in self.failed], 'failed', shown)}"
         if self.warned:
-            text += f", {_count_and_names(self.warned, 'with input warnings', shown)}"
-        text += f"; {_count_and_names(self.flagged, 'flagged for review', shown)}"
+            text += f", {count_and_names(self.warned, 'with input warnings', shown)}"
+        text += f"; {count_and_names(self.flagged, 'flagged for review', shown)}"
         return f"{text}; summary: {self.path}" if self.path else text
 
 
-def _count_and_names(cases: Sequence[str], what: str, shown: int) -> str:
+def count_and_names(cases: Sequence[str], what: str, shown: int) -> str:
     """``3 failed: a, b, c`` (up to ``shown`` names, then ``and N more``), or ``0 failed``."""
     if not cases:
         return f"0 {what}"
@@ -183,45 +186,52 @@ LESION_COLUMNS = (
 )
 
 
-def write_lesion_tables(reports: Sequence[Path], output: Path, num_parts: int = 1, part_id: int = 0) -> list[Path]:
-    """Write the run's :data:`LESIONS_FILE` (one row per case) and :data:`LESION_TABLE_FILE` (one row per lesion) from
-    the cases' lesion reports (``CASE_lesions.json``, in the order given), atomically; for part ``part_id`` of
-    ``num_parts`` named as :func:`summary_path` names the summary. Lists (review reasons, input warnings) are joined
-    with ``; ``; bounding boxes are written ``i j k``. Returns the two paths."""
-    cases, lesions = [], []
-    for path in reports:
-        report = read_json(path)
-        qc = report.get("qc", {})
-        cases.append(
+def report_rows(report: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A lesion report's (``CASE_lesions.json``) row of :data:`LESIONS_FILE` and rows of :data:`LESION_TABLE_FILE`,
+    by :data:`CASE_COLUMNS` and :data:`LESION_COLUMNS`. Lists (review reasons, input warnings) are joined with
+    ``; ``; bounding boxes are written ``i j k``."""
+    qc = report.get("qc", {})
+    case = {
+        "case": report["case"],
+        "lesion_count": report["lesion_count"],
+        "total_volume_ml": report["total_volume_ml"],
+        "qc_score": qc.get("score"),
+        "review": qc.get("review"),
+        "review_reasons": "; ".join(qc.get("reasons", [])),
+        "input_warnings": "; ".join(report.get("input_warnings", [])),
+    }
+    lesions = []
+    for lesion in report["lesions"]:
+        ras = lesion["centroid_ras_mm"]
+        lesions.append(
             {
                 "case": report["case"],
-                "lesion_count": report["lesion_count"],
-                "total_volume_ml": report["total_volume_ml"],
-                "qc_score": qc.get("score"),
-                "review": qc.get("review"),
-                "review_reasons": "; ".join(qc.get("reasons", [])),
-                "input_warnings": "; ".join(report.get("input_warnings", [])),
+                "lesion": lesion["index"],
+                "label": lesion["label"],
+                "voxels": lesion["voxels"],
+                "volume_ml": lesion["volume_ml"],
+                "hemisphere": lesion["hemisphere"],
+                "centroid_ras_x_mm": ras[0],
+                "centroid_ras_y_mm": ras[1],
+                "centroid_ras_z_mm": ras[2],
+                "bbox_start": " ".join(str(v) for v in lesion["bounding_box"]["start"]),
+                "bbox_stop": " ".join(str(v) for v in lesion["bounding_box"]["stop"]),
+                "mean_probability": lesion["mean_probability"],
+                "max_probability": lesion["max_probability"],
             }
         )
-        for lesion in report["lesions"]:
-            ras = lesion["centroid_ras_mm"]
-            lesions.append(
-                {
-                    "case": report["case"],
-                    "lesion": lesion["index"],
-                    "label": lesion["label"],
-                    "voxels": lesion["voxels"],
-                    "volume_ml": lesion["volume_ml"],
-                    "hemisphere": lesion["hemisphere"],
-                    "centroid_ras_x_mm": ras[0],
-                    "centroid_ras_y_mm": ras[1],
-                    "centroid_ras_z_mm": ras[2],
-                    "bbox_start": " ".join(str(v) for v in lesion["bounding_box"]["start"]),
-                    "bbox_stop": " ".join(str(v) for v in lesion["bounding_box"]["stop"]),
-                    "mean_probability": lesion["mean_probability"],
-                    "max_probability": lesion["max_probability"],
-                }
-            )
+    return case, lesions
+
+
+def write_lesion_tables(reports: Sequence[Path], output: Path, num_parts: int = 1, part_id: int = 0) -> list[Path]:
+    """Write the run's :data:`LESIONS_FILE` (one row per case) and :data:`LESION_TABLE_FILE` (one row per lesion) from
+    the cases' lesion reports (``CASE_lesions.json``, in the order given; rows by :func:`report_rows`), atomically;
+    for part ``part_id`` of ``num_parts`` named as :func:`summary_path` names the summary. Returns the two paths."""
+    cases, lesions = [], []
+    for path in reports:
+        case, rows = report_rows(read_json(path))
+        cases.append(case)
+        lesions += rows
     written = []
     for name, columns, rows in ((LESIONS_FILE, CASE_COLUMNS, cases), (LESION_TABLE_FILE, LESION_COLUMNS, lesions)):
         path = summary_path(output, num_parts, part_id, name)

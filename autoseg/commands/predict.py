@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from autoseg.api.bids import BidsSelection, parse_filter, participant_labels, predict_bids
 from autoseg.api.predict import TTA_CHOICES, ModelChoice, PredictionOptions, predict
 from autoseg.api.predict_report import review_page_path, write_review_page
-from autoseg.commands.common import device, fraction, non_negative_int, positive_int, run
+from autoseg.commands.common import device, fraction, non_negative_int, positive_int, refuse_unused, run
 from autoseg.io.files import check_output_file
 from autoseg.paths import CHECKPOINT_CHOICES
 
@@ -20,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
         "--one-case-per-file); for C channels the files form complete cases CASE_0000 ... "
         "CASE_{C-1} (documentation/dataset_format.md).",
     )
-    p.add_argument("-i", "--input", required=True, help="folder of images, or one image file")
+    p.add_argument("-i", "--input", help="folder of images, or one image file (or --bids)")
     p.add_argument("-o", "--output", required=True, help="folder for the predictions (created if needed)")
     p.add_argument(
         "-m",
@@ -96,12 +97,20 @@ def parser() -> argparse.ArgumentParser:
         help="also write OUTPUT/report.html (a part: report_part{i}of{K}.html), one self-contained review page: "
         "cases flagged for review first, volumes, QC scores, input warnings, overlays",
     )
+    _add_bids_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Predict, print one summary line and return 0, or 1 when a case failed (after every other case was done)."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.input is None) == (args.bids is None):
+        p.error("give the scans with exactly one of -i/--input and --bids")
+    bids_only = ["participant_label", "bids_filter", "bids_filter_file", "skip_bids_validation"]
+    refuse_unused(p, args, "input", bids_only, "they select the images of a BIDS dataset (--bids)")
+    refuse_unused(p, args, "bids", ["case_list", "num_parts", "part_id"], "select with --participant-label")
+    refuse_unused(p, args, "bids", ["report"], "the review page is written for -i runs (a BIDS run has lesions.tsv)")
 
     def action() -> int:
         choice = ModelChoice(
@@ -126,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             case_list=args.case_list,
             one_case_per_file=args.one_case_per_file,
         )
+        if args.bids:
+            return _predict_bids(args, choice, options)
         page = review_page_path(args.output, args.num_parts, args.part_id) if args.report else None
         if page is not None:  # refused before anything is predicted
             check_output_file(page, "review page (--report)")
@@ -136,6 +147,55 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if summary.failed else 0
 
     return run(action)
+
+
+def _add_bids_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``--bids`` (BIDS datasets in, BIDS derivatives out; ``autoseg.api.bids``)."""
+    bids = p.add_argument_group(
+        "BIDS",
+        "--bids ROOT reads a BIDS dataset with pybids (each model channel found by its suffix: T1/T1w -> T1w, "
+        "FLAIR -> FLAIR, DWI -> dwi, ADC -> ADC, other names as written) and writes a BIDS derivatives dataset to -o "
+        "(sub-X[_ses-Y]_space-orig_desc-lesion_mask.nii.gz, JSON sidecars, lesions.tsv, lesion_table.tsv). A subject "
+        "that cannot be predicted gets one line; the exit code is 1 only when no mask could be predicted.",
+    )
+    bids.add_argument("--bids", metavar="ROOT", help="a BIDS dataset (holding dataset_description.json and sub-*)")
+    bids.add_argument(
+        "--participant-label",
+        nargs="+",
+        metavar="LABEL",
+        help="subjects to predict, with or without 'sub-' (default: every subject)",
+    )
+    bids.add_argument(
+        "--bids-filter",
+        action="append",
+        metavar="KEY=VALUE",
+        help="keep images whose entity KEY (session, acquisition, run, ... or ses, acq) is VALUE; KEY= for images "
+        "without it, KEY=* for images with it; repeat for several",
+    )
+    bids.add_argument(
+        "--bids-filter-file",
+        metavar="FILE",
+        help='JSON: entity filters for every channel, and per model channel, e.g. {"session": "1", "DWI": '
+        '{"suffix": "dwi", "acquisition": "tra"}}; null: entity absent',
+    )
+    bids.add_argument(
+        "--skip-bids-validation",
+        action="store_true",
+        help="also read files whose names are not valid BIDS (e.g. ISLES 2022's *_adc.nii.gz)",
+    )
+
+
+def _predict_bids(args: argparse.Namespace, choice: ModelChoice, options: PredictionOptions) -> int:
+    """``--bids``: predict, print one summary line; 1 when no mask could be predicted, else 0."""
+    selection = BidsSelection(
+        participants=participant_labels(args.participant_label),
+        filters=dict(parse_filter(text) for text in args.bids_filter or []),
+        filter_file=args.bids_filter_file,
+        validate=not args.skip_bids_validation,
+    )
+    summary = predict_bids(args.bids, args.output, choice, options, selection)
+    print(summary.line())
+    return 1 if summary.nothing_predicted else 0
 
 
 if __name__ == "__main__":
