@@ -38,6 +38,8 @@ SPLITS_FILE = "splits_final.json"
 #: Written by ``autoseg_find_best`` beside the configuration folders of a dataset.
 POSTPROCESSING_FILE = "postprocessing.json"
 SELECTION_FILE = "model_selection.json"
+#: Written by ``autoseg_convert`` beside ``dataset.json`` when it co-registered channels: the fit of every channel moved.
+COREGISTRATION_FILE = "coregistration.json"
 #: ``--checkpoint`` values: ``checkpoint_best.pth``, ``checkpoint_final.pth``, or every snapshot plus final.
 CHECKPOINT_CHOICES = ("best", "final", "snapshots")
 

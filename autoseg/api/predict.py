@@ -9,7 +9,8 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
    (``-f``; default every ``fold_<k>`` with the chosen checkpoint);
 2. rebuilds each network from the run folder's ``plans.json`` and the network options its checkpoint recorded
    (``autoseg.networks.factory.checkpoint_network_options``; no trainer class is needed), and loads the weights;
-3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
+3. per case: reads the channels (a channel on another grid than channel 0 registered onto it when the plans record
+   ``coregister_channels``, ``autoseg.data.coregistration``; else such a case fails), predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
    and writes ``OUTPUT/CASE<ending>`` (the labels ``dataset.json`` declared: 0/1, or 0/255, ...; uint8 when every
    declared value fits, else the smallest integer type that holds them, ``autoseg.labels``) and, when asked,
@@ -47,8 +48,8 @@ and ``num_parts``/``part_id`` split them into interleaved parts, one per process
 written under a temporary name and renamed, so a case whose outputs exist is complete and a re-run skips it; the
 temporary files a killed run left behind are removed as their case comes up. A case that cannot be read or
 predicted (:data:`CASE_ERRORS`: unreadable or truncated file, not 3-D, a header autoseg refuses
-(``autoseg.io.headers.check_header``), NaN/Inf voxels, channels on different grids, an empty image, not enough memory) is
-reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
+(``autoseg.io.headers.check_header``), NaN/Inf voxels, channels on different grids (without co-registration) or a channel whose registration fails,
+an empty image, not enough memory) is reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
 wrote, skipped and what failed to ``OUTPUT/prediction_summary.json`` (``prediction_summary_part{i}of{K}.json`` for
 part i of K) and returns it as a :class:`PredictionSummary`. Nothing of a case is kept once it is written, so
 memory stays flat over any number of cases (``documentation/benchmarks.md``).
@@ -328,6 +329,7 @@ def predict(
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not options.postprocessing:
         min_lesion_mm3 = 0.0
+    coregister = models[0].plans.coregister_channels  # the members agree (_load_members)
     predictors = [
         Predictor(
             model.plans.configuration(model.configuration),
@@ -350,6 +352,7 @@ def predict(
             options.overwrite,
             summary,
             log or _print_to_stderr,
+            coregister=coregister,
         )
     summary.path = summary_file
     run = {
@@ -384,6 +387,12 @@ def _load_members(
     if len(channels) != 1:
         names = list(dict.fromkeys(c for c, _ in pairs))
         raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
+    coregistered = sorted({f"{c}/{t}" for (c, t), m in zip(pairs, models) if m.plans.coregister_channels})
+    if coregistered and len(coregistered) < len({(c, t) for c, t in pairs}):
+        raise UsageError(
+            f"members {coregistered} were trained with channel co-registration (coregister_channels in their "
+            "plans.json), the others without; choose members that read their channels alike"
+        )
     return models
 
 
@@ -395,10 +404,13 @@ def _predict_or_skip(
     overwrite: bool,
     summary: PredictionSummary,
     log: Callable[[str], None],
+    *,
+    coregister: bool = False,
 ) -> None:
     """Predict one case into ``targets`` and note it in ``summary`` as written, skipped (its outputs exist: they are
     written atomically, so they are whole) or failed (:data:`CASE_ERRORS`, logged in one line); its stale
-    temporaries from a killed run are removed first.
+    temporaries from a killed run are removed first. ``coregister``: the plans' ``coregister_channels``
+    (:func:`read_case`).
 
     Raises:
         DiskFullError: the disk is full (the run ends).
@@ -408,7 +420,7 @@ def _predict_or_skip(
         summary.skipped.append(case.identifier)
         return
     try:
-        _predict_case(case, targets, predictors, *postprocessing)
+        _predict_case(case, targets, predictors, *postprocessing, coregister=coregister)
     except DiskFullError:
         raise
     except CASE_ERRORS as error:
@@ -426,12 +438,15 @@ def _predict_case(
     threshold: float,
     min_lesion_mm3: float,
     labels: Mapping[str, int],
+    *,
+    coregister: bool = False,
 ) -> None:
     """Read, predict, post-process and write one case; the probability map (``targets[1]``, when given) is written
     before the labels (``targets[0]``), so an existing label file means the case is complete. Nothing of the case is
     kept afterwards. The label file holds the declared values of the plans' ``labels`` (``dataset.json``'s), in the
-    smallest integer type that holds them all (``autoseg.labels.values_from_classes``)."""
-    images, geometry = read_case(case)
+    smallest integer type that holds them all (``autoseg.labels.values_from_classes``). With ``coregister`` a channel
+    on another grid than channel 0 is registered onto it first (:func:`read_case`); outputs lie on channel 0's grid."""
+    images, geometry = read_case(case, coregister)
     probabilities = _ensemble(predictors, images, geometry)
     del images
     classes = postprocess_probabilities(probabilities, geometry.spacing, threshold, min_lesion_mm3)

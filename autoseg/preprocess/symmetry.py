@@ -46,6 +46,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from autoseg.data.coregistration import euler_of, one_itk_thread
 from autoseg.errors import DataError
 from autoseg.io.geometry import Geometry, left_right_axis
 from autoseg.io.images import array_from_image, image_from_array
@@ -193,12 +194,11 @@ def fit_mirror(
     initializer = sitk.CenteredTransformInitializerFilter()
     initializer.MomentsOn()
     initializer.SetNumberOfThreads(REGISTRATION_THREADS)
-    initial = initializer.Execute(fixed_mask, moving_mask, sitk.Euler3DTransform())
     method = _registration_method(geometry, int(mask.sum()), slice_axis)
     method.SetMetricFixedMask(fixed_mask)
-    method.SetInitialTransform(initial, inPlace=False)
-    fitted = method.Execute(fixed, moving)
-    euler = _as_euler(fitted)
+    with one_itk_thread():  # the same fit on every machine, whatever ITK's default thread count
+        method.SetInitialTransform(initializer.Execute(fixed_mask, moving_mask, sitk.Euler3DTransform()), inPlace=False)
+        euler = euler_of(method.Execute(fixed, moving))
     stop = method.GetOptimizerStopConditionDescription()
     converged = "maximum number of iterations" not in stop.lower()
     mirror = _mirror(image, geometry, axis, euler, 0.0)
@@ -457,14 +457,6 @@ def _registration_method(
         world = int(np.argmax(np.abs(direction[:, slice_axis])))  # world axis the slices are stacked along
         method.SetOptimizerWeights([float(a == world) for a in range(3)] + [float(a != world) for a in range(3)])
     return method
-
-
-def _as_euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
-    """The registration's result as one Euler3DTransform (it comes back wrapped in a composite)."""
-    if transform.GetName() == "CompositeTransform":
-        composite = sitk.CompositeTransform(transform)
-        transform = composite.GetNthTransform(composite.GetNumberOfTransforms() - 1)
-    return sitk.Euler3DTransform(transform)
 
 
 def _mirror(array: np.ndarray, geometry: Geometry, axis: int, transform: sitk.Transform, fill: float) -> np.ndarray:
