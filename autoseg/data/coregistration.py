@@ -365,7 +365,9 @@ def one_itk_thread() -> Iterator[None]:
 def _world(geometry: Geometry, indices: np.ndarray) -> np.ndarray:
     """World points (mm) of voxel indices (N, 3) or (3,) of ``geometry``'s grid."""
     direction = np.asarray(geometry.direction, float).reshape(3, 3)
-    return np.asarray(geometry.origin, float) + (np.asarray(indices, float) * np.asarray(geometry.spacing)) @ direction.T
+    return (
+        np.asarray(geometry.origin, float) + (np.asarray(indices, float) * np.asarray(geometry.spacing)) @ direction.T
+    )
 
 
 def _itk_reason(error: RuntimeError) -> str:

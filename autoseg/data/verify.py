@@ -153,9 +153,7 @@ class CheckedCase:
     coregistration: tuple[ChannelFit, ...] = ()
 
 
-def verify_case(
-    case: Case, labels: Mapping[str, int], coregister: bool = False
-) -> tuple[list[Problem], list[Problem]]:
+def verify_case(case: Case, labels: Mapping[str, int], coregister: bool = False) -> tuple[list[Problem], list[Problem]]:
     """All problems of one case (empty when it is sound) and its notes; ``labels`` and ``coregister`` as in
     ``dataset.json``."""
     checked = read_checked_case(case, labels, coregister)
