@@ -199,8 +199,13 @@ def record_coregistration(plans: Plans, fingerprint: Fingerprint, coregister: bo
         reasons["coregister_channels"] = (
             f'dataset.json declares "coregister_channels": a channel on another grid than channel 0 '
             f"({plans.channels[0]}) is rigidly registered to it and resampled onto its grid, in preprocessing and "
-            f"prediction alike ({COREGISTRATION_METHOD}); {moved} of {len(fits)} training cases had a channel moved"
-            + (f" (at most {largest:.1f}° and {shift:.1f} mm)" if moved else "")
+            f"prediction alike ({COREGISTRATION_METHOD}); "
+            + (
+                f"{moved} of {len(fits)} training cases had a channel moved (at most {largest:.1f}° and {shift:.1f} mm)"
+                if moved
+                else f"the channels of all {len(fits)} training cases already share channel 0's grid (a release "
+                "autoseg_convert registered: its coregistration.json), so only new scans on their own grids are moved"
+            )
         )
     return dataclasses.replace(plans, coregister_channels=coregister, reasons=reasons)
 

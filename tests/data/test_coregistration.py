@@ -51,9 +51,9 @@ from autoseg.preprocess.preprocessing import preprocess_arrays
 REFERENCE = oblique_geometry((40, 46, 24), (3.5, 3.5, 5.0), (4, -3, 6))
 MOVING = oblique_geometry((56, 60, 40), (2.5, 2.6, 3.3), (-8, 5, -12), center=(3, -4, 2))
 MOTIONS = {
-    "3-5 degrees, 4-5 mm": ((3.0, -4.0, 5.0), (4.0, -3.0, 5.0)),
+    "7 degrees (3, -4, 5), 7 mm (4, -3, 5)": ((3.0, -4.0, 5.0), (4.0, -3.0, 5.0)),
     "6 degrees about z, 8 mm along x": ((0.0, 0.0, 6.0), (8.0, 0.0, 0.0)),
-    "2 degrees, 2 mm": ((-2.0, 1.5, -1.0), (-1.0, 2.0, -1.5)),
+    "2.7 degrees (-2, 1.5, -1), 2.7 mm (-1, 2, -1.5)": ((-2.0, 1.5, -1.0), (-1.0, 2.0, -1.5)),
 }
 
 
@@ -99,7 +99,7 @@ def test_a_channel_moved_by_a_known_rigid_transform_is_brought_back_within_a_vox
 
 def test_the_fit_is_the_same_whatever_the_thread_count_and_survives_json() -> None:
     reference = sample_phantom(REFERENCE, "dwi")
-    moving, _, _ = moved_channel(*MOTIONS["3-5 degrees, 4-5 mm"])
+    moving, _, _ = moved_channel(*MOTIONS["7 degrees (3, -4, 5), 7 mm (4, -3, 5)"])
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     fits = []
     try:
@@ -116,7 +116,7 @@ def test_the_fit_is_the_same_whatever_the_thread_count_and_survives_json() -> No
 def test_channels_on_the_reference_grid_are_kept_and_others_moved() -> None:
     reference = sample_phantom(REFERENCE, "dwi")
     adc = sample_phantom(REFERENCE, "adc")
-    flair, _, _ = moved_channel(*MOTIONS["2 degrees, 2 mm"])
+    flair, _, _ = moved_channel(*MOTIONS["2.7 degrees (-2, 1.5, -1), 2.7 mm (-1, 2, -1.5)"])
     images, fits = coregister_channels([reference, adc, flair], [REFERENCE, REFERENCE, MOVING])
     assert images.shape == (3, *REFERENCE.shape) and images.dtype == np.float32
     np.testing.assert_array_equal(images[0], reference)
@@ -127,7 +127,7 @@ def test_channels_on_the_reference_grid_are_kept_and_others_moved() -> None:
 
 def test_a_channel_that_does_not_overlap_the_reference_fails_in_one_line() -> None:
     reference = sample_phantom(REFERENCE, "dwi")
-    moving, _, _ = moved_channel(*MOTIONS["2 degrees, 2 mm"])
+    moving, _, _ = moved_channel(*MOTIONS["2.7 degrees (-2, 1.5, -1), 2.7 mm (-1, 2, -1.5)"])
     elsewhere = dataclasses.replace(MOVING, origin=tuple(np.asarray(MOVING.origin) + (400.0, 0.0, 0.0)))
     with pytest.raises(RegistrationError) as raised:
         coregister_channels([reference, moving], [REFERENCE, elsewhere], ["in/c_0000.nii.gz", "in/c_0001.nii.gz"])
@@ -139,14 +139,14 @@ def test_a_channel_that_does_not_overlap_the_reference_fails_in_one_line() -> No
 
 def test_a_registration_that_does_not_converge_fails_in_one_line() -> None:
     reference = sample_phantom(REFERENCE, "dwi")
-    moving, _, _ = moved_channel(*MOTIONS["3-5 degrees, 4-5 mm"])
+    moving, _, _ = moved_channel(*MOTIONS["7 degrees (3, -4, 5), 7 mm (4, -3, 5)"])
     with pytest.raises(RegistrationError, match=r"^no convergence: the optimizer reached its limit of 3 iterations"):
         register_channel(reference, REFERENCE, moving, MOVING, 1, iterations=3)
 
 
 def test_nan_voxels_and_an_empty_reference_are_refused() -> None:
     reference = sample_phantom(REFERENCE, "dwi")
-    moving, _, _ = moved_channel(*MOTIONS["2 degrees, 2 mm"])
+    moving, _, _ = moved_channel(*MOTIONS["2.7 degrees (-2, 1.5, -1), 2.7 mm (-1, 2, -1.5)"])
     moving[0, 0, 0] = np.nan
     with pytest.raises(RegistrationError, match="channel 1 has 1 NaN/Inf voxel"):
         register_channel(reference, REFERENCE, moving, MOVING, 1)
@@ -293,4 +293,15 @@ def test_plan_train_and_predict_register_the_channel_the_same_way(
     assert (
         "trained without channel co-registration"
         in read_json(output / "prediction_summary.json")["failed"][0]["problem"]
+    )
+
+
+def test_what_itk_refuses_is_its_reason_in_one_line() -> None:
+    slab = oblique_geometry((40, 46, 2), (3.5, 3.5, 5.0), (0, 0, 0))  # two slices: ITK's smoothing needs four
+    moving, _, _ = moved_channel(*MOTIONS["2.7 degrees (-2, 1.5, -1), 2.7 mm (-1, 2, -1.5)"])
+    with pytest.raises(RegistrationError) as raised:
+        register_channel(sample_phantom(slab, "dwi"), slab, moving, MOVING, 1)
+    assert str(raised.value) == (
+        "ITK could not register it: The number of pixels along dimension 2 is less than 4. This filter requires a "
+        "minimum of four pixels along the dimension to be processed"
     )
