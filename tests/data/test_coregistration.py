@@ -9,6 +9,7 @@ at voxel ``y`` the phantom at ``Q(y) = R y + t``, so the transform that brings i
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -284,10 +285,19 @@ def test_plan_train_and_predict_register_the_channel_the_same_way(
     labels, geometry = read_image(output / "new.nii.gz", np.uint8)
     assert not geometry.differences(read_image(new / "new_0000.nii.gz")[1])  # on channel 0's grid
 
-    # The same model told it was trained without co-registration refuses the case, saying why.
-    run = data_roots / "results" / NAME / "3d_aniso" / "ResidualUNetTrainer" / "fold_0" / "plans.json"
+    # The same model told it was trained without co-registration refuses the case, saying why; beside a member
+    # trained with it (a copy under another trainer's name), it is refused as a member.
+    trainers = data_roots / "results" / NAME / "3d_aniso"
+    shutil.copytree(trainers / "ResidualUNetTrainer", trainers / "AcuteStrokeTrainer")
+    run = trainers / "ResidualUNetTrainer" / "fold_0" / "plans.json"
     dataclasses.replace(Plans.from_json(run), coregister_channels=False).to_json(run)
     capsys.readouterr()
+    assert predict_main([*predicting, "-tr", "ResidualUNetTrainer", "AcuteStrokeTrainer"]) == 1
+    assert (
+        "error: members ['3d_aniso/AcuteStrokeTrainer'] were trained with channel co-registration (coregister_channels "
+        "in their plans.json), the others without" in capsys.readouterr().err
+    )
+    shutil.rmtree(trainers / "AcuteStrokeTrainer")
     assert predict_main([*predicting, "--overwrite"]) == 1
     assert "new_0001.nii.gz lies on another grid than new_0000.nii.gz" in capsys.readouterr().err
     assert (
