@@ -41,6 +41,8 @@ SELECTION_FILE = "model_selection.json"
 #: Written by ``autoseg_find_best`` beside them: how the QC score relates to Dice for the chosen members
 #: (``autoseg.infer.quality.QCCalibration``).
 QC_CALIBRATION_FILE = "qc_calibration.json"
+#: Written by ``autoseg_convert`` beside ``dataset.json`` when it co-registered channels: the fit of every channel moved.
+COREGISTRATION_FILE = "coregistration.json"
 #: ``--checkpoint`` values: ``checkpoint_best.pth``, ``checkpoint_final.pth``, or every snapshot plus final.
 CHECKPOINT_CHOICES = ("best", "final", "snapshots")
 

@@ -525,7 +525,12 @@ class ComputeBudget:
 
 @dataclass(frozen=True, kw_only=True)
 class Plans:
-    """Everything the planner decided for one dataset."""
+    """Everything the planner decided for one dataset.
+
+    ``coregister_channels`` is ``dataset.json``'s declaration, recorded so that every stage that reads a case for
+    these plans (preprocessing, prediction, also from a model file) registers a channel on another grid than channel
+    0 onto it the same way (``autoseg.data.coregistration``); ``reasons.coregister_channels`` says so when it is set.
+    """
 
     dataset: str
     planner: str
@@ -539,6 +544,8 @@ class Plans:
     reasons: dict[str, str] = field(default_factory=dict)
     #: set when the plans were fitted to a compute budget (``--budget-minutes``); None: planned for memory only.
     compute_budget: ComputeBudget | None = None
+    #: channels on another grid than channel 0 are registered onto it (``dataset.json``'s ``coregister_channels``).
+    coregister_channels: bool = False
 
     def configuration(self, name: str | None = None) -> Configuration:
         """The named configuration (default: ``default_configuration``).

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from autoseg.api.plan import plan_and_preprocess
 from autoseg.api.train import TrainingOptions, train
 from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.data.demo.ctp import make_ctp_like
+from autoseg.io.geometry import Geometry
 from autoseg.plans import Configuration, Plans, Stage
 
 
@@ -280,3 +282,95 @@ def trained_home(tiny_model_home: Path, data_roots: Path, monkeypatch: pytest.Mo
     shutil.copytree(tiny_model_home, data_roots, dirs_exist_ok=True)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return data_roots
+
+
+# ------------------------------------------------------------------------------------------------
+# A brain-like phantom in world coordinates, for channels on different grids (channel co-registration)
+# ------------------------------------------------------------------------------------------------
+
+#: Contrast of each phantom sequence: (brain, ventricles, lesion, texture) weights.
+PHANTOM_CONTRASTS = {
+    "dwi": (100.0, 60.0, 80.0, 30.0),
+    "adc": (800.0, 1500.0, -400.0, 150.0),
+    "flair": (200.0, -150.0, 120.0, -40.0),
+}
+
+
+def rotation_matrix(degrees: Sequence[float]) -> np.ndarray:
+    """The 3x3 rotation by ``degrees`` about world x, then y, then z (``Rz @ Ry @ Rx``)."""
+    ax, ay, az = np.radians(degrees)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def oblique_geometry(
+    shape: Sequence[int], spacing: Sequence[float], degrees: Sequence[float], center: Sequence[float] = (0, 0, 0)
+) -> Geometry:
+    """A grid of ``shape`` voxels of ``spacing`` mm centred on ``center`` (mm), its axes turned by ``degrees``
+    (:func:`rotation_matrix`) against the world's: an oblique acquisition."""
+    rotation = rotation_matrix(degrees)
+    origin = np.asarray(center, float) - rotation @ ((np.asarray(shape) - 1) / 2 * np.asarray(spacing, float))
+    return Geometry(
+        tuple(int(n) for n in shape),
+        tuple(float(s) for s in spacing),
+        tuple(float(v) for v in origin),
+        tuple(float(v) for v in rotation.ravel()),
+    )
+
+
+def grid_points(geometry: Geometry) -> np.ndarray:
+    """(X·Y·Z, 3) world points (mm) of every voxel centre of ``geometry``'s grid, x fastest last (C order)."""
+    direction = np.asarray(geometry.direction, float).reshape(3, 3)
+    indices = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij"), -1).reshape(-1, 3)
+    return np.asarray(geometry.origin, float) + (indices * np.asarray(geometry.spacing, float)) @ direction.T
+
+
+def _inside(points: np.ndarray, center: Sequence[float], semi_axes: Sequence[float], edge: float) -> np.ndarray:
+    """A smooth ellipsoid indicator (1 inside, 0 outside, a sigmoid ``edge`` wide in units of the radius)."""
+    radius = np.sqrt((((points - np.asarray(center)) / np.asarray(semi_axes)) ** 2).sum(-1))
+    return 1.0 / (1.0 + np.exp(np.clip((radius - 1.0) / edge, -50, 50)))
+
+
+PHANTOM_LESION = ((28.0, -20.0, 15.0), (10.0, 8.0, 12.0))  # centre and semi-axes (mm)
+
+
+def brain_phantom(points: np.ndarray, contrast: str, lesion_center: Sequence[float] = PHANTOM_LESION[0]) -> np.ndarray:
+    """A head-sized brain at the world origin (ellipsoid of semi-axes 60 x 72 x 55 mm) with two asymmetric ventricles,
+    a lesion and a fixed texture of 40 blobs and 6 waves (3-20 mm), seen with ``contrast`` (:data:`PHANTOM_CONTRASTS`)
+    at world ``points`` (N, 3) mm; 0 outside the brain. Returns (N,) float32."""
+    brain_weight, ventricle_weight, lesion_weight, texture_weight = PHANTOM_CONTRASTS[contrast]
+    brain = _inside(points, (0, 0, 0), (60, 72, 55), 0.03)
+    ventricles = _inside(points, (-9, 5, 8), (6, 22, 9), 0.15) + _inside(points, (10, 3, 6), (5, 20, 10), 0.15)
+    lesion = _inside(points, lesion_center, PHANTOM_LESION[1], 0.15)
+    rng = np.random.default_rng(7)
+    texture = np.zeros(len(points))
+    for _ in range(40):
+        center, sigma = rng.uniform(-45, 45, 3) * [1, 1.1, 0.8], rng.uniform(3, 7)
+        texture += rng.uniform(-1, 1) * np.exp(-((points - center) ** 2).sum(-1) / (2 * sigma * sigma))
+    waves = rng.standard_normal((6, 3))
+    waves *= (2 * np.pi / rng.uniform(12, 20, 6))[:, None] / np.linalg.norm(waves, axis=1, keepdims=True)
+    texture += 0.3 * np.cos(points @ waves.T + rng.uniform(0, 6, 6)).sum(-1)
+    value = brain * (brain_weight + texture_weight * texture + lesion_weight * lesion) + ventricle_weight * ventricles
+    return np.where(brain > 0.01, value, 0.0).astype(np.float32)
+
+
+def phantom_lesion(points: np.ndarray, lesion_center: Sequence[float] = PHANTOM_LESION[0]) -> np.ndarray:
+    """(N,) bool: the phantom's lesion (:func:`brain_phantom`) at world ``points``."""
+    return _inside(points, lesion_center, PHANTOM_LESION[1], 0.15) > 0.5
+
+
+def sample_phantom(
+    geometry: Geometry,
+    contrast: str,
+    motion: tuple[np.ndarray, np.ndarray] | None = None,
+    lesion_center: Sequence[float] = PHANTOM_LESION[0],
+) -> np.ndarray:
+    """(X, Y, Z) float32: :func:`brain_phantom` sampled at the voxel centres of ``geometry``; with ``motion`` =
+    (R, t) the head moved so that voxel ``y`` shows the phantom at ``R y + t``."""
+    points = grid_points(geometry)
+    if motion is not None:
+        rotation, shift = motion
+        points = points @ rotation.T + shift
+    return brain_phantom(points, contrast, lesion_center).reshape(geometry.shape)

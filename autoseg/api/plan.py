@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoseg.data.coregistration import COREGISTRATION_METHOD
 from autoseg.data.dataset import Case, RawDataset, find_dataset
 from autoseg.data.verify import VerificationReport, check_dataset, training_cases
 from autoseg.io.files import check_output_file, check_output_folder
@@ -67,6 +68,9 @@ def plan_and_preprocess(
     With ``preprocess_only`` the existing ``plans.json`` (possibly edited by hand) is validated and
     used as it is; nothing is re-planned.
 
+    ``dataset.json``'s ``coregister_channels`` is recorded in the plans (:func:`record_coregistration`), and the
+    cases are verified, fingerprinted and preprocessed with their channels co-registered when it is set.
+
     With ``budget_minutes`` the plan is fitted to that much training time per fold on ``device`` (``auto``, ``cpu``
     or ``cuda``): this machine is probed first (``autoseg.plan.probe``, cached under ``AUTOSEG_HOME``), and the
     planner chooses resolution, width, patch, batch and iterations (``autoseg.plan.budget``).
@@ -86,7 +90,8 @@ def plan_and_preprocess(
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
             contains a lesion (nothing written: no fingerprint, no plans, no preprocessed folder).
-        PlansError: invalid ``plans.json`` or an unknown configuration name.
+        PlansError: invalid ``plans.json`` or an unknown configuration name; with ``preprocess_only``, a
+            ``plans.json`` whose ``coregister_channels`` differs from ``dataset.json``'s.
         BudgetError: the budget cannot buy a useful run (the message says what would).
         KeyError: unknown planner (the message lists the known ones).
         ValueError: an unknown ``normalization``.
@@ -104,6 +109,12 @@ def plan_and_preprocess(
         check_output_file(path)
     if preprocess_only:
         plans = Plans.from_json(plans_path)
+        if plans.coregister_channels != dataset.coregister_channels:
+            raise PlansError(
+                f"{plans_path}: coregister_channels is {str(plans.coregister_channels).lower()} but "
+                f"{dataset.folder / 'dataset.json'} declares {str(dataset.coregister_channels).lower()}; run "
+                "autoseg_plan without --preprocess-only to plan again"
+            )
         report = check_dataset(dataset, num_processes, progress)
         cases, notes = report.cases, [str(note) for note in report.notes]
     else:
@@ -131,7 +142,13 @@ def plan_and_preprocess(
             continue
         target = folder / configuration.data_identifier
         done[configuration.data_identifier] = preprocess_dataset(
-            cases, configuration, target, num_processes, progress, labels=dataset.labels
+            cases,
+            configuration,
+            target,
+            num_processes,
+            progress,
+            labels=dataset.labels,
+            coregister=plans.coregister_channels,
         )
     changes += _splits_changes(folder, cases, resplit)
     return PlanResult(plans, plans_path, fingerprint_path, done, notes, changes)
@@ -160,11 +177,37 @@ def _fingerprint_and_plan(
             f"{plans_path.name}: histogram-equalized twins added; its other configurations are kept as "
             "they are (run autoseg_plan without --normalization histeq to re-plan them)"
         )
-        return fingerprint, add_histeq_twins(previous, fingerprint.channels), notes
+        twins = add_histeq_twins(previous, fingerprint.channels)
+        return fingerprint, record_coregistration(twins, fingerprint, dataset.coregister_channels), notes
     budget_minutes, device = compute_budget
     compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
     plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
-    return fingerprint, plans if previous is None else keep_unplanned(previous, plans, normalization), notes
+    plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
+    return fingerprint, record_coregistration(plans, fingerprint, dataset.coregister_channels), notes
+
+
+def record_coregistration(plans: Plans, fingerprint: Fingerprint, coregister: bool) -> Plans:
+    """``plans`` with ``dataset.json``'s ``coregister_channels`` (``coregister``) recorded, and with it
+    ``reasons.coregister_channels`` saying in how many of the fingerprint's cases a channel was moved; the planner
+    is not asked (a planner of one's own cannot forget it)."""
+    reasons = {key: value for key, value in plans.reasons.items() if key != "coregister_channels"}
+    if coregister:
+        fits = [case.coregistration or () for case in fingerprint.cases.values()]
+        moved = sum(1 for case in fits if case)
+        largest = max((fit.rotation_degrees for case in fits for fit in case), default=0.0)
+        shift = max((fit.shift_mm for case in fits for fit in case), default=0.0)
+        reasons["coregister_channels"] = (
+            f'dataset.json declares "coregister_channels": a channel on another grid than channel 0 '
+            f"({plans.channels[0]}) is rigidly registered to it and resampled onto its grid, in preprocessing and "
+            f"prediction alike ({COREGISTRATION_METHOD}); "
+            + (
+                f"{moved} of {len(fits)} training cases had a channel moved (at most {largest:.1f}° and {shift:.1f} mm)"
+                if moved
+                else f"the channels of all {len(fits)} training cases already share channel 0's grid (a release "
+                "autoseg_convert registered: its coregistration.json), so only new scans on their own grids are moved"
+            )
+        )
+    return dataclasses.replace(plans, coregister_channels=coregister, reasons=reasons)
 
 
 def _splits_changes(folder: Path, cases: Sequence[Case], resplit: str | None) -> list[str]:
@@ -300,6 +343,7 @@ __all__ = [
     "budget_request",
     "keep_unplanned",
     "plan_and_preprocess",
+    "record_coregistration",
     "update_cases",
     "verify",
 ]

@@ -9,7 +9,8 @@ plans the run was trained with (``plans.json``) and its checkpoints. :func:`pred
    (``-f``; default every ``fold_<k>`` with the chosen checkpoint);
 2. rebuilds each network from the run folder's ``plans.json`` and the network options its checkpoint recorded
    (``autoseg.networks.factory.checkpoint_network_options``; no trainer class is needed), and loads the weights;
-3. per case: reads the channels, predicts each configuration on its own preprocessing (mean over folds and
+3. per case: reads the channels (a channel on another grid than channel 0 registered onto it when the plans record
+   ``coregister_channels``, ``autoseg.data.coregistration``; else such a case fails), predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
    and writes ``OUTPUT/CASE<ending>`` (the labels ``dataset.json`` declared: 0/1, or 0/255, ...; uint8 when every
    declared value fits, else the smallest integer type that holds them, ``autoseg.labels``) and, when asked,
@@ -53,8 +54,8 @@ and ``num_parts``/``part_id`` split them into interleaved parts, one per process
 written under a temporary name and renamed, so a case whose outputs exist is complete and a re-run skips it; the
 temporary files a killed run left behind are removed as their case comes up. A case that cannot be read or
 predicted (:data:`CASE_ERRORS`: unreadable or truncated file, not 3-D, a header autoseg refuses
-(``autoseg.io.headers.check_header``), NaN/Inf voxels, channels on different grids, an empty image, not enough memory) is
-reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
+(``autoseg.io.headers.check_header``), NaN/Inf voxels, channels on different grids (without co-registration) or a channel whose registration fails,
+an empty image, not enough memory) is reported in one line and skipped; the others go on. At the end :func:`predict` writes what it
 wrote, skipped and what failed to ``OUTPUT/prediction_summary.json`` (``prediction_summary_part{i}of{K}.json`` for
 part i of K) and returns it as a :class:`PredictionSummary`. Nothing of a case is kept once it is written, so
 memory stays flat over any number of cases (``documentation/benchmarks.md``).
@@ -362,8 +363,11 @@ def predict(
     threshold, min_lesion_mm3, _ = _postprocessing(name, models)
     if not options.postprocessing:
         min_lesion_mm3 = 0.0
+    coregister = models[0].plans.coregister_channels  # the members agree (_load_members)
     checks = InputChecks.load(name, channels, log or _print_to_stderr)  # compared with the training cases, per case
-    settings = _CaseSettings(threshold, min_lesion_mm3, models[0].plans.labels, _calibration(name, models), checks)
+    settings = _CaseSettings(
+        threshold, min_lesion_mm3, models[0].plans.labels, _calibration(name, models), checks, coregister
+    )
     predictors = [
         Predictor(
             model.plans.configuration(model.configuration),
@@ -406,7 +410,8 @@ def _load_members(
     chosen configurations times trainers; else what ``autoseg_find_best`` chose; else the default configuration.
 
     Raises:
-        UsageError: see :func:`load_model`; members that take different numbers of channels.
+        UsageError: see :func:`load_model`; members that take different numbers of channels, or that were trained
+            with and without channel co-registration.
     """
     members, checkpoint = _members(dataset, installed, choice, checkpoint)
     models = [load_model(dataset, c, t, folds, checkpoint, device) for c, t, folds in members]
@@ -414,6 +419,12 @@ def _load_members(
     if len(channels) != 1:
         names = list(dict.fromkeys(c for c, _, _ in members))
         raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
+    coregistered = sorted({f"{m.configuration}/{m.trainer}" for m in models if m.plans.coregister_channels})
+    if coregistered and len(coregistered) < len({(m.configuration, m.trainer) for m in models}):
+        raise UsageError(
+            f"members {coregistered} were trained with channel co-registration (coregister_channels in their "
+            "plans.json), the others without; choose members that read their channels alike"
+        )
     return models
 
 
@@ -486,14 +497,16 @@ def describe_model(choice: ModelChoice | None = None, checkpoint: str = "final")
 @dataclass(frozen=True)
 class _CaseSettings:
     """What every case of a run is checked, post-processed and judged by: threshold, minimum lesion size (mm³), the
-    declared labels, the QC calibration of exactly the members predicted (None: :data:`DEFAULT_REVIEW_THRESHOLD`) and
-    the input checks, whose training ranges also hold the training cases' lesion volumes."""
+    declared labels, the QC calibration of exactly the members predicted (None: :data:`DEFAULT_REVIEW_THRESHOLD`),
+    the input checks, whose training ranges also hold the training cases' lesion volumes, and whether channels on
+    another grid are registered onto channel 0 (the plans' ``coregister_channels``)."""
 
     threshold: float
     min_lesion_mm3: float
     labels: Mapping[str, int]
     calibration: QCCalibration | None
     checks: InputChecks
+    coregister: bool = False
 
     @property
     def review_threshold(self) -> float:
@@ -580,8 +593,9 @@ def _predict_case(
     The maps asked for are written first, then the labels, then the lesion report (``CASE_lesions.json``), so an
     existing report means the case is complete. Nothing of the case is kept afterwards. The label file holds the
     declared values of the plans' ``labels`` (``dataset.json``'s), in the smallest integer type that holds them all
-    (``autoseg.labels.values_from_classes``)."""
-    images, geometry = read_case(case)
+    (``autoseg.labels.values_from_classes``). With the plans' ``coregister_channels`` a channel on another grid than
+    channel 0 is registered onto it first (:func:`read_case`); outputs lie on channel 0's grid."""
+    images, geometry = read_case(case, settings.coregister)
     warnings = settings.checks.check(case, images, geometry)
     agreement = AgreementCounter(settings.threshold)
     probabilities, mirror_fit = _ensemble(predictors, images, geometry, agreement)

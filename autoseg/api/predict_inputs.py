@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.data.coregistration import coregister_channels
 from autoseg.data.dataset import CHANNEL_FILE, cases_from_files, channel_sets
 from autoseg.errors import DataError, InvalidFileError, MissingFileError, UsageError
 from autoseg.io.geometry import Geometry
@@ -170,26 +171,35 @@ def select_cases(cases: Sequence[InputCase], case_list: str | Path) -> list[Inpu
     return [case for case in cases if case.identifier in chosen]
 
 
-def read_case(case: InputCase) -> tuple[np.ndarray, Geometry]:
-    """(C, X, Y, Z) float32 channels and their geometry, in the canonical orientation (``autoseg.io.images``);
-    channels stored in different orientations of the same grid agree.
+def read_case(case: InputCase, coregister: bool = False) -> tuple[np.ndarray, Geometry]:
+    """(C, X, Y, Z) float32 channels and their geometry (channel 0's), in the canonical orientation
+    (``autoseg.io.images``); channels stored in different orientations of the same grid agree.
+
+    With ``coregister`` (the model's plans record ``coregister_channels``) a channel on another grid than channel 0
+    is rigidly registered to it and resampled onto its grid with the code its training cases went through
+    (``autoseg.data.coregistration.coregister_channels``); without it such a channel is an error.
 
     Raises:
         ImageReadError: a file cannot be read or is not a 3-D single-channel image, or (``ImageHeaderError``)
             its header declares what autoseg does not read (``autoseg.io.headers.check_header``), before its voxels are read.
-        ValueError: channels on different grids, or NaN/Inf voxels (the message names the file and the problem).
+        ValueError: channels on different grids (without ``coregister``), or NaN/Inf voxels (the message names the
+            file and the problem).
+        RegistrationError: with ``coregister``, a channel that cannot be registered (its file and why).
     """
-    arrays, geometry = [], None
+    arrays, geometries = [], []
     for path in case.images:
         array, this = read_image(path)
-        if geometry is not None and geometry.differences(this):
+        if geometries and not coregister and geometries[0].differences(this):
             raise DataError(
                 f"case {case.identifier}: {path.name} lies on another grid than {case.images[0].name}: "
-                f"{'; '.join(geometry.differences(this))}"
+                f"{'; '.join(geometries[0].differences(this))} (the model was trained without channel "
+                "co-registration: dataset.json's coregister_channels)"
             )
         non_finite = count_non_finite(array)
         if non_finite:
             raise DataError(f"{path}: {non_finite} NaN/Inf voxel(s)")
-        geometry = geometry or this
         arrays.append(array)
-    return np.stack(arrays), geometry
+        geometries.append(this)
+    if coregister:
+        return coregister_channels(arrays, geometries, case.images)[0], geometries[0]
+    return np.stack(arrays), geometries[0]

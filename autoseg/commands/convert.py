@@ -42,12 +42,23 @@ def parser() -> argparse.ArgumentParser:
                 help="text file pairing cases with the challenge's patient names "
                 "(e.g. 'Train_40_A = case 64'), so slabs of one patient form one subject",
             )
+        if name == "isles22":
+            kind.add_argument(
+                "--no-flair",
+                action="store_true",
+                help="leave FLAIR out (default: FLAIR is rigidly registered onto DWI and resampled onto its grid, "
+                "and the dataset declares coregister_channels so prediction does the same to new scans)",
+            )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    options = {"slabs": args.slabs} if args.kind == "isles18" else {}
+    options = {}  # the reader's own options
+    if args.kind == "isles18":
+        options = {"slabs": args.slabs}
+    elif args.kind == "isles22":
+        options = {"flair": not args.no_flair}
 
     def action() -> None:
         result = convert(args.kind, args.source, args.dataset, args.id, args.overwrite, not args.no_progress, **options)
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {result.folder}: {len(found.training)} training case(s) of {subjects} subject(s), "
             f"{len(found.test)} test case(s); channels {', '.join(found.channel_names)}"
         )
-        for note in found.notes:
+        for note in result.notes():
             print(f"note: {note}")
         print(f"next: autoseg_plan -d {result.folder.name}")
 

@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{list(configuration.patch_size)}, batch {configuration.batch_size}, "
                 f"{configuration.network.architecture}, trainer {configuration.schedule.trainer}"
             )
+        if result.plans.coregister_channels:
+            reason = result.plans.reasons.get("coregister_channels", "on (plans.json: coregister_channels)")
+            print(f"channel co-registration: {reason}")
         compute_budget = result.plans.compute_budget
         if compute_budget is not None:
             print(

@@ -5,7 +5,8 @@ A raw dataset is an nnU-Net v2 raw folder, used unchanged::
     AUTOSEG_RAW/Dataset001_ATLAS/
         dataset.json          {"channel_names": {"0": "T1"}, "labels": {"background": 0, "lesion": 1},
                                "file_ending": ".nii.gz", "numTraining": 20,
-                               "subjects": {"CASE": "SUBJECT", ...}}   # optional grouping
+                               "subjects": {"CASE": "SUBJECT", ...},   # optional grouping
+                               "coregister_channels": true}            # optional, default false
         imagesTr/CASE_0000.nii.gz   one file per channel, channel index in 4 digits
         labelsTr/CASE.nii.gz
         imagesTs/...                optional, same naming, no labels
@@ -46,6 +47,8 @@ from autoseg.labels import declared_label_problems
 from autoseg.paths import DATASET_FOLDER, matches_dataset_name, raw_root
 
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
+#: The optional ``dataset.json`` key that asks for channel co-registration (``autoseg.data.coregistration``).
+COREGISTER_KEY = "coregister_channels"
 #: The labels of every lesion dataset autoseg makes (demo data and converted public datasets).
 LESION_LABELS = {"background": 0, "lesion": 1}
 _SHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -172,6 +175,9 @@ class RawDataset:
         labels: label name -> integer value, background included.
         file_ending: e.g. ``.nii.gz``.
         subjects: case -> subject; cases not listed are their own subject.
+        coregister_channels: ``dataset.json``'s ``"coregister_channels"`` (default false): a channel on another grid
+            than channel 0 is rigidly registered to it and resampled onto its grid (``autoseg.data.coregistration``)
+            wherever a case is read; without it channels on different grids are an error.
     """
 
     name: str
@@ -180,6 +186,7 @@ class RawDataset:
     labels: dict[str, int]
     file_ending: str
     subjects: dict[str, str] = field(default_factory=dict)
+    coregister_channels: bool = False
 
     @property
     def short_name(self) -> str:
@@ -245,6 +252,7 @@ def load_dataset(folder: Path) -> RawDataset:
         labels=dict(description["labels"]),
         file_ending=description["file_ending"],
         subjects=dict(description.get("subjects", {})),
+        coregister_channels=description.get(COREGISTER_KEY, False),
     )
 
 
@@ -275,6 +283,9 @@ def _description_problems(description: dict) -> list[str]:
         problems.append(
             f'\'subjects\' must map case to subject, e.g. {{"case_001": "sub_01"}}, found {_json_kind(subjects)}'
         )
+    coregister = description.get(COREGISTER_KEY, False)
+    if not isinstance(coregister, bool):
+        problems.append(f"'{COREGISTER_KEY}' must be true or false, found {_json_kind(coregister)}")
     return problems
 
 
@@ -314,10 +325,12 @@ def write_dataset_json(
     labels: Mapping[str, int] = LESION_LABELS,
     file_ending: str = ".nii.gz",
     subjects: Mapping[str, str] | None = None,
+    coregister_channels: bool = False,
     **extra: str,
 ) -> None:
     """Write ``folder/dataset.json``: ``extra`` items (e.g. ``name``, ``description``, ``reference``) first,
-    then the keys :func:`load_dataset` reads; ``subjects`` (case -> subject) only when given."""
+    then the keys :func:`load_dataset` reads; ``subjects`` (case -> subject) only when given,
+    ``"coregister_channels": true`` only when asked for."""
     description: dict = dict(extra)
     description.update(
         channel_names={str(index): name for index, name in enumerate(channel_names)},
@@ -327,6 +340,8 @@ def write_dataset_json(
     )
     if subjects:
         description["subjects"] = dict(subjects)
+    if coregister_channels:
+        description[COREGISTER_KEY] = True
     write_json(description, folder / "dataset.json")
 
 

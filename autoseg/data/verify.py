@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.data.coregistration import ChannelFit, RegistrationError, coregister_channels
 from autoseg.data.dataset import Case, DatasetError, RawDataset
 from autoseg.io.geometry import Geometry, GeometryWarning, Orientation
 from autoseg.io.headers import ImageReadError, check_header, qform_sform_note
@@ -78,13 +79,15 @@ def check_dataset(dataset: RawDataset, num_processes: int = 1, progress: bool = 
     Checks: readable and complete files, every channel present, 3-D images, image/label agreement
     in shape, spacing, origin and direction, label values among ``dataset.json``'s labels, finite
     intensities, a non-empty dataset, and at least one case with a lesion (:func:`lesion_free_problems`).
+    Channels must share channel 0's grid, unless ``dataset.json`` declares ``coregister_channels``: then a channel
+    on another grid must register onto channel 0 (``autoseg.data.coregistration``: enough overlap, convergence).
     Notes: lesion voxels where the image is zero, per case; qform/sform disagreements, per file.
 
     Raises:
         VerificationError: listing every problem found.
     """
     cases = training_cases(dataset)
-    arguments = [(case, dataset.labels) for case in cases]
+    arguments = [(case, dataset.labels, dataset.coregister_channels) for case in cases]
     results = map_cases(_verify_case_star, arguments, num_processes, progress, "verify")
     problems = [problem for found, _, _ in results for problem in found] + unmatched_label_files(dataset, cases)
     if not problems:
@@ -138,6 +141,7 @@ class CheckedCase:
             None (no label, or problems).
         geometry: geometry of channel 0, shared by all files of the case (canonical orientation).
         stored_orientation: the orientation code channel 0 is stored in (``autoseg.io.geometry.Orientation``).
+        coregistration: with ``coregister``, the fit of each channel that was moved onto channel 0's grid.
     """
 
     problems: list[Problem]
@@ -146,35 +150,43 @@ class CheckedCase:
     label: np.ndarray | None = None
     geometry: Geometry | None = None
     stored_orientation: str | None = None
+    coregistration: tuple[ChannelFit, ...] = ()
 
 
-def verify_case(case: Case, labels: Mapping[str, int]) -> tuple[list[Problem], list[Problem]]:
-    """All problems of one case (empty when it is sound) and its notes; ``labels`` as in ``dataset.json``."""
-    checked = read_checked_case(case, labels)
+def verify_case(case: Case, labels: Mapping[str, int], coregister: bool = False) -> tuple[list[Problem], list[Problem]]:
+    """All problems of one case (empty when it is sound) and its notes; ``labels`` and ``coregister`` as in
+    ``dataset.json``."""
+    checked = read_checked_case(case, labels, coregister)
     return checked.problems, checked.notes
 
 
-def read_checked_case(case: Case, labels: Mapping[str, int]) -> CheckedCase:
+def read_checked_case(case: Case, labels: Mapping[str, int], coregister: bool = False) -> CheckedCase:
     """Read every file of ``case`` once and check it (see ``verify_dataset``); the label file's values must be
-    among the declared ``labels`` (``dataset.json``), and it is returned as classes (``autoseg.labels``)."""
+    among the declared ``labels`` (``dataset.json``), and it is returned as classes (``autoseg.labels``).
+
+    With ``coregister`` (``dataset.json``'s ``coregister_channels``) a channel on another grid than channel 0 is
+    registered to it and resampled onto its grid (``autoseg.data.coregistration``) instead of being a problem; one
+    whose registration fails is a problem naming its file and why (too little overlap, no convergence)."""
     problems = [Problem(case.identifier, path, "channel file is missing") for path in case.images if not path.is_file()]
     if case.label is not None and not case.label.is_file():
         problems.append(Problem(case.identifier, case.label, "label file is missing"))
     if problems:
         return CheckedCase(problems)
-    channels, reference, notes = [], None, []
+    channels, geometries, notes = [], [], []
     for path in case.images:
         array, geometry, found, _ = _check_image(case, path, must_be_finite=True)
         problems += found
         notes += _header_notes(case, path)
         channels.append(array)
-        if geometry is not None and reference is None:
-            reference = geometry
-        elif geometry is not None and reference is not None:
-            problems += [
-                Problem(case.identifier, path, f"disagrees with channel 0 (channel 0 vs this file): {text}")
-                for text in reference.differences(geometry)
-            ]
+        geometries.append(geometry)
+    reference = geometries[0]
+    if not coregister:
+        problems += [
+            Problem(case.identifier, path, f"disagrees with channel 0 (channel 0 vs this file): {text}")
+            for path, geometry in zip(case.images[1:], geometries[1:])
+            if geometry is not None and reference is not None
+            for text in reference.differences(geometry)
+        ]
     label = None
     if case.label is not None:
         label, geometry, found, rounded = _check_image(case, case.label, labels=labels)
@@ -187,7 +199,15 @@ def read_checked_case(case: Case, labels: Mapping[str, int]) -> CheckedCase:
             ]
     if problems:
         return CheckedCase(problems, notes)
-    images = np.stack(channels)
+    fits: tuple[ChannelFit, ...] = ()
+    if coregister:
+        try:
+            images, fits = coregister_channels(channels, geometries, case.images)
+        except RegistrationError as error:
+            message = f"registration onto channel 0 ({case.images[0].name}) failed: {error.reason}"
+            return CheckedCase([Problem(case.identifier, Path(error.file), message)], notes)
+    else:
+        images = np.stack(channels)
     if label is not None:
         outside = int(np.count_nonzero((label > 0) & ~np.any(images != 0, axis=0)))
         if outside:
@@ -201,7 +221,7 @@ def read_checked_case(case: Case, labels: Mapping[str, int]) -> CheckedCase:
                 )
             )
     stored = Orientation.of(read_header(case.images[0])[0].direction).stored
-    return CheckedCase([], notes, images, label, reference, stored)
+    return CheckedCase([], notes, images, label, reference, stored, fits)
 
 
 def _header_notes(case: Case, path: Path) -> list[Problem]:
@@ -254,7 +274,7 @@ def _check_image(
     return array, geometry, problems, notes
 
 
-def _verify_case_star(argument: tuple[Case, Mapping[str, int]]) -> tuple[list[Problem], list[Problem], bool]:
+def _verify_case_star(argument: tuple[Case, Mapping[str, int], bool]) -> tuple[list[Problem], list[Problem], bool]:
     """The case's problems, its notes, and whether its label marks any lesion voxel."""
     checked = read_checked_case(*argument)
     return checked.problems, checked.notes, checked.label is not None and bool(checked.label.any())

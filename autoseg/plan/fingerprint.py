@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from autoseg.data.coregistration import ChannelFit
 from autoseg.data.dataset import Case, RawDataset
 from autoseg.data.verify import (
     Problem,
@@ -77,7 +78,9 @@ class ChannelFingerprint:
 class CaseFingerprint:
     """One case, measured in the canonical orientation: raw grid (x, y, z), non-zero box, crop, intensities per
     channel and lesion statistics (:func:`lesion_statistics`); ``symmetry``: ``autoseg.preprocess.symmetry.assess_case``'s
-    record (None in fingerprints made before symmetric channels existed)."""
+    record (None in fingerprints made before symmetric channels existed); ``coregistration``: for a dataset that
+    declares ``coregister_channels``, the fit of each channel moved onto channel 0's grid (none when all share it),
+    else None."""
 
     shape: tuple[int, ...]
     spacing: tuple[float, ...]
@@ -92,6 +95,7 @@ class CaseFingerprint:
     lesion_voxels_outside_nonzero: int
     hemisphere: str
     symmetry: dict[str, Any] | None = None
+    coregistration: tuple[ChannelFit, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,7 +281,7 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
             is returned or written).
     """
     cases = training_cases(dataset)
-    arguments = [(case, dataset.labels, index) for index, case in enumerate(cases)]
+    arguments = [(case, dataset.labels, index, dataset.coregister_channels) for index, case in enumerate(cases)]
     results = map_cases(_fingerprint_case_star, arguments, num_processes, progress, "fingerprint")
     problems = [problem for result in results for problem in result.problems] + unmatched_label_files(dataset, cases)
     per_case = {result.identifier: result.summary for result in results}
@@ -301,9 +305,11 @@ def compute_fingerprint(dataset: RawDataset, num_processes: int = 1, progress: b
     return from_plain(Fingerprint, to_plain(plain), "")  # the checks and types of fingerprint.json
 
 
-def fingerprint_case(case: Case, labels: Mapping[str, int], seed: int = 0) -> _CaseResult:
-    """Read, verify and summarize one case (see the module docstring)."""
-    checked = read_checked_case(case, labels)
+def fingerprint_case(case: Case, labels: Mapping[str, int], seed: int = 0, coregister: bool = False) -> _CaseResult:
+    """Read, verify and summarize one case (see the module docstring); with ``coregister`` (``dataset.json``'s
+    ``coregister_channels``) its channels are measured on channel 0's grid, each moved one registered
+    (``autoseg.data.coregistration``), and the fits recorded in ``coregistration``."""
+    checked = read_checked_case(case, labels, coregister)
     if checked.problems:
         return _CaseResult(case.identifier, checked.problems, checked.notes)
     images, label, geometry = checked.images, checked.label, checked.geometry
@@ -326,6 +332,7 @@ def fingerprint_case(case: Case, labels: Mapping[str, int], seed: int = 0) -> _C
         "intensity": intensity,
         **lesion_statistics(label, foreground, geometry.spacing, geometry.direction),
         "symmetry": assess_case(images, foreground, geometry, bbox, label),  # can a mid-sagittal plane be found?
+        "coregistration": checked.coregistration if coregister else None,
     }
     return _CaseResult(case.identifier, [], checked.notes, summary, samples, checked.stored_orientation)
 
@@ -465,5 +472,5 @@ def _distribution(values: list[float]) -> dict[str, float | int]:
     return {"count": len(values), "min": q[0], "q25": q[1], "median": q[2], "q75": q[3], "max": q[4]}
 
 
-def _fingerprint_case_star(argument: tuple[Case, Mapping[str, int], int]) -> _CaseResult:
+def _fingerprint_case_star(argument: tuple[Case, Mapping[str, int], int, bool]) -> _CaseResult:
     return fingerprint_case(*argument)

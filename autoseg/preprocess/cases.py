@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from autoseg.data.coregistration import ChannelFit
 from autoseg.data.dataset import Case
 from autoseg.errors import AutosegError, DataError
 from autoseg.io.files import DamagedArrayError, array_damage, load_array
@@ -58,6 +59,8 @@ class CaseProperties:
         target_spacing: mm per axis.
         symmetry: the mirror fit (``autoseg.preprocess.symmetry.MirrorFit.to_json``) of a configuration with symmetric
             channels, else None.
+        coregistration: with the plans' ``coregister_channels``, the fit of each channel that was moved onto channel
+            0's grid (``autoseg.data.coregistration.ChannelFit``; empty when all share it); None without.
         case, subject: the case's identifier and subject; None for a scan preprocessed for prediction.
         key: :func:`preprocessing_key` of the settings it was made with; None for a scan preprocessed for
             prediction.
@@ -72,6 +75,7 @@ class CaseProperties:
     resampled_shape: tuple[int, ...]
     target_spacing: tuple[float, ...]
     symmetry: dict[str, Any] | None = None
+    coregistration: tuple[ChannelFit, ...] | None = None
     case: str | None = None
     subject: str | None = None
     key: str | None = None

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import exposure
 
+from autoseg.data.coregistration import COREGISTRATION_METHOD, coregister_channels
 from autoseg.data.dataset import LESION_LABELS, Case
 from autoseg.errors import DataError
 from autoseg.io.files import save_array
@@ -37,10 +38,13 @@ MAX_LESION_LOCATIONS = 10_000
 HISTEQ_BINS = 256
 
 
-def preprocessing_key(configuration: Configuration, labels: Mapping[str, int] = LESION_LABELS) -> str:
+def preprocessing_key(
+    configuration: Configuration, labels: Mapping[str, int] = LESION_LABELS, coregister: bool = False
+) -> str:
     """Hash of every setting that changes the preprocessed arrays (the orientation cases are read in and the
     crop rule included, so arrays made before either changed are redone); ``labels`` (``dataset.json``'s) count
-    when their classes are not the values themselves (``autoseg.labels.label_classes``)."""
+    when their classes are not the values themselves (``autoseg.labels.label_classes``), channel co-registration
+    (``coregister``, the plans' ``coregister_channels``) with its method when it is on."""
     settings = {
         "orientation": CANONICAL_ORIENTATION,
         "crop": "nonzero_and_label",
@@ -53,6 +57,8 @@ def preprocessing_key(configuration: Configuration, labels: Mapping[str, int] = 
     classes = label_classes(labels)
     if classes != tuple(range(len(classes))):  # likewise: datasets labelled 0, 1, ... keep their keys
         settings["label_classes"] = classes
+    if coregister:  # likewise
+        settings["coregistration"] = COREGISTRATION_METHOD
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -63,30 +69,42 @@ def preprocess_dataset(
     num_processes: int = 1,
     progress: bool = True,
     labels: Mapping[str, int] = LESION_LABELS,
+    coregister: bool = False,
 ) -> list[str]:
     """Preprocess every case into ``folder``; returns the identifiers that were (re)computed. ``labels`` are
-    ``dataset.json``'s: label files are stored as their classes (:func:`preprocess_case`)."""
-    key = preprocessing_key(configuration, labels)
+    ``dataset.json``'s: label files are stored as their classes; ``coregister`` is the plans' ``coregister_channels``
+    (:func:`preprocess_case`)."""
+    key = preprocessing_key(configuration, labels, coregister)
     todo = [case for case in cases if not is_up_to_date(case, folder, key)]
-    arguments = [(case, configuration, folder, labels) for case in todo]
+    arguments = [(case, configuration, folder, labels, coregister) for case in todo]
     map_cases(_preprocess_star, arguments, num_processes, progress, f"preprocess {configuration.data_identifier}")
     return [case.identifier for case in todo]
 
 
 def preprocess_case(
-    case: Case, configuration: Configuration, folder: Path, labels: Mapping[str, int] = LESION_LABELS
+    case: Case,
+    configuration: Configuration,
+    folder: Path,
+    labels: Mapping[str, int] = LESION_LABELS,
+    coregister: bool = False,
 ) -> CaseProperties:
     """Preprocess one case and write it (see the module docstring); returns its properties.
 
     The label file's declared values (``labels``, ``dataset.json``'s) are stored as their classes: 0 background,
-    ``k`` the ``k``-th non-zero value (``autoseg.labels``), which is what the network learns.
+    ``k`` the ``k``-th non-zero value (``autoseg.labels``), which is what the network learns. With ``coregister``
+    (the plans' ``coregister_channels``) a channel on another grid than channel 0 is first registered onto it
+    (``autoseg.data.coregistration.coregister_channels``, as prediction does); the fits go into ``CASE.json``.
 
     Raises:
         LabelError: the label file holds a value that is not declared, or one far from an integer.
+        RegistrationError: with ``coregister``, a channel that cannot be registered (its file and why).
     """
     channels, geometries = zip(*(read_image(path) for path in case.images))
-    images = np.stack(channels)
-    geometry = geometries[0]
+    geometry, fits = geometries[0], None
+    if coregister:
+        images, fits = coregister_channels(channels, geometries, case.images)
+    else:
+        images = np.stack(channels)
     if case.label is None:
         label = np.zeros(geometry.shape, np.uint8)
     else:
@@ -107,7 +125,8 @@ def preprocess_case(
         properties,
         case=case.identifier,
         subject=case.subject,
-        key=preprocessing_key(configuration, labels),
+        key=preprocessing_key(configuration, labels, coregister),
+        coregistration=fits,
         sources=_sources(case),
         arrays=records,
     )
@@ -299,7 +318,7 @@ def restore_labels(seg: np.ndarray, properties: CaseProperties) -> np.ndarray:
     return out
 
 
-def _preprocess_star(argument: tuple[Case, Configuration, Path, Mapping[str, int]]) -> None:
+def _preprocess_star(argument: tuple[Case, Configuration, Path, Mapping[str, int], bool]) -> None:
     preprocess_case(*argument)
 
 

@@ -46,6 +46,15 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from autoseg.data.coregistration import (
+    LEVELS_MM,
+    REGISTRATION_THREADS,
+    SAMPLING_SEED,
+    euler_of,
+    euler_transform,
+    multiresolution_method,
+    one_itk_thread,
+)
 from autoseg.errors import DataError
 from autoseg.io.geometry import Geometry, left_right_axis
 from autoseg.io.images import array_from_image, image_from_array
@@ -58,22 +67,16 @@ from autoseg.plans import PlansError, Symmetry
 MIN_CORRELATION = 0.6
 #: The planner adds a symmetric configuration when the plane is found in at least this share of the cases.
 MIN_SHARE_FOUND = 0.9
-#: Registration pyramid: voxel size (mm) per level, coarse to fine; a level never goes finer than the image.
-LEVELS_MM = (8.0, 4.0, 2.0)
-#: Foreground points the metric samples per level at most (a fixed random subset; cost stays flat at 1 mm).
+#: Foreground points the metric samples per level at most (a fixed random subset; cost stays flat at 1 mm). The
+#: pyramid (``LEVELS_MM``), the sample's seed, the steps and the one thread are channel co-registration's
+#: (``autoseg.data.coregistration.multiresolution_method``): one thread gives the same fit on every machine (ITK sums
+#: the metric per thread; cases run in parallel with ``-np`` instead).
 MAX_SAMPLES = 10_000
-#: Seed of the metric's point sample: the same points on every run.
-SAMPLING_SEED = 12_345
-#: Gradient descent: iterations per level, first step and smallest step (mm of the largest shift, see
-#: ``SetOptimizerScalesFromPhysicalShift``).
+#: Gradient descent: iterations per level at most, and the step's factor when the gradient turns.
 ITERATIONS = 200
-LEARNING_RATE_MM = 2.0
-MIN_STEP_MM = 1e-3
+RELAXATION = 0.5
 #: Fewest voxels along an axis the registration works with (ITK's Gaussian smoothing); thinner slabs are padded.
 MIN_REGISTRATION_VOXELS = 4
-#: Threads of the registration: ITK sums the metric per thread, so another thread count changes the fit in the
-#: 11th digit; one thread gives the same fit on every machine (cases run in parallel with ``-np`` instead).
-REGISTRATION_THREADS = 1
 #: What the fit depends on besides the settings in the plans; part of the preprocessing key, so stored mirrors are
 #: recomputed when it changes.
 SYMMETRY_METHOD = (
@@ -146,11 +149,7 @@ class MirrorFit:
 
     def transform(self) -> sitk.Euler3DTransform:
         """The Euler transform T: the mirror samples the flipped image at ``T(x)``."""
-        euler = sitk.Euler3DTransform()
-        euler.SetCenter(self.center)
-        euler.SetRotation(*self.angles)
-        euler.SetTranslation(self.translation)
-        return euler
+        return euler_transform(self.center, self.angles, self.translation)
 
 
 def fit_mirror(
@@ -193,12 +192,11 @@ def fit_mirror(
     initializer = sitk.CenteredTransformInitializerFilter()
     initializer.MomentsOn()
     initializer.SetNumberOfThreads(REGISTRATION_THREADS)
-    initial = initializer.Execute(fixed_mask, moving_mask, sitk.Euler3DTransform())
     method = _registration_method(geometry, int(mask.sum()), slice_axis)
     method.SetMetricFixedMask(fixed_mask)
-    method.SetInitialTransform(initial, inPlace=False)
-    fitted = method.Execute(fixed, moving)
-    euler = _as_euler(fitted)
+    with one_itk_thread():  # the same fit on every machine, whatever ITK's default thread count
+        method.SetInitialTransform(initializer.Execute(fixed_mask, moving_mask, sitk.Euler3DTransform()), inPlace=False)
+        euler = euler_of(method.Execute(fixed, moving))
     stop = method.GetOptimizerStopConditionDescription()
     converged = "maximum number of iterations" not in stop.lower()
     mirror = _mirror(image, geometry, axis, euler, 0.0)
@@ -427,44 +425,21 @@ def _registration_method(
 ) -> sitk.ImageRegistrationMethod:
     spacing = np.asarray(geometry.spacing, float)
     in_plane = [a for a in range(3) if a != slice_axis]
-    finest = float(spacing[in_plane].min())
-    shrinks = sorted({max(1, int(round(level / finest))) for level in LEVELS_MM}, reverse=True)
-    sigmas = [0.5 * finest * shrink if shrink > 1 else 0.0 for shrink in shrinks]
-    method = sitk.ImageRegistrationMethod()
-    method.SetNumberOfThreads(REGISTRATION_THREADS)
-    method.SetMetricAsCorrelation()
-    # Gradients at the sampled points only, not filtered images of every level: 3x faster at 1 mm.
-    method.MetricUseFixedImageGradientFilterOff()
-    method.MetricUseMovingImageGradientFilterOff()
-    method.SetMetricSamplingStrategy(method.RANDOM)
     # Voxels a shrunk level keeps: the thick axis of a slab is not shrunk below its slices (ITK keeps >= 1).
-    percentages = [min(1.0, MAX_SAMPLES / max(1.0, foreground_voxels / shrink ** len(in_plane))) for shrink in shrinks]
-    method.SetMetricSamplingPercentagePerLevel(percentages, SAMPLING_SEED)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=LEARNING_RATE_MM,
-        minStep=MIN_STEP_MM,
-        numberOfIterations=ITERATIONS,
-        relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-8,
+    method = multiresolution_method(
+        float(spacing[in_plane].min()),
+        foreground_voxels,
+        len(in_plane),
+        max_samples=MAX_SAMPLES,
+        iterations=ITERATIONS,
+        relaxation=RELAXATION,
     )
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(shrinks)
-    method.SetSmoothingSigmasPerLevel(sigmas)
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetMetricAsCorrelation()
     if slice_axis is not None:
         direction = np.asarray(geometry.direction, float).reshape(3, 3)
         world = int(np.argmax(np.abs(direction[:, slice_axis])))  # world axis the slices are stacked along
         method.SetOptimizerWeights([float(a == world) for a in range(3)] + [float(a != world) for a in range(3)])
     return method
-
-
-def _as_euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
-    """The registration's result as one Euler3DTransform (it comes back wrapped in a composite)."""
-    if transform.GetName() == "CompositeTransform":
-        composite = sitk.CompositeTransform(transform)
-        transform = composite.GetNthTransform(composite.GetNumberOfTransforms() - 1)
-    return sitk.Euler3DTransform(transform)
 
 
 def _mirror(array: np.ndarray, geometry: Geometry, axis: int, transform: sitk.Transform, fill: float) -> np.ndarray:

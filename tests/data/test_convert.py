@@ -4,6 +4,7 @@ nothing is written."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from collections.abc import Callable
 from pathlib import Path
@@ -11,14 +12,18 @@ from pathlib import Path
 import nibabel
 import numpy as np
 import pytest
+from conftest import grid_points, oblique_geometry, phantom_lesion, rotation_matrix, sample_phantom
 
 from autoseg.commands.convert import main as convert_main
 from autoseg.data.converters import common
 from autoseg.data.converters.common import binarize
+from autoseg.data.coregistration import ChannelFit
 from autoseg.data.dataset import find_dataset, new_dataset_folder
 from autoseg.data.verify import verify_dataset
 from autoseg.io.files import DiskFullError, read_json
-from autoseg.io.images import read_image
+from autoseg.io.geometry import Geometry, canonical_geometry
+from autoseg.io.images import read_image, write_image
+from autoseg.io.typed_json import from_plain
 from autoseg.paths import raw_root
 
 SHAPE = (6, 5, 4)
@@ -72,15 +77,34 @@ def make_atlas2(root: Path) -> Path:
     return root
 
 
-def isles22_subject(root: Path, number: int, rawdata: bool = True, mask: np.ndarray | None = None) -> None:
+#: ISLES 2022's grids: DWI, ADC and the mask on one (5 x 5 x 8 mm), FLAIR on its own, oblique and finer in-plane.
+ISLES22_DWI = oblique_geometry((28, 32, 16), (5.0, 5.0, 8.0), (0, 0, 0), center=(1, -2, 3))
+ISLES22_FLAIR = oblique_geometry((40, 44, 18), (3.5, 3.5, 7.0), (-6, 4, 8), center=(-2, 3, -5))
+
+
+def isles22_motion(number: int) -> tuple[np.ndarray, np.ndarray]:
+    """How subject ``number``'s head moved between DWI and FLAIR: ``number`` to ``2·number`` degrees and mm."""
+    return rotation_matrix((number, -2.0 * number, 1.5 * number)), np.array([2.0 * number, -number, 1.0])
+
+
+def isles22_subject(
+    root: Path, number: int, rawdata: bool = True, mask: np.ndarray | None = None, flair_grid: Geometry = ISLES22_FLAIR
+) -> None:
+    """One subject: the phantom's DWI and ADC on the DWI grid, its FLAIR on ``flair_grid`` with the head moved by
+    :func:`isles22_motion`, and a float64 0/1 mask of its lesion (which lies a little elsewhere in each subject)."""
     subject = f"sub-strokecase{number:04d}"
     session = (root / "rawdata" if rawdata else root) / subject / "ses-0001"
-    spacing, origin = (2.0, 2.0, 5.0), (-6.0, -5.0, -10.0)
-    nifti(session / "dwi" / f"{subject}_ses-0001_dwi.nii.gz", image(number), spacing, origin)
-    nifti(session / "dwi" / f"{subject}_ses-0001_adc.nii.gz", image(number + 100) * 800, spacing, origin)
-    nifti(session / "anat" / f"{subject}_ses-0001_FLAIR.nii.gz", image(number, (9, 8, 3)), (1.0, 1.0, 6.0))
-    derivative = root / "derivatives" / subject / "ses-0001" / f"{subject}_ses-0001_msk.nii.gz"
-    nifti(derivative, lesion(1.0, np.float64) if mask is None else mask, spacing, origin)
+    lesion_center = (28.0 - 4 * number, -20.0, 15.0)
+    for folder, suffix, contrast, grid, motion in (
+        ("dwi", "dwi", "dwi", ISLES22_DWI, None),
+        ("dwi", "adc", "adc", ISLES22_DWI, None),
+        ("anat", "FLAIR", "flair", flair_grid, isles22_motion(number)),
+    ):
+        image = sample_phantom(grid, contrast, motion, lesion_center)
+        write_image(image, grid, session / folder / f"{subject}_ses-0001_{suffix}.nii.gz")
+    if mask is None:
+        mask = phantom_lesion(grid_points(ISLES22_DWI), lesion_center).reshape(ISLES22_DWI.shape).astype(np.float64)
+    write_image(mask, ISLES22_DWI, root / "derivatives" / subject / "ses-0001" / f"{subject}_ses-0001_msk.nii.gz")
 
 
 def make_isles22(root: Path, rawdata: bool = True) -> Path:
@@ -141,20 +165,71 @@ def test_atlas2_becomes_a_verified_t1_dataset_with_subjects_and_test_images(tmp_
 
 
 @pytest.mark.parametrize("rawdata", [True, False], ids=["rawdata", "subjects-at-top"])
-def test_isles22_becomes_a_verified_dwi_adc_dataset_without_flair(tmp_path: Path, rawdata: bool) -> None:
+def test_isles22_becomes_a_verified_dataset_with_flair_registered_onto_dwi(
+    tmp_path: Path, rawdata: bool, capsys: pytest.CaptureFixture
+) -> None:
     source = make_isles22(tmp_path / "ISLES-2022", rawdata)
     assert convert(["isles22", str(source), "-d", "ISLES22"]) == 0
     dataset = find_dataset("ISLES22")
-    assert dataset.channel_names == ("DWI", "ADC")
+    assert dataset.channel_names == ("DWI", "ADC", "FLAIR") and dataset.coregister_channels
     cases = verify_dataset(dataset, progress=False)
     assert [case.identifier for case in cases] == [f"sub-strokecase000{n}_ses-0001" for n in (1, 2, 3)]
     assert set(dataset.subjects.values()) == {f"sub-strokecase000{n}" for n in (1, 2, 3)}
-    adc, _ = read_image(cases[0].images[1])
-    np.testing.assert_array_equal(adc, image(101) * 800)  # channel 1 is the ADC map
+    raw = source / "rawdata" if rawdata else source
+    adc = raw / "sub-strokecase0001/ses-0001/dwi/sub-strokecase0001_ses-0001_adc.nii.gz"
+    assert cases[0].images[1].read_bytes() == adc.read_bytes()  # DWI and ADC are copied as released
     label, geometry = read_image(cases[0].label)
-    np.testing.assert_array_equal(label, lesion())
-    assert geometry.spacing == (2.0, 2.0, 5.0)
+    assert not geometry.differences(canonical_geometry(ISLES22_DWI))  # read in RAS, the grid the DWI was written on
+    np.testing.assert_array_equal(
+        label, phantom_lesion(grid_points(geometry), (24.0, -20.0, 15.0)).reshape(label.shape)
+    )
     assert not (dataset.folder / "imagesTs").exists()
+    record = read_json(dataset.folder / "coregistration.json")
+    assert record["reference_channel"] == 0 and record["channel_names"] == {"0": "DWI", "1": "ADC", "2": "FLAIR"}
+    assert sorted(record["cases"]) == [case.identifier for case in cases]
+    for number, case in enumerate(cases, start=1):
+        # FLAIR now lies on the DWI grid and shows what a FLAIR acquired there would: the motion was undone.
+        flair, flair_geometry = read_image(case.images[2])
+        assert not flair_geometry.differences(geometry)
+        expected = sample_phantom(geometry, "flair", lesion_center=(28.0 - 4 * number, -20.0, 15.0))
+        brain = (expected > 0) & (flair > 0)
+        assert np.corrcoef(flair[brain], expected[brain])[0, 1] > 0.98
+        # The recorded fit is the known motion undone (Q⁻¹(x) = Rᵀ (x - t)), within a millimetre over the brain.
+        (fit,) = [from_plain(ChannelFit, plain, "") for plain in record["cases"][case.identifier]]
+        assert fit.channel == 2 and fit.converged
+        rotation, shift = isles22_motion(number)
+        points = grid_points(geometry)[expected.ravel() > 0][::3]
+        mapped = np.array([fit.transform().TransformPoint(tuple(p)) for p in points])
+        assert np.linalg.norm(mapped - (points - shift) @ rotation, axis=1).max() < 1.0
+    printed = capsys.readouterr().out
+    assert "channels DWI, ADC, FLAIR" in printed
+    assert "note: FLAIR registered rigidly onto DWI and resampled onto its grid in 3 of 3 case(s)" in printed
+
+
+def test_isles22_without_flair_keeps_dwi_and_adc_as_released(tmp_path: Path) -> None:
+    source = make_isles22(tmp_path / "ISLES-2022")
+    assert convert(["isles22", str(source), "-d", "ISLES22", "--no-flair"]) == 0
+    dataset = find_dataset("ISLES22")
+    assert dataset.channel_names == ("DWI", "ADC") and not dataset.coregister_channels
+    assert "coregister_channels" not in read_json(dataset.folder / "dataset.json")
+    assert not (dataset.folder / "coregistration.json").exists()
+    assert len(verify_dataset(dataset, progress=False)) == 3
+
+
+def test_isles22_flair_that_does_not_overlap_the_dwi_is_named_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = make_isles22(tmp_path / "ISLES-2022")
+    elsewhere = dataclasses.replace(ISLES22_FLAIR, origin=tuple(np.asarray(ISLES22_FLAIR.origin) + (0.0, 0.0, 300.0)))
+    isles22_subject(source, 2, flair_grid=elsewhere)
+    assert convert(["isles22", str(source), "-d", "ISLES22"]) == 1
+    error = capsys.readouterr().err
+    flair = source / "rawdata/sub-strokecase0002/ses-0001/anat/sub-strokecase0002_ses-0001_FLAIR.nii.gz"
+    assert error.startswith(f"error: 1 problem(s) in {source}, nothing was written:\n{flair}: registration onto ")
+    assert (
+        "sub-strokecase0002_ses-0001_dwi.nii.gz failed: too little overlap: by the headers its field of view " in error
+    )
+    assert written() == []
 
 
 def test_isles18_groups_slabs_of_one_patient_from_the_slab_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -227,7 +302,12 @@ def _isles22_missing_mask(root: Path) -> list[str]:
 
 def _isles22_missing_adc(root: Path) -> list[str]:
     (root / "rawdata/sub-strokecase0003/ses-0001/dwi/sub-strokecase0003_ses-0001_adc.nii.gz").unlink()
-    return [str(root / "rawdata/sub-strokecase0003/ses-0001/dwi"), "no adc image"]
+    return [str(root / "rawdata/sub-strokecase0003/ses-0001"), "no adc image", "(expected dwi/"]
+
+
+def _isles22_missing_flair(root: Path) -> list[str]:
+    (root / "rawdata/sub-strokecase0001/ses-0001/anat/sub-strokecase0001_ses-0001_FLAIR.nii.gz").unlink()
+    return [str(root / "rawdata/sub-strokecase0001/ses-0001"), "no flair image", "anat/", "--no-flair"]
 
 
 def _isles22_mask_without_subject(root: Path) -> list[str]:
@@ -252,6 +332,7 @@ MALFORMED = {
     "atlas2-mismatched-subject": ("atlas2", make_atlas2, _atlas_mismatched_subject),
     "isles22-missing-mask": ("isles22", make_isles22, _isles22_missing_mask),
     "isles22-missing-adc": ("isles22", make_isles22, _isles22_missing_adc),
+    "isles22-missing-flair": ("isles22", make_isles22, _isles22_missing_flair),
     "isles22-mask-without-subject": ("isles22", make_isles22, _isles22_mask_without_subject),
     "isles18-missing-ot": ("isles18", make_isles18, _isles18_missing_ot),
     "isles18-missing-map": ("isles18", make_isles18, _isles18_missing_map),

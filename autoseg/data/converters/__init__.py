@@ -5,20 +5,21 @@ Each module reads one release as downloaded (nothing is fetched) and returns a
 is written, then writes ``AUTOSEG_RAW/DatasetNNN_NAME`` through a hidden folder renamed into place at the end.
 
 - ``atlas2``: ATLAS R2.0, T1w (:mod:`autoseg.data.converters.atlas2`)
-- ``isles22``: ISLES 2022, DWI and ADC (:mod:`autoseg.data.converters.isles22`)
+- ``isles22``: ISLES 2022, DWI, ADC and FLAIR registered onto DWI (:mod:`autoseg.data.converters.isles22`)
 - ``isles18``: ISLES 2018, CT and four perfusion maps (:mod:`autoseg.data.converters.isles18`)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from autoseg.data.converters import atlas2, isles18, isles22
-from autoseg.data.converters.common import ConversionError, SourceDataset, write_dataset
+from autoseg.data.converters.common import ConversionError, SourceDataset, coregistration_note, write_dataset
+from autoseg.data.coregistration import ChannelFit
 from autoseg.data.dataset import new_dataset_folder
 from autoseg.errors import UsageError
 
@@ -46,10 +47,17 @@ CONVERTERS = {
 
 @dataclass(frozen=True)
 class Converted:
-    """A written dataset: its folder and what was found in the release."""
+    """A written dataset: its folder, what was found in the release and, for a release converted with channel
+    co-registration, case -> the fit of each channel moved (``autoseg.data.coregistration.ChannelFit``)."""
 
     folder: Path
     source: SourceDataset
+    coregistration: dict[str, tuple[ChannelFit, ...]] = field(default_factory=dict)
+
+    def notes(self) -> list[str]:
+        """What the user should know: the reader's notes and what co-registration did."""
+        note = coregistration_note(self.source.channel_names, self.coregistration)
+        return [*self.source.notes, *([note] if note else [])]
 
 
 def convert(
@@ -71,16 +79,18 @@ def convert(
             else the lowest free one.
         overwrite: replace an existing dataset of that name and number (only once the new one is complete).
         progress: show a progress bar.
-        options: the reader's own options (``slabs`` for ``isles18``).
+        options: the reader's own options (``slabs`` for ``isles18``, ``flair`` for ``isles22``).
 
     Raises:
         ValueError: an unknown ``kind`` or an invalid name or number.
         FileExistsError: see :func:`autoseg.data.dataset.new_dataset_folder`.
         FileNotFoundError: ``source`` lacks the release's top-level folders.
-        ConversionError: the tree is malformed (every offending file is named); nothing is written.
+        ConversionError: the tree is malformed (every offending file is named), or a channel does not register
+            onto channel 0 (each file named with the reason); nothing is written.
     """
     if kind not in CONVERTERS:
         raise UsageError(f"unknown dataset kind '{kind}'; known: {', '.join(sorted(CONVERTERS))}")
     target = new_dataset_folder(name, number, overwrite)
-    found = CONVERTERS[kind].read(Path(source).expanduser(), **options)
-    return Converted(write_dataset(found, target, overwrite, progress), found)
+    source = Path(source).expanduser()
+    found = CONVERTERS[kind].read(source, **options)
+    return Converted(target, found, write_dataset(found, target, overwrite, progress, release=source))

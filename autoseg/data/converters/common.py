@@ -5,21 +5,38 @@ A converter only *reads* its release's layout and returns a :class:`SourceDatase
 writes every one of them the same way. Images are copied byte for byte (a ``.nii`` is gzip-compressed on
 the way), so their headers, qform and sform included, stay exactly as released; masks are rewritten as
 0/1 ``uint8`` with the mask's own header.
+
+A release whose channels lie on different grids (ISLES 2022's FLAIR) is converted with ``coregister``: a channel
+on another grid than channel 0 is rigidly registered to it and resampled onto its grid by the code preprocessing and
+prediction use (``autoseg.data.coregistration``), written as float32 with channel 0's header; the dataset declares
+``"coregister_channels": true`` (so the plans record it and prediction registers new scans the same way) and
+``coregistration.json`` holds every fit.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from autoseg.data.coregistration import (
+    COREGISTRATION_METHOD,
+    REFERENCE_CHANNEL,
+    ChannelFit,
+    RegistrationError,
+    coregister_channels,
+)
 from autoseg.data.dataset import DatasetError, channel_file_name, staged_dataset, write_dataset_json
 from autoseg.errors import MissingFileError
-from autoseg.io.images import copy_image_file, read_image, write_like
+from autoseg.io.files import write_json
+from autoseg.io.geometry import canonical_geometry
+from autoseg.io.images import copy_image_file, read_header, read_image, write_like
+from autoseg.io.typed_json import to_plain
+from autoseg.paths import COREGISTRATION_FILE
 
 FILE_ENDING = ".nii.gz"
 #: A BIDS file name: key-value entities, then a suffix, then the ending (``sub-r001s001_ses-1_T1w.nii.gz``).
@@ -50,6 +67,7 @@ class SourceDataset:
         test: cases without masks, for ``imagesTs``.
         description: ``dataset.json``'s ``name``, ``description`` and ``reference`` items.
         notes: what the user should know about the conversion (printed by ``autoseg_convert``).
+        coregister: channels on another grid than channel 0 are registered onto it when written (module docstring).
     """
 
     channel_names: tuple[str, ...]
@@ -57,6 +75,7 @@ class SourceDataset:
     test: tuple[SourceCase, ...] = ()
     description: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    coregister: bool = False
 
 
 class ConversionError(DatasetError):
@@ -174,25 +193,43 @@ def binarize(mask: np.ndarray) -> np.ndarray:
     return (values >= 0.5 * largest if fractional else values > 0).astype(np.uint8)
 
 
-def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, progress: bool = True) -> Path:
+def write_dataset(
+    source: SourceDataset, target: Path, overwrite: bool = False, progress: bool = True, release: Path | None = None
+) -> dict[str, tuple[ChannelFit, ...]]:
     """Write ``source`` as the raw dataset ``target`` (``imagesTr``, ``labelsTr``, ``imagesTs``, ``dataset.json``
-    with ``subjects``), built in a hidden folder and renamed into place at the end.
+    with ``subjects``; with ``source.coregister`` also ``coregistration.json``), built in a hidden folder and renamed
+    into place at the end.
+
+    Returns:
+        With ``source.coregister``: case -> the fit of each channel moved onto channel 0's grid; else empty.
 
     Raises:
         ValueError: two cases share an identifier, or a training case lacks a mask.
         FileExistsError: ``target`` exists and ``overwrite`` is not set.
+        ConversionError: with ``source.coregister``, every channel whose registration failed (its file and why;
+            ``release`` is the folder the message names); nothing is written.
     """
     identifiers = [case.identifier for case in (*source.training, *source.test)]
     repeated = sorted({name for name in identifiers if identifiers.count(name) > 1})
     if repeated:
         raise ConversionError(f"case identifier(s) {', '.join(repeated)} found more than once")
+    fits: dict[str, tuple[ChannelFit, ...]] = {}
+    problems = Problems()
     with staged_dataset(target, overwrite) as folder:
         cases = [(case, "Tr") for case in source.training] + [(case, "Ts") for case in source.test]
         for case, split in tqdm(cases, desc="convert", unit="case", disable=not progress):
-            for channel, image in enumerate(case.images):
-                copy_image_file(
-                    image, folder / f"images{split}" / channel_file_name(case.identifier, channel, FILE_ENDING)
-                )
+            files = [
+                folder / f"images{split}" / channel_file_name(case.identifier, c, FILE_ENDING)
+                for c in range(len(case.images))
+            ]
+            if source.coregister:
+                try:
+                    fits[case.identifier] = _write_coregistered(case.images, files)
+                except RegistrationError as error:
+                    problems.add(Path(error.file), f"registration onto {case.images[0].name} failed: {error.reason}")
+            else:
+                for image, file in zip(case.images, files):
+                    copy_image_file(image, file)
             if split == "Tr":
                 if case.label is None:
                     raise ConversionError(f"training case {case.identifier} has no lesion mask")
@@ -200,6 +237,7 @@ def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, 
                 write_like(
                     binarize(mask), geometry, folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", case.label
                 )
+        problems.raise_if_any(release or target)
         (folder / "imagesTr").mkdir(exist_ok=True)
         write_dataset_json(
             folder,
@@ -207,9 +245,60 @@ def write_dataset(source: SourceDataset, target: Path, overwrite: bool = False, 
             len(source.training),
             file_ending=FILE_ENDING,
             subjects={case.identifier: case.subject for case in source.training},
+            coregister_channels=source.coregister,
             **source.description,
         )
-    return target
+        if source.coregister:
+            write_json(_coregistration_record(source.channel_names, fits), folder / COREGISTRATION_FILE)
+    return fits
+
+
+def _write_coregistered(images: Sequence[Path], files: Sequence[Path]) -> tuple[ChannelFit, ...]:
+    """Write a case's channels ``images`` to ``files``: each on channel 0's grid copied byte for byte, each on another
+    grid registered onto channel 0 and resampled onto its grid (``autoseg.data.coregistration.coregister_channels``),
+    float32 with channel 0's header. Returns the fits of the channels moved.
+
+    Raises:
+        RegistrationError: a channel that cannot be registered, naming its source file.
+    """
+    grids = [canonical_geometry(read_header(image)[0]) for image in images]
+    fits: tuple[ChannelFit, ...] = ()
+    if any(grids[REFERENCE_CHANNEL].differences(grid) for grid in grids):
+        arrays, geometries = zip(*(read_image(image) for image in images))
+        resampled, fits = coregister_channels(arrays, geometries, images)
+    moved = {fit.channel for fit in fits}
+    for channel, (image, file) in enumerate(zip(images, files)):
+        if channel in moved:
+            write_like(resampled[channel], grids[REFERENCE_CHANNEL], file, images[REFERENCE_CHANNEL])
+        else:
+            copy_image_file(image, file)
+    return fits
+
+
+def _coregistration_record(channel_names: Sequence[str], fits: dict[str, tuple[ChannelFit, ...]]) -> dict:
+    """``coregistration.json``: the reference channel, the method and every case's fits (``ChannelFit`` fields)."""
+    return {
+        "reference_channel": REFERENCE_CHANNEL,
+        "channel_names": {str(index): name for index, name in enumerate(channel_names)},
+        "method": COREGISTRATION_METHOD,
+        "cases": {case: to_plain(case_fits) for case, case_fits in sorted(fits.items())},
+    }
+
+
+def coregistration_note(channel_names: Sequence[str], fits: dict[str, tuple[ChannelFit, ...]]) -> str | None:
+    """One line on what co-registration did in a conversion (cases moved, median and largest rotation and shift), or
+    None when no channel was moved."""
+    moved = [fit for case_fits in fits.values() for fit in case_fits]
+    if not moved:
+        return None
+    names = ", ".join(dict.fromkeys(channel_names[fit.channel] for fit in moved))
+    cases = sum(1 for case_fits in fits.values() if case_fits)
+    angles, shifts = [fit.rotation_degrees for fit in moved], [fit.shift_mm for fit in moved]
+    return (
+        f"{names} registered rigidly onto {channel_names[REFERENCE_CHANNEL]} and resampled onto its grid in {cases} of "
+        f"{len(fits)} case(s): rotation median {np.median(angles):.1f}° (largest {max(angles):.1f}°), shift median "
+        f"{np.median(shifts):.1f} mm (largest {max(shifts):.1f} mm); every fit in {COREGISTRATION_FILE}"
+    )
 
 
 def sorted_naturally(paths: Iterable[Path]) -> list[Path]:
