@@ -222,11 +222,12 @@ def transferred_state(
             continue  # named below as missing
         shape, _ = layout[name]
         replicas = shape[axis] // len(sources)
-        expected = (*shape[:axis], replicas * model_channels, *shape[axis + 1 :])
-        if tuple(tensor.shape) != expected:
+        if tensor.ndim != len(shape) or any(a != b for i, (a, b) in enumerate(zip(tensor.shape, shape)) if i != axis):
+            continue  # another layer than the planned one: named below as it is
+        if tensor.shape[axis] != replicas * model_channels:
             problems.append(
-                f"{name}: shape {list(tensor.shape)}, the planned network needs {list(expected)} for the model's "
-                f"{model_channels} channel(s) ({list(shape)} for this dataset's {len(sources)})"
+                f"{name}: shape {list(tensor.shape)} reads {tensor.shape[axis]} input channels (axis {axis}), the "
+                f"model's plans {replicas * model_channels} ({model_channels} channel(s) x {replicas})"
             )
             continue
         base = own[name].detach().cpu().clone() if own is not None else torch.zeros(shape, dtype=tensor.dtype)
