@@ -64,7 +64,7 @@ from autoseg.train.options import Fold, TrainingOptions
 from autoseg.train.run_length import RunLength
 from autoseg.train.splits import fold_cases
 from autoseg.train.time_promise import TimePromise
-from autoseg.train.transfer import load_initial_weights
+from autoseg.train import transfer
 from autoseg.train.validation import dice_counts, global_dice, moving_average, validate_cases
 
 _REGISTRY = Registry("trainers", "trainer")
@@ -185,7 +185,7 @@ class Trainer:
         (:func:`autoseg.train.transfer.load_initial_weights`); returns the log line, or None without them."""
         if self.options.initial_weights is None:
             return None
-        return load_initial_weights(
+        return transfer.load_initial_weights(
             network, self.options.initial_weights, self.plans, self.configuration.name, self.network_options()
         )
 

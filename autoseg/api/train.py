@@ -22,7 +22,9 @@ The run flags (:class:`TrainingOptions`) and the fold are the library's (:mod:`a
 trainers' loop calls lives beside them in :mod:`autoseg.train` (the run length, :mod:`~autoseg.train.run_length`;
 the fold's cases, :func:`autoseg.train.splits.fold_cases`; checkpoints, :mod:`~autoseg.train.checkpointing`; the
 validation of whole cases, :mod:`~autoseg.train.validation`); the library finds a trainer by name
-(:func:`autoseg.registry.plugin_class`) and never imports the trainers. The device and precision choice in
+(:func:`autoseg.registry.plugin_class`) and never imports the trainers. ``options.init_from`` (``--init-from MODEL``)
+is found and checked against the planned network before training (:func:`prepare_run`,
+:mod:`autoseg.train.transfer`), and the trainer starts a new run from its weights. The device and precision choice in
 :mod:`autoseg.machine`; where a run's folder is in :func:`autoseg.paths.run_folder`.
 """
 
