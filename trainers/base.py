@@ -64,7 +64,7 @@ from autoseg.train.options import Fold, TrainingOptions
 from autoseg.train.run_length import RunLength
 from autoseg.train.splits import fold_cases
 from autoseg.train.time_promise import TimePromise
-from autoseg.train import transfer
+from autoseg.train.transfer import load_initial_weights
 from autoseg.train.validation import dice_counts, global_dice, moving_average, validate_cases
 
 _REGISTRY = Registry("trainers", "trainer")
@@ -179,13 +179,13 @@ class Trainer:
         them, or load weights, around it."""
         return build_network(self.plans, self.configuration.name, **self.network_options())
 
-    def load_initial_weights(self, network: nn.Module) -> str | None:
+    def start_from_initial_weights(self, network: nn.Module) -> str | None:
         """Start a new run's ``network`` (just built) from another model's weights, ``options.initial_weights``
         (``autoseg_train --init-from``): channels matched by name, shapes checked
         (:func:`autoseg.train.transfer.load_initial_weights`); returns the log line, or None without them."""
         if self.options.initial_weights is None:
             return None
-        return transfer.load_initial_weights(
+        return load_initial_weights(
             network, self.options.initial_weights, self.plans, self.configuration.name, self.network_options()
         )
 
@@ -250,7 +250,7 @@ class Trainer:
             self.plans, self.configuration, self.device, self.precision
         )
         network = self.build_network()
-        weights_line = self.load_initial_weights(network) if resumed is None else None
+        weights_line = self.start_from_initial_weights(network) if resumed is None else None
         self.network = network.to(self.device, memory_format=self.memory_format)
         self.model, normalization = self.network, ""
         if self.context.enabled:
