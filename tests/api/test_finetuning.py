@@ -22,10 +22,11 @@ from autoseg.api.plan import plan_and_preprocess
 from autoseg.api.train import TrainingOptions, prepare_run
 from autoseg.commands.plan import main as plan_main
 from autoseg.commands.train import main as train_main
-from autoseg.data.dataset import write_dataset_json
+from autoseg.data.dataset import find_dataset, write_dataset_json
 from autoseg.io.files import write_json
 from autoseg.io.images import read_image, write_image
 from autoseg.networks import build_network
+from autoseg.plan.fingerprint import compute_fingerprint
 from autoseg.plans import Plans
 from autoseg.train.transfer import (
     SourceModel,
@@ -34,6 +35,7 @@ from autoseg.train.transfer import (
     initial_state,
     transferred_state,
 )
+from planners import get_planner
 
 MODEL = "Dataset961_ATLASPredict"  # conftest's tiny_model_home
 MODEL_MEMBER = "3d_resunet/ResidualUNetTrainer"
@@ -309,3 +311,25 @@ def test_input_channels_map_through_every_replica_of_a_symmetric_network() -> No
         transferred_state(weights, layout, {"conv.weight": 1}, [None, 0], 2)
     with pytest.raises(TransferError, match=r"conv.weight: shape \[3, 2, 3\] float32, the network has \[2, 4, 3\]"):
         transferred_state({**weights, "conv.weight": torch.zeros(3, 2, 3)}, layout, {"conv.weight": 1}, [None, 0], 1)
+
+
+def test_a_symmetric_histogram_equalized_model_is_planned_as_it_is_and_a_pspnet_is_refused(
+    tiny_sources: dict[str, Path],
+) -> None:
+    fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
+    model_plans = get_planner("DefaultPlanner")(fingerprint, normalization="histeq").plan()
+    model = model_plans.configuration("3d_resunet_sym_histeq")
+    source = SourceModel("m.zip", "D", model.name, "ZoomInOutTrainer", model_plans, {})
+    plans = get_planner("CPUPlanner")(fingerprint, like=source).plan()
+    planned = plans.configuration()
+    assert list(plans.configurations) == ["3d_resunet_sym_histeq"] and planned.symmetry == model.symmetry
+    assert planned.network == model.network and planned.data_identifier.endswith("_sym_histeq")
+    assert [n.scheme for n in planned.normalization] == ["histogram_equalization"]
+    assert planned.reasons["symmetry"].startswith("inherited from m.zip (D, 3d_resunet_sym_histeq/ZoomInOutTrainer)")
+    assert planned.schedule.trainer == "ZoomInOutTrainer" and planned.schedule.stages[0].name == "warmup"
+    assert not plans.problems()
+    slabs = compute_fingerprint(find_dataset(str(tiny_sources["ctp"])), progress=False)
+    pspnet = get_planner("DefaultPlanner")(slabs).plan()
+    source = SourceModel("ctp.zip", "C", "2d_pspnet", "PSPNetTrainer", pspnet, {})
+    with pytest.raises(TransferError, match="a 2-D PSPNet \\(2d_pspnet\\); --like plans the residual 3-D U-Net"):
+        get_planner("DefaultPlanner")(slabs, like=source).plan()
