@@ -153,7 +153,7 @@ for run in finetune scratch; do
   AUTOSEG_HOME="$home" "$bin/autoseg_predict" -i "$out/raw/$lab_name/imagesTs" -o "$home/predictions" -d "$lab_name" \
     -f full --device "$device" --no-progress > "$home/predict.txt"
   AUTOSEG_HOME="$home" "$bin/autoseg_evaluate" -ref "$out/raw/$lab_name/labelsTs" -pred "$home/predictions" \
-    -o "$home/evaluation" > /dev/null
+    -o "$home/evaluation" --no-progress > /dev/null
 done
 
 AUTOSEG_HOME="$out" "$bin/python" - "$out" "$lab_name" "$target_minutes" <<'PY'
@@ -180,7 +180,7 @@ for run in ("finetune", "scratch"):
         "features": list(configuration.network.features),
         "patch_size": list(configuration.patch_size),
         "spacing_mm": list(configuration.target_spacing),
-        "iterations": configuration.schedule.epochs * configuration.schedule.iterations_per_epoch,
+        "planned_iterations": configuration.schedule.epochs * configuration.schedule.iterations_per_epoch,
         "stages": [stage.name for stage in configuration.schedule.stages],
         "train_minutes": round(int(seconds.read_text()) / 60, 1) if seconds.is_file() else None,
         "dice": summary["metrics"]["dice"],
@@ -198,7 +198,7 @@ for name, run in runs.items():
     dice = run["dice"]
     print(
         f"  {name:9s} {dice['mean']:.3f} [{dice['ci_low']:.3f}, {dice['ci_high']:.3f}]  features {run['features']}, "
-        f"patch {run['patch_size']}, {run['iterations']} iterations, trained {run['train_minutes']} min"
+        f"patch {run['patch_size']}, {run['planned_iterations']} planned iterations, trained {run['train_minutes']} min"
     )
 low, high = difference["dice"]["ci95"] or (float("nan"), float("nan"))
 print(f"  fine-tune - scratch: {difference['dice']['mean']:+.3f} [{low:+.3f}, {high:+.3f}] (paired bootstrap 95% CI)")
