@@ -87,8 +87,8 @@ class SourceModel:
 
     def describe(self) -> str:
         """E.g. ``atlas.zip (Dataset002_ATLAS2mm, 3d_resunet/ZoomInOutTrainer)``."""
-        where = self.dataset if self.name == self.dataset else f"{self.name} ({self.dataset},"
-        return f"{where}{' (' if self.name == self.dataset else ' '}{self.configuration}/{self.trainer})"
+        member = f"{self.configuration}/{self.trainer}"
+        return f"{self.dataset} ({member})" if self.name == self.dataset else f"{self.name} ({self.dataset}, {member})"
 
     def folds(self) -> list[str]:
         """Its folds, numbered ones first (``["0", "1", "full"]``)."""
