@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -183,6 +183,15 @@ def test_bad_models_and_options_are_one_line_errors(
     )
     assert "error: --init-fold chooses a fold of the model --init-from names" in error(
         train_main, "-d", LAB, "--init-fold", "1"
+    )
+    assert f"error: {MODEL} ({MODEL_MEMBER}) has no fold 7; its folds: 0, 1" == error(
+        train_main, "-d", LAB, "-f", "full", "--init-from", MODEL, "--init-fold", "7"
+    )
+    # A checkpoint holding a pickled object is refused (read with weights_only=True), naming the file.
+    checkpoint = home / "results" / MODEL / MODEL_MEMBER / "fold_0" / "checkpoint_final.pth"
+    torch.save({**torch.load(checkpoint, weights_only=True), "note": PurePosixPath("x")}, checkpoint)
+    assert f"error: {checkpoint}: refused: the file holds pickled Python objects (pathlib.PurePosixPath)" in error(
+        train_main, "-d", LAB, "-f", "full", "--init-from", MODEL
     )
 
 
