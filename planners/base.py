@@ -10,6 +10,7 @@ from autoseg.plan.fingerprint import Fingerprint
 from autoseg.plan.topology import NORMALIZATION_OPTIONS
 from autoseg.plans import Plans
 from autoseg.registry import Registry
+from autoseg.train.transfer import SourceModel
 
 _REGISTRY = Registry("planners", "planner")
 
@@ -28,6 +29,8 @@ class Planner:
         normalization: ``zscore`` (default: each modality's z-score scheme) or ``histeq`` (histogram equalization
             of every channel; its configurations get their own data folders), see
             ``autoseg.plan.topology.NORMALIZATION_OPTIONS``.
+        like: a trained model to plan like (``autoseg_plan --like MODEL``): the planner keeps its network and
+            normalization, so its weights fit, and plans the rest for this dataset (:mod:`planners.like`).
 
     Raises:
         ValueError: an unknown ``normalization``.
@@ -45,6 +48,7 @@ class Planner:
         memory_budget_gb: float | None = None,
         compute: BudgetRequest | None = None,
         normalization: str = "zscore",
+        like: SourceModel | None = None,
     ):
         if normalization not in NORMALIZATION_OPTIONS:
             raise UsageError(f"unknown normalization '{normalization}', use one of {list(NORMALIZATION_OPTIONS)}")
@@ -52,6 +56,7 @@ class Planner:
         self.normalization = normalization
         self.memory_budget_gb = memory_budget_gb if memory_budget_gb is not None else self.default_memory_budget_gb
         self.compute = compute
+        self.like = like
 
     def plan(self) -> Plans:
         """Decide every configuration; each decision carries its reason."""

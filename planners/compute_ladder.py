@@ -23,7 +23,7 @@ from autoseg.plan.cost_model import (
     estimate_training,
     pspnet_cost,
 )
-from autoseg.plan.topology import unet_topology
+from autoseg.plan.topology import Topology, unet_topology
 from autoseg.plans import ComputeBudget, Configuration, Schedule, Symmetry
 from planners.resunet import ZOOM_OUT_SHARE
 
@@ -78,7 +78,9 @@ class ComputeLadder:
         """Widths a compute budget may choose, narrowest first, ending with the planner's own."""
         return [w for w in BUDGET_WIDTHS if w[0] < self.planner.widths[0]] + [self.planner.widths]
 
-    def ladder(self, build: UNetBuilder, spacing, spacing_reason, normalization) -> list[Configuration]:
+    def ladder(
+        self, build: UNetBuilder, spacing, spacing_reason, normalization, inherited: Topology | None = None
+    ) -> list[Configuration]:
         """Candidate U-Net configurations for a compute budget, cheapest first, each at least as rich as the
         previous in resolution, width, patch and batch; the last is the plan without a compute budget.
 
@@ -87,12 +89,15 @@ class ComputeLadder:
 
         Args:
             build: the planner's ``plan_resunet`` or ``plan_aniso``.
+            inherited: the network every candidate has (``autoseg_plan --like``: the model's, which ``build``
+                builds); only resolution, patch and batch then vary.
         """
         candidates = []
+        step = inherited.total_stride if inherited is not None else None
         for index, (option, reason) in enumerate(self.spacings(spacing, spacing_reason)):
-            for widths in self.widths() if index == 0 else [self.planner.widths]:
+            for widths in self.widths() if index == 0 and inherited is None else [self.planner.widths]:
                 largest = build(option, reason, normalization, widths, batch=BUDGET_BATCH)
-                for patch in growing_patches(largest.patch_size, option, widths):
+                for patch in growing_patches(largest.patch_size, option, widths, step):
                     candidates.append(build(option, reason, normalization, widths, patch, BUDGET_BATCH))
                 candidates.append(largest)
         richest = build(spacing, spacing_reason, normalization)
@@ -135,10 +140,12 @@ class ComputeLadder:
             device_type=self.compute.device,
         )
 
-    def plan_unet(self, build: UNetBuilder, spacing, spacing_reason, normalization) -> Configuration:
+    def plan_unet(
+        self, build: UNetBuilder, spacing, spacing_reason, normalization, inherited: Topology | None = None
+    ) -> Configuration:
         """The richest U-Net candidate (``build``: the planner's ``plan_resunet`` or ``plan_aniso``) that trains
-        enough iterations within the compute budget."""
-        ladder = self.ladder(build, spacing, spacing_reason, normalization)
+        enough iterations within the compute budget (``inherited``: see :meth:`ladder`)."""
+        ladder = self.ladder(build, spacing, spacing_reason, normalization, inherited)
         choice = choose_rung(
             len(ladder),
             lambda rung, layout: self.estimate(ladder[rung], layout),
@@ -265,11 +272,14 @@ class ComputeLadder:
         )
 
 
-def growing_patches(largest: tuple[int, ...], spacing, widths) -> list[tuple[int, ...]]:
+def growing_patches(
+    largest: tuple[int, ...], spacing, widths, step: tuple[int, ...] | None = None
+) -> list[tuple[int, ...]]:
     """Patches from BUDGET_MIN_PATCH_EDGE voxels up to (not including) ``largest``, smallest first: each grows
-    the axis that is furthest from its final size by one multiple of the total stride (about 1.2–1.5 times
-    the voxels per step), so the ladder of candidates has small steps in cost."""
-    step = unet_topology(largest, spacing, max_features=widths[1], base_features=widths[0]).total_stride
+    the axis that is furthest from its final size by one multiple of the total stride (``step``; by default that of
+    the topology planned for ``largest``; about 1.2–1.5 times the voxels per step), so the ladder of candidates has
+    small steps in cost."""
+    step = step or unet_topology(largest, spacing, max_features=widths[1], base_features=widths[0]).total_stride
     patch = [min(edge, max(s, int(np.ceil(BUDGET_MIN_PATCH_EDGE / s)) * s)) for edge, s in zip(largest, step)]
     found = []
     while tuple(patch) != tuple(largest):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.plan.fingerprint import DatasetAggregate
-from autoseg.plan.topology import MAX_FEATURES_3D, channel_normalization, histeq_twin, target_spacing
+from autoseg.plan.topology import MAX_FEATURES_3D, Topology, channel_normalization, histeq_twin, target_spacing
 from autoseg.plans import (
     Configuration,
     Loss,
@@ -31,7 +31,7 @@ from autoseg.plans import (
 )
 from autoseg.preprocess.symmetry import SLAB_ANISOTROPY, SLAB_MAX_SLICES
 from autoseg.preprocess.symmetry import qualifies as symmetry_qualifies
-from planners import resunet, slabs
+from planners import like, resunet, slabs
 from planners.base import Planner
 from planners.compute_ladder import ComputeLadder
 from planners.slabs import PSPNET_BACKBONES
@@ -55,6 +55,27 @@ class DefaultPlanner(Planner):
 
     def plan(self) -> Plans:
         self._ladder = ComputeLadder(self, self.compute) if self.compute is not None else None
+        if self.like is not None:  # one configuration, the model's network planned for this dataset
+            configuration, reasons = like.plan_like(self, self.like)
+            configurations = [configuration]
+        else:
+            configurations, reasons = self.plan_configurations()
+        channels = self.fingerprint.channels
+        return Plans(
+            dataset=self.fingerprint.dataset,
+            planner=type(self).__name__,
+            channels=tuple(c.name for c in channels),
+            modalities=tuple(c.modality for c in channels),
+            labels=dict(self.fingerprint.labels),
+            default_configuration=configurations[0].name,
+            configurations={c.name: c for c in configurations},
+            memory_budget_gb=self.memory_budget_gb,
+            reasons=reasons,
+            compute_budget=self._ladder.record(configurations) if self._ladder is not None else None,
+        )
+
+    def plan_configurations(self) -> tuple[list[Configuration], dict[str, str]]:
+        """The configurations the data call for, the default first, and the plans' reasons for the choice."""
         aggregate = self.fingerprint.aggregate
         spacing, spacing_reason = self.target_spacing(aggregate)
         normalization = [channel_normalization(channel) for channel in self.fingerprint.channels]
@@ -70,19 +91,7 @@ class DefaultPlanner(Planner):
         configurations += symmetric
         if self.normalization == "histeq":
             configurations += [self.histeq_variant(c) for c in configurations]
-        channels = self.fingerprint.channels
-        return Plans(
-            dataset=self.fingerprint.dataset,
-            planner=type(self).__name__,
-            channels=tuple(c.name for c in channels),
-            modalities=tuple(c.modality for c in channels),
-            labels=dict(self.fingerprint.labels),
-            default_configuration=configurations[0].name,
-            configurations={c.name: c for c in configurations},
-            memory_budget_gb=self.memory_budget_gb,
-            reasons={"default_configuration": why, "symmetry": symmetry_reason},
-            compute_budget=self._ladder.record(configurations) if self._ladder is not None else None,
-        )
+        return configurations, {"default_configuration": why, "symmetry": symmetry_reason}
 
     # -- configurations: each in its module, fitted to the compute budget when there is one ---------
 
@@ -118,12 +127,15 @@ class DefaultPlanner(Planner):
             **fields,
         )
 
-    def plan_unet_within_compute(self, build, spacing, spacing_reason, normalization) -> Configuration:
+    def plan_unet_within_compute(
+        self, build, spacing, spacing_reason, normalization, inherited: Topology | None = None
+    ) -> Configuration:
         """``build`` (:meth:`plan_resunet` or :meth:`plan_aniso`), fitted to the compute budget when there is one
-        (:meth:`planners.compute_ladder.ComputeLadder.plan_unet`)."""
+        (:meth:`planners.compute_ladder.ComputeLadder.plan_unet`; ``inherited``: the network ``build`` keeps for
+        every candidate, ``autoseg_plan --like``)."""
         if self._ladder is None:
             return build(spacing, spacing_reason, normalization)
-        return self._ladder.plan_unet(build, spacing, spacing_reason, normalization)
+        return self._ladder.plan_unet(build, spacing, spacing_reason, normalization, inherited)
 
     def plan_pspnet_within_compute(
         self, spacing, spacing_reason, normalization, symmetry: Symmetry | None = None

@@ -77,17 +77,27 @@ def fit_unet_patch(
     widths: tuple[int, int],
     patch: tuple[int, ...] | None = None,
     never_downsample: tuple[int, ...] = (),
+    topology: Topology | None = None,
 ) -> tuple[tuple[int, ...], Topology, int]:
     """The patch, its topology and its training memory (bytes) at batch 2: without ``patch`` the largest that fits
-    the memory budget (up to ``full``), else ``patch`` rounded up to a multiple of its topology's total stride."""
+    the memory budget (up to ``full``), else ``patch`` rounded up to a multiple of its topology's total stride.
+    ``topology``: the network given as it is (``autoseg_plan --like``), not derived from the patch."""
     if patch is None:
         memory_budget = planner.memory_budget_gb * GIB
         return fit_patch_to_memory_budget(
-            full, spacing, memory_of, memory_budget, 2, never_downsample=never_downsample, widths=widths
+            full,
+            spacing,
+            memory_of,
+            memory_budget,
+            2,
+            never_downsample=never_downsample,
+            widths=widths,
+            topology=topology,
         )
-    topology = unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
+    given = topology
+    topology = given or unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
     patch = round_to_multiple(patch, topology.total_stride)
-    topology = unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
+    topology = given or unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
     return patch, topology, memory_of(patch, topology, 2)
 
 
@@ -111,17 +121,19 @@ def plan_resunet(
     patch: tuple[int, ...] | None = None,
     batch: int | None = None,
     symmetry: Symmetry | None = None,
+    topology: Topology | None = None,
 ) -> Configuration:
     """3D residual U-Net with the zoom-in&out schedule when a half-volume patch is still sensible.
 
     Without ``patch``, the largest patch that fits the memory budget (up to the median volume); without
     ``batch``, as many samples as fit; ``widths`` (first-stage features, cap) default to the planner's.
-    With ``symmetry``: ``3d_resunet_sym``, the same with symmetric-hemisphere channels (its own data folder)."""
+    With ``symmetry``: ``3d_resunet_sym``, the same with symmetric-hemisphere channels (its own data folder).
+    With ``topology``: that network for every patch (``autoseg_plan --like``: the model's), ``widths`` unused."""
     widths = widths or planner.widths
     full = planner.median_shape(spacing)
     memory_of = unet_memory(planner, symmetry=symmetry)
-    given_patch, given_batch = patch is not None, batch is not None
-    patch, topology, needed = fit_unet_patch(planner, full, spacing, memory_of, widths, patch)
+    given_patch, given_batch, fixed = patch is not None, batch is not None, topology
+    patch, topology, needed = fit_unet_patch(planner, full, spacing, memory_of, widths, patch, topology=fixed)
     batch = batch or fit_batch(planner, patch, topology, spacing, memory_of)
     reasons = {
         "target_spacing": spacing_reason,
@@ -129,7 +141,9 @@ def plan_resunet(
         "batch_size": _batch_reason(batch, given_batch),
         "network": topology_reason(planner, topology, spacing, widths),
     }
-    stages, reasons["schedule"] = zoom_schedule(planner, patch, batch, topology, spacing, memory_of, widths)
+    stages, reasons["schedule"] = zoom_schedule(
+        planner, patch, batch, topology, spacing, memory_of, widths, fixed_topology=fixed is not None
+    )
     common, common_reasons = planner.common(spacing, float(np.prod(patch) * np.prod(spacing)))
     reasons.update(common_reasons)
     trainer = "ZoomInOutTrainer" if len(stages) == 2 else "ResidualUNetTrainer"
@@ -198,10 +212,18 @@ def resunet_identifier(planner: DefaultPlanner, spacing: tuple[float, ...]) -> s
 
 
 def zoom_schedule(
-    planner: DefaultPlanner, patch, batch, topology, spacing, memory_of: MemoryOf, widths: tuple[int, int] | None = None
+    planner: DefaultPlanner,
+    patch,
+    batch,
+    topology,
+    spacing,
+    memory_of: MemoryOf,
+    widths: tuple[int, int] | None = None,
+    fixed_topology: bool = False,
 ) -> tuple[tuple[Stage, ...], str]:
     """Stage 1 on half-volume patches at lr 1e-3, stage 2 on the full patch at 1e-4 (the paper's
-    24% -> 48% sub-volumes, 128³ -> 144x172x168 mm)."""
+    24% -> 48% sub-volumes, 128³ -> 144x172x168 mm). ``fixed_topology``: ``topology`` is given (not derived from
+    the patch), so the small patch's batch is fitted with it too."""
     small = round_to_multiple(tuple(p * 0.5 ** (1 / 3) for p in patch), topology.total_stride, mode="nearest")
     sensible = all(s >= 2 * t for s, t in zip(small, topology.total_stride)) and np.prod(small) < np.prod(patch)
     if not sensible:
@@ -210,7 +232,9 @@ def zoom_schedule(
             "SGD with polynomial decay (nnU-Net's default)"
         )
     widths = widths or planner.widths
-    small_topology = unet_topology(small, spacing, max_features=widths[1], base_features=widths[0])
+    small_topology = (
+        topology if fixed_topology else unet_topology(small, spacing, max_features=widths[1], base_features=widths[0])
+    )
     small_batch = fit_batch(planner, small, small_topology, spacing, memory_of)
     switch = int(round(planner.epochs * (1 - ZOOM_OUT_SHARE)))
     stages = (

@@ -64,6 +64,7 @@ from autoseg.train.options import Fold, TrainingOptions
 from autoseg.train.run_length import RunLength
 from autoseg.train.splits import fold_cases
 from autoseg.train.time_promise import TimePromise
+from autoseg.train.transfer import load_initial_weights
 from autoseg.train.validation import dice_counts, global_dice, moving_average, validate_cases
 
 _REGISTRY = Registry("trainers", "trainer")
@@ -178,6 +179,16 @@ class Trainer:
         them, or load weights, around it."""
         return build_network(self.plans, self.configuration.name, **self.network_options())
 
+    def start_from_initial_weights(self, network: nn.Module) -> str | None:
+        """Start a new run's ``network`` (just built) from another model's weights, ``options.initial_weights``
+        (``autoseg_train --init-from``): channels matched by name, shapes checked
+        (:func:`autoseg.train.transfer.load_initial_weights`); returns the log line, or None without them."""
+        if self.options.initial_weights is None:
+            return None
+        return load_initial_weights(
+            network, self.options.initial_weights, self.plans, self.configuration.name, self.network_options()
+        )
+
     def build_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         """A fresh optimizer over the trainable parameters at ``stage.learning_rate``."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_optimizer()")
@@ -238,7 +249,9 @@ class Trainer:
         self.memory_format, format_reason = resources.memory_format(
             self.plans, self.configuration, self.device, self.precision
         )
-        self.network = self.build_network().to(self.device, memory_format=self.memory_format)
+        network = self.build_network()
+        weights_line = self.start_from_initial_weights(network) if resumed is None else None
+        self.network = network.to(self.device, memory_format=self.memory_format)
         self.model, normalization = self.network, ""
         if self.context.enabled:
             self.model, normalization = distributed.wrap_network(self.network, self.device)
@@ -256,6 +269,8 @@ class Trainer:
         if afresh is not None:
             self.log(afresh)
         self._log_start(device_reason, resumed is not None, backend, normalization, format_reason)
+        if weights_line is not None:
+            self.log(weights_line)
         if resumed is not None:
             self.restore(resumed)
         return self

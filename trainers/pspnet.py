@@ -72,6 +72,8 @@ class PSPNetTrainer(Trainer):
         net = super().build_network()
         if self.options.continue_training:  # the weights come from a checkpoint: the pre-trained file is not read
             self._weights_note = "weights: from the checkpoint"
+        elif self.options.initial_weights is not None:  # --init-from gives every weight (the line above says whose)
+            self._weights_note = "backbone: no pre-trained file read (--init-from gives every weight)"
         elif path := self.pretrained_path():
             self._weights_note = str(net.load_pretrained(path))
         else:

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoseg.api.source_model import find_source_model
 from autoseg.data.coregistration import COREGISTRATION_METHOD
 from autoseg.data.dataset import Case, RawDataset, find_dataset
 from autoseg.data.verify import VerificationReport, check_dataset, training_cases
+from autoseg.errors import UsageError
 from autoseg.io.files import check_output_file, check_output_folder
 from autoseg.machine import choose_device, choose_precision, configure_threads
 from autoseg.paths import FINGERPRINT_FILE, PLANS_FILE, SPLITS_FILE, preprocessed_folder
@@ -28,6 +30,7 @@ from autoseg.preprocess.preprocessing import preprocess_dataset
 from autoseg.registry import plugin_class
 from autoseg.train import splits
 from autoseg.train.loading import case_identifiers
+from autoseg.train.transfer import SourceModel, channel_sources
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ def plan_and_preprocess(
     device: str = "auto",
     normalization: str = "zscore",
     resplit: str | None = None,
+    like: str | None = None,
 ) -> PlanResult:
     """Verify and fingerprint the dataset, plan with ``planner``, preprocess ``configurations``
     (default: all in the plans).
@@ -87,6 +91,11 @@ def plan_and_preprocess(
     A ``splits_final.json`` that no longer holds the dataset's cases is reported there (training refuses it);
     ``resplit`` (``keep`` or ``fresh``, see :func:`autoseg.train.splits.resplit`) re-splits it.
 
+    With ``like`` (a model file from ``autoseg_export`` or a trained dataset's name,
+    :func:`autoseg.api.source_model.find_source_model`) only the model's configuration is planned, with its network,
+    normalization schemes, symmetric channels and trainer, so its weights fit (:mod:`planners.like`); a model file is
+    installed into ``AUTOSEG_RESULTS`` as ``autoseg_predict -m`` does. ``normalization`` must then be ``zscore``.
+
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
             contains a lesion (nothing written: no fingerprint, no plans, no preprocessed folder).
@@ -98,10 +107,13 @@ def plan_and_preprocess(
         OutputPathError: the dataset's preprocessed folder, or a configuration's data folder in it, is a file or
             read-only, or plans.json or fingerprint.json is a folder (checked before anything is written).
         SplitsError: an unknown ``resplit``, or splits it cannot make (see :func:`autoseg.train.splits.resplit`).
+        TransferError, ModelFileError, UsageError: ``like`` names no usable model, one the planner cannot plan like
+            (not a residual 3-D U-Net), or one that needs a channel the dataset lacks (before anything is written).
     """
     if resplit is not None:
         splits.check_resplit_option(resplit)  # before any work
     dataset = find_dataset(dataset_name)
+    source = _source_model(like, dataset, normalization) if like is not None and not preprocess_only else None
     folder = preprocessed_folder(dataset.name)
     plans_path, fingerprint_path = folder / PLANS_FILE, folder / FINGERPRINT_FILE
     check_output_folder(folder, "preprocessed folder")
@@ -127,6 +139,7 @@ def plan_and_preprocess(
             normalization,
             num_processes,
             progress,
+            source,
         )
     chosen = [plans.configuration(name) for name in configurations or list(plans.configurations)]
     for configuration in chosen:  # before anything is written
@@ -163,11 +176,12 @@ def _fingerprint_and_plan(
     normalization: str,
     num_processes: int,
     progress: bool,
+    like: SourceModel | None = None,
 ) -> tuple[Fingerprint, Plans, list[str]]:
     """Verify and fingerprint ``dataset`` (a dataset that fails stops here, before anything is written), then plan
-    it with ``planner`` (fitted to ``compute_budget``: minutes per fold and the device, when minutes are given), or,
-    for ``histeq`` with an existing ``plans_path``, add the histogram-equalized twins to it. Nothing is written.
-    Returns the fingerprint, the plans and the notes to print."""
+    it with ``planner`` (fitted to ``compute_budget``: minutes per fold and the device, when minutes are given; like
+    the model ``like``, when given), or, for ``histeq`` with an existing ``plans_path``, add the histogram-equalized
+    twins to it. Nothing is written. Returns the fingerprint, the plans and the notes to print."""
     planner_class = plugin_class("planner", planner)
     fingerprint = compute_fingerprint(dataset, num_processes, progress)  # a dataset that fails stops here
     notes = list(fingerprint.notes)
@@ -181,7 +195,7 @@ def _fingerprint_and_plan(
         return fingerprint, record_coregistration(twins, fingerprint, dataset.coregister_channels), notes
     budget_minutes, device = compute_budget
     compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
-    plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization).plan()
+    plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization, like=like).plan()
     plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
     return fingerprint, record_coregistration(plans, fingerprint, dataset.coregister_channels), notes
 
@@ -208,6 +222,18 @@ def record_coregistration(plans: Plans, fingerprint: Fingerprint, coregister: bo
             )
         )
     return dataclasses.replace(plans, coregister_channels=coregister, reasons=reasons)
+
+
+def _source_model(like: str, dataset: RawDataset, normalization: str) -> SourceModel:
+    """The model to plan ``dataset`` like, found (a model file installed) and its channels checked against the
+    dataset's before anything is fingerprinted or written."""
+    if normalization != "zscore":
+        raise UsageError(
+            f"--like {like}: the normalization is the model's, channel by channel; leave out --normalization"
+        )
+    source = find_source_model(like)
+    channel_sources(source.plans.channels, dataset.channel_names, source.describe(), dataset.name)
+    return source
 
 
 def _splits_changes(folder: Path, cases: Sequence[Case], resplit: str | None) -> list[str]:

@@ -22,7 +22,9 @@ The run flags (:class:`TrainingOptions`) and the fold are the library's (:mod:`a
 trainers' loop calls lives beside them in :mod:`autoseg.train` (the run length, :mod:`~autoseg.train.run_length`;
 the fold's cases, :func:`autoseg.train.splits.fold_cases`; checkpoints, :mod:`~autoseg.train.checkpointing`; the
 validation of whole cases, :mod:`~autoseg.train.validation`); the library finds a trainer by name
-(:func:`autoseg.registry.plugin_class`) and never imports the trainers. The device and precision choice in
+(:func:`autoseg.registry.plugin_class`) and never imports the trainers. ``options.init_from`` (``--init-from MODEL``)
+is found and checked against the planned network before training (:func:`prepare_run`,
+:mod:`autoseg.train.transfer`), and the trainer starts a new run from its weights. The device and precision choice in
 :mod:`autoseg.machine`; where a run's folder is in :func:`autoseg.paths.run_folder`.
 """
 
@@ -31,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from autoseg.api.source_model import find_source_model
 from autoseg.data.dataset import find_dataset
 from autoseg.distributed import DistributedContext, leave
 from autoseg.errors import MissingFileError, UsageError
@@ -48,6 +51,7 @@ from autoseg.train.options import Fold, TrainingOptions, parse_fold
 from autoseg.train.run_lock import check_unlocked, run_lock
 from autoseg.train.splits import load_or_create_splits, read_subjects
 from autoseg.train.time_promise import TimePromise
+from autoseg.train.transfer import InitialWeights, choose_initial_weights, initial_state
 
 __all__ = ["TrainingOptions", "TrainingResult", "TrainingRun", "cross_validate", "prepare_run", "train"]
 
@@ -112,6 +116,8 @@ def train(
         CheckpointError: the checkpoint to continue from is unreadable or holds pickled objects.
         RunLockedError: another process is training this fold (the message names it); see
             :mod:`autoseg.train.run_lock`.
+        TransferError, ModelFileError: ``options.init_from`` names no usable model, or its weights do not fit the
+            planned network (a channel it needs is missing, another network class, a layer of another shape: named).
     """
     options = options or TrainingOptions()
     runner = prepare_run(dataset, configuration, fold, trainer, options)
@@ -158,6 +164,8 @@ def prepare_run(
     )
     fold = parse_fold(fold)
     _check_pretrained(options.pretrained, chosen)
+    if options.init_from is not None:
+        options = replace(options, initial_weights=_initial_weights(options, plans, chosen, trainer_class, fold))
     runner = trainer_class(
         plans,
         chosen.name,
@@ -173,6 +181,19 @@ def prepare_run(
     if not options.continue_training:
         refuse_overwrite(runner.output_folder)
     return runner
+
+
+def _initial_weights(
+    options: TrainingOptions, plans: Plans, configuration: Configuration, trainer: type[TrainingRun], fold: Fold
+) -> InitialWeights:
+    """``--init-from MODEL`` found (:func:`autoseg.api.source_model.find_source_model`; a model file is installed
+    into ``AUTOSEG_RESULTS``), its fold for ``fold`` chosen, and its weights checked against the network the trainer
+    builds (channels by name, network class, every tensor's shape), so a mismatch is one line before training."""
+    source = find_source_model(options.init_from, configuration.name)
+    initial = choose_initial_weights(source, fold, options.init_fold)
+    network_options = getattr(trainer, "network_options", dict)()
+    initial_state(initial, plans, configuration.name, network_options)
+    return initial
 
 
 def _check_pretrained(path: str | None, configuration: Configuration) -> None:

@@ -62,6 +62,14 @@ def parser() -> argparse.ArgumentParser:
         "cases are spread over the folds (a subject's cases into one fold), so folds whose validation cases are "
         "unchanged keep their trained models; fresh: new splits from scratch (retrain every fold)",
     )
+    p.add_argument(
+        "--like",
+        metavar="MODEL",
+        help="plan so the weights of MODEL (a model file from autoseg_export, or a trained dataset's name) fit: its "
+        "configuration only, with its network, normalization, symmetric channels and trainer; spacing, patch, batch "
+        "and schedule (led by a fine-tuning warm-up) for this dataset and budget. Channels are matched by name. "
+        "Then: autoseg_train -d DATASET -f 0 --init-from MODEL",
+    )
     p.add_argument("--verify", action="store_true", help="only verify the dataset and report every problem")
     p.add_argument(
         "--preprocess-only",
@@ -73,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 #: Options that only planning uses: ``--verify`` writes nothing, and ``--preprocess-only`` keeps plans.json as it is.
-PLANNING_OPTIONS = ("planner", "gpu_memory_gb", "budget_minutes", "budget_hours", "device", "normalization")
+PLANNING_OPTIONS = ("planner", "gpu_memory_gb", "budget_minutes", "budget_hours", "device", "normalization", "like")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     refuse_unused(p, args, "verify", ["preprocess_only", "configurations", *PLANNING_OPTIONS], why)
     why = "it keeps plans.json as it is and only preprocesses; leave it out to plan again"
     refuse_unused(p, args, "preprocess_only", PLANNING_OPTIONS, why)
+    refuse_unused(p, args, "like", ["normalization"], "the normalization is the model's, channel by channel")
     if args.device != "auto" and args.budget_minutes is None and args.budget_hours is None:
         p.error("--device has no effect without --budget-minutes or --budget-hours: it says where the budget is spent")
     progress = not args.no_progress
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             normalization=args.normalization,
             resplit=args.resplit,
+            like=args.like,
         )
         for note in [*result.notes, *result.case_changes]:
             print(note)
@@ -136,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: {reason}")
         for identifier, cases in result.preprocessed.items():
             print(f"preprocessed {identifier}: {len(cases)} case(s) (re)computed; any others were up to date")
+        if args.like:
+            print(result.plans.reasons["like"])
 
     return run(action)
 

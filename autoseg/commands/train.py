@@ -55,6 +55,16 @@ def parser() -> argparse.ArgumentParser:
         "resnet50's weights saved on a machine with internet) or an "
         "autoseg PSPNet checkpoint; nothing is downloaded",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start from the weights of MODEL: a model file from autoseg_export or a trained dataset's name (plan "
+        "with autoseg_plan --like MODEL first, so they fit). Channels are matched by name; a new channel starts from "
+        "zero weights. Fold k starts from MODEL's fold k, else its fold_full, else its first fold",
+    )
+    p.add_argument(
+        "--init-fold", metavar="K", help="with --init-from: start every fold from MODEL's fold K (0, 1, ..., full)"
+    )
     p.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument(
         "--precision",
@@ -109,6 +119,8 @@ def _options(args: argparse.Namespace) -> TrainingOptions:
         compile=args.compile,
         deterministic=args.deterministic,
         pretrained=args.pretrained,
+        init_from=args.init_from,
+        init_fold=args.init_fold,
     )
 
 

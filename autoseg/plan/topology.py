@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoseg.errors import UsageError
-from autoseg.plans import HISTEQ_IDENTIFIER_SUFFIX, Configuration, Normalization, histeq_name
+from autoseg.plans import (
+    HISTEQ_IDENTIFIER_SUFFIX,
+    NORMALIZATION_SCHEMES,
+    Configuration,
+    Normalization,
+    histeq_name,
+)
 
 if TYPE_CHECKING:  # autoseg.plan.fingerprint imports autoseg.preprocess.symmetry, which imports this module
     from autoseg.plan.fingerprint import ChannelFingerprint, DatasetAggregate
@@ -95,6 +101,7 @@ def fit_patch_to_memory_budget(
     batch_size: int = 2,
     never_downsample: tuple[int, ...] = (),
     widths: tuple[int, int] = (BASE_FEATURES, MAX_FEATURES_3D),
+    topology: Topology | None = None,
 ) -> tuple[tuple[int, ...], Topology, int]:
     """Shrink ``start`` until the training memory of ``batch_size`` patches fits ``memory_budget_bytes`` (the memory budget).
 
@@ -102,7 +109,9 @@ def fit_patch_to_memory_budget(
     world space) by that axis's total stride, then re-derives the topology and rounds every edge up
     to a multiple of the total stride (a patch a few voxels larger than the volume is padded).
 
-    ``widths``: (features of the first stage, cap); features double per stage.
+    ``widths``: (features of the first stage, cap); features double per stage. ``topology``: a network given as it
+    is (``autoseg_plan --like``: the model's), kept for every patch instead of being derived from it; ``widths`` and
+    ``never_downsample`` are then unused.
 
     Returns:
         (patch size in voxels, topology, estimated bytes at ``batch_size``).
@@ -110,11 +119,11 @@ def fit_patch_to_memory_budget(
     Raises:
         UsageError: the memory budget is too small for a U-Net of two resolution stages (one line, with the fix).
     """
-    patch = tuple(int(v) for v in start)
+    patch, given = tuple(int(v) for v in start), topology
     for _ in range(10_000):
-        topology = unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
+        topology = given or unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
         patch = round_to_multiple(patch, topology.total_stride)
-        topology = unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
+        topology = given or unet_topology(patch, spacing, never_downsample, widths[1], widths[0])
         if len(topology.features) < 2:
             raise UsageError(
                 f"a memory budget of {memory_budget_bytes / 2**30:g} GB cannot hold {batch_size} patches of even the "
@@ -177,28 +186,47 @@ def channel_normalization(channel: ChannelFingerprint, option: str = "zscore") -
     if option not in NORMALIZATION_OPTIONS:
         raise UsageError(f"unknown normalization option '{option}', use one of {list(NORMALIZATION_OPTIONS)}")
     if option == "histeq":
-        return Normalization(channel=name, scheme="histogram_equalization"), (
+        return scheme_normalization(channel, "histogram_equalization"), (
             f"{name}: histogram equalization within the non-zero (brain) region, as asked (--normalization histeq): "
             "each case's foreground is mapped through its own cumulative histogram to a uniform distribution, "
             "scaled to zero mean and unit std, which raises the contrast between lesion and neighbouring tissue "
             "(Bhavnani et al., paper 002: with symmetric context, Dice 0.389 -> 0.499 on ATLAS)"
             + ("" if modality == "MRI" else f"; note that {name}'s physical units ({modality}) are given up")
         )
-    stats = channel.foreground
     if modality == "MRI":
-        return Normalization(channel=name, scheme="zscore_foreground"), (
+        return scheme_normalization(channel, "zscore_foreground"), (
             f"{name} is MRI: arbitrary units that vary by scanner, so z-score each case within its non-zero region"
         )
-    clip = (round(stats.p00_5, 4), round(stats.p99_5, 4))
-    mean, std = round(stats.mean, 4), round(max(stats.std, 1e-8), 4)
+    normalization = scheme_normalization(channel, "clip_zscore_dataset")
     what = (
         "CT: Hounsfield units are comparable across scans"
         if modality == "CT"
         else (f"a perfusion map: its physical units (e.g. {name}) carry the lesion contrast")
     )
-    return Normalization(channel=name, scheme="clip_zscore_dataset", clip=clip, mean=mean, std=std), (
-        f"{name} is {what}, so clip to the dataset foreground 0.5–99.5 percentiles {list(clip)} and z-score with the "
-        f"dataset mean {mean} and std {std}"
+    return normalization, (
+        f"{name} is {what}, so clip to the dataset foreground 0.5–99.5 percentiles {list(normalization.clip)} and "
+        f"z-score with the dataset mean {normalization.mean} and std {normalization.std}"
+    )
+
+
+def scheme_normalization(channel: ChannelFingerprint, scheme: str) -> Normalization:
+    """``channel`` normalized by ``scheme`` (one of ``autoseg.plans.NORMALIZATION_SCHEMES``); the statistics
+    ``clip_zscore_dataset`` needs (foreground 0.5/99.5 percentiles, mean, std) are the fingerprinted channel's.
+
+    Raises:
+        UsageError: an unknown scheme.
+    """
+    if scheme not in NORMALIZATION_SCHEMES:
+        raise UsageError(f"unknown normalization scheme '{scheme}', use one of {list(NORMALIZATION_SCHEMES)}")
+    if scheme != "clip_zscore_dataset":
+        return Normalization(channel=channel.name, scheme=scheme)
+    stats = channel.foreground
+    return Normalization(
+        channel=channel.name,
+        scheme=scheme,
+        clip=(round(stats.p00_5, 4), round(stats.p99_5, 4)),
+        mean=round(stats.mean, 4),
+        std=round(max(stats.std, 1e-8), 4),
     )
 
 

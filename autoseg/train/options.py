@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from autoseg.errors import UsageError
 from autoseg.machine import PRECISIONS
+from autoseg.train.transfer import InitialWeights
 
 __all__ = ["Fold", "TrainingOptions", "parse_fold"]
 
@@ -34,6 +35,12 @@ class TrainingOptions:
             completed) the run starts afresh and its log says so.
         pretrained: torchvision-layout ResNet (or autoseg PSPNet) state dict the PSPNet starts from
             (``--pretrained``); read with ``weights_only=True``; ignored when continuing.
+        init_from: a trained model to start the network from (``--init-from MODEL``: a model file from
+            ``autoseg_export`` or a trained dataset's name; ``autoseg.train.transfer``); ignored when continuing.
+        init_fold: the model's fold that starts every fold (``--init-fold K``); None: fold k from the model's fold
+            k, else its ``fold_full``, else its first fold (:func:`autoseg.train.transfer.choose_initial_weights`).
+        initial_weights: ``init_from`` found, for this run's fold (set by ``autoseg.api.train.prepare_run``; the
+            trainer loads it).
         validation: predict the fold's validation cases with sliding-window inference at the end.
         compile: run the network through ``torch.compile``.
         deterministic: ``torch.use_deterministic_algorithms`` (and no cuDNN benchmarking) during the run.
@@ -48,6 +55,9 @@ class TrainingOptions:
     seed: int = 0
     num_processes: int | None = None
     pretrained: str | None = None
+    init_from: str | None = None
+    init_fold: str | None = None
+    initial_weights: InitialWeights | None = None
     continue_training: bool = False
     validation: bool = True
     compile: bool = False
@@ -67,6 +77,10 @@ class TrainingOptions:
             raise UsageError(f"unknown precision '{self.precision}', use one of {list(PRECISIONS)}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise UsageError(f"unknown device '{self.device}', use auto, cpu, cuda or cuda:N")
+        if self.init_from is not None and self.pretrained is not None:
+            raise UsageError("--init-from and --pretrained both start the network from weights; give one")
+        if self.init_fold is not None and self.init_from is None:
+            raise UsageError("--init-fold chooses a fold of the model --init-from names; give --init-from too")
 
 
 def parse_fold(fold: Fold) -> Fold:

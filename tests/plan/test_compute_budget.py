@@ -27,6 +27,7 @@ from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.plan.probe import ComputeProbe, load_or_run_probe
 from autoseg.plans import Plans
 from autoseg.train.time_promise import TimePromise
+from autoseg.train.transfer import SourceModel
 from planners import get_planner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -229,6 +230,24 @@ def test_the_budget_is_laid_out_as_a_complete_schedule_and_recorded_with_its_rea
         == record.estimates["3d_resunet_sym"]["iterations"]
         >= target_iterations(20)
     )
+
+
+def test_a_plan_like_a_model_fits_the_budget_with_the_models_network(atlas_1mm_fingerprint: dict) -> None:
+    model = _plan(atlas_1mm_fingerprint, 60, speed=4.0)  # a richer network than 8 or 20 minutes buy
+    source = SourceModel("model.zip", "Dataset001_ATLAS", "3d_resunet", "ZoomInOutTrainer", model, {})
+    for minutes in (8, 20):
+        own = _plan(atlas_1mm_fingerprint, minutes, speed=4.0).configuration()
+        plans = get_planner("DefaultPlanner")(atlas_1mm_fingerprint, compute=budget(minutes, 4.0), like=source).plan()
+        configuration, record = plans.configuration(), plans.compute_budget
+        assert list(plans.configurations) == ["3d_resunet"] and record.configuration == "3d_resunet"
+        assert configuration.network == model.configuration().network != own.network
+        # The budget buys resolution, patch and batch for the model's network, and nothing over the minutes.
+        assert record.estimated_minutes <= minutes and record.iterations >= target_iterations(minutes)
+        assert all(edge % stride == 0 for edge, stride in zip(configuration.patch_size, (16, 16, 16)))
+        assert "features 24–320 (5 stages)" in configuration.reasons["compute_budget"]
+        stages = configuration.schedule.stages
+        assert [s.name for s in stages] == ["warmup", "zoom_in", "zoom_out"] and stages[1].start_epoch == 1
+        assert record.iterations == configuration.schedule.epochs * configuration.schedule.iterations_per_epoch
 
 
 def test_without_a_budget_the_plans_are_todays(atlas_1mm_fingerprint: dict) -> None:
