@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from autoseg.api.plan import plan_and_preprocess, verify
+from autoseg.api.plan import PlanResult, plan_and_preprocess, verify
 from autoseg.commands.common import positive_finite_float, positive_int, refuse_unused, run
 from autoseg.errors import UsageError
 from autoseg.plan.topology import NORMALIZATION_OPTIONS
@@ -121,35 +121,40 @@ def main(argv: list[str] | None = None) -> int:
             resplit=args.resplit,
             like=args.like,
         )
-        for note in [*result.notes, *result.case_changes]:
-            print(note)
-        print(f"fingerprint: {result.fingerprint_path}")
-        print(f"plans:       {result.plans_path}")
-        for name, configuration in result.plans.configurations.items():
-            default = " (default)" if name == result.plans.default_configuration else ""
-            print(
-                f"  {name}{default}: spacing {list(configuration.target_spacing)} mm, patch "
-                f"{list(configuration.patch_size)}, batch {configuration.batch_size}, "
-                f"{configuration.network.architecture}, trainer {configuration.schedule.trainer}"
-            )
-        if result.plans.coregister_channels:
-            reason = result.plans.reasons.get("coregister_channels", "on (plans.json: coregister_channels)")
-            print(f"channel co-registration: {reason}")
-        compute_budget = result.plans.compute_budget
-        if compute_budget is not None:
-            print(
-                f"compute budget: {compute_budget.minutes:g} min per fold on {compute_budget.device} "
-                f"({compute_budget.precision}); estimated {compute_budget.estimated_minutes:.1f} min: "
-                f"{compute_budget.iterations} iterations at {compute_budget.seconds_per_iteration:.2f} s plus validation"
-            )
-            for name, reason in compute_budget.reasons.items():
-                print(f"  {name}: {reason}")
-        for identifier, cases in result.preprocessed.items():
-            print(f"preprocessed {identifier}: {len(cases)} case(s) (re)computed; any others were up to date")
-        if args.like:
-            print(result.plans.reasons["like"])
+        _print_result(result, args.like is not None)
 
     return run(action)
+
+
+def _print_result(result: PlanResult, like: bool) -> None:
+    """What ``autoseg_plan`` planned and preprocessed, one line per item (the reasons are in plans.json)."""
+    for note in [*result.notes, *result.case_changes]:
+        print(note)
+    print(f"fingerprint: {result.fingerprint_path}")
+    print(f"plans:       {result.plans_path}")
+    for name, configuration in result.plans.configurations.items():
+        default = " (default)" if name == result.plans.default_configuration else ""
+        print(
+            f"  {name}{default}: spacing {list(configuration.target_spacing)} mm, patch "
+            f"{list(configuration.patch_size)}, batch {configuration.batch_size}, "
+            f"{configuration.network.architecture}, trainer {configuration.schedule.trainer}"
+        )
+    if result.plans.coregister_channels:
+        reason = result.plans.reasons.get("coregister_channels", "on (plans.json: coregister_channels)")
+        print(f"channel co-registration: {reason}")
+    compute_budget = result.plans.compute_budget
+    if compute_budget is not None:
+        print(
+            f"compute budget: {compute_budget.minutes:g} min per fold on {compute_budget.device} "
+            f"({compute_budget.precision}); estimated {compute_budget.estimated_minutes:.1f} min: "
+            f"{compute_budget.iterations} iterations at {compute_budget.seconds_per_iteration:.2f} s plus validation"
+        )
+        for name, reason in compute_budget.reasons.items():
+            print(f"  {name}: {reason}")
+    for identifier, cases in result.preprocessed.items():
+        print(f"preprocessed {identifier}: {len(cases)} case(s) (re)computed; any others were up to date")
+    if like:
+        print(result.plans.reasons["like"])
 
 
 if __name__ == "__main__":
