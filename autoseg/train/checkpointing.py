@@ -94,8 +94,9 @@ def read_run_checkpoint(
     device: torch.device | str | None = None,
 ) -> tuple[dict[str, Any], RunLength, int]:
     """Read a checkpoint of ``trainer`` and ``configuration`` to continue from: (its state with ``path`` added,
-    the run length to continue with, the seed). The run length and seed are the saved run's (stage boundaries
-    and batches stay those of the run that wrote it), the validation batches per epoch ``--val-iters`` when given.
+    the run length to continue with, the seed). The run length and seed are the saved run's (stage boundaries,
+    batches and the iterations a deadline re-planned stay those of the run that wrote it), the validation batches
+    per epoch ``--val-iters`` when given.
 
     Raises:
         CheckpointError: unreadable, pickled, or written by another trainer or for another configuration.
@@ -116,8 +117,10 @@ def read_run_checkpoint(
             f"{path}: this run trains {saved.epochs} epochs x {saved.iterations_per_epoch} "
             "iterations; continue it with the same --epochs/--iters-per-epoch (or leave them out)"
         )
-    run_length = replace(saved, val_iterations=saved.val_iterations if o.val_iterations is None else o.val_iterations)
-    return {**state, "path": str(path)}, run_length, int(state["seed"])
+    if o.val_iterations is not None:  # every epoch still to come validates as many batches as asked
+        reschedules = tuple((first, iterations, o.val_iterations) for first, iterations, _ in saved.reschedules)
+        saved = replace(saved, val_iterations=o.val_iterations, reschedules=reschedules)
+    return {**state, "path": str(path)}, saved, int(state["seed"])
 
 
 def save_run_checkpoint(state: dict[str, Any], path: Path, context: distributed.DistributedContext) -> Path:
