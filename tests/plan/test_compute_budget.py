@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_probe
 from torch.utils.flop_counter import FlopCounterMode
 
 import autoseg.plan.probe as probe
@@ -22,9 +23,9 @@ from autoseg.data.dataset import find_dataset
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet
 from autoseg.plan.budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
-from autoseg.plan.cost_model import CostModel, NetworkShape, ProbePoint
+from autoseg.plan.cost_model import CostModel, NetworkShape
 from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
-from autoseg.plan.probe import ComputeProbe, load_or_run_probe
+from autoseg.plan.probe import load_or_run_probe
 from autoseg.plans import Plans
 from autoseg.train.time_promise import TimePromise
 from planners import get_planner
@@ -32,22 +33,6 @@ from planners import get_planner
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FP32 = Precision("fp32", None, False, "test")
-
-
-def fake_probe(speed: float = 1.0) -> ComputeProbe:
-    """A probe with the coefficients measured on a 2-core CPU (bf16), ``speed`` times faster."""
-    point = ProbePoint((8, 16, 32, 64), (32, 32, 32), 2, 1.3, 9.8, 0.09 / speed, 0.02 / speed)
-    return ComputeProbe(
-        machine={"device": "cpu", "model": "test CPU", "threads": 2, "torch": torch.__version__, "precision": "fp32"},
-        created="2026-11-30T00:00:00+00:00",
-        probe_seconds=20.0,
-        memory_format="contiguous",
-        memory_format_seconds={"contiguous": 0.45, "channels_last_3d": 0.52},
-        augmentation_seconds_per_megavoxel=0.25 / speed,
-        points=(point,),
-        training=CostModel(0.0159 / speed, 0.0, 0.85 / speed, 0.0167 / speed),
-        inference=CostModel(0.0029 / speed, 0.0012 / speed, 0.0, 0.004 / speed),
-    )
 
 
 def budget(minutes: float, speed: float = 1.0) -> BudgetRequest:
