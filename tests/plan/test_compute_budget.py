@@ -22,8 +22,15 @@ from autoseg.commands.plan import main as plan_main
 from autoseg.data.dataset import find_dataset
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet
-from autoseg.plan.budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
-from autoseg.plan.cost_model import CostModel, NetworkShape
+from autoseg.plan.budget import (
+    BudgetError,
+    BudgetRequest,
+    ScheduleLayout,
+    choose_rung,
+    lay_out_schedule,
+    target_iterations,
+)
+from autoseg.plan.cost_model import CostModel, NetworkShape, TrainingEstimate
 from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.plan.probe import load_or_run_probe
 from autoseg.plans import Plans
@@ -136,12 +143,17 @@ def _plan(fingerprint: dict, minutes: float, planner: str = "DefaultPlanner", sp
     return get_planner(planner)(fingerprint, compute=budget(minutes, speed)).plan()
 
 
-def test_a_smaller_budget_never_plans_a_larger_network_patch_or_iteration_count(atlas_1mm_fingerprint: dict) -> None:
+def test_a_smaller_budget_never_plans_a_larger_network_or_patch_and_every_plan_uses_the_budget(
+    atlas_1mm_fingerprint: dict,
+) -> None:
+    planner_iterations = 1000 * 250  # DefaultPlanner's own schedule: no budget buys more
     seen, previous = [], None
     for minutes in (5, 8, 12, 15, 20, 30, 45, 60, 90, 120, 240, 480, 960, 2880, 10080, 40320):
         plans = _plan(atlas_1mm_fingerprint, minutes, speed=4.0)
         configuration, record = plans.configuration(), plans.compute_budget
         assert record.estimated_minutes <= minutes * 1.001, (minutes, record.estimated_minutes)
+        if record.iterations < planner_iterations - configuration.schedule.epochs:
+            assert record.estimated_minutes >= 0.9 * minutes, (minutes, record.estimated_minutes)
         features = configuration.network.features
         current = (
             configuration.target_spacing,
@@ -155,7 +167,9 @@ def test_a_smaller_budget_never_plans_a_larger_network_patch_or_iteration_count(
             assert all(a <= b for a, b in zip(configuration.target_spacing, spacing)), (minutes, current, previous)
             assert features[0] >= old_features[0] and len(features) >= len(old_features), (minutes, current, previous)
             assert all(a >= b for a, b in zip(configuration.patch_size, patch)), (minutes, current, previous)
-            assert configuration.batch_size >= batch and record.iterations >= iterations, (minutes, current, previous)
+            assert configuration.batch_size >= batch, (minutes, current, previous)
+            if current[:4] == previous[:4]:  # the same candidate: a larger budget trains it longer
+                assert record.iterations >= iterations, (minutes, current, previous)
         previous = current
         seen.append(current)
     assert {s[0] for s in seen} == {(2.0, 2.0, 2.0), (1.0, 1.0, 1.0)}, "the budget trades resolution"
@@ -235,14 +249,49 @@ def test_a_budget_too_small_for_a_useful_run_is_a_clear_error(atlas_1mm_fingerpr
         budget(0)
 
 
+@pytest.mark.parametrize("minutes", [10, 15, 16.5, 30, 120])
+def test_the_chosen_candidate_fills_the_budget_with_iterations(minutes: float) -> None:
+    # Three candidates whose iterations cost 0.2, 0.35 and 0.6 s; 1 s per epoch and 20 s of validation besides.
+    costs = (0.2, 0.35, 0.6)
+
+    def estimator(rung: int, layout: ScheduleLayout) -> TrainingEstimate:
+        return TrainingEstimate(
+            iterations=layout.iterations,
+            epochs=layout.epochs,
+            seconds_per_iteration=costs[rung],
+            step_seconds=costs[rung],
+            loader_seconds=0.0,
+            training_seconds=layout.iterations * costs[rung],
+            epoch_validation_seconds=0.0,
+            overhead_seconds=layout.epochs * 1.0,
+            final_validation_seconds=20.0,
+        )
+
+    choice = choose_rung(3, estimator, minutes, 10**6)
+    seconds = 60 * minutes
+
+    # by hand: the richest candidate whose target iterations fit, then as many of its iterations as fit
+    def total(rung: int, iterations: int) -> float:
+        layout = lay_out_schedule(iterations, costs[rung])
+        return layout.iterations * costs[rung] + layout.epochs * 1.0 + 20
+
+    fits = [r for r in range(3) if total(r, target_iterations(minutes)) <= seconds]
+    assert choice.index == max(fits)
+    assert choice.estimate.total_seconds <= seconds
+    assert choice.estimate.total_seconds >= 0.9 * seconds
+    # what is left is less than an iteration per epoch (the layout's rounding) and an epoch's overhead
+    assert seconds - choice.estimate.total_seconds <= (choice.layout.epochs + 1) * costs[choice.index] + 1.0
+
+
 def test_schedule_layout_keeps_epochs_about_a_minute_and_never_exceeds_the_iterations() -> None:
     for iterations, seconds in ((100, 0.5), (1000, 0.43), (5000, 2.0), (250_000, 0.2), (733, 0.05)):
         layout = lay_out_schedule(iterations, seconds)
-        assert layout.iterations <= iterations and layout.iterations >= iterations - layout.iterations_per_epoch
+        assert iterations - layout.epochs < layout.iterations <= iterations, "less than one iteration per epoch lost"
         assert layout.epochs >= 8 or iterations < 80
         assert 1 <= layout.val_iterations <= layout.iterations_per_epoch
     assert lay_out_schedule(250_000, 0.2).iterations_per_epoch == 250  # nnU-Net's epoch at most
-    assert lay_out_schedule(1000, 0.5).iterations_per_epoch == 120  # a minute per epoch
+    assert lay_out_schedule(1000, 0.5).iterations_per_epoch == 125  # about a minute per epoch...
+    assert lay_out_schedule(1000, 0.5).iterations == 1000  # ...and every iteration asked for
     assert target_iterations(15) == 2000 and target_iterations(60) == 4000
 
 
@@ -323,7 +372,7 @@ def test_thin_slabs_get_both_configurations_fitted_to_the_budget(tiny_sources: d
     for name, estimate in plans.compute_budget.estimates.items():
         schedule = plans.configuration(name).schedule
         assert (
-            estimate["estimated_minutes"] <= 10
+            9 <= estimate["estimated_minutes"] <= 10
             and estimate["iterations"] == schedule.epochs * schedule.iterations_per_epoch
         ), name
         assert "compute_budget" in plans.configuration(name).reasons
