@@ -204,8 +204,8 @@ class ComputeProbe:
                 f"the machine looked busy while probing ({self.busy}): the fastest of {PROBE_REPEATS} repeats "
                 "was kept, training re-plans to end on time, and the next plan here probes again"
             )
-        factor, reason = self.correction_from_training()
-        if self.correction != 1.0 or reason:
+        _, reason = self.correction_from_training()
+        if reason:
             parts.append(f"timings corrected by what training measured here: {reason}")
         return "; ".join(parts)
 
@@ -241,7 +241,7 @@ def load_or_run_probe(
     path = _cache_file(machine)
     cached = None if refresh else _read_cached(path, machine, log)
     if cached is not None and not cached.busy:
-        factor, reason = cached.correction_from_training()
+        _, reason = cached.correction_from_training()
         if reason:
             log(
                 f"compute probe: the cached probe ({cached.created}) corrected by what training measured here: {reason}"
@@ -301,11 +301,10 @@ def record_training_speed(
 def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
     """``second`` (a new probe of the same machine) with each timing the faster of both probes' and the cost models
     fitted again; busy only when both were. Training runs recorded against ``first`` are dropped (they compared
-    with its timings)."""
-    if [(p.features, p.patch, p.batch) for p in first.points] != [
-        (p.features, p.patch, p.batch) for p in second.points
-    ]:
-        return second
+    with its timings). Probes of other networks or memory formats do not compare: ``second`` as it is."""
+    layout = [(p.features, p.patch, p.batch) for p in first.points], first.memory_format
+    if layout != ([(p.features, p.patch, p.batch) for p in second.points], second.memory_format):
+        return second  # other networks or another memory format: the timings do not compare
     points = tuple(
         replace(
             b,
@@ -321,7 +320,6 @@ def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
     return replace(
         second,
         points=points,
-        memory_format=min(formats, key=formats.get),
         memory_format_seconds=formats,
         augmentation_seconds_per_megavoxel=min(
             first.augmentation_seconds_per_megavoxel, second.augmentation_seconds_per_megavoxel

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import autoseg.plan.probe as probe
 from autoseg.api.plan import budget_request, plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
 from autoseg.data.dataset import find_dataset
+from autoseg.io.files import read_json, write_json
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet
 from autoseg.plan.budget import (
@@ -32,7 +34,7 @@ from autoseg.plan.budget import (
 )
 from autoseg.plan.cost_model import CostModel, NetworkShape, TrainingEstimate
 from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
-from autoseg.plan.probe import load_or_run_probe
+from autoseg.plan.probe import ComputeProbe, load_or_run_probe
 from autoseg.plans import Plans
 from autoseg.train.time_promise import TimePromise
 from planners import get_planner
@@ -136,6 +138,139 @@ def test_probe_is_cached_per_machine_and_reprobed_when_machine_or_torch_changes(
     assert len(files) == 3
     files[0].write_text("{ not json")  # a damaged cache file is probed again, not trusted
     monkeypatch.undo()
+
+
+class FakeSteps:
+    """Probe steps that run nothing: each returns a made-up time (from its network's voxels and features), and the
+    repeat ``busy_round`` of every step (0: the first timed one; rounds interleave the steps, so these all fall in
+    the same stretch of the probe) takes ``busy_factor`` times as long: a passing load on a simulated machine."""
+
+    def __init__(self, busy_round: int | None = None, busy_factor: float = 3.0) -> None:
+        self.busy_round, self.busy_factor = busy_round, busy_factor
+        self.train_scale = self.inference_scale = 1.0  # how much slower the whole machine is than the made-up times
+
+    def network_steps(self, shape, edge, device, precision, memory_format):
+        cost = shape.features[0] * edge**3 / 1e6
+        return self.step(cost * self.train_scale), self.step(cost / 4 * self.inference_scale)
+
+    def step(self, seconds: float):
+        calls = [0]
+
+        def run() -> float:
+            calls[0] += 1  # call 1 is the untimed warm-up
+            return seconds * (self.busy_factor if calls[0] - 2 == self.busy_round else 1.0)
+
+        return run
+
+
+@pytest.fixture
+def simulated_probe(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeSteps]:
+    """Replace the probe's timed steps and augmentation timing by :class:`FakeSteps`; the load average and cores are
+    the test's: nothing depends on the CPU running the suite."""
+
+    def install(busy_round: int | None = None, load: float = 0.5) -> FakeSteps:
+        fake = FakeSteps(busy_round)
+        monkeypatch.setattr(probe, "_network_steps", fake.network_steps)
+        monkeypatch.setattr(probe, "_augmentation_seconds_per_megavoxel", lambda: 0.3)
+        monkeypatch.setattr(probe, "load_average", lambda: load)
+        monkeypatch.setattr(probe, "available_cores", lambda: 2)
+        return fake
+
+    return install
+
+
+def test_timed_rounds_spread_the_repeats_of_each_step_over_the_whole_probe() -> None:
+    order: list[str] = []
+
+    def step(name: str):
+        return lambda: order.append(name) or 1.0
+
+    times = probe.timed_rounds([step("a"), step("b"), step("c")], 3)
+    assert order == ["a", "b", "c"] * 4, "one untimed warm-up each, then rounds over all steps"
+    assert times == [[1.0] * 3] * 3
+
+
+def test_a_busy_moment_slows_one_round_and_the_fastest_repeat_is_kept(simulated_probe) -> None:
+    simulated_probe(busy_round=None)
+    idle = probe.run_probe(torch.device("cpu"), FP32, log=lambda line: None)
+    assert not idle.busy and idle.spread == 0.0 and idle.load_average == 0.5
+    simulated_probe(busy_round=1)  # the second of the three rounds runs 3 times slower
+    lines: list[str] = []
+    busy = probe.run_probe(torch.device("cpu"), FP32, log=lines.append)
+    assert [p.train_seconds for p in busy.points] == [p.train_seconds for p in idle.points]
+    assert [p.inference_seconds for p in busy.points] == [p.inference_seconds for p in idle.points]
+    assert busy.training == idle.training, "the cost model is fitted to the fastest repeats"
+    assert busy.spread == pytest.approx(2.0) and busy.busy.startswith("repeats of the same step differed by 200%")
+    assert "the machine looked busy: repeats" in lines[-1]
+    simulated_probe(busy_round=None, load=4.5)  # steady load from elsewhere: every repeat alike, the load is high
+    loaded = probe.run_probe(torch.device("cpu"), FP32, log=lambda line: None)
+    assert loaded.spread == 0.0 and loaded.busy == "load average 4.5 on 2 cores before probing"
+
+
+def test_the_plan_says_when_the_probe_found_the_machine_busy(atlas_1mm_fingerprint: dict) -> None:
+    busy = dataclasses.replace(fake_probe(4.0), busy="load average 4.5 on 2 cores before probing", spread=0.1)
+    plans = get_planner("DefaultPlanner")(atlas_1mm_fingerprint, compute=BudgetRequest(15, "cpu", "fp32", busy)).plan()
+    reason = plans.compute_budget.reasons["probe"]
+    assert "the machine looked busy while probing (load average 4.5 on 2 cores before probing)" in reason
+    assert plans.compute_budget.probe["busy"] == busy.busy
+
+
+def test_a_busy_cached_probe_is_probed_again_keeping_the_faster_of_each_timing(
+    simulated_probe, data_roots: Path
+) -> None:
+    cpu = torch.device("cpu")
+    simulated_probe(load=4.5).train_scale = 2.0  # under steady load from elsewhere: training steps twice as slow
+    first, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert first.busy and not cached
+    # the next plan probes again: training steps as fast as they can be, forward passes slower than the first time
+    fake = simulated_probe()
+    fake.inference_scale = 1.5
+    lines: list[str] = []
+    second, cached = load_or_run_probe(cpu, FP32, log=lines.append)
+    assert not cached and "was taken while the machine looked busy" in lines[0]
+    assert [p.train_seconds for p in second.points] == pytest.approx([p.train_seconds / 2 for p in first.points])
+    assert [p.inference_seconds for p in second.points] == [p.inference_seconds for p in first.points]
+    assert second.busy == "" and second.training != first.training and second.inference == first.inference
+    third, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert cached and third == second, "a probe that did not look busy is kept"
+
+
+def test_training_corrects_the_cached_probe_and_a_busy_run_does_not_shrink_later_plans(
+    data_roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = torch.device("cpu")
+    here = probe.machine_description(cpu, "fp32")
+    measured = fake_probe(machine=here)
+    path = probe._cache_file(here)
+    write_json(measured.to_plain(), path)
+    planned = measured.summary()
+    # a run slowed by other jobs (its fast epochs 1.6x), then a quiet one (0.8x), then the first again, continued
+    assert "took 1.60 times the probe's estimate" in probe.record_training_speed(planned, cpu, FP32, 1.6, "run A")
+    probe.record_training_speed(planned, cpu, FP32, 0.8, "run B")
+    probe.record_training_speed(planned, cpu, FP32, 1.5, "run A")
+    lines: list[str] = []
+    corrected, cached = load_or_run_probe(cpu, FP32, log=lines.append)
+    assert cached and corrected.correction == 0.8, "the fastest run counts, not the busy one"
+    assert [r["run"] for r in corrected.training_runs] == ["run B", "run A"]
+    assert "corrected by what training measured here: x0.80, the fastest of 2 training run(s)" in lines[0]
+    shape = NetworkShape.isotropic(16, 64)
+    assert corrected.step_seconds(shape, (64,) * 3, 2) == pytest.approx(
+        0.8 * measured.step_seconds(shape, (64,) * 3, 2)
+    )
+    assert corrected.augmentation_seconds((64,) * 3) == pytest.approx(0.8 * measured.augmentation_seconds((64,) * 3))
+    # a plan made with the corrected probe is recorded as such; its runs compare against the probe as measured
+    planned_corrected = corrected.summary()
+    assert planned_corrected["correction"] == 0.8 and "timings corrected" in corrected.describe()
+    probe.record_training_speed(planned_corrected, cpu, FP32, 1.25, "run C")  # 1.25 x the corrected estimate
+    assert ComputeProbe.from_plain(read_json(path)).training_runs[-1]["speed"] == pytest.approx(1.0)
+    for n in range(probe.CORRECTION_RUNS + 2):
+        probe.record_training_speed(planned, cpu, FP32, 2.0 + n, f"run {n}")
+    assert len(ComputeProbe.from_plain(read_json(path)).training_runs) == probe.CORRECTION_RUNS
+    # nothing is recorded for another machine, or a probe measured again since the plan
+    other = {**planned, "machine": {**planned["machine"], "model": "another CPU"}}
+    assert "not recorded: it trained with another model" in probe.record_training_speed(other, cpu, FP32, 1.0, "x")
+    stale = {**planned, "created": "2020-01-01T00:00:00+00:00"}
+    assert "no longer holds the probe the plan used" in probe.record_training_speed(stale, cpu, FP32, 1.0, "x")
 
 
 # ---------------------------------------------------------------------------- planning to a budget
