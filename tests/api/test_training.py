@@ -7,6 +7,7 @@ one CPU thread, so the whole file takes well under a minute and a half.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fractions
@@ -14,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +348,26 @@ def test_overfits_a_single_lesion_and_writes_the_run_folder(trainer: str, home: 
     assert not list(folder.glob(".*tmp*"))
 
 
+class Killed(Exception):
+    """What :func:`_killed_after` raises in place of a killed process."""
+
+
+@contextlib.contextmanager
+def _killed_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> Iterator[None]:
+    """The training run inside stops like a killed process once ``epochs`` epochs (and their checkpoints) are done."""
+    original = Trainer.end_epoch
+
+    def end_epoch(self: Trainer, epoch: int, **record: float) -> None:
+        original(self, epoch, **record)
+        if self.epoch == epochs:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "end_epoch", end_epoch)
+    with pytest.raises(Killed):
+        yield
+    monkeypatch.setattr(Trainer, "end_epoch", original)
+
+
 @pytest.mark.parametrize("trainer", ["ZoomInOutTrainer", "AcuteStrokeTrainer"])
 def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     trainer: str, home: Path, monkeypatch: pytest.MonkeyPatch
@@ -364,21 +386,9 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the switch at the planned epoch 2
     patches.clear()
 
-    class Killed(Exception):
-        pass
-
-    original_end = Trainer.end_epoch
-
-    def killed_after_two(self: Trainer, epoch: int, **record: float) -> None:
-        original_end(self, epoch, **record)
-        if self.epoch == 2:
-            raise Killed
-
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
-    monkeypatch.setattr(Trainer, "end_epoch", killed_after_two)
-    with pytest.raises(Killed):
+    with _killed_after(monkeypatch, 2):
         train("ATLASFive", fold=0, trainer=trainer, options=options)
-    monkeypatch.setattr(Trainer, "end_epoch", original_end)
     resumed = train("ATLASFive", fold=0, trainer=trainer, options=dataclasses.replace(options, continue_training=True))
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the resumed half starts in stage 2
 
@@ -861,22 +871,10 @@ def test_a_budgeted_run_slowed_mid_way_re_plans_ends_on_time_and_continues_exact
     assert "corrected by what training measured here: x1.00" in lines[0]
 
     # The same fold, killed after its sixth epoch (in the busy stretch) and continued, re-plans exactly alike.
-    class Killed(Exception):
-        pass
-
-    original_end = Trainer.end_epoch
-
-    def killed_after_six(self: Trainer, epoch: int, **record: float) -> None:
-        original_end(self, epoch, **record)
-        if self.epoch == 6:
-            raise Killed
-
     machine.now = 0.0
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
-    monkeypatch.setattr(Trainer, "end_epoch", killed_after_six)
-    with pytest.raises(Killed):
+    with _killed_after(monkeypatch, 6):
         _run_fold(machine, running, options)
-    monkeypatch.setattr(Trainer, "end_epoch", original_end)
     resumed = _run_fold(machine, running, dataclasses.replace(options, continue_training=True))
     assert resumed.run_length == whole.run_length
     again = load_checkpoint(resumed.output_folder / "checkpoint_final.pth")
