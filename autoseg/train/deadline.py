@@ -142,16 +142,20 @@ def replan(
         1 when it validated at all), ``n`` chosen so the projection meets the budget; unchanged when the current
         schedule's projection is within :data:`REPLAN_TOLERANCE` of it, or no epoch remains.
     """
+
+    def promised(stage: int) -> float:  # a hand-edited estimate of 0 s must not divide by zero
+        return max(promise.iteration_seconds(stage), 1e-9)
+
     stage = measured.stage
     per_iteration = measured.training_seconds / max(1, measured.iterations)
-    speed = per_iteration / promise.iteration_seconds(stage)
+    speed = per_iteration / promised(stage)
     per_batch = (
         measured.validation_seconds / measured.val_iterations
         if measured.val_iterations
         else promise.validation_batch_seconds * speed
     )
     remaining = range(measured.epoch + 1, run_length.epochs)
-    weights = [promise.iteration_seconds(run_length.stage_at(e)) / promise.iteration_seconds(stage) for e in remaining]
+    weights = [promised(run_length.stage_at(e)) / promised(stage) for e in remaining]
     fixed = elapsed_seconds + len(weights) * measured.overhead_seconds
     fixed += promise.final_validation_seconds * speed if final_validation else 0.0
 
@@ -186,7 +190,7 @@ def replan(
     reason = (
         f"deadline: re-planned after epoch {measured.epoch + 1} of {run_length.epochs} "
         f"({elapsed_seconds / 60:.1f} of {_minutes(budget_seconds)} min used): iterations took "
-        f"{per_iteration:.2f} s, {speed:.2f}x the promised {promise.iteration_seconds(stage):.2f} s; the schedule "
+        f"{per_iteration:.2f} s, {speed:.2f}x the promised {promised(stage):.2f} s; the schedule "
         f"would end at {current / 60:.1f} min, so the remaining {len(weights)} epoch(s) train {iterations} instead "
         f"of {before[0]} iterations{validation}, ending at {end / 60:.1f} min{limit}"
     )
@@ -207,7 +211,7 @@ class Deadline(EpochHandler):
         replanning: None to re-plan; else why the schedule stays as it is (e.g. ``--epochs`` was given): the epochs
             are still measured and recorded.
         final_validation: the end-of-fold validation follows and counts towards the budget.
-        path: where ``deadline.json`` is written; None: nowhere (the ranks of a run other than its first).
+        path: where ``deadline.json`` is written; None: nowhere.
     """
 
     key = "deadline"
