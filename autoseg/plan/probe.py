@@ -11,8 +11,9 @@ fitted into :class:`autoseg.plan.cost_model.CostModel`\ s.
 A passing load must not shrink every later plan:
 
 - **Repeats spread out, the fastest kept.** Every network is timed :data:`PROBE_REPEATS` times, in rounds over all
-  networks (each round times every network once), so a busy moment of a few seconds slows one round, not every
-  repeat of one network; the fastest repeat of each is kept: what the machine does without other load.
+  networks (each round times every network once; on a GPU over one network's training step and forward pass), so
+  a busy moment of a few seconds slows one round, not every repeat of one network; the fastest repeat of each is
+  kept: what the machine does without other load.
 - **Busy while probing** (:attr:`ComputeProbe.busy`): the repeats of a network differed by more than
   :data:`BUSY_SPREAD` (median over the networks), or the load average before probing exceeded the cores. The plan
   says so (``compute_budget.reasons.probe``), and the next plan on this machine probes again and keeps the faster
@@ -374,7 +375,10 @@ def _step(network: ResidualUNet, data: torch.Tensor, precision: Precision, devic
             torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
             optimizer.step()
         _synchronize(device)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if train:
+            optimizer.zero_grad(set_to_none=True)  # untimed: no gradients held while the other networks run
+        return seconds
 
     return run
 
@@ -403,6 +407,26 @@ def timed_rounds(steps: Sequence[Step], repeats: int) -> list[list[float]]:
     for _ in range(repeats):
         for index, step in enumerate(steps):
             times[index].append(step())
+    return times
+
+
+def _timed_networks(
+    networks: Sequence[tuple[NetworkShape, int, torch.memory_format]],
+    device: torch.device,
+    precision: Precision,
+    *,
+    training_only: bool = False,
+) -> list[list[float]]:
+    """The repeats (:func:`timed_rounds`) of each network's training step and forward pass, in that order (only the
+    training steps with ``training_only``). On the CPU the rounds go over all networks at once; on a GPU over one
+    network's steps at a time, since holding every probe network with its optimizer state would take several GB
+    of GPU memory more than the largest alone."""
+    groups = [list(networks)] if device.type == "cpu" else [[network] for network in networks]
+    times = []
+    for group in groups:
+        steps = [_network_steps(shape, edge, device, precision, fmt) for shape, edge, fmt in group]
+        times += timed_rounds([s for pair in steps for s in (pair[:1] if training_only else pair)], PROBE_REPEATS)
+        del steps  # this group's networks go before the next group's are built
     return times
 
 
@@ -500,18 +524,15 @@ def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str]
     test_base, test_edge = networks[2]
     formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
     test_shape = NetworkShape.isotropic(test_base, test_edge)
-    format_times = timed_rounds(
-        [_network_steps(test_shape, test_edge, device, precision, fmt)[0] for fmt in formats.values()], PROBE_REPEATS
+    format_times = _timed_networks(
+        [(test_shape, test_edge, fmt) for fmt in formats.values()], device, precision, training_only=True
     )
     format_seconds = {name: min(t) for name, t in zip(formats, format_times)}
     chosen = min(format_seconds, key=format_seconds.get)
     shapes = [NetworkShape.isotropic(base, edge) for base, edge in networks]
-    steps = [
-        s
-        for shape, (_, edge) in zip(shapes, networks)
-        for s in _network_steps(shape, edge, device, precision, formats[chosen])
-    ]
-    times = timed_rounds(steps, PROBE_REPEATS)
+    times = _timed_networks(
+        [(shape, edge, formats[chosen]) for shape, (_, edge) in zip(shapes, networks)], device, precision
+    )
     points = []
     for index, (shape, (_, edge)) in enumerate(zip(shapes, networks)):
         patch = (edge,) * 3

@@ -190,6 +190,27 @@ def test_timed_rounds_spread_the_repeats_of_each_step_over_the_whole_probe() -> 
     assert times == [[1.0] * 3] * 3
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_a_gpu_the_rounds_go_over_one_network_at_a_time(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+
+    def network_steps(shape, edge, device, precision, memory_format):
+        events.append(f"build {edge}")
+        return (lambda: events.append(f"train {edge}") or 1.0), (lambda: events.append(f"infer {edge}") or 0.5)
+
+    monkeypatch.setattr(probe, "_network_steps", network_steps)
+    monkeypatch.setattr(probe, "PROBE_REPEATS", 2)
+    networks = [(NetworkShape.isotropic(4, edge), edge, torch.contiguous_format) for edge in (16, 24)]
+    times = probe._timed_networks(networks, torch.device(device), FP32)
+    assert times == [[1.0, 1.0], [0.5, 0.5]] * 2
+    one = ["train 16", "infer 16"] * 3
+    two = ["train 24", "infer 24"] * 3
+    if device == "cpu":  # every network built first, then rounds over all of them
+        assert events == ["build 16", "build 24"] + ["train 16", "infer 16", "train 24", "infer 24"] * 3
+    else:  # one network's weights and optimizer state on the GPU at a time
+        assert events == ["build 16", *one, "build 24", *two]
+
+
 def test_a_busy_moment_slows_one_round_and_the_fastest_repeat_is_kept(simulated_probe) -> None:
     simulated_probe(busy_round=None)
     idle = probe.run_probe(torch.device("cpu"), FP32, log=lambda line: None)
