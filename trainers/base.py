@@ -313,6 +313,7 @@ class Trainer:
         self.deadline = resources.deadline(
             self.plans, self.configuration, self.promise, self.run_length, self.options, self.output_folder
         )
+        self.handlers = [handler for handler in self.handlers if not isinstance(handler, Deadline)]
         if self.deadline is not None:
             self.handlers.append(self.deadline)
             self.log(self.deadline.describe())
