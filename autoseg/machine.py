@@ -28,6 +28,7 @@ __all__ = [
     "choose_precision",
     "configure_threads",
     "cpu_has_fast_bf16",
+    "load_average",
     "cpu_model",
     "device_model",
     "machine_description",
@@ -46,6 +47,15 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def load_average() -> float | None:
+    """The system's load average over the last minute (runnable processes, all cores together); None where the
+    system does not say (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def configure_threads(threads: int | None = None) -> int:

@@ -256,6 +256,8 @@ class ComputeLadder:
             f"{probe.machine['precision']}: {len(probe.points)} networks timed on "
             f"{probe.created}; training memory format {probe.memory_format}"
         )
+        if probe.describe():
+            reasons["probe"] += "; " + probe.describe()
         return ComputeBudget(
             device=self.compute.device,
             minutes=self.compute.minutes,

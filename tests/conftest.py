@@ -20,6 +20,8 @@ from autoseg.api.train import TrainingOptions, train
 from autoseg.data.demo.atlas import make_atlas_like
 from autoseg.data.demo.ctp import make_ctp_like
 from autoseg.io.geometry import Geometry
+from autoseg.plan.cost_model import CostModel, ProbePoint
+from autoseg.plan.probe import ComputeProbe
 from autoseg.plans import Configuration, Plans, Stage
 
 
@@ -204,6 +206,24 @@ def home_environment(home: Path) -> Iterator[None]:
         for variable in ("AUTOSEG_RAW", "AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
             patch.delenv(variable, raising=False)
         yield
+
+
+def fake_probe(speed: float = 1.0, machine: dict | None = None) -> ComputeProbe:
+    """A compute probe with the coefficients measured on a 2-core CPU (bf16), ``speed`` times faster, of ``machine``
+    (default a made-up ``test CPU``): plans made with it do not depend on the machine running the suite."""
+    point = ProbePoint((8, 16, 32, 64), (32, 32, 32), 2, 1.3, 9.8, 0.09 / speed, 0.02 / speed)
+    return ComputeProbe(
+        machine=machine
+        or {"device": "cpu", "model": "test CPU", "threads": 2, "torch": torch.__version__, "precision": "fp32"},
+        created="2026-11-30T00:00:00+00:00",
+        probe_seconds=20.0,
+        memory_format="contiguous",
+        memory_format_seconds={"contiguous": 0.45, "channels_last_3d": 0.52},
+        augmentation_seconds_per_megavoxel=0.25 / speed,
+        points=(point,),
+        training=CostModel(0.0159 / speed, 0.0, 0.85 / speed, 0.0167 / speed),
+        inference=CostModel(0.0029 / speed, 0.0012 / speed, 0.0, 0.004 / speed),
+    )
 
 
 def tiny_configuration(

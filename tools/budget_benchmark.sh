@@ -3,7 +3,12 @@
 # --budget-minutes on this machine's CPU, train fold 0 as planned, predict the held-out cases and evaluate them;
 # then report the estimate beside the measured time of the fold and the held-out scores.
 #
-#   bash tools/budget_benchmark.sh [--planner NAME] [--out DIR] MINUTES [MINUTES ...]
+#   bash tools/budget_benchmark.sh [--planner NAME] [--out DIR] [--competing] MINUTES [MINUTES ...]
+#
+# --competing starts one CPU-bound process (a Python busy loop) a third of the budget after training starts and
+# stops it two thirds in, so the training's deadline (autoseg.train.deadline) must re-plan to end on time; those
+# runs go to OUT/budget_<M>min_competing. Each run's deadline.json (what was planned, every re-plan, what ran) is
+# summarized beside the estimate.
 #
 # Needs the demo data in $AUTOSEG_HOME/raw (Dataset002_ATLAS2mm, Dataset012_ATLAS2mmHeldOut: `make demo` makes
 # them, or autoseg_demo atlas --cases 20 --spacing 2 --seed 0 and --cases 4 --seed 1 --name ...HeldOut). Each
@@ -16,10 +21,12 @@ bin="${VENV:-$repo/.venv}/bin"
 planner=DefaultPlanner
 out="$PWD/budget_benchmark"
 budgets=()
+competing=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --planner) planner="$2"; shift ;;
     --out) out="$2"; shift ;;
+    --competing) competing="_competing" ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) budgets+=("$1") ;;
   esac
@@ -31,8 +38,28 @@ source_home="$(cd "$AUTOSEG_HOME" && pwd)"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
+# Train fold 0 of the plan; with --competing, a CPU-bound process from a third of the budget to two thirds.
+train_fold() {
+  local minutes="$1" home="$2"
+  if [ -z "$competing" ]; then
+    "$bin/autoseg_train" -d ATLAS2mm -f 0
+    return
+  fi
+  "$bin/autoseg_train" -d ATLAS2mm -f 0 &
+  local trainer=$! third
+  third="$("$bin/python" -c "print(60 * float('$minutes') / 3)")"
+  sleep "$third"
+  "$bin/python" -c "while True: pass" &
+  local busy=$!
+  echo "competing process $busy started $(date -u +%H:%M:%S)" >> "$home/competing.txt"
+  sleep "$third"
+  kill "$busy"
+  echo "competing process $busy stopped $(date -u +%H:%M:%S)" >> "$home/competing.txt"
+  wait "$trainer"
+}
+
 for minutes in "${budgets[@]}"; do
-  home="$out/budget_${minutes}min"
+  home="$out/budget_${minutes}min${competing}"
   mkdir -p "$home" "$source_home/compute_probes"
   [ -e "$home/raw" ] || ln -s "$source_home/raw" "$home/raw"
   [ -e "$home/compute_probes" ] || ln -s "$source_home/compute_probes" "$home/compute_probes"
@@ -45,7 +72,9 @@ for minutes in "${budgets[@]}"; do
     echo "   already trained: $run"
   else
     echo "== $minutes minutes: train fold 0"
-    /usr/bin/env time -f "%e" -o "$home/train_seconds.txt" "$bin/autoseg_train" -d ATLAS2mm -f 0 > "$home/train.txt" 2>&1
+    start_seconds=$(date +%s.%N)
+    train_fold "$minutes" "$home" > "$home/train.txt" 2>&1
+    "$bin/python" -c "import time; print(round(time.time() - $start_seconds, 1))" > "$home/train_seconds.txt"
   fi
   echo "== $minutes minutes: predict and evaluate the held-out cases"
   "$bin/autoseg_predict" -i "$home/raw/Dataset012_ATLAS2mmHeldOut/imagesTr" -o "$home/predictions" -d ATLAS2mm \
@@ -54,16 +83,16 @@ for minutes in "${budgets[@]}"; do
     -o "$home/evaluation" > /dev/null
 done
 
-"$bin/python" - "$out" "${budgets[@]}" <<'PY'
+"$bin/python" - "$out" "$competing" "${budgets[@]}" <<'PY'
 import json, re, sys
 from pathlib import Path
 
 from autoseg.plans import Plans
 
-out, budgets = Path(sys.argv[1]), sys.argv[2:]
+out, competing, budgets = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 rows = []
 for minutes in budgets:
-    home = out / f"budget_{minutes}min"
+    home = out / f"budget_{minutes}min{competing}"
     plans = Plans.from_json(home / "preprocessed" / "Dataset002_ATLAS2mm" / "plans.json")
     configuration, budget = plans.configuration(), plans.compute_budget
     run = next((home / "results" / "Dataset002_ATLAS2mm" / "3d_resunet").glob("*/fold_0"))
@@ -73,6 +102,7 @@ for minutes in budgets:
     measured = float(fold[-1][0]) * (60 if fold[-1][1] == "min" else 1) if fold else None
     summary = json.loads((home / "evaluation" / "summary.json").read_text())["metrics"]
     wall = (home / "train_seconds.txt").read_text().strip() if (home / "train_seconds.txt").is_file() else None
+    deadline = json.loads((run / "deadline.json").read_text()) if (run / "deadline.json").is_file() else {}
     rows.append({
         "budget_minutes": float(minutes),
         "estimated_minutes": budget.estimated_minutes,
@@ -86,12 +116,22 @@ for minutes in budgets:
                  "patch": configuration.patch_size, "batch": configuration.batch_size,
                  "reason": budget.reasons.get(configuration.name)},
         "held_out": {name: summary[name] for name in ("dice", "lesion_f1", "hausdorff95") if name in summary},
+        "competing_process": bool(competing),
+        "deadline": {
+            "fold_minutes": deadline.get("ran", {}).get("fold_minutes"),
+            "of_budget": deadline.get("ran", {}).get("of_budget"),
+            "iterations_planned": deadline.get("planned", {}).get("iterations"),
+            "iterations_ran": deadline.get("ran", {}).get("iterations"),
+            "replans": len(deadline.get("replans", [])),
+            "epoch_speeds": [e["speed"] for e in deadline.get("epochs", [])],
+        },
     })
-(out / "budget_benchmark.json").write_text(json.dumps(rows, indent=2))
-print(f"{'budget':>7} {'estimate':>9} {'measured':>9} {'ratio':>6} {'iterations':>10}  held-out Dice  lesion F1")
+(out / f"budget_benchmark{competing}.json").write_text(json.dumps(rows, indent=2))
+print(f"{'budget':>7} {'estimate':>9} {'measured':>9} {'of budget':>9} {'iterations':>15} {'re-plans':>8}  "
+      "held-out Dice  lesion F1")
 for row in rows:
-    dice, f1 = row["held_out"].get("dice", {}), row["held_out"].get("lesion_f1", {})
+    dice, f1, d = row["held_out"].get("dice", {}), row["held_out"].get("lesion_f1", {}), row["deadline"]
     print(f"{row['budget_minutes']:>7g} {row['estimated_minutes']:>9.1f} {row['measured_fold_minutes'] or float('nan'):>9.1f} "
-          f"{row['ratio'] or float('nan'):>6.2f} {row['iterations']:>10}  {dice.get('mean', float('nan')):.3f}          "
-          f"{f1.get('mean', float('nan')):.3f}")
+          f"{d['of_budget'] or float('nan'):>9.2f} {str(d['iterations_ran']) + ' of ' + str(d['iterations_planned']):>15} "
+          f"{d['replans']:>8}  {dice.get('mean', float('nan')):.3f}          {f1.get('mean', float('nan')):.3f}")
 PY

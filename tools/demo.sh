@@ -37,7 +37,7 @@ for field, reason in plans.configuration(sys.argv[2]).reasons.items():
     print(f"    {field}: {reason}")
 PY
 
-echo "== 3. train fold 0 of $configuration as planned (log.txt compares the measured time with the estimate)"
+echo "== 3. train fold 0 of $configuration as planned (re-planned after every epoch to end on time: log.txt, deadline.json)"
 run="$AUTOSEG_HOME/results/$train_set/$configuration/ZoomInOutTrainer/fold_0"
 if [ -f "$run/checkpoint_final.pth" ]; then
   echo "  already trained: $run"

@@ -10,11 +10,16 @@ the log and progress plot (:mod:`~autoseg.train.log`), validation (:mod:`~autose
 plans' compute budget chose for this machine (:mod:`~autoseg.train.resources`).
 
 The loop, per epoch: enter the epoch's stage (a new stage starts a fresh optimizer at the stage's learning rate
-from the current weights), train ``iterations_per_epoch`` batches from a loader seeded by (seed, epoch), measure
-the pseudo-Dice on ``val_iterations`` validation batches, tell the handlers, log, plot, and write
+from the current weights), train the epoch's iterations (``run_length.iterations_at``) from a loader seeded by
+(seed, epoch), measure the pseudo-Dice on its validation batches, tell the handlers, log, plot, and write
 ``checkpoint_latest.pth`` (plus ``checkpoint_best.pth`` and snapshots when due). Because batches depend only on
 (seed, epoch) and a checkpoint holds every other state (weights, optimizer, grad scaler, random generators, the
-handlers'), a resumed run continues exactly as the uninterrupted one would have.
+handlers', the run length as re-planned), a resumed run continues exactly as the uninterrupted one would have.
+
+A run with the plans' time promise has a deadline (:mod:`~autoseg.train.deadline`, a handler): after every epoch
+it re-plans the iterations of the epochs still to come so the fold ends when its compute budget does, and records
+the run's speed in the cached probe of the machine (``autoseg.plan.probe.record_training_speed``). Times are read
+from ``self.clock`` (``time.perf_counter``; a test injects a simulated clock).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from autoseg.io.checkpoints import capture_rng_state
 from autoseg.machine import choose_device, choose_precision, deterministic_algorithms
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY
+from autoseg.plan.probe import record_training_speed
 from autoseg.plans import Loss, Plans, Sampling, Stage
 from autoseg.registry import Registry
 from autoseg.train import resources
@@ -47,6 +53,7 @@ from autoseg.train.checkpointing import (
     resume_point,
     save_run_checkpoint,
 )
+from autoseg.train.deadline import Deadline
 from autoseg.train.events import EpochHandler
 from autoseg.train.loading import BatchStream, derived_seed, make_loader
 from autoseg.train.log import (
@@ -161,8 +168,10 @@ class Trainer:
         self.loss_settings: Loss = self.configuration.loss
         self.memory_format = torch.contiguous_format
         self.promise: TimePromise | None = None
+        self.deadline: Deadline | None = None  # with the promise; attached to the handlers by setup()
         self.num_processes, self.num_processes_reason = resources.DEFAULT_DATA_PROCESSES, "default"
-        self.timing = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0}  # this epoch's, reset by fit()
+        self.clock = time.perf_counter  # every time the loop measures; a test injects a simulated clock
+        self.timing = _epoch_timing(0.0)  # this epoch's, reset by fit()
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -316,6 +325,13 @@ class Trainer:
             self.promise = None
         if self.promise is not None:
             self.log(self.promise.describe(self.plans.compute_budget.minutes))
+        self.deadline = resources.deadline(
+            self.plans, self.configuration, self.promise, self.run_length, self.options, self.output_folder
+        )
+        self.handlers = [handler for handler in self.handlers if not isinstance(handler, Deadline)]
+        if self.deadline is not None:
+            self.handlers.append(self.deadline)
+            self.log(self.deadline.describe())
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
@@ -330,8 +346,8 @@ class Trainer:
                 if any(handler.stop_requested() for handler in self.handlers):
                     break
                 self.enter_stage(epoch)
-                start = time.perf_counter()
-                self.timing = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0}
+                start = self.clock()
+                self.timing = _epoch_timing(start)
                 train_loss, learning_rate = self.train_epoch(epoch)
                 val_loss, pseudo_dice = self.validate_epoch(epoch)
                 self.end_epoch(
@@ -340,16 +356,24 @@ class Trainer:
                     val_loss=val_loss,
                     pseudo_dice=pseudo_dice,
                     learning_rate=learning_rate,
-                    epoch_time=time.perf_counter() - start,
+                    epoch_time=self.clock() - start,
                 )
                 for key in ("loader_wait", "steps", "iterations"):
                     totals[key] += self.timing[key]
-                totals["seconds"] += time.perf_counter() - start
-                estimated = None if self.promise is None else self.promise.stage_epoch_seconds(self.stage_index)
+                totals["seconds"] += self.clock() - start
+                estimated = None
+                if self.promise is not None:
+                    estimated = self.promise.stage_epoch_seconds(
+                        self.stage_index, int(self.timing["iterations"]), int(self.timing["val_iterations"])
+                    )
                 totals["estimated"] += estimated or 0.0
-                self.log(epoch_time_line(time.perf_counter() - start, self.timing, estimated))
+                self.log(epoch_time_line(self.clock() - start, self.timing, estimated))
         if self.promise is not None and totals["iterations"]:
             self.log(check_training_time(self.promise, self.epoch - first, totals))
+        if self.deadline is not None:
+            self.deadline.training_finished(self)
+            if self.epoch > first and self.context.is_main:
+                self._record_speed()
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
             self.save("checkpoint_final.pth")
             best = (
@@ -358,6 +382,16 @@ class Trainer:
                 else "no per-epoch validation"
             )
             self.log(f"training finished after {self.epoch} epochs; {best}")
+
+    def _record_speed(self) -> None:
+        """Record the run's speed against the plans' probe in this machine's probe cache (logged)."""
+        speed = self.deadline.run_speed()
+        if speed is not None:
+            self.log(
+                record_training_speed(
+                    self.plans.compute_budget.probe, self.device, self.precision, speed, str(self.output_folder)
+                )
+            )
 
     def enter_stage(self, epoch: int) -> None:
         """Switch to the stage of ``epoch``: a fresh optimizer at that stage's learning rate, same weights; the
@@ -399,16 +433,17 @@ class Trainer:
         self.model.train()
         losses, first_rate = [], self.learning_rate(epoch, 0)
         with self.loader(epoch, train=True) as batches:
-            for iteration in range(self.run_length.iterations_per_epoch):
+            for iteration in range(self.run_length.iterations_at(epoch)):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, iteration)
-                waited = time.perf_counter()
+                waited = self.clock()
                 batch = next(batches)
-                stepped = time.perf_counter()
+                stepped = self.clock()
                 losses.append(self.train_step(batch))
                 self.timing["loader_wait"] += stepped - waited
-                self.timing["steps"] += time.perf_counter() - stepped
+                self.timing["steps"] += self.clock() - stepped
                 self.timing["iterations"] += 1
+        self.timing["training"] = self.timing["loader_wait"] + self.timing["steps"]
         total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
         return float(total[0] / total[1]), first_rate
 
@@ -433,13 +468,15 @@ class Trainer:
     @torch.no_grad()
     def validate_epoch(self, epoch: int) -> tuple[float, float]:
         """Mean loss and pseudo-Dice (global Dice of TP/FP/FN summed over all batches) of validation patches."""
-        if self.run_length.val_iterations == 0:
+        batches_due = self.run_length.val_iterations_at(epoch)
+        if batches_due == 0:
             return math.nan, math.nan
+        start = self.clock()
         self.model.eval()
         classes = sum(1 for value in self.plans.labels.values() if value != 0)  # K: one sigmoid output each
         losses, counts = [], torch.zeros((3, classes), dtype=torch.long)
         with self.loader(epoch, train=False) as batches:
-            for _ in range(self.run_length.val_iterations):
+            for _ in range(batches_due):
                 batch = next(batches)
                 data = batch["data"].to(self.device, non_blocking=True)
                 target = batch["seg"].to(self.device, non_blocking=True)
@@ -452,6 +489,8 @@ class Trainer:
                     losses.append(float(self.loss(output, target)))
                 counts += dice_counts(output[0] if isinstance(output, (list, tuple)) else output, target)
         total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
+        self.timing["validation"] += self.clock() - start
+        self.timing["val_iterations"] += batches_due
         return float(total[0] / total[1]), global_dice(distributed.sum_(counts))
 
     def end_epoch(self, epoch: int, **record: float) -> None:
@@ -551,7 +590,7 @@ class Trainer:
             "epochs_trained": self.epoch,
             "postprocessing": dict(vars(self.configuration.postprocessing)),
         }
-        start = time.perf_counter()
+        start = self.clock()
         with deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda"):
             summary = validate_cases(
                 predictor,
@@ -564,17 +603,29 @@ class Trainer:
                 context=self.context,
                 labels=self.plans.labels,
             )
+        seconds = self.clock() - start
         if self.promise is not None:
-            self.log(
-                self.promise.check(
-                    "end-of-fold validation", time.perf_counter() - start, self.promise.final_validation_seconds
-                )[1]
-            )
+            self.log(self.promise.check("end-of-fold validation", seconds, self.promise.final_validation_seconds)[1])
+        if self.deadline is not None:
+            self.log(self.deadline.fold_finished(seconds))
         self.log(
             f"validation: mean Dice {summary['mean']['dice']:.4f}, mean HD95 "
             f"{summary['mean']['hausdorff95']:.2f} mm over {len(self.val_cases)} case(s): validation/summary.json"
         )
         return summary
+
+
+def _epoch_timing(started: float) -> dict[str, float]:
+    """An epoch's timing record (seconds; ``started`` a clock reading), filled in by the loop."""
+    return {
+        "started": started,
+        "loader_wait": 0.0,
+        "steps": 0.0,
+        "iterations": 0,
+        "training": 0.0,
+        "validation": 0.0,
+        "val_iterations": 0,
+    }
 
 
 def available_trainers() -> list[str]:

@@ -79,7 +79,7 @@ class ZoomInOutTrainer(ResidualUNetTrainer):
         index = self.run_length.stage_at(epoch)
         start, end = self.run_length.stage_starts[index], self.run_length.stage_end(index)
         period = self.run_length.restart_period_epochs or (end - start)
-        elapsed = (epoch - start + iteration / self.run_length.iterations_per_epoch) % period
+        elapsed = (epoch - start + iteration / self.run_length.iterations_at(epoch)) % period
         return self.configuration.schedule.stages[index].learning_rate * (1 + math.cos(math.pi * elapsed / period)) / 2
 
     def schedule_description(self) -> dict[str, Any]:

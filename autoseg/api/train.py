@@ -15,6 +15,8 @@ fold: ``setup()``, ``fit()`` and the end-of-fold validation. Everything a run wr
 ``validation/CASE.nii.gz``             the fold's validation cases, predicted on their original grid
 ``validation/CASE_probabilities.npz``  their probabilities (``probabilities``: (K, X, Y, Z) float16), same grid
 ``validation/summary.json``            per-case Dice, HD95 and lesion F1 against the raw labels, and their means
+``deadline.json``                      with a compute budget: what was planned, each epoch's measured and promised
+                                       time, every re-plan with its reason, what ran (:mod:`autoseg.train.deadline`)
 ``.autoseg_run.lock``                  while the run lasts: one run per folder at a time (:mod:`autoseg.train.run_lock`)
 ===================================== ========================================================================
 

@@ -8,15 +8,17 @@ picks:
 - the richest candidate that still trains :func:`target_iterations` (``B``) iterations within the budget ``B``:
   enough steps to converge come first (about 1,000 at 15 minutes, growing with the square root of the budget),
   what is left buys resolution, width and patch;
-- the iterations: as many as fit, but no more than the target of the budget at which the next richer candidate
-  becomes affordable — so a larger budget never gives a smaller network, patch or iteration count; the richest
-  candidate takes every iteration that fits (up to the planner's own schedule);
+- the iterations: as many as fit the budget (up to the planner's own schedule), so the plan uses the whole budget
+  (a user who gives 15 minutes expects a model trained for about 15) and the training's deadline
+  (``autoseg.train.deadline``) absorbs the estimate's error in either direction. A larger budget never gives a
+  smaller network or patch; just above the budget at which a richer candidate becomes affordable it trains fewer
+  iterations of that richer candidate than the budget below gave the cheaper one;
 - when even the cheapest candidate cannot reach the target, the cheapest with the iterations that fit, and an
   error below :data:`MIN_ITERATIONS`.
 
-:func:`lay_out_schedule` splits the iterations into epochs (about a minute each, at least :data:`MIN_EPOCHS`) so
-every stage, learning-rate cycle, snapshot and validation of the schedule lies inside the budget: a short budget
-is a complete short run, not the start of a long one.
+:func:`lay_out_schedule` splits the iterations into epochs (about a minute each, at least :data:`MIN_EPOCHS`, all
+but fewer than one iteration per epoch of them used) so every stage, learning-rate cycle, snapshot and validation of
+the schedule lies inside the budget: a short budget is a complete short run, not the start of a long one.
 """
 
 from __future__ import annotations
@@ -86,12 +88,14 @@ class ScheduleLayout:
 
 
 def lay_out_schedule(iterations: int, seconds_per_iteration: float) -> ScheduleLayout:
-    """Split ``iterations`` into epochs of about :data:`EPOCH_TARGET_SECONDS`, at least :data:`MIN_EPOCHS` of
-    them, 10–250 iterations each; the total is rounded down to a whole number of epochs (never more than asked)."""
+    """Split ``iterations`` into epochs of about :data:`EPOCH_TARGET_SECONDS` (10–250 iterations each), at least
+    :data:`MIN_EPOCHS` of them; every epoch trains ``iterations // epochs``, so fewer than one iteration per epoch
+    is left out (never more than asked)."""
     per_epoch = round(EPOCH_TARGET_SECONDS / max(seconds_per_iteration, 1e-6))
     per_epoch = max(MIN_ITERATIONS_PER_EPOCH, min(MAX_ITERATIONS_PER_EPOCH, per_epoch))
-    per_epoch = min(per_epoch, max(1, iterations // MIN_EPOCHS))
-    epochs = max(1, iterations // per_epoch)
+    epochs = max(MIN_EPOCHS, round(iterations / per_epoch), math.ceil(iterations / MAX_ITERATIONS_PER_EPOCH))
+    epochs = max(1, min(epochs, iterations))
+    per_epoch = max(1, iterations // epochs)
     cycles = max(1, min(20, round(iterations / ITERATIONS_PER_CYCLE)))
     return ScheduleLayout(epochs, per_epoch, max(1, round(VALIDATION_SHARE * per_epoch)), cycles)
 
@@ -142,19 +146,6 @@ def _affordable(estimator: Estimator, rung: int, minutes: float) -> bool:
     return _layout_for(estimator, rung, target_iterations(minutes))[1].total_seconds <= 60 * minutes
 
 
-def _threshold_minutes(estimator: Estimator, rung: int, low: float, high: float = 1e6) -> float:
-    """Smallest budget (minutes, to 1%) above ``low`` at which ``rung`` is affordable; ``high`` if never."""
-    if not _affordable(estimator, rung, high):
-        return high
-    while high / low > 1.01:
-        middle = math.sqrt(low * high)
-        if _affordable(estimator, rung, middle):
-            high = middle
-        else:
-            low = middle
-    return high
-
-
 def choose_rung(num_rungs: int, estimator: Estimator, minutes: float, max_iterations: int) -> RungChoice:
     """Choose rung and iterations for a budget of ``minutes`` (see the module doc).
 
@@ -187,15 +178,9 @@ def choose_rung(num_rungs: int, estimator: Estimator, minutes: float, max_iterat
             _fill(estimator, 1, seconds, target) if num_rungs > 1 else None,
         )
     chosen = max(affordable)
-    if chosen == num_rungs - 1:
-        cap = max_iterations
-        next_index = next_iterations = None
-    else:
-        richer = min(_threshold_minutes(estimator, rung, minutes) for rung in range(chosen + 1, num_rungs))
-        cap = min(max_iterations, target_iterations(richer))
-        next_index = chosen + 1
-        next_iterations = _fill(estimator, next_index, seconds, target)
-    iterations = max(min(target, max_iterations), _fill(estimator, chosen, seconds, cap))
+    next_index = chosen + 1 if chosen < num_rungs - 1 else None
+    next_iterations = None if next_index is None else _fill(estimator, next_index, seconds, target)
+    iterations = max(min(target, max_iterations), _fill(estimator, chosen, seconds, max_iterations))
     layout, estimate = _layout_for(estimator, chosen, iterations)
     return RungChoice(chosen, layout, estimate, target, next_index, next_iterations)
 

@@ -121,6 +121,10 @@ class CostModel:
             + self.constant
         )
 
+    def scaled(self, factor: float) -> CostModel:
+        """The model of a machine ``factor`` times slower (every coefficient times ``factor``)."""
+        return CostModel(*(factor * value for value in dataclasses.astuple(self)))
+
     @classmethod
     def fit(
         cls,

@@ -1,12 +1,28 @@
-r"""How fast this machine trains and predicts: a short timed probe, cached per machine.
+r"""How fast this machine trains and predicts: a short timed probe, cached per machine and corrected by training.
 
-The probe (:func:`run_probe`) times a few training steps (forward + backward + optimizer step) and forward passes
-of five small residual U-Nets under the precision training will use, chooses the faster memory format for
-training (``channels_last_3d`` or contiguous), and times the augmentation of one training sample. It takes
-well under a minute on two CPU cores and is cached under ``AUTOSEG_HOME/compute_probes/`` per machine
-(:func:`autoseg.machine.machine_description`: device model, threads, torch version, precision), so planning
-again on the same machine reuses it and another CPU, thread count or torch version probes anew. The probed points
-are fitted into :class:`autoseg.plan.cost_model.CostModel`\ s.
+The probe (:func:`run_probe`) times training steps (forward + backward + optimizer step) and forward passes of five
+small residual U-Nets under the precision training will use, chooses the faster memory format for training
+(``channels_last_3d`` or contiguous), and times the augmentation of one training sample. It takes well under a
+minute on two CPU cores and is cached under ``AUTOSEG_HOME/compute_probes/`` per machine
+(:func:`autoseg.machine.machine_description`: device model, threads, torch version, precision), so planning again
+on the same machine reuses it and another CPU, thread count or torch version probes anew. The probed points are
+fitted into :class:`autoseg.plan.cost_model.CostModel`\ s.
+
+A passing load must not shrink every later plan:
+
+- **Repeats spread out, the fastest kept.** Every network is timed :data:`PROBE_REPEATS` times, in rounds over all
+  networks (each round times every network once; on a GPU over one network's training step and forward pass), so
+  a busy moment of a few seconds slows one round, not every repeat of one network; the fastest repeat of each is
+  kept: what the machine does without other load.
+- **Busy while probing** (:attr:`ComputeProbe.busy`): the repeats of a network differed by more than
+  :data:`BUSY_SPREAD` (median over the networks), or the load average before probing exceeded the cores. The plan
+  says so (``compute_budget.reasons.probe``), and the next plan on this machine probes again and keeps the faster
+  of each timing of both probes (:func:`fastest_of`).
+- **Corrected by training** (:func:`record_training_speed`, :meth:`ComputeProbe.corrected`): every budgeted
+  training run on this machine records in the cached probe's file how its iterations compared with the probe's
+  estimate (its fastest quarter of epochs, ``autoseg.train.deadline``); a later plan scales the probe's timings by
+  the fastest of the last :data:`CORRECTION_RUNS` runs, and logs it. A run slowed by other jobs does not slow later
+  plans unless every recent run was slow; a probe fooled by a busy moment is corrected by the first run after it.
 """
 
 from __future__ import annotations
@@ -16,7 +32,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,21 +42,28 @@ import numpy as np
 import torch
 
 from autoseg.io.files import read_json, write_json
-from autoseg.machine import Precision, machine_description
+from autoseg.machine import Precision, available_cores, load_average, machine_description
 from autoseg.networks import ResidualUNet
 from autoseg.paths import autoseg_home
 from autoseg.plan.cost_model import CostModel, NetworkShape, ProbePoint
 
-#: Bump when the probe measures something else, so old caches are not reused.
-PROBE_VERSION = 3
+#: Bump when the probe measures something else, so old caches are not reused (4: repeats in rounds, busy flag).
+PROBE_VERSION = 4
 #: Probed networks as (first-stage features, isotropic patch edge in voxels), batch 2, features doubling to 16x.
 #: On a CPU they span 0.05–3 s per step; on a GPU larger ones keep the timings above launch overhead.
 CPU_PROBE_NETWORKS = ((8, 32), (8, 64), (16, 48), (16, 64), (32, 32))
 CUDA_PROBE_NETWORKS = ((16, 64), (32, 64), (32, 96), (32, 128), (32, 160))
 PROBE_BATCH = 2
-#: Timed repetitions per probed network after one untimed warm-up; the fastest is kept (what the machine does
-#: without other load: load from elsewhere is what the training's time check then names as the cause).
-PROBE_REPEATS = 2
+#: Timed repetitions per probed network after one untimed warm-up, in rounds over all networks; the fastest is kept
+#: (what the machine does without other load: load from elsewhere is what training's deadline then absorbs).
+PROBE_REPEATS = 3
+#: The machine looked busy while probing when the repeats of a network differ by more than this (slowest over
+#: fastest - 1, median over the timed networks)...
+BUSY_SPREAD = 0.25
+#: ...or the load average before probing exceeded the cores this many times over.
+BUSY_LOAD_PER_CORE = 1.0
+#: A cached probe is corrected by the fastest of this many most recent training runs on the machine.
+CORRECTION_RUNS = 5
 #: Patch edge at which one sample's augmentation is timed (its cost scales with the patch's voxels).
 AUGMENTATION_PROBE_EDGE = 64
 AUGMENTATION_PROBE_SAMPLES = 4
@@ -66,6 +89,14 @@ class ComputeProbe:
         points: the probed networks.
         training: cost model of one training step.
         inference: cost model of one forward pass without gradients.
+        load_average: the system's one-minute load average before probing (None where unknown).
+        spread: how much the repeats of a network differed: slowest over fastest - 1, median over the networks.
+        busy: why the machine looked busy while probing (:data:`BUSY_SPREAD`, :data:`BUSY_LOAD_PER_CORE`); empty
+            when it did not.
+        training_runs: what budgeted training runs on this machine measured since the probe, latest last (at most
+            :data:`CORRECTION_RUNS`): ``run`` (its folder), ``date``, ``speed`` (its iterations' measured over
+            this probe's estimated seconds, uncorrected).
+        correction: the factor the timings were multiplied by (:meth:`corrected`); 1 as measured.
     """
 
     machine: dict[str, Any]
@@ -78,6 +109,11 @@ class ComputeProbe:
     training: CostModel
     inference: CostModel
     version: int = PROBE_VERSION
+    load_average: float | None = None
+    spread: float = 0.0
+    busy: str = ""
+    training_runs: tuple[dict[str, Any], ...] = ()
+    correction: float = 1.0
 
     def step_seconds(self, network: NetworkShape, patch: Sequence[int], batch: int) -> float:
         """Estimated seconds of one training step (network only)."""
@@ -109,7 +145,32 @@ class ComputeProbe:
                 "points": points,
                 "training": CostModel(**plain["training"]),
                 "inference": CostModel(**plain["inference"]),
+                "training_runs": tuple(dict(run) for run in plain.get("training_runs", ())),
             }
+        )
+
+    def correction_from_training(self) -> tuple[float, str]:
+        """The factor training measured on this machine asks for (the fastest :attr:`training_runs`' speed) and a
+        description; (1, "") without runs."""
+        if not self.training_runs:
+            return 1.0, ""
+        speeds = [float(run["speed"]) for run in self.training_runs]
+        factor = min(speeds)
+        return factor, (
+            f"x{factor:.2f}, the fastest of {len(speeds)} training run(s) on this machine since the probe "
+            f"(their iterations took {', '.join(f'{v:.2f}' for v in speeds)} times the probe's estimate)"
+        )
+
+    def corrected(self) -> ComputeProbe:
+        """The probe with its timings (training and inference cost models, augmentation) multiplied by
+        :meth:`correction_from_training`'s factor, recorded in :attr:`correction`."""
+        factor, _ = self.correction_from_training()
+        return replace(
+            self,
+            training=self.training.scaled(factor),
+            inference=self.inference.scaled(factor),
+            augmentation_seconds_per_megavoxel=self.augmentation_seconds_per_megavoxel * factor,
+            correction=factor,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -129,7 +190,25 @@ class ComputeProbe:
                 for p in self.points
             ],
             "augmentation_seconds_per_megavoxel": round(self.augmentation_seconds_per_megavoxel, 3),
+            "load_average": None if self.load_average is None else round(self.load_average, 2),
+            "spread": round(self.spread, 3),
+            "busy": self.busy,
+            "correction": round(self.correction, 4),
+            "training_runs": len(self.training_runs),
         }
+
+    def describe(self) -> str:
+        """What the plans' ``reasons.probe`` says of it after the machine and date: busy, corrected."""
+        parts = []
+        if self.busy:
+            parts.append(
+                f"the machine looked busy while probing ({self.busy}): the fastest of {PROBE_REPEATS} repeats "
+                "was kept, training re-plans to end on time, and the next plan here probes again"
+            )
+        _, reason = self.correction_from_training()
+        if reason:
+            parts.append(f"timings corrected by what training measured here: {reason}")
+        return "; ".join(parts)
 
 
 def _cache_file(machine: dict[str, Any]) -> Path:
@@ -137,26 +216,120 @@ def _cache_file(machine: dict[str, Any]) -> Path:
     return probe_cache_folder() / f"probe_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
+def _read_cached(path: Path, machine: dict[str, Any], log: Callable[[str], None]) -> ComputeProbe | None:
+    """The probe cached at ``path`` for ``machine``; None when there is none, or it is unreadable (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        probe = ComputeProbe.from_plain(read_json(path))
+    except (KeyError, TypeError, ValueError):
+        log(f"compute probe: {path} is unreadable, probing again")
+        return None
+    return probe if probe.machine == machine and probe.version == PROBE_VERSION else None
+
+
 def load_or_run_probe(
     device: torch.device, precision: Precision, *, refresh: bool = False, log: Callable[[str], None] = print
 ) -> tuple[ComputeProbe, bool]:
-    """The cached probe of this machine and precision, or a new one (then cached).
+    """This machine's probe for ``precision``: the cached one, corrected by what training measured here since
+    (:meth:`ComputeProbe.corrected`, logged), or a new one (then cached). A cached probe taken while the machine
+    looked busy is probed again, keeping the faster of each timing (:func:`fastest_of`).
 
     Returns:
         (probe, whether it came from the cache).
     """
     machine = machine_description(device, precision.name)
     path = _cache_file(machine)
-    if path.is_file() and not refresh:
-        try:
-            probe = ComputeProbe.from_plain(read_json(path))
-            if probe.machine == machine and probe.version == PROBE_VERSION:
-                return probe, True
-        except (KeyError, TypeError, ValueError):
-            log(f"compute probe: {path} is unreadable, probing again")
+    cached = None if refresh else _read_cached(path, machine, log)
+    if cached is not None and not cached.busy:
+        _, reason = cached.correction_from_training()
+        if reason:
+            log(
+                f"compute probe: the cached probe ({cached.created}) corrected by what training measured here: {reason}"
+            )
+        return cached.corrected(), True
+    if cached is not None:
+        log(
+            f"compute probe: the cached probe ({cached.created}) was taken while the machine looked busy "
+            f"({cached.busy}); probing again and keeping the faster of each timing"
+        )
     probe = run_probe(device, precision, log=log)
+    if cached is not None:
+        probe = fastest_of(cached, probe)
     write_json(probe.to_plain(), path)
     return probe, False
+
+
+def record_training_speed(
+    planned: dict[str, Any], device: torch.device, precision: Precision, speed: float, run: str
+) -> str:
+    """Record in the cached probe's file what a budgeted training run measured, to correct later plans here.
+
+    Args:
+        planned: the plans' record of the probe their estimate came from (``compute_budget.probe``: machine, date,
+            the correction it was planned with).
+        device, precision: where and how the run trained.
+        speed: the run's measured over estimated seconds per training iteration (``autoseg.train.deadline``:
+            the fast end of its epochs).
+        run: the run's folder (a continued run replaces its own earlier record).
+
+    Returns:
+        One line for the log: what was recorded where, or why nothing was (another machine, no cached probe, a
+        probe measured again since the plan).
+    """
+    machine = planned.get("machine", {})
+    here = machine_description(device, precision.name)
+    differs = [key for key in ("device", "model", "torch", "precision") if machine.get(key) != here[key]]
+    if differs:
+        return (
+            f"compute probe: this run's speed is not recorded: it trained with another {', '.join(differs)} "
+            "than the plan was probed with"
+        )
+    path = _cache_file(machine)
+    cached = _read_cached(path, machine, lambda line: None)
+    if cached is None or cached.created != planned.get("created"):
+        return f"compute probe: this run's speed is not recorded: {path} no longer holds the probe the plan used"
+    measured = speed * float(planned.get("correction", 1.0))  # against the probe as measured, not as corrected
+    entry = {"run": run, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "speed": round(measured, 4)}
+    runs = [*(r for r in cached.training_runs if r.get("run") != run), entry][-CORRECTION_RUNS:]
+    write_json(replace(cached, training_runs=tuple(runs)).to_plain(), path)
+    return (
+        f"compute probe: this run's iterations took {measured:.2f} times the probe's estimate (its fastest quarter of "
+        f"epochs); recorded in {path} to correct later plans on this machine"
+    )
+
+
+def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
+    """``second`` (a new probe of the same machine) with each timing the faster of both probes' and the cost models
+    fitted again; busy only when both were. Training runs recorded against ``first`` are dropped (they compared
+    with its timings). Probes of other networks or memory formats do not compare: ``second`` as it is."""
+    layout = [(p.features, p.patch, p.batch) for p in first.points], first.memory_format
+    if layout != ([(p.features, p.patch, p.batch) for p in second.points], second.memory_format):
+        return second  # other networks or another memory format: the timings do not compare
+    points = tuple(
+        replace(
+            b,
+            train_seconds=min(a.train_seconds, b.train_seconds),
+            inference_seconds=min(a.inference_seconds, b.inference_seconds),
+        )
+        for a, b in zip(first.points, second.points)
+    )
+    formats = {
+        name: min(seconds, first.memory_format_seconds.get(name, seconds))
+        for name, seconds in second.memory_format_seconds.items()
+    }
+    return replace(
+        second,
+        points=points,
+        memory_format_seconds=formats,
+        augmentation_seconds_per_megavoxel=min(
+            first.augmentation_seconds_per_megavoxel, second.augmentation_seconds_per_megavoxel
+        ),
+        training=_fit(points, train=True),
+        inference=_fit(points, train=False),
+        busy=second.busy if first.busy else "",
+        training_runs=(),
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -164,10 +337,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(
-    network: torch.nn.Module, data: torch.Tensor, precision: Precision, device: torch.device, train: bool
-) -> float:
-    """Fastest of PROBE_REPEATS training steps (or forward passes) after one warm-up, in seconds.
+Step = Callable[[], float]
+
+
+def _step(network: ResidualUNet, data: torch.Tensor, precision: Precision, device: torch.device, train: bool) -> Step:
+    """A callable that runs one training step (or forward pass without gradients) of ``network`` on ``data`` and
+    returns its seconds.
 
     A training step is what the trainer does: forward under autocast, the deep-supervised Dice + BCE + focal
     loss against a lesion mask, backward, gradient clipping and an Adam step."""
@@ -176,24 +351,15 @@ def _time_steps(
 
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4) if train else None
     levels = len(network.features) - 1
-    criterion = (
-        build_loss(
-            Loss(
-                name="dice_bce_focal",
-                dice_weight=1.0,
-                bce_weight=1.0,
-                focal_weight=1.0,
-                focal_gamma=2.0,
-                focal_alpha=0.75,
-            ),
-            levels,
-        )
-        if train
-        else None
+    loss = Loss(
+        name="dice_bce_focal", dice_weight=1.0, bce_weight=1.0, focal_weight=1.0, focal_gamma=2.0, focal_alpha=0.75
     )
+    criterion = build_loss(loss, levels) if train else None
     target = (data[:, :1] > 1).to(torch.int16) if train else None
-    times = []
-    for repeat in range(PROBE_REPEATS + 1):
+
+    def run() -> float:
+        network.train(train)  # one network serves both steps, which the rounds interleave
+        network.deep_supervision = train
         _synchronize(device)
         start = time.perf_counter()
         with (
@@ -202,29 +368,79 @@ def _time_steps(
         ):
             outputs = network(data)
             if train:
-                loss = criterion(outputs, target)
+                value = criterion(outputs, target)
         if train:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
             optimizer.step()
         _synchronize(device)
-        if repeat:
-            times.append(time.perf_counter() - start)
-    return float(min(times))
+        seconds = time.perf_counter() - start
+        if train:
+            optimizer.zero_grad(set_to_none=True)  # untimed: no gradients held while the other networks run
+        return seconds
+
+    return run
 
 
-def _probe_network(
+def _network_steps(
     shape: NetworkShape, edge: int, device: torch.device, precision: Precision, memory_format: torch.memory_format
-) -> tuple[float, float]:
+) -> tuple[Step, Step]:
+    """The (training step, forward pass) of the probe network ``shape`` on a batch of ``edge``-voxel cubes."""
     torch.manual_seed(0)
     network = ResidualUNet(**shape.kwargs(), deep_supervision=True).to(device, memory_format=memory_format)
     data = torch.randn(PROBE_BATCH, shape.in_channels, edge, edge, edge, device=device)
     data = data.contiguous(memory_format=memory_format)
-    train = _time_steps(network, data, precision, device, train=True)
-    network.deep_supervision = False
-    network.eval()
-    return train, _time_steps(network, data, precision, device, train=False)
+    return _step(network, data, precision, device, True), _step(network, data, precision, device, False)
+
+
+def timed_rounds(steps: Sequence[Step], repeats: int) -> list[list[float]]:
+    """Each step once untimed (warm-up), then ``repeats`` rounds, each running every step once: the repeats of one
+    step are spread over the whole probe, so a busy moment slows one of them, not all.
+
+    Returns:
+        per step its ``repeats`` timings in seconds, in the order run.
+    """
+    for step in steps:
+        step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for index, step in enumerate(steps):
+            times[index].append(step())
+    return times
+
+
+def _timed_networks(
+    networks: Sequence[tuple[NetworkShape, int, torch.memory_format]],
+    device: torch.device,
+    precision: Precision,
+    *,
+    training_only: bool = False,
+) -> list[list[float]]:
+    """The repeats (:func:`timed_rounds`) of each network's training step and forward pass, in that order (only the
+    training steps with ``training_only``). On the CPU the rounds go over all networks at once; on a GPU over one
+    network's steps at a time, since holding every probe network with its optimizer state would take several GB
+    of GPU memory more than the largest alone."""
+    groups = [list(networks)] if device.type == "cpu" else [[network] for network in networks]
+    times = []
+    for group in groups:
+        steps = [_network_steps(shape, edge, device, precision, fmt) for shape, edge, fmt in group]
+        times += timed_rounds([s for pair in steps for s in (pair[:1] if training_only else pair)], PROBE_REPEATS)
+        del steps  # this group's networks go before the next group's are built
+    return times
+
+
+def busy_reasons(times: Sequence[Sequence[float]], load: float | None, cores: int) -> tuple[float, str]:
+    """(the median spread of the repeats, why the machine looked busy or ""): see :data:`BUSY_SPREAD` and
+    :data:`BUSY_LOAD_PER_CORE`."""
+    spreads = [max(t) / min(t) - 1 for t in times if len(t) > 1 and min(t) > 0]
+    spread = float(np.median(spreads)) if spreads else 0.0
+    reasons = []
+    if spread > BUSY_SPREAD:
+        reasons.append(f"repeats of the same step differed by {spread:.0%} (median over the networks)")
+    if load is not None and load > BUSY_LOAD_PER_CORE * cores:
+        reasons.append(f"load average {load:.1f} on {cores} cores before probing")
+    return spread, "; ".join(reasons)
 
 
 def _augmentation_seconds_per_megavoxel() -> float:
@@ -285,26 +501,40 @@ def _inference_share(point: ProbePoint) -> float:
     return shape.macs(point.patch, deep_supervision=False) / shape.macs(point.patch)
 
 
+def _fit(points: Sequence[ProbePoint], train: bool) -> CostModel:
+    """The training (or inference) cost model fitted to ``points``."""
+    activations = [p.mega_activations for p in points]
+    voxels = [p.batch * math.prod(p.patch) / 1e6 for p in points]
+    if train:
+        return CostModel.fit([p.gmacs for p in points], activations, voxels, [p.train_seconds for p in points])
+    gmacs = [p.gmacs * _inference_share(p) for p in points]
+    return CostModel.fit(gmacs, activations, voxels, [p.inference_seconds for p in points])
+
+
 def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str], None] = print) -> ComputeProbe:
     """Time the probe networks on ``device`` under ``precision`` and fit the cost models (see the module doc)."""
     start = time.perf_counter()
     networks = CUDA_PROBE_NETWORKS if device.type == "cuda" else CPU_PROBE_NETWORKS
     log(
         f"compute probe: timing {len(networks)} networks on {machine_description(device, precision.name)['model']} "
-        f"({precision.name}, {torch.get_num_threads()} threads); cached for later plans"
+        f"({precision.name}, {torch.get_num_threads()} threads), {PROBE_REPEATS} rounds; cached for later plans"
     )
+    load = load_average()
     rng_state = torch.random.get_rng_state()
     test_base, test_edge = networks[2]
-    shape = NetworkShape.isotropic(test_base, test_edge)
     formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-    format_seconds = {
-        name: _probe_network(shape, test_edge, device, precision, fmt)[0] for name, fmt in formats.items()
-    }
+    test_shape = NetworkShape.isotropic(test_base, test_edge)
+    format_times = _timed_networks(
+        [(test_shape, test_edge, fmt) for fmt in formats.values()], device, precision, training_only=True
+    )
+    format_seconds = {name: min(t) for name, t in zip(formats, format_times)}
     chosen = min(format_seconds, key=format_seconds.get)
+    shapes = [NetworkShape.isotropic(base, edge) for base, edge in networks]
+    times = _timed_networks(
+        [(shape, edge, formats[chosen]) for shape, (_, edge) in zip(shapes, networks)], device, precision
+    )
     points = []
-    for base, edge in networks:
-        shape = NetworkShape.isotropic(base, edge)
-        train, inference = _probe_network(shape, edge, device, precision, formats[chosen])
+    for index, (shape, (_, edge)) in enumerate(zip(shapes, networks)):
         patch = (edge,) * 3
         points.append(
             ProbePoint(
@@ -313,16 +543,13 @@ def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str]
                 PROBE_BATCH,
                 PROBE_BATCH * shape.macs(patch) / 1e9,
                 PROBE_BATCH * shape.activations(patch) / 1e6,
-                train,
-                inference,
+                min(times[2 * index]),
+                min(times[2 * index + 1]),
             )
         )
     augmentation = _augmentation_seconds_per_megavoxel()
     torch.random.set_rng_state(rng_state)
-    gmacs = [p.gmacs for p in points]
-    activations = [p.mega_activations for p in points]
-    voxels = [p.batch * math.prod(p.patch) / 1e6 for p in points]
-    inference_gmacs = [p.gmacs * _inference_share(p) for p in points]
+    spread, busy = busy_reasons([*format_times, *times], load, available_cores())
     probe = ComputeProbe(
         machine=machine_description(device, precision.name),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -331,11 +558,15 @@ def run_probe(device: torch.device, precision: Precision, *, log: Callable[[str]
         memory_format_seconds={k: round(v, 4) for k, v in format_seconds.items()},
         augmentation_seconds_per_megavoxel=augmentation,
         points=tuple(points),
-        training=CostModel.fit(gmacs, activations, voxels, [p.train_seconds for p in points]),
-        inference=CostModel.fit(inference_gmacs, activations, voxels, [p.inference_seconds for p in points]),
+        training=_fit(points, train=True),
+        inference=_fit(points, train=False),
+        load_average=load,
+        spread=spread,
+        busy=busy,
     )
     log(
         f"compute probe: {probe.probe_seconds:.0f} s; training memory format {chosen} "
         f"({', '.join(f'{k} {v:.3f} s' for k, v in format_seconds.items())} per step)"
+        + (f"; the machine looked busy: {busy}" if busy else "")
     )
     return probe

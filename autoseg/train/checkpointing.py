@@ -3,10 +3,11 @@ continue from, writing one, and the random generator states of every rank.
 
 A checkpoint (``checkpoint_latest.pth`` after every epoch, ``checkpoint_best.pth``, ``checkpoint_final.pth``,
 snapshots) holds tensors and plain values only (``autoseg.io.checkpoints``): the network's and optimizer's state,
-the grad scaler's, the epoch and stage, the run length (under ``run_length``; ``budget`` in older ones), the history, the seed and the random
-generator states (``rng``; ``rng_ranks``, one per rank, in a distributed run), and the state of every handler
-attached to the loop under its key (``plateau``). Because batches depend only on (seed, epoch), a run continued
-from it goes on exactly as the uninterrupted one would have.
+the grad scaler's, the epoch and stage, the run length (under ``run_length``; ``budget`` in older ones; with the
+iterations a deadline re-planned), the history, the seed and the random generator states (``rng``; ``rng_ranks``,
+one per rank, in a distributed run), and the state of every handler attached to the loop under its key
+(``plateau``; ``deadline``: the fold's elapsed time, measured epochs and re-plans). Because batches depend only on
+(seed, epoch), a run continued from it goes on exactly as the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def read_run_checkpoint(
     device: torch.device | str | None = None,
 ) -> tuple[dict[str, Any], RunLength, int]:
     """Read a checkpoint of ``trainer`` and ``configuration`` to continue from: (its state with ``path`` added,
-    the run length to continue with, the seed). The run length and seed are the saved run's (stage boundaries
-    and batches stay those of the run that wrote it), the validation batches per epoch ``--val-iters`` when given.
+    the run length to continue with, the seed). The run length and seed are the saved run's (stage boundaries,
+    batches and the iterations a deadline re-planned stay those of the run that wrote it), the validation batches
+    per epoch ``--val-iters`` when given.
 
     Raises:
         CheckpointError: unreadable, pickled, or written by another trainer or for another configuration.
@@ -116,8 +118,10 @@ def read_run_checkpoint(
             f"{path}: this run trains {saved.epochs} epochs x {saved.iterations_per_epoch} "
             "iterations; continue it with the same --epochs/--iters-per-epoch (or leave them out)"
         )
-    run_length = replace(saved, val_iterations=saved.val_iterations if o.val_iterations is None else o.val_iterations)
-    return {**state, "path": str(path)}, run_length, int(state["seed"])
+    if o.val_iterations is not None:  # every epoch still to come validates as many batches as asked
+        reschedules = tuple((first, iterations, o.val_iterations) for first, iterations, _ in saved.reschedules)
+        saved = replace(saved, val_iterations=o.val_iterations, reschedules=reschedules)
+    return {**state, "path": str(path)}, saved, int(state["seed"])
 
 
 def save_run_checkpoint(state: dict[str, Any], path: Path, context: distributed.DistributedContext) -> Path:

@@ -184,7 +184,11 @@ def run_header(
             f"seed: {seed}; data processes: {data_processes[0]} ({data_processes[1]}); deterministic algorithms: "
             f"{'on' if options.deterministic else 'off'}; torch.compile: {'on' if options.compile else 'off'}",
             f"run length: {b.epochs} epochs x {b.iterations_per_epoch} iterations (plans: {c.schedule.epochs} x "
-            f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch",
+            f"{c.schedule.iterations_per_epoch}), {b.val_iterations} validation iterations per epoch"
+            + "".join(
+                f"; re-planned from epoch {first + 1}: {iterations} iterations, {val} validation"
+                for first, iterations, val in b.reschedules
+            ),
             f"stages: {stages}",
             "optimizer and learning-rate schedule: " + ", ".join(f"{key} {value}" for key, value in schedule.items()),
             f"loss: {describe_loss(loss)}; network: {type(network).__name__}, {parameters:,} parameters",

@@ -1,5 +1,6 @@
 """What a training run takes from the plans' compute budget (``plans.json``'s ``compute_budget``) on this machine:
-the memory format, the augmentation processes, torch's CPU threads and the time promise to check the run against.
+the memory format, the augmentation processes, torch's CPU threads, the time promise to check the run against and
+the deadline that keeps the run to the budget.
 
 Each applies only where the plans were probed on the same kind of device (and precision); otherwise the run
 takes the defaults, and each choice comes with its reason for the log.
@@ -7,11 +8,16 @@ takes the defaults, and each choice comes with its reason for the log.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import torch
 
 from autoseg.distributed import DistributedContext
 from autoseg.machine import Precision, available_cores, configure_threads
 from autoseg.plans import Configuration, Plans
+from autoseg.train.deadline import DEADLINE_FILE, Deadline
+from autoseg.train.options import TrainingOptions
 from autoseg.train.run_length import RunLength
 from autoseg.train.time_promise import TimePromise
 
@@ -74,4 +80,33 @@ def time_promise(
         return None
     return TimePromise.from_estimate(
         estimate, run_length.epochs, run_length.iterations_per_epoch, run_length.val_iterations
+    )
+
+
+def deadline(
+    plans: Plans,
+    configuration: Configuration,
+    promise: TimePromise | None,
+    run_length: RunLength,
+    options: TrainingOptions,
+    output_folder: Path,
+) -> Deadline | None:
+    """The deadline of a run with a time promise (:func:`time_promise`): the plans' compute budget, re-planned after
+    every epoch unless ``--epochs`` or ``--iters-per-epoch`` fixed the run length (then only measured); None without
+    a promise. ``deadline.json`` goes into ``output_folder``."""
+    if promise is None or plans.compute_budget is None:
+        return None
+    fixed = [
+        flag
+        for flag, value in (("--epochs", options.epochs), ("--iters-per-epoch", options.iterations_per_epoch))
+        if value is not None
+    ]
+    return Deadline(
+        promise,
+        plans.compute_budget.minutes,
+        replace(run_length, reschedules=()),
+        [stage.name for stage in configuration.schedule.stages],
+        replanning=f"{' and '.join(fixed)} given: the run length asked for is kept" if fixed else None,
+        final_validation=options.validation,
+        path=output_folder / DEADLINE_FILE,
     )

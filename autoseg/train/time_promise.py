@@ -4,11 +4,10 @@ iterations, checked against the measured times."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from autoseg.machine import available_cores
+from autoseg.machine import available_cores, load_average
 
 #: A run more than this much slower than its estimate gets a warning that names the likely cause.
 OVERRUN_TOLERANCE = 0.25
@@ -47,14 +46,23 @@ class TimePromise:
             + self.overhead_seconds
         )
 
-    def stage_epoch_seconds(self, stage: int) -> float:
-        """Estimated seconds of an epoch of ``stage`` (stages differ in patch size); the mean without per-stage
-        figures."""
+    def iteration_seconds(self, stage: int) -> float:
+        """Estimated seconds of one training iteration (network step and the loader's share) in ``stage`` (stages
+        differ in patch size); the mean over the stages without per-stage figures."""
         if stage >= len(self.stage_seconds_per_iteration):
-            return self.epoch_seconds
+            return self.network_seconds + self.loader_seconds
+        return self.stage_seconds_per_iteration[stage]
+
+    def stage_epoch_seconds(
+        self, stage: int, iterations: int | None = None, val_iterations: int | None = None
+    ) -> float:
+        """Estimated seconds of an epoch of ``stage`` with ``iterations`` training iterations and ``val_iterations``
+        validation batches (default: the run's per epoch, as it started)."""
+        iterations = self.iterations_per_epoch if iterations is None else iterations
+        val_iterations = self.val_iterations if val_iterations is None else val_iterations
         return (
-            self.iterations_per_epoch * self.stage_seconds_per_iteration[stage]
-            + self.val_iterations * self.validation_batch_seconds
+            iterations * self.iteration_seconds(stage)
+            + val_iterations * self.validation_batch_seconds
             + self.overhead_seconds
         )
 
@@ -124,10 +132,11 @@ class TimePromise:
                 "more data processes (-np) or a free core would help"
             )
         if step_seconds is not None and steps and step_seconds / steps > (1 + OVERRUN_TOLERANCE) * self.network_seconds:
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+            load = load_average()
             causes.append(
                 f"network steps took {step_seconds / steps:.2f} s instead of {self.network_seconds:.2f} s: "
-                f"other load on the machine (load average {load:.1f} on {available_cores()} cores) or a "
+                f"other load on the machine (load average {math.nan if load is None else load:.1f} on "
+                f"{available_cores()} cores) or a "
                 "slower machine than the one probed"
             )
         if not causes:

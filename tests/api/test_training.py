@@ -7,6 +7,7 @@ one CPU thread, so the whole file takes well under a minute and a half.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fractions
@@ -14,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from autoseg.io.images import read_header, write_image
 from autoseg.machine import choose_precision, deterministic_algorithms
 from autoseg.machine import cpu_has_fast_bf16 as native_bf16_probe  # imported before conftest fakes it
 from autoseg.networks.factory import BUILT_IN_NETWORK_OPTIONS
+from autoseg.plan.probe import ComputeProbe
 from autoseg.plans import Plans, Stage
 from autoseg.registry import plugin_class
 from autoseg.train.events import EpochHandler
@@ -345,6 +348,26 @@ def test_overfits_a_single_lesion_and_writes_the_run_folder(trainer: str, home: 
     assert not list(folder.glob(".*tmp*"))
 
 
+class Killed(Exception):
+    """What :func:`_killed_after` raises in place of a killed process."""
+
+
+@contextlib.contextmanager
+def _killed_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> Iterator[None]:
+    """The training run inside stops like a killed process once ``epochs`` epochs (and their checkpoints) are done."""
+    original = Trainer.end_epoch
+
+    def end_epoch(self: Trainer, epoch: int, **record: float) -> None:
+        original(self, epoch, **record)
+        if self.epoch == epochs:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "end_epoch", end_epoch)
+    with pytest.raises(Killed):
+        yield
+    monkeypatch.setattr(Trainer, "end_epoch", original)
+
+
 @pytest.mark.parametrize("trainer", ["ZoomInOutTrainer", "AcuteStrokeTrainer"])
 def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     trainer: str, home: Path, monkeypatch: pytest.MonkeyPatch
@@ -363,21 +386,9 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the switch at the planned epoch 2
     patches.clear()
 
-    class Killed(Exception):
-        pass
-
-    original_end = Trainer.end_epoch
-
-    def killed_after_two(self: Trainer, epoch: int, **record: float) -> None:
-        original_end(self, epoch, **record)
-        if self.epoch == 2:
-            raise Killed
-
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
-    monkeypatch.setattr(Trainer, "end_epoch", killed_after_two)
-    with pytest.raises(Killed):
+    with _killed_after(monkeypatch, 2):
         train("ATLASFive", fold=0, trainer=trainer, options=options)
-    monkeypatch.setattr(Trainer, "end_epoch", original_end)
     resumed = train("ATLASFive", fold=0, trainer=trainer, options=dataclasses.replace(options, continue_training=True))
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the resumed half starts in stage 2
 
@@ -666,8 +677,12 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
         reasons={"data_processes": "a test's choice"},
     )
     dataclasses.replace(plans, compute_budget=record).to_json(path)
-    result = train("Sphere", fold="full", options=dataclasses.replace(QUIET, num_processes=None, val_iterations=2))
+    # --epochs keeps the run length (an estimate of milliseconds would otherwise re-plan it to 1 iteration an epoch)
+    options = dataclasses.replace(QUIET, num_processes=None, val_iterations=2, epochs=6)
+    result = train("Sphere", fold="full", options=options)
     log = (result.output_folder / "log.txt").read_text()
+    assert "the schedule is not re-planned (--epochs given: the run length asked for is kept)" in log
+    assert "deadline: re-planned" not in log and "deadline: the fold took" in log
     assert "data processes: 0 (the plans' compute budget: a test's choice)" in log
     assert "memory format: channels_last_3d (faster in the compute-budget probe" in log
     assert "time estimate (plans' compute budget):" in log and "of a 0.02-minute budget" in log
@@ -677,6 +692,198 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
     assert "WARNING: whole fold: measured" in log
     history = load_checkpoint(result.output_folder / "checkpoint_final.pth")["history"]
     assert history["pseudo_dice"][-1] > 0.8, "channels_last_3d trains as well"
+
+
+class SimulatedMachine:
+    """A clock for the training loop (``Trainer.clock``) that advances only by what the test says each piece of work
+    takes, times ``slowdown(t)`` at simulated time ``t``: the deadline is tested without timing anything."""
+
+    def __init__(self, slowdown) -> None:
+        self.now, self.slowdown = 0.0, slowdown
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds * self.slowdown(self.now)
+
+
+#: The deadline test's plan: zoom-in&out over 12 epochs of 10 iterations (1 s each, 2 s from the zoom-out at epoch
+#: 10), 2 validation batches of 0.25 s (0.5 s in zoom-out), 1 s per epoch besides, 10 s of end-of-fold validation.
+STAGE_SECONDS, VAL_BATCH_SECONDS, EPOCH_OVERHEAD_SECONDS, FINAL_SECONDS = (1.0, 2.0), 0.25, 1.0, 10.0
+PROMISED_FOLD_SECONDS = 10 * (10 * 1.0 + 2 * 0.25 + 1) + 2 * (10 * 2.0 + 2 * 0.25 + 1) + 10
+
+
+def _budgeted_zoom_plans(home: Path, minutes: float, probe_record: dict) -> None:
+    """ATLASFive's plans as a compute budget of ``minutes`` would have laid out the deadline test's plan."""
+    from autoseg.plans import ComputeBudget
+
+    path = home / "preprocessed" / FIVE / "plans.json"
+    plans = Plans.from_json(path)
+    configuration = plans.configuration()
+    stages = tuple(dataclasses.replace(s, start_epoch=(0, 10)[i]) for i, s in enumerate(configuration.schedule.stages))
+    schedule = dataclasses.replace(
+        configuration.schedule,
+        epochs=12,
+        iterations_per_epoch=10,
+        val_iterations_per_epoch=2,
+        restart_period_epochs=3,
+        stages=stages,
+    )
+    estimate = {
+        "estimated_minutes": PROMISED_FOLD_SECONDS / 60,
+        "seconds_per_iteration": 7 / 6,
+        "iterations": 120,
+        "epochs": 12,
+        "val_iterations_per_epoch": 2,
+        "network_seconds_per_iteration": 7 / 6,
+        "loader_seconds_per_iteration": 0.0,
+        "stage_seconds_per_iteration": list(STAGE_SECONDS),
+        "minutes": {
+            "training": 140 / 60,
+            "epoch_validation": 24 * VAL_BATCH_SECONDS / 60,
+            "overhead": 12 * EPOCH_OVERHEAD_SECONDS / 60,
+            "final_validation": FINAL_SECONDS / 60,
+        },
+    }
+    record = ComputeBudget(
+        device="cpu",
+        minutes=minutes,
+        precision="fp32",
+        estimated_minutes=PROMISED_FOLD_SECONDS / 60,
+        seconds_per_iteration=7 / 6,
+        iterations=120,
+        configuration=configuration.name,
+        data_processes=0,
+        estimates={configuration.name: estimate},
+        probe=probe_record,
+    )
+    configuration = dataclasses.replace(configuration, schedule=schedule)
+    plans = dataclasses.replace(plans, configurations={configuration.name: configuration}, compute_budget=record)
+    plans.to_json(path)
+
+
+def _on_simulated_machine(monkeypatch: pytest.MonkeyPatch, machine: SimulatedMachine) -> list[Trainer]:
+    """Make every training step, validation batch, epoch and end-of-fold validation take its simulated time on
+    ``machine``; returns the list to put the running trainer in (its stage decides what an iteration costs)."""
+    running: list[Trainer] = []
+    step, epoch, counts, cases = (
+        Trainer.train_step,
+        Trainer.train_epoch,
+        trainers_base.dice_counts,
+        trainers_base.validate_cases,
+    )
+
+    def stage_factor() -> float:
+        return STAGE_SECONDS[running[-1].stage_index] / STAGE_SECONDS[0]
+
+    def timed_step(self: Trainer, batch: dict) -> float:
+        machine.spend(STAGE_SECONDS[self.stage_index])
+        return step(self, batch)
+
+    def timed_epoch(self: Trainer, number: int):
+        machine.spend(EPOCH_OVERHEAD_SECONDS)  # loader start, checkpoints and plot, inside the epoch
+        return epoch(self, number)
+
+    def timed_counts(*args, **kwargs):
+        machine.spend(VAL_BATCH_SECONDS * stage_factor())
+        return counts(*args, **kwargs)
+
+    def timed_cases(*args, **kwargs):
+        machine.spend(FINAL_SECONDS)
+        return cases(*args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    monkeypatch.setattr(Trainer, "train_epoch", timed_epoch)
+    monkeypatch.setattr(trainers_base, "dice_counts", timed_counts)
+    monkeypatch.setattr(trainers_base, "validate_cases", timed_cases)
+    return running
+
+
+def _run_fold(machine: SimulatedMachine, running: list[Trainer], options: TrainingOptions) -> Trainer:
+    runner = prepare_run("ATLASFive", fold=0, options=options)
+    runner.clock = machine
+    running.append(runner)
+    runner.setup()
+    runner.fit()
+    runner.validate()
+    return runner
+
+
+def test_a_budgeted_run_slowed_mid_way_re_plans_ends_on_time_and_continues_exactly(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import fake_probe
+
+    from autoseg.machine import machine_description
+    from autoseg.plan.probe import _cache_file, load_or_run_probe
+
+    # This machine's cached probe, from which the plan was made (the run's speed is recorded in it).
+    probe = fake_probe(machine=machine_description(torch.device("cpu"), "fp32"))
+    write_json(probe.to_plain(), _cache_file(probe.machine))
+    budget = PROMISED_FOLD_SECONDS / 0.95 / 60  # the plan promised 95% of the budget
+    _budgeted_zoom_plans(home, round(budget, 4), probe.summary())
+    budget_seconds = 60 * round(budget, 4)
+    # A competing process from a third of the budget to two thirds makes everything twice as slow.
+    machine = SimulatedMachine(lambda t: 2.0 if budget_seconds / 3 <= t < 2 * budget_seconds / 3 else 1.0)
+    running = _on_simulated_machine(monkeypatch, machine)
+    options = dataclasses.replace(QUIET, num_processes=None)
+
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "uninterrupted"))
+    whole = _run_fold(machine, running, options)
+    assert abs(machine.now / budget_seconds - 1) <= 0.10, machine.now / budget_seconds
+    length = whole.run_length
+    assert length.reschedules and length.total_iterations < 120, "the slowdown cost iterations"
+    assert (length.epochs, length.stage_starts, length.restart_period_epochs) == (12, (0, 10), 3), "the shape is kept"
+    assert [length.val_iterations_at(e) for e in range(12)] == [
+        max(1, round(length.iterations_at(e) / 5 + 1e-9)) for e in range(12)
+    ], "validation in proportion"
+    final = load_checkpoint(whole.output_folder / "checkpoint_final.pth")
+    assert final["history"]["stage"] == ["zoom_in"] * 10 + ["zoom_out"] * 2
+    # each epoch's learning rate is the planned schedule's: cosine restarts every 3 epochs, then the zoom-out stage
+    assert final["history"]["learning_rate"] == pytest.approx([1e-3, 0.75e-3, 0.25e-3] * 3 + [1e-3, 1e-4, 0.75e-4])
+    snapshots = sorted(p.name for p in whole.output_folder.glob("checkpoint_snapshot_*.pth"))
+    assert snapshots == ["checkpoint_snapshot_11.pth", "checkpoint_snapshot_12.pth"]
+    log = (whole.output_folder / "log.txt").read_text()
+    replanned = [line.split("  ", 1)[1] for line in log.splitlines() if "deadline: re-planned after epoch" in line]
+    record = read_json(whole.output_folder / "deadline.json")
+    assert replanned == [r["reason"] for r in record["replans"]] and len(replanned) >= 2
+    assert record["planned"]["iterations"] == 120 and record["planned"]["estimated_minutes"] == pytest.approx(
+        PROMISED_FOLD_SECONDS / 60, abs=1e-3
+    )
+    assert record["ran"]["iterations"] == length.total_iterations == sum(e["iterations"] for e in record["epochs"])
+    assert record["ran"]["fold_minutes"] == pytest.approx(machine.now / 60, abs=1e-3)
+    assert f"deadline: the fold took {machine.now / 60:.1f} min of its" in log
+    assert f"time: epoch {record['epochs'][-1]['seconds']:.1f} s, estimated" in log
+    # The run's speed went into this machine's probe cache: its fast end, so the busy stretch shrinks no later plan.
+    speeds = [e["speed"] for e in record["epochs"]]
+    assert max(speeds) == pytest.approx(2.0) and min(speeds) == pytest.approx(1.0)
+    cached = ComputeProbe.from_plain(read_json(_cache_file(probe.machine)))
+    assert [r["speed"] for r in cached.training_runs] == [pytest.approx(np.percentile(speeds, 25), abs=1e-4)]
+    assert "recorded in" in log and "to correct later plans on this machine" in log
+    lines: list[str] = []
+    corrected, from_cache = load_or_run_probe(
+        torch.device("cpu"), choose_precision(torch.device("cpu"), "fp32"), log=lines.append
+    )
+    assert from_cache and corrected.correction == pytest.approx(np.percentile(speeds, 25), abs=1e-4) == pytest.approx(
+        1.0
+    )
+    assert "corrected by what training measured here: x1.00" in lines[0]
+
+    # The same fold, killed after its sixth epoch (in the busy stretch) and continued, re-plans exactly alike.
+    machine.now = 0.0
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
+    with _killed_after(monkeypatch, 6):
+        _run_fold(machine, running, options)
+    resumed = _run_fold(machine, running, dataclasses.replace(options, continue_training=True))
+    assert resumed.run_length == whole.run_length
+    again = load_checkpoint(resumed.output_folder / "checkpoint_final.pth")
+    assert all(torch.equal(final["network"][k], again["network"][k]) for k in final["network"])
+    assert again["deadline"] == final["deadline"]
+    assert read_json(resumed.output_folder / "deadline.json") == {
+        **record,
+        "ran": {**record["ran"], "fold_minutes": pytest.approx(machine.now / 60, abs=1e-3)},
+    }
 
 
 # ---------------------------------------------------------------------------- the acute stroke recipe

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_probe
 from torch.utils.flop_counter import FlopCounterMode
 
 import autoseg.plan.probe as probe
 from autoseg.api.plan import budget_request, plan_and_preprocess
 from autoseg.commands.plan import main as plan_main
 from autoseg.data.dataset import find_dataset
+from autoseg.io.files import read_json, write_json
 from autoseg.machine import Precision
 from autoseg.networks import ResidualUNet
-from autoseg.plan.budget import BudgetError, BudgetRequest, lay_out_schedule, target_iterations
-from autoseg.plan.cost_model import CostModel, NetworkShape, ProbePoint
+from autoseg.plan.budget import (
+    BudgetError,
+    BudgetRequest,
+    ScheduleLayout,
+    choose_rung,
+    lay_out_schedule,
+    target_iterations,
+)
+from autoseg.plan.cost_model import CostModel, NetworkShape, TrainingEstimate
 from autoseg.plan.fingerprint import Fingerprint, compute_fingerprint
 from autoseg.plan.probe import ComputeProbe, load_or_run_probe
 from autoseg.plans import Plans
@@ -33,22 +43,6 @@ from planners import get_planner
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FP32 = Precision("fp32", None, False, "test")
-
-
-def fake_probe(speed: float = 1.0) -> ComputeProbe:
-    """A probe with the coefficients measured on a 2-core CPU (bf16), ``speed`` times faster."""
-    point = ProbePoint((8, 16, 32, 64), (32, 32, 32), 2, 1.3, 9.8, 0.09 / speed, 0.02 / speed)
-    return ComputeProbe(
-        machine={"device": "cpu", "model": "test CPU", "threads": 2, "torch": torch.__version__, "precision": "fp32"},
-        created="2026-11-30T00:00:00+00:00",
-        probe_seconds=20.0,
-        memory_format="contiguous",
-        memory_format_seconds={"contiguous": 0.45, "channels_last_3d": 0.52},
-        augmentation_seconds_per_megavoxel=0.25 / speed,
-        points=(point,),
-        training=CostModel(0.0159 / speed, 0.0, 0.85 / speed, 0.0167 / speed),
-        inference=CostModel(0.0029 / speed, 0.0012 / speed, 0.0, 0.004 / speed),
-    )
 
 
 def budget(minutes: float, speed: float = 1.0) -> BudgetRequest:
@@ -107,7 +101,8 @@ def test_cost_model_recovers_known_coefficients_and_interpolates() -> None:
 def quick_probe(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The real probe on tiny networks; returns a list that grows by one per probe run."""
     monkeypatch.setattr(probe, "CPU_PROBE_NETWORKS", ((4, 16), (4, 24), (8, 16)))
-    monkeypatch.setattr(probe, "PROBE_REPEATS", 1)
+    monkeypatch.setattr(probe, "PROBE_REPEATS", 1)  # one repeat: no spread to judge
+    monkeypatch.setattr(probe, "load_average", lambda: 0.0)  # an idle machine, whatever runs beside the suite
     monkeypatch.setattr(probe, "AUGMENTATION_PROBE_EDGE", 16)
     monkeypatch.setattr(probe, "AUGMENTATION_PROBE_SAMPLES", 1)
     runs: list[int] = []
@@ -146,17 +141,176 @@ def test_probe_is_cached_per_machine_and_reprobed_when_machine_or_torch_changes(
     monkeypatch.undo()
 
 
+class FakeSteps:
+    """Probe steps that run nothing: each returns a made-up time (from its network's voxels and features), and the
+    repeat ``busy_round`` of every step (0: the first timed one; rounds interleave the steps, so these all fall in
+    the same stretch of the probe) takes ``busy_factor`` times as long: a passing load on a simulated machine."""
+
+    def __init__(self, busy_round: int | None = None, busy_factor: float = 3.0) -> None:
+        self.busy_round, self.busy_factor = busy_round, busy_factor
+        self.train_scale = self.inference_scale = 1.0  # how much slower the whole machine is than the made-up times
+
+    def network_steps(self, shape, edge, device, precision, memory_format):
+        cost = shape.features[0] * edge**3 / 1e6
+        return self.step(cost * self.train_scale), self.step(cost / 4 * self.inference_scale)
+
+    def step(self, seconds: float):
+        calls = [0]
+
+        def run() -> float:
+            calls[0] += 1  # call 1 is the untimed warm-up
+            return seconds * (self.busy_factor if calls[0] - 2 == self.busy_round else 1.0)
+
+        return run
+
+
+@pytest.fixture
+def simulated_probe(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeSteps]:
+    """Replace the probe's timed steps and augmentation timing by :class:`FakeSteps`; the load average and cores are
+    the test's: nothing depends on the CPU running the suite."""
+
+    def install(busy_round: int | None = None, load: float = 0.5) -> FakeSteps:
+        fake = FakeSteps(busy_round)
+        monkeypatch.setattr(probe, "_network_steps", fake.network_steps)
+        monkeypatch.setattr(probe, "_augmentation_seconds_per_megavoxel", lambda: 0.3)
+        monkeypatch.setattr(probe, "load_average", lambda: load)
+        monkeypatch.setattr(probe, "available_cores", lambda: 2)
+        return fake
+
+    return install
+
+
+def test_timed_rounds_spread_the_repeats_of_each_step_over_the_whole_probe() -> None:
+    order: list[str] = []
+
+    def step(name: str):
+        return lambda: order.append(name) or 1.0
+
+    times = probe.timed_rounds([step("a"), step("b"), step("c")], 3)
+    assert order == ["a", "b", "c"] * 4, "one untimed warm-up each, then rounds over all steps"
+    assert times == [[1.0] * 3] * 3
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_a_gpu_the_rounds_go_over_one_network_at_a_time(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+
+    def network_steps(shape, edge, device, precision, memory_format):
+        events.append(f"build {edge}")
+        return (lambda: events.append(f"train {edge}") or 1.0), (lambda: events.append(f"infer {edge}") or 0.5)
+
+    monkeypatch.setattr(probe, "_network_steps", network_steps)
+    monkeypatch.setattr(probe, "PROBE_REPEATS", 2)
+    networks = [(NetworkShape.isotropic(4, edge), edge, torch.contiguous_format) for edge in (16, 24)]
+    times = probe._timed_networks(networks, torch.device(device), FP32)
+    assert times == [[1.0, 1.0], [0.5, 0.5]] * 2
+    one = ["train 16", "infer 16"] * 3
+    two = ["train 24", "infer 24"] * 3
+    if device == "cpu":  # every network built first, then rounds over all of them
+        assert events == ["build 16", "build 24"] + ["train 16", "infer 16", "train 24", "infer 24"] * 3
+    else:  # one network's weights and optimizer state on the GPU at a time
+        assert events == ["build 16", *one, "build 24", *two]
+
+
+def test_a_busy_moment_slows_one_round_and_the_fastest_repeat_is_kept(simulated_probe) -> None:
+    simulated_probe(busy_round=None)
+    idle = probe.run_probe(torch.device("cpu"), FP32, log=lambda line: None)
+    assert not idle.busy and idle.spread == 0.0 and idle.load_average == 0.5
+    simulated_probe(busy_round=1)  # the second of the three rounds runs 3 times slower
+    lines: list[str] = []
+    busy = probe.run_probe(torch.device("cpu"), FP32, log=lines.append)
+    assert [p.train_seconds for p in busy.points] == [p.train_seconds for p in idle.points]
+    assert [p.inference_seconds for p in busy.points] == [p.inference_seconds for p in idle.points]
+    assert busy.training == idle.training, "the cost model is fitted to the fastest repeats"
+    assert busy.spread == pytest.approx(2.0) and busy.busy.startswith("repeats of the same step differed by 200%")
+    assert "the machine looked busy: repeats" in lines[-1]
+    simulated_probe(busy_round=None, load=4.5)  # steady load from elsewhere: every repeat alike, the load is high
+    loaded = probe.run_probe(torch.device("cpu"), FP32, log=lambda line: None)
+    assert loaded.spread == 0.0 and loaded.busy == "load average 4.5 on 2 cores before probing"
+
+
+def test_the_plan_says_when_the_probe_found_the_machine_busy(atlas_1mm_fingerprint: dict) -> None:
+    busy = dataclasses.replace(fake_probe(4.0), busy="load average 4.5 on 2 cores before probing", spread=0.1)
+    plans = get_planner("DefaultPlanner")(atlas_1mm_fingerprint, compute=BudgetRequest(15, "cpu", "fp32", busy)).plan()
+    reason = plans.compute_budget.reasons["probe"]
+    assert "the machine looked busy while probing (load average 4.5 on 2 cores before probing)" in reason
+    assert plans.compute_budget.probe["busy"] == busy.busy
+
+
+def test_a_busy_cached_probe_is_probed_again_keeping_the_faster_of_each_timing(
+    simulated_probe, data_roots: Path
+) -> None:
+    cpu = torch.device("cpu")
+    simulated_probe(load=4.5).train_scale = 2.0  # under steady load from elsewhere: training steps twice as slow
+    first, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert first.busy and not cached
+    # the next plan probes again: training steps as fast as they can be, forward passes slower than the first time
+    fake = simulated_probe()
+    fake.inference_scale = 1.5
+    lines: list[str] = []
+    second, cached = load_or_run_probe(cpu, FP32, log=lines.append)
+    assert not cached and "was taken while the machine looked busy" in lines[0]
+    assert [p.train_seconds for p in second.points] == pytest.approx([p.train_seconds / 2 for p in first.points])
+    assert [p.inference_seconds for p in second.points] == [p.inference_seconds for p in first.points]
+    assert second.busy == "" and second.training != first.training and second.inference == first.inference
+    third, cached = load_or_run_probe(cpu, FP32, log=lambda line: None)
+    assert cached and third == second, "a probe that did not look busy is kept"
+
+
+def test_training_corrects_the_cached_probe_and_a_busy_run_does_not_shrink_later_plans(
+    data_roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu = torch.device("cpu")
+    here = probe.machine_description(cpu, "fp32")
+    measured = fake_probe(machine=here)
+    path = probe._cache_file(here)
+    write_json(measured.to_plain(), path)
+    planned = measured.summary()
+    # a run slowed by other jobs (its fast epochs 1.6x), then a quiet one (0.8x), then the first again, continued
+    assert "took 1.60 times the probe's estimate" in probe.record_training_speed(planned, cpu, FP32, 1.6, "run A")
+    probe.record_training_speed(planned, cpu, FP32, 0.8, "run B")
+    probe.record_training_speed(planned, cpu, FP32, 1.5, "run A")
+    lines: list[str] = []
+    corrected, cached = load_or_run_probe(cpu, FP32, log=lines.append)
+    assert cached and corrected.correction == 0.8, "the fastest run counts, not the busy one"
+    assert [r["run"] for r in corrected.training_runs] == ["run B", "run A"]
+    assert "corrected by what training measured here: x0.80, the fastest of 2 training run(s)" in lines[0]
+    shape = NetworkShape.isotropic(16, 64)
+    assert corrected.step_seconds(shape, (64,) * 3, 2) == pytest.approx(
+        0.8 * measured.step_seconds(shape, (64,) * 3, 2)
+    )
+    assert corrected.augmentation_seconds((64,) * 3) == pytest.approx(0.8 * measured.augmentation_seconds((64,) * 3))
+    # a plan made with the corrected probe is recorded as such; its runs compare against the probe as measured
+    planned_corrected = corrected.summary()
+    assert planned_corrected["correction"] == 0.8 and "timings corrected" in corrected.describe()
+    probe.record_training_speed(planned_corrected, cpu, FP32, 1.25, "run C")  # 1.25 x the corrected estimate
+    assert ComputeProbe.from_plain(read_json(path)).training_runs[-1]["speed"] == pytest.approx(1.0)
+    for n in range(probe.CORRECTION_RUNS + 2):
+        probe.record_training_speed(planned, cpu, FP32, 2.0 + n, f"run {n}")
+    assert len(ComputeProbe.from_plain(read_json(path)).training_runs) == probe.CORRECTION_RUNS
+    # nothing is recorded for another machine, or a probe measured again since the plan
+    other = {**planned, "machine": {**planned["machine"], "model": "another CPU"}}
+    assert "not recorded: it trained with another model" in probe.record_training_speed(other, cpu, FP32, 1.0, "x")
+    stale = {**planned, "created": "2020-01-01T00:00:00+00:00"}
+    assert "no longer holds the probe the plan used" in probe.record_training_speed(stale, cpu, FP32, 1.0, "x")
+
+
 # ---------------------------------------------------------------------------- planning to a budget
 def _plan(fingerprint: dict, minutes: float, planner: str = "DefaultPlanner", speed: float = 1.0) -> Plans:
     return get_planner(planner)(fingerprint, compute=budget(minutes, speed)).plan()
 
 
-def test_a_smaller_budget_never_plans_a_larger_network_patch_or_iteration_count(atlas_1mm_fingerprint: dict) -> None:
+def test_a_smaller_budget_never_plans_a_larger_network_or_patch_and_every_plan_uses_the_budget(
+    atlas_1mm_fingerprint: dict,
+) -> None:
+    planner_iterations = 1000 * 250  # DefaultPlanner's own schedule: no budget buys more
     seen, previous = [], None
     for minutes in (5, 8, 12, 15, 20, 30, 45, 60, 90, 120, 240, 480, 960, 2880, 10080, 40320):
         plans = _plan(atlas_1mm_fingerprint, minutes, speed=4.0)
         configuration, record = plans.configuration(), plans.compute_budget
         assert record.estimated_minutes <= minutes * 1.001, (minutes, record.estimated_minutes)
+        if record.iterations < planner_iterations - configuration.schedule.epochs:
+            assert record.estimated_minutes >= 0.9 * minutes, (minutes, record.estimated_minutes)
         features = configuration.network.features
         current = (
             configuration.target_spacing,
@@ -170,7 +324,9 @@ def test_a_smaller_budget_never_plans_a_larger_network_patch_or_iteration_count(
             assert all(a <= b for a, b in zip(configuration.target_spacing, spacing)), (minutes, current, previous)
             assert features[0] >= old_features[0] and len(features) >= len(old_features), (minutes, current, previous)
             assert all(a >= b for a, b in zip(configuration.patch_size, patch)), (minutes, current, previous)
-            assert configuration.batch_size >= batch and record.iterations >= iterations, (minutes, current, previous)
+            assert configuration.batch_size >= batch, (minutes, current, previous)
+            if current[:4] == previous[:4]:  # the same candidate: a larger budget trains it longer
+                assert record.iterations >= iterations, (minutes, current, previous)
         previous = current
         seen.append(current)
     assert {s[0] for s in seen} == {(2.0, 2.0, 2.0), (1.0, 1.0, 1.0)}, "the budget trades resolution"
@@ -268,14 +424,49 @@ def test_a_budget_too_small_for_a_useful_run_is_a_clear_error(atlas_1mm_fingerpr
         budget(0)
 
 
+@pytest.mark.parametrize("minutes", [10, 15, 16.5, 30, 120])
+def test_the_chosen_candidate_fills_the_budget_with_iterations(minutes: float) -> None:
+    # Three candidates whose iterations cost 0.2, 0.35 and 0.6 s; 1 s per epoch and 20 s of validation besides.
+    costs = (0.2, 0.35, 0.6)
+
+    def estimator(rung: int, layout: ScheduleLayout) -> TrainingEstimate:
+        return TrainingEstimate(
+            iterations=layout.iterations,
+            epochs=layout.epochs,
+            seconds_per_iteration=costs[rung],
+            step_seconds=costs[rung],
+            loader_seconds=0.0,
+            training_seconds=layout.iterations * costs[rung],
+            epoch_validation_seconds=0.0,
+            overhead_seconds=layout.epochs * 1.0,
+            final_validation_seconds=20.0,
+        )
+
+    choice = choose_rung(3, estimator, minutes, 10**6)
+    seconds = 60 * minutes
+
+    # by hand: the richest candidate whose target iterations fit, then as many of its iterations as fit
+    def total(rung: int, iterations: int) -> float:
+        layout = lay_out_schedule(iterations, costs[rung])
+        return layout.iterations * costs[rung] + layout.epochs * 1.0 + 20
+
+    fits = [r for r in range(3) if total(r, target_iterations(minutes)) <= seconds]
+    assert choice.index == max(fits)
+    assert choice.estimate.total_seconds <= seconds
+    assert choice.estimate.total_seconds >= 0.9 * seconds
+    # what is left is less than an iteration per epoch (the layout's rounding) and an epoch's overhead
+    assert seconds - choice.estimate.total_seconds <= (choice.layout.epochs + 1) * costs[choice.index] + 1.0
+
+
 def test_schedule_layout_keeps_epochs_about_a_minute_and_never_exceeds_the_iterations() -> None:
     for iterations, seconds in ((100, 0.5), (1000, 0.43), (5000, 2.0), (250_000, 0.2), (733, 0.05)):
         layout = lay_out_schedule(iterations, seconds)
-        assert layout.iterations <= iterations and layout.iterations >= iterations - layout.iterations_per_epoch
+        assert iterations - layout.epochs < layout.iterations <= iterations, "less than one iteration per epoch lost"
         assert layout.epochs >= 8 or iterations < 80
         assert 1 <= layout.val_iterations <= layout.iterations_per_epoch
     assert lay_out_schedule(250_000, 0.2).iterations_per_epoch == 250  # nnU-Net's epoch at most
-    assert lay_out_schedule(1000, 0.5).iterations_per_epoch == 120  # a minute per epoch
+    assert lay_out_schedule(1000, 0.5).iterations_per_epoch == 125  # about a minute per epoch...
+    assert lay_out_schedule(1000, 0.5).iterations == 1000  # ...and every iteration asked for
     assert target_iterations(15) == 2000 and target_iterations(60) == 4000
 
 
@@ -356,7 +547,7 @@ def test_thin_slabs_get_both_configurations_fitted_to_the_budget(tiny_sources: d
     for name, estimate in plans.compute_budget.estimates.items():
         schedule = plans.configuration(name).schedule
         assert (
-            estimate["estimated_minutes"] <= 10
+            9 <= estimate["estimated_minutes"] <= 10
             and estimate["iterations"] == schedule.epochs * schedule.iterations_per_epoch
         ), name
         assert "compute_budget" in plans.configuration(name).reasons

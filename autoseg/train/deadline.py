@@ -1,0 +1,402 @@
+"""A compute budget is a deadline: the run re-plans the epochs still to come after every epoch so the fold ends on
+time.
+
+A run whose plans were fitted to a compute budget (``plans.json``'s ``compute_budget``) carries the plan's time
+promise (:class:`~autoseg.train.time_promise.TimePromise`). After every epoch the :class:`Deadline` handler compares
+the epoch's measured time with it and, with :func:`replan`, lays the remaining epochs out so that the fold, its
+end-of-fold validation included, ends when the budget does: fewer iterations per epoch when the machine got slower
+(another job on a shared workstation), more when it got faster (up to :data:`MAX_GROWTH` times the planned ones).
+
+The shape of the schedule is kept. Only the training iterations of the remaining epochs change, and their
+validation batches in the same proportion; the epochs, the stage starts (zoom-in, zoom-out), the learning-rate
+schedule (poly decay and cosine warm restarts are functions of the epoch) and the snapshot epochs are counted in
+epochs and stay where the plan put them (:meth:`autoseg.train.run_length.RunLength.rescheduled`). nnU-Net's
+wall-time trainer (``tools/nnunet_budget_trainer.py``) re-plans the number of epochs instead, which stretches or
+squeezes the learning-rate schedule it has already followed part of.
+
+How the rest of the fold is estimated (:func:`replan`): the last epoch's measured seconds per training iteration,
+per validation batch, and outside both (loader start, checkpoints, plot) carry over to every remaining epoch, each
+stage's iterations weighted by the promise's ratio of stage costs (zoom-out patches cost more); the end-of-fold
+validation is the promise's times the measured speed (measured over promised seconds per training iteration). The
+schedule is re-laid only when it would miss the budget by more than :data:`REPLAN_TOLERANCE`, and then aims at the
+budget itself. A re-plan reads only what the checkpoint records (the fold's elapsed time, the run length, the
+measured epochs) and the epoch just measured, so a continued run re-plans exactly as the uninterrupted one would
+from the same times.
+
+Every epoch, every re-plan (with its one-line reason, also logged) and what ran go into ``deadline.json`` in the run
+folder (:data:`DEADLINE_FILE`), rewritten after each epoch and at the end of the fold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from autoseg.io.files import write_json
+from autoseg.train.events import EpochHandler
+from autoseg.train.run_length import RunLength, round_half_up
+from autoseg.train.time_promise import TimePromise
+
+#: The run folder's record of the deadline.
+DEADLINE_FILE = "deadline.json"
+#: A re-plan gives an epoch at most this many times the iterations it started with (a much faster machine than
+#: probed is more likely a stale probe than a lasting gift; the next plan corrects it, ``autoseg.plan.probe``).
+MAX_GROWTH = 4.0
+#: The schedule is re-laid when the projected end of the fold misses the budget by more than this share of it.
+REPLAN_TOLERANCE = 0.02
+#: A run's speed for the probe's correction: this percentile of its epochs' speeds (the fast end: what the machine
+#: does with no other load, as the probe keeps its fastest repeats).
+SPEED_PERCENTILE = 25
+
+
+class DeadlineLoop(Protocol):
+    """What the deadline asks of the training loop (``trainers.Trainer``).
+
+    Attributes:
+        run_length: the run's; the deadline replaces it when it re-plans.
+        timing: the epoch's ``started`` (clock reading), ``training`` (seconds in training steps and waiting for
+            batches), ``iterations``, ``validation`` (seconds of the per-epoch validation) and ``val_iterations``.
+        clock: seconds, monotonic (``time.perf_counter``; a test injects its own).
+    """
+
+    run_length: RunLength
+    timing: dict[str, float]
+    clock: Callable[[], float]
+
+
+@dataclass(frozen=True)
+class EpochTime:
+    """What one epoch took, in seconds.
+
+    Attributes:
+        epoch: 0-based.
+        stage: index of its stage.
+        iterations, val_iterations: training iterations and validation batches it ran.
+        seconds: wall time since the previous epoch's measurement (its checkpoints and plot included).
+        training_seconds: training steps and waiting for batches.
+        validation_seconds: the per-epoch validation batches.
+    """
+
+    epoch: int
+    stage: int
+    iterations: int
+    val_iterations: int
+    seconds: float
+    training_seconds: float
+    validation_seconds: float
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Seconds outside training and validation (loader start, checkpoints, plot, log)."""
+        return max(0.0, self.seconds - self.training_seconds - self.validation_seconds)
+
+
+@dataclass(frozen=True)
+class Replan:
+    """What :func:`replan` decided after an epoch.
+
+    Attributes:
+        run_length: the run length from now on (the same object when nothing changed).
+        speed: measured over promised seconds per training iteration in the epoch (> 1: slower than promised).
+        projected_seconds: the fold's projected wall time with ``run_length``, end-of-fold validation included.
+        reason: one line for the log: why and how the schedule changed; empty when it did not.
+    """
+
+    run_length: RunLength
+    speed: float
+    projected_seconds: float
+    reason: str
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reason)
+
+
+def replan(
+    promise: TimePromise,
+    run_length: RunLength,
+    measured: EpochTime,
+    elapsed_seconds: float,
+    budget_seconds: float,
+    *,
+    final_validation: bool = True,
+) -> Replan:
+    """Re-lay the epochs after ``measured.epoch`` so the fold ends at ``budget_seconds`` (see the module doc).
+
+    Args:
+        promise: the plan's time promise (per-stage seconds per iteration, validation batch, final validation).
+        run_length: the run length the epoch trained under.
+        measured: the epoch just finished.
+        elapsed_seconds: the fold's training time so far, this epoch included.
+        budget_seconds: the compute budget of the fold (minutes x 60).
+        final_validation: the end-of-fold validation follows training and counts towards the budget.
+
+    Returns:
+        :class:`Replan`: every remaining epoch trains ``n`` iterations (1 to :data:`MAX_GROWTH` times the run's
+        starting iterations per epoch) and validates ``n`` times the starting share of validation batches (at least
+        1 when it validated at all), ``n`` chosen so the projection meets the budget; unchanged when the current
+        schedule's projection is within :data:`REPLAN_TOLERANCE` of it, or no epoch remains.
+    """
+
+    def promised(stage: int) -> float:  # a hand-edited estimate of 0 s must not divide by zero
+        return max(promise.iteration_seconds(stage), 1e-9)
+
+    stage = measured.stage
+    per_iteration = measured.training_seconds / max(1, measured.iterations)
+    speed = per_iteration / promised(stage)
+    per_batch = (
+        measured.validation_seconds / measured.val_iterations
+        if measured.val_iterations
+        else promise.validation_batch_seconds * speed
+    )
+    remaining = range(measured.epoch + 1, run_length.epochs)
+    weights = [promised(run_length.stage_at(e)) / promised(stage) for e in remaining]
+    fixed = elapsed_seconds + len(weights) * measured.overhead_seconds
+    fixed += promise.final_validation_seconds * speed if final_validation else 0.0
+
+    def projected(length: RunLength) -> float:
+        return fixed + sum(
+            w * (length.iterations_at(e) * per_iteration + length.val_iterations_at(e) * per_batch)
+            for e, w in zip(remaining, weights)
+        )
+
+    current = projected(run_length)
+    if not weights or abs(current - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
+        return Replan(run_length, speed, current, "")
+    share = run_length.val_iterations / run_length.iterations_per_epoch
+    wanted = (budget_seconds - fixed) / sum(w * (per_iteration + share * per_batch) for w in weights)
+    cap = max(1, math.floor(MAX_GROWTH * run_length.iterations_per_epoch))
+    iterations = min(cap, max(1, round_half_up(wanted)))
+    batches = max(1, round_half_up(share * iterations)) if share > 0 else 0
+    first = measured.epoch + 1
+    before = (run_length.iterations_at(first), run_length.val_iterations_at(first))
+    if (iterations, batches) == before:
+        return Replan(run_length, speed, current, "")
+    new = run_length.rescheduled(first, iterations, batches)
+    end = projected(new)
+    limit = ""
+    if iterations == 1 and end > budget_seconds * (1 + REPLAN_TOLERANCE):
+        limit = (
+            f"; cannot end on time: even 1 iteration per epoch ends about {(end - budget_seconds) / 60:.1f} min late"
+        )
+    elif iterations == cap and end < budget_seconds * (1 - REPLAN_TOLERANCE):
+        limit = f"; at most {MAX_GROWTH:g}x the planned iterations per epoch: ends about {(budget_seconds - end) / 60:.1f} min early"
+    validation = f" ({batches} instead of {before[1]} validation batches)" if batches != before[1] else ""
+    reason = (
+        f"deadline: re-planned after epoch {measured.epoch + 1} of {run_length.epochs} "
+        f"({elapsed_seconds / 60:.1f} of {_minutes(budget_seconds)} min used): iterations took "
+        f"{per_iteration:.2f} s, {speed:.2f}x the promised {promised(stage):.2f} s; the schedule "
+        f"would end at {current / 60:.1f} min, so the remaining {len(weights)} epoch(s) train {iterations} instead "
+        f"of {before[0]} iterations{validation}, ending at {end / 60:.1f} min{limit}"
+    )
+    return Replan(new, speed, end, reason)
+
+
+class Deadline(EpochHandler):
+    """Keeps a budgeted run on time: measures every epoch, re-plans the rest (:func:`replan`), records both.
+
+    Attached to the training loop by the trainer when the plans' time promise applies to the run; its state (the
+    fold's elapsed time, the measured epochs, the re-plans) goes into every checkpoint under :attr:`key`.
+
+    Args:
+        promise: the plan's time promise, for the run length the run started with.
+        budget_minutes: the compute budget of one fold.
+        planned: the run length the run started with (before any re-plan).
+        stage_names: the schedule's stage names, for the record.
+        replanning: None to re-plan; else why the schedule stays as it is (e.g. ``--epochs`` was given): the epochs
+            are still measured and recorded.
+        final_validation: the end-of-fold validation follows and counts towards the budget.
+        path: where ``deadline.json`` is written; None: nowhere.
+    """
+
+    key = "deadline"
+
+    def __init__(
+        self,
+        promise: TimePromise,
+        budget_minutes: float,
+        planned: RunLength,
+        stage_names: Sequence[str],
+        *,
+        replanning: str | None = None,
+        final_validation: bool = True,
+        path: Path | None = None,
+    ) -> None:
+        self.promise = promise
+        self.budget_seconds = 60.0 * budget_minutes
+        self.planned = planned
+        self.stage_names = tuple(stage_names)
+        self.replanning = replanning
+        self.final_validation = final_validation
+        self.path = path
+        self.elapsed_seconds = 0.0
+        self.epochs: list[dict[str, Any]] = []
+        self.replans: list[dict[str, Any]] = []
+        self.ran: dict[str, Any] = {}
+        self._mark: float | None = None  # clock reading of the last measurement in this process
+
+    # ------------------------------------------------------------------ events
+    def epoch_completed(self, loop: DeadlineLoop, epoch: int, score: float) -> list[str]:
+        """Measure the epoch, re-plan the rest of the run (``loop.run_length``) when it would miss the budget, write
+        ``deadline.json``; returns the re-plan's line for the log, if any."""
+        now = loop.clock()
+        timing = loop.timing
+        measured = EpochTime(
+            epoch=epoch,
+            stage=loop.run_length.stage_at(epoch),
+            iterations=int(timing["iterations"]),
+            val_iterations=int(timing["val_iterations"]),
+            seconds=now - (timing["started"] if self._mark is None else self._mark),
+            training_seconds=float(timing["training"]),
+            validation_seconds=float(timing["validation"]),
+        )
+        self._mark = now
+        self.elapsed_seconds += measured.seconds
+        promised = self.promise.stage_epoch_seconds(measured.stage, measured.iterations, measured.val_iterations)
+        decision = replan(
+            self.promise,
+            loop.run_length,
+            measured,
+            self.elapsed_seconds,
+            self.budget_seconds,
+            final_validation=self.final_validation,
+        )
+        self.epochs.append(
+            {
+                "epoch": epoch + 1,
+                "stage": self.stage_names[measured.stage] if measured.stage < len(self.stage_names) else measured.stage,
+                "iterations": measured.iterations,
+                "val_iterations": measured.val_iterations,
+                "seconds": round(measured.seconds, 3),
+                "training_seconds": round(measured.training_seconds, 3),
+                "validation_seconds": round(measured.validation_seconds, 3),
+                "promised_seconds": round(promised, 3),
+                "speed": round(decision.speed, 4),
+                "elapsed_minutes": round(self.elapsed_seconds / 60, 3),
+                "projected_minutes": round(decision.projected_seconds / 60, 3),
+            }
+        )
+        lines = []
+        if decision.changed and self.replanning is None:
+            first = epoch + 1
+            self.replans.append(
+                {
+                    "after_epoch": epoch + 1,
+                    "elapsed_minutes": round(self.elapsed_seconds / 60, 3),
+                    "speed": round(decision.speed, 4),
+                    "iterations_per_epoch": [
+                        loop.run_length.iterations_at(first),
+                        decision.run_length.iterations_at(first),
+                    ],
+                    "val_iterations": [
+                        loop.run_length.val_iterations_at(first),
+                        decision.run_length.val_iterations_at(first),
+                    ],
+                    "projected_minutes": round(decision.projected_seconds / 60, 3),
+                    "reason": decision.reason,
+                }
+            )
+            loop.run_length = decision.run_length
+            lines.append(decision.reason)
+        self.ran = self._ran(loop.run_length, epoch + 1)
+        self.write()
+        return lines
+
+    def training_finished(self, loop: DeadlineLoop) -> None:
+        """Count the time since the last epoch's measurement (its checkpoints) and record what trained."""
+        if self._mark is not None:
+            self.elapsed_seconds += loop.clock() - self._mark
+            self._mark = None
+        self.ran = self._ran(loop.run_length, len(self.epochs))
+        self.write()
+
+    def fold_finished(self, validation_seconds: float) -> str:
+        """Record the end-of-fold validation; returns the line comparing the whole fold with the budget."""
+        fold = self.elapsed_seconds + validation_seconds
+        self.ran = {
+            **self.ran,
+            "final_validation_minutes": round(validation_seconds / 60, 3),
+            "fold_minutes": round(fold / 60, 3),
+            "of_budget": round(fold / self.budget_seconds, 4),
+        }
+        self.write()
+        return (
+            f"deadline: the fold took {fold / 60:.1f} min of its {_minutes(self.budget_seconds)}-minute budget "
+            f"({round(100 * (fold / self.budget_seconds - 1)):+d}%): {self.ran['iterations']} training iterations "
+            f"(planned {self.planned.total_iterations}), {len(self.replans)} re-plan(s)"
+        )
+
+    def run_speed(self) -> float | None:
+        """The run's measured over promised seconds per training iteration, at :data:`SPEED_PERCENTILE` of its
+        epochs (None before any epoch)."""
+        speeds = [entry["speed"] for entry in self.epochs]
+        return float(np.percentile(speeds, SPEED_PERCENTILE)) if speeds else None
+
+    def describe(self) -> str:
+        """The log line at the start of a run: the budget, and whether the schedule is re-planned."""
+        how = (
+            "the schedule is re-planned after every epoch to end on time"
+            if self.replanning is None
+            else f"the schedule is not re-planned ({self.replanning}); epochs are measured"
+        )
+        return f"deadline: {_minutes(self.budget_seconds)} min for the fold, end-of-fold validation included; {how}"
+
+    # ------------------------------------------------------------------ the record
+    def _ran(self, run_length: RunLength, epochs: int) -> dict[str, Any]:
+        return {
+            "epochs": epochs,
+            "iterations": sum(run_length.iterations_at(e) for e in range(epochs)),
+            "training_minutes": round(self.elapsed_seconds / 60, 3),
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What ``deadline.json`` holds: the budget, the plan, the epochs, the re-plans and what ran."""
+        planned = self.planned
+        return {
+            "budget_minutes": self.budget_seconds / 60,
+            "replanning": "on" if self.replanning is None else f"off: {self.replanning}",
+            "planned": {
+                "epochs": planned.epochs,
+                "iterations_per_epoch": planned.iterations_per_epoch,
+                "val_iterations_per_epoch": planned.val_iterations,
+                "iterations": planned.total_iterations,
+                "stage_starts": list(planned.stage_starts),
+                "estimated_minutes": round(self._planned_seconds() / 60, 3),
+            },
+            "epochs": self.epochs,
+            "replans": self.replans,
+            "ran": self.ran,
+        }
+
+    def _planned_seconds(self) -> float:
+        """The promise for the plan: each epoch at its stage's cost, and the end-of-fold validation."""
+        stages = (self.planned.stage_at(epoch) for epoch in range(self.planned.epochs))
+        final = self.promise.final_validation_seconds if self.final_validation else 0.0
+        return sum(self.promise.stage_epoch_seconds(stage) for stage in stages) + final
+
+    def write(self) -> None:
+        if self.path is not None:
+            write_json(self.record(), self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "elapsed_seconds": self.elapsed_seconds,
+            "epochs": [dict(entry) for entry in self.epochs],
+            "replans": [dict(entry) for entry in self.replans],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.elapsed_seconds = float(state.get("elapsed_seconds", 0.0))
+        self.epochs = [dict(entry) for entry in state.get("epochs", [])]
+        self.replans = [dict(entry) for entry in state.get("replans", [])]
+        self._mark = None
+
+
+def _minutes(seconds: float) -> str:
+    """``900`` -> ``"15"``, ``1107.4`` -> ``"18.46"``: a budget in minutes as the user would write it."""
+    return f"{round(seconds / 60, 2):g}"
