@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -394,3 +396,26 @@ def sample_phantom(
         rotation, shift = motion
         points = points @ rotation.T + shift
     return brain_phantom(points, contrast, lesion_center).reshape(geometry.shape)
+
+
+_REPO = Path(__file__).resolve().parents[1]
+_HOLD = """
+import sys, time
+from autoseg.train.run_lock import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s lock until it is stopped."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=environment
+    )
+    assert process.stdout.readline().strip() == "locked"
+    return process

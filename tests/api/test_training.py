@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import home_environment
+from conftest import hold_lock, home_environment
 
 import trainers.base as trainers_base
 from autoseg.api.plan import plan_and_preprocess
@@ -1046,7 +1046,6 @@ def test_a_dataset_changed_after_its_splits_were_made_is_named_cleaned_refused_a
 def test_a_fold_in_training_is_refused_to_a_second_run_and_a_killed_runs_lock_is_taken_over(
     home: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from test_run_lock import hold_lock
 
     from autoseg.train.run_lock import LOCK_FILE
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -159,9 +160,10 @@ class _Replay:
 
     def __init__(self, outputs: list[np.ndarray], threshold: float) -> None:
         self.outputs, self.threshold = iter(outputs), threshold
+        self.configuration = SimpleNamespace(postprocessing=SimpleNamespace(threshold=threshold))
 
-    def predict_preprocessed(self, data: np.ndarray) -> np.ndarray:
-        return next(self.outputs)
+    def predict_preprocessed(self, data: np.ndarray, agreement: object = None) -> np.ndarray:
+        return next(self.outputs)  # no views: the agreement between mirrorings stays unmeasured
 
     def postprocess(self, probabilities: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
         return postprocess_probabilities(probabilities, spacing, self.threshold)

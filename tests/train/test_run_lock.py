@@ -5,32 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import hold_lock
 
 from autoseg.train.run_lock import LOCK_FILE, RunLockedError, check_unlocked, run_lock
-
-REPO = Path(__file__).resolve().parents[2]
-HOLD = """
-import sys, time
-from autoseg.train.run_lock import run_lock
-with run_lock(sys.argv[1]):
-    print("locked", flush=True)
-    time.sleep(120)
-"""
-
-
-def hold_lock(folder: Path) -> subprocess.Popen:
-    """Another process that holds ``folder``'s lock until it is stopped."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=environment
-    )
-    assert process.stdout.readline().strip() == "locked"
-    return process
 
 
 def test_a_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(
