@@ -235,9 +235,13 @@ def test_cases_outside_the_training_range_are_predicted_with_one_warning_each(
         f"case thick: size outside the training range: {' x '.join(map(str, thick))} voxels vs {size_ranges} voxels",
     ]
     assert thick[2] * 1.5 < sizes[:, 2].min()  # a third of the slices: far below the training's
+    flagged = [
+        c for c, e in read_json(tmp_path / "here" / "prediction_summary.json")["per_case"].items() if e["review"]
+    ]
+    assert {"bright", "thick"} <= set(flagged)  # outside the training range: flagged for review
     assert out.strip() == (
         "wrote 3 prediction(s), skipped 0 already done, 0 failed, 2 with input warnings: bright, thick; "
-        f"summary: {tmp_path / 'here' / 'prediction_summary.json'}"
+        f"{len(flagged)} flagged for review: {', '.join(flagged)}; summary: {tmp_path / 'here' / 'prediction_summary.json'}"
     )
     assert sorted(p.name for p in (tmp_path / "here").glob("*.nii.gz")) == [
         "bright.nii.gz",
