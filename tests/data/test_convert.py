@@ -445,3 +445,25 @@ def test_numbers_are_the_lowest_free_one_or_given_and_existing_datasets_are_kept
 def test_binarize(values: list[float], expected: list[int]) -> None:
     result = binarize(np.array(values, dtype=np.float64))
     assert result.dtype == np.uint8 and result.tolist() == expected
+
+
+def test_repeated_cases_and_a_training_case_without_mask_are_one_clear_error_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    from autoseg.data.converters.common import ConversionError, SourceCase, SourceDataset, write_dataset
+    from autoseg.io.geometry import Geometry
+    from autoseg.io.images import write_image
+
+    image = tmp_path / "release" / "a.nii.gz"
+    write_image(
+        np.ones((4, 4, 4), np.float32), Geometry((4, 4, 4), (1.0,) * 3, (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1)), image
+    )
+    twice = SourceDataset(
+        ("T1",), (SourceCase("c", "s", (image,), image), SourceCase("c", "s", (image,), image)), (), {}
+    )
+    with pytest.raises(ConversionError, match=r"case identifier\(s\) c found more than once"):
+        write_dataset(twice, tmp_path / "out", release=tmp_path / "release")
+    without = SourceDataset(("T1",), (SourceCase("c", "s", (image,)),), (), {})
+    with pytest.raises(ConversionError, match=rf"{image}: training case c has no lesion mask"):
+        write_dataset(without, tmp_path / "out", release=tmp_path / "release")
+    assert not (tmp_path / "out").exists()

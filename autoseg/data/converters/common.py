@@ -212,7 +212,9 @@ def write_dataset(
     identifiers = [case.identifier for case in (*source.training, *source.test)]
     repeated = sorted({name for name in identifiers if identifiers.count(name) > 1})
     if repeated:
-        raise ConversionError(f"case identifier(s) {', '.join(repeated)} found more than once")
+        raise ConversionError(
+            release or target, [(release or target, f"case identifier(s) {', '.join(repeated)} found more than once")]
+        )
     fits: dict[str, tuple[ChannelFit, ...]] = {}
     problems = Problems()
     with staged_dataset(target, overwrite) as folder:
@@ -232,7 +234,9 @@ def write_dataset(
                     copy_image_file(image, file)
             if split == "Tr":
                 if case.label is None:
-                    raise ConversionError(f"training case {case.identifier} has no lesion mask")
+                    raise ConversionError(
+                        release or target, [(case.images[0], f"training case {case.identifier} has no lesion mask")]
+                    )
                 mask, geometry = read_image(case.label, dtype=np.float64)
                 write_like(
                     binarize(mask), geometry, folder / "labelsTr" / f"{case.identifier}{FILE_ENDING}", case.label
