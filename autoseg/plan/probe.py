@@ -302,10 +302,15 @@ def record_training_speed(
 def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
     """``second`` (a new probe of the same machine) with each timing the faster of both probes' and the cost models
     fitted again; busy only when both were. Training runs recorded against ``first`` are dropped (they compared
-    with its timings). Probes of other networks or memory formats do not compare: ``second`` as it is."""
-    layout = [(p.features, p.patch, p.batch) for p in first.points], first.memory_format
-    if layout != ([(p.features, p.patch, p.batch) for p in second.points], second.memory_format):
-        return second  # other networks or another memory format: the timings do not compare
+    with its timings). Probes that chose another training memory format (a busy machine can tip the choice) are not
+    mixed: the one whose training steps were faster in total is kept whole, ``first`` with its training runs;
+    probes of other networks do not compare: ``second`` as it is."""
+    networks = [(p.features, p.patch, p.batch) for p in first.points]
+    if networks != [(p.features, p.patch, p.batch) for p in second.points]:
+        return second  # other networks: the timings do not compare
+    if first.memory_format != second.memory_format:
+        total = [sum(p.train_seconds for p in probe.points) for probe in (first, second)]
+        return second if total[1] < total[0] else replace(first, busy=second.busy if first.busy else "")
     points = tuple(
         replace(
             b,

@@ -257,6 +257,23 @@ def test_a_busy_cached_probe_is_probed_again_keeping_the_faster_of_each_timing(
     assert cached and third == second, "a probe that did not look busy is kept"
 
 
+def test_a_probe_under_steady_load_that_tips_the_memory_format_does_not_replace_a_faster_one(data_roots: Path) -> None:
+    """Under steady load a new probe can choose another training memory format and time every step slower: the
+    faster probe is kept whole, with the training runs recorded against it."""
+    cpu = torch.device("cpu")
+    here = probe.machine_description(cpu, "fp32")
+    runs = ({"run": "A", "date": "2026-12-07T10:00:00+00:00", "speed": 0.8},)
+    fast = dataclasses.replace(fake_probe(machine=here), busy="repeats differed by 125%", training_runs=runs)
+    slow_points = tuple(dataclasses.replace(p, train_seconds=3 * p.train_seconds) for p in fast.points)
+    other = "channels_last_3d" if fast.memory_format != "channels_last_3d" else "contiguous"
+    slow = dataclasses.replace(fast, points=slow_points, memory_format=other, busy="load average 4.1", training_runs=())
+    kept = probe.fastest_of(fast, slow)
+    assert kept.points == fast.points and kept.memory_format == fast.memory_format and kept.training_runs == runs
+    assert kept.busy == "load average 4.1", "busy only when both were: the next plan probes again"
+    assert probe.fastest_of(slow, fast).points == fast.points, "a faster new probe replaces a slower cached one"
+    assert probe.fastest_of(dataclasses.replace(fast, busy=""), slow).busy == ""
+
+
 def test_training_corrects_the_cached_probe_and_a_busy_run_does_not_shrink_later_plans(
     data_roots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
