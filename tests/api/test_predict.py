@@ -1120,7 +1120,7 @@ def test_find_best_calibrates_the_qc_score_on_the_cross_validation_and_a_model_f
         confidence = 1 - np.mean(-(q * np.log2(q) + (1 - q) * np.log2(1 - q))) if mask.any() else None
         mirroring = read_json(path.parent / "summary.json")["cases"][case]["qc"]["mirroring_agreement"]
         volume = mask.sum() * geometry.voxel_volume_mm3
-        plausible = min(1.0, volume / volumes["min"], volumes["max"] / volume)
+        plausible = min(1.0, volume / volumes["min"], volumes["max"] / volume) if volume else 0.0  # no lesion-free case
         parts = [v for v in (mirroring, confidence) if v is not None]
         expected.append(np.mean(parts) * plausible)
     assert calibration["scores"] == pytest.approx(sorted(set(expected)))
