@@ -42,6 +42,7 @@ from autoseg.machine import choose_device, choose_precision, deterministic_algor
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY
 from autoseg.plan.probe import record_training_speed
+from autoseg.plan.step_probe import TRAINING_FORMATS, choose_training_memory_format, format_name
 from autoseg.plans import Loss, Plans, Sampling, Stage
 from autoseg.registry import Registry
 from autoseg.train import resources
@@ -255,19 +256,17 @@ class Trainer:
                 path, type(self).__name__, self.configuration.name, self.options, self.device
             )
         torch.manual_seed(self.seed)
-        self.memory_format, format_reason = resources.memory_format(
-            self.plans, self.configuration, self.device, self.precision
-        )
+        self.loss_settings = self.loss_spec()
+        self.loss = self.build_loss()
         network = self.build_network()
         weights_line = self.start_from_initial_weights(network) if resumed is None else None
+        self.memory_format, format_reason = self.choose_memory_format(network, resumed)
         self.network = network.to(self.device, memory_format=self.memory_format)
         self.model, normalization = self.network, ""
         if self.context.enabled:
             self.model, normalization = distributed.wrap_network(self.network, self.device)
             self.network = self.model.module  # SyncBatchNorm layers, where converted; checkpoints save this
         self.model = torch.compile(self.model) if self.options.compile else self.model
-        self.loss_settings = self.loss_spec()
-        self.loss = self.build_loss()
         self.stage_index = self.run_length.stage_at(0)
         self.optimizer = self.build_optimizer(self.stage)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
@@ -283,6 +282,28 @@ class Trainer:
         if resumed is not None:
             self.restore(resumed)
         return self
+
+    def choose_memory_format(
+        self, network: nn.Module, resumed: dict[str, Any] | None
+    ) -> tuple[torch.memory_format, str]:
+        """The memory format to train ``network`` (just built, on the CPU) in, and why: a continued run's as its
+        checkpoint records it (resuming stays exact; one from before they were recorded: the plans' choice, as then);
+        a new run's from the step probe of this network on this machine on the CPU
+        (:func:`autoseg.plan.step_probe.choose_training_memory_format`), else the plans' choice."""
+        if resumed is not None:
+            recorded = resumed.get("memory_format")
+            if recorded in TRAINING_FORMATS:
+                return TRAINING_FORMATS[recorded], "as the run began (its checkpoint records it)"
+            return resources.memory_format(self.plans, self.configuration, self.device, self.precision)
+        return choose_training_memory_format(
+            self.plans,
+            self.configuration,
+            network,
+            self.loss,
+            self.device,
+            self.precision,
+            distributed=self.context.enabled,
+        )
 
     def _log_start(
         self, device_reason: str, continued: bool, backend: str, normalization: str, format_reason: str
@@ -311,10 +332,7 @@ class Trainer:
         )
         if self.context.enabled:
             self.log(data_parallel_line(self.context, self.configuration, backend, normalization))
-        self.log(
-            f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
-            f" ({format_reason})"
-        )
+        self.log(f"memory format: {format_name(self.memory_format)} ({format_reason})")
         self.promise = None
         if self.settings.time_check:
             self.promise = resources.time_promise(
@@ -528,6 +546,7 @@ class Trainer:
             "configuration": self.configuration.name,
             "fold": self.fold,
             "network": self.network.state_dict(),
+            "memory_format": format_name(self.memory_format),  # a continued run keeps it, so resuming stays exact
             NETWORK_OPTIONS_KEY: self.network_options(),  # prediction rebuilds the network from this record
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": {**self.schedule_description(), "last_lr": self.optimizer.param_groups[0]["lr"]},

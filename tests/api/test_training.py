@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hold_lock, home_environment
+from conftest import fake_step_rounds, hold_lock, home_environment
 
 import trainers.base as trainers_base
 from autoseg.api.plan import plan_and_preprocess
@@ -380,6 +380,9 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
         return original_step(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", recording_step)
+    # both runs begin in channels-last (their step probe finds it faster)...
+    faster = {"contiguous": 0.12, "channels_last_3d": 0.10}
+    monkeypatch.setattr("autoseg.plan.step_probe.timed_rounds", fake_step_rounds(faster))
     options = dataclasses.replace(QUIET, validation=False, val_iterations=1)
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "uninterrupted"))
     whole = train("ATLASFive", fold=0, trainer=trainer, options=options)
@@ -389,6 +392,10 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
     with _killed_after(monkeypatch, 2):
         train("ATLASFive", fold=0, trainer=trainer, options=options)
+    # ...and the continued run keeps channels-last from its checkpoint, whatever the probe would now say
+    monkeypatch.setattr(
+        "autoseg.plan.step_probe.timed_rounds", fake_step_rounds({"contiguous": 0.05, "channels_last_3d": 0.5})
+    )
     resumed = train("ATLASFive", fold=0, trainer=trainer, options=dataclasses.replace(options, continue_training=True))
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the resumed half starts in stage 2
 
@@ -405,6 +412,8 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     assert b["history"]["stage"] == ["zoom_in", "zoom_in", "zoom_out", "zoom_out"]
     log = (resumed.output_folder / "log.txt").read_text()
     assert "continuing from checkpoint_latest.pth after epoch 2 (stage zoom_in" in log
+    assert a["memory_format"] == b["memory_format"] == "channels_last_3d"
+    assert "memory format: channels_last_3d (as the run began (its checkpoint records it))" in log
     assert "stage zoom_out starts at epoch 3" in log
     snapshots = sorted(p.name for p in resumed.output_folder.glob("checkpoint_snapshot_*.pth"))
     if trainer == "ZoomInOutTrainer":
@@ -648,8 +657,13 @@ def test_all_trains_every_fold_and_continue_picks_up_where_it_stopped(home: Path
     assert sorted(case for split in splits for case in split["val"]) == sorted(splits[0]["train"] + splits[0]["val"])
 
 
-def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> None:
+def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from autoseg.plans import ComputeBudget
+
+    # the plans' probe said contiguous; this run's own step probe finds channels-last faster, and that decides
+    monkeypatch.setattr(
+        "autoseg.plan.step_probe.timed_rounds", fake_step_rounds({"contiguous": 0.12, "channels_last_3d": 0.10})
+    )
 
     path = home / "preprocessed" / SPHERE / "plans.json"
     plans = Plans.from_json(path)
@@ -671,7 +685,7 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
         seconds_per_iteration=0.001,
         iterations=150,
         configuration="3d_resunet",
-        memory_format="channels_last_3d",
+        memory_format="contiguous",
         data_processes=0,
         estimates={"3d_resunet": estimate},
         reasons={"data_processes": "a test's choice"},
@@ -684,7 +698,8 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
     assert "the schedule is not re-planned (--epochs given: the run length asked for is kept)" in log
     assert "deadline: re-planned" not in log and "deadline: the fold took" in log
     assert "data processes: 0 (the plans' compute budget: a test's choice)" in log
-    assert "memory format: channels_last_3d (faster in the compute-budget probe" in log
+    assert "memory format: channels_last_3d (step probe of this network at " in log
+    assert "contiguous 0.120 s, channels_last_3d 0.100 s per step, fastest of 3 interleaved rounds, measured now" in log
     assert "time estimate (plans' compute budget):" in log and "of a 0.02-minute budget" in log
     assert len([line for line in log.splitlines() if "time: epoch" in line and "estimated" in line]) == 6
     # an estimate of milliseconds cannot hold: the overrun is a warning that names a cause
