@@ -256,10 +256,10 @@ class Trainer:
                 path, type(self).__name__, self.configuration.name, self.options, self.device
             )
         torch.manual_seed(self.seed)
-        self.loss_settings = self.loss_spec()
-        self.loss = self.build_loss()
         network = self.build_network()
         weights_line = self.start_from_initial_weights(network) if resumed is None else None
+        self.loss_settings = self.loss_spec()  # after the network: a trainer's loss may say what it built
+        self.loss = self.build_loss()
         self.memory_format, format_reason = self.choose_memory_format(network, resumed)
         self.network = network.to(self.device, memory_format=self.memory_format)
         self.model, normalization = self.network, ""

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.networks import ResidualUNet
-from autoseg.networks import normalization
+from autoseg.networks import ResidualUNet, normalization
 from autoseg.networks.normalization import GroupNorm, _ChannelsLastGroupNorm, is_channels_last
 from autoseg.plans import Loss
 from autoseg.train.losses import build_loss
