@@ -300,6 +300,7 @@ class Trainer:
             self.configuration,
             network,
             self.loss,
+            self.configuration.schedule.stages[self.run_length.stage_at(0)],
             self.device,
             self.precision,
             distributed=self.context.enabled,

@@ -46,7 +46,7 @@ from torch import nn
 from autoseg.io.files import read_json, write_json
 from autoseg.machine import Precision, available_cores, load_average, machine_description
 from autoseg.plan.probe import Step, busy_reasons, probe_cache_folder, timed_rounds
-from autoseg.plans import Configuration, Plans
+from autoseg.plans import Configuration, Plans, Stage
 from autoseg.train import resources
 
 __all__ = [
@@ -251,6 +251,7 @@ class StepProbe:
         step_gflop: GFLOP of one step (3 × 2 × the network's forward multiply-accumulates at ``patch`` and
             ``batch``, ``forward_macs``); None for a network that does not count them.
         repeats: timed rounds (summed over merged measurements).
+        probe_seconds: how long the latest measurement took (warm-up included).
         load_average: the one-minute load average before measuring (None where unknown).
         spread: median over the steps of slowest repeat over fastest - 1.
         busy: why the machine looked busy while measuring (empty when it did not).
@@ -265,6 +266,7 @@ class StepProbe:
     plain_convolution_seconds: dict[str, float]
     step_gflop: float | None
     repeats: int
+    probe_seconds: float = 0.0
     load_average: float | None = None
     spread: float = 0.0
     busy: str = ""
@@ -292,7 +294,7 @@ class StepProbe:
             if step is not None
             else f"; a plain convolution runs at {plain:.0f} GFLOP/s"
         )
-        source = f"cached, measured {self.created}" if cached else "measured now"
+        source = f"cached, measured {self.created}" if cached else f"measured now in {self.probe_seconds:.0f} s"
         busy = f"; the machine looked busy ({self.busy})" if self.busy else ""
         return (
             f"step probe of this network at {'x'.join(map(str, self.patch))}, batch {self.batch}: {times} per step, "
@@ -358,6 +360,7 @@ def run_step_probe(
         device, precision: where and how the run trains.
         repeats: timed rounds after the warm-up.
     """
+    start = time.perf_counter()
     rng = torch.random.get_rng_state()
     load = load_average()
     steps: list[Step] = []
@@ -380,6 +383,7 @@ def run_step_probe(
         plain_convolution_seconds={name: round(min(times[2 * i + 1]), 5) for i, name in enumerate(TRAINING_FORMATS)},
         step_gflop=gflop,
         repeats=repeats,
+        probe_seconds=round(time.perf_counter() - start, 1),
         load_average=load,
         spread=spread,
         busy=busy,
@@ -431,6 +435,7 @@ def choose_training_memory_format(
     configuration: Configuration,
     network: nn.Module,
     loss: nn.Module,
+    stage: Stage,
     device: torch.device,
     precision: Precision,
     *,
@@ -438,15 +443,14 @@ def choose_training_memory_format(
 ) -> tuple[torch.memory_format, str]:
     """The memory format a run trains ``network`` in, and the reason for the log.
 
-    A 3-D network in one process on the CPU: the step probe's choice for this network at the first stage's batch
-    and a reduced patch (:func:`load_or_run_step_probe`, :meth:`StepProbe.choice`). Anywhere else (2-D networks,
-    GPUs, distributed runs, whose ranks must agree): the plans' compute-budget choice
-    (:func:`autoseg.train.resources.memory_format`).
+    A 3-D network in one process on the CPU: the step probe's choice for this network at ``stage``'s batch (the
+    stage the run begins with) and its patch, reduced to at most :data:`STEP_PROBE_VOXELS` voxels
+    (:func:`load_or_run_step_probe`, :meth:`StepProbe.choice`). Anywhere else (2-D networks, GPUs, distributed runs,
+    whose ranks must agree): the plans' compute-budget choice (:func:`autoseg.train.resources.memory_format`).
     """
     if configuration.dimension != 3 or device.type != "cpu" or distributed:
         chosen, reason = resources.memory_format(plans, configuration, device, precision)
         return chosen, reason + ("; a distributed run's ranks keep one format" if distributed else "")
-    stage = configuration.schedule.stages[0]
     patch = step_probe_patch(stage.patch_size, configuration.network.total_stride)
     probe, cached = load_or_run_step_probe(network, loss, patch, stage.batch_size, device, precision)
     return TRAINING_FORMATS[probe.choice()], probe.describe(cached)

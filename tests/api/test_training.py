@@ -699,7 +699,7 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path, monkey
     assert "deadline: re-planned" not in log and "deadline: the fold took" in log
     assert "data processes: 0 (the plans' compute budget: a test's choice)" in log
     assert "memory format: channels_last_3d (step probe of this network at " in log
-    assert "contiguous 0.120 s, channels_last_3d 0.100 s per step, fastest of 3 interleaved rounds, measured now" in log
+    assert "contiguous 0.120 s, channels_last_3d 0.100 s per step, fastest of 3 interleaved rounds, measured now in " in log
     assert "time estimate (plans' compute budget):" in log and "of a 0.02-minute budget" in log
     assert len([line for line in log.splitlines() if "time: epoch" in line and "estimated" in line]) == 6
     # an estimate of milliseconds cannot hold: the overrun is a warning that names a cause

@@ -98,7 +98,7 @@ def test_throughput_is_the_networks_own_count_over_the_step_time(monkeypatch: py
     assert step == pytest.approx(gflop / 0.5) and convolution == pytest.approx(plain / 0.25)
     line = probe.describe(cached=False)
     assert line.startswith("step probe of this network at 16x16x16, batch 2: contiguous 0.500 s, channels_last_3d ")
-    assert "fastest of 3 interleaved rounds, measured now" in line
+    assert "fastest of 3 interleaved rounds, measured now in " in line
     assert f"the step runs at {gflop / 0.5:.0f} GFLOP/s, {gflop / 0.5 / (plain / 0.25):.0%} of a plain" in line
 
 
@@ -179,15 +179,19 @@ def _plans_stub(dimension: int, memory_format: str = "contiguous"):
 def test_the_step_probe_decides_on_the_cpu_the_plans_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(step_probe, "timed_rounds", fake_step_rounds({"contiguous": 0.2, "channels_last_3d": 0.1}))
     plans, configuration = _plans_stub(3, memory_format="contiguous")
-    chosen, reason = choose_training_memory_format(plans, configuration, _network(), _loss(), CPU, FP32)
+    chosen, reason = choose_training_memory_format(
+        plans, configuration, _network(), _loss(), configuration.schedule.stages[0], CPU, FP32
+    )
     assert chosen == torch.channels_last_3d and reason.startswith("step probe of this network at 32x32x32, batch 2")
     chosen, reason = choose_training_memory_format(
-        plans, configuration, _network(), _loss(), CPU, FP32, distributed=True
+        plans, configuration, _network(), _loss(), configuration.schedule.stages[0], CPU, FP32, distributed=True
     )
     assert chosen == torch.contiguous_format
     assert reason == "faster in the compute-budget probe (then); a distributed run's ranks keep one format"
     plans, configuration = _plans_stub(2)
-    chosen, reason = choose_training_memory_format(plans, configuration, _network(), _loss(), CPU, FP32)
+    chosen, reason = choose_training_memory_format(
+        plans, configuration, _network(), _loss(), configuration.schedule.stages[0], CPU, FP32
+    )
     assert (chosen, reason) == (torch.contiguous_format, "2-D network")
 
 
