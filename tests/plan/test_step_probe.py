@@ -51,17 +51,17 @@ def _loss() -> torch.nn.Module:
     "patch, divisor, expected",
     [
         ((64, 64, 64), (16, 16, 16), (64, 64, 64)),  # 64³ voxels: timed as it is
-        ((80, 80, 80), (16, 16, 16), (48, 48, 48)),  # halved, rounded up to the stride
-        ((64, 80, 64), (16, 16, 16), (64, 80, 64)),  # 327,680 voxels > 64³ ...
-        ((128, 128, 128), (16, 16, 16), (64, 64, 64)),
-        ((160, 192, 16), (32, 32, 16), (96, 96, 16)),  # an axis at its stride stays
-        ((8, 8, 8), (8, 8, 8), (8, 8, 8)),
+        ((64, 80, 64), (16, 16, 16), (64, 64, 64)),  # the longest axis shortened by its stride
+        ((80, 96, 80), (16, 16, 16), (64, 64, 64)),
+        ((80, 80, 80), (16, 16, 16), (64, 64, 64)),  # equals: the first axis first
+        ((160, 192, 16), (32, 32, 16), (128, 128, 16)),
+        ((512, 16, 16), (16, 16, 16), (512, 16, 16)),  # 131,072 voxels: small enough
+        ((32, 32, 32), (32, 32, 32), (32, 32, 32)),
     ],
 )
 def test_step_probe_patch(patch, divisor, expected) -> None:
-    if patch == (64, 80, 64):
-        expected = (32, 48, 32)  # ... so halved: 40 rounds up to 48
     assert step_probe_patch(patch, divisor) == expected
+    assert step_probe_patch((96, 96, 96), (32, 32, 32), voxels=1) == (32, 32, 32)  # no axis below its stride
 
 
 @pytest.mark.parametrize(
