@@ -139,7 +139,8 @@ class DiceCELoss(nn.Module):
 
     def forward(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         weights = [1 / 2**level for level in range(len(outputs))]
-        weights[-1] = 0.0
+        if len(weights) > 1:
+            weights[-1] = 0.0
         total = sum(weights)
         value = outputs[0].new_zeros((), dtype=torch.float32)
         for weight, logits, target in zip(weights, outputs, targets):
@@ -198,6 +199,7 @@ def _autoseg_network(network: Network) -> nn.Module:
         features=network.features,
         strides=network.strides,
         kernel_sizes=network.kernel_sizes,
+        deep_supervision=len(network.features) > 2,  # as the plans: deep supervision needs two decoder levels
     )
 
 
@@ -218,18 +220,15 @@ def _variant_step(variant: str, network: Network, precision: Precision) -> tuple
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
         timer = StepTimer(model.train(), DiceCELoss(), optimizer, data, targets, FP32, torch.device("cpu"))
         return timer, timer
-    memory_format = torch.contiguous_format if variant in ("contiguous", "compiled") else torch.channels_last_3d
+    memory_format = _variant_format(variant)
     model = _autoseg_network(network).to(memory_format=memory_format).train()
     levels = len(network.features) - 1
     loss = build_loss(network.loss, levels if levels > 1 else 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    forward = torch.compile(model) if variant == "compiled" else model
+    forward = torch.compile(model) if variant == "compiled" else model  # the compiled wrapper shares the parameters
     timer = StepTimer(
         forward, loss, optimizer, data.contiguous(memory_format=memory_format), target, precision, torch.device("cpu")
     )
-    timer.network = forward
-    if variant == "compiled":  # clip the real parameters (the compiled wrapper shares them)
-        timer.optimizer = optimizer
     own_norm = variant != "channels_last_native_norm"
 
     def run() -> float:
@@ -250,26 +249,38 @@ def _variant_format(variant: str) -> torch.memory_format:
     return torch.channels_last_3d if variant.startswith("channels_last") else torch.contiguous_format
 
 
-def measure(network: Network, variants: Sequence[str], precision: Precision, rounds: int) -> dict[str, Any]:
-    """Every variant's step and the plain convolutions, one untimed warm-up each, then ``rounds`` interleaved
-    rounds; per variant the fastest round with its parts."""
-    items: list[Measured] = []
-    for variant in variants:
-        timer, run = _variant_step(variant, network, precision)
-        items.append(Measured(variant, run, lambda timer=timer: dict(timer.last)))
-    convolutions: dict[tuple[str, str], Measured] = {}
-    for variant in variants:
-        key = (
-            _variant_precision(variant, precision).name,
-            "channels_last_3d" if variant.startswith("channels") else "contiguous",
-        )
-        if key not in convolutions:
-            fmt = _variant_format(variant)
-            convolutions[key] = Measured(
-                f"plain convolution {key[0]} {key[1]}",
-                plain_convolution_step(torch.device("cpu"), _variant_precision(variant, precision), fmt),
-            )
-    everything = items + list(convolutions.values())
+def _format_name(variant: str) -> str:
+    return "channels_last_3d" if variant.startswith("channels_last") else "contiguous"
+
+
+def _on_threads(threads: int, run: Callable[[], float]) -> Callable[[], float]:
+    def on_threads() -> float:
+        torch.set_num_threads(threads)
+        return run()
+
+    return on_threads
+
+
+def measure(
+    network: Network, variants: Sequence[str], precision: Precision, rounds: int, threads: Sequence[int]
+) -> dict[str, Any]:
+    """Every variant's step at every thread count and the plain convolutions, one untimed warm-up each, then
+    ``rounds`` interleaved rounds; per variant (``NAME`` or ``NAME @N threads`` with several counts) the fastest
+    round with its parts."""
+    items: dict[str, tuple[str, int, Measured]] = {}
+    convolutions: dict[tuple[str, str, int], Measured] = {}
+    for count in threads:
+        for variant in variants:
+            timer, run = _variant_step(variant, network, precision)
+            label = variant if len(threads) == 1 else f"{variant} @{count} threads"
+            items[label] = (variant, count, Measured(label, _on_threads(count, run), lambda t=timer: dict(t.last)))
+            key = (_variant_precision(variant, precision).name, _format_name(variant), count)
+            if key not in convolutions:
+                step = plain_convolution_step(
+                    torch.device("cpu"), _variant_precision(variant, precision), _variant_format(variant)
+                )
+                convolutions[key] = Measured(f"plain convolution {key}", _on_threads(count, step))
+    everything = [item for _, _, item in items.values()] + list(convolutions.values())
     for item in everything:
         start = time.perf_counter()
         item.run()
@@ -279,20 +290,14 @@ def measure(network: Network, variants: Sequence[str], precision: Precision, rou
             seconds = item.run()
             item.rounds.append((seconds, item.parts()))
     results = {}
-    for variant, item in zip(variants, items):
+    for label, (variant, count, item) in items.items():
         seconds, parts = item.fastest()
-        key = (
-            _variant_precision(variant, precision).name,
-            "channels_last_3d" if variant.startswith("channels") else "contiguous",
-        )
-        plain = convolutions[key].fastest()[0]
-        if variant == "nnunet":
-            macs = _nnunet_macs(network)
-        else:
-            macs = _autoseg_network_on_meta_macs(network)
+        plain = convolutions[(_variant_precision(variant, precision).name, _format_name(variant), count)].fastest()[0]
+        macs = _nnunet_macs(network) if variant == "nnunet" else _autoseg_network_on_meta_macs(network)
         gflop = 6 * network.batch * macs / 1e9
-        results[variant] = {
+        results[label] = {
             "precision": _variant_precision(variant, precision).name,
+            "threads": count,
             "seconds": seconds,
             "parts": parts,
             "all_rounds": [round(s, 4) for s, _ in item.rounds],
@@ -419,19 +424,20 @@ def _print_table(network: Network, results: dict[str, Any], data: float | None) 
         f"batch {network.batch}"
     )
     print(
-        f"  {'variant':28s} {'prec':5s} {'s/step':>7s} {'fwd':>6s} {'bwd':>6s} {'opt':>6s} {'GFLOP':>7s} "
+        f"  {'variant':36s} {'prec':5s} {'s/step':>7s} {'fwd':>6s} {'bwd':>6s} {'opt':>6s} {'GFLOP':>7s} "
         f"{'GFLOP/s':>8s} {'conv GFLOP/s':>12s} {'of conv':>8s} {'vs ' + first:>16s}"
     )
     for variant, r in results.items():
         p = r["parts"]
         print(
-            f"  {variant:28s} {r['precision']:5s} {r['seconds']:7.3f} {p.get('forward', math.nan):6.3f} "
+            f"  {variant:36s} {r['precision']:5s} {r['seconds']:7.3f} {p.get('forward', math.nan):6.3f} "
             f"{p.get('backward', math.nan):6.3f} {p.get('optimizer', math.nan):6.3f} {r['gflop']:7.1f} "
             f"{r['gflops']:8.1f} {r['plain_convolution_gflops']:12.1f} {r['share_of_plain']:8.0%} "
             f"{r['seconds'] / results[first]['seconds']:16.3f}"
         )
-    if "compiled" in results:
-        print(f"  compiled: first step (compilation) {results['compiled']['warm_up_seconds']:.1f} s")
+    for label, r in results.items():
+        if label.startswith("compiled"):
+            print(f"  {label}: first step (compilation) {r['warm_up_seconds']:.1f} s")
     if data is not None:
         print(f"  data: {data:.3f} CPU s to sample and augment one batch in one process (mean)")
 
@@ -449,7 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="batch, overriding the plans'")
     parser.add_argument("--in-channels", type=int, default=1, help="input channels with --features (default 1)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    parser.add_argument("--threads", type=int, help="torch threads (default: this process's cores)")
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        help="torch threads; several: every variant at each, interleaved (default: the cores)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (default 3)")
     parser.add_argument("--variants", nargs="+", default=["contiguous", "channels_last", "nnunet"], choices=VARIANTS)
     parser.add_argument("--data", action="store_true", help="also time making a training batch (needs the data)")
@@ -458,7 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.features and not args.patch:
         parser.error("--features needs --patch")
-    threads = configure_threads(args.threads)
+    threads = args.threads or [configure_threads()]
+    if any(count < 1 for count in threads):
+        parser.error("--threads: counts must be at least 1")
     precision = choose_precision(torch.device("cpu"), args.precision)
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -466,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": threads,
+        "threads": list(threads),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "precision": precision.name,
@@ -474,12 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "configurations": [],
     }
     print(
-        f"{report['cpu']} ({report['capability']}; {report['cpu_flags']}), {threads} thread(s), torch "
+        f"{report['cpu']} ({report['capability']}; {report['cpu_flags']}), {'/'.join(map(str, threads))} thread(s), torch "
         f"{torch.__version__}, {precision.name}; load average {report['load_average_before']}; "
         f"{args.rounds} interleaved rounds, fastest kept"
     )
     for network, path in _networks(args):
-        results = measure(network, args.variants, precision, args.rounds)
+        results = measure(network, args.variants, precision, args.rounds, threads)
         data = data_seconds(network, path, args.data_batches) if args.data and path is not None else None
         _print_table(network, results, data)
         report["configurations"].append(
