@@ -117,6 +117,21 @@ def step_probe_without_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("autoseg.plan.step_probe.load_average", lambda: 0.0)  # never busy by the machine's load
 
 
+@pytest.fixture(autouse=True)
+def fixed_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No run checks its thread count while training (``autoseg.train.threads``), so results do not depend on the
+    machine's load; tests of the check attach their own."""
+    monkeypatch.setattr("trainers.base.ThreadCheck", _NoThreadCheck)
+
+
+class _NoThreadCheck:
+    """Stands in for :class:`autoseg.train.threads.ThreadCheck` in the trainer: no check for any run."""
+
+    @classmethod
+    def for_run(cls, configured: int) -> None:
+        return None
+
+
 def _reoriented_copy(source: Path, target: Path, orientation: str) -> Path:
     """Write ``source`` to ``target`` stored in ``orientation`` (e.g. ``ASL``, ``LPI``): the same voxels at the same
     world positions, with the axes permuted and flipped by SimpleITK's own DICOMOrient filter."""

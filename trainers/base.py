@@ -71,6 +71,7 @@ from autoseg.train.losses import build_loss
 from autoseg.train.options import Fold, TrainingOptions
 from autoseg.train.run_length import RunLength
 from autoseg.train.splits import fold_cases
+from autoseg.train.threads import ThreadCheck, threads_restored
 from autoseg.train.time_promise import TimePromise
 from autoseg.train.transfer import load_initial_weights
 from autoseg.train.validation import dice_counts, global_dice, moving_average, validate_cases
@@ -173,6 +174,7 @@ class Trainer:
         self.num_processes, self.num_processes_reason = resources.DEFAULT_DATA_PROCESSES, "default"
         self.clock = time.perf_counter  # every time the loop measures; a test injects a simulated clock
         self.timing = _epoch_timing(0.0)  # this epoch's, reset by fit()
+        self.thread_check: ThreadCheck | None = None  # set by setup() on a CPU
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -246,6 +248,11 @@ class Trainer:
             self.options.num_processes, self.plans, self.device
         )
         resources.configure_cpu_threads(self.device, self.context, self.num_processes, self.options.num_processes)
+        self.thread_check = (  # the steps' threads, checked while training (not with --deterministic)
+            ThreadCheck.for_run(torch.get_num_threads())
+            if self.device.type == "cpu" and not self.context.enabled and not self.options.deterministic
+            else None
+        )
         # Before anything is written: a dataset that changed since its splits were made is refused here.
         raw_cases = None if self.raw_dataset is None else [case.identifier for case in self.raw_dataset.cases()]
         self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold, raw_cases)
@@ -360,7 +367,10 @@ class Trainer:
             raise RuntimeError("call setup() before fit()")
         first = self.epoch
         totals = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0, "seconds": 0.0, "estimated": 0.0}
-        with deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda"):
+        with (
+            deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda"),
+            threads_restored(self.thread_check),
+        ):
             for epoch in range(self.epoch, self.run_length.epochs):
                 if any(handler.stop_requested() for handler in self.handlers):
                     break
@@ -452,19 +462,37 @@ class Trainer:
         self.model.train()
         losses, first_rate = [], self.learning_rate(epoch, 0)
         with self.loader(epoch, train=True) as batches:
-            for iteration in range(self.run_length.iterations_at(epoch)):
+            iterations = self.run_length.iterations_at(epoch)
+            for iteration in range(iterations):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, iteration)
+                self._set_step_threads(epoch, iteration, iterations)
                 waited = self.clock()
                 batch = next(batches)
                 stepped = self.clock()
                 losses.append(self.train_step(batch))
+                done = self.clock()
                 self.timing["loader_wait"] += stepped - waited
-                self.timing["steps"] += self.clock() - stepped
+                self.timing["steps"] += done - stepped
                 self.timing["iterations"] += 1
+                self._check_threads(epoch, iteration, iterations, done - stepped)
         self.timing["training"] = self.timing["loader_wait"] + self.timing["steps"]
         total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
         return float(total[0] / total[1]), first_rate
+
+    def _set_step_threads(self, epoch: int, iteration: int, iterations: int) -> None:
+        """Torch's threads for this iteration's step, where the thread check (``autoseg.train.threads``) runs."""
+        if self.thread_check is not None:
+            threads = self.thread_check.step_threads(epoch, iteration, iterations)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _check_threads(self, epoch: int, iteration: int, iterations: int, seconds: float) -> None:
+        """Give the thread check the step's seconds; log its decision when it made one."""
+        if self.thread_check is not None:
+            line = self.thread_check.step_done(epoch, iteration, iterations, seconds)
+            if line is not None:
+                self.log(line)
 
     def train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step on ``batch``; returns the loss."""
@@ -560,6 +588,7 @@ class Trainer:
             "seed": self.seed,
             "rng": capture_rng_state(),
             "world_size": self.context.world_size,
+            "threads": self.thread_check.state_dict() if self.thread_check is not None else {},
             **{handler.key: handler.state_dict() for handler in self.handlers},
         }
 
@@ -588,6 +617,9 @@ class Trainer:
         )
         for handler in self.handlers:
             handler.load_state_dict(state.get(handler.key, {}))
+        if self.thread_check is not None:
+            self.thread_check.load_state_dict(state.get("threads", {}))
+            torch.set_num_threads(self.thread_check.current)
 
     # ------------------------------------------------------------------ end of fold
     def validate(self) -> dict[str, Any]:

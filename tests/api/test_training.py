@@ -699,7 +699,10 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path, monkey
     assert "deadline: re-planned" not in log and "deadline: the fold took" in log
     assert "data processes: 0 (the plans' compute budget: a test's choice)" in log
     assert "memory format: channels_last_3d (step probe of this network at " in log
-    assert "contiguous 0.120 s, channels_last_3d 0.100 s per step, fastest of 3 interleaved rounds, measured now in " in log
+    assert (
+        "contiguous 0.120 s, channels_last_3d 0.100 s per step, fastest of 3 interleaved rounds, measured now in "
+        in log
+    )
     assert "time estimate (plans' compute budget):" in log and "of a 0.02-minute budget" in log
     assert len([line for line in log.splitlines() if "time: epoch" in line and "estimated" in line]) == 6
     # an estimate of milliseconds cannot hold: the overrun is a warning that names a cause
@@ -1078,3 +1081,62 @@ def test_a_fold_in_training_is_refused_to_a_second_run_and_a_killed_runs_lock_is
     log = (folder / "log.txt").read_text()
     assert f"took over the lock of a run that ended without releasing it (pid {holder.pid} on host " in log
     assert log.count("autoseg training: trainer") == 1 and not (folder / LOCK_FILE).exists()
+
+
+def test_a_cpu_run_checks_its_thread_count_on_its_own_steps_and_continues_from_it(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A simulated busy machine: a step takes 2 s on 2 threads and 0.5 s on 1. The run switches to 1 thread at its
+    first epoch, logs why, keeps it, and a continued run starts on 1 thread with the check's schedule."""
+    from autoseg.train.threads import ThreadCheck
+
+    monkeypatch.setattr(trainers_base, "ThreadCheck", ThreadCheck)  # the suite's stand-in checks nothing
+    machine = SimulatedMachine(lambda t: 1.0)
+    used: list[int] = []
+    step = Trainer.train_step
+
+    def timed_step(self: Trainer, batch: dict) -> float:
+        used.append(torch.get_num_threads())
+        machine.spend(0.5 if torch.get_num_threads() == 1 else 2.0)
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    options = dataclasses.replace(QUIET, validation=False, val_iterations=0, epochs=3, iterations_per_epoch=4)
+
+    def run(**changes) -> Trainer:
+        runner = prepare_run("ATLASFive", fold=0, options=dataclasses.replace(options, **changes))
+        runner.clock = machine
+        runner.setup()
+        runner.fit()
+        return runner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole = run()
+        assert torch.get_num_threads() == 2, "after training the run's own count again"
+        log = (whole.output_folder / "log.txt").read_text()
+        assert used == [2, 1, 2, 1] + [1, 2, 1, 2] + [1] * 4  # epoch 1 switches, epoch 2 keeps, epoch 3 unchecked
+        assert (
+            "threads: 1 (switched from 2; steps 2.00 s on 2, 0.50 s on 1 thread(s), fastest of 2 each at the start "
+            "of epoch 1; next check at epoch 2)" in log
+        )
+        assert "threads: 1 (kept; steps 0.50 s on 1, 2.00 s on 2 thread(s)" in log and "next check at epoch 4" in log
+        final = load_checkpoint(whole.output_folder / "checkpoint_final.pth")
+        assert final["threads"] == {"configured": 2, "current": 1, "interval": 2, "next": 3}
+
+        # killed after epoch 1: the continued run starts on 1 thread and checks at epoch 2, as the whole run did
+        used.clear()
+        monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
+        with _killed_after(monkeypatch, 1):
+            run()
+        used.clear()
+        run(continue_training=True)
+        assert used == [1, 2, 1, 2] + [1] * 4
+        # --deterministic keeps the count fixed
+        used.clear()
+        monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "deterministic"))
+        run(deterministic=True)
+        assert used == [2] * 12
+    finally:
+        torch.set_num_threads(threads)
