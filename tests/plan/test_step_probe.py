@@ -155,10 +155,18 @@ def test_cached_then_measured_again_after_a_busy_measurement(monkeypatch: pytest
     third, cached = load_or_run_step_probe(network, loss, PATCH, 2, CPU, FP32)
     assert cached and third == second
     assert "cached, measured " + first.created in third.describe(cached=True)
+    # a machine that stays busy: measured again until three measurements are merged, then the merged one stands
+    monkeypatch.setattr(step_probe, "load_average", lambda: 99.0)
+    monkeypatch.setattr(step_probe, "timed_rounds", fake_step_rounds({"contiguous": 0.2, "channels_last_3d": 0.3}))
+    counted = []
+    for _ in range(4):
+        probe, cached = load_or_run_step_probe(network, loss, (8, 8, 8), 2, CPU, FP32)
+        counted.append((cached, probe.repeats))
+    assert counted == [(False, 3), (False, 6), (False, 9), (True, 9)] and probe.busy
     # another patch, batch or network is another probe
     monkeypatch.setattr(step_probe, "timed_rounds", fake_step_rounds({"contiguous": 0.3, "channels_last_3d": 0.2}))
     _, cached = load_or_run_step_probe(network, loss, PATCH, 1, CPU, FP32)
-    assert not cached and len(list(step_probe.probe_cache_folder().glob("step_*.json"))) == 2
+    assert not cached and len(list(step_probe.probe_cache_folder().glob("step_*.json"))) == 3
 
 
 def _plans_stub(dimension: int, memory_format: str = "contiguous"):
