@@ -2,24 +2,28 @@
 
 PyTorch's CPU kernel for the GroupNorm backward pass is fast on contiguous ``(B, C, X, Y, Z)`` tensors and very slow
 on channels-last ones (``torch.channels_last_3d``) in bf16: on one thread of an AMD EPYC with AVX512-BF16 (torch
-2.13, 8 groups) it took 51 ms for a (2, 16, 48, 48, 48) bf16 tensor against 1.5 ms contiguous, and 120 ms against
-3.5 ms at 64³, so a residual U-Net trained in channels-last lost more in its normalization than it gained in its
-convolutions (``documentation/benchmarks.md``, "A faster CPU step"). Converting to contiguous and back costs about
-as much as the kernel saves (8.7 ms at 48³, 28 ms with 32 channels: bf16 transposes are slow).
+2.13, 8 groups, 2026-12-07, a busy machine) its backward pass took 53 ms for a (2, 16, 48, 48, 48) bf16 tensor
+against 1.8 ms contiguous, and 127 ms against 4.2 ms at 64³, so a residual U-Net trained in channels-last lost more
+in its normalization than it gained in its convolutions (``documentation/benchmarks.md``, "A faster CPU step").
+Converting to contiguous and back costs about as much as the kernel saves (bf16 transposes are slow).
 
 :class:`GroupNorm` is ``nn.GroupNorm`` (same parameters, same state dict, same forward result) that, while training
 on the CPU with a bf16 (or fp16) channels-last input, runs PyTorch's own forward kernel and computes the backward
 pass in the channels-last layout itself (:class:`_ChannelsLastGroupNorm`), from per-sample, per-channel sums over
-the voxels: 8.2 ms at (2, 16, 48, 48, 48), 16 ms at 32 channels (PyTorch's: 51 ms both), 18 ms at 64³ (120 ms).
+the voxels: 6.2 ms at (2, 16, 48, 48, 48), 12 ms at 32 channels (PyTorch's: 53 and 54 ms), 14 ms at 64³ (127 ms),
+3.5 ms at (2, 64, 24, 24, 24) (7.8 ms).
 Everywhere else (float32, contiguous input, no gradients, another device) it is ``nn.GroupNorm`` unchanged; in
 float32 PyTorch's channels-last kernel is within a factor of two of this one either way.
 
 The backward pass, for one sample and group of ``n`` elements with mean ``m``, ``r = 1 / std``, ``x̂ = (x - m) r``
 and channel weights ``w``: ``dx = r (w dy - mean_g(w dy) - x̂ mean_g(w dy x̂))``, ``dw = Σ dy x̂``, ``db = Σ dy``,
 with ``mean_g`` over the group's channels and voxels (Wu and He, "Group Normalization", ECCV 2018; PyTorch's
-``native_group_norm_backward`` computes the same). Sums are accumulated in float32 from the bf16 products of
-``dy`` and ``x - m`` (``m`` rounded to bf16, corrected exactly afterwards), so the gradients differ from PyTorch's
-by bf16 rounding (about 1e-3 of their largest value); in float32 they agree to rounding (1e-6).
+``native_group_norm_backward`` computes the same). The sums over the voxels of ``dy`` and of the bf16 products
+``dy (x - m)`` (``m`` rounded to bf16, corrected exactly afterwards) are taken in bf16 over chunks of
+:data:`_SUM_CHUNK` rows (PyTorch accumulates in float32 and rounds each chunk's sum once) and over the chunks in
+float32, so the gradients differ from float64 by a few bf16 roundings (``tests/networks/test_normalization.py``:
+dx within 1e-2, dw and db within 5e-3 of their largest value, against float64 from the same forward statistics);
+in float32 they agree to rounding (1e-5).
 """
 
 from __future__ import annotations
