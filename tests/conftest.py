@@ -24,6 +24,7 @@ from autoseg.data.demo.ctp import make_ctp_like
 from autoseg.io.geometry import Geometry
 from autoseg.plan.cost_model import CostModel, ProbePoint
 from autoseg.plan.probe import ComputeProbe
+from autoseg.plan.step_probe import TRAINING_FORMATS
 from autoseg.plans import Configuration, Plans, Stage
 
 
@@ -89,6 +90,46 @@ def cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     runs on (AVX2-only and AMX alike). Tests of the bf16 path ask for it explicitly; the automatic choice is tested
     by faking this probe."""
     monkeypatch.setattr("autoseg.machine.cpu_has_fast_bf16", lambda: (False, "AVX2 (pinned by the test suite)"))
+
+
+#: What the step probe's patched rounds return in every test (seconds per step): contiguous faster, as training
+#: ran before the step probe; a test of the choice passes its own to :func:`fake_step_rounds`.
+CONTIGUOUS_FASTER = {"contiguous": 0.10, "channels_last_3d": 0.12}
+
+
+def fake_step_rounds(step_seconds: dict[str, float], plain_seconds: float = 0.05) -> Callable[..., list[list[float]]]:
+    """A stand-in for :func:`autoseg.plan.probe.timed_rounds` as the step probe calls it (per memory format its
+    training step, then the plain convolution): nothing is run or timed, every repeat takes the seconds given."""
+
+    def rounds(steps: Sequence[Callable[[], float]], repeats: int) -> list[list[float]]:
+        seconds = [value for name in TRAINING_FORMATS for value in (step_seconds[name], plain_seconds)]
+        assert len(steps) == len(seconds), "one training step and one plain convolution per memory format"
+        return [[value] * repeats for value in seconds]
+
+    return rounds
+
+
+@pytest.fixture(autouse=True)
+def step_probe_without_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run's step probe (``autoseg.plan.step_probe``) sees contiguous faster, so training does not depend on
+    the CPU the suite runs on (and times nothing); tests of the choice patch their own timings."""
+    monkeypatch.setattr("autoseg.plan.step_probe.timed_rounds", fake_step_rounds(CONTIGUOUS_FASTER))
+    monkeypatch.setattr("autoseg.plan.step_probe.load_average", lambda: 0.0)  # never busy by the machine's load
+
+
+@pytest.fixture(autouse=True)
+def fixed_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No run checks its thread count while training (``autoseg.train.threads``), so results do not depend on the
+    machine's load; tests of the check attach their own."""
+    monkeypatch.setattr("trainers.base.ThreadCheck", _NoThreadCheck)
+
+
+class _NoThreadCheck:
+    """Stands in for :class:`autoseg.train.threads.ThreadCheck` in the trainer: no check for any run."""
+
+    @classmethod
+    def for_run(cls, configured: int) -> None:
+        return None
 
 
 def _reoriented_copy(source: Path, target: Path, orientation: str) -> Path:

@@ -42,6 +42,7 @@ from autoseg.machine import choose_device, choose_precision, deterministic_algor
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY
 from autoseg.plan.probe import record_training_speed
+from autoseg.plan.step_probe import TRAINING_FORMATS, choose_training_memory_format, format_name
 from autoseg.plans import Loss, Plans, Sampling, Stage
 from autoseg.registry import Registry
 from autoseg.train import resources
@@ -70,6 +71,7 @@ from autoseg.train.losses import build_loss
 from autoseg.train.options import Fold, TrainingOptions
 from autoseg.train.run_length import RunLength
 from autoseg.train.splits import fold_cases
+from autoseg.train.threads import ThreadCheck, threads_restored
 from autoseg.train.time_promise import TimePromise
 from autoseg.train.transfer import load_initial_weights
 from autoseg.train.validation import dice_counts, global_dice, moving_average, validate_cases
@@ -172,6 +174,7 @@ class Trainer:
         self.num_processes, self.num_processes_reason = resources.DEFAULT_DATA_PROCESSES, "default"
         self.clock = time.perf_counter  # every time the loop measures; a test injects a simulated clock
         self.timing = _epoch_timing(0.0)  # this epoch's, reset by fit()
+        self.thread_check: ThreadCheck | None = None  # set by setup() on a CPU
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -245,6 +248,11 @@ class Trainer:
             self.options.num_processes, self.plans, self.device
         )
         resources.configure_cpu_threads(self.device, self.context, self.num_processes, self.options.num_processes)
+        self.thread_check = (  # the steps' threads, checked while training (not with --deterministic)
+            ThreadCheck.for_run(torch.get_num_threads())
+            if self.device.type == "cpu" and not self.context.enabled and not self.options.deterministic
+            else None
+        )
         # Before anything is written: a dataset that changed since its splits were made is refused here.
         raw_cases = None if self.raw_dataset is None else [case.identifier for case in self.raw_dataset.cases()]
         self.train_cases, self.val_cases = fold_cases(self.preprocessed_folder, self.data_folder, self.fold, raw_cases)
@@ -255,19 +263,17 @@ class Trainer:
                 path, type(self).__name__, self.configuration.name, self.options, self.device
             )
         torch.manual_seed(self.seed)
-        self.memory_format, format_reason = resources.memory_format(
-            self.plans, self.configuration, self.device, self.precision
-        )
         network = self.build_network()
         weights_line = self.start_from_initial_weights(network) if resumed is None else None
+        self.loss_settings = self.loss_spec()  # after the network: a trainer's loss may say what it built
+        self.loss = self.build_loss()
+        self.memory_format, format_reason = self.choose_memory_format(network, resumed)
         self.network = network.to(self.device, memory_format=self.memory_format)
         self.model, normalization = self.network, ""
         if self.context.enabled:
             self.model, normalization = distributed.wrap_network(self.network, self.device)
             self.network = self.model.module  # SyncBatchNorm layers, where converted; checkpoints save this
         self.model = torch.compile(self.model) if self.options.compile else self.model
-        self.loss_settings = self.loss_spec()
-        self.loss = self.build_loss()
         self.stage_index = self.run_length.stage_at(0)
         self.optimizer = self.build_optimizer(self.stage)
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
@@ -283,6 +289,29 @@ class Trainer:
         if resumed is not None:
             self.restore(resumed)
         return self
+
+    def choose_memory_format(
+        self, network: nn.Module, resumed: dict[str, Any] | None
+    ) -> tuple[torch.memory_format, str]:
+        """The memory format to train ``network`` (just built, on the CPU) in, and why: a continued run's as its
+        checkpoint records it (resuming stays exact; one from before they were recorded: the plans' choice, as then);
+        a new run's from the step probe of this network on this machine on the CPU
+        (:func:`autoseg.plan.step_probe.choose_training_memory_format`), else the plans' choice."""
+        if resumed is not None:
+            recorded = resumed.get("memory_format")
+            if recorded in TRAINING_FORMATS:
+                return TRAINING_FORMATS[recorded], "as the run began (its checkpoint records it)"
+            return resources.memory_format(self.plans, self.configuration, self.device, self.precision)
+        return choose_training_memory_format(
+            self.plans,
+            self.configuration,
+            network,
+            self.loss,
+            self.configuration.schedule.stages[self.run_length.stage_at(0)],
+            self.device,
+            self.precision,
+            distributed=self.context.enabled,
+        )
 
     def _log_start(
         self, device_reason: str, continued: bool, backend: str, normalization: str, format_reason: str
@@ -311,10 +340,7 @@ class Trainer:
         )
         if self.context.enabled:
             self.log(data_parallel_line(self.context, self.configuration, backend, normalization))
-        self.log(
-            f"memory format: {'channels_last_3d' if self.memory_format == torch.channels_last_3d else 'contiguous'}"
-            f" ({format_reason})"
-        )
+        self.log(f"memory format: {format_name(self.memory_format)} ({format_reason})")
         self.promise = None
         if self.settings.time_check:
             self.promise = resources.time_promise(
@@ -341,7 +367,10 @@ class Trainer:
             raise RuntimeError("call setup() before fit()")
         first = self.epoch
         totals = {"loader_wait": 0.0, "steps": 0.0, "iterations": 0, "seconds": 0.0, "estimated": 0.0}
-        with deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda"):
+        with (
+            deterministic_algorithms(self.options.deterministic, cudnn_benchmark=self.device.type == "cuda"),
+            threads_restored(self.thread_check),
+        ):
             for epoch in range(self.epoch, self.run_length.epochs):
                 if any(handler.stop_requested() for handler in self.handlers):
                     break
@@ -433,19 +462,37 @@ class Trainer:
         self.model.train()
         losses, first_rate = [], self.learning_rate(epoch, 0)
         with self.loader(epoch, train=True) as batches:
-            for iteration in range(self.run_length.iterations_at(epoch)):
+            iterations = self.run_length.iterations_at(epoch)
+            for iteration in range(iterations):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, iteration)
+                self._set_step_threads(epoch, iteration, iterations)
                 waited = self.clock()
                 batch = next(batches)
                 stepped = self.clock()
                 losses.append(self.train_step(batch))
+                done = self.clock()
                 self.timing["loader_wait"] += stepped - waited
-                self.timing["steps"] += self.clock() - stepped
+                self.timing["steps"] += done - stepped
                 self.timing["iterations"] += 1
+                self._check_threads(epoch, iteration, iterations, done - stepped)
         self.timing["training"] = self.timing["loader_wait"] + self.timing["steps"]
         total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
         return float(total[0] / total[1]), first_rate
+
+    def _set_step_threads(self, epoch: int, iteration: int, iterations: int) -> None:
+        """Torch's threads for this iteration's step, where the thread check (``autoseg.train.threads``) runs."""
+        if self.thread_check is not None:
+            threads = self.thread_check.step_threads(epoch, iteration, iterations)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _check_threads(self, epoch: int, iteration: int, iterations: int, seconds: float) -> None:
+        """Give the thread check the step's seconds; log its decision when it made one."""
+        if self.thread_check is not None:
+            line = self.thread_check.step_done(epoch, iteration, iterations, seconds)
+            if line is not None:
+                self.log(line)
 
     def train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step on ``batch``; returns the loss."""
@@ -528,6 +575,7 @@ class Trainer:
             "configuration": self.configuration.name,
             "fold": self.fold,
             "network": self.network.state_dict(),
+            "memory_format": format_name(self.memory_format),  # a continued run keeps it, so resuming stays exact
             NETWORK_OPTIONS_KEY: self.network_options(),  # prediction rebuilds the network from this record
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": {**self.schedule_description(), "last_lr": self.optimizer.param_groups[0]["lr"]},
@@ -540,6 +588,7 @@ class Trainer:
             "seed": self.seed,
             "rng": capture_rng_state(),
             "world_size": self.context.world_size,
+            "threads": self.thread_check.state_dict() if self.thread_check is not None else {},
             **{handler.key: handler.state_dict() for handler in self.handlers},
         }
 
@@ -568,6 +617,9 @@ class Trainer:
         )
         for handler in self.handlers:
             handler.load_state_dict(state.get(handler.key, {}))
+        if self.thread_check is not None:
+            self.thread_check.load_state_dict(state.get("threads", {}))
+            torch.set_num_threads(self.thread_check.current)
 
     # ------------------------------------------------------------------ end of fold
     def validate(self) -> dict[str, Any]:

@@ -81,7 +81,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--compile", action="store_true", help="run the network through torch.compile")
-    p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="use deterministic algorithms only (slower on GPU) and keep the CPU thread count fixed",
+    )
     p.add_argument(
         "--num-gpus",
         type=positive_int,

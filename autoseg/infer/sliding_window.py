@@ -214,8 +214,9 @@ def inference_memory_format(device: str | torch.device, autocast_dtype: torch.dt
         96³     fp32       3.81        2.81  (-26 %)
         96³     bf16       2.46        1.81  (-27 %)
 
-    Inference differs from training on the same CPU, where bf16 channels-last is the slower choice. On CUDA the
-    contiguous format is kept (not measured there); 2-D networks are never converted.
+    Training measures its own choice when it starts (``autoseg.plan.step_probe``): there the backward pass weighs
+    in, and bf16 channels-last pays only with autoseg's GroupNorm backward (``autoseg.networks.normalization``). On
+    CUDA the contiguous format is kept (not measured there); 2-D networks are never converted.
     """
     if torch.device(device).type != "cpu":
         return torch.contiguous_format

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autoseg.networks.cost import CountsItsCost, conv_macs, conv_output_size, elements, feature_map_shapes
+from autoseg.networks.normalization import GroupNorm
 
 __all__ = [
     "Shape",
@@ -111,7 +112,7 @@ def _check_widths(features: Sequence[int], num_groups: int) -> None:
 
 
 def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(num_groups, channels), channels)
+    return GroupNorm(min(num_groups, channels), channels)
 
 
 def _same_padding(kernel_size: Sequence[int]) -> Shape:

@@ -3,8 +3,9 @@ continue from, writing one, and the random generator states of every rank.
 
 A checkpoint (``checkpoint_latest.pth`` after every epoch, ``checkpoint_best.pth``, ``checkpoint_final.pth``,
 snapshots) holds tensors and plain values only (``autoseg.io.checkpoints``): the network's and optimizer's state,
-the grad scaler's, the epoch and stage, the run length (under ``run_length``; ``budget`` in older ones; with the
-iterations a deadline re-planned), the history, the seed and the random generator states (``rng``; ``rng_ranks``,
+the memory format it trains in (``memory_format``, kept by a continued run), the CPU thread check's state
+(``threads``, ``autoseg.train.threads``), the grad scaler's, the epoch and stage, the run length (under
+``run_length``; ``budget`` in older ones; with the iterations a deadline re-planned), the history, the seed and the random generator states (``rng``; ``rng_ranks``,
 one per rank, in a distributed run), and the state of every handler attached to the loop under its key
 (``plateau``; ``deadline``: the fold's elapsed time, measured epochs and re-plans). Because batches depend only on
 (seed, epoch), a run continued from it goes on exactly as the uninterrupted one would have.

@@ -43,7 +43,8 @@ class TrainingOptions:
             trainer loads it).
         validation: predict the fold's validation cases with sliding-window inference at the end.
         compile: run the network through ``torch.compile``.
-        deterministic: ``torch.use_deterministic_algorithms`` (and no cuDNN benchmarking) during the run.
+        deterministic: ``torch.use_deterministic_algorithms`` (and no cuDNN benchmarking) during the run, and on the
+            CPU a fixed thread count (no ``autoseg.train.threads`` check).
         echo: print the log lines as well as writing them to ``log.txt``.
     """
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hold_lock, home_environment
+from conftest import fake_step_rounds, hold_lock, home_environment
 
 import trainers.base as trainers_base
 from autoseg.api.plan import plan_and_preprocess
@@ -380,6 +380,9 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
         return original_step(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", recording_step)
+    # both runs begin in channels-last (their step probe finds it faster)...
+    faster = {"contiguous": 0.12, "channels_last_3d": 0.10}
+    monkeypatch.setattr("autoseg.plan.step_probe.timed_rounds", fake_step_rounds(faster))
     options = dataclasses.replace(QUIET, validation=False, val_iterations=1)
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "uninterrupted"))
     whole = train("ATLASFive", fold=0, trainer=trainer, options=options)
@@ -389,6 +392,10 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
     with _killed_after(monkeypatch, 2):
         train("ATLASFive", fold=0, trainer=trainer, options=options)
+    # ...and the continued run keeps channels-last from its checkpoint, whatever the probe would now say
+    monkeypatch.setattr(
+        "autoseg.plan.step_probe.timed_rounds", fake_step_rounds({"contiguous": 0.05, "channels_last_3d": 0.5})
+    )
     resumed = train("ATLASFive", fold=0, trainer=trainer, options=dataclasses.replace(options, continue_training=True))
     assert patches == [(16, 16, 16)] * 6 + [(24, 24, 24)] * 6  # the resumed half starts in stage 2
 
@@ -405,6 +412,8 @@ def test_resume_is_bitwise_identical_and_keeps_the_zoom_stages(
     assert b["history"]["stage"] == ["zoom_in", "zoom_in", "zoom_out", "zoom_out"]
     log = (resumed.output_folder / "log.txt").read_text()
     assert "continuing from checkpoint_latest.pth after epoch 2 (stage zoom_in" in log
+    assert a["memory_format"] == b["memory_format"] == "channels_last_3d"
+    assert "memory format: channels_last_3d (as the run began (its checkpoint records it))" in log
     assert "stage zoom_out starts at epoch 3" in log
     snapshots = sorted(p.name for p in resumed.output_folder.glob("checkpoint_snapshot_*.pth"))
     if trainer == "ZoomInOutTrainer":
@@ -648,8 +657,13 @@ def test_all_trains_every_fold_and_continue_picks_up_where_it_stopped(home: Path
     assert sorted(case for split in splits for case in split["val"]) == sorted(splits[0]["train"] + splits[0]["val"])
 
 
-def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> None:
+def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from autoseg.plans import ComputeBudget
+
+    # the plans' probe said contiguous; this run's own step probe finds channels-last faster, and that decides
+    monkeypatch.setattr(
+        "autoseg.plan.step_probe.timed_rounds", fake_step_rounds({"contiguous": 0.12, "channels_last_3d": 0.10})
+    )
 
     path = home / "preprocessed" / SPHERE / "plans.json"
     plans = Plans.from_json(path)
@@ -671,7 +685,7 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
         seconds_per_iteration=0.001,
         iterations=150,
         configuration="3d_resunet",
-        memory_format="channels_last_3d",
+        memory_format="contiguous",
         data_processes=0,
         estimates={"3d_resunet": estimate},
         reasons={"data_processes": "a test's choice"},
@@ -684,7 +698,11 @@ def test_a_budgeted_plan_is_checked_against_the_measured_time(home: Path) -> Non
     assert "the schedule is not re-planned (--epochs given: the run length asked for is kept)" in log
     assert "deadline: re-planned" not in log and "deadline: the fold took" in log
     assert "data processes: 0 (the plans' compute budget: a test's choice)" in log
-    assert "memory format: channels_last_3d (faster in the compute-budget probe" in log
+    assert "memory format: channels_last_3d (step probe of this network at " in log
+    assert (
+        "contiguous 0.120 s, channels_last_3d 0.100 s per step, fastest of 3 interleaved rounds, measured now in "
+        in log
+    )
     assert "time estimate (plans' compute budget):" in log and "of a 0.02-minute budget" in log
     assert len([line for line in log.splitlines() if "time: epoch" in line and "estimated" in line]) == 6
     # an estimate of milliseconds cannot hold: the overrun is a warning that names a cause
@@ -1063,3 +1081,61 @@ def test_a_fold_in_training_is_refused_to_a_second_run_and_a_killed_runs_lock_is
     log = (folder / "log.txt").read_text()
     assert f"took over the lock of a run that ended without releasing it (pid {holder.pid} on host " in log
     assert log.count("autoseg training: trainer") == 1 and not (folder / LOCK_FILE).exists()
+
+
+def test_a_cpu_run_checks_its_thread_count_on_its_own_steps_and_continues_from_it(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A simulated busy machine: a step takes 2 s on 2 threads and 0.5 s on 1. The run switches to 1 thread at its
+    first epoch, logs why, keeps it, and a continued run starts on 1 thread with the check's schedule."""
+    from autoseg.train.threads import ThreadCheck
+
+    monkeypatch.setattr(trainers_base, "ThreadCheck", ThreadCheck)  # the suite's stand-in checks nothing
+    machine = SimulatedMachine(lambda t: 1.0)
+    used: list[int] = []
+
+    def timed_step(self: Trainer, batch: dict) -> float:  # the step's time only: no network runs
+        used.append(torch.get_num_threads())
+        machine.spend(0.5 if torch.get_num_threads() == 1 else 2.0)
+        return 1.0
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    options = dataclasses.replace(QUIET, validation=False, val_iterations=0, epochs=3, iterations_per_epoch=4)
+
+    def run(**changes) -> Trainer:
+        runner = prepare_run("ATLASFive", fold=0, options=dataclasses.replace(options, **changes))
+        runner.clock = machine
+        runner.setup()
+        runner.fit()
+        return runner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole = run()
+        assert torch.get_num_threads() == 2, "after training the run's own count again"
+        log = (whole.output_folder / "log.txt").read_text()
+        assert used == [2, 1, 2, 1] + [1, 2, 1, 2] + [1] * 4  # epoch 1 switches, epoch 2 keeps, epoch 3 unchecked
+        assert (
+            "threads: 1 (switched from 2; steps 2.00 s on 2, 0.50 s on 1 thread(s), fastest of 2 each at the start "
+            "of epoch 1; next check at epoch 2)" in log
+        )
+        assert "threads: 1 (kept; steps 0.50 s on 1, 2.00 s on 2 thread(s)" in log and "next check at epoch 4" in log
+        final = load_checkpoint(whole.output_folder / "checkpoint_final.pth")
+        assert final["threads"] == {"configured": 2, "current": 1, "interval": 2, "next": 3}
+
+        # killed after epoch 1: the continued run starts on 1 thread and checks at epoch 2, as the whole run did
+        used.clear()
+        monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "resumed"))
+        with _killed_after(monkeypatch, 1):
+            run()
+        used.clear()
+        run(continue_training=True)
+        assert used == [1, 2, 1, 2] + [1] * 4
+        # --deterministic keeps the count fixed
+        used.clear()
+        monkeypatch.setenv("AUTOSEG_RESULTS", str(home / "deterministic"))
+        run(deterministic=True, epochs=1)
+        assert used == [2] * 4
+    finally:
+        torch.set_num_threads(threads)
