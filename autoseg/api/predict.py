@@ -28,7 +28,9 @@ the networks run under bf16 autocast where the CPU computes bf16 natively (``aut
 and in the memory format ``autoseg.infer.sliding_window.inference_memory_format`` chose.
 
 Memory: besides the networks and their activations, a case holds its channels, one float32 probability map per
-label on the input grid (the configurations' maps are summed into it in place) and the label map.
+label on the input grid (the configurations' maps are summed into it in place) and the label map; while a network
+predicts, also one float32 map per mirroring on the network's grid (the views the QC score's agreement is measured
+on, ``autoseg.infer.quality``: 8 with ``tta="all"`` over three axes) and one boolean mask per network.
 
 Post-processing (threshold, minimum lesion size) comes from ``AUTOSEG_RESULTS/<dataset>/postprocessing.json``
 when it was tuned for exactly the members being ensembled, else from the first configuration's plans.
