@@ -187,6 +187,14 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace ``tensor`` by its element-wise maximum over every rank, in place (e.g. measured seconds, so that
+    every rank takes the same timing decision); returns it."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def gather_objects(value: Any) -> list[Any]:
     """Every rank's ``value`` (picklable plain data), in rank order, on every rank; ``[value]`` for one process."""
     if not _active():

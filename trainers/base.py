@@ -17,7 +17,8 @@ from the current weights), train the epoch's iterations (``run_length.iterations
 handlers', the run length as re-planned), a resumed run continues exactly as the uninterrupted one would have.
 
 A run with the plans' time promise has a deadline (:mod:`~autoseg.train.deadline`, a handler): after every epoch
-it re-plans the iterations of the epochs still to come so the fold ends when its compute budget does, and records
+(and, to shorten a slowed epoch under way, about every 30 s of training within one) it re-plans the iterations of
+the epochs still to come so the fold ends when its compute budget does, and records
 the run's speed in the cached probe of the machine (``autoseg.plan.probe.record_training_speed``). Times are read
 from ``self.clock`` (``time.perf_counter``; a test injects a simulated clock).
 """
@@ -462,8 +463,9 @@ class Trainer:
         self.model.train()
         losses, first_rate = [], self.learning_rate(epoch, 0)
         with self.loader(epoch, train=True) as batches:
-            iterations = self.run_length.iterations_at(epoch)
-            for iteration in range(iterations):
+            iteration = 0
+            while iteration < self.run_length.iterations_at(epoch):  # a deadline may shorten the epoch under way
+                iterations = self.run_length.iterations_at(epoch)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, iteration)
                 self._set_step_threads(epoch, iteration, iterations)
@@ -474,9 +476,13 @@ class Trainer:
                 done = self.clock()
                 self.timing["loader_wait"] += stepped - waited
                 self.timing["steps"] += done - stepped
+                self.timing["training"] = self.timing["loader_wait"] + self.timing["steps"]
                 self.timing["iterations"] += 1
                 self._check_threads(epoch, iteration, iterations, done - stepped)
-        self.timing["training"] = self.timing["loader_wait"] + self.timing["steps"]
+                iteration += 1
+                if self.deadline is not None:
+                    for line in self.deadline.iteration_completed(self, epoch, iteration):
+                        self.log(line)
         total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
         return float(total[0] / total[1]), first_rate
 

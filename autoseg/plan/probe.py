@@ -95,7 +95,8 @@ class ComputeProbe:
             when it did not.
         training_runs: what budgeted training runs on this machine measured since the probe, latest last (at most
             :data:`CORRECTION_RUNS`): ``run`` (its folder), ``date``, ``speed`` (its iterations' measured over
-            this probe's estimated seconds, uncorrected).
+            this probe's estimated seconds, uncorrected) and, for a run recorded against an earlier probe that a new
+            one was merged with (:func:`fastest_of`), ``rescaled`` (the factor its speed was re-expressed by).
         correction: the factor the timings were multiplied by (:meth:`corrected`); 1 as measured.
     """
 
@@ -301,10 +302,15 @@ def record_training_speed(
 
 def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
     """``second`` (a new probe of the same machine) with each timing the faster of both probes' and the cost models
-    fitted again; busy only when both were. Training runs recorded against ``first`` are dropped (they compared
-    with its timings). Probes that chose another training memory format (a busy machine can tip the choice) are not
-    mixed: the one whose training steps were faster in total is kept whole, ``first`` with its training runs;
-    probes of other networks do not compare: ``second`` as it is."""
+    fitted again; busy only when both were.
+
+    Training runs recorded against ``first`` are kept, their speeds re-expressed against the merged timings: a run's
+    speed is its measured over ``first``'s estimated seconds per iteration, so against the merged probe it is
+    multiplied by ``first``'s over the merged probe's total training-step seconds (the probed networks are the same;
+    the factor is recorded in the run's ``rescaled``). Probes that chose another training memory format (a busy
+    machine can tip the choice) are not mixed: the one whose training steps were faster in total is kept whole,
+    ``first`` with its training runs (``second`` without them: they trained in the other format); probes of other
+    networks do not compare: ``second`` as it is."""
     networks = [(p.features, p.patch, p.batch) for p in first.points]
     if networks != [(p.features, p.patch, p.batch) for p in second.points]:
         return second  # other networks: the timings do not compare
@@ -323,6 +329,15 @@ def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
         name: min(seconds, first.memory_format_seconds.get(name, seconds))
         for name, seconds in second.memory_format_seconds.items()
     }
+    factor = sum(p.train_seconds for p in first.points) / max(sum(p.train_seconds for p in points), 1e-12)
+    runs = tuple(
+        {
+            **run,
+            "speed": round(float(run["speed"]) * factor, 4),
+            "rescaled": round(float(run.get("rescaled", 1.0)) * factor, 4),
+        }
+        for run in first.training_runs
+    )
     return replace(
         second,
         points=points,
@@ -333,7 +348,7 @@ def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
         training=_fit(points, train=True),
         inference=_fit(points, train=False),
         busy=second.busy if first.busy else "",
-        training_runs=(),
+        training_runs=runs,
     )
 
 

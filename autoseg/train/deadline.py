@@ -1,5 +1,5 @@
-"""A compute budget is a deadline: the run re-plans the epochs still to come after every epoch so the fold ends on
-time.
+"""A compute budget is a deadline: the run re-plans the epochs still to come after every epoch, and within an epoch
+every :data:`CHECK_SECONDS` of training, so the fold ends on time.
 
 A run whose plans were fitted to a compute budget (``plans.json``'s ``compute_budget``) carries the plan's time
 promise (:class:`~autoseg.train.time_promise.TimePromise`). After every epoch the :class:`Deadline` handler compares
@@ -23,6 +23,19 @@ budget itself. A re-plan reads only what the checkpoint records (the fold's elap
 measured epochs) and the epoch just measured, so a continued run re-plans exactly as the uninterrupted one would
 from the same times.
 
+One epoch can be long (minutes at a large budget) and the machine can slow down in the middle of it: a competing job
+that makes every iteration 7 times slower turns an epoch planned for 1 minute into 7. So the deadline also looks
+during the epoch, every :data:`CHECK_SECONDS` and once more at the run's last training iteration. When the fold
+would end more than :data:`REPLAN_TOLERANCE` late or early (:func:`replan_within_epoch`, at the speed of the stretch
+since the last check) it re-lays the epoch under way and the ones after it, all to the same iterations per epoch
+(the epoch under way stops at once when it has already trained more), the schedule's shape kept as above. That the
+check also lengthens matters when the competing job stops during the last epochs: what a slow stretch took away is
+given back while there is time to use it.
+
+In a distributed run every rank measures its own clock; the deadline takes the maximum over the ranks of every
+measurement before it decides (``autoseg.distributed.max_``), so all ranks take the same decision at the same
+iteration.
+
 Every epoch, every re-plan (with its one-line reason, also logged) and what ran go into ``deadline.json`` in the run
 folder (:data:`DEADLINE_FILE`), rewritten after each epoch and at the end of the fold.
 """
@@ -36,7 +49,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
+from autoseg import distributed
 from autoseg.io.files import write_json
 from autoseg.train.events import EpochHandler
 from autoseg.train.run_length import RunLength, round_half_up
@@ -49,6 +64,8 @@ DEADLINE_FILE = "deadline.json"
 MAX_GROWTH = 4.0
 #: The schedule is re-laid when the projected end of the fold misses the budget by more than this share of it.
 REPLAN_TOLERANCE = 0.02
+#: Seconds of training between two checks of the deadline within an epoch.
+CHECK_SECONDS = 30.0
 #: A run's speed for the probe's correction: this percentile of its epochs' speeds (the fast end: what the machine
 #: does with no other load, as the probe keeps its fastest repeats).
 SPEED_PERCENTILE = 25
@@ -60,7 +77,8 @@ class DeadlineLoop(Protocol):
     Attributes:
         run_length: the run's; the deadline replaces it when it re-plans.
         timing: the epoch's ``started`` (clock reading), ``training`` (seconds in training steps and waiting for
-            batches), ``iterations``, ``validation`` (seconds of the per-epoch validation) and ``val_iterations``.
+            batches, kept up to date after every iteration), ``iterations``, ``validation`` (seconds of the per-epoch
+            validation) and ``val_iterations``.
         clock: seconds, monotonic (``time.perf_counter``; a test injects its own).
     """
 
@@ -197,6 +215,113 @@ def replan(
     return Replan(new, speed, end, reason)
 
 
+def replan_within_epoch(
+    promise: TimePromise,
+    run_length: RunLength,
+    epoch: int,
+    done: int,
+    per_iteration: float,
+    elapsed_seconds: float,
+    budget_seconds: float,
+    *,
+    final_validation: bool = True,
+) -> Replan:
+    """Re-lay the epoch under way and the ones after it when the fold would end late or early (see the module doc).
+
+    Args:
+        promise: the plan's time promise.
+        run_length: the run length the epoch is training under.
+        epoch: the epoch under way (0-based).
+        done: its training iterations so far (at least 1).
+        per_iteration: seconds per training iteration measured over the last stretch of this epoch.
+        elapsed_seconds: the fold's time so far, this epoch's part included.
+        budget_seconds: the compute budget of the fold.
+        final_validation: the end-of-fold validation follows training and counts towards the budget.
+
+    Returns:
+        :class:`Replan`. Everything still to come is projected at the measured speed (over the promise's, for this
+        epoch's stage): the epoch's remaining iterations, its validation batches, the later epochs (each stage at its
+        promised cost ratio), a promised epoch overhead for this epoch and each later one, the end-of-fold
+        validation. When that misses the budget by more than :data:`REPLAN_TOLERANCE`, this epoch and the later
+        ones train ``n`` iterations each (1 to :data:`MAX_GROWTH` times the run's starting iterations per epoch;
+        this one at least ``done``: it stops at once when ``n`` is smaller, and the later ones share what is left)
+        with validation batches in the starting proportion, ``n`` chosen to meet the budget; else the run length is
+        returned unchanged.
+    """
+
+    def promised(stage: int) -> float:
+        return max(promise.iteration_seconds(stage), 1e-9)
+
+    stage = run_length.stage_at(epoch)
+    speed = per_iteration / promised(stage)
+    per_batch = promise.validation_batch_seconds * speed
+    later = range(epoch + 1, run_length.epochs)
+    weights = [promised(run_length.stage_at(e)) / promised(stage) for e in later]
+    fixed = elapsed_seconds + (len(weights) + 1) * promise.overhead_seconds * speed
+    fixed += promise.final_validation_seconds * speed if final_validation else 0.0
+
+    def projected(length: RunLength) -> float:
+        this_epoch = max(0, length.iterations_at(epoch) - done) * per_iteration
+        this_epoch += length.val_iterations_at(epoch) * per_batch
+        return (
+            fixed
+            + this_epoch
+            + sum(
+                w * (length.iterations_at(e) * per_iteration + length.val_iterations_at(e) * per_batch)
+                for e, w in zip(later, weights)
+            )
+        )
+
+    current = projected(run_length)
+    if abs(current - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
+        return Replan(run_length, speed, current, "")
+    share = run_length.val_iterations / run_length.iterations_per_epoch
+    unit = per_iteration + share * per_batch  # an iteration and its share of validation
+    cap = max(1, math.floor(MAX_GROWTH * run_length.iterations_per_epoch))
+    # this epoch and every later one at n iterations: (n - done) p + n share b + n sum(w) unit = budget - fixed
+    n = round_half_up((budget_seconds - fixed + done * per_iteration) / ((1 + sum(weights)) * unit))
+    if n <= done:  # this epoch stops now; the later ones share what is left
+        n = round_half_up((budget_seconds - fixed - done * share * per_batch) / max(sum(weights) * unit, 1e-9))
+    n = min(cap, max(1, n))
+    this = max(done, n)
+    planned_now = run_length.iterations_at(epoch)
+
+    def batches(iterations: int) -> int:
+        return max(1, round_half_up(share * iterations)) if share > 0 else 0
+
+    new = run_length.rescheduled(epoch, this, batches(this))
+    if weights:
+        new = new.rescheduled(epoch + 1, n, batches(n))
+    if new.reschedules == run_length.reschedules:
+        return Replan(run_length, speed, current, "")
+    end = projected(new)
+    limit = ""
+    if n == 1 and end > budget_seconds * (1 + REPLAN_TOLERANCE):
+        limit = f"; cannot end on time: ends about {(end - budget_seconds) / 60:.1f} min late"
+    elif n == cap and end < budget_seconds * (1 - REPLAN_TOLERANCE):
+        limit = f"; at most {MAX_GROWTH:g}x the planned iterations per epoch: ends about {(budget_seconds - end) / 60:.1f} min early"
+    later_text = f", the remaining {len(weights)} epoch(s) {n}," if weights else ""
+    reason = (
+        f"deadline: re-planned during epoch {epoch + 1} of {run_length.epochs}, after {done} of its "
+        f"{planned_now} iterations ({elapsed_seconds / 60:.1f} of {_minutes(budget_seconds)} min used): iterations "
+        f"took {per_iteration:.2f} s, {speed:.2f}x the promised {promised(stage):.2f} s; the schedule would end at "
+        f"{current / 60:.1f} min, so this epoch trains {this}{later_text} instead of {planned_now} iterations, "
+        f"ending at {end / 60:.1f} min{limit}"
+    )
+    return Replan(new, speed, end, reason)
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """The deadline's watch over the epoch under way: the clock reading, training seconds and iterations at its last
+    check (the epoch's start before the first)."""
+
+    epoch: int
+    clock: float
+    training_seconds: float = 0.0
+    iterations: int = 0
+
+
 class Deadline(EpochHandler):
     """Keeps a budgeted run on time: measures every epoch, re-plans the rest (:func:`replan`), records both.
 
@@ -239,6 +364,7 @@ class Deadline(EpochHandler):
         self.replans: list[dict[str, Any]] = []
         self.ran: dict[str, Any] = {}
         self._mark: float | None = None  # clock reading of the last measurement in this process
+        self._watch: _Watch | None = None  # the epoch under way's next check
 
     # ------------------------------------------------------------------ events
     def epoch_completed(self, loop: DeadlineLoop, epoch: int, score: float) -> list[str]:
@@ -246,16 +372,20 @@ class Deadline(EpochHandler):
         ``deadline.json``; returns the re-plan's line for the log, if any."""
         now = loop.clock()
         timing = loop.timing
+        seconds, training, validation = _agreed(
+            now - (timing["started"] if self._mark is None else self._mark), timing["training"], timing["validation"]
+        )
         measured = EpochTime(
             epoch=epoch,
             stage=loop.run_length.stage_at(epoch),
             iterations=int(timing["iterations"]),
             val_iterations=int(timing["val_iterations"]),
-            seconds=now - (timing["started"] if self._mark is None else self._mark),
-            training_seconds=float(timing["training"]),
-            validation_seconds=float(timing["validation"]),
+            seconds=seconds,
+            training_seconds=training,
+            validation_seconds=validation,
         )
         self._mark = now
+        self._watch = None
         self.elapsed_seconds += measured.seconds
         promised = self.promise.stage_epoch_seconds(measured.stage, measured.iterations, measured.val_iterations)
         decision = replan(
@@ -281,31 +411,71 @@ class Deadline(EpochHandler):
                 "projected_minutes": round(decision.projected_seconds / 60, 3),
             }
         )
-        lines = []
-        if decision.changed and self.replanning is None:
-            first = epoch + 1
-            self.replans.append(
-                {
-                    "after_epoch": epoch + 1,
-                    "elapsed_minutes": round(self.elapsed_seconds / 60, 3),
-                    "speed": round(decision.speed, 4),
-                    "iterations_per_epoch": [
-                        loop.run_length.iterations_at(first),
-                        decision.run_length.iterations_at(first),
-                    ],
-                    "val_iterations": [
-                        loop.run_length.val_iterations_at(first),
-                        decision.run_length.val_iterations_at(first),
-                    ],
-                    "projected_minutes": round(decision.projected_seconds / 60, 3),
-                    "reason": decision.reason,
-                }
-            )
-            loop.run_length = decision.run_length
-            lines.append(decision.reason)
+        lines = self._adopt(loop, decision, epoch + 1, {"after_epoch": epoch + 1}, self.elapsed_seconds)
         self.ran = self._ran(loop.run_length, epoch + 1)
         self.write()
         return lines
+
+    def iteration_completed(self, loop: DeadlineLoop, epoch: int, done: int) -> list[str]:
+        """After training iteration ``done`` (1-based) of ``epoch``: when a check is due (:data:`CHECK_SECONDS`
+        after the last one, or at the last training iteration of the run), re-lay the rest of the run if the fold would
+        end late or early (:func:`replan_within_epoch`); returns the re-plan's line for the log, if any.
+
+        In a distributed run the ranks agree on every iteration whether a check is due (one all-reduce of three
+        numbers), so they check, and re-plan, at the same iteration."""
+        if self.replanning is not None:
+            return []
+        timing, now = loop.timing, loop.clock()
+        watch = self._watch
+        if watch is None or watch.epoch != epoch:
+            watch = self._watch = _Watch(epoch, timing["started"])
+        since, in_epoch, training = _agreed(
+            now - watch.clock, now - (timing["started"] if self._mark is None else self._mark), timing["training"]
+        )
+        last_epoch_ends = epoch == loop.run_length.epochs - 1 and done >= loop.run_length.iterations_at(epoch)
+        if since < CHECK_SECONDS and not last_epoch_ends:
+            return []
+        per_iteration = max(training - watch.training_seconds, 0.0) / max(1, done - watch.iterations)
+        self._watch = _Watch(epoch, now, training, done)
+        elapsed = self.elapsed_seconds + in_epoch
+        decision = replan_within_epoch(
+            self.promise,
+            loop.run_length,
+            epoch,
+            done,
+            per_iteration,
+            elapsed,
+            self.budget_seconds,
+            final_validation=self.final_validation,
+        )
+        return self._adopt(loop, decision, epoch, {"during_epoch": epoch + 1, "after_iteration": done}, elapsed)
+
+    def _adopt(
+        self, loop: DeadlineLoop, decision: Replan, first: int, when: dict[str, int], elapsed_seconds: float
+    ) -> list[str]:
+        """Record ``decision`` and give the loop its run length when it changed the schedule from epoch ``first``
+        on; returns its reason as a log line."""
+        if not decision.changed or self.replanning is not None:
+            return []
+        self.replans.append(
+            {
+                **when,
+                "elapsed_minutes": round(elapsed_seconds / 60, 3),
+                "speed": round(decision.speed, 4),
+                "iterations_per_epoch": [
+                    loop.run_length.iterations_at(first),
+                    decision.run_length.iterations_at(first),
+                ],
+                "val_iterations": [
+                    loop.run_length.val_iterations_at(first),
+                    decision.run_length.val_iterations_at(first),
+                ],
+                "projected_minutes": round(decision.projected_seconds / 60, 3),
+                "reason": decision.reason,
+            }
+        )
+        loop.run_length = decision.run_length
+        return [decision.reason]
 
     def training_finished(self, loop: DeadlineLoop) -> None:
         """Count the time since the last epoch's measurement (its checkpoints) and record what trained."""
@@ -395,6 +565,13 @@ class Deadline(EpochHandler):
         self.epochs = [dict(entry) for entry in state.get("epochs", [])]
         self.replans = [dict(entry) for entry in state.get("replans", [])]
         self._mark = None
+        self._watch = None
+
+
+def _agreed(*seconds: float) -> list[float]:
+    """Measured ``seconds``, each the maximum over the ranks of a distributed run (as they are for one process)."""
+    values = distributed.max_(torch.tensor([float(value) for value in seconds], dtype=torch.float64))
+    return [float(value) for value in values]
 
 
 def _minutes(seconds: float) -> str:

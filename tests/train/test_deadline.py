@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from autoseg.io.files import read_json
-from autoseg.train.deadline import MAX_GROWTH, REPLAN_TOLERANCE, Deadline, EpochTime, replan
+from autoseg.train import deadline as deadline_module
+from autoseg.train.deadline import MAX_GROWTH, REPLAN_TOLERANCE, Deadline, EpochTime, replan, replan_within_epoch
 from autoseg.train.run_length import RunLength
 from autoseg.train.time_promise import TimePromise
 
@@ -38,12 +40,20 @@ PROMISED_SECONDS = 14 * (50 * 1.0 + 5 * 0.5 + 2) + 2 * (50 * 2.5 + 5 * 0.5 + 2) 
 
 class SimulatedLoop:
     """What the deadline sees of the training loop, on a machine whose speed is ``slowdown(t)`` times the promise's
-    at simulated time ``t`` (seconds since the fold began)."""
+    at simulated time ``t`` (seconds since the fold began). Like the trainer's loop, it tells the deadline after
+    every training iteration and reads the epoch's iterations anew each time (a check may shorten the epoch)."""
 
-    def __init__(self, run_length: RunLength, slowdown: Callable[[float], float], now: float = 0.0) -> None:
+    def __init__(
+        self,
+        run_length: RunLength,
+        slowdown: Callable[[float], float],
+        now: float = 0.0,
+        promise: TimePromise = PROMISE,
+    ) -> None:
         self.run_length = run_length
         self.slowdown = slowdown
         self.now = now
+        self.promise = promise
         self.timing: dict[str, float] = {}
 
     def clock(self) -> float:
@@ -56,17 +66,19 @@ class SimulatedLoop:
         return taken
 
     def run_epoch(self, epoch: int, deadline: Deadline) -> list[str]:
-        stage = self.run_length.stage_at(epoch)
+        promise, stage = self.promise, self.run_length.stage_at(epoch)
         self.timing = {"started": self.now, "training": 0.0, "iterations": 0, "validation": 0.0, "val_iterations": 0}
-        self.spend(PROMISE.overhead_seconds)  # loader start, checkpoint, plot
-        for _ in range(self.run_length.iterations_at(epoch)):
-            self.timing["training"] += self.spend(PROMISE.stage_seconds_per_iteration[stage])
+        self.spend(promise.overhead_seconds)  # loader start, checkpoint, plot
+        lines = []
+        while self.timing["iterations"] < self.run_length.iterations_at(epoch):
+            self.timing["training"] += self.spend(promise.stage_seconds_per_iteration[stage])
             self.timing["iterations"] += 1
+            lines += deadline.iteration_completed(self, epoch, int(self.timing["iterations"]))
         for _ in range(self.run_length.val_iterations_at(epoch)):
-            ratio = PROMISE.stage_seconds_per_iteration[stage] / PROMISE.stage_seconds_per_iteration[0]
-            self.timing["validation"] += self.spend(PROMISE.validation_batch_seconds * ratio)
+            ratio = promise.stage_seconds_per_iteration[stage] / promise.stage_seconds_per_iteration[0]
+            self.timing["validation"] += self.spend(promise.validation_batch_seconds * ratio)
             self.timing["val_iterations"] += 1
-        return deadline.epoch_completed(self, epoch, math.nan)
+        return lines + deadline.epoch_completed(self, epoch, math.nan)
 
 
 def make_deadline(budget_minutes: float, path: Path | None = None, **kwargs) -> Deadline:
@@ -243,3 +255,123 @@ def test_a_run_length_fixed_by_the_user_is_measured_not_re_planned() -> None:
     assert loop.run_length is PLANNED and not deadline.replans
     assert deadline.epochs[-1]["speed"] == pytest.approx(1.5)
     assert "not re-planned (--epochs given)" in deadline.describe()
+
+
+# ---------------------------------------------------------------------------- checks within a long epoch
+#: A plan of few long epochs: 4 epochs of 300 iterations (1 s each, 2 s in the last epoch's zoom-out stage), 30
+#: validation batches of 0.5 s, 2 s besides, 60 s of end-of-fold validation: an epoch lasts about 5 minutes.
+LONG = RunLength(epochs=4, iterations_per_epoch=300, val_iterations=30, stage_starts=(0, 3))
+LONG_PROMISE = TimePromise(
+    network_seconds=(3 * 1.0 + 2.0) / 4,
+    loader_seconds=0.0,
+    validation_batch_seconds=0.5,
+    overhead_seconds=2.0,
+    final_validation_seconds=60.0,
+    epochs=4,
+    iterations_per_epoch=300,
+    val_iterations=30,
+    stage_seconds_per_iteration=(1.0, 2.0),
+)
+LONG_SECONDS = 3 * (300 + 15 + 2) + (600 + 15 + 2) + 60
+
+
+def run_long_fold(budget_seconds: float, slowdown: Callable[[float], float]) -> tuple[SimulatedLoop, Deadline]:
+    loop = SimulatedLoop(LONG, slowdown, promise=LONG_PROMISE)
+    deadline = Deadline(LONG_PROMISE, budget_seconds / 60, LONG, ("zoom_in", "zoom_out"))
+    for epoch in range(LONG.epochs):
+        loop.run_epoch(epoch, deadline)
+    deadline.training_finished(loop)
+    deadline.fold_finished(loop.spend(LONG_PROMISE.final_validation_seconds))
+    return loop, deadline
+
+
+def test_a_re_plan_within_an_epoch_re_lays_it_and_the_later_ones_by_hand() -> None:
+    # Epoch 2 (0-based 1) has trained 100 of its 300 iterations; the last stretch ran at 3 s per iteration.
+    elapsed, budget = 700.0, 2000.0
+    decision = replan_within_epoch(LONG_PROMISE, LONG, 1, 100, 3.0, elapsed, budget)
+    # By hand, at speed 3: overheads 3 x 2 s x 3, final validation 60 s x 3; per validation batch 1.5 s, a tenth of
+    # one per iteration; the later epochs weigh 1 (zoom-in) and 2 (zoom-out). With n iterations in this epoch and
+    # in each later one: (n - 100) x 3 + n x 0.1 x 1.5 + (1 + 2) x n x (3 + 0.1 x 1.5) = budget - fixed.
+    fixed = elapsed + 3 * 2.0 * 3 + 60.0 * 3
+    n = (budget - fixed + 100 * 3.0) / ((1 + 3) * (3.0 + 0.1 * 1.5))
+    assert decision.speed == pytest.approx(3.0)
+    assert round(n) == 111
+    assert [decision.run_length.iterations_at(e) for e in range(4)] == [300, 111, 111, 111]
+    assert [decision.run_length.val_iterations_at(e) for e in range(4)] == [30, 11, 11, 11]
+    assert decision.reason.startswith("deadline: re-planned during epoch 2 of 4, after 100 of its 300 iterations")
+    assert "this epoch trains 111, the remaining 2 epoch(s) 111, instead of 300 iterations" in decision.reason
+    # With 1500 s, this epoch must stop at once (n < 100): the later epochs share what is left after its validation.
+    stop = replan_within_epoch(LONG_PROMISE, LONG, 1, 100, 3.0, elapsed, 1500.0)
+    later = (1500.0 - fixed - 10 * 1.5) / (3 * (3.0 + 0.1 * 1.5))
+    assert round(later) == 62
+    assert [stop.run_length.iterations_at(e) for e in range(4)] == [300, 100, 62, 62]
+    assert "cannot end on time" not in stop.reason
+    hopeless = replan_within_epoch(LONG_PROMISE, LONG, 1, 100, 6.0, 1100.0, 1500.0)
+    assert hopeless.run_length.iterations_at(2) == 1 and "cannot end on time" in hopeless.reason
+    # On time at the promised speed: 200 iterations and 30 batches left in this epoch, 315 s and 2 x 315 s for the
+    # later ones, 3 overheads of 2 s and 60 s of final validation after 400 s: nothing changes.
+    on_time = 400.0 + 200 + 15 + 315 + 2 * 315 + 3 * 2.0 + 60.0
+    same = replan_within_epoch(LONG_PROMISE, LONG, 1, 100, 1.0, 400.0, on_time * (1 + 0.9 * REPLAN_TOLERANCE))
+    assert not same.changed and same.run_length is LONG
+    # Early (the machine got faster): the epochs grow, at most MAX_GROWTH times the planned iterations.
+    early = replan_within_epoch(LONG_PROMISE, LONG, 1, 100, 1.0, 400.0, 1.5 * on_time)
+    assert early.run_length.iterations_at(1) == early.run_length.iterations_at(3) > 300
+    capped = replan_within_epoch(LONG_PROMISE, LONG, 1, 100, 0.1, 400.0, 1.5 * on_time)
+    assert capped.run_length.iterations_at(2) == MAX_GROWTH * 300 and "at most 4x" in capped.reason
+
+
+def test_a_long_epoch_slowed_seven_times_is_re_laid_while_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = LONG_SECONDS / 0.95
+    seven_times = busy_in_middle_third(budget, factor=7.0)
+    loop, deadline = run_long_fold(budget, seven_times)
+    assert abs(loop.now / budget - 1) <= 0.10, loop.now / budget
+    slowed = [r for r in deadline.replans if r["speed"] > 2]
+    assert slowed and slowed[0].get("during_epoch") == 2, deadline.replans
+    # it noticed within a check of the slowdown: at most CHECK_SECONDS (and an iteration) after a third of the budget
+    assert 60 * slowed[0]["elapsed_minutes"] <= budget / 3 + deadline_module.CHECK_SECONDS + 7.0 + 1e-3
+    # and gave the time back when the competing job stopped: the last epoch grew again
+    assert loop.run_length.iterations_at(3) > 4 * loop.run_length.iterations_at(2)
+    assert (loop.run_length.epochs, loop.run_length.stage_starts) == (4, (0, 3)), "the shape is kept"
+    assert sum(e["iterations"] for e in deadline.epochs) == loop.run_length.total_iterations
+
+
+def test_a_slowdown_in_the_last_epoch_ends_on_time_only_with_checks_within_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    budget = LONG_SECONDS / 0.95
+    from_three_quarters = lambda t: 7.0 if t >= 0.75 * budget else 1.0  # noqa: E731
+    loop, deadline = run_long_fold(budget, from_three_quarters)
+    assert abs(loop.now / budget - 1) <= 0.10, loop.now / budget
+    assert any(r.get("during_epoch") == 4 and r["speed"] > 5 for r in deadline.replans), deadline.replans
+    # Re-planned only at epoch ends, the same fold ends far too late: nothing is left to re-plan after the last one.
+    monkeypatch.setattr(Deadline, "iteration_completed", lambda self, loop, epoch, done: [])
+    late, _ = run_long_fold(budget, from_three_quarters)
+    assert late.now / budget > 1.25, late.now / budget
+
+
+# ---------------------------------------------------------------------------- two ranks, one decision
+def _rank_runs_fold(rank: int, store: str, budget_seconds: float, result: str) -> None:
+    """One rank of a 2-process group (gloo) running the long fold on its own clock: rank 1's machine is 10% slower
+    than rank 0's throughout, and both are slowed seven times in the middle third."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        busy = busy_in_middle_third(budget_seconds, factor=7.0)
+        loop, deadline = run_long_fold(budget_seconds, lambda t: busy(t) * (1.1 if rank else 1.0))
+        torch.save({"run_length": loop.run_length.to_plain(), "replans": deadline.replans}, f"{result}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_of_a_distributed_run_re_plan_alike(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    result = tmp_path / "rank"
+    mp.spawn(_rank_runs_fold, args=(str(tmp_path / "store"), LONG_SECONDS / 0.95, str(result)), nprocs=2)
+    ranks = [torch.load(f"{result}.{rank}", weights_only=True) for rank in (0, 1)]
+    assert ranks[0]["replans"] and ranks[0] == ranks[1], "every rank took the same decisions at the same iterations"
+    # each rank alone, on its own clock, would have decided differently: the agreement is what made them equal
+    alone = [run_long_fold(LONG_SECONDS / 0.95, lambda t, f=f: busy_in_middle_third(LONG_SECONDS / 0.95, 7.0)(t) * f)
+             for f in (1.0, 1.1)]  # fmt: skip
+    assert alone[0][0].run_length != alone[1][0].run_length
