@@ -304,10 +304,12 @@ def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
     """``second`` (a new probe of the same machine) with each timing the faster of both probes' and the cost models
     fitted again; busy only when both were.
 
-    Training runs recorded against ``first`` are kept, their speeds re-expressed against the merged timings: a run's
-    speed is its measured over ``first``'s estimated seconds per iteration, so against the merged probe it is
-    multiplied by ``first``'s over the merged probe's total training-step seconds (the probed networks are the same;
-    the factor is recorded in the run's ``rescaled``). Probes that chose another training memory format (a busy
+    Training runs recorded against ``first`` are re-expressed against the merged timings: a run's speed is its
+    measured over ``first``'s estimated seconds per iteration, so against the merged probe it is multiplied by
+    ``first``'s over the merged probe's total training-step seconds (the probed networks are the same; the factor is
+    recorded in the run's ``rescaled``). Like the timings, only the faster evidence is kept: runs still faster than
+    the merged probe's estimate (re-expressed speed below 1) stay; a run slower than a probe taken since (typically
+    one slowed by the load that made ``first`` look busy) is dropped. Probes that chose another training memory format (a busy
     machine can tip the choice) are not mixed: the one whose training steps were faster in total is kept whole,
     ``first`` with its training runs (``second`` without them: they trained in the other format); probes of other
     networks do not compare: ``second`` as it is."""
@@ -337,6 +339,7 @@ def fastest_of(first: ComputeProbe, second: ComputeProbe) -> ComputeProbe:
             "rescaled": round(float(run.get("rescaled", 1.0)) * factor, 4),
         }
         for run in first.training_runs
+        if float(run["speed"]) * factor < 1.0
     )
     return replace(
         second,

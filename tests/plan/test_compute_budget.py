@@ -257,24 +257,28 @@ def test_a_busy_cached_probe_is_probed_again_keeping_the_faster_of_each_timing(
     assert cached and third == second, "a probe that did not look busy is kept"
 
 
-def test_training_runs_recorded_against_a_busy_probe_carry_over_to_the_new_one_re_expressed(data_roots: Path) -> None:
+def test_training_runs_faster_than_a_new_probe_carry_over_to_it_re_expressed(data_roots: Path) -> None:
     """A run's speed compares its measured seconds with the probe's estimate: against a merged probe twice as fast, the
-    same measured seconds are twice the (new) estimate, so the run's correction survives the new probe."""
+    same measured seconds are twice the (new) estimate, so a run's correction survives the new probe where it is
+    still faster than the new probe's estimate."""
     here = probe.machine_description(torch.device("cpu"), "fp32")
-    runs = ({"run": "A", "date": "2026-12-07T10:00:00+00:00", "speed": 0.8},)
+    runs = (
+        {"run": "A", "date": "2026-12-07T10:00:00+00:00", "speed": 0.4},  # faster than even the new probe
+        {"run": "B", "date": "2026-12-07T11:00:00+00:00", "speed": 0.8},  # slower than the new probe: dropped
+    )
     busy = dataclasses.replace(fake_probe(machine=here), busy="load average 4.1", training_runs=runs)
     quiet_points = tuple(dataclasses.replace(p, train_seconds=p.train_seconds / 2) for p in busy.points)
     quiet = dataclasses.replace(busy, points=quiet_points, busy="", training_runs=(), created="2026-12-08T09:00:00")
     merged = probe.fastest_of(busy, quiet)
     assert [r["run"] for r in merged.training_runs] == ["A"]
-    assert merged.training_runs[0]["speed"] == pytest.approx(1.6) and merged.training_runs[0]["rescaled"] == 2.0
+    assert merged.training_runs[0]["speed"] == pytest.approx(0.8) and merged.training_runs[0]["rescaled"] == 2.0
     network = NetworkShape(1, 2, (8, 16, 32, 64), ((1, 1, 1),) + ((2, 2, 2),) * 3, ((3, 3, 3),) * 4)
     patch = (32, 32, 32)
-    measured = busy.step_seconds(network, patch, 2) * 0.8  # what run A's iterations took
+    measured = busy.step_seconds(network, patch, 2) * 0.4  # what run A's iterations took
     # the cost model is fitted again on the merged timings, so the estimate is preserved up to that fit
     assert busy.corrected().step_seconds(network, patch, 2) == pytest.approx(measured, rel=1e-6)
     assert merged.corrected().step_seconds(network, patch, 2) == pytest.approx(measured, rel=0.05)
-    assert merged.step_seconds(network, patch, 2) < 0.65 * measured, "uncorrected, the new probe would promise less"
+    assert merged.step_seconds(network, patch, 2) > 1.15 * measured, "uncorrected, the new probe would promise more"
 
 
 def test_a_probe_under_steady_load_that_tips_the_memory_format_does_not_replace_a_faster_one(data_roots: Path) -> None:
