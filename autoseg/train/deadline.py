@@ -135,6 +135,101 @@ class Replan:
         return bool(self.reason)
 
 
+@dataclass(frozen=True)
+class _Projection:
+    """The fold's projected end for a run length, from an epoch under way (``epoch``, ``done`` iterations trained;
+    ``done`` = 0 for an epoch not started) at measured costs.
+
+    Attributes:
+        epoch, done: the epoch projected from and its iterations already trained.
+        per_iteration: seconds per training iteration in ``epoch``'s stage; later stages weighted by ``weights``.
+        per_batch: seconds per validation batch in ``epoch``'s stage.
+        weights: for each epoch after ``epoch``, its stage's promised cost per iteration over ``epoch``'s.
+        fixed: seconds that do not depend on the run length: the fold so far, the epochs' overheads still to come,
+            the end-of-fold validation.
+    """
+
+    epoch: int
+    done: int
+    per_iteration: float
+    per_batch: float
+    weights: tuple[float, ...]
+    fixed: float
+
+    @classmethod
+    def measure(
+        cls,
+        promise: TimePromise,
+        run_length: RunLength,
+        epoch: int,
+        done: int,
+        costs: tuple[float, float, float],
+        elapsed_seconds: float,
+        final_validation: bool,
+    ) -> _Projection:
+        """From ``costs`` (seconds per iteration, per validation batch, overhead per epoch, all in ``epoch``'s stage
+        at the measured speed): the overhead counts for ``epoch`` and every later one; the final validation at the
+        promise times the speed (measured over promised seconds per iteration)."""
+        per_iteration, per_batch, overhead = costs
+        stage = promised_seconds(promise, run_length.stage_at(epoch))
+        weights = tuple(
+            promised_seconds(promise, run_length.stage_at(e)) / stage for e in range(epoch + 1, run_length.epochs)
+        )
+        fixed = elapsed_seconds + (len(weights) + 1) * overhead
+        fixed += promise.final_validation_seconds * per_iteration / stage if final_validation else 0.0
+        return cls(epoch, done, per_iteration, per_batch, weights, fixed)
+
+    def seconds(self, length: RunLength) -> float:
+        """The fold's projected wall time with ``length``, end-of-fold validation included."""
+        e = self.epoch
+        rest = max(0, length.iterations_at(e) - self.done) * self.per_iteration
+        rest += length.val_iterations_at(e) * self.per_batch
+        for later, weight in enumerate(self.weights, start=e + 1):
+            rest += weight * (
+                length.iterations_at(later) * self.per_iteration + length.val_iterations_at(later) * self.per_batch
+            )
+        return self.fixed + rest
+
+    def iterations(self, share: float, budget_seconds: float, cap: int) -> tuple[int, int]:
+        """(iterations of ``epoch``, iterations of each later epoch) that end the fold at ``budget_seconds``, every
+        epoch with ``share`` validation batches per iteration: ``epoch`` and the later ones alike, ``epoch`` at least
+        ``done`` (it stops at once when fewer would do; the later ones share what is left); 1 to ``cap`` each."""
+        unit = self.per_iteration + share * self.per_batch  # an iteration and its share of validation
+        spare = budget_seconds - self.fixed
+        # n iterations in this epoch and each later one: (n - done) p + n share b + n sum(w) unit = spare
+        n = round_half_up((spare + self.done * self.per_iteration) / ((1 + sum(self.weights)) * unit))
+        if self.done and n <= self.done:
+            if not self.weights:
+                return self.done, self.done
+            n = round_half_up((spare - self.done * share * self.per_batch) / (sum(self.weights) * unit))
+        n = min(cap, max(1, n))
+        return max(self.done, n), n
+
+
+def promised_seconds(promise: TimePromise, stage: int) -> float:
+    """The promise's seconds per training iteration in ``stage`` (a hand-edited estimate of 0 s must not divide by
+    zero)."""
+    return max(promise.iteration_seconds(stage), 1e-9)
+
+
+def _batches(share: float, iterations: int) -> int:
+    """Validation batches for ``iterations`` at ``share`` batches per iteration: at least 1 when there are any."""
+    return max(1, round_half_up(share * iterations)) if share > 0 else 0
+
+
+def _limit(iterations: int, cap: int, end: float, budget_seconds: float) -> str:
+    """What a re-plan could not do, for its reason: end on time at 1 iteration per epoch, or use the budget at
+    ``cap``; empty when neither applies."""
+    if iterations == 1 and end > budget_seconds * (1 + REPLAN_TOLERANCE):
+        return f"; cannot end on time: even 1 iteration per epoch ends about {(end - budget_seconds) / 60:.1f} min late"
+    if iterations == cap and end < budget_seconds * (1 - REPLAN_TOLERANCE):
+        return (
+            f"; at most {MAX_GROWTH:g}x the planned iterations per epoch: ends about "
+            f"{(budget_seconds - end) / 60:.1f} min early"
+        )
+    return ""
+
+
 def replan(
     promise: TimePromise,
     run_length: RunLength,
@@ -160,57 +255,42 @@ def replan(
         1 when it validated at all), ``n`` chosen so the projection meets the budget; unchanged when the current
         schedule's projection is within :data:`REPLAN_TOLERANCE` of it, or no epoch remains.
     """
-
-    def promised(stage: int) -> float:  # a hand-edited estimate of 0 s must not divide by zero
-        return max(promise.iteration_seconds(stage), 1e-9)
-
     stage = measured.stage
     per_iteration = measured.training_seconds / max(1, measured.iterations)
-    speed = per_iteration / promised(stage)
+    speed = per_iteration / promised_seconds(promise, stage)
     per_batch = (
         measured.validation_seconds / measured.val_iterations
         if measured.val_iterations
         else promise.validation_batch_seconds * speed
     )
-    remaining = range(measured.epoch + 1, run_length.epochs)
-    weights = [promised(run_length.stage_at(e)) / promised(stage) for e in remaining]
-    fixed = elapsed_seconds + len(weights) * measured.overhead_seconds
-    fixed += promise.final_validation_seconds * speed if final_validation else 0.0
-
-    def projected(length: RunLength) -> float:
-        return fixed + sum(
-            w * (length.iterations_at(e) * per_iteration + length.val_iterations_at(e) * per_batch)
-            for e, w in zip(remaining, weights)
-        )
-
-    current = projected(run_length)
-    if not weights or abs(current - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
+    first = measured.epoch + 1
+    if first >= run_length.epochs:  # nothing left to re-plan but the end-of-fold validation
+        final = promise.final_validation_seconds * speed if final_validation else 0.0
+        return Replan(run_length, speed, elapsed_seconds + final, "")
+    # the next epoch, not started, at this epoch's costs weighted by its stage
+    weight = promised_seconds(promise, run_length.stage_at(first)) / promised_seconds(promise, stage)
+    costs = (per_iteration * weight, per_batch * weight, measured.overhead_seconds)
+    projection = _Projection.measure(promise, run_length, first, 0, costs, elapsed_seconds, final_validation)
+    current = projection.seconds(run_length)
+    if abs(current - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
         return Replan(run_length, speed, current, "")
     share = run_length.val_iterations / run_length.iterations_per_epoch
-    wanted = (budget_seconds - fixed) / sum(w * (per_iteration + share * per_batch) for w in weights)
     cap = max(1, math.floor(MAX_GROWTH * run_length.iterations_per_epoch))
-    iterations = min(cap, max(1, round_half_up(wanted)))
-    batches = max(1, round_half_up(share * iterations)) if share > 0 else 0
-    first = measured.epoch + 1
+    iterations, _ = projection.iterations(share, budget_seconds, cap)
     before = (run_length.iterations_at(first), run_length.val_iterations_at(first))
-    if (iterations, batches) == before:
+    if (iterations, _batches(share, iterations)) == before:
         return Replan(run_length, speed, current, "")
-    new = run_length.rescheduled(first, iterations, batches)
-    end = projected(new)
-    limit = ""
-    if iterations == 1 and end > budget_seconds * (1 + REPLAN_TOLERANCE):
-        limit = (
-            f"; cannot end on time: even 1 iteration per epoch ends about {(end - budget_seconds) / 60:.1f} min late"
-        )
-    elif iterations == cap and end < budget_seconds * (1 - REPLAN_TOLERANCE):
-        limit = f"; at most {MAX_GROWTH:g}x the planned iterations per epoch: ends about {(budget_seconds - end) / 60:.1f} min early"
+    new = run_length.rescheduled(first, iterations, _batches(share, iterations))
+    end = projection.seconds(new)
+    batches = _batches(share, iterations)
     validation = f" ({batches} instead of {before[1]} validation batches)" if batches != before[1] else ""
     reason = (
         f"deadline: re-planned after epoch {measured.epoch + 1} of {run_length.epochs} "
         f"({elapsed_seconds / 60:.1f} of {_minutes(budget_seconds)} min used): iterations took "
-        f"{per_iteration:.2f} s, {speed:.2f}x the promised {promised(stage):.2f} s; the schedule "
-        f"would end at {current / 60:.1f} min, so the remaining {len(weights)} epoch(s) train {iterations} instead "
-        f"of {before[0]} iterations{validation}, ending at {end / 60:.1f} min{limit}"
+        f"{per_iteration:.2f} s, {speed:.2f}x the promised {promised_seconds(promise, stage):.2f} s; the schedule "
+        f"would end at {current / 60:.1f} min, so the remaining {run_length.epochs - first} epoch(s) train "
+        f"{iterations} instead of {before[0]} iterations{validation}, ending at {end / 60:.1f} min"
+        f"{_limit(iterations, cap, end, budget_seconds)}"
     )
     return Replan(new, speed, end, reason)
 
@@ -248,65 +328,30 @@ def replan_within_epoch(
         with validation batches in the starting proportion, ``n`` chosen to meet the budget; else the run length is
         returned unchanged.
     """
-
-    def promised(stage: int) -> float:
-        return max(promise.iteration_seconds(stage), 1e-9)
-
-    stage = run_length.stage_at(epoch)
-    speed = per_iteration / promised(stage)
-    per_batch = promise.validation_batch_seconds * speed
-    later = range(epoch + 1, run_length.epochs)
-    weights = [promised(run_length.stage_at(e)) / promised(stage) for e in later]
-    fixed = elapsed_seconds + (len(weights) + 1) * promise.overhead_seconds * speed
-    fixed += promise.final_validation_seconds * speed if final_validation else 0.0
-
-    def projected(length: RunLength) -> float:
-        this_epoch = max(0, length.iterations_at(epoch) - done) * per_iteration
-        this_epoch += length.val_iterations_at(epoch) * per_batch
-        return (
-            fixed
-            + this_epoch
-            + sum(
-                w * (length.iterations_at(e) * per_iteration + length.val_iterations_at(e) * per_batch)
-                for e, w in zip(later, weights)
-            )
-        )
-
-    current = projected(run_length)
+    promised = promised_seconds(promise, run_length.stage_at(epoch))
+    speed = per_iteration / promised
+    costs = (per_iteration, promise.validation_batch_seconds * speed, promise.overhead_seconds * speed)
+    projection = _Projection.measure(promise, run_length, epoch, done, costs, elapsed_seconds, final_validation)
+    current = projection.seconds(run_length)
     if abs(current - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
         return Replan(run_length, speed, current, "")
     share = run_length.val_iterations / run_length.iterations_per_epoch
-    unit = per_iteration + share * per_batch  # an iteration and its share of validation
     cap = max(1, math.floor(MAX_GROWTH * run_length.iterations_per_epoch))
-    # this epoch and every later one at n iterations: (n - done) p + n share b + n sum(w) unit = budget - fixed
-    n = round_half_up((budget_seconds - fixed + done * per_iteration) / ((1 + sum(weights)) * unit))
-    if n <= done:  # this epoch stops now; the later ones share what is left
-        n = round_half_up((budget_seconds - fixed - done * share * per_batch) / max(sum(weights) * unit, 1e-9))
-    n = min(cap, max(1, n))
-    this = max(done, n)
-    planned_now = run_length.iterations_at(epoch)
-
-    def batches(iterations: int) -> int:
-        return max(1, round_half_up(share * iterations)) if share > 0 else 0
-
-    new = run_length.rescheduled(epoch, this, batches(this))
-    if weights:
-        new = new.rescheduled(epoch + 1, n, batches(n))
+    this, later = projection.iterations(share, budget_seconds, cap)
+    new = run_length.rescheduled(epoch, this, _batches(share, this))
+    if projection.weights:
+        new = new.rescheduled(epoch + 1, later, _batches(share, later))
     if new.reschedules == run_length.reschedules:
         return Replan(run_length, speed, current, "")
-    end = projected(new)
-    limit = ""
-    if n == 1 and end > budget_seconds * (1 + REPLAN_TOLERANCE):
-        limit = f"; cannot end on time: ends about {(end - budget_seconds) / 60:.1f} min late"
-    elif n == cap and end < budget_seconds * (1 - REPLAN_TOLERANCE):
-        limit = f"; at most {MAX_GROWTH:g}x the planned iterations per epoch: ends about {(budget_seconds - end) / 60:.1f} min early"
-    later_text = f", the remaining {len(weights)} epoch(s) {n}," if weights else ""
+    end = projection.seconds(new)
+    planned_now = run_length.iterations_at(epoch)
+    later_text = f", the remaining {len(projection.weights)} epoch(s) {later}," if projection.weights else ""
     reason = (
         f"deadline: re-planned during epoch {epoch + 1} of {run_length.epochs}, after {done} of its "
         f"{planned_now} iterations ({elapsed_seconds / 60:.1f} of {_minutes(budget_seconds)} min used): iterations "
-        f"took {per_iteration:.2f} s, {speed:.2f}x the promised {promised(stage):.2f} s; the schedule would end at "
+        f"took {per_iteration:.2f} s, {speed:.2f}x the promised {promised:.2f} s; the schedule would end at "
         f"{current / 60:.1f} min, so this epoch trains {this}{later_text} instead of {planned_now} iterations, "
-        f"ending at {end / 60:.1f} min{limit}"
+        f"ending at {end / 60:.1f} min{_limit(later if projection.weights else this, cap, end, budget_seconds)}"
     )
     return Replan(new, speed, end, reason)
 

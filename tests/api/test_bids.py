@@ -21,16 +21,15 @@ import pandas as pd
 import pytest
 
 import autoseg
-from autoseg.api.bids import (
-    CASE_TABLE_COLUMNS,
-    LESION_TABLE_COLUMNS,
+from autoseg.api.bids import predict_bids
+from autoseg.api.bids_derivatives import CASE_TABLE_COLUMNS, LESION_TABLE_COLUMNS
+from autoseg.api.bids_inputs import (
     BidsDatasetError,
     BidsSelection,
     channel_suffixes,
     find_bids_cases,
     parse_filter,
     participant_labels,
-    predict_bids,
     read_filter_file,
 )
 from autoseg.api.predict import ModelChoice, PredictionOptions
@@ -475,17 +474,17 @@ def test_an_interrupted_run_continues_with_the_same_command(
     out = tmp_path / "out"
     selection = BidsSelection(participants=("01", "02"))
     options = PredictionOptions(device="cpu", progress=False, tta="none")
-    write = bids_module._write_derivatives
+    write = bids_module.write_derivatives
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bids_module, "_write_derivatives", interrupted)
+    monkeypatch.setattr(bids_module, "write_derivatives", interrupted)
     with pytest.raises(KeyboardInterrupt):
         predict_bids(bids_root, out, ModelChoice(model_file=MODEL), options, selection, log=lambda line: None)
     staged = sorted(p.name for p in (out / ".autoseg_staging" / "predictions").glob("*.nii*"))
     assert staged == ["sub-01.nii.gz", "sub-02_ses-1.nii.gz", "sub-02_ses-2_acq-fast.nii"]  # kept for the next run
-    monkeypatch.setattr(bids_module, "_write_derivatives", write)
+    monkeypatch.setattr(bids_module, "write_derivatives", write)
     monkeypatch.setattr("autoseg.api.predict._predict_case", interrupted)  # nothing is predicted again
     summary = predict_bids(bids_root, out, ModelChoice(model_file=MODEL), options, selection, log=lambda line: None)
     assert sorted(p.relative_to(out).as_posix() for p in summary.written) == sorted(EXPECTED_MASKS)
