@@ -16,11 +16,11 @@ from the current weights), train the epoch's iterations (``run_length.iterations
 (seed, epoch) and a checkpoint holds every other state (weights, optimizer, grad scaler, random generators, the
 handlers', the run length as re-planned), a resumed run continues exactly as the uninterrupted one would have.
 
-A run with the plans' time promise has a deadline (:mod:`~autoseg.train.deadline`, a handler): after every epoch
-(and, to shorten a slowed epoch under way, about every 30 s of training within one) it re-plans the iterations of
-the epochs still to come so the fold ends when its compute budget does, and records
-the run's speed in the cached probe of the machine (``autoseg.plan.probe.record_training_speed``). Times are read
-from ``self.clock`` (``time.perf_counter``; a test injects a simulated clock).
+A run with the plans' time promise has a deadline (:mod:`~autoseg.train.deadline`, a handler): after every epoch,
+and every 30 s of training within one, it re-plans the iterations of the epoch under way and those still to come so
+the fold ends when its compute budget does; at the end the run's speed goes into the cached probe of the machine
+(``autoseg.train.resources.record_run_speed``). Times are read from ``self.clock`` (``time.perf_counter``; a test
+injects a simulated clock).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from autoseg.io.checkpoints import capture_rng_state
 from autoseg.machine import choose_device, choose_precision, deterministic_algorithms
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY
-from autoseg.plan.probe import record_training_speed
 from autoseg.plan.step_probe import TRAINING_FORMATS, choose_training_memory_format, format_name
 from autoseg.plans import Loss, Plans, Sampling, Stage
 from autoseg.registry import Registry
@@ -403,7 +402,11 @@ class Trainer:
         if self.deadline is not None:
             self.deadline.training_finished(self)
             if self.epoch > first and self.context.is_main:
-                self._record_speed()
+                line = resources.record_run_speed(
+                    self.plans, self.deadline, self.device, self.precision, self.output_folder
+                )
+                if line is not None:
+                    self.log(line)
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
             self.save("checkpoint_final.pth")
             best = (
@@ -412,16 +415,6 @@ class Trainer:
                 else "no per-epoch validation"
             )
             self.log(f"training finished after {self.epoch} epochs; {best}")
-
-    def _record_speed(self) -> None:
-        """Record the run's speed against the plans' probe in this machine's probe cache (logged)."""
-        speed = self.deadline.run_speed()
-        if speed is not None:
-            self.log(
-                record_training_speed(
-                    self.plans.compute_budget.probe, self.device, self.precision, speed, str(self.output_folder)
-                )
-            )
 
     def enter_stage(self, epoch: int) -> None:
         """Switch to the stage of ``epoch``: a fresh optimizer at that stage's learning rate, same weights; the
@@ -459,16 +452,17 @@ class Trainer:
         )
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """Mean training loss of ``epoch`` and its learning rate at the first iteration."""
+        """Mean training loss of ``epoch`` and its learning rate at the first iteration. The handlers hear of every
+        iteration (a deadline may shorten or lengthen the epoch under way: its iterations are read anew each time)."""
         self.model.train()
-        losses, first_rate = [], self.learning_rate(epoch, 0)
+        losses, first_rate, check = [], self.learning_rate(epoch, 0), self.thread_check
         with self.loader(epoch, train=True) as batches:
             iteration = 0
-            while iteration < self.run_length.iterations_at(epoch):  # a deadline may shorten the epoch under way
-                iterations = self.run_length.iterations_at(epoch)
+            while iteration < (iterations := self.run_length.iterations_at(epoch)):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, iteration)
-                self._set_step_threads(epoch, iteration, iterations)
+                if check is not None:
+                    check.before_step(epoch, iteration, iterations)
                 waited = self.clock()
                 batch = next(batches)
                 stepped = self.clock()
@@ -478,27 +472,16 @@ class Trainer:
                 self.timing["steps"] += done - stepped
                 self.timing["training"] = self.timing["loader_wait"] + self.timing["steps"]
                 self.timing["iterations"] += 1
-                self._check_threads(epoch, iteration, iterations, done - stepped)
+                said = [] if check is None else [check.step_done(epoch, iteration, iterations, done - stepped)]
                 iteration += 1
-                if self.deadline is not None:
-                    for line in self.deadline.iteration_completed(self, epoch, iteration):
+                said += [
+                    line for handler in self.handlers for line in handler.iteration_completed(self, epoch, iteration)
+                ]
+                for line in said:
+                    if line is not None:
                         self.log(line)
         total = distributed.sum_(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
         return float(total[0] / total[1]), first_rate
-
-    def _set_step_threads(self, epoch: int, iteration: int, iterations: int) -> None:
-        """Torch's threads for this iteration's step, where the thread check (``autoseg.train.threads``) runs."""
-        if self.thread_check is not None:
-            threads = self.thread_check.step_threads(epoch, iteration, iterations)
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-
-    def _check_threads(self, epoch: int, iteration: int, iterations: int, seconds: float) -> None:
-        """Give the thread check the step's seconds; log its decision when it made one."""
-        if self.thread_check is not None:
-            line = self.thread_check.step_done(epoch, iteration, iterations, seconds)
-            if line is not None:
-                self.log(line)
 
     def train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step on ``batch``; returns the loss."""

@@ -81,6 +81,12 @@ class ThreadCheck:
             return self.other if iteration % 2 else self.current
         return self.current
 
+    def before_step(self, epoch: int, iteration: int, iterations: int) -> None:
+        """Give torch :meth:`step_threads`' count for ``iteration`` of ``epoch`` (of ``iterations``)."""
+        threads = self.step_threads(epoch, iteration, iterations)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def step_done(self, epoch: int, iteration: int, iterations: int, seconds: float) -> str | None:
         """Record the seconds of ``iteration``'s step (on :meth:`step_threads`' count); after a check's last trial,
         decide and return the log line (else None). An epoch too short to check moves the check to the next."""

@@ -17,7 +17,8 @@ import torch
 
 from autoseg.io.files import read_json
 from autoseg.train import deadline as deadline_module
-from autoseg.train.deadline import MAX_GROWTH, REPLAN_TOLERANCE, Deadline, EpochTime, replan, replan_within_epoch
+from autoseg.train.deadline import Deadline
+from autoseg.train.replan import MAX_GROWTH, REPLAN_TOLERANCE, EpochTime, replan, replan_within_epoch
 from autoseg.train.run_length import RunLength
 from autoseg.train.time_promise import TimePromise
 
@@ -375,3 +376,28 @@ def test_the_ranks_of_a_distributed_run_re_plan_alike(tmp_path: Path) -> None:
     alone = [run_long_fold(LONG_SECONDS / 0.95, lambda t, f=f: busy_in_middle_third(LONG_SECONDS / 0.95, 7.0)(t) * f)
              for f in (1.0, 1.1)]  # fmt: skip
     assert alone[0][0].run_length != alone[1][0].run_length
+
+
+class SlowStartLoop(SimulatedLoop):
+    """Each epoch's first batch waits ``wait`` seconds for the loader's workers to start."""
+
+    wait = 20.0
+
+    def spend(self, seconds: float) -> float:
+        if (
+            self.timing.get("iterations") == 0
+            and self.timing.get("training") == 0.0
+            and seconds != self.promise.overhead_seconds
+        ):
+            seconds += self.wait
+        return super().spend(seconds)
+
+
+def test_the_loader_start_of_an_epoch_is_not_taken_for_a_slowdown() -> None:
+    budget = LONG_SECONDS / 0.95
+    loop = SlowStartLoop(LONG, lambda t: 1.0, promise=LONG_PROMISE)
+    deadline = Deadline(LONG_PROMISE, budget / 60, LONG, ("zoom_in", "zoom_out"))
+    for epoch in range(LONG.epochs):
+        loop.run_epoch(epoch, deadline)
+    within = [r for r in deadline.replans if "during_epoch" in r]
+    assert all(r["speed"] == pytest.approx(1.0) for r in within), within
