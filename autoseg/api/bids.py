@@ -28,7 +28,8 @@ from autoseg.api.bids_derivatives import (
     write_tables,
 )
 from autoseg.api.bids_inputs import BidsCase, BidsSelection, NotPredicted, bids_layout, find_bids_cases
-from autoseg.api.predict import ModelChoice, PredictionOptions, describe_model, predict
+from autoseg.api.predict import PredictionOptions, predict
+from autoseg.api.predict_models import ModelChoice, describe_model
 from autoseg.api.predict_outputs import CaseFailure, count_and_names
 from autoseg.errors import UsageError
 from autoseg.io.files import check_output_folder, read_json, write_json

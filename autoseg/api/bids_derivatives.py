@@ -28,8 +28,9 @@ import pandas as pd
 
 import autoseg
 from autoseg.api.bids_inputs import MASK_ENTITIES, UNCERTAINTY_ENTITIES, BidsCase
-from autoseg.api.predict import ModelDescription, PredictionOptions
+from autoseg.api.predict import PredictionOptions
 from autoseg.api.predict_inputs import InputCase
+from autoseg.api.predict_models import ModelDescription
 from autoseg.api.predict_outputs import output_files, report_rows
 from autoseg.errors import AutosegError, ExistingOutputError
 from autoseg.io.files import atomic_path, read_json, write_json

@@ -3,12 +3,10 @@
 A model is ``AUTOSEG_RESULTS/<dataset>/<configuration>/<trainer>/fold_<k>/`` as training leaves it: the
 plans the run was trained with (``plans.json``) and its checkpoints. :func:`predict`:
 
-1. chooses the dataset (``-d``; when omitted, the only trained dataset), the members: configurations (``-c``)
-   times trainers (``-tr``, one or more); with neither, the configuration/trainer members ``autoseg_find_best``
-   chose, else the only trained configuration (or the plans' default) with its only trainer; and the folds
-   (``-f``; default every ``fold_<k>`` with the chosen checkpoint);
-2. rebuilds each network from the run folder's ``plans.json`` and the network options its checkpoint recorded
-   (``autoseg.networks.factory.checkpoint_network_options``; no trainer class is needed), and loads the weights;
+1. chooses the dataset (``-d``; when omitted, the only trained dataset) and the members and folds, and loads their
+   networks (:mod:`autoseg.api.predict_models`: a model file's own members, else ``-c`` times ``-tr``, else what
+   ``autoseg_find_best`` chose, else the default configuration; ``-f`` or every fold);
+2. takes the post-processing and QC calibration tuned for exactly those members, else the plans' and none;
 3. per case: reads the channels (a channel on another grid than channel 0 registered onto it when the plans record
    ``coregister_channels``, ``autoseg.data.coregistration``; else such a case fails), predicts each configuration on its own preprocessing (mean over folds and
    checkpoints), restores every configuration's probabilities to the input grid, averages them, post-processes
@@ -73,12 +71,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from autoseg.api.input_checks import InputChecks, TrainingReference
-from autoseg.api.model_files import InstalledModel, install_for_prediction
 from autoseg.api.predict_inputs import InputCase, find_input_cases, read_case, read_case_list, select_cases
+from autoseg.api.predict_models import (
+    ModelChoice,
+    calibration_for,
+    install_model_file,
+    load_members,
+    postprocessing_for,
+)
 from autoseg.api.predict_outputs import (
     SUMMARY_FILE,
     CaseFailure,
@@ -90,9 +93,9 @@ from autoseg.api.predict_outputs import (
     summary_path,
     write_lesion_tables,
 )
-from autoseg.errors import AutosegError, InvalidFileError, UsageError
+from autoseg.errors import AutosegError, UsageError
 from autoseg.infer.lesions import head_midline, lesion_report, symmetry_midline
-from autoseg.infer.postprocessing import postprocess_probabilities, read_tuned_postprocessing
+from autoseg.infer.postprocessing import postprocess_probabilities
 from autoseg.infer.predictor import Predictor
 from autoseg.infer.quality import (
     DEFAULT_REVIEW_THRESHOLD,
@@ -105,25 +108,14 @@ from autoseg.infer.quality import (
     qc_score,
 )
 from autoseg.infer.sliding_window import TTA_CHOICES
-from autoseg.io.checkpoints import load_checkpoint
 from autoseg.io.files import DiskFullError, check_output_folder, read_json, write_json
 from autoseg.io.geometry import Geometry
 from autoseg.io.images import remove_stale_temporaries, write_like
 from autoseg.labels import values_from_classes
 from autoseg.machine import choose_device, choose_precision
-from autoseg.networks import build_network
-from autoseg.networks.factory import checkpoint_network_options, expected_weights, weights_problem
 from autoseg.paths import (
-    PLANS_FILE,
-    POSTPROCESSING_FILE,
-    QC_CALIBRATION_FILE,
     choose_dataset,
-    default_configurations,
-    results_folder,
-    trained_member,
-    trainer_folder,
 )
-from autoseg.plans import Plans
 from autoseg.preprocess.preprocessing import preprocess_arrays, restore_probabilities
 
 __all__ = [
@@ -132,15 +124,11 @@ __all__ = [
     "TTA_CHOICES",
     "CaseFailure",
     "InputCase",
-    "Model",
     "ModelChoice",
-    "ModelDescription",
     "PredictionOptions",
     "PredictionSummary",
     "check_outputs",
-    "describe_model",
     "find_input_cases",
-    "load_model",
     "predict",
     "read_case_list",
     "select_cases",
@@ -158,102 +146,10 @@ __all__ = [
 CASE_ERRORS = (AutosegError, OSError, MemoryError)
 
 
-@dataclass
-class Model:
-    """The trained members of one configuration: plans, configuration name, trainer, checkpoint files, networks."""
-
-    plans: Plans
-    configuration: str
-    trainer: str
-    checkpoints: list[Path]
-    networks: list[nn.Module]
-
-
-def load_model(
-    dataset: str,
-    configuration: str,
-    trainer: str | None = None,
-    folds: Sequence[int | str] | None = None,
-    checkpoint: str = "final",
-    device: torch.device | str = "cpu",
-) -> Model:
-    """Rebuild and load the networks of one configuration (every fold or ``folds``) on ``device``.
-
-    Raises:
-        ValueError: unknown checkpoint choice, no trained configuration or trainer of that name (the message
-            lists what exists), a missing fold, or no fold with the chosen checkpoint.
-        InvalidFileError: a checkpoint's weights do not fit the network its plans and recorded network options
-            describe (names, shapes, dtypes), or its network options are malformed.
-    """
-    trainer, fold_folders, checkpoints = trained_member(dataset, configuration, trainer, folds, checkpoint)
-    plans = Plans.from_json(fold_folders[0] / PLANS_FILE)
-    networks = []
-    for path in checkpoints:
-        state = load_checkpoint(path, map_location="cpu")
-        # e.g. the acute recipe's asymmetric U-Net from the same plan, as the run recorded it
-        options = checkpoint_network_options(state, trainer, path)
-        weights = state.get("network")
-        problem = weights_problem(expected_weights(plans, configuration, **options), weights)
-        if problem:
-            raise InvalidFileError(
-                f"{path}: the weights do not fit the network of {fold_folders[0] / PLANS_FILE}: {problem}"
-            )
-        network = build_network(plans, configuration, **options)
-        network.load_state_dict(weights)
-        networks.append(network.to(device).eval())
-    return Model(plans, configuration, trainer, checkpoints, networks)
-
-
-def _tuned_members(dataset: str) -> list[tuple[str, str | None]] | None:
-    """The (configuration, trainer) members ``autoseg_find_best`` chose, when they are all trained; else None."""
-    path = results_folder(dataset) / POSTPROCESSING_FILE
-    if not path.is_file():
-        return None
-    pairs = [tuple(member.split("/", 1)) for member in read_tuned_postprocessing(path).members]
-    trained = all((trainer_folder(dataset, c, t)).is_dir() for c, t in pairs)
-    return pairs if trained else None
-
-
-def _postprocessing(dataset: str, models: Sequence[Model]) -> tuple[float, float, str]:
-    """Threshold, minimum lesion size in mm³ and where they come from: ``postprocessing.json`` when it was tuned
-    for exactly these members (configuration/trainer pairs), else the plans of the first model."""
-    path = results_folder(dataset) / POSTPROCESSING_FILE
-    members = sorted(f"{model.configuration}/{model.trainer}" for model in models)
-    if path.is_file():
-        tuned = read_tuned_postprocessing(path)
-        if sorted(tuned.members) == members:
-            return tuned.settings.threshold, tuned.settings.min_lesion_mm3, str(path)
-    settings = models[0].plans.configuration(models[0].configuration).postprocessing
-    return settings.threshold, settings.min_lesion_mm3, f"plans of {models[0].configuration}"
-
-
 def _choose_device(device: str) -> tuple[torch.device, torch.dtype | None]:
     """The device and its autocast dtype: bf16/fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
     chosen, _ = choose_device(device)
     return chosen, choose_precision(chosen).autocast_dtype
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """Which trained members :func:`predict` ensembles (``-d``, ``-c``, ``-tr``, ``-f``, ``-m``).
-
-    Args:
-        dataset: trained dataset (name, number or folder name); None: the only trained dataset.
-        configurations: configurations to ensemble; None: the tuned choice, the only one, or the plans' default.
-        trainers: trainer folder, or several to ensemble across trainers (e.g. a focal and a cross-entropy
-            variant); None: the only one of each configuration.
-        folds: folds to ensemble (``0``, ``"full"``); None: every cross-validation fold with the chosen
-            checkpoint (``fold_full`` only when there is no other).
-        model_file: a model file from ``autoseg_export``: installed into ``AUTOSEG_RESULTS`` first (or its identical
-            install reused, :func:`autoseg.api.model_files.install_for_prediction`) and predicted with its own members,
-            folds and checkpoints; ``dataset``, ``configurations``, ``trainers`` and ``folds`` must then be None.
-    """
-
-    dataset: str | None = None
-    configurations: Sequence[str] | None = None
-    trainers: str | Sequence[str] | None = None
-    folds: Sequence[int | str] | None = None
-    model_file: str | Path | None = None
 
 
 @dataclass(frozen=True)
@@ -350,10 +246,10 @@ def predict(
     """
     choice, options = choice or ModelChoice(), options or PredictionOptions()
     check_output_folder(output)
-    installed = _install_model_file(choice, options.checkpoint) if choice.model_file else None
+    installed = install_model_file(choice, options.checkpoint) if choice.model_file else None
     name = installed.dataset if installed else choose_dataset(choice.dataset)
     torch_device, autocast_dtype = _choose_device(options.device)
-    models = _load_members(name, installed, choice, options.checkpoint, torch_device)
+    models = load_members(name, installed, choice, options.checkpoint, torch_device)
     channels = models[0].plans.channels
     inputs = find_input_cases(
         source, len(channels), one_case_per_file=options.one_case_per_file, channel_names=channels
@@ -362,13 +258,13 @@ def predict(
     summary_file = summary_path(output, options.num_parts, options.part_id)
     check_outputs(inputs, cases, output, options.save_probabilities, summary_file, options.save_uncertainty)
     cases = cases[options.part_id :: options.num_parts]
-    threshold, min_lesion_mm3, _ = _postprocessing(name, models)
+    threshold, min_lesion_mm3, _ = postprocessing_for(name, models)
     if not options.postprocessing:
         min_lesion_mm3 = 0.0
-    coregister = models[0].plans.coregister_channels  # the members agree (_load_members)
+    coregister = models[0].plans.coregister_channels  # the members agree (load_members)
     checks = InputChecks.load(name, channels, log or _print_to_stderr)  # compared with the training cases, per case
     settings = _CaseSettings(
-        threshold, min_lesion_mm3, models[0].plans.labels, _calibration(name, models), checks, coregister
+        threshold, min_lesion_mm3, models[0].plans.labels, calibration_for(name, models), checks, coregister
     )
     predictors = [
         Predictor(
@@ -405,97 +301,6 @@ def predict(
     return summary
 
 
-def _load_members(
-    dataset: str, installed: InstalledModel | None, choice: ModelChoice, checkpoint: str, device: torch.device
-) -> list[Model]:
-    """The members to ensemble, loaded on ``device``: a model file's own members, folds and checkpoints; else the
-    chosen configurations times trainers; else what ``autoseg_find_best`` chose; else the default configuration.
-
-    Raises:
-        UsageError: see :func:`load_model`; members that take different numbers of channels, or that were trained
-            with and without channel co-registration.
-    """
-    members, checkpoint = _members(dataset, installed, choice, checkpoint)
-    models = [load_model(dataset, c, t, folds, checkpoint, device) for c, t, folds in members]
-    channels = {len(model.plans.channels) for model in models}
-    if len(channels) != 1:
-        names = list(dict.fromkeys(c for c, _, _ in members))
-        raise UsageError(f"configurations {names} expect different numbers of channels: {sorted(channels)}")
-    coregistered = sorted({f"{m.configuration}/{m.trainer}" for m in models if m.plans.coregister_channels})
-    if coregistered and len(coregistered) < len({(m.configuration, m.trainer) for m in models}):
-        raise UsageError(
-            f"members {coregistered} were trained with channel co-registration (coregister_channels in their "
-            "plans.json), the others without; choose members that read their channels alike"
-        )
-    return models
-
-
-def _members(
-    dataset: str, installed: InstalledModel | None, choice: ModelChoice, checkpoint: str
-) -> tuple[list[tuple[str, str | None, Sequence[int | str] | None]], str]:
-    """(configuration, trainer, folds) of each member to ensemble and the checkpoint choice: a model file's own;
-    else the chosen configurations times trainers; else what ``autoseg_find_best`` chose; else the default
-    configuration (a trainer or folds of None: the only trainer, every fold)."""
-    configurations, trainer, folds = choice.configurations, choice.trainers, choice.folds
-    pairs = _tuned_members(dataset) if configurations is None and trainer is None else None
-    if installed:
-        pairs, checkpoint = installed.members, installed.checkpoint
-    if pairs is None:
-        names = list(configurations or default_configurations(dataset))
-        trainers = [trainer] if trainer is None or isinstance(trainer, str) else list(trainer)
-        pairs = [(c, t) for c in names for t in trainers]
-    member_folds = installed.folds if installed else {}
-    return [(c, t, member_folds.get((c, t), folds)) for c, t in pairs], checkpoint
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """What :func:`predict` would predict with, read from the run folders without loading any weights.
-
-    Attributes:
-        dataset: the trained dataset's folder name.
-        members: ``configuration/trainer`` of each member, in ensembling order.
-        folds: each member's fold folders (``fold_0``, ``fold_full``), by member.
-        checkpoint: ``final``, ``best`` or ``snapshots``.
-        channels: the channel names the first member's plans declare (``dataset.json``'s), in channel order.
-        labels: the declared labels, name -> value (0 background).
-        model_file: the model file given (``-m``), else None.
-    """
-
-    dataset: str
-    members: tuple[str, ...]
-    folds: dict[str, tuple[str, ...]]
-    checkpoint: str
-    channels: tuple[str, ...]
-    labels: dict[str, int]
-    model_file: str | None = None
-
-
-def describe_model(choice: ModelChoice | None = None, checkpoint: str = "final") -> ModelDescription:
-    """The members, folds, channels and labels :func:`predict` would use for ``choice``, from the plans of the run
-    folders (no checkpoint is loaded); a model file is installed first, as :func:`predict` does.
-
-    Raises:
-        ValueError, ModelFileError: as :func:`predict` for the same ``choice`` (see :func:`choose_dataset`,
-            :func:`autoseg.paths.trained_member`, :func:`autoseg.api.model_files.install_for_prediction`).
-    """
-    choice = choice or ModelChoice()
-    installed = _install_model_file(choice, checkpoint) if choice.model_file else None
-    name = installed.dataset if installed else choose_dataset(choice.dataset)
-    members, checkpoint = _members(name, installed, choice, checkpoint)
-    described, folds, plans = [], {}, None
-    for configuration, trainer, member_folds in members:
-        trainer, fold_folders, _ = trained_member(name, configuration, trainer, member_folds, checkpoint)
-        member = f"{configuration}/{trainer}"
-        described.append(member)
-        folds[member] = tuple(folder.name for folder in fold_folders)
-        plans = plans or Plans.from_json(fold_folders[0] / PLANS_FILE)
-    model_file = None if choice.model_file is None else str(choice.model_file)
-    return ModelDescription(
-        name, tuple(described), folds, checkpoint, tuple(plans.channels), dict(plans.labels), model_file
-    )
-
-
 @dataclass(frozen=True)
 class _CaseSettings:
     """What every case of a run is checked, post-processed and judged by: threshold, minimum lesion size (mm³), the
@@ -524,17 +329,6 @@ def training_volumes(reference: TrainingReference) -> TrainingVolumes | None:
     without training ranges."""
     ranges = reference.ranges
     return None if ranges is None else TrainingVolumes.from_ranges(ranges.lesion_count, ranges.lesion_volume_ml)
-
-
-def _calibration(dataset: str, models: Sequence[Model]) -> QCCalibration | None:
-    """The QC calibration ``autoseg_find_best`` wrote for exactly these members (configuration/trainer pairs), else
-    None."""
-    path = results_folder(dataset) / QC_CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    found = QCCalibration.from_json(read_json(path), str(path))
-    members = sorted(f"{m.configuration}/{m.trainer}" for m in models)
-    return found if sorted(found.members) == members else None
 
 
 def _predict_or_skip(
@@ -675,31 +469,6 @@ def _judge(
 def _print_to_stderr(line: str) -> None:
     """Print a line to stderr without breaking a progress bar."""
     tqdm.write(line, file=sys.stderr)
-
-
-def _install_model_file(choice: ModelChoice, checkpoint: str) -> InstalledModel:
-    """``ModelChoice(model_file=...)``: the model file installed (:func:`autoseg.api.model_files.install_for_prediction`).
-
-    Raises:
-        ValueError: members named beside the file, or a ``checkpoint`` other than the default and the file's own.
-    """
-    model = choice.model_file
-    named = [
-        flag
-        for flag, value in (
-            ("-d", choice.dataset),
-            ("-c", choice.configurations),
-            ("-tr", choice.trainers),
-            ("-f", choice.folds),
-        )
-        if value
-    ]
-    if named:
-        raise UsageError(f"{model}: a model file brings its own members and folds; leave out {', '.join(named)}")
-    installed = install_for_prediction(model)
-    if checkpoint not in ("final", installed.checkpoint):
-        raise UsageError(f"{model}: holds {installed.checkpoint} checkpoints, not {checkpoint}")
-    return installed
 
 
 def _ensemble(

@@ -6,7 +6,8 @@ import argparse
 
 from autoseg.api.bids import predict_bids
 from autoseg.api.bids_inputs import BidsSelection, parse_filter, participant_labels
-from autoseg.api.predict import TTA_CHOICES, ModelChoice, PredictionOptions, predict
+from autoseg.api.predict import TTA_CHOICES, PredictionOptions, predict
+from autoseg.api.predict_models import ModelChoice
 from autoseg.api.predict_report import review_page_path, write_review_page
 from autoseg.commands.common import device, fraction, non_negative_int, positive_int, refuse_unused, run
 from autoseg.io.files import check_output_file

@@ -32,7 +32,8 @@ from autoseg.api.bids_inputs import (
     participant_labels,
     read_filter_file,
 )
-from autoseg.api.predict import ModelChoice, PredictionOptions
+from autoseg.api.predict import PredictionOptions
+from autoseg.api.predict_models import ModelChoice
 from autoseg.api.predict_outputs import CASE_COLUMNS, LESION_COLUMNS
 from autoseg.commands.predict import main as predict_main
 from autoseg.errors import InvalidFileError, UsageError
@@ -540,8 +541,8 @@ def test_staged_links_form_the_cases_predict_reads_in_channel_order(
     """A two-channel model: the channel files are linked as CASE_0000 (DWI) and CASE_0001 (ADC), so ``predict`` reads
     one case with the channels in the model's order (predict replaced by a stand-in that checks it)."""
     import autoseg.api.bids as bids_module
-    from autoseg.api.predict import ModelDescription
     from autoseg.api.predict_inputs import find_input_cases
+    from autoseg.api.predict_models import ModelDescription
     from autoseg.api.predict_outputs import PredictionSummary
 
     geometry = Geometry((4, 5, 6), (1.0, 2.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))

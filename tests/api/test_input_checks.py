@@ -19,8 +19,8 @@ import SimpleITK as sitk
 
 from autoseg.api.input_checks import InputChecks, check_case, load_training_ranges
 from autoseg.api.model_files import export_model
-from autoseg.api.predict import load_model
 from autoseg.api.predict_inputs import InputCase, find_input_cases
+from autoseg.api.predict_models import load_model
 from autoseg.api.predict_outputs import CaseFailure, PredictionSummary
 from autoseg.commands.predict import main as predict_main
 from autoseg.errors import UsageError
@@ -364,7 +364,7 @@ def test_one_case_per_file_with_a_multi_channel_model_is_refused(
 ) -> None:
     one_channel = load_model(NAME, CONFIGURATION)
     two = dataclasses.replace(one_channel, plans=dataclasses.replace(one_channel.plans, channels=("T1", "FLAIR")))
-    monkeypatch.setattr("autoseg.api.predict.load_model", lambda *args, **kwargs: two)
+    monkeypatch.setattr("autoseg.api.predict_models.load_model", lambda *args, **kwargs: two)
     _touch(tmp_path / "in", "a_0000.nii.gz", "a_0001.nii.gz")
     assert predict_main(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--one-case-per-file", *QUIET]) == 1
     assert capsys.readouterr().err == (

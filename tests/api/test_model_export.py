@@ -21,7 +21,8 @@ import torch
 
 from autoseg import __version__
 from autoseg.api.model_files import MANIFEST_FORMAT, ModelFileError, export_model, import_model, summarize_fingerprint
-from autoseg.api.predict import ModelChoice, PredictionOptions, predict
+from autoseg.api.predict import PredictionOptions, predict
+from autoseg.api.predict_models import ModelChoice
 from autoseg.commands.export import main as export_main
 from autoseg.commands.find_best import main as find_best_main
 from autoseg.commands.import_model import main as import_main

@@ -19,15 +19,9 @@ import SimpleITK as sitk
 import torch
 from conftest import HOSTILE_HEADERS
 
-from autoseg.api.predict import (
-    ModelChoice,
-    PredictionOptions,
-    _choose_device,
-    _ensemble,
-    load_model,
-    predict,
-)
+from autoseg.api.predict import PredictionOptions, _choose_device, _ensemble, predict
 from autoseg.api.predict_inputs import find_input_cases, read_case_list
+from autoseg.api.predict_models import ModelChoice, load_model
 from autoseg.api.select import THRESHOLDS, find_best
 from autoseg.api.train import TrainingOptions
 from autoseg.commands.common import run
@@ -278,7 +272,9 @@ def test_incomplete_cases_for_a_multi_channel_model_on_the_command_line(
     two_channels = dataclasses.replace(
         one_channel, plans=dataclasses.replace(one_channel.plans, channels=("T1", "FLAIR"))
     )
-    monkeypatch.setattr("autoseg.api.predict.load_model", lambda *args, **kwargs: two_channels)  # a two-channel model
+    monkeypatch.setattr(
+        "autoseg.api.predict_models.load_model", lambda *args, **kwargs: two_channels
+    )  # a two-channel model
     source = sorted(_images(home).glob("*_0000.nii.gz"))[0]
     for name in ("x_0000.nii.gz", "x_0001.nii.gz", "y_0000.nii.gz", "sub_0001.nii.gz"):
         shutil.copy(source, tmp_path / name)

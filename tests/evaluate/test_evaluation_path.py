@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from autoseg.api.predict import load_model
+from autoseg.api.predict_models import load_model
 from autoseg.api.select import find_best
 from autoseg.evaluate.evaluation import evaluate_folders
 from autoseg.infer.postprocessing import postprocess_probabilities
