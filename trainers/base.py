@@ -19,7 +19,7 @@ handlers', the run length as re-planned), a resumed run continues exactly as the
 A run with the plans' time promise has a deadline (:mod:`~autoseg.train.deadline`, a handler): after every epoch,
 and every 30 s of training within one, it re-plans the iterations of the epoch under way and those still to come so
 the fold ends when its compute budget does; at the end the run's speed goes into the cached probe of the machine
-(``autoseg.train.resources.record_run_speed``). Times are read from ``self.clock`` (``time.perf_counter``; a test
+(``autoseg.plan.probe.record_training_speed``). Times are read from ``self.clock`` (``time.perf_counter``; a test
 injects a simulated clock).
 """
 
@@ -42,6 +42,7 @@ from autoseg.io.checkpoints import capture_rng_state
 from autoseg.machine import choose_device, choose_precision, deterministic_algorithms
 from autoseg.networks import build_network
 from autoseg.networks.factory import NETWORK_OPTIONS_KEY
+from autoseg.plan.probe import record_training_speed
 from autoseg.plan.step_probe import TRAINING_FORMATS, choose_training_memory_format, format_name
 from autoseg.plans import Loss, Plans, Sampling, Stage
 from autoseg.registry import Registry
@@ -401,12 +402,10 @@ class Trainer:
             self.log(check_training_time(self.promise, self.epoch - first, totals))
         if self.deadline is not None:
             self.deadline.training_finished(self)
-            if self.epoch > first and self.context.is_main:
-                line = resources.record_run_speed(
-                    self.plans, self.deadline, self.device, self.precision, self.output_folder
-                )
-                if line is not None:
-                    self.log(line)
+            speed = self.deadline.run_speed()  # against the plans' probe, recorded to correct later plans here
+            if self.epoch > first and self.context.is_main and speed is not None:
+                probe = self.plans.compute_budget.probe
+                self.log(record_training_speed(probe, self.device, self.precision, speed, str(self.output_folder)))
         if self.epoch > first or not (self.output_folder / "checkpoint_final.pth").is_file():
             self.save("checkpoint_final.pth")
             best = (

@@ -15,7 +15,6 @@ import torch
 
 from autoseg.distributed import DistributedContext
 from autoseg.machine import Precision, available_cores, configure_threads
-from autoseg.plan.probe import record_training_speed
 from autoseg.plans import Configuration, Plans
 from autoseg.train.deadline import DEADLINE_FILE, Deadline
 from autoseg.train.options import TrainingOptions
@@ -111,15 +110,3 @@ def deadline(
         final_validation=options.validation,
         path=output_folder / DEADLINE_FILE,
     )
-
-
-def record_run_speed(
-    plans: Plans, deadline: Deadline, device: torch.device, precision: Precision, output_folder: Path
-) -> str | None:
-    """Record a budgeted run's speed against the plans' probe in this machine's probe cache
-    (:func:`autoseg.plan.probe.record_training_speed`, at the deadline's :meth:`~Deadline.run_speed`); returns the
-    log line, or None before any epoch was measured."""
-    speed = deadline.run_speed()
-    if speed is None or plans.compute_budget is None:
-        return None
-    return record_training_speed(plans.compute_budget.probe, device, precision, speed, str(output_folder))
