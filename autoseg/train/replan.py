@@ -165,6 +165,13 @@ def promised_seconds(promise: TimePromise, stage: int) -> float:
     return max(promise.iteration_seconds(stage), 1e-9)
 
 
+def _share_and_cap(run_length: RunLength) -> tuple[float, int]:
+    """The run's starting validation batches per training iteration, and the most iterations a re-plan gives an
+    epoch (:data:`MAX_GROWTH` times the starting ones, at least 1)."""
+    share = run_length.val_iterations / run_length.iterations_per_epoch
+    return share, max(1, math.floor(MAX_GROWTH * run_length.iterations_per_epoch))
+
+
 def _batches(share: float, iterations: int) -> int:
     """Validation batches for ``iterations`` at ``share`` batches per iteration: at least 1 when there are any."""
     return max(1, round_half_up(share * iterations)) if share > 0 else 0
@@ -227,8 +234,7 @@ def replan(
     current = projection.seconds(run_length)
     if abs(current - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
         return Replan(run_length, speed, current, "")
-    share = run_length.val_iterations / run_length.iterations_per_epoch
-    cap = max(1, math.floor(MAX_GROWTH * run_length.iterations_per_epoch))
+    share, cap = _share_and_cap(run_length)
     iterations, _ = projection.iterations(share, budget_seconds, cap)
     before = (run_length.iterations_at(first), run_length.val_iterations_at(first))
     if (iterations, _batches(share, iterations)) == before:
@@ -292,8 +298,7 @@ def replan_within_epoch(
     current = projection.seconds(run_length)
     if abs(current - budget_seconds) <= WITHIN_EPOCH_TOLERANCE * budget_seconds:
         return Replan(run_length, speed, current, "")
-    share = run_length.val_iterations / run_length.iterations_per_epoch
-    cap = max(1, math.floor(MAX_GROWTH * run_length.iterations_per_epoch))
+    share, cap = _share_and_cap(run_length)
     this, later = projection.iterations(share, budget_seconds, cap)
     new = run_length.rescheduled(epoch, this, _batches(share, this))
     if projection.weights:
