@@ -36,6 +36,11 @@ HISTEQ_IDENTIFIER_SUFFIX = "_histeq"
 HISTEQ_NAME_SUFFIX = "_histeq"
 SYMMETRIC_NAME_SUFFIX = "_sym"
 LOSSES = ("dice_bce", "dice_bce_focal", "focal", "weighted_ce")
+#: ``network.layout`` of a ResidualUNet (``autoseg.networks.residual_unet``): ``residual`` (a strided conv opens each
+#: encoder stage, one residual block per decoder level; what a plan without the field was trained with) and
+#: ``residual_encoder`` (the first residual block of a stage downsamples, one conv per decoder level: nnU-Net's
+#: ``ResidualEncoderUNet`` layout).
+UNET_LAYOUTS = ("residual", "residual_encoder")
 
 # Limits of what a plan may ask for. They refuse nonsense (an edited or hostile ``plans.json``, a model file's plans)
 # before anything is built or allocated, and lie far beyond anything a planner of autoseg plans.
@@ -120,7 +125,8 @@ class Network:
     """Network architecture and its numbers.
 
     ``ResidualUNet``: one entry per resolution stage in ``features`` (channels), ``strides``
-    (per-axis downsampling into the stage; the first is all ones) and ``kernel_sizes``.
+    (per-axis downsampling into the stage; the first is all ones) and ``kernel_sizes``; ``layout`` one of
+    :data:`UNET_LAYOUTS` (``residual`` when absent: plans written before the field).
     ``PSPNet``: ResNet ``backbone`` (resnet18/34/50) with dilation for ``output_stride`` 8 and a
     pyramid pooling module with ``pyramid_bins``; ``pretrained``: a local weights file to start from
     (torchvision ResNet or autoseg PSPNet state dict), null for none; ``autoseg_train --pretrained`` wins.
@@ -135,6 +141,7 @@ class Network:
     output_stride: int | None = None
     pyramid_bins: tuple[int, ...] = ()
     pretrained: str | None = None
+    layout: str = UNET_LAYOUTS[0]
 
     @property
     def total_stride(self) -> tuple[int, ...]:
@@ -428,6 +435,8 @@ class Configuration:
             return found
         if net.architecture != "ResidualUNet":
             return [f"{where}.network.architecture: unknown '{net.architecture}', use ResidualUNet or PSPNet"]
+        if net.layout not in UNET_LAYOUTS:
+            return [f"{where}.network.layout: unknown '{net.layout}', use {' or '.join(UNET_LAYOUTS)}"]
         lengths = {len(net.features), len(net.strides), len(net.kernel_sizes)}
         if len(net.features) < 2:
             return [f"{where}.network.features: a U-Net needs at least 2 stages, got {list(net.features)}"]

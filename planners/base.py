@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 from autoseg.errors import UsageError
 from autoseg.plan.budget import BudgetRequest
 from autoseg.plan.fingerprint import Fingerprint
-from autoseg.plan.topology import NORMALIZATION_OPTIONS
-from autoseg.plans import Plans
+from autoseg.plan.topology import NORMALIZATION_OPTIONS, PLANNED_UNET_LAYOUT
+from autoseg.plans import UNET_LAYOUTS, Plans
 from autoseg.registry import Registry
 from autoseg.train.transfer import SourceModel
 
@@ -31,9 +31,11 @@ class Planner:
             ``autoseg.plan.topology.NORMALIZATION_OPTIONS``.
         like: a trained model to plan like (``autoseg_plan --like MODEL``): the planner keeps its network and
             normalization, so its weights fit, and plans the rest for this dataset (:mod:`planners.like`).
+        unet_layout: the block layout of the residual U-Nets it plans (``autoseg.plans.UNET_LAYOUTS``); default
+            :data:`autoseg.plan.topology.PLANNED_UNET_LAYOUT`. Not with ``like``: the model's network is kept.
 
     Raises:
-        ValueError: an unknown ``normalization``.
+        UsageError: an unknown ``normalization`` or ``unet_layout``, or a ``unet_layout`` with ``like``.
     """
 
     default_memory_budget_gb: ClassVar[float] = 8.0
@@ -49,14 +51,22 @@ class Planner:
         compute: BudgetRequest | None = None,
         normalization: str = "zscore",
         like: SourceModel | None = None,
+        unet_layout: str | None = None,
     ):
         if normalization not in NORMALIZATION_OPTIONS:
             raise UsageError(f"unknown normalization '{normalization}', use one of {list(NORMALIZATION_OPTIONS)}")
+        if unet_layout is not None and unet_layout not in UNET_LAYOUTS:
+            raise UsageError(f"unknown U-Net layout '{unet_layout}', use one of {list(UNET_LAYOUTS)}")
+        if unet_layout is not None and like is not None:
+            raise UsageError(f"the U-Net layout is the model's when planning like {like.describe()}; leave it out")
         self.fingerprint = fingerprint
         self.normalization = normalization
         self.memory_budget_gb = memory_budget_gb if memory_budget_gb is not None else self.default_memory_budget_gb
         self.compute = compute
         self.like = like
+        #: The layout of the U-Nets it plans (and whose memory and time it estimates): the model's when planning
+        #: like one.
+        self.unet_layout = like.planned.network.layout if like is not None else unet_layout or PLANNED_UNET_LAYOUT
 
     def plan(self) -> Plans:
         """Decide every configuration; each decision carries its reason."""

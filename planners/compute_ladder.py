@@ -117,6 +117,7 @@ class ComputeLadder:
             configuration.network.features,
             configuration.network.strides,
             configuration.network.kernel_sizes,
+            configuration.network.layout,
         )
         schedule = laid_out_schedule(configuration, layout)
         shares = stage_shares([s.start_epoch for s in schedule.stages], layout.epochs)

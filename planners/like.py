@@ -76,7 +76,7 @@ def plan_like(planner: DefaultPlanner, source: SourceModel) -> tuple[Configurati
         **planned.reasons,
         "network": f"{inherited}: {network.architecture} with features {list(network.features)}, strides "
         f"{[list(s) for s in network.strides]}, kernels {[list(k) for k in network.kernel_sizes]}, deep supervision "
-        f"{network.deep_supervision}: the same topology, so every weight of the model fits",
+        f"{network.deep_supervision}, layout {network.layout}: the same topology, so every weight of the model fits",
         "normalization": "; ".join(reason for _, reason in normalization),
         "schedule": f"{schedule_reason}; {planned.reasons['schedule']}",
         "like": f"planned like {source.describe()} (autoseg_plan --like); channels by name: "

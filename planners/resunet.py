@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoseg.networks import ResidualUNet, on_meta
-from autoseg.plan.topology import Topology, fit_patch_to_memory_budget, largest_batch, round_to_multiple, unet_topology
+from autoseg.plan.topology import (
+    PLANNED_UNET_LAYOUT,
+    UNET_LAYOUT_REASONS,
+    Topology,
+    fit_patch_to_memory_budget,
+    largest_batch,
+    round_to_multiple,
+    unet_topology,
+)
 from autoseg.plans import Configuration, Network, Schedule, Stage, Symmetry, input_channels
 
 if TYPE_CHECKING:
@@ -46,6 +54,7 @@ def unet_memory(planner: DefaultPlanner, deep_supervision: bool = True, symmetry
             strides=topology.strides,
             kernel_sizes=topology.kernel_sizes,
             deep_supervision=deep_supervision,
+            layout=planner.unet_layout,
         )
         return network.training_memory_bytes(
             patch_size=patch, batch_size=batch, bytes_per_activation=BYTES_PER_ACTIVATION
@@ -101,14 +110,15 @@ def fit_unet_patch(
     return patch, topology, memory_of(patch, topology, 2)
 
 
-def unet_network(topology: Topology) -> Network:
-    """The plans' ``network`` of a residual U-Net with deep supervision."""
+def unet_network(topology: Topology, layout: str) -> Network:
+    """The plans' ``network`` of a residual U-Net of ``layout`` with deep supervision."""
     return Network(
         architecture="ResidualUNet",
         features=topology.features,
         strides=topology.strides,
         kernel_sizes=topology.kernel_sizes,
         deep_supervision=True,
+        layout=layout,
     )
 
 
@@ -155,7 +165,7 @@ def plan_resunet(
         reasons,
         symmetry,
         data_identifier=resunet_identifier(planner, spacing),
-        network=unet_network(topology),
+        network=unet_network(topology, planner.unet_layout),
         dimension=3,
         target_spacing=spacing,
         median_shape=full,
@@ -252,11 +262,13 @@ def zoom_schedule(
 def topology_reason(
     planner: DefaultPlanner, topology: Topology, spacing: tuple[float, ...], widths: tuple[int, int] | None = None
 ) -> str:
-    """Why the U-Net has its stages, kernels and widths."""
+    """Why the U-Net has its stages, kernels, widths and layout."""
     widths = widths or planner.widths
+    layout = UNET_LAYOUT_REASONS[planner.unet_layout]
+    asked = "" if planner.unet_layout == PLANNED_UNET_LAYOUT else ", as asked (--unet-layout)"
     return (
         f"{len(topology.strides)} stages: an axis is halved while it keeps >= 4 voxels and is not coarser than "
         f"twice the finest spacing; kernels are 1 along an axis more than twice as coarse; widths "
         f"{list(topology.features)} (doubling from {widths[0]}, capped at {widths[1]}); target spacing "
-        f"{list(spacing)} mm"
+        f"{list(spacing)} mm; {layout}{asked}"
     )

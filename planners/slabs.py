@@ -76,7 +76,7 @@ def plan_aniso(
         median_shape=full,
         patch_size=patch,
         batch_size=batch,
-        network=unet_network(topology),
+        network=unet_network(topology, planner.unet_layout),
         schedule=Schedule(
             trainer="ResidualUNetTrainer",
             epochs=planner.epochs,

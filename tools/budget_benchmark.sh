@@ -3,11 +3,12 @@
 # --budget-minutes on this machine's CPU, train fold 0 as planned, predict the held-out cases and evaluate them;
 # then report the estimate beside the measured time of the fold and the held-out scores.
 #
-#   bash tools/budget_benchmark.sh [--planner NAME] [--out DIR] [--competing] MINUTES [MINUTES ...]
+#   bash tools/budget_benchmark.sh [--planner NAME] [--unet-layout LAYOUT] [--out DIR] [--competing] MINUTES [...]
 #
 # --competing starts one CPU-bound process (a Python busy loop) a third of the budget after training starts and
 # stops it two thirds in, so the training's deadline (autoseg.train.deadline) must re-plan to end on time; those
-# runs go to OUT/budget_<M>min_competing. Each run's deadline.json (what was planned, every re-plan, what ran) is
+# runs go to OUT/budget_<M>min_competing. --unet-layout plans that U-Net layout (autoseg_plan --unet-layout; runs go to
+# OUT/budget_<M>min_<LAYOUT>), to compare layouts at equal budgets. Each run's deadline.json (what was planned, every re-plan, what ran) is
 # summarized beside the estimate.
 #
 # Needs the demo data in $AUTOSEG_HOME/raw (Dataset002_ATLAS2mm, Dataset012_ATLAS2mmHeldOut: `make demo` makes
@@ -22,11 +23,14 @@ planner=DefaultPlanner
 out="$PWD/budget_benchmark"
 budgets=()
 competing=""
+layout=()
+suffix=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --planner) planner="$2"; shift ;;
     --out) out="$2"; shift ;;
     --competing) competing="_competing" ;;
+    --unet-layout) layout=(--unet-layout "$2"); suffix="_$2"; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) budgets+=("$1") ;;
   esac
@@ -59,13 +63,13 @@ train_fold() {
 }
 
 for minutes in "${budgets[@]}"; do
-  home="$out/budget_${minutes}min${competing}"
+  home="$out/budget_${minutes}min${suffix}${competing}"
   mkdir -p "$home" "$source_home/compute_probes"
   [ -e "$home/raw" ] || ln -s "$source_home/raw" "$home/raw"
   [ -e "$home/compute_probes" ] || ln -s "$source_home/compute_probes" "$home/compute_probes"
   export AUTOSEG_HOME="$home"
   echo "== $minutes minutes: plan ($planner)"
-  "$bin/autoseg_plan" -d ATLAS2mm -pl "$planner" --device cpu --budget-minutes "$minutes" -np 2 --no-progress \
+  "$bin/autoseg_plan" -d ATLAS2mm -pl "$planner" --device cpu --budget-minutes "$minutes" -np 2 --no-progress "${layout[@]}" \
     | tee "$home/plan.txt"
   run="$(ls -d "$home"/results/Dataset002_ATLAS2mm/3d_resunet/*/fold_0 2>/dev/null | head -n 1 || true)"
   if [ -n "$run" ] && [ -f "$run/checkpoint_final.pth" ] && [ -f "$run/validation/summary.json" ]; then
@@ -83,7 +87,7 @@ for minutes in "${budgets[@]}"; do
     -o "$home/evaluation" > /dev/null
 done
 
-"$bin/python" - "$out" "$competing" "${budgets[@]}" <<'PY'
+"$bin/python" - "$out" "$suffix$competing" "${budgets[@]}" <<'PY'
 import json, re, sys
 from pathlib import Path
 
@@ -113,6 +117,7 @@ for minutes in budgets:
         "estimated_seconds_per_iteration": budget.seconds_per_iteration,
         "epochs_measured_seconds": epochs,
         "plan": {"spacing": configuration.target_spacing, "features": configuration.network.features,
+                 "layout": configuration.network.layout,
                  "patch": configuration.patch_size, "batch": configuration.batch_size,
                  "reason": budget.reasons.get(configuration.name)},
         "held_out": {name: summary[name] for name in ("dice", "lesion_f1", "hausdorff95") if name in summary},

@@ -14,6 +14,8 @@ multiply-accumulates), the plain convolution's GFLOP/s and the step's share of i
 variant. With ``--data`` (plans in a preprocessed dataset folder) the seconds one process takes to sample and
 augment a training batch (mean of ``--data-batches``, CPU time: the augmentation runs on one core).
 
+With ``--layouts residual residual_encoder`` autoseg's variants are timed at both U-Net layouts in the same rounds.
+
 Variants:
   contiguous         autoseg's step, contiguous memory format (the default)
   channels_last      channels_last_3d with autoseg's channels-last GroupNorm backward (autoseg.networks.normalization)
@@ -52,10 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoseg.machine import Precision, choose_precision, configure_threads, cpu_model, load_average
-from autoseg.networks import build_network
+from autoseg.networks import ResidualUNet
 from autoseg.networks.normalization import GroupNorm
 from autoseg.plan.step_probe import PLAIN_CONVOLUTION, StepTimer, plain_convolution_step
-from autoseg.plans import Configuration, Loss, Plans
+from autoseg.plan.topology import PLANNED_UNET_LAYOUT
+from autoseg.plans import UNET_LAYOUTS, Configuration, Loss, Plans
 from autoseg.train.losses import build_loss
 
 VARIANTS = ("contiguous", "channels_last", "channels_last_native_norm", "compiled", "nnunet")
@@ -186,13 +189,11 @@ class Network:
     loss: Loss
     plans: Plans | None = None
     configuration: Configuration | None = None
+    layout: str = PLANNED_UNET_LAYOUT
 
 
 def _autoseg_network(network: Network) -> nn.Module:
-    if network.plans is not None and network.configuration is not None:
-        return build_network(network.plans, network.configuration.name)
-    from autoseg.networks import ResidualUNet
-
+    """The residual U-Net of ``network``'s numbers and layout, with deep supervision as ``build_network`` gives it."""
     return ResidualUNet(
         in_channels=network.in_channels,
         num_classes=network.num_classes,
@@ -200,6 +201,7 @@ def _autoseg_network(network: Network) -> nn.Module:
         strides=network.strides,
         kernel_sizes=network.kernel_sizes,
         deep_supervision=len(network.features) > 2,  # as the plans: deep supervision needs two decoder levels
+        layout=network.layout,
     )
 
 
@@ -262,25 +264,36 @@ def _on_threads(threads: int, run: Callable[[], float]) -> Callable[[], float]:
 
 
 def measure(
-    network: Network, variants: Sequence[str], precision: Precision, rounds: int, threads: Sequence[int]
+    network: Network,
+    variants: Sequence[str],
+    precision: Precision,
+    rounds: int,
+    threads: Sequence[int],
+    layouts: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Every variant's step at every thread count and the plain convolutions, one untimed warm-up each, then
-    ``rounds`` interleaved rounds; per variant (``NAME`` or ``NAME @N threads`` with several counts) the fastest
-    round with its parts."""
-    items: dict[str, tuple[str, int, Measured]] = {}
+    """Every variant's step at every thread count (and every one of ``layouts``; default the network's) and the
+    plain convolutions, one untimed warm-up each, then ``rounds`` interleaved rounds; per variant (``NAME``,
+    ``NAME [LAYOUT]`` with several layouts, ``... @N threads`` with several counts) the fastest round with its
+    parts."""
+    items: dict[str, tuple[str, int, Network, Measured]] = {}
     convolutions: dict[tuple[str, str, int], Measured] = {}
+    chosen = list(layouts) or [network.layout]
     for count in threads:
         for variant in variants:
-            timer, run = _variant_step(variant, network, precision)
-            label = variant if len(threads) == 1 else f"{variant} @{count} threads"
-            items[label] = (variant, count, Measured(label, _on_threads(count, run), lambda t=timer: dict(t.last)))
+            for layout in chosen if variant != "nnunet" else chosen[:1]:  # nnU-Net's network has no layouts
+                timed = replace(network, layout=layout)
+                timer, run = _variant_step(variant, timed, precision)
+                label = variant + (f" [{layout}]" if len(chosen) > 1 and variant != "nnunet" else "")
+                label += "" if len(threads) == 1 else f" @{count} threads"
+                measured = Measured(label, _on_threads(count, run), lambda t=timer: dict(t.last))
+                items[label] = (variant, count, timed, measured)
             key = (_variant_precision(variant, precision).name, _format_name(variant), count)
             if key not in convolutions:
                 step = plain_convolution_step(
                     torch.device("cpu"), _variant_precision(variant, precision), _variant_format(variant)
                 )
                 convolutions[key] = Measured(f"plain convolution {key}", _on_threads(count, step))
-    everything = [item for _, _, item in items.values()] + list(convolutions.values())
+    everything = [item for *_, item in items.values()] + list(convolutions.values())
     for item in everything:
         start = time.perf_counter()
         item.run()
@@ -290,12 +303,13 @@ def measure(
             seconds = item.run()
             item.rounds.append((seconds, item.parts()))
     results = {}
-    for label, (variant, count, item) in items.items():
+    for label, (variant, count, timed, item) in items.items():
         seconds, parts = item.fastest()
         plain = convolutions[(_variant_precision(variant, precision).name, _format_name(variant), count)].fastest()[0]
-        macs = _nnunet_macs(network) if variant == "nnunet" else _autoseg_network_on_meta_macs(network)
-        gflop = 6 * network.batch * macs / 1e9
+        macs = _nnunet_macs(timed) if variant == "nnunet" else _autoseg_network_on_meta_macs(timed)
+        gflop = 6 * timed.batch * macs / 1e9
         results[label] = {
+            "layout": None if variant == "nnunet" else timed.layout,
             "precision": _variant_precision(variant, precision).name,
             "threads": count,
             "seconds": seconds,
@@ -383,6 +397,7 @@ def _networks(args: argparse.Namespace) -> list[tuple[Network, Path | None]]:
                         loss=configuration.loss,
                         plans=plans,
                         configuration=configuration,
+                        layout=n.layout,
                     ),
                     Path(path),
                 )
@@ -463,6 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (default 3)")
     parser.add_argument("--variants", nargs="+", default=["contiguous", "channels_last", "nnunet"], choices=VARIANTS)
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=[],
+        choices=UNET_LAYOUTS,
+        help="time autoseg's variants at each of these U-Net layouts (default: the plans' layout, else "
+        f"{PLANNED_UNET_LAYOUT})",
+    )
     parser.add_argument("--data", action="store_true", help="also time making a training batch (needs the data)")
     parser.add_argument("--data-batches", type=int, default=4, help="batches for --data (default 4)")
     parser.add_argument("--json", type=Path, help="write every number to this file")
@@ -492,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.rounds} interleaved rounds, fastest kept"
     )
     for network, path in _networks(args):
-        results = measure(network, args.variants, precision, args.rounds, threads)
+        results = measure(network, args.variants, precision, args.rounds, threads, args.layouts)
         data = data_seconds(network, path, args.data_batches) if args.data and path is not None else None
         _print_table(network, results, data)
         report["configurations"].append(

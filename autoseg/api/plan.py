@@ -65,6 +65,7 @@ def plan_and_preprocess(
     normalization: str = "zscore",
     resplit: str | None = None,
     like: str | None = None,
+    unet_layout: str | None = None,
 ) -> PlanResult:
     """Verify and fingerprint the dataset, plan with ``planner``, preprocess ``configurations``
     (default: all in the plans).
@@ -96,6 +97,9 @@ def plan_and_preprocess(
     normalization schemes, symmetric channels and trainer, so its weights fit (:mod:`planners.like`); a model file is
     installed into ``AUTOSEG_RESULTS`` as ``autoseg_predict -m`` does. ``normalization`` must then be ``zscore``.
 
+    ``unet_layout``: the residual U-Nets' block layout (``autoseg.plans.UNET_LAYOUTS``); default the planner's
+    (``residual_encoder``). Not with ``like``, whose network is the model's.
+
     Raises:
         DatasetError / VerificationError: the dataset cannot be found or has problems, e.g. no training case
             contains a lesion (nothing written: no fingerprint, no plans, no preprocessed folder).
@@ -109,6 +113,7 @@ def plan_and_preprocess(
         SplitsError: an unknown ``resplit``, or splits it cannot make (see :func:`autoseg.train.splits.resplit`).
         TransferError, ModelFileError, UsageError: ``like`` names no usable model, one the planner cannot plan like
             (not a residual 3-D U-Net), or one that needs a channel the dataset lacks (before anything is written).
+        UsageError: an unknown ``unet_layout``, or one given with ``like``.
     """
     if resplit is not None:
         splits.check_resplit_option(resplit)  # before any work
@@ -140,6 +145,7 @@ def plan_and_preprocess(
             num_processes,
             progress,
             source,
+            unet_layout,
         )
     chosen = [plans.configuration(name) for name in configurations or list(plans.configurations)]
     for configuration in chosen:  # before anything is written
@@ -177,6 +183,7 @@ def _fingerprint_and_plan(
     num_processes: int,
     progress: bool,
     like: SourceModel | None = None,
+    unet_layout: str | None = None,
 ) -> tuple[Fingerprint, Plans, list[str]]:
     """Verify and fingerprint ``dataset`` (a dataset that fails stops here, before anything is written), then plan
     it with ``planner`` (fitted to ``compute_budget``: minutes per fold and the device, when minutes are given; like
@@ -195,7 +202,9 @@ def _fingerprint_and_plan(
         return fingerprint, record_coregistration(twins, fingerprint, dataset.coregister_channels), notes
     budget_minutes, device = compute_budget
     compute = budget_request(budget_minutes, device) if budget_minutes is not None else None
-    plans = planner_class(fingerprint, memory_budget_gb, compute, normalization=normalization, like=like).plan()
+    plans = planner_class(
+        fingerprint, memory_budget_gb, compute, normalization=normalization, like=like, unet_layout=unet_layout
+    ).plan()
     plans = plans if previous is None else keep_unplanned(previous, plans, normalization)
     return fingerprint, record_coregistration(plans, fingerprint, dataset.coregister_channels), notes
 

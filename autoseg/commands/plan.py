@@ -8,6 +8,7 @@ from autoseg.api.plan import PlanResult, plan_and_preprocess, verify
 from autoseg.commands.common import positive_finite_float, positive_int, refuse_unused, run
 from autoseg.errors import UsageError
 from autoseg.plan.topology import NORMALIZATION_OPTIONS
+from autoseg.plans import UNET_LAYOUTS
 from autoseg.train.splits import RESPLIT_OPTIONS
 from planners import available_planners
 
@@ -70,6 +71,14 @@ def parser() -> argparse.ArgumentParser:
         "and schedule (led by a fine-tuning warm-up) for this dataset and budget. Channels are matched by name. "
         "Then: autoseg_train -d DATASET -f 0 --init-from MODEL",
     )
+    p.add_argument(
+        "--unet-layout",
+        choices=UNET_LAYOUTS,
+        help="the residual U-Net's block layout: residual_encoder (default: the first residual block of each stage "
+        "downsamples, one conv per decoder level, as nnU-Net's ResidualEncoderUNet; about 3/4 of the other's "
+        "operations at equal widths) or residual (a strided conv opens each stage, a residual block per decoder "
+        "level: plans written before the choice)",
+    )
     p.add_argument("--verify", action="store_true", help="only verify the dataset and report every problem")
     p.add_argument(
         "--preprocess-only",
@@ -81,7 +90,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 #: Options that only planning uses: ``--verify`` writes nothing, and ``--preprocess-only`` keeps plans.json as it is.
-PLANNING_OPTIONS = ("planner", "gpu_memory_gb", "budget_minutes", "budget_hours", "device", "normalization", "like")
+PLANNING_OPTIONS = (
+    "planner",
+    "gpu_memory_gb",
+    "budget_minutes",
+    "budget_hours",
+    "device",
+    "normalization",
+    "like",
+    "unet_layout",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     why = "it keeps plans.json as it is and only preprocesses; leave it out to plan again"
     refuse_unused(p, args, "preprocess_only", PLANNING_OPTIONS, why)
     refuse_unused(p, args, "like", ["normalization"], "the normalization is the model's, channel by channel")
+    refuse_unused(p, args, "like", ["unet_layout"], "the network, its layout included, is the model's")
     if args.device != "auto" and args.budget_minutes is None and args.budget_hours is None:
         p.error("--device has no effect without --budget-minutes or --budget-hours: it says where the budget is spent")
     progress = not args.no_progress
@@ -120,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             normalization=args.normalization,
             resplit=args.resplit,
             like=args.like,
+            unet_layout=args.unet_layout,
         )
         _print_result(result, args.like is not None)
 

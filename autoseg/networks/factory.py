@@ -112,6 +112,7 @@ def build_network(
         strides=network.strides,
         kernel_sizes=network.kernel_sizes,
         deep_supervision=network.deep_supervision and levels > 1,
+        layout=network.layout,
     )
 
 

@@ -22,6 +22,7 @@ import torch
 
 from autoseg.machine import available_cores
 from autoseg.networks import ResidualUNet, on_meta
+from autoseg.plan.topology import PLANNED_UNET_LAYOUT
 
 if TYPE_CHECKING:  # the probe fits this module's cost models: a type only here
     from autoseg.plan.probe import ComputeProbe
@@ -44,6 +45,7 @@ class NetworkShape:
     features: tuple[int, ...]
     strides: tuple[tuple[int, ...], ...]
     kernel_sizes: tuple[tuple[int, ...], ...]
+    layout: str = PLANNED_UNET_LAYOUT
 
     def kwargs(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class NetworkShape:
             "features": self.features,
             "strides": self.strides,
             "kernel_sizes": self.kernel_sizes,
+            "layout": self.layout,
         }
 
     def macs(self, patch: Sequence[int], deep_supervision: bool = True) -> int:
@@ -65,7 +68,7 @@ class NetworkShape:
     @classmethod
     def isotropic(cls, base: int, edge: int, in_channels: int = 1) -> NetworkShape:
         """The probe's networks: 3x3x3 kernels, stride 2 on every axis while the edge keeps >= 4 voxels, features
-        doubling from ``base`` up to 16x ``base``."""
+        doubling from ``base`` up to 16x ``base``, the layout new plans get."""
         stages = 1
         while edge // 2**stages >= 4 and stages < 6:
             stages += 1

@@ -47,8 +47,9 @@ from autoseg.networks import ResidualUNet
 from autoseg.paths import autoseg_home
 from autoseg.plan.cost_model import CostModel, NetworkShape, ProbePoint
 
-#: Bump when the probe measures something else, so old caches are not reused (4: repeats in rounds, busy flag).
-PROBE_VERSION = 4
+#: Bump when the probe measures something else, so old caches are not reused (4: repeats in rounds, busy flag; 5:
+#: networks of the residual_encoder layout).
+PROBE_VERSION = 5
 #: Probed networks as (first-stage features, isotropic patch edge in voxels), batch 2, features doubling to 16x.
 #: On a CPU they span 0.05–3 s per step; on a GPU larger ones keep the timings above launch overhead.
 CPU_PROBE_NETWORKS = ((8, 32), (8, 64), (16, 48), (16, 64), (32, 32))

@@ -32,6 +32,16 @@ BASE_FEATURES = 32
 MAX_FEATURES_3D = 320
 MAX_FEATURES_2D = 512
 MAX_STAGES = 6
+#: The residual U-Net layout new plans get (``autoseg.plans.UNET_LAYOUTS``; ``autoseg_plan --unet-layout`` chooses
+#: another): nnU-Net's residual-encoder layout, about 3/4 of the ``residual`` layout's multiply-accumulates at equal
+#: widths (``documentation/benchmarks.md``, "A faster CPU step"). The compute probe times networks of this layout.
+PLANNED_UNET_LAYOUT = "residual_encoder"
+#: Why each layout, for the plan's ``network`` reason.
+UNET_LAYOUT_REASONS = {
+    "residual_encoder": "layout residual_encoder (nnU-Net's residual encoder: the first residual block of each "
+    "stage downsamples, one conv per decoder level; about 3/4 of the residual layout's operations at these widths)",
+    "residual": "layout residual (a strided conv opens each stage, one residual block per decoder level)",
+}
 #: ``autoseg_plan --normalization``: each modality's z-score scheme (default) or histogram equalization.
 NORMALIZATION_OPTIONS = ("zscore", "histeq")
 

@@ -23,9 +23,10 @@ from autoseg.api.train import TrainingOptions, prepare_run
 from autoseg.commands.plan import main as plan_main
 from autoseg.commands.train import main as train_main
 from autoseg.data.dataset import find_dataset, write_dataset_json
+from autoseg.errors import UsageError
 from autoseg.io.files import write_json
 from autoseg.io.images import read_image, write_image
-from autoseg.networks import build_network
+from autoseg.networks import ResidualUNet, build_network, on_meta
 from autoseg.plan.fingerprint import compute_fingerprint
 from autoseg.plans import Plans
 from autoseg.train.transfer import (
@@ -265,14 +266,16 @@ def test_weights_that_do_not_fit_name_the_layer(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert (
-        "the weights do not fit the planned network: encoder.2.0.0.weight: shape [16, 8, 3, 3, 3] float32, the "
+        "the weights do not fit the planned network: encoder.2.0.conv1.weight: shape [16, 8, 3, 3, 3] float32, the "
         "network has [24, 8, 3, 3, 3] float32 (and " in err
     )
     assert not (home / "results" / LAB).exists()  # refused before anything was written
     # Planned without --like, the network is the planner's own, a stage deeper than the model.
     plan_and_preprocess(LAB, progress=False)
     assert train_main(arguments) == 1
-    assert "the weights do not fit the planned network: encoder.3.0.0.weight: missing (and " in capsys.readouterr().err
+    assert (
+        "the weights do not fit the planned network: encoder.3.0.conv1.weight: missing (and " in capsys.readouterr().err
+    )
 
 
 def test_weights_of_another_network_class_name_the_trainer_that_builds_it(
@@ -342,3 +345,30 @@ def test_a_symmetric_histogram_equalized_model_is_planned_as_it_is_and_a_pspnet_
     source = SourceModel("ctp.zip", "C", "2d_pspnet", "PSPNetTrainer", pspnet, {})
     with pytest.raises(TransferError, match="a 2-D PSPNet \\(2d_pspnet\\); --like plans the residual 3-D U-Net"):
         get_planner("DefaultPlanner")(slabs, like=source).plan()
+
+
+def test_a_model_of_the_earlier_residual_layout_is_planned_like_in_its_own_layout(
+    tiny_sources: dict[str, Path],
+) -> None:
+    """Models trained before plans chose a layout keep theirs (``residual``): the planned network is the model's,
+    and patch and batch are fitted to that network's memory, not to the layout new plans get."""
+    fingerprint = compute_fingerprint(find_dataset(str(tiny_sources["atlas"])), progress=False)
+    own = get_planner("DefaultPlanner")(fingerprint, unet_layout="residual").plan()
+    assert own.configuration().network.layout == "residual"
+    source = SourceModel("old.zip", "D", "3d_resunet", "ZoomInOutTrainer", own, {})
+    planner = get_planner("DefaultPlanner")(fingerprint, like=source)
+    assert planner.unet_layout == "residual"
+    planned = planner.plan().configuration()
+    assert planned.network.layout == "residual" and "layout residual" in planned.reasons["network"]
+    memory = on_meta(
+        ResidualUNet,
+        in_channels=1,
+        num_classes=1,
+        features=planned.network.features,
+        strides=planned.network.strides,
+        kernel_sizes=planned.network.kernel_sizes,
+        layout="residual",
+    ).training_memory_bytes(patch_size=planned.patch_size, batch_size=planned.batch_size, bytes_per_activation=4)
+    assert planned.estimated_memory_gb == pytest.approx(memory / 1024**3, abs=1e-3)
+    with pytest.raises(UsageError, match="the U-Net layout is the model's when planning like old.zip"):
+        get_planner("DefaultPlanner")(fingerprint, like=source, unet_layout="residual_encoder")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from autoseg.networks import (
     ADAM_BYTES_PER_PARAMETER,
@@ -17,6 +18,7 @@ from autoseg.networks import (
     on_meta,
     parameter_count,
 )
+from autoseg.plans import UNET_LAYOUTS
 
 ISOTROPIC_3D = dict(
     in_channels=1,
@@ -53,10 +55,11 @@ def _build(seed: int = 0, **kwargs) -> ResidualUNet:
     return ResidualUNet(**kwargs)
 
 
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
 @pytest.mark.parametrize("name", SHAPE_CASES)
-def test_output_shapes_with_and_without_deep_supervision(name: str) -> None:
+def test_output_shapes_with_and_without_deep_supervision(name: str, layout: str) -> None:
     kwargs, patch, expected = SHAPE_CASES[name]
-    net = _build(**kwargs)
+    net = _build(layout=layout, **kwargs)
     x = torch.randn(2, kwargs["in_channels"], *patch)
     with torch.no_grad():
         outputs = net(x)
@@ -84,12 +87,13 @@ def test_deep_supervision_off_at_construction() -> None:
     assert isinstance(net(torch.randn(1, 1, 16, 16, 16)), torch.Tensor)
 
 
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
 @pytest.mark.parametrize("name", SHAPE_CASES)
 @pytest.mark.parametrize("blocks", [None, (2, 1, 1, 3)])
 def test_parameter_count_on_the_meta_device_matches_the_built_network(
-    name: str, blocks: tuple[int, ...] | None
+    name: str, blocks: tuple[int, ...] | None, layout: str
 ) -> None:
-    kwargs = SHAPE_CASES[name][0]
+    kwargs = dict(SHAPE_CASES[name][0], layout=layout)
     blocks = None if blocks is None else blocks[: len(kwargs["features"])]
     net = ResidualUNet(blocks_per_stage=blocks, **kwargs)
     actual = sum(p.numel() for p in net.parameters())
@@ -99,8 +103,9 @@ def test_parameter_count_on_the_meta_device_matches_the_built_network(
         assert parameter_count(counted) == actual
 
 
-def test_gradients_reach_every_parameter() -> None:
-    net = _build(**ANISOTROPIC_3D)
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
+def test_gradients_reach_every_parameter(layout: str) -> None:
+    net = _build(layout=layout, **ANISOTROPIC_3D)
     outputs = net(torch.randn(2, 2, 16, 16, 8))
     sum(o.square().mean() for o in outputs).backward()
     for name, parameter in net.named_parameters():
@@ -230,11 +235,13 @@ MEMORY_CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
 @pytest.mark.parametrize("case", MEMORY_CASES)
-def test_stored_activations_match_autograds_saved_tensors(case: str) -> None:
+def test_stored_activations_match_autograds_saved_tensors(case: str, layout: str) -> None:
     """The network's own count, on the meta device, against the tensors autograd saves in an fp32 forward pass of
     the same network (4 bytes each); within 0.1% (what is left out: GroupNorm's per-group statistics)."""
     kwargs, patch = MEMORY_CASES[case]
+    kwargs = dict(kwargs, layout=layout)
     batch_size = 2
     measured = saved_activation_bytes(_build(**kwargs), torch.randn(batch_size, kwargs["in_channels"], *patch))
     net = on_meta(ResidualUNet, **kwargs)
@@ -272,6 +279,7 @@ def test_every_demo_plan_builds_its_network_and_runs_its_patch(dataset: str, tin
             features=net.features,
             strides=net.strides,
             kernel_sizes=net.kernel_sizes,
+            layout=net.layout,
         )
         network = ResidualUNet(**arguments, deep_supervision=False)
         assert sum(p.numel() for p in network.parameters()) == parameter_count(on_meta(ResidualUNet, **arguments))
@@ -313,3 +321,50 @@ def test_the_networks_count_as_the_planner_did_before(name: str) -> None:
     if macs is not None:
         assert net.forward_macs(patch) == macs
         assert on_meta(network_class, deep_supervision=False, **kwargs).forward_macs(patch) == macs_alone
+
+
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_forward_macs_are_pytorchs_flop_count(layout: str, deep_supervision: bool) -> None:
+    """The count the planner and the cost model use, against PyTorch's FLOP counter (2 FLOPs per multiply-accumulate;
+    the counter leaves out biases too)."""
+    kwargs = dict(ANISOTROPIC_3D, layout=layout, deep_supervision=deep_supervision)
+    net = _build(**kwargs)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(1, kwargs["in_channels"], 16, 16, 8))
+    assert 2 * on_meta(ResidualUNet, **kwargs).forward_macs((16, 16, 8)) == counter.get_total_flops()
+
+
+def test_the_residual_encoder_layout_downsamples_in_its_first_block_and_decodes_with_one_conv() -> None:
+    """What ``layout="residual_encoder"`` builds: a stem conv and the stage's blocks at full resolution; below it
+    ``blocks_per_stage[i]`` blocks, the first strided with a projecting skip; one conv per decoder level. At the
+    default 2 mm plan's widths it does about 3/4 of the residual layout's multiply-accumulates."""
+    blocks = (1, 2, 3, 2)
+    net = ResidualUNet(blocks_per_stage=blocks, layout="residual_encoder", **ISOTROPIC_3D)
+    stem, *rest = net.encoder[0]
+    assert stem.__class__.__name__ == "ConvNormAct" and len(rest) == blocks[0]
+    for stage, count, stride in zip(net.encoder[1:], blocks[1:], ISOTROPIC_3D["strides"][1:]):
+        assert len(stage) == count and all(isinstance(block, ResidualBlock) for block in stage)
+        assert stage[0].projects and stage[0].conv1.stride == stride
+        assert not any(block.projects for block in stage[1:])
+    assert all(level.block.__class__.__name__ == "ConvNormAct" for level in net.decoder)
+    plan = dict(
+        in_channels=1,
+        num_classes=1,
+        features=(32, 64, 128, 256, 320),
+        strides=((1, 1, 1),) + ((2, 2, 2),) * 4,
+        kernel_sizes=((3, 3, 3),) * 5,
+    )
+    lean = on_meta(ResidualUNet, layout="residual_encoder", **plan).forward_macs((80, 96, 80))
+    assert 0.7 < lean / on_meta(ResidualUNet, layout="residual", **plan).forward_macs((80, 96, 80)) < 0.8
+
+
+def test_weights_of_one_layout_do_not_load_into_the_other() -> None:
+    residual = ResidualUNet(layout="residual", **ISOTROPIC_3D).state_dict()
+    with pytest.raises(RuntimeError, match="Missing key|Unexpected key|size mismatch"):
+        ResidualUNet(layout="residual_encoder", **ISOTROPIC_3D).load_state_dict(residual)
+
+
+def test_an_unknown_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="layout must be one of residual, residual_encoder"):
+        ResidualUNet(layout="plain", **ISOTROPIC_3D)

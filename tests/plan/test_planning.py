@@ -100,6 +100,7 @@ def test_patches_respect_the_memory_budget_and_divisibility(tiny_atlas: Path, bu
         features=network.features,
         strides=network.strides,
         kernel_sizes=network.kernel_sizes,
+        layout=network.layout,
     ).training_memory_bytes(
         patch_size=configuration.patch_size, batch_size=configuration.batch_size, bytes_per_activation=4
     )
@@ -376,3 +377,30 @@ def test_a_planner_from_outside_the_package_is_used_once_registered(
         plan_and_preprocess(tiny_atlas.name, planner="MyPlanner", progress=False)
     register_planner(mine)
     assert plan_and_preprocess(tiny_atlas.name, planner="MyPlanner", progress=False).plans.planner == "MyPlanner"
+
+
+def test_new_plans_get_the_residual_encoder_layout_and_unet_layout_chooses_the_other(
+    tiny_atlas: Path, data_roots: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Each U-Net configuration says its layout and why; ``--unet-layout residual`` plans the earlier layout and
+    says it was asked for; a plan that names no layout (written before the choice) reads as ``residual``; an unknown
+    one is refused naming the field."""
+    planned = plan_and_preprocess("ATLASTiny", progress=False).plans.configuration()
+    assert planned.network.layout == "residual_encoder"
+    assert "layout residual_encoder (nnU-Net's residual encoder" in planned.reasons["network"]
+    assert plan_main(["-d", "ATLASTiny", "--unet-layout", "residual", "--no-progress", "-np", "1"]) == 0
+    path = plans_path(data_roots, tiny_atlas.name)
+    asked = Plans.from_json(path).configuration()
+    assert asked.network.layout == "residual" and "as asked (--unet-layout)" in asked.reasons["network"]
+    assert asked.network.features == planned.network.features
+    raw = json.loads(path.read_text())
+    del raw["configurations"]["3d_resunet"]["network"]["layout"]
+    path.write_text(json.dumps(raw))
+    assert Plans.from_json(path).configuration().network.layout == "residual"
+    raw["configurations"]["3d_resunet"]["network"]["layout"] = "plain"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(PlansError, match="configurations.3d_resunet.network.layout: unknown 'plain'"):
+        Plans.from_json(path)
+    with pytest.raises(SystemExit):
+        plan_main(["-d", "ATLASTiny", "--unet-layout", "plain"])
+    assert "invalid choice: 'plain'" in capsys.readouterr().err

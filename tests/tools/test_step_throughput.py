@@ -3,6 +3,7 @@ rebuilt nnU-Net network's shapes, and the report it writes (numbers consistent w
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -14,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autoseg.networks import ResidualUNet
 from autoseg.plan.step_probe import PLAIN_CONVOLUTION
-from autoseg.plans import Loss
+from autoseg.plan.topology import PLANNED_UNET_LAYOUT
+from autoseg.plans import UNET_LAYOUTS, Loss
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "step_throughput.py"
 
@@ -67,33 +69,48 @@ def test_the_rebuilt_nnunet_network_counts_its_operations_as_pytorch_does(tool) 
     assert len(convolutions) == 2 * 3 + 2 * (1 + 2 + 1)
 
 
-def test_autosegs_count_is_pytorchs(tool) -> None:
-    network = _network(tool)
-    model = ResidualUNet(in_channels=2, num_classes=1, features=FEATURES, strides=STRIDES, kernel_sizes=KERNELS)
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
+def test_autosegs_count_is_pytorchs(tool, layout: str) -> None:
+    network = dataclasses.replace(_network(tool), layout=layout)
+    model = ResidualUNet(
+        in_channels=2, num_classes=1, features=FEATURES, strides=STRIDES, kernel_sizes=KERNELS, layout=layout
+    )
     assert tool._autoseg_network_on_meta_macs(network) == _counted_macs(model, torch.randn(1, 2, *network.patch))
 
 
-def test_the_report_is_consistent(tool, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "report.json"
+def _report(tool, folder: Path, *arguments: str) -> dict:
+    """The JSON report of one run of the tool on a 4-8 network at 8³, batch 1, one fp32 thread."""
+    out = folder / "report.json"
     threads = torch.get_num_threads()
     try:
         tool.main(
             [
-                *("--features", "4", "8", "--patch", "8", "8", "8", "--batch", "1", "--rounds", "1"),
-                *("--threads", "1", "--precision", "fp32", "--json", str(out)),
-                *("--variants", "contiguous", "channels_last", "nnunet"),
+                *("--features", "4", "8", "--patch", "8", "8", "8", "--batch", "1"),
+                *("--threads", "1", "--precision", "fp32", "--json", str(out), *arguments),
             ]
         )
     finally:
         torch.set_num_threads(threads)
+    return json.loads(out.read_text())
+
+
+def _tiny_macs(layout: str) -> int:
+    return ResidualUNet(
+        in_channels=1,
+        num_classes=1,
+        features=(4, 8),
+        strides=((1, 1, 1), (2, 2, 2)),
+        kernel_sizes=((3, 3, 3),) * 2,
+        layout=layout,
+    ).forward_macs((8, 8, 8))
+
+
+def test_the_report_is_consistent(tool, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = _report(tool, tmp_path, "--rounds", "1", "--variants", "contiguous", "channels_last", "nnunet")
     printed = capsys.readouterr().out
-    report = json.loads(out.read_text())
     (configuration,) = report["configurations"]
     results = configuration["results"]
     assert list(results) == ["contiguous", "channels_last", "nnunet"] and report["threads"] == [1]
-    macs = ResidualUNet(
-        in_channels=1, num_classes=1, features=(4, 8), strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3),) * 2
-    ).forward_macs((8, 8, 8))
     for name, result in results.items():
         assert result["all_rounds"] == [round(result["seconds"], 4)]
         assert result["gflops"] == pytest.approx(result["gflop"] / result["seconds"])
@@ -101,9 +118,20 @@ def test_the_report_is_consistent(tool, tmp_path: Path, capsys: pytest.CaptureFi
         assert set(result["parts"]) == {"forward", "backward", "optimizer"}
         assert sum(result["parts"].values()) == pytest.approx(result["seconds"], rel=1e-6)
         assert name in printed
-    assert results["contiguous"]["gflop"] == pytest.approx(6 * macs / 1e9)
+    assert results["contiguous"]["gflop"] == pytest.approx(6 * _tiny_macs(PLANNED_UNET_LAYOUT) / 1e9)
     assert results["nnunet"]["precision"] == "fp32" and PLAIN_CONVOLUTION.gflop() > 0
     assert "vs contiguous" in printed and "interleaved rounds, fastest kept" in printed
+
+
+def test_both_layouts_are_timed_in_the_same_rounds_each_with_its_own_count(tool, tmp_path: Path) -> None:
+    report = _report(tool, tmp_path, "--rounds", "2", "--layouts", *UNET_LAYOUTS, "--variants", "contiguous", "nnunet")
+    results = report["configurations"][0]["results"]
+    assert list(results) == [f"contiguous [{layout}]" for layout in UNET_LAYOUTS] + ["nnunet"]
+    for layout in UNET_LAYOUTS:
+        result = results[f"contiguous [{layout}]"]
+        assert result["layout"] == layout and len(result["all_rounds"]) == 2
+        assert result["gflop"] == pytest.approx(6 * _tiny_macs(layout) / 1e9)
+    assert results["nnunet"]["layout"] is None
 
 
 def test_features_need_a_patch(tool) -> None:
