@@ -24,7 +24,7 @@ from autoseg.plan.budget import BudgetError, BudgetRequest
 from autoseg.plan.fingerprint import ChannelFingerprint, Fingerprint, compute_fingerprint
 from autoseg.plan.probe import load_or_run_probe
 from autoseg.plan.topology import histeq_twin
-from autoseg.plans import Plans, PlansError, zscore_name
+from autoseg.plans import Configuration, Plans, PlansError, zscore_name
 from autoseg.preprocess.cases import remove_stale_cases
 from autoseg.preprocess.preprocessing import preprocess_dataset
 from autoseg.registry import plugin_class
@@ -155,22 +155,36 @@ def plan_and_preprocess(
         plans.to_json(plans_path)
         cases = training_cases(dataset)
     changes = update_cases(folder, plans, cases)
-    done: dict[str, list[str]] = {}
-    for configuration in chosen:
-        if configuration.data_identifier in done:
-            continue
-        target = folder / configuration.data_identifier
-        done[configuration.data_identifier] = preprocess_dataset(
-            cases,
-            configuration,
-            target,
-            num_processes,
-            progress,
-            labels=dataset.labels,
-            coregister=plans.coregister_channels,
-        )
+    done = _preprocess(dataset, cases, plans, chosen, folder, num_processes, progress)
     changes += _splits_changes(folder, cases, resplit)
     return PlanResult(plans, plans_path, fingerprint_path, done, notes, changes)
+
+
+def _preprocess(
+    dataset: RawDataset,
+    cases: Sequence[Case],
+    plans: Plans,
+    chosen: list[Configuration],
+    folder: Path,
+    num_processes: int,
+    progress: bool,
+) -> dict[str, list[str]]:
+    """Preprocess ``cases`` for each of the ``chosen`` configurations into its data folder under ``folder``, once
+    per data folder (configurations may share one). Returns, per data folder, what :func:`preprocess_dataset`
+    did."""
+    done: dict[str, list[str]] = {}
+    for configuration in chosen:
+        if configuration.data_identifier not in done:
+            done[configuration.data_identifier] = preprocess_dataset(
+                cases,
+                configuration,
+                folder / configuration.data_identifier,
+                num_processes,
+                progress,
+                labels=dataset.labels,
+                coregister=plans.coregister_channels,
+            )
+    return done
 
 
 def _fingerprint_and_plan(

@@ -175,6 +175,7 @@ def run_header(
         for s, start in zip(c.schedule.stages, b.stage_starts)
     )
     parameters = sum(p.numel() for p in network.parameters())
+    layout = f" ({network.layout} layout)" if isinstance(getattr(network, "layout", None), str) else ""
     return "\n".join(
         [
             f"autoseg training: trainer {trainer}, configuration {c.name}, fold {fold}, dataset {dataset}"
@@ -191,7 +192,7 @@ def run_header(
             ),
             f"stages: {stages}",
             "optimizer and learning-rate schedule: " + ", ".join(f"{key} {value}" for key, value in schedule.items()),
-            f"loss: {describe_loss(loss)}; network: {type(network).__name__}, {parameters:,} parameters",
+            f"loss: {describe_loss(loss)}; network: {type(network).__name__}{layout}, {parameters:,} parameters",
             f"cases: {cases[0]} training, {cases[1]} validation (fold {fold})",
         ]
     )

@@ -344,6 +344,10 @@ def test_overfits_a_single_lesion_and_writes_the_run_folder(trainer: str, home: 
     log = (folder / "log.txt").read_text()
     for header in (f"trainer {trainer}", "configuration 3d_resunet", "device: cpu", "precision: fp32", "seed: 0"):
         assert header in log, header
+    network = (
+        "ResidualUNet (residual_encoder layout)" if trainer == "ResidualUNetTrainer" else "AsymmetricResidualUNet,"
+    )
+    assert f"network: {network}" in log
     assert len([line for line in log.splitlines() if " epoch " in line and "train_loss" in line]) == 6
     assert not list(folder.glob(".*tmp*"))
 
